@@ -1,0 +1,48 @@
+# Two commands: `make run` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: run test test-slow test-all bench verify examples clean
+
+## The main job. Until training lands (issue 4) it runs the worked examples.
+run: examples
+
+## The default test suite (a few minutes on 2 cores); slow tests are skipped.
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+## Slow tests: book-length training runs, multi-process and kill/resume runs.
+test-slow: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+test-all: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## Gradient cross-checks of the whole catalog of hand-derived rules.
+verify: $(VENV)/.installed-run
+	$(BIN)/funcgrad verify
+
+## Run every script in examples/.
+examples: $(VENV)/.installed-run
+	@set -e; for f in examples/*.py; do echo "== $$f"; $(BIN)/python $$f; done
+
+## Benchmarks (see benchmarks/README.md).
+bench: $(VENV)/.installed-dev
+	@set -e; for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f; done
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "funcgrad needs Python >= 3.11; run e.g. make PYTHON=python3.11")'
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e .
+	@touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev]'
+	@touch $@ $(VENV)/.installed-run
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,166 @@
+"""Input validation shared by every module: clear errors that name the argument or pytree path.
+
+Checks run on shapes and dtypes, which are static under `jax.jit`, so they cost nothing at run time. Checks on
+values (labels in range, finiteness) run only when the value is concrete (not a tracer); the training loop
+validates its data once, before the first step, so they are not lost under jit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_tracer(x: Any) -> bool:
+    """True when `x` is an abstract value inside a JAX transformation (its values are unknown)."""
+    return isinstance(x, jax.core.Tracer)
+
+
+def describe(x: Any) -> str:
+    """A short description of a value for error messages, e.g. ``float32[300,2]``."""
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return f"{_dtype_name(x.dtype)}[{','.join(str(d) for d in x.shape)}]"
+    if isinstance(x, (bool, int, float, complex)):
+        return f"{type(x).__name__} {x!r}"
+    return type(x).__name__
+
+
+def _dtype_name(dtype: Any) -> str:
+    try:
+        return str(jnp.dtype(dtype))
+    except TypeError:
+        return str(dtype)
+
+
+def path_name(path: tuple, root: str = "") -> str:
+    """``root`` followed by the pytree path in `jax.tree_util.keystr` form, e.g. ``params['dense1']['W']``."""
+    return root + jax.tree_util.keystr(path)
+
+
+def as_array(x: Any, name: str) -> jax.Array:
+    """Converts `x` to an array, or raises a TypeError naming `name`."""
+    if isinstance(x, (jax.Array, np.ndarray)) or is_tracer(x):
+        return x
+    try:
+        return jnp.asarray(x)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be an array (or convertible to one); got {describe(x)}: {e}") from None
+
+
+def dtype_of(x: Any) -> Any:
+    """The dtype of an array, tracer, ShapeDtypeStruct or Python scalar."""
+    return x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
+
+
+def is_float(x: Any) -> bool:
+    return jnp.issubdtype(dtype_of(x), jnp.floating)
+
+
+def require_float(x: Any, name: str) -> None:
+    """Raises a TypeError naming `name` unless `x` has a floating dtype."""
+    if not is_float(x):
+        raise TypeError(
+            f"{name} must have a floating dtype (e.g. float32); got {describe(x)}. "
+            f"Convert it with .astype(jnp.float32)."
+        )
+
+
+def require_ndim(x: Any, ndim: int | tuple[int, ...], name: str, what: str = "") -> None:
+    ndims = (ndim,) if isinstance(ndim, int) else ndim
+    if jnp.ndim(x) not in ndims:
+        want = " or ".join(f"{n}-D" for n in ndims)
+        extra = f" ({what})" if what else ""
+        raise ValueError(f"{name} must be {want}{extra}; got {describe(x)}")
+
+
+def require_same_shape(a: Any, b: Any, name_a: str, name_b: str) -> None:
+    """No silent broadcasting: `a` and `b` must have exactly the same shape."""
+    if jnp.shape(a) != jnp.shape(b):
+        hint = ""
+        sa, sb = jnp.shape(a), jnp.shape(b)
+        if len(sa) == 2 and sa[1] == 1 and sb == sa[:1]:
+            hint = f" Reshape {name_b} with .reshape(-1, 1)."
+        elif len(sb) == 2 and sb[1] == 1 and sa == sb[:1]:
+            hint = f" Reshape {name_a} with .reshape(-1, 1)."
+        raise ValueError(
+            f"{name_a} and {name_b} must have the same shape (no broadcasting); "
+            f"got {name_a} {describe(a)} and {name_b} {describe(b)}.{hint}"
+        )
+
+
+def float_leaves(tree: Any, root: str) -> list[tuple[str, Any]]:
+    """Returns ``(path_name, leaf)`` pairs; raises one TypeError listing every non-floating leaf."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    bad = []
+    out = []
+    for path, leaf in flat:
+        name = path_name(path, root)
+        try:
+            dtype = jnp.result_type(leaf)
+        except TypeError:
+            bad.append(f"{name} is {describe(leaf)}, not an array")
+            continue
+        if not jnp.issubdtype(dtype, jnp.floating):
+            if jnp.issubdtype(dtype, jnp.complexfloating):
+                bad.append(f"{name} is complex ({describe(leaf)}); only real floating parameters are supported")
+            else:
+                bad.append(f"{name} has dtype {_dtype_name(dtype)} ({describe(leaf)}); expected a floating dtype")
+            continue
+        out.append((name, leaf))
+    if bad:
+        raise TypeError(
+            "parameters must be floating point arrays:\n  "
+            + "\n  ".join(bad)
+            + "\nConvert integer parameters with .astype(jnp.float32) (or write 1.0 rather than 1)."
+        )
+    return out
+
+
+def check_finite_tree(tree: Any, root: str) -> None:
+    """Raises a ValueError naming the first non-finite element of each floating leaf (concrete values only)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    bad = []
+    for path, leaf in flat:
+        if is_tracer(leaf) or not is_float(leaf):
+            continue
+        arr = np.asarray(leaf)
+        finite = np.isfinite(arr)
+        if not finite.all():
+            idx = tuple(int(i) for i in np.argwhere(~finite)[0])
+            n = int((~finite).sum())
+            bad.append(f"{path_name(path, root)}{list(idx) if idx else ''} = {arr[idx]} ({n} non-finite element(s))")
+    if bad:
+        raise ValueError("non-finite values (nan or inf) in " + root + ":\n  " + "\n  ".join(bad))
+
+
+def check_labels(labels: Any, n_classes: int, n_samples: int, name: str = "labels") -> None:
+    """Integer labels of shape (N,) in [0, n_classes), or one-hot of shape (N, n_classes)."""
+    shape = jnp.shape(labels)
+    if jnp.issubdtype(jnp.result_type(labels), jnp.integer) or jnp.result_type(labels) == jnp.bool_:
+        if shape != (n_samples,):
+            hint = " Pass integer class indices of shape (N,), or one-hot rows of shape (N, C)."
+            if len(shape) == 2 and shape[1] == 1 and shape[0] == n_samples:
+                hint = " Flatten them with .reshape(-1)."
+            raise ValueError(
+                f"{name}: integer class labels must have shape ({n_samples},) to match the predictions; "
+                f"got {describe(labels)}.{hint}"
+            )
+        if not is_tracer(labels):
+            arr = np.asarray(labels)
+            if arr.size and (arr.min() < 0 or arr.max() >= n_classes):
+                bad = int(np.argmax((arr < 0) | (arr >= n_classes)))
+                raise ValueError(
+                    f"{name}: class labels must lie in [0, {n_classes}) for {n_classes} classes; "
+                    f"{name}[{bad}] = {arr[bad]} (min {arr.min()}, max {arr.max()})"
+                )
+    elif jnp.issubdtype(jnp.result_type(labels), jnp.floating):
+        if shape != (n_samples, n_classes):
+            raise ValueError(
+                f"{name}: one-hot labels must have shape ({n_samples}, {n_classes}) to match the predictions; "
+                f"got {describe(labels)}. Integer class indices of shape ({n_samples},) are also accepted."
+            )
+    else:
+        raise TypeError(f"{name} must be integer class indices or float one-hot rows; got {describe(labels)}")

@@ -1,0 +1,92 @@
+"""Weight initialisers: ``init(key, shape, dtype) -> array``, pure and keyed.
+
+For a dense weight of shape ``(n_in, n_out)``: fan_in = n_in, fan_out = n_out.
+
+- :func:`book`: the book's ``scale · N(0, 1)`` (scale 0.01 in most chapters, 0.1 in chapter 17).
+- :func:`glorot_uniform`, :func:`glorot_normal`: variance ``2 / (fan_in + fan_out)`` (Glorot & Bengio, 2010).
+- :func:`he_normal`, :func:`he_uniform`: variance ``2 / fan_in`` (He et al., 2015), for ReLU layers.
+- :func:`zeros`: the book's biases.
+
+Example:
+    >>> import jax
+    >>> from funcgrad import initializers
+    >>> initializers.book(0.01)(jax.random.key(0), (2, 3)).shape
+    (2, 3)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["Initializer", "book", "normal", "zeros", "glorot_uniform", "glorot_normal", "he_normal", "he_uniform"]
+
+Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
+
+
+def _fans(shape: tuple[int, ...]) -> tuple[int, int]:
+    if len(shape) < 1:
+        raise ValueError(f"fan-based initialisers need an array of at least 1 dimension; got shape {shape}")
+    if len(shape) == 1:
+        return shape[0], shape[0]
+    receptive = math.prod(shape[:-2])
+    return shape[-2] * receptive, shape[-1] * receptive
+
+
+def normal(stddev: float) -> Initializer:
+    """``stddev · N(0, 1)``."""
+    if not stddev >= 0:
+        raise ValueError(f"normal: stddev must be >= 0; got {stddev!r}")
+
+    def init(key, shape, dtype=jnp.float32):
+        return stddev * jax.random.normal(key, shape, dtype)
+
+    init.scale = stddev  # lets data.NNFSRandom draw the same weights from the book's NumPy stream
+    return init
+
+
+def book(scale: float = 0.01) -> Initializer:
+    """The book's dense weights: ``scale · N(0, 1)`` (``0.01 * np.random.randn(n_in, n_out)``)."""
+    return normal(scale)
+
+
+def zeros(key, shape, dtype=jnp.float32) -> jax.Array:
+    """All zeros (the book's biases). The key is accepted for a uniform signature and unused."""
+    del key
+    return jnp.zeros(shape, dtype)
+
+
+def _variance_scaling(scale: float, mode: str, distribution: str) -> Initializer:
+    def init(key, shape, dtype=jnp.float32):
+        fan_in, fan_out = _fans(tuple(shape))
+        fan = {"fan_in": fan_in, "fan_avg": (fan_in + fan_out) / 2}[mode]
+        variance = scale / fan
+        if distribution == "normal":
+            return math.sqrt(variance) * jax.random.normal(key, shape, dtype)
+        limit = math.sqrt(3 * variance)  # U(−a, a) has variance a²/3
+        return jax.random.uniform(key, shape, dtype, -limit, limit)
+
+    return init
+
+
+def glorot_uniform() -> Initializer:
+    """U(−a, a) with a = √(6 / (fan_in + fan_out))."""
+    return _variance_scaling(1.0, "fan_avg", "uniform")
+
+
+def glorot_normal() -> Initializer:
+    """N(0, 2 / (fan_in + fan_out))."""
+    return _variance_scaling(1.0, "fan_avg", "normal")
+
+
+def he_normal() -> Initializer:
+    """N(0, 2 / fan_in)."""
+    return _variance_scaling(2.0, "fan_in", "normal")
+
+
+def he_uniform() -> Initializer:
+    """U(−a, a) with a = √(6 / fan_in)."""
+    return _variance_scaling(2.0, "fan_in", "uniform")

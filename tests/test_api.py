@@ -1,0 +1,40 @@
+"""Pins the public surface: adding or removing a public name is a deliberate change to this list."""
+
+import funcgrad as fg
+
+EXPECTED = {
+    "fg": ["data", "initializers", "losses", "metrics", "nn", "rules"],
+    "nn": [
+        "ACTIVATIONS", "Layer", "Params", "activation", "dense", "dropout", "leaky_relu", "linear", "log_softmax",
+        "mlp", "param_count", "relu", "serial", "sigmoid", "softmax", "tanh",
+    ],
+    "losses": [
+        "LOSSES", "binary_crossentropy", "categorical_crossentropy", "categorical_crossentropy_with_logits",
+        "l1_penalty", "l2_penalty", "leaf_names", "mae", "mse", "select",
+    ],
+    "metrics": ["accuracy", "binary_accuracy", "regression_accuracy"],
+    "data": ["NNFSRandom", "as_key", "sine", "spiral", "vertical"],
+    "initializers": [
+        "Initializer", "book", "glorot_normal", "glorot_uniform", "he_normal", "he_uniform", "normal", "zeros",
+    ],
+    "rules": [
+        "CATALOG", "Rule", "add", "binary_crossentropy", "categorical_crossentropy", "chain", "dense", "dropout",
+        "l1", "l2", "leaky_relu", "linear", "log_softmax", "mae", "maximum", "mse", "multiply", "neuron",
+        "one_hot_like", "polynomial", "relu", "sigmoid", "softmax", "softmax_crossentropy", "softmax_jacobian",
+        "tanh",
+    ],
+}
+
+
+def test_public_names_are_pinned():
+    modules = {"fg": fg, **{name: getattr(fg, name) for name in EXPECTED if name != "fg"}}
+    for name, module in modules.items():
+        assert sorted(module.__all__) == sorted(EXPECTED[name]), name
+        for attr in module.__all__:
+            assert hasattr(module, attr), f"{name}.{attr}"
+
+
+def test_importing_funcgrad_leaves_x64_off():
+    import jax.numpy as jnp
+
+    assert jnp.zeros(1).dtype == jnp.float32
