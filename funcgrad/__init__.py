@@ -7,6 +7,9 @@ Submodules:
     metrics       accuracy, binary accuracy, the book's regression accuracy
     data          the book's spiral, vertical and sine data sets (JAX keys, or bit-exact nnfs mode)
     rules         the catalog of hand-derived backward formulas, forward and backward side by side
+    verify        three-way gradient checks: autodiff vs hand formulas vs finite differences
+    testing       pytest helpers that fail with the check's table
+    Objective     a model + loss + regularisation, with the book's hand-derived gradient
 """
 
 from funcgrad import data as data
@@ -15,14 +18,20 @@ from funcgrad import losses as losses
 from funcgrad import metrics as metrics
 from funcgrad import nn as nn
 from funcgrad import rules as rules
+from funcgrad import testing as testing
+from funcgrad import verify as verify
+from funcgrad.objective import Objective as Objective
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Objective",
     "data",
     "initializers",
     "losses",
     "metrics",
     "nn",
     "rules",
+    "testing",
+    "verify",
 ]

@@ -3,7 +3,7 @@
 import funcgrad as fg
 
 EXPECTED = {
-    "fg": ["data", "initializers", "losses", "metrics", "nn", "rules"],
+    "fg": ["Objective", "data", "initializers", "losses", "metrics", "nn", "rules", "testing", "verify"],
     "nn": [
         "ACTIVATIONS", "Layer", "Params", "activation", "dense", "dropout", "leaky_relu", "linear", "log_softmax",
         "mlp", "param_count", "relu", "serial", "sigmoid", "softmax", "tanh",
@@ -23,6 +23,8 @@ EXPECTED = {
         "one_hot_like", "polynomial", "relu", "sigmoid", "softmax", "softmax_crossentropy", "softmax_jacobian",
         "tanh",
     ],
+    "verify": ["ChainReport", "GradReport", "Row", "VERDICTS", "check_chain", "check_grad", "check_jacobian", "check_vjp"],
+    "testing": ["assert_chain_ok", "assert_grads_match", "assert_vjp_matches"],
 }
 
 

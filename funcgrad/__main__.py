@@ -1,0 +1,5 @@
+import sys
+
+from funcgrad.cli import main
+
+sys.exit(main())

@@ -1,0 +1,355 @@
+"""funcgrad.verify: verdicts, attribution, kinks, scale, bad input, and the report's forms."""
+
+import json
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import funcgrad as fg
+from funcgrad import rules, verify
+
+RS = np.random.RandomState(0)
+
+
+def cubic(p):
+    return jnp.sum(p["w"] ** 3) + jnp.sum(jnp.sin(p["b"]))
+
+
+def cubic_hand(p):
+    return {"w": 3 * p["w"] ** 2, "b": jnp.cos(p["b"])}
+
+
+CUBIC = {"w": jnp.array([1.0, -2.0, 0.5]), "b": jnp.array([[0.1, 0.2], [0.3, -0.4]])}
+
+
+# ---- verdicts and attribution ----
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_correct_gradient_is_ok(dtype):
+    with jax.enable_x64(dtype == jnp.float64):
+        params = jax.tree.map(lambda a: a.astype(dtype), CUBIC)
+        report = verify.check_grad(cubic, params, hand=cubic_hand)
+    assert report.ok and report.verdict == "ok", report
+    assert [r.path for r in report.rows] == ["['b']", "['w']"]
+    for r in report.rows:
+        assert r.method == "exact" and r.checked == r.size
+        assert r.max_rel_err < 1e-6
+        np.testing.assert_allclose([r.autodiff, r.hand], r.numeric, rtol=1e-6)
+
+
+def test_planted_hand_bug_is_located():
+    def hand(p):
+        g = cubic_hand(p)
+        return {**g, "b": g["b"].at[1, 0].add(0.01)}
+
+    report = verify.check_grad(cubic, CUBIC, hand=hand)
+    assert not report.ok and report.verdict == "hand_wrong"
+    row = {r.path: r for r in report.rows}["['b']"]
+    assert row.verdict == "hand_wrong" and row.worst_index == (1, 0)
+    assert row.hand == pytest.approx(np.cos(0.3) + 0.01, rel=1e-6)
+    assert row.autodiff == pytest.approx(np.cos(0.3), rel=1e-6)
+    assert row.numeric == pytest.approx(np.cos(0.3), rel=1e-6)
+    assert {r.path: r for r in report.rows}["['w']"].verdict == "ok"
+
+
+def _wrong_custom_vjp():
+    @jax.custom_vjp
+    def square(x):
+        return x**2
+
+    square.defvjp(lambda x: (x**2, x), lambda x, d: (3 * x * d,))  # wrong: should be 2x
+    return square
+
+
+def test_wrong_custom_vjp_is_autodiff_wrong():
+    square = _wrong_custom_vjp()
+    fn = lambda p: jnp.sum(square(p["x"]))  # noqa: E731
+    params = {"x": jnp.array([1.0, 2.0, -3.0])}
+    with_hand = verify.check_grad(fn, params, hand=lambda p: {"x": 2 * p["x"]})
+    assert with_hand.verdict == "autodiff_wrong"
+    assert any("forward mode (jvp) is unavailable" in n for n in with_hand.notes)
+    alone = verify.check_grad(fn, params)
+    assert alone.verdict == "autodiff_wrong" and alone.rows[0].hand is None
+
+
+def test_forward_mode_disagreeing_with_reverse_mode():
+    @jax.custom_jvp
+    def cube(x):
+        return x**3
+
+    cube.defjvp(lambda primals, tangents: (cube(primals[0]), 3 * primals[0] ** 2 * tangents[0]))
+    # A forward-mode rule that is right, and a reverse mode derived from it: consistent.
+    report = verify.check_grad(lambda p: jnp.sum(cube(p)), jnp.array([1.0, 2.0]), hand=lambda p: 3 * p**2)
+    assert report.ok
+
+
+def test_finite_differences_alone_when_no_hand():
+    report = verify.check_grad(cubic, CUBIC)
+    assert report.ok and all(r.hand is None for r in report.rows)
+
+
+def test_pytree_kinds():
+    class P(NamedTuple):
+        a: jax.Array
+        b: list
+
+    params = P(jnp.array([1.0, 2.0]), [jnp.array(0.5), jnp.array([[1.0, -1.0]])])
+
+    def fn(p):
+        return jnp.sum(p.a**2) + p.b[0] ** 3 + jnp.sum(jnp.exp(p.b[1]))
+
+    def hand(p):
+        return P(2 * p.a, [3 * p.b[0] ** 2, jnp.exp(p.b[1])])
+
+    report = verify.check_grad(fn, params, hand=hand)
+    assert report.ok
+    assert [r.path for r in report.rows] == [".a", ".b[0]", ".b[1]"]
+    # Python floats are parameters too (the chapter-9 examples).
+    poly = verify.check_grad(lambda p: rules.polynomial(*p), (1.0, 2.0, 3.0),
+                             hand=lambda p: rules.polynomial.backward(*p, 1.0))
+    assert poly.ok
+
+
+# ---- kinks ----
+
+
+def test_relu_at_zero_is_a_kink_not_a_failure():
+    relu_sum = lambda x: jnp.sum(jnp.maximum(x, 0.0))  # noqa: E731  JAX: 0.5 at 0
+    hand = lambda x: (x > 0).astype(x.dtype)  # noqa: E731          book: 0 at 0
+    report = verify.check_grad(relu_sum, jnp.array([0.0, 1.0, -1.0]), hand=hand)
+    assert report.ok and report.verdict == "kink"
+    row = report.rows[0]
+    assert row.worst_index == (0,) and row.autodiff == 0.5 and row.hand == 0.0
+    assert "not differentiable" in row.note
+
+
+def test_a_value_outside_the_one_sided_interval_is_still_wrong():
+    hand = lambda x: jnp.where(x > 0, 1.0, jnp.where(x == 0, 2.0, 0.0))  # noqa: E731  2 ∉ [0, 1]
+    report = verify.check_grad(lambda x: jnp.sum(jnp.maximum(x, 0.0)), jnp.array([0.0, 1.0]), hand=hand)
+    assert report.verdict == "hand_wrong" and report.rows[0].worst_index == (0,)
+
+
+def test_max_tie_and_abs_at_zero():
+    tie = verify.check_vjp(rules.maximum.forward, rules.maximum.backward, jnp.array([2.0, 1.0]), jnp.array([2.0, 3.0]))
+    assert tie.ok and tie.verdict == "kink"
+    absval = verify.check_grad(lambda x: jnp.sum(jnp.abs(x)), jnp.array([0.0, -2.0]), hand=jnp.sign)
+    assert absval.ok and absval.verdict == "kink"
+
+
+@pytest.mark.parametrize("z", [1e-9, 1e-6, 3e-5, 2e-4])
+def test_finite_differences_straddling_a_nearby_kink_raise_no_alarm(z):
+    # A pre-activation within the finite-difference step of 0: the ReLU is smooth at the point itself.
+    fn = lambda p, x: jnp.sum(jnp.maximum(x @ p["W"] + p["b"], 0.0) ** 1)  # noqa: E731
+    x = jnp.array([[1.0, 2.0]])
+    params = {"W": jnp.array([[0.5], [-0.25]]), "b": jnp.array([z])}  # x·W = 0, so z is the pre-activation
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+        report = verify.check_grad(fn, params, x.astype(jnp.float64), hand=lambda p, x: {"W": x.T, "b": jnp.ones(1)})
+    assert report.ok, report
+
+
+def test_book_model_at_init_on_spiral_data_has_no_false_alarm():
+    # Zero biases and the spiral's exact (0, 0) rows put ReLUs exactly on their kinks.
+    model = fg.nn.mlp([64, 3], output="softmax")
+    obj = fg.Objective(model, "categorical_crossentropy")
+    params = model.init(jax.random.key(0), (2,))
+    X, y = fg.data.spiral(100, 3, key=0)
+    report = verify.check_grad(obj.value, params, X, y, hand=obj.hand_grad)
+    assert report.ok, report
+    assert {r.path for r in report.rows} == {"['dense1']['W']", "['dense1']['b']", "['dense2']['W']", "['dense2']['b']"}
+
+
+# ---- scale ----
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_million_parameters_single_wrong_element_located(dtype):
+    n = 1_000_000
+    with jax.enable_x64(dtype == jnp.float64):
+        w = jnp.asarray(RS.randn(n) * 0.1, dtype)
+        x = jnp.asarray(RS.randn(n), dtype)
+        fn = lambda p, x: jnp.sum(jnp.tanh(p["w"] * x)) / 1000  # noqa: E731
+        hand = lambda p, x: {"w": (1 - jnp.tanh(p["w"] * x) ** 2) * x / 1000}  # noqa: E731
+        ok = verify.check_grad(fn, {"w": w}, x, hand=hand)
+        assert ok.ok and ok.rows[0].method == "projection", ok
+        i = 654321
+        bad = lambda p, x: {"w": hand(p, x)["w"].at[i].multiply(1.5)}  # noqa: E731
+        report = verify.check_grad(fn, {"w": w}, x, hand=bad)
+    assert report.verdict == "hand_wrong" and report.rows[0].worst_index == (i,), report
+
+
+def test_wrong_element_found_by_bisection_without_hand():
+    n = 200_003
+    i = 123_457
+
+    @jax.custom_vjp
+    def g(w):
+        return jnp.tanh(w)
+
+    g.defvjp(lambda w: (jnp.tanh(w), w),
+             lambda w, d: ((1 - jnp.tanh(w) ** 2) * d * jnp.where(jnp.arange(n) == i, 1.5, 1.0),))
+    w = jnp.asarray(RS.randn(n) * 0.5, jnp.float32)
+    x = jnp.asarray(RS.randn(n), jnp.float32)
+    report = verify.check_grad(lambda p, x: jnp.sum(g(p) * x) / 100, w, x)
+    assert report.verdict == "autodiff_wrong" and report.rows[0].worst_index == (i,), report
+    assert "bisecting" in report.rows[0].note
+
+
+def test_float32_precision_failure_of_one_side_is_reported():
+    # An unstable softmax in the hand gradient overflows in float32 (exp(100) = inf) but not in float64.
+    def fn(z):
+        return jnp.sum(jax.nn.log_softmax(z) * jnp.array([0.0, 1.0, 0.0]))
+
+    def hand(z):
+        e = jnp.exp(z)
+        return jnp.array([0.0, 1.0, 0.0]) - e / e.sum()
+
+    report = verify.check_grad(fn, jnp.array([100.0, 0.0, -1.0], jnp.float32), hand=hand)
+    assert report.verdict == "hand_wrong", report
+    assert "not finite at the parameters' own precision" in report.rows[0].note
+
+
+# ---- bad input: clear errors naming the leaf ----
+
+
+def test_hand_with_another_structure():
+    with pytest.raises(ValueError, match=r"missing \[\"\['b'\]\"\]"):
+        verify.check_grad(cubic, CUBIC, hand=lambda p: {"w": 3 * p["w"] ** 2})
+
+
+def test_hand_leaf_of_another_shape_or_dtype():
+    with pytest.raises(ValueError, match=r"\['w'\]: expected shape \(3,\), got float32\[1,3\]"):
+        verify.check_grad(cubic, CUBIC, hand=lambda p: {**cubic_hand(p), "w": (3 * p["w"] ** 2)[None]})
+    with pytest.raises(ValueError, match=r"\['w'\]: expected dtype float32 \(the parameter's\), got int32\[3\]"):
+        verify.check_grad(cubic, CUBIC, hand=lambda p: {**cubic_hand(p), "w": jnp.zeros(3, jnp.int32)})
+
+
+def test_integer_and_non_finite_params():
+    with pytest.raises(TypeError, match=r"params\['w'\] has dtype int32"):
+        verify.check_grad(cubic, {"w": jnp.array([1, 2]), "b": jnp.zeros(1)})
+    with pytest.raises(TypeError, match=r"params\[0\] has dtype int32 \(int 1\)"):
+        verify.check_grad(lambda p: p[0] * p[1], (1, 2.0))
+    with pytest.raises(ValueError, match=r"params\['b'\]\[1\] = nan"):
+        verify.check_grad(cubic, {"w": jnp.ones(2), "b": jnp.array([0.0, jnp.nan])})
+
+
+def test_non_scalar_and_non_finite_fn():
+    with pytest.raises(ValueError, match=r"must return a scalar \(shape \(\)\); got float32\[3\]"):
+        verify.check_grad(lambda p: p["w"] ** 2, {"w": jnp.ones(3)})
+    with pytest.raises(ValueError, match="not finite"):
+        verify.check_grad(lambda p: jnp.sum(jnp.log(p["w"])), {"w": jnp.array([-1.0])})
+
+
+def test_non_finite_hand_values_name_the_leaf():
+    report = verify.check_grad(cubic, CUBIC, hand=lambda p: {**cubic_hand(p), "w": cubic_hand(p)["w"].at[2].set(jnp.nan)})
+    row = {r.path: r for r in report.rows}["['w']"]
+    assert report.verdict == "hand_wrong" and row.verdict == "hand_wrong" and row.worst_index == (2,)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="mode must be"):
+        verify.check_grad(cubic, CUBIC, mode="fast")
+    with pytest.raises(ValueError, match="rtol must be a number"):
+        verify.check_grad(cubic, CUBIC, rtol=-1)
+    with pytest.raises(TypeError, match="hand must be callable"):
+        verify.check_grad(cubic, CUBIC, hand=cubic_hand(CUBIC))
+
+
+# ---- tolerances and modes ----
+
+
+def test_user_tolerances_override_the_analytic_part():
+    hand = lambda p: {**cubic_hand(p), "w": cubic_hand(p)["w"] * (1 + 1e-4)}  # noqa: E731
+    assert verify.check_grad(cubic, CUBIC, hand=hand).verdict == "hand_wrong"
+    assert verify.check_grad(cubic, CUBIC, hand=hand, rtol=1e-2).ok
+
+
+@pytest.mark.parametrize("mode", ["exact", "projection"])
+def test_modes(mode):
+    report = verify.check_grad(cubic, CUBIC, hand=cubic_hand, mode=mode)
+    assert report.ok and all(r.method == mode for r in report.rows)
+
+
+def test_x64_state_is_restored():
+    verify.check_grad(cubic, CUBIC, hand=cubic_hand)
+    assert jnp.zeros(1).dtype == jnp.float32
+
+
+# ---- the report's forms ----
+
+
+def test_report_table_dict_and_assertion():
+    def hand(p):
+        return {**cubic_hand(p), "w": cubic_hand(p)["w"].at[0].set(0.0)}
+
+    report = verify.check_grad(cubic, CUBIC, hand=hand)
+    table = str(report)
+    assert "['w']" in table and "hand_wrong" in table and "[0]" in table
+    d = json.loads(json.dumps(report.to_dict()))
+    assert d["verdict"] == "hand_wrong" and d["ok"] is False
+    assert {r["path"] for r in d["rows"]} == {"['w']", "['b']"}
+    with pytest.raises(AssertionError, match=r"(?s)gradient check failed.*\['w'\].*hand_wrong"):
+        report.assert_ok()
+    with pytest.raises(AssertionError, match="hand_wrong"):
+        fg.testing.assert_grads_match(cubic, CUBIC, hand=hand)
+    assert fg.testing.assert_grads_match(cubic, CUBIC, hand=cubic_hand).ok
+
+
+# ---- check_vjp, check_jacobian, check_chain ----
+
+
+def test_check_vjp_dense_and_a_wrong_backward():
+    x, W, b = (jnp.asarray(RS.randn(*s), jnp.float32) for s in ((5, 4), (4, 3), (3,)))
+    ok = verify.check_vjp(rules.dense.forward, rules.dense.backward, x, W, b)
+    assert ok.ok and [r.path for r in ok.rows] == ["x", "W", "b"]
+
+    def transposed(x, W, b, d):  # dW = X·dvalues would not even have the right shape; use a wrong scale
+        dx, dW, db = rules.dense.backward(x, W, b, d)
+        return dx, dW * 2, db
+
+    bad = verify.check_vjp(rules.dense.forward, transposed, x, W, b)
+    assert bad.verdict == "hand_wrong" and [r.verdict for r in bad.rows] == ["ok", "hand_wrong", "ok"]
+
+
+def test_check_vjp_counts_the_cotangents():
+    with pytest.raises(ValueError, match=r"must return 3 cotangent\(s\), one for each of \['x', 'W', 'b'\]; got 2"):
+        verify.check_vjp(rules.dense.forward, lambda x, W, b, d: (d @ W.T, x.T @ d), jnp.ones((2, 4)), jnp.ones((4, 3)),
+                         jnp.ones(3))
+
+
+def test_check_jacobian_softmax():
+    x = jnp.array([1.0, 2.0, 0.5, -1.0])
+    report = verify.check_jacobian(rules.softmax.forward, x, rules.softmax_jacobian)
+    assert report.ok and len(report.rows) == 4
+    wrong = lambda x: rules.softmax_jacobian(x) + jnp.eye(4) * 0.01  # noqa: E731
+    assert verify.check_jacobian(rules.softmax.forward, x, wrong).verdict == "hand_wrong"
+    with pytest.raises(ValueError, match=r"must have shape fn\(x\).shape \+ x.shape = \(4, 4\)"):
+        verify.check_jacobian(rules.softmax.forward, x, lambda x: jnp.eye(3))
+
+
+def test_check_chain_traces_a_wrong_gradient_to_the_layer():
+    model = fg.nn.mlp([16, 3], output="softmax")
+    obj = fg.Objective(model, "categorical_crossentropy")
+    params = model.init(jax.random.key(1), (2,))
+    X, y = fg.data.spiral(20, 3, key=1)
+    stages = obj.stages(params, X, y)
+    report = verify.check_chain(stages, X)
+    assert report.ok and report.first_broken is None
+    assert [n for n, _ in report.links] == ["dense1", "relu1", "dense2", "softmax1", "loss (categorical_crossentropy)"]
+
+    name, fwd, bwd, p = stages[2]
+
+    def bad_bwd(p_, x_, d):
+        dp, dx = bwd(p_, x_, d)
+        return {**dp, "W": dp["W"] * 1.5}, dx
+
+    stages[2] = (name, fwd, bad_bwd, p)
+    broken = verify.check_chain(stages, X)
+    assert not broken.ok and broken.first_broken == "dense2"
+    assert broken.end_to_end.verdict == "hand_wrong"
+    assert "first broken link: dense2" in str(broken)
+    json.dumps(broken.to_dict())
