@@ -49,6 +49,7 @@ __all__ = [
     "softmax",
     "log_softmax",
     "dropout",
+    "elementwise",
     "serial",
     "mlp",
     "activation",
@@ -261,6 +262,24 @@ def _activation(rule: rules.Rule, name: str | None, **hyper: Any) -> Layer:
         name=name,
         config=tuple(hyper.items()),
     )
+
+
+def elementwise(rule: rules.Rule, *, name: str | None = None, **hyper: Any) -> Layer:
+    """A parameter-free layer from a :class:`funcgrad.rules.Rule` of one input, e.g. a custom activation with
+    its hand-derived backward: ``forward(x)`` and ``backward(x, dvalues)``. It composes with :func:`serial`
+    like the built-in activations, so models using it keep a hand-derived gradient.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from funcgrad import nn, rules
+        >>> swish = rules.Rule("swish", lambda x: x * jax.nn.sigmoid(x),
+        ...                    lambda x, d: d * jax.nn.sigmoid(x) * (1 + x * (1 - jax.nn.sigmoid(x))),
+        ...                    "swish' = σ(x)(1 + x(1 − σ(x)))")
+        >>> model = nn.serial(nn.dense(8), nn.elementwise(swish), nn.dense(1))
+    """
+    if not isinstance(rule, rules.Rule):
+        raise TypeError(f"elementwise: expected a funcgrad.rules.Rule; got {describe(rule)}")
+    return _activation(rule, name, **hyper)
 
 
 def relu(*, name: str | None = None) -> Layer:

@@ -146,8 +146,8 @@ def _max_forward(x, y):
 def _max_backward(x, y, dvalues):
     # ∂max(x, y)/∂x = 1(x > y), ∂max(x, y)/∂y = 1(y > x). At x = y the derivative does not exist; this rule
     # gives the whole gradient to x (JAX's convention splits it, 0.5 to each side): both are one-sided limits.
-    x_wins = (x >= y).astype(dvalues.dtype)
-    return dvalues * x_wins, dvalues * (1 - x_wins)
+    x_wins = x >= y
+    return jnp.where(x_wins, dvalues, 0.0), jnp.where(x_wins, 0.0, dvalues)
 
 
 maximum = Rule(

@@ -435,40 +435,48 @@ def _direction(seed, j, lo, hi, n):
     return d / jnp.maximum(jnp.linalg.norm(d), 1e-300)
 
 
-def _eval_items(f, theta, seed, items, vecs, batch):
-    """f at the four offsets along each item, and each item's direction dotted with ``vecs``
-    (autodiff, hand, tolerances²): returns (F of shape (K, 4), P of shape (K, 3)).
+def _eval_items(f, theta, seed, items, vecs, batch, want_jvp=None):
+    """f at the four offsets along each item, each item's direction dotted with ``vecs`` (autodiff, hand,
+    tolerances²), and, where ``want_jvp`` is set, the forward-mode derivative along the item's direction:
+    returns F (K, 4), P (K, 3) and JV (K,) (NaN where not wanted).
 
     ``batch`` > 1 evaluates that many items at once with vmap (accelerators); ``batch`` == 1 evaluates them
     one at a time with lax.map (CPU, where XLA's batched matrix products are several times slower than a loop
     of plain ones, for small and large functions alike)."""
     I, J, LO, HI, T = items
+    W = jnp.zeros(I.shape, bool) if want_jvp is None else want_jvp
     n = theta.shape[0]
     offsets = jnp.asarray(_OFFSETS, theta.dtype)
     a, h, tol2 = vecs
+    nan = jnp.full((), jnp.nan, theta.dtype)
+
+    def branch(pred, yes, no):
+        # A real branch in a sequential loop (the untaken side costs nothing); a select under vmap.
+        return jax.lax.cond(pred, yes, no) if batch == 1 else jnp.where(pred, yes(), no())
 
     def one(item):
-        i, j, lo, hi, t = item
-        d = _direction(seed, j, lo, hi, n)
-        e = jnp.where(i < 0, d, jax.nn.one_hot(jnp.maximum(i, 0), n, dtype=theta.dtype))
+        i, j, lo, hi, t, w = item
+        e = branch(i < 0, lambda: _direction(seed, j, lo, hi, n),
+                   lambda: jax.nn.one_hot(jnp.maximum(i, 0), n, dtype=theta.dtype))
         at = lambda s: f(theta + (s * t) * e)  # noqa: E731
         F = jax.vmap(at)(offsets) if batch > 1 else jax.lax.map(at, offsets)
-        return F, jnp.stack([e @ a, e @ h, jnp.sqrt((e * e) @ tol2)])
+        jv = branch(w, lambda: jax.jvp(f, (theta,), (e,))[1], lambda: nan) if want_jvp is not None else nan
+        return F, jnp.stack([e @ a, e @ h, jnp.sqrt((e * e) @ tol2)]), jv
 
     K = I.shape[0]
     if K == 0:
-        return jnp.zeros((0, 4), theta.dtype), jnp.zeros((0, 3), theta.dtype)
+        return jnp.zeros((0, 4), theta.dtype), jnp.zeros((0, 3), theta.dtype), jnp.zeros((0,), theta.dtype)
     if batch == 1:
-        return jax.lax.map(one, (I, J, LO, HI, T))
+        return jax.lax.map(one, (I, J, LO, HI, T, W))
     pad = (-K) % batch
-    padded = [jnp.concatenate([x, jnp.repeat(x[:1], pad)]) if pad else x for x in (I, J, LO, HI, T)]
+    padded = [jnp.concatenate([x, jnp.repeat(x[:1], pad)]) if pad else x for x in (I, J, LO, HI, T, W)]
     chunks = [x.reshape(-1, min(batch, K + pad)) for x in padded]
     if chunks[0].shape[0] == 1:
-        F, P = jax.vmap(one)(tuple(c[0] for c in chunks))
+        F, P, JV = jax.vmap(one)(tuple(c[0] for c in chunks))
     else:
-        F, P = jax.lax.map(jax.vmap(one), tuple(chunks))
-        F, P = F.reshape(-1, 4), P.reshape(-1, 3)
-    return F[:K], P[:K]
+        F, P, JV = jax.lax.map(jax.vmap(one), tuple(chunks))
+        F, P, JV = F.reshape(-1, 4), P.reshape(-1, 3), JV.reshape(-1)
+    return F[:K], P[:K], JV[:K]
 
 
 def _cast64(tree):
@@ -511,7 +519,10 @@ def _probe(params, dyn, exact_idx, seed, h0, rtol, atol, *, fn, hand, layout, ar
         if not exact and plan.k_mag:
             o, s = layout.offsets[i], layout.sizes[i]
             seg = jnp.where(jnp.isfinite(a[o : o + s]), jnp.abs(a[o : o + s]), 0.0)
-            parts.append(jax.lax.top_k(seg, min(plan.k_mag, s))[1] + o)
+            if plan.k_mag == 1:  # argmax compiles far faster than top_k
+                parts.append(jnp.argmax(seg)[None] + o)
+            else:
+                parts.append(jax.lax.top_k(seg, min(plan.k_mag, s))[1] + o)
     idx = jnp.concatenate(parts).astype(jnp.int32)
     d_leaf, d_j = _dir_items(plan)
     lo = jnp.asarray(np.array([layout.offsets[i] for i in d_leaf], np.int32))
@@ -529,19 +540,15 @@ def _probe(params, dyn, exact_idx, seed, h0, rtol, atol, *, fn, hand, layout, ar
     K = n_i + n_d
     scaled = [jnp.tile(x, plan.scales) for x in (I, J, LO, HI)]
     Ts = jnp.concatenate([T / _LADDER**k for k in range(plan.scales)])
-    F, P = _eval_items(f, theta, seed, (*scaled, Ts), (a, h, tol * tol), plan.batch)
+    # Forward mode along the first direction of each leaf (at the first scale's items).
+    first = [n_i + d_leaf.index(i) for i in range(len(plan.exact))]
+    want = np.zeros(K * plan.scales, bool)
+    want[first] = plan.jvp
+    F, P, JV = _eval_items(f, theta, seed, (*scaled, Ts), (a, h, tol * tol), plan.batch,
+                           jnp.asarray(want) if plan.jvp else None)
     F = jnp.stack([F[k * K : (k + 1) * K] for k in range(plan.scales)], axis=1)  # (items, scales, 4)
-    P = P[:K]
-    # Forward mode along the first direction of each leaf.
-    first = [d_leaf.index(i) for i in range(len(plan.exact))]
-    if plan.jvp:
-        sel = jnp.asarray(np.array(first, np.int32))
-        jvps = jax.lax.map(lambda jlh: jax.jvp(f, (theta,), (_direction(seed, *jlh, theta.shape[0]),))[1],
-                           (J[n_i:][sel], lo[sel], hi[sel]), batch_size=plan.batch)
-    else:
-        jvps = jnp.full((len(first),), jnp.nan, theta.dtype)
-    return {"f0": f0, "theta": theta, "a": a, "h": h, "tol": tol, "jvp": jvps, "I": I, "J": J, "LO": LO, "HI": HI,
-            "T": T, "F": F, "P": P}
+    return {"f0": f0, "theta": theta, "a": a, "h": h, "tol": tol, "jvp": JV[jnp.asarray(first)], "I": I, "J": J,
+            "LO": LO, "HI": HI, "T": T, "F": F, "P": P[:K]}
 
 
 def _dir_items(plan: _Plan) -> tuple[list[int], list[int]]:
@@ -557,7 +564,7 @@ def _dir_items(plan: _Plan) -> tuple[list[int], list[int]]:
 def _items_jit(theta, dyn, seed, I, J, LO, HI, T, a, h, tol, *, fn, layout, args_spec, batch):
     dyn = _cast64(list(dyn))
     f = _flat_fn(fn, layout, args_spec, dyn)
-    return _eval_items(f, theta, seed, (I, J, LO, HI, T), (a, h, tol * tol), batch)
+    return _eval_items(f, theta, seed, (I, J, LO, HI, T), (a, h, tol * tol), batch)[:2]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -809,7 +816,8 @@ def _note_for(verdict: str, item: _Item | None, n_disagree: int, extra: Sequence
     if item is not None and verdict != "ok":
         at = f"at {list(item.index)}" if item.index is not None else "along a random direction"
         parts.append({
-            "kink": f"not differentiable {at}: the one-sided derivatives differ and autodiff and hand lie between them",
+            "kink": f"not differentiable at or right next to {at.removeprefix('at ')}: the one-sided derivatives "
+                    "differ, and autodiff and hand lie between them",
             "fd_unreliable": f"autodiff and hand agree {at}; finite differences do not (a noisy or nearly non-smooth function)",
             "hand_wrong": f"hand differs from autodiff and finite differences {at}",
             "autodiff_wrong": f"autodiff differs from finite differences{' and hand' if item.H is not None else ''} {at}",
@@ -871,10 +879,11 @@ def check_grad(
 
     # 1. At the parameters' own precision: what the user's code computes (for float64 parameters, the
     #    float64 check below is that precision).
-    out = jax.eval_shape(lambda p, d: fn(p, *_join_args(d, spec)), params, dyn)
-    _check_output(out, "fn(params, *args)")
+    facts = _static_facts(fn, hand, layout, spec, tuple(jnp.result_type(x) for x in jax.tree_util.tree_leaves(params)),
+                          tuple((tuple(d.shape), d.dtype) for d in dyn), bool(jax.config.jax_enable_x64))
+    _check_output(facts.out, "fn(params, *args)")
     if hand is not None:
-        _check_hand_structure(jax.eval_shape(lambda p, d: hand(p, *_join_args(d, spec)), params, dyn), params)
+        _check_hand_structure(facts.hand_out, params)
     user_dtypes = sorted({str(jnp.result_type(leaf)) for leaf in jax.tree_util.tree_leaves(params)})
     a_user = h_user = None
     if user_dtypes != ["float64"]:
@@ -887,23 +896,17 @@ def check_grad(
     # 2. In float64: autodiff, hand and finite differences, compared.
     notes: list[str] = []
     with jax.enable_x64(True):
-        theta_s = jax.ShapeDtypeStruct((layout.n,), jnp.float64)
-        dyn_s = [jax.ShapeDtypeStruct(d.shape, jnp.float64 if jnp.issubdtype(d.dtype, jnp.floating) else d.dtype)
-                 for d in dyn]
-        out64 = jax.eval_shape(lambda th, d: fn(layout.unravel(th), *_join_args(d, spec)), theta_s, dyn_s)
-        eps_f = float(jnp.finfo(out64.dtype).eps)
-        if out64.dtype != jnp.float64:
-            notes.append(f"fn computes in {out64.dtype} even with float64 inputs; tolerances follow {out64.dtype}")
+        eps_f = float(jnp.finfo(facts.out64).eps)
+        if facts.out64 != jnp.float64:
+            notes.append(f"fn computes in {facts.out64} even with float64 inputs; tolerances follow {facts.out64}")
         eps_c = eps_f
-        if hand is not None:
-            hand64 = jax.eval_shape(lambda th, d: hand(layout.unravel(th), *_join_args(d, spec)), theta_s, dyn_s)
-            for path, leaf in zip(layout.paths, jax.tree_util.tree_leaves(hand64)):
-                if leaf.dtype != jnp.float64:
-                    eps_c = max(eps_c, float(jnp.finfo(leaf.dtype).eps))
-                    notes.append(f"hand returns {leaf.dtype} for {path or 'params'} even with float64 inputs")
+        for path, dtype in zip(layout.paths, facts.hand64):
+            if dtype != jnp.float64:
+                eps_c = max(eps_c, float(jnp.finfo(dtype).eps))
+                notes.append(f"hand returns {dtype} for {path or 'params'} even with float64 inputs")
         rtol_eff = float(rtol) if rtol is not None else _default_rtol(eps_c)
         h0 = eps_f ** (1 / 5)
-        plan, exact_idx = _make_plan(mode, layout, fn, spec, theta_s, dyn_s, hand is not None)
+        plan, exact_idx = _make_plan(mode, layout, facts.flops, hand is not None)
         probe = functools.partial(_probe, params, dyn, exact_idx, np.uint32(seed % 2**32), h0, rtol_eff,
                                   -1.0 if atol is None else float(atol), fn=fn, hand=hand, layout=layout, args_spec=spec)
         try:
@@ -925,14 +928,44 @@ def check_grad(
                       time.perf_counter() - start)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Facts:
+    """What tracing fn and hand tells, without running them (cached per function and argument shapes)."""
+
+    out: Any  # fn's output (ShapeDtypeStruct) at the parameters' precision
+    hand_out: Any  # hand's output structure, or None
+    out64: Any  # fn's output dtype with float64 inputs
+    hand64: tuple  # hand's leaf dtypes with float64 inputs
+    flops: float  # estimated cost of one evaluation of fn
+
+
+@functools.lru_cache(maxsize=16)
+def _static_facts(fn, hand, layout, spec, param_dtypes, dyn_sig, x64) -> _Facts:
+    params = jax.tree_util.tree_unflatten(
+        layout.treedef, [jax.ShapeDtypeStruct(s, d) for s, d in zip(layout.shapes, param_dtypes)])
+    dyn = [jax.ShapeDtypeStruct(s, d) for s, d in dyn_sig]
+    out = jax.eval_shape(lambda p, d: fn(p, *_join_args(d, spec)), params, dyn)
+    hand_out = jax.eval_shape(lambda p, d: hand(p, *_join_args(d, spec)), params, dyn) if hand is not None else None
+    with jax.enable_x64(True):
+        theta_s = jax.ShapeDtypeStruct((layout.n,), jnp.float64)
+        dyn_s = [jax.ShapeDtypeStruct(d.shape, jnp.float64 if jnp.issubdtype(d.dtype, jnp.floating) else d.dtype)
+                 for d in dyn]
+        closed = jax.make_jaxpr(lambda th, d: fn(layout.unravel(th), *_join_args(d, spec)))(theta_s, dyn_s)
+        out64 = closed.out_avals[0] if len(closed.out_avals) == 1 else None
+        hand64 = ()
+        if hand is not None:
+            h = jax.eval_shape(lambda th, d: hand(layout.unravel(th), *_join_args(d, spec)), theta_s, dyn_s)
+            hand64 = tuple(leaf.dtype for leaf in jax.tree_util.tree_leaves(h))
+    return _Facts(out, hand_out, getattr(out64, "dtype", None), hand64, max(_jaxpr_flops(closed.jaxpr), 1.0))
+
+
 def _check_value(value: Any) -> None:
     if not np.isfinite(float(value)):
         raise ValueError(f"fn(params, *args) = {float(value)} at the given params: the function itself is not finite")
 
 
-def _make_plan(mode, layout, fn, spec, theta_s, dyn_s, has_hand) -> tuple[_Plan, np.ndarray]:
+def _make_plan(mode, layout, flops, has_hand) -> tuple[_Plan, np.ndarray]:
     sizes = layout.sizes
-    flops = _flops(fn, layout, spec, theta_s, dyn_s)
     if mode == "exact":
         exact = [True] * len(sizes)
     elif mode == "projection":
@@ -959,19 +992,27 @@ def _make_plan(mode, layout, fn, spec, theta_s, dyn_s, has_hand) -> tuple[_Plan,
     return _Plan(tuple(exact), n_proj, _K_MAG, scales, True, batch), exact_idx
 
 
-def _flops(fn, layout, spec, theta_s, dyn_s) -> float:
-    """Estimated flops of one evaluation of fn (XLA's cost analysis of the lowered program, not compiled)."""
-    try:
-        lowered = jax.jit(lambda th, d: fn(layout.unravel(th), *_join_args(d, spec))).lower(theta_s, dyn_s)
-        cost = lowered.cost_analysis()
-        if isinstance(cost, (list, tuple)):
-            cost = cost[0] if cost else {}
-        flops = float((cost or {}).get("flops", 0.0))
-        if flops > 0:
-            return flops
-    except Exception:  # noqa: BLE001 - only an estimate; fall back below
-        pass
-    return 2.0 * (layout.n + sum(math.prod(d.shape) for d in dyn_s))
+def _jaxpr_flops(jaxpr: Any) -> float:
+    """A rough count of one evaluation's flops from its jaxpr: 2·m·n·k per matrix product, one per output
+    element for everything else, sub-computations included (a loop's body counted once per trip)."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        out = sum(math.prod(getattr(v.aval, "shape", ())) for v in eqn.outvars)
+        if eqn.primitive.name == "dot_general":
+            (lc, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2.0 * out * math.prod(lhs[d] for d in lc)
+        else:
+            total += out
+        trips = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+        for v in eqn.params.values():
+            for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+                inner = getattr(sub, "jaxpr", None)
+                if inner is not None and hasattr(inner, "eqns"):
+                    total += trips * _jaxpr_flops(inner)
+                elif hasattr(sub, "eqns"):
+                    total += trips * _jaxpr_flops(sub)
+    return total
 
 
 def _rows(res, engine: _Engine, has_hand, a_user, h_user, user_dtypes) -> list[Row]:
@@ -1001,8 +1042,13 @@ def _rows(res, engine: _Engine, has_hand, a_user, h_user, user_dtypes) -> list[R
                 dis = ~(np.abs(a[o : o + s] - h[o : o + s]) <= tol[o : o + s])
             n_disagree = int(dis.sum())
             done = {int(I[k]) - o for k in np.nonzero((item_leaf == li) & is_el)[0]}
-            order = np.argsort(-_badness(a[o : o + s], h[o : o + s], tol[o : o + s]), kind="stable")
-            todo = [o + int(i) for i in order[: _K_DISAGREE + len(done)] if dis[i] and int(i) not in done][:_K_DISAGREE]
+            todo = []
+            if n_disagree:
+                bad = _badness(a[o : o + s], h[o : o + s], tol[o : o + s])
+                k = min(s, _K_DISAGREE + len(done))
+                top = np.argpartition(-bad, k - 1)[:k] if k < s else np.arange(s)
+                top = top[np.argsort(-bad[top], kind="stable")]
+                todo = [o + int(i) for i in top if dis[i] and int(i) not in done][:_K_DISAGREE]
             if todo:
                 items += _arbitrate(np.array(todo), li, a, h, tol, engine)
         # A projection that fails with no element to show for it: bisect down to the element.
@@ -1027,7 +1073,9 @@ def _rows(res, engine: _Engine, has_hand, a_user, h_user, user_dtypes) -> list[R
                 )
                 items.append(_make_item("autodiff_wrong", None, jr if fwd_right else jv, None, fd.value[k]))
         if user_dtypes != ["float64"]:
-            extra_u, items_u = _user_precision(o, s, shape, a, h, a_user, h_user)
+            already = {"hand" if it.verdict == "hand_wrong" else "autodiff" for it in items
+                       if it.verdict in ("hand_wrong", "autodiff_wrong")}
+            extra_u, items_u = _user_precision(o, s, shape, a, h, a_user, h_user, skip=already)
             extra += extra_u
             items += items_u
         rows.append(_row(path, li, s, items, n_disagree, extra, a, h, o, plan))
@@ -1093,15 +1141,16 @@ def _bisect(li: int, a, h, tol, engine: _Engine) -> _Item:
     streams = [j for leaf, j in zip(d_leaf, d_j) if leaf == li]
 
     def badness(j, ranges):
+        """How far each half's projection is from finite differences, in units of the allowed error (one
+        scale: only the comparison between the halves matters here)."""
         n = len(ranges)
         lo, hi = np.array([r[0] for r in ranges]), np.array([r[1] for r in ranges])
-        items = (np.full(n, -1), np.full(n, j), lo, hi, np.full(n, step))
-        F, P = engine.evaluate(*items)
+        F, P = engine.evaluate(np.full(n, -1), np.full(n, j), lo, hi, np.full(n, step))
         dt = np.maximum(P[:, 2], engine.floor)
-        fd, _ = engine.ladder(items, dt, initial=np.stack([F, engine.evaluate(*items[:4], items[4] / _LADDER)[0]], 1))
+        sc = _scale(engine.f0, F, np.full(n, step), engine.eps_f, dt)
         refs = [P[:, 0]] if h is None else [P[:, 0], P[:, 1]]
         with np.errstate(invalid="ignore", divide="ignore"):
-            bad = np.max([np.abs(r - fd.value) for r in refs], axis=0) / (2 * fd.err + dt)
+            bad = np.max([np.abs(r - sc["value"]) for r in refs], axis=0) / (2 * sc["err"] + dt)
         return np.where(np.isnan(bad), 1e308, bad)
 
     j = max(streams, key=lambda j: float(badness(j, [(o, o + s)])[0]))
@@ -1113,28 +1162,30 @@ def _bisect(li: int, a, h, tol, engine: _Engine) -> _Item:
     return _arbitrate(np.array([lo]), li, a, h, tol, engine)[0]
 
 
-def _user_precision(o, s, shape, a64, h64, a_user, h_user) -> tuple[list[str], list[_Item]]:
+def _user_precision(o, s, shape, a64, h64, a_user, h_user, skip=()) -> tuple[list[str], list[_Item]]:
     """The parameters' own precision (e.g. float32) against float64: a side whose values are not finite, or
-    that loses far more precision than the other side, is wrong at that precision only."""
+    that loses far more precision than the other side, is wrong at that precision only. Sides already found
+    wrong in float64 (``skip``) are not judged again."""
     extra, items = [], []
     sides = {"autodiff": (a_user[o : o + s], a64[o : o + s])}
     if h64 is not None:
         sides["hand"] = (h_user[o : o + s], h64[o : o + s])
-    ref_abs = np.abs(np.where(np.isfinite(a64[o : o + s]), a64[o : o + s], 0.0))
-    scale = max(float(ref_abs.max()) if s else 0.0, 1e-300)
-    devs = {}
+    rel = {}
     for name, (u, ref) in sides.items():
         with np.errstate(invalid="ignore"):
-            devs[name] = np.abs(u - ref)
+            dev = np.abs(u - ref)
+        scale = max(float(np.max(np.abs(np.where(np.isfinite(ref), ref, 0.0)))) if s else 0.0, 1e-300)
+        rel[name] = (float(np.max(np.where(np.isfinite(dev), dev, 0.0))) / scale if s else 0.0, dev)
     for name, (u, ref) in sides.items():
-        dev = devs[name]
+        if name in skip:
+            continue
+        r, dev = rel[name]
         nonfinite = ~np.isfinite(u) & np.isfinite(ref)
-        rel = float(np.max(np.where(np.isfinite(dev), dev, 0.0))) / scale if s else 0.0
-        other = [float(np.max(np.where(np.isfinite(d), d, 0.0))) / scale for n, d in devs.items() if n != name]
-        gross = bool(other) and rel > 1e-3 and rel > 30 * max(other[0], 1e-7)
+        others = [v[0] for n, v in rel.items() if n != name]
+        gross = bool(others) and r > 1e-3 and r > 30 * max(others[0], 1e-7)
         if nonfinite.any() or gross:
             i = int(np.argmax(np.where(nonfinite, np.inf, np.where(np.isfinite(dev), dev, 0.0))))
-            what = "is not finite" if nonfinite.any() else f"loses precision (deviation {rel:.1e} of the leaf's scale)"
+            what = "is not finite" if nonfinite.any() else f"loses precision (deviation {r:.1e} of its scale)"
             extra.append(f"{name} {what} at the parameters' own precision, though right in float64")
             items.append(_make_item("autodiff_wrong" if name == "autodiff" else "hand_wrong", np.unravel_index(i, shape),
                                     a_user[o + i], None if h64 is None else h_user[o + i], ref[i]))

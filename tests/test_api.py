@@ -5,7 +5,7 @@ import funcgrad as fg
 EXPECTED = {
     "fg": ["Objective", "data", "initializers", "losses", "metrics", "nn", "rules", "testing", "verify"],
     "nn": [
-        "ACTIVATIONS", "Layer", "Params", "activation", "dense", "dropout", "leaky_relu", "linear", "log_softmax",
+        "ACTIVATIONS", "Layer", "Params", "activation", "dense", "dropout", "elementwise", "leaky_relu", "linear", "log_softmax",
         "mlp", "param_count", "relu", "serial", "sigmoid", "softmax", "tanh",
     ],
     "losses": [

@@ -92,3 +92,22 @@ def test_every_rule_has_a_formula_and_an_example():
         primals = rule.example(jax.random.key(1))
         out = rule(*primals)
         assert jnp.all(jnp.isfinite(out))
+
+
+@pytest.mark.parametrize("name", sorted(rules.CATALOG))
+def test_every_rule_passes_the_three_way_check(name):
+    from funcgrad import verify
+
+    rule = rules.CATALOG[name]
+    report = verify.check_vjp(rule.forward, rule.backward, *rule.example(jax.random.key(0)), argnums=rule.argnums)
+    assert report.ok, report
+    kinked = {"maximum", "relu", "leaky_relu", "mae", "l1"}  # their examples sit on kinks on purpose
+    assert report.verdict == ("kink" if name in kinked else "ok"), report
+
+
+def test_a_wrong_rule_is_caught():
+    from funcgrad import verify
+
+    sigmoid_wrong = lambda x, d: d * jax.nn.sigmoid(x)  # noqa: E731  forgot the (1 − σ) factor
+    report = verify.check_vjp(rules.sigmoid.forward, sigmoid_wrong, *rules.sigmoid.example(jax.random.key(0)))
+    assert report.verdict == "hand_wrong" and report.rows[0].path == "x"

@@ -1,0 +1,101 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import funcgrad as fg
+
+
+def numpy_book(params, X, y, lam):
+    """The book's chapter-14 forward and backward passes, transcribed in NumPy (float64)."""
+    W1, b1 = (np.asarray(params["dense1"][k], np.float64) for k in ("W", "b"))
+    W2, b2 = (np.asarray(params["dense2"][k], np.float64) for k in ("W", "b"))
+    X = np.asarray(X, np.float64)
+    z1 = X @ W1 + b1
+    a1 = np.maximum(0, z1)
+    z2 = a1 @ W2 + b2
+    e = np.exp(z2 - z2.max(1, keepdims=True))
+    probs = e / e.sum(1, keepdims=True)
+    n = len(X)
+    data_loss = -np.mean(np.log(np.clip(probs[range(n), y], 1e-7, 1 - 1e-7)))
+    reg = lam * (np.sum(W1 * W1) + np.sum(b1 * b1))
+    # Backward: combined softmax + CCE, dense2, ReLU, dense1, then the L2 terms.
+    dz2 = probs.copy()
+    dz2[range(n), y] -= 1
+    dz2 /= n
+    dW2, db2 = a1.T @ dz2, dz2.sum(0)
+    da1 = dz2 @ W2.T
+    dz1 = da1.copy()
+    dz1[z1 <= 0] = 0
+    dW1, db1 = X.T @ dz1, dz1.sum(0)
+    dW1 += 2 * lam * W1
+    db1 += 2 * lam * b1
+    grads = {"dense1": {"W": dW1, "b": db1}, "dense2": {"W": dW2, "b": db2}}
+    return data_loss + reg, data_loss, reg, grads
+
+
+def test_value_and_hand_gradient_match_the_books_numpy_code():
+    model = fg.nn.mlp([16, 3], output="softmax")
+    obj = fg.Objective(model, "categorical_crossentropy", l2={"dense1/*": 5e-4})
+    params = model.init(jax.random.key(3), (2,))
+    params["dense1"]["b"] = jnp.linspace(-0.01, 0.01, 16)
+    X, y = fg.data.spiral(30, 3, key=2)
+    with jax.enable_x64(True):
+        p64 = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+        X64 = X.astype(jnp.float64)
+        loss, data, reg, grads = numpy_book(p64, X64, np.asarray(y), 5e-4)
+        assert float(obj.value(p64, X64, y)) == pytest.approx(loss, rel=1e-12)
+        m = obj.metrics(p64, X64, y)
+        assert float(m["data_loss"]) == pytest.approx(data, rel=1e-12)
+        assert float(m["reg_loss"]) == pytest.approx(reg, rel=1e-12)
+        hand = obj.hand_grad(p64, X64, y)
+        jax.tree.map(lambda g, r: np.testing.assert_allclose(np.asarray(g), r, rtol=1e-10, atol=1e-15), hand, grads)
+
+
+@pytest.mark.parametrize(
+    "loss,output,sizes,data",
+    [
+        ("binary_crossentropy", "sigmoid", [8, 1], "binary"),
+        ("mse", "linear", [8, 8, 1], "sine"),
+        ("mae", "linear", [8, 1], "sine"),
+        ("categorical_crossentropy_with_logits", None, [8, 3], "spiral"),
+    ],
+)
+def test_hand_gradient_of_other_losses(loss, output, sizes, data):
+    model = fg.nn.mlp(sizes, activation="tanh", output=output)
+    obj = fg.Objective(model, loss, l1={"dense1/W": 1e-3})
+    if data == "binary":
+        X, y = fg.data.spiral(20, 2, key=0)
+        y = y.reshape(-1, 1)
+    elif data == "sine":
+        X, y = fg.data.sine(40)
+    else:
+        X, y = fg.data.spiral(20, 3, key=0)
+    params = model.init(jax.random.key(0), (X.shape[1],))
+    params = jax.tree.map(lambda a: a + 0.01, params)  # off the L1 kink at w = 0
+    report = fg.verify.check_grad(obj.value, params, X, y, hand=obj.hand_grad)
+    assert report.ok and report.verdict == "ok", report
+    assert set(obj.metrics(params, X, y)) == {"loss", "data_loss", "reg_loss", "accuracy"}
+
+
+def test_stages_cover_every_layer_and_the_loss():
+    model = fg.nn.mlp([4, 3], dropout=0.5, output="softmax")
+    obj = fg.Objective(model, "categorical_crossentropy")
+    params = model.init(jax.random.key(0), (2,))
+    X, y = fg.data.spiral(5, 3, key=0)
+    names = [s[0] for s in obj.stages(params, X, y, key=jax.random.key(1), train=True)]
+    assert names == ["dense1", "relu1", "dropout1", "dense2", "softmax1", "loss (categorical_crossentropy)"]
+
+
+def test_objective_errors():
+    model = fg.nn.mlp([3], output="softmax")
+    with pytest.raises(ValueError, match="unknown loss 'cross_entropy'"):
+        fg.Objective(model, "cross_entropy")
+    with pytest.raises(ValueError, match=r"l2\['dense1/W'\] must be a number >= 0"):
+        fg.Objective(model, "categorical_crossentropy", l2={"dense1/W": -1.0})
+    with pytest.raises(TypeError, match="model must be a funcgrad Layer"):
+        fg.Objective(lambda p, x: x, "mse")
+    obj = fg.Objective(model, "categorical_crossentropy", l2={"dense9/W": 1e-3})
+    params = model.init(jax.random.key(0), (2,))
+    with pytest.raises(ValueError, match="pattern 'dense9/W' matches no parameter"):
+        obj.value(params, jnp.ones((2, 2)), jnp.array([0, 1]))
