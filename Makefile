@@ -4,10 +4,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test test-slow test-all bench verify examples clean
+.PHONY: run test test-slow test-all bench verify examples clean clean-runs
 
-## The main job. Until training lands (issue 4) it runs the worked examples.
-run: examples
+## The main job: train the default model (configs/spiral.toml, the book's chapter 11) into runs/spiral.
+## A second `make run` continues that run (--resume); `make clean-runs` starts over.
+run: $(VENV)/.installed-run
+	@if [ -f runs/spiral/checkpoint.npz ]; then $(BIN)/funcgrad train --resume; else $(BIN)/funcgrad train; fi
 
 ## The default test suite (a few minutes on 2 cores); slow tests are skipped.
 test: $(VENV)/.installed-dev
@@ -43,6 +45,9 @@ $(VENV)/.installed-run: pyproject.toml | $(BIN)/python
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev]'
 	@touch $@ $(VENV)/.installed-run
+
+clean-runs:
+	rm -rf runs
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -21,6 +21,12 @@ def key():
     return jax.random.key(0)
 
 
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory):
+    """One XLA compilation cache for the CLI subprocesses of a test session (they compile the same programs)."""
+    return str(tmp_path_factory.mktemp("xla-cache"))
+
+
 def run_python(args, *, env=None, timeout=300, cwd=ROOT, check=True):
     """Runs `python args...` in a fresh interpreter (for the CLI, examples and multi-device settings)."""
     full_env = dict(os.environ)

@@ -3,7 +3,18 @@
 import funcgrad as fg
 
 EXPECTED = {
-    "fg": ["Objective", "data", "initializers", "losses", "metrics", "nn", "rules", "testing", "verify"],
+    "fg": [
+        "Objective", "checkpoint", "config", "data", "initializers", "losses", "metrics", "nn", "optim", "parallel",
+        "rules", "testing", "train", "verify",
+    ],
+    "optim": ["OPTIMIZERS", "adagrad", "adam", "inverse_time_decay", "rmsprop", "sgd"],
+    "train": ["TrainState", "batch_indices", "chunks", "fit", "init", "make_eval", "make_step", "make_steps"],
+    "config": [
+        "Config", "ConfigError", "DataConfig", "LossConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig",
+        "Setup", "TrainConfig", "apply_overrides", "build", "from_dict", "load", "loads", "to_dict",
+    ],
+    "checkpoint": ["CheckpointError", "FORMAT", "from_bytes", "metadata", "to_bytes"],
+    "parallel": ["ParallelError", "data_mesh", "describe", "gather", "initialize", "is_writer", "place", "setup_for"],
     "nn": [
         "ACTIVATIONS", "Layer", "Params", "activation", "dense", "dropout", "elementwise", "leaky_relu", "linear", "log_softmax",
         "mlp", "param_count", "relu", "serial", "sigmoid", "softmax", "tanh",

@@ -6,6 +6,7 @@ import pytest
 
 from conftest import run_python
 from funcgrad import cli, verify
+from funcgrad.cli import _verify  # noqa: F401  (monkeypatched below)
 
 
 def test_verify_json_subset(tmp_path):
@@ -27,7 +28,7 @@ def test_verify_table_and_exit_status_on_failure(monkeypatch, capsys):
         report = verify.check_grad(lambda p: jnp.sum(p**2), jnp.array([1.0, 2.0]), hand=lambda p: 3 * p)
         return [{"name": "planted", "kind": "check_grad", "formula": "d(p²)/dp = 2p", "report": report, "seconds": 0.1}]
 
-    monkeypatch.setattr(cli, "verify_suite", failing_suite)
+    monkeypatch.setattr(cli._verify, "verify_suite", failing_suite)
     monkeypatch.setenv("FUNCGRAD_COMPILATION_CACHE", "0")
     assert cli.main(["verify"]) == 1
     out = capsys.readouterr().out

@@ -1,39 +1,13 @@
-"""The command line: ``funcgrad verify`` (and, with the training module, ``train`` and ``evaluate``).
-
-This is the only layer that prints, parses arguments and touches files; everything below it returns values.
-"""
+"""funcgrad verify: the catalog of hand-derived rules and the book's model through the three-way checks."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
-
-__all__ = ["main", "verify_suite"]
-
-
-def _enable_compilation_cache() -> None:
-    """Keeps XLA's compiled programs between runs (a second ``funcgrad verify`` or ``train`` starts in a
-    fraction of the time). ``FUNCGRAD_COMPILATION_CACHE=0`` turns it off; a path moves it."""
-    import jax
-
-    setting = os.environ.get("FUNCGRAD_COMPILATION_CACHE", "")
-    if setting.lower() in ("0", "off", "false", "no"):
-        return
-    path = Path(setting) if setting else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "funcgrad" / "jax"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return  # a read-only home: run without the cache
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # funcgrad verify
@@ -121,8 +95,7 @@ def _worst(report: Any) -> tuple[str, float | None]:
     return f"{r.path}{idx}", r.max_abs_err
 
 
-def _cmd_verify(args: argparse.Namespace) -> int:
-    _enable_compilation_cache()
+def cmd_verify(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     records = verify_suite(seed=args.seed, only=args.only)
     if not records:
@@ -160,25 +133,3 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="funcgrad", description="Neural networks as pure functions in JAX.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    v = sub.add_parser("verify", help="check every hand-derived formula of the catalog and the book's model")
-    v.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
-    v.add_argument("--seed", type=int, default=0, help="seed of the example points and random directions")
-    v.add_argument("--only", nargs="+", metavar="NAME", help="run only the checks whose name contains NAME")
-    v.set_defaults(run=_cmd_verify)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    return args.run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

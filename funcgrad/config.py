@@ -1,0 +1,422 @@
+"""Training configurations: TOML files loaded into frozen, validated dataclasses, and built into a run.
+
+Every key is checked: an unknown key, a value of the wrong type or outside its range is an error that names
+the key, the bad value and what is allowed. ``overrides`` (``"optimizer.learning_rate=0.02"``) apply on top
+of a file, as ``funcgrad train --set`` does.
+
+Example:
+    >>> from funcgrad import config
+    >>> cfg = config.loads('''
+    ... name = "demo"
+    ... [optimizer]
+    ... kind = "adam"
+    ... learning_rate = 0.05
+    ... ''', overrides=["train.epochs=200"])
+    >>> cfg.optimizer.learning_rate, cfg.train.epochs
+    (0.05, 200)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "ConfigError",
+    "Config",
+    "DataConfig",
+    "ModelConfig",
+    "LossConfig",
+    "OptimizerConfig",
+    "TrainConfig",
+    "ParallelConfig",
+    "load",
+    "loads",
+    "from_dict",
+    "to_dict",
+    "apply_overrides",
+    "Setup",
+    "build",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Field checks: each returns the normalised value or raises ConfigError naming the key.
+
+
+def _int(low: int | None = None, *, none_ok: bool = False) -> Callable[[str, Any], Any]:
+    def check(key, v):
+        if v is None and none_ok:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int) or (low is not None and v < low):
+            raise ConfigError(f"{key}: expected an integer{f' >= {low}' if low is not None else ''}, got {v!r}")
+        return v
+
+    return check
+
+
+def _float(low: float = 0.0, high: float | None = None, *, low_open: bool = False) -> Callable[[str, Any], Any]:
+    def check(key, v):
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if ok:
+            ok = (v > low if low_open else v >= low) and (high is None or v < high)
+        if not ok:
+            bound = f"{'>' if low_open else '>='} {low}" + (f" and < {high}" if high is not None else "")
+            raise ConfigError(f"{key}: expected a number {bound}, got {v!r}")
+        return float(v)
+
+    return check
+
+
+def _bool(key, v):
+    if not isinstance(v, bool):
+        raise ConfigError(f"{key}: expected true or false, got {v!r}")
+    return v
+
+
+def _choice(*allowed: str) -> Callable[[str, Any], Any]:
+    def check(key, v):
+        if v not in allowed:
+            raise ConfigError(f"{key}: expected one of {list(allowed)}, got {v!r}")
+        return v
+
+    return check
+
+
+def _name(key, v):
+    if not isinstance(v, str) or not v or any(c in v for c in "/\\\0") or v in (".", ".."):
+        raise ConfigError(f"{key}: expected a non-empty name without slashes, got {v!r}")
+    return v
+
+
+def _sizes(key, v):
+    if not isinstance(v, (list, tuple)) or not v or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in v):
+        raise ConfigError(f"{key}: expected a non-empty list of positive integers (layer widths), got {v!r}")
+    return tuple(v)
+
+
+def _penalties(key, v):
+    if not isinstance(v, Mapping):
+        raise ConfigError(f"{key}: expected a table of leaf patterns to strengths, e.g. {{\"dense1/*\" = 5e-4}}, got {v!r}")
+    out = {}
+    for pattern, lam in v.items():
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or lam < 0:
+            raise ConfigError(f"{key}.{pattern}: expected a number >= 0, got {lam!r}")
+        out[pattern] = float(lam)
+    return out
+
+
+def _field(default: Any, check: Callable[[str, Any], Any], doc: str) -> Any:
+    if isinstance(default, (dict, list)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"check": check, "doc": doc})
+    return dataclasses.field(default=default, metadata={"check": check, "doc": doc})
+
+
+ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "linear")
+OUTPUTS = ("softmax", "sigmoid", "linear", "log_softmax", "none")
+LOSSES = ("categorical_crossentropy", "categorical_crossentropy_with_logits", "binary_crossentropy", "mse", "mae")
+INITS = ("book", "glorot_uniform", "glorot_normal", "he_normal", "he_uniform")
+OPTIMIZER_KEYS = {
+    "sgd": ("learning_rate", "decay", "momentum"),
+    "adagrad": ("learning_rate", "decay", "eps"),
+    "rmsprop": ("learning_rate", "decay", "rho", "eps"),
+    "adam": ("learning_rate", "decay", "beta1", "beta2", "eps"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    kind: str = _field("spiral", _choice("spiral", "vertical", "sine"), "the book's data set")
+    samples: int = _field(100, _int(1), "points per class (spiral, vertical) or in all (sine)")
+    classes: int = _field(3, _int(1), "classes (spiral, vertical)")
+    exact: bool = _field(False, _bool, "draw data and weights from the nnfs package's NumPy stream, as the book")
+    validation_samples: int | None = _field(None, _int(1, none_ok=True), "fresh validation data (default: samples)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    sizes: tuple[int, ...] = _field((64, 3), _sizes, "width of each dense layer; the last is the output")
+    activation: str = _field("relu", _choice(*ACTIVATIONS), "hidden activation")
+    output: str = _field("softmax", _choice(*OUTPUTS), "output activation")
+    dropout: float = _field(0.0, _float(0.0, 1.0), "dropout rate after each hidden activation")
+    init: str = _field("book", _choice(*INITS), "weight initialiser")
+    init_scale: float = _field(0.01, _float(0.0, low_open=True), "scale of the book's initialiser, scale·N(0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    kind: str = _field("categorical_crossentropy", _choice(*LOSSES), "data loss")
+    l1: dict = _field({}, _penalties, "L1 strengths by leaf pattern")
+    l2: dict = _field({}, _penalties, "L2 strengths by leaf pattern")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    kind: str = _field("adam", _choice(*OPTIMIZER_KEYS), "the book's optimizer")
+    learning_rate: float = _field(0.001, _float(0.0, low_open=True), "initial learning rate")
+    decay: float = _field(0.0, _float(0.0), "inverse-time decay: lr / (1 + decay·t)")
+    momentum: float = _field(0.0, _float(0.0, 1.0), "SGD momentum (the book's form)")
+    rho: float = _field(0.9, _float(0.0, 1.0), "RMSprop cache decay")
+    beta1: float = _field(0.9, _float(0.0, 1.0), "Adam first-moment decay")
+    beta2: float = _field(0.999, _float(0.0, 1.0), "Adam second-moment decay")
+    eps: float = _field(1e-7, _float(0.0, low_open=True), "the book's epsilon")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = _field(10001, _int(1), "passes over the training data (full batch: optimizer steps)")
+    batch_size: int | None = _field(None, _int(1, none_ok=True), "minibatch size; absent or 0 for full batch")
+    fuse: int = _field(1000, _int(1), "steps fused into one compiled dispatch (lax.scan)")
+    log_every: int = _field(100, _int(1), "steps between lines of metrics.jsonl")
+    checkpoint_every: int = _field(1000, _int(1), "steps between checkpoints (rounded up to a multiple of fuse)")
+    verify: bool = _field(True, _bool, "cross-check the hand-derived gradient against JAX before training")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    mode: str = _field("auto", _choice("auto", "none", "data"), "data parallelism over the visible devices")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    name: str = _field("run", _name, "the run's name (default output folder runs/<name>)")
+    seed: int = _field(0, _int(0), "seed of data, weights and dropout")
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "optimizer": OptimizerConfig,
+             "train": TrainConfig, "parallel": ParallelConfig}
+
+
+def _build_section(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix}: expected a table, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if key in _SECTIONS and not prefix:
+            values[key] = _build_section(_SECTIONS[key], value, key)
+            continue
+        if key not in fields or (prefix and key in _SECTIONS):
+            allowed = sorted(fields)
+            raise ConfigError(f"{path}: unknown key; allowed keys{' in [' + prefix + ']' if prefix else ''}: {allowed}")
+        values[key] = fields[key].metadata["check"](path, value)
+    return cls(**values)
+
+
+def from_dict(raw: Mapping[str, Any]) -> Config:
+    """A validated Config from plain data (e.g. parsed TOML); cross-field rules checked too."""
+    raw = dict(raw)
+    train = raw.get("train")
+    if isinstance(train, Mapping) and train.get("batch_size") == 0:
+        raw["train"] = {**train, "batch_size": None}  # 0 means full batch
+    cfg = _build_section(Config, raw, "")
+    _cross_checks(cfg, raw)
+    return cfg
+
+
+def _cross_checks(cfg: Config, raw: Mapping[str, Any]) -> None:
+    opt_raw = raw.get("optimizer", {}) if isinstance(raw.get("optimizer", {}), Mapping) else {}
+    allowed = OPTIMIZER_KEYS[cfg.optimizer.kind]
+    for key in opt_raw:
+        if key != "kind" and key not in allowed:
+            raise ConfigError(f"optimizer.{key}: not a setting of {cfg.optimizer.kind!r}; its settings are {list(allowed)}")
+    loss, out, m = cfg.loss.kind, cfg.model.output, cfg.model
+    needs = {"categorical_crossentropy": ("softmax",), "binary_crossentropy": ("sigmoid",),
+             "categorical_crossentropy_with_logits": ("none", "linear")}
+    if loss in needs and out not in needs[loss]:
+        raise ConfigError(f"model.output: loss {loss!r} takes {'logits' if 'none' in needs[loss] else 'probabilities'}; "
+                          f"expected model.output in {list(needs[loss])}, got {out!r}")
+    classification = cfg.data.kind in ("spiral", "vertical")
+    if loss in ("categorical_crossentropy", "categorical_crossentropy_with_logits"):
+        if not classification:
+            raise ConfigError(f"loss.kind: {loss!r} needs class labels; data.kind {cfg.data.kind!r} is regression")
+        if m.sizes[-1] != cfg.data.classes:
+            raise ConfigError(f"model.sizes: the last layer must have data.classes = {cfg.data.classes} units; "
+                              f"got {list(m.sizes)}")
+    if loss == "binary_crossentropy":
+        if not classification or cfg.data.classes != 2 or m.sizes[-1] != 1:
+            raise ConfigError("loss.kind: 'binary_crossentropy' needs data.classes = 2 and one output unit "
+                              f"(model.sizes ending in 1); got classes {cfg.data.classes}, sizes {list(m.sizes)}")
+    if loss in ("mse", "mae") and cfg.data.kind != "sine":
+        raise ConfigError(f"loss.kind: {loss!r} is a regression loss; data.kind must be 'sine', got {cfg.data.kind!r}")
+    if cfg.data.kind == "sine" and m.sizes[-1] != 1:
+        raise ConfigError(f"model.sizes: sine data has one target; the last layer must have 1 unit, got {list(m.sizes)}")
+    if cfg.data.exact and m.init != "book":
+        raise ConfigError("data.exact: drawing weights the book's way needs model.init = 'book'")
+    if cfg.train.batch_size is not None:
+        n = cfg.data.samples * (cfg.data.classes if classification else 1)
+        if cfg.train.batch_size > n:
+            raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is more than the {n} training samples")
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word: a string
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``"section.key=value"`` settings applied to raw config data; values are TOML (bare words are strings)."""
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. optimizer.learning_rate=0.02")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"--set {item!r}: bad key {key!r}")
+        node = out
+        for p in parts[:-1]:
+            if not isinstance(node.get(p, {}), dict):
+                raise ConfigError(f"--set {item!r}: {p!r} is not a table")
+            node = node.setdefault(p, {})
+        node[parts[-1]] = _parse_value(text.strip())
+    return out
+
+
+def loads(text: str, *, name: str | None = None, overrides: Sequence[str] = (), source: str = "<string>") -> Config:
+    """A Config from TOML text."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    if name is not None:
+        raw.setdefault("name", name)
+    raw = apply_overrides(raw, overrides)
+    try:
+        return from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load(path: str | Path, *, overrides: Sequence[str] = ()) -> Config:
+    """A Config from a TOML file; the run's name defaults to the file's stem."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    return loads(text, name=path.stem, overrides=overrides, source=str(path))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain data (JSON- and TOML-able): the resolved configuration."""
+    out = dataclasses.asdict(cfg)
+    out["model"]["sizes"] = list(cfg.model.sizes)
+    keep = ("kind",) + OPTIMIZER_KEYS[cfg.optimizer.kind]
+    out["optimizer"] = {k: v for k, v in out["optimizer"].items() if k in keep}
+    if out["train"]["batch_size"] is None:
+        del out["train"]["batch_size"]  # TOML has no null: absent means full batch
+    if out["data"]["validation_samples"] is None:
+        del out["data"]["validation_samples"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building a run
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Everything a training run needs, built from a Config."""
+
+    config: Config
+    model: Any
+    objective: Any
+    optimizer: Any
+    schedule: Callable[[jax.Array], jax.Array]
+    params: Any
+    train_data: tuple[jax.Array, jax.Array]
+    validation_data: tuple[jax.Array, jax.Array]
+    input_shape: tuple[int, ...]
+    steps: int
+    batch_size: int | None
+
+    @property
+    def classification(self) -> bool:
+        return self.config.data.kind in ("spiral", "vertical")
+
+
+def build(cfg: Config, *, validation_seed: int | None = None) -> Setup:
+    """Data, model, objective, optimizer and initial parameters for ``cfg``.
+
+    With ``data.exact`` the training data, then the weights, then the validation data come from the
+    ``nnfs`` package's NumPy stream in the book's order; otherwise from JAX keys derived from ``seed``
+    (validation data from a different key, or from ``validation_seed``)."""
+    from funcgrad import data as fgdata
+    from funcgrad import initializers, nn, optim
+    from funcgrad.objective import Objective
+
+    d, m = cfg.data, cfg.model
+    w_init = initializers.book(m.init_scale) if m.init == "book" else getattr(initializers, m.init)()
+    model = nn.mlp(list(m.sizes), activation=m.activation, output=None if m.output == "none" else m.output,
+                   dropout=m.dropout or None, W_init=w_init)
+    objective = Objective(model, cfg.loss.kind, l1=cfg.loss.l1 or None, l2=cfg.loss.l2 or None)
+    o = cfg.optimizer
+    kwargs = {k: getattr(o, k) for k in OPTIMIZER_KEYS[o.kind]}
+    optimizer = optim.OPTIMIZERS[o.kind](**kwargs)
+    schedule = optim.inverse_time_decay(o.learning_rate, o.decay)
+    n_val = d.validation_samples or d.samples
+
+    def draw(kind, samples, source):
+        if kind == "sine":
+            return fgdata.sine(samples)
+        fn = source.spiral if kind == "spiral" else source.vertical
+        X, y = fn(samples, d.classes)
+        return jnp.asarray(X), jnp.asarray(y, jnp.int32)
+
+    input_shape = (1,) if d.kind == "sine" else (2,)
+    if d.exact:
+        stream = fgdata.NNFSRandom(cfg.seed)
+        train = draw(d.kind, d.samples, stream)
+        params = stream.init(model, input_shape)
+        if validation_seed is not None:
+            stream = fgdata.NNFSRandom(validation_seed)
+        val = draw(d.kind, n_val, stream)
+    else:
+        keyed = lambda seed: _KeyedSource(seed)  # noqa: E731
+        train = draw(d.kind, d.samples, keyed(cfg.seed))
+        params = model.init(jax.random.key(cfg.seed), input_shape)
+        val = draw(d.kind, n_val, keyed(validation_seed if validation_seed is not None else cfg.seed + 10_000))
+    if cfg.loss.kind == "binary_crossentropy":
+        train = (train[0], train[1].reshape(-1, 1))
+        val = (val[0], val[1].reshape(-1, 1))
+    n = train[0].shape[0]
+    per_epoch = 1 if cfg.train.batch_size is None else n // cfg.train.batch_size
+    return Setup(cfg, model, objective, optimizer, schedule, params, train, val, input_shape,
+                 cfg.train.epochs * per_epoch, cfg.train.batch_size)
+
+
+class _KeyedSource:
+    """spiral/vertical drawn from JAX keys, with NNFSRandom's method names."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def spiral(self, samples, classes):
+        from funcgrad import data as fgdata
+
+        return fgdata.spiral(samples, classes, key=self.seed)
+
+    def vertical(self, samples, classes):
+        from funcgrad import data as fgdata
+
+        return fgdata.vertical(samples, classes, key=self.seed)

@@ -1,0 +1,123 @@
+"""funcgrad train and funcgrad evaluate, end to end in subprocesses (as `make run` runs them)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_python
+from funcgrad import checkpoint
+
+
+def train(out, *extra, env=None, check=True, cache=None):
+    return run_python(["-m", "funcgrad", "train", "--out", str(out), *extra], check=check,
+                      env={"FUNCGRAD_COMPILATION_CACHE": cache or "0", **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory, compile_cache):
+    out = tmp_path_factory.mktemp("runs") / "spiral"
+    proc = train(out, cache=compile_cache)  # no --config: configs/spiral.toml
+    return out, proc
+
+
+def test_default_run_reproduces_chapter_11(default_run):
+    out, proc = default_run
+    summary = json.loads((out / "summary.json").read_text())
+    # The band around the book's chapter-11 result (acc 0.983 / loss 0.074; 0.967 / 0.074 rerun today).
+    assert summary["train"]["accuracy"] >= 0.95 and summary["train"]["loss"] <= 0.12, summary["train"]
+    assert summary["validation"]["accuracy"] >= 0.75, summary["validation"]
+    assert summary["steps"] == 10001 and summary["config"]["optimizer"]["learning_rate"] == 0.05
+    assert summary["last_step"]["step"] == 10000 and summary["last_step"]["lr"] == pytest.approx(0.05 / (1 + 5e-7 * 10000))
+    assert "check  check_grad: kink" in proc.stdout  # the hand-derived gradient was cross-checked first
+    assert "final  training:" in proc.stdout and "validation:" in proc.stdout
+    assert "step 10001/10001" in proc.stderr and proc.stderr.count("\n") < 20  # a bar, not a line per step
+
+
+def test_default_run_files(default_run):
+    out, _ = default_run
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(0, 10001, 100))
+    assert set(lines[0]) == {"step", "loss", "data_loss", "reg_loss", "accuracy", "lr"}
+    for png in ("curves.png", "decision_boundary.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = (out / "checkpoint.npz").read_bytes()
+    assert checkpoint.metadata(data)["step"] == 10001
+    assert json.loads((out / "config.json").read_text())["name"] == "spiral"
+    assert not list(out.glob(".*tmp*"))  # no temporary files left behind
+
+
+def test_evaluate_on_fresh_data(default_run, compile_cache):
+    out, _ = default_run
+    env = {"FUNCGRAD_COMPILATION_CACHE": compile_cache}
+    a = json.loads(run_python(["-m", "funcgrad", "evaluate", "--run", str(out), "--json"], env=env).stdout)
+    b = json.loads(run_python(["-m", "funcgrad", "evaluate", "--run", str(out), "--json", "--seed", "7"], env=env).stdout)
+    assert a["step"] == 10001 and a["seed"] == 1 and b["seed"] == 7
+    assert a["validation"]["accuracy"] >= 0.75 and a["validation"]["accuracy"] != b["validation"]["accuracy"]
+    text = run_python(["-m", "funcgrad", "evaluate", "--run", str(out)], env=env).stdout
+    assert "validation: loss" in text
+
+
+def test_a_run_is_never_overwritten(default_run):
+    out, _ = default_run
+    before = (out / "checkpoint.npz").read_bytes()
+    proc = train(out, check=False)
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr and "--resume" in proc.stderr
+    proc = train(out, "--resume", "--set", "model.sizes=[32, 3]", check=False)
+    assert proc.returncode == 2 and "model.sizes: run has [64, 3], now [32, 3]" in proc.stderr
+    assert (out / "checkpoint.npz").read_bytes() == before
+
+
+def test_bad_config_values_exit_2(tmp_path):
+    proc = train(tmp_path / "x", "--set", "optimizer.learning_rat=0.1", check=False)
+    assert proc.returncode == 2
+    assert "optimizer.learning_rat: unknown key; allowed keys in [optimizer]" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run_python(["-m", "funcgrad", "evaluate", "--run", str(tmp_path)], check=False)
+    assert proc.returncode == 2 and "no finished or checkpointed run" in proc.stderr
+
+
+RESUME = ["--set", "train.epochs=20001", "--set", "train.fuse=500", "--set", "train.checkpoint_every=500",
+          "--set", "train.verify=false"]
+
+
+def test_killed_run_resumes_to_the_same_parameters(tmp_path, compile_cache):
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", FUNCGRAD_COMPILATION_CACHE=compile_cache)
+    proc = subprocess.Popen([sys.executable, "-m", "funcgrad", "train", "--out", str(killed), *RESUME], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoint.npz").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = checkpoint.metadata((killed / "checkpoint.npz").read_bytes())["step"]
+    assert 0 < step < 20001, "the run should have been killed mid-way"
+    resumed = train(killed, "--resume", *RESUME, cache=compile_cache)
+    assert f"resume from step {step}" in resumed.stdout
+    train(whole, *RESUME, cache=compile_cache)
+    assert (killed / "checkpoint.npz").read_bytes() == (whole / "checkpoint.npz").read_bytes()
+    assert (killed / "metrics.jsonl").read_text() == (whole / "metrics.jsonl").read_text()
+    summary = json.loads((killed / "summary.json").read_text())
+    assert summary["train"] == json.loads((whole / "summary.json").read_text())["train"]
+
+
+def test_numerical_fault_stops_and_keeps_the_last_good_checkpoint(tmp_path, compile_cache):
+    out = tmp_path / "sine"
+    base = ["--config", str(ROOT / "configs" / "sine.toml"), "--set", "optimizer.kind=sgd", "--set", "train.fuse=100",
+            "--set", "train.checkpoint_every=100", "--set", "train.verify=false"]
+    train(out, *base, "--set", "train.epochs=200", "--set", "optimizer.learning_rate=0.01", cache=compile_cache)
+    good = (out / "checkpoint.npz").read_bytes()
+    metrics_before = (out / "metrics.jsonl").read_text()
+    proc = train(out, *base, "--set", "train.epochs=400", "--set", "optimizer.learning_rate=100.0", "--resume",
+                 check=False, cache=compile_cache)
+    assert proc.returncode == 1
+    assert "training stopped at step 20" in proc.stderr and "the loss is inf" in proc.stderr
+    assert "The last good checkpoint is step 200" in proc.stderr
+    assert (out / "checkpoint.npz").read_bytes() == good  # nothing saved was lost
+    assert (out / "metrics.jsonl").read_text().startswith(metrics_before)

@@ -1,0 +1,86 @@
+import jax
+import numpy as np
+import pytest
+
+import funcgrad as fg
+from conftest import ROOT
+from funcgrad import config
+
+SHIPPED = ["spiral", "spiral_l2", "spiral_dropout", "binary", "sine"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_load_and_round_trip(name):
+    cfg = config.load(ROOT / "configs" / f"{name}.toml")
+    assert cfg.name == name and cfg.data.exact
+    again = config.from_dict(config.to_dict(cfg))
+    assert again == cfg
+
+
+def test_book_settings_of_chapter_11():
+    cfg = config.load(ROOT / "configs" / "spiral.toml")
+    assert (cfg.data.kind, cfg.data.samples, cfg.data.classes) == ("spiral", 100, 3)
+    assert cfg.model.sizes == (64, 3) and cfg.model.activation == "relu" and cfg.model.output == "softmax"
+    assert (cfg.optimizer.kind, cfg.optimizer.learning_rate, cfg.optimizer.decay) == ("adam", 0.05, 5e-7)
+    assert cfg.train.epochs == 10001 and cfg.train.batch_size is None
+
+
+def test_build_draws_the_books_stream():
+    cfg = config.load(ROOT / "configs" / "spiral.toml")
+    setup = config.build(cfg)
+    stream = fg.data.NNFSRandom(0)
+    X, y = stream.spiral(100, 3)
+    W1 = stream.dense_params(2, 64)["W"]
+    np.testing.assert_array_equal(np.asarray(setup.train_data[0]), X)
+    np.testing.assert_array_equal(np.asarray(setup.params["dense1"]["W"]), W1)
+    stream.dense_params(64, 3)
+    np.testing.assert_array_equal(np.asarray(setup.validation_data[0]), stream.spiral(100, 3)[0])
+    assert setup.steps == 10001
+
+
+def test_keyed_data_and_minibatch_steps():
+    cfg = config.loads('name = "x"\n[data]\nexact = false\n[train]\nepochs = 3\nbatch_size = 64\n')
+    setup = config.build(cfg)
+    assert setup.steps == 3 * (300 // 64) and setup.batch_size == 64
+    assert not np.array_equal(np.asarray(setup.train_data[0]), np.asarray(setup.validation_data[0]))
+    assert config.loads("[train]\nbatch_size = 0").train.batch_size is None  # 0 means full batch
+
+
+@pytest.mark.parametrize(
+    "text,overrides,match",
+    [
+        ("[optimizer]\nlearning_rat = 0.1", (), r"optimizer.learning_rat: unknown key; allowed keys in \[optimizer\]: \['beta1'"),
+        ("[optimiser]\nkind = 'adam'", (), r"optimiser: unknown key; allowed keys: \[.*'optimizer'"),
+        ("[train]\nepochs = -3", (), r"train.epochs: expected an integer >= 1, got -3"),
+        ("[train]\nepochs = 2.5", (), r"train.epochs: expected an integer >= 1, got 2.5"),
+        ("[optimizer]\nkind = 'adamw'", (), r"optimizer.kind: expected one of \['sgd', 'adagrad', 'rmsprop', 'adam'\], got 'adamw'"),
+        ("[optimizer]\nkind = 'adam'\nmomentum = 0.9", (), r"optimizer.momentum: not a setting of 'adam'"),
+        ("[model]\noutput = 'sigmoid'", (), r"model.output: loss 'categorical_crossentropy' takes probabilities"),
+        ("[model]\nsizes = [64, 4]", (), r"model.sizes: the last layer must have data.classes = 3 units"),
+        ("[model]\nsizes = []", (), r"model.sizes: expected a non-empty list of positive integers"),
+        ("[loss]\nl2 = { 'dense1/W' = -1 }", (), r"loss.l2.dense1/W: expected a number >= 0, got -1"),
+        ("[data]\nexact = 'yes'", (), r"data.exact: expected true or false, got 'yes'"),
+        ("[train]\nbatch_size = 1000", (), r"train.batch_size: 1000 is more than the 300 training samples"),
+        ("name = 'a/b'", (), r"name: expected a non-empty name without slashes"),
+        ("[train\nepochs = 1", (), r"not valid TOML"),
+        ("", ("optimizer.learning_rate",), r"expected key=value"),
+        ("", ("optimizer.learning_rate=-1",), r"optimizer.learning_rate: expected a number > 0.0, got -1"),
+        ("", ("model.sizes.x=1",), r"model.sizes: expected a non-empty list of positive integers"),
+        ("[model]\nsizes = [3]", ("model.sizes.x=1",), r"'sizes' is not a table"),
+    ],
+)
+def test_errors_name_the_key_the_value_and_what_is_allowed(text, overrides, match):
+    with pytest.raises(config.ConfigError, match=match):
+        config.loads(text, overrides=overrides)
+
+
+def test_overrides_parse_toml_values():
+    cfg = config.loads("", overrides=["optimizer.learning_rate=0.02", "model.sizes=[32, 3]", "model.activation=tanh",
+                                      "data.exact=true", "name=demo"])
+    assert cfg.optimizer.learning_rate == 0.02 and cfg.model.sizes == (32, 3)
+    assert cfg.model.activation == "tanh" and cfg.data.exact is True and cfg.name == "demo"
+
+
+def test_missing_file():
+    with pytest.raises(config.ConfigError, match="cannot read config .*nope.toml"):
+        config.load("nope.toml")

@@ -1,0 +1,134 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import funcgrad as fg
+
+
+@pytest.fixture
+def setup():
+    X, y = fg.data.spiral(20, 3, key=0)
+    model = fg.nn.mlp([16, 3], output="softmax")
+    obj = fg.Objective(model, "categorical_crossentropy", l2={"dense1/*": 1e-3})
+    params = model.init(jax.random.key(0), (2,))
+    return obj, params, (X, y)
+
+
+def test_step_equals_a_hand_written_raw_jax_step(setup):
+    obj, params, data = setup
+    tx = fg.optim.adam(0.05, decay=1e-3)
+    state = fg.train.init(params, tx, jax.random.key(1))
+    step = fg.train.make_step(obj.train_loss, tx, schedule=fg.optim.inverse_time_decay(0.05, 1e-3))
+
+    @jax.jit
+    def raw(params, opt_state):
+        loss, grads = jax.value_and_grad(obj.value)(params, *data)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    p, o = params, tx.init(params)
+    for t in range(5):
+        state, metrics = step(state, data)
+        p, o, loss = raw(p, o)
+        assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-6)
+        assert float(metrics["lr"]) == pytest.approx(0.05 / (1 + 1e-3 * t), rel=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), state.params, p)
+    assert int(state.step) == 5
+    assert set(metrics) == {"loss", "data_loss", "reg_loss", "accuracy", "lr"}
+
+
+def test_fused_steps_equal_single_steps_and_skip_past_until(setup):
+    obj, params, data = setup
+    tx = fg.optim.sgd(0.5, momentum=0.9)
+    single = fg.train.init(params, tx, jax.random.key(1))
+    step = fg.train.make_step(obj.train_loss, tx, donate=False)
+    losses = []
+    for _ in range(7):
+        single, m = step(single, data)
+        losses.append(float(m["loss"]))
+    run = fg.train.make_steps(obj.train_loss, tx, 5, donate=False)
+    fused = fg.train.init(params, tx, jax.random.key(1))
+    fused, m1 = run(fused, data, until=7)
+    fused, m2 = run(fused, data, until=7)
+    assert int(fused.step) == 7
+    np.testing.assert_array_equal(np.asarray(m2["step"]), [5, 6, -1, -1, -1])
+    assert np.isnan(np.asarray(m2["loss"])[2:]).all()
+    np.testing.assert_allclose(np.concatenate([m1["loss"], m2["loss"][:2]]), losses, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), fused.params, single.params)
+
+
+def test_chunking_and_resuming(setup):
+    obj, params, data = setup
+    tx = fg.optim.adam(0.01)
+    a, ha = fg.train.fit(obj.train_loss, tx, fg.train.init(params, tx, jax.random.key(2)), data, steps=23, fuse=10)
+    b, hb = fg.train.fit(obj.train_loss, tx, fg.train.init(params, tx, jax.random.key(2)), data, steps=23, fuse=4)
+    assert ha["loss"].shape == (23,) and np.array_equal(ha["step"], np.arange(23))
+    np.testing.assert_allclose(ha["loss"], hb["loss"], rtol=1e-5)  # another fused program: rounding may differ
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a.params, b.params)
+    # Resuming from the middle with the same fused program gives the same parameters, bit for bit.
+    half, _ = fg.train.fit(obj.train_loss, tx, fg.train.init(params, tx, jax.random.key(2)), data, steps=13, fuse=10)
+    resumed, _ = fg.train.fit(obj.train_loss, tx, half, data, steps=23, fuse=10)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), resumed.params, a.params)
+
+
+def test_donation_reuses_the_input_state(setup):
+    obj, params, data = setup
+    tx = fg.optim.adam()
+    state = fg.train.init(jax.tree.map(jnp.copy, params), tx, jax.random.key(0))
+    new, _ = fg.train.make_step(obj.train_loss, tx)(state, data)
+    assert state.params["dense1"]["W"].is_deleted() and not new.params["dense1"]["W"].is_deleted()
+
+
+def test_minibatches_visit_every_sample_once_per_epoch():
+    key = jax.random.key(3)
+    n, bs = 23, 5
+    per_epoch = n // bs
+    epoch0 = np.concatenate([np.asarray(fg.train.batch_indices(key, jnp.int32(t), n, bs)) for t in range(per_epoch)])
+    epoch1 = np.concatenate([np.asarray(fg.train.batch_indices(key, jnp.int32(t), n, bs))
+                             for t in range(per_epoch, 2 * per_epoch)])
+    assert len(set(epoch0)) == len(epoch0) == per_epoch * bs  # no repeats; the last 3 samples sit out
+    assert not np.array_equal(epoch0, epoch1)
+    again = np.asarray(fg.train.batch_indices(key, jnp.int32(0), n, bs))
+    np.testing.assert_array_equal(again, epoch0[:bs])
+
+
+def test_minibatch_training_uses_the_batch(setup):
+    obj, params, data = setup
+    tx = fg.optim.sgd(0.1)
+    full, _ = fg.train.fit(obj.train_loss, tx, fg.train.init(params, tx, jax.random.key(0)), data, steps=4, fuse=2)
+    mini, _ = fg.train.fit(obj.train_loss, tx, fg.train.init(params, tx, jax.random.key(0)), data, steps=4, fuse=2,
+                           batch_size=10)
+    assert not np.allclose(np.asarray(full.params["dense2"]["b"]), np.asarray(mini.params["dense2"]["b"]))
+
+
+def test_dropout_keys_follow_the_state_key():
+    X, y = fg.data.spiral(20, 3, key=0)
+    model = fg.nn.mlp([16, 3], dropout=0.5, output="softmax")
+    obj = fg.Objective(model, "categorical_crossentropy")
+    params = model.init(jax.random.key(0), (2,))
+    tx = fg.optim.adam(0.01)
+    runs = [fg.train.fit(obj.train_loss, tx, fg.train.init(params, tx, jax.random.key(k)), (X, y), steps=3, fuse=3)[0]
+            for k in (1, 1, 2)]
+    w = [np.asarray(r.params["dense1"]["W"]) for r in runs]
+    assert np.array_equal(w[0], w[1]) and not np.array_equal(w[0], w[2])
+
+
+def test_bad_input(setup):
+    obj, params, data = setup
+    tx = fg.optim.adam()
+    with pytest.raises(TypeError, match="optimizer must be an optax GradientTransformation"):
+        fg.train.init(params, lambda g: g, jax.random.key(0))
+    with pytest.raises(TypeError, match="key must be a PRNG key"):
+        fg.train.init(params, tx, 0)
+    state = fg.train.init(params, tx, jax.random.key(0))
+    step = fg.train.make_step(obj.train_loss, tx, batch_size=100)
+    with pytest.raises(ValueError, match=r"batch_size must lie in \[1, 60\] for 60 samples; got 100"):
+        step(state, data)
+    with pytest.raises(ValueError, match="must share their leading"):
+        fg.train.make_step(obj.train_loss, tx)(state, (data[0], data[1][:5]))
+    with pytest.raises(TypeError, match="expected a funcgrad.train.TrainState"):
+        fg.train.make_step(obj.train_loss, tx)(params, data)
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        fg.train.make_steps(obj.train_loss, tx, 0)
