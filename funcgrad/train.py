@@ -3,8 +3,8 @@
 - :class:`TrainState`: params, optimizer state, step count and a base PRNG key; a pytree.
 - :func:`make_step`: a compiled pure step ``(state, data) -> (state, metrics)``: loss and gradient from
   `jax.value_and_grad`, the optax update applied, the state's buffers donated.
-- :func:`make_steps`: K steps fused into one dispatch with `jax.lax.scan` (the book trains full-batch for
-  10001 epochs; one Python dispatch per step would dominate). Steps at or past ``until`` are skipped, so one
+- :func:`make_steps`: K steps fused into one dispatch with a `jax.lax` loop (the book trains full-batch for
+  10001 epochs; one Python dispatch per step would dominate). Steps at or past ``until`` are not run, so one
   compiled program serves every chunk, the last one included.
 - :func:`make_eval`, :func:`fit`, :func:`chunks`.
 
@@ -30,7 +30,7 @@ Example:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -40,7 +40,7 @@ import optax
 
 from funcgrad._checks import describe
 
-__all__ = ["TrainState", "init", "make_step", "make_steps", "make_eval", "fit", "chunks", "batch_indices"]
+__all__ = ["TrainState", "Metrics", "init", "make_step", "make_steps", "make_eval", "fit", "chunks", "batch_indices"]
 
 LossFn = Callable[..., Any]  # (params, x, y, key) -> loss or (loss, metrics dict)
 
@@ -53,6 +53,56 @@ class TrainState(NamedTuple):
     opt_state: Any
     step: jax.Array  # updates made so far (int32 scalar)
     key: jax.Array  # base PRNG key; step t derives its keys from (key, t)
+
+
+@jax.tree_util.register_pytree_node_class
+class Metrics(Mapping):
+    """A step's metrics (loss, accuracy, lr, ...) as one float32 array on the device, read by name.
+
+    Returning one array instead of a dict of scalars keeps a step's dispatch as cheap as a hand-written one;
+    ``metrics["loss"]`` indexes it when read, and :meth:`numpy` fetches everything at once. For fused steps
+    each metric has a leading axis of steps, and ``metrics["step"]`` gives each row's step number (-1 for
+    steps not run). A pytree, so it can be returned from jitted functions and passed to ``jax.device_get``.
+    """
+
+    def __init__(self, names: tuple[str, ...], values: Any, steps: Any = None):
+        self.names, self.values, self.steps = tuple(names), values, steps
+
+    @classmethod
+    def stack(cls, metrics: dict[str, jax.Array]) -> Metrics:
+        names = tuple(metrics)
+        return cls(names, jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in names], axis=-1))
+
+    def tree_flatten(self):
+        return (self.values, self.steps), self.names
+
+    @classmethod
+    def tree_unflatten(cls, names, children):
+        return cls(names, *children)
+
+    def __getitem__(self, key: str) -> Any:
+        if key == "step" and self.steps is not None:
+            return self.steps
+        try:
+            return self.values[..., self.names.index(key)]
+        except ValueError:
+            raise KeyError(f"no metric {key!r}; the metrics are {list(self)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(("step",) + self.names if self.steps is not None else self.names)
+
+    def __len__(self) -> int:
+        return len(self.names) + (self.steps is not None)
+
+    def numpy(self) -> dict[str, np.ndarray]:
+        """Every metric as a NumPy array, fetched in one transfer."""
+        values, steps = jax.device_get((self.values, self.steps))
+        out = {} if steps is None else {"step": np.asarray(steps)}
+        out.update({k: np.asarray(values)[..., i] for i, k in enumerate(self.names)})
+        return out
+
+    def __repr__(self) -> str:
+        return f"Metrics({', '.join(self)})"
 
 
 def init(params: Any, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
@@ -116,8 +166,8 @@ def _step_fn(loss_fn, optimizer, batch_size, schedule, shard_batch):
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, **aux}
         if schedule is not None:
-            metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
-        return TrainState(params, opt_state, state.step + 1, state.key), metrics
+            metrics["lr"] = schedule(state.step)
+        return TrainState(params, opt_state, state.step + 1, state.key), Metrics.stack(metrics)
 
     return one_step
 
@@ -130,8 +180,8 @@ def make_step(
     schedule: Callable[[jax.Array], jax.Array] | None = None,
     donate: bool = True,
     shard_batch: Callable[[Any], Any] | None = None,
-) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
-    """A compiled training step ``(state, data) -> (state, metrics)``.
+) -> Callable[[TrainState, Any], tuple[TrainState, Metrics]]:
+    """A compiled training step ``(state, data) -> (state, metrics)`` (:class:`Metrics`: ``metrics["loss"]``).
 
     Args:
         loss_fn: ``loss_fn(params, *data, key) -> loss`` or ``(loss, metrics)``, e.g.
@@ -148,14 +198,11 @@ def make_step(
 
     @functools.partial(jax.jit, donate_argnums=(0,) if donate else ())
     def step(state, data):
+        _check_state(state)  # at trace time only: free on every later call
+        _check_data(data, batch_size)
         return one_step(state, data)
 
-    def checked(state: TrainState, data: Any) -> tuple[TrainState, dict]:
-        _check_state(state)
-        _check_data(data, batch_size)
-        return step(state, data)
-
-    return checked
+    return step
 
 
 def make_steps(
@@ -167,11 +214,11 @@ def make_steps(
     schedule: Callable[[jax.Array], jax.Array] | None = None,
     donate: bool = True,
     shard_batch: Callable[[Any], Any] | None = None,
-) -> Callable[..., tuple[TrainState, dict]]:
-    """``steps`` training steps fused into one compiled dispatch with `jax.lax.scan`.
+) -> Callable[..., tuple[TrainState, Metrics]]:
+    """``steps`` training steps fused into one compiled dispatch (a `jax.lax.fori_loop`).
 
-    Returns ``run(state, data, until=None) -> (state, metrics)`` where each metric has shape ``(steps,)`` and
-    ``metrics["step"]`` is the step number of each row (-1 for skipped steps). Steps at or past ``until``
+    Returns ``run(state, data, until=None) -> (state, metrics)``: :class:`Metrics` where each metric has shape
+    ``(steps,)`` and ``metrics["step"]`` is the step number of each row (-1 for steps not run). Steps at or past ``until``
     (a total step count) are skipped, so the same compiled program serves a final, shorter chunk.
     Arguments as in :func:`make_step`.
     """
@@ -181,25 +228,23 @@ def make_steps(
 
     @functools.partial(jax.jit, donate_argnums=(0,) if donate else ())
     def run(state, data, until):
-        shape = jax.eval_shape(one_step, state, data)[1]
-
-        def active(s):
-            new, m = one_step(s, data)
-            return new, {"step": s.step, **m}
-
-        def skipped(s):
-            nan = {k: jnp.full(v.shape, jnp.nan, v.dtype) if jnp.issubdtype(v.dtype, jnp.floating)
-                   else jnp.zeros(v.shape, v.dtype) for k, v in shape.items()}
-            return s, {"step": jnp.full((), -1, jnp.int32), **nan}
-
-        def body(s, _):
-            return jax.lax.cond(s.step < until, active, skipped, s)
-
-        return jax.lax.scan(body, state, None, length=steps)
-
-    def checked(state: TrainState, data: Any, until: int | None = None) -> tuple[TrainState, dict]:
-        _check_state(state)
+        _check_state(state)  # at trace time only
         _check_data(data, batch_size)
+        shape = jax.eval_shape(one_step, state, data)[1]
+        rows = Metrics(shape.names, jnp.full((steps, len(shape.names)), jnp.nan, jnp.float32),
+                       jnp.full((steps,), -1, jnp.int32))
+
+        def body(i, carry):
+            s, rows = carry
+            new, m = one_step(s, data)
+            return new, Metrics(rows.names, rows.values.at[i].set(m.values), rows.steps.at[i].set(s.step))
+
+        # A loop of dynamic length (steps left before `until`, at most `steps`): no per-step branch, and one
+        # compiled program for every chunk, the last and shorter one included.
+        n = jnp.clip(until - state.step, 0, steps)
+        return jax.lax.fori_loop(0, n, body, (state, rows))
+
+    def checked(state: TrainState, data: Any, until: int | None = None) -> tuple[TrainState, Metrics]:
         limit = np.iinfo(np.int32).max if until is None else int(until)
         return run(state, data, jnp.asarray(limit, jnp.int32))
 
@@ -240,9 +285,9 @@ def chunks(
     current = int(state.step)
     while current < steps:
         state, metrics = run(state, data, steps)
-        metrics = jax.device_get(metrics)
+        metrics = metrics.numpy()
         keep = metrics["step"] >= 0
-        yield state, {k: np.asarray(v)[keep] for k, v in metrics.items()}
+        yield state, {k: v[keep] for k, v in metrics.items()}
         current = min(current + fuse, steps)
 
 

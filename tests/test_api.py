@@ -8,7 +8,7 @@ EXPECTED = {
         "rules", "testing", "train", "verify",
     ],
     "optim": ["OPTIMIZERS", "adagrad", "adam", "inverse_time_decay", "rmsprop", "sgd"],
-    "train": ["TrainState", "batch_indices", "chunks", "fit", "init", "make_eval", "make_step", "make_steps"],
+    "train": ["Metrics", "TrainState", "batch_indices", "chunks", "fit", "init", "make_eval", "make_step", "make_steps"],
     "config": [
         "Config", "ConfigError", "DataConfig", "LossConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig",
         "Setup", "TrainConfig", "apply_overrides", "build", "from_dict", "load", "loads", "to_dict",

@@ -37,6 +37,9 @@ def test_step_equals_a_hand_written_raw_jax_step(setup):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), state.params, p)
     assert int(state.step) == 5
     assert set(metrics) == {"loss", "data_loss", "reg_loss", "accuracy", "lr"}
+    assert set(metrics.numpy()) == set(metrics) and isinstance(metrics.numpy()["loss"], np.ndarray)
+    with pytest.raises(KeyError, match="no metric 'acc'"):
+        metrics["acc"]
 
 
 def test_fused_steps_equal_single_steps_and_skip_past_until(setup):
