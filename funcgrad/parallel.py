@@ -21,6 +21,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -124,15 +125,16 @@ def _is_key(a: Any) -> bool:
 
 
 def gather(tree: Any) -> Any:
-    """The tree with every array fully on this host (replicated arrays are already), e.g. for a checkpoint."""
-    def fetch(a):
-        if isinstance(a, jax.Array) and not a.is_fully_addressable and not a.is_fully_replicated:
-            from jax.experimental import multihost_utils
+    """The tree with every array held whole by this process (e.g. to checkpoint it): replicated arrays give
+    their local copy, split ones are gathered from every process."""
+    from funcgrad.train import to_host
 
-            return multihost_utils.process_allgather(a, tiled=True)
-        if isinstance(a, jax.Array) and not a.is_fully_addressable:
-            return jax.device_put(a.addressable_data(0)) if not _is_key(a) else a
-        return a
+    def fetch(a):
+        if not isinstance(a, jax.Array) or a.is_fully_addressable:
+            return a
+        if _is_key(a):
+            return jax.random.wrap_key_data(jnp.asarray(to_host(jax.random.key_data(a))), impl=jax.random.key_impl(a))
+        return jnp.asarray(to_host(a))
 
     return jax.tree.map(fetch, tree)
 

@@ -96,13 +96,24 @@ class Metrics(Mapping):
 
     def numpy(self) -> dict[str, np.ndarray]:
         """Every metric as a NumPy array, fetched in one transfer."""
-        values, steps = jax.device_get((self.values, self.steps))
+        values, steps = (to_host(self.values), None if self.steps is None else to_host(self.steps))
         out = {} if steps is None else {"step": np.asarray(steps)}
         out.update({k: np.asarray(values)[..., i] for i, k in enumerate(self.names)})
         return out
 
     def __repr__(self) -> str:
         return f"Metrics({', '.join(self)})"
+
+
+def to_host(x: Any) -> np.ndarray:
+    """A NumPy copy of an array, also of one replicated over the devices of several processes."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 def init(params: Any, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
@@ -282,7 +293,7 @@ def chunks(
         raise ValueError(f"fuse must be an int >= 1; got {fuse!r}")
     _check_state(state)
     run = make_steps(loss_fn, optimizer, int(fuse), batch_size=batch_size, schedule=schedule, shard_batch=shard_batch)
-    current = int(state.step)
+    current = int(to_host(state.step))
     while current < steps:
         state, metrics = run(state, data, steps)
         metrics = metrics.numpy()

@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set optimizer.learning_rate=0.02 (repeatable)")
     t.add_argument("--out", metavar="DIR", help="output folder (default: runs/<config name>)")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output folder")
+    d = t.add_argument_group("several processes (hosts), with jax.distributed; also from the environment "
+                             "variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID")
+    d.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
+    d.add_argument("--num-processes", type=int, metavar="N", help="number of processes")
+    d.add_argument("--process-id", type=int, metavar="I", help="this process's id, 0 to N-1")
     t.set_defaults(handler=cmd_train)
 
     e = sub.add_parser("evaluate", help="metrics of a saved run on fresh validation data")

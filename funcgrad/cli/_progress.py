@@ -8,8 +8,8 @@ from typing import TextIO
 
 
 class Progress:
-    def __init__(self, total: int, start: int = 0, stream: TextIO | None = None, width: int = 28):
-        self.total, self.start, self.width = total, start, width
+    def __init__(self, total: int, start: int = 0, stream: TextIO | None = None, width: int = 28, enabled: bool = True):
+        self.total, self.start, self.width, self.enabled = total, start, width, enabled
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.t0 = time.perf_counter()
@@ -17,6 +17,8 @@ class Progress:
         self.last = ""
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
         frac = step / self.total if self.total else 1.0
         filled = int(self.width * frac)
         bar = "=" * filled + (">" if filled < self.width else "") + " " * max(0, self.width - filled - 1)

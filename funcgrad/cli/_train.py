@@ -67,6 +67,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from funcgrad import parallel
 
     t_start = time.perf_counter()
+    try:
+        parallel.initialize(args.coordinator, args.num_processes, args.process_id)  # before any computation
+    except parallel.ParallelError as e:
+        raise UsageError(str(e)) from None
+    writer = parallel.is_writer()  # only process 0 prints progress and writes files
+    say = print if writer else (lambda *a, **k: None)
     cfg_path = Path(args.config) if args.config else _default_config()
     try:
         cfg = fgconfig.load(cfg_path, overrides=args.set or ())
@@ -85,39 +91,44 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif ckpt.exists():
         raise UsageError(f"{out} already holds a run ({files.CHECKPOINT}); pass --resume to continue it, or --out "
                          "to train into another folder")
-    out.mkdir(parents=True, exist_ok=True)
-    files.write_json(out / files.CONFIG, resolved)
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+        files.write_json(out / files.CONFIG, resolved)
 
     setup = fgconfig.build(cfg)
-    mesh = parallel.setup_for(cfg.parallel.mode, setup.train_data, setup.batch_size)
+    try:
+        mesh = parallel.setup_for(cfg.parallel.mode, setup.train_data, setup.batch_size)
+    except parallel.ParallelError as e:
+        raise UsageError(f"parallel.mode {cfg.parallel.mode!r}: {e}") from None
     n_params = fg.nn.param_count(setup.params)
-    print(f"funcgrad train: {cfg.name} ({cfg_path}) → {out}")
-    print(f"  data   {cfg.data.kind} {tuple(setup.train_data[0].shape)}{' (nnfs exact)' if cfg.data.exact else ''}, "
+    say(f"funcgrad train: {cfg.name} ({cfg_path}) → {out}")
+    say(f"  data   {cfg.data.kind} {tuple(setup.train_data[0].shape)}{' (nnfs exact)' if cfg.data.exact else ''}, "
           f"validation {tuple(setup.validation_data[0].shape)}")
-    print(f"  model  {' → '.join(n for n, _ in setup.model.layers)}, {n_params} parameters")
-    print(f"  train  {cfg.optimizer.kind} lr {cfg.optimizer.learning_rate} decay {cfg.optimizer.decay}, {setup.steps} steps"
+    say(f"  model  {' → '.join(n for n, _ in setup.model.layers)}, {n_params} parameters")
+    say(f"  train  {cfg.optimizer.kind} lr {cfg.optimizer.learning_rate} decay {cfg.optimizer.decay}, {setup.steps} steps"
           f"{'' if setup.batch_size is None else f' of batch {setup.batch_size}'}, {parallel.describe(mesh)}")
 
-    if cfg.train.verify and not args.resume:
+    if cfg.train.verify and not args.resume and writer:
         report = _verify(setup)
-        print("  check  " + report.summary())
+        say("  check  " + report.summary())
         if not report.ok:
-            print(report)
-            print("  (training continues with JAX's gradients; the hand-derived formulas above disagree with them)")
+            say(report)
+            say("  (training continues with JAX's gradients; the hand-derived formulas above disagree with them)")
 
     key = jax.random.key(cfg.seed)
     state = fg.train.init(setup.params, setup.optimizer, key)
     if args.resume:
         state, meta = files.load_checkpoint(out, like=state)
-        print(f"  resume from step {int(state.step)} ({ckpt})")
+        say(f"  resume from step {int(state.step)} ({ckpt})")
     fuse = cfg.train.fuse
     every = math.ceil(cfg.train.checkpoint_every / fuse) * fuse
-    logged = files.read_metrics(out / files.METRICS)
+    logged = files.read_metrics(out / files.METRICS) if writer else []
     last_logged = max((r["step"] for r in logged), default=-1)
+    start = int(state.step)
     state, data, shard_batch = parallel.place(mesh, state, setup.train_data)
 
-    progress = Progress(setup.steps, start=int(state.step))
-    last_good = int(state.step) if args.resume else None
+    progress = Progress(setup.steps, start=start, enabled=writer)
+    last_good = start if args.resume else None
     status = 0
     try:
         for state, m in fg.train.chunks(setup.objective.train_loss, setup.optimizer, state, data, steps=setup.steps,
@@ -129,7 +140,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             records = [{"step": int(s), **{k: float(v[i]) for k, v in m.items() if k != "step"}}
                        for i, s in enumerate(m["step"][:good])
                        if (s % cfg.train.log_every == 0 or s == setup.steps - 1) and s > last_logged]
-            if parallel.is_writer():
+            if writer:
                 files.append_lines(out / files.METRICS, records)
             if len(bad):
                 progress.close()
@@ -144,8 +155,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                 break
             progress.update(step, {k: float(v[-1]) for k, v in m.items()})
             if step % every == 0 or step == setup.steps:
-                if parallel.is_writer():
-                    files.save_checkpoint(out, parallel.gather(state), {"step": step, "config": cfg.name})
+                snapshot = parallel.gather(state)  # a collective when the state is split: every process joins
+                if writer:
+                    files.save_checkpoint(out, snapshot, {"step": step, "config": cfg.name})
                 last_good = step
     finally:
         progress.close()
@@ -159,15 +171,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     records = files.read_metrics(out / files.METRICS)
     last_step = {k: v for k, v in records[-1].items()} if records else {}
     wall = time.perf_counter() - t_start
-    print(f"  final  training:   {_summary_line(train_m)}")
-    print(f"         validation: {_summary_line(val_m)}")
-    if parallel.is_writer():
+    say(f"  final  training:   {_summary_line(train_m)}")
+    say(f"         validation: {_summary_line(val_m)}")
+    if writer:
         files.write_json(out / files.SUMMARY, {
             "name": cfg.name, "steps": setup.steps, "train": train_m, "validation": val_m, "last_step": last_step,
             "wall_seconds": wall, "config": resolved, "devices": parallel.describe(mesh),
         })
         _plots(out, setup, params, records, cfg.name)
-    print(f"  wrote  {out}/{{{files.METRICS}, {files.SUMMARY}, {files.CHECKPOINT}, *.png}} ({wall:.1f}s)")
+    say(f"  wrote  {out}/{{{files.METRICS}, {files.SUMMARY}, {files.CHECKPOINT}, *.png}} ({wall:.1f}s)")
     return 0
 
 
