@@ -7,7 +7,6 @@ hand-derived gradient (the book's backward pass, composed by the chain rule) is 
 """
 
 import jax
-import jax.numpy as jnp
 
 import funcgrad as fg
 from funcgrad import rules, verify

@@ -6,7 +6,6 @@ number of samples. Every parameter gradient is then wrong; check_chain traces it
 """
 
 import jax
-import jax.numpy as jnp
 
 import funcgrad as fg
 from funcgrad import rules, verify

@@ -164,3 +164,25 @@ def check_labels(labels: Any, n_classes: int, n_samples: int, name: str = "label
             )
     else:
         raise TypeError(f"{name} must be integer class indices or float one-hot rows; got {describe(labels)}")
+
+
+def in_range(value: Any, low: float, high: float | None = None, *, low_open: bool = False) -> str | None:
+    """None when ``value`` is a real number in the range; else what was expected, e.g. "a number >= 0"."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (high is None or value < high)
+    if ok:
+        return None
+    return f"a number {'>' if low_open else '>='} {low}" + (f" and < {high}" if high is not None else "")
+
+
+def is_typed_key(x: Any) -> bool:
+    """A new-style PRNG key array (``jax.random.key``)."""
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def is_key(x: Any) -> bool:
+    """A single PRNG key: typed (``jax.random.key``) or raw uint32[2] (``jax.random.PRNGKey``)."""
+    if is_typed_key(x):
+        return jnp.shape(x) == ()
+    return hasattr(x, "dtype") and x.dtype == jnp.uint32 and jnp.shape(x) == (2,)

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from funcgrad._checks import is_typed_key
+
 __all__ = ["FORMAT", "CheckpointError", "to_bytes", "from_bytes", "metadata"]
 
 FORMAT = "funcgrad-checkpoint-1"
@@ -34,10 +36,6 @@ class CheckpointError(ValueError):
     """The checkpoint is not a funcgrad checkpoint, is damaged, or does not match the template."""
 
 
-def _is_key(leaf: Any) -> bool:
-    return hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
-
-
 def to_bytes(tree: Any, meta: dict[str, Any] | None = None) -> bytes:
     """The tree's leaves and ``meta`` (JSON-able) as the bytes of an ``.npz`` file."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
@@ -45,7 +43,7 @@ def to_bytes(tree: Any, meta: dict[str, Any] | None = None) -> bytes:
     leaves = []
     for i, (path, leaf) in enumerate(flat):
         entry = {"path": jax.tree_util.keystr(path), "name": f"leaf{i}"}
-        if _is_key(leaf):
+        if is_typed_key(leaf):
             data = np.asarray(jax.random.key_data(leaf))
             entry["key_impl"] = str(jax.random.key_impl(leaf))
         else:
@@ -103,7 +101,7 @@ def from_bytes(data: bytes, like: Any) -> Any:
         dtype = np.dtype(jnp.dtype(entry["dtype"]))
         if arr.dtype == np.uint8 and dtype != np.uint8:
             arr = arr.view(dtype).reshape(entry["shape"])
-        if _is_key(ref):
+        if is_typed_key(ref):
             ref_data = jax.random.key_data(ref)
             if arr.shape != ref_data.shape or entry.get("key_impl") != str(jax.random.key_impl(ref)):
                 bad.append(f"{name}: a PRNG key of another kind ({entry.get('key_impl')}, {list(arr.shape)})")

@@ -27,6 +27,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from funcgrad._checks import in_range
+
 __all__ = [
     "ConfigError",
     "Config",
@@ -67,12 +69,9 @@ def _int(low: int | None = None, *, none_ok: bool = False) -> Callable[[str, Any
 
 def _float(low: float = 0.0, high: float | None = None, *, low_open: bool = False) -> Callable[[str, Any], Any]:
     def check(key, v):
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-        if ok:
-            ok = (v > low if low_open else v >= low) and (high is None or v < high)
-        if not ok:
-            bound = f"{'>' if low_open else '>='} {low}" + (f" and < {high}" if high is not None else "")
-            raise ConfigError(f"{key}: expected a number {bound}, got {v!r}")
+        expected = in_range(v, low, high, low_open=low_open)
+        if expected:
+            raise ConfigError(f"{key}: expected {expected}, got {v!r}")
         return float(v)
 
     return check

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from funcgrad._checks import describe
+from funcgrad._checks import describe, is_key
 
 __all__ = ["spiral", "vertical", "sine", "NNFSRandom", "as_key"]
 
@@ -34,9 +34,7 @@ def as_key(key: Any, where: str = "key") -> jax.Array:
     """An int seed or a PRNG key -> a PRNG key."""
     if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
         return jax.random.key(int(key))
-    if hasattr(key, "dtype") and (
-        jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.dtype == jnp.uint32 and key.shape == (2,))
-    ):
+    if is_key(key):
         return key
     raise TypeError(f"{where} must be an int seed or a PRNG key from jax.random.key(seed); got {describe(key)}")
 
@@ -120,31 +118,34 @@ class NNFSRandom:
         """``np.random.randn(*shape)`` cast to float32, as after ``nnfs.init()``."""
         return self._rs.randn(*shape).astype(np.float32)
 
-    def spiral(self, samples: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
-        """``nnfs.datasets.spiral_data(samples, classes)``: X float32 (samples·classes, 2), y uint8."""
-        samples, classes = _check_counts(samples, classes, "spiral")
-        X = np.zeros((samples * classes, 2), dtype=np.float32)
+    def _per_class(self, samples: int, classes: int, where: str, points: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The nnfs generators' shared loop: class by class, ``points(c)`` gives that class's rows."""
+        samples, classes = _check_counts(samples, classes, where)
+        X = np.zeros((samples * classes, 2), dtype=np.float32)  # nnfs.init() makes np.zeros float32
         y = np.zeros(samples * classes, dtype=np.uint8)
         for c in range(classes):
-            ix = slice(samples * c, samples * (c + 1))
-            r = np.linspace(0.0, 1, samples)
-            t = np.linspace(c * 4, (c + 1) * 4, samples) + self.randn(samples) * np.float32(0.2)
-            X[ix] = np.c_[r * np.sin(t * 2.5), r * np.cos(t * 2.5)]
-            y[ix] = c
+            X[samples * c : samples * (c + 1)] = points(c, samples)
+            y[samples * c : samples * (c + 1)] = c
         return X, y
+
+    def spiral(self, samples: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
+        """``nnfs.datasets.spiral_data(samples, classes)``: X float32 (samples·classes, 2), y uint8."""
+
+        def arm(c, n):
+            r = np.linspace(0.0, 1, n)
+            t = np.linspace(c * 4, (c + 1) * 4, n) + self.randn(n) * np.float32(0.2)
+            return np.c_[r * np.sin(t * 2.5), r * np.cos(t * 2.5)]
+
+        return self._per_class(samples, classes, "spiral", arm)
 
     def vertical(self, samples: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
         """``nnfs.datasets.vertical_data(samples, classes)``."""
-        samples, classes = _check_counts(samples, classes, "vertical")
-        X = np.zeros((samples * classes, 2), dtype=np.float32)
-        y = np.zeros(samples * classes, dtype=np.uint8)
-        for c in range(classes):
-            ix = slice(samples * c, samples * (c + 1))
-            x0 = self.randn(samples) * np.float32(0.1) + c / 3
-            x1 = self.randn(samples) * np.float32(0.1) + 0.5
-            X[ix] = np.c_[x0, x1]
-            y[ix] = c
-        return X, y
+
+        def cluster(c, n):
+            x0 = self.randn(n) * np.float32(0.1) + c / 3  # x drawn before y, as nnfs does
+            return np.c_[x0, self.randn(n) * np.float32(0.1) + 0.5]
+
+        return self._per_class(samples, classes, "vertical", cluster)
 
     def dense_params(self, n_in: int, n_out: int, scale: float = 0.01) -> dict[str, np.ndarray]:
         """The book's ``Layer_Dense(n_in, n_out)``: ``W = scale·randn(n_in, n_out)`` (float32), ``b = 0``.

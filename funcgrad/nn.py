@@ -35,7 +35,7 @@ import numpy as np
 
 from funcgrad import initializers as inits
 from funcgrad import rules
-from funcgrad._checks import describe, require_float
+from funcgrad._checks import describe, is_key, require_float
 
 __all__ = [
     "Layer",
@@ -79,7 +79,7 @@ def _check_key(key: Any, where: str) -> None:
             f"{where}: key must be a PRNG key, e.g. jax.random.key(0); got {describe(key)}. "
             "funcgrad never keeps hidden random state: pass keys explicitly."
         )
-    if not (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.dtype == jnp.uint32 and key.shape[-1:] == (2,))):
+    if not is_key(key):
         raise TypeError(f"{where}: key must be a PRNG key from jax.random.key(seed); got {describe(key)}")
 
 
@@ -101,7 +101,7 @@ class Layer:
     has_params: bool
     needs_key: bool = False
     name: str | None = None
-    layers: tuple[tuple[str, "Layer"], ...] = ()
+    layers: tuple[tuple[str, Layer], ...] = ()
     config: tuple[tuple[str, Any], ...] = ()
 
     def init(self, key: jax.Array, input_shape: int | Sequence[int], dtype: Any = jnp.float32) -> Params:
@@ -475,7 +475,8 @@ def serial(*layers: Layer | tuple[str, Layer], name: str | None = None) -> Layer
         for n, layer in named:
             sub = f"{where}['{n}']"
             layer.check_fn(child_params(params, n), shape_struct, sub, train, key if layer.needs_key else None)
-            shape_struct = jax.eval_shape(lambda p, v: layer.forward_fn(p, v, None, False), child_params(params, n), shape_struct)
+            shape_struct = jax.eval_shape(lambda p, v, layer=layer: layer.forward_fn(p, v, None, False),
+                                          child_params(params, n), shape_struct)
 
     def layer_keys(key):
         if key is None:

@@ -32,18 +32,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from funcgrad._checks import in_range
+
 __all__ = ["inverse_time_decay", "sgd", "adagrad", "rmsprop", "adam", "OPTIMIZERS"]
 
 BOOK_EPS = 1e-7
 
 
 def _check(name: str, value: Any, low: float, high: float | None = None, *, low_open: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (high is None or value < high)
-    if not ok:
-        bound = f"{'>' if low_open else '>='} {low}" + (f" and < {high}" if high is not None else "")
-        raise ValueError(f"{name} must be a number {bound}; got {value!r}")
+    expected = in_range(value, low, high, low_open=low_open)
+    if expected:
+        raise ValueError(f"{name} must be {expected}; got {value!r}")
     return float(value)
 
 

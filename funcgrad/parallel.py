@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from funcgrad._checks import is_typed_key
+
 __all__ = ["ParallelError", "initialize", "data_mesh", "setup_for", "place", "gather", "is_writer", "describe"]
 
 AXIS = "data"
@@ -108,8 +110,8 @@ def place(mesh: Mesh | None, state: Any, data: Any) -> tuple[Any, Any, Any]:
 def _global(a: Any, sharding: NamedSharding, process_local: bool = False) -> jax.Array:
     if jax.process_count() == 1:
         return jax.device_put(a, sharding)
-    a = np.asarray(jax.device_get(a)) if not _is_key(a) else a
-    if _is_key(a):
+    a = np.asarray(jax.device_get(a)) if not is_typed_key(a) else a
+    if is_typed_key(a):
         return jax.random.wrap_key_data(_global(jax.random.key_data(a), sharding), impl=jax.random.key_impl(a))
     if process_local and sharding.spec != PartitionSpec():
         n, p, i = a.shape[0], jax.process_count(), jax.process_index()
@@ -120,10 +122,6 @@ def _global(a: Any, sharding: NamedSharding, process_local: bool = False) -> jax
     return jax.make_array_from_process_local_data(sharding, a, a.shape)
 
 
-def _is_key(a: Any) -> bool:
-    return hasattr(a, "dtype") and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
-
-
 def gather(tree: Any) -> Any:
     """The tree with every array held whole by this process (e.g. to checkpoint it): replicated arrays give
     their local copy, split ones are gathered from every process."""
@@ -132,7 +130,7 @@ def gather(tree: Any) -> Any:
     def fetch(a):
         if not isinstance(a, jax.Array) or a.is_fully_addressable:
             return a
-        if _is_key(a):
+        if is_typed_key(a):
             return jax.random.wrap_key_data(jnp.asarray(to_host(jax.random.key_data(a))), impl=jax.random.key_impl(a))
         return jnp.asarray(to_host(a))
 

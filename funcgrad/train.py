@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from funcgrad._checks import describe
+from funcgrad._checks import describe, is_key
 
 __all__ = ["TrainState", "Metrics", "init", "make_step", "make_steps", "make_eval", "fit", "chunks", "batch_indices"]
 
@@ -121,9 +121,7 @@ def init(params: Any, optimizer: optax.GradientTransformation, key: jax.Array) -
     caller's arrays stay usable."""
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(f"init: optimizer must be an optax GradientTransformation; got {describe(optimizer)}")
-    if not hasattr(key, "dtype") or not (
-        jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.dtype == jnp.uint32 and key.shape == (2,))
-    ):
+    if not is_key(key):
         raise TypeError(f"init: key must be a PRNG key from jax.random.key(seed); got {describe(key)}")
     params = jax.tree.map(jnp.copy, params)
     return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), jnp.copy(key))
