@@ -1,5 +1,6 @@
 import io
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +22,8 @@ def test_round_trip_of_a_train_state_with_its_key():
     data = checkpoint.to_bytes(s, {"step": 3})
     back = checkpoint.from_bytes(data, like=state())
     assert checkpoint.metadata(data) == {"step": 3}
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), back.params, s.params)
+    chex.assert_trees_all_equal(back.params, s.params)
+    chex.assert_trees_all_equal_dtypes(back.opt_state, s.opt_state)
     assert jnp.array_equal(jax.random.key_data(back.key), jax.random.key_data(s.key))
     assert back.step.dtype == jnp.int32
     np.testing.assert_array_equal(jax.random.normal(back.key, (3,)), jax.random.normal(s.key, (3,)))

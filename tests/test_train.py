@@ -1,3 +1,4 @@
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,7 +35,7 @@ def test_step_equals_a_hand_written_raw_jax_step(setup):
         p, o, loss = raw(p, o)
         assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-6)
         assert float(metrics["lr"]) == pytest.approx(0.05 / (1 + 1e-3 * t), rel=1e-6)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), state.params, p)
+        chex.assert_trees_all_close(state.params, p, rtol=1e-6, atol=1e-7)
     assert int(state.step) == 5
     assert set(metrics) == {"loss", "data_loss", "reg_loss", "accuracy", "lr"}
     assert set(metrics.numpy()) == set(metrics) and isinstance(metrics.numpy()["loss"], np.ndarray)
@@ -59,7 +60,7 @@ def test_fused_steps_equal_single_steps_and_skip_past_until(setup):
     np.testing.assert_array_equal(np.asarray(m2["step"]), [5, 6, -1, -1, -1])
     assert np.isnan(np.asarray(m2["loss"])[2:]).all()
     np.testing.assert_allclose(np.concatenate([m1["loss"], m2["loss"][:2]]), losses, rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), fused.params, single.params)
+    chex.assert_trees_all_close(fused.params, single.params, rtol=1e-6, atol=1e-7)
 
 
 def test_chunking_and_resuming(setup):
@@ -69,11 +70,11 @@ def test_chunking_and_resuming(setup):
     b, hb = fg.train.fit(obj.train_loss, tx, fg.train.init(params, tx, jax.random.key(2)), data, steps=23, fuse=4)
     assert ha["loss"].shape == (23,) and np.array_equal(ha["step"], np.arange(23))
     np.testing.assert_allclose(ha["loss"], hb["loss"], rtol=1e-5)  # another fused program: rounding may differ
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a.params, b.params)
+    chex.assert_trees_all_close(a.params, b.params, rtol=1e-5, atol=1e-6)
     # Resuming from the middle with the same fused program gives the same parameters, bit for bit.
     half, _ = fg.train.fit(obj.train_loss, tx, fg.train.init(params, tx, jax.random.key(2)), data, steps=13, fuse=10)
     resumed, _ = fg.train.fit(obj.train_loss, tx, half, data, steps=23, fuse=10)
-    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), resumed.params, a.params)
+    chex.assert_trees_all_equal(resumed.params, a.params)
 
 
 def test_donation_reuses_the_input_state(setup):
