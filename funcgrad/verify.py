@@ -312,12 +312,6 @@ def _join_args(dyn: Sequence, spec: tuple) -> tuple:
     return jax.tree_util.tree_unflatten(treedef, [next(it) if s is _DYN else s for s in static])
 
 
-def _to_float64(x: Any) -> Any:
-    if _is_array(x) and jnp.issubdtype(x.dtype, jnp.floating):
-        return jnp.asarray(x, jnp.float64)
-    return x
-
-
 def _hashable(fn: Callable) -> Callable:
     """Functions are static jit arguments; wrap the rare unhashable callable (it then recompiles per call)."""
     try:
@@ -510,7 +504,8 @@ def _probe(params, dyn, exact_idx, seed, h0, rtol, atol, *, fn, hand, layout, ar
     # Per-element analytic tolerance: atol + rtol·max(|a|, |h|), atol defaulting to rtol·(the leaf's largest).
     mag = jnp.maximum(jnp.abs(a), jnp.abs(h))
     mag = jnp.where(jnp.isfinite(mag), mag, 0.0)
-    leaf_max = jnp.concatenate([jnp.full((s,), jnp.max(mag[o : o + s])) for o, s in zip(layout.offsets, layout.sizes)])
+    leaf_max = jnp.concatenate([jnp.full((s,), jnp.max(mag[o : o + s], initial=0.0))
+                                for o, s in zip(layout.offsets, layout.sizes)])
     tol = jnp.where(atol >= 0, atol, rtol * leaf_max) + rtol * mag
 
     # Items: planned elements (all of each exact leaf, the largest gradients of the others), then directions.
@@ -527,7 +522,7 @@ def _probe(params, dyn, exact_idx, seed, h0, rtol, atol, *, fn, hand, layout, ar
     d_leaf, d_j = _dir_items(plan)
     lo = jnp.asarray(np.array([layout.offsets[i] for i in d_leaf], np.int32))
     hi = jnp.asarray(np.array([layout.offsets[i] + layout.sizes[i] for i in d_leaf], np.int32))
-    rms = jnp.stack([jnp.sqrt(jnp.mean(theta[o : o + s] ** 2)) for o, s in zip(layout.offsets, layout.sizes)])
+    rms = jnp.stack([jnp.sqrt(jnp.sum(theta[o : o + s] ** 2) / max(s, 1)) for o, s in zip(layout.offsets, layout.sizes)])
     i_steps = h0 * jnp.maximum(1.0, jnp.abs(theta[idx]))
     d_steps = h0 * jnp.maximum(1.0, rms[jnp.asarray(np.array(d_leaf, np.int32))])
     n_i, n_d = idx.shape[0], len(d_leaf)
@@ -661,8 +656,9 @@ def _resolve(scales: list[dict[str, np.ndarray]], tol: np.ndarray) -> _FD:
 class _Engine:
     """Finite-difference evaluations beyond the compiled probe: finer scales, arbitration, bisection."""
 
-    def __init__(self, fn, spec, layout, plan, res, dyn, seed, eps_f, h0):
+    def __init__(self, fn, spec, layout, plan, res, dyn, seed, eps_f, h0, user_dtypes):
         self.fn, self.spec, self.layout, self.plan = fn, spec, layout, plan
+        self.user_dtypes = user_dtypes  # each leaf's own dtype
         self.theta, self.dyn, self.seed = res["theta_dev"], dyn, seed
         self.theta_np, self.a, self.h = res["theta"], res["a"], res["h"]
         self.eps_f, self.h0, self.f0 = eps_f, h0, float(res["f0"])
@@ -921,7 +917,8 @@ def check_grad(
         res = {k: np.asarray(v) for k, v in res.items()}
         _check_value(res["f0"])
         res["theta_dev"] = theta_dev
-        engine = _Engine(fn, spec, layout, plan, res, dyn, np.uint32(seed % 2**32), eps_f, h0)
+        engine = _Engine(fn, spec, layout, plan, res, dyn, np.uint32(seed % 2**32), eps_f, h0,
+                         [jnp.result_type(leaf) for leaf in jax.tree_util.tree_leaves(params)])
         rows = _rows(res, engine, hand is not None, a_user, h_user, user_dtypes)
     dtype = "/".join(user_dtypes) + (" (finite differences in float64)" if user_dtypes != ["float64"] else "")
     return GradReport(tuple(rows), _combine_verdicts([r.verdict for r in rows]), "check_grad", dtype, tuple(notes),
@@ -1075,7 +1072,8 @@ def _rows(res, engine: _Engine, has_hand, a_user, h_user, user_dtypes) -> list[R
         if user_dtypes != ["float64"]:
             already = {"hand" if it.verdict == "hand_wrong" else "autodiff" for it in items
                        if it.verdict in ("hand_wrong", "autodiff_wrong")}
-            extra_u, items_u = _user_precision(o, s, shape, a, h, a_user, h_user, skip=already)
+            eps = float(jnp.finfo(engine.user_dtypes[li]).eps)
+            extra_u, items_u = _user_precision(o, s, shape, a, h, a_user, h_user, eps, skip=already)
             extra += extra_u
             items += items_u
         rows.append(_row(path, li, s, items, n_disagree, extra, a, h, o, plan))
@@ -1162,7 +1160,7 @@ def _bisect(li: int, a, h, tol, engine: _Engine) -> _Item:
     return _arbitrate(np.array([lo]), li, a, h, tol, engine)[0]
 
 
-def _user_precision(o, s, shape, a64, h64, a_user, h_user, skip=()) -> tuple[list[str], list[_Item]]:
+def _user_precision(o, s, shape, a64, h64, a_user, h_user, eps, skip=()) -> tuple[list[str], list[_Item]]:
     """The parameters' own precision (e.g. float32) against float64: a side whose values are not finite, or
     that loses far more precision than the other side, is wrong at that precision only. Sides already found
     wrong in float64 (``skip``) are not judged again."""
@@ -1182,7 +1180,7 @@ def _user_precision(o, s, shape, a64, h64, a_user, h_user, skip=()) -> tuple[lis
         r, dev = rel[name]
         nonfinite = ~np.isfinite(u) & np.isfinite(ref)
         others = [v[0] for n, v in rel.items() if n != name]
-        gross = bool(others) and r > 1e-3 and r > 30 * max(others[0], 1e-7)
+        gross = bool(others) and r > max(1e-3, 30 * eps) and r > 30 * max(others[0], 1e-7)
         if nonfinite.any() or gross:
             i = int(np.argmax(np.where(nonfinite, np.inf, np.where(np.isfinite(dev), dev, 0.0))))
             what = "is not finite" if nonfinite.any() else f"loses precision (deviation {r:.1e} of its scale)"

@@ -114,6 +114,16 @@ def test_pytree_kinds():
     assert poly.ok
 
 
+def test_odd_leaves_and_low_precision():
+    fn = lambda p: jnp.sum(p["w"] ** 2) + jnp.sum(p["empty"])  # noqa: E731
+    params = {"w": jnp.ones(3), "empty": jnp.zeros((0,))}
+    assert verify.check_grad(fn, params, hand=lambda p: {"w": 2 * p["w"], "empty": jnp.zeros((0,))}).ok
+    for dtype in (jnp.bfloat16, jnp.float16):  # rounding of a 8- or 11-bit mantissa is not a failure
+        x = jnp.arange(5, dtype=dtype) / 5
+        hand = lambda p: (2 * jnp.tanh(p) * (1 - jnp.tanh(p) ** 2)).astype(p.dtype)  # noqa: E731
+        assert verify.check_grad(lambda p: jnp.sum(jnp.tanh(p) ** 2), x, hand=hand).ok
+
+
 # ---- kinks ----
 
 
