@@ -14,9 +14,19 @@ import jax.numpy as jnp
 import numpy as np
 
 
+_Tracer = getattr(jax.core, "Tracer", None)
+
+
 def is_tracer(x: Any) -> bool:
     """True when `x` is an abstract value inside a JAX transformation (its values are unknown)."""
-    return isinstance(x, jax.core.Tracer)
+    if _Tracer is not None:
+        return isinstance(x, _Tracer)
+    return hasattr(x, "aval") and not hasattr(x, "addressable_shards")  # concrete arrays have shards
+
+
+def x64_enabled() -> bool:
+    """Whether 64-bit JAX is on here (globally or in a ``jax.enable_x64`` scope)."""
+    return jax.dtypes.canonicalize_dtype(jnp.float64) == jnp.float64
 
 
 def describe(x: Any) -> str:

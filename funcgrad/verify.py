@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from funcgrad._checks import check_finite_tree, describe, float_leaves
+from funcgrad._checks import check_finite_tree, describe, float_leaves, x64_enabled
 
 __all__ = [
     "VERDICTS",
@@ -177,17 +177,19 @@ class GradReport:
         return tuple(r for r in self.rows if not r.ok)
 
     def summary(self) -> str:
-        """A line or two: the verdict and, when not ok, the worst leaf and element."""
+        """A line: the verdict and, when not plain ok, the leaf and element that decided it."""
         n = sum(r.size for r in self.rows)
-        head = f"{self.title}: {self.verdict} ({len(self.rows)} leaves, {n} parameters, {self.seconds:.2f}s)"
+        head = (f"{self.title}: {self.verdict} ({'ok' if self.ok else 'NOT OK'}) — {len(self.rows)} leaves, "
+                f"{n} parameters, {self.seconds:.2f}s")
         bad = self.failing or tuple(r for r in self.rows if r.verdict != "ok")
-        if bad:
-            r = max(bad, key=lambda r: (_SEVERITY[r.verdict], r.max_abs_err))
-            idx = list(r.worst_index) if r.worst_index is not None else ""
-            head += f"; {r.path}{idx}: {r.verdict}"
-            if r.note:
-                head += f" ({r.note})"
-        return head
+        if not bad:
+            return head
+        r = max(bad, key=lambda r: (_SEVERITY[r.verdict], r.max_abs_err))
+        at = f"{r.path}{list(r.worst_index) if r.worst_index is not None else ''}"
+        if self.ok:
+            why = {"kink": "not differentiable at or next to", "fd_unreliable": "finite differences unsure at"}
+            return f"{head}; {why.get(r.verdict, r.verdict)} {at}"
+        return f"{head}; {r.verdict} at {at}: {r.note}"
 
     def __str__(self) -> str:
         n = sum(r.size for r in self.rows)
@@ -876,7 +878,7 @@ def check_grad(
     # 1. At the parameters' own precision: what the user's code computes (for float64 parameters, the
     #    float64 check below is that precision).
     facts = _static_facts(fn, hand, layout, spec, tuple(jnp.result_type(x) for x in jax.tree_util.tree_leaves(params)),
-                          tuple((tuple(d.shape), d.dtype) for d in dyn), bool(jax.config.jax_enable_x64))
+                          tuple((tuple(d.shape), d.dtype) for d in dyn), x64_enabled())
     _check_output(facts.out, "fn(params, *args)")
     if hand is not None:
         _check_hand_structure(facts.hand_out, params)

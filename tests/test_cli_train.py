@@ -33,7 +33,8 @@ def test_default_run_reproduces_chapter_11(default_run):
     assert summary["validation"]["accuracy"] >= 0.75, summary["validation"]
     assert summary["steps"] == 10001 and summary["config"]["optimizer"]["learning_rate"] == 0.05
     assert summary["last_step"]["step"] == 10000 and summary["last_step"]["lr"] == pytest.approx(0.05 / (1 + 5e-7 * 10000))
-    assert "check  check_grad: kink" in proc.stdout  # the hand-derived gradient was cross-checked first
+    assert "check  hand-derived gradient vs JAX" in proc.stdout  # cross-checked before training
+    assert "check_grad: kink (ok)" in proc.stdout
     assert "final  training:" in proc.stdout and "validation:" in proc.stdout
     assert "step 10001/10001" in proc.stderr and proc.stderr.count("\n") < 20  # a bar, not a line per step
 

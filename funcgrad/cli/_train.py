@@ -110,7 +110,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if cfg.train.verify and not args.resume and writer:
         report = _verify(setup)
-        say("  check  " + report.summary())
+        say("  check  hand-derived gradient vs JAX vs finite differences at the initial parameters:")
+        say("         " + report.summary())
         if not report.ok:
             say(report)
             say("  (training continues with JAX's gradients; the hand-derived formulas above disagree with them)")
