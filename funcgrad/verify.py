@@ -963,6 +963,11 @@ def _check_value(value: Any) -> None:
         raise ValueError(f"fn(params, *args) = {float(value)} at the given params: the function itself is not finite")
 
 
+def _vectorise() -> bool:
+    """Evaluate finite-difference items many at a time (vmap) on accelerators, one at a time on CPU."""
+    return jax.default_backend() != "cpu"
+
+
 def _make_plan(mode, layout, flops, has_hand) -> tuple[_Plan, np.ndarray]:
     sizes = layout.sizes
     if mode == "exact":
@@ -987,7 +992,7 @@ def _make_plan(mode, layout, flops, has_hand) -> tuple[_Plan, np.ndarray]:
     # finer scales only where finite differences disagree with the analytic values.
     scales = 4 if n_items * 16 * flops <= _EXACT_FLOP_BUDGET else 1
     # Accelerators: many items at once (vmap). CPU: one at a time (see _eval_items).
-    batch = 1 if jax.default_backend() == "cpu" else max(1, min(256, _MEM_ELEMENTS // (6 * max(layout.n, 1))))
+    batch = max(1, min(256, _MEM_ELEMENTS // (6 * max(layout.n, 1)))) if _vectorise() else 1
     return _Plan(tuple(exact), n_proj, _K_MAG, scales, True, batch), exact_idx
 
 

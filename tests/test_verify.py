@@ -284,6 +284,21 @@ def test_modes(mode):
     assert report.ok and all(r.method == mode for r in report.rows)
 
 
+def test_the_vectorised_path_of_accelerators(monkeypatch):
+    # On GPU and TPU finite differences are evaluated many at a time with vmap; exercise that path on CPU.
+    monkeypatch.setattr(verify, "_vectorise", lambda: True)
+    model = fg.nn.mlp([8, 3], output="softmax")
+    obj = fg.Objective(model, "categorical_crossentropy")
+    params = model.init(jax.random.key(0), (2,))
+    X, y = fg.data.spiral(10, 3, key=0)
+    assert verify.check_grad(obj.value, params, X, y, hand=obj.hand_grad).ok
+    bad = lambda p, X, y: {**obj.hand_grad(p, X, y), "dense2": {"W": obj.hand_grad(p, X, y)["dense2"]["W"] * 2,  # noqa: E731
+                                                                  "b": obj.hand_grad(p, X, y)["dense2"]["b"]}}
+    report = verify.check_grad(obj.value, params, X, y, hand=bad)
+    assert report.verdict == "hand_wrong" and {r.path: r.verdict for r in report.rows}["['dense2']['W']"] == "hand_wrong"
+    assert verify.check_grad(lambda w: jnp.sum(jnp.sin(w) * w), jnp.linspace(-1, 1, 3000), mode="projection").ok
+
+
 def test_x64_state_is_restored():
     verify.check_grad(cubic, CUBIC, hand=cubic_hand)
     assert jnp.zeros(1).dtype == jnp.float32
