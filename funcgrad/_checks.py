@@ -180,10 +180,10 @@ def in_range(value: Any, low: float, high: float | None = None, *, low_open: boo
     """None when ``value`` is a real number in the range; else what was expected, e.g. "a number >= 0"."""
     ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
     if ok:
-        ok = (value > low if low_open else value >= low) and (high is None or value < high)
+        ok = bool(np.isfinite(value)) and (value > low if low_open else value >= low) and (high is None or value < high)
     if ok:
         return None
-    return f"a number {'>' if low_open else '>='} {low}" + (f" and < {high}" if high is not None else "")
+    return f"a finite number {'>' if low_open else '>='} {low}" + (f" and < {high}" if high is not None else "")
 
 
 def is_typed_key(x: Any) -> bool:

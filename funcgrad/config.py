@@ -56,12 +56,14 @@ class ConfigError(ValueError):
 # Field checks: each returns the normalised value or raises ConfigError naming the key.
 
 
-def _int(low: int | None = None, *, none_ok: bool = False) -> Callable[[str, Any], Any]:
+def _int(low: int | None = None, *, high: int | None = None, none_ok: bool = False) -> Callable[[str, Any], Any]:
     def check(key, v):
         if v is None and none_ok:
             return None
-        if isinstance(v, bool) or not isinstance(v, int) or (low is not None and v < low):
-            raise ConfigError(f"{key}: expected an integer{f' >= {low}' if low is not None else ''}, got {v!r}")
+        if (isinstance(v, bool) or not isinstance(v, int) or (low is not None and v < low)
+                or (high is not None and v >= high)):
+            bounds = (f" >= {low}" if low is not None else "") + (f" and < {high}" if high is not None else "")
+            raise ConfigError(f"{key}: expected an integer{bounds}, got {v!r}")
         return v
 
     return check
@@ -137,7 +139,7 @@ OPTIMIZER_KEYS = {
 class DataConfig:
     kind: str = _field("spiral", _choice("spiral", "vertical", "sine"), "the book's data set")
     samples: int = _field(100, _int(1), "points per class (spiral, vertical) or in all (sine)")
-    classes: int = _field(3, _int(1), "classes (spiral, vertical)")
+    classes: int = _field(3, _int(2), "classes (spiral, vertical)")
     exact: bool = _field(False, _bool, "draw data and weights from the nnfs package's NumPy stream, as the book")
     validation_samples: int | None = _field(None, _int(1, none_ok=True), "fresh validation data (default: samples)")
 
@@ -189,7 +191,7 @@ class ParallelConfig:
 @dataclasses.dataclass(frozen=True)
 class Config:
     name: str = _field("run", _name, "the run's name (default output folder runs/<name>)")
-    seed: int = _field(0, _int(0), "seed of data, weights and dropout")
+    seed: int = _field(0, _int(0, high=2**32), "seed of data, weights and dropout")
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
@@ -259,10 +261,12 @@ def _cross_checks(cfg: Config, raw: Mapping[str, Any]) -> None:
         raise ConfigError(f"model.sizes: sine data has one target; the last layer must have 1 unit, got {list(m.sizes)}")
     if cfg.data.exact and m.init != "book":
         raise ConfigError("data.exact: drawing weights the book's way needs model.init = 'book'")
-    if cfg.train.batch_size is not None:
-        n = cfg.data.samples * (cfg.data.classes if classification else 1)
-        if cfg.train.batch_size > n:
-            raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is more than the {n} training samples")
+    n = cfg.data.samples * (cfg.data.classes if classification else 1)
+    if cfg.train.batch_size is not None and cfg.train.batch_size > n:
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is more than the {n} training samples")
+    steps = cfg.train.epochs * (1 if cfg.train.batch_size is None else n // cfg.train.batch_size)
+    if steps >= 2**31:
+        raise ConfigError(f"train.epochs: {cfg.train.epochs} epochs make {steps} steps; at most {2**31 - 1} are counted")
 
 
 def _parse_value(text: str) -> Any:
@@ -395,6 +399,14 @@ def build(cfg: Config, *, validation_seed: int | None = None) -> Setup:
         train = draw(d.kind, d.samples, keyed(cfg.seed))
         params = model.init(jax.random.key(cfg.seed), input_shape)
         val = draw(d.kind, n_val, keyed(validation_seed if validation_seed is not None else cfg.seed + 10_000))
+    from funcgrad import losses
+
+    for name, table in (("l1", cfg.loss.l1), ("l2", cfg.loss.l2)):
+        for pattern in table:
+            try:
+                losses.select(params, pattern)
+            except ValueError as e:
+                raise ConfigError(f"loss.{name}.{pattern}: {e}") from None
     if cfg.loss.kind == "binary_crossentropy":
         train = (train[0], train[1].reshape(-1, 1))
         val = (val[0], val[1].reshape(-1, 1))

@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from funcgrad._checks import check_finite_tree, describe, float_leaves, x64_enabled
+from funcgrad._checks import check_finite_tree, describe, float_leaves, in_range, x64_enabled
 
 __all__ = [
     "VERDICTS",
@@ -142,11 +142,13 @@ class Row:
 
 
 def _combine_verdicts(verdicts: Sequence[str]) -> str:
-    failing = {v for v in verdicts if v in _FAILING}
-    if len(failing) > 1:
+    """The verdict over several: a side blamed alone (with or without unattributed disagreements) is that
+    side; both sides blamed is a mismatch; else the most severe passing verdict."""
+    blamed = {v for v in verdicts if v in ("hand_wrong", "autodiff_wrong")}
+    if len(blamed) == 1:
+        return blamed.pop()
+    if blamed or "mismatch" in verdicts:
         return "mismatch"
-    if failing:
-        return failing.pop()
     return max(verdicts, key=_SEVERITY.__getitem__, default="ok")
 
 
@@ -314,13 +316,8 @@ def _join_args(dyn: Sequence, spec: tuple) -> tuple:
     return jax.tree_util.tree_unflatten(treedef, [next(it) if s is _DYN else s for s in static])
 
 
-def _hashable(fn: Callable) -> Callable:
-    """Functions are static jit arguments; wrap the rare unhashable callable (it then recompiles per call)."""
-    try:
-        hash(fn)
-        return fn
-    except TypeError:
-        return lambda *a, **k: fn(*a, **k)
+def _fresh(fn: Callable) -> Callable:
+    return lambda *a, **k: fn(*a, **k)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -371,7 +368,8 @@ def _check_hand_structure(hand_out: Any, params: Any, what: str = "hand") -> Non
         if extra:
             detail.append(f"unexpected {extra}")
         if not detail:
-            detail.append(f"structure {hdef} where params has {pdef}")
+            detail.append(f"the same leaves in other containers (e.g. a tuple where params has a list): {hdef}, "
+                          f"where params is {pdef}")
         raise ValueError(
             f"{what} must return a gradient with the same structure as params; it returned "
             f"{'; '.join(detail)}. params leaves: {ppaths}"
@@ -836,6 +834,7 @@ def check_grad(
     atol: float | None = None,
     mode: str = "auto",
     seed: int = 0,
+    _reuse: bool = False,
 ) -> GradReport:
     """Checks the gradient of a scalar function three ways: autodiff, the hand formula, finite differences.
 
@@ -866,11 +865,16 @@ def check_grad(
     if mode not in ("auto", "exact", "projection"):
         raise ValueError(f"check_grad: mode must be 'auto', 'exact' or 'projection'; got {mode!r}")
     for name, value in (("rtol", rtol), ("atol", atol)):
-        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
+        if value is not None and in_range(value, 0.0):
             raise ValueError(f"check_grad: {name} must be a number >= 0 or None; got {value!r}")
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
         raise TypeError(f"check_grad: seed must be an int; got {describe(seed)}")
-    fn, hand = _hashable(fn), (_hashable(hand) if hand is not None else None)
+    if not _reuse:
+        # A fresh wrapper per call: compiled programs are cached per function object, and a function may read
+        # globals (data, constants) that changed since an earlier check. Only check_vjp and check_jacobian,
+        # which make their own wrappers for one call, reuse compilations across their inner checks.
+        fn = _fresh(fn)
+        hand = _fresh(hand) if hand is not None else None
     params = _prepare_params(params)
     layout = _layout(params)
     dyn, spec = _split_args(args)
@@ -1170,7 +1174,10 @@ def _bisect(li: int, a, h, tol, engine: _Engine) -> _Item:
 def _user_precision(o, s, shape, a64, h64, a_user, h_user, eps, skip=()) -> tuple[list[str], list[_Item]]:
     """The parameters' own precision (e.g. float32) against float64: a side whose values are not finite, or
     that loses far more precision than the other side, is wrong at that precision only. Sides already found
-    wrong in float64 (``skip``) are not judged again."""
+    wrong in float64 (``skip``) are not judged again. Deviations are measured against the leaf's largest
+    value, or the whole gradient's when that is larger (rounding follows the gradient's overall scale: a
+    leaf whose true gradient is 0 still gets round-off)."""
+    global_scale = float(np.max(np.abs(np.where(np.isfinite(a64), a64, 0.0)))) if a64.size else 0.0
     extra, items = [], []
     sides = {"autodiff": (a_user[o : o + s], a64[o : o + s])}
     if h64 is not None:
@@ -1179,7 +1186,7 @@ def _user_precision(o, s, shape, a64, h64, a_user, h_user, eps, skip=()) -> tupl
     for name, (u, ref) in sides.items():
         with np.errstate(invalid="ignore"):
             dev = np.abs(u - ref)
-        scale = max(float(np.max(np.abs(np.where(np.isfinite(ref), ref, 0.0)))) if s else 0.0, 1e-300)
+        scale = max(float(np.max(np.abs(np.where(np.isfinite(ref), ref, 0.0)))) if s else 0.0, global_scale, 1e-300)
         rel[name] = (float(np.max(np.where(np.isfinite(dev), dev, 0.0))) / scale if s else 0.0, dev)
     for name, (u, ref) in sides.items():
         if name in skip:
@@ -1234,6 +1241,14 @@ def _merge(reports: Sequence[GradReport], title: str, extra_notes: Sequence[str]
                       sum(rep.seconds for rep in reports))
 
 
+def _in_terms_of(message: str, names: Sequence[str]) -> str:
+    """A check_grad message about the tuple of differentiated primals, told with the primals' names."""
+    message = message.replace("hand must", "hand_vjp must").replace("hand returned", "hand_vjp returned")
+    for i, name in enumerate(names):
+        message = message.replace(f"params[{i}]", name).replace(f"'[{i}]", f"'{name}").replace(f"[{i}]:", f"{name}:")
+    return f"check_vjp (differentiating {', '.join(names)}): {message}"
+
+
 def _primal_names(fn: Callable, n: int) -> list[str]:
     try:
         params = [p.name for p in inspect.signature(fn).parameters.values()
@@ -1268,10 +1283,11 @@ def check_vjp(
     """
     if not callable(fn) or not callable(hand_vjp):
         raise TypeError("check_vjp: fn and hand_vjp must be callable")
-    primals = tuple(jnp.asarray(p) if isinstance(p, (int, float)) else p for p in primals)
+    # Python floats are points to differentiate at; ints, strings and other non-arrays stay static arguments.
+    primals = tuple(jnp.asarray(p) if isinstance(p, float) else p for p in primals)
     if argnums is None:
-        argnums = tuple(i for i, p in enumerate(primals)
-                        if all(jnp.issubdtype(jnp.result_type(leaf), jnp.floating) for leaf in jax.tree_util.tree_leaves(p)))
+        argnums = tuple(i for i, p in enumerate(primals) if jax.tree_util.tree_leaves(p) and all(
+            _is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.floating) for leaf in jax.tree_util.tree_leaves(p)))
     argnums = tuple(argnums)
     if not argnums:
         raise ValueError("check_vjp: no floating primal to differentiate; pass argnums")
@@ -1313,7 +1329,11 @@ def check_vjp(
         cot = jax.tree_util.tree_unflatten(
             treedef, [np.asarray(rng.standard_normal(leaf.shape), leaf.dtype) for leaf in leaves]
         )
-        rep = check_grad(scalar, diff, cot, consts, hand=hand, rtol=rtol, atol=atol, mode=mode, seed=seed + k)
+        try:
+            rep = check_grad(scalar, diff, cot, consts, hand=hand, rtol=rtol, atol=atol, mode=mode, seed=seed + k,
+                             _reuse=True)
+        except (TypeError, ValueError) as e:
+            raise type(e)(_in_terms_of(str(e), row_names)) from None
         reports.append(_rename_rows(rep, row_names, "check_vjp"))
     return _merge(reports, f"check_vjp({getattr(fn, '__name__', 'fn')})")
 
@@ -1346,14 +1366,23 @@ def check_jacobian(
             f"hand_jac(x) must have shape fn(x).shape + x.shape = {tuple(y.shape) + tuple(x.shape)}; got {describe(J_shape)}"
         )
     notes = []
-    J_rev, J_fwd = jax.jacrev(fn)(x), jax.jacfwd(fn)(x)
-    with np.errstate(invalid="ignore"):
-        gap = np.abs(np.asarray(J_rev, np.float64) - np.asarray(J_fwd, np.float64))
-    eps = float(jnp.finfo(x.dtype).eps)
-    scale = float(np.max(np.abs(np.asarray(J_rev, np.float64)))) if m else 0.0
-    if not np.all(gap <= 100 * eps * max(scale, 1e-30) + _default_rtol(eps) * scale):
-        i = np.unravel_index(int(np.nanargmax(gap)), gap.shape)
-        notes.append(f"jacrev and jacfwd disagree at J{list(i)}: {float(np.asarray(J_rev)[i])} vs {float(np.asarray(J_fwd)[i])}")
+    J_rev = jax.jacrev(fn)(x)
+    try:
+        J_fwd = jax.jacfwd(fn)(x)
+    except TypeError as e:  # forward mode is undefined for jax.custom_vjp functions
+        if "custom_vjp" not in str(e):
+            raise
+        J_fwd = None
+        notes.append("jacfwd is unavailable for fn (a jax.custom_vjp rule): jacrev only")
+    if J_fwd is not None:
+        with np.errstate(invalid="ignore"):
+            gap = np.abs(np.asarray(J_rev, np.float64) - np.asarray(J_fwd, np.float64))
+        eps = float(jnp.finfo(x.dtype).eps)
+        scale = float(np.max(np.abs(np.asarray(J_rev, np.float64)))) if m else 0.0
+        if not np.all(gap <= 100 * eps * max(scale, 1e-30) + _default_rtol(eps) * scale):
+            i = np.unravel_index(int(np.nanargmax(gap)), gap.shape)
+            notes.append(f"jacrev and jacfwd disagree at J{list(i)}: {float(np.asarray(J_rev)[i])} vs "
+                         f"{float(np.asarray(J_fwd)[i])}")
 
     def row_fn(x_, i):
         return jnp.ravel(fn(x_))[i]
@@ -1363,12 +1392,13 @@ def check_jacobian(
 
     reports = []
     for i in range(m):
-        rep = check_grad(row_fn, x, jnp.asarray(i, jnp.int32), hand=row_hand, rtol=rtol, atol=atol, mode=mode, seed=seed)
+        rep = check_grad(row_fn, x, jnp.asarray(i, jnp.int32), hand=row_hand, rtol=rtol, atol=atol, mode=mode,
+                         seed=seed, _reuse=True)
         out_idx = [int(k) for k in np.unravel_index(i, y.shape)] if y.shape else []
         reports.append(_rename_rows(dataclasses.replace(rep, rows=tuple(dataclasses.replace(r, path="[0]") for r in rep.rows)),
                                     [f"y{out_idx}"], "check_jacobian"))
     merged = _merge(reports, f"check_jacobian({getattr(fn, '__name__', 'fn')})", notes)
-    if notes and merged.verdict == "ok":
+    if any(n.startswith("jacrev and jacfwd disagree") for n in notes) and merged.ok:
         merged = dataclasses.replace(merged, verdict="autodiff_wrong")
     return merged
 
@@ -1452,6 +1482,8 @@ def check_chain(
     for k, st in enumerate(stages):
         if not isinstance(st, (tuple, list)) or len(st) not in (3, 4) or not isinstance(st[0], str):
             raise TypeError(f"check_chain: stage {k} must be (name, forward, hand_backward[, params]); got {describe(st)}")
+        if any(st[0] == p[0] for p in parsed):
+            raise ValueError(f"check_chain: two stages are named {st[0]!r}; give each link its own name")
         parsed.append((st[0], st[1], st[2], st[3] if len(st) == 4 else None, len(st) == 4))
     if not parsed:
         raise ValueError("check_chain: needs at least one stage")
@@ -1459,40 +1491,53 @@ def check_chain(
     links = []
     cur = x
     for k, (name, fwd, bwd, p, has_p) in enumerate(parsed):
-        if has_p and _has_leaves(p):
-            rep = check_vjp(fwd, bwd, p, cur, argnums=(0, 1), names=["params", "x"], cotangents=cotangents,
-                            rtol=rtol, atol=atol, mode=mode, seed=seed + k)
-            nxt = fwd(p, cur)
-        elif has_p:  # a link without parameters given in the (params, x) form
-            rep = check_vjp(functools.partial(fwd, p), lambda x_, d, _b=bwd, _p=p: _b(_p, x_, d)[1], cur,
-                            argnums=(0,), names=["x"], cotangents=cotangents, rtol=rtol, atol=atol, mode=mode,
-                            seed=seed + k)
-            nxt = fwd(p, cur)
-        else:
-            rep = check_vjp(fwd, bwd, cur, argnums=(0,), names=["x"], cotangents=cotangents, rtol=rtol, atol=atol,
-                            mode=mode, seed=seed + k)
-            nxt = fwd(cur)
-        links.append((name, dataclasses.replace(rep, title=f"link {name}")))
-        cur = nxt
+        try:
+            rep, cur = _check_link(name, fwd, bwd, p, has_p, cur, k, cotangents, rtol, atol, mode, seed)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"check_chain: link {name!r}: {e}") from None
+        links.append((name, rep))
+    return _whole_chain(parsed, links, x, rtol, atol, mode, seed)
 
+
+def _check_link(name, fwd, bwd, p, has_p, cur, k, cotangents, rtol, atol, mode, seed):
+    """One link: its hand backward against jax.vjp at the link's input. Returns the report and the output."""
+    common = dict(cotangents=cotangents, rtol=rtol, atol=atol, mode=mode, seed=seed + k)
+    if has_p and _has_leaves(p):
+        rep = check_vjp(fwd, bwd, p, cur, argnums=(0, 1), names=["params", "x"], **common)
+        nxt = fwd(p, cur)
+    elif has_p:  # a link without parameters, given in the (params, x) form
+        rep = check_vjp(functools.partial(fwd, p), lambda x_, d: bwd(p, x_, d)[1], cur, argnums=(0,), names=["x"],
+                        **common)
+        nxt = fwd(p, cur)
+    else:
+        rep = check_vjp(fwd, bwd, cur, argnums=(0,), names=["x"], **common)
+        nxt = fwd(cur)
+    return dataclasses.replace(rep, title=f"link {name}"), nxt
+
+
+def _whole_chain(parsed, links, x, rtol, atol, mode, seed) -> ChainReport:
+    """The composed hand backward against jax.grad of the composition."""
     all_params = {name: p for name, _, _, p, has_p in parsed if has_p and _has_leaves(p)}
-    out_shape = jax.eval_shape(lambda: cur)
+
+    def forward(ps, x_):
+        inputs, y = [], x_
+        for name, fwd, _, p, has_p in parsed:
+            inputs.append(y)
+            y = fwd(ps.get(name, p), y) if has_p else fwd(y)
+        return y, inputs
+
+    out_shape = jax.eval_shape(lambda: forward(all_params, x)[0])
     scalar_out = getattr(out_shape, "shape", None) == ()
     rng = np.random.default_rng(seed + 1000)
     u = None if scalar_out else jax.tree_util.tree_map(
         lambda s: np.asarray(rng.standard_normal(s.shape), s.dtype), out_shape)
 
     def whole(ps, x_):
-        y = x_
-        for name, fwd, _, p, has_p in parsed:
-            y = fwd(ps.get(name, p), y) if has_p else fwd(y)
+        y = forward(ps, x_)[0]
         return y if scalar_out else _vdot_tree(y, u)
 
     def whole_hand(ps, x_):
-        inputs, y = [], x_
-        for name, fwd, _, p, has_p in parsed:
-            inputs.append(y)
-            y = fwd(ps.get(name, p), y) if has_p else fwd(y)
+        y, inputs = forward(ps, x_)
         d = jnp.ones((), y.dtype) if scalar_out else u
         grads = {}
         for (name, _, bwd, p, has_p), inp in reversed(list(zip(parsed, inputs))):
@@ -1509,13 +1554,13 @@ def check_chain(
         # several kinks at once in opposite directions, where the one-sided test cannot judge conventions.)
         end = check_grad(lambda ps: whole(ps, x), all_params, hand=lambda ps: whole_hand(ps, x)[0],
                          rtol=rtol, atol=atol, mode=mode, seed=seed)
-        end = dataclasses.replace(end, rows=tuple(dataclasses.replace(r, path="params" + r.path) for r in end.rows),
-                                  title="whole chain")
+        root = "params"
     else:
         end = check_grad(lambda x_: whole({}, x_), x, hand=lambda x_: whole_hand({}, x_)[1],
                          rtol=rtol, atol=atol, mode=mode, seed=seed)
-        end = dataclasses.replace(end, rows=tuple(dataclasses.replace(r, path="x" + r.path) for r in end.rows),
-                                  title="whole chain")
+        root = "x"
+    end = dataclasses.replace(end, rows=tuple(dataclasses.replace(r, path=root + r.path) for r in end.rows),
+                              title="whole chain")
     return ChainReport(tuple(links), end)
 
 

@@ -121,3 +121,62 @@ def test_numerical_fault_stops_and_keeps_the_last_good_checkpoint(tmp_path, comp
     assert "The last good checkpoint is step 200" in proc.stderr
     assert (out / "checkpoint.npz").read_bytes() == good  # nothing saved was lost
     assert (out / "metrics.jsonl").read_text().startswith(metrics_before)
+
+
+def test_user_mistakes_get_one_line_errors(tmp_path, default_run):
+    out, _ = default_run
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "config.json").write_text((out / "config.json").read_text())
+    (damaged / "checkpoint.npz").write_bytes(b"not a checkpoint")
+    for args in (["train", "--out", str(damaged), "--resume"], ["evaluate", "--run", str(damaged)]):
+        proc = run_python(["-m", "funcgrad", *args], check=False, env={"FUNCGRAD_COMPILATION_CACHE": "0"})
+        assert proc.returncode == 2 and "not a readable funcgrad checkpoint" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    (tmp_path / "afile").write_text("x")
+    proc = train(tmp_path / "afile", "--set", "train.epochs=1", check=False)
+    assert proc.returncode == 2 and "cannot write the run's files" in proc.stderr and "Traceback" not in proc.stderr
+    proc = train(tmp_path / "p", "--set", "loss.l2={'dens1/W' = 5e-4}", check=False)
+    assert proc.returncode == 2 and "loss.l2.dens1/W" in proc.stderr and "matches no parameter" in proc.stderr
+
+
+def test_resuming_off_the_checkpoint_grid_keeps_checkpointing(tmp_path, compile_cache):
+    out = tmp_path / "grid"
+    base = ["--set", "train.fuse=50", "--set", "train.checkpoint_every=100", "--set", "train.verify=false"]
+    train(out, *base, "--set", "train.epochs=250", cache=compile_cache)
+    assert checkpoint.metadata((out / "checkpoint.npz").read_bytes())["step"] == 250
+    env = dict(os.environ, FUNCGRAD_COMPILATION_CACHE=compile_cache)
+    proc = subprocess.Popen([sys.executable, "-m", "funcgrad", "train", "--out", str(out), *base,
+                             "--set", "train.epochs=200250", "--resume"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, step = time.time() + 120, 250
+    while step == 250 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+        try:
+            step = checkpoint.metadata((out / "checkpoint.npz").read_bytes())["step"]
+        except checkpoint.CheckpointError:
+            pass
+    proc.kill()
+    proc.wait()
+    assert step == 300  # the next multiple of checkpoint_every, not the end of the run
+
+
+def test_earlier_metrics_are_set_aside_not_lost(tmp_path, compile_cache):
+    out = tmp_path / "sine"
+    base = ["--config", str(ROOT / "configs" / "sine.toml"), "--set", "optimizer.kind=sgd", "--set", "train.fuse=100",
+            "--set", "train.checkpoint_every=100", "--set", "train.verify=false", "--set", "train.log_every=1"]
+    # A diverging attempt that never reaches a checkpoint, then a fresh run in the same folder.
+    train(out, *base, "--set", "train.epochs=300", "--set", "optimizer.learning_rate=100.0", check=False,
+          cache=compile_cache)
+    failed = (out / "metrics.jsonl").read_text()
+    proc = train(out, *base, "--set", "train.epochs=200", "--set", "optimizer.learning_rate=0.01", cache=compile_cache)
+    assert "kept as" in proc.stdout and (out / "metrics.jsonl.1").read_text() == failed
+    # Diverge after the checkpoint at 200, then resume from it with a lower rate: the lines past 200 go aside.
+    train(out, *base, "--set", "train.epochs=400", "--set", "optimizer.learning_rate=100.0", "--resume", check=False,
+          cache=compile_cache)
+    before = (out / "metrics.jsonl").read_text()
+    train(out, *base, "--set", "train.epochs=300", "--set", "optimizer.learning_rate=0.02", "--resume",
+          cache=compile_cache)
+    assert (out / "metrics.jsonl.2").read_text() == before
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(300))

@@ -63,8 +63,12 @@ def test_keyed_data_and_minibatch_steps():
         ("name = 'a/b'", (), r"name: expected a non-empty name without slashes"),
         ("[train\nepochs = 1", (), r"not valid TOML"),
         ("", ("optimizer.learning_rate",), r"expected key=value"),
-        ("", ("optimizer.learning_rate=-1",), r"optimizer.learning_rate: expected a number > 0.0, got -1"),
+        ("", ("optimizer.learning_rate=-1",), r"optimizer.learning_rate: expected a finite number > 0.0, got -1"),
         ("", ("model.sizes.x=1",), r"model.sizes: expected a non-empty list of positive integers"),
+        ("", ("optimizer.decay=inf",), r"optimizer.decay: expected a finite number >= 0.0, got inf"),
+        ("[data]\nclasses = 1\n[model]\nsizes = [64, 1]", (), r"data.classes: expected an integer >= 2, got 1"),
+        ("seed = 4294967296", (), r"seed: expected an integer >= 0 and < 4294967296"),
+        ("[train]\nepochs = 3000000000", (), r"train.epochs: .* steps; at most 2147483647"),
         ("[model]\nsizes = [3]", ("model.sizes.x=1",), r"'sizes' is not a table"),
     ],
 )
@@ -78,6 +82,12 @@ def test_overrides_parse_toml_values():
                                       "data.exact=true", "name=demo"])
     assert cfg.optimizer.learning_rate == 0.02 and cfg.model.sizes == (32, 3)
     assert cfg.model.activation == "tanh" and cfg.data.exact is True and cfg.name == "demo"
+
+
+def test_penalty_patterns_are_checked_against_the_model():
+    cfg = config.loads("[loss]\nl2 = { 'dens1/W' = 5e-4 }")
+    with pytest.raises(config.ConfigError, match=r"loss.l2.dens1/W: where: pattern 'dens1/W' matches no parameter"):
+        config.build(cfg)
 
 
 def test_missing_file():

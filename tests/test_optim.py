@@ -86,10 +86,10 @@ def test_optax_defaults_differ_where_the_reference_says():
 @pytest.mark.parametrize(
     "call,match",
     [
-        (lambda: optim.adam(-0.1), "learning_rate must be a number > 0"),
-        (lambda: optim.sgd(1.0, momentum=1.0), r"momentum must be a number >= 0.0 and < 1.0; got 1.0"),
-        (lambda: optim.rmsprop(decay=-1), "decay must be a number >= 0"),
-        (lambda: optim.adam(beta2="0.9"), "beta2 must be a number"),
+        (lambda: optim.adam(-0.1), "learning_rate must be a finite number > 0"),
+        (lambda: optim.sgd(1.0, momentum=1.0), r"momentum must be a finite number >= 0.0 and < 1.0; got 1.0"),
+        (lambda: optim.rmsprop(decay=-1), "decay must be a finite number >= 0"),
+        (lambda: optim.adam(beta2="0.9"), "beta2 must be a finite number"),
     ],
 )
 def test_bad_hyperparameters(call, match):

@@ -378,3 +378,69 @@ def test_check_chain_traces_a_wrong_gradient_to_the_layer():
     assert broken.end_to_end.verdict == "hand_wrong"
     assert "first broken link: dense2" in str(broken)
     json.dumps(broken.to_dict())
+
+
+# ---- found in review ----
+
+
+def test_a_changed_global_is_seen_by_the_next_check():
+    scale = {"value": 1.0}
+
+    def loss(p):
+        return jnp.sum(scale["value"] * p**2)
+
+    def hand(p):
+        return 2 * p  # forgets the scale
+
+    p = jnp.array([1.0, 2.0])
+    assert verify.check_grad(loss, p, hand=hand).ok
+    scale["value"] = 3.0
+    assert verify.check_grad(loss, p, hand=hand).verdict == "hand_wrong"
+
+
+def test_a_leaf_whose_true_gradient_is_zero_in_float32():
+    # Softmax is shift-invariant: the shift's gradient is 0, and float32 autodiff returns round-off.
+    X = jnp.asarray(RS.randn(8, 3), jnp.float32)
+
+    def loss(p):
+        return -jnp.mean(jax.nn.log_softmax(X @ p["W"] + p["shift"])[:, 0])
+
+    def hand(p):
+        s = jax.nn.softmax(X @ p["W"] + p["shift"])
+        dz = (s - jax.nn.one_hot(jnp.zeros(8, int), 2)) / 8
+        return {"W": X.T @ dz, "shift": jnp.zeros((), jnp.float32)}
+
+    params = {"W": jnp.asarray(RS.randn(3, 2), jnp.float32), "shift": jnp.float32(0.3)}
+    assert verify.check_grad(loss, params, hand=hand).ok
+
+
+def test_one_blamed_side_is_not_hidden_by_an_unattributed_leaf():
+    assert verify._combine_verdicts(["ok", "hand_wrong", "mismatch"]) == "hand_wrong"
+    assert verify._combine_verdicts(["hand_wrong", "autodiff_wrong"]) == "mismatch"
+    assert verify._combine_verdicts(["ok", "kink", "fd_unreliable"]) == "fd_unreliable"
+
+
+def test_check_vjp_keeps_non_array_primals_static_and_names_primals_in_errors():
+    x = jnp.asarray(RS.randn(3, 4), jnp.float32)
+    report = verify.check_vjp(lambda x, axis: jnp.sum(x**2, axis=axis), lambda x, axis, d: 2 * x * jnp.expand_dims(d, axis),
+                              x, 1)
+    assert report.ok and [r.path for r in report.rows] == ["x"]
+    with pytest.raises(ValueError, match=r"(?s)check_vjp \(differentiating x\): hand_vjp returned .*x: expected shape \(3, 4\)"):
+        verify.check_vjp(lambda x: x * 2, lambda x, d: (2 * d)[:2], x)
+
+
+def test_check_jacobian_of_a_custom_vjp_function():
+    f = jax.custom_vjp(lambda x: jnp.sin(x))
+    f.defvjp(lambda x: (jnp.sin(x), x), lambda x, d: (jnp.cos(x) * d,))
+    report = verify.check_jacobian(f, jnp.array([0.1, 0.5]), lambda x: jnp.diag(jnp.cos(x)))
+    assert report.ok and any("jacfwd is unavailable" in n for n in report.notes)
+
+
+def test_check_chain_names_the_link_and_refuses_duplicate_names():
+    x = jnp.ones((2, 3))
+    dense = ("dense", lambda p, x: x @ p, lambda p, x, d: (x.T @ d, d @ p.T), jnp.ones((3, 3)))
+    with pytest.raises(ValueError, match="two stages are named 'dense'"):
+        verify.check_chain([dense, dense], x)
+    bad = ("dense", lambda p, x: x @ p, lambda p, x, d: (x.T @ d, (d @ p.T)[:1]), jnp.ones((3, 3)))
+    with pytest.raises(ValueError, match=r"(?s)check_chain: link .dense.: check_vjp .*x: expected shape \(2, 3\)"):
+        verify.check_chain([bad], x)

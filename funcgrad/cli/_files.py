@@ -62,37 +62,51 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def append_lines(path: Path, records: Iterable[dict]) -> None:
-    """Appends one JSON object per line, in one write, flushed to disk."""
+    """Appends one JSON object per line, in one write, flushed to disk. A file whose last line lacks its
+    newline (a process killed between the two) gets it first, so no two records share a line."""
     text = "".join(json.dumps(_clean(r)) + "\n" for r in records)
     if not text:
         return
-    with open(path, "a") as f:
-        f.write(text)
+    with open(path, "ab+") as f:
+        if f.seek(0, os.SEEK_END) and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
+            text = "\n" + text
+        f.write(text.encode())
         f.flush()
         os.fsync(f.fileno())
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The complete lines of a metrics file; a last line cut short by a killed process is dropped (and
-    removed from the file, atomically, so that later lines start on a line of their own)."""
+    """The records of a metrics file. Only a last line that is not JSON (cut short by a killed process, so
+    never a complete record) is dropped, and removed from the file atomically."""
     path = Path(path)
     if not path.exists():
         return []
-    text = path.read_text()
-    lines = text.split("\n")
-    records, good = [], []
+    lines = path.read_text().split("\n")
+    records = []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
             records.append(json.loads(line))
-            good.append(line)
         except json.JSONDecodeError:
-            if i < len(lines) - 1 and any(rest.strip() for rest in lines[i + 1 :]):
+            if any(rest.strip() for rest in lines[i + 1 :]):
                 raise ValueError(f"{path}: line {i + 1} is not JSON; the file is damaged") from None
-            atomic_write(path, "".join(g + "\n" for g in good).encode())  # only a cut-off last line
-            break
+            atomic_write(path, "".join(line + "\n" for line in lines[:i] if line.strip()).encode())
     return records
+
+
+def set_aside(path: Path) -> Path | None:
+    """Renames an existing file to ``<name>.<n>`` (the first n free), so that nothing saved is lost."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    n = 1
+    while path.with_name(f"{path.name}.{n}").exists():
+        n += 1
+    target = path.with_name(f"{path.name}.{n}")
+    os.replace(path, target)
+    _fsync_dir(path.parent)
+    return target
 
 
 def save_checkpoint(run_dir: Path, state: Any, meta: dict) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from funcgrad import checkpoint
 from funcgrad.cli import _files as files
 from funcgrad.cli._progress import Progress
 
@@ -81,10 +82,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / cfg.name
     ckpt = out / files.CHECKPOINT
     resolved = fgconfig.to_dict(cfg)
+    saved = None  # the configuration the run in `out` was started with, when resuming it
     if args.resume:
         if not ckpt.exists():
             raise UsageError(f"--resume: no checkpoint in {out}; train without --resume to start the run")
-        saved = files.json_load(out / files.CONFIG)
+        try:
+            saved = files.json_load(out / files.CONFIG)
+        except ValueError as e:
+            raise UsageError(f"--resume: {e}") from None
         diff = _config_diff(resolved, saved)
         if diff:
             raise UsageError(f"--resume: the configuration differs from the run's in {out}:\n  " + "\n  ".join(diff))
@@ -92,10 +97,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(f"{out} already holds a run ({files.CHECKPOINT}); pass --resume to continue it, or --out "
                          "to train into another folder")
     if writer:
-        out.mkdir(parents=True, exist_ok=True)
-        files.write_json(out / files.CONFIG, resolved)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            files.write_json(out / files.CONFIG, resolved)
+        except OSError as e:
+            raise UsageError(f"cannot write the run's files into {out}: {e.strerror or e}") from None
+        if not args.resume:
+            kept = files.set_aside(out / files.METRICS)  # an earlier attempt that never reached a checkpoint
+            if kept:
+                print(f"  (the metrics of an earlier attempt here are kept as {kept})")
 
-    setup = fgconfig.build(cfg)
+    try:
+        setup = fgconfig.build(cfg)
+    except fgconfig.ConfigError as e:
+        raise UsageError(str(e)) from None
     try:
         mesh = parallel.setup_for(cfg.parallel.mode, setup.train_data, setup.batch_size)
     except parallel.ParallelError as e:
@@ -119,13 +134,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     key = jax.random.key(cfg.seed)
     state = fg.train.init(setup.params, setup.optimizer, key)
     if args.resume:
-        state, meta = files.load_checkpoint(out, like=state)
+        try:
+            state, meta = files.load_checkpoint(out, like=state)
+        except checkpoint.CheckpointError as e:
+            raise UsageError(f"--resume: {ckpt}: {e}") from None
         say(f"  resume from step {int(state.step)} ({ckpt})")
+    start = int(state.step)
     fuse = cfg.train.fuse
     every = math.ceil(cfg.train.checkpoint_every / fuse) * fuse
-    logged = files.read_metrics(out / files.METRICS) if writer else []
-    last_logged = max((r["step"] for r in logged), default=-1)
-    start = int(state.step)
+    next_checkpoint = (start // every + 1) * every
+    last_logged = _metrics_to_continue(out, start, resolved, saved) if writer else -1
     state, data, shard_batch = parallel.place(mesh, state, setup.train_data)
 
     progress = Progress(setup.steps, start=start, enabled=writer)
@@ -155,7 +173,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                 status = 1
                 break
             progress.update(step, {k: float(v[-1]) for k, v in m.items()})
-            if step % every == 0 or step == setup.steps:
+            if step >= next_checkpoint or step == setup.steps:
+                next_checkpoint = (step // every + 1) * every
                 snapshot = parallel.gather(state)  # a collective when the state is split: every process joins
                 if writer:
                     files.save_checkpoint(out, snapshot, {"step": step, "config": cfg.name})
@@ -182,6 +201,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         _plots(out, setup, params, records, cfg.name)
     say(f"  wrote  {out}/{{{files.METRICS}, {files.SUMMARY}, {files.CHECKPOINT}, *.png}} ({wall:.1f}s)")
     return 0
+
+
+def _metrics_to_continue(out: Path, start: int, resolved: dict, saved: dict | None) -> int:
+    """The last step already logged in ``metrics.jsonl``, which training continues. Lines past the resumed
+    checkpoint were computed by the same steps, unless the learning rate or its decay changed: then the file
+    is set aside whole (nothing saved is lost) and a copy of its lines up to the checkpoint continues."""
+    path = out / files.METRICS
+    records = files.read_metrics(path)
+    if saved is not None and saved.get("optimizer") != resolved.get("optimizer"):
+        if any(r["step"] > start for r in records):
+            kept = files.set_aside(path)
+            files.append_lines(path, [r for r in records if r["step"] <= start])
+            print(f"  (the optimizer changed: metrics past step {start} are kept in {kept})")
+            records = [r for r in records if r["step"] <= start]
+    return max((r["step"] for r in records), default=-1)
 
 
 def _verify(setup: Any) -> Any:
@@ -228,12 +262,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UsageError(f"--run {run}: no finished or checkpointed run there (need {files.CONFIG} and {files.CHECKPOINT})")
     try:
         cfg = fgconfig.from_dict(files.json_load(run / files.CONFIG))
-    except fgconfig.ConfigError as e:
-        raise UsageError(f"{run / files.CONFIG}: {e}") from None
-    seed = args.seed if args.seed is not None else cfg.seed + 1
-    setup = fgconfig.build(cfg, validation_seed=seed)
-    state = fg.train.init(setup.params, setup.optimizer, jax.random.key(cfg.seed))
-    state, meta = files.load_checkpoint(run, like=state)
+        seed = args.seed if args.seed is not None else cfg.seed + 1
+        setup = fgconfig.build(cfg, validation_seed=seed)
+        state = fg.train.init(setup.params, setup.optimizer, jax.random.key(cfg.seed))
+        state, meta = files.load_checkpoint(run, like=state)
+    except (ValueError, checkpoint.CheckpointError) as e:  # ConfigError is a ValueError
+        raise UsageError(f"--run {run}: {e}") from None
     metrics = _floats(jax.jit(setup.objective.metrics)(state.params, *setup.validation_data))
     if args.json:
         print(json.dumps({"run": str(run), "step": int(state.step), "seed": seed, "validation": metrics}))

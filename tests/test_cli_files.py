@@ -1,0 +1,36 @@
+"""The CLI's file handling: atomic writes and metrics lines that survive a killed process."""
+
+import json
+
+from funcgrad.cli import _files as files
+
+
+def test_atomic_write_replaces_whole_files(tmp_path):
+    path = tmp_path / "a.json"
+    files.write_json(path, {"x": 1, "nan": float("nan")})
+    files.write_json(path, {"x": 2})
+    assert json.loads(path.read_text()) == {"x": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temporary file left
+
+
+def test_a_record_without_its_newline_is_kept(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0}\n{"step": 100}')  # killed between the record and its newline
+    files.append_lines(path, [{"step": 200}])
+    assert [r["step"] for r in files.read_metrics(path)] == [0, 100, 200]
+
+
+def test_a_cut_off_last_line_is_dropped_and_others_kept(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0}\n{"step": 1')
+    assert files.read_metrics(path) == [{"step": 0}]
+    assert path.read_text() == '{"step": 0}\n'
+
+
+def test_set_aside_never_overwrites(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("first")
+    assert files.set_aside(path).name == "metrics.jsonl.1"
+    path.write_text("second")
+    assert files.set_aside(path).name == "metrics.jsonl.2"
+    assert (tmp_path / "metrics.jsonl.1").read_text() == "first" and files.set_aside(path) is None
