@@ -188,8 +188,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     evaluate = jax.jit(setup.objective.metrics)
     train_m = _floats(evaluate(params, *setup.train_data))
     val_m = _floats(evaluate(params, *setup.validation_data))
-    records = files.read_metrics(out / files.METRICS)
-    last_step = {k: v for k, v in records[-1].items()} if records else {}
+    records = files.read_metrics(out / files.METRICS) if writer else []
+    last_step = dict(records[-1]) if records else {}
     wall = time.perf_counter() - t_start
     say(f"  final  training:   {_summary_line(train_m)}")
     say(f"         validation: {_summary_line(val_m)}")
