@@ -10,14 +10,20 @@ How it decides (see also :class:`GradReport`):
   coordinate, or a random unit vector within one leaf) at steps ±h and ±h/2: two central differences give a
   Richardson-extrapolated derivative and an estimate of its own error; rounding error is bounded from the
   dtype of ``fn``'s output. One-sided differences at both steps test smoothness: for a smooth function
-  ``(D₊ − D₋)(h) ≈ 2·(D₊ − D₋)(h/2)``; at or near a kink (ReLU at 0, max at a tie, |x| at 0) this fails, and
-  any value between the one-sided derivatives is accepted: verdict ``"kink"``.
+  ``(D₊ − D₋)(h) ≈ 2·(D₊ − D₋)(h/2)``; at or near a kink (ReLU at 0, max at a tie, |x| at 0) this fails.
+  Steps form a ladder h, h/10, ..., h/10⁴, read from the top: the pair of consecutive steps that agree with
+  the least uncertainty decides (a kink within the larger step only makes them disagree), and finer steps are
+  evaluated only for items not yet decided. At a kink any value between the one-sided derivatives is
+  accepted: verdict ``"kink"``.
 - **Autodiff and hand** are compared element by element over every leaf (both are full vectors, so a single
   wrong element among millions is located exactly). Elements that disagree are arbitrated by finite
   differences at that element: the side that disagrees with the other two is wrong.
-- **Large leaves** are checked against finite differences by random projections (batched with ``vmap`` and
-  compiled with ``jit``) plus the largest-gradient elements; a projection that disagrees is bisected down to
-  the element responsible. No Jacobian is ever materialised.
+- **Large leaves** are checked against finite differences by random projections plus the largest-gradient
+  element, compiled with ``jit`` into one program (batched with ``vmap`` on accelerators, a ``lax`` loop on
+  CPU); a projection that disagrees is bisected down to the element responsible. No Jacobian is ever
+  materialised.
+- Every call traces ``fn`` and ``hand`` afresh: a function may read globals that changed since an earlier
+  check, and a cached trace would check the old function.
 - **Tolerances** come from the dtypes (``rtol = max(1e-7, 3·√eps)`` of the float64 check's working precision,
   ``atol`` from each leaf's gradient scale and the finite-difference noise floor) and from the measured
   finite-difference error; ``rtol``/``atol`` override the analytic part. The user's own precision (e.g.
