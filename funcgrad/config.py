@@ -395,10 +395,9 @@ def build(cfg: Config, *, validation_seed: int | None = None) -> Setup:
             stream = fgdata.NNFSRandom(validation_seed)
         val = draw(d.kind, n_val, stream)
     else:
-        keyed = lambda seed: _KeyedSource(seed)  # noqa: E731
-        train = draw(d.kind, d.samples, keyed(cfg.seed))
+        train = draw(d.kind, d.samples, _KeyedSource(cfg.seed))
         params = model.init(jax.random.key(cfg.seed), input_shape)
-        val = draw(d.kind, n_val, keyed(validation_seed if validation_seed is not None else cfg.seed + 10_000))
+        val = draw(d.kind, n_val, _KeyedSource(validation_seed if validation_seed is not None else cfg.seed + 10_000))
     from funcgrad import losses
 
     for name, table in (("l1", cfg.loss.l1), ("l2", cfg.loss.l2)):

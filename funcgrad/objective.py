@@ -112,25 +112,22 @@ class Objective:
         """The objective: data loss plus regularisation. ``key``/``train`` drive dropout."""
         return self.data_loss(params, x, y, key=key, train=train) + self.regularization(params)
 
+    def _scored(self, params: Params, x: jax.Array, y: jax.Array, key, train: bool) -> dict[str, jax.Array]:
+        """One forward pass: loss, its data and regularisation parts, and the loss's accuracy metric."""
+        forward, _, accuracy = LOSS_RULES[self.loss]
+        out = self.model.apply(params, x, key=key, train=train)
+        data, reg = forward(out, y), self.regularization(params)
+        return {"loss": data + reg, "data_loss": data, "reg_loss": reg, "accuracy": accuracy(out, y)}
+
     def train_loss(self, params: Params, x: jax.Array, y: jax.Array, key: jax.Array | None = None):
         """The training loss and its metrics from one forward pass in training mode (dropout on, driven by
         ``key``): ``(loss, {"data_loss", "reg_loss", "accuracy"})``, the form :mod:`funcgrad.train` takes."""
-        out = self.model.apply(params, x, key=key, train=True)
-        data = LOSS_RULES[self.loss][0](out, y)
-        reg = self.regularization(params)
-        acc = metrics.accuracy(out, y) if self.loss == "categorical_crossentropy_with_logits" else LOSS_RULES[self.loss][2](out, y)
-        return data + reg, {"data_loss": data, "reg_loss": reg, "accuracy": acc}
+        scored = self._scored(params, x, y, key, True)
+        return scored.pop("loss"), scored
 
     def metrics(self, params: Params, x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
         """Evaluation metrics (no dropout): loss, data_loss, reg_loss and accuracy."""
-        out = self.predict(params, x)
-        data = LOSS_RULES[self.loss][0](out, y)
-        reg = self.regularization(params)
-        if self.loss == "categorical_crossentropy_with_logits":
-            acc = metrics.accuracy(out, y)
-        else:
-            acc = LOSS_RULES[self.loss][2](out, y)
-        return {"loss": data + reg, "data_loss": data, "reg_loss": reg, "accuracy": acc}
+        return self._scored(params, x, y, None, False)
 
     # -- hand-derived backward -------------------------------------------------------------------------
 
