@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): two halve the wall time of the compile-bound suite on a 2-core machine.
+PYTEST_WORKERS ?= 2
 
 .PHONY: run test test-slow test-all bench verify examples clean clean-runs
 
@@ -13,7 +15,7 @@ run: $(VENV)/.installed-run
 
 ## The default test suite (a few minutes on 2 cores); slow tests are skipped.
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 ## Slow tests: book-length training runs, multi-process and kill/resume runs.
 test-slow: $(VENV)/.installed-dev

@@ -18,6 +18,8 @@ def test_verify_json_subset(tmp_path):
     assert got == {"rule dense": "ok", "rule relu": "kink", "rule softmax_jacobian": "ok"}
     relu = next(c for c in doc["checks"] if c["name"] == "rule relu")
     assert relu["report"]["rows"][0]["worst_index"] == [2, 3]  # the example's exact zero
+    env = relu["report"]["environment"]  # what a bug report about a verdict needs
+    assert env["jax"] and env["backend"] == "cpu" and env["mode"] == "auto" and env["rtol"] > 0
     assert all(c["seconds"] > 0 for c in doc["checks"])
 
 

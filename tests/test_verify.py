@@ -234,15 +234,19 @@ def test_hand_with_another_structure():
 def test_hand_leaf_of_another_shape_or_dtype():
     with pytest.raises(ValueError, match=r"\['w'\]: expected shape \(3,\), got float32\[1,3\]"):
         verify.check_grad(cubic, CUBIC, hand=lambda p: {**cubic_hand(p), "w": (3 * p["w"] ** 2)[None]})
-    with pytest.raises(ValueError, match=r"\['w'\]: expected dtype float32 \(the parameter's\), got int32\[3\]"):
+    with pytest.raises(ValueError, match=r"\['w'\]: expected a floating dtype \(the parameter is float32\[3\]\), got int32\[3\]"):
         verify.check_grad(cubic, CUBIC, hand=lambda p: {**cubic_hand(p), "w": jnp.zeros(3, jnp.int32)})
 
 
-def test_integer_and_non_finite_params():
-    with pytest.raises(TypeError, match=r"params\['w'\] has dtype int32"):
-        verify.check_grad(cubic, {"w": jnp.array([1, 2]), "b": jnp.zeros(1)})
-    with pytest.raises(TypeError, match=r"params\[0\] has dtype int32 \(int 1\)"):
-        verify.check_grad(lambda p: p[0] * p[1], (1, 2.0))
+def test_integer_leaves_are_held_fixed_and_nothing_to_differentiate_is_an_error():
+    report = verify.check_grad(lambda p: jnp.sum(p["b"] ** 2) * p["w"][0], {"w": jnp.array([1, 2]), "b": jnp.ones(2)},
+                               hand=lambda p: {"w": None, "b": 2 * p["b"] * p["w"][0]})
+    assert report.ok and [r.path for r in report.rows] == ["['b']"]
+    assert any("held fixed" in n and "['w'] (int32[2])" in n for n in report.notes), report.notes
+    with pytest.raises(TypeError, match=r"nothing to differentiate: .*\['w'\] int32\[2\].*wrt="):
+        verify.check_grad(lambda p: jnp.sum(p["w"]), {"w": jnp.array([1, 2])})
+    with pytest.raises(TypeError, match=r"params\['w'\] \(selected by wrt, int32\[2\]\) is not a floating-point array"):
+        verify.check_grad(lambda p: jnp.sum(p["b"]), {"w": jnp.array([1, 2]), "b": jnp.ones(2)}, wrt=lambda x: True)
     with pytest.raises(ValueError, match=r"params\['b'\]\[1\] = nan"):
         verify.check_grad(cubic, {"w": jnp.ones(2), "b": jnp.array([0.0, jnp.nan])})
 
@@ -362,7 +366,7 @@ def test_check_chain_traces_a_wrong_gradient_to_the_layer():
     params = model.init(jax.random.key(1), (2,))
     X, y = fg.data.spiral(20, 3, key=1)
     stages = obj.stages(params, X, y)
-    report = verify.check_chain(stages, X)
+    report = verify.check_chain(stages, X, cotangents=1)
     assert report.ok and report.first_broken is None
     assert [n for n, _ in report.links] == ["dense1", "relu1", "dense2", "softmax1", "loss (categorical_crossentropy)"]
 
@@ -373,7 +377,7 @@ def test_check_chain_traces_a_wrong_gradient_to_the_layer():
         return {**dp, "W": dp["W"] * 1.5}, dx
 
     stages[2] = (name, fwd, bad_bwd, p)
-    broken = verify.check_chain(stages, X)
+    broken = verify.check_chain(stages, X, cotangents=1)
     assert not broken.ok and broken.first_broken == "dense2"
     assert broken.end_to_end.verdict == "hand_wrong"
     assert "first broken link: dense2" in str(broken)

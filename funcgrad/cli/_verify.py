@@ -80,6 +80,7 @@ def verify_suite(seed: int = 0, only: Sequence[str] | None = None) -> list[dict[
 
 
 def _worst(report: Any) -> tuple[str, float | None]:
+    """Where a check's verdict was decided: the link (for chains), the leaf and element, and its error."""
     from funcgrad.verify import ChainReport
 
     if isinstance(report, ChainReport):
@@ -87,12 +88,8 @@ def _worst(report: Any) -> tuple[str, float | None]:
         name, rep = max(bad, key=lambda nr: (not nr[1].ok, nr[1].verdict != "ok"))
         where, err = _worst(rep)
         return f"{name}: {where}", err
-    rows = sorted(report.rows, key=lambda r: (r.ok, r.verdict == "ok", -r.max_abs_err))
-    if not rows:
-        return "", None
-    r = rows[0]
-    idx = list(r.worst_index) if r.worst_index is not None else ""
-    return f"{r.path}{idx}", r.max_abs_err
+    r = report.worst
+    return ("", None) if r is None else (r.where, r.max_abs_err)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -1,0 +1,498 @@
+"""funcgrad.verify on code nobody here wrote: subgradients at curved kinks, shared mistakes, non-finite
+leaves, singular points, any float dtype, has_aux, whole Equinox and Flax NNX modules, NumPy hand
+gradients, functions only forward mode can differentiate, zero-size leaves, and the report for bug reports.
+
+Each case is written from its description; the expected values come from the calculus (one-sided derivatives,
+the true gradient of a quadratic), not from running the checker."""
+
+import glob
+import json
+import math
+import re
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import funcgrad as fg
+from funcgrad import verify
+
+RS = np.random.RandomState(7)
+
+
+def row(report, path):
+    return {r.path: r for r in report.rows}[path]
+
+
+def shown_gap(r):
+    """The largest difference among the values a row shows: what its abs err must be."""
+    vals = [v for v in (r.autodiff, r.hand, r.numeric) if v is not None]
+    return max(abs(a - b) for a in vals for b in vals)
+
+
+# ---- 1. kinks with curvature beside them -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("sign0", [0.0, 1.0, -1.0])
+def test_abs_at_zero_with_curvature_accepts_every_subgradient(dtype, sign0):
+    # f = w² − |w|: D₋ = +1 and D₊ = −1 at 0, both exact; JAX's abs'(0) = 1 makes autodiff −1 = D₊.
+    with jax.enable_x64(dtype == jnp.float64):
+        w = jnp.array([0.0, 0.5, -1.5], dtype)
+        report = verify.check_grad(lambda w: jnp.sum(w**2 - jnp.abs(w)), w,
+                                   hand=lambda w: 2 * w - jnp.where(w == 0, sign0, jnp.sign(w)))
+    assert report.verdict == "kink" and report.ok, report
+    r = report.rows[0]
+    assert r.worst_index == (0,) and r.autodiff == -1.0 and r.hand == pytest.approx(-sign0)
+
+
+def test_relu_with_curvature_and_an_inclusive_mask_is_a_kink():
+    # f = (b − 3)² − 2·relu(b) at b = 0: D₋ = −6, D₊ = −8; the hand's mask b >= 0 takes D₊.
+    report = verify.check_grad(lambda b: jnp.sum((b - 3) ** 2 - 2 * jax.nn.relu(b)), jnp.array([0.0, 1.0]),
+                               hand=lambda b: 2 * (b - 3) - 2 * (b >= 0))
+    assert report.verdict == "kink", report
+    assert report.rows[0].worst_index == (0,) and report.rows[0].hand == -8.0
+
+
+@pytest.mark.parametrize("mask", [">=", ">"])
+def test_relu_network_on_integer_data_with_zero_biases(mask):
+    # Integer inputs and weights with zero biases put many pre-activations exactly on 0.
+    X = jnp.asarray(RS.randint(-2, 3, size=(12, 3)), jnp.float32)
+    params = {"W1": jnp.asarray(RS.randint(-1, 2, size=(3, 5)), jnp.float32), "b1": jnp.zeros(5),
+              "W2": jnp.asarray(RS.randn(5, 2) * 0.5, jnp.float32), "b2": jnp.zeros(2)}
+
+    def loss(p, X):
+        h = jax.nn.relu(X @ p["W1"] + p["b1"])
+        return jnp.mean(jnp.sum((h @ p["W2"] + p["b2"] - 1.0) ** 2, axis=1))
+
+    def hand(p, X):
+        z = X @ p["W1"] + p["b1"]
+        h = jnp.maximum(z, 0.0)
+        dout = 2 * (h @ p["W2"] + p["b2"] - 1.0) / X.shape[0]
+        dz = (dout @ p["W2"].T) * ((z >= 0) if mask == ">=" else (z > 0))
+        return {"W1": X.T @ dz, "b1": dz.sum(0), "W2": h.T @ dout, "b2": dout.sum(0)}
+
+    assert np.any(np.asarray(X @ params["W1"]) == 0)
+    report = verify.check_grad(loss, params, X, hand=hand)
+    assert report.ok and report.verdict == "kink", report
+
+
+def test_a_value_outside_the_one_sided_interval_is_blamed_on_its_side():
+    f = lambda w: jnp.sum(w**2 - jnp.abs(w))  # noqa: E731  D₋ = 1, D₊ = −1 at w = 0
+    w = jnp.array([0.0, 0.5])
+    for outside in (1.5, -1.001, 1.001):  # 0.1% beyond D₋ or D₊ is far beyond the finite-difference error
+        report = verify.check_grad(f, w, hand=lambda w, c=outside: 2 * w - jnp.where(w == 0, c, jnp.sign(w)))
+        assert report.verdict == "hand_wrong" and report.rows[0].worst_index == (0,), (outside, report)
+
+    @jax.custom_jvp
+    def bad_abs(x):
+        return jnp.abs(x)
+
+    bad_abs.defjvp(lambda p, t: (bad_abs(p[0]), jnp.where(p[0] == 0, 2.0, jnp.sign(p[0])) * t[0]))  # 2 ∉ [−1, 1]
+    report = verify.check_grad(lambda w: jnp.sum(w**2 - bad_abs(w)), w, hand=lambda w: 2 * w - jnp.sign(w))
+    assert report.verdict == "autodiff_wrong" and report.rows[0].worst_index == (0,), report
+
+
+# ---- 2. a mistake shared by autodiff and hand --------------------------------------------------------------
+
+
+def test_stop_gradient_shared_by_the_hand_formula_is_both_wrong():
+    w = jnp.array([1.0, 2.0, -0.5])
+    report = verify.check_grad(lambda w: jnp.sum(jax.lax.stop_gradient(w) * w), w, hand=lambda w: w)
+    assert not report.ok and report.verdict == "both_wrong", report
+    r = report.rows[0]
+    assert r.worst_index is not None and r.autodiff == r.hand
+    i = r.worst_index[0]
+    assert r.numeric == pytest.approx(2 * float(w[i]), rel=1e-6)  # the true gradient of Σw²
+    assert "both" in r.note
+
+
+def test_a_wrong_custom_vjp_copied_into_the_hand_is_both_wrong():
+    @jax.custom_vjp
+    def square(x):
+        return x * x
+
+    square.defvjp(lambda x: (x * x, x), lambda x, g: (g * x,))  # should be 2·g·x
+    params = {"a": jnp.array([0.3, -1.2]), "b": jnp.array(2.0)}
+    report = verify.check_grad(lambda p: jnp.sum(square(p["a"])) + p["b"] ** 2, params,
+                               hand=lambda p: {"a": p["a"], "b": 2 * p["b"]})
+    assert report.verdict == "both_wrong", report
+    assert row(report, "['a']").verdict == "both_wrong" and row(report, "['b']").verdict == "ok"
+    assert row(report, "['a']").worst_index is not None
+
+
+def test_fd_unreliable_only_where_finite_differences_cannot_decide_and_says_why():
+    # x^1.5 at 0: the function is undefined left of 0, so no central difference exists; both sides say 0.
+    report = verify.check_grad(lambda x: jnp.sum(x**1.5), jnp.array([0.0, 1.0]), hand=lambda x: 1.5 * jnp.sqrt(x))
+    assert report.ok and report.verdict == "fd_unreliable", report
+    assert report.rows[0].worst_index == (0,) and "not finite" in report.rows[0].note
+
+
+# ---- 3. a non-finite element in one hand leaf --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_one_non_finite_hand_element_fails_only_its_leaf(bad):
+    params = {"a": jnp.array([1.0, 2.0, 3.0]), "b": jnp.array([0.5, -0.5])}
+    fn = lambda p: jnp.sum(p["a"] ** 2) + jnp.sum(jnp.sin(p["b"]))  # noqa: E731
+    report = verify.check_grad(fn, params, hand=lambda p: {"a": (2 * p["a"]).at[1].set(bad), "b": jnp.cos(p["b"])})
+    a, b = row(report, "['a']"), row(report, "['b']")
+    assert report.verdict == "hand_wrong" and a.verdict == "hand_wrong" and a.worst_index == (1,)
+    assert a.autodiff == pytest.approx(4.0) and a.numeric == pytest.approx(4.0, rel=1e-6)
+    assert b.verdict == "ok" and all(math.isfinite(v) for v in (b.autodiff, b.hand, b.numeric))
+    assert "bisect" not in str(report)
+
+
+def test_non_finite_element_in_a_projection_checked_leaf():
+    n = 50_000
+    w = jnp.asarray(RS.randn(n) * 0.3, jnp.float32)
+    fn = lambda p: jnp.sum(jnp.tanh(p["w"])) + jnp.sum(p["v"] ** 2)  # noqa: E731
+    report = verify.check_grad(fn, {"w": w, "v": jnp.zeros(2)},
+                               hand=lambda p: {"w": (1 - jnp.tanh(p["w"]) ** 2).at[4321].set(jnp.nan),
+                                               "v": jnp.zeros(2)}, mode="projection")
+    r = row(report, "['w']")
+    assert r.method == "projection" and r.verdict == "hand_wrong" and r.worst_index == (4321,), report
+    assert row(report, "['v']").verdict == "ok"
+
+
+# ---- 4. singular points --------------------------------------------------------------------------------------
+
+
+def test_sqrt_at_zero_is_singular_not_autodiff_wrong():
+    report = verify.check_grad(lambda x: jnp.sum(jnp.sqrt(x)), jnp.array([0.0, 1.0]), hand=lambda x: 0.5 / jnp.sqrt(x))
+    assert report.ok and report.verdict == "singular", report
+    assert report.rows[0].worst_index == (0,)
+
+
+@pytest.mark.parametrize("name,fn", [
+    ("abs_pow", lambda x: jnp.sum(jnp.abs(x) ** 0.5)),
+    ("entropy", lambda x: jnp.sum(jax.scipy.special.entr(x))),  # −x·log x: log at 0
+    ("sqrt", lambda x: jnp.sum(jnp.sqrt(x))),
+])
+def test_singular_points_without_a_hand(name, fn):
+    report = verify.check_grad(fn, jnp.array([0.0, 0.7]))
+    assert report.verdict == "singular" and report.ok, (name, report)
+    assert report.rows[0].worst_index == (0,)
+
+
+def test_sides_that_describe_a_singular_point_differently_are_not_blamed():
+    report = verify.check_grad(lambda x: jnp.sum(jnp.sqrt(x)), jnp.array([0.0, 1.0]),
+                               hand=lambda x: jnp.where(x > 0, 0.5 / jnp.sqrt(jnp.where(x > 0, x, 1.0)), 0.0))
+    assert report.verdict == "mismatch" and not report.ok, report
+    assert "no finite derivative" in report.rows[0].note or "does not exist" in report.rows[0].note
+
+
+# ---- 5. the shipped configs ----------------------------------------------------------------------------------
+
+
+CONFIGS = sorted(glob.glob(str(fg.config.__file__).rsplit("/funcgrad/", 1)[0] + "/configs/*.toml"))
+DEFAULT_SUITE = ("spiral_dropout.toml",)  # the one that used to fail; the rest run with `make test-slow`
+
+
+@pytest.mark.parametrize("path", [p if p.endswith(DEFAULT_SUITE) else pytest.param(p, marks=pytest.mark.slow)
+                                  for p in CONFIGS])
+def test_every_shipped_config_checks_ok_or_kink(path):
+    from funcgrad.cli._train import _verify
+
+    report = _verify(fg.config.build(fg.config.load(path)))
+    assert report.verdict in ("ok", "kink"), report
+    for r in report.rows:
+        assert r.max_abs_err == pytest.approx(shown_gap(r), rel=1e-9, abs=1e-300), r
+
+
+def test_a_failing_row_shows_the_element_that_decided_it():
+    model = fg.nn.mlp([16, 3], output="softmax")
+    obj = fg.Objective(model, "categorical_crossentropy")
+    params = model.init(jax.random.key(0), (2,))
+    X, y = fg.data.spiral(30, 3, key=0)
+
+    def hand(p, X, y):
+        g = obj.hand_grad(p, X, y)
+        return {**g, "dense1": {**g["dense1"], "b": g["dense1"]["b"].at[7].add(1e-3)}}
+
+    report = verify.check_grad(obj.value, params, X, y, hand=hand)
+    r = row(report, "['dense1']['b']")
+    assert report.verdict == "hand_wrong" and r.worst_index == (7,)
+    assert r.max_abs_err == pytest.approx(shown_gap(r)) and r.max_abs_err == pytest.approx(1e-3, rel=1e-3)
+
+
+# ---- 6. outputs and parameters in other float dtypes ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("pdtype,odtype", [(jnp.bfloat16, jnp.float32), (jnp.float32, jnp.bfloat16),
+                                           (jnp.float16, jnp.float32), (jnp.float32, jnp.float16)])
+def test_any_float_output_dtype(pdtype, odtype):
+    w = (jnp.arange(6, dtype=jnp.float32) / 6 - 0.4).astype(pdtype)
+    fn = lambda w: jnp.sum(jnp.tanh(w) ** 2).astype(odtype)  # noqa: E731  mixed precision
+    hand = lambda w: (2 * jnp.tanh(w) * (1 - jnp.tanh(w) ** 2)).astype(w.dtype)  # noqa: E731
+    assert verify.check_grad(fn, w, hand=hand).ok
+    wrong = verify.check_grad(fn, w, hand=lambda w: hand(w).at[2].multiply(1.5))
+    assert not wrong.ok and wrong.rows[0].worst_index == (2,), wrong
+    if jnp.finfo(odtype).bits >= 32:  # finite differences of a float32 (or wider) output can arbitrate
+        assert wrong.verdict == "hand_wrong", wrong
+
+
+# ---- 7. has_aux ------------------------------------------------------------------------------------------------
+
+
+def test_has_aux_checks_the_loss_and_ignores_aux():
+    fn = lambda p: (jnp.sum(p**3), {"norm": jnp.linalg.norm(p), "n": 3})  # noqa: E731
+    report = verify.check_grad(fn, jnp.array([1.0, -2.0, 0.5]), hand=lambda p: 3 * p**2, has_aux=True)
+    assert report.ok and any("aux" in n for n in report.notes)
+    with pytest.raises(TypeError, match=r"has_aux=True"):
+        verify.check_grad(fn, jnp.array([1.0, 2.0]))
+    with pytest.raises(TypeError, match=r"with has_aux=True, fn must return a pair \(loss, aux\)"):
+        verify.check_grad(lambda p: jnp.sum(p), jnp.array([1.0, 2.0]), has_aux=True)
+
+
+def test_objective_train_loss_and_the_training_loss_are_checkable():
+    model = fg.nn.mlp([16, 3], output="softmax", dropout=0.2)
+    obj = fg.Objective(model, "categorical_crossentropy", l2={"dense1/*": 5e-4})
+    params = model.init(jax.random.key(0), (2,))
+    X, y = fg.data.spiral(20, 3, key=1)
+    key = jax.random.key(3)
+    hand = lambda p, X, y, k: obj.hand_grad(p, X, y, key=k, train=True)  # noqa: E731
+    # Objective.train_loss is fg.train's loss convention: loss_fn(params, *data, key) -> (loss, metrics).
+    report = fg.testing.assert_grads_match(obj.train_loss, params, X, y, key, hand=hand, has_aux=True)
+    assert report.ok and any("aux" in n for n in report.notes), report
+
+
+# ---- 8. whole modules: Equinox, Flax NNX, wrt ----------------------------------------------------------------
+
+
+def eqx_loss(m, x):
+    return jnp.mean(jax.vmap(m)(x) ** 2)
+
+
+def test_a_whole_equinox_mlp_with_functions_in_its_pytree():
+    mlp = eqx.nn.MLP(3, 2, 8, 2, key=jax.random.key(0))
+    x = jnp.asarray(RS.randn(6, 3), jnp.float32)
+    report = verify.check_grad(eqx_loss, mlp, x, hand=lambda m, x: eqx.filter_grad(eqx_loss)(m, x))
+    assert report.ok, report
+    assert {r.path for r in report.rows} == {f".layers[{i}].{k}" for i in range(3) for k in ("weight", "bias")}
+    held = [n for n in report.notes if "held fixed" in n]
+    assert held and ".activation" in held[0] and ".final_activation" in held[0]
+
+    def wrong(m, x):  # one layer's weight gradient twice too large
+        g = eqx.filter_grad(eqx_loss)(m, x)
+        return eqx.tree_at(lambda g: g.layers[1].weight, g, g.layers[1].weight * 2)
+
+    bad = verify.check_grad(eqx_loss, mlp, x, hand=wrong)
+    assert bad.verdict == "hand_wrong" and [r.path for r in bad.failing] == [".layers[1].weight"]
+
+
+class _Net(nnx.Module):
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(3, 4, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.out = nnx.Linear(4, 1, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(self.drop(jnp.tanh(self.lin(x))))
+
+
+def test_a_flax_nnx_state_with_rng_counters_and_keys():
+    graphdef, state = nnx.split(_Net(nnx.Rngs(0)))
+    x = jnp.asarray(RS.randn(5, 3), jnp.float32)
+
+    def loss(state, x):
+        return jnp.mean(nnx.merge(graphdef, state)(x) ** 2)
+
+    report = verify.check_grad(loss, state, x)
+    assert report.ok and all("kernel" in r.path or "bias" in r.path for r in report.rows), report
+    held = next(n for n in report.notes if "held fixed" in n)
+    assert "count" in held and "key" in held and "uint32" in held
+
+
+def test_wrt_as_a_predicate_or_a_pytree_of_bools():
+    params = {"layer1": {"W": jnp.array([[1.0, 2.0]]), "b": jnp.array([0.5, 0.1])}, "layer2": {"W": jnp.array([3.0])}}
+    fn = lambda p: jnp.sum(p["layer1"]["W"] ** 2) + jnp.sum(p["layer1"]["b"] ** 3) * p["layer2"]["W"][0]  # noqa: E731
+
+    def hand(p):
+        return {"layer1": {"W": 2 * p["layer1"]["W"], "b": 3 * p["layer1"]["b"] ** 2 * p["layer2"]["W"][0]},
+                "layer2": None}
+
+    by_prefix = verify.check_grad(fn, params, hand=hand, wrt={"layer1": True, "layer2": False})
+    assert by_prefix.ok and [r.path for r in by_prefix.rows] == ["['layer1']['W']", "['layer1']['b']"]
+    by_pred = verify.check_grad(fn, params, wrt=lambda leaf: leaf.ndim == 1)
+    assert by_pred.ok and [r.path for r in by_pred.rows] == ["['layer1']['b']", "['layer2']['W']"]
+    with pytest.raises(ValueError, match=r"wrt must be a predicate .* or a pytree of bools"):
+        verify.check_grad(fn, params, wrt={"layer3": True})
+    with pytest.raises(ValueError, match=r"hand must return a gradient .*missing \[\"\['layer1'\]\['b'\]\"\]"):
+        verify.check_grad(fn, params, hand=lambda p: {"layer1": {"W": p["layer1"]["W"]}}, wrt={"layer1": True,
+                                                                                             "layer2": False})
+
+
+# ---- 9 and 10. hand gradients in another dtype, and in NumPy ---------------------------------------------------
+
+
+def book_dense_relu_params():
+    return {"W": jnp.asarray(RS.randn(3, 4) * 0.5, jnp.float32), "b": jnp.zeros(4, jnp.float32)}
+
+
+def book_loss(p, X):
+    return jnp.sum(jnp.maximum(X @ p["W"] + p["b"], 0.0) ** 2) / X.shape[0]
+
+
+def book_numpy_backward(p, X):
+    """The book's style: NumPy arrays, a copy and an in-place mask."""
+    X, W, b = np.asarray(X), np.asarray(p["W"]), np.asarray(p["b"])
+    z = X @ W + b
+    out = np.maximum(0, z)
+    dvalues = 2 * out / X.shape[0]
+    dinputs = dvalues.copy()
+    dinputs[z <= 0] = 0
+    return {"W": X.T @ dinputs, "b": np.sum(dinputs, axis=0)}
+
+
+def test_a_numpy_hand_gradient_is_called_eagerly_with_the_same_verdicts():
+    X = jnp.asarray(RS.randn(7, 3), jnp.float32)
+    X = X.at[0].set(0.0)  # a row on the kinks
+    seen = []
+
+    def hand(p, X):
+        seen.append(np.asarray(p["W"]).dtype)
+        return book_numpy_backward(p, X)
+
+    report = verify.check_grad(book_loss, book_dense_relu_params(), X, hand=hand)
+    assert report.ok, report
+    assert any("called eagerly on NumPy arrays" in n for n in report.notes)
+    assert np.dtype("float64") in seen and np.dtype("float32") in seen  # the float64 check and the user's precision
+
+    def wrong(p, X):
+        g = book_numpy_backward(p, X)
+        g["W"][2, 1] *= 1.1
+        return g
+
+    bad = verify.check_grad(book_loss, book_dense_relu_params(), X, hand=wrong)
+    assert bad.verdict == "hand_wrong" and row(bad, "['W']").worst_index == (2, 1), bad
+
+
+def test_hand_gradients_in_another_float_dtype_are_compared_in_float64():
+    w = jnp.array([0.3, -1.1, 2.0], jnp.float32)
+    report = verify.check_grad(lambda w: jnp.sum(jnp.sin(w)), w, hand=lambda w: np.cos(np.asarray(w, np.float64)))
+    assert report.ok and any("another float dtype" in n for n in report.notes), report
+    with pytest.raises(ValueError, match=r"expected a floating dtype .*got int32\[3\]"):
+        verify.check_grad(lambda w: jnp.sum(w), w, hand=lambda w: np.ones(3, np.int32))
+    with pytest.raises(ValueError, match=r"expected shape \(3,\), got float64\[2\]"):
+        verify.check_grad(lambda w: jnp.sum(w), w, hand=lambda w: np.ones(2))
+
+
+# ---- 11. functions JAX cannot reverse-differentiate --------------------------------------------------------------
+
+
+def test_forward_mode_stands_in_for_a_while_loop():
+    def fn(w, n):  # a loop with a dynamic trip count: reverse mode is not defined
+        return jax.lax.while_loop(lambda c: c[0] < n, lambda c: (c[0] + 1, c[1] * jnp.cos(w)),
+                                  (jnp.zeros_like(n), jnp.ones_like(w)))[1].sum()
+
+    w, n = jnp.array([0.1, 0.4, -0.3]), jnp.asarray(3)
+    hand = lambda w, n: -3 * jnp.cos(w) ** 2 * jnp.sin(w)  # noqa: E731  d cos³w
+    report = verify.check_grad(fn, w, n, hand=hand)
+    assert report.ok and any("forward mode" in s and "reverse mode is unavailable" in s for s in report.notes), report
+    bad = verify.check_grad(fn, w, n, hand=lambda w, n: hand(w, n).at[1].add(0.01))
+    assert bad.verdict == "hand_wrong" and bad.rows[0].worst_index == (1,)
+
+
+def test_a_function_neither_mode_can_differentiate_is_a_clear_error():
+    def fn(w):
+        return jax.pure_callback(lambda x: np.sum(x**2).astype(x.dtype), jax.ShapeDtypeStruct((), w.dtype), w)
+
+    with pytest.raises(ValueError, match=r"neither in reverse mode .* nor in forward mode"):
+        verify.check_grad(fn, jnp.array([1.0, 2.0]))
+
+
+# ---- 12. zero-size leaves ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode,with_hand", [("auto", True), ("exact", False), ("projection", True),
+                                            ("projection", False)])
+def test_zero_size_leaves_are_trivially_ok(mode, with_hand):
+    params = {"w": jnp.array([1.0, -2.0]), "empty": jnp.zeros((0, 4)), "none": jnp.zeros((3, 0))}
+    fn = lambda p: jnp.sum(p["w"] ** 2) + jnp.sum(p["empty"]) + jnp.sum(p["none"])  # noqa: E731
+    hand = (lambda p: {"w": 2 * p["w"], "empty": jnp.zeros((0, 4)), "none": jnp.zeros((3, 0))}) if with_hand else None
+    report = verify.check_grad(fn, params, hand=hand, mode=mode)
+    assert report.ok and row(report, "['empty']").verdict == "ok" and row(report, "['empty']").size == 0, report
+    assert row(report, "['none']").verdict == "ok"
+    json.dumps(report.to_dict())
+
+
+# ---- the report for bug reports ------------------------------------------------------------------------------------
+
+
+def test_environment_block_and_markdown():
+    report = verify.check_grad(lambda w: jnp.sum(w**3), jnp.array([1.0, 2.0]), hand=lambda w: 3 * w**2.0 + 1,
+                               seed=5)
+    env = json.loads(report.to_json())["environment"]
+    assert env["jax"] == jax.__version__ and env["backend"] == jax.default_backend()
+    assert env["x64"] is False and env["param_dtypes"] == ["float32"] and env["seed"] == 5 and env["mode"] == "auto"
+    assert env["rtol"] > 0 and "atol" in env and env["jaxlib"] and "funcgrad" in env
+    md = report.to_markdown()
+    assert md.startswith("### check_grad: `hand_wrong` (NOT OK)")
+    assert re.search(r"^\| `\(params\)` \| hand_wrong \|", md, re.M) and "Environment" in md
+
+
+# ---- the same through check_vjp, check_jacobian, check_chain ---------------------------------------------------------
+
+
+def test_check_vjp_with_book_style_numpy_backward_and_new_verdicts():
+    def relu_backward(x, dvalues):  # the book's ReLU backward, in place
+        dinputs = np.array(dvalues, copy=True)
+        dinputs[np.asarray(x) <= 0] = 0
+        return dinputs
+
+    x = jnp.array([[-1.0, 0.0, 2.0], [0.5, -0.2, 0.0]])
+    report = verify.check_vjp(jax.nn.relu, relu_backward, x)
+    assert report.ok and report.verdict == "kink" and any("NumPy" in n for n in report.notes), report
+    assert verify.check_vjp(jnp.sqrt, lambda x, d: d * 0.5 / jnp.sqrt(x), jnp.array([0.0, 4.0])).verdict == "singular"
+
+    @jax.custom_vjp
+    def cube(x):
+        return x**3
+
+    cube.defvjp(lambda x: (x**3, x), lambda x, g: (2 * x**2 * g,))  # should be 3x²
+    shared = verify.check_vjp(cube, lambda x, d: 2 * x**2 * d, jnp.array([0.5, -1.5]))
+    assert shared.verdict == "both_wrong", shared
+
+
+def test_check_jacobian_with_a_numpy_hand_and_a_while_loop():
+    def np_softmax_jacobian(x):
+        s = np.exp(x - np.max(x))
+        s /= s.sum()
+        return np.diagflat(s) - np.outer(s, s)
+
+    x = jnp.array([1.0, 2.0])
+    assert verify.check_jacobian(jax.nn.softmax, x, np_softmax_jacobian).ok
+
+    def loop(x):
+        return jax.lax.while_loop(lambda c: c[0] < 2, lambda c: (c[0] + 1, jnp.sin(c[1])), (0, x))[1]
+
+    report = verify.check_jacobian(loop, x, lambda x: jnp.diag(jnp.cos(jnp.sin(x)) * jnp.cos(x)))
+    assert report.ok and any("jacrev is unavailable" in n for n in report.notes), report
+
+
+def test_check_chain_with_book_style_numpy_stages():
+    X = jnp.asarray(RS.randn(6, 3), jnp.float32)
+    W = jnp.asarray(RS.randn(3, 4) * 0.5, jnp.float32)
+
+    def dense_bwd(p, x, d):
+        x, d, p = np.asarray(x), np.asarray(d), np.asarray(p)
+        return x.T @ d, d @ p.T
+
+    def relu_bwd(x, d):
+        out = np.array(d, copy=True)
+        out[np.asarray(x) <= 0] = 0
+        return out
+
+    stages = [("dense", lambda p, x: x @ p, dense_bwd, W), ("relu", jax.nn.relu, relu_bwd),
+              ("sum", lambda o: jnp.sum(o**2), lambda o, d: 2 * np.asarray(o) * d)]
+    broken = list(stages)
+    broken[1] = ("relu", jax.nn.relu, lambda x, d: relu_bwd(x, d) * 1.5)
+    report = verify.check_chain(broken, X, cotangents=1)
+    assert not report.ok and report.first_broken == "relu"
+    links = dict(report.links)
+    assert links["dense"].ok and links["sum"].ok and links["relu"].verdict == "hand_wrong"
+    assert any("NumPy" in n for n in links["dense"].notes)
