@@ -648,6 +648,8 @@ class _ProbeOut(NamedTuple):
     theta: Any  # the parameters, flat (float64)
     a: Any  # autodiff gradient, flat
     h: Any  # hand gradient, flat (zeros without one)
+    a_finite: Any  # a and h where both are finite, else 0: what random projections use
+    h_finite: Any
     tol: Any  # per-element analytic tolerance
     support: Any  # 1.0 where both autodiff and hand are finite (random directions live there)
     jvp: Any  # forward-mode derivative along each leaf's first random direction
@@ -765,8 +767,9 @@ def _value_and_grad(f: Callable, theta: jax.Array, reverse: bool) -> tuple[jax.A
 
 
 @functools.partial(jax.jit, static_argnames=("fn", "hand", "layout", "dtypes", "args_spec", "reverse"))
-def _user_stage(theta, dyn, *, fn, hand, layout, dtypes, args_spec, reverse):
+def _user_stage(params, dyn, *, fn, hand, layout, dtypes, args_spec, reverse):
     """Value, autodiff and (traced) hand gradients at the parameters' own dtypes."""
+    theta = layout.ravel(params, jnp.result_type(*dtypes))  # exact: the widest of the leaves' dtypes
     args = _join_args(dyn, args_spec)
     f = lambda th: fn(layout.unravel(th, dtypes), *args)  # noqa: E731
     wide = jax.dtypes.canonicalize_dtype(jnp.float64)  # float64 where enabled, else float32
@@ -836,7 +839,7 @@ def _probe(params, dyn, h_given, exact_idx, seed, h0, rtol, atol, eps, *, fn, ha
     F, P, JV = _eval_items(f, theta, seed, scaled, (a_s, h_s, tol * tol), plan.batch, support,
                            jnp.asarray(want) if plan.jvp else None)
     F = jnp.stack([F[k * K : (k + 1) * K] for k in range(plan.scales)], axis=1)  # (items, scales, 4)
-    return _ProbeOut(f0, theta, a, h, tol, support, JV[jnp.asarray(first)], items, F, P[:K])
+    return _ProbeOut(f0, theta, a, h, a_s, h_s, tol, support, JV[jnp.asarray(first)], items, F, P[:K])
 
 
 def _dir_items(plan: _Plan) -> tuple[list[int], list[int]]:
@@ -1083,8 +1086,7 @@ class _Engine:
         self.dyn, self.seed = dyn, seed
         self.theta = res.theta  # on the device
         self.support = res.support
-        self.a_dev = jnp.where(res.support > 0, res.a, 0.0)  # projections use the finite part only
-        self.h_dev = jnp.where(res.support > 0, res.h, 0.0)
+        self.a_dev, self.h_dev = res.a_finite, res.h_finite  # projections use the finite part only
         self.theta_np, self.a, self.h = np.asarray(res.theta), np.asarray(res.a), np.asarray(res.h)
         self.support_np = np.asarray(res.support) > 0
         self.eps_f, self.h0, self.f0 = eps_f, h0, float(res.f0)
@@ -1332,82 +1334,103 @@ def check_grad(
         facts = _static_facts(bound, layout, spec, dtypes, tuple((tuple(d.shape), d.dtype) for d in dyn), caller_x64)
     except (_UserValueError, _UserTypeError) as e:
         raise _clean(e) from None
-    if has_aux:
-        aux = jax.tree_util.tree_leaves(facts.out_raw[1])
-        notes.append(f"has_aux: the loss is checked; aux ({type(facts.out_raw[1]).__name__}, {len(aux)} leaves) is not")
-    notes += list(facts.notes)
-    eager = hand is not None and facts.hand_eager is not None
-    if eager:
-        notes.append(f"hand cannot be traced by JAX ({facts.hand_eager}); it was called eagerly on NumPy arrays "
-                     "(float64 for the float64 check)")
+    base_notes = list(notes)
 
-    def eager_hand(float64: bool) -> list:
-        dl = [_host(x, float64) for x in dleaves]
-        try:
-            out = bound.grad(dl, _host_tree(packed, float64))
-        except Exception as e:
-            e.add_note(f"funcgrad: hand could not be traced by JAX ({facts.hand_eager}), so check_grad called it "
-                       "on NumPy arrays, where it failed")
+    def compute(facts: _Facts) -> tuple[list[Row], list[str], _Plan, float, bool]:
+        notes = list(base_notes)
+        if has_aux:
+            aux = jax.tree_util.tree_leaves(facts.out_raw[1])
+            notes.append(f"has_aux: the loss is checked; aux ({type(facts.out_raw[1]).__name__}, {len(aux)} leaves) is not")
+        notes += list(facts.notes)
+        eager = hand is not None and facts.hand_eager is not None
+        if eager:
+            notes.append(f"hand cannot be traced by JAX ({facts.hand_eager}); it was called eagerly on NumPy arrays "
+                         "(float64 for the float64 check)")
+
+        def eager_hand(float64: bool) -> list:
+            dl = [_host(x, float64) for x in dleaves]
+            try:
+                out = bound.grad(dl, _host_tree(packed, float64))
+            except Exception as e:
+                e.add_note(f"funcgrad: hand could not be traced by JAX ({facts.hand_eager}), so check_grad called it "
+                           "on NumPy arrays, where it failed")
+                raise
+            return out
+
+        # 1. At the parameters' own precision: what the user's code computes (for float64 parameters, the
+        #    float64 check below is that precision).
+        a_user = h_user = None
+        hand_dtypes = facts.hand_dtypes
+        if user_dtypes != ["float64"]:
+            value_u, grad_u, hand_u = _user_stage(dleaves, dyn, fn=bound.value,
+                                                  hand=bound.grad if hand is not None and not eager else None,
+                                                  layout=layout, dtypes=dtypes, args_spec=spec, reverse=facts.reverse)
+            _check_value(value_u)
+            a_user = np.asarray(grad_u, np.float64)
+            if eager:
+                hu = eager_hand(False)
+                hand_dtypes = tuple(np.asarray(x).dtype for x in hu)
+                h_user = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in hu]) if hu else np.zeros(0)
+            elif hand is not None:
+                h_user = np.asarray(hand_u, np.float64)
+        if hand is not None:
+            other = [f"{p or '(params)'} ({hd}, parameter {pd})" for p, hd, pd in zip(layout.paths, hand_dtypes or (), dtypes)
+                     if jnp.dtype(hd) != jnp.dtype(pd)]
+            if other:
+                notes.append("hand returns another float dtype than the parameter for " + ", ".join(other[:_LIST])
+                             + ("..." if len(other) > _LIST else "") + "; compared in float64")
+
+        # 2. In float64: autodiff, hand and finite differences, compared.
+        with jax.enable_x64(True):
+            eps_f = float(jnp.finfo(facts.out64).eps)
+            # Analytic tolerances follow the precision the gradients are computed in; the finite differences'
+            # own noise follows the output's dtype (eps_f).
+            eps_c = float(jnp.finfo(facts.inner64).eps)
+            if facts.inner64 != jnp.float64:
+                notes.append(f"fn computes in {facts.inner64} even with float64 inputs; tolerances follow "
+                             f"{facts.inner64}")
+            elif facts.out64 != jnp.float64:
+                notes.append(f"fn's output is cast to {facts.out64} even with float64 inputs: finite differences carry "
+                             "its rounding (autodiff and hand are still compared to float64 precision)")
+            h_given = None
+            hand64 = facts.hand64
+            if eager:
+                h64 = eager_hand(True)
+                hand64 = tuple(np.asarray(x).dtype for x in h64)
+                h_given = jnp.asarray(np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in h64]) if h64
+                                      else np.zeros(0), jnp.float64)
+            for path, dtype in zip(layout.paths, hand64):
+                if dtype != jnp.float64:
+                    eps_c = max(eps_c, float(jnp.finfo(dtype).eps))
+                    notes.append(f"hand returns {dtype} for {path or 'params'} even with float64 inputs")
+            rtol_eff = float(rtol) if rtol is not None else _default_rtol(eps_c)
+            h0 = eps_f ** (1 / 5)
+            plan, exact_idx = _make_plan(mode, layout, facts.flops, hand is not None, facts.reverse, facts.jvp)
+            res = _probe(dleaves, dyn, h_given, exact_idx, np.uint32(seed % 2**32), h0, rtol_eff,
+                         -1.0 if atol is None else float(atol), eps_c, fn=bound.value,
+                         hand=bound.grad if hand is not None and not eager else None, layout=layout, args_spec=spec,
+                         plan=plan)
+            _check_value(res.f0)
+            engine = _Engine(bound.value, spec, layout, plan, res, dyn, np.uint32(seed % 2**32), eps_f, h0, dtypes)
+            rows = _rows(res, engine, hand is not None, a_user, h_user, user_dtypes)
+        return rows, notes, plan, rtol_eff, eager
+
+    try:
+        rows, notes, plan, rtol_eff, eager = compute(facts)
+    except (_UserValueError, _UserTypeError):
+        raise
+    except Exception as e:
+        if any("funcgrad:" in n for n in getattr(e, "__notes__", ())):
+            raise  # the user's NumPy hand failed
+        # Perhaps JAX cannot differentiate fn in one of the modes (lax.while_loop has no reverse mode): find
+        # out, and check with the other; if both work, the failure was something else.
+        diagnosed = _static_facts(bound, layout, spec, dtypes, tuple((tuple(d.shape), d.dtype) for d in dyn),
+                                  caller_x64, True)
+        if (diagnosed.reverse, diagnosed.jvp) == (facts.reverse, facts.jvp):
             raise
-        return out
+        facts = diagnosed
+        rows, notes, plan, rtol_eff, eager = compute(facts)
 
-    # 1. At the parameters' own precision: what the user's code computes (for float64 parameters, the
-    #    float64 check below is that precision).
-    a_user = h_user = None
-    hand_dtypes = facts.hand_dtypes
-    if user_dtypes != ["float64"]:
-        common = jnp.result_type(*dtypes)
-        value_u, grad_u, hand_u = _user_stage(layout.ravel(dleaves, common), dyn, fn=bound.value,
-                                              hand=bound.grad if hand is not None and not eager else None,
-                                              layout=layout, dtypes=dtypes, args_spec=spec, reverse=facts.reverse)
-        _check_value(value_u)
-        a_user = np.asarray(grad_u, np.float64)
-        if eager:
-            hu = eager_hand(False)
-            hand_dtypes = tuple(np.asarray(x).dtype for x in hu)
-            h_user = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in hu]) if hu else np.zeros(0)
-        elif hand is not None:
-            h_user = np.asarray(hand_u, np.float64)
-    if hand is not None:
-        other = [f"{p or '(params)'} ({hd}, parameter {pd})" for p, hd, pd in zip(layout.paths, hand_dtypes or (), dtypes)
-                 if jnp.dtype(hd) != jnp.dtype(pd)]
-        if other:
-            notes.append("hand returns another float dtype than the parameter for " + ", ".join(other[:_LIST])
-                         + ("..." if len(other) > _LIST else "") + "; compared in float64")
-
-    # 2. In float64: autodiff, hand and finite differences, compared.
-    with jax.enable_x64(True):
-        eps_f = float(jnp.finfo(facts.out64).eps)
-        # Analytic tolerances follow the precision the gradients are computed in; the finite differences'
-        # own noise follows the output's dtype (eps_f).
-        eps_c = float(jnp.finfo(facts.inner64).eps)
-        if facts.inner64 != jnp.float64:
-            notes.append(f"fn computes in {facts.inner64} even with float64 inputs; tolerances follow "
-                         f"{facts.inner64}")
-        elif facts.out64 != jnp.float64:
-            notes.append(f"fn's output is cast to {facts.out64} even with float64 inputs: finite differences carry "
-                         "its rounding (autodiff and hand are still compared to float64 precision)")
-        h_given = None
-        hand64 = facts.hand64
-        if eager:
-            h64 = eager_hand(True)
-            hand64 = tuple(np.asarray(x).dtype for x in h64)
-            h_given = jnp.asarray(np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in h64]) if h64
-                                  else np.zeros(0), jnp.float64)
-        for path, dtype in zip(layout.paths, hand64):
-            if dtype != jnp.float64:
-                eps_c = max(eps_c, float(jnp.finfo(dtype).eps))
-                notes.append(f"hand returns {dtype} for {path or 'params'} even with float64 inputs")
-        rtol_eff = float(rtol) if rtol is not None else _default_rtol(eps_c)
-        h0 = eps_f ** (1 / 5)
-        plan, exact_idx = _make_plan(mode, layout, facts.flops, hand is not None, facts.reverse, facts.jvp)
-        res = _probe(dleaves, dyn, h_given, exact_idx, np.uint32(seed % 2**32), h0, rtol_eff,
-                     -1.0 if atol is None else float(atol), eps_c, fn=bound.value,
-                     hand=bound.grad if hand is not None and not eager else None, layout=layout, args_spec=spec,
-                     plan=plan)
-        _check_value(res.f0)
-        engine = _Engine(bound.value, spec, layout, plan, res, dyn, np.uint32(seed % 2**32), eps_f, h0, dtypes)
-        rows = _rows(res, engine, hand is not None, a_user, h_user, user_dtypes)
     dtype = "/".join(user_dtypes) + (" (finite differences in float64)" if user_dtypes != ["float64"] else "")
     env = _environment(caller_x64, user_dtypes, facts, mode, plan, seed, rtol_eff, atol, hand, eager, has_aux,
                        layout, sel)
@@ -1471,7 +1494,10 @@ def _first_line(e: Exception) -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def _static_facts(bound: _Bound, layout: _Layout, spec, param_dtypes, dyn_sig, x64) -> _Facts:
+def _static_facts(bound: _Bound, layout: _Layout, spec, param_dtypes, dyn_sig, x64, diagnose=False) -> _Facts:
+    """Traces fn (and hand) once. Reverse and forward mode are assumed to work (a custom_vjp rule aside),
+    which costs nothing to find out; only when the check then fails does ``diagnose`` trace each mode to
+    see which one JAX cannot do."""
     params = [jax.ShapeDtypeStruct(s, d) for s, d in zip(layout.shapes, param_dtypes)]
     dyn = [jax.ShapeDtypeStruct(s, d) for s, d in dyn_sig]
     out_raw = jax.eval_shape(lambda p, d: bound.raw(p, *_join_args(d, spec)), params, dyn)
@@ -1500,15 +1526,16 @@ def _static_facts(bound: _Bound, layout: _Layout, spec, param_dtypes, dyn_sig, x
         inner = _lowest_float(closed.jaxpr)
         f64 = lambda th, d: f(th, d).astype(jnp.float64)  # noqa: E731
         reverse = jvp = True
-        try:
-            jax.eval_shape(jax.grad(f64), theta_s, dyn_s)
-        except Exception as e:  # noqa: BLE001 - any failure of reverse mode: try forward mode
-            reverse, why_rev = False, _first_line(e)
+        if diagnose:
+            try:
+                jax.eval_shape(jax.grad(f64), theta_s, dyn_s)
+            except Exception as e:  # noqa: BLE001 - any failure of reverse mode: try forward mode
+                reverse, why_rev = False, _first_line(e)
         if _uses_primitive(closed.jaxpr, "custom_vjp"):
             # Tracing jvp through a custom_vjp rule succeeds; evaluating it fails ("can't apply forward-mode
             # autodiff (jvp) to a custom_vjp function").
             jvp, why_fwd = False, "TypeError: can't apply forward-mode autodiff (jvp) to a custom_vjp function"
-        else:
+        elif diagnose:
             try:
                 jax.eval_shape(lambda th, d: jax.jvp(lambda t: f64(t, d), (th,), (th,))[1], theta_s, dyn_s)
             except Exception as e:  # noqa: BLE001
@@ -1570,7 +1597,7 @@ def _uses_primitive(jaxpr: Any, fragment: str) -> bool:
 def _check_value(value: Any) -> None:
     v = float(value)
     if not np.isfinite(v):
-        raise ValueError(f"fn(params, *args) = {v} at the given params: the function itself is not finite there, so "
+        raise _UserValueError(f"fn(params, *args) = {v} at the given params: the function itself is not finite there, so "
                          "it has no derivative to check (a log, a division or a sqrt of 0 or less?)")
 
 
