@@ -983,7 +983,9 @@ def _resolve(scales: list[_Scale], tol: np.ndarray, f0: float, final: bool = Fal
             out.finite[todo] = (s0.finite & s1.finite)[todo]
             # Singular: the one-sided quotients grow steadily across at least three scales, far above rounding
             # (sqrt at 0: ×√10 a step; log-like: slower, but steadily); a discontinuity looks the same.
-            if len(scales) >= 3 and math.isfinite(f0):
+            if math.isinf(f0):  # the function itself is singular at the point
+                out.singular[todo] = True
+            elif len(scales) >= 3:
                 Q = np.stack([s.quotient for s in scales])
                 growing = np.all(Q[1:] >= 1.05 * Q[:-1], axis=0) & (Q[-1] >= 2 * Q[0])
                 out.singular[todo] = (np.isfinite(Q).all(axis=0) & growing & (Q[-1] > 1000 * s1.noise))[todo]
@@ -1091,7 +1093,7 @@ class _Engine:
         self.support_np = np.asarray(res.support) > 0
         self.eps_f, self.h0, self.f0 = eps_f, h0, float(res.f0)
         # The smallest derivative finite differences resolve at the first step: nothing below it is wrong.
-        self.floor = 3 * 16 * eps_f * max(abs(self.f0), 1e-300) / h0
+        self.floor = 3 * 16 * eps_f * max(abs(self.f0), 1e-300) / h0 if math.isfinite(self.f0) else 0.0
         self.tol_ah = np.asarray(res.tol)  # per-element analytic tolerance: autodiff against hand
         self.tol = np.maximum(self.tol_ah, self.floor)  # and against finite differences
         self.tol_dev = jnp.asarray(self.tol)
@@ -1365,7 +1367,6 @@ def check_grad(
             value_u, grad_u, hand_u = _user_stage(dleaves, dyn, fn=bound.value,
                                                   hand=bound.grad if hand is not None and not eager else None,
                                                   layout=layout, dtypes=dtypes, args_spec=spec, reverse=facts.reverse)
-            _check_value(value_u)
             a_user = np.asarray(grad_u, np.float64)
             if eager:
                 hu = eager_hand(False)
@@ -1410,7 +1411,16 @@ def check_grad(
                          -1.0 if atol is None else float(atol), eps_c, fn=bound.value,
                          hand=bound.grad if hand is not None and not eager else None, layout=layout, args_spec=spec,
                          plan=plan)
-            _check_value(res.f0)
+            f0 = float(res.f0)
+            _check_value(f0)
+            if math.isinf(f0):
+                notes.append(f"fn(params, *args) = {f0} at these parameters: the function itself is singular there (a "
+                             "log of 0?), so no element has a finite derivative to check; each is reported singular "
+                             "where autodiff and hand agree, a mismatch where they do not")
+            elif a_user is not None and not np.isfinite(float(value_u)):
+                raise _UserValueError(f"fn(params, *args) = {float(value_u)} at the parameters' own precision "
+                                      f"({'/'.join(user_dtypes)}), though {f0:.6g} in float64: it overflows or loses "
+                                      "all precision there")
             engine = _Engine(bound.value, spec, layout, plan, res, dyn, np.uint32(seed % 2**32), eps_f, h0, dtypes)
             rows = _rows(res, engine, hand is not None, a_user, h_user, user_dtypes)
         return rows, notes, plan, rtol_eff, eager
@@ -1595,10 +1605,12 @@ def _uses_primitive(jaxpr: Any, fragment: str) -> bool:
 
 
 def _check_value(value: Any) -> None:
+    """fn's value must be a number; ±inf (a log of 0) is a singular point, reported as such."""
     v = float(value)
-    if not np.isfinite(v):
-        raise _UserValueError(f"fn(params, *args) = {v} at the given params: the function itself is not finite there, so "
-                         "it has no derivative to check (a log, a division or a sqrt of 0 or less?)")
+    if math.isnan(v):
+        raise _UserValueError(f"fn(params, *args) = {v} at the given params: the function itself is not defined "
+                              "there, so it has no derivative to check (a sqrt or log of a negative number, 0/0, "
+                              "inf − inf?)")
 
 
 def _vectorise() -> bool:

@@ -178,6 +178,16 @@ def test_singular_points_without_a_hand(name, fn):
     assert report.rows[0].worst_index == (0,)
 
 
+def test_log_at_zero_makes_the_function_itself_singular():
+    x = jnp.array([0.0, 1.0])
+    report = verify.check_grad(lambda x: jnp.sum(jnp.log(x)), x, hand=lambda x: 1 / x)
+    assert report.ok and report.verdict == "singular" and any("= -inf" in n for n in report.notes), report
+    wrong = verify.check_grad(lambda x: jnp.sum(jnp.log(x)), x, hand=lambda x: 2 / x)
+    assert wrong.verdict == "mismatch"  # nothing can be checked, and the sides disagree: not passed, not blamed
+    with pytest.raises(ValueError, match=r"= nan at the given params: the function itself is not defined there"):
+        verify.check_grad(lambda x: jnp.sum(jnp.sqrt(x)), jnp.array([-1.0, 1.0]))
+
+
 def test_sides_that_describe_a_singular_point_differently_are_not_blamed():
     report = verify.check_grad(lambda x: jnp.sum(jnp.sqrt(x)), jnp.array([0.0, 1.0]),
                                hand=lambda x: jnp.where(x > 0, 0.5 / jnp.sqrt(jnp.where(x > 0, x, 1.0)), 0.0))
