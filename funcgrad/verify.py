@@ -1466,9 +1466,7 @@ def _environment(x64, user_dtypes, facts, mode, plan, seed, rtol, atol, hand, ea
         "python": platform.python_version(),
         "backend": jax.default_backend(),
         "x64": x64,
-        "param_dtypes": list(user_dtypes),
-        "output_dtype": str(facts.out.dtype),
-        "check_dtype": "float64",
+        "dtypes": {"params": list(user_dtypes), "output": str(facts.out.dtype), "check": "float64"},
         "mode": mode,
         "seed": int(seed),
         "rtol": rtol,
@@ -1741,7 +1739,8 @@ def _note_for(verdict: str, item: _Item | None, extra: Sequence[str]) -> str:
             "singular": f"no finite derivative {at}: the difference quotients grow without bound as the step "
                         f"shrinks (sqrt or log at 0, |x|^p with p < 1, a discontinuity); autodiff gives {_g(item.A)}"
                         + (f" and hand {_g(item.H)}, which describe it alike" if item.H is not None else ""),
-            "fd_unreliable": f"autodiff and hand agree {at} ({_g(item.A)}); {why_unsure}",
+            "fd_unreliable": (f"autodiff and hand agree {at} ({_g(item.A)}); {why_unsure}" if item.H is not None
+                              else f"autodiff ({_g(item.A)}) cannot be confirmed {at}: {why_unsure}"),
             "hand_wrong": f"hand ({_g(item.H)}) differs from autodiff ({_g(item.A)}) and finite differences {at}; {fd}"
                           + (f" (unless {meet})" if item.kink else ""),
             "autodiff_wrong": f"autodiff ({_g(item.A)}) differs from finite differences"

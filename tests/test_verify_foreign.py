@@ -438,7 +438,7 @@ def test_environment_block_and_markdown():
                                seed=5)
     env = json.loads(report.to_json())["environment"]
     assert env["jax"] == jax.__version__ and env["backend"] == jax.default_backend()
-    assert env["x64"] is False and env["param_dtypes"] == ["float32"] and env["seed"] == 5 and env["mode"] == "auto"
+    assert env["x64"] is False and env["dtypes"] == {"params": ["float32"], "output": "float32", "check": "float64"} and env["seed"] == 5 and env["mode"] == "auto"
     assert env["rtol"] > 0 and "atol" in env and env["jaxlib"] and "funcgrad" in env
     md = report.to_markdown()
     assert md.startswith("### check_grad: `hand_wrong` (NOT OK)")
