@@ -506,3 +506,64 @@ def test_check_chain_with_book_style_numpy_stages():
     links = dict(report.links)
     assert links["dense"].ok and links["sum"].ok and links["relu"].verdict == "hand_wrong"
     assert any("NumPy" in n for n in links["dense"].notes)
+
+
+# ---- found in review: wrong gradients that must not pass, right ones that must not fail ------------------------------
+
+
+def test_a_wrong_element_does_not_hide_behind_kink_disagreements():
+    w = np.linspace(0.5, 1.5, 5000).astype(np.float32)
+    w[:10] = 0  # ten |x| kinks where hand (0) and autodiff (1) take different valid conventions
+    fn = lambda p: jnp.sum(jnp.abs(p[:10])) + jnp.sum(p[10:] ** 2)  # noqa: E731
+    hand = lambda p: jnp.concatenate([jnp.zeros(10), 2 * p[10:]]).at[4000].multiply(1.05)  # noqa: E731
+    report = verify.check_grad(fn, jnp.asarray(w), hand=hand)
+    assert report.verdict == "hand_wrong" and report.rows[0].worst_index == (4000,), report
+
+
+def test_a_wrong_rule_is_not_excused_by_one_kink_on_its_random_direction():
+    @jax.custom_vjp
+    def sq(x):
+        return x**2
+
+    sq.defvjp(lambda x: (x**2, x), lambda x, g: (g * 2 * x * jnp.where(jnp.abs(x) < 1, 1.5, 1.0),))
+    w = np.random.default_rng(0).normal(size=5000).astype(np.float32)
+    w[0] = 0.0  # |w| has its kink here, on every random direction through the leaf
+    report = verify.check_grad(lambda p: 0.01 * jnp.sum(jnp.abs(p)) + jnp.sum(sq(p)), jnp.asarray(w))
+    assert report.verdict == "autodiff_wrong", report
+
+
+def test_both_sides_outside_a_kink_pass_only_within_autodiffs_own_distance():
+    f = lambda p: jnp.sum(2 * jax.nn.relu(p) - jax.nn.relu(-p))  # noqa: E731  [D₋, D₊] = [1, 2]; JAX says 0
+    w = jnp.array([0.0, 1.0])
+    assert verify.check_grad(f, w, hand=lambda p: jnp.where(p == 0, 3.0, 2.0)).verdict == "kink"  # all active
+    assert not verify.check_grad(f, w, hand=lambda p: jnp.where(p == 0, 1000.0, 2.0)).ok
+
+
+def test_low_precision_inside_fn():
+    # bfloat16 inside: tolerances follow it, but are capped; an all-zero hand still fails.
+    fn = lambda p: jnp.sum(jnp.tanh(p["w"].astype(jnp.bfloat16)).astype(jnp.float32) ** 2)  # noqa: E731
+    w = {"w": jnp.asarray(RS.randn(8), jnp.float32)}
+    assert not verify.check_grad(fn, w, hand=lambda p: {"w": 0.0 * p["w"]}).ok
+    # float32 inside, float64 outside: finite differences carry float32's rounding, not a false both_wrong.
+    X = RS.randn(500, 20).astype(np.float32)
+
+    def loss(p):
+        z = jnp.asarray(X) @ p["w"].astype(jnp.float32)
+        return jnp.sum(jnp.log1p(jnp.exp(z))) + 0.5 * jnp.sum(p["w"] ** 2)
+
+    def hand(p):
+        z = jnp.asarray(X) @ p["w"].astype(jnp.float32)
+        return {"w": (X.T @ jax.nn.sigmoid(z)).astype(p["w"].dtype) + p["w"]}
+
+    with jax.enable_x64(True):
+        report = verify.check_grad(loss, {"w": jnp.asarray(RS.randn(20) * 0.3)}, hand=hand)
+    assert report.ok, report
+
+
+def test_an_equinox_filter_spec_as_wrt_and_only_empty_leaves():
+    m = eqx.nn.Linear(3, 2, key=jax.random.key(0))
+    spec = eqx.tree_at(lambda t: t.weight, jax.tree_util.tree_map(lambda _: False, m), replace=True)
+    report = verify.check_grad(lambda m, x: jnp.sum(m(x) ** 2), m, jnp.ones(3), wrt=spec)
+    assert report.ok and [r.path for r in report.rows] == [".weight"], report
+    empty = verify.check_grad(lambda p: jnp.sum(p["e"]), {"e": jnp.zeros((0,))}, hand=lambda p: {"e": p["e"]})
+    assert empty.ok and empty.rows[0].size == 0
