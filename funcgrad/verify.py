@@ -18,7 +18,10 @@ How it decides (see also :class:`GradReport`):
   D₋ and D₊ included. Each one-sided derivative is estimated with its own Richardson extrapolation
   (``2·D₊(h/2) − D₊(h)``: the O(h·f'') bias of a one-sided quotient cancels) and its own error (the change
   between two steps of the ladder); a value inside ``[min(D₋, D₊), max(D₋, D₊)]`` within that error passes
-  with verdict ``"kink"``; a value outside fails, blamed on the side that holds it.
+  with verdict ``"kink"``; a value outside fails, blamed on the side that holds it when the other is inside.
+  Both outside: several kinks may meet at the point (per-kink conventions then need not lie in the
+  interval), so it passes as ``"kink"`` while hand is no farther from autodiff than autodiff is from D₋ and
+  D₊ together, with a note.
 - **Singular points** (``sqrt``/``log`` at 0, ``|x|^p`` with p < 1 at 0): the difference quotients grow
   without bound as the step shrinks, or the function is undefined on one side. The derivative does not exist
   there: verdict ``"singular"`` (passing) when autodiff and hand describe it alike (both infinite, or the
@@ -43,7 +46,8 @@ How it decides (see also :class:`GradReport`):
   reverse-differentiate (``lax.while_loop``) get their autodiff gradient from forward mode.
 - Every call traces ``fn`` and ``hand`` afresh: a function may read globals that changed since an earlier
   check, and a cached trace would check the old function.
-- **Tolerances** come from the dtypes (``rtol = max(1e-7, 3·√eps)`` of the float64 check's working precision,
+- **Tolerances** come from the dtypes (``rtol = max(1e-7, 3·√eps)``, at most 5%, of the lowest precision fn
+  computes in with float64 inputs, a final cast of its output aside; finite differences carry that rounding too,
   ``atol`` from each leaf's gradient scale and the finite-difference noise floor) and from the measured
   finite-difference error; ``rtol``/``atol`` override the analytic part. The user's own precision (e.g.
   float32) is checked separately: a side that becomes non-finite or loses far more precision than the other
