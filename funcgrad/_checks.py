@@ -101,34 +101,6 @@ def require_same_shape(a: Any, b: Any, name_a: str, name_b: str) -> None:
         )
 
 
-def float_leaves(tree: Any, root: str) -> list[tuple[str, Any]]:
-    """Returns ``(path_name, leaf)`` pairs; raises one TypeError listing every non-floating leaf."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    bad = []
-    out = []
-    for path, leaf in flat:
-        name = path_name(path, root)
-        try:
-            dtype = jnp.result_type(leaf)
-        except TypeError:
-            bad.append(f"{name} is {describe(leaf)}, not an array")
-            continue
-        if not jnp.issubdtype(dtype, jnp.floating):
-            if jnp.issubdtype(dtype, jnp.complexfloating):
-                bad.append(f"{name} is complex ({describe(leaf)}); only real floating parameters are supported")
-            else:
-                bad.append(f"{name} has dtype {_dtype_name(dtype)} ({describe(leaf)}); expected a floating dtype")
-            continue
-        out.append((name, leaf))
-    if bad:
-        raise TypeError(
-            "parameters must be floating point arrays:\n  "
-            + "\n  ".join(bad)
-            + "\nConvert integer parameters with .astype(jnp.float32) (or write 1.0 rather than 1)."
-        )
-    return out
-
-
 def check_finite_tree(tree: Any, root: str) -> None:
     """Raises a ValueError naming the first non-finite element of each floating leaf (concrete values only)."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)

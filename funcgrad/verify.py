@@ -78,7 +78,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from funcgrad._checks import describe, in_range, is_tracer, x64_enabled
+from funcgrad._checks import check_finite_tree, describe, in_range, is_tracer, x64_enabled
 
 __all__ = [
     "VERDICTS",
@@ -471,17 +471,8 @@ def _select(params: Any, wrt: Any) -> tuple[_Selection, list[str]]:
             f"({listed}{', ...' if len(leaves) > _LIST else ''}). Write parameters as floats (1.0, not 1; "
             "x.astype(jnp.float32)), or choose the leaves with wrt=."
         )
-    bad = []
-    for path, leaf, d in zip(paths, leaves, mask):
-        if d and not is_tracer(leaf):
-            arr = np.asarray(leaf)
-            fin = np.isfinite(arr)
-            if not fin.all():
-                idx = tuple(int(i) for i in np.argwhere(~fin)[0])
-                bad.append(f"params{path}{list(idx) if idx else ''} = {arr[idx]} ({int((~fin).sum())} non-finite "
-                           "element(s))")
-    if bad:
-        raise ValueError("non-finite values (nan or inf) in params:\n  " + "\n  ".join(bad))
+    check_finite_tree(jax.tree_util.tree_unflatten(treedef, [x if d else None for x, d in zip(leaves, mask)]),
+                      "params")
     fixed = [(p, x) for p, x, d in zip(paths, leaves, mask) if not d]
     notes = []
     if fixed:
@@ -2201,7 +2192,7 @@ def check_jacobian(
             jacobians[name] = jac(fn)(x)
         except Exception as e:  # noqa: BLE001 - custom_vjp (no forward mode), while_loop (no reverse mode)
             notes.append(f"{name} is unavailable for fn ({_first_line(e).split(':')[0]}"
-                         + (", a jax.custom_vjp rule" if "custom_vjp" in str(e) else "") + f"): "
+                         + (", a jax.custom_vjp rule" if "custom_vjp" in str(e) else "") + "): "
                          + ("jacrev only" if name == "jacfwd" else "jacfwd only"))
     if not jacobians:
         raise ValueError("check_jacobian: JAX can differentiate fn neither in reverse nor in forward mode")
