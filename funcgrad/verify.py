@@ -730,10 +730,19 @@ def _eval_items(f, theta, seed, items, vecs, batch, support, want_jvp=None):
     return F[:K], P[:K], JV[:K]
 
 
+def _dtype64(dtype: Any) -> Any:
+    """An argument's dtype in the float64 check: floats become float64, and signed integers int64, as they
+    are in an x64 program (``lax.fori_loop(0, n)`` needs n and the literal 0 to share a dtype); unsigned
+    integers (raw PRNG keys), booleans and keys stay as they are."""
+    if jnp.issubdtype(dtype, jnp.floating):
+        return jnp.dtype(jnp.float64)
+    if jnp.issubdtype(dtype, jnp.signedinteger):
+        return jnp.dtype(jnp.int64)
+    return dtype
+
+
 def _cast64(tree):
-    return jax.tree_util.tree_map(
-        lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
-    )
+    return jax.tree_util.tree_map(lambda x: x.astype(_dtype64(x.dtype)), tree)
 
 
 def _flat_fn(fn: Callable, layout: _Layout, args_spec: tuple, dyn64: Sequence) -> Callable:
@@ -1545,8 +1554,7 @@ def _static_facts(bound: _Bound, layout: _Layout, spec, param_dtypes, dyn_sig, x
     notes = []
     with jax.enable_x64(True):
         theta_s = jax.ShapeDtypeStruct((layout.n,), jnp.float64)
-        dyn_s = [jax.ShapeDtypeStruct(d.shape, jnp.float64 if jnp.issubdtype(d.dtype, jnp.floating) else d.dtype)
-                 for d in dyn]
+        dyn_s = [jax.ShapeDtypeStruct(d.shape, _dtype64(d.dtype)) for d in dyn]
 
         def f(th, d):
             return bound.value(layout.unravel(th), *_join_args(d, spec))

@@ -396,8 +396,7 @@ def test_hand_gradients_in_another_float_dtype_are_compared_in_float64():
 
 def test_forward_mode_stands_in_for_a_while_loop():
     def fn(w, n):  # a loop with a dynamic trip count: reverse mode is not defined
-        return jax.lax.while_loop(lambda c: c[0] < n, lambda c: (c[0] + 1, c[1] * jnp.cos(w)),
-                                  (jnp.zeros_like(n), jnp.ones_like(w)))[1].sum()
+        return jax.lax.fori_loop(0, n, lambda i, acc: acc * jnp.cos(w), jnp.ones_like(w)).sum()
 
     w, n = jnp.array([0.1, 0.4, -0.3]), jnp.asarray(3)
     hand = lambda w, n: -3 * jnp.cos(w) ** 2 * jnp.sin(w)  # noqa: E731  d cos³w
