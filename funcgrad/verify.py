@@ -997,11 +997,11 @@ def _resolve(scales: list[_Scale], tol: np.ndarray, f0: float, final: bool = Fal
                 growing = np.all(Q[1:] >= 1.05 * Q[:-1], axis=0) & (Q[-1] >= 2 * Q[0])
                 out.singular[todo] = (np.isfinite(Q).all(axis=0) & growing & (Q[-1] > 1000 * s1.noise))[todo]
             if final:
-                _single_scale(scales, out, todo & ~out.singular, tol)
+                _single_scale(scales, out, todo & ~out.singular)
     return out
 
 
-def _single_scale(scales: list[_Scale], out: _FD, todo: np.ndarray, tol: np.ndarray) -> None:
+def _single_scale(scales: list[_Scale], out: _FD, todo: np.ndarray) -> None:
     """The last resort for ``todo`` items (in place): the finest scale with finite values, read as the interval
     between its two Richardson one-sided derivatives, each known to within three times the change of its
     one-sided quotients between h and h/2 plus rounding. A smooth function gives a point (both sides agree);
@@ -1532,10 +1532,11 @@ def _first_line(e: Exception) -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def _static_facts(bound: _Bound, layout: _Layout, spec, param_dtypes, dyn_sig, x64, diagnose=False) -> _Facts:
+def _static_facts(bound: _Bound, layout: _Layout, spec, param_dtypes, dyn_sig, x64, diagnose=False) -> _Facts:  # noqa: ARG001
     """Traces fn (and hand) once. Reverse and forward mode are assumed to work (a custom_vjp rule aside),
     which costs nothing to find out; only when the check then fails does ``diagnose`` trace each mode to
-    see which one JAX cannot do."""
+    see which one JAX cannot do. ``x64`` is part of the cache key only: the caller's x64 state changes the
+    dtypes fn's trace sees."""
     params = [jax.ShapeDtypeStruct(s, d) for s, d in zip(layout.shapes, param_dtypes)]
     dyn = [jax.ShapeDtypeStruct(s, d) for s, d in dyn_sig]
     closed_user, out_raw = jax.make_jaxpr(lambda p, d: bound.raw(p, *_join_args(d, spec)), return_shape=True)(
