@@ -9,7 +9,8 @@ PYTEST_WORKERS ?= 2
 .PHONY: run test test-slow test-all bench verify examples clean clean-runs
 
 ## The main job: train the default model (configs/spiral.toml, the book's chapter 11) into runs/spiral.
-## A second `make run` continues that run (--resume); `make clean-runs` starts over.
+## A second `make run` continues an interrupted run (--resume), and on a finished one says it is complete and
+## changes nothing; `make clean-runs` starts over.
 run: $(VENV)/.installed-run
 	@if [ -f runs/spiral/checkpoint.npz ]; then $(BIN)/funcgrad train --resume; else $(BIN)/funcgrad train; fi
 

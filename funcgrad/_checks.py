@@ -121,7 +121,11 @@ def check_finite_tree(tree: Any, root: str) -> None:
 def check_labels(labels: Any, n_classes: int, n_samples: int, name: str = "labels") -> None:
     """Integer labels of shape (N,) in [0, n_classes), or one-hot of shape (N, n_classes)."""
     shape = jnp.shape(labels)
-    if jnp.issubdtype(jnp.result_type(labels), jnp.integer) or jnp.result_type(labels) == jnp.bool_:
+    if jnp.result_type(labels) == jnp.bool_:
+        raise TypeError(f"{name}: bool labels {describe(labels)}; class labels must be integer indices of shape "
+                        f"({n_samples},) or float one-hot rows of shape ({n_samples}, {n_classes}); convert with "
+                        f"{name}.astype(int)")
+    if jnp.issubdtype(jnp.result_type(labels), jnp.integer):
         if shape != (n_samples,):
             hint = " Pass integer class indices of shape (N,), or one-hot rows of shape (N, C)."
             if len(shape) == 2 and shape[1] == 1 and shape[0] == n_samples:
@@ -130,7 +134,15 @@ def check_labels(labels: Any, n_classes: int, n_samples: int, name: str = "label
                 f"{name}: integer class labels must have shape ({n_samples},) to match the predictions; "
                 f"got {describe(labels)}.{hint}"
             )
-        if not is_tracer(labels):
+        if is_tracer(labels):
+            # Under jit the values are unknown here. This check is a no-op in a plain jit (an out-of-range label
+            # then gives an infinite loss); under jax.experimental.checkify.checkify it raises, naming the range.
+            from jax.experimental import checkify
+
+            checkify.check(jnp.all((labels >= 0) & (labels < n_classes)),
+                           f"{name}: class labels must lie in [0, {n_classes}) for {n_classes} classes; got min "
+                           "{lo}, max {hi}", lo=jnp.min(labels), hi=jnp.max(labels), debug=True)
+        else:
             arr = np.asarray(labels)
             if arr.size and (arr.min() < 0 or arr.max() >= n_classes):
                 bad = int(np.argmax((arr < 0) | (arr >= n_classes)))

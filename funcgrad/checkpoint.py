@@ -26,7 +26,7 @@ import numpy as np
 
 from funcgrad._checks import is_typed_key
 
-__all__ = ["FORMAT", "CheckpointError", "to_bytes", "from_bytes", "metadata"]
+__all__ = ["FORMAT", "CheckpointError", "to_bytes", "from_bytes", "metadata", "size_bound"]
 
 FORMAT = "funcgrad-checkpoint-1"
 _META = "__funcgrad__"
@@ -60,25 +60,108 @@ def to_bytes(tree: Any, meta: dict[str, Any] | None = None) -> bytes:
     return buf.getvalue()
 
 
-def _open(data: bytes) -> tuple[Any, dict]:
-    try:
-        z = np.load(io.BytesIO(data), allow_pickle=False)
-        header = json.loads(z[_META].tobytes())
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as e:
-        raise CheckpointError(f"not a readable funcgrad checkpoint ({type(e).__name__}: {e})") from None
+# The kinds of dtype a leaf may have: numbers, and raw bytes of e.g. bfloat16 (kind "V"). Never objects.
+_NUMERIC_KINDS = "biufcV"
+# Room for a member's .npy header beside its data, and for the header member (names and shapes of the leaves).
+_NPY_HEADER_ROOM = 64 * 1024
+_MAX_HEADER_BYTES = 64 * 1024 * 1024
+
+
+def _header_problem(header: Any) -> str | None:
+    """What is wrong with a parsed header, or None: the file carries the structure it claims, so every field
+    is checked before it is used."""
+    if not isinstance(header, dict):
+        return f"its header is a JSON {type(header).__name__}, not an object"
     if header.get("format") != FORMAT:
-        raise CheckpointError(f"unknown checkpoint format {header.get('format')!r}; expected {FORMAT!r}")
+        return f"unknown checkpoint format {header.get('format')!r}; expected {FORMAT!r}"
+    leaves = header.get("leaves")
+    if not isinstance(leaves, list):
+        return "its header lacks the list of leaves" if leaves is None else "its header's leaves are not a list"
+    if not isinstance(header.get("meta", {}), dict):
+        return "its header's meta is not an object"
+    for i, e in enumerate(leaves):
+        if not (isinstance(e, dict) and all(isinstance(e.get(k), str) for k in ("path", "name", "dtype"))):
+            return f"header entry {i} is not a leaf (path, name, dtype, shape)"
+        shape = e.get("shape")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            return f"leaf {e['path']}: its shape {shape!r} is not a list of sizes"
+        if "key_impl" in e and not isinstance(e["key_impl"], str):
+            return f"leaf {e['path']}: its key_impl is not a name"
+    return None
+
+
+def _open(data: bytes) -> tuple[zipfile.ZipFile, dict]:
+    if not data:
+        raise CheckpointError("not a readable funcgrad checkpoint: the file is empty (0 bytes)")
+    try:
+        z = zipfile.ZipFile(io.BytesIO(data))
+        info = z.getinfo(_META + ".npy")
+        if info.file_size > _MAX_HEADER_BYTES:
+            raise ValueError(f"a header of {info.file_size} bytes")
+        with z.open(info) as f:
+            raw = np.lib.format.read_array(f, allow_pickle=False)
+        header = json.loads(raw.tobytes())
+    except KeyError:
+        raise CheckpointError("not a readable funcgrad checkpoint: an archive without a funcgrad header") from None
+    except (OSError, ValueError, EOFError, RuntimeError, zipfile.BadZipFile, NotImplementedError) as e:
+        raise CheckpointError(f"not a readable funcgrad checkpoint ({type(e).__name__}: {e})") from None
+    problem = _header_problem(header)
+    if problem:
+        raise CheckpointError(f"not a readable funcgrad checkpoint: {problem}")
     return z, header
 
 
 def metadata(data: bytes) -> dict[str, Any]:
     """The ``meta`` dict stored with a checkpoint."""
-    return _open(data)[1]["meta"]
+    return _open(data)[1].get("meta", {})
+
+
+def _dtype(entry: dict) -> np.dtype:
+    try:
+        dtype = np.dtype(jnp.dtype(entry["dtype"]))
+    except (TypeError, ValueError):
+        raise CheckpointError(f"checkpoint is damaged: leaf {entry['path']} has an unknown dtype {entry['dtype']!r}") from None
+    if dtype.kind not in _NUMERIC_KINDS:
+        raise CheckpointError(f"checkpoint is damaged: leaf {entry['path']} has dtype {entry['dtype']!r}, not a number type")
+    return dtype
+
+
+def _read_leaf(z: zipfile.ZipFile, entry: dict) -> np.ndarray:
+    """One leaf's array, its declared size checked before a byte is decompressed, never unpickled."""
+    path, shape, dtype = entry["path"], tuple(entry["shape"]), _dtype(entry)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    try:
+        info = z.getinfo(entry["name"] + ".npy")
+    except KeyError:
+        raise CheckpointError(f"checkpoint is damaged: no array for {path}") from None
+    if info.file_size > nbytes + _NPY_HEADER_ROOM:
+        raise CheckpointError(f"checkpoint is damaged: leaf {path} holds {info.file_size} bytes; "
+                              f"{entry['dtype']}{list(shape)} needs {nbytes}")
+    try:
+        with z.open(info) as f:
+            arr = np.lib.format.read_array(f, allow_pickle=False)
+    except (OSError, ValueError, EOFError, RuntimeError, zipfile.BadZipFile, NotImplementedError) as e:
+        raise CheckpointError(f"checkpoint is damaged: leaf {path} cannot be read ({type(e).__name__}: {e})") from None
+    if arr.dtype == np.uint8 and dtype != np.uint8:  # raw bytes of a dtype NumPy cannot store (e.g. bfloat16)
+        if arr.size != nbytes:
+            raise CheckpointError(f"checkpoint is damaged: leaf {path} holds {arr.size} bytes; "
+                                  f"{entry['dtype']}{list(shape)} needs {nbytes}")
+        return arr.view(dtype).reshape(shape)
+    if arr.dtype != dtype or arr.shape != shape:
+        raise CheckpointError(f"checkpoint is damaged: leaf {path} is {arr.dtype}{list(arr.shape)}; its header says "
+                              f"{entry['dtype']}{list(shape)}")
+    return arr
+
+
+def size_bound(like: Any) -> int:
+    """The most bytes a checkpoint of trees shaped like ``like`` can take (the file is read only below it)."""
+    return len(to_bytes(like)) + _NPY_HEADER_ROOM + 1024 * 1024
 
 
 def from_bytes(data: bytes, like: Any) -> Any:
     """The tree stored in ``data``, with the structure of ``like`` (a template such as a freshly initialised
-    train state). Every leaf's path, shape and dtype must match the template's."""
+    train state). Every leaf's path, shape and dtype must match the template's. A damaged or foreign file
+    raises :class:`CheckpointError` naming the leaf; nothing in the file is executed (no pickle)."""
     z, header = _open(data)
     flat, treedef = jax.tree_util.tree_flatten_with_path(like)
     stored = header["leaves"]
@@ -94,16 +177,10 @@ def from_bytes(data: bytes, like: Any) -> Any:
     out, bad = [], []
     for (path, ref), entry in zip(flat, stored):
         name = jax.tree_util.keystr(path)
-        try:
-            arr = z[entry["name"]]
-        except KeyError:
-            raise CheckpointError(f"checkpoint is damaged: no array for {name}") from None
-        dtype = np.dtype(jnp.dtype(entry["dtype"]))
-        if arr.dtype == np.uint8 and dtype != np.uint8:
-            arr = arr.view(dtype).reshape(entry["shape"])
+        arr = _read_leaf(z, entry)
         if is_typed_key(ref):
             ref_data = jax.random.key_data(ref)
-            if arr.shape != ref_data.shape or entry.get("key_impl") != str(jax.random.key_impl(ref)):
+            if arr.shape != ref_data.shape or arr.dtype != ref_data.dtype or entry.get("key_impl") != str(jax.random.key_impl(ref)):
                 bad.append(f"{name}: a PRNG key of another kind ({entry.get('key_impl')}, {list(arr.shape)})")
                 continue
             out.append(jax.random.wrap_key_data(jnp.asarray(arr), impl=jax.random.key_impl(ref)))

@@ -19,6 +19,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import os
+import stat
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -43,6 +45,8 @@ __all__ = [
     "from_dict",
     "to_dict",
     "apply_overrides",
+    "MemoryEstimate",
+    "memory_estimate",
     "Setup",
     "build",
 ]
@@ -310,13 +314,32 @@ def loads(text: str, *, name: str | None = None, overrides: Sequence[str] = (), 
         raise ConfigError(f"{source}: {e}") from None
 
 
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
 def load(path: str | Path, *, overrides: Sequence[str] = ()) -> Config:
     """A Config from a TOML file; the run's name defaults to the file's stem."""
     path = Path(path)
     try:
-        text = path.read_text()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO given as a config must not hang
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"config {path}: not a regular file (a TOML file is expected)")
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config {path}: {st.st_size} bytes; a TOML config is expected (at most {MAX_CONFIG_BYTES})")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {path}: not a text file (byte {e.start} is not UTF-8); a TOML config is expected") from None
     return loads(text, name=path.stem, overrides=overrides, source=str(path))
 
 
@@ -331,6 +354,65 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     if out["data"]["validation_samples"] is None:
         del out["data"]["validation_samples"]
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Memory a run needs, estimated from the configuration alone (before anything is allocated)
+
+OPTIMIZER_SLOTS = {"sgd": 1, "adagrad": 1, "rmsprop": 1, "adam": 2}  # parameter-sized buffers of its state
+PLOT_POINTS = 300  # the decision-boundary plot predicts one grid row of 300 points at a time
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a run of a config needs at its peak, by part; :attr:`total` is what is compared with the memory
+    available. An upper estimate in float32 (the float64 gradient check counts double)."""
+
+    parameters: int  # parameter count
+    state: int  # params, gradient, update and optimizer slots, with one host copy for a checkpoint
+    activations: int  # forward values and their gradients for one (mini)batch, or the plot grid
+    data: int  # training and validation arrays
+    check: int  # the float64 gradient check at the initial parameters
+
+    @property
+    def total(self) -> int:
+        return self.state + self.activations + self.data + self.check
+
+    def describe(self) -> str:
+        return (f"{_gb(self.total)} ({self.parameters} parameters: {_gb(self.state)} for them, their gradient and "
+                f"optimizer state; activations {_gb(self.activations)}; data {_gb(self.data)}"
+                + (f"; gradient check {_gb(self.check)}" if self.check else "") + ")")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def memory_estimate(cfg: Config) -> MemoryEstimate:
+    """The memory a run of ``cfg`` needs, from layer widths, sample counts and the optimizer (see
+    :class:`MemoryEstimate`): lets ``funcgrad train`` refuse a model that cannot fit, naming both numbers,
+    before it allocates a byte of it."""
+    d, m = cfg.data, cfg.model
+    classification = d.kind in ("spiral", "vertical")
+    n_in = 1 if d.kind == "sine" else 2
+    widths = (n_in, *m.sizes)
+    params = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+    units = sum(m.sizes)
+    n = d.samples * (d.classes if classification else 1)
+    n_val = (d.validation_samples or d.samples) * (d.classes if classification else 1)
+    batch = cfg.train.batch_size or n
+    f32 = 4
+    slots = OPTIMIZER_SLOTS[cfg.optimizer.kind]
+    # On the device: params, gradient, update, new params and the optimizer's slots (old and new); on the host:
+    # one gathered copy of params and slots, and its bytes for the checkpoint file.
+    state = params * f32 * ((4 + 2 * slots) + 2 * (1 + slots))
+    # Forward values, pre-activations and their gradients (and a dropout mask) per sample and unit.
+    per_sample = units * f32 * (4 + (1 if m.dropout else 0))
+    activations = max(batch * per_sample, max(n, n_val) * units * f32 * 2,
+                      PLOT_POINTS * units * f32 * 2 if classification and n_in == 2 else 0)
+    data = (n + n_val) * (n_in + 1) * f32 * 2
+    check = 2 * (params * 8 * 6 + n * units * 8 * 4) if cfg.train.verify else 0
+    return MemoryEstimate(params, state, activations, data, check)
 
 
 # ----------------------------------------------------------------------------------------------------------

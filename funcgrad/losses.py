@@ -3,6 +3,14 @@
 Each data loss averages over samples, as the book does, and has a hand-derived backward in
 :mod:`funcgrad.rules` (the rule of the same name). N = number of samples, J = outputs per sample.
 
+Inputs are checked when the function is called: shapes and dtypes always (also under ``jit``), an empty batch
+is an error, and integer class labels outside [0, C) are an error when their values are known. Under ``jit``
+they are not known: an out-of-range label then gives an infinite loss, unless the function is run through
+``jax.experimental.checkify.checkify``, which turns the label check into an error naming the range::
+
+    err, loss = jax.jit(checkify.checkify(fg.losses.categorical_crossentropy))(probs, labels)
+    err.throw()  # raises: labels: class labels must lie in [0, 3) for 3 classes; got min 0, max 5
+
 - :func:`categorical_crossentropy`: ``−mean log ŷ_true``, ŷ clipped to [1e-7, 1 − 1e-7] (the book's).
 - :func:`categorical_crossentropy_with_logits`: the same from logits, stable (log-softmax, no clip).
 - :func:`binary_crossentropy`: ``−mean[y log ŷ + (1 − y) log(1 − ŷ)]`` with the book's clip.
@@ -51,6 +59,8 @@ def _class_inputs(scores: Any, labels: Any, scores_name: str) -> tuple[jax.Array
     require_float(scores, scores_name)
     require_ndim(scores, 2, scores_name, "(samples, classes)")
     n, c = scores.shape
+    if n == 0:
+        raise ValueError(f"{scores_name}: an empty batch {describe(scores)}; a mean over no samples is undefined")
     check_labels(labels, c, n, "labels")
     return scores, labels
 
@@ -81,6 +91,8 @@ def _paired(pred: Any, target: Any, pred_name: str, target_name: str) -> tuple[j
     require_same_shape(pred, target, pred_name, target_name)
     if pred.ndim == 0:
         raise ValueError(f"{pred_name} must have a sample axis; got a scalar {describe(pred)}")
+    if pred.size == 0:
+        raise ValueError(f"{pred_name}: an empty batch {describe(pred)}; a mean over no samples is undefined")
     return pred, target.astype(pred.dtype)
 
 

@@ -40,7 +40,12 @@ import optax
 
 from funcgrad._checks import describe, is_key
 
-__all__ = ["TrainState", "Metrics", "init", "make_step", "make_steps", "make_eval", "fit", "chunks", "batch_indices"]
+__all__ = ["TrainState", "Metrics", "init", "make_step", "make_steps", "make_eval", "fit", "chunks", "chunk_size",
+           "batch_indices", "MAX_FUSE"]
+
+# The most steps fused into one dispatch. Beyond a few hundred the dispatch cost is already negligible; the
+# cap bounds the per-chunk metrics buffer (steps × metrics floats) whatever ``fuse`` is asked for.
+MAX_FUSE = 1 << 16
 
 LossFn = Callable[..., Any]  # (params, x, y, key) -> loss or (loss, metrics dict)
 
@@ -270,6 +275,14 @@ def _check_state(state: Any) -> None:
         raise TypeError(f"expected a funcgrad.train.TrainState (from funcgrad.train.init); got {describe(state)}")
 
 
+def chunk_size(fuse: int, steps: int) -> int:
+    """The steps :func:`chunks` fuses per dispatch: ``fuse``, but no more than the run's ``steps`` nor
+    :data:`MAX_FUSE`, so buffers follow the steps actually run."""
+    if isinstance(fuse, bool) or not isinstance(fuse, (int, np.integer)) or fuse < 1:
+        raise ValueError(f"fuse must be an int >= 1; got {fuse!r}")
+    return int(max(1, min(fuse, steps, MAX_FUSE)))
+
+
 def chunks(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
@@ -283,14 +296,13 @@ def chunks(
     shard_batch: Callable[[Any], Any] | None = None,
 ) -> Iterator[tuple[TrainState, dict[str, np.ndarray]]]:
     """Trains until ``state.step == steps``, yielding ``(state, metrics)`` after each fused chunk of ``fuse``
-    steps. Metrics are NumPy arrays of the chunk's steps. The caller does any I/O between chunks.
+    steps (at most :func:`chunk_size`). Metrics are NumPy arrays of the chunk's steps. The caller does any I/O between chunks.
 
     Every step runs the same compiled loop body whichever chunk it falls in, so an interrupted run resumed from
     a checkpoint ends bit for bit where an uninterrupted one does."""
-    if not isinstance(fuse, (int, np.integer)) or fuse < 1:
-        raise ValueError(f"fuse must be an int >= 1; got {fuse!r}")
+    fuse = chunk_size(fuse, steps)
     _check_state(state)
-    run = make_steps(loss_fn, optimizer, int(fuse), batch_size=batch_size, schedule=schedule, shard_batch=shard_batch)
+    run = make_steps(loss_fn, optimizer, fuse, batch_size=batch_size, schedule=schedule, shard_batch=shard_batch)
     current = int(to_host(state.step))
     while current < steps:
         state, metrics = run(state, data, steps)

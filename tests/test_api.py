@@ -8,12 +8,14 @@ EXPECTED = {
         "rules", "testing", "train", "verify",
     ],
     "optim": ["OPTIMIZERS", "adagrad", "adam", "inverse_time_decay", "rmsprop", "sgd"],
-    "train": ["Metrics", "TrainState", "batch_indices", "chunks", "fit", "init", "make_eval", "make_step", "make_steps"],
+    "train": ["MAX_FUSE", "Metrics", "TrainState", "batch_indices", "chunk_size", "chunks", "fit", "init", "make_eval",
+              "make_step", "make_steps"],
     "config": [
         "Config", "ConfigError", "DataConfig", "LossConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig",
-        "Setup", "TrainConfig", "apply_overrides", "build", "from_dict", "load", "loads", "to_dict",
+        "MemoryEstimate", "Setup", "TrainConfig", "apply_overrides", "build", "from_dict", "load", "loads",
+        "memory_estimate", "to_dict",
     ],
-    "checkpoint": ["CheckpointError", "FORMAT", "from_bytes", "metadata", "to_bytes"],
+    "checkpoint": ["CheckpointError", "FORMAT", "from_bytes", "metadata", "size_bound", "to_bytes"],
     "parallel": ["ParallelError", "data_mesh", "describe", "gather", "initialize", "is_writer", "place", "setup_for"],
     "nn": [
         "ACTIVATIONS", "Layer", "Params", "activation", "dense", "dropout", "elementwise", "leaky_relu", "linear", "log_softmax",

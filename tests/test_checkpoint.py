@@ -51,3 +51,45 @@ def test_loading_never_unpickles():
         checkpoint.from_bytes(buf.getvalue(), like={})
     with pytest.raises(checkpoint.CheckpointError, match="not a readable"):
         checkpoint.metadata(b"not a zip file")
+
+
+def _with_header(data, change):
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    header = json.loads(np.load(io.BytesIO(members["__funcgrad__.npy"])).tobytes())
+    buf = io.BytesIO()
+    np.save(buf, np.frombuffer(json.dumps(change(header)).encode(), np.uint8))
+    members["__funcgrad__.npy"] = buf.getvalue()
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        for n, b in members.items():
+            z.writestr(n, b)
+    return out.getvalue()
+
+
+def test_a_header_is_checked_before_it_is_used():
+    tree = {"w": jnp.arange(4.0)}
+    data = checkpoint.to_bytes(tree, {"step": 1})
+
+    def leaf(**kw):
+        return lambda h: {**h, "leaves": [{**h["leaves"][0], **kw}]}
+
+    cases = [
+        (lambda h: [h], "header is a JSON list"),
+        (lambda h: {k: v for k, v in h.items() if k != "leaves"}, "lacks the list of leaves"),
+        (lambda h: {**h, "meta": [1]}, "meta is not an object"),
+        (leaf(dtype="float12"), "unknown dtype 'float12'"),
+        (leaf(dtype="object"), "not a number type"),
+        (leaf(shape=[-1]), "is not a list of sizes"),
+        (leaf(shape=[2]), r"is float32\[4\]; its header says float32\[2\]"),
+        (leaf(shape=[4000]), r"is float32\[4\]; its header says float32\[4000\]"),
+    ]
+    for change, message in cases:
+        with pytest.raises(checkpoint.CheckpointError, match=message):
+            checkpoint.from_bytes(_with_header(data, change), like=tree)
+    with pytest.raises(checkpoint.CheckpointError, match="the file is empty"):
+        checkpoint.metadata(b"")
+    assert len(data) <= checkpoint.size_bound(tree) < len(data) + 2 * 1024 * 1024

@@ -57,10 +57,13 @@ def test_evaluate_on_fresh_data(default_run, compile_cache):
     env = {"FUNCGRAD_COMPILATION_CACHE": compile_cache}
     a = json.loads(run_python(["-m", "funcgrad", "evaluate", "--run", str(out), "--json"], env=env).stdout)
     b = json.loads(run_python(["-m", "funcgrad", "evaluate", "--run", str(out), "--json", "--seed", "7"], env=env).stdout)
-    assert a["step"] == 10001 and a["seed"] == 1 and b["seed"] == 7
-    assert a["validation"]["accuracy"] >= 0.75 and a["validation"]["accuracy"] != b["validation"]["accuracy"]
+    assert a["step"] == 10001 and a["data"] == "validation" and a["seed"] is None
+    assert b["data"] == "fresh" and b["seed"] == 7
+    summary = json.loads((out / "summary.json").read_text())
+    assert a["metrics"]["accuracy"] == pytest.approx(summary["validation"]["accuracy"])  # the run's validation data
+    assert b["metrics"]["accuracy"] >= 0.75 and a["metrics"]["accuracy"] != b["metrics"]["accuracy"]
     text = run_python(["-m", "funcgrad", "evaluate", "--run", str(out)], env=env).stdout
-    assert "validation: loss" in text
+    assert "validation: loss" in text and "the run's validation data" in text
 
 
 def test_a_run_is_never_overwritten(default_run):
@@ -127,7 +130,8 @@ def test_user_mistakes_get_one_line_errors(tmp_path, default_run):
     out, _ = default_run
     damaged = tmp_path / "damaged"
     damaged.mkdir()
-    (damaged / "config.json").write_text((out / "config.json").read_text())
+    for name in ("config.json", "run.json"):
+        (damaged / name).write_text((out / name).read_text())
     (damaged / "checkpoint.npz").write_bytes(b"not a checkpoint")
     for args in (["train", "--out", str(damaged), "--resume"], ["evaluate", "--run", str(damaged)]):
         proc = run_python(["-m", "funcgrad", *args], check=False, env={"FUNCGRAD_COMPILATION_CACHE": "0"})
@@ -135,7 +139,7 @@ def test_user_mistakes_get_one_line_errors(tmp_path, default_run):
         assert "Traceback" not in proc.stderr
     (tmp_path / "afile").write_text("x")
     proc = train(tmp_path / "afile", "--set", "train.epochs=1", check=False)
-    assert proc.returncode == 2 and "cannot write the run's files" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "exists and is not a folder" in proc.stderr and "Traceback" not in proc.stderr
     proc = train(tmp_path / "p", "--set", "loss.l2={'dens1/W' = 5e-4}", check=False)
     assert proc.returncode == 2 and "loss.l2.dens1/W" in proc.stderr and "matches no parameter" in proc.stderr
 

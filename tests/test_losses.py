@@ -109,3 +109,28 @@ def test_labels_in_range_are_checked_once_traced_values_are_unknown():
     f = jax.jit(fg.losses.categorical_crossentropy)
     with pytest.raises(ValueError, match="must have shape"):
         f(jnp.asarray(PROBS), jnp.arange(5))
+
+
+def test_bool_labels_and_empty_batches_are_errors_not_nan():
+    with pytest.raises(TypeError, match=r"labels: bool labels bool\[6\].*astype\(int\)"):
+        fg.losses.categorical_crossentropy(jnp.asarray(PROBS), jnp.asarray(LABELS) > 0)
+    with pytest.raises(ValueError, match=r"probs: an empty batch float32\[0,3\]"):
+        fg.losses.categorical_crossentropy(jnp.zeros((0, 3)), jnp.zeros((0,), jnp.int32))
+    with pytest.raises(ValueError, match=r"logits: an empty batch"):
+        jax.jit(fg.losses.categorical_crossentropy_with_logits)(jnp.zeros((0, 3)), jnp.zeros((0, 3)))
+    for loss in (fg.losses.mse, fg.losses.mae, fg.losses.binary_crossentropy):
+        with pytest.raises(ValueError, match=r"an empty batch"):
+            loss(jnp.zeros((0, 1)), jnp.zeros((0, 1)))
+
+
+def test_out_of_range_labels_under_jit_raise_through_checkify():
+    from jax.experimental import checkify
+
+    probs, bad = jnp.asarray(PROBS, jnp.float32), jnp.array([0, 2, 5, 1, 0, 2])
+    # A plain jit cannot see the values: the loss is infinite (the book's clip is after the one-hot product).
+    assert np.isinf(float(jax.jit(fg.losses.categorical_crossentropy)(probs, bad)))
+    checked = jax.jit(checkify.checkify(fg.losses.categorical_crossentropy))
+    err, _ = checked(probs, bad)
+    assert "class labels must lie in [0, 3) for 3 classes; got min 0, max 5" in err.get()
+    err, value = checked(probs, jnp.asarray(LABELS))
+    assert err.get() is None and float(value) == pytest.approx(book_cce(PROBS, LABELS), rel=1e-5)

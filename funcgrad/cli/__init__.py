@@ -46,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optimizer.learning_rate=0.02 (repeatable)")
     t.add_argument("--out", metavar="DIR", help="output folder (default: runs/<config name>)")
-    t.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output folder")
+    t.add_argument("--resume", action="store_true", help="continue the run in the output folder, with its own config.json and checkpoint; "
+                   "--set may change train.epochs, train.log_every, train.checkpoint_every, train.verify, "
+                   "optimizer.learning_rate, optimizer.decay")
     d = t.add_argument_group("several processes (hosts), with jax.distributed; also from the environment "
                              "variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID")
     d.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
@@ -54,9 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--process-id", type=int, metavar="I", help="this process's id, 0 to N-1")
     t.set_defaults(handler=cmd_train)
 
-    e = sub.add_parser("evaluate", help="metrics of a saved run on fresh validation data")
+    e = sub.add_parser("evaluate", help="metrics of a saved run (its validation data, or data drawn with --seed)")
     e.add_argument("--run", required=True, metavar="DIR", help="a run folder written by funcgrad train")
-    e.add_argument("--seed", type=int, help="seed of the fresh data (default: the run's seed + 1)")
+    e.add_argument("--seed", type=int, help="draw the data with this seed (default: the run's own validation data)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(handler=cmd_evaluate)
 
@@ -76,6 +78,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"funcgrad {args.command}: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file that vanished or became unwritable mid-command: one line, never a traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"funcgrad {args.command}: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"funcgrad {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -1,10 +1,16 @@
-"""Files of a run: atomic writes (temporary file, fsync, rename), metrics lines, checkpoints."""
+"""Files of a run: atomic writes (temporary file, fsync, rename), metrics lines, checkpoints.
+
+Every read goes through :func:`read_regular`: only a regular file (never a FIFO, a device or a folder, also
+behind a symbolic link) and only up to a size that the file can honestly have, so a hostile file is a
+one-line error instead of a hang or gigabytes read.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -15,6 +21,47 @@ CHECKPOINT = "checkpoint.npz"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CONFIG = "config.json"
+
+
+class FileError(ValueError):
+    """A run file that cannot be read as what it should be; the message names the file."""
+
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def read_regular(path: Path, max_bytes: int) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most ``max_bytes``. Opened without blocking (a FIFO
+    never hangs), checked with ``fstat`` on the open file (no race with a swapped path), then read."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise FileError(f"{path}: no such file") from None
+    except OSError as e:
+        raise FileError(f"{path}: cannot open it ({e.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
+            raise FileError(f"{path}: is {kind}, not a regular file")
+        if st.st_size > max_bytes:
+            raise FileError(f"{path}: {st.st_size} bytes, more than the {max_bytes} such a file can have")
+        chunks, size = [], 0
+        while size <= max_bytes:
+            chunk = os.read(fd, min(1 << 24, max_bytes + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > max_bytes:
+            raise FileError(f"{path}: grew past {max_bytes} bytes while being read")
+        return b"".join(chunks)
+    except OSError as e:
+        raise FileError(f"{path}: cannot read it ({e.strerror})") from None
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -75,23 +122,36 @@ def append_lines(path: Path, records: Iterable[dict]) -> None:
         os.fsync(f.fileno())
 
 
+MAX_TEXT_BYTES = 1 << 30  # metrics.jsonl of 10⁷ logged steps; JSON files are far smaller
+
+
 def read_metrics(path: Path) -> list[dict]:
     """The records of a metrics file. Only a last line that is not JSON (cut short by a killed process, so
-    never a complete record) is dropped, and removed from the file atomically."""
+    never a complete record) is dropped, and removed from the file atomically. Any other damaged line is an
+    error naming the file and the line."""
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return []
-    lines = path.read_text().split("\n")
+    try:
+        lines = read_regular(path, MAX_TEXT_BYTES).decode().split("\n")
+    except UnicodeDecodeError as e:
+        raise FileError(f"{path}: not a text file (byte {e.start} is not UTF-8); the file is damaged") from None
     records = []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if any(rest.strip() for rest in lines[i + 1 :]):
-                raise ValueError(f"{path}: line {i + 1} is not JSON; the file is damaged") from None
+                raise FileError(f"{path}: line {i + 1} is not JSON; the file is damaged (move it away to continue "
+                                "without its records)") from None
             atomic_write(path, "".join(line + "\n" for line in lines[:i] if line.strip()).encode())
+            break
+        step = record.get("step") if isinstance(record, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise FileError(f"{path}: line {i + 1} is not a record of a step ({line[:60]!r}); the file is damaged")
+        records.append(record)
     return records
 
 
@@ -114,12 +174,24 @@ def save_checkpoint(run_dir: Path, state: Any, meta: dict) -> None:
 
 
 def load_checkpoint(run_dir: Path, like: Any) -> tuple[Any, dict]:
-    data = (Path(run_dir) / CHECKPOINT).read_bytes()
+    """The train state in ``run_dir/checkpoint.npz``, shaped like ``like``; read only if it is a regular file no
+    larger than a checkpoint of ``like`` can be."""
+    data = read_regular(Path(run_dir) / CHECKPOINT, checkpoint.size_bound(like))
     return checkpoint.from_bytes(data, like), checkpoint.metadata(data)
 
 
-def json_load(path: Path) -> Any:
+MAX_JSON_BYTES = 16 * 1024 * 1024
+
+
+def json_load(path: Path, *, what: str = "a JSON object") -> Any:
+    """A JSON object from a regular file; anything else (a list, a number, bytes that are not text) is an
+    error naming the file."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from None
+        obj = json.loads(read_regular(path, MAX_JSON_BYTES).decode())
+    except UnicodeDecodeError as e:
+        raise FileError(f"{path}: not a text file (byte {e.start} is not UTF-8)") from None
+    except json.JSONDecodeError as e:
+        raise FileError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise FileError(f"{path}: expected {what}, got a JSON {type(obj).__name__}")
+    return obj

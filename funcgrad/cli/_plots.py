@@ -57,7 +57,8 @@ def decision_boundary(path: Path, predict: Any, X: np.ndarray, y: np.ndarray, ti
     gx, gy = np.meshgrid(np.linspace(lo[0] - pad[0], hi[0] + pad[0], resolution),
                          np.linspace(lo[1] - pad[1], hi[1] + pad[1], resolution))
     grid = np.stack([gx.ravel(), gy.ravel()], axis=1).astype(X.dtype)
-    out = np.asarray(predict(grid))
+    rows = resolution  # one row of the grid per call: memory bounded by the width of the model, not the grid's size
+    out = np.concatenate([np.asarray(predict(grid[i : i + rows])) for i in range(0, len(grid), rows)])
     classes = (out[:, 0] > 0.5).astype(int) if out.shape[1] == 1 else out.argmax(axis=1)
     labels = y.reshape(-1).astype(int)
     n_cls = max(int(labels.max()) + 1, int(classes.max()) + 1)

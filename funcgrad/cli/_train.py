@@ -36,16 +36,11 @@ def _default_config() -> Path:
     raise UsageError(f"no --config given and {DEFAULT_CONFIG} not found here; pass --config FILE")
 
 
-def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        path = f"{prefix}{key}"
-        if isinstance(va, dict) and isinstance(vb, dict) and key not in ("l1", "l2"):
-            out += _config_diff(va, vb, path + ".")
-        elif va != vb and tuple(path.split(".")) not in RESUMABLE:
-            out.append(f"{path}: run has {vb!r}, now {va!r}")
-    return out
+def _config_diff(a: dict, b: dict, prefix: str = "", *, every_key: bool = False) -> list[str]:
+    """``key: run has <b>, now <a>`` for each key that differs (only the keys a resumed run cannot change,
+    unless ``every_key``)."""
+    return [f"{path}: run has {vb!r}, now {va!r}" for path, va, vb in _changed(a, b, prefix)
+            if every_key or tuple(path.split(".")) not in RESUMABLE]
 
 
 def _summary_line(metrics: dict[str, Any]) -> str:
@@ -60,11 +55,199 @@ def _floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _memory_available() -> tuple[int, str] | None:
+    """Bytes free where the run allocates: the accelerator's memory, or the host's (MemAvailable, within a
+    cgroup's limit when there is one); None when it cannot be told."""
     import jax
 
-    import funcgrad as fg
+    dev = jax.devices()[0]
+    if dev.platform != "cpu":
+        try:
+            stats = dev.memory_stats() or {}
+            return stats["bytes_limit"] - stats.get("bytes_in_use", 0), f"{dev.platform} memory"
+        except (KeyError, TypeError, AttributeError, NotImplementedError, RuntimeError):
+            return None
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit.isdigit():
+            avail = min(avail if avail is not None else 1 << 62, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return (avail, "memory") if avail is not None else None
+
+
+def _check_memory(cfg: Any) -> None:
+    """Refuses a run that cannot fit, before a byte of it is allocated."""
     from funcgrad import config as fgconfig
+
+    need = fgconfig.memory_estimate(cfg)
+    free = _memory_available()
+    if free is not None and need.total > free[0]:
+        raise UsageError(f"the run needs about {need.describe()}, but only {fgconfig._gb(free[0])} of {free[1]} is "
+                         "available; reduce model.sizes, data.samples or train.batch_size (or set train.verify=false "
+                         "to skip the float64 gradient check)")
+
+
+def _load_config(args: argparse.Namespace) -> tuple[Any, Path]:
+    from funcgrad import config as fgconfig
+
+    path = Path(args.config) if args.config else _default_config()
+    try:
+        return fgconfig.load(path, overrides=args.set or ()), path
+    except fgconfig.ConfigError as e:
+        raise UsageError(str(e)) from None
+
+
+def _resume_config(out: Path, args: argparse.Namespace) -> tuple[Any, dict, list[str]]:
+    """The configuration a resumed run continues with: the run's own ``config.json`` with this command's
+    ``--set`` applied, only to keys that may change. ``--config`` must describe the same run."""
+    from funcgrad import config as fgconfig
+
+    try:
+        saved = files.json_load(out / files.CONFIG, what="a JSON object (the run's configuration)")
+        before = fgconfig.from_dict(saved)
+    except files.FileError as e:
+        raise UsageError(f"--resume: {e}") from None
+    except fgconfig.ConfigError as e:
+        raise UsageError(f"--resume: {out / files.CONFIG}: {e}") from None
+    try:
+        cfg = fgconfig.from_dict(fgconfig.apply_overrides(fgconfig.to_dict(before), args.set or ()))
+    except fgconfig.ConfigError as e:
+        raise UsageError(f"--resume: {e}") from None
+    old, new = fgconfig.to_dict(before), fgconfig.to_dict(cfg)
+    fixed = _config_diff(new, old)
+    if fixed:
+        allowed = ", ".join(".".join(k) for k in sorted(RESUMABLE))
+        raise UsageError(f"--resume: {'; '.join(fixed)}: cannot change when a run continues (only {allowed} can)")
+    if args.config:
+        given, path = _load_config(args)
+        differ = _config_diff(fgconfig.to_dict(given), new, every_key=True)
+        if differ:
+            raise UsageError(f"--resume: --config {path} (with --set) does not match the run in {out} ({'; '.join(differ)}); "
+                             "resume without --config to continue with the run's own configuration")
+    changes = [f"{k}: {a!r} → {b!r}" for k, a, b in _changed(old, new)]
+    return cfg, saved, changes
+
+
+def _changed(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict) and key not in ("l1", "l2"):
+            out += _changed(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append((f"{prefix}{key}", va, vb))
+    return out
+
+
+def _open_folder(out: Path, resume: bool) -> tuple[Any, bool]:
+    """The run folder, checked and locked for this writer: (lock, whether this call created the folder)."""
+    from funcgrad.cli import _rundir as rundir
+
+    try:
+        kind = rundir.inspect(out)
+        if resume and kind != "run":
+            raise UsageError(f"--resume: {out} holds no run to continue; train without --resume to start one")
+        created = kind == "new"
+        if created:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UsageError(f"cannot create {out}: {e.strerror or e}") from None
+        lock = rundir.Lock(out)
+        try:
+            rundir.inspect(out)  # again, under the lock: another writer may have finished in between
+        except BaseException:
+            lock.release()
+            raise
+    except rundir.RunFolderError as e:
+        raise UsageError(str(e)) from None
+    return lock, created
+
+
+def _counts(opt_state: Any) -> list[tuple[str, int]]:
+    """The update counts in an optimizer state (optax's and the book optimizers' ``count`` fields)."""
+    import jax
+
+    found = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
+        last = path[-1] if path else None
+        if getattr(last, "name", None) == "count" and np.ndim(leaf) == 0:
+            found.append((f"opt_state{jax.tree_util.keystr(path)}", int(np.asarray(leaf))))
+    return found
+
+
+def _validate_state(state: Any, meta: dict, ckpt: Path) -> int:
+    """The checkpoint's step, checked against the state it holds; its parameters and optimizer state finite."""
+    from funcgrad._checks import check_finite_tree
+
+    step = meta.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+        raise UsageError(f"{ckpt}: its step is {step!r}; a checkpoint is written after step 1 or later")
+    if int(state.step) != step:
+        raise UsageError(f"{ckpt}: the header says step {step} but the state's step is {int(state.step)}; "
+                         "the checkpoint is inconsistent")
+    for where, count in _counts(state.opt_state):
+        if count != step:
+            raise UsageError(f"{ckpt}: step {step} but the optimizer has made {count} updates ({where}); "
+                             "the checkpoint is inconsistent")
+    for tree, root in ((state.params, "params"), (state.opt_state, "opt_state")):
+        try:
+            check_finite_tree(tree, root)
+        except ValueError as e:
+            first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
+            raise UsageError(f"{ckpt}: holds non-finite values: {first}; it cannot be used (an earlier "
+                             "checkpoint, or a new run, can)") from None
+    return step
+
+
+def _read_checkpoint(out: Path, like: Any) -> tuple[Any, int, dict]:
+    ckpt = out / files.CHECKPOINT
+    try:
+        state, meta = files.load_checkpoint(out, like=like)
+    except (files.FileError, checkpoint.CheckpointError) as e:
+        msg = str(e)
+        raise UsageError(msg if msg.startswith(str(ckpt)) else f"{ckpt}: {msg}") from None
+    return state, _validate_state(state, meta, ckpt), meta
+
+
+def _read_metrics(out: Path) -> list[dict]:
+    try:
+        return files.read_metrics(out / files.METRICS)
+    except files.FileError as e:
+        raise UsageError(str(e)) from None
+
+
+def _complete(out: Path, steps: int, default_out: bool) -> str:
+    try:
+        summary = files.json_load(out / files.SUMMARY)
+        result = f" ({files.SUMMARY}: training {_summary_line(summary.get('train', {}))})"
+    except (files.FileError, TypeError, ValueError):
+        result = ""
+    where = "" if default_out else f" --out {out}"
+    return (f"{out} is complete: {steps} of {steps} steps{result}; nothing was changed. To train further, raise "
+            f"the epochs: funcgrad train --resume{where} --set train.epochs=N (more than now). To start over, "
+            f"remove {out} (make clean-runs) or train into another --out.")
+
+
+def _header_batch(setup: Any) -> str:
+    if setup.batch_size is None:
+        return " full batch"
+    n = setup.train_data[0].shape[0]
+    per, left = n // setup.batch_size, n % setup.batch_size
+    dropped = (f"; the last {left} of {n} samples of each epoch's shuffle are left out" if left else "")
+    return f" of batch {setup.batch_size} ({per} per epoch{dropped}; metrics are per minibatch)"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     from funcgrad import parallel
 
     t_start = time.perf_counter()
@@ -73,40 +256,52 @@ def cmd_train(args: argparse.Namespace) -> int:
     except parallel.ParallelError as e:
         raise UsageError(str(e)) from None
     writer = parallel.is_writer()  # only process 0 prints progress and writes files
-    say = print if writer else (lambda *a, **k: None)
-    cfg_path = Path(args.config) if args.config else _default_config()
+    out = Path(args.out) if args.out else Path("runs") / _load_config(args)[0].name
+    lock, created = _open_folder(out, args.resume) if writer else (None, False)
     try:
-        cfg = fgconfig.load(cfg_path, overrides=args.set or ())
-    except fgconfig.ConfigError as e:
-        raise UsageError(str(e)) from None
-    out = Path(args.out) if args.out else Path("runs") / cfg.name
-    ckpt = out / files.CHECKPOINT
-    resolved = fgconfig.to_dict(cfg)
-    saved = None  # the configuration the run in `out` was started with, when resuming it
-    if args.resume:
-        if not ckpt.exists():
-            raise UsageError(f"--resume: no checkpoint in {out}; train without --resume to start the run")
-        try:
-            saved = files.json_load(out / files.CONFIG)
-        except ValueError as e:
-            raise UsageError(f"--resume: {e}") from None
-        diff = _config_diff(resolved, saved)
-        if diff:
-            raise UsageError(f"--resume: the configuration differs from the run's in {out}:\n  " + "\n  ".join(diff))
-    elif ckpt.exists():
-        raise UsageError(f"{out} already holds a run ({files.CHECKPOINT}); pass --resume to continue it, or --out "
-                         "to train into another folder")
-    if writer:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            files.write_json(out / files.CONFIG, resolved)
-        except OSError as e:
-            raise UsageError(f"cannot write the run's files into {out}: {e.strerror or e}") from None
-        if not args.resume:
-            kept = files.set_aside(out / files.METRICS)  # an earlier attempt that never reached a checkpoint
-            if kept:
-                print(f"  (the metrics of an earlier attempt here are kept as {kept})")
+        status = _train(args, out, writer, t_start)
+    except BaseException:
+        if created and lock is not None:
+            lock.release()
+            _remove_if_empty(out)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+    return status
 
+
+def _remove_if_empty(out: Path) -> None:
+    try:
+        out.rmdir()  # only an empty folder: one this failed command created and wrote nothing into
+    except OSError:
+        pass
+
+
+def _train(args: argparse.Namespace, out: Path, writer: bool, t_start: float) -> int:
+    import jax
+
+    import funcgrad as fg
+    from funcgrad import config as fgconfig
+    from funcgrad import parallel
+    from funcgrad.cli import _rundir as rundir
+
+    say = print if writer else (lambda *a, **k: None)
+    ckpt = out / files.CHECKPOINT
+    if writer:
+        removed = rundir.remove_stale_temporaries(out)
+        if removed:
+            say(f"  (removed {len(removed)} temporary file(s) of killed processes: {', '.join(removed)})")
+    if args.resume:
+        cfg, saved, changes = _resume_config(out, args)
+        cfg_source = out / files.CONFIG
+    else:
+        (cfg, cfg_source), saved, changes = _load_config(args), None, []
+        if writer and (ckpt.exists() or ckpt.is_symlink()):
+            raise UsageError(f"{out} already holds a run ({files.CHECKPOINT}); pass --resume to continue it, or --out "
+                             "to train into another folder")
+    resolved = fgconfig.to_dict(cfg)
+    _check_memory(cfg)
     try:
         setup = fgconfig.build(cfg)
     except fgconfig.ConfigError as e:
@@ -115,13 +310,61 @@ def cmd_train(args: argparse.Namespace) -> int:
         mesh = parallel.setup_for(cfg.parallel.mode, setup.train_data, setup.batch_size)
     except parallel.ParallelError as e:
         raise UsageError(f"parallel.mode {cfg.parallel.mode!r}: {e}") from None
+
+    # Everything is read and checked before anything is written: a command that fails changes nothing.
+    key = jax.random.key(cfg.seed)
+    state = fg.train.init(setup.params, setup.optimizer, key)
+    records: list[dict] = []
+    meta: dict = {}
+    if args.resume:
+        state, start, meta = _read_checkpoint(out, state)
+        if start > setup.steps:
+            raise UsageError(f"--resume: train.epochs = {cfg.train.epochs} makes {setup.steps} steps, but the "
+                             f"checkpoint in {out} is already at step {start}; a run cannot go back (to end at step "
+                             f"{start} or later, set train.epochs accordingly)")
+    else:
+        start = 0
+    if writer:
+        records = _read_metrics(out)
+        logged = meta.get("last_logged")
+        if isinstance(logged, int) and logged >= start:
+            raise UsageError(f"{ckpt}: logged step {logged} before being written at step {start}; the checkpoint "
+                             "is inconsistent")
+        if args.resume and isinstance(logged, int) and records and max(r["step"] for r in records) < logged:
+            raise UsageError(f"{out / files.METRICS} ends at step {max(r['step'] for r in records)}, but the checkpoint "
+                             f"was written after step {logged} was logged: the files are not of the same run")
+        bad = rundir.read_only_files(out)
+        if bad:
+            raise UsageError(f"cannot write into the run: read-only {', '.join(bad)}; nothing was changed (make them "
+                             "writable, or train into another --out)")
+    if args.resume and start == setup.steps and (out / files.SUMMARY).exists():
+        say(_complete(out, setup.steps, args.out is None))
+        return 0
+
+    fuse = fg.train.chunk_size(cfg.train.fuse, setup.steps)
     n_params = fg.nn.param_count(setup.params)
-    say(f"funcgrad train: {cfg.name} ({cfg_path}) → {out}")
+    say(f"funcgrad train: {cfg.name} ({cfg_source}) → {out}")
     say(f"  data   {cfg.data.kind} {tuple(setup.train_data[0].shape)}{' (nnfs exact)' if cfg.data.exact else ''}, "
-          f"validation {tuple(setup.validation_data[0].shape)}")
+        f"validation {tuple(setup.validation_data[0].shape)}")
     say(f"  model  {' → '.join(n for n, _ in setup.model.layers)}, {n_params} parameters")
     say(f"  train  {cfg.optimizer.kind} lr {cfg.optimizer.learning_rate} decay {cfg.optimizer.decay}, {setup.steps} steps"
-          f"{'' if setup.batch_size is None else f' of batch {setup.batch_size}'}, {parallel.describe(mesh)}")
+        f"{_header_batch(setup)}, {parallel.describe(mesh)}"
+        + (f"; {fuse} fused per dispatch (train.fuse {cfg.train.fuse} is capped)" if fuse < min(cfg.train.fuse, setup.steps) else ""))
+    for change in changes:
+        say(f"  change {change}")
+
+    if writer:
+        try:
+            rundir.write_marker(out)
+            if saved != resolved:
+                files.write_json(out / files.CONFIG, resolved)
+            if not args.resume:
+                kept = files.set_aside(out / files.METRICS)  # an earlier attempt that never reached a checkpoint
+                if kept:
+                    say(f"  (the metrics of an earlier attempt here are kept as {kept})")
+                records = []
+        except OSError as e:
+            raise UsageError(f"cannot write the run's files into {out}: {e.strerror or e}") from None
 
     if cfg.train.verify and not args.resume and writer:
         report = _verify(setup)
@@ -131,24 +374,28 @@ def cmd_train(args: argparse.Namespace) -> int:
             say(report)
             say("  (training continues with JAX's gradients; the hand-derived formulas above disagree with them)")
 
-    key = jax.random.key(cfg.seed)
-    state = fg.train.init(setup.params, setup.optimizer, key)
     if args.resume:
-        try:
-            state, meta = files.load_checkpoint(out, like=state)
-        except checkpoint.CheckpointError as e:
-            raise UsageError(f"--resume: {ckpt}: {e}") from None
-        say(f"  resume from step {int(state.step)} ({ckpt})")
-    start = int(state.step)
-    fuse = cfg.train.fuse
+        say(f"  resume from step {start} ({ckpt})")
     every = math.ceil(cfg.train.checkpoint_every / fuse) * fuse
     next_checkpoint = (start // every + 1) * every
-    last_logged = _metrics_to_continue(out, start, resolved, saved) if writer else -1
+    try:
+        last_logged = _metrics_to_continue(out, start, records, resolved, saved) if writer else -1
+    except OSError as e:
+        raise UsageError(f"cannot write {out / files.METRICS}: {e.strerror or e}") from None
     state, data, shard_batch = parallel.place(mesh, state, setup.train_data)
+    evaluate = jax.jit(setup.objective.metrics)
 
     progress = Progress(setup.steps, start=start, enabled=writer)
     last_good = start if args.resume else None
-    status = 0
+
+    def stop(message: str) -> int:
+        progress.close()
+        where = (f"The last good checkpoint is step {last_good} in {ckpt}; lower optimizer.learning_rate and "
+                 "continue from it with --resume" if last_good is not None
+                 else "No checkpoint was written; try a lower optimizer.learning_rate")
+        print(f"{message}. {where}", file=sys.stderr)
+        return 1
+
     try:
         for state, m in fg.train.chunks(setup.objective.train_loss, setup.optimizer, state, data, steps=setup.steps,
                                         fuse=fuse, batch_size=setup.batch_size, schedule=setup.schedule,
@@ -156,59 +403,80 @@ def cmd_train(args: argparse.Namespace) -> int:
             step = int(m["step"][-1]) + 1
             bad = np.nonzero(~np.isfinite(m["loss"]))[0]
             good = bad[0] if len(bad) else len(m["step"])
-            records = [{"step": int(s), **{k: float(v[i]) for k, v in m.items() if k != "step"}}
-                       for i, s in enumerate(m["step"][:good])
-                       if (s % cfg.train.log_every == 0 or s == setup.steps - 1) and s > last_logged]
+            new = [{"step": int(s), **{k: float(v[i]) for k, v in m.items() if k != "step"}}
+                   for i, s in enumerate(m["step"][:good])
+                   if (s % cfg.train.log_every == 0 or s == setup.steps - 1) and s > last_logged]
             if writer:
-                files.append_lines(out / files.METRICS, records)
+                try:
+                    files.append_lines(out / files.METRICS, new)
+                except OSError as e:
+                    return stop(f"training stopped at step {step}: cannot write {out / files.METRICS} "
+                                f"({e.strerror or e})")
+                last_logged = max([last_logged] + [r["step"] for r in new])
             if len(bad):
-                progress.close()
-                at = int(m["step"][bad[0]])
-                if last_good is not None:
-                    where = (f"The last good checkpoint is step {last_good} in {ckpt}; lower optimizer.learning_rate "
-                             "and continue from it with --resume")
-                else:
-                    where = "No checkpoint was written yet; try a lower optimizer.learning_rate"
-                print(f"training stopped at step {at}: the loss is {m['loss'][bad[0]]}. {where}", file=sys.stderr)
-                status = 1
-                break
+                return stop(f"training stopped at step {int(m['step'][bad[0]])}: the loss is {m['loss'][bad[0]]}")
             progress.update(step, {k: float(v[-1]) for k, v in m.items()})
             if step >= next_checkpoint or step == setup.steps:
                 next_checkpoint = (step // every + 1) * every
                 snapshot = parallel.gather(state)  # a collective when the state is split: every process joins
+                problem = _unfit_for_checkpoint(snapshot, evaluate, setup.train_data)
+                if problem:
+                    return stop(f"training stopped after step {step}: {problem}, so it is not saved")
                 if writer:
-                    files.save_checkpoint(out, snapshot, {"step": step, "config": cfg.name})
+                    try:
+                        files.save_checkpoint(out, snapshot, {"step": step, "config": cfg.name,
+                                                              "last_logged": last_logged})
+                    except OSError as e:
+                        return stop(f"training stopped at step {step}: cannot write {ckpt} ({e.strerror or e})")
                 last_good = step
     finally:
         progress.close()
-    if status:
-        return status
 
     params = parallel.gather(state).params
-    evaluate = jax.jit(setup.objective.metrics)
     train_m = _floats(evaluate(params, *setup.train_data))
     val_m = _floats(evaluate(params, *setup.validation_data))
-    records = files.read_metrics(out / files.METRICS) if writer else []
+    records = _read_metrics(out) if writer else []
     last_step = dict(records[-1]) if records else {}
     wall = time.perf_counter() - t_start
     say(f"  final  training:   {_summary_line(train_m)}")
     say(f"         validation: {_summary_line(val_m)}")
     if writer:
-        files.write_json(out / files.SUMMARY, {
-            "name": cfg.name, "steps": setup.steps, "train": train_m, "validation": val_m, "last_step": last_step,
-            "wall_seconds": wall, "config": resolved, "devices": parallel.describe(mesh),
-        })
-        _plots(out, setup, params, records, cfg.name)
+        try:
+            files.write_json(out / files.SUMMARY, {
+                "name": cfg.name, "steps": setup.steps, "train": train_m, "validation": val_m, "last_step": last_step,
+                "wall_seconds": wall, "config": resolved, "devices": parallel.describe(mesh),
+            })
+            _plots(out, setup, params, records, cfg.name)
+        except OSError as e:
+            print(f"cannot write the summary into {out}: {e.strerror or e}; the checkpoint at step {setup.steps} is "
+                  "saved", file=sys.stderr)
+            return 1
     say(f"  wrote  {out}/{{{files.METRICS}, {files.SUMMARY}, {files.CHECKPOINT}, *.png}} ({wall:.1f}s)")
     return 0
 
 
-def _metrics_to_continue(out: Path, start: int, resolved: dict, saved: dict | None) -> int:
+def _unfit_for_checkpoint(state: Any, evaluate: Any, data: Any) -> str | None:
+    """Why a state must not be saved as a checkpoint (non-finite parameters, or a non-finite loss at them), or
+    None. The loss logged at a step is that of the parameters before it; a checkpoint holds those after it,
+    so its own loss is computed here."""
+    from funcgrad._checks import check_finite_tree
+
+    for tree, root in ((state.params, "params"), (state.opt_state, "opt_state")):
+        try:
+            check_finite_tree(tree, root)
+        except ValueError as e:
+            return "non-finite values in " + str(e).splitlines()[1].strip()
+    loss = float(evaluate(state.params, *data)["loss"])
+    if not math.isfinite(loss):
+        return f"the loss at its parameters is {loss}"
+    return None
+
+
+def _metrics_to_continue(out: Path, start: int, records: list[dict], resolved: dict, saved: dict | None) -> int:
     """The last step already logged in ``metrics.jsonl``, which training continues. Lines past the resumed
     checkpoint were computed by the same steps, unless the learning rate or its decay changed: then the file
     is set aside whole (nothing saved is lost) and a copy of its lines up to the checkpoint continues."""
     path = out / files.METRICS
-    records = files.read_metrics(path)
     if saved is not None and saved.get("optimizer") != resolved.get("optimizer"):
         if any(r["step"] > start for r in records):
             kept = files.set_aside(path)
@@ -250,29 +518,49 @@ def _plots(out: Path, setup: Any, params: Any, records: list[dict], name: str) -
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Metrics of a run's latest checkpoint: on the run's own validation data by default (the numbers of
+    ``summary.json`` once the run is complete), or on data drawn with ``--seed``. Reads only; changes nothing."""
+    import dataclasses
     import json
 
     import jax
 
     import funcgrad as fg
     from funcgrad import config as fgconfig
+    from funcgrad.cli import _rundir as rundir
 
     run = Path(args.run)
     if not (run / files.CHECKPOINT).exists() or not (run / files.CONFIG).exists():
         raise UsageError(f"--run {run}: no finished or checkpointed run there (need {files.CONFIG} and {files.CHECKPOINT})")
     try:
-        cfg = fgconfig.from_dict(files.json_load(run / files.CONFIG))
-        seed = args.seed if args.seed is not None else cfg.seed + 1
-        setup = fgconfig.build(cfg, validation_seed=seed)
-        state = fg.train.init(setup.params, setup.optimizer, jax.random.key(cfg.seed))
-        state, meta = files.load_checkpoint(run, like=state)
-    except (ValueError, checkpoint.CheckpointError) as e:  # ConfigError is a ValueError
+        cfg = fgconfig.from_dict(files.json_load(run / files.CONFIG, what="a JSON object (the run's configuration)"))
+    except files.FileError as e:
+        raise UsageError(str(e)) from None
+    except fgconfig.ConfigError as e:
+        raise UsageError(f"{run / files.CONFIG}: {e}") from None
+    _check_memory(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, verify=False)))
+    try:
+        setup = fgconfig.build(cfg, validation_seed=args.seed)
+    except fgconfig.ConfigError as e:
         raise UsageError(f"--run {run}: {e}") from None
-    metrics = _floats(jax.jit(setup.objective.metrics)(state.params, *setup.validation_data))
-    if args.json:
-        print(json.dumps({"run": str(run), "step": int(state.step), "seed": seed, "validation": metrics}))
+    state = fg.train.init(setup.params, setup.optimizer, jax.random.key(cfg.seed))
+    state, step, _ = _read_checkpoint(run, state)
+    X, X_train = np.asarray(setup.validation_data[0]), np.asarray(setup.train_data[0])
+    if args.seed is None:
+        data, label = "validation", f"the run's validation data {X.shape} (as in {files.SUMMARY})"
+    elif X.shape == X_train.shape and np.array_equal(X, X_train):
+        data, label = "training", f"the training data {X.shape}: seed {args.seed} is the run's own seed, not fresh data"
     else:
-        print(f"funcgrad evaluate: {run} at step {int(state.step)}, fresh {cfg.data.kind} data "
-              f"{tuple(setup.validation_data[0].shape)} (seed {seed})")
-        print(f"  validation: {_summary_line(metrics)}")
+        data, label = "fresh", f"fresh {cfg.data.kind} data {X.shape} drawn with seed {args.seed}"
+    metrics = _floats(jax.jit(setup.objective.metrics)(state.params, *setup.validation_data))
+    pid = rundir.writer_pid(run)
+    if args.json:
+        print(json.dumps({"run": str(run), "step": step, "of_steps": setup.steps, "data": data, "seed": args.seed,
+                          "metrics": metrics, "training_pid": pid}))
+        return 0
+    print(f"funcgrad evaluate: {run} at step {step} of {setup.steps}, on {label}")
+    if pid is not None:
+        print(f"  (a training process{f' (PID {pid})' if pid > 0 else ''} is writing this run: this is its latest "
+              "checkpoint)")
+    print(f"  {data + ':':<11} {_summary_line(metrics)}")
     return 0

@@ -1,0 +1,208 @@
+"""A run folder: recognised before anything is written into it, and held by one writer at a time.
+
+- Only a new or empty folder, or one that is recognisably a funcgrad run (its ``run.json`` marker, or a
+  ``checkpoint.npz`` with a funcgrad header from before the marker existed), is ever written into; anything
+  else is an error and no file in it changes.
+- A writer holds an exclusive ``fcntl.flock`` on ``.funcgrad.lock`` in the folder. The OS releases it when
+  the process ends, kill -9 included, so a lock is never stale; a second writer gets an error naming the PID
+  that holds it. Readers (``funcgrad evaluate``) only look whether a writer is there.
+- Temporary files of atomic writes (``.<name>.tmp-<pid>``) left by a killed process are removed when the
+  folder is next opened for writing, if that PID is no longer running.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import stat
+import time
+from pathlib import Path
+
+from funcgrad import checkpoint
+from funcgrad.cli import _files as files
+
+MARKER = "run.json"
+RUN_FORMAT = "funcgrad-run-1"
+LOCK = ".funcgrad.lock"
+_TEMP = re.compile(r"^\.(.+)\.tmp-(\d+)$")
+# The files funcgrad train writes into a run folder (and metrics.jsonl.<n>, set aside).
+OWN_FILES = (MARKER, files.CONFIG, files.CHECKPOINT, files.METRICS, files.SUMMARY, "curves.png",
+             "decision_boundary.png", "regression.png")
+
+
+class RunFolderError(Exception):
+    """The folder cannot be used as asked; the message says why in one line."""
+
+
+def _is_ours(name: str) -> bool:
+    return name == LOCK or bool(_TEMP.match(name))
+
+
+def _legacy_run(out: Path) -> bool:
+    """A run written before the marker: a funcgrad checkpoint (header only read, at most 64 MiB) and a config."""
+    if not (out / files.CONFIG).is_file():
+        return False
+    try:
+        checkpoint.metadata(files.read_regular(out / files.CHECKPOINT, 1 << 26))
+    except (files.FileError, checkpoint.CheckpointError):
+        return False
+    return True
+
+
+def inspect(out: Path) -> str:
+    """``"new"`` (absent), ``"empty"``, or ``"run"``; raises RunFolderError for anything else."""
+    out = Path(out)
+    if not out.exists():
+        if out.is_symlink():
+            raise RunFolderError(f"{out} is a symbolic link to nothing; choose another --out")
+        return "new"
+    if not out.is_dir():
+        raise RunFolderError(f"{out} exists and is not a folder; choose another --out")
+    try:
+        names = sorted(n for n in os.listdir(out) if not _is_ours(n))
+    except OSError as e:
+        raise RunFolderError(f"cannot list {out}: {e.strerror}") from None
+    if not names:
+        return "empty"
+    if MARKER in names:
+        try:
+            marker = files.json_load(out / MARKER)
+        except files.FileError as e:
+            raise RunFolderError(f"{e}; {out} does not look like a funcgrad run") from None
+        if marker.get("format") != RUN_FORMAT:
+            raise RunFolderError(f"{out / MARKER}: format {marker.get('format')!r}, expected {RUN_FORMAT!r}; "
+                                 "not a run of this funcgrad")
+        return "run"
+    if files.CHECKPOINT in names and _legacy_run(out):
+        return "run"
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    raise RunFolderError(f"{out} is not a funcgrad run (no {MARKER}) and is not empty ({shown}); nothing of it is "
+                         "changed: choose a new or empty --out")
+
+
+def marker_record() -> dict:
+    import funcgrad
+
+    return {"format": RUN_FORMAT, "funcgrad": getattr(funcgrad, "__version__", "unknown"),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _holder(path: Path) -> str:
+    try:
+        pid = path.read_text().strip()
+    except OSError:
+        pid = ""
+    return f"PID {pid}" if pid.isdigit() else "another process"
+
+
+class Lock:
+    """An exclusive lock on a run folder, held until :meth:`release` or the end of the process."""
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / LOCK
+        self.fd: int | None = None
+        for _ in range(10):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            except OSError as e:
+                raise RunFolderError(f"cannot create the lock file {self.path}: {e.strerror}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise RunFolderError(f"{out} is in use: {_holder(self.path)} is training into it (lock "
+                                     f"{self.path}); wait for it to finish, or train into another --out") from None
+            # The file may have been removed by a holder releasing it between our open and our flock: then the
+            # lock we hold is on a file nobody else will open. Hold it only if the path is still this file.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                self.fd = fd
+                return
+            os.close(fd)
+        raise RunFolderError(f"cannot take the lock {self.path}: it keeps being replaced")
+
+    def release(self) -> None:
+        if self.fd is not None:
+            try:
+                os.unlink(self.path)  # while still held: a process that opens it next creates a new one
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+
+def writer_pid(out: Path) -> int | None:
+    """The PID of a process holding ``out``'s lock, or None; takes no lock (for readers such as evaluate)."""
+    path = Path(out) / LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            text = os.read(fd, 64).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> list[str]:
+    """Removes ``.<name>.tmp-<pid>`` files whose process is gone (killed while writing); returns their names."""
+    removed = []
+    for name in sorted(os.listdir(out)):
+        m = _TEMP.match(name)
+        if m and int(m.group(2)) != os.getpid() and not _alive(int(m.group(2))):
+            try:
+                os.unlink(Path(out) / name)
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
+
+
+def read_only_files(out: Path) -> list[str]:
+    """The run's own files (and the folder) that cannot be written: a user who made them read-only meant it."""
+    bad = []
+    if not os.access(out, os.W_OK | os.X_OK) or not os.stat(out).st_mode & 0o222:
+        bad.append(f"{out} (the folder)")
+    for name in sorted(os.listdir(out)):
+        if name in OWN_FILES or name.startswith(files.METRICS):
+            path = Path(out) / name
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and (not os.access(path, os.W_OK) or not st.st_mode & 0o222):
+                bad.append(str(path))
+    return bad
+
+
+def write_marker(out: Path) -> None:
+    if not (Path(out) / MARKER).exists():
+        files.write_json(Path(out) / MARKER, marker_record())
+
+
+__all__ = ["MARKER", "RUN_FORMAT", "LOCK", "RunFolderError", "inspect", "Lock", "writer_pid",
+           "remove_stale_temporaries", "read_only_files", "write_marker"]

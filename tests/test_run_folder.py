@@ -1,0 +1,424 @@
+"""Run folders as a hostile or careless user meets them: two writers, foreign folders, failed and forged
+resumes, damaged files, resource bombs. Each failure must be one line on stderr, a non-zero exit, no
+traceback, and no change to any file (compared byte for byte)."""
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_python
+from funcgrad import checkpoint
+from funcgrad.cli import main
+
+SMALL = ["--set", "train.epochs=50", "--set", "train.fuse=10", "--set", "train.checkpoint_every=10",
+         "--set", "train.log_every=5", "--set", "train.verify=false"]
+
+
+@pytest.fixture(autouse=True)
+def no_cache(monkeypatch):
+    monkeypatch.setenv("FUNCGRAD_COMPILATION_CACHE", "0")
+
+
+def cli(capsys, *args):
+    """``funcgrad args...`` in this process: (exit code, stdout, stderr)."""
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def snapshot(folder):
+    """Every entry of a folder (hidden ones too) with its bytes and mode: what 'nothing changed' compares."""
+    out = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_symlink():
+            out[p.name] = ("link", os.readlink(p))
+        elif p.is_file():
+            out[p.name] = (p.read_bytes(), p.stat().st_mode)
+        else:
+            out[p.name] = ("special", p.stat().st_mode)
+    return out
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code != 0, err
+    assert "Traceback" not in err and err.strip().count("\n") == 0, err
+    for n in needles:
+        assert n in err, err
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A finished 50-step spiral run (checkpoints every 10 steps, a metrics line every 5)."""
+    out = tmp_path_factory.mktemp("base") / "run"
+    os.environ.setdefault("FUNCGRAD_COMPILATION_CACHE", "0")
+    assert main(["train", "--out", str(out), *SMALL]) == 0
+    return out
+
+
+@pytest.fixture
+def run(base, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(base, out, symlinks=True)
+    return out
+
+
+def like(run):
+    """A template train state of the base run's shape (to write forged checkpoints)."""
+    import funcgrad as fg
+    from funcgrad import config
+
+    setup = config.build(config.from_dict(json.loads((run / "config.json").read_text())))
+    return fg.train.init(setup.params, setup.optimizer, jax.random.key(0))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One writer at a time; nothing of the user's overwritten
+
+
+def test_a_second_writer_is_refused_with_the_pid_of_the_first(tmp_path):
+    out = tmp_path / "shared"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", FUNCGRAD_COMPILATION_CACHE="0")
+    first = subprocess.Popen([sys.executable, "-m", "funcgrad", "train", "--out", str(out), "--set", "train.epochs=400000",
+                              "--set", "train.fuse=200", "--set", "train.checkpoint_every=200", "--set",
+                              "train.verify=false"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoint.npz").exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.05)
+        assert first.poll() is None and (out / "checkpoint.npz").exists()
+        config_before = (out / "config.json").read_bytes()
+        second = run_python(["-m", "funcgrad", "train", "--out", str(out), "--set", "optimizer.learning_rate=0.01",
+                             "--set", "train.epochs=10"], check=False)
+        assert_one_line_error(second.returncode, second.stderr, f"PID {first.pid}", "in use")
+        assert (out / "config.json").read_bytes() == config_before  # not a mixed folder
+        resumed = run_python(["-m", "funcgrad", "train", "--out", str(out), "--resume", "--set", "train.epochs=400001"],
+                             check=False)
+        assert_one_line_error(resumed.returncode, resumed.stderr, f"PID {first.pid}")
+        reader = run_python(["-m", "funcgrad", "evaluate", "--run", str(out)])
+        assert f"PID {first.pid}" in reader.stdout and "latest checkpoint" in reader.stdout
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # kill -9 leaves no stale lock: the OS released it with the process.
+    step = checkpoint.metadata((out / "checkpoint.npz").read_bytes())["step"]
+    done = run_python(["-m", "funcgrad", "train", "--out", str(out), "--resume", "--set", f"train.epochs={step}"])
+    assert f"resume from step {step}" in done.stdout and (out / "summary.json").exists()
+
+
+def test_a_folder_that_is_not_a_run_is_never_written(capsys, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    for name, text in (("config.json", '{"mine": 1}'), ("summary.json", "{}"), ("curves.png", "png"),
+                       ("notes.txt", "notes")):
+        (out / name).write_text(text)
+    before = snapshot(out)
+    code, _, err = cli(capsys, "train", "--out", out, *SMALL)
+    assert_one_line_error(code, err, "not a funcgrad run", "notes.txt", "nothing of it is changed")
+    code, _, err = cli(capsys, "train", "--out", out, "--resume", *SMALL)
+    assert_one_line_error(code, err, "not a funcgrad run")
+    assert snapshot(out) == before
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code, _, err = cli(capsys, "train", "--out", afile, *SMALL)
+    assert_one_line_error(code, err, "is not a folder")
+    assert afile.read_text() == "x"
+
+
+def test_an_empty_folder_and_a_new_one_are_fine_and_a_failed_start_leaves_no_folder(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert cli(capsys, "train", "--out", tmp_path / "empty", *SMALL)[0] == 0
+    assert json.loads((tmp_path / "empty" / "run.json").read_text())["format"] == "funcgrad-run-1"
+    code, _, err = cli(capsys, "train", "--out", tmp_path / "new", *SMALL, "--set", "loss.l2={'dens1/W' = 5e-4}")
+    assert_one_line_error(code, err, "loss.l2.dens1/W", "matches no parameter")
+    assert not (tmp_path / "new").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resume: from the run's own configuration, validated before anything is written
+
+
+def test_resume_continues_the_runs_own_configuration(capsys, tmp_path):
+    a, whole = tmp_path / "a", tmp_path / "whole"
+    lr = ["--set", "optimizer.learning_rate=0.01"]
+    assert cli(capsys, "train", "--out", a, *SMALL, *lr, "--set", "train.epochs=20")[0] == 0
+    code, out, _ = cli(capsys, "train", "--out", a, "--resume", "--set", "train.epochs=50")
+    assert code == 0 and "change train.epochs: 20 → 50" in out and "lr 0.01" in out
+    assert json.loads((a / "config.json").read_text())["optimizer"]["learning_rate"] == 0.01
+    assert json.loads((a / "summary.json").read_text())["steps"] == 50
+    # Bit for bit where an uninterrupted run with the same settings ends.
+    assert cli(capsys, "train", "--out", whole, *SMALL, *lr)[0] == 0
+    assert (a / "checkpoint.npz").read_bytes() == (whole / "checkpoint.npz").read_bytes()
+    lines = (a / "metrics.jsonl").read_text().splitlines()
+    last_of_first = [line for line in lines if json.loads(line)["step"] == 19]  # the 20-step run logged its end
+    assert len(last_of_first) == 1 and [x for x in lines if x not in last_of_first] == \
+        (whole / "metrics.jsonl").read_text().splitlines()
+
+
+def test_resume_with_config_must_match_and_only_some_keys_may_change(capsys, run):
+    before = snapshot(run)
+    spiral = ROOT / "configs" / "spiral.toml"
+    code, _, err = cli(capsys, "train", "--out", run, "--resume", "--config", spiral)
+    assert_one_line_error(code, err, "does not match the run", "train.epochs: run has 50, now 10001")
+    code, _, err = cli(capsys, "train", "--out", run, "--resume", "--set", "model.sizes=[32, 3]")
+    assert_one_line_error(code, err, "model.sizes: run has [64, 3], now [32, 3]", "cannot change")
+    code, _, err = cli(capsys, "train", "--out", run, "--resume", "--set", "train.epochs=20")
+    assert_one_line_error(code, err, "makes 20 steps", "already at step 50")
+    assert snapshot(run) == before
+    code, out, _ = cli(capsys, "train", "--out", run, "--resume", "--config", spiral, *SMALL, "--set", "train.epochs=60")
+    assert code == 0 and "resume from step 50" in out
+
+
+def test_a_complete_run_says_so_and_keeps_everything(capsys, run):
+    before = snapshot(run)
+    code, out, err = cli(capsys, "train", "--out", run, "--resume")
+    assert code == 0 and err == ""
+    assert "is complete: 50 of 50 steps" in out and "--set train.epochs=N" in out and "nothing was changed" in out
+    assert snapshot(run) == before  # summary.json keeps the original wall time
+
+
+def write_checkpoint(run, state, meta):
+    (run / "checkpoint.npz").write_bytes(checkpoint.to_bytes(state, meta))
+
+
+@pytest.mark.parametrize("forged, message", [
+    (-5, "its step is -5"),
+    (2**31 - 1, "the optimizer has made 50 updates"),
+    (20, "the optimizer has made 50 updates"),
+])
+def test_a_forged_step_is_refused(capsys, run, forged, message):
+    template = like(run)
+    state, meta = checkpoint.from_bytes((run / "checkpoint.npz").read_bytes(), template), \
+        checkpoint.metadata((run / "checkpoint.npz").read_bytes())
+    write_checkpoint(run, state._replace(step=jnp.asarray(forged, jnp.int32)), {**meta, "step": forged})
+    before = snapshot(run)
+    for args in (["train", "--out", run, "--resume", "--set", "train.epochs=100"], ["evaluate", "--run", run]):
+        code, _, err = cli(capsys, *args)
+        assert_one_line_error(code, err, message)
+    assert snapshot(run) == before
+
+
+def test_a_checkpoint_that_logged_past_its_step_is_refused(capsys, run):
+    data = (run / "checkpoint.npz").read_bytes()
+    state = checkpoint.from_bytes(data, like(run))
+    meta = checkpoint.metadata(data)
+    assert meta["last_logged"] == 49
+    metrics = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text("".join(line + "\n" for line in metrics.splitlines()[:3]))
+    code, _, err = cli(capsys, "train", "--out", run, "--resume", "--set", "train.epochs=60")
+    assert_one_line_error(code, err, "metrics.jsonl ends at step 10", "after step 49 was logged")
+    (run / "metrics.jsonl").write_text(metrics)
+    write_checkpoint(run, state, {**meta, "last_logged": 50})
+    code, _, err = cli(capsys, "train", "--out", run, "--resume", "--set", "train.epochs=60")
+    assert_one_line_error(code, err, "logged step 50 before being written at step 50")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Damaged or hostile files
+
+
+def rewrite(path, edit):
+    """Rewrites an .npz: ``edit(members)`` changes the dict of member name -> bytes."""
+    with zipfile.ZipFile(path) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    edit(members)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        for n, b in members.items():
+            z.writestr(n, b)
+    path.write_bytes(buf.getvalue())
+
+
+def npy(arr, allow_pickle=False):
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=allow_pickle)
+    return buf.getvalue()
+
+
+def edit_header(change):
+    def edit(members):
+        header = json.loads(np.load(io.BytesIO(members["__funcgrad__.npy"])).tobytes())
+        header = change(header)
+        members["__funcgrad__.npy"] = npy(np.frombuffer(json.dumps(header).encode(), np.uint8))
+    return edit
+
+
+def bad_crc(path):
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("leaf0.npy")
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    data[start + info.file_size - 1] ^= 0xFF  # the last byte of the first leaf's data
+    path.write_bytes(bytes(data))
+
+
+def unknown_dtype(h):
+    h["leaves"][0]["dtype"] = "float12"
+    return h
+
+
+def leaf_as_raw_bytes_of_bad_length(members):
+    header = json.loads(np.load(io.BytesIO(members["__funcgrad__.npy"])).tobytes())
+    header["leaves"][0]["dtype"] = "bfloat16"
+    members["__funcgrad__.npy"] = npy(np.frombuffer(json.dumps(header).encode(), np.uint8))
+    members["leaf0.npy"] = npy(np.zeros(7, np.uint8))
+
+
+DAMAGE = {
+    "zero bytes": (lambda p: p.write_bytes(b""), "the file is empty"),
+    "broken CRC": (bad_crc, "cannot be read (BadZipFile"),
+    "unknown dtype": (lambda p: rewrite(p, edit_header(unknown_dtype)), "unknown dtype 'float12'"),
+    "header is a list": (lambda p: rewrite(p, edit_header(lambda h: [h])), "header is a JSON list"),
+    "header lacks leaves": (lambda p: rewrite(p, edit_header(lambda h: {k: v for k, v in h.items() if k != "leaves"})),
+                            "lacks the list of leaves"),
+    "a directory": (lambda p: (p.unlink(), p.mkdir()), "is a folder, not a regular file"),
+    "pickled object leaf": (lambda p: rewrite(p, lambda m: m.__setitem__("leaf0.npy", npy(np.array([{"x": 1}], object),
+                                                                                           allow_pickle=True))),
+                            "Object arrays cannot be loaded"),
+    "raw bytes of no shape": (lambda p: rewrite(p, leaf_as_raw_bytes_of_bad_length), "holds 7 bytes; bfloat16[2, 64] needs 256"),
+    "a FIFO": (lambda p: (p.unlink(), os.mkfifo(p)), "is a FIFO (named pipe), not a regular file"),
+    "symlink to /dev/zero": (lambda p: (p.unlink(), p.symlink_to("/dev/zero")), "is a character device"),
+    "far too large": (lambda p: p.write_bytes(p.read_bytes() + b"\0" * (4 << 20)), "more than the"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_a_damaged_checkpoint_is_one_line_and_changes_nothing(capsys, run, case):
+    damage, message = DAMAGE[case]
+    damage(run / "checkpoint.npz")
+    before = snapshot(run)
+    for args in (["train", "--out", run, "--resume", "--set", "train.epochs=100"], ["evaluate", "--run", run]):
+        code, _, err = cli(capsys, *args)
+        assert_one_line_error(code, err, "checkpoint.npz", message)
+    assert snapshot(run) == before
+
+
+def test_damaged_run_files_and_configs(capsys, run, tmp_path):
+    config = (run / "config.json").read_text()
+    (run / "config.json").write_text("[1, 2]")
+    before = snapshot(run)
+    for args in (["train", "--out", run, "--resume", "--set", "train.epochs=100"], ["evaluate", "--run", run]):
+        code, _, err = cli(capsys, *args)
+        assert_one_line_error(code, err, "config.json: expected a JSON object", "got a JSON list")
+    assert snapshot(run) == before
+    (run / "config.json").write_text(config)
+
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(lines[:2] + ["{not json"] + lines[2:]) + "\n")
+    before = snapshot(run)
+    code, _, err = cli(capsys, "train", "--out", run, "--resume", "--set", "train.epochs=100")
+    assert_one_line_error(code, err, "metrics.jsonl: line 3 is not JSON")
+    assert snapshot(run) == before
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+    (run / "metrics.jsonl").chmod(0o444)
+    before = snapshot(run)
+    code, _, err = cli(capsys, "train", "--out", run, "--resume", "--set", "train.epochs=100")
+    assert_one_line_error(code, err, "read-only", "metrics.jsonl", "nothing was changed")
+    assert snapshot(run) == before
+
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(bytes(range(256)))
+    code, _, err = cli(capsys, "train", "--config", binary, "--out", tmp_path / "b")
+    assert_one_line_error(code, err, "not a text file")
+    code, _, err = cli(capsys, "train", "--config", "/dev/zero", "--out", tmp_path / "b")
+    assert_one_line_error(code, err, "not a regular file")
+    assert not (tmp_path / "b").exists()
+
+
+def test_stale_temporary_files_of_killed_processes_are_removed(capsys, run):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale, alive = run / f".checkpoint.npz.tmp-{int(dead.stdout)}", run / f".metrics.jsonl.tmp-{os.getppid()}"
+    stale.write_bytes(b"half a checkpoint")
+    alive.write_bytes(b"a live writer's")
+    code, out, _ = cli(capsys, "train", "--out", run, "--resume", "--set", "train.epochs=60")
+    assert code == 0 and stale.name in out
+    assert not stale.exists() and alive.exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Non-finite parameters are never saved, resumed or evaluated
+
+
+def test_non_finite_parameters_are_refused_naming_the_leaf(capsys, run):
+    data = (run / "checkpoint.npz").read_bytes()
+    state = checkpoint.from_bytes(data, like(run))
+    params = jax.tree.map(lambda a: a, state.params)
+    params["dense2"]["W"] = params["dense2"]["W"].at[3, 1].set(jnp.nan)
+    write_checkpoint(run, state._replace(params=params), checkpoint.metadata(data))
+    before = snapshot(run)
+    for args in (["train", "--out", run, "--resume", "--set", "train.epochs=100"], ["evaluate", "--run", run]):
+        code, _, err = cli(capsys, *args)
+        assert_one_line_error(code, err, "non-finite", "params['dense2']['W'][3, 1] = nan")
+    assert snapshot(run) == before
+
+
+def test_a_diverging_run_keeps_only_a_checkpoint_with_a_finite_loss(capsys, tmp_path):
+    out = tmp_path / "div"
+    code, _, err = cli(capsys, "train", "--out", out, "--config", ROOT / "configs" / "sine.toml", "--set",
+                       "optimizer.kind=sgd", "--set", "optimizer.learning_rate=3.0", "--set", "train.fuse=1",
+                       "--set", "train.checkpoint_every=1", "--set", "train.log_every=1", "--set", "train.epochs=300",
+                       "--set", "train.verify=false")
+    assert code == 1 and "training stopped" in err and "so it is not saved" in err
+    step = checkpoint.metadata((out / "checkpoint.npz").read_bytes())["step"]
+    assert f"The last good checkpoint is step {step} " in err
+    # The saved parameters' own loss (on the training data) is finite, however large; the next step's is not.
+    code, text, _ = cli(capsys, "evaluate", "--run", out, "--seed", "0", "--json")
+    loss = json.loads(text)["metrics"]["loss"]
+    assert code == 0 and np.isfinite(loss) and loss > 1e6
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resource bombs and what the header says
+
+
+def test_fuse_beyond_the_steps_allocates_only_the_steps(capsys, tmp_path):
+    from funcgrad import train
+
+    assert train.chunk_size(10**9, 50) == 50 and train.chunk_size(10**9, 10**9) == train.MAX_FUSE
+    with pytest.raises(ValueError, match="fuse must be an int >= 1"):
+        train.chunk_size(0, 10)
+    code, out, _ = cli(capsys, "train", "--out", tmp_path / "f", *SMALL, "--set", "train.fuse=1000000000")
+    assert code == 0
+    assert checkpoint.metadata((tmp_path / "f" / "checkpoint.npz").read_bytes())["step"] == 50
+
+
+def test_a_model_too_large_for_memory_is_refused_before_allocation(capsys, tmp_path):
+    code, _, err = cli(capsys, "train", "--out", tmp_path / "big", "--set", "model.sizes=[100000000, 3]")
+    assert_one_line_error(code, err, "needs about", "600000003 parameters", "is available")
+    assert not (tmp_path / "big").exists()
+    from funcgrad import config
+
+    est = config.memory_estimate(config.loads("", overrides=["model.sizes=[100000000, 3]", "train.verify=false"]))
+    assert est.parameters == 2 * 10**8 + 10**8 + 3 * 10**8 + 3 and est.total > 100e9
+
+
+def test_the_header_says_what_minibatches_leave_out(capsys, tmp_path):
+    code, out, _ = cli(capsys, "train", "--out", tmp_path / "mb", *SMALL, "--set", "train.batch_size=32",
+                       "--set", "train.epochs=2")
+    assert code == 0 and "batch 32 (9 per epoch; the last 12 of 300 samples" in out and "per minibatch" in out
+
+
+def test_evaluate_labels_what_it_evaluates(capsys, run):
+    summary = json.loads((run / "summary.json").read_text())
+    code, text, _ = cli(capsys, "evaluate", "--run", run, "--json")
+    default = json.loads(text)
+    assert default["data"] == "validation" and default["step"] == 50
+    assert default["metrics"]["loss"] == pytest.approx(summary["validation"]["loss"], rel=1e-6)
+    code, text, _ = cli(capsys, "evaluate", "--run", run, "--seed", "0")
+    assert "the training data" in text and "not fresh data" in text
+    code, text, _ = cli(capsys, "evaluate", "--run", run, "--seed", "0", "--json")
+    assert json.loads(text)["metrics"]["loss"] == pytest.approx(summary["train"]["loss"], rel=1e-6)
+    code, text, _ = cli(capsys, "evaluate", "--run", run, "--seed", "7")
+    assert "fresh spiral data (300, 2) drawn with seed 7" in text
