@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set optimizer.learning_rate=0.02 (repeatable)")
     t.add_argument("--out", metavar="DIR", help="output folder (default: runs/<config name>)")
     t.add_argument("--resume", action="store_true", help="continue the run in the output folder, with its own config.json and checkpoint; "
-                   "--set may change train.epochs, train.log_every, train.checkpoint_every, train.verify, "
+                   "--set may change train.epochs, train.fuse, train.log_every, train.checkpoint_every, train.verify, "
                    "optimizer.learning_rate, optimizer.decay")
     d = t.add_argument_group("several processes (hosts), with jax.distributed; also from the environment "
                              "variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID")

@@ -89,11 +89,17 @@ def marker_record() -> dict:
 
 
 def _holder(path: Path) -> str:
-    try:
-        pid = path.read_text().strip()
-    except OSError:
-        pid = ""
-    return f"PID {pid}" if pid.isdigit() else "another process"
+    """Who holds the lock: its PID, written by the holder right after it took the lock (waited for briefly,
+    for a holder that has just taken it)."""
+    for _ in range(40):
+        try:
+            pid = path.read_text().strip()
+        except OSError:
+            pid = ""
+        if pid.isdigit():
+            return f"PID {pid}"
+        time.sleep(0.025)
+    return "another process"
 
 
 class Lock:

@@ -18,6 +18,7 @@ from funcgrad.cli._progress import Progress
 DEFAULT_CONFIG = Path("configs") / "spiral.toml"
 # Keys that may change when a run is resumed: they do not change the computation already done.
 RESUMABLE = {("train", "epochs"), ("train", "verify"), ("train", "log_every"), ("train", "checkpoint_every"),
+             ("train", "fuse"),  # results do not depend on how steps are fused
              ("optimizer", "learning_rate"), ("optimizer", "decay")}  # e.g. a lower rate after a divergence
 
 
@@ -256,7 +257,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except parallel.ParallelError as e:
         raise UsageError(str(e)) from None
     writer = parallel.is_writer()  # only process 0 prints progress and writes files
-    out = Path(args.out) if args.out else Path("runs") / _load_config(args)[0].name
+    out = Path(args.out) if args.out else _default_out(args)
     lock, created = _open_folder(out, args.resume) if writer else (None, False)
     try:
         status = _train(args, out, writer, t_start)
@@ -269,6 +270,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         if lock is not None:
             lock.release()
     return status
+
+
+def _default_out(args: argparse.Namespace) -> Path:
+    """``runs/<name>``, the name from ``--config`` (default configs/spiral.toml) or a ``--set name=...``; the
+    other overrides are not applied here (with --resume they apply to the run's own configuration)."""
+    names = [s for s in args.set or () if s.split("=", 1)[0].strip() == "name"]
+    return Path("runs") / _load_config(argparse.Namespace(config=args.config, set=names))[0].name
 
 
 def _remove_if_empty(out: Path) -> None:
@@ -293,6 +301,8 @@ def _train(args: argparse.Namespace, out: Path, writer: bool, t_start: float) ->
         if removed:
             say(f"  (removed {len(removed)} temporary file(s) of killed processes: {', '.join(removed)})")
     if args.resume:
+        if not (ckpt.exists() or ckpt.is_symlink()):
+            raise UsageError(f"--resume: no checkpoint in {out}; train without --resume to start the run")
         cfg, saved, changes = _resume_config(out, args)
         cfg_source = out / files.CONFIG
     else:
