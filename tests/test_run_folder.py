@@ -422,3 +422,29 @@ def test_evaluate_labels_what_it_evaluates(capsys, run):
     assert json.loads(text)["metrics"]["loss"] == pytest.approx(summary["train"]["loss"], rel=1e-6)
     code, text, _ = cli(capsys, "evaluate", "--run", run, "--seed", "7")
     assert "fresh spiral data (300, 2) drawn with seed 7" in text
+
+
+def test_kill_9_mid_write_leaves_a_temporary_that_the_next_train_removes(run):
+    # A process killed between writing the temporary checkpoint and renaming it over the real one.
+    killer = ("import os, signal, sys\n"
+              "from pathlib import Path\n"
+              "from funcgrad.cli import _files\n"
+              "os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+              "_files.atomic_write(Path(sys.argv[1]) / 'checkpoint.npz', b'half')\n")
+    proc = subprocess.run([sys.executable, "-c", killer, str(run)], cwd=ROOT, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    left = list(run.glob(".checkpoint.npz.tmp-*"))
+    assert len(left) == 1 and left[0].read_bytes() == b"half"
+    before = (run / "checkpoint.npz").read_bytes()
+    checkpoint.from_bytes(before, like(run))  # the real checkpoint is whole
+    done = run_python(["-m", "funcgrad", "train", "--out", str(run), "--resume", "--set", "train.epochs=60"],
+                      env={"FUNCGRAD_COMPILATION_CACHE": "0"})
+    assert left[0].name in done.stdout and not left[0].exists()
+
+
+def test_special_files_in_a_real_process_never_hang(run):
+    (run / "checkpoint.npz").unlink()
+    os.mkfifo(run / "checkpoint.npz")
+    for args in (["evaluate", "--run", str(run)], ["train", "--out", str(run), "--resume", "--set", "train.epochs=60"]):
+        proc = run_python(["-m", "funcgrad", *args], check=False, timeout=60, env={"FUNCGRAD_COMPILATION_CACHE": "0"})
+        assert_one_line_error(proc.returncode, proc.stderr, "is a FIFO (named pipe), not a regular file")
