@@ -7,6 +7,8 @@ validates its data once, before the first step, so they are not lost under jit.
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import jax
@@ -164,7 +166,12 @@ def in_range(value: Any, low: float, high: float | None = None, *, low_open: boo
     """None when ``value`` is a real number in the range; else what was expected, e.g. "a number >= 0"."""
     ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
     if ok:
-        ok = bool(np.isfinite(value)) and (value > low if low_open else value >= low) and (high is None or value < high)
+        try:
+            value = float(value)  # a huge int (10**30) becomes a float; one beyond float range cannot
+        except OverflowError:
+            ok = False
+    if ok:
+        ok = math.isfinite(value) and (value > low if low_open else value >= low) and (high is None or value < high)
     if ok:
         return None
     return f"a finite number {'>' if low_open else '>='} {low}" + (f" and < {high}" if high is not None else "")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from typing import Any
+from typing import Any, BinaryIO
 
 import jax
 import jax.numpy as jnp
@@ -90,11 +90,13 @@ def _header_problem(header: Any) -> str | None:
     return None
 
 
-def _open(data: bytes) -> tuple[zipfile.ZipFile, dict]:
-    if not data:
+def _open(data: bytes | BinaryIO) -> tuple[zipfile.ZipFile, dict]:
+    source = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    if source.seek(0, io.SEEK_END) == 0:
         raise CheckpointError("not a readable funcgrad checkpoint: the file is empty (0 bytes)")
+    source.seek(0)
     try:
-        z = zipfile.ZipFile(io.BytesIO(data))
+        z = zipfile.ZipFile(source)
         info = z.getinfo(_META + ".npy")
         if info.file_size > _MAX_HEADER_BYTES:
             raise ValueError(f"a header of {info.file_size} bytes")
@@ -111,8 +113,9 @@ def _open(data: bytes) -> tuple[zipfile.ZipFile, dict]:
     return z, header
 
 
-def metadata(data: bytes) -> dict[str, Any]:
-    """The ``meta`` dict stored with a checkpoint."""
+def metadata(data: bytes | BinaryIO) -> dict[str, Any]:
+    """The ``meta`` dict stored with a checkpoint: its bytes, or a seekable binary file, of which only the
+    archive's directory and header are read."""
     return _open(data)[1].get("meta", {})
 
 
@@ -153,9 +156,19 @@ def _read_leaf(z: zipfile.ZipFile, entry: dict) -> np.ndarray:
     return arr
 
 
+def _few(names: list[str]) -> str:
+    return str(names[:4])[:-1] + f", and {len(names) - 4} more]" if len(names) > 4 else str(names)
+
+
 def size_bound(like: Any) -> int:
-    """The most bytes a checkpoint of trees shaped like ``like`` can take (the file is read only below it)."""
-    return len(to_bytes(like)) + _NPY_HEADER_ROOM + 1024 * 1024
+    """The most bytes a checkpoint of trees shaped like ``like`` can take (a file is read only below it): the
+    leaves' bytes, room for each one's headers and the metadata; computed from shapes, nothing is copied."""
+    leaves = jax.tree.leaves(like)
+    data = 0
+    for leaf in leaves:
+        shaped = jax.eval_shape(jax.random.key_data, leaf) if is_typed_key(leaf) else leaf
+        data += int(np.prod(np.shape(shaped), dtype=np.int64)) * np.dtype(jnp.result_type(shaped)).itemsize
+    return data + 4096 * (len(leaves) + 1) + 1024 * 1024
 
 
 def from_bytes(data: bytes, like: Any) -> Any:
@@ -171,7 +184,7 @@ def from_bytes(data: bytes, like: Any) -> Any:
         missing = [p for p in want if p not in got]
         extra = [p for p in got if p not in want]
         raise CheckpointError(
-            f"checkpoint does not match the template: missing {missing}, unexpected {extra}"
+            f"checkpoint does not match the template: missing {_few(missing)}, unexpected {_few(extra)}"
             if missing or extra else "checkpoint leaves are in another order than the template's"
         )
     out, bad = [], []
@@ -191,5 +204,6 @@ def from_bytes(data: bytes, like: Any) -> Any:
             continue
         out.append(jnp.asarray(arr))
     if bad:
-        raise CheckpointError("checkpoint does not match the template:\n  " + "\n  ".join(bad))
+        more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise CheckpointError("checkpoint does not match the template: " + "; ".join(bad[:3]) + more)
     return jax.tree_util.tree_unflatten(treedef, out)

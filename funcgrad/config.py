@@ -378,6 +378,15 @@ class MemoryEstimate:
     def total(self) -> int:
         return self.state + self.activations + self.data + self.check
 
+    def on(self, devices: int, *, shared: bool) -> int:
+        """The peak over ``devices`` data-parallel devices: each holds the state and its share of the batch
+        and data; ``shared`` memory (CPU devices of one host) holds them all, else the figure is per device."""
+        if devices <= 1:
+            return self.total
+        if shared:
+            return self.state * devices + self.activations + self.data + self.check
+        return self.state + -(-self.activations // devices) + -(-self.data // devices) + self.check
+
     def describe(self) -> str:
         return (f"{_gb(self.total)} ({self.parameters} parameters: {_gb(self.state)} for them, their gradient and "
                 f"optimizer state; activations {_gb(self.activations)}; data {_gb(self.data)}"

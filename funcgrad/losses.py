@@ -5,8 +5,8 @@ Each data loss averages over samples, as the book does, and has a hand-derived b
 
 Inputs are checked when the function is called: shapes and dtypes always (also under ``jit``), an empty batch
 is an error, and integer class labels outside [0, C) are an error when their values are known. Under ``jit``
-they are not known: an out-of-range label then gives an infinite loss, unless the function is run through
-``jax.experimental.checkify.checkify``, which turns the label check into an error naming the range::
+they are not known: an out-of-range label then makes the loss NaN (never a finite wrong number), and under
+``jax.experimental.checkify.checkify`` the label check becomes an error naming the range::
 
     err, loss = jax.jit(checkify.checkify(fg.losses.categorical_crossentropy))(probs, labels)
     err.throw()  # raises: labels: class labels must lie in [0, 3) for 3 classes; got min 0, max 5
@@ -35,7 +35,15 @@ import jax
 import jax.numpy as jnp
 
 from funcgrad import rules
-from funcgrad._checks import as_array, check_labels, describe, require_float, require_ndim, require_same_shape
+from funcgrad._checks import (
+    as_array,
+    check_labels,
+    describe,
+    is_tracer,
+    require_float,
+    require_ndim,
+    require_same_shape,
+)
 
 __all__ = [
     "categorical_crossentropy",
@@ -65,6 +73,14 @@ def _class_inputs(scores: Any, labels: Any, scores_name: str) -> tuple[jax.Array
     return scores, labels
 
 
+def _nan_unless_in_range(loss: jax.Array, labels: jax.Array, n_classes: int) -> jax.Array:
+    """Under jit, where label values are unknown when checked: NaN, never a finite wrong loss, when one is
+    outside [0, C). The same loss, bit for bit, when all are in range."""
+    if is_tracer(labels) and jnp.issubdtype(labels.dtype, jnp.integer):
+        return jnp.where(jnp.all((labels >= 0) & (labels < n_classes)), loss, jnp.nan)
+    return loss
+
+
 def categorical_crossentropy(probs: Any, labels: Any, *, eps: float = rules.CLIP_EPS) -> jax.Array:
     """Categorical cross-entropy from probabilities: ``L = −(1/N) Σ_i log clip(ŷ_{i, y_i}, eps, 1 − eps)``.
 
@@ -74,14 +90,14 @@ def categorical_crossentropy(probs: Any, labels: Any, *, eps: float = rules.CLIP
         eps: the clip that keeps log finite (the book's 1e-7).
     """
     probs, labels = _class_inputs(probs, labels, "probs")
-    return rules.categorical_crossentropy.forward(probs, labels, eps=eps)
+    return _nan_unless_in_range(rules.categorical_crossentropy.forward(probs, labels, eps=eps), labels, probs.shape[1])
 
 
 def categorical_crossentropy_with_logits(logits: Any, labels: Any) -> jax.Array:
     """Categorical cross-entropy from logits, ``−(1/N) Σ_i log softmax(z_i)_{y_i}``, computed stably with
     log-softmax (no clip). Its gradient is the book's combined ``(ŷ − y)/N``."""
     logits, labels = _class_inputs(logits, labels, "logits")
-    return rules.softmax_crossentropy.forward(logits, labels)
+    return _nan_unless_in_range(rules.softmax_crossentropy.forward(logits, labels), labels, logits.shape[1])
 
 
 def _paired(pred: Any, target: Any, pred_name: str, target_name: str) -> tuple[jax.Array, jax.Array]:

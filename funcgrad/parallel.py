@@ -27,7 +27,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from funcgrad._checks import is_typed_key
 
-__all__ = ["ParallelError", "initialize", "data_mesh", "setup_for", "place", "gather", "is_writer", "describe"]
+__all__ = ["ParallelError", "initialize", "data_mesh", "setup_for", "place", "gather", "is_writer", "describe",
+           "any_process"]
 
 AXIS = "data"
 
@@ -135,6 +136,17 @@ def gather(tree: Any) -> Any:
         return jnp.asarray(to_host(a))
 
     return jax.tree.map(fetch, tree)
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when ``flag`` is True on any of them (a collective: every process must call it).
+    How the processes of a run agree to stop together when one of them (process 0, which alone reads and
+    writes the run folder) cannot go on; with one process, ``flag`` itself."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(bool(flag)))))
 
 
 def is_writer() -> bool:

@@ -24,7 +24,18 @@ def test_a_cut_off_last_line_is_dropped_and_others_kept(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 0}\n{"step": 1')
     assert files.read_metrics(path) == [{"step": 0}]
+    assert path.read_text() == '{"step": 0}\n{"step": 1'  # reading alone changes nothing
+    assert files.read_metrics(path, repair=True) == [{"step": 0}]
     assert path.read_text() == '{"step": 0}\n'
+
+
+def test_keep_copy_leaves_the_original_until_it_is_replaced(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0}\n{"step": 1}\n')
+    kept = files.keep_copy(path)
+    assert kept.name == "metrics.jsonl.1" and kept.read_text() == path.read_text()
+    files.write_lines(path, [{"step": 0}])
+    assert path.read_text() == '{"step": 0}\n' and kept.read_text() == '{"step": 0}\n{"step": 1}\n'
 
 
 def test_set_aside_never_overwrites(tmp_path):

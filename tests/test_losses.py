@@ -127,8 +127,12 @@ def test_out_of_range_labels_under_jit_raise_through_checkify():
     from jax.experimental import checkify
 
     probs, bad = jnp.asarray(PROBS, jnp.float32), jnp.array([0, 2, 5, 1, 0, 2])
-    # A plain jit cannot see the values: the loss is infinite (the book's clip is after the one-hot product).
-    assert np.isinf(float(jax.jit(fg.losses.categorical_crossentropy)(probs, bad)))
+    # A plain jit cannot see the values: the loss is NaN, from probabilities and from logits (where the one-hot
+    # row of an out-of-range label is zero and the loss would otherwise be finite and wrong).
+    assert np.isnan(float(jax.jit(fg.losses.categorical_crossentropy)(probs, bad)))
+    assert np.isnan(float(jax.jit(fg.losses.categorical_crossentropy_with_logits)(jnp.asarray(LOGITS), bad)))
+    good = jax.jit(fg.losses.categorical_crossentropy_with_logits)(jnp.asarray(LOGITS), jnp.asarray(LABELS))
+    assert float(good) == float(fg.losses.categorical_crossentropy_with_logits(jnp.asarray(LOGITS), jnp.asarray(LABELS)))
     checked = jax.jit(checkify.checkify(fg.losses.categorical_crossentropy))
     err, _ = checked(probs, bad)
     assert "class labels must lie in [0, 3) for 3 classes; got min 0, max 5" in err.get()

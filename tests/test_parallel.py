@@ -129,3 +129,21 @@ def test_two_processes_match_one_and_resume(tmp_path):
         np.testing.assert_allclose(two[k].astype(float), one[k].astype(float), rtol=1e-3, atol=1e-4)
     steps = [json.loads(line)["step"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 100, 199, 200, 299]  # every log_every steps, and the last step of each run
+
+
+@pytest.mark.slow
+def test_a_refusal_by_process_0_stops_every_process(tmp_path):
+    out = tmp_path / "run"
+    run_python(["-m", "funcgrad", "train", "--out", str(out), *STABLE, "--set", "train.epochs=100"])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    port = _port()
+    procs = [subprocess.Popen([sys.executable, "-m", "funcgrad", "train", "--out", str(out), *STABLE,
+                               "--set", "train.epochs=200", "--coordinator", f"127.0.0.1:{port}", "--num-processes",
+                               "2", "--process-id", str(i)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**__import__("os").environ, "FUNCGRAD_COMPILATION_CACHE": "0"})
+             for i in (1, 0)]
+    (_, err1), (_, err0) = [p.communicate(timeout=120) for p in procs]
+    # No --resume into a finished run: process 0 refuses, and process 1 stops with it instead of training alone.
+    assert procs[1].returncode == 2 and "already holds a run" in err0 and "Traceback" not in err0
+    assert procs[0].returncode == 2 and "process 0 refused the run" in err1 and "Traceback" not in err1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -448,3 +448,87 @@ def test_special_files_in_a_real_process_never_hang(run):
     for args in (["evaluate", "--run", str(run)], ["train", "--out", str(run), "--resume", "--set", "train.epochs=60"]):
         proc = run_python(["-m", "funcgrad", *args], check=False, timeout=60, env={"FUNCGRAD_COMPILATION_CACHE": "0"})
         assert_one_line_error(proc.returncode, proc.stderr, "is a FIFO (named pipe), not a regular file")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# From review: reading never writes; the lock and temporaries are only ever funcgrad's own files
+
+
+def test_a_cut_last_metrics_line_is_repaired_only_by_a_resume_that_goes_ahead(capsys, run):
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5')  # a line cut short by kill -9
+    (run / "summary.json").chmod(0o444)
+    before = snapshot(run)
+    code, _, err = cli(capsys, "train", "--out", run, "--resume", "--set", "train.epochs=60")
+    assert_one_line_error(code, err, "read-only", "summary.json")
+    assert snapshot(run) == before
+    (run / "summary.json").chmod(0o644)
+    (run / "metrics.jsonl").chmod(0o444)  # read-only and cut: still refused, still unchanged
+    before = snapshot(run)
+    code, _, err = cli(capsys, "train", "--out", run, "--resume", "--set", "train.epochs=60")
+    assert_one_line_error(code, err, "read-only", "metrics.jsonl")
+    assert snapshot(run) == before
+    (run / "metrics.jsonl").chmod(0o644)
+    assert cli(capsys, "train", "--out", run, "--resume", "--set", "train.epochs=60")[0] == 0
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(0, 50, 5)) + [49, 50, 55, 59]
+
+
+def test_a_symlinked_lock_file_writes_nothing_through_it(capsys, run, tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (run / ".funcgrad.lock").symlink_to(victim)
+    code, _, err = cli(capsys, "train", "--out", run, "--resume", "--set", "train.epochs=60")
+    assert_one_line_error(code, err, ".funcgrad.lock")
+    assert victim.read_text() == "precious"
+
+
+def test_only_funcgrads_own_temporaries_are_its_own(capsys, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / ".notes.tmp-4242424").write_text("the user's")
+    code, _, err = cli(capsys, "train", "--out", out, *SMALL)
+    assert_one_line_error(code, err, "not a funcgrad run", ".notes.tmp-4242424")
+    assert (out / ".notes.tmp-4242424").read_text() == "the user's"
+
+
+def test_a_run_from_before_the_marker_is_recognised_by_its_checkpoint_header(capsys, run):
+    (run / "run.json").unlink()
+    code, out, _ = cli(capsys, "train", "--out", run, "--resume", "--set", "train.epochs=60")
+    assert code == 0 and "resume from step 50" in out and (run / "run.json").exists()
+
+
+def test_config_mismatches_and_huge_numbers_are_one_line(capsys, run, tmp_path):
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "model": {**config["model"], "sizes": [32, 3]}}))
+    code, _, err = cli(capsys, "train", "--out", run, "--resume", "--set", "train.epochs=60")
+    assert_one_line_error(code, err, "does not match the template", "expected float32[2, 32]")
+    code, _, err = cli(capsys, "train", "--out", tmp_path / "h", *SMALL, "--set",
+                       "optimizer.learning_rate=1180591620717411303424" + "0" * 300)
+    assert_one_line_error(code, err, "optimizer.learning_rate: expected a finite number > 0.0")
+
+
+def test_a_finished_read_only_run_is_still_told_complete(capsys, run):
+    for p in run.iterdir():
+        p.chmod(0o444)
+    before = snapshot(run)
+    code, out, _ = cli(capsys, "train", "--out", run, "--resume")
+    assert code == 0 and "is complete" in out
+    assert snapshot(run) == before
+    code, _, err = cli(capsys, "train", "--out", run, "--resume", "--set", "train.epochs=60")
+    assert_one_line_error(code, err, "read-only")
+
+
+def test_a_failed_start_removes_only_the_folders_it_created(capsys, tmp_path):
+    code, _, err = cli(capsys, "train", "--out", tmp_path / "a" / "b" / "run", "--set", "model.sizes=[100000000, 3]")
+    assert_one_line_error(code, err, "needs about")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sine_data_is_labelled_the_training_data_whatever_the_seed(capsys, tmp_path):
+    out = tmp_path / "sine"
+    assert cli(capsys, "train", "--out", out, "--config", ROOT / "configs" / "sine.toml", "--set", "train.epochs=2",
+               "--set", "train.verify=false")[0] == 0
+    for seed in ([], ["--seed", "5"]):
+        code, text, _ = cli(capsys, "evaluate", "--run", out, *seed)
+        assert code == 0 and "the training data" in text and "not fresh data" in text

@@ -7,13 +7,14 @@ one-line error instead of a hang or gigabytes read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from funcgrad import checkpoint
 
@@ -31,10 +32,15 @@ _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (s
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
-def read_regular(path: Path, max_bytes: int) -> bytes:
-    """The bytes of ``path`` if it is a regular file of at most ``max_bytes``. Opened without blocking (a FIFO
-    never hangs), checked with ``fstat`` on the open file (no race with a swapped path), then read."""
-    path = Path(path)
+@contextlib.contextmanager
+def open_regular(path: Path) -> Iterator[BinaryIO]:
+    """``path`` opened for reading if it is a regular file (checked on the open file, without blocking)."""
+    fd = _open_regular(Path(path))
+    with os.fdopen(fd, "rb") as f:
+        yield f
+
+
+def _open_regular(path: Path) -> int:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
@@ -42,10 +48,24 @@ def read_regular(path: Path, max_bytes: int) -> bytes:
     except OSError as e:
         raise FileError(f"{path}: cannot open it ({e.strerror})") from None
     try:
+        mode = os.fstat(fd).st_mode
+    except OSError as e:
+        os.close(fd)
+        raise FileError(f"{path}: cannot read it ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        raise FileError(f"{path}: is {kind}, not a regular file")
+    return fd
+
+
+def read_regular(path: Path, max_bytes: int) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most ``max_bytes``. Opened without blocking (a FIFO
+    never hangs), checked with ``fstat`` on the open file (no race with a swapped path), then read."""
+    path = Path(path)
+    fd = _open_regular(path)
+    try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
-            raise FileError(f"{path}: is {kind}, not a regular file")
         if st.st_size > max_bytes:
             raise FileError(f"{path}: {st.st_size} bytes, more than the {max_bytes} such a file can have")
         chunks, size = [], 0
@@ -122,18 +142,21 @@ def append_lines(path: Path, records: Iterable[dict]) -> None:
         os.fsync(f.fileno())
 
 
-MAX_TEXT_BYTES = 1 << 30  # metrics.jsonl of 10⁷ logged steps; JSON files are far smaller
+def metrics_bound(steps: int) -> int:
+    """The most bytes an honest metrics.jsonl of a run of ``steps`` steps can hold: a line (under 1 KiB) per
+    step at most, for every earlier attempt too."""
+    return max(1 << 30, 4 * 1024 * (int(steps) + 10))
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics file. Only a last line that is not JSON (cut short by a killed process, so
-    never a complete record) is dropped, and removed from the file atomically. Any other damaged line is an
-    error naming the file and the line."""
+def read_metrics(path: Path, *, repair: bool = False, max_bytes: int = 1 << 30) -> list[dict]:
+    """The records of a metrics file. A last line that is not JSON (cut short by a killed process, so never a
+    complete record) is left out, and with ``repair`` removed from the file atomically; any other damaged line
+    is an error naming the file and the line. Without ``repair`` the file is only read."""
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         return []
     try:
-        lines = read_regular(path, MAX_TEXT_BYTES).decode().split("\n")
+        lines = read_regular(path, max_bytes).decode().split("\n")
     except UnicodeDecodeError as e:
         raise FileError(f"{path}: not a text file (byte {e.start} is not UTF-8); the file is damaged") from None
     records = []
@@ -146,13 +169,30 @@ def read_metrics(path: Path) -> list[dict]:
             if any(rest.strip() for rest in lines[i + 1 :]):
                 raise FileError(f"{path}: line {i + 1} is not JSON; the file is damaged (move it away to continue "
                                 "without its records)") from None
-            atomic_write(path, "".join(line + "\n" for line in lines[:i] if line.strip()).encode())
+            if repair:
+                write_lines(path, records)
             break
         step = record.get("step") if isinstance(record, dict) else None
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise FileError(f"{path}: line {i + 1} is not a record of a step ({line[:60]!r}); the file is damaged")
         records.append(record)
     return records
+
+
+def write_lines(path: Path, records: Iterable[dict]) -> None:
+    """Replaces ``path`` atomically with one JSON object per line."""
+    atomic_write(path, "".join(json.dumps(_clean(r)) + "\n" for r in records).encode())
+
+
+def keep_copy(path: Path) -> Path:
+    """Copies ``path`` to ``<name>.<n>`` (the first n free), atomically: the original stays until replaced."""
+    path = Path(path)
+    n = 1
+    while path.with_name(f"{path.name}.{n}").exists():
+        n += 1
+    target = path.with_name(f"{path.name}.{n}")
+    atomic_write(target, path.read_bytes())
+    return target
 
 
 def set_aside(path: Path) -> Path | None:

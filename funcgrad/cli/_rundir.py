@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
@@ -25,14 +26,20 @@ from funcgrad.cli import _files as files
 MARKER = "run.json"
 RUN_FORMAT = "funcgrad-run-1"
 LOCK = ".funcgrad.lock"
-_TEMP = re.compile(r"^\.(.+)\.tmp-(\d+)$")
 # The files funcgrad train writes into a run folder (and metrics.jsonl.<n>, set aside).
 OWN_FILES = (MARKER, files.CONFIG, files.CHECKPOINT, files.METRICS, files.SUMMARY, "curves.png",
              "decision_boundary.png", "regression.png")
+# Temporaries of atomic writes of those files only: a user's own ".notes.tmp-12" is never taken for ours.
+_TEMP = re.compile(r"^\.(" + "|".join(re.escape(n) for n in OWN_FILES) + r"|" + re.escape(files.METRICS)
+                   + r"\.\d+)\.tmp-(\d+)$")
 
 
 class RunFolderError(Exception):
     """The folder cannot be used as asked; the message says why in one line."""
+
+
+class ReadOnlyFolder(RunFolderError):
+    """The lock file cannot be created: the folder is not writable."""
 
 
 def _is_ours(name: str) -> bool:
@@ -40,11 +47,12 @@ def _is_ours(name: str) -> bool:
 
 
 def _legacy_run(out: Path) -> bool:
-    """A run written before the marker: a funcgrad checkpoint (header only read, at most 64 MiB) and a config."""
+    """A run written before the marker: a config and a funcgrad checkpoint (only its header is read)."""
     if not (out / files.CONFIG).is_file():
         return False
     try:
-        checkpoint.metadata(files.read_regular(out / files.CHECKPOINT, 1 << 26))
+        with files.open_regular(out / files.CHECKPOINT) as f:
+            checkpoint.metadata(f)
     except (files.FileError, checkpoint.CheckpointError):
         return False
     return True
@@ -109,10 +117,16 @@ class Lock:
         self.path = Path(out) / LOCK
         self.fd: int | None = None
         for _ in range(10):
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:  # never through a symbolic link: the lock file is truncated and written
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
             except OSError as e:
-                raise RunFolderError(f"cannot create the lock file {self.path}: {e.strerror}") from None
+                if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise ReadOnlyFolder(f"cannot create the lock file {self.path}: {e.strerror}") from None
+                raise RunFolderError(f"cannot use the lock file {self.path}: {e.strerror} (it should be a regular "
+                                     "file that funcgrad creates)") from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise RunFolderError(f"{self.path} is not a regular file; remove it")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -210,5 +224,5 @@ def write_marker(out: Path) -> None:
         files.write_json(Path(out) / MARKER, marker_record())
 
 
-__all__ = ["MARKER", "RUN_FORMAT", "LOCK", "RunFolderError", "inspect", "Lock", "writer_pid",
+__all__ = ["MARKER", "RUN_FORMAT", "LOCK", "RunFolderError", "ReadOnlyFolder", "inspect", "Lock", "writer_pid",
            "remove_stale_temporaries", "read_only_files", "write_marker"]

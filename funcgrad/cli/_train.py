@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -56,16 +57,17 @@ def _floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
 
-def _memory_available() -> tuple[int, str] | None:
-    """Bytes free where the run allocates: the accelerator's memory, or the host's (MemAvailable, within a
-    cgroup's limit when there is one); None when it cannot be told."""
+def _memory_available() -> tuple[int, str, bool] | None:
+    """Bytes free where the run allocates, what that memory is, and whether the devices share it: the
+    accelerator's own memory (per device), or the host's (MemAvailable, within a cgroup's limit less its
+    reclaimable page cache); None when it cannot be told."""
     import jax
 
     dev = jax.devices()[0]
     if dev.platform != "cpu":
         try:
             stats = dev.memory_stats() or {}
-            return stats["bytes_limit"] - stats.get("bytes_in_use", 0), f"{dev.platform} memory"
+            return stats["bytes_limit"] - stats.get("bytes_in_use", 0), f"{dev.platform} memory per device", False
         except (KeyError, TypeError, AttributeError, NotImplementedError, RuntimeError):
             return None
     avail = None
@@ -76,25 +78,36 @@ def _memory_available() -> tuple[int, str] | None:
     except (OSError, ValueError, IndexError):
         pass
     try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
         if limit.isdigit():
-            avail = min(avail if avail is not None else 1 << 62, int(limit) - used)
+            used = int((cgroup / "memory.current").read_text())
+            stat = dict(line.split() for line in (cgroup / "memory.stat").read_text().splitlines() if " " in line)
+            used -= int(stat.get("inactive_file", 0))  # page cache the kernel reclaims before it refuses memory
+            avail = min(avail if avail is not None else 1 << 62, int(limit) - max(used, 0))
     except (OSError, ValueError):
         pass
-    return (avail, "memory") if avail is not None else None
+    return (avail, "memory", True) if avail is not None else None
 
 
-def _check_memory(cfg: Any) -> None:
-    """Refuses a run that cannot fit, before a byte of it is allocated."""
+def _check_memory(cfg: Any, *, check: bool) -> None:
+    """Refuses a run that cannot fit, before a byte of it is allocated. ``check``: the float64 gradient check
+    runs (a new run with train.verify)."""
+    import jax
+
     from funcgrad import config as fgconfig
 
-    need = fgconfig.memory_estimate(cfg)
     free = _memory_available()
-    if free is not None and need.total > free[0]:
-        raise UsageError(f"the run needs about {need.describe()}, but only {fgconfig._gb(free[0])} of {free[1]} is "
-                         "available; reduce model.sizes, data.samples or train.batch_size (or set train.verify=false "
-                         "to skip the float64 gradient check)")
+    if free is None:
+        return
+    devices = 1 if cfg.parallel.mode == "none" else len(jax.devices())
+    need = fgconfig.memory_estimate(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, verify=check)))
+    total = need.on(devices, shared=free[2])
+    if total > free[0]:
+        raise UsageError(f"the run needs about {fgconfig._gb(total)}: {need.describe()}; but only "
+                         f"{fgconfig._gb(free[0])} of {free[1]} is available. Reduce model.sizes, data.samples or "
+                         "train.batch_size" + (" (or set train.verify=false to skip the float64 gradient check)"
+                                               if check else ""))
 
 
 def _load_config(args: argparse.Namespace) -> tuple[Any, Path]:
@@ -149,21 +162,31 @@ def _changed(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
     return out
 
 
-def _open_folder(out: Path, resume: bool) -> tuple[Any, bool]:
-    """The run folder, checked and locked for this writer: (lock, whether this call created the folder)."""
+def _open_folder(out: Path, resume: bool) -> tuple[Any, Path | None]:
+    """The run folder, checked and locked for this writer: (the lock, or None for a read-only folder, which
+    can only be told that it is complete; the outermost folder this call created, if any)."""
     from funcgrad.cli import _rundir as rundir
 
     try:
         kind = rundir.inspect(out)
         if resume and kind != "run":
             raise UsageError(f"--resume: {out} holds no run to continue; train without --resume to start one")
-        created = kind == "new"
-        if created:
+        created = None
+        if kind == "new":
+            created = next(p for p in reversed([out, *out.parents]) if not p.exists())
             try:
                 out.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise UsageError(f"cannot create {out}: {e.strerror or e}") from None
-        lock = rundir.Lock(out)
+        try:
+            lock = rundir.Lock(out)
+        except rundir.ReadOnlyFolder:
+            if resume:
+                return None, None  # a finished run may still be told complete; any write is refused later
+            raise
+        except BaseException:
+            _remove_created(out, created)
+            raise
         try:
             rundir.inspect(out)  # again, under the lock: another writer may have finished in between
         except BaseException:
@@ -220,9 +243,9 @@ def _read_checkpoint(out: Path, like: Any) -> tuple[Any, int, dict]:
     return state, _validate_state(state, meta, ckpt), meta
 
 
-def _read_metrics(out: Path) -> list[dict]:
+def _read_metrics(out: Path, steps: int, *, repair: bool = False) -> list[dict]:
     try:
-        return files.read_metrics(out / files.METRICS)
+        return files.read_metrics(out / files.METRICS, repair=repair, max_bytes=files.metrics_bound(steps))
     except files.FileError as e:
         raise UsageError(str(e)) from None
 
@@ -248,6 +271,22 @@ def _header_batch(setup: Any) -> str:
     return f" of batch {setup.batch_size} ({per} per epoch{dropped}; metrics are per minibatch)"
 
 
+@dataclasses.dataclass
+class _Prepared:
+    """A run read and checked, before anything of it is written."""
+
+    cfg: Any
+    source: Path
+    saved: dict | None  # the run's config.json as read, when resuming
+    changes: list[str]
+    setup: Any
+    mesh: Any
+    state: Any
+    start: int
+    records: list[dict]
+    complete: bool  # resumed at its last step with its summary written: nothing to do
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from funcgrad import parallel
 
@@ -256,20 +295,32 @@ def cmd_train(args: argparse.Namespace) -> int:
         parallel.initialize(args.coordinator, args.num_processes, args.process_id)  # before any computation
     except parallel.ParallelError as e:
         raise UsageError(str(e)) from None
-    writer = parallel.is_writer()  # only process 0 prints progress and writes files
+    writer = parallel.is_writer()  # only process 0 reads and writes the run folder, and prints
     out = Path(args.out) if args.out else _default_out(args)
-    lock, created = _open_folder(out, args.resume) if writer else (None, False)
+    lock, created, error, prepared = None, None, None, None
     try:
-        status = _train(args, out, writer, t_start)
+        if writer:
+            lock, created = _open_folder(out, args.resume)
+        prepared = _prepare(args, out, writer)
+    except UsageError as e:
+        error = e
+    try:
+        # Every process stops when one cannot go on (process 0 alone checks the folder): none is left waiting.
+        if parallel.any_process(error is not None):
+            raise error or UsageError("process 0 refused the run; its message says why")
+        if parallel.any_process(writer and prepared.complete):
+            if writer:
+                print(_complete(out, prepared.setup.steps, args.out is None))
+            return 0
+        return _execute(args, out, prepared, writer, t_start)
     except BaseException:
-        if created and lock is not None:
+        if lock is not None:
             lock.release()
-            _remove_if_empty(out)
+        _remove_created(out, created)
         raise
     finally:
         if lock is not None:
             lock.release()
-    return status
 
 
 def _default_out(args: argparse.Namespace) -> Path:
@@ -279,14 +330,21 @@ def _default_out(args: argparse.Namespace) -> Path:
     return Path("runs") / _load_config(argparse.Namespace(config=args.config, set=names))[0].name
 
 
-def _remove_if_empty(out: Path) -> None:
-    try:
-        out.rmdir()  # only an empty folder: one this failed command created and wrote nothing into
-    except OSError:
-        pass
+def _remove_created(out: Path, created: Path | None) -> None:
+    """Removes the folders a failed command created (``out`` up to ``created``) if it wrote nothing into them."""
+    if created is None:
+        return
+    for folder in [out, *out.parents]:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        if folder == created:
+            return
 
 
-def _train(args: argparse.Namespace, out: Path, writer: bool, t_start: float) -> int:
+def _prepare(args: argparse.Namespace, out: Path, writer: bool) -> _Prepared:
+    """Reads and checks everything a run needs; writes nothing (a command that fails here changes nothing)."""
     import jax
 
     import funcgrad as fg
@@ -294,24 +352,18 @@ def _train(args: argparse.Namespace, out: Path, writer: bool, t_start: float) ->
     from funcgrad import parallel
     from funcgrad.cli import _rundir as rundir
 
-    say = print if writer else (lambda *a, **k: None)
     ckpt = out / files.CHECKPOINT
-    if writer:
-        removed = rundir.remove_stale_temporaries(out)
-        if removed:
-            say(f"  (removed {len(removed)} temporary file(s) of killed processes: {', '.join(removed)})")
     if args.resume:
         if not (ckpt.exists() or ckpt.is_symlink()):
             raise UsageError(f"--resume: no checkpoint in {out}; train without --resume to start the run")
         cfg, saved, changes = _resume_config(out, args)
-        cfg_source = out / files.CONFIG
+        source = out / files.CONFIG
     else:
-        (cfg, cfg_source), saved, changes = _load_config(args), None, []
+        (cfg, source), saved, changes = _load_config(args), None, []
         if writer and (ckpt.exists() or ckpt.is_symlink()):
             raise UsageError(f"{out} already holds a run ({files.CHECKPOINT}); pass --resume to continue it, or --out "
                              "to train into another folder")
-    resolved = fgconfig.to_dict(cfg)
-    _check_memory(cfg)
+    _check_memory(cfg, check=cfg.train.verify and not args.resume)
     try:
         setup = fgconfig.build(cfg)
     except fgconfig.ConfigError as e:
@@ -321,21 +373,18 @@ def _train(args: argparse.Namespace, out: Path, writer: bool, t_start: float) ->
     except parallel.ParallelError as e:
         raise UsageError(f"parallel.mode {cfg.parallel.mode!r}: {e}") from None
 
-    # Everything is read and checked before anything is written: a command that fails changes nothing.
-    key = jax.random.key(cfg.seed)
-    state = fg.train.init(setup.params, setup.optimizer, key)
-    records: list[dict] = []
-    meta: dict = {}
+    state = fg.train.init(setup.params, setup.optimizer, jax.random.key(cfg.seed))
+    start, meta = 0, {}
     if args.resume:
         state, start, meta = _read_checkpoint(out, state)
         if start > setup.steps:
             raise UsageError(f"--resume: train.epochs = {cfg.train.epochs} makes {setup.steps} steps, but the "
                              f"checkpoint in {out} is already at step {start}; a run cannot go back (to end at step "
                              f"{start} or later, set train.epochs accordingly)")
-    else:
-        start = 0
+    records: list[dict] = []
+    complete = False
     if writer:
-        records = _read_metrics(out)
+        records = _read_metrics(out, setup.steps)
         logged = meta.get("last_logged")
         if isinstance(logged, int) and logged >= start:
             raise UsageError(f"{ckpt}: logged step {logged} before being written at step {start}; the checkpoint "
@@ -343,36 +392,55 @@ def _train(args: argparse.Namespace, out: Path, writer: bool, t_start: float) ->
         if args.resume and isinstance(logged, int) and records and max(r["step"] for r in records) < logged:
             raise UsageError(f"{out / files.METRICS} ends at step {max(r['step'] for r in records)}, but the checkpoint "
                              f"was written after step {logged} was logged: the files are not of the same run")
-        bad = rundir.read_only_files(out)
+        complete = args.resume and start == setup.steps and (out / files.SUMMARY).exists()
+        bad = [] if complete else rundir.read_only_files(out)
         if bad:
             raise UsageError(f"cannot write into the run: read-only {', '.join(bad)}; nothing was changed (make them "
                              "writable, or train into another --out)")
-    if args.resume and start == setup.steps and (out / files.SUMMARY).exists():
-        say(_complete(out, setup.steps, args.out is None))
-        return 0
+    return _Prepared(cfg, source, saved, changes, setup, mesh, state, start, records, complete)
 
+
+def _execute(args: argparse.Namespace, out: Path, p: _Prepared, writer: bool, t_start: float) -> int:
+    """Writes the run's files and trains; every process runs this, only process 0 writes and prints."""
+    import jax
+
+    import funcgrad as fg
+    from funcgrad import config as fgconfig
+    from funcgrad import parallel
+    from funcgrad.cli import _rundir as rundir
+
+    say = print if writer else (lambda *a, **k: None)
+    cfg, setup, start = p.cfg, p.setup, p.start
+    ckpt = out / files.CHECKPOINT
+    resolved = fgconfig.to_dict(cfg)
     fuse = fg.train.chunk_size(cfg.train.fuse, setup.steps)
-    n_params = fg.nn.param_count(setup.params)
-    say(f"funcgrad train: {cfg.name} ({cfg_source}) → {out}")
+    say(f"funcgrad train: {cfg.name} ({p.source}) → {out}")
     say(f"  data   {cfg.data.kind} {tuple(setup.train_data[0].shape)}{' (nnfs exact)' if cfg.data.exact else ''}, "
         f"validation {tuple(setup.validation_data[0].shape)}")
-    say(f"  model  {' → '.join(n for n, _ in setup.model.layers)}, {n_params} parameters")
+    say(f"  model  {' → '.join(n for n, _ in setup.model.layers)}, {fg.nn.param_count(setup.params)} parameters")
     say(f"  train  {cfg.optimizer.kind} lr {cfg.optimizer.learning_rate} decay {cfg.optimizer.decay}, {setup.steps} steps"
-        f"{_header_batch(setup)}, {parallel.describe(mesh)}"
-        + (f"; {fuse} fused per dispatch (train.fuse {cfg.train.fuse} is capped)" if fuse < min(cfg.train.fuse, setup.steps) else ""))
-    for change in changes:
+        f"{_header_batch(setup)}, {parallel.describe(p.mesh)}"
+        + (f"; {fuse} fused per dispatch (train.fuse {cfg.train.fuse} is capped)"
+           if fuse < min(cfg.train.fuse, setup.steps) else ""))
+    for change in p.changes:
         say(f"  change {change}")
 
+    last_logged = -1
     if writer:
         try:
+            removed = rundir.remove_stale_temporaries(out)
+            if removed:
+                say(f"  (removed {len(removed)} temporary file(s) of killed processes: {', '.join(removed)})")
             rundir.write_marker(out)
-            if saved != resolved:
+            if p.saved != resolved:
                 files.write_json(out / files.CONFIG, resolved)
-            if not args.resume:
+            if args.resume:
+                records = _read_metrics(out, setup.steps, repair=True)  # a last line cut by a kill is dropped now
+                last_logged = _metrics_to_continue(out, start, records, resolved, p.saved)
+            else:
                 kept = files.set_aside(out / files.METRICS)  # an earlier attempt that never reached a checkpoint
                 if kept:
                     say(f"  (the metrics of an earlier attempt here are kept as {kept})")
-                records = []
         except OSError as e:
             raise UsageError(f"cannot write the run's files into {out}: {e.strerror or e}") from None
 
@@ -388,22 +456,20 @@ def _train(args: argparse.Namespace, out: Path, writer: bool, t_start: float) ->
         say(f"  resume from step {start} ({ckpt})")
     every = math.ceil(cfg.train.checkpoint_every / fuse) * fuse
     next_checkpoint = (start // every + 1) * every
-    try:
-        last_logged = _metrics_to_continue(out, start, records, resolved, saved) if writer else -1
-    except OSError as e:
-        raise UsageError(f"cannot write {out / files.METRICS}: {e.strerror or e}") from None
-    state, data, shard_batch = parallel.place(mesh, state, setup.train_data)
+    state, data, shard_batch = parallel.place(p.mesh, p.state, setup.train_data)
     evaluate = jax.jit(setup.objective.metrics)
-
     progress = Progress(setup.steps, start=start, enabled=writer)
     last_good = start if args.resume else None
 
-    def stop(message: str) -> int:
+    def stop(message: str | None) -> int:
         progress.close()
-        where = (f"The last good checkpoint is step {last_good} in {ckpt}; lower optimizer.learning_rate and "
-                 "continue from it with --resume" if last_good is not None
-                 else "No checkpoint was written; try a lower optimizer.learning_rate")
-        print(f"{message}. {where}", file=sys.stderr)
+        if writer:
+            where = (f"The last good checkpoint is step {last_good} in {ckpt}; lower optimizer.learning_rate and "
+                     "continue from it with --resume" if last_good is not None
+                     else "No checkpoint was written; try a lower optimizer.learning_rate")
+            print(f"{message}. {where}", file=sys.stderr)
+        else:
+            print(f"funcgrad train: stopped with process 0 ({message or 'see its message'})", file=sys.stderr)
         return 1
 
     try:
@@ -413,50 +479,62 @@ def _train(args: argparse.Namespace, out: Path, writer: bool, t_start: float) ->
             step = int(m["step"][-1]) + 1
             bad = np.nonzero(~np.isfinite(m["loss"]))[0]
             good = bad[0] if len(bad) else len(m["step"])
-            new = [{"step": int(s), **{k: float(v[i]) for k, v in m.items() if k != "step"}}
-                   for i, s in enumerate(m["step"][:good])
-                   if (s % cfg.train.log_every == 0 or s == setup.steps - 1) and s > last_logged]
+            problem = None
             if writer:
+                new = [{"step": int(s), **{k: float(v[i]) for k, v in m.items() if k != "step"}}
+                       for i, s in enumerate(m["step"][:good])
+                       if (s % cfg.train.log_every == 0 or s == setup.steps - 1) and s > last_logged]
                 try:
                     files.append_lines(out / files.METRICS, new)
+                    last_logged = max([last_logged] + [r["step"] for r in new])
                 except OSError as e:
-                    return stop(f"training stopped at step {step}: cannot write {out / files.METRICS} "
-                                f"({e.strerror or e})")
-                last_logged = max([last_logged] + [r["step"] for r in new])
-            if len(bad):
-                return stop(f"training stopped at step {int(m['step'][bad[0]])}: the loss is {m['loss'][bad[0]]}")
-            progress.update(step, {k: float(v[-1]) for k, v in m.items()})
-            if step >= next_checkpoint or step == setup.steps:
-                next_checkpoint = (step // every + 1) * every
-                snapshot = parallel.gather(state)  # a collective when the state is split: every process joins
-                problem = _unfit_for_checkpoint(snapshot, evaluate, setup.train_data)
-                if problem:
-                    return stop(f"training stopped after step {step}: {problem}, so it is not saved")
-                if writer:
-                    try:
-                        files.save_checkpoint(out, snapshot, {"step": step, "config": cfg.name,
-                                                              "last_logged": last_logged})
-                    except OSError as e:
-                        return stop(f"training stopped at step {step}: cannot write {ckpt} ({e.strerror or e})")
-                last_good = step
+                    problem = f"training stopped at step {step}: cannot write {out / files.METRICS} ({e.strerror or e})"
+            if problem is None and len(bad):  # the same on every process: the metrics are replicated
+                problem = f"training stopped at step {int(m['step'][bad[0]])}: the loss is {m['loss'][bad[0]]}"
+            if problem is None:
+                progress.update(step, {k: float(v[-1]) for k, v in m.items()})
+                if step >= next_checkpoint or step == setup.steps:
+                    next_checkpoint = (step // every + 1) * every
+                    snapshot = parallel.gather(state)  # a collective when the state is split: every process joins
+                    unfit = _unfit_for_checkpoint(snapshot, evaluate, setup.train_data)
+                    if unfit:
+                        problem = f"training stopped after step {step}: {unfit}, so it is not saved"
+                    elif writer:
+                        try:
+                            files.save_checkpoint(out, snapshot, {"step": step, "config": cfg.name,
+                                                                  "last_logged": last_logged})
+                        except OSError as e:
+                            problem = f"training stopped at step {step}: cannot write {ckpt} ({e.strerror or e})"
+                    if problem is None:
+                        last_good = step
+            if parallel.any_process(problem is not None):
+                return stop(problem)
     finally:
         progress.close()
+    return _finish(out, p, parallel.gather(state).params, evaluate, writer, t_start)
 
-    params = parallel.gather(state).params
+
+def _finish(out: Path, p: _Prepared, params: Any, evaluate: Any, writer: bool, t_start: float) -> int:
+    """Final metrics, summary.json and plots."""
+    from funcgrad import config as fgconfig
+    from funcgrad import parallel
+
+    say = print if writer else (lambda *a, **k: None)
+    setup = p.setup
     train_m = _floats(evaluate(params, *setup.train_data))
     val_m = _floats(evaluate(params, *setup.validation_data))
-    records = _read_metrics(out) if writer else []
-    last_step = dict(records[-1]) if records else {}
+    records = _read_metrics(out, setup.steps) if writer else []
     wall = time.perf_counter() - t_start
     say(f"  final  training:   {_summary_line(train_m)}")
     say(f"         validation: {_summary_line(val_m)}")
     if writer:
         try:
             files.write_json(out / files.SUMMARY, {
-                "name": cfg.name, "steps": setup.steps, "train": train_m, "validation": val_m, "last_step": last_step,
-                "wall_seconds": wall, "config": resolved, "devices": parallel.describe(mesh),
+                "name": p.cfg.name, "steps": setup.steps, "train": train_m, "validation": val_m,
+                "last_step": dict(records[-1]) if records else {}, "wall_seconds": wall,
+                "config": fgconfig.to_dict(p.cfg), "devices": parallel.describe(p.mesh),
             })
-            _plots(out, setup, params, records, cfg.name)
+            _plots(out, setup, params, records, p.cfg.name)
         except OSError as e:
             print(f"cannot write the summary into {out}: {e.strerror or e}; the checkpoint at step {setup.steps} is "
                   "saved", file=sys.stderr)
@@ -489,10 +567,10 @@ def _metrics_to_continue(out: Path, start: int, records: list[dict], resolved: d
     path = out / files.METRICS
     if saved is not None and saved.get("optimizer") != resolved.get("optimizer"):
         if any(r["step"] > start for r in records):
-            kept = files.set_aside(path)
-            files.append_lines(path, [r for r in records if r["step"] <= start])
-            print(f"  (the optimizer changed: metrics past step {start} are kept in {kept})")
+            kept = files.keep_copy(path)  # the whole file, beside it; then the lines up to the checkpoint, atomically
             records = [r for r in records if r["step"] <= start]
+            files.write_lines(path, records)
+            print(f"  (the optimizer changed: metrics past step {start} are kept in {kept})")
     return max((r["step"] for r in records), default=-1)
 
 
@@ -548,7 +626,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     except fgconfig.ConfigError as e:
         raise UsageError(f"{run / files.CONFIG}: {e}") from None
-    _check_memory(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, verify=False)))
+    _check_memory(cfg, check=False)
     try:
         setup = fgconfig.build(cfg, validation_seed=args.seed)
     except fgconfig.ConfigError as e:
@@ -556,10 +634,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     state = fg.train.init(setup.params, setup.optimizer, jax.random.key(cfg.seed))
     state, step, _ = _read_checkpoint(run, state)
     X, X_train = np.asarray(setup.validation_data[0]), np.asarray(setup.train_data[0])
-    if args.seed is None:
+    if X.shape == X_train.shape and np.array_equal(X, X_train):
+        why = ("the run's validation data is the same draw" if args.seed is None
+               else f"seed {args.seed} is the run's own seed" if args.seed == cfg.seed
+               else f"the draw with seed {args.seed} is the same")
+        data, label = "training", f"the training data {X.shape} ({why}; not fresh data)"
+    elif args.seed is None:
         data, label = "validation", f"the run's validation data {X.shape} (as in {files.SUMMARY})"
-    elif X.shape == X_train.shape and np.array_equal(X, X_train):
-        data, label = "training", f"the training data {X.shape}: seed {args.seed} is the run's own seed, not fresh data"
     else:
         data, label = "fresh", f"fresh {cfg.data.kind} data {X.shape} drawn with seed {args.seed}"
     metrics = _floats(jax.jit(setup.objective.metrics)(state.params, *setup.validation_data))
