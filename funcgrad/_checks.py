@@ -7,6 +7,7 @@ validates its data once, before the first step, so they are not lost under jit.
 
 from __future__ import annotations
 
+import contextvars
 import math
 
 from typing import Any
@@ -120,6 +121,10 @@ def check_finite_tree(tree: Any, root: str) -> None:
         raise ValueError("non-finite values (nan or inf) in " + root + ":\n  " + "\n  ".join(bad))
 
 
+# Set while funcgrad.losses.checked traces a function: label checks become checkify checks.
+LABEL_CHECKS: contextvars.ContextVar[bool] = contextvars.ContextVar("funcgrad_label_checks", default=False)
+
+
 def check_labels(labels: Any, n_classes: int, n_samples: int, name: str = "labels") -> None:
     """Integer labels of shape (N,) in [0, n_classes), or one-hot of shape (N, n_classes)."""
     shape = jnp.shape(labels)
@@ -137,13 +142,15 @@ def check_labels(labels: Any, n_classes: int, n_samples: int, name: str = "label
                 f"got {describe(labels)}.{hint}"
             )
         if is_tracer(labels):
-            # Under jit the values are unknown here. This check is a no-op in a plain jit (an out-of-range label
-            # then gives an infinite loss); under jax.experimental.checkify.checkify it raises, naming the range.
-            from jax.experimental import checkify
+            # Under jit the values are unknown here. Inside funcgrad.losses.checked (checkify) the range becomes a
+            # run-time check; elsewhere nothing is added to the program (a check there would cost a host callback
+            # per step), and the losses return NaN for an out-of-range label instead.
+            if LABEL_CHECKS.get():
+                from jax.experimental import checkify
 
-            checkify.check(jnp.all((labels >= 0) & (labels < n_classes)),
-                           f"{name}: class labels must lie in [0, {n_classes}) for {n_classes} classes; got min "
-                           "{lo}, max {hi}", lo=jnp.min(labels), hi=jnp.max(labels), debug=True)
+                checkify.check(jnp.all((labels >= 0) & (labels < n_classes)),
+                               f"{name}: class labels must lie in [0, {n_classes}) for {n_classes} classes; got "
+                               "min {lo}, max {hi}", lo=jnp.min(labels), hi=jnp.max(labels))
         else:
             arr = np.asarray(labels)
             if arr.size and (arr.min() < 0 or arr.max() >= n_classes):

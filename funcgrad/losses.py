@@ -5,10 +5,10 @@ Each data loss averages over samples, as the book does, and has a hand-derived b
 
 Inputs are checked when the function is called: shapes and dtypes always (also under ``jit``), an empty batch
 is an error, and integer class labels outside [0, C) are an error when their values are known. Under ``jit``
-they are not known: an out-of-range label then makes the loss NaN (never a finite wrong number), and under
-``jax.experimental.checkify.checkify`` the label check becomes an error naming the range::
+they are not known: an out-of-range label then makes the loss NaN (never a finite wrong number), and a
+function wrapped in :func:`checked` (``jax.experimental.checkify``) reports it as an error naming the range::
 
-    err, loss = jax.jit(checkify.checkify(fg.losses.categorical_crossentropy))(probs, labels)
+    err, loss = jax.jit(fg.losses.checked(fg.losses.categorical_crossentropy))(probs, labels)
     err.throw()  # raises: labels: class labels must lie in [0, 3) for 3 classes; got min 0, max 5
 
 - :func:`categorical_crossentropy`: ``−mean log ŷ_true``, ŷ clipped to [1e-7, 1 − 1e-7] (the book's).
@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from funcgrad import rules
 from funcgrad._checks import (
+    LABEL_CHECKS,
     as_array,
     check_labels,
     describe,
@@ -46,6 +47,7 @@ from funcgrad._checks import (
 )
 
 __all__ = [
+    "checked",
     "categorical_crossentropy",
     "categorical_crossentropy_with_logits",
     "binary_crossentropy",
@@ -71,6 +73,24 @@ def _class_inputs(scores: Any, labels: Any, scores_name: str) -> tuple[jax.Array
         raise ValueError(f"{scores_name}: an empty batch {describe(scores)}; a mean over no samples is undefined")
     check_labels(labels, c, n, "labels")
     return scores, labels
+
+
+def checked(fn: Callable[..., Any], errors: Any = None) -> Callable[..., Any]:
+    """``fn`` functionalised by ``jax.experimental.checkify.checkify`` with funcgrad's run-time input checks
+    (class labels in [0, C)) switched on: returns ``(error, value)``; ``error.throw()`` raises the first failed
+    check. ``fn`` is any function that calls funcgrad's losses (a loss, an objective, a training step) and may
+    be jitted around the result. ``errors``: checkify's error set (default ``checkify.user_checks``; e.g. add
+    ``checkify.nan_checks``). Without it, under ``jit``, an out-of-range label only makes the loss NaN."""
+    from jax.experimental import checkify
+
+    def with_checks(*args: Any, **kwargs: Any) -> Any:
+        token = LABEL_CHECKS.set(True)  # while fn is traced: funcgrad's checks become checkify checks
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            LABEL_CHECKS.reset(token)
+
+    return checkify.checkify(with_checks, errors=checkify.user_checks if errors is None else errors)
 
 
 def _nan_unless_in_range(loss: jax.Array, labels: jax.Array, n_classes: int) -> jax.Array:

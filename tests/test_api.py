@@ -16,13 +16,14 @@ EXPECTED = {
         "memory_estimate", "to_dict",
     ],
     "checkpoint": ["CheckpointError", "FORMAT", "from_bytes", "metadata", "size_bound", "to_bytes"],
-    "parallel": ["ParallelError", "data_mesh", "describe", "gather", "initialize", "is_writer", "place", "setup_for"],
+    "parallel": ["ParallelError", "any_process", "data_mesh", "describe", "gather", "initialize", "is_writer", "place",
+                 "setup_for"],
     "nn": [
         "ACTIVATIONS", "Layer", "Params", "activation", "dense", "dropout", "elementwise", "leaky_relu", "linear", "log_softmax",
         "mlp", "param_count", "relu", "serial", "sigmoid", "softmax", "tanh",
     ],
     "losses": [
-        "LOSSES", "binary_crossentropy", "categorical_crossentropy", "categorical_crossentropy_with_logits",
+        "LOSSES", "binary_crossentropy", "categorical_crossentropy", "categorical_crossentropy_with_logits", "checked",
         "l1_penalty", "l2_penalty", "leaf_names", "mae", "mse", "select",
     ],
     "metrics": ["accuracy", "binary_accuracy", "regression_accuracy"],

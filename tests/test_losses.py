@@ -124,8 +124,6 @@ def test_bool_labels_and_empty_batches_are_errors_not_nan():
 
 
 def test_out_of_range_labels_under_jit_raise_through_checkify():
-    from jax.experimental import checkify
-
     probs, bad = jnp.asarray(PROBS, jnp.float32), jnp.array([0, 2, 5, 1, 0, 2])
     # A plain jit cannot see the values: the loss is NaN, from probabilities and from logits (where the one-hot
     # row of an out-of-range label is zero and the loss would otherwise be finite and wrong).
@@ -133,8 +131,21 @@ def test_out_of_range_labels_under_jit_raise_through_checkify():
     assert np.isnan(float(jax.jit(fg.losses.categorical_crossentropy_with_logits)(jnp.asarray(LOGITS), bad)))
     good = jax.jit(fg.losses.categorical_crossentropy_with_logits)(jnp.asarray(LOGITS), jnp.asarray(LABELS))
     assert float(good) == float(fg.losses.categorical_crossentropy_with_logits(jnp.asarray(LOGITS), jnp.asarray(LABELS)))
-    checked = jax.jit(checkify.checkify(fg.losses.categorical_crossentropy))
+    checked = jax.jit(fg.losses.checked(fg.losses.categorical_crossentropy))
     err, _ = checked(probs, bad)
     assert "class labels must lie in [0, 3) for 3 classes; got min 0, max 5" in err.get()
     err, value = checked(probs, jnp.asarray(LABELS))
     assert err.get() is None and float(value) == pytest.approx(book_cce(PROBS, LABELS), rel=1e-5)
+
+
+def test_label_checks_add_nothing_to_a_plain_jitted_program():
+    probs, labels = jnp.asarray(PROBS, jnp.float32), jnp.asarray(LABELS)
+    text = jax.jit(fg.losses.categorical_crossentropy).lower(probs, labels).as_text()
+    assert "callback" not in text and "custom_call" not in text  # no host round trip per call
+    # ... and a whole training step under checked() reports the bad label of its batch.
+    model = fg.nn.mlp([4, 3], output="softmax")
+    obj = fg.Objective(model, "categorical_crossentropy")
+    params = model.init(jax.random.key(0), (3,))
+    X = jnp.asarray(RS.randn(6, 3), jnp.float32)
+    err, _ = jax.jit(fg.losses.checked(jax.grad(obj.value)))(params, X, jnp.array([0, 1, 2, 3, 0, 1]))
+    assert "class labels must lie in [0, 3)" in err.get()

@@ -115,6 +115,7 @@ def _params(path):
         return {k: z[k] for k in z.files if k.startswith("leaf")}
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_resume(tmp_path):
     (out0, err0), (out1, err1) = _two_processes(tmp_path / "two", "--set", "train.epochs=200")
     assert "data parallel over 2 devices in 2 processes (cpu)" in out0
