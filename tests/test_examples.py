@@ -1,5 +1,8 @@
 """Each script in examples/ runs and prints JAX's answer next to the hand formula's."""
 
+import functools
+import re
+
 import pytest
 
 from conftest import ROOT, run_python
@@ -15,6 +18,8 @@ EXPECTED = {
         "['dense2']['W']  hand_wrong     exact 192/192      [5, 1]",
         "first broken link: loss (categorical_crossentropy)",
     ],
+    "backprop_by_hand.py": ["forward: X (60, 2) → dense1 (60, 16) → relu1 (60, 16) → dense2 (60, 3)",
+                            "jax.grad of the same loss: max abs difference", "check_grad: ok (ok) — 4 leaves"],
     "kink_explained.py": ["from the left 0.000, from the right 1.000", "JAX: 0.500, hand rule: 1.000",
                           "verdict kink (ok)", "ok = True"],
 }
@@ -26,8 +31,28 @@ def test_every_example_is_covered():
     assert scripts == set(EXPECTED)
 
 
+@functools.cache
+def _output(script):
+    return run_python([str(ROOT / "examples" / script)], timeout=120).stdout
+
+
 @pytest.mark.parametrize("script", sorted(EXPECTED))
 def test_example_prints_both_answers(script):
-    out = run_python([str(ROOT / "examples" / script)], timeout=120).stdout
+    out = _output(script)
     for line in EXPECTED[script]:
         assert line in out, f"{script}: {line!r} not in\n{out}"
+
+
+def test_backprop_by_hand_shapes_and_agreement():
+    out = _output("backprop_by_hand.py")
+    shapes = dict(re.findall(r"^  (d\w+) +\(([\d, ]*)\)", out, flags=re.M))
+    # every gradient of the chain, in reverse order, with the shape of what it differentiates
+    assert list(shapes) == ["dvalues", "dW2", "db2", "dinputs", "drelu", "dW1", "db1", "dX"], out
+    assert shapes == {"dvalues": "60, 3", "dW2": "16, 3", "db2": "3,", "dinputs": "60, 16", "drelu": "60, 16",
+                      "dW1": "2, 16", "db1": "16,", "dX": "60, 2"}, out
+    diff = re.search(r"max abs difference (\S+) \(dW1 (\S+), db1 (\S+), dW2 (\S+), db2 (\S+)\)", out)
+    assert diff, out
+    assert all(0.0 <= float(d) < 1e-5 for d in diff.groups()), out
+    verdict = re.search(r"^check_grad: (\w+) \((ok|NOT OK)\) — (\d+) leaves, (\d+) parameters", out, flags=re.M)
+    assert verdict and verdict.groups()[:2] == ("ok", "ok"), out  # off every kink, so plain ok
+    assert (int(verdict.group(3)), int(verdict.group(4))) == (4, 2 * 16 + 16 + 16 * 3 + 3), out
