@@ -22,6 +22,7 @@ import dataclasses
 import os
 import stat
 import tomllib
+from importlib import resources
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,8 @@ __all__ = [
     "apply_overrides",
     "MemoryEstimate",
     "memory_estimate",
+    "packaged",
+    "locate",
     "Setup",
     "build",
 ]
@@ -315,6 +318,26 @@ def loads(text: str, *, name: str | None = None, overrides: Sequence[str] = (), 
 
 
 MAX_CONFIG_BYTES = 1024 * 1024
+
+
+def packaged() -> list[str]:
+    """The names of the configs that ship with funcgrad (the repository's ``configs/``, installed as the
+    package ``funcgrad.configs``): ``["binary", "sine", "spiral", ...]``."""
+    try:
+        root = resources.files("funcgrad.configs")
+    except ModuleNotFoundError:
+        return []
+    return sorted(p.name.removesuffix(".toml") for p in root.iterdir() if p.name.endswith(".toml"))
+
+
+def locate(spec: str | Path) -> Path:
+    """The config file ``spec`` names: a path as given, or the name of a packaged config (``"spiral"``)."""
+    path = Path(spec)
+    if path.exists() or path.suffix or len(path.parts) > 1:
+        return path
+    if str(spec) in packaged():
+        return Path(str(resources.files("funcgrad.configs") / f"{spec}.toml"))
+    raise ConfigError(f"config {spec}: no such file, nor a config that ships with funcgrad ({', '.join(packaged())})")
 
 
 def load(path: str | Path, *, overrides: Sequence[str] = ()) -> Config:

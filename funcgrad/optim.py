@@ -1,8 +1,8 @@
 """The book's optimizers (chapter 10) as optax GradientTransformations, with the book's exact semantics.
 
 Every one uses the book's inverse-time decay ``lr_t = lr / (1 + decay·t)``, t = updates already made (0 at
-the first update), and ``eps = 1e-7``. Where the book differs from optax's defaults (see
-``../shared/reference/nnfs.md``), these follow the book:
+the first update), and ``eps = 1e-7``. Where the book ("Neural Networks from Scratch", chapter 10) differs
+from optax's defaults, these follow the book:
 
 - :func:`sgd`: with momentum μ, ``v = μ·v − lr_t·g; w += v`` (v holds learning-rate-scaled steps; optax's
   ``trace`` holds unscaled momentum, equal only at a constant learning rate).
@@ -19,7 +19,7 @@ Example:
     >>> tx = optim.adam(0.05, decay=5e-7)
     >>> state = tx.init({"w": jnp.zeros(2)})
     >>> updates, state = tx.update({"w": jnp.array([1.0, -2.0])}, state)
-    >>> updates["w"].round(4).tolist()
+    >>> [round(float(u), 4) for u in updates["w"]]
     [-0.05, 0.05]
 """
 

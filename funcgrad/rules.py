@@ -223,7 +223,8 @@ neuron = Rule(
 
 
 def _dense_forward(x, W, b):
-    return x @ W + b
+    y = x @ W
+    return y + b.reshape((1,) * (y.ndim - 1) + b.shape)  # the bias's broadcast over samples, made explicit
 
 
 def _dense_backward(x, W, b, dvalues):

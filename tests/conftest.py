@@ -3,8 +3,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
-import pytest
+# Implicit rank promotion (a (3,) bias silently broadcast against (N, 3)) is an error in every test, and in
+# every subprocess the tests start (they inherit the environment), as equinox's test suite does.
+os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 ROOT = Path(__file__).resolve().parents[1]
 

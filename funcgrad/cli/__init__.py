@@ -41,8 +41,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
+    from funcgrad.config import packaged
+
+    names = ", ".join(packaged())
     t = sub.add_parser("train", help="train a model from a TOML config (default: configs/spiral.toml)")
-    t.add_argument("--config", metavar="FILE", help="TOML config (default: configs/spiral.toml)")
+    t.add_argument("--config", metavar="FILE|NAME",
+                   help=f"a TOML config file, or the name of one that ships with funcgrad ({names}); default: "
+                        "configs/spiral.toml here, else the shipped spiral")
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optimizer.learning_rate=0.02 (repeatable)")
     t.add_argument("--out", metavar="DIR", help="output folder (default: runs/<config name>)")

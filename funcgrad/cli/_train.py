@@ -28,14 +28,15 @@ class UsageError(Exception):
 
 
 def _default_config() -> Path:
+    """configs/spiral.toml here (a checkout, as `make run` uses it), else the one that ships with funcgrad."""
+    from funcgrad import config as fgconfig
+
     if DEFAULT_CONFIG.exists():
         return DEFAULT_CONFIG
-    import funcgrad
-
-    repo = Path(funcgrad.__file__).resolve().parents[1] / DEFAULT_CONFIG  # an editable install's checkout
-    if repo.exists():
-        return repo
-    raise UsageError(f"no --config given and {DEFAULT_CONFIG} not found here; pass --config FILE")
+    try:
+        return fgconfig.locate(DEFAULT_CONFIG.stem)
+    except fgconfig.ConfigError:
+        raise UsageError(f"no --config given and {DEFAULT_CONFIG} not found here; pass --config FILE") from None
 
 
 def _config_diff(a: dict, b: dict, prefix: str = "", *, every_key: bool = False) -> list[str]:
@@ -113,8 +114,8 @@ def _check_memory(cfg: Any, *, check: bool) -> None:
 def _load_config(args: argparse.Namespace) -> tuple[Any, Path]:
     from funcgrad import config as fgconfig
 
-    path = Path(args.config) if args.config else _default_config()
     try:
+        path = fgconfig.locate(args.config) if args.config else _default_config()
         return fgconfig.load(path, overrides=args.set or ()), path
     except fgconfig.ConfigError as e:
         raise UsageError(str(e)) from None
