@@ -125,7 +125,7 @@ def numpy_book(X, y, model, params, lr, decay):
 
     def step():
         acts, zs = [X], []
-        for i, (W, b) in enumerate(zip(Ws, bs)):
+        for i, (W, b) in enumerate(zip(Ws, bs, strict=True)):
             z = acts[-1] @ W + b
             zs.append(z)
             acts.append(np.maximum(0, z) if i < len(Ws) - 1 else z)
@@ -144,12 +144,12 @@ def numpy_book(X, y, model, params, lr, decay):
                 d = d @ Ws[i].T
                 d[zs[i - 1] <= 0] = 0
         lr_t = lr / (1 + decay * it[0])
-        for k, (p, g) in enumerate(zip(Ws + bs, grads_W + grads_b)):
+        for k, (p, g) in enumerate(zip(Ws + bs, grads_W + grads_b, strict=True)):
             m[k] = 0.9 * m[k] + 0.1 * g
             v[k] = 0.999 * v[k] + 0.001 * g**2
             mh = m[k] / (1 - 0.9 ** (it[0] + 1))
             vh = v[k] / (1 - 0.999 ** (it[0] + 1))
-            p -= lr_t * mh / (np.sqrt(vh) + 1e-7)
+            p[...] -= lr_t * mh / (np.sqrt(vh) + 1e-7)  # in place: p is the array in Ws or bs
         it[0] += 1
 
     def run(n):
@@ -164,8 +164,10 @@ def torch_eager(X, y, model, params, lr, decay):
 
     Xt = torch.from_numpy(np.array(X))
     yt = torch.from_numpy(np.array(y)).long()
-    layers = [(torch.tensor(np.asarray(p["W"]), requires_grad=True), torch.tensor(np.asarray(p["b"]), requires_grad=True))
-              for _, p in sorted(params.items())]
+    layers = [
+        (torch.tensor(np.asarray(p["W"]), requires_grad=True), torch.tensor(np.asarray(p["b"]), requires_grad=True))
+        for _, p in sorted(params.items())
+    ]
     flat = [t for pair in layers for t in pair]
     opt = torch.optim.Adam(flat, lr=lr, eps=1e-7)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 / (1 + decay * t))
@@ -217,7 +219,10 @@ def main() -> None:
     except ImportError:
         has_torch, torch_version = False, "not installed (pip install torch)"
     print(f"JAX {jax.__version__} on {jax.default_backend()}, NumPy {np.__version__}, PyTorch {torch_version}")
-    for kind, label in (("ch11", "chapter-11 model, 300 samples, full batch"), ("mlp", "784→256→256→10 MLP, batch 256")):
+    for kind, label in (
+        ("ch11", "chapter-11 model, 300 samples, full batch"),
+        ("mlp", "784→256→256→10 MLP, batch 256"),
+    ):
         prob = problem(kind)
         contenders = {"funcgrad step": funcgrad_step(*prob), "raw JAX step": raw_jax_step(*prob),
                       "+ metrics": funcgrad_step(*prob, metrics=True),

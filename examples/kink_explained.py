@@ -25,7 +25,9 @@ def main():
     print(f"max(x, y) at x = y = {x}: one-sided ∂/∂x from the left {left:.3f}, from the right {right:.3f}")
     print(f"  JAX: {float(jax.grad(rules.maximum.forward)(jnp.float32(x), jnp.float32(y))):.3f}, "
           f"hand rule: {float(rules.maximum.backward(jnp.float32(x), jnp.float32(y), 1.0)[0]):.3f}")
-    report = verify.check_vjp(rules.maximum.forward, rules.maximum.backward, jnp.array([2.0, 1.0]), jnp.array([2.0, 3.0]))
+    report = verify.check_vjp(
+        rules.maximum.forward, rules.maximum.backward, jnp.array([2.0, 1.0]), jnp.array([2.0, 3.0])
+    )
     print(report)
 
     print("\nThe book's model at initialisation (zero biases, spiral rows at exactly (0, 0)):")

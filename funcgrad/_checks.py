@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import contextvars
 import math
-
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
+from jax.experimental import checkify
 
 _Tracer = getattr(jax.core, "Tracer", None)
 
@@ -146,8 +145,6 @@ def check_labels(labels: Any, n_classes: int, n_samples: int, name: str = "label
             # run-time check; elsewhere nothing is added to the program (a check there would cost a host callback
             # per step), and the losses return NaN for an out-of-range label instead.
             if LABEL_CHECKS.get():
-                from jax.experimental import checkify
-
                 checkify.check(jnp.all((labels >= 0) & (labels < n_classes)),
                                f"{name}: class labels must lie in [0, {n_classes}) for {n_classes} classes; got "
                                "min {lo}, max {hi}", lo=jnp.min(labels), hi=jnp.max(labels))
@@ -194,3 +191,27 @@ def is_key(x: Any) -> bool:
     if is_typed_key(x):
         return jnp.shape(x) == ()
     return hasattr(x, "dtype") and x.dtype == jnp.uint32 and jnp.shape(x) == (2,)
+
+
+def as_shape(input_shape: Any, where: str) -> tuple[int, ...]:
+    """An input shape as a tuple of positive ints (an int n is (n,)); else an error naming ``where``."""
+    if isinstance(input_shape, (int, np.integer)):
+        input_shape = (int(input_shape),)
+    try:
+        shape = tuple(int(d) for d in input_shape)
+    except TypeError:
+        raise TypeError(f"{where}: input_shape must be an int or a tuple of ints, e.g. (2,); got {input_shape!r}") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise ValueError(f"{where}: input_shape must be a non-empty tuple of positive ints, e.g. (2,); got {input_shape!r}")
+    return shape
+
+
+def to_host(x: Any) -> np.ndarray:
+    """A NumPy copy of an array, also of one replicated over the devices of several processes."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        from jax.experimental import multihost_utils  # noqa: PLC0415 - only multi-process runs need it
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)

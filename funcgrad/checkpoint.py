@@ -188,12 +188,13 @@ def from_bytes(data: bytes, like: Any) -> Any:
             if missing or extra else "checkpoint leaves are in another order than the template's"
         )
     out, bad = [], []
-    for (path, ref), entry in zip(flat, stored):
+    for (path, ref), entry in zip(flat, stored, strict=True):
         name = jax.tree_util.keystr(path)
         arr = _read_leaf(z, entry)
         if is_typed_key(ref):
             ref_data = jax.random.key_data(ref)
-            if arr.shape != ref_data.shape or arr.dtype != ref_data.dtype or entry.get("key_impl") != str(jax.random.key_impl(ref)):
+            impl = str(jax.random.key_impl(ref))
+            if arr.shape != ref_data.shape or arr.dtype != ref_data.dtype or entry.get("key_impl") != impl:
                 bad.append(f"{name}: a PRNG key of another kind ({entry.get('key_impl')}, {list(arr.shape)})")
                 continue
             out.append(jax.random.wrap_key_data(jnp.asarray(arr), impl=jax.random.key_impl(ref)))

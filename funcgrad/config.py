@@ -22,15 +22,18 @@ import dataclasses
 import os
 import stat
 import tomllib
-from importlib import resources
 from collections.abc import Callable, Mapping, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from funcgrad import data as fgdata
+from funcgrad import initializers, losses, nn, optim
 from funcgrad._checks import in_range
+from funcgrad.objective import Objective
 
 __all__ = [
     "ConfigError",
@@ -258,10 +261,9 @@ def _cross_checks(cfg: Config, raw: Mapping[str, Any]) -> None:
         if m.sizes[-1] != cfg.data.classes:
             raise ConfigError(f"model.sizes: the last layer must have data.classes = {cfg.data.classes} units; "
                               f"got {list(m.sizes)}")
-    if loss == "binary_crossentropy":
-        if not classification or cfg.data.classes != 2 or m.sizes[-1] != 1:
-            raise ConfigError("loss.kind: 'binary_crossentropy' needs data.classes = 2 and one output unit "
-                              f"(model.sizes ending in 1); got classes {cfg.data.classes}, sizes {list(m.sizes)}")
+    if loss == "binary_crossentropy" and (not classification or cfg.data.classes != 2 or m.sizes[-1] != 1):
+        raise ConfigError("loss.kind: 'binary_crossentropy' needs data.classes = 2 and one output unit "
+                          f"(model.sizes ending in 1); got classes {cfg.data.classes}, sizes {list(m.sizes)}")
     if loss in ("mse", "mae") and cfg.data.kind != "sine":
         raise ConfigError(f"loss.kind: {loss!r} is a regression loss; data.kind must be 'sine', got {cfg.data.kind!r}")
     if cfg.data.kind == "sine" and m.sizes[-1] != 1:
@@ -428,7 +430,7 @@ def memory_estimate(cfg: Config) -> MemoryEstimate:
     classification = d.kind in ("spiral", "vertical")
     n_in = 1 if d.kind == "sine" else 2
     widths = (n_in, *m.sizes)
-    params = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+    params = sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True))
     units = sum(m.sizes)
     n = d.samples * (d.classes if classification else 1)
     n_val = (d.validation_samples or d.samples) * (d.classes if classification else 1)
@@ -478,10 +480,6 @@ def build(cfg: Config, *, validation_seed: int | None = None) -> Setup:
     With ``data.exact`` the training data, then the weights, then the validation data come from the
     ``nnfs`` package's NumPy stream in the book's order; otherwise from JAX keys derived from ``seed``
     (validation data from a different key, or from ``validation_seed``)."""
-    from funcgrad import data as fgdata
-    from funcgrad import initializers, nn, optim
-    from funcgrad.objective import Objective
-
     d, m = cfg.data, cfg.model
     w_init = initializers.book(m.init_scale) if m.init == "book" else getattr(initializers, m.init)()
     model = nn.mlp(list(m.sizes), activation=m.activation, output=None if m.output == "none" else m.output,
@@ -512,8 +510,6 @@ def build(cfg: Config, *, validation_seed: int | None = None) -> Setup:
         train = draw(d.kind, d.samples, _KeyedSource(cfg.seed))
         params = model.init(jax.random.key(cfg.seed), input_shape)
         val = draw(d.kind, n_val, _KeyedSource(validation_seed if validation_seed is not None else cfg.seed + 10_000))
-    from funcgrad import losses
-
     for name, table in (("l1", cfg.loss.l1), ("l2", cfg.loss.l2)):
         for pattern in table:
             try:
@@ -536,11 +532,7 @@ class _KeyedSource:
         self.seed = seed
 
     def spiral(self, samples, classes):
-        from funcgrad import data as fgdata
-
         return fgdata.spiral(samples, classes, key=self.seed)
 
     def vertical(self, samples, classes):
-        from funcgrad import data as fgdata
-
         return fgdata.vertical(samples, classes, key=self.seed)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from funcgrad._checks import describe, is_key
+from funcgrad._checks import as_shape, describe, is_key
 
 __all__ = ["spiral", "vertical", "sine", "NNFSRandom", "as_key"]
 
@@ -157,9 +157,7 @@ class NNFSRandom:
     def init(self, model: Any, input_shape: int | tuple[int, ...]) -> dict:
         """Params for a funcgrad model drawn the book's way: each dense layer, in order, draws
         ``scale·randn(n_in, n_out)`` weights (scale from its ``initializers.book(scale)``) and zero biases."""
-        from funcgrad.nn import _as_shape  # local: nn imports this module's users, not the other way
-
-        return self._init_layer(model, _as_shape(input_shape, "NNFSRandom.init"))[0]
+        return self._init_layer(model, as_shape(input_shape, "NNFSRandom.init"))[0]
 
     def _init_layer(self, layer: Any, shape: tuple[int, ...]) -> tuple[Any, tuple[int, ...]]:
         if layer.layers:

@@ -33,6 +33,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import checkify
 
 from funcgrad import rules
 from funcgrad._checks import (
@@ -81,8 +82,6 @@ def checked(fn: Callable[..., Any], errors: Any = None) -> Callable[..., Any]:
     check. ``fn`` is any function that calls funcgrad's losses (a loss, an objective, a training step) and may
     be jitted around the result. ``errors``: checkify's error set (default ``checkify.user_checks``; e.g. add
     ``checkify.nan_checks``). Without it, under ``jit``, an out-of-range label only makes the loss NaN."""
-    from jax.experimental import checkify
-
     def with_checks(*args: Any, **kwargs: Any) -> Any:
         token = LABEL_CHECKS.set(True)  # while fn is traced: funcgrad's checks become checkify checks
         try:
@@ -182,7 +181,7 @@ def select(params: Any, where: Where = None) -> Any:
     if where is None:
         chosen = [True] * len(leaves)
     elif callable(where):
-        chosen = [bool(where(n, leaf)) for n, leaf in zip(names, leaves)]
+        chosen = [bool(where(n, leaf)) for n, leaf in zip(names, leaves, strict=True)]
     else:
         patterns = [where] if isinstance(where, str) else list(where)
         for p in patterns:
@@ -199,7 +198,7 @@ def _penalty(kind: rules.Rule, params: Any, scale: float, where: Where) -> jax.A
         raise ValueError(f"{kind.name}_penalty: scale must be a number >= 0; got {scale!r}")
     mask = select(params, where)
     total = jnp.zeros((), jnp.result_type(*jax.tree.leaves(params)) if jax.tree.leaves(params) else jnp.float32)
-    for chosen, leaf in zip(jax.tree.leaves(mask), jax.tree.leaves(params)):
+    for chosen, leaf in zip(jax.tree.leaves(mask), jax.tree.leaves(params), strict=True):
         if chosen:
             require_float(leaf, f"{kind.name}_penalty leaf")
             total = total + kind.forward(leaf, lam=scale)

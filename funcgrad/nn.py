@@ -35,7 +35,7 @@ import numpy as np
 
 from funcgrad import initializers as inits
 from funcgrad import rules
-from funcgrad._checks import describe, is_key, require_float
+from funcgrad._checks import as_shape, describe, is_key, require_float
 
 __all__ = [
     "Layer",
@@ -59,18 +59,6 @@ __all__ = [
 
 Params = Any  # a pytree (nested dicts) of float arrays
 Shape = tuple[int, ...]
-
-
-def _as_shape(input_shape: Any, where: str) -> Shape:
-    if isinstance(input_shape, (int, np.integer)):
-        input_shape = (int(input_shape),)
-    try:
-        shape = tuple(int(d) for d in input_shape)
-    except TypeError:
-        raise TypeError(f"{where}: input_shape must be an int or a tuple of ints, e.g. (2,); got {input_shape!r}") from None
-    if not shape or any(d <= 0 for d in shape):
-        raise ValueError(f"{where}: input_shape must be a non-empty tuple of positive ints, e.g. (2,); got {input_shape!r}")
-    return shape
 
 
 def _check_key(key: Any, where: str) -> None:
@@ -110,7 +98,7 @@ class Layer:
         _check_key(key, where)
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"{where}: dtype must be a floating dtype (e.g. jnp.float32); got {dtype!r}")
-        return self.init_fn(key, _as_shape(input_shape, where), dtype)
+        return self.init_fn(key, as_shape(input_shape, where), dtype)
 
     def apply(self, params: Params, x: jax.Array, *, key: jax.Array | None = None, train: bool = False) -> jax.Array:
         """The forward pass. ``key`` is needed only by dropout in training (``train=True``)."""
@@ -137,7 +125,7 @@ class Layer:
 
     def output_shape(self, input_shape: int | Sequence[int]) -> Shape:
         """The shape of one output sample for samples of ``input_shape``."""
-        return self.shape_fn(_as_shape(input_shape, f"{self.label}.output_shape"))
+        return self.shape_fn(as_shape(input_shape, f"{self.label}.output_shape"))
 
     @property
     def label(self) -> str:
@@ -424,6 +412,42 @@ def _named_layers(layers: Sequence[Layer | tuple[str, Layer]]) -> tuple[tuple[st
     return tuple(named)
 
 
+def _check_param_keys(params: Any, with_params: list[str], where: str) -> None:
+    """``params`` of a serial model is a dict with exactly one entry per parameterised layer."""
+    if not isinstance(params, dict):
+        raise TypeError(
+            f"{where} must be a dict with keys {with_params} (from model.init(key, input_shape)); "
+            f"got {describe(params)}"
+        )
+    missing = [n for n in with_params if n not in params]
+    extra = [n for n in params if n not in with_params]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"is missing {', '.join(repr(m) for m in missing)}")
+        if extra:
+            parts.append(f"has unexpected {', '.join(repr(e) for e in extra)}")
+        raise ValueError(
+            f"{where} {' and '.join(parts)}: this model's parameterised layers are {with_params}, "
+            f"params has {sorted(params)}. Create params with model.init(key, input_shape)."
+        )
+
+
+def _serial_backward(named, with_params, params, x, dvalues, keys, train):
+    """The chain rule through a serial model: forward keeping each layer's input, then each layer's backward
+    given the gradient of the layer after it, last layer first."""
+    inputs = []
+    for k, (n, layer) in zip(keys, named, strict=True):
+        inputs.append(x)
+        x = layer.forward_fn(params.get(n, {}), x, k, train)
+    grads = {}
+    for k, (n, layer), x_in in reversed(list(zip(keys, named, inputs, strict=True))):
+        dp, dvalues = layer.backward_fn(params.get(n, {}), x_in, dvalues, k, train)
+        if layer.has_params:
+            grads[n] = dp
+    return {n: grads[n] for n in with_params}, dvalues
+
+
 def serial(*layers: Layer | tuple[str, Layer], name: str | None = None) -> Layer:
     """Composes layers in sequence: ``y = f_n(... f_2(f_1(x)))``; itself a Layer.
 
@@ -443,7 +467,7 @@ def serial(*layers: Layer | tuple[str, Layer], name: str | None = None) -> Layer
     def init_fn(key, input_shape, dtype):
         keys = jax.random.split(key, len(named))
         params, shape = {}, input_shape
-        for k, (n, layer) in zip(keys, named):
+        for k, (n, layer) in zip(keys, named, strict=True):
             p = layer.init_fn(k, shape, dtype)
             if layer.has_params:
                 params[n] = p
@@ -451,26 +475,10 @@ def serial(*layers: Layer | tuple[str, Layer], name: str | None = None) -> Layer
         return params
 
     def child_params(params, n):
-        return params[n] if n in params else {}
+        return params.get(n, {})
 
     def check_fn(params, x, where, train, key):
-        if not isinstance(params, dict):
-            raise TypeError(
-                f"{where} must be a dict with keys {with_params} (from model.init(key, input_shape)); "
-                f"got {describe(params)}"
-            )
-        missing = [n for n in with_params if n not in params]
-        extra = [n for n in params if n not in with_params]
-        if missing or extra:
-            parts = []
-            if missing:
-                parts.append(f"is missing {', '.join(repr(m) for m in missing)}")
-            if extra:
-                parts.append(f"has unexpected {', '.join(repr(e) for e in extra)}")
-            raise ValueError(
-                f"{where} {' and '.join(parts)}: this model's parameterised layers are {with_params}, "
-                f"params has {sorted(params)}. Create params with model.init(key, input_shape)."
-            )
+        _check_param_keys(params, with_params, where)
         shape_struct = x
         for n, layer in named:
             sub = f"{where}['{n}']"
@@ -484,22 +492,12 @@ def serial(*layers: Layer | tuple[str, Layer], name: str | None = None) -> Layer
         return list(jax.random.split(key, len(named)))
 
     def forward_fn(params, x, key, train):
-        for k, (n, layer) in zip(layer_keys(key), named):
+        for k, (n, layer) in zip(layer_keys(key), named, strict=True):
             x = layer.forward_fn(child_params(params, n), x, k, train)
         return x
 
     def backward_fn(params, x, dvalues, key, train):
-        keys = layer_keys(key)
-        inputs = []
-        for k, (n, layer) in zip(keys, named):
-            inputs.append(x)
-            x = layer.forward_fn(child_params(params, n), x, k, train)
-        grads = {}
-        for k, (n, layer), x_in in reversed(list(zip(keys, named, inputs))):
-            dp, dvalues = layer.backward_fn(child_params(params, n), x_in, dvalues, k, train)
-            if layer.has_params:
-                grads[n] = dp
-        return {n: grads[n] for n in with_params}, dvalues
+        return _serial_backward(named, with_params, params, x, dvalues, layer_keys(key), train)
 
     def shape_fn(shape):
         for _, layer in named:

@@ -161,7 +161,7 @@ class Objective:
         out: list[tuple] = []
         named = self.model.layers or ((self.model.label, self.model),)
         keys = list(jax.random.split(key, len(named))) if key is not None else [None] * len(named)
-        for (name, layer), k in zip(named, keys):
+        for (name, layer), k in zip(named, keys, strict=True):
             p = params[name] if layer.has_params and self.model.layers else (params if not self.model.layers else {})
 
             def fwd(p_, x_, layer=layer, k=k):

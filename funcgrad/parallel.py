@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from funcgrad._checks import is_typed_key
+from funcgrad._checks import is_typed_key, to_host
 
 __all__ = ["ParallelError", "initialize", "data_mesh", "setup_for", "place", "gather", "is_writer", "describe",
            "any_process"]
@@ -126,8 +126,6 @@ def _global(a: Any, sharding: NamedSharding, process_local: bool = False) -> jax
 def gather(tree: Any) -> Any:
     """The tree with every array held whole by this process (e.g. to checkpoint it): replicated arrays give
     their local copy, split ones are gathered from every process."""
-    from funcgrad.train import to_host
-
     def fetch(a):
         if not isinstance(a, jax.Array) or a.is_fully_addressable:
             return a
@@ -144,7 +142,7 @@ def any_process(flag: bool) -> bool:
     writes the run folder) cannot go on; with one process, ``flag`` itself."""
     if jax.process_count() == 1:
         return bool(flag)
-    from jax.experimental import multihost_utils
+    from jax.experimental import multihost_utils  # noqa: PLC0415 - only multi-process runs need it
 
     return bool(np.any(multihost_utils.process_allgather(np.int32(bool(flag)))))
 

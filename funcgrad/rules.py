@@ -94,7 +94,7 @@ def one_hot_like(labels: jax.Array, probs: jax.Array) -> jax.Array:
 
 def _normal(key: jax.Array, *shapes: tuple[int, ...]) -> list[jax.Array]:
     keys = jax.random.split(key, len(shapes))
-    return [jax.random.normal(k, s) for k, s in zip(keys, shapes)]
+    return [jax.random.normal(k, s) for k, s in zip(keys, shapes, strict=True)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -427,12 +427,16 @@ def _class_example(key, n=6, c=3):
     return logits, jax.random.randint(k2, (n,), 0, c)
 
 
+def _probs_example(logits, labels):
+    return _softmax_forward(logits), labels
+
+
 categorical_crossentropy = Rule(
     "categorical_crossentropy",
     _cce_forward,
     _cce_backward,
     "L = −mean log ŷ_true (ŷ clipped to [1e-7, 1−1e-7]); ∂L/∂ŷ = −y/ŷ/N",
-    example=lambda key: (lambda lg, y: (_softmax_forward(lg), y))(*_class_example(key)),
+    example=lambda key: _probs_example(*_class_example(key)),
 )
 
 

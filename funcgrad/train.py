@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from funcgrad._checks import describe, is_key
+from funcgrad._checks import describe, is_key, to_host
 
 __all__ = ["TrainState", "Metrics", "init", "make_step", "make_steps", "make_eval", "fit", "chunks", "chunk_size",
            "batch_indices", "MAX_FUSE"]
@@ -108,17 +108,6 @@ class Metrics(Mapping):
 
     def __repr__(self) -> str:
         return f"Metrics({', '.join(self)})"
-
-
-def to_host(x: Any) -> np.ndarray:
-    """A NumPy copy of an array, also of one replicated over the devices of several processes."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        if x.is_fully_replicated:
-            return np.asarray(x.addressable_data(0))
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
 
 
 def init(params: Any, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
@@ -325,8 +314,10 @@ def fit(
 ) -> tuple[TrainState, dict[str, np.ndarray]]:
     """Trains until ``state.step == steps``; returns the final state and every step's metrics."""
     history: dict[str, list] = {}
-    for state, metrics in chunks(loss_fn, optimizer, state, data, steps=steps, fuse=fuse, batch_size=batch_size,
-                                 schedule=schedule):
+    final = state
+    for trained, metrics in chunks(loss_fn, optimizer, state, data, steps=steps, fuse=fuse, batch_size=batch_size,
+                                   schedule=schedule):
+        final = trained
         for k, v in metrics.items():
             history.setdefault(k, []).append(v)
-    return state, {k: np.concatenate(v) for k, v in history.items()}
+    return final, {k: np.concatenate(v) for k, v in history.items()}

@@ -39,7 +39,7 @@ def run_python(args, *, env=None, timeout=300, cwd=ROOT, check=True):
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     full_env.update(env or {})
     proc = subprocess.run(
-        [sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"python {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")

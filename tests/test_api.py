@@ -13,14 +13,14 @@ EXPECTED = {
     "config": [
         "Config", "ConfigError", "DataConfig", "LossConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig",
         "MemoryEstimate", "Setup", "TrainConfig", "apply_overrides", "build", "from_dict", "load", "loads",
-        "memory_estimate", "to_dict",
+        "locate", "memory_estimate", "packaged", "to_dict",
     ],
     "checkpoint": ["CheckpointError", "FORMAT", "from_bytes", "metadata", "size_bound", "to_bytes"],
     "parallel": ["ParallelError", "any_process", "data_mesh", "describe", "gather", "initialize", "is_writer", "place",
                  "setup_for"],
     "nn": [
-        "ACTIVATIONS", "Layer", "Params", "activation", "dense", "dropout", "elementwise", "leaky_relu", "linear", "log_softmax",
-        "mlp", "param_count", "relu", "serial", "sigmoid", "softmax", "tanh",
+        "ACTIVATIONS", "Layer", "Params", "activation", "dense", "dropout", "elementwise", "leaky_relu", "linear",
+        "log_softmax", "mlp", "param_count", "relu", "serial", "sigmoid", "softmax", "tanh",
     ],
     "losses": [
         "LOSSES", "binary_crossentropy", "categorical_crossentropy", "categorical_crossentropy_with_logits", "checked",
@@ -37,7 +37,10 @@ EXPECTED = {
         "one_hot_like", "polynomial", "relu", "sigmoid", "softmax", "softmax_crossentropy", "softmax_jacobian",
         "tanh",
     ],
-    "verify": ["ChainReport", "GradReport", "PASSING", "Row", "VERDICTS", "check_chain", "check_grad", "check_jacobian", "check_vjp"],
+    "verify": [
+        "ChainReport", "GradReport", "PASSING", "Row", "VERDICTS", "check_chain", "check_grad", "check_jacobian",
+        "check_vjp",
+    ],
     "testing": ["assert_chain_ok", "assert_grads_match", "assert_vjp_matches"],
 }
 

@@ -9,7 +9,6 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, run_python
 
 BANDS = {

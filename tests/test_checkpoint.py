@@ -37,8 +37,13 @@ def test_bfloat16_leaves():
 
 def test_mismatches_name_the_leaf():
     data = checkpoint.to_bytes(state())
-    other = fg.train.init(fg.nn.mlp([5, 3], output="softmax").init(jax.random.key(0), (2,)), fg.optim.adam(), jax.random.key(0))
-    with pytest.raises(checkpoint.CheckpointError, match=r"\.params\['dense1'\]\['W'\]: stored float32\[2, 4\], expected float32\[2, 5\]"):
+    other = fg.train.init(
+        fg.nn.mlp([5, 3], output="softmax").init(jax.random.key(0), (2,)), fg.optim.adam(), jax.random.key(0)
+    )
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"\.params\['dense1'\]\['W'\]: stored float32\[2, 4\], expected float32\[2, 5\]",
+    ):
         checkpoint.from_bytes(data, like=other)
     with pytest.raises(checkpoint.CheckpointError, match="missing"):
         checkpoint.from_bytes(checkpoint.to_bytes({"a": jnp.ones(2)}), like={"a": jnp.ones(2), "b": jnp.ones(1)})

@@ -1,5 +1,6 @@
 """funcgrad train and funcgrad evaluate, end to end in subprocesses (as `make run` runs them)."""
 
+import contextlib
 import json
 import os
 import signal
@@ -8,8 +9,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT, run_python
+
 from funcgrad import checkpoint
 
 
@@ -32,7 +33,8 @@ def test_default_run_reproduces_chapter_11(default_run):
     assert summary["train"]["accuracy"] >= 0.95 and summary["train"]["loss"] <= 0.12, summary["train"]
     assert summary["validation"]["accuracy"] >= 0.75, summary["validation"]
     assert summary["steps"] == 10001 and summary["config"]["optimizer"]["learning_rate"] == 0.05
-    assert summary["last_step"]["step"] == 10000 and summary["last_step"]["lr"] == pytest.approx(0.05 / (1 + 5e-7 * 10000))
+    assert summary["last_step"]["step"] == 10000
+    assert summary["last_step"]["lr"] == pytest.approx(0.05 / (1 + 5e-7 * 10000))
     assert "check  hand-derived gradient vs JAX" in proc.stdout  # cross-checked before training
     assert "check_grad: kink (ok)" in proc.stdout
     assert "final  training:" in proc.stdout and "validation:" in proc.stdout
@@ -56,7 +58,9 @@ def test_evaluate_on_fresh_data(default_run, compile_cache):
     out, _ = default_run
     env = {"FUNCGRAD_COMPILATION_CACHE": compile_cache}
     a = json.loads(run_python(["-m", "funcgrad", "evaluate", "--run", str(out), "--json"], env=env).stdout)
-    b = json.loads(run_python(["-m", "funcgrad", "evaluate", "--run", str(out), "--json", "--seed", "7"], env=env).stdout)
+    b = json.loads(
+        run_python(["-m", "funcgrad", "evaluate", "--run", str(out), "--json", "--seed", "7"], env=env).stdout
+    )
     assert a["step"] == 10001 and a["data"] == "validation" and a["seed"] is None
     assert b["data"] == "fresh" and b["seed"] == 7
     summary = json.loads((out / "summary.json").read_text())
@@ -156,10 +160,8 @@ def test_resuming_off_the_checkpoint_grid_keeps_checkpointing(tmp_path, compile_
     deadline, step = time.time() + 120, 250
     while step == 250 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-        try:
+        with contextlib.suppress(checkpoint.CheckpointError):
             step = checkpoint.metadata((out / "checkpoint.npz").read_bytes())["step"]
-        except checkpoint.CheckpointError:
-            pass
     proc.kill()
     proc.wait()
     # Checkpoints continue on the grid of checkpoint_every (the first after 250 is 300), not only at the end.

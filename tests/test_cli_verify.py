@@ -3,15 +3,17 @@
 import json
 
 import pytest
-
 from conftest import run_python
+
 from funcgrad import cli, verify
 from funcgrad.cli import _verify  # noqa: F401  (monkeypatched below)
 
 
 def test_verify_json_subset(tmp_path):
-    proc = run_python(["-m", "funcgrad", "verify", "--json", "--only", "rule relu", "rule dense", "rule softmax_jacobian"],
-                      env={"FUNCGRAD_COMPILATION_CACHE": str(tmp_path)})
+    proc = run_python(
+        ["-m", "funcgrad", "verify", "--json", "--only", "rule relu", "rule dense", "rule softmax_jacobian"],
+        env={"FUNCGRAD_COMPILATION_CACHE": str(tmp_path)},
+    )
     doc = json.loads(proc.stdout)
     assert doc["ok"] is True
     got = {c["name"]: c["verdict"] for c in doc["checks"]}

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
+from conftest import ROOT
 
 import funcgrad as fg
-from conftest import ROOT
 from funcgrad import config
 
 SHIPPED = ["spiral", "spiral_l2", "spiral_dropout", "binary", "sine"]
@@ -48,11 +48,19 @@ def test_keyed_data_and_minibatch_steps():
 @pytest.mark.parametrize(
     "text,overrides,match",
     [
-        ("[optimizer]\nlearning_rat = 0.1", (), r"optimizer.learning_rat: unknown key; allowed keys in \[optimizer\]: \['beta1'"),
+        (
+            "[optimizer]\nlearning_rat = 0.1",
+            (),
+            r"optimizer.learning_rat: unknown key; allowed keys in \[optimizer\]: \['beta1'",
+        ),
         ("[optimiser]\nkind = 'adam'", (), r"optimiser: unknown key; allowed keys: \[.*'optimizer'"),
         ("[train]\nepochs = -3", (), r"train.epochs: expected an integer >= 1, got -3"),
         ("[train]\nepochs = 2.5", (), r"train.epochs: expected an integer >= 1, got 2.5"),
-        ("[optimizer]\nkind = 'adamw'", (), r"optimizer.kind: expected one of \['sgd', 'adagrad', 'rmsprop', 'adam'\], got 'adamw'"),
+        (
+            "[optimizer]\nkind = 'adamw'",
+            (),
+            r"optimizer.kind: expected one of \['sgd', 'adagrad', 'rmsprop', 'adam'\], got 'adamw'",
+        ),
         ("[optimizer]\nkind = 'adam'\nmomentum = 0.9", (), r"optimizer.momentum: not a setting of 'adam'"),
         ("[model]\noutput = 'sigmoid'", (), r"model.output: loss 'categorical_crossentropy' takes probabilities"),
         ("[model]\nsizes = [64, 4]", (), r"model.sizes: the last layer must have data.classes = 3 units"),

@@ -2,9 +2,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_python
 
 import funcgrad as fg
-from conftest import run_python
 
 # ../shared/reference/nnfs.md: spiral_data(100, 3) with seed 0, then dense1 = 2→3 with the book's weights.
 REFERENCE_DENSE1_OUTPUT = np.array(

@@ -4,14 +4,15 @@ import functools
 import re
 
 import pytest
-
 from conftest import ROOT, run_python
 
 EXPECTED = {
     "partial_derivatives.py": ["(0.50, 0.50)   hand = (1.00, 0.00)", "(3.00, 2.00)   hand = (3.00, 2.00)"],
     "gradient.py": ["= [27.0, 2.0, 12.0]", "jax.grad                                = [27.0, 2.0, 12.0]"],
     "chain_rule.py": ["hand dy/dx = g'(f(x))·f'(x) = 1.875000", "jax.grad                    = 1.875000"],
-    "single_neuron.py": ["output = ReLU(w·x + b) = 6.0", "∂/∂w: hand [1.0, -2.0, 3.0]   JAX [1.0, -2.0, 3.0]", "output = 5.985"],
+    "single_neuron.py": [
+        "output = ReLU(w·x + b) = 6.0", "∂/∂w: hand [1.0, -2.0, 3.0]   JAX [1.0, -2.0, 3.0]", "output = 5.985",
+    ],
     "custom_layer_backward.py": ["check_vjp(swish): verdict ok (ok)", "check_grad: verdict ok (ok) — 4 leaves"],
     "planted_bug.py": [
         "check_grad: verdict hand_wrong (NOT OK)",

@@ -15,10 +15,9 @@ ONE_HOT = np.eye(3)[LABELS]
 def book_cce(y_pred, y_true):
     """The book's Loss_CategoricalCrossentropy.forward, transcribed."""
     y_pred_clipped = np.clip(y_pred, 1e-7, 1 - 1e-7)
-    if y_true.ndim == 1:
-        correct = y_pred_clipped[range(len(y_pred)), y_true]
-    else:
-        correct = np.sum(y_pred_clipped * y_true, axis=1)
+    correct = (
+        y_pred_clipped[range(len(y_pred)), y_true] if y_true.ndim == 1 else np.sum(y_pred_clipped * y_true, axis=1)
+    )
     return np.mean(-np.log(correct))
 
 
@@ -54,17 +53,26 @@ def test_crossentropy_clip_and_logits_stability():
 def test_binary_crossentropy_mse_mae():
     p = 1 / (1 + np.exp(-RS.randn(8, 2)))
     t = (RS.rand(8, 2) > 0.5).astype(np.float64)
-    np.testing.assert_allclose(float(fg.losses.binary_crossentropy(jnp.asarray(p), jnp.asarray(t))), book_bce(p, t), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(fg.losses.binary_crossentropy(jnp.asarray(p), jnp.asarray(t))), book_bce(p, t), rtol=1e-6
+    )
     np.testing.assert_allclose(
         float(fg.losses.binary_crossentropy(jnp.asarray(p), jnp.asarray(t, jnp.int32))), book_bce(p, t), rtol=1e-6
     )
     pred, target = RS.randn(8, 2), RS.randn(8, 2)
-    np.testing.assert_allclose(float(fg.losses.mse(jnp.asarray(pred), jnp.asarray(target))), np.mean((target - pred) ** 2), rtol=1e-6)
-    np.testing.assert_allclose(float(fg.losses.mae(jnp.asarray(pred), jnp.asarray(target))), np.mean(np.abs(target - pred)), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(fg.losses.mse(jnp.asarray(pred), jnp.asarray(target))), np.mean((target - pred) ** 2), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        float(fg.losses.mae(jnp.asarray(pred), jnp.asarray(target))), np.mean(np.abs(target - pred)), rtol=1e-6
+    )
 
 
 def test_penalties_choose_leaves():
-    params = {"dense1": {"W": jnp.array([[1.0, -2.0]]), "b": jnp.array([3.0, -4.0])}, "dense2": {"W": jnp.array([[5.0]]), "b": jnp.array([6.0])}}
+    params = {
+        "dense1": {"W": jnp.array([[1.0, -2.0]]), "b": jnp.array([3.0, -4.0])},
+        "dense2": {"W": jnp.array([[5.0]]), "b": jnp.array([6.0])},
+    }
     assert float(fg.losses.l1_penalty(params, 0.5)) == 0.5 * 21
     assert float(fg.losses.l2_penalty(params, 0.5, where="dense1/*")) == 0.5 * (1 + 4 + 9 + 16)
     assert float(fg.losses.l2_penalty(params, 2.0, where=["dense1/W", "dense2/b"])) == 2.0 * (1 + 4 + 36)
@@ -130,7 +138,8 @@ def test_out_of_range_labels_under_jit_raise_through_checkify():
     assert np.isnan(float(jax.jit(fg.losses.categorical_crossentropy)(probs, bad)))
     assert np.isnan(float(jax.jit(fg.losses.categorical_crossentropy_with_logits)(jnp.asarray(LOGITS), bad)))
     good = jax.jit(fg.losses.categorical_crossentropy_with_logits)(jnp.asarray(LOGITS), jnp.asarray(LABELS))
-    assert float(good) == float(fg.losses.categorical_crossentropy_with_logits(jnp.asarray(LOGITS), jnp.asarray(LABELS)))
+    eager = fg.losses.categorical_crossentropy_with_logits(jnp.asarray(LOGITS), jnp.asarray(LABELS))
+    assert float(good) == float(eager)
     checked = jax.jit(fg.losses.checked(fg.losses.categorical_crossentropy))
     err, _ = checked(probs, bad)
     assert "class labels must lie in [0, 3) for 3 classes; got min 0, max 5" in err.get()

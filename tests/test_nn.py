@@ -77,7 +77,10 @@ def test_mlp_builds_the_books_model_in_one_line(key):
     model = fg.nn.mlp([64, 3], activation="relu", output="softmax")
     assert [n for n, _ in model.layers] == ["dense1", "relu1", "dense2", "softmax1"]
     params = model.init(key, (2,))
-    assert jax.tree.map(jnp.shape, params) == {"dense1": {"W": (2, 64), "b": (64,)}, "dense2": {"W": (64, 3), "b": (3,)}}
+    assert jax.tree.map(jnp.shape, params) == {
+        "dense1": {"W": (2, 64), "b": (64,)},
+        "dense2": {"W": (64, 3), "b": (3,)},
+    }
     assert fg.nn.param_count(params) == 2 * 64 + 64 + 64 * 3 + 3
     x = jnp.asarray(np.random.RandomState(1).randn(7, 2), jnp.float32)
     out = jax.jit(model.apply)(params, x)

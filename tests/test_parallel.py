@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, run_python
+
 from funcgrad import checkpoint
 
 EIGHT = {"JAX_NUM_CPU_DEVICES": "8", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
@@ -105,7 +105,7 @@ def _two_processes(out, *extra):
                               env={**__import__("os").environ, "FUNCGRAD_COMPILATION_CACHE": "0"})
              for i in (1, 0)]
     outs = [p.communicate(timeout=300) for p in procs]
-    for p, (o, e) in zip(procs, outs):
+    for p, (o, e) in zip(procs, outs, strict=True):
         assert p.returncode == 0, f"{o}\n{e}"
     return outs[1], outs[0]  # process 0's, then process 1's
 

@@ -3,7 +3,6 @@
 import re
 
 import matplotlib
-
 from conftest import ROOT
 
 README = (ROOT / "README.md").read_text()

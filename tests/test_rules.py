@@ -23,7 +23,9 @@ def test_book_dense_layer_backward():
 def test_book_relu_mask():
     z = jnp.array([[1.0, 2, -3, -4], [2, -7, -1, 3], [-1, 2, 5, -1]])
     dvalues = jnp.arange(1.0, 13.0).reshape(3, 4)
-    np.testing.assert_array_equal(np.asarray(rules.relu.backward(z, dvalues)), [[1, 2, 0, 0], [5, 0, 0, 8], [0, 10, 11, 0]])
+    np.testing.assert_array_equal(
+        np.asarray(rules.relu.backward(z, dvalues)), [[1, 2, 0, 0], [5, 0, 0, 8], [0, 10, 11, 0]]
+    )
 
 
 def test_book_softmax_crossentropy_combined_and_separate():

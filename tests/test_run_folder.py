@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import ROOT, run_python
+
 from funcgrad import checkpoint
 from funcgrad.cli import main
 
@@ -89,10 +89,10 @@ def like(run):
 def test_a_second_writer_is_refused_with_the_pid_of_the_first(tmp_path):
     out = tmp_path / "shared"
     env = dict(os.environ, PYTHONUNBUFFERED="1", FUNCGRAD_COMPILATION_CACHE="0")
-    first = subprocess.Popen([sys.executable, "-m", "funcgrad", "train", "--out", str(out), "--set", "train.epochs=400000",
-                              "--set", "train.fuse=200", "--set", "train.checkpoint_every=200", "--set",
-                              "train.verify=false"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    first = subprocess.Popen([sys.executable, "-m", "funcgrad", "train", "--out", str(out),
+                              "--set", "train.epochs=400000", "--set", "train.fuse=200",
+                              "--set", "train.checkpoint_every=200", "--set", "train.verify=false"],
+                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
         while not (out / "checkpoint.npz").exists() and time.time() < deadline and first.poll() is None:
@@ -176,7 +176,8 @@ def test_resume_with_config_must_match_and_only_some_keys_may_change(capsys, run
     code, _, err = cli(capsys, "train", "--out", run, "--resume", "--set", "train.epochs=20")
     assert_one_line_error(code, err, "makes 20 steps", "already at step 50")
     assert snapshot(run) == before
-    code, out, _ = cli(capsys, "train", "--out", run, "--resume", "--config", spiral, *SMALL, "--set", "train.epochs=60")
+    code, out, _ = cli(capsys, "train", "--out", run, "--resume", "--config", spiral, *SMALL,
+                       "--set", "train.epochs=60")
     assert code == 0 and "resume from step 50" in out
 
 
@@ -286,7 +287,8 @@ DAMAGE = {
     "pickled object leaf": (lambda p: rewrite(p, lambda m: m.__setitem__("leaf0.npy", npy(np.array([{"x": 1}], object),
                                                                                            allow_pickle=True))),
                             "Object arrays cannot be loaded"),
-    "raw bytes of no shape": (lambda p: rewrite(p, leaf_as_raw_bytes_of_bad_length), "holds 7 bytes; bfloat16[2, 64] needs 256"),
+    "raw bytes of no shape": (lambda p: rewrite(p, leaf_as_raw_bytes_of_bad_length),
+                              "holds 7 bytes; bfloat16[2, 64] needs 256"),
     "a FIFO": (lambda p: (p.unlink(), os.mkfifo(p)), "is a FIFO (named pipe), not a regular file"),
     "symlink to /dev/zero": (lambda p: (p.unlink(), p.symlink_to("/dev/zero")), "is a character device"),
     "far too large": (lambda p: p.write_bytes(p.read_bytes() + b"\0" * (4 << 20)), "more than the"),
@@ -338,7 +340,8 @@ def test_damaged_run_files_and_configs(capsys, run, tmp_path):
 
 
 def test_stale_temporary_files_of_killed_processes_are_removed(capsys, run):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
     stale, alive = run / f".checkpoint.npz.tmp-{int(dead.stdout)}", run / f".metrics.jsonl.tmp-{os.getppid()}"
     stale.write_bytes(b"half a checkpoint")
     alive.write_bytes(b"a live writer's")
@@ -431,7 +434,7 @@ def test_kill_9_mid_write_leaves_a_temporary_that_the_next_train_removes(run):
               "from funcgrad.cli import _files\n"
               "os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
               "_files.atomic_write(Path(sys.argv[1]) / 'checkpoint.npz', b'half')\n")
-    proc = subprocess.run([sys.executable, "-c", killer, str(run)], cwd=ROOT, capture_output=True)
+    proc = subprocess.run([sys.executable, "-c", killer, str(run)], cwd=ROOT, capture_output=True, check=False)
     assert proc.returncode == -signal.SIGKILL
     left = list(run.glob(".checkpoint.npz.tmp-*"))
     assert len(left) == 1 and left[0].read_bytes() == b"half"

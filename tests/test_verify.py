@@ -234,7 +234,9 @@ def test_hand_with_another_structure():
 def test_hand_leaf_of_another_shape_or_dtype():
     with pytest.raises(ValueError, match=r"\['w'\]: expected shape \(3,\), got float32\[1,3\]"):
         verify.check_grad(cubic, CUBIC, hand=lambda p: {**cubic_hand(p), "w": (3 * p["w"] ** 2)[None]})
-    with pytest.raises(ValueError, match=r"\['w'\]: expected a floating dtype \(the parameter is float32\[3\]\), got int32\[3\]"):
+    with pytest.raises(
+        ValueError, match=r"\['w'\]: expected a floating dtype \(the parameter is float32\[3\]\), got int32\[3\]"
+    ):
         verify.check_grad(cubic, CUBIC, hand=lambda p: {**cubic_hand(p), "w": jnp.zeros(3, jnp.int32)})
 
 
@@ -259,7 +261,9 @@ def test_non_scalar_and_non_finite_fn():
 
 
 def test_non_finite_hand_values_name_the_leaf():
-    report = verify.check_grad(cubic, CUBIC, hand=lambda p: {**cubic_hand(p), "w": cubic_hand(p)["w"].at[2].set(jnp.nan)})
+    report = verify.check_grad(
+        cubic, CUBIC, hand=lambda p: {**cubic_hand(p), "w": cubic_hand(p)["w"].at[2].set(jnp.nan)}
+    )
     row = {r.path: r for r in report.rows}["['w']"]
     assert report.verdict == "hand_wrong" and row.verdict == "hand_wrong" and row.worst_index == (2,)
 
@@ -299,7 +303,8 @@ def test_the_vectorised_path_of_accelerators(monkeypatch):
     bad = lambda p, X, y: {**obj.hand_grad(p, X, y), "dense2": {"W": obj.hand_grad(p, X, y)["dense2"]["W"] * 2,  # noqa: E731
                                                                   "b": obj.hand_grad(p, X, y)["dense2"]["b"]}}
     report = verify.check_grad(obj.value, params, X, y, hand=bad)
-    assert report.verdict == "hand_wrong" and {r.path: r.verdict for r in report.rows}["['dense2']['W']"] == "hand_wrong"
+    assert report.verdict == "hand_wrong"
+    assert {r.path: r.verdict for r in report.rows}["['dense2']['W']"] == "hand_wrong"
     assert verify.check_grad(lambda w: jnp.sum(jnp.sin(w) * w), jnp.linspace(-1, 1, 3000), mode="projection").ok
 
 
@@ -426,15 +431,18 @@ def test_one_blamed_side_is_not_hidden_by_an_unattributed_leaf():
 
 def test_check_vjp_keeps_non_array_primals_static_and_names_primals_in_errors():
     x = jnp.asarray(RS.randn(3, 4), jnp.float32)
-    report = verify.check_vjp(lambda x, axis: jnp.sum(x**2, axis=axis), lambda x, axis, d: 2 * x * jnp.expand_dims(d, axis),
-                              x, 1)
+    report = verify.check_vjp(
+        lambda x, axis: jnp.sum(x**2, axis=axis), lambda x, axis, d: 2 * x * jnp.expand_dims(d, axis), x, 1
+    )
     assert report.ok and [r.path for r in report.rows] == ["x"]
-    with pytest.raises(ValueError, match=r"(?s)check_vjp \(differentiating x\): hand_vjp returned .*x: expected shape \(3, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"(?s)check_vjp \(differentiating x\): hand_vjp returned .*x: expected shape \(3, 4\)"
+    ):
         verify.check_vjp(lambda x: x * 2, lambda x, d: (2 * d)[:2], x)
 
 
 def test_check_jacobian_of_a_custom_vjp_function():
-    f = jax.custom_vjp(lambda x: jnp.sin(x))
+    f = jax.custom_vjp(jnp.sin)
     f.defvjp(lambda x: (jnp.sin(x), x), lambda x, d: (jnp.cos(x) * d,))
     report = verify.check_jacobian(f, jnp.array([0.1, 0.5]), lambda x: jnp.diag(jnp.cos(x)))
     assert report.ok and any("jacfwd is unavailable" in n for n in report.notes)

@@ -11,8 +11,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax
+
 from funcgrad.cli._train import UsageError, cmd_evaluate, cmd_train
 from funcgrad.cli._verify import cmd_verify, verify_suite
+from funcgrad.config import packaged
 
 __all__ = ["main", "verify_suite"]
 
@@ -20,8 +23,6 @@ __all__ = ["main", "verify_suite"]
 def _enable_compilation_cache() -> None:
     """Keeps XLA's compiled programs between runs, so a second ``funcgrad verify`` or ``train`` starts in a
     fraction of the time. ``FUNCGRAD_COMPILATION_CACHE=0`` turns it off; a path moves it."""
-    import jax
-
     setting = os.environ.get("FUNCGRAD_COMPILATION_CACHE", "")
     if setting.lower() in ("0", "off", "false", "no"):
         return
@@ -41,8 +42,6 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    from funcgrad.config import packaged
-
     names = ", ".join(packaged())
     t = sub.add_parser("train", help="train a model from a TOML config (default: configs/spiral.toml)")
     t.add_argument("--config", metavar="FILE|NAME",
@@ -51,9 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optimizer.learning_rate=0.02 (repeatable)")
     t.add_argument("--out", metavar="DIR", help="output folder (default: runs/<config name>)")
-    t.add_argument("--resume", action="store_true", help="continue the run in the output folder, with its own config.json and checkpoint; "
-                   "--set may change train.epochs, train.fuse, train.log_every, train.checkpoint_every, train.verify, "
-                   "optimizer.learning_rate, optimizer.decay")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in the output folder, with its own config.json and checkpoint; --set may "
+                        "change train.epochs, train.fuse, train.log_every, train.checkpoint_every, train.verify, "
+                        "optimizer.learning_rate, optimizer.decay")
     d = t.add_argument_group("several processes (hosts), with jax.distributed; also from the environment "
                              "variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID")
     d.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")

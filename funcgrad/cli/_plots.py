@@ -10,10 +10,10 @@ import numpy as np
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - heavy, and only the CLI's plots need it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - after the Agg backend is chosen
 
     return plt
 

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -20,6 +21,7 @@ import stat
 import time
 from pathlib import Path
 
+import funcgrad
 from funcgrad import checkpoint
 from funcgrad.cli import _files as files
 
@@ -90,8 +92,6 @@ def inspect(out: Path) -> str:
 
 
 def marker_record() -> dict:
-    import funcgrad
-
     return {"format": RUN_FORMAT, "funcgrad": getattr(funcgrad, "__version__", "unknown"),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
@@ -149,10 +149,8 @@ class Lock:
 
     def release(self) -> None:
         if self.fd is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(self.path)  # while still held: a process that opens it next creates a new one
-            except OSError:
-                pass
             os.close(self.fd)
             self.fd = None
 

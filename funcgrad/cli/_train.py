@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
-from funcgrad import checkpoint
+import funcgrad as fg
+from funcgrad import checkpoint, parallel, verify
+from funcgrad import config as fgconfig
+from funcgrad._checks import check_finite_tree
 from funcgrad.cli import _files as files
+from funcgrad.cli import _plots as plots
+from funcgrad.cli import _rundir as rundir
 from funcgrad.cli._progress import Progress
 
 DEFAULT_CONFIG = Path("configs") / "spiral.toml"
@@ -29,8 +36,6 @@ class UsageError(Exception):
 
 def _default_config() -> Path:
     """configs/spiral.toml here (a checkout, as `make run` uses it), else the one that ships with funcgrad."""
-    from funcgrad import config as fgconfig
-
     if DEFAULT_CONFIG.exists():
         return DEFAULT_CONFIG
     try:
@@ -62,8 +67,6 @@ def _memory_available() -> tuple[int, str, bool] | None:
     """Bytes free where the run allocates, what that memory is, and whether the devices share it: the
     accelerator's own memory (per device), or the host's (MemAvailable, within a cgroup's limit less its
     reclaimable page cache); None when it cannot be told."""
-    import jax
-
     dev = jax.devices()[0]
     if dev.platform != "cpu":
         try:
@@ -94,9 +97,6 @@ def _memory_available() -> tuple[int, str, bool] | None:
 def _check_memory(cfg: Any, *, check: bool) -> None:
     """Refuses a run that cannot fit, before a byte of it is allocated. ``check``: the float64 gradient check
     runs (a new run with train.verify)."""
-    import jax
-
-    from funcgrad import config as fgconfig
 
     free = _memory_available()
     if free is None:
@@ -112,7 +112,6 @@ def _check_memory(cfg: Any, *, check: bool) -> None:
 
 
 def _load_config(args: argparse.Namespace) -> tuple[Any, Path]:
-    from funcgrad import config as fgconfig
 
     try:
         path = fgconfig.locate(args.config) if args.config else _default_config()
@@ -124,8 +123,6 @@ def _load_config(args: argparse.Namespace) -> tuple[Any, Path]:
 def _resume_config(out: Path, args: argparse.Namespace) -> tuple[Any, dict, list[str]]:
     """The configuration a resumed run continues with: the run's own ``config.json`` with this command's
     ``--set`` applied, only to keys that may change. ``--config`` must describe the same run."""
-    from funcgrad import config as fgconfig
-
     try:
         saved = files.json_load(out / files.CONFIG, what="a JSON object (the run's configuration)")
         before = fgconfig.from_dict(saved)
@@ -166,8 +163,6 @@ def _changed(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
 def _open_folder(out: Path, resume: bool) -> tuple[Any, Path | None]:
     """The run folder, checked and locked for this writer: (the lock, or None for a read-only folder, which
     can only be told that it is complete; the outermost folder this call created, if any)."""
-    from funcgrad.cli import _rundir as rundir
-
     try:
         kind = rundir.inspect(out)
         if resume and kind != "run":
@@ -200,8 +195,6 @@ def _open_folder(out: Path, resume: bool) -> tuple[Any, Path | None]:
 
 def _counts(opt_state: Any) -> list[tuple[str, int]]:
     """The update counts in an optimizer state (optax's and the book optimizers' ``count`` fields)."""
-    import jax
-
     found = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
         last = path[-1] if path else None
@@ -212,8 +205,6 @@ def _counts(opt_state: Any) -> list[tuple[str, int]]:
 
 def _validate_state(state: Any, meta: dict, ckpt: Path) -> int:
     """The checkpoint's step, checked against the state it holds; its parameters and optimizer state finite."""
-    from funcgrad._checks import check_finite_tree
-
     step = meta.get("step")
     if not isinstance(step, int) or isinstance(step, bool) or step < 1:
         raise UsageError(f"{ckpt}: its step is {step!r}; a checkpoint is written after step 1 or later")
@@ -275,7 +266,6 @@ def _header_batch(setup: Any) -> str:
 @dataclasses.dataclass
 class _Prepared:
     """A run read and checked, before anything of it is written."""
-
     cfg: Any
     source: Path
     saved: dict | None  # the run's config.json as read, when resuming
@@ -289,7 +279,6 @@ class _Prepared:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from funcgrad import parallel
 
     t_start = time.perf_counter()
     try:
@@ -346,12 +335,6 @@ def _remove_created(out: Path, created: Path | None) -> None:
 
 def _prepare(args: argparse.Namespace, out: Path, writer: bool) -> _Prepared:
     """Reads and checks everything a run needs; writes nothing (a command that fails here changes nothing)."""
-    import jax
-
-    import funcgrad as fg
-    from funcgrad import config as fgconfig
-    from funcgrad import parallel
-    from funcgrad.cli import _rundir as rundir
 
     ckpt = out / files.CHECKPOINT
     if args.resume:
@@ -401,125 +384,140 @@ def _prepare(args: argparse.Namespace, out: Path, writer: bool) -> _Prepared:
     return _Prepared(cfg, source, saved, changes, setup, mesh, state, start, records, complete)
 
 
-def _execute(args: argparse.Namespace, out: Path, p: _Prepared, writer: bool, t_start: float) -> int:
-    """Writes the run's files and trains; every process runs this, only process 0 writes and prints."""
-    import jax
+def _say_header(out: Path, p: _Prepared, fuse: int, say: Any) -> None:
 
-    import funcgrad as fg
-    from funcgrad import config as fgconfig
-    from funcgrad import parallel
-    from funcgrad.cli import _rundir as rundir
-
-    say = print if writer else (lambda *a, **k: None)
-    cfg, setup, start = p.cfg, p.setup, p.start
-    ckpt = out / files.CHECKPOINT
-    resolved = fgconfig.to_dict(cfg)
-    fuse = fg.train.chunk_size(cfg.train.fuse, setup.steps)
+    cfg, setup = p.cfg, p.setup
     say(f"funcgrad train: {cfg.name} ({p.source}) → {out}")
     say(f"  data   {cfg.data.kind} {tuple(setup.train_data[0].shape)}{' (nnfs exact)' if cfg.data.exact else ''}, "
         f"validation {tuple(setup.validation_data[0].shape)}")
     say(f"  model  {' → '.join(n for n, _ in setup.model.layers)}, {fg.nn.param_count(setup.params)} parameters")
-    say(f"  train  {cfg.optimizer.kind} lr {cfg.optimizer.learning_rate} decay {cfg.optimizer.decay}, {setup.steps} steps"
-        f"{_header_batch(setup)}, {parallel.describe(p.mesh)}"
+    say(f"  train  {cfg.optimizer.kind} lr {cfg.optimizer.learning_rate} decay {cfg.optimizer.decay}, "
+        f"{setup.steps} steps{_header_batch(setup)}, {parallel.describe(p.mesh)}"
         + (f"; {fuse} fused per dispatch (train.fuse {cfg.train.fuse} is capped)"
            if fuse < min(cfg.train.fuse, setup.steps) else ""))
     for change in p.changes:
         say(f"  change {change}")
 
-    last_logged = -1
-    if writer:
-        try:
-            removed = rundir.remove_stale_temporaries(out)
-            if removed:
-                say(f"  (removed {len(removed)} temporary file(s) of killed processes: {', '.join(removed)})")
-            rundir.write_marker(out)
-            if p.saved != resolved:
-                files.write_json(out / files.CONFIG, resolved)
-            if args.resume:
-                records = _read_metrics(out, setup.steps, repair=True)  # a last line cut by a kill is dropped now
-                last_logged = _metrics_to_continue(out, start, records, resolved, p.saved)
-            else:
-                kept = files.set_aside(out / files.METRICS)  # an earlier attempt that never reached a checkpoint
-                if kept:
-                    say(f"  (the metrics of an earlier attempt here are kept as {kept})")
-        except OSError as e:
-            raise UsageError(f"cannot write the run's files into {out}: {e.strerror or e}") from None
 
-    if cfg.train.verify and not args.resume and writer:
-        report = _verify(setup)
+def _write_start(args: argparse.Namespace, out: Path, p: _Prepared, say: Any) -> int:
+    """Process 0's first writes, once every check passed: the marker, the config, the metrics to continue.
+    Returns the last step already logged."""
+    resolved = fgconfig.to_dict(p.cfg)
+    try:
+        removed = rundir.remove_stale_temporaries(out)
+        if removed:
+            say(f"  (removed {len(removed)} temporary file(s) of killed processes: {', '.join(removed)})")
+        rundir.write_marker(out)
+        if p.saved != resolved:
+            files.write_json(out / files.CONFIG, resolved)
+        if args.resume:
+            records = _read_metrics(out, p.setup.steps, repair=True)  # a last line cut by a kill is dropped now
+            return _metrics_to_continue(out, p.start, records, resolved, p.saved)
+        kept = files.set_aside(out / files.METRICS)  # an earlier attempt that never reached a checkpoint
+        if kept:
+            say(f"  (the metrics of an earlier attempt here are kept as {kept})")
+        return -1
+    except OSError as e:
+        raise UsageError(f"cannot write the run's files into {out}: {e.strerror or e}") from None
+
+
+def _execute(args: argparse.Namespace, out: Path, p: _Prepared, writer: bool, t_start: float) -> int:
+    """Writes the run's files and trains; every process runs this, only process 0 writes and prints."""
+
+    say = print if writer else (lambda *a, **k: None)
+    fuse = fg.train.chunk_size(p.cfg.train.fuse, p.setup.steps)
+    _say_header(out, p, fuse, say)
+    last_logged = _write_start(args, out, p, say) if writer else -1
+    if p.cfg.train.verify and not args.resume and writer:
+        report = _verify(p.setup)
         say("  check  hand-derived gradient vs JAX vs finite differences at the initial parameters:")
         say("         " + report.summary())
         if not report.ok:
             say(report)
             say("  (training continues with JAX's gradients; the hand-derived formulas above disagree with them)")
-
     if args.resume:
-        say(f"  resume from step {start} ({ckpt})")
-    every = math.ceil(cfg.train.checkpoint_every / fuse) * fuse
-    next_checkpoint = (start // every + 1) * every
-    state, data, shard_batch = parallel.place(p.mesh, p.state, setup.train_data)
-    evaluate = jax.jit(setup.objective.metrics)
-    progress = Progress(setup.steps, start=start, enabled=writer)
-    last_good = start if args.resume else None
+        say(f"  resume from step {p.start} ({out / files.CHECKPOINT})")
+    loop = _Loop(out, p, writer, fuse, last_logged, jax.jit(p.setup.objective.metrics),
+                 last_good=p.start if args.resume else None)
+    return loop.run() or _finish(out, p, loop.params, loop.evaluate, writer, t_start)
 
-    def stop(message: str | None) -> int:
-        progress.close()
-        if writer:
-            where = (f"The last good checkpoint is step {last_good} in {ckpt}; lower optimizer.learning_rate and "
-                     "continue from it with --resume" if last_good is not None
+
+class _Loop:
+    """The training loop of ``funcgrad train``: chunks of fused steps, metrics lines and checkpoints between
+    them, and one decision per chunk that every process takes together (stop or go on)."""
+    def __init__(self, out: Path, p: _Prepared, writer: bool, fuse: int, last_logged: int, evaluate: Any,
+                 last_good: int | None):
+        self.out, self.p, self.writer, self.fuse = out, p, writer, fuse
+        self.last_logged, self.evaluate, self.last_good = last_logged, evaluate, last_good
+        self.every = math.ceil(p.cfg.train.checkpoint_every / fuse) * fuse
+        self.next_checkpoint = (p.start // self.every + 1) * self.every
+        self.progress = Progress(p.setup.steps, start=p.start, enabled=writer)
+        self.params: Any = None
+
+    def run(self) -> int:
+        """0 when every step ran (``self.params`` then holds the result), else 1 after saying why."""
+        setup = self.p.setup
+        state, data, shard_batch = parallel.place(self.p.mesh, self.p.state, setup.train_data)
+        final = state
+        try:
+            for final, m in fg.train.chunks(setup.objective.train_loss, setup.optimizer, state, data,
+                                            steps=setup.steps, fuse=self.fuse, batch_size=setup.batch_size,
+                                            schedule=setup.schedule, shard_batch=shard_batch):
+                problem = self._chunk(final, m)
+                if parallel.any_process(problem is not None):
+                    return self._stop(problem)
+        finally:
+            self.progress.close()
+        self.params = parallel.gather(final).params
+        return 0
+
+    def _chunk(self, state: Any, m: dict[str, np.ndarray]) -> str | None:
+        """Logs a chunk's metrics and writes a checkpoint when one is due; why training must stop, or None."""
+        cfg, setup, out = self.p.cfg, self.p.setup, self.out
+        step = int(m["step"][-1]) + 1
+        bad = np.nonzero(~np.isfinite(m["loss"]))[0]
+        good = bad[0] if len(bad) else len(m["step"])
+        if self.writer:
+            new = [{"step": int(s), **{k: float(v[i]) for k, v in m.items() if k != "step"}}
+                   for i, s in enumerate(m["step"][:good])
+                   if (s % cfg.train.log_every == 0 or s == setup.steps - 1) and s > self.last_logged]
+            try:
+                files.append_lines(out / files.METRICS, new)
+            except OSError as e:
+                return f"training stopped at step {step}: cannot write {out / files.METRICS} ({e.strerror or e})"
+            self.last_logged = max([self.last_logged] + [r["step"] for r in new])
+        if len(bad):  # the same on every process: the metrics are replicated
+            return f"training stopped at step {int(m['step'][bad[0]])}: the loss is {m['loss'][bad[0]]}"
+        self.progress.update(step, {k: float(v[-1]) for k, v in m.items()})
+        if step < self.next_checkpoint and step != setup.steps:
+            return None
+        self.next_checkpoint = (step // self.every + 1) * self.every
+        snapshot = parallel.gather(state)  # a collective when the state is split: every process joins
+        unfit = _unfit_for_checkpoint(snapshot, self.evaluate, setup.train_data)
+        if unfit:
+            return f"training stopped after step {step}: {unfit}, so it is not saved"
+        if self.writer:
+            try:
+                files.save_checkpoint(out, snapshot, {"step": step, "config": cfg.name, "last_logged": self.last_logged})
+            except OSError as e:
+                return f"training stopped at step {step}: cannot write {out / files.CHECKPOINT} ({e.strerror or e})"
+        self.last_good = step
+        return None
+
+    def _stop(self, message: str | None) -> int:
+        self.progress.close()
+        if self.writer:
+            where = (f"The last good checkpoint is step {self.last_good} in {self.out / files.CHECKPOINT}; lower "
+                     "optimizer.learning_rate and continue from it with --resume" if self.last_good is not None
                      else "No checkpoint was written; try a lower optimizer.learning_rate")
             print(f"{message}. {where}", file=sys.stderr)
         else:
             print(f"funcgrad train: stopped with process 0 ({message or 'see its message'})", file=sys.stderr)
         return 1
 
-    try:
-        for state, m in fg.train.chunks(setup.objective.train_loss, setup.optimizer, state, data, steps=setup.steps,
-                                        fuse=fuse, batch_size=setup.batch_size, schedule=setup.schedule,
-                                        shard_batch=shard_batch):
-            step = int(m["step"][-1]) + 1
-            bad = np.nonzero(~np.isfinite(m["loss"]))[0]
-            good = bad[0] if len(bad) else len(m["step"])
-            problem = None
-            if writer:
-                new = [{"step": int(s), **{k: float(v[i]) for k, v in m.items() if k != "step"}}
-                       for i, s in enumerate(m["step"][:good])
-                       if (s % cfg.train.log_every == 0 or s == setup.steps - 1) and s > last_logged]
-                try:
-                    files.append_lines(out / files.METRICS, new)
-                    last_logged = max([last_logged] + [r["step"] for r in new])
-                except OSError as e:
-                    problem = f"training stopped at step {step}: cannot write {out / files.METRICS} ({e.strerror or e})"
-            if problem is None and len(bad):  # the same on every process: the metrics are replicated
-                problem = f"training stopped at step {int(m['step'][bad[0]])}: the loss is {m['loss'][bad[0]]}"
-            if problem is None:
-                progress.update(step, {k: float(v[-1]) for k, v in m.items()})
-                if step >= next_checkpoint or step == setup.steps:
-                    next_checkpoint = (step // every + 1) * every
-                    snapshot = parallel.gather(state)  # a collective when the state is split: every process joins
-                    unfit = _unfit_for_checkpoint(snapshot, evaluate, setup.train_data)
-                    if unfit:
-                        problem = f"training stopped after step {step}: {unfit}, so it is not saved"
-                    elif writer:
-                        try:
-                            files.save_checkpoint(out, snapshot, {"step": step, "config": cfg.name,
-                                                                  "last_logged": last_logged})
-                        except OSError as e:
-                            problem = f"training stopped at step {step}: cannot write {ckpt} ({e.strerror or e})"
-                    if problem is None:
-                        last_good = step
-            if parallel.any_process(problem is not None):
-                return stop(problem)
-    finally:
-        progress.close()
-    return _finish(out, p, parallel.gather(state).params, evaluate, writer, t_start)
-
 
 def _finish(out: Path, p: _Prepared, params: Any, evaluate: Any, writer: bool, t_start: float) -> int:
     """Final metrics, summary.json and plots."""
-    from funcgrad import config as fgconfig
-    from funcgrad import parallel
-
     say = print if writer else (lambda *a, **k: None)
     setup = p.setup
     train_m = _floats(evaluate(params, *setup.train_data))
@@ -548,8 +546,6 @@ def _unfit_for_checkpoint(state: Any, evaluate: Any, data: Any) -> str | None:
     """Why a state must not be saved as a checkpoint (non-finite parameters, or a non-finite loss at them), or
     None. The loss logged at a step is that of the parameters before it; a checkpoint holds those after it,
     so its own loss is computed here."""
-    from funcgrad._checks import check_finite_tree
-
     for tree, root in ((state.params, "params"), (state.opt_state, "opt_state")):
         try:
             check_finite_tree(tree, root)
@@ -566,20 +562,17 @@ def _metrics_to_continue(out: Path, start: int, records: list[dict], resolved: d
     checkpoint were computed by the same steps, unless the learning rate or its decay changed: then the file
     is set aside whole (nothing saved is lost) and a copy of its lines up to the checkpoint continues."""
     path = out / files.METRICS
-    if saved is not None and saved.get("optimizer") != resolved.get("optimizer"):
-        if any(r["step"] > start for r in records):
-            kept = files.keep_copy(path)  # the whole file, beside it; then the lines up to the checkpoint, atomically
-            records = [r for r in records if r["step"] <= start]
-            files.write_lines(path, records)
-            print(f"  (the optimizer changed: metrics past step {start} are kept in {kept})")
+    if (saved is not None and saved.get("optimizer") != resolved.get("optimizer")
+            and any(r["step"] > start for r in records)):
+        kept = files.keep_copy(path)  # the whole file, beside it; then the lines up to the checkpoint, atomically
+        records = [r for r in records if r["step"] <= start]
+        files.write_lines(path, records)
+        print(f"  (the optimizer changed: metrics past step {start} are kept in {kept})")
     return max((r["step"] for r in records), default=-1)
 
 
 def _verify(setup: Any) -> Any:
     """The model's hand-derived gradient against JAX at the initial parameters."""
-    import jax
-
-    from funcgrad import verify
 
     obj = setup.objective
     X, y = setup.train_data
@@ -591,9 +584,7 @@ def _verify(setup: Any) -> Any:
 
 
 def _plots(out: Path, setup: Any, params: Any, records: list[dict], name: str) -> None:
-    import jax
 
-    from funcgrad.cli import _plots as plots
 
     if records:
         plots.curves(out / "curves.png", records, f"{name}: training")
@@ -609,14 +600,7 @@ def _plots(out: Path, setup: Any, params: Any, records: list[dict], name: str) -
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Metrics of a run's latest checkpoint: on the run's own validation data by default (the numbers of
     ``summary.json`` once the run is complete), or on data drawn with ``--seed``. Reads only; changes nothing."""
-    import dataclasses
-    import json
 
-    import jax
-
-    import funcgrad as fg
-    from funcgrad import config as fgconfig
-    from funcgrad.cli import _rundir as rundir
 
     run = Path(args.run)
     if not (run / files.CHECKPOINT).exists() or not (run / files.CONFIG).exists():
