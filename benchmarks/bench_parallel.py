@@ -39,12 +39,12 @@ def worker(n: int, rounds: int) -> dict:
     state, data, shard = parallel.place(mesh, state, (X, y))
     run = fg.train.make_steps(obj.train_loss, tx, STEPS, shard_batch=shard)
     state, m = run(state, data)  # compile
-    jax.block_until_ready(m.values)
+    jax.block_until_ready(m.table)
     rates = []
     for _ in range(rounds):
         t = time.perf_counter()
         state, m = run(state, data)
-        jax.block_until_ready(m.values)
+        jax.block_until_ready(m.table)
         rates.append(STEPS / (time.perf_counter() - t))
     return {"devices": n, "steps_per_s": statistics.median(rates), "platform": jax.devices()[0].platform,
             "describe": parallel.describe(mesh)}

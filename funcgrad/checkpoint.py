@@ -42,7 +42,7 @@ def to_bytes(tree: Any, meta: dict[str, Any] | None = None) -> bytes:
     arrays: dict[str, np.ndarray] = {}
     leaves = []
     for i, (path, leaf) in enumerate(flat):
-        entry = {"path": jax.tree_util.keystr(path), "name": f"leaf{i}"}
+        entry: dict[str, Any] = {"path": jax.tree_util.keystr(path), "name": f"leaf{i}"}
         if is_typed_key(leaf):
             data = np.asarray(jax.random.key_data(leaf))
             entry["key_impl"] = str(jax.random.key_impl(leaf))
@@ -56,7 +56,7 @@ def to_bytes(tree: Any, meta: dict[str, Any] | None = None) -> bytes:
     header = {"format": FORMAT, "leaves": leaves, "meta": meta or {}}
     arrays[_META] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub types the first keyword as allow_pickle
     return buf.getvalue()
 
 

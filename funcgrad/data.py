@@ -70,8 +70,8 @@ def spiral(samples: int, classes: int, key: Any = 0, *, exact: bool = False) -> 
     r = jnp.linspace(0.0, 1.0, samples, dtype=jnp.float32)
     c = jnp.arange(classes, dtype=jnp.float32)[:, None]
     t = 4 * c + 4 * r[None, :] + noise  # == linspace(4c, 4(c+1), samples) + noise
-    X = jnp.stack([r[None, :] * jnp.sin(2.5 * t), r[None, :] * jnp.cos(2.5 * t)], axis=-1).reshape(-1, 2)
-    return X, _labels(samples, classes)
+    points = jnp.stack([r[None, :] * jnp.sin(2.5 * t), r[None, :] * jnp.cos(2.5 * t)], axis=-1).reshape(-1, 2)
+    return points, _labels(samples, classes)
 
 
 def vertical(samples: int, classes: int, key: Any = 0, *, exact: bool = False) -> tuple[jax.Array, jax.Array]:

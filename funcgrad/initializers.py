@@ -16,13 +16,15 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["Initializer", "book", "normal", "zeros", "glorot_uniform", "glorot_normal", "he_normal", "he_uniform"]
+__all__ = ["Initializer", "Normal", "book", "normal", "zeros", "glorot_uniform", "glorot_normal", "he_normal", "he_uniform"]
 
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
@@ -41,11 +43,18 @@ def normal(stddev: float) -> Initializer:
     if not stddev >= 0:
         raise ValueError(f"normal: stddev must be >= 0; got {stddev!r}")
 
-    def init(key, shape, dtype=jnp.float32):
-        return stddev * jax.random.normal(key, shape, dtype)
+    return Normal(float(stddev))
 
-    init.scale = stddev  # lets data.NNFSRandom draw the same weights from the book's NumPy stream
-    return init
+
+@dataclasses.dataclass(frozen=True)
+class Normal:
+    """``stddev · N(0, 1)`` as a value: callable like any initializer, and its ``stddev`` is readable (so
+    :class:`funcgrad.data.NNFSRandom` can draw the same weights from the book's NumPy stream)."""
+
+    stddev: float
+
+    def __call__(self, key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+        return self.stddev * jax.random.normal(key, shape, dtype)
 
 
 def book(scale: float = 0.01) -> Initializer:

@@ -57,6 +57,5 @@ def regression_accuracy(pred: Any, target: Any, *, precision: float | None = Non
     target = as_array(target, "target")
     require_float(pred, "pred")
     require_same_shape(pred, target, "pred", "target")
-    if precision is None:
-        precision = jnp.std(target) / 250
-    return jnp.mean(jnp.abs(pred - target) < precision)
+    limit = jnp.std(target) / 250 if precision is None else precision
+    return jnp.mean(jnp.abs(pred - target) < limit)

@@ -215,7 +215,7 @@ def dense(
         lambda s: (units,),
         has_params=True,
         name=name,
-        config=(("units", units), ("book_scale", getattr(W_init, "scale", None))),
+        config=(("units", units), ("book_scale", W_init.stddev if isinstance(W_init, inits.Normal) else None)),
     )
 
 
@@ -391,7 +391,7 @@ _dropout_layer = dropout  # `mlp` has an argument named `dropout`
 
 def _named_layers(layers: Sequence[Layer | tuple[str, Layer]]) -> tuple[tuple[str, Layer], ...]:
     counts: dict[str, int] = {}
-    named = []
+    named: list[tuple[str, Layer]] = []
     for i, item in enumerate(layers):
         if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
             name, layer = item

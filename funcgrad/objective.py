@@ -77,6 +77,10 @@ class Objective:
     loss: str
     l1: Mapping[str, float] | None = None
     l2: Mapping[str, float] | None = None
+    # Derived in __post_init__: the penalties as (pattern, λ) pairs, and the model up to the logits.
+    _l1: tuple[tuple[str, float], ...] = dataclasses.field(init=False, repr=False, default=())
+    _l2: tuple[tuple[str, float], ...] = dataclasses.field(init=False, repr=False, default=())
+    _logits_model: Layer | None = dataclasses.field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, Layer):

@@ -54,7 +54,7 @@ def inverse_time_decay(learning_rate: float, decay: float = 0.0) -> Callable[[ja
 
 
 class _BookState(NamedTuple):
-    count: jax.Array  # updates made so far
+    count: jax.Array  # type: ignore[assignment]  # updates made so far; named as optax's states name it
     acc: Any  # the per-parameter accumulator (momentum or cache)
 
 

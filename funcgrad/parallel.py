@@ -55,6 +55,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if missing:
         raise ParallelError(f"a multi-process run needs the coordinator address, the number of processes and this "
                             f"process's id; missing: {', '.join(missing)}")
+    assert num_processes is not None and process_id is not None  # none is missing
     if not 0 <= process_id < num_processes:
         raise ParallelError(f"process id must lie in [0, {num_processes}); got {process_id}")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)

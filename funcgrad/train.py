@@ -62,7 +62,7 @@ class TrainState(NamedTuple):
 
 @jax.tree_util.register_pytree_node_class
 class Metrics(Mapping):
-    """A step's metrics (loss, accuracy, lr, ...) as one float32 array on the device, read by name.
+    """A step's metrics (loss, accuracy, lr, ...) as one float32 array on the device (``table``), read by name.
 
     Returning one array instead of a dict of scalars keeps a step's dispatch as cheap as a hand-written one;
     ``metrics["loss"]`` indexes it when read, and :meth:`numpy` fetches everything at once. For fused steps
@@ -71,7 +71,7 @@ class Metrics(Mapping):
     """
 
     def __init__(self, names: tuple[str, ...], values: Any, steps: Any = None):
-        self.names, self.values, self.steps = tuple(names), values, steps
+        self.names, self.table, self.steps = tuple(names), values, steps
 
     @classmethod
     def stack(cls, metrics: dict[str, jax.Array]) -> Metrics:
@@ -79,7 +79,7 @@ class Metrics(Mapping):
         return cls(names, jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in names], axis=-1))
 
     def tree_flatten(self):
-        return (self.values, self.steps), self.names
+        return (self.table, self.steps), self.names
 
     @classmethod
     def tree_unflatten(cls, names, children):
@@ -89,7 +89,7 @@ class Metrics(Mapping):
         if key == "step" and self.steps is not None:
             return self.steps
         try:
-            return self.values[..., self.names.index(key)]
+            return self.table[..., self.names.index(key)]
         except ValueError:
             raise KeyError(f"no metric {key!r}; the metrics are {list(self)}") from None
 
@@ -101,7 +101,7 @@ class Metrics(Mapping):
 
     def numpy(self) -> dict[str, np.ndarray]:
         """Every metric as a NumPy array, fetched in one transfer."""
-        values, steps = (to_host(self.values), None if self.steps is None else to_host(self.steps))
+        values, steps = (to_host(self.table), None if self.steps is None else to_host(self.steps))
         out = {} if steps is None else {"step": np.asarray(steps)}
         out.update({k: np.asarray(values)[..., i] for i, k in enumerate(self.names)})
         return out
@@ -130,7 +130,8 @@ def _check_data(data: Any, batch_size: int | None) -> int:
         shapes = [describe(leaf) for leaf in leaves]
         raise ValueError(f"data arrays must share their leading (sample) axis; got {shapes}")
     n = sizes.pop()
-    if batch_size is not None and not 1 <= batch_size <= n:
+    assert n is not None  # excluded above
+    if batch_size is not None and (n is None or not 1 <= batch_size <= n):
         raise ValueError(f"batch_size must lie in [1, {n}] for {n} samples; got {batch_size}")
     return n
 
@@ -151,7 +152,7 @@ def _normalise(out: Any) -> tuple[jax.Array, dict]:
 
 
 def _step_fn(loss_fn, optimizer, batch_size, schedule, shard_batch):
-    def one_step(state: TrainState, data: Any) -> tuple[TrainState, dict]:
+    def one_step(state: TrainState, data: Any) -> tuple[TrainState, Metrics]:
         n = jax.tree.leaves(data)[0].shape[0]
         k_data, k_model = jax.random.split(state.key)
         if batch_size is not None and batch_size < n:
@@ -240,7 +241,7 @@ def make_steps(
         def body(i, carry):
             s, rows = carry
             new, m = one_step(s, data)
-            return new, Metrics(rows.names, rows.values.at[i].set(m.values), rows.steps.at[i].set(s.step))
+            return new, Metrics(rows.names, rows.table.at[i].set(m.table), rows.steps.at[i].set(s.step))
 
         # A loop of dynamic length (steps left before `until`, at most `steps`): no per-step branch, and one
         # compiled program for every chunk, the last and shorter one included.
@@ -294,8 +295,8 @@ def chunks(
     run = make_steps(loss_fn, optimizer, fuse, batch_size=batch_size, schedule=schedule, shard_batch=shard_batch)
     current = int(to_host(state.step))
     while current < steps:
-        state, metrics = run(state, data, steps)
-        metrics = metrics.numpy()
+        state, fused = run(state, data, steps)
+        metrics = fused.numpy()
         keep = metrics["step"] >= 0
         yield state, {k: v[keep] for k, v in metrics.items()}
         current = min(current + fuse, steps)

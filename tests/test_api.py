@@ -29,7 +29,7 @@ EXPECTED = {
     "metrics": ["accuracy", "binary_accuracy", "regression_accuracy"],
     "data": ["NNFSRandom", "as_key", "sine", "spiral", "vertical"],
     "initializers": [
-        "Initializer", "book", "glorot_normal", "glorot_uniform", "he_normal", "he_uniform", "normal", "zeros",
+        "Initializer", "Normal", "book", "glorot_normal", "glorot_uniform", "he_normal", "he_uniform", "normal", "zeros",
     ],
     "rules": [
         "CATALOG", "Rule", "add", "binary_crossentropy", "categorical_crossentropy", "chain", "dense", "dropout",

@@ -159,7 +159,7 @@ def read_metrics(path: Path, *, repair: bool = False, max_bytes: int = 1 << 30) 
         lines = read_regular(path, max_bytes).decode().split("\n")
     except UnicodeDecodeError as e:
         raise FileError(f"{path}: not a text file (byte {e.start} is not UTF-8); the file is damaged") from None
-    records = []
+    records: list[dict] = []
     for i, line in enumerate(lines):
         if not line.strip():
             continue

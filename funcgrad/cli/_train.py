@@ -296,7 +296,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         error = e
     try:
         # Every process stops when one cannot go on (process 0 alone checks the folder): none is left waiting.
-        if parallel.any_process(error is not None):
+        if parallel.any_process(error is not None) or prepared is None:
             raise error or UsageError("process 0 refused the run; its message says why")
         if parallel.any_process(writer and prepared.complete):
             if writer:
@@ -358,7 +358,7 @@ def _prepare(args: argparse.Namespace, out: Path, writer: bool) -> _Prepared:
         raise UsageError(f"parallel.mode {cfg.parallel.mode!r}: {e}") from None
 
     state = fg.train.init(setup.params, setup.optimizer, jax.random.key(cfg.seed))
-    start, meta = 0, {}
+    start, meta = 0, dict[str, Any]()
     if args.resume:
         state, start, meta = _read_checkpoint(out, state)
         if start > setup.steps:
@@ -485,7 +485,7 @@ class _Loop:
                 files.append_lines(out / files.METRICS, new)
             except OSError as e:
                 return f"training stopped at step {step}: cannot write {out / files.METRICS} ({e.strerror or e})"
-            self.last_logged = max([self.last_logged] + [r["step"] for r in new])
+            self.last_logged = max([self.last_logged] + [int(r["step"]) for r in new])
         if len(bad):  # the same on every process: the metrics are replicated
             return f"training stopped at step {int(m['step'][bad[0]])}: the loss is {m['loss'][bad[0]]}"
         self.progress.update(step, {k: float(v[-1]) for k, v in m.items()})
