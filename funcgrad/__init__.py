@@ -20,6 +20,7 @@ Submodules:
 from funcgrad import checkpoint as checkpoint
 from funcgrad import config as config
 from funcgrad import data as data
+from funcgrad import experiment as experiment
 from funcgrad import initializers as initializers
 from funcgrad import losses as losses
 from funcgrad import metrics as metrics
@@ -39,6 +40,7 @@ __all__ = [
     "checkpoint",
     "config",
     "data",
+    "experiment",
     "initializers",
     "losses",
     "metrics",

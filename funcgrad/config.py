@@ -27,13 +27,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-
-from funcgrad import data as fgdata
-from funcgrad import initializers, losses, nn, optim
+from funcgrad import initializers, nn, optim
 from funcgrad._checks import in_range
-from funcgrad.objective import Objective
+from funcgrad.objective import LOSS_RULES
 
 __all__ = [
     "ConfigError",
@@ -53,8 +49,8 @@ __all__ = [
     "memory_estimate",
     "packaged",
     "locate",
-    "Setup",
-    "build",
+    "Setup",  # noqa: F822 - from funcgrad.experiment, through the module's __getattr__
+    "build",  # noqa: F822
 ]
 
 
@@ -133,16 +129,13 @@ def _field(default: Any, check: Callable[[str, Any], Any], doc: str) -> Any:
     return dataclasses.field(default=default, metadata={"check": check, "doc": doc})
 
 
-ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "linear")
-OUTPUTS = ("softmax", "sigmoid", "linear", "log_softmax", "none")
-LOSSES = ("categorical_crossentropy", "categorical_crossentropy_with_logits", "binary_crossentropy", "mse", "mae")
-INITS = ("book", "glorot_uniform", "glorot_normal", "he_normal", "he_uniform")
-OPTIMIZER_KEYS = {
-    "sgd": ("learning_rate", "decay", "momentum"),
-    "adagrad": ("learning_rate", "decay", "eps"),
-    "rmsprop": ("learning_rate", "decay", "rho", "eps"),
-    "adam": ("learning_rate", "decay", "beta1", "beta2", "eps"),
-}
+# The choices of each key come from the module that owns them; the config only restricts where it must.
+_NORMALISING = ("softmax", "log_softmax")  # over a whole row: an output, never a hidden activation
+ACTIVATIONS = tuple(k for k in nn.ACTIVATIONS if k not in _NORMALISING)
+OUTPUTS = ("softmax", "sigmoid", "linear", "log_softmax", "none")  # those a loss can take; "none": logits
+LOSSES = tuple(LOSS_RULES)
+INITS = tuple(initializers.INITIALIZERS)
+OPTIMIZER_KEYS = optim.HYPERPARAMETERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -449,90 +442,10 @@ def memory_estimate(cfg: Config) -> MemoryEstimate:
     return MemoryEstimate(params, state, activations, data, check)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Building a run
+def __getattr__(name: str) -> Any:
+    """``config.build`` and ``config.Setup`` moved to :mod:`funcgrad.experiment`; still importable here."""
+    if name in ("build", "Setup"):
+        from funcgrad import experiment  # noqa: PLC0415 - experiment imports this module
 
-
-@dataclasses.dataclass(frozen=True)
-class Setup:
-    """Everything a training run needs, built from a Config."""
-
-    config: Config
-    model: Any
-    objective: Any
-    optimizer: Any
-    schedule: Callable[[jax.Array], jax.Array]
-    params: Any
-    train_data: tuple[jax.Array, jax.Array]
-    validation_data: tuple[jax.Array, jax.Array]
-    input_shape: tuple[int, ...]
-    steps: int
-    batch_size: int | None
-
-    @property
-    def classification(self) -> bool:
-        return self.config.data.kind in ("spiral", "vertical")
-
-
-def build(cfg: Config, *, validation_seed: int | None = None) -> Setup:
-    """Data, model, objective, optimizer and initial parameters for ``cfg``.
-
-    With ``data.exact`` the training data, then the weights, then the validation data come from the
-    ``nnfs`` package's NumPy stream in the book's order; otherwise from JAX keys derived from ``seed``
-    (validation data from a different key, or from ``validation_seed``)."""
-    d, m = cfg.data, cfg.model
-    w_init = initializers.book(m.init_scale) if m.init == "book" else getattr(initializers, m.init)()
-    model = nn.mlp(list(m.sizes), activation=m.activation, output=None if m.output == "none" else m.output,
-                   dropout=m.dropout or None, W_init=w_init)
-    objective = Objective(model, cfg.loss.kind, l1=cfg.loss.l1 or None, l2=cfg.loss.l2 or None)
-    o = cfg.optimizer
-    kwargs = {k: getattr(o, k) for k in OPTIMIZER_KEYS[o.kind]}
-    optimizer = optim.OPTIMIZERS[o.kind](**kwargs)
-    schedule = optim.inverse_time_decay(o.learning_rate, o.decay)
-    n_val = d.validation_samples or d.samples
-
-    def draw(kind, samples, source):
-        if kind == "sine":
-            return fgdata.sine(samples)
-        fn = source.spiral if kind == "spiral" else source.vertical
-        X, y = fn(samples, d.classes)
-        return jnp.asarray(X), jnp.asarray(y, jnp.int32)
-
-    input_shape = (1,) if d.kind == "sine" else (2,)
-    if d.exact:
-        stream = fgdata.NNFSRandom(cfg.seed)
-        train = draw(d.kind, d.samples, stream)
-        params = stream.init(model, input_shape)
-        if validation_seed is not None:
-            stream = fgdata.NNFSRandom(validation_seed)
-        val = draw(d.kind, n_val, stream)
-    else:
-        train = draw(d.kind, d.samples, _KeyedSource(cfg.seed))
-        params = model.init(jax.random.key(cfg.seed), input_shape)
-        val = draw(d.kind, n_val, _KeyedSource(validation_seed if validation_seed is not None else cfg.seed + 10_000))
-    for name, table in (("l1", cfg.loss.l1), ("l2", cfg.loss.l2)):
-        for pattern in table:
-            try:
-                losses.select(params, pattern)
-            except ValueError as e:
-                raise ConfigError(f"loss.{name}.{pattern}: {e}") from None
-    if cfg.loss.kind == "binary_crossentropy":
-        train = (train[0], train[1].reshape(-1, 1))
-        val = (val[0], val[1].reshape(-1, 1))
-    n = train[0].shape[0]
-    per_epoch = 1 if cfg.train.batch_size is None else n // cfg.train.batch_size
-    return Setup(cfg, model, objective, optimizer, schedule, params, train, val, input_shape,
-                 cfg.train.epochs * per_epoch, cfg.train.batch_size)
-
-
-class _KeyedSource:
-    """spiral/vertical drawn from JAX keys, with NNFSRandom's method names."""
-
-    def __init__(self, seed: int):
-        self.seed = seed
-
-    def spiral(self, samples, classes):
-        return fgdata.spiral(samples, classes, key=self.seed)
-
-    def vertical(self, samples, classes):
-        return fgdata.vertical(samples, classes, key=self.seed)
+        return getattr(experiment, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,7 +24,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-__all__ = ["Initializer", "Normal", "book", "normal", "zeros", "glorot_uniform", "glorot_normal", "he_normal", "he_uniform"]
+__all__ = [
+    "INITIALIZERS", "Initializer", "Normal", "book", "normal", "zeros", "glorot_uniform", "glorot_normal", "he_normal",
+    "he_uniform",
+]
 
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
@@ -99,3 +102,14 @@ def he_normal() -> Initializer:
 def he_uniform() -> Initializer:
     """U(−a, a) with a = √(6 / fan_in)."""
     return _variance_scaling(2.0, "fan_in", "uniform")
+
+
+# The weight initialisers a config can name (``model.init``), each called with no arguments but the book's
+# scale: the one place this list lives.
+INITIALIZERS: dict[str, Callable[..., Initializer]] = {
+    "book": book,
+    "glorot_uniform": glorot_uniform,
+    "glorot_normal": glorot_normal,
+    "he_normal": he_normal,
+    "he_uniform": he_uniform,
+}

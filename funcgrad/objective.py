@@ -21,8 +21,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,19 +30,25 @@ import jax.numpy as jnp
 from funcgrad import losses, metrics, rules
 from funcgrad.nn import Layer, Params, serial
 
-__all__ = ["Objective", "LOSS_RULES"]
+__all__ = ["Objective", "LossRule", "LOSS_RULES"]
 
-# The data losses an Objective can use: name -> (validated forward, hand-derived rule, accuracy metric).
-LOSS_RULES: dict[str, tuple[Any, rules.Rule, Any]] = {
-    "categorical_crossentropy": (losses.categorical_crossentropy, rules.categorical_crossentropy, metrics.accuracy),
-    "categorical_crossentropy_with_logits": (
-        losses.categorical_crossentropy_with_logits,
-        rules.softmax_crossentropy,
-        metrics.accuracy,
-    ),
-    "binary_crossentropy": (losses.binary_crossentropy, rules.binary_crossentropy, metrics.binary_accuracy),
-    "mse": (losses.mse, rules.mse, metrics.regression_accuracy),
-    "mae": (losses.mae, rules.mae, metrics.regression_accuracy),
+class LossRule(NamedTuple):
+    """A data loss an Objective can use: its validated forward, its hand-derived rule, its accuracy metric."""
+
+    forward: Callable[..., Any]
+    rule: rules.Rule
+    accuracy: Callable[..., Any]
+
+
+# The one list of data losses (config's loss.kind choices come from it); forwards from losses.LOSSES.
+LOSS_RULES: dict[str, LossRule] = {
+    name: LossRule(losses.LOSSES[name], rule, accuracy) for name, rule, accuracy in (
+        ("categorical_crossentropy", rules.categorical_crossentropy, metrics.accuracy),
+        ("categorical_crossentropy_with_logits", rules.softmax_crossentropy, metrics.accuracy),
+        ("binary_crossentropy", rules.binary_crossentropy, metrics.binary_accuracy),
+        ("mse", rules.mse, metrics.regression_accuracy),
+        ("mae", rules.mae, metrics.regression_accuracy),
+    )
 }
 
 
@@ -101,7 +107,7 @@ class Objective:
         return self.model.apply(params, x)
 
     def data_loss(self, params: Params, x: jax.Array, y: jax.Array, *, key=None, train: bool = False) -> jax.Array:
-        return LOSS_RULES[self.loss][0](self.model.apply(params, x, key=key, train=train), y)
+        return LOSS_RULES[self.loss].forward(self.model.apply(params, x, key=key, train=train), y)
 
     def regularization(self, params: Params) -> jax.Array:
         """``Σ λ1·Σ|w| + Σ λ2·Σw²`` over the chosen leaves (the book's, not divided by N)."""
@@ -118,7 +124,7 @@ class Objective:
 
     def _scored(self, params: Params, x: jax.Array, y: jax.Array, key, train: bool) -> dict[str, jax.Array]:
         """One forward pass: loss, its data and regularisation parts, and the loss's accuracy metric."""
-        forward, _, accuracy = LOSS_RULES[self.loss]
+        forward, accuracy = LOSS_RULES[self.loss].forward, LOSS_RULES[self.loss].accuracy
         out = self.model.apply(params, x, key=key, train=train)
         data, reg = forward(out, y), self.regularization(params)
         return {"loss": data + reg, "data_loss": data, "reg_loss": reg, "accuracy": accuracy(out, y)}
@@ -144,7 +150,7 @@ class Objective:
             grads, _ = self._logits_model.backward(params, x, dlogits, key=key, train=train)
         else:
             out = self.model.apply(params, x, key=key, train=train)
-            dout = LOSS_RULES[self.loss][1].backward(out, y, one)
+            dout = LOSS_RULES[self.loss].rule.backward(out, y, one)
             grads, _ = self.model.backward(params, x, dout, key=key, train=train)
         return self._add_penalty_grads(params, grads)
 
@@ -175,7 +181,7 @@ class Objective:
                 return layer.backward_fn(p_, x_, d, k, train)
 
             out.append((name, fwd, bwd, p))
-        rule = LOSS_RULES[self.loss][1]
+        rule = LOSS_RULES[self.loss].rule
         out.append((
             f"loss ({self.loss})",
             lambda o: rule.forward(o, y),

@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -34,7 +35,7 @@ import optax
 
 from funcgrad._checks import in_range
 
-__all__ = ["inverse_time_decay", "sgd", "adagrad", "rmsprop", "adam", "OPTIMIZERS"]
+__all__ = ["inverse_time_decay", "sgd", "adagrad", "rmsprop", "adam", "OPTIMIZERS", "HYPERPARAMETERS"]
 
 BOOK_EPS = 1e-7
 
@@ -123,4 +124,11 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "adagrad": adagrad,
     "rmsprop": rmsprop,
     "adam": adam,
+}
+
+# Each optimizer's hyperparameters, in order, read from its signature: the learning rate, then its keywords.
+HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
+    name: tuple(p.name for p in inspect.signature(fn).parameters.values()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    for name, fn in OPTIMIZERS.items()
 }

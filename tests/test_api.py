@@ -4,10 +4,11 @@ import funcgrad as fg
 
 EXPECTED = {
     "fg": [
-        "Objective", "checkpoint", "config", "data", "initializers", "losses", "metrics", "nn", "optim", "parallel",
+        "Objective", "checkpoint", "config", "data", "experiment", "initializers", "losses", "metrics", "nn", "optim",
+        "parallel",
         "rules", "testing", "train", "verify",
     ],
-    "optim": ["OPTIMIZERS", "adagrad", "adam", "inverse_time_decay", "rmsprop", "sgd"],
+    "optim": ["HYPERPARAMETERS", "OPTIMIZERS", "adagrad", "adam", "inverse_time_decay", "rmsprop", "sgd"],
     "train": ["MAX_FUSE", "Metrics", "TrainState", "batch_indices", "chunk_size", "chunks", "fit", "init", "make_eval",
               "make_step", "make_steps"],
     "config": [
@@ -27,9 +28,11 @@ EXPECTED = {
         "l1_penalty", "l2_penalty", "leaf_names", "mae", "mse", "select",
     ],
     "metrics": ["accuracy", "binary_accuracy", "regression_accuracy"],
+    "experiment": ["Setup", "build"],
     "data": ["NNFSRandom", "as_key", "sine", "spiral", "vertical"],
     "initializers": [
-        "Initializer", "Normal", "book", "glorot_normal", "glorot_uniform", "he_normal", "he_uniform", "normal", "zeros",
+        "INITIALIZERS", "Initializer", "Normal", "book", "glorot_normal", "glorot_uniform", "he_normal", "he_uniform",
+        "normal", "zeros",
     ],
     "rules": [
         "CATALOG", "Rule", "add", "binary_crossentropy", "categorical_crossentropy", "chain", "dense", "dropout",

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 import funcgrad as fg
-from funcgrad import checkpoint, parallel, verify
+from funcgrad import checkpoint, experiment, parallel, verify
 from funcgrad import config as fgconfig
 from funcgrad._checks import check_finite_tree
 from funcgrad.cli import _files as files
@@ -349,7 +349,7 @@ def _prepare(args: argparse.Namespace, out: Path, writer: bool) -> _Prepared:
                              "to train into another folder")
     _check_memory(cfg, check=cfg.train.verify and not args.resume)
     try:
-        setup = fgconfig.build(cfg)
+        setup = experiment.build(cfg)
     except fgconfig.ConfigError as e:
         raise UsageError(str(e)) from None
     try:
@@ -613,7 +613,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UsageError(f"{run / files.CONFIG}: {e}") from None
     _check_memory(cfg, check=False)
     try:
-        setup = fgconfig.build(cfg, validation_seed=args.seed)
+        setup = experiment.build(cfg, validation_seed=args.seed)
     except fgconfig.ConfigError as e:
         raise UsageError(f"--run {run}: {e}") from None
     state = fg.train.init(setup.params, setup.optimizer, jax.random.key(cfg.seed))
