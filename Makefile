@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 # Test processes (pytest-xdist): two halve the wall time of the compile-bound suite on a 2-core machine.
 PYTEST_WORKERS ?= 2
 
-.PHONY: run test test-slow test-all bench verify examples clean clean-runs
+.PHONY: run test lint test-slow test-all bench verify examples clean clean-runs
 
 ## The main job: train the default model (configs/spiral.toml, the book's chapter 11) into runs/spiral.
 ## A second `make run` continues an interrupted run (--resume), and on a finished one says it is complete and
@@ -14,9 +14,15 @@ PYTEST_WORKERS ?= 2
 run: $(VENV)/.installed-run
 	@if [ -f runs/spiral/checkpoint.npz ]; then $(BIN)/funcgrad train --resume; else $(BIN)/funcgrad train; fi
 
-## The default test suite (a few minutes on 2 cores); slow tests are skipped.
-test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -m "not slow" -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+## The default test suite (a few minutes on 2 cores): the conventions (lint, types), then the tests and every
+## docstring example; slow tests are skipped.
+test: lint $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -m "not slow" -n $(PYTEST_WORKERS) --doctest-modules funcgrad tests $(PYTEST_ARGS)
+
+## The conventions: ruff's rule set and mypy, both configured in pyproject.toml.
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 ## Slow tests: book-length training runs, multi-process and kill/resume runs.
 test-slow: $(VENV)/.installed-dev
