@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from funcgrad.cli._train import UsageError, cmd_evaluate, cmd_train
-from funcgrad.cli._verify import cmd_verify, verify_suite
+from funcgrad.cli._verify import cmd_verify
+from funcgrad.verify import verify_suite
 
 __all__ = ["main", "verify_suite"]
 

@@ -59,13 +59,20 @@ Example:
     >>> f = lambda p: jnp.sum(p["w"] ** 3)
     >>> report = verify.check_grad(f, {"w": jnp.array([1.0, -2.0])}, hand=lambda p: {"w": 3 * p["w"] ** 2})
     >>> report.verdict
-    'ok'
+    <Verdict.OK: 'ok'>
+    >>> report.verdict == "ok"
+    True
 """
 
 from funcgrad.verify._composite import check_chain, check_jacobian, check_vjp
 from funcgrad.verify._grad import check_grad
 from funcgrad.verify._report import PASSING, VERDICTS, ChainReport, GradReport, Row
-from funcgrad.verify._report import _combine_verdicts  # noqa: F401  (tests pin its rules)
+
+# Importable, not in __all__ (tests/test_api.py pins the public names): the verdicts' type, the suite behind
+# ``funcgrad verify``, and the combination rule that tests pin.
+from funcgrad.verify._report import Verdict as Verdict
+from funcgrad.verify._report import _combine_verdicts as _combine_verdicts
+from funcgrad.verify._suite import verify_suite as verify_suite
 
 __all__ = [
     "VERDICTS",

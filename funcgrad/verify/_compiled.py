@@ -101,12 +101,12 @@ def _direction(seed, j, lo, hi, n, support):
 def _eval_items(f, theta, seed, items, vecs, batch, support, want_jvp=None):
     """f at the four offsets along each item, each item's direction dotted with ``vecs`` (autodiff, hand,
     tolerances²), and, where ``want_jvp`` is set, the forward-mode derivative along the item's direction:
-    returns F (K, 4), P (K, 3) and JV (K,) (NaN where not wanted).
+    returns F (items, 4: the offsets), P (items, 3) and JV (items,) (NaN where not wanted).
 
     ``batch`` > 1 evaluates that many items at once with vmap (accelerators); ``batch`` == 1 evaluates them
     one at a time with lax.map (CPU, where XLA's batched matrix products are several times slower than a loop
     of plain ones, for small and large functions alike)."""
-    W = jnp.zeros(items.index.shape, bool) if want_jvp is None else want_jvp
+    want_all = jnp.zeros(items.index.shape, bool) if want_jvp is None else want_jvp
     n = theta.shape[0]
     offsets = jnp.asarray(_OFFSETS, theta.dtype)
     a, h, tol2 = vecs
@@ -117,29 +117,29 @@ def _eval_items(f, theta, seed, items, vecs, batch, support, want_jvp=None):
         return jax.lax.cond(pred, yes, no) if batch == 1 else jnp.where(pred, yes(), no())
 
     def one(item):
-        i, j, lo, hi, t, w = item
-        e = branch(i < 0, lambda: _direction(seed, j, lo, hi, n, support),
-                   lambda: jax.nn.one_hot(jnp.maximum(i, 0), n, dtype=theta.dtype))
-        at = lambda s: f(theta + (s * t) * e)  # noqa: E731
+        index, stream, lo, hi, step, want = item
+        e = branch(index < 0, lambda: _direction(seed, stream, lo, hi, n, support),
+                   lambda: jax.nn.one_hot(jnp.maximum(index, 0), n, dtype=theta.dtype))
+        at = lambda offset: f(theta + (offset * step) * e)  # noqa: E731
         F = jax.vmap(at)(offsets) if batch > 1 else jax.lax.map(at, offsets)
-        jv = branch(w, lambda: jax.jvp(f, (theta,), (e,))[1], lambda: nan) if want_jvp is not None else nan
+        jv = branch(want, lambda: jax.jvp(f, (theta,), (e,))[1], lambda: nan) if want_jvp is not None else nan
         return F, jnp.stack([e @ a, e @ h, jnp.sqrt((e * e) @ tol2)]), jv
 
-    K = items.index.shape[0]
-    cols = (*items, W)
-    if K == 0:
+    n_items = items.index.shape[0]
+    cols = (*items, want_all)
+    if n_items == 0:
         return jnp.zeros((0, 4), theta.dtype), jnp.zeros((0, 3), theta.dtype), jnp.zeros((0,), theta.dtype)
     if batch == 1:
         return jax.lax.map(one, cols)
-    pad = (-K) % batch
+    pad = (-n_items) % batch
     padded = [jnp.concatenate([x, jnp.repeat(x[:1], pad)]) if pad else x for x in cols]
-    chunks = [x.reshape(-1, min(batch, K + pad)) for x in padded]
+    chunks = [x.reshape(-1, min(batch, n_items + pad)) for x in padded]
     if chunks[0].shape[0] == 1:
         F, P, JV = jax.vmap(one)(tuple(c[0] for c in chunks))
     else:
         F, P, JV = jax.lax.map(jax.vmap(one), tuple(chunks))
         F, P, JV = F.reshape(-1, 4), P.reshape(-1, 3), JV.reshape(-1)
-    return F[:K], P[:K], JV[:K]
+    return F[:n_items], P[:n_items], JV[:n_items]
 
 
 def _dtype64(dtype: Any) -> Any:
@@ -248,17 +248,18 @@ def _probe(params, dyn, h_given, exact_idx, seed, h0, rtol, atol, eps, *, fn, ha
                    jnp.concatenate([zeros_i, jnp.asarray(np.array(d_j, np.int32))]),
                    jnp.concatenate([zeros_i, lo]), jnp.concatenate([zeros_i, hi]),
                    jnp.concatenate([i_steps, d_steps]))
-    K = n_i + n_d
+    n_items = n_i + n_d
     scaled = _Items(*(jnp.tile(x, plan.scales) for x in items[:4]),
-                    jnp.concatenate([items.step / _LADDER**k for k in range(plan.scales)]))
+                    jnp.concatenate([items.step / _LADDER**level for level in range(plan.scales)]))
     # Forward mode along the first direction of each leaf (at the first scale's items).
     first = [n_i + d_leaf.index(i) for i in range(len(plan.exact))]
-    want = np.zeros(K * plan.scales, bool)
+    want = np.zeros(n_items * plan.scales, bool)
     want[first] = plan.jvp
     F, P, JV = _eval_items(f, theta, seed, scaled, (a_s, h_s, tol * tol), plan.batch, support,
                            jnp.asarray(want) if plan.jvp else None)
-    F = jnp.stack([F[k * K : (k + 1) * K] for k in range(plan.scales)], axis=1)  # (items, scales, 4)
-    return _ProbeOut(f0, theta, a, h, a_s, h_s, tol, support, JV[jnp.asarray(first)], items, F, P[:K])
+    # (items, scales, offsets)
+    F = jnp.stack([F[level * n_items : (level + 1) * n_items] for level in range(plan.scales)], axis=1)
+    return _ProbeOut(f0, theta, a, h, a_s, h_s, tol, support, JV[jnp.asarray(first)], items, F, P[:n_items])
 
 
 def _dir_items(plan: _Plan) -> tuple[list[int], list[int]]:

@@ -16,9 +16,9 @@ import numpy as np
 
 from funcgrad._checks import describe, is_tracer
 from funcgrad.verify._fd import _default_rtol
-from funcgrad.verify._grad import check_grad
+from funcgrad.verify._grad import _check_grad_impl, check_grad
 from funcgrad.verify._inputs import _first_line, _host_tree, _is_array, _needs_eager, _UserValueError
-from funcgrad.verify._report import ChainReport, GradReport, _merge, _rename_rows
+from funcgrad.verify._report import ChainReport, GradReport, Verdict, _merge, _rename_rows
 
 
 def _in_terms_of(message: str, names: Sequence[str]) -> str:
@@ -111,8 +111,8 @@ def check_vjp(
             treedef, [np.asarray(rng.standard_normal(leaf.shape), leaf.dtype) for leaf in leaves]
         )
         try:
-            rep = check_grad(scalar, diff, cot, consts, hand=hand, rtol=rtol, atol=atol, mode=mode, seed=seed + k,
-                             _reuse=True)
+            rep = _check_grad_impl(scalar, diff, (cot, consts), hand=hand, has_aux=False, wrt=None, rtol=rtol,
+                                   atol=atol, mode=mode, seed=seed + k, reuse=True)
         except (TypeError, ValueError) as e:
             raise (ValueError if isinstance(e, ValueError) else TypeError)(_in_terms_of(str(e.args[0]) if e.args else
                                                                                        str(e), row_names)) from None
@@ -186,14 +186,14 @@ def check_jacobian(
 
     reports = []
     for i in range(m):
-        rep = check_grad(row_fn, x, jnp.asarray(i, jnp.int32), hand=row_hand, rtol=rtol, atol=atol, mode=mode,
-                         seed=seed, _reuse=True)
+        rep = _check_grad_impl(row_fn, x, (jnp.asarray(i, jnp.int32),), hand=row_hand, has_aux=False, wrt=None,
+                               rtol=rtol, atol=atol, mode=mode, seed=seed, reuse=True)
         out_idx = [int(k) for k in np.unravel_index(i, y.shape)] if y.shape else []
         reports.append(_rename_rows(dataclasses.replace(rep, rows=tuple(dataclasses.replace(r, path="[0]") for r in rep.rows)),
                                     [f"y{out_idx}"], "check_jacobian"))
     merged = _merge(reports, f"check_jacobian({getattr(fn, '__name__', 'fn')})", notes)
     if any(n.startswith("jacrev and jacfwd disagree") for n in notes) and merged.ok:
-        merged = dataclasses.replace(merged, verdict="autodiff_wrong")
+        merged = dataclasses.replace(merged, verdict=Verdict.AUTODIFF_WRONG)
     return merged
 
 

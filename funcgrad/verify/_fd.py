@@ -1,8 +1,9 @@
 """Finite differences on a ladder of step sizes, and the verdicts they give (host side, NumPy float64; no JAX here).
 
 Along an item's direction ``u``, ``f`` is evaluated at ``theta + offset·step·u`` for each of :data:`_OFFSETS`
-(the columns of ``F``), at the steps of a ladder: the first step, then each :data:`_LADDER` times smaller, at
-most :data:`_MAX_SCALES` of them.
+(the columns of ``F``: :data:`_MINUS_STEP`, :data:`_MINUS_HALF`, :data:`_PLUS_HALF`, :data:`_PLUS_STEP`), at
+the steps of a ladder: the first step, then each :data:`_LADDER` times smaller, at most :data:`_MAX_SCALES` of
+them.
 """
 
 from __future__ import annotations
@@ -13,11 +14,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from funcgrad.verify._report import Verdict
+
 
 _CONFIDENT = 10.0  # finite differences are confident when a value lies this many error estimates away
+# Where f is evaluated along an item's direction, in steps; the columns of F, in this order.
 _OFFSETS = (-1.0, -0.5, 0.5, 1.0)
+_MINUS_STEP, _MINUS_HALF, _PLUS_HALF, _PLUS_STEP = range(len(_OFFSETS))
 _LADDER = 10.0  # each finer scale divides the step by this
-_MAX_SCALES = 5  # the finest step is T/10⁴
+_MAX_SCALES = 5  # the finest step is the first one / 10⁴
 
 
 @dataclasses.dataclass
@@ -58,26 +63,28 @@ class _Scale(NamedTuple):
 
 def _scale(f0: float, F: np.ndarray, h: np.ndarray, eps_f: float, tol: np.ndarray) -> _Scale:
     """Differences at one step h (central at h and h/2, one-sided at both) and what they say."""
-    fm2, fm1, fp1, fp2 = (F[:, j] for j in range(4))
+    f_minus, f_minus_half = F[:, _MINUS_STEP], F[:, _MINUS_HALF]  # f at theta − h·u, theta − h/2·u
+    f_plus_half, f_plus = F[:, _PLUS_HALF], F[:, _PLUS_STEP]
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        d1 = (fp2 - fm2) / (2 * h)  # central, step h
-        d2 = (fp1 - fm1) / h  # central, step h/2
-        rich = (4 * d2 - d1) / 3  # Richardson: the h² error terms cancel
-        dp1, dm1 = (fp2 - f0) / h, (f0 - fm2) / h
-        dp2, dm2 = (fp1 - f0) / (h / 2), (f0 - fm1) / (h / 2)
+        central = (f_plus - f_minus) / (2 * h)  # central, step h
+        central_half = (f_plus_half - f_minus_half) / h  # central, step h/2
+        rich = (4 * central_half - central) / 3  # Richardson: the h² error terms cancel
+        right, left = (f_plus - f0) / h, (f0 - f_minus) / h  # one-sided quotients, step h
+        right_half, left_half = (f_plus_half - f0) / (h / 2), (f0 - f_minus_half) / (h / 2)  # and step h/2
         # One-sided Richardson: D(h/2) = D + f''·h/4 + O(h²), D(h) = D + f''·h/2 + O(h²), so 2·D(h/2) − D(h)
         # has no O(h) bias: the exact one-sided derivative at a kink with curvature beside it.
-        rp, rm = 2 * dp2 - dp1, 2 * dm2 - dm1
+        rp, rm = 2 * right_half - right, 2 * left_half - left
         size = np.maximum(np.max(np.where(np.isfinite(F), np.abs(F), 0.0), axis=1), abs(f0))
         noise = 3 * 16 * eps_f * size / h  # rounding error of a difference quotient at step h/2, generously
-        asym1, asym2 = dp1 - dm1, dp2 - dm2
-        r = asym1 - 2 * asym2  # O(h³) for a smooth function, O(jump) with a kink within the step
+        asym, asym_half = right - left, right_half - left_half
+        defect = asym - 2 * asym_half  # O(h³) for a smooth function, O(jump) with a kink within the step
         finite = np.isfinite(F).all(axis=1) & np.isfinite(f0)
-        nonsmooth = finite & (np.abs(r) > np.maximum.reduce([12 * noise, 0.1 * np.abs(asym1), tol]))
-        q = np.stack([np.where(np.isfinite(dp2), np.abs(dp2), np.nan), np.where(np.isfinite(dm2), np.abs(dm2), np.nan)])
+        nonsmooth = finite & (np.abs(defect) > np.maximum.reduce([12 * noise, 0.1 * np.abs(asym), tol]))
+        q = np.stack([np.where(np.isfinite(right_half), np.abs(right_half), np.nan),
+                      np.where(np.isfinite(left_half), np.abs(left_half), np.nan)])
         quotient = np.where(np.isnan(q).all(axis=0), np.nan, np.nanmax(np.where(np.isnan(q), -np.inf, q), axis=0))
-        os_change = np.maximum(np.abs(dp2 - dp1), np.abs(dm2 - dm1))
-        err = np.abs(d1 - d2) / 3 + noise
+        os_change = np.maximum(np.abs(right_half - right), np.abs(left_half - left))
+        err = np.abs(central - central_half) / 3 + noise
     return _Scale(rich, err, noise, rp, rm, nonsmooth, finite, quotient, os_change)
 
 
@@ -211,12 +218,12 @@ def _classify(A: np.ndarray, H: np.ndarray | None, fd: _FD, tol: np.ndarray,
         reach = 2 * (fd.hi - fd.lo) + 2 * fd.err + tol
         waive_a = kinked & lenient & (A >= fd.lo - reach) & (A <= fd.hi + reach)
     waived = kinked & lenient
-    fits = np.where(fd.resolved, np.where(fd.nonsmooth, "kink", "ok"), "fd_unreliable")
+    fits = np.where(fd.resolved, np.where(fd.nonsmooth, Verdict.KINK, Verdict.OK), Verdict.FD_UNRELIABLE)
     ca = _consistent(A, fd, tol) | waive_a
     off_a = _confidently_off(A, fd, tol) & ~waived
     if H is None:
-        out = np.where(ca, fits, np.where(off_a, "autodiff_wrong", "mismatch"))
-        return np.where(fd.singular, "singular", out).astype(object)
+        out = np.where(ca, fits, np.where(off_a, Verdict.AUTODIFF_WRONG, Verdict.MISMATCH))
+        return np.where(fd.singular, Verdict.SINGULAR, out).astype(object)
     with np.errstate(invalid="ignore"):
         waive_h = kinked & lenient & (H >= fd.lo - reach) & (H <= fd.hi + reach)
     ch = _consistent(H, fd, tol) | waive_h
@@ -227,11 +234,12 @@ def _classify(A: np.ndarray, H: np.ndarray | None, fd: _FD, tol: np.ndarray,
         agree = (np.abs(A - H) <= tol_ah) | same_nf | (waive_a & waive_h)
     out = np.where(
         agree,
-        np.where(ca, fits, np.where(off_a & off_h, "both_wrong", np.where(both_nf, "mismatch", "fd_unreliable"))),
+        np.where(ca, fits, np.where(off_a & off_h, Verdict.BOTH_WRONG,
+                                    np.where(both_nf, Verdict.MISMATCH, Verdict.FD_UNRELIABLE))),
         # Both within the reading's error bars yet apart: a kink at or right next to the point whose sides
         # finite differences cannot separate, or else nothing to tell them apart.
-        np.where(ca & ch, np.where((fd.nonsmooth & fd.resolved) | fd.near_kink, "kink", "mismatch"),
-                 np.where(ca, "hand_wrong", np.where(ch, "autodiff_wrong", "mismatch"))),
+        np.where(ca & ch, np.where((fd.nonsmooth & fd.resolved) | fd.near_kink, Verdict.KINK, Verdict.MISMATCH),
+                 np.where(ca, Verdict.HAND_WRONG, np.where(ch, Verdict.AUTODIFF_WRONG, Verdict.MISMATCH))),
     )
     # Both outside a kink's one-sided interval: only possible, for correct code, where several kinks meet at
     # the point along this direction (ReLUs of several samples at 0 moving in opposite directions), where a
@@ -240,9 +248,9 @@ def _classify(A: np.ndarray, H: np.ndarray | None, fd: _FD, tol: np.ndarray,
     # D₋ and D₊ together (a hand of 1000 where [D₋, D₊] = [1, 2] and autodiff says 0 still fails).
     with np.errstate(invalid="ignore"):
         near = np.abs(A - H) <= np.abs(A - fd.lo) + np.abs(A - fd.hi) + 2 * fd.err + tol
-    out = np.where(kinked & ~ca & ~ch & np.isfinite(A) & np.isfinite(H) & near, "kink", out)
+    out = np.where(kinked & ~ca & ~ch & np.isfinite(A) & np.isfinite(H) & near, Verdict.KINK, out)
     # At a singular point there is no derivative to be right about: sides that describe it alike pass.
-    out = np.where(fd.singular, np.where(agree | both_nf, "singular", "mismatch"), out)
+    out = np.where(fd.singular, np.where(agree | both_nf, Verdict.SINGULAR, Verdict.MISMATCH), out)
     return out.astype(object)
 
 

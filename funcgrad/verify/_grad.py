@@ -28,7 +28,17 @@ from funcgrad.verify._compiled import (
     _static_facts,
     _user_stage,
 )
-from funcgrad.verify._fd import _FD, _LADDER, _MAX_SCALES, _classify, _consistent, _default_rtol, _resolve, _scale
+from funcgrad.verify._fd import (
+    _FD,
+    _LADDER,
+    _MAX_SCALES,
+    _OFFSETS,
+    _classify,
+    _consistent,
+    _default_rtol,
+    _resolve,
+    _scale,
+)
 from funcgrad.verify._inputs import (
     _bound,
     _check_value,
@@ -41,7 +51,7 @@ from funcgrad.verify._inputs import (
     _UserTypeError,
     _UserValueError,
 )
-from funcgrad.verify._report import _BLAMES, _FAILING, _LIST, GradReport, Row, _combine_verdicts, _err_key
+from funcgrad.verify._report import _BLAMES, _FAILING, _LIST, GradReport, Row, Verdict, _combine_verdicts, _err_key
 
 
 # Disagreeing (or non-finite) elements per leaf arbitrated by finite differences, in rounds until one fails.
@@ -90,18 +100,18 @@ class _Engine:
         if initial is None:
             two = _Items(*(np.tile(x, 2) for x in items[:4]), np.concatenate([items.step, items.step / _LADDER]))
             F, P = self.evaluate(two)
-            k = len(items.index)
-            initial = np.stack([F[:k], F[k:]], axis=1)
-            P = P[:k]
-        scales = [_scale(self.f0, initial[:, k], items.step / _LADDER**k, self.eps_f, tol)
-                  for k in range(initial.shape[1])]
+            n_items = len(items.index)
+            initial = np.stack([F[:n_items], F[n_items:]], axis=1)
+            P = P[:n_items]
+        scales = [_scale(self.f0, initial[:, level], items.step / _LADDER**level, self.eps_f, tol)
+                  for level in range(initial.shape[1])]
         fd, settled = self._settle(scales, tol, values)
         while len(scales) < _MAX_SCALES and not settled.all():
             sel = np.nonzero(~settled)[0]
-            k = len(scales)
-            F = np.full((len(items.index), 4), np.nan)
-            F[sel] = self.evaluate(_Items(*(x[sel] for x in items[:4]), items.step[sel] / _LADDER**k))[0]
-            scales.append(_scale(self.f0, F, items.step / _LADDER**k, self.eps_f, tol))
+            level = len(scales)
+            F = np.full((len(items.index), len(_OFFSETS)), np.nan)
+            F[sel] = self.evaluate(_Items(*(x[sel] for x in items[:4]), items.step[sel] / _LADDER**level))[0]
+            scales.append(_scale(self.f0, F, items.step / _LADDER**level, self.eps_f, tol))
             fd, settled = self._settle(scales, tol, values)
         if not fd.resolved.all():
             fd = self._settle(scales, tol, values, final=True)[0]
@@ -153,7 +163,6 @@ def check_grad(
     atol: float | None = None,
     mode: str = "auto",
     seed: int = 0,
-    _reuse: bool = False,
 ) -> GradReport:
     """Checks the gradient of a scalar function three ways: autodiff, the hand formula, finite differences.
 
@@ -185,6 +194,15 @@ def check_grad(
             a ``hand`` whose result has another structure or shape or a non-float dtype, a function JAX can
             differentiate in neither mode; each message names the leaf path.
     """
+    return _check_grad_impl(fn, params, args, hand=hand, has_aux=has_aux, wrt=wrt, rtol=rtol, atol=atol, mode=mode,
+                            seed=seed, reuse=False)
+
+
+def _check_grad_impl(fn: Callable[..., Any], params: Any, args: tuple, *, hand: Callable[..., Any] | None,
+                     has_aux: bool, wrt: Any, rtol: float | None, atol: float | None, mode: str, seed: int,
+                     reuse: bool) -> GradReport:
+    """:func:`check_grad`. ``reuse`` checks ``fn`` and ``hand`` themselves rather than fresh wrappers of them, so
+    that checks of the same function objects share compilations (see below)."""
     start = time.perf_counter()
     if not callable(fn):
         raise TypeError(f"check_grad: fn must be callable; got {describe(fn)}")
@@ -200,7 +218,7 @@ def check_grad(
     if not isinstance(has_aux, bool):
         raise TypeError(f"check_grad: has_aux must be True or False; got {describe(has_aux)}")
     caller_x64 = x64_enabled()
-    if not _reuse:
+    if not reuse:
         # A fresh wrapper per call: compiled programs are cached per function object, and a function may read
         # globals (data, constants) that changed since an earlier check. Only check_vjp and check_jacobian,
         # which make their own wrappers for one call, reuse compilations across their inner checks.
@@ -223,9 +241,9 @@ def check_grad(
     except (_UserValueError, _UserTypeError) as e:
         raise _clean(e) from None
     if layout.n == 0:  # every differentiated leaf is empty: nothing to compare
-        rows = [Row(p, "ok", None, 0.0, 0.0, None, None, None, "exact", 0, 0, 0,
+        rows = [Row(p, Verdict.OK, None, 0.0, 0.0, None, None, None, "exact", 0, 0, 0,
                     "no elements (zero-size leaf): nothing to check") for p in layout.paths]
-        return GradReport(tuple(rows), "ok", "check_grad", "/".join(user_dtypes), tuple(notes),
+        return GradReport(tuple(rows), Verdict.OK, "check_grad", "/".join(user_dtypes), tuple(notes),
                           time.perf_counter() - start, {})
     base_notes = list(notes)
 
@@ -376,7 +394,7 @@ def _environment(x64, user_dtypes, facts, mode, plan, seed, rtol, atol, hand, ea
 class _Item:
     """One comparison: an element (index into the leaf) or a random direction (index None)."""
 
-    verdict: str
+    verdict: Verdict
     index: tuple[int, ...] | None
     A: float
     H: float | None
@@ -412,7 +430,7 @@ def _make_item(verdict, index, A, H, fd: _FD | None = None, k: int = 0, N: float
     abs_err = max(diffs) if all(math.isfinite(d) for d in diffs) else float("inf")
     mag = max((abs(v) for v in vals if math.isfinite(v)), default=0.0)
     rel_err = abs_err / mag if mag > 0 else (0.0 if abs_err == 0 else float("inf"))
-    return _Item(str(verdict), None if index is None else tuple(int(i) for i in index), A, H, N, abs_err, rel_err,
+    return _Item(Verdict(verdict), None if index is None else tuple(int(i) for i in index), A, H, N, abs_err, rel_err,
                  **extra)
 
 
@@ -420,9 +438,9 @@ def _g(x: float | None) -> str:
     return "—" if x is None else f"{x:.6g}"
 
 
-def _note_for(verdict: str, item: _Item | None, extra: Sequence[str]) -> str:
+def _note_for(verdict: Verdict, item: _Item | None, extra: Sequence[str]) -> str:
     parts = []
-    if item is not None and verdict != "ok":
+    if item is not None and verdict != Verdict.OK:
         at = f"at {list(item.index)}" if item.index is not None else "along a random direction"
         slack = 2 * item.fd_err if math.isfinite(item.fd_err) else 0.0
         outside = [name for name, v in (("autodiff", item.A), ("hand", item.H))
@@ -441,32 +459,39 @@ def _note_for(verdict: str, item: _Item | None, extra: Sequence[str]) -> str:
         if item.user_precision:
             fd = f"in float64 the same side gives {_g(item.N)}"
         parts.append({
-            "kink": (f"not differentiable {at}: {fd}, and autodiff ({_g(item.A)})"
-                     + (f" and hand ({_g(item.H)})" if item.H is not None else "") + " lie between them") if
-                    item.kink and not outside else
-                    (f"not differentiable {at}: {fd}; autodiff ({_g(item.A)}) and hand ({_g(item.H)}) both lie "
-                     f"outside: {meet}; finite differences cannot judge there (check at a point off the kinks to "
-                     "be sure)") if item.kink
-                    else (f"kinks at or right next to {at.removeprefix('at ')} (within the finite-difference steps): "
-                          f"{fd}, which cannot separate autodiff ({_g(item.A)})"
-                          + (f" and hand ({_g(item.H)})" if item.H is not None else "") + "; both are accepted"),
-            "singular": f"no finite derivative {at}: the difference quotients grow without bound as the step "
-                        f"shrinks (sqrt or log at 0, |x|^p with p < 1, a discontinuity); autodiff gives {_g(item.A)}"
-                        + (f" and hand {_g(item.H)}, which describe it alike" if item.H is not None else ""),
-            "fd_unreliable": (f"autodiff and hand agree {at} ({_g(item.A)}); {why_unsure}" if item.H is not None
-                              else f"autodiff ({_g(item.A)}) cannot be confirmed {at}: {why_unsure}"),
-            "hand_wrong": f"hand ({_g(item.H)}) differs from autodiff ({_g(item.A)}) and finite differences {at}; {fd}"
-                          + (f" (unless {meet})" if item.kink else ""),
-            "autodiff_wrong": f"autodiff ({_g(item.A)}) differs from finite differences"
-                              + (f" and hand ({_g(item.H)})" if item.H is not None else "") + f" {at}; {fd}"
-                              + (f" (unless {meet})" if item.kink else ""),
-            "both_wrong": f"autodiff and hand agree {at} ({_g(item.A)}), but {fd}, confidently: a mistake both "
-                          "share (a stop_gradient, or a custom rule copied into the hand formula?)",
-            "mismatch": (f"autodiff ({_g(item.A)}){hand_part} and finite differences disagree {at}; no one side can "
-                         f"be blamed: " + (
-                             "the derivative does not exist there (the difference quotients grow without bound) "
-                             "and the two sides describe it differently" if not item.resolved and not item.fd_finite
-                             else why_unsure if not item.resolved else fd)),
+            Verdict.KINK: (
+                (f"not differentiable {at}: {fd}, and autodiff ({_g(item.A)})"
+                 + (f" and hand ({_g(item.H)})" if item.H is not None else "") + " lie between them") if
+                item.kink and not outside else
+                (f"not differentiable {at}: {fd}; autodiff ({_g(item.A)}) and hand ({_g(item.H)}) both lie "
+                 f"outside: {meet}; finite differences cannot judge there (check at a point off the kinks to "
+                 "be sure)") if item.kink
+                else (f"kinks at or right next to {at.removeprefix('at ')} (within the finite-difference steps): "
+                      f"{fd}, which cannot separate autodiff ({_g(item.A)})"
+                      + (f" and hand ({_g(item.H)})" if item.H is not None else "") + "; both are accepted")),
+            Verdict.SINGULAR: (
+                f"no finite derivative {at}: the difference quotients grow without bound as the step "
+                f"shrinks (sqrt or log at 0, |x|^p with p < 1, a discontinuity); autodiff gives {_g(item.A)}"
+                + (f" and hand {_g(item.H)}, which describe it alike" if item.H is not None else "")),
+            Verdict.FD_UNRELIABLE: (
+                f"autodiff and hand agree {at} ({_g(item.A)}); {why_unsure}" if item.H is not None
+                else f"autodiff ({_g(item.A)}) cannot be confirmed {at}: {why_unsure}"),
+            Verdict.HAND_WRONG: (
+                f"hand ({_g(item.H)}) differs from autodiff ({_g(item.A)}) and finite differences {at}; {fd}"
+                + (f" (unless {meet})" if item.kink else "")),
+            Verdict.AUTODIFF_WRONG: (
+                f"autodiff ({_g(item.A)}) differs from finite differences"
+                + (f" and hand ({_g(item.H)})" if item.H is not None else "") + f" {at}; {fd}"
+                + (f" (unless {meet})" if item.kink else "")),
+            Verdict.BOTH_WRONG: (
+                f"autodiff and hand agree {at} ({_g(item.A)}), but {fd}, confidently: a mistake both "
+                "share (a stop_gradient, or a custom rule copied into the hand formula?)"),
+            Verdict.MISMATCH: (
+                f"autodiff ({_g(item.A)}){hand_part} and finite differences disagree {at}; no one side can "
+                f"be blamed: " + (
+                    "the derivative does not exist there (the difference quotients grow without bound) "
+                    "and the two sides describe it differently" if not item.resolved and not item.fd_finite
+                    else why_unsure if not item.resolved else fd)),
         }[verdict])
     parts += list(extra)
     return "; ".join(parts)
@@ -476,16 +501,16 @@ def _rows(res: _ProbeOut, engine: _Engine, has_hand, a_user, h_user, user_dtypes
     layout, plan = engine.layout, engine.plan
     a, h, tol = engine.a, (engine.h if has_hand else None), engine.tol
     items_np = _Items(*(np.asarray(x) for x in res.items))
-    I, P = items_np.index, np.asarray(res.P)
-    item_tol = np.where(I >= 0, tol[np.maximum(I, 0)], np.maximum(P[:, 2], engine.floor))
-    item_tol_ah = np.where(I >= 0, engine.tol_ah[np.maximum(I, 0)], P[:, 2])
-    is_el = I >= 0
-    A = np.where(is_el, a[np.maximum(I, 0)], P[:, 0])
-    H = None if h is None else np.where(is_el, h[np.maximum(I, 0)], P[:, 1])
+    flat, proj = items_np.index, np.asarray(res.P)  # each item's element (-1: a direction), its projections
+    item_tol = np.where(flat >= 0, tol[np.maximum(flat, 0)], np.maximum(proj[:, 2], engine.floor))
+    item_tol_ah = np.where(flat >= 0, engine.tol_ah[np.maximum(flat, 0)], proj[:, 2])
+    is_el = flat >= 0
+    A = np.where(is_el, a[np.maximum(flat, 0)], proj[:, 0])
+    H = None if h is None else np.where(is_el, h[np.maximum(flat, 0)], proj[:, 1])
     fd, _ = engine.ladder(items_np, item_tol, initial=np.asarray(res.F), values=[A] if H is None else [A, H])
     verdicts = _classify(A, H, fd, item_tol, lenient=~is_el, tol_ah=item_tol_ah)
     d_leaf = np.array(_dir_items(plan)[0])
-    item_leaf = np.where(is_el, np.searchsorted(np.array(layout.offsets), np.maximum(I, 0), side="right") - 1,
+    item_leaf = np.where(is_el, np.searchsorted(np.array(layout.offsets), np.maximum(flat, 0), side="right") - 1,
                          np.concatenate([np.zeros(int(is_el.sum()), int), d_leaf]))
     jvp = np.asarray(res.jvp)
 
@@ -497,7 +522,7 @@ def _rows(res: _ProbeOut, engine: _Engine, has_hand, a_user, h_user, user_dtypes
         for k in np.nonzero(item_leaf == li)[0]:
             if not is_el[k] and (s == 0 or empty_support):
                 continue  # a direction with nothing to move: no information
-            index = np.unravel_index(I[k] - o, shape) if is_el[k] else None
+            index = np.unravel_index(flat[k] - o, shape) if is_el[k] else None
             items.append(_make_item(verdicts[k], index, A[k], None if H is None else H[k], fd, k))
         seg_a = a[o : o + s]
         nonfinite = ~np.isfinite(seg_a)
@@ -522,7 +547,7 @@ def _rows(res: _ProbeOut, engine: _Engine, has_hand, a_user, h_user, user_dtypes
         if n_nf:
             extra.append(f"{n_nf} element(s) not finite in " + ("autodiff or hand" if h is not None else "autodiff")
                          + " (checked one by one; random projections skip them)")
-        done = {int(I[k]) - o for k in np.nonzero((item_leaf == li) & is_el)[0]}
+        done = {int(flat[k]) - o for k in np.nonzero((item_leaf == li) & is_el)[0]}
         if dis.any():
             # Disagreeing elements, worst first, are arbitrated in growing rounds until one fails: a wrong
             # element must not hide behind disagreements that are only kinks (two valid conventions).
@@ -545,7 +570,7 @@ def _rows(res: _ProbeOut, engine: _Engine, has_hand, a_user, h_user, user_dtypes
                 i = order[checked]
                 extra.append(f"autodiff and hand disagree at {left} more element(s) than the {checked} checked one "
                              "by one (all passing): too many to check, so the leaf cannot pass")
-                items.append(_make_item("mismatch", np.unravel_index(i - o, shape), a[i], h[i], N=float("nan")))
+                items.append(_make_item(Verdict.MISMATCH, np.unravel_index(i - o, shape), a[i], h[i], N=float("nan")))
         # A projection that fails with no element to show for it: bisect down to the element.
         bad_dirs = [it for it in items if it.index is None and it.verdict in _FAILING]
         if bad_dirs and not any(it.index is not None and it.verdict in _FAILING for it in items):
@@ -555,7 +580,7 @@ def _rows(res: _ProbeOut, engine: _Engine, has_hand, a_user, h_user, user_dtypes
                 extra.append("element located by bisecting a failing random projection")
                 if located.verdict in _BLAMES:
                     for it in items:  # the located element explains the failing projections
-                        if it.index is None and it.verdict == "mismatch":
+                        if it.index is None and it.verdict == Verdict.MISMATCH:
                             it.verdict = located.verdict
             else:
                 extra.append("bisecting the failing random projection singled out no failing element (the "
@@ -573,11 +598,11 @@ def _rows(res: _ProbeOut, engine: _Engine, has_hand, a_user, h_user, user_dtypes
                     f"direction; finite differences give {fd.value[k]:.6e}: {'reverse' if fwd_right else 'forward'} "
                     "mode is wrong"
                 )
-                items.append(_make_item("autodiff_wrong", None, jr if fwd_right else jv, None, fd, k))
+                items.append(_make_item(Verdict.AUTODIFF_WRONG, None, jr if fwd_right else jv, None, fd, k))
         if user_dtypes != ["float64"] and s:
-            already = {"hand" if it.verdict == "hand_wrong" else "autodiff" for it in items
-                       if it.verdict in ("hand_wrong", "autodiff_wrong", "both_wrong")}
-            if any(it.verdict == "both_wrong" for it in items):
+            already = {"hand" if it.verdict == Verdict.HAND_WRONG else "autodiff" for it in items
+                       if it.verdict in _BLAMES}
+            if any(it.verdict == Verdict.BOTH_WRONG for it in items):
                 already = {"hand", "autodiff"}
             eps = max(float(jnp.finfo(engine.user_dtypes[li]).eps), eps_inner)  # fn may compute in bfloat16
             extra_u, items_u = _user_precision(o, s, shape, a, h, a_user, h_user, eps, skip=already)
@@ -588,8 +613,8 @@ def _rows(res: _ProbeOut, engine: _Engine, has_hand, a_user, h_user, user_dtypes
 
 
 def _row(path, li, size, items, extra, plan) -> Row:
-    verdict = _combine_verdicts([it.verdict for it in items]) if items else "ok"
-    if verdict == "ok":
+    verdict = _combine_verdicts([it.verdict for it in items]) if items else Verdict.OK
+    if verdict == Verdict.OK:
         cands = [it for it in items if it.index is not None] or items
     else:
         cands = ([it for it in items if it.verdict == verdict] or [it for it in items if it.verdict in _FAILING]
@@ -690,8 +715,9 @@ def _user_precision(o, s, shape, a64, h64, a_user, h_user, eps, skip=()) -> tupl
             i = int(np.argmax(np.where(nonfinite, np.inf, np.where(np.isfinite(dev), dev, 0.0))))
             what = "is not finite" if nonfinite.any() else f"loses precision (deviation {r:.1e} of its scale)"
             extra.append(f"{name} {what} at the parameters' own precision, though right in float64")
-            it = _make_item("autodiff_wrong" if name == "autodiff" else "hand_wrong", np.unravel_index(i, shape),
-                            a_user[o + i], None if h64 is None else h_user[o + i], N=ref[i])
+            blame = Verdict.AUTODIFF_WRONG if name == "autodiff" else Verdict.HAND_WRONG
+            it = _make_item(blame, np.unravel_index(i, shape), a_user[o + i], None if h64 is None else h_user[o + i],
+                            N=ref[i])
             it.user_precision = True
             items.append(it)
     return extra, items

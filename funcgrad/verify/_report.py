@@ -4,19 +4,34 @@ reports, and their text, JSON and Markdown forms. Plain Python: no JAX here."""
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import math
 from collections.abc import Sequence
 from typing import Any
 
 
+class Verdict(enum.StrEnum):
+    """A check's verdict, from the mildest to the most severe (see :class:`GradReport`). Each member is its own
+    name as a string: ``Verdict.KINK == "kink"``, and JSON and formatted text show the plain name."""
+
+    OK = "ok"
+    KINK = "kink"
+    SINGULAR = "singular"
+    FD_UNRELIABLE = "fd_unreliable"
+    HAND_WRONG = "hand_wrong"
+    AUTODIFF_WRONG = "autodiff_wrong"
+    BOTH_WRONG = "both_wrong"
+    MISMATCH = "mismatch"
+
+
 #: Every verdict, from the mildest to the most severe.
-VERDICTS = ("ok", "kink", "singular", "fd_unreliable", "hand_wrong", "autodiff_wrong", "both_wrong", "mismatch")
+VERDICTS = tuple(Verdict)
 #: The verdicts that pass.
-PASSING = ("ok", "kink", "singular", "fd_unreliable")
+PASSING = (Verdict.OK, Verdict.KINK, Verdict.SINGULAR, Verdict.FD_UNRELIABLE)
 _SEVERITY = {v: i for i, v in enumerate(VERDICTS)}
-_FAILING = ("hand_wrong", "autodiff_wrong", "both_wrong", "mismatch")
-_BLAMES = ("hand_wrong", "autodiff_wrong", "both_wrong")
+_FAILING = (Verdict.HAND_WRONG, Verdict.AUTODIFF_WRONG, Verdict.BOTH_WRONG, Verdict.MISMATCH)
+_BLAMES = (Verdict.HAND_WRONG, Verdict.AUTODIFF_WRONG, Verdict.BOTH_WRONG)
 _LIST = 8  # paths listed in a note before "and N more"
 
 
@@ -41,7 +56,7 @@ class Row:
 
     Attributes:
         path: the leaf's pytree path in `jax.tree_util.keystr` form, e.g. ``['dense1']['W']``.
-        verdict: one of :data:`VERDICTS`.
+        verdict: a :class:`Verdict`, one of :data:`VERDICTS` (equal to its name: ``row.verdict == "kink"``).
         worst_index: index into the leaf of the element that decided the verdict (None when the leaf was
             checked by projections only and nothing was wrong, or no element could be singled out).
         max_abs_err: the largest difference among the three values shown (``autodiff``, ``hand``,
@@ -56,7 +71,7 @@ class Row:
     """
 
     path: str
-    verdict: str
+    verdict: Verdict
     worst_index: tuple[int, ...] | None
     max_abs_err: float
     max_rel_err: float
@@ -69,6 +84,9 @@ class Row:
     directions: int = 0
     note: str = ""
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "verdict", Verdict(self.verdict))  # a plain name becomes its member
+
     @property
     def ok(self) -> bool:
         return self.verdict in PASSING
@@ -80,6 +98,7 @@ class Row:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        d["verdict"] = str(self.verdict)
         d["worst_index"] = list(self.worst_index) if self.worst_index is not None else None
         for k in ("max_abs_err", "max_rel_err", "autodiff", "hand", "numeric"):
             d[k] = _json_float(d[k])
@@ -87,15 +106,15 @@ class Row:
         return d
 
 
-def _combine_verdicts(verdicts: Sequence[str]) -> str:
+def _combine_verdicts(verdicts: Sequence[str]) -> Verdict:
     """The verdict over several: one kind of blame (with or without unattributed disagreements) is that
     blame; different blames together are a mismatch; else the most severe passing verdict."""
     blamed = {v for v in verdicts if v in _BLAMES}
     if len(blamed) == 1:
-        return blamed.pop()
-    if blamed or "mismatch" in verdicts:
-        return "mismatch"
-    return max(verdicts, key=_SEVERITY.__getitem__, default="ok")
+        return Verdict(blamed.pop())
+    if blamed or Verdict.MISMATCH in verdicts:
+        return Verdict.MISMATCH
+    return Verdict(max(verdicts, key=_SEVERITY.__getitem__, default=Verdict.OK))
 
 
 def _err_key(x: float) -> float:
@@ -108,7 +127,12 @@ def _worst_row(rows: Sequence[Row], verdict: str) -> Row | None:
     if not rows:
         return None
     deciding = [r for r in rows if r.verdict == verdict] or [r for r in rows if not r.ok] or list(rows)
-    return max(deciding, key=lambda r: (_SEVERITY[r.verdict], _err_key(r.max_abs_err)))
+    return max(deciding, key=_severity)
+
+
+def _severity(row: Row) -> tuple[int, float]:
+    """How bad a row is: its verdict's severity, then its error."""
+    return _SEVERITY[row.verdict], _err_key(row.max_abs_err)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,12 +159,15 @@ class GradReport:
     """
 
     rows: tuple[Row, ...]
-    verdict: str
+    verdict: Verdict
     title: str = "check_grad"
     dtype: str = ""
     notes: tuple[str, ...] = ()
     seconds: float = 0.0
     environment: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "verdict", Verdict(self.verdict))  # a plain name becomes its member
 
     @property
     def ok(self) -> bool:
@@ -166,11 +193,11 @@ class GradReport:
         head = (f"{self.title}: {self.verdict} ({'ok' if self.ok else 'NOT OK'}) — {len(self.rows)} leaves, "
                 f"{n} parameters, {self.seconds:.2f}s")
         r = self.worst
-        if r is None or self.verdict == "ok":
+        if r is None or self.verdict == Verdict.OK:
             return head
         if self.ok:
-            why = {"kink": "not differentiable at or next to", "fd_unreliable": "finite differences unsure at",
-                   "singular": "no finite derivative at"}
+            why = {Verdict.KINK: "not differentiable at or next to",
+                   Verdict.FD_UNRELIABLE: "finite differences unsure at", Verdict.SINGULAR: "no finite derivative at"}
             return f"{head}; {why.get(r.verdict, r.verdict)} {r.where}"
         return f"{head}; {r.verdict} at {r.where}: {r.note}"
 
@@ -197,7 +224,7 @@ class GradReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "title": self.title,
-            "verdict": self.verdict,
+            "verdict": str(self.verdict),
             "ok": self.ok,
             "dtype": self.dtype,
             "seconds": self.seconds,
@@ -266,8 +293,7 @@ def _merge(reports: Sequence[GradReport], title: str, extra_notes: Sequence[str]
                 by_path[r.path] = r
             else:
                 cur = by_path[r.path]
-                key = lambda x: (_SEVERITY[x.verdict], _err_key(x.max_abs_err))
-                best = r if key(r) > key(cur) else cur
+                best = r if _severity(r) > _severity(cur) else cur
                 by_path[r.path] = dataclasses.replace(best, checked=max(cur.checked, r.checked),
                                                       directions=cur.directions + r.directions)
     rows = tuple(by_path[p] for p in order)
@@ -295,7 +321,7 @@ class ChainReport:
         return self.end_to_end.ok and all(rep.ok for _, rep in self.links)
 
     @property
-    def verdict(self) -> str:
+    def verdict(self) -> Verdict:
         return _combine_verdicts([rep.verdict for _, rep in self.links] + [self.end_to_end.verdict])
 
     def __str__(self) -> str:
@@ -308,7 +334,7 @@ class ChainReport:
             lines.append(f"  {name.ljust(w)}  {rep.verdict:14s} worst {where:24s} abs err {_fmt(worst.max_abs_err if worst else None)}")
         lines.append(f"  {'(whole chain)'.ljust(w)}  {self.end_to_end.verdict}")
         for name, rep in self.links:
-            if not rep.ok or rep.verdict != "ok":
+            if not rep.ok or rep.verdict != Verdict.OK:
                 lines.append("")
                 lines.append(f"[{name}] " + str(rep))
         if not self.end_to_end.ok:
@@ -317,7 +343,7 @@ class ChainReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "verdict": self.verdict,
+            "verdict": str(self.verdict),
             "ok": self.ok,
             "first_broken": self.first_broken,
             "links": [{"name": n, **rep.to_dict()} for n, rep in self.links],
