@@ -294,7 +294,7 @@ def test_modes(mode):
 
 def test_the_vectorised_path_of_accelerators(monkeypatch):
     # On GPU and TPU finite differences are evaluated many at a time with vmap; exercise that path on CPU.
-    monkeypatch.setattr(verify, "_vectorise", lambda: True)
+    monkeypatch.setattr(verify._compiled, "_vectorise", lambda: True)
     model = fg.nn.mlp([8, 3], output="softmax")
     obj = fg.Objective(model, "categorical_crossentropy")
     params = model.init(jax.random.key(0), (2,))

@@ -14,8 +14,9 @@ from pathlib import Path
 import jax
 
 from funcgrad.cli._train import UsageError, cmd_evaluate, cmd_train
-from funcgrad.cli._verify import cmd_verify, verify_suite
+from funcgrad.cli._verify import cmd_verify
 from funcgrad.config import packaged
+from funcgrad.verify import verify_suite
 
 __all__ = ["main", "verify_suite"]
 

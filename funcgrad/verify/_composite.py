@@ -1,0 +1,310 @@
+"""Checks built on check_grad: check_vjp (random output cotangents), check_jacobian (a row per output element)
+and check_chain (a model's backward pass link by link, and the whole chain)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from funcgrad._checks import describe, is_tracer
+from funcgrad.verify._fd import _default_rtol
+from funcgrad.verify._grad import _check_grad_impl, check_grad
+from funcgrad.verify._inputs import _first_line, _host_tree, _is_array, _needs_eager, _UserValueError
+from funcgrad.verify._report import ChainReport, GradReport, Verdict, _merge, _rename_rows
+
+
+def _in_terms_of(message: str, names: Sequence[str]) -> str:
+    """A check_grad message about the tuple of differentiated primals, told with the primals' names."""
+    message = message.replace("hand must", "hand_vjp must").replace("hand returned", "hand_vjp returned")
+    for i, name in enumerate(names):
+        message = message.replace(f"params[{i}]", name).replace(f"'[{i}]", f"'{name}").replace(f"[{i}]:", f"{name}:")
+    return f"check_vjp (differentiating {', '.join(names)}): {message}"
+
+
+def _primal_names(fn: Callable, n: int) -> list[str]:
+    try:
+        params = [p.name for p in inspect.signature(fn).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    return [params[i] if i < len(params) else f"[{i}]" for i in range(n)]
+
+
+def _vdot_tree(out: Any, cot: Any) -> jax.Array:
+    return sum(jnp.vdot(o, c) for o, c in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(cot)))
+
+
+def check_vjp(
+    fn: Callable[..., Any],
+    hand_vjp: Callable[..., Any],
+    *primals: Any,
+    argnums: Sequence[int] | None = None,
+    cotangents: int = 2,
+    names: Sequence[str] | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    mode: str = "auto",
+    seed: int = 0,
+) -> GradReport:
+    """Checks a book-style backward function against `jax.vjp` and finite differences.
+
+    ``hand_vjp(*primals, cotangent)`` must return the cotangents of the differentiable primals (``argnums``;
+    default: every floating primal), as a tuple, or a single array when there is one. Under each of
+    ``cotangents`` random output cotangents u, the scalar ``⟨fn(*primals), u⟩`` is checked with
+    :func:`check_grad`, whose gradient is exactly the VJP. Rows are named after ``fn``'s parameters.
+    """
+    if not callable(fn) or not callable(hand_vjp):
+        raise TypeError("check_vjp: fn and hand_vjp must be callable")
+    # Python floats are points to differentiate at; ints, strings and other non-arrays stay static arguments.
+    primals = tuple(jnp.asarray(p) if isinstance(p, float) else p for p in primals)
+    if argnums is None:
+        argnums = tuple(i for i, p in enumerate(primals) if jax.tree_util.tree_leaves(p) and all(
+            _is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.floating) for leaf in jax.tree_util.tree_leaves(p)))
+    argnums = tuple(argnums)
+    if not argnums:
+        raise ValueError("check_vjp: no floating primal to differentiate; pass argnums")
+    for i in argnums:
+        if not 0 <= i < len(primals):
+            raise ValueError(f"check_vjp: argnums {argnums} out of range for {len(primals)} primals")
+    all_names = list(names) if names is not None else _primal_names(fn, len(primals))
+    row_names = [all_names[i] for i in argnums]
+    const_pos = tuple(i for i in range(len(primals)) if i not in argnums)
+
+    def merge(diff, consts):
+        full = [None] * len(primals)
+        for i, v in zip(argnums, diff):
+            full[i] = v
+        for i, v in zip(const_pos, consts):
+            full[i] = v
+        return full
+
+    def scalar(diff, cot, consts):
+        return _vdot_tree(fn(*merge(diff, consts)), cot)
+
+    def hand(diff, cot, consts):
+        out = hand_vjp(*merge(diff, consts), cot)
+        if len(argnums) == 1 and not (isinstance(out, tuple) and len(out) == 1):
+            out = (out,)
+        if not isinstance(out, (tuple, list)) or len(out) != len(argnums):
+            got = len(out) if isinstance(out, (tuple, list)) else describe(out)
+            raise _UserValueError(f"hand_vjp must return {len(argnums)} cotangent(s), one for each of {row_names}; "
+                                  f"got {got}")
+        return tuple(out)
+
+    diff = tuple(primals[i] for i in argnums)
+    consts = tuple(primals[i] for i in const_pos)
+    out_shape = jax.eval_shape(lambda: fn(*primals))
+    leaves, treedef = jax.tree_util.tree_flatten(out_shape)
+    n_cot = 1 if all(leaf.shape == () for leaf in leaves) else max(1, int(cotangents))
+    reports = []
+    rng = np.random.default_rng(seed)  # NumPy, not jax.random: nothing to compile for a few draws
+    for k in range(n_cot):
+        cot = jax.tree_util.tree_unflatten(
+            treedef, [np.asarray(rng.standard_normal(leaf.shape), leaf.dtype) for leaf in leaves]
+        )
+        try:
+            rep = _check_grad_impl(scalar, diff, (cot, consts), hand=hand, has_aux=False, wrt=None, rtol=rtol,
+                                   atol=atol, mode=mode, seed=seed + k, reuse=True)
+        except (TypeError, ValueError) as e:
+            raise (ValueError if isinstance(e, ValueError) else TypeError)(_in_terms_of(str(e.args[0]) if e.args else
+                                                                                       str(e), row_names)) from None
+        reports.append(_rename_rows(rep, row_names, "check_vjp"))
+    return _merge(reports, f"check_vjp({getattr(fn, '__name__', 'fn')})")
+
+
+def check_jacobian(
+    fn: Callable[[jax.Array], jax.Array],
+    x: Any,
+    hand_jac: Callable[[jax.Array], jax.Array],
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    mode: str = "auto",
+    seed: int = 0,
+) -> GradReport:
+    """``jax.jacrev`` vs ``jax.jacfwd`` vs the hand Jacobian (e.g. softmax's ``diag(s) − s·sᵀ``) vs finite
+    differences. ``hand_jac(x)`` has shape ``fn(x).shape + x.shape``. One row per output element ``y[i]``:
+    the check of its gradient row ``∂y[i]/∂x``."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"check_jacobian: x must be a float array; got {describe(x)}")
+    if not callable(fn) or not callable(hand_jac):
+        raise TypeError("check_jacobian: fn and hand_jac must be callable")
+    y = jax.eval_shape(fn, x)
+    if not hasattr(y, "shape"):
+        raise TypeError("check_jacobian: fn must return a single array")
+    m = math.prod(y.shape)
+    if m > 4096:
+        raise ValueError(f"check_jacobian: fn has {m} outputs; use check_vjp for large outputs")
+    notes = []
+    try:
+        J_shape = jax.eval_shape(hand_jac, x)
+    except Exception as e:
+        if not _needs_eager(e):
+            raise
+        J_shape = np.asarray(hand_jac(np.array(x)))  # a NumPy hand Jacobian: check_grad calls it eagerly too
+    if tuple(getattr(J_shape, "shape", ())) != tuple(y.shape) + tuple(x.shape):
+        raise ValueError(
+            f"hand_jac(x) must have shape fn(x).shape + x.shape = {tuple(y.shape) + tuple(x.shape)}; got {describe(J_shape)}"
+        )
+    jacobians = {}
+    for name, jac in (("jacrev", jax.jacrev), ("jacfwd", jax.jacfwd)):
+        try:
+            jacobians[name] = jac(fn)(x)
+        except Exception as e:  # noqa: BLE001 - custom_vjp (no forward mode), while_loop (no reverse mode)
+            notes.append(f"{name} is unavailable for fn ({_first_line(e).split(':')[0]}"
+                         + (", a jax.custom_vjp rule" if "custom_vjp" in str(e) else "") + "): "
+                         + ("jacrev only" if name == "jacfwd" else "jacfwd only"))
+    if not jacobians:
+        raise ValueError("check_jacobian: JAX can differentiate fn neither in reverse nor in forward mode")
+    if len(jacobians) == 2:
+        J_rev, J_fwd = jacobians["jacrev"], jacobians["jacfwd"]
+        with np.errstate(invalid="ignore"):
+            gap = np.abs(np.asarray(J_rev, np.float64) - np.asarray(J_fwd, np.float64))
+        eps = float(jnp.finfo(x.dtype).eps)
+        finite = np.isfinite(np.asarray(J_rev, np.float64))
+        scale = float(np.max(np.abs(np.asarray(J_rev, np.float64)[finite]))) if finite.any() else 0.0
+        same = np.asarray(J_rev) == np.asarray(J_fwd)  # equal infinities count as agreeing
+        if not np.all(same | (gap <= 100 * eps * max(scale, 1e-30) + _default_rtol(eps) * scale)):
+            i = np.unravel_index(int(np.nanargmax(np.where(same, 0.0, np.where(np.isnan(gap), np.inf, gap)))), gap.shape)
+            notes.append(f"jacrev and jacfwd disagree at J{list(i)}: {float(np.asarray(J_rev)[i])} vs "
+                         f"{float(np.asarray(J_fwd)[i])}")
+
+    def row_fn(x_, i):
+        return jnp.ravel(fn(x_))[i]
+
+    def row_hand(x_, i):
+        return jnp.reshape(hand_jac(x_), (m,) + x_.shape)[i]
+
+    reports = []
+    for i in range(m):
+        rep = _check_grad_impl(row_fn, x, (jnp.asarray(i, jnp.int32),), hand=row_hand, has_aux=False, wrt=None,
+                               rtol=rtol, atol=atol, mode=mode, seed=seed, reuse=True)
+        out_idx = [int(k) for k in np.unravel_index(i, y.shape)] if y.shape else []
+        reports.append(_rename_rows(dataclasses.replace(rep, rows=tuple(dataclasses.replace(r, path="[0]") for r in rep.rows)),
+                                    [f"y{out_idx}"], "check_jacobian"))
+    merged = _merge(reports, f"check_jacobian({getattr(fn, '__name__', 'fn')})", notes)
+    if any(n.startswith("jacrev and jacfwd disagree") for n in notes) and merged.ok:
+        merged = dataclasses.replace(merged, verdict=Verdict.AUTODIFF_WRONG)
+    return merged
+
+
+def check_chain(
+    stages: Sequence[tuple],
+    x: Any,
+    *,
+    cotangents: int = 2,
+    rtol: float | None = None,
+    atol: float | None = None,
+    mode: str = "auto",
+    seed: int = 0,
+) -> ChainReport:
+    """Checks every link of a model's backward pass at the link's actual input, and the whole chain.
+
+    Each stage is ``(name, forward, hand_backward)`` with ``forward(x) -> y`` and
+    ``hand_backward(x, dvalues) -> dx``, or ``(name, forward, hand_backward, params)`` with
+    ``forward(params, x)`` and ``hand_backward(params, x, dvalues) -> (dparams, dx)``. The forward pass runs
+    link by link; each link's hand backward is compared with ``jax.vjp`` of that link at its input
+    (:func:`check_vjp`), and the composed hand backward with ``jax.grad`` of the composition. The report's
+    ``first_broken`` names the link whose formula broke the chain.
+
+    ``funcgrad.nn`` models give their stages with ``funcgrad.objective.Objective.stages``.
+    """
+    parsed = []
+    for k, st in enumerate(stages):
+        if not isinstance(st, (tuple, list)) or len(st) not in (3, 4) or not isinstance(st[0], str):
+            raise TypeError(f"check_chain: stage {k} must be (name, forward, hand_backward[, params]); got {describe(st)}")
+        if any(st[0] == p[0] for p in parsed):
+            raise ValueError(f"check_chain: two stages are named {st[0]!r}; give each link its own name")
+        parsed.append((st[0], st[1], st[2], st[3] if len(st) == 4 else None, len(st) == 4))
+    if not parsed:
+        raise ValueError("check_chain: needs at least one stage")
+    x = jnp.asarray(x) if isinstance(x, (int, float)) else x
+    links = []
+    cur = x
+    for k, (name, fwd, bwd, p, has_p) in enumerate(parsed):
+        try:
+            rep, cur = _check_link(name, fwd, bwd, p, has_p, cur, k, cotangents, rtol, atol, mode, seed)
+        except (TypeError, ValueError) as e:
+            raise (ValueError if isinstance(e, ValueError) else TypeError)(f"check_chain: link {name!r}: {e}") from None
+        links.append((name, rep))
+    return _whole_chain(parsed, links, x, rtol, atol, mode, seed)
+
+
+def _check_link(name, fwd, bwd, p, has_p, cur, k, cotangents, rtol, atol, mode, seed):
+    """One link: its hand backward against jax.vjp at the link's input. Returns the report and the output."""
+    common = dict(cotangents=cotangents, rtol=rtol, atol=atol, mode=mode, seed=seed + k)
+    if has_p and _has_leaves(p):
+        rep = check_vjp(fwd, bwd, p, cur, argnums=(0, 1), names=["params", "x"], **common)
+        nxt = fwd(p, cur)
+    elif has_p:  # a link without parameters, given in the (params, x) form
+        rep = check_vjp(functools.partial(fwd, p), lambda x_, d: bwd(p, x_, d)[1], cur, argnums=(0,), names=["x"],
+                        **common)
+        nxt = fwd(p, cur)
+    else:
+        rep = check_vjp(fwd, bwd, cur, argnums=(0,), names=["x"], **common)
+        nxt = fwd(cur)
+    return dataclasses.replace(rep, title=f"link {name}"), nxt
+
+
+def _whole_chain(parsed, links, x, rtol, atol, mode, seed) -> ChainReport:
+    """The composed hand backward against jax.grad of the composition."""
+    all_params = {name: p for name, _, _, p, has_p in parsed if has_p and _has_leaves(p)}
+
+    def forward(ps, x_):
+        inputs, y = [], x_
+        for name, fwd, _, p, has_p in parsed:
+            inputs.append(y)
+            y = fwd(ps.get(name, p), y) if has_p else fwd(y)
+        return y, inputs
+
+    out_shape = jax.eval_shape(lambda: forward(all_params, x)[0])
+    scalar_out = getattr(out_shape, "shape", None) == ()
+    rng = np.random.default_rng(seed + 1000)
+    u = None if scalar_out else jax.tree_util.tree_map(
+        lambda s: np.asarray(rng.standard_normal(s.shape), s.dtype), out_shape)
+
+    def whole(ps, x_):
+        y = forward(ps, x_)[0]
+        return y if scalar_out else _vdot_tree(y, u)
+
+    def whole_hand(ps, x_):
+        y, inputs = forward(ps, x_)
+        d = jnp.ones((), y.dtype) if scalar_out else u
+        if not is_tracer(y):  # called eagerly (a NumPy backward): give it writable NumPy arrays, as the book does
+            inputs, d = _host_tree(inputs, False), _host_tree(d, False)
+        grads = {}
+        for (name, _, bwd, p, has_p), inp in reversed(list(zip(parsed, inputs))):
+            if has_p:
+                dp, d = bwd(ps.get(name, p), inp, d)
+                if name in ps:
+                    grads[name] = dp
+            else:
+                d = bwd(inp, d)
+        return {name: grads[name] for name in ps}, d
+
+    if all_params:
+        # The parameters' gradient through the whole chain. (Not the input's: an input coordinate can move
+        # several kinks at once in opposite directions, where the one-sided test cannot judge conventions.)
+        end = check_grad(lambda ps: whole(ps, x), all_params, hand=lambda ps: whole_hand(ps, x)[0],
+                         rtol=rtol, atol=atol, mode=mode, seed=seed)
+        root = "params"
+    else:
+        end = check_grad(lambda x_: whole({}, x_), x, hand=lambda x_: whole_hand({}, x_)[1],
+                         rtol=rtol, atol=atol, mode=mode, seed=seed)
+        root = "x"
+    end = dataclasses.replace(end, rows=tuple(dataclasses.replace(r, path=root + r.path) for r in end.rows),
+                              title="whole chain")
+    return ChainReport(tuple(links), end)
+
+
+def _has_leaves(tree: Any) -> bool:
+    return bool(jax.tree_util.tree_leaves(tree))

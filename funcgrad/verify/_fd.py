@@ -1,0 +1,260 @@
+"""Finite differences on a ladder of step sizes, and the verdicts they give (host side, NumPy float64; no JAX here).
+
+Along an item's direction ``u``, ``f`` is evaluated at ``theta + offset·step·u`` for each of :data:`_OFFSETS`
+(the columns of ``F``: :data:`_MINUS_STEP`, :data:`_MINUS_HALF`, :data:`_PLUS_HALF`, :data:`_PLUS_STEP`), at
+the steps of a ladder: the first step, then each :data:`_LADDER` times smaller, at most :data:`_MAX_SCALES` of
+them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from funcgrad.verify._report import Verdict
+
+
+_CONFIDENT = 10.0  # finite differences are confident when a value lies this many error estimates away
+# Where f is evaluated along an item's direction, in steps; the columns of F, in this order.
+_OFFSETS = (-1.0, -0.5, 0.5, 1.0)
+_MINUS_STEP, _MINUS_HALF, _PLUS_HALF, _PLUS_STEP = range(len(_OFFSETS))
+_LADDER = 10.0  # each finer scale divides the step by this
+_MAX_SCALES = 5  # the finest step is the first one / 10⁴
+
+
+@dataclasses.dataclass
+class _FD:
+    """Finite-difference readings for a batch of items.
+
+    A smooth reading is ``value ± err`` (then ``lo == hi == value``); a kink reading is the interval
+    ``[lo, hi]`` between the one-sided derivatives, each known to ``± err``."""
+
+    value: np.ndarray  # the central (Richardson-extrapolated) derivative estimate
+    err: np.ndarray  # the reading's error: truncation, rounding, and disagreement between scales
+    lo: np.ndarray  # the accepted interval (smooth: the value itself)
+    hi: np.ndarray
+    nonsmooth: np.ndarray  # a kink at the point: the one-sided derivatives differ
+    finite: np.ndarray  # every evaluation used was finite
+    resolved: np.ndarray  # a reading was made: two consecutive scales agreed, or (last resort) one clean scale
+    singular: np.ndarray  # the difference quotients grow without bound as the step shrinks
+    paired: np.ndarray  # the reading comes from two consecutive scales (required to blame both sides)
+    near_kink: np.ndarray  # some scale saw a kink within its step (at the point or right next to it)
+
+    def take(self, sel: Any) -> _FD:
+        return _FD(*(getattr(self, f.name)[sel] for f in dataclasses.fields(self)))
+
+
+class _Scale(NamedTuple):
+    """Differences at one step h, per item."""
+
+    value: np.ndarray  # Richardson-extrapolated central difference
+    err: np.ndarray  # its error estimate
+    noise: np.ndarray  # rounding error of a difference quotient at step h/2
+    rp: np.ndarray  # the right derivative D₊, Richardson-extrapolated from one-sided quotients at h and h/2
+    rm: np.ndarray  # the left derivative D₋, likewise
+    nonsmooth: np.ndarray  # the one-sided quotients say: a kink within the step
+    finite: np.ndarray  # all four evaluations and f0 are finite
+    quotient: np.ndarray  # the largest finite one-sided quotient at h/2 (NaN when none is finite)
+    os_change: np.ndarray  # how much the one-sided quotients change between h and h/2 (the larger side)
+
+
+def _scale(f0: float, F: np.ndarray, h: np.ndarray, eps_f: float, tol: np.ndarray) -> _Scale:
+    """Differences at one step h (central at h and h/2, one-sided at both) and what they say."""
+    f_minus, f_minus_half = F[:, _MINUS_STEP], F[:, _MINUS_HALF]  # f at theta − h·u, theta − h/2·u
+    f_plus_half, f_plus = F[:, _PLUS_HALF], F[:, _PLUS_STEP]
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        central = (f_plus - f_minus) / (2 * h)  # central, step h
+        central_half = (f_plus_half - f_minus_half) / h  # central, step h/2
+        rich = (4 * central_half - central) / 3  # Richardson: the h² error terms cancel
+        right, left = (f_plus - f0) / h, (f0 - f_minus) / h  # one-sided quotients, step h
+        right_half, left_half = (f_plus_half - f0) / (h / 2), (f0 - f_minus_half) / (h / 2)  # and step h/2
+        # One-sided Richardson: D(h/2) = D + f''·h/4 + O(h²), D(h) = D + f''·h/2 + O(h²), so 2·D(h/2) − D(h)
+        # has no O(h) bias: the exact one-sided derivative at a kink with curvature beside it.
+        rp, rm = 2 * right_half - right, 2 * left_half - left
+        size = np.maximum(np.max(np.where(np.isfinite(F), np.abs(F), 0.0), axis=1), abs(f0))
+        noise = 3 * 16 * eps_f * size / h  # rounding error of a difference quotient at step h/2, generously
+        asym, asym_half = right - left, right_half - left_half
+        defect = asym - 2 * asym_half  # O(h³) for a smooth function, O(jump) with a kink within the step
+        finite = np.isfinite(F).all(axis=1) & np.isfinite(f0)
+        nonsmooth = finite & (np.abs(defect) > np.maximum.reduce([12 * noise, 0.1 * np.abs(asym), tol]))
+        q = np.stack([np.where(np.isfinite(right_half), np.abs(right_half), np.nan),
+                      np.where(np.isfinite(left_half), np.abs(left_half), np.nan)])
+        quotient = np.where(np.isnan(q).all(axis=0), np.nan, np.nanmax(np.where(np.isnan(q), -np.inf, q), axis=0))
+        os_change = np.maximum(np.abs(right_half - right), np.abs(left_half - left))
+        err = np.abs(central - central_half) / 3 + noise
+    return _Scale(rich, err, noise, rp, rm, nonsmooth, finite, quotient, os_change)
+
+
+def _resolve(scales: list[_Scale], tol: np.ndarray, f0: float, final: bool = False) -> _FD:
+    """Reads the ladder: each pair of consecutive scales may resolve the derivative, and the pair with the
+    smallest uncertainty wins.
+
+    Smooth: both scales smooth and their estimates agree within their errors (uncertainty: the error).
+    Kink: the coarser scale sees a kink, and each side's Richardson-extrapolated one-sided derivative is the
+    same at both scales (their change is its error) while the two sides stay clearly apart; the interval between them
+    is accepted (uncertainty: half its width plus the error). Kinks near the point, within the larger step
+    only, make the scales disagree or inflate their error, and a finer pair wins. Items that no pair resolves
+    are singular when their one-sided quotients keep growing as the step shrinks.
+
+    ``final`` (the ladder is exhausted): an item still unresolved, and not singular, is read from the finest
+    scale alone (kinks a little off the point, within the coarser steps, spoil every pair of scales, and
+    several of them can even cancel in a coarse step's smoothness test; the finest step sees the fewest).
+    Such a reading never blames both sides at once."""
+    n = len(tol)
+    out = _FD(np.full(n, np.nan), np.full(n, np.inf), np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, bool),
+              np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool),
+              np.logical_or.reduce([s.nonsmooth for s in scales]))
+    best = np.full(n, np.inf)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for s0, s1 in zip(scales, scales[1:]):
+            both = s0.finite & s1.finite
+            gap = np.abs(s0.value - s1.value)
+            err = s0.err + s1.err + gap
+            smooth = both & ~s0.nonsmooth & ~s1.nonsmooth & (gap <= 2 * (s0.err + s1.err) + tol)
+            kerr = np.maximum(np.abs(s0.rp - s1.rp), np.abs(s0.rm - s1.rm)) + 2 * (s0.noise + s1.noise)
+            lo, hi = np.minimum(s1.rp, s1.rm), np.maximum(s1.rp, s1.rm)
+            # (The finer scale's own smoothness test may lack the power to see a small jump through its larger
+            # rounding error; its one-sided estimates agreeing with the coarser scale's are the evidence.)
+            kink = both & s0.nonsmooth & (kerr <= 0.25 * (hi - lo))
+            unc = np.where(kink, (hi - lo) / 2 + kerr, err)
+            win = (smooth | kink) & (unc < best)
+            best[win] = unc[win]
+            out.value[win] = s1.value[win]
+            out.err[win] = np.where(kink, kerr, err)[win]
+            out.lo[win] = np.where(kink, lo, s1.value)[win]
+            out.hi[win] = np.where(kink, hi, s1.value)[win]
+            out.nonsmooth[win] = kink[win]
+            out.finite[win] = True
+            out.resolved[win] = out.paired[win] = True
+        todo = ~out.resolved
+        if todo.any():
+            # Unresolved: no pair settles (kinks all around the point, noise, a discontinuity, non-finite values).
+            # Accept anything within the estimates of the two finest scales, widened by their disagreement; such
+            # readings never blame a side with confidence.
+            s0, s1 = scales[-2] if len(scales) > 1 else scales[-1], scales[-1]
+            gap = np.abs(s0.value - s1.value)
+            cand = np.stack([s0.rp, s1.rp, s0.rm, s1.rm, s1.value])
+            cand = np.where(np.isfinite(cand), cand, np.nan)
+            none = np.isnan(cand).all(axis=0)
+            lo = np.where(none, np.nan, np.nanmin(np.where(np.isnan(cand), np.inf, cand), axis=0))
+            hi = np.where(none, np.nan, np.nanmax(np.where(np.isnan(cand), -np.inf, cand), axis=0))
+            out.value[todo] = s1.value[todo]
+            out.err[todo] = (s0.err + s1.err + gap + 4 * (s0.noise + s1.noise))[todo]
+            out.lo[todo], out.hi[todo] = lo[todo], hi[todo]
+            out.nonsmooth[todo] = True
+            out.finite[todo] = (s0.finite & s1.finite)[todo]
+            # Singular: the one-sided quotients grow steadily across at least three scales, far above rounding
+            # (sqrt at 0: ×√10 a step; log-like: slower, but steadily); a discontinuity looks the same.
+            if math.isinf(f0):  # the function itself is singular at the point
+                out.singular[todo] = True
+            elif len(scales) >= 3:
+                Q = np.stack([s.quotient for s in scales])
+                growing = np.all(Q[1:] >= 1.05 * Q[:-1], axis=0) & (Q[-1] >= 2 * Q[0])
+                out.singular[todo] = (np.isfinite(Q).all(axis=0) & growing & (Q[-1] > 1000 * s1.noise))[todo]
+            if final:
+                _single_scale(scales, out, todo & ~out.singular)
+    return out
+
+
+def _single_scale(scales: list[_Scale], out: _FD, todo: np.ndarray) -> None:
+    """The last resort for ``todo`` items (in place): the finest scale with finite values, read as the interval
+    between its two Richardson one-sided derivatives, each known to within three times the change of its
+    one-sided quotients between h and h/2 plus rounding. A smooth function gives a point (both sides agree);
+    a kink gives its interval; a spoiled scale gives a wide error, never a wrong interval."""
+    todo = todo.copy()
+    with np.errstate(invalid="ignore", over="ignore"):
+        for s in reversed(scales):
+            win = todo & s.finite & np.isfinite(s.rp) & np.isfinite(s.rm)
+            kerr = 3 * s.os_change + 2 * s.noise
+            lo, hi = np.minimum(s.rp, s.rm), np.maximum(s.rp, s.rm)
+            out.value[win] = s.value[win]
+            out.err[win] = kerr[win]
+            out.lo[win], out.hi[win] = lo[win], hi[win]
+            out.nonsmooth[win] = (hi - lo > kerr)[win]
+            out.finite[win] = out.resolved[win] = True
+            todo &= ~win
+
+
+def _consistent(v: np.ndarray, fd: _FD, tol: np.ndarray) -> np.ndarray:
+    """Whether values agree with finite differences: within the reading's interval (a point when smooth),
+    widened by twice its error and the analytic tolerance."""
+    with np.errstate(invalid="ignore"):
+        slack = 2 * fd.err + tol
+        inside = (v >= fd.lo - slack) & (v <= fd.hi + slack)
+    return fd.finite & np.isfinite(v) & inside
+
+
+def _confidently_off(v: np.ndarray, fd: _FD, tol: np.ndarray) -> np.ndarray:
+    """Whether finite differences rule a value out with confidence: a resolved reading whose error estimate
+    is far (``_CONFIDENT``×) below the value's distance from it, or a non-finite value where the reading is
+    finite."""
+    with np.errstate(invalid="ignore"):
+        far = _CONFIDENT * fd.err + tol
+        off = ~np.isfinite(v) | (v < fd.lo - far) | (v > fd.hi + far)
+    return fd.paired & fd.finite & ~fd.singular & off
+
+
+def _classify(A: np.ndarray, H: np.ndarray | None, fd: _FD, tol: np.ndarray,
+              lenient: np.ndarray | bool = False, tol_ah: np.ndarray | None = None) -> np.ndarray:
+    """Per-item verdicts from autodiff A, hand H (or None) and finite differences: the side that disagrees
+    with the other two is wrong; both, when they agree with each other and confident finite differences
+    rule them out.
+
+    ``lenient`` items are random directions. Along a direction through several kinks at once (ties, ReLUs at
+    0 in several coordinates), a valid choice of one-sided derivative per coordinate need not lie between the
+    directional one-sided derivatives, so finite differences cannot judge there: such items are "kink".
+
+    ``tol`` bounds a value's distance from finite differences (it includes their noise floor); ``tol_ah``
+    (default ``tol``) bounds autodiff's distance from hand, both computed in float64."""
+    tol_ah = tol if tol_ah is None else tol_ah
+    kinked = fd.nonsmooth & fd.resolved & fd.finite
+    with np.errstate(invalid="ignore"):
+        # Lenient items at a kink accept a value up to twice the interval's width beyond it (several kinks of
+        # opposite curvature along one direction widen the set of valid conventions); not any value: a wrong
+        # rule whose direction happens to cross one kink must still fail.
+        reach = 2 * (fd.hi - fd.lo) + 2 * fd.err + tol
+        waive_a = kinked & lenient & (A >= fd.lo - reach) & (A <= fd.hi + reach)
+    waived = kinked & lenient
+    fits = np.where(fd.resolved, np.where(fd.nonsmooth, Verdict.KINK, Verdict.OK), Verdict.FD_UNRELIABLE)
+    ca = _consistent(A, fd, tol) | waive_a
+    off_a = _confidently_off(A, fd, tol) & ~waived
+    if H is None:
+        out = np.where(ca, fits, np.where(off_a, Verdict.AUTODIFF_WRONG, Verdict.MISMATCH))
+        return np.where(fd.singular, Verdict.SINGULAR, out).astype(object)
+    with np.errstate(invalid="ignore"):
+        waive_h = kinked & lenient & (H >= fd.lo - reach) & (H <= fd.hi + reach)
+    ch = _consistent(H, fd, tol) | waive_h
+    off_h = _confidently_off(H, fd, tol) & ~waived
+    with np.errstate(invalid="ignore"):
+        both_nf = ~np.isfinite(A) & ~np.isfinite(H)
+        same_nf = both_nf & ((A == H) | (np.isnan(A) & np.isnan(H)))
+        agree = (np.abs(A - H) <= tol_ah) | same_nf | (waive_a & waive_h)
+    out = np.where(
+        agree,
+        np.where(ca, fits, np.where(off_a & off_h, Verdict.BOTH_WRONG,
+                                    np.where(both_nf, Verdict.MISMATCH, Verdict.FD_UNRELIABLE))),
+        # Both within the reading's error bars yet apart: a kink at or right next to the point whose sides
+        # finite differences cannot separate, or else nothing to tell them apart.
+        np.where(ca & ch, np.where((fd.nonsmooth & fd.resolved) | fd.near_kink, Verdict.KINK, Verdict.MISMATCH),
+                 np.where(ca, Verdict.HAND_WRONG, np.where(ch, Verdict.AUTODIFF_WRONG, Verdict.MISMATCH))),
+    )
+    # Both outside a kink's one-sided interval: only possible, for correct code, where several kinks meet at
+    # the point along this direction (ReLUs of several samples at 0 moving in opposite directions), where a
+    # per-kink convention need not lie between D₋ and D₊; finite differences cannot judge such a point.
+    # Bounded: hand may differ from autodiff (a valid convention) by at most autodiff's own distances from
+    # D₋ and D₊ together (a hand of 1000 where [D₋, D₊] = [1, 2] and autodiff says 0 still fails).
+    with np.errstate(invalid="ignore"):
+        near = np.abs(A - H) <= np.abs(A - fd.lo) + np.abs(A - fd.hi) + 2 * fd.err + tol
+    out = np.where(kinked & ~ca & ~ch & np.isfinite(A) & np.isfinite(H) & near, Verdict.KINK, out)
+    # At a singular point there is no derivative to be right about: sides that describe it alike pass.
+    out = np.where(fd.singular, np.where(agree | both_nf, Verdict.SINGULAR, Verdict.MISMATCH), out)
+    return out.astype(object)
+
+
+def _default_rtol(eps: float) -> float:
+    """max(1e-7, 3·√eps), capped at 5%: with bfloat16 inside fn, 3·√eps would be 27% and let a hand that
+    is wrong by a quarter pass."""
+    return min(0.05, max(1e-7, 3 * math.sqrt(eps)))

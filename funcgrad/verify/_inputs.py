@@ -1,0 +1,381 @@
+"""What is differentiated, and the user's functions as the checks see them: the selection of leaves (``wrt``) and
+the flat layout of the differentiated ones; further arguments split into traced arrays and static values; fn and
+hand bound to the differentiated leaves; checks of their outputs' structure, shapes and dtypes, and the errors
+they raise."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from funcgrad._checks import check_finite_tree, describe, is_tracer
+from funcgrad.verify._report import _LIST
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """The differentiated leaves as one flat vector (hashable, so jitted helpers are cached per layout)."""
+
+    treedef: Any
+    shapes: tuple[tuple[int, ...], ...]
+    offsets: tuple[int, ...]
+    paths: tuple[str, ...]
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(math.prod(s) for s in self.shapes)
+
+    @property
+    def n(self) -> int:
+        return sum(self.sizes)
+
+    def unravel(self, theta: jax.Array, dtypes: Sequence[Any] | None = None) -> Any:
+        leaves = [theta[o : o + s].reshape(shape) for o, s, shape in zip(self.offsets, self.sizes, self.shapes)]
+        if dtypes is not None:
+            leaves = [leaf.astype(d) for leaf, d in zip(leaves, dtypes)]
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+    def ravel(self, tree: Any, dtype: Any = jnp.float64) -> jax.Array:
+        leaves = jax.tree_util.tree_leaves(tree)
+        if not leaves:
+            return jnp.zeros((0,), dtype)
+        return jnp.concatenate([jnp.ravel(leaf).astype(dtype) for leaf in leaves])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Selection:
+    """Which leaves of ``params`` are differentiated (``diff``) and which are held fixed."""
+
+    treedef: Any
+    paths: tuple[str, ...]
+    leaves: tuple[Any, ...]
+    diff: tuple[bool, ...]
+
+    @property
+    def diff_paths(self) -> tuple[str, ...]:
+        return tuple(p for p, d in zip(self.paths, self.diff) if d)
+
+    def split(self) -> tuple[list, list]:
+        return ([x for x, d in zip(self.leaves, self.diff) if d], [x for x, d in zip(self.leaves, self.diff) if not d])
+
+    def layout(self) -> _Layout:
+        dl = self.split()[0]
+        shapes = tuple(tuple(int(s) for s in jnp.shape(x)) for x in dl)
+        sizes = [math.prod(s) for s in shapes]
+        offsets = tuple(int(o) for o in np.cumsum([0] + sizes[:-1]))
+        return _Layout(jax.tree_util.tree_structure(list(dl)), shapes, offsets, self.diff_paths)
+
+
+def _leaf_dtype(leaf: Any) -> Any:
+    if hasattr(leaf, "dtype") and hasattr(leaf, "shape"):
+        return leaf.dtype
+    return None
+
+
+def _is_inexact(leaf: Any) -> bool:
+    dt = _leaf_dtype(leaf)
+    return dt is not None and jnp.issubdtype(dt, jnp.inexact)
+
+
+def _wrt_mask(params: Any, wrt: Any, n: int) -> list[bool] | None:
+    """``wrt`` as one bool per leaf: None (default), a predicate, or a pytree (prefix) of bools."""
+    if wrt is None:
+        return None
+    # A predicate is a callable leaf; an equinox filter spec is a Module, callable but a pytree.
+    if callable(wrt) and not isinstance(wrt, bool) and jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(wrt)):
+        out = []
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+            v = wrt(leaf)
+            if not isinstance(v, (bool, np.bool_)):
+                raise TypeError(f"check_grad: wrt(leaf) must return True or False; for {jax.tree_util.keystr(path)} "
+                                f"it returned {describe(v)}")
+            out.append(bool(v))
+        return out
+    try:
+        spread = jax.tree_util.tree_map(
+            lambda w, sub: jax.tree_util.tree_map(lambda _: w, sub), wrt, params,
+            is_leaf=lambda x: isinstance(x, (bool, np.bool_)))
+        mask = jax.tree_util.tree_leaves(spread)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            "check_grad: wrt must be a predicate (leaf -> bool) or a pytree of bools with the structure of params "
+            f"(or a prefix of it, as in equinox.partition); it does not match params: {str(e).splitlines()[0]}"
+        ) from None
+    bad = [describe(m) for m in mask if not isinstance(m, (bool, np.bool_))]
+    if bad or len(mask) != n:
+        raise TypeError(f"check_grad: wrt's leaves must be True or False; got {bad[:3] or mask[:3]}")
+    return [bool(m) for m in mask]
+
+
+def _select(params: Any, wrt: Any) -> tuple[_Selection, list[str]]:
+    """Decides which leaves are differentiated; returns the selection and notes on the leaves held fixed."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    if not flat:
+        raise ValueError("check_grad: params has no leaves; pass the arrays to differentiate with respect to")
+    paths = tuple(jax.tree_util.keystr(p) for p, _ in flat)
+    # Python floats are points to differentiate at (the book's chapter-9 examples); ints stay integers.
+    leaves = tuple(jnp.asarray(x) if isinstance(x, float) else x for _, x in flat)
+    mask = _wrt_mask(params, wrt, len(leaves))
+    if mask is None:
+        mask = [_is_inexact(x) for x in leaves]
+    errors = []
+    for path, leaf, d in zip(paths, leaves, mask):
+        if not d:
+            continue
+        dt = _leaf_dtype(leaf)
+        name = "params" + path
+        if dt is None or not jnp.issubdtype(dt, jnp.inexact):
+            what = "selected by wrt, " if wrt is not None else ""
+            errors.append(f"{name} ({what}{describe(leaf)}) is not a floating-point array")
+        elif jnp.issubdtype(dt, jnp.complexfloating):
+            errors.append(f"{name} is complex ({describe(leaf)}); only real floating leaves can be checked: hold it "
+                          "fixed with wrt=")
+    if errors:
+        raise TypeError("check_grad: cannot differentiate:\n  " + "\n  ".join(errors))
+    if not any(mask):
+        listed = ", ".join(f"{p or '(params)'} {describe(x)}" for p, x in list(zip(paths, leaves))[:_LIST])
+        raise TypeError(
+            "check_grad: nothing to differentiate: params has no floating-point array leaves "
+            f"({listed}{', ...' if len(leaves) > _LIST else ''}). Write parameters as floats (1.0, not 1; "
+            "x.astype(jnp.float32)), or choose the leaves with wrt=."
+        )
+    check_finite_tree(jax.tree_util.tree_unflatten(treedef, [x if d else None for x, d in zip(leaves, mask)]),
+                      "params")
+    fixed = [(p, x) for p, x, d in zip(paths, leaves, mask) if not d]
+    notes = []
+    if fixed:
+        def what(x):
+            if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
+                return f"int {x!r}: write {x}.0 to differentiate it"
+            return describe(x)
+
+        listed = "; ".join(f"{p or '(params)'} ({what(x)})" for p, x in fixed[:_LIST])
+        more = f"; and {len(fixed) - _LIST} more" if len(fixed) > _LIST else ""
+        how = "wrt" if wrt is not None else "not inexact arrays; choose with wrt="
+        notes.append(f"held fixed, not differentiated ({how}): {listed}{more}")
+    return _Selection(treedef, paths, leaves, tuple(mask)), notes
+
+
+# Arguments after params, and fixed leaves of params: arrays are traced; anything else (Python numbers,
+# strings, functions, objects) is held static, compared by value when hashable and by identity otherwise.
+class _Dynamic:
+    def __repr__(self) -> str:
+        return "<array>"
+
+
+_DYN = _Dynamic()
+
+
+class _ById:
+    """A static value that cannot be hashed, compared by identity (a check traces its own wrappers)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __hash__(self) -> int:
+        return id(self.value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _ById) and other.value is self.value
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _split_args(args: Any) -> tuple[list, tuple]:
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    dyn, spec = [], []
+    for leaf in leaves:
+        if _is_array(leaf):
+            dyn.append(leaf)
+            spec.append(_DYN)
+        else:
+            try:
+                hash(leaf)
+            except TypeError:
+                leaf = _ById(leaf)
+            spec.append(leaf)
+    return dyn, (treedef, tuple(spec))
+
+
+def _join_args(dyn: Sequence, spec: tuple) -> Any:
+    treedef, static = spec
+    it = iter(dyn)
+    return jax.tree_util.tree_unflatten(
+        treedef, [next(it) if s is _DYN else (s.value if isinstance(s, _ById) else s) for s in static])
+
+
+def _fresh(fn: Callable) -> Callable:
+    return lambda *a, **k: fn(*a, **k)
+
+
+def _main_output(out: Any, has_aux: bool) -> Any:
+    """fn's differentiated output: the loss, or its first element with ``has_aux``."""
+    if has_aux:
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise _UserTypeError(f"check_grad: with has_aux=True, fn must return a pair (loss, aux); it returned "
+                            f"{_describe_out(out)}")
+        return out[0]
+    return out
+
+
+def _describe_out(out: Any) -> str:
+    if isinstance(out, (tuple, list)):
+        return f"a {type(out).__name__} of {len(out)}: ({', '.join(_describe_out(o) for o in out)})"
+    return describe(out) if hasattr(out, "shape") else type(out).__name__
+
+
+def _check_output(out: Any, what: str, has_aux: bool = False) -> None:
+    if isinstance(out, (tuple, list)) and not has_aux:
+        hint = (" If it returns (loss, aux), as for jax.value_and_grad(..., has_aux=True), pass has_aux=True."
+                if len(out) == 2 else "")
+        raise _UserTypeError(f"{what} must return a scalar; it returned {_describe_out(out)}.{hint}")
+    if not hasattr(out, "shape") or out.shape != ():
+        shape = getattr(out, "shape", None)
+        raise _UserValueError(
+            f"{what} must return a scalar (shape ()); got {describe(out) if shape is not None else type(out).__name__}. "
+            "Reduce it, e.g. with .sum() or .mean(), or use check_vjp for vector outputs."
+        )
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        raise _UserTypeError(f"{what} must return a floating scalar; got {describe(out)}")
+
+
+class _UserValueError(ValueError):
+    """A user error detected while JAX traces the user's function (re-raised clean, without JAX's notes)."""
+
+
+class _UserTypeError(TypeError):
+    """A user error detected while JAX traces the user's function (re-raised clean, without JAX's notes)."""
+
+
+def _clean(e: Exception) -> Exception:
+    """A user error raised inside a JAX trace, as a plain ValueError/TypeError without the trace's notes."""
+    return (ValueError if isinstance(e, ValueError) else TypeError)(*e.args)
+
+
+# Errors JAX raises when a function needs concrete values (NumPy code): such a hand is called eagerly.
+_TRACE_ERRORS = (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError,
+                 jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError)
+
+
+def _needs_eager(e: Exception) -> bool:
+    return isinstance(e, _TRACE_ERRORS) or (isinstance(e, TypeError) and "immutable" in str(e))
+
+
+def _host(x: Any, float64: bool) -> Any:
+    """A writable NumPy copy of a concrete array (float64 when asked); PRNG keys and non-arrays as they are."""
+    if not _is_array(x) or is_tracer(x):
+        return x
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return x
+    a = np.array(x)
+    if float64 and jnp.issubdtype(a.dtype, jnp.floating):
+        a = a.astype(np.float64)
+    return a
+
+
+def _host_tree(tree: Any, float64: bool) -> Any:
+    return jax.tree_util.tree_map(lambda x: _host(x, float64), tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Bound:
+    """fn and hand as functions of the differentiated leaves (a list) and ``packed = (fixed leaves, args)``.
+    Hashable, so that checks of the same function with the same layout share compilations."""
+
+    fn: Callable
+    hand: Callable | None
+    treedef: Any
+    diff: tuple[bool, ...]
+    specs: tuple[tuple[str, tuple[int, ...], str], ...]  # every leaf: path, shape, description
+    has_aux: bool
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(s[0] for s in self.specs)
+
+    def merge(self, dl: Sequence, fl: Sequence) -> Any:
+        di, fi = iter(dl), iter(fl)
+        return jax.tree_util.tree_unflatten(self.treedef, [next(di) if d else next(fi) for d in self.diff])
+
+    def raw(self, dl: Sequence, packed: Any) -> Any:
+        fixed, args = packed
+        return self.fn(self.merge(dl, fixed), *args)
+
+    def value(self, dl: Sequence, packed: Any) -> Any:
+        return _main_output(self.raw(dl, packed), self.has_aux)
+
+    def grad(self, dl: Sequence, packed: Any) -> list:
+        fixed, args = packed
+        return _extract_grad(self.hand(self.merge(dl, fixed), *args), self)
+
+
+# One _Bound per distinct (fn, hand, layout): jit caches compare bound methods by the identity of their
+# object, so check_vjp's inner checks of one function must get the very same object to share compilations.
+_bound = functools.lru_cache(maxsize=32)(_Bound)
+
+
+def _extract_grad(out: Any, b: _Bound, what: str = "hand") -> list:
+    """The differentiated leaves of a hand gradient. It must have params' structure; at leaves that are not
+    differentiated it may hold None, the parameter itself or anything else (as `equinox.filter_grad` does)."""
+    try:
+        flat, _ = jax.tree_util.tree_flatten_with_path(out, is_leaf=lambda x: x is None)
+    except Exception as e:  # noqa: BLE001 - anything unflattenable is a structure mismatch
+        raise _UserValueError(f"{what} must return a gradient with the structure of params; got {describe(out)} ({e})") from None
+    got = {jax.tree_util.keystr(p): x for p, x in flat}
+    paths = b.paths
+    known = set(paths)
+    diff = [s for s, d in zip(b.specs, b.diff) if d]
+    missing = [p for p, _, _ in diff if p not in got or got[p] is None]
+    extra = [p for p, x in got.items() if p not in known and x is not None]
+    if missing or extra:
+        detail = []
+        if missing:
+            detail.append(f"missing {missing}" if got and not (len(got) == 1 and "" in got) else
+                          f"{_describe_out(out)}, not a tree of gradients")
+        if extra:
+            detail.append(f"unexpected {extra}")
+        held = [p for p, d in zip(paths, b.diff) if not d]
+        raise _UserValueError(
+            f"{what} must return a gradient with the same structure as params; it returned {'; '.join(detail)}. "
+            f"params leaves: {list(paths)}" + (f" (held fixed, may be None: {held})" if held else "")
+        )
+    bad, leaves = [], []
+    for p, shape, desc in diff:
+        h = got[p]
+        if isinstance(h, (float, int)) and not isinstance(h, bool) and shape == ():
+            h = np.float64(h)
+        if not hasattr(h, "shape") or not hasattr(h, "dtype"):
+            bad.append(f"{p or '(params)'}: expected an array of shape {shape}, got {describe(h)}")
+        elif tuple(h.shape) != shape:
+            bad.append(f"{p or '(params)'}: expected shape {shape}, got {describe(h)}")
+        elif not jnp.issubdtype(h.dtype, jnp.floating):
+            bad.append(f"{p or '(params)'}: expected a floating dtype (the parameter is {desc}), got {describe(h)}")
+        leaves.append(h)
+    if bad:
+        raise _UserValueError(f"{what} returned leaves that do not match params:\n  " + "\n  ".join(bad))
+    return leaves
+
+
+def _first_line(e: Exception) -> str:
+    lines = [s for s in str(e).splitlines() if s.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def _check_value(value: Any) -> None:
+    """fn's value must be a number; ±inf (a log of 0) is a singular point, reported as such."""
+    v = float(value)
+    if math.isnan(v):
+        raise _UserValueError(f"fn(params, *args) = {v} at the given params: the function itself is not defined "
+                              "there, so it has no derivative to check (a sqrt or log of a negative number, 0/0, "
+                              "inf − inf?)")

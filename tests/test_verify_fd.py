@@ -1,0 +1,146 @@
+"""funcgrad.verify._fd on its own: finite differences of NumPy functions against analytic derivatives (no JAX)."""
+
+import ast
+import math
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from funcgrad.verify import _fd
+from funcgrad.verify._report import Verdict
+
+EPS = float(np.finfo(np.float64).eps)
+
+
+def evaluations(f, x0, h):
+    """f at x0 + offset·h for each of _fd._OFFSETS: one item, the columns of F."""
+    return np.array([[f(x0 + offset * h) for offset in _fd._OFFSETS]], np.float64)
+
+
+def scale(f, x0, h, tol=0.0):
+    return _fd._scale(float(f(x0)), evaluations(f, x0, h), np.array([h]), EPS, np.array([tol]))
+
+
+def ladder(f, x0, h, n, tol=0.0):
+    """n scales, each step _LADDER times smaller, read as the checks read them."""
+    scales = [scale(f, x0, h / _fd._LADDER**k, tol) for k in range(n)]
+    return scales, _fd._resolve(scales, np.array([tol]), float(f(x0)))
+
+
+def test_offset_columns_are_named_in_order():
+    cols = (_fd._MINUS_STEP, _fd._MINUS_HALF, _fd._PLUS_HALF, _fd._PLUS_STEP)
+    assert [_fd._OFFSETS[c] for c in cols] == [-1.0, -0.5, 0.5, 1.0]
+
+
+def test_richardson_removes_the_first_order_bias_of_one_sided_differences():
+    # exp at 0.3: the one-sided quotients are off by f''·h/2; their Richardson extrapolations are not.
+    x0, h, exact = 0.3, 1e-2, math.exp(0.3)
+    F = evaluations(np.exp, x0, h)[0]
+    right = (F[_fd._PLUS_STEP] - math.exp(x0)) / h
+    left = (math.exp(x0) - F[_fd._MINUS_STEP]) / h
+    assert abs(right - exact) == pytest.approx(exact * h / 2, rel=0.05)  # the O(h) bias is there
+    assert abs(left - exact) == pytest.approx(exact * h / 2, rel=0.05)
+    s = scale(np.exp, x0, h)
+    assert abs(s.rp[0] - exact) < 0.01 * abs(right - exact)
+    assert abs(s.rm[0] - exact) < 0.01 * abs(left - exact)
+    # The central estimate, Richardson-extrapolated, is far closer still (its error is O(h⁴)).
+    assert abs(s.value[0] - exact) < 1e-8
+    assert not s.nonsmooth[0] and s.finite[0]
+
+
+@pytest.mark.parametrize(("f", "df", "x0"), [(np.sin, np.cos, 0.7), (np.exp, np.exp, -0.4),
+                                             (lambda x: x**5, lambda x: 5 * x**4, 1.3)])
+def test_error_estimates_shrink_with_the_step_and_bound_the_error(f, df, x0):
+    errs = []
+    for h in (1e-1, 1e-2, 1e-3):
+        s = scale(f, x0, h)
+        errs.append(float(s.err[0]))
+        assert abs(s.value[0] - df(x0)) <= s.err[0]  # an honest estimate
+    assert errs[0] > 10 * errs[1] > 100 * errs[2]
+
+
+def test_abs_at_zero_reads_as_the_interval_between_the_one_sided_derivatives():
+    scales, fd = ladder(np.abs, 0.0, 1e-2, 2)
+    assert scales[0].nonsmooth[0]
+    assert fd.resolved[0] and fd.paired[0] and fd.nonsmooth[0] and not fd.singular[0]
+    assert fd.lo[0] == pytest.approx(-1.0, abs=1e-12) and fd.hi[0] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_a_kink_with_curvature_beside_it_still_gives_the_exact_interval():
+    # |x| + 3x² at 0: the one-sided quotients are ±1 + 3h; Richardson leaves exactly [-1, 1].
+    f = lambda x: np.abs(x) + 3 * x**2  # noqa: E731
+    h = 1e-2
+    F = evaluations(f, 0.0, h)[0]
+    assert F[_fd._PLUS_STEP] / h == pytest.approx(1 + 3 * h)
+    _, fd = ladder(f, 0.0, h, 2)
+    assert fd.nonsmooth[0] and fd.resolved[0]
+    assert fd.lo[0] == pytest.approx(-1.0, abs=1e-9) and fd.hi[0] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_relu_at_zero_gives_zero_to_one():
+    _, fd = ladder(lambda x: np.maximum(x, 0.0) + 0.5 * x**2, 0.0, 1e-2, 2)
+    assert fd.nonsmooth[0]
+    assert fd.lo[0] == pytest.approx(0.0, abs=1e-9) and fd.hi[0] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_a_smooth_function_is_read_as_a_point():
+    _, fd = ladder(np.sin, 0.7, 1e-2, 2)
+    assert fd.resolved[0] and fd.paired[0] and not fd.nonsmooth[0]
+    assert fd.lo[0] == fd.hi[0] == fd.value[0]
+    assert abs(fd.value[0] - math.cos(0.7)) <= 2 * fd.err[0]
+
+
+def test_sqrt_at_zero_is_singular():
+    # The right quotients grow like 1/√h without bound; left of 0 the function is not defined.
+    with np.errstate(invalid="ignore"):
+        _, fd = ladder(np.sqrt, 0.0, 1e-2, 4)
+    assert fd.singular[0] and not fd.paired[0]
+    _, fd = ladder(lambda x: np.sqrt(np.abs(x)), 0.0, 1e-2, 4)  # defined on both sides, still no derivative
+    assert fd.singular[0]
+
+
+def classify(A, H, fd, tol):
+    return list(_fd._classify(np.array([A]), None if H is None else np.array([H]), fd, np.array([tol])))
+
+
+def test_classify_blames_the_side_that_disagrees_with_the_other_two():
+    _, fd = ladder(np.exp, 0.3, 1e-2, 2, tol=1e-7)
+    g = math.exp(0.3)
+    tol = _fd._default_rtol(EPS) * g
+    assert classify(g, g, fd, tol) == [Verdict.OK]
+    assert classify(g, 1.01 * g, fd, tol) == ["hand_wrong"]
+    assert classify(1.01 * g, g, fd, tol) == ["autodiff_wrong"]
+    assert classify(1.01 * g, 1.01 * g, fd, tol) == ["both_wrong"]
+    assert classify(1.01 * g, None, fd, tol) == ["autodiff_wrong"]
+
+
+def test_classify_at_a_kink_accepts_every_value_in_the_interval_and_no_other():
+    _, fd = ladder(np.abs, 0.0, 1e-2, 2)
+    # JAX's |x|' at 0 is 0; the book's sign rule may say 1: both are subgradients.
+    assert classify(0.0, 1.0, fd, 1e-7) == ["kink"]
+    assert classify(0.0, -1.0, fd, 1e-7) == ["kink"]
+    assert classify(0.0, 2.0, fd, 1e-7) == ["hand_wrong"]
+    assert classify(3.0, 0.5, fd, 1e-7) == ["autodiff_wrong"]
+
+
+def test_classify_at_a_singular_point():
+    with np.errstate(invalid="ignore"):
+        _, fd = ladder(np.sqrt, 0.0, 1e-2, 4)
+    assert classify(math.inf, math.inf, fd, 1e-7) == ["singular"]
+    assert classify(math.inf, 0.0, fd, 1e-7) == ["mismatch"]
+
+
+def test_default_rtol():
+    assert _fd._default_rtol(EPS) == 1e-7
+    assert _fd._default_rtol(float(np.finfo(np.float32).eps)) == pytest.approx(3 * math.sqrt(2.0**-23))
+    assert _fd._default_rtol(2.0**-7) == 0.05  # bfloat16: capped
+
+
+@pytest.mark.parametrize("module", ["_fd", "_report"])
+def test_the_numpy_layers_do_not_import_jax(module):
+    tree = ast.parse((ROOT / "funcgrad" / "verify" / f"{module}.py").read_text())
+    imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    imported += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+    assert not [m for m in imported if m == "jax" or m.startswith(("jax.", "funcgrad.verify._compiled"))], imported
+    assert all(m.startswith("funcgrad.verify._report") for m in imported if m.startswith("funcgrad"))
