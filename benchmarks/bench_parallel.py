@@ -47,7 +47,7 @@ def worker(n: int, rounds: int) -> dict:
         jax.block_until_ready(m.table)
         rates.append(STEPS / (time.perf_counter() - t))
     return {"devices": n, "steps_per_s": statistics.median(rates), "platform": jax.devices()[0].platform,
-            "describe": parallel.describe(mesh)}
+            "describe": parallel.describe_mesh(mesh)}
 
 
 def main() -> None:

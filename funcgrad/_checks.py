@@ -215,3 +215,8 @@ def to_host(x: Any) -> np.ndarray:
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
+
+def is_strength(value: Any) -> bool:
+    """A penalty strength λ: a real number >= 0 (not a bool). The one rule for Objective's and config's tables."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value >= 0

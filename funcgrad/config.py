@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from funcgrad import initializers, nn, optim
-from funcgrad._checks import in_range
+from funcgrad._checks import in_range, is_strength
 from funcgrad.objective import LOSS_RULES
 
 __all__ = [
@@ -117,7 +117,7 @@ def _penalties(key, v):
         raise ConfigError(f"{key}: expected a table of leaf patterns to strengths, e.g. {{\"dense1/*\" = 5e-4}}, got {v!r}")
     out = {}
     for pattern, lam in v.items():
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or lam < 0:
+        if not is_strength(lam):
             raise ConfigError(f"{key}.{pattern}: expected a number >= 0, got {lam!r}")
         out[pattern] = float(lam)
     return out

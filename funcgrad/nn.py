@@ -71,7 +71,7 @@ def _check_key(key: Any, where: str) -> None:
         raise TypeError(f"{where}: key must be a PRNG key from jax.random.key(seed); got {describe(key)}")
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
 class Layer:
     """A layer or model: pure ``init``/``apply``/``backward`` functions and no state.
 
@@ -207,12 +207,12 @@ def dense(
         return {"W": dW, "b": db}, dx
 
     return Layer(
-        "dense",
-        init_fn,
-        forward_fn,
-        backward_fn,
-        check_fn,
-        lambda s: (units,),
+        kind="dense",
+        init_fn=init_fn,
+        forward_fn=forward_fn,
+        backward_fn=backward_fn,
+        check_fn=check_fn,
+        shape_fn=lambda s: (units,),
         has_params=True,
         name=name,
         config=(("units", units), ("book_scale", W_init.stddev if isinstance(W_init, inits.Normal) else None)),
@@ -240,12 +240,12 @@ def _activation(rule: rules.Rule, name: str | None, **hyper: Any) -> Layer:
         return {}, rule.backward(x, dvalues, **hyper)
 
     return Layer(
-        rule.name,
-        lambda key, s, dtype: {},
-        forward_fn,
-        backward_fn,
-        _no_params_check(rule.name),
-        lambda s: s,
+        kind=rule.name,
+        init_fn=lambda key, s, dtype: {},
+        forward_fn=forward_fn,
+        backward_fn=backward_fn,
+        check_fn=_no_params_check(rule.name),
+        shape_fn=lambda s: s,
         has_params=False,
         name=name,
         config=tuple(hyper.items()),
@@ -369,12 +369,12 @@ def dropout(rate: float, *, name: str | None = None) -> Layer:
         return {}, rules.dropout.backward(x, mask(x, key), dvalues)
 
     return Layer(
-        "dropout",
-        lambda key, s, dtype: {},
-        forward_fn,
-        backward_fn,
-        check_fn,
-        lambda s: s,
+        kind="dropout",
+        init_fn=lambda key, s, dtype: {},
+        forward_fn=forward_fn,
+        backward_fn=backward_fn,
+        check_fn=check_fn,
+        shape_fn=lambda s: s,
         has_params=False,
         needs_key=True,
         name=name,
@@ -505,12 +505,12 @@ def serial(*layers: Layer | tuple[str, Layer], name: str | None = None) -> Layer
         return shape
 
     return Layer(
-        "serial",
-        init_fn,
-        forward_fn,
-        backward_fn,
-        check_fn,
-        shape_fn,
+        kind="serial",
+        init_fn=init_fn,
+        forward_fn=forward_fn,
+        backward_fn=backward_fn,
+        check_fn=check_fn,
+        shape_fn=shape_fn,
         has_params=bool(with_params),
         needs_key=any(layer.needs_key for _, layer in named),
         name=name,

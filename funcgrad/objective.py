@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from funcgrad import losses, metrics, rules
+from funcgrad._checks import is_strength
 from funcgrad.nn import Layer, Params, serial
 
 __all__ = ["Objective", "LossRule", "LOSS_RULES"]
@@ -61,7 +62,7 @@ def _penalties(arg: Mapping[str, float] | None, name: str) -> tuple[tuple[str, f
     for pattern, lam in arg.items():
         if not isinstance(pattern, str):
             raise TypeError(f"Objective: {name} keys must be patterns like 'dense1/W'; got {pattern!r}")
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or lam < 0:
+        if not is_strength(lam):
             raise ValueError(f"Objective: {name}[{pattern!r}] must be a number >= 0; got {lam!r}")
         out.append((pattern, float(lam)))
     return tuple(out)

@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from funcgrad._checks import is_typed_key, to_host
 
-__all__ = ["ParallelError", "initialize", "data_mesh", "setup_for", "place", "gather", "is_writer", "describe",
+__all__ = ["ParallelError", "initialize", "data_mesh", "setup_for", "place", "gather", "is_writer", "describe_mesh",
            "any_process"]
 
 AXIS = "data"
@@ -153,7 +153,7 @@ def is_writer() -> bool:
     return jax.process_index() == 0
 
 
-def describe(mesh: Mesh | None) -> str:
+def describe_mesh(mesh: Mesh | None) -> str:
     platform = jax.devices()[0].platform
     if mesh is None:
         return f"1 device ({platform})"

@@ -17,7 +17,7 @@ EXPECTED = {
         "locate", "memory_estimate", "packaged", "to_dict",
     ],
     "checkpoint": ["CheckpointError", "FORMAT", "from_bytes", "metadata", "size_bound", "to_bytes"],
-    "parallel": ["ParallelError", "any_process", "data_mesh", "describe", "gather", "initialize", "is_writer", "place",
+    "parallel": ["ParallelError", "any_process", "data_mesh", "describe_mesh", "gather", "initialize", "is_writer", "place",
                  "setup_for"],
     "nn": [
         "ACTIVATIONS", "Layer", "Params", "activation", "dense", "dropout", "elementwise", "leaky_relu", "linear",

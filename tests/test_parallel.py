@@ -35,7 +35,7 @@ def run(mode, tx, steps, batch_size=None):
                                     shard_batch=shard):
         losses.append(m["loss"])
     sharding = str(data[0].sharding) if mesh else "single"
-    return parallel.gather(state).params, np.concatenate(losses), parallel.describe(mesh), sharding
+    return parallel.gather(state).params, np.concatenate(losses), parallel.describe_mesh(mesh), sharding
 
 out = {}
 for name, tx, steps, bs in [("sgd_full", fg.optim.sgd(0.5), 300, None), ("sgd_minibatch", fg.optim.sgd(0.2), 300, 96),
@@ -47,7 +47,7 @@ for name, tx, steps, bs in [("sgd_full", fg.optim.sgd(0.5), 300, None), ("sgd_mi
                                    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8))),
                  "param_scale": max(float(np.abs(np.asarray(a)).max()) for a in jax.tree.leaves(p1)),
                  "describe": desc, "sharding": sharding}
-out["auto_300"] = parallel.describe(parallel.setup_for("auto", fg.data.spiral(100, 3), None))
+out["auto_300"] = parallel.describe_mesh(parallel.setup_for("auto", fg.data.spiral(100, 3), None))
 try:
     parallel.setup_for("data", fg.data.spiral(100, 3), None)
 except parallel.ParallelError as e:

@@ -392,7 +392,7 @@ def _say_header(out: Path, p: _Prepared, fuse: int, say: Any) -> None:
         f"validation {tuple(setup.validation_data[0].shape)}")
     say(f"  model  {' → '.join(n for n, _ in setup.model.layers)}, {fg.nn.param_count(setup.params)} parameters")
     say(f"  train  {cfg.optimizer.kind} lr {cfg.optimizer.learning_rate} decay {cfg.optimizer.decay}, "
-        f"{setup.steps} steps{_header_batch(setup)}, {parallel.describe(p.mesh)}"
+        f"{setup.steps} steps{_header_batch(setup)}, {parallel.describe_mesh(p.mesh)}"
         + (f"; {fuse} fused per dispatch (train.fuse {cfg.train.fuse} is capped)"
            if fuse < min(cfg.train.fuse, setup.steps) else ""))
     for change in p.changes:
@@ -531,7 +531,7 @@ def _finish(out: Path, p: _Prepared, params: Any, evaluate: Any, writer: bool, t
             files.write_json(out / files.SUMMARY, {
                 "name": p.cfg.name, "steps": setup.steps, "train": train_m, "validation": val_m,
                 "last_step": dict(records[-1]) if records else {}, "wall_seconds": wall,
-                "config": fgconfig.to_dict(p.cfg), "devices": parallel.describe(p.mesh),
+                "config": fgconfig.to_dict(p.cfg), "devices": parallel.describe_mesh(p.mesh),
             })
             _plots(out, setup, params, records, p.cfg.name)
         except OSError as e:
