@@ -23,6 +23,14 @@ def x64():
 
 
 @pytest.fixture
+def implicit_broadcasting():
+    """For test-written user code that broadcasts a (n,) bias against (N, n) implicitly, as much code nobody here
+    wrote does: the checker must handle it, so such tests run with rank promotion allowed."""
+    with jax.numpy_rank_promotion("allow"):
+        yield
+
+
+@pytest.fixture
 def key():
     return jax.random.key(0)
 

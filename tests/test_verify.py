@@ -150,6 +150,7 @@ def test_max_tie_and_abs_at_zero():
     assert absval.ok and absval.verdict == "kink"
 
 
+@pytest.mark.usefixtures("implicit_broadcasting")
 @pytest.mark.parametrize("z", [1e-9, 1e-6, 3e-5, 2e-4])
 def test_finite_differences_straddling_a_nearby_kink_raise_no_alarm(z):
     # A pre-activation within the finite-difference step of 0: the ReLU is smooth at the point itself.
@@ -456,3 +457,11 @@ def test_check_chain_names_the_link_and_refuses_duplicate_names():
     bad = ("dense", lambda p, x: x @ p, lambda p, x, d: (x.T @ d, (d @ p.T)[:1]), jnp.ones((3, 3)))
     with pytest.raises(ValueError, match=r"(?s)check_chain: link .dense.: check_vjp .*x: expected shape \(2, 3\)"):
         verify.check_chain([bad], x)
+
+
+def test_too_many_non_finite_elements_without_a_hand_is_reported_not_a_crash():
+    # 600 infinite autodiff elements, no hand: more than are checked one by one. The leaf cannot pass, and the
+    # note says why (this used to raise a TypeError from reading the missing hand).
+    report = verify.check_grad(lambda p: jnp.sum(jnp.sqrt(p)), jnp.zeros(600), mode="projection")
+    assert not report.ok and "too many to check, so the leaf cannot pass" in report.summary()
+    assert "autodiff is not finite at 87 more element(s)" in report.summary()

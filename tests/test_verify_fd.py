@@ -5,8 +5,8 @@ import math
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
+
 from funcgrad.verify import _fd
 from funcgrad.verify._report import Verdict
 

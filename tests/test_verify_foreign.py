@@ -57,6 +57,7 @@ def test_relu_with_curvature_and_an_inclusive_mask_is_a_kink():
     assert report.rows[0].worst_index == (0,) and report.rows[0].hand == -8.0
 
 
+@pytest.mark.usefixtures("implicit_broadcasting")
 @pytest.mark.parametrize("mask", [">=", ">"])
 def test_relu_network_on_integer_data_with_zero_biases(mask):
     # Integer inputs and weights with zero biases put many pre-activations exactly on 0.
@@ -358,6 +359,7 @@ def book_numpy_backward(p, X):
     return {"W": X.T @ dinputs, "b": np.sum(dinputs, axis=0)}
 
 
+@pytest.mark.usefixtures("implicit_broadcasting")
 def test_a_numpy_hand_gradient_is_called_eagerly_with_the_same_verdicts():
     X = jnp.asarray(RS.randn(7, 3), jnp.float32)
     X = X.at[0].set(0.0)  # a row on the kinks

@@ -30,7 +30,6 @@ from funcgrad.verify._inputs import (
     _needs_eager,
 )
 
-
 # Budget for coordinate-wise finite differences in mode="auto": about this many flops in total.
 _EXACT_FLOP_BUDGET = 4e9
 _ALWAYS_EXACT = 16  # leaves this small are always checked element by element
@@ -221,7 +220,7 @@ def _probe(params, dyn, h_given, exact_idx, seed, h0, rtol, atol, eps, *, fn, ha
     # plus round-off at the whole gradient's scale (a leaf whose true gradient is 0 still gets round-off).
     mag = jnp.maximum(jnp.abs(a_s), jnp.abs(h_s))
     leaf_max = jnp.concatenate([jnp.full((s,), jnp.max(mag[o : o + s], initial=0.0))
-                                for o, s in zip(layout.offsets, layout.sizes)])
+                                for o, s in zip(layout.offsets, layout.sizes, strict=True)])
     tol = jnp.where(atol >= 0, atol, rtol * leaf_max + 64 * eps * jnp.max(mag, initial=0.0)) + rtol * mag
     # (eps: float64's; the round-off of a float64 gradient whose true value is 0)
 
@@ -239,7 +238,8 @@ def _probe(params, dyn, h_given, exact_idx, seed, h0, rtol, atol, eps, *, fn, ha
     d_leaf, d_j = _dir_items(plan)
     lo = jnp.asarray(np.array([layout.offsets[i] for i in d_leaf], np.int32))
     hi = jnp.asarray(np.array([layout.offsets[i] + layout.sizes[i] for i in d_leaf], np.int32))
-    rms = jnp.stack([jnp.sqrt(jnp.sum(theta[o : o + s] ** 2) / max(s, 1)) for o, s in zip(layout.offsets, layout.sizes)])
+    rms = jnp.stack([jnp.sqrt(jnp.sum(theta[o : o + s] ** 2) / max(s, 1))
+                     for o, s in zip(layout.offsets, layout.sizes, strict=True)])
     i_steps = h0 * jnp.maximum(1.0, jnp.abs(theta[idx]))
     d_steps = h0 * jnp.maximum(1.0, rms[jnp.asarray(np.array(d_leaf, np.int32))])
     n_i, n_d = idx.shape[0], len(d_leaf)
@@ -302,7 +302,7 @@ def _static_facts(bound: _Bound, layout: _Layout, spec, param_dtypes, dyn_sig, x
     which costs nothing to find out; only when the check then fails does ``diagnose`` trace each mode to
     see which one JAX cannot do. ``x64`` is part of the cache key only: the caller's x64 state changes the
     dtypes fn's trace sees."""
-    params = [jax.ShapeDtypeStruct(s, d) for s, d in zip(layout.shapes, param_dtypes)]
+    params = [jax.ShapeDtypeStruct(s, d) for s, d in zip(layout.shapes, param_dtypes, strict=True)]
     dyn = [jax.ShapeDtypeStruct(s, d) for s, d in dyn_sig]
     closed_user, out_raw = jax.make_jaxpr(lambda p, d: bound.raw(p, *_join_args(d, spec)), return_shape=True)(
         params, dyn)
@@ -424,7 +424,7 @@ def _make_plan(mode, layout, flops, has_hand, reverse=True, jvp=True) -> tuple[_
             if sizes[i] <= _ALWAYS_EXACT or used + sizes[i] <= budget:
                 exact[i] = True
                 used += sizes[i]
-    idx = [np.arange(o, o + s) for o, s, e in zip(layout.offsets, sizes, exact) if e]
+    idx = [np.arange(o, o + s) for o, s, e in zip(layout.offsets, sizes, exact, strict=True) if e]
     exact_idx = (np.concatenate(idx) if idx else np.zeros(0)).astype(np.int32)
     # With a hand gradient, autodiff and hand are compared at every element; one direction per leaf then
     # checks the two jointly against finite differences. Without one, three directions per leaf.

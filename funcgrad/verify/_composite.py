@@ -38,8 +38,9 @@ def _primal_names(fn: Callable, n: int) -> list[str]:
     return [params[i] if i < len(params) else f"[{i}]" for i in range(n)]
 
 
-def _vdot_tree(out: Any, cot: Any) -> jax.Array:
-    return sum(jnp.vdot(o, c) for o, c in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(cot)))
+def _vdot_tree(out: Any, cot: Any) -> jax.Array | int:
+    """⟨out, cot⟩ over matching leaves (0 when there are none)."""
+    return sum(jnp.vdot(o, c) for o, c in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(cot), strict=True))
 
 
 def check_vjp(
@@ -80,9 +81,9 @@ def check_vjp(
 
     def merge(diff, consts):
         full = [None] * len(primals)
-        for i, v in zip(argnums, diff):
+        for i, v in zip(argnums, diff, strict=True):
             full[i] = v
-        for i, v in zip(const_pos, consts):
+        for i, v in zip(const_pos, consts, strict=True):
             full[i] = v
         return full
 
@@ -123,7 +124,7 @@ def check_vjp(
 def check_jacobian(
     fn: Callable[[jax.Array], jax.Array],
     x: Any,
-    hand_jac: Callable[[jax.Array], jax.Array],
+    hand_jac: Callable[[Any], Any],  # JAX or NumPy arrays in and out
     *,
     rtol: float | None = None,
     atol: float | None = None,
@@ -144,7 +145,7 @@ def check_jacobian(
     m = math.prod(y.shape)
     if m > 4096:
         raise ValueError(f"check_jacobian: fn has {m} outputs; use check_vjp for large outputs")
-    notes = []
+    J_shape: Any
     try:
         J_shape = jax.eval_shape(hand_jac, x)
     except Exception as e:
@@ -155,6 +156,31 @@ def check_jacobian(
         raise ValueError(
             f"hand_jac(x) must have shape fn(x).shape + x.shape = {tuple(y.shape) + tuple(x.shape)}; got {describe(J_shape)}"
         )
+    notes = _autodiff_jacobian_notes(fn, x)
+
+    def row_fn(x_, i):
+        return jnp.ravel(fn(x_))[i]
+
+    def row_hand(x_, i):
+        return jnp.reshape(hand_jac(x_), (m,) + x_.shape)[i]
+
+    reports = []
+    for i in range(m):
+        rep = _check_grad_impl(row_fn, x, (jnp.asarray(i, jnp.int32),), hand=row_hand, has_aux=False, wrt=None,
+                               rtol=rtol, atol=atol, mode=mode, seed=seed, reuse=True)
+        out_idx = [int(k) for k in np.unravel_index(i, y.shape)] if y.shape else []
+        reports.append(_rename_rows(dataclasses.replace(rep, rows=tuple(dataclasses.replace(r, path="[0]") for r in rep.rows)),
+                                    [f"y{out_idx}"], "check_jacobian"))
+    merged = _merge(reports, f"check_jacobian({getattr(fn, '__name__', 'fn')})", notes)
+    if any(n.startswith("jacrev and jacfwd disagree") for n in notes) and merged.ok:
+        merged = dataclasses.replace(merged, verdict=Verdict.AUTODIFF_WRONG)
+    return merged
+
+
+def _autodiff_jacobian_notes(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> list[str]:
+    """jax.jacrev against jax.jacfwd at x: notes on a mode JAX cannot do, or on where the two disagree.
+    Raises ValueError when JAX can do neither."""
+    notes = []
     jacobians = {}
     for name, jac in (("jacrev", jax.jacrev), ("jacfwd", jax.jacfwd)):
         try:
@@ -177,24 +203,7 @@ def check_jacobian(
             i = np.unravel_index(int(np.nanargmax(np.where(same, 0.0, np.where(np.isnan(gap), np.inf, gap)))), gap.shape)
             notes.append(f"jacrev and jacfwd disagree at J{list(i)}: {float(np.asarray(J_rev)[i])} vs "
                          f"{float(np.asarray(J_fwd)[i])}")
-
-    def row_fn(x_, i):
-        return jnp.ravel(fn(x_))[i]
-
-    def row_hand(x_, i):
-        return jnp.reshape(hand_jac(x_), (m,) + x_.shape)[i]
-
-    reports = []
-    for i in range(m):
-        rep = _check_grad_impl(row_fn, x, (jnp.asarray(i, jnp.int32),), hand=row_hand, has_aux=False, wrt=None,
-                               rtol=rtol, atol=atol, mode=mode, seed=seed, reuse=True)
-        out_idx = [int(k) for k in np.unravel_index(i, y.shape)] if y.shape else []
-        reports.append(_rename_rows(dataclasses.replace(rep, rows=tuple(dataclasses.replace(r, path="[0]") for r in rep.rows)),
-                                    [f"y{out_idx}"], "check_jacobian"))
-    merged = _merge(reports, f"check_jacobian({getattr(fn, '__name__', 'fn')})", notes)
-    if any(n.startswith("jacrev and jacfwd disagree") for n in notes) and merged.ok:
-        merged = dataclasses.replace(merged, verdict=Verdict.AUTODIFF_WRONG)
-    return merged
+    return notes
 
 
 def check_chain(
@@ -218,7 +227,7 @@ def check_chain(
 
     ``funcgrad.nn`` models give their stages with ``funcgrad.objective.Objective.stages``.
     """
-    parsed = []
+    parsed: list[tuple[str, Any, Any, Any, bool]] = []
     for k, st in enumerate(stages):
         if not isinstance(st, (tuple, list)) or len(st) not in (3, 4) or not isinstance(st[0], str):
             raise TypeError(f"check_chain: stage {k} must be (name, forward, hand_backward[, params]); got {describe(st)}")
@@ -282,7 +291,7 @@ def _whole_chain(parsed, links, x, rtol, atol, mode, seed) -> ChainReport:
         if not is_tracer(y):  # called eagerly (a NumPy backward): give it writable NumPy arrays, as the book does
             inputs, d = _host_tree(inputs, False), _host_tree(d, False)
         grads = {}
-        for (name, _, bwd, p, has_p), inp in reversed(list(zip(parsed, inputs))):
+        for (name, _, bwd, p, has_p), inp in reversed(list(zip(parsed, inputs, strict=True))):
             if has_p:
                 dp, d = bwd(ps.get(name, p), inp, d)
                 if name in ps:

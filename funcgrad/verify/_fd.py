@@ -9,13 +9,13 @@ them.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from funcgrad.verify._report import Verdict
-
 
 _CONFIDENT = 10.0  # finite differences are confident when a value lies this many error estimates away
 # Where f is evaluated along an item's direction, in steps; the columns of F, in this order.
@@ -109,7 +109,7 @@ def _resolve(scales: list[_Scale], tol: np.ndarray, f0: float, final: bool = Fal
               np.logical_or.reduce([s.nonsmooth for s in scales]))
     best = np.full(n, np.inf)
     with np.errstate(invalid="ignore", over="ignore"):
-        for s0, s1 in zip(scales, scales[1:]):
+        for s0, s1 in itertools.pairwise(scales):
             both = s0.finite & s1.finite
             gap = np.abs(s0.value - s1.value)
             err = s0.err + s1.err + gap
@@ -216,7 +216,7 @@ def _classify(A: np.ndarray, H: np.ndarray | None, fd: _FD, tol: np.ndarray,
         # opposite curvature along one direction widen the set of valid conventions); not any value: a wrong
         # rule whose direction happens to cross one kink must still fail.
         reach = 2 * (fd.hi - fd.lo) + 2 * fd.err + tol
-        waive_a = kinked & lenient & (A >= fd.lo - reach) & (A <= fd.hi + reach)
+        waive_a = kinked & lenient & (A >= fd.lo - reach) & (A <= fd.hi + reach)  # noqa: SIM300 - A: a value, not a constant
     waived = kinked & lenient
     fits = np.where(fd.resolved, np.where(fd.nonsmooth, Verdict.KINK, Verdict.OK), Verdict.FD_UNRELIABLE)
     ca = _consistent(A, fd, tol) | waive_a
@@ -225,7 +225,7 @@ def _classify(A: np.ndarray, H: np.ndarray | None, fd: _FD, tol: np.ndarray,
         out = np.where(ca, fits, np.where(off_a, Verdict.AUTODIFF_WRONG, Verdict.MISMATCH))
         return np.where(fd.singular, Verdict.SINGULAR, out).astype(object)
     with np.errstate(invalid="ignore"):
-        waive_h = kinked & lenient & (H >= fd.lo - reach) & (H <= fd.hi + reach)
+        waive_h = kinked & lenient & (H >= fd.lo - reach) & (H <= fd.hi + reach)  # noqa: SIM300 - H: a value, not a constant
     ch = _consistent(H, fd, tol) | waive_h
     off_h = _confidently_off(H, fd, tol) & ~waived
     with np.errstate(invalid="ignore"):

@@ -5,11 +5,12 @@ precision, and the notes that explain each verdict."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata as md
 import math
 import platform
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,19 +41,20 @@ from funcgrad.verify._fd import (
     _scale,
 )
 from funcgrad.verify._inputs import (
+    _Bound,
     _bound,
     _check_value,
     _clean,
     _fresh,
     _host,
     _host_tree,
+    _Layout,
     _select,
     _split_args,
     _UserTypeError,
     _UserValueError,
 )
 from funcgrad.verify._report import _BLAMES, _FAILING, _LIST, GradReport, Row, Verdict, _combine_verdicts, _err_key
-
 
 # Disagreeing (or non-finite) elements per leaf arbitrated by finite differences, in rounds until one fails.
 _ARBITRATION_ROUNDS = (8, 24, 96, 384)
@@ -82,7 +84,7 @@ class _Engine:
         m = len(items.index)
         size = max(8, 1 << max(0, (m - 1).bit_length()))
         pad = [np.resize(np.asarray(x), size) for x in items]
-        padded = _Items(*(p.astype(np.int32) for p in pad[:4]), pad[4].astype(np.float64))
+        padded = _Items._make([*(p.astype(np.int32) for p in pad[:4]), pad[4].astype(np.float64)])
         F, P = _items_jit(self.theta, self.dyn, self.seed, padded, self.a_dev, self.h_dev, self.tol_dev, self.support,
                           fn=self.fn, layout=self.layout, args_spec=self.spec, batch=self.plan.batch)
         return np.asarray(F)[:m], np.asarray(P)[:m]
@@ -98,7 +100,7 @@ class _Engine:
         items = _Items(*(np.asarray(x) for x in items))
         P = None
         if initial is None:
-            two = _Items(*(np.tile(x, 2) for x in items[:4]), np.concatenate([items.step, items.step / _LADDER]))
+            two = _Items._make([*(np.tile(x, 2) for x in items[:4]), np.concatenate([items.step, items.step / _LADDER])])
             F, P = self.evaluate(two)
             n_items = len(items.index)
             initial = np.stack([F[:n_items], F[n_items:]], axis=1)
@@ -110,7 +112,7 @@ class _Engine:
             sel = np.nonzero(~settled)[0]
             level = len(scales)
             F = np.full((len(items.index), len(_OFFSETS)), np.nan)
-            F[sel] = self.evaluate(_Items(*(x[sel] for x in items[:4]), items.step[sel] / _LADDER**level))[0]
+            F[sel] = self.evaluate(_Items._make([*(x[sel] for x in items[:4]), items.step[sel] / _LADDER**level]))[0]
             scales.append(_scale(self.f0, F, items.step / _LADDER**level, self.eps_f, tol))
             fd, settled = self._settle(scales, tol, values)
         if not fd.resolved.all():
@@ -204,19 +206,7 @@ def _check_grad_impl(fn: Callable[..., Any], params: Any, args: tuple, *, hand: 
     """:func:`check_grad`. ``reuse`` checks ``fn`` and ``hand`` themselves rather than fresh wrappers of them, so
     that checks of the same function objects share compilations (see below)."""
     start = time.perf_counter()
-    if not callable(fn):
-        raise TypeError(f"check_grad: fn must be callable; got {describe(fn)}")
-    if hand is not None and not callable(hand):
-        raise TypeError(f"check_grad: hand must be callable (params, *args) -> gradient; got {describe(hand)}")
-    if mode not in ("auto", "exact", "projection"):
-        raise ValueError(f"check_grad: mode must be 'auto', 'exact' or 'projection'; got {mode!r}")
-    for name, value in (("rtol", rtol), ("atol", atol)):
-        if value is not None and in_range(value, 0.0):
-            raise ValueError(f"check_grad: {name} must be a number >= 0 or None; got {value!r}")
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
-        raise TypeError(f"check_grad: seed must be an int; got {describe(seed)}")
-    if not isinstance(has_aux, bool):
-        raise TypeError(f"check_grad: has_aux must be True or False; got {describe(has_aux)}")
+    _check_options(fn, hand, mode, rtol, atol, seed, has_aux)
     caller_x64 = x64_enabled()
     if not reuse:
         # A fresh wrapper per call: compiled programs are cached per function object, and a function may read
@@ -231,7 +221,7 @@ def _check_grad_impl(fn: Callable[..., Any], params: Any, args: tuple, *, hand: 
     dyn, spec = _split_args((packed,))
     bound = _bound(fn, hand, sel.treedef, sel.diff,
                    tuple((p, tuple(int(d) for d in getattr(x, "shape", ())), describe(x))
-                         for p, x in zip(sel.paths, sel.leaves)),
+                         for p, x in zip(sel.paths, sel.leaves, strict=True)),
                    has_aux)
     dtypes = tuple(jnp.result_type(x) for x in dleaves)
     user_dtypes = sorted({str(d) for d in dtypes})
@@ -245,99 +235,12 @@ def _check_grad_impl(fn: Callable[..., Any], params: Any, args: tuple, *, hand: 
                     "no elements (zero-size leaf): nothing to check") for p in layout.paths]
         return GradReport(tuple(rows), Verdict.OK, "check_grad", "/".join(user_dtypes), tuple(notes),
                           time.perf_counter() - start, {})
+    prep = _Prepared(bound, hand is not None, dleaves, packed, dyn, spec, layout, dtypes, user_dtypes)
     base_notes = list(notes)
-
-    def compute(facts: _Facts) -> tuple[list[Row], list[str], _Plan, float, bool]:
-        notes = list(base_notes)
-        if has_aux:
-            aux = jax.tree_util.tree_leaves(facts.out_raw[1])
-            notes.append(f"has_aux: the loss is checked; aux ({type(facts.out_raw[1]).__name__}, {len(aux)} leaves) is not")
-        notes += list(facts.notes)
-        eager = hand is not None and facts.hand_eager is not None
-        if eager:
-            notes.append(f"hand cannot be traced by JAX ({facts.hand_eager}); it was called eagerly on NumPy arrays "
-                         "(float64 for the float64 check)")
-
-        def eager_hand(float64: bool) -> list:
-            dl = [_host(x, float64) for x in dleaves]
-            try:
-                out = bound.grad(dl, _host_tree(packed, float64))
-            except Exception as e:
-                e.add_note(f"funcgrad: hand could not be traced by JAX ({facts.hand_eager}), so check_grad called it "
-                           "on NumPy arrays, where it failed")
-                raise
-            return out
-
-        # 1. At the parameters' own precision: what the user's code computes (for float64 parameters, the
-        #    float64 check below is that precision).
-        a_user = h_user = None
-        hand_dtypes = facts.hand_dtypes
-        if user_dtypes != ["float64"]:
-            value_u, grad_u, hand_u = _user_stage(dleaves, dyn, fn=bound.value,
-                                                  hand=bound.grad if hand is not None and not eager else None,
-                                                  layout=layout, dtypes=dtypes, args_spec=spec, reverse=facts.reverse)
-            a_user = np.asarray(grad_u, np.float64)
-            if eager:
-                hu = eager_hand(False)
-                hand_dtypes = tuple(np.asarray(x).dtype for x in hu)
-                h_user = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in hu]) if hu else np.zeros(0)
-            elif hand is not None:
-                h_user = np.asarray(hand_u, np.float64)
-        if hand is not None:
-            other = [f"{p or '(params)'} ({hd}, parameter {pd})" for p, hd, pd in zip(layout.paths, hand_dtypes or (), dtypes)
-                     if jnp.dtype(hd) != jnp.dtype(pd)]
-            if other:
-                notes.append("hand returns another float dtype than the parameter for " + ", ".join(other[:_LIST])
-                             + ("..." if len(other) > _LIST else "") + "; compared in float64")
-
-        # 2. In float64: autodiff, hand and finite differences, compared.
-        with jax.enable_x64(True):
-            # Finite differences carry the rounding of the lowest precision fn computes in, or of its output.
-            eps_f = max(float(jnp.finfo(facts.out64).eps), float(jnp.finfo(facts.inner64).eps))
-            # Analytic tolerances follow the precision the gradients are computed in; the finite differences'
-            # own noise follows the output's dtype (eps_f).
-            eps_c = float(jnp.finfo(facts.inner64).eps)
-            if facts.inner64 != jnp.float64:
-                notes.append(f"fn computes in {facts.inner64} even with float64 inputs; tolerances follow "
-                             f"{facts.inner64}")
-            elif facts.out64 != jnp.float64:
-                notes.append(f"fn's output is cast to {facts.out64} even with float64 inputs: finite differences carry "
-                             "its rounding (autodiff and hand are still compared to float64 precision)")
-            h_given = None
-            hand64 = facts.hand64
-            if eager:
-                h64 = eager_hand(True)
-                hand64 = tuple(np.asarray(x).dtype for x in h64)
-                h_given = jnp.asarray(np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in h64]) if h64
-                                      else np.zeros(0), jnp.float64)
-            for path, dtype in zip(layout.paths, hand64):
-                if dtype != jnp.float64:
-                    eps_c = max(eps_c, float(jnp.finfo(dtype).eps))
-                    notes.append(f"hand returns {dtype} for {path or 'params'} even with float64 inputs")
-            rtol_eff = float(rtol) if rtol is not None else _default_rtol(eps_c)
-            h0 = eps_f ** (1 / 5)
-            plan, exact_idx = _make_plan(mode, layout, facts.flops, hand is not None, facts.reverse, facts.jvp)
-            res = _probe(dleaves, dyn, h_given, exact_idx, np.uint32(seed % 2**32), h0, rtol_eff,
-                         -1.0 if atol is None else float(atol), float(jnp.finfo(jnp.float64).eps), fn=bound.value,
-                         hand=bound.grad if hand is not None and not eager else None, layout=layout, args_spec=spec,
-                         plan=plan)
-            f0 = float(res.f0)
-            _check_value(f0)
-            if math.isinf(f0):
-                notes.append(f"fn(params, *args) = {f0} at these parameters: the function itself is singular there (a "
-                             "log of 0?), so no element has a finite derivative to check; each is reported singular "
-                             "where autodiff and hand agree, a mismatch where they do not")
-            elif a_user is not None and not np.isfinite(float(value_u)):
-                raise _UserValueError(f"fn(params, *args) = {float(value_u)} at the parameters' own precision "
-                                      f"({'/'.join(user_dtypes)}), though {f0:.6g} in float64: it overflows or loses "
-                                      "all precision there")
-            engine = _Engine(bound.value, spec, layout, plan, res, dyn, np.uint32(seed % 2**32), eps_f, h0, dtypes)
-            rows = _rows(res, engine, hand is not None, a_user, h_user, user_dtypes,
-                         float(jnp.finfo(facts.inner_user).eps))
-        return rows, notes, plan, rtol_eff, eager
+    options = _Options(has_aux, rtol, atol, mode, seed)
 
     try:
-        rows, notes, plan, rtol_eff, eager = compute(facts)
+        rows, notes, plan, rtol_eff, eager = _compute(prep, facts, base_notes, options)
     except (_UserValueError, _UserTypeError):
         raise
     except Exception as e:
@@ -350,7 +253,7 @@ def _check_grad_impl(fn: Callable[..., Any], params: Any, args: tuple, *, hand: 
         if (diagnosed.reverse, diagnosed.jvp) == (facts.reverse, facts.jvp):
             raise
         facts = diagnosed
-        rows, notes, plan, rtol_eff, eager = compute(facts)
+        rows, notes, plan, rtol_eff, eager = _compute(prep, facts, base_notes, options)
 
     dtype = "/".join(user_dtypes) + (" (finite differences in float64)" if user_dtypes != ["float64"] else "")
     env = _environment(caller_x64, user_dtypes, facts, mode, plan, seed, rtol_eff, atol, hand, eager, has_aux,
@@ -359,9 +262,169 @@ def _check_grad_impl(fn: Callable[..., Any], params: Any, args: tuple, *, hand: 
                       time.perf_counter() - start, env)
 
 
+def _check_options(fn: Any, hand: Any, mode: Any, rtol: Any, atol: Any, seed: Any, has_aux: Any) -> None:
+    """check_grad's arguments other than params and args: TypeError or ValueError when one is not valid."""
+    if not callable(fn):
+        raise TypeError(f"check_grad: fn must be callable; got {describe(fn)}")
+    if hand is not None and not callable(hand):
+        raise TypeError(f"check_grad: hand must be callable (params, *args) -> gradient; got {describe(hand)}")
+    if mode not in ("auto", "exact", "projection"):
+        raise ValueError(f"check_grad: mode must be 'auto', 'exact' or 'projection'; got {mode!r}")
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if value is not None and in_range(value, 0.0):
+            raise ValueError(f"check_grad: {name} must be a number >= 0 or None; got {value!r}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise TypeError(f"check_grad: seed must be an int; got {describe(seed)}")
+    if not isinstance(has_aux, bool):
+        raise TypeError(f"check_grad: has_aux must be True or False; got {describe(has_aux)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    """A check's inputs as the compiled pieces take them (the same for a retry with diagnosed facts)."""
+
+    bound: _Bound  # fn and hand bound to the differentiated leaves
+    has_hand: bool
+    dleaves: list  # the differentiated leaves
+    packed: tuple  # (fixed leaves, args)
+    dyn: list  # the traced arrays among the fixed leaves and args
+    spec: tuple  # and where they go among the static values
+    layout: _Layout
+    dtypes: tuple  # the differentiated leaves' own dtypes
+    user_dtypes: list[str]  # the distinct ones, as names, sorted
+
+
+class _Options(NamedTuple):
+    """check_grad's settings that the comparison reads."""
+
+    has_aux: bool
+    rtol: float | None
+    atol: float | None
+    mode: str
+    seed: int
+
+
+def _compute(prep: _Prepared, facts: _Facts, base_notes: list[str],
+             options: _Options) -> tuple[list[Row], list[str], _Plan, float, bool]:
+    """The check with what tracing told (``facts``): the rows, the notes, the plan, the effective rtol, and
+    whether hand was called eagerly (on NumPy arrays)."""
+    notes = list(base_notes)
+    if options.has_aux:
+        aux = jax.tree_util.tree_leaves(facts.out_raw[1])
+        notes.append(f"has_aux: the loss is checked; aux ({type(facts.out_raw[1]).__name__}, {len(aux)} leaves) is not")
+    notes += list(facts.notes)
+    eager = prep.has_hand and facts.hand_eager is not None
+    if eager:
+        notes.append(f"hand cannot be traced by JAX ({facts.hand_eager}); it was called eagerly on NumPy arrays "
+                     "(float64 for the float64 check)")
+
+    # 1. At the parameters' own precision: what the user's code computes (for float64 parameters, the
+    #    float64 check below is that precision).
+    value_u = a_user = h_user = None
+    hand_dtypes = facts.hand_dtypes
+    if prep.user_dtypes != ["float64"]:
+        value_u, a_user, h_user, hand_dtypes = _at_user_precision(prep, facts, eager)
+    if prep.has_hand:
+        # strict=False: hand_dtypes is empty for a hand called eagerly on float64 parameters (only in float64).
+        other = [f"{p or '(params)'} ({hd}, parameter {pd})"
+                 for p, hd, pd in zip(prep.layout.paths, hand_dtypes or (), prep.dtypes, strict=False)
+                 if jnp.dtype(hd) != jnp.dtype(pd)]
+        if other:
+            notes.append("hand returns another float dtype than the parameter for " + ", ".join(other[:_LIST])
+                         + ("..." if len(other) > _LIST else "") + "; compared in float64")
+
+    # 2. In float64: autodiff, hand and finite differences, compared.
+    rows, plan, rtol_eff = _in_float64(prep, facts, eager, options, value_u, a_user, h_user, notes)
+    return rows, notes, plan, rtol_eff, eager
+
+
+def _eager_hand(prep: _Prepared, hand_eager: str | None, float64: bool) -> list:
+    """hand, which JAX cannot trace (``hand_eager`` says why), called on NumPy arrays (float64 when asked)."""
+    dl = [_host(x, float64) for x in prep.dleaves]
+    try:
+        out = prep.bound.grad(dl, _host_tree(prep.packed, float64))
+    except Exception as e:
+        e.add_note(f"funcgrad: hand could not be traced by JAX ({hand_eager}), so check_grad called it "
+                   "on NumPy arrays, where it failed")
+        raise
+    return out
+
+
+def _at_user_precision(prep: _Prepared, facts: _Facts, eager: bool) -> tuple[Any, np.ndarray, np.ndarray | None, tuple]:
+    """fn's value, and the autodiff and hand gradients (flat, as float64), at the parameters' own dtypes; and
+    hand's dtypes there."""
+    value_u, grad_u, hand_u = _user_stage(prep.dleaves, prep.dyn, fn=prep.bound.value,
+                                          hand=prep.bound.grad if prep.has_hand and not eager else None,
+                                          layout=prep.layout, dtypes=prep.dtypes, args_spec=prep.spec,
+                                          reverse=facts.reverse)
+    a_user = np.asarray(grad_u, np.float64)
+    h_user = None
+    hand_dtypes = facts.hand_dtypes
+    if eager:
+        hu = _eager_hand(prep, facts.hand_eager, False)
+        hand_dtypes = tuple(np.asarray(x).dtype for x in hu)
+        h_user = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in hu]) if hu else np.zeros(0)
+    elif prep.has_hand:
+        h_user = np.asarray(hand_u, np.float64)
+    return value_u, a_user, h_user, hand_dtypes
+
+
+def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, value_u: Any,
+                a_user: np.ndarray | None, h_user: np.ndarray | None, notes: list[str]) -> tuple[list[Row], _Plan, float]:
+    """The float64 check: autodiff, hand and finite differences compared, a row per leaf (with the results at
+    the parameters' own precision, when not float64). Appends to ``notes``; returns the rows, the plan and the
+    effective rtol."""
+    layout = prep.layout
+    with jax.enable_x64(True):
+        # Finite differences carry the rounding of the lowest precision fn computes in, or of its output.
+        eps_f = max(float(jnp.finfo(facts.out64).eps), float(jnp.finfo(facts.inner64).eps))
+        # Analytic tolerances follow the precision the gradients are computed in; the finite differences'
+        # own noise follows the output's dtype (eps_f).
+        eps_c = float(jnp.finfo(facts.inner64).eps)
+        if facts.inner64 != jnp.float64:
+            notes.append(f"fn computes in {facts.inner64} even with float64 inputs; tolerances follow "
+                         f"{facts.inner64}")
+        elif facts.out64 != jnp.float64:
+            notes.append(f"fn's output is cast to {facts.out64} even with float64 inputs: finite differences carry "
+                         "its rounding (autodiff and hand are still compared to float64 precision)")
+        h_given = None
+        hand64 = facts.hand64
+        if eager:
+            h64 = _eager_hand(prep, facts.hand_eager, True)
+            hand64 = tuple(np.asarray(x).dtype for x in h64)
+            h_given = jnp.asarray(np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in h64]) if h64
+                                  else np.zeros(0), jnp.float64)
+        # strict=False: hand64 is empty without a hand.
+        for path, dtype in zip(layout.paths, hand64, strict=False):
+            if dtype != jnp.float64:
+                eps_c = max(eps_c, float(jnp.finfo(dtype).eps))
+                notes.append(f"hand returns {dtype} for {path or 'params'} even with float64 inputs")
+        rtol_eff = float(options.rtol) if options.rtol is not None else _default_rtol(eps_c)
+        h0 = eps_f ** (1 / 5)
+        plan, exact_idx = _make_plan(options.mode, layout, facts.flops, prep.has_hand, facts.reverse, facts.jvp)
+        res = _probe(prep.dleaves, prep.dyn, h_given, exact_idx, np.uint32(options.seed % 2**32), h0, rtol_eff,
+                     -1.0 if options.atol is None else float(options.atol), float(jnp.finfo(jnp.float64).eps),
+                     fn=prep.bound.value, hand=prep.bound.grad if prep.has_hand and not eager else None, layout=layout,
+                     args_spec=prep.spec, plan=plan)
+        f0 = float(res.f0)
+        _check_value(f0)
+        if math.isinf(f0):
+            notes.append(f"fn(params, *args) = {f0} at these parameters: the function itself is singular there (a "
+                         "log of 0?), so no element has a finite derivative to check; each is reported singular "
+                         "where autodiff and hand agree, a mismatch where they do not")
+        elif a_user is not None and not np.isfinite(float(value_u)):
+            raise _UserValueError(f"fn(params, *args) = {float(value_u)} at the parameters' own precision "
+                                  f"({'/'.join(prep.user_dtypes)}), though {f0:.6g} in float64: it overflows or loses "
+                                  "all precision there")
+        engine = _Engine(prep.bound.value, prep.spec, layout, plan, res, prep.dyn, np.uint32(options.seed % 2**32),
+                         eps_f, h0, prep.dtypes)
+        rows = _rows(res, engine, prep.has_hand, a_user, h_user, prep.user_dtypes,
+                     float(jnp.finfo(facts.inner_user).eps))
+    return rows, plan, rtol_eff
+
+
 def _environment(x64, user_dtypes, facts, mode, plan, seed, rtol, atol, hand, eager, has_aux, layout, sel) -> dict:
     """What a bug report about a verdict needs: versions, backend, precision and the check's settings."""
-    import importlib.metadata as md
 
     def version(pkg: str) -> str | None:
         try:
@@ -410,7 +473,7 @@ class _Item:
     user_precision: bool = False  # N is the float64 value of the same side, not finite differences
 
 
-def _make_item(verdict, index, A, H, fd: _FD | None = None, k: int = 0, N: float | None = None) -> _Item:
+def _make_item(verdict, index, A, H, fd: _FD | None = None, k: int | np.integer = 0, N: float | None = None) -> _Item:
     A = float(A)
     H = None if H is None else float(H)
     extra: dict[str, Any] = {}
@@ -515,101 +578,133 @@ def _rows(res: _ProbeOut, engine: _Engine, has_hand, a_user, h_user, user_dtypes
     jvp = np.asarray(res.jvp)
 
     rows = []
-    for li, (path, shape, o, s) in enumerate(zip(layout.paths, layout.shapes, layout.offsets, layout.sizes)):
+    for li, (path, shape, o, s) in enumerate(zip(layout.paths, layout.shapes, layout.offsets, layout.sizes, strict=True)):
         items: list[_Item] = []
-        extra: list[str] = []
         empty_support = s > 0 and not engine.support_np[o : o + s].any()
         for k in np.nonzero(item_leaf == li)[0]:
             if not is_el[k] and (s == 0 or empty_support):
                 continue  # a direction with nothing to move: no information
             index = np.unravel_index(flat[k] - o, shape) if is_el[k] else None
             items.append(_make_item(verdicts[k], index, A[k], None if H is None else H[k], fd, k))
-        seg_a = a[o : o + s]
-        nonfinite = ~np.isfinite(seg_a)
-        if h is not None:
-            seg_h = h[o : o + s]
-            nonfinite |= ~np.isfinite(seg_h)
-            with np.errstate(invalid="ignore"):
-                dis = ~(np.abs(seg_a - seg_h) <= engine.tol_ah[o : o + s])
-            same_nf = ~np.isfinite(seg_a) & (seg_a == seg_h)
-            n_disagree = int((dis & ~same_nf).sum())
-            if n_disagree:
-                with np.errstate(invalid="ignore"):
-                    gap = np.where(dis & ~same_nf, np.abs(seg_a - seg_h), -1.0)
-                i = int(np.argmax(np.where(np.isnan(gap), np.inf, gap)))
-                where = [int(j) for j in np.unravel_index(i, shape)]
-                extra.append(f"autodiff and hand disagree at {n_disagree} element(s); " + (
-                    f"the largest gap is {_g(float(gap[i]))} at {where}" if np.isfinite(gap[i])
-                    else f"one side is not finite at {where}"))
-        else:
-            dis = nonfinite
-        n_nf = int(nonfinite.sum())
-        if n_nf:
-            extra.append(f"{n_nf} element(s) not finite in " + ("autodiff or hand" if h is not None else "autodiff")
-                         + " (checked one by one; random projections skip them)")
+        nonfinite, dis, extra = _disagreements(a[o : o + s], None if h is None else h[o : o + s],
+                                               engine.tol_ah[o : o + s], shape)
         done = {int(flat[k]) - o for k in np.nonzero((item_leaf == li) & is_el)[0]}
         if dis.any():
-            # Disagreeing elements, worst first, are arbitrated in growing rounds until one fails: a wrong
-            # element must not hide behind disagreements that are only kinks (two valid conventions).
-            cand = np.nonzero(dis)[0]
-            bad = _badness(seg_a[cand], None if h is None else h[o : o + s][cand], engine.tol_ah[o : o + s][cand],
-                           nonfinite[cand])
-            order = [o + int(i) for i in cand[np.argsort(-bad, kind="stable")] if int(i) not in done]
-            checked = 0
-            for size in _ARBITRATION_ROUNDS:
-                batch = order[checked : checked + size]
-                if not batch:
-                    break
-                new = _arbitrate(np.array(batch), li, a, h, tol, engine)
-                items += new
-                checked += len(batch)
-                if any(it.verdict in _FAILING for it in new):
-                    break
-            left = len(order) - checked
-            if left > 0 and not any(it.verdict in _FAILING for it in items):
-                i = order[checked]
-                extra.append(f"autodiff and hand disagree at {left} more element(s) than the {checked} checked one "
-                             "by one (all passing): too many to check, so the leaf cannot pass")
-                items.append(_make_item(Verdict.MISMATCH, np.unravel_index(i - o, shape), a[i], h[i], N=float("nan")))
-        # A projection that fails with no element to show for it: bisect down to the element.
-        bad_dirs = [it for it in items if it.index is None and it.verdict in _FAILING]
-        if bad_dirs and not any(it.index is not None and it.verdict in _FAILING for it in items):
-            located = _bisect(li, a, h, tol, engine)
-            items.append(located)
-            if located.verdict in _FAILING:
-                extra.append("element located by bisecting a failing random projection")
-                if located.verdict in _BLAMES:
-                    for it in items:  # the located element explains the failing projections
-                        if it.index is None and it.verdict == Verdict.MISMATCH:
-                            it.verdict = located.verdict
-            else:
-                extra.append("bisecting the failing random projection singled out no failing element (the "
-                             "disagreement is spread over many elements)")
+            _arbitrate_disagreements(li, dis, nonfinite, done, a, h, tol, engine, items, extra)
+        _locate_failing_projection(li, a, h, tol, engine, items, extra)
         if plan.jvp and not empty_support and s:
-            k = int(np.nonzero(~is_el)[0][list(d_leaf).index(li)])
-            jv, jr = float(jvp[li]), float(A[k])
-            if not math.isfinite(jv) and nonfinite.any():
-                extra.append("forward mode not compared: autodiff is not finite at some elements of this leaf")
-            # (forward mode's tangent is rounded to fn's output dtype, e.g. by a final cast to bfloat16)
-            elif not abs(jv - jr) <= item_tol_ah[k] + 4 * engine.eps_f * max(abs(jv), abs(jr)):
-                fwd_right = bool(_consistent(np.array([jv]), fd.take(slice(k, k + 1)), item_tol[k : k + 1])[0])
-                extra.append(
-                    f"forward mode (jvp {jv:.6e}) and reverse mode (grad·u {jr:.6e}) disagree along a random "
-                    f"direction; finite differences give {fd.value[k]:.6e}: {'reverse' if fwd_right else 'forward'} "
-                    "mode is wrong"
-                )
-                items.append(_make_item(Verdict.AUTODIFF_WRONG, None, jr if fwd_right else jv, None, fd, k))
+            k_dir = int(np.nonzero(~is_el)[0][list(d_leaf).index(li)])
+            _compare_modes(float(jvp[li]), float(A[k_dir]), k_dir, nonfinite, fd, item_tol, item_tol_ah, engine.eps_f,
+                           items, extra)
         if user_dtypes != ["float64"] and s:
-            already = {"hand" if it.verdict == Verdict.HAND_WRONG else "autodiff" for it in items
-                       if it.verdict in _BLAMES}
-            if any(it.verdict == Verdict.BOTH_WRONG for it in items):
-                already = {"hand", "autodiff"}
             eps = max(float(jnp.finfo(engine.user_dtypes[li]).eps), eps_inner)  # fn may compute in bfloat16
-            extra_u, items_u = _user_precision(o, s, shape, a, h, a_user, h_user, eps, skip=already)
+            extra_u, items_u = _user_precision(o, s, shape, a, h, a_user, h_user, eps, skip=_blamed_sides(items))
             extra += extra_u
             items += items_u
         rows.append(_row(path, li, s, items, extra, plan))
     return rows
+
+
+def _disagreements(seg_a: np.ndarray, seg_h: np.ndarray | None, tol_ah: np.ndarray,
+                   shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """One leaf's elements where autodiff or hand is not finite, and those to arbitrate (where autodiff and hand
+    disagree, or without a hand where autodiff is not finite); and notes on them."""
+    extra: list[str] = []
+    nonfinite = ~np.isfinite(seg_a)
+    if seg_h is not None:
+        nonfinite |= ~np.isfinite(seg_h)
+        with np.errstate(invalid="ignore"):
+            dis = ~(np.abs(seg_a - seg_h) <= tol_ah)
+        same_nf = ~np.isfinite(seg_a) & (seg_a == seg_h)
+        n_disagree = int((dis & ~same_nf).sum())
+        if n_disagree:
+            with np.errstate(invalid="ignore"):
+                gap = np.where(dis & ~same_nf, np.abs(seg_a - seg_h), -1.0)
+            i = int(np.argmax(np.where(np.isnan(gap), np.inf, gap)))
+            where = [int(j) for j in np.unravel_index(i, shape)]
+            extra.append(f"autodiff and hand disagree at {n_disagree} element(s); " + (
+                f"the largest gap is {_g(float(gap[i]))} at {where}" if np.isfinite(gap[i])
+                else f"one side is not finite at {where}"))
+    else:
+        dis = nonfinite
+    n_nf = int(nonfinite.sum())
+    if n_nf:
+        extra.append(f"{n_nf} element(s) not finite in " + ("autodiff or hand" if seg_h is not None else "autodiff")
+                     + " (checked one by one; random projections skip them)")
+    return nonfinite, dis, extra
+
+
+def _arbitrate_disagreements(li: int, dis: np.ndarray, nonfinite: np.ndarray, done: set[int], a, h, tol,
+                             engine: _Engine, items: list[_Item], extra: list[str]) -> None:
+    """Disagreeing elements of leaf ``li`` (``dis``, within the leaf), worst first and not ``done`` already, are
+    arbitrated in growing rounds until one fails: a wrong element must not hide behind disagreements that are
+    only kinks (two valid conventions). Appends to ``items`` and ``extra``."""
+    o, s, shape = engine.layout.offsets[li], engine.layout.sizes[li], engine.layout.shapes[li]
+    cand = np.nonzero(dis)[0]
+    bad = _badness(a[o : o + s][cand], None if h is None else h[o : o + s][cand], engine.tol_ah[o : o + s][cand],
+                   nonfinite[cand])
+    order = [o + int(i) for i in cand[np.argsort(-bad, kind="stable")] if int(i) not in done]
+    checked = 0
+    for size in _ARBITRATION_ROUNDS:
+        batch = order[checked : checked + size]
+        if not batch:
+            break
+        new = _arbitrate(np.array(batch), li, a, h, tol, engine)
+        items += new
+        checked += len(batch)
+        if any(it.verdict in _FAILING for it in new):
+            break
+    left = len(order) - checked
+    if left > 0 and not any(it.verdict in _FAILING for it in items):
+        i = order[checked]
+        what = "autodiff and hand disagree" if h is not None else "autodiff is not finite"
+        extra.append(f"{what} at {left} more element(s) than the {checked} checked one by one (all passing): "
+                     "too many to check, so the leaf cannot pass")
+        items.append(_make_item(Verdict.MISMATCH, np.unravel_index(i - o, shape), a[i],
+                                None if h is None else h[i], N=float("nan")))
+
+
+def _locate_failing_projection(li: int, a, h, tol, engine: _Engine, items: list[_Item], extra: list[str]) -> None:
+    """A projection that fails with no element to show for it: bisect down to the element. Appends to ``items``
+    and ``extra``; a located element that is blamed explains the failing projections (their verdict becomes its)."""
+    bad_dirs = [it for it in items if it.index is None and it.verdict in _FAILING]
+    if bad_dirs and not any(it.index is not None and it.verdict in _FAILING for it in items):
+        located = _bisect(li, a, h, tol, engine)
+        items.append(located)
+        if located.verdict in _FAILING:
+            extra.append("element located by bisecting a failing random projection")
+            if located.verdict in _BLAMES:
+                for it in items:  # the located element explains the failing projections
+                    if it.index is None and it.verdict == Verdict.MISMATCH:
+                        it.verdict = located.verdict
+        else:
+            extra.append("bisecting the failing random projection singled out no failing element (the "
+                         "disagreement is spread over many elements)")
+
+
+def _compare_modes(jv: float, jr: float, k: int, nonfinite: np.ndarray, fd: _FD, item_tol: np.ndarray,
+                   item_tol_ah: np.ndarray, eps_f: float, items: list[_Item], extra: list[str]) -> None:
+    """Forward mode (``jv``, the jvp) against reverse mode (``jr``, grad·u) along a leaf's first random direction,
+    item ``k``; finite differences say which one is wrong. Appends to ``items`` and ``extra``."""
+    if not math.isfinite(jv) and nonfinite.any():
+        extra.append("forward mode not compared: autodiff is not finite at some elements of this leaf")
+    # (forward mode's tangent is rounded to fn's output dtype, e.g. by a final cast to bfloat16)
+    elif not abs(jv - jr) <= item_tol_ah[k] + 4 * eps_f * max(abs(jv), abs(jr)):
+        fwd_right = bool(_consistent(np.array([jv]), fd.take(slice(k, k + 1)), item_tol[k : k + 1])[0])
+        extra.append(
+            f"forward mode (jvp {jv:.6e}) and reverse mode (grad·u {jr:.6e}) disagree along a random "
+            f"direction; finite differences give {fd.value[k]:.6e}: {'reverse' if fwd_right else 'forward'} "
+            "mode is wrong"
+        )
+        items.append(_make_item(Verdict.AUTODIFF_WRONG, None, jr if fwd_right else jv, None, fd, k))
+
+
+def _blamed_sides(items: Sequence[_Item]) -> set[str]:
+    """The sides already found wrong in float64 (not judged again at the parameters' own precision)."""
+    already = {"hand" if it.verdict == Verdict.HAND_WRONG else "autodiff" for it in items if it.verdict in _BLAMES}
+    if any(it.verdict == Verdict.BOTH_WRONG for it in items):
+        already = {"hand", "autodiff"}
+    return already
 
 
 def _row(path, li, size, items, extra, plan) -> Row:
@@ -663,7 +758,7 @@ def _bisect(li: int, a, h, tol, engine: _Engine) -> _Item:
     rms = math.sqrt(float(np.mean(engine.theta_np[o : o + s] ** 2))) if s else 0.0
     step = engine.h0 * max(1.0, rms)
     d_leaf, d_j = _dir_items(plan)
-    streams = [j for leaf, j in zip(d_leaf, d_j) if leaf == li]
+    streams = [j for leaf, j in zip(d_leaf, d_j, strict=True) if leaf == li]
 
     def badness(j, ranges):
         """How far each half's projection is from finite differences, in units of the allowed error (one

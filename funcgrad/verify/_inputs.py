@@ -37,9 +37,9 @@ class _Layout:
         return sum(self.sizes)
 
     def unravel(self, theta: jax.Array, dtypes: Sequence[Any] | None = None) -> Any:
-        leaves = [theta[o : o + s].reshape(shape) for o, s, shape in zip(self.offsets, self.sizes, self.shapes)]
+        leaves = [theta[o : o + s].reshape(shape) for o, s, shape in zip(self.offsets, self.sizes, self.shapes, strict=True)]
         if dtypes is not None:
-            leaves = [leaf.astype(d) for leaf, d in zip(leaves, dtypes)]
+            leaves = [leaf.astype(d) for leaf, d in zip(leaves, dtypes, strict=True)]
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
     def ravel(self, tree: Any, dtype: Any = jnp.float64) -> jax.Array:
@@ -60,10 +60,11 @@ class _Selection:
 
     @property
     def diff_paths(self) -> tuple[str, ...]:
-        return tuple(p for p, d in zip(self.paths, self.diff) if d)
+        return tuple(p for p, d in zip(self.paths, self.diff, strict=True) if d)
 
     def split(self) -> tuple[list, list]:
-        return ([x for x, d in zip(self.leaves, self.diff) if d], [x for x, d in zip(self.leaves, self.diff) if not d])
+        return ([x for x, d in zip(self.leaves, self.diff, strict=True) if d],
+                [x for x, d in zip(self.leaves, self.diff, strict=True) if not d])
 
     def layout(self) -> _Layout:
         dl = self.split()[0]
@@ -126,29 +127,29 @@ def _select(params: Any, wrt: Any) -> tuple[_Selection, list[str]]:
     if mask is None:
         mask = [_is_inexact(x) for x in leaves]
     errors = []
-    for path, leaf, d in zip(paths, leaves, mask):
+    for path, leaf, d in zip(paths, leaves, mask, strict=True):
         if not d:
             continue
         dt = _leaf_dtype(leaf)
         name = "params" + path
         if dt is None or not jnp.issubdtype(dt, jnp.inexact):
-            what = "selected by wrt, " if wrt is not None else ""
-            errors.append(f"{name} ({what}{describe(leaf)}) is not a floating-point array")
+            by = "selected by wrt, " if wrt is not None else ""
+            errors.append(f"{name} ({by}{describe(leaf)}) is not a floating-point array")
         elif jnp.issubdtype(dt, jnp.complexfloating):
             errors.append(f"{name} is complex ({describe(leaf)}); only real floating leaves can be checked: hold it "
                           "fixed with wrt=")
     if errors:
         raise TypeError("check_grad: cannot differentiate:\n  " + "\n  ".join(errors))
     if not any(mask):
-        listed = ", ".join(f"{p or '(params)'} {describe(x)}" for p, x in list(zip(paths, leaves))[:_LIST])
+        listed = ", ".join(f"{p or '(params)'} {describe(x)}" for p, x in list(zip(paths, leaves, strict=True))[:_LIST])
         raise TypeError(
             "check_grad: nothing to differentiate: params has no floating-point array leaves "
             f"({listed}{', ...' if len(leaves) > _LIST else ''}). Write parameters as floats (1.0, not 1; "
             "x.astype(jnp.float32)), or choose the leaves with wrt=."
         )
-    check_finite_tree(jax.tree_util.tree_unflatten(treedef, [x if d else None for x, d in zip(leaves, mask)]),
+    check_finite_tree(jax.tree_util.tree_unflatten(treedef, [x if d else None for x, d in zip(leaves, mask, strict=True)]),
                       "params")
-    fixed = [(p, x) for p, x, d in zip(paths, leaves, mask) if not d]
+    fixed = [(p, x) for p, x, d in zip(paths, leaves, mask, strict=True) if not d]
     notes = []
     if fixed:
         def what(x):
@@ -194,7 +195,8 @@ def _is_array(x: Any) -> bool:
 
 def _split_args(args: Any) -> tuple[list, tuple]:
     leaves, treedef = jax.tree_util.tree_flatten(args)
-    dyn, spec = [], []
+    dyn: list[Any] = []
+    spec: list[Any] = []  # _DYN for each array, else the static value (or a _ById of it)
     for leaf in leaves:
         if _is_array(leaf):
             dyn.append(leaf)
@@ -203,8 +205,9 @@ def _split_args(args: Any) -> tuple[list, tuple]:
             try:
                 hash(leaf)
             except TypeError:
-                leaf = _ById(leaf)
-            spec.append(leaf)
+                spec.append(_ById(leaf))
+            else:
+                spec.append(leaf)
     return dyn, (treedef, tuple(spec))
 
 
@@ -216,7 +219,8 @@ def _join_args(dyn: Sequence, spec: tuple) -> Any:
 
 
 def _fresh(fn: Callable) -> Callable:
-    return lambda *a, **k: fn(*a, **k)
+    """A new function object that calls ``fn``: compiled programs are cached per function object."""
+    return lambda *a, **k: fn(*a, **k)  # noqa: PLW0108 - the new object is the point, not the call
 
 
 def _main_output(out: Any, has_aux: bool) -> Any:
@@ -316,6 +320,8 @@ class _Bound:
         return _main_output(self.raw(dl, packed), self.has_aux)
 
     def grad(self, dl: Sequence, packed: Any) -> list:
+        if self.hand is None:  # unreachable: called only for checks with a hand
+            raise TypeError("_Bound.grad: no hand to call")
         fixed, args = packed
         return _extract_grad(self.hand(self.merge(dl, fixed), *args), self)
 
@@ -331,11 +337,12 @@ def _extract_grad(out: Any, b: _Bound, what: str = "hand") -> list:
     try:
         flat, _ = jax.tree_util.tree_flatten_with_path(out, is_leaf=lambda x: x is None)
     except Exception as e:  # noqa: BLE001 - anything unflattenable is a structure mismatch
-        raise _UserValueError(f"{what} must return a gradient with the structure of params; got {describe(out)} ({e})") from None
+        raise _UserValueError(f"{what} must return a gradient with the structure of params; got {describe(out)} "
+                              f"({e})") from None
     got = {jax.tree_util.keystr(p): x for p, x in flat}
     paths = b.paths
     known = set(paths)
-    diff = [s for s, d in zip(b.specs, b.diff) if d]
+    diff = [s for s, d in zip(b.specs, b.diff, strict=True) if d]
     missing = [p for p, _, _ in diff if p not in got or got[p] is None]
     extra = [p for p, x in got.items() if p not in known and x is not None]
     if missing or extra:
@@ -345,7 +352,7 @@ def _extract_grad(out: Any, b: _Bound, what: str = "hand") -> list:
                           f"{_describe_out(out)}, not a tree of gradients")
         if extra:
             detail.append(f"unexpected {extra}")
-        held = [p for p, d in zip(paths, b.diff) if not d]
+        held = [p for p, d in zip(paths, b.diff, strict=True) if not d]
         raise _UserValueError(
             f"{what} must return a gradient with the same structure as params; it returned {'; '.join(detail)}. "
             f"params leaves: {list(paths)}" + (f" (held fixed, may be None: {held})" if held else "")

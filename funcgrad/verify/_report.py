@@ -29,7 +29,7 @@ class Verdict(enum.StrEnum):
 VERDICTS = tuple(Verdict)
 #: The verdicts that pass.
 PASSING = (Verdict.OK, Verdict.KINK, Verdict.SINGULAR, Verdict.FD_UNRELIABLE)
-_SEVERITY = {v: i for i, v in enumerate(VERDICTS)}
+_SEVERITY: dict[str, int] = {v: i for i, v in enumerate(VERDICTS)}  # keyed by verdict strings too (a StrEnum)
 _FAILING = (Verdict.HAND_WRONG, Verdict.AUTODIFF_WRONG, Verdict.BOTH_WRONG, Verdict.MISMATCH)
 _BLAMES = (Verdict.HAND_WRONG, Verdict.AUTODIFF_WRONG, Verdict.BOTH_WRONG)
 _LIST = 8  # paths listed in a note before "and N more"
@@ -331,7 +331,8 @@ class ChainReport:
         for name, rep in self.links:
             worst = rep.worst
             where = worst.where if worst else ""
-            lines.append(f"  {name.ljust(w)}  {rep.verdict:14s} worst {where:24s} abs err {_fmt(worst.max_abs_err if worst else None)}")
+            err = _fmt(worst.max_abs_err if worst else None)
+            lines.append(f"  {name.ljust(w)}  {rep.verdict:14s} worst {where:24s} abs err {err}")
         lines.append(f"  {'(whole chain)'.ljust(w)}  {self.end_to_end.verdict}")
         for name, rep in self.links:
             if not rep.ok or rep.verdict != Verdict.OK:

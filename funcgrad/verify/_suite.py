@@ -9,6 +9,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from funcgrad import data, nn, rules
+from funcgrad.objective import Objective
 from funcgrad.verify._composite import check_chain, check_jacobian, check_vjp
 from funcgrad.verify._grad import check_grad
 
@@ -16,10 +18,6 @@ from funcgrad.verify._grad import check_grad
 def verify_suite(seed: int = 0, only: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Runs every rule of the catalog and the book's model through the checks; returns one record per check
     (name, kind, formula, report, seconds). Prints nothing."""
-    # The catalog and the book's model are imported here, not at the top: the checks do not depend on them.
-    import funcgrad as fg
-    from funcgrad import rules
-
     checks: list[tuple[str, str, str, Any]] = []
     for name, rule in rules.CATALOG.items():
         checks.append((
@@ -38,10 +36,10 @@ def verify_suite(seed: int = 0, only: Sequence[str] | None = None) -> list[dict[
     ))
 
     def book_model(l2=None, dropout=None):
-        model = fg.nn.mlp([64, 3], activation="relu", output="softmax", dropout=dropout)
-        obj = fg.Objective(model, "categorical_crossentropy", l2=l2)
+        model = nn.mlp([64, 3], activation="relu", output="softmax", dropout=dropout)
+        obj = Objective(model, "categorical_crossentropy", l2=l2)
         params = model.init(jax.random.key(seed), (2,))
-        X, y = fg.data.spiral(100, 3, key=seed)
+        X, y = data.spiral(100, 3, key=seed)
         return obj, params, X, y
 
     def model_check():
