@@ -19,8 +19,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import os
-import stat
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
@@ -29,6 +27,7 @@ from typing import Any
 
 from funcgrad import initializers, nn, optim
 from funcgrad._checks import in_range, is_strength
+from funcgrad._io import FileError, read_regular
 from funcgrad.objective import LOSS_RULES
 
 __all__ = [
@@ -339,21 +338,9 @@ def load(path: str | Path, *, overrides: Sequence[str] = ()) -> Config:
     """A Config from a TOML file; the run's name defaults to the file's stem."""
     path = Path(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO given as a config must not hang
-    except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"config {path}: not a regular file (a TOML file is expected)")
-        if st.st_size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"config {path}: {st.st_size} bytes; a TOML config is expected (at most {MAX_CONFIG_BYTES})")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-    finally:
-        os.close(fd)
+        data = read_regular(path, MAX_CONFIG_BYTES)  # never a FIFO (no hang) or a device, never unbounded
+    except FileError as e:
+        raise ConfigError(f"cannot read config {e}") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -1,87 +1,25 @@
 """Files of a run: atomic writes (temporary file, fsync, rename), metrics lines, checkpoints.
 
-Every read goes through :func:`read_regular`: only a regular file (never a FIFO, a device or a folder, also
-behind a symbolic link) and only up to a size that the file can honestly have, so a hostile file is a
-one-line error instead of a hang or gigabytes read.
+Every read goes through :func:`funcgrad._io.read_regular` (re-exported here): only a regular file and only up to
+a size that the file can honestly have, so a hostile file is a one-line error instead of a hang or gigabytes read.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from funcgrad import checkpoint
+from funcgrad._io import FileError, read_regular
 
 CHECKPOINT = "checkpoint.npz"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CONFIG = "config.json"
-
-
-class FileError(ValueError):
-    """A run file that cannot be read as what it should be; the message names the file."""
-
-
-_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-
-
-@contextlib.contextmanager
-def open_regular(path: Path) -> Iterator[BinaryIO]:
-    """``path`` opened for reading if it is a regular file (checked on the open file, without blocking)."""
-    fd = _open_regular(Path(path))
-    with os.fdopen(fd, "rb") as f:
-        yield f
-
-
-def _open_regular(path: Path) -> int:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise FileError(f"{path}: no such file") from None
-    except OSError as e:
-        raise FileError(f"{path}: cannot open it ({e.strerror})") from None
-    try:
-        mode = os.fstat(fd).st_mode
-    except OSError as e:
-        os.close(fd)
-        raise FileError(f"{path}: cannot read it ({e.strerror})") from None
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
-        raise FileError(f"{path}: is {kind}, not a regular file")
-    return fd
-
-
-def read_regular(path: Path, max_bytes: int) -> bytes:
-    """The bytes of ``path`` if it is a regular file of at most ``max_bytes``. Opened without blocking (a FIFO
-    never hangs), checked with ``fstat`` on the open file (no race with a swapped path), then read."""
-    path = Path(path)
-    fd = _open_regular(path)
-    try:
-        st = os.fstat(fd)
-        if st.st_size > max_bytes:
-            raise FileError(f"{path}: {st.st_size} bytes, more than the {max_bytes} such a file can have")
-        chunks, size = [], 0
-        while size <= max_bytes:
-            chunk = os.read(fd, min(1 << 24, max_bytes + 1 - size))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        if size > max_bytes:
-            raise FileError(f"{path}: grew past {max_bytes} bytes while being read")
-        return b"".join(chunks)
-    except OSError as e:
-        raise FileError(f"{path}: cannot read it ({e.strerror})") from None
-    finally:
-        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

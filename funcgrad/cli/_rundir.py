@@ -23,6 +23,7 @@ from pathlib import Path
 
 import funcgrad
 from funcgrad import checkpoint
+from funcgrad._io import FileError, open_fd, open_regular
 from funcgrad.cli import _files as files
 
 MARKER = "run.json"
@@ -53,7 +54,7 @@ def _legacy_run(out: Path) -> bool:
     if not (out / files.CONFIG).is_file():
         return False
     try:
-        with files.open_regular(out / files.CHECKPOINT) as f:
+        with open_regular(out / files.CHECKPOINT) as f:
             checkpoint.metadata(f)
     except (files.FileError, checkpoint.CheckpointError):
         return False
@@ -159,12 +160,10 @@ def writer_pid(out: Path) -> int | None:
     """The PID of a process holding ``out``'s lock, or None; takes no lock (for readers such as evaluate)."""
     path = Path(out) / LOCK
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError:
+        fd = open_fd(path)
+    except FileError:
         return None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:

@@ -274,7 +274,6 @@ class _Prepared:
     mesh: Any
     state: Any
     start: int
-    records: list[dict]
     complete: bool  # resumed at its last step with its summary written: nothing to do
 
 
@@ -365,7 +364,6 @@ def _prepare(args: argparse.Namespace, out: Path, writer: bool) -> _Prepared:
             raise UsageError(f"--resume: train.epochs = {cfg.train.epochs} makes {setup.steps} steps, but the "
                              f"checkpoint in {out} is already at step {start}; a run cannot go back (to end at step "
                              f"{start} or later, set train.epochs accordingly)")
-    records: list[dict] = []
     complete = False
     if writer:
         records = _read_metrics(out, setup.steps)
@@ -381,7 +379,7 @@ def _prepare(args: argparse.Namespace, out: Path, writer: bool) -> _Prepared:
         if bad:
             raise UsageError(f"cannot write into the run: read-only {', '.join(bad)}; nothing was changed (make them "
                              "writable, or train into another --out)")
-    return _Prepared(cfg, source, saved, changes, setup, mesh, state, start, records, complete)
+    return _Prepared(cfg, source, saved, changes, setup, mesh, state, start, complete)
 
 
 def _say_header(out: Path, p: _Prepared, fuse: int, say: Any) -> None:
