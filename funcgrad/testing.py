@@ -15,7 +15,7 @@ from typing import Any
 
 from funcgrad import verify
 
-__all__ = ["assert_grads_match", "assert_vjp_matches", "assert_chain_ok"]
+__all__ = ["assert_grads_match", "assert_vjp_matches", "assert_chain_ok", "assert_rules_ok"]
 
 
 def assert_grads_match(fn: Callable, params: Any, *args: Any, hand: Callable | None = None, **kwargs: Any) -> verify.GradReport:
@@ -34,3 +34,10 @@ def assert_chain_ok(stages: Any, x: Any, **kwargs: Any) -> verify.ChainReport:
     """:func:`funcgrad.verify.check_chain`, raising an AssertionError naming the first broken link unless ok."""
     __tracebackhide__ = True
     return verify.check_chain(stages, x, **kwargs).assert_ok()
+
+
+def assert_rules_ok(fn: Callable, params: Any, *args: Any, **kwargs: Any) -> verify.AuditReport:
+    """:func:`funcgrad.verify.audit`, raising an AssertionError with the audit's table unless every custom rule
+    that ``fn(params, *args)`` calls passes."""
+    __tracebackhide__ = True
+    return verify.audit(fn, params, *args, **kwargs).assert_ok()

@@ -41,10 +41,10 @@ EXPECTED = {
         "tanh",
     ],
     "verify": [
-        "ChainReport", "GradReport", "PASSING", "Row", "VERDICTS", "check_chain", "check_grad", "check_jacobian",
-        "check_vjp",
+        "AuditReport", "AuditRow", "ChainReport", "GradReport", "PASSING", "Row", "VERDICTS", "audit", "check_chain",
+        "check_grad", "check_jacobian", "check_vjp",
     ],
-    "testing": ["assert_chain_ok", "assert_grads_match", "assert_vjp_matches"],
+    "testing": ["assert_chain_ok", "assert_grads_match", "assert_rules_ok", "assert_vjp_matches"],
 }
 
 

@@ -64,9 +64,10 @@ Example:
     True
 """
 
+from funcgrad.verify._audit import audit
 from funcgrad.verify._composite import check_chain, check_jacobian, check_vjp
 from funcgrad.verify._grad import check_grad
-from funcgrad.verify._report import PASSING, VERDICTS, ChainReport, GradReport, Row
+from funcgrad.verify._report import PASSING, VERDICTS, AuditReport, AuditRow, ChainReport, GradReport, Row
 
 # Importable, not in __all__ (tests/test_api.py pins the public names): the verdicts' type, the suite behind
 # ``funcgrad verify``, and the combination rule that tests pin.
@@ -84,4 +85,7 @@ __all__ = [
     "check_vjp",
     "check_jacobian",
     "check_chain",
+    "audit",
+    "AuditReport",
+    "AuditRow",
 ]

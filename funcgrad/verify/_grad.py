@@ -423,8 +423,8 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
     return rows, plan, rtol_eff
 
 
-def _environment(x64, user_dtypes, facts, mode, plan, seed, rtol, atol, hand, eager, has_aux, layout, sel) -> dict:
-    """What a bug report about a verdict needs: versions, backend, precision and the check's settings."""
+def _environment_versions() -> dict:
+    """The versions and backend a verdict was reached with."""
 
     def version(pkg: str) -> str | None:
         try:
@@ -439,6 +439,13 @@ def _environment(x64, user_dtypes, facts, mode, plan, seed, rtol, atol, hand, ea
         "numpy": np.__version__,
         "python": platform.python_version(),
         "backend": jax.default_backend(),
+    }
+
+
+def _environment(x64, user_dtypes, facts, mode, plan, seed, rtol, atol, hand, eager, has_aux, layout, sel) -> dict:
+    """What a bug report about a verdict needs: versions, backend, precision and the check's settings."""
+    return {
+        **_environment_versions(),
         "x64": x64,
         "dtypes": {"params": list(user_dtypes), "output": str(facts.out.dtype), "check": "float64"},
         "mode": mode,

@@ -355,3 +355,167 @@ class ChainReport:
         if not self.ok:
             raise AssertionError("chain check failed\n" + str(self))
         return self
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditRow:
+    """The audit of one custom derivative rule over the calls checked (see :func:`funcgrad.verify.audit`).
+
+    Attributes:
+        rule: the custom function's ``__name__``.
+        source: where it is defined, ``file:line``.
+        kind: ``"custom_vjp"`` or ``"custom_jvp"``.
+        calls: how many of its calls (call sites, loop iterations) were checked.
+        seen: how many calls the forward pass made (more than ``calls`` when loops were sampled).
+        verdict: a :class:`Verdict`, as for :func:`check_grad` (the rule is "autodiff", JAX's plain autodiff of
+            its primal is "hand"; the rule passes where only the latter disagrees).
+        worst_index: ``(input number, *element)`` of the element that decided the verdict: the input among the
+            rule's positional (flattened) array arguments.
+        where: the call that decided it: its call site and nesting (``jit(block) › scan iteration 3``).
+        rule_value, primal, numeric: the rule's derivative there, the primal's plain autodiff (None when not
+            differentiable) and finite differences.
+        max_abs_err, max_rel_err: the largest difference among those values, absolute and relative.
+        on_path: some input of the rule depends on the selected parameters (``wrt``), so a wrong rule corrupts
+            their gradient.
+        note: why the verdict was given, in words.
+    """
+
+    rule: str
+    source: str
+    kind: str
+    calls: int
+    seen: int
+    verdict: Verdict
+    worst_index: tuple[int, ...] | None
+    where: str
+    rule_value: float | None
+    primal: float | None
+    numeric: float | None
+    max_abs_err: float
+    max_rel_err: float
+    on_path: bool = True
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "verdict", Verdict(self.verdict))
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict in PASSING
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["verdict"] = str(self.verdict)
+        d["worst_index"] = list(self.worst_index) if self.worst_index is not None else None
+        for k in ("rule_value", "primal", "numeric", "max_abs_err", "max_rel_err"):
+            d[k] = _json_float(d[k])
+        d["ok"] = self.ok
+        return d
+
+
+def _audit_severity(row: AuditRow) -> tuple[int, float]:
+    return _SEVERITY[row.verdict], _err_key(row.max_abs_err)
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditReport:
+    """The result of :func:`funcgrad.verify.audit`: a row per custom rule; ``ok`` when every rule passes.
+
+    ``str(report)`` is a table; :meth:`to_dict` / :meth:`to_json` / :meth:`to_markdown` as for :class:`GradReport`;
+    :meth:`assert_ok` raises an AssertionError carrying the table.
+    """
+
+    rows: tuple[AuditRow, ...]
+    verdict: Verdict
+    notes: tuple[str, ...] = ()
+    seconds: float = 0.0
+    environment: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+    title: str = "audit"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "verdict", Verdict(self.verdict))
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict in PASSING
+
+    @property
+    def failing(self) -> tuple[AuditRow, ...]:
+        return tuple(r for r in self.rows if not r.ok)
+
+    @property
+    def worst(self) -> AuditRow | None:
+        if not self.rows:
+            return None
+        deciding = [r for r in self.rows if r.verdict == self.verdict] or list(self.rows)
+        return max(deciding, key=_audit_severity)
+
+    def summary(self) -> str:
+        head = (f"{self.title}: {self.verdict} ({'ok' if self.ok else 'NOT OK'}) — {len(self.rows)} custom rule(s), "
+                f"{sum(r.calls for r in self.rows)} call(s) checked, {self.seconds:.2f}s")
+        bad = self.failing
+        if not bad:
+            return head
+        return head + "; failing: " + ", ".join(f"{r.rule} ({r.verdict} at input {_index(r)})" for r in bad)
+
+    def __str__(self) -> str:
+        lines = [self.summary()]
+        if self.rows:
+            rw = max(len("rule"), *(len(r.rule) for r in self.rows))
+            lines.append(f"  {'rule'.ljust(rw)}  {'kind':10s} {'calls':>9s}  {'verdict':14s} {'worst index':14s}"
+                         f" {'rule':>11s} {'primal AD':>11s} {'numeric':>11s} {'rel err':>10s}  source")
+            for r in self.rows:
+                calls = f"{r.calls}/{r.seen}" if r.seen != r.calls else str(r.calls)
+                lines.append(f"  {r.rule.ljust(rw)}  {r.kind:10s} {calls:>9s}  {r.verdict:14s} {_index(r):14s}"
+                             f" {_fmt(r.rule_value)} {_fmt(r.primal)} {_fmt(r.numeric)} {_fmt(r.max_rel_err, 10)}"
+                             f"  {r.source}")
+        explained = [r for r in self.rows if r.note or not r.ok or not r.on_path]
+        if explained or self.notes:
+            lines.append("  notes:")
+            for r in explained:
+                parts = [r.note] if r.note else []
+                if not r.ok and r.where:
+                    parts.insert(0, f"decided at the call {r.where}")
+                if not r.on_path:
+                    parts.append("not on the gradient path of the selected parameters")
+                lines.append(f"    {r.rule}: " + "; ".join(parts))
+            lines += [f"    {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"title": self.title, "verdict": str(self.verdict), "ok": self.ok, "seconds": self.seconds,
+                "notes": list(self.notes), "rows": [r.to_dict() for r in self.rows],
+                "environment": dict(self.environment)}
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def to_markdown(self) -> str:
+        def cell(x: Any) -> str:
+            return str(x).replace("|", "\\|")
+
+        out = [f"### {cell(self.title)}: `{self.verdict}` ({'ok' if self.ok else 'NOT OK'})", "",
+               f"{len(self.rows)} custom rule(s), {sum(r.calls for r in self.rows)} call(s) checked, "
+               f"{self.seconds:.2f}s", "",
+               "| rule | kind | calls | verdict | worst index | rule | primal AD | numeric | rel err | source |",
+               "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in self.rows:
+            vals = [_fmt(v).strip() for v in (r.rule_value, r.primal, r.numeric, r.max_rel_err)]
+            out.append(f"| `{cell(r.rule)}` | {r.kind} | {r.calls}/{r.seen} | {r.verdict} | {_index(r)} | "
+                       + " | ".join(vals) + f" | `{cell(r.source)}` |")
+        notes = [f"`{cell(r.rule)}`: {cell(r.note)}" for r in self.rows if r.note] + [cell(n) for n in self.notes]
+        if notes:
+            out += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+        if self.environment:
+            out += ["", "<details><summary>Environment</summary>", "", "```json",
+                    json.dumps(self.environment, indent=1, sort_keys=True, default=str), "```", "", "</details>"]
+        return "\n".join(out) + "\n"
+
+    def assert_ok(self) -> AuditReport:
+        if not self.ok:
+            raise AssertionError("custom rule audit failed\n" + str(self))
+        return self
+
+
+def _index(r: AuditRow) -> str:
+    return "—" if r.worst_index is None else str(list(r.worst_index))

@@ -1,0 +1,659 @@
+"""verify.audit: find the wrong custom derivative rule inside a whole model.
+
+``fn`` is traced once; its jaxpr is then evaluated equation by equation (entering ``jit``, ``remat``, ``scan``,
+``while``, ``cond`` and the primal of each custom rule), so that every call of a user-defined ``jax.custom_vjp``
+or ``jax.custom_jvp`` rule is seen with the inputs it actually receives in this forward pass: the values of that
+scan iteration, the whole batch of a ``vmap``. Each call is then checked in isolation with
+:func:`~funcgrad.verify.check_grad` on the scalar ``⟨rule(x), u⟩`` for a random output cotangent u (whose
+gradient is exactly the rule's VJP applied to u):
+
+- "autodiff" is JAX's derivative through the equation, that is the custom rule (a custom JVP rule is also
+  compared with itself in forward mode);
+- "hand" is JAX's plain autodiff of the rule's primal function, traced without the rule (forward mode when
+  reverse mode is unavailable; absent when the primal is not differentiable at all);
+- finite differences of the primal arbitrate.
+
+A rule that disagrees with both is wrong (``autodiff_wrong``). Where only the primal's plain autodiff disagrees
+(an unstable formula: the reason the rule exists), the rule passes with a note. Rule and plain autodiff that agree
+while confident finite differences do not (a ``stop_gradient`` copied into the rule) are ``both_wrong``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import functools
+import math
+import os
+import re
+import sys
+import time
+import types
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import Literal, jaxpr_as_fun
+
+from funcgrad._checks import describe
+from funcgrad.verify._grad import _check_grad_impl, _environment_versions
+from funcgrad.verify._inputs import _wrt_mask
+from funcgrad.verify._report import _FAILING, AuditReport, AuditRow, GradReport, Row, Verdict, _combine_verdicts
+
+_CUSTOM = {"custom_vjp_call": "custom_vjp", "custom_vjp_call_jaxpr": "custom_vjp", "custom_jvp_call": "custom_jvp"}
+# Primitives that call one sub-jaxpr with their own inputs and outputs.
+_CALLS = {"pjit", "jit", "closed_call", "core_call", "checkpoint", "remat", "remat2", "named_call"}
+# Rules defined in these packages are the framework's own, tested there; audit(library=True) includes them.
+_LIBRARIES = ("jax", "jaxlib", "flax", "equinox", "optax", "chex", "haiku")
+# Rules that mark a value as not to be differentiated and fail when it is (Equinox's filter_custom_vjp passes every
+# argument but the first through one): a custom rule's input made by one is held fixed. (Probing by trying to
+# differentiate fails inside the framework's rule and leaves its memoized traces unusable.)
+_MARKERS = ("_nondifferentiable", "nondifferentiable")
+_SEARCH_LIMIT = 400  # objects looked at when searching a wrapper's closures for the user's function
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    """A custom rule: its kind, its function's name and definition, and whether a framework defines it."""
+
+    kind: str
+    name: str
+    source: str
+    library: bool
+
+
+class _Call(NamedTuple):
+    """One call of a rule, with the values it received."""
+
+    rule: _Rule
+    eqn: Any
+    inputs: tuple  # every input of the equation (the rule's consts first)
+    on_path: bool  # some input depends on the selected parameters
+    held: tuple[int, ...]  # inputs the rule refuses to be differentiated with respect to (see _MARKERS)
+    where: str  # the nesting: jit(block) › scan iteration 3 › ...
+    site: str  # the call site, file:line
+
+
+# ---- identifying rules ----------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _library_dirs() -> tuple[str, ...]:
+    dirs = []
+    for name in _LIBRARIES:
+        file = getattr(sys.modules.get(name), "__file__", None)
+        if file:
+            dirs.append(os.path.dirname(os.path.abspath(file)) + os.sep)
+    return tuple(dirs)
+
+
+def _is_library(filename: str) -> bool:
+    return os.path.abspath(filename).startswith(_library_dirs()) if filename and not filename.startswith("<") else False
+
+
+def _short(filename: str, line: int | str) -> str:
+    try:
+        rel = os.path.relpath(filename)
+    except ValueError:
+        rel = filename
+    return f"{filename if rel.startswith('..') else rel}:{line}"
+
+
+def _user_function(root: Any) -> Any:
+    """The first function defined outside the frameworks reachable from ``root`` through wrappers, partials,
+    closures and the attributes of wrapper objects (e.g. the user's function inside
+    ``equinox.filter_custom_vjp``), or None."""
+    queue: collections.deque = collections.deque([root])
+    seen: set[int] = set()
+    while queue and len(seen) < _SEARCH_LIMIT:
+        obj = queue.popleft()
+        if id(obj) in seen or obj is None or isinstance(obj, (str, bytes, int, float, types.ModuleType, type)):
+            continue
+        seen.add(id(obj))
+        code = getattr(obj, "__code__", None)
+        if isinstance(code, types.CodeType) and not _is_library(code.co_filename):
+            return obj
+        for attr in ("f", "func", "fun", "__wrapped__", "__func__"):
+            with contextlib.suppress(Exception):
+                queue.append(getattr(obj, attr))
+        for cell in getattr(obj, "__closure__", None) or ():
+            with contextlib.suppress(ValueError):
+                queue.append(cell.cell_contents)
+        if isinstance(obj, functools.partial):
+            queue.extend(obj.args)
+        elif isinstance(obj, (list, tuple)):
+            queue.extend(obj[:16])
+        elif code is None and not isinstance(obj, (dict, jax.Array, np.ndarray)):
+            with contextlib.suppress(TypeError):
+                queue.extend(v for v in vars(obj).values() if callable(v) or hasattr(v, "__dict__"))
+    return None
+
+
+def _call_jaxpr(eqn: Any) -> Any:
+    return eqn.params.get("call_jaxpr", eqn.params.get("fun_jaxpr"))
+
+
+def _identify(eqn: Any) -> _Rule:
+    kind = _CUSTOM[eqn.primitive.name]
+    info = getattr(_call_jaxpr(eqn).jaxpr, "debug_info", None)
+    m = re.match(r"^(.*) at (.*):(\d+)$", getattr(info, "func_src_info", None) or "")
+    name, filename, line = (m.group(1), m.group(2), m.group(3)) if m else ("<unknown>", "", "?")
+    if m and not _is_library(filename):
+        return _Rule(kind, name, _short(filename, line), False)
+    # A framework's wrapper (equinox.filter_custom_vjp): look for the user's function inside the rule.
+    holder = eqn.params.get("bwd") if kind == "custom_vjp" else eqn.params.get(
+        "jvp_jaxpr_fun", eqn.params.get("jvp_jaxpr_thunk"))
+    user = _user_function(holder)
+    if user is not None:
+        code = user.__code__
+        return _Rule(kind, getattr(user, "__name__", name), _short(code.co_filename, code.co_firstlineno), False)
+    return _Rule(kind, name, _short(filename, line) if filename else "<unknown>", True)
+
+
+def _call_site(eqn: Any) -> str:
+    """The innermost frame of the user's code that made this call."""
+    tb = getattr(getattr(eqn, "source_info", None), "traceback", None)
+    for frame in getattr(tb, "frames", None) or ():
+        fname = frame.file_name
+        if not _is_library(fname) and f"{os.sep}funcgrad{os.sep}verify{os.sep}" not in fname:
+            return _short(fname, frame.line_num)
+    return "?"
+
+
+def _bind(eqn: Any, invals: Sequence[Any]) -> list:
+    """Evaluates one equation on concrete (or traced) values, as ``jax.core.eval_jaxpr`` does."""
+    params = eqn.primitive.get_bind_params(eqn.params)
+    if isinstance(params, tuple):  # older JAX: (subfuns, params)
+        subfuns, params = params
+        out = eqn.primitive.bind(*subfuns, *invals, **params)
+    else:
+        out = eqn.primitive.bind(*invals, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _sub(eqn: Any) -> list:
+    """The jaxprs an equation holds (open ones as they are)."""
+    out = []
+    for v in eqn.params.values():
+        for sub in v if isinstance(v, (tuple, list)) else (v,):
+            inner = getattr(sub, "jaxpr", None)
+            if inner is not None and hasattr(inner, "eqns"):
+                out.append(inner)
+            elif hasattr(sub, "eqns"):
+                out.append(sub)
+    return out
+
+
+# ---- walking the model --------------------------------------------------------------------------------------
+
+
+class _Walker:
+    """Evaluates a jaxpr equation by equation, recording the calls of the rules it audits."""
+
+    def __init__(self, max_calls: int, library: bool, exclude: Sequence[str]):
+        self.max_calls, self.library, self.exclude = max_calls, library, set(exclude)
+        self.calls: dict[_Rule, list[_Call]] = collections.defaultdict(list)
+        self.seen: collections.Counter = collections.Counter()  # calls made, sampled or not
+        self.excluded: collections.Counter = collections.Counter()
+        self.library_rules: collections.Counter = collections.Counter()
+        self.unentered: collections.Counter = collections.Counter()  # primitives holding rules, not entered
+        self._rules: dict[int, _Rule] = {}
+        self._holds: dict[int, bool] = {}
+        self._compiled: dict[int, Callable] = {}
+        self._keep: list = []  # keeps the objects whose ids key the caches alive
+
+    def rule(self, eqn: Any) -> _Rule:
+        if id(eqn) not in self._rules:
+            self._keep.append(eqn)
+            self._rules[id(eqn)] = _identify(eqn)
+        return self._rules[id(eqn)]
+
+    def audited(self, rule: _Rule) -> bool:
+        return (self.library or not rule.library) and rule.name not in self.exclude
+
+    def holds(self, jaxpr: Any) -> bool:
+        """Whether the jaxpr calls, at any depth, a custom rule at all (audited or not)."""
+        if id(jaxpr) not in self._holds:
+            self._keep.append(jaxpr)
+            self._holds[id(jaxpr)] = any(e.primitive.name in _CUSTOM or any(self.holds(s) for s in _sub(e))
+                                         for e in jaxpr.eqns)
+        return self._holds[id(jaxpr)]
+
+    def compiled(self, closed: Any) -> Callable:
+        if id(closed) not in self._compiled:
+            self._keep.append(closed)
+            self._compiled[id(closed)] = jax.jit(jaxpr_as_fun(closed))
+        return self._compiled[id(closed)]
+
+    def count(self, jaxpr: Any, times: int) -> None:
+        """Counts the rule calls of a jaxpr run without being walked (``times`` runs of it)."""
+        for e in jaxpr.eqns:
+            if e.primitive.name in _CUSTOM:
+                rule = self.rule(e)
+                self._tally(rule, times)
+            trips = int(e.params.get("length", 1)) if e.primitive.name == "scan" else 1
+            for s in _sub(e):
+                if self.holds(s):
+                    self.count(s, times * trips)
+
+    def _tally(self, rule: _Rule, times: int = 1) -> None:
+        if rule.library and not self.library:
+            self.library_rules[rule] += times
+        elif rule.name in self.exclude:
+            self.excluded[rule] += times
+        else:
+            self.seen[rule] += times
+
+    def run(self, jaxpr: Any, consts: Sequence, args: Sequence, taint: Sequence[bool], where: str) -> tuple[list, list]:
+        """The jaxpr's outputs, and for each whether it depends on the selected parameters."""
+        env: dict[Any, tuple[Any, bool]] = {}
+        for v, x in zip(jaxpr.constvars, consts, strict=True):
+            env[v] = (x, False)
+        for v, x, t in zip(jaxpr.invars, args, taint, strict=True):
+            env[v] = (x, t)
+
+        def read(v: Any) -> tuple[Any, bool]:
+            return (v.val, False) if isinstance(v, Literal) else env[v]
+
+        marked: set = set()  # values made by a _MARKERS rule
+        for eqn in jaxpr.eqns:
+            ins = [read(v) for v in eqn.invars]
+            vals, ts = [x for x, _ in ins], [t for _, t in ins]
+            if eqn.primitive.name in _CUSTOM:
+                if self.rule(eqn).name in _MARKERS:
+                    marked.update(eqn.outvars)
+                held = tuple(i for i, v in enumerate(eqn.invars[int(eqn.params.get("num_consts", 0)):])
+                             if not isinstance(v, Literal) and v in marked)
+                outs, touts = self._custom(eqn, vals, ts, where, held)
+            else:
+                outs, touts = self.equation(eqn, vals, ts, where)
+            for v, x, t in zip(eqn.outvars, outs, touts, strict=True):
+                env[v] = (x, t)
+        res = [read(v) for v in jaxpr.outvars]
+        return [x for x, _ in res], [t for _, t in res]
+
+    def equation(self, eqn: Any, vals: list, ts: list, where: str) -> tuple[list, list]:
+        name = eqn.primitive.name
+        if not any(self.holds(s) for s in _sub(eqn)):
+            return _bind(eqn, vals), [any(ts)] * len(eqn.outvars)
+        ctx = getattr(getattr(eqn, "ctx", None), "manager", None)
+        with ctx if ctx is not None else contextlib.nullcontext():
+            if name in _CALLS and len(_sub(eqn)) == 1:
+                closed = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+                jaxpr, consts = (closed.jaxpr, closed.consts) if hasattr(closed, "consts") else (closed, ())
+                label = "remat" if name in ("checkpoint", "remat", "remat2") else f"{name}({eqn.params.get('name', '')})"
+                return self.run(jaxpr, consts, vals, ts, _join(where, label))
+            if name == "scan":
+                return self._scan(eqn, vals, ts, where)
+            if name == "while":
+                return self._while(eqn, vals, ts, where)
+            if name == "cond":
+                index = int(vals[0])
+                branch = eqn.params["branches"][index]
+                return self.run(branch.jaxpr, branch.consts, vals[1:], ts[1:], _join(where, f"cond branch {index}"))
+        # Anything else (shard_map, a primitive of another library): evaluated whole; its rules are counted.
+        self.unentered[name] += 1
+        for s in _sub(eqn):
+            self.count(s, 1)
+        return _bind(eqn, vals), [any(ts)] * len(eqn.outvars)
+
+    def _custom(self, eqn: Any, vals: list, ts: list, where: str, held: tuple[int, ...]) -> tuple[list, list]:
+        rule = self.rule(eqn)
+        self._tally(rule)
+        if self.audited(rule):
+            n = int(eqn.params.get("num_consts", 0))
+            self.calls[rule].append(_Call(rule, eqn, tuple(vals), any(ts[n:]), held, where, _call_site(eqn)))
+        closed = _call_jaxpr(eqn)
+        if self.holds(closed.jaxpr):  # rules inside this rule's primal
+            return self.run(closed.jaxpr, closed.consts, vals, ts, _join(where, rule.name))
+        return _bind(eqn, vals), [any(ts)] * len(eqn.outvars)
+
+    def _sample(self, n: int) -> set[int]:
+        """The iterations of a loop of n that are walked: evenly spread, first and last included."""
+        k = min(n, self.max_calls)
+        return set(np.unique(np.round(np.linspace(0, n - 1, k)).astype(int)).tolist()) if k else set()
+
+    def _scan(self, eqn: Any, vals: list, ts: list, where: str) -> tuple[list, list]:
+        p = eqn.params
+        body, n_c, n_carry, length = p["jaxpr"], p["num_consts"], p["num_carry"], int(p["length"])
+        consts, carry, xs = vals[:n_c], vals[n_c : n_c + n_carry], vals[n_c + n_carry :]
+        t_consts, t_carry, t_xs = ts[:n_c], list(ts[n_c : n_c + n_carry]), ts[n_c + n_carry :]
+        walk = self._sample(length)
+        ys: list[list] = []
+        t_ys = [False] * (len(eqn.outvars) - n_carry)
+        for i in (reversed(range(length)) if p.get("reverse") else range(length)):
+            x_i = [x[i] for x in xs]
+            if i in walk:
+                out, t_out = self.run(body.jaxpr, body.consts, [*consts, *carry, *x_i], [*t_consts, *t_carry, *t_xs],
+                                      _join(where, f"scan iteration {i}"))
+            else:
+                out = list(self.compiled(body)(*consts, *carry, *x_i))
+                t_out = [any(t_consts) or any(t_carry) or any(t_xs)] * len(out)
+                self.count(body.jaxpr, 1)
+            carry, t_carry = out[:n_carry], [a or b for a, b in zip(t_carry, t_out[:n_carry], strict=True)]
+            ys.append(out[n_carry:])
+            t_ys = [a or b for a, b in zip(t_ys, t_out[n_carry:], strict=True)]
+        if p.get("reverse"):
+            ys.reverse()
+        stacked = [jnp.stack([y[j] for y in ys]) if ys else jnp.zeros(v.aval.shape, v.aval.dtype)
+                   for j, v in enumerate(eqn.outvars[n_carry:])]
+        return [*carry, *stacked], [*t_carry, *t_ys]
+
+    def _while(self, eqn: Any, vals: list, ts: list, where: str) -> tuple[list, list]:
+        p = eqn.params
+        n_cc, n_bc = p["cond_nconsts"], p["body_nconsts"]
+        cc, bc, carry = vals[:n_cc], vals[n_cc : n_cc + n_bc], vals[n_cc + n_bc :]
+        t_bc, t_carry = ts[n_cc : n_cc + n_bc], list(ts[n_cc + n_bc :])
+        cond, body = self.compiled(p["cond_jaxpr"]), p["body_jaxpr"]
+        i = 0
+        while bool(cond(*cc, *carry)[0]):
+            if i < self.max_calls:
+                carry, t_out = self.run(body.jaxpr, body.consts, [*bc, *carry], [*t_bc, *t_carry],
+                                        _join(where, f"while iteration {i}"))
+            else:
+                carry = list(self.compiled(body)(*bc, *carry))
+                t_out = [any(t_bc) or any(t_carry)] * len(carry)
+                self.count(body.jaxpr, 1)
+            t_carry = [a or b for a, b in zip(t_carry, t_out, strict=True)]
+            i += 1
+        return carry, t_carry
+
+
+def _join(where: str, part: str) -> str:
+    return f"{where} › {part}" if where else part
+
+
+# ---- checking one call ----------------------------------------------------------------------------------------
+
+
+class _Scalars(NamedTuple):
+    """A call's equation as check_grad takes it: the scalar ⟨rule(x), u⟩ of the differentiated inputs, JAX's plain
+    autodiff of the same scalar through the primal (None when the primal is not differentiable), and why not."""
+
+    rule: Callable
+    plain: Callable | None
+    note: str
+
+
+def _scalars(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple[int, ...],
+             plain: bool = True) -> _Scalars:
+    n_c = int(eqn.params.get("num_consts", 0))
+    dtypes = tuple(jnp.result_type(x) for x in call.inputs)  # the dtypes the rule was called with
+    fixed_pos = tuple(i for i in range(len(call.inputs)) if i - n_c not in diff_pos)
+    primal = jaxpr_as_fun(_call_jaxpr(eqn))
+
+    def inputs(diff: Sequence, fixed: Sequence) -> list:
+        xs: list[Any] = [None] * len(dtypes)
+        for i, d in zip(diff_pos, diff, strict=True):
+            xs[n_c + i] = d.astype(dtypes[n_c + i])
+        for i, f in zip(fixed_pos, fixed, strict=True):
+            xs[i] = f.astype(dtypes[i]) if hasattr(f, "astype") else f
+        return xs
+
+    def contract(outs: Sequence, ct: Sequence) -> Any:
+        return sum(jnp.vdot(outs[j], c) for j, c in zip(float_outs, ct, strict=True))
+
+    def rule(diff: Any, fixed: Any, ct: Any) -> Any:
+        return contract(_bind(eqn, inputs(diff, fixed)), ct)
+
+    def through_primal(diff: Any, fixed: Any, ct: Any) -> Any:
+        return contract(primal(*inputs(diff, fixed)), ct)
+
+    if not plain:
+        return _Scalars(rule, None, "")
+    example = (tuple(call.inputs[n_c + i] for i in diff_pos), tuple(call.inputs[i] for i in fixed_pos),
+               tuple(jax.ShapeDtypeStruct(eqn.outvars[j].aval.shape, eqn.outvars[j].aval.dtype) for j in float_outs))
+    reasons = []
+    makers: tuple[tuple[str, Callable], ...] = (("reverse", jax.grad), ("forward", jax.jacfwd))
+    for how, make in makers:
+        plain_fn: Callable = make(through_primal)
+        try:
+            jax.eval_shape(plain_fn, *example)
+        except Exception as e:  # noqa: BLE001 - any failure: try the other mode, else no plain autodiff
+            reasons.append(f"{how} mode: {str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__}")
+            continue
+        note = "" if how == "reverse" else "the primal's plain autodiff is from forward mode (reverse mode failed)"
+        return _Scalars(rule, plain_fn, note)
+    return _Scalars(rule, None, "JAX cannot differentiate the rule's primal without the rule (" + "; ".join(reasons)
+                    + "): the rule is checked against finite differences only")
+
+
+def _differentiable(eqn: Any, call: _Call, diff_pos: tuple[int, ...],
+                    float_outs: tuple[int, ...]) -> tuple[tuple[int, ...], str]:
+    """The floating inputs the rule can be differentiated with respect to (``equinox.filter_custom_vjp``
+    differentiates its first argument only, and refuses the others), and a note on those it refuses."""
+
+    def works(pos: tuple[int, ...]) -> str:
+        s = _scalars(eqn, call, pos, float_outs, plain=False)
+        n_c = int(eqn.params.get("num_consts", 0))
+        fixed = tuple(call.inputs[i] for i in range(len(call.inputs)) if i - n_c not in pos)
+        ct = tuple(jax.ShapeDtypeStruct(eqn.outvars[j].aval.shape, eqn.outvars[j].aval.dtype) for j in float_outs)
+        try:
+            jax.eval_shape(jax.grad(s.rule), tuple(call.inputs[n_c + i] for i in pos), fixed, ct)
+        except Exception as e:  # noqa: BLE001 - any refusal: the input is held fixed
+            return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}" if str(e).strip() else type(e).__name__
+        return ""
+
+    if not works(diff_pos):
+        return diff_pos, ""
+    ok = tuple(i for i in diff_pos if not works((i,)))
+    refused = [i for i in diff_pos if i not in ok]
+    why = works((refused[0],))
+    note = (f"the rule cannot be differentiated with respect to input(s) {refused} ({why}); they are held fixed"
+            if ok else f"the rule cannot be differentiated with respect to any of its inputs ({why})")
+    return (ok if not works(ok) else ()), note
+
+
+def _check_call(call: _Call, k: int, scalars: dict, options: dict) -> tuple[GradReport | None, tuple[int, ...], str]:
+    """check_grad of one call: the report, the rule's input number of each report row, and a note when the
+    call could not be checked."""
+    eqn = call.eqn
+    n_c = int(eqn.params.get("num_consts", 0))
+    user_inputs = call.inputs[n_c:]
+    diff_pos = tuple(i for i, x in enumerate(user_inputs)
+                     if jnp.issubdtype(jnp.result_type(x), jnp.floating) and np.size(x) > 0 and i not in call.held)
+    float_outs = tuple(j for j, v in enumerate(eqn.outvars) if jnp.issubdtype(v.aval.dtype, jnp.floating))
+    if not diff_pos or not float_outs:
+        return None, (), "no floating-point " + ("input" if not diff_pos else "output") + ": nothing to differentiate"
+    bad = [i for i in diff_pos if not np.all(np.isfinite(np.asarray(user_inputs[i], np.float64)))]
+    if bad:
+        return None, (), f"input {bad[0]} is not finite at this call: a derivative cannot be checked there"
+    if (id(eqn), "inputs") not in scalars:
+        scalars[id(eqn), "inputs"] = _differentiable(eqn, call, diff_pos, float_outs)
+    diff_pos, refused = scalars[id(eqn), "inputs"]
+    if not diff_pos:
+        return None, (), refused
+    key = (id(eqn), diff_pos)
+    if key not in scalars:
+        scalars[key] = _scalars(eqn, call, diff_pos, float_outs)
+    held = (f"input(s) {list(call.held)} held fixed: the framework marks them as not differentiated"
+            if call.held else "")
+    s = scalars[key]._replace(note="; ".join(n for n in (scalars[key].note, refused, held) if n))
+    rng = np.random.default_rng([options["seed"], k])
+    ct = tuple(np.asarray(rng.standard_normal(eqn.outvars[j].aval.shape), eqn.outvars[j].aval.dtype) for j in float_outs)
+    diff = tuple(user_inputs[i] for i in diff_pos)
+    fixed = tuple(call.inputs[i] for i in range(len(call.inputs)) if i - n_c not in diff_pos)
+    try:
+        report = _check_grad_impl(s.rule, diff, (fixed, ct), hand=s.plain, has_aux=False, wrt=None,
+                                  rtol=options["rtol"], atol=options["atol"], mode=options["mode"],
+                                  seed=options["seed"] + k, reuse=True)
+    except Exception as e:  # noqa: BLE001 - the user's rule failing under check_grad: reported, not raised
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return None, (), f"could not be checked at this call ({type(e).__name__}: {msg})"
+    return report, diff_pos, s.note
+
+
+def _as_rule_verdict(row: Row) -> tuple[Verdict, str]:
+    """A check_grad row read for the rule: hand (the primal's plain autodiff) being wrong is not the rule's fault.
+    The row's note is told in the audit's words."""
+    if row.verdict == Verdict.HAND_WRONG:
+        return Verdict.OK, ("the rule agrees with finite differences; JAX's plain autodiff of its primal does not "
+                            f"(at element {list(row.worst_index or ())}: {row.hand:.6g} against {row.numeric:.6g}), "
+                            "which is presumably why the rule exists")
+    note = re.sub(r"\bautodiff\b", "the rule", row.note)
+    note = re.sub(r"\bhand\b", "the primal's plain autodiff", note)
+    return row.verdict, note.replace("a stop_gradient, or a custom rule copied into the the primal's plain autodiff formula?",
+                                     "a stop_gradient in the primal, copied by the rule?")
+
+
+# ---- the audit ------------------------------------------------------------------------------------------------
+
+
+def audit(
+    fn: Callable[..., Any],
+    params: Any,
+    *args: Any,
+    wrt: Any = None,
+    max_calls: int = 8,
+    library: bool = False,
+    exclude: Sequence[str] = (),
+    rtol: float | None = None,
+    atol: float | None = None,
+    mode: str = "auto",
+    seed: int = 0,
+    **kwargs: Any,
+) -> AuditReport:
+    """Checks every custom derivative rule that ``fn(params, *args, **kwargs)`` calls, each in isolation at the
+    inputs it receives in this forward pass.
+
+    ``fn`` is traced once and its jaxpr walked through ``jit``, ``remat``, ``scan``, ``while``, ``cond``, vmapped
+    bodies and the primals of custom rules; every call of a ``jax.custom_vjp`` / ``jax.custom_jvp`` rule defined
+    outside JAX and the frameworks (Flax, Equinox, Optax, Chex, Haiku) is recorded with its actual inputs.
+    Each call's rule is compared, per element, with JAX's plain autodiff of the rule's primal function and with
+    finite differences (see :func:`check_grad`: the same kink, singular-point and dtype handling), under a
+    random output cotangent. Calls are grouped by rule; a table row per rule.
+
+    Args:
+        fn: any function of ``params`` and the further arguments (a model's loss or its output: it need not be
+            scalar, since ``fn`` itself is not differentiated).
+        params: a pytree (dicts, Equinox modules, Flax states, Linen variables). Arrays are traced; other leaves
+            are held static.
+        *args, **kwargs: the further arguments of ``fn`` (data, keys). Keyword arguments other than the options
+            below are passed to ``fn``.
+        wrt: which leaves of ``params`` are the parameters (as in :func:`check_grad`; default: inexact arrays). Each
+            row says whether the rule is on their gradient path, i.e. whether a wrong rule there corrupts their
+            gradient. Every rule is checked either way.
+        max_calls: calls checked per rule at most; loops longer than this are sampled (evenly, first and last
+            included) and the row shows how many calls were checked out of how many were made.
+        library: also audit rules defined by JAX and the frameworks (``jax.nn.relu``'s custom JVP, ...).
+        exclude: names of rules not to check (e.g. straight-through estimators, whose rule is deliberately not
+            the derivative of their primal); they are listed in the notes.
+        rtol, atol, mode, seed: as for :func:`check_grad`.
+
+    Returns:
+        An :class:`AuditReport`: a row per rule (``rule``, ``source``, ``kind``, ``calls``, ``verdict``,
+        ``worst_index`` = (input number, element...), ``where``), printed as a table.
+
+    Raises:
+        TypeError, ValueError: ``fn`` not callable, a bad option, or ``fn`` failing to trace (the message says
+            where).
+    """
+    start = time.perf_counter()
+    _check_options(fn, max_calls, library, exclude, mode, seed)
+    leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs))
+    n_params = len(jax.tree_util.tree_leaves(params))
+    is_arr = [isinstance(x, (jax.Array, np.ndarray, np.generic)) or (isinstance(x, float) and i < n_params)
+              for i, x in enumerate(leaves)]
+    mask = _wrt_mask(params, wrt, n_params)
+    if mask is None:
+        mask = [jnp.issubdtype(jnp.result_type(x), jnp.inexact) if is_arr[i] else False
+                for i, x in enumerate(leaves[:n_params])]
+    arrays = [jnp.asarray(x) for x, a in zip(leaves, is_arr, strict=True) if a]
+    taint = [bool(i < n_params and mask[i]) for i, a in enumerate(is_arr) if a]
+
+    def flat(*xs: Any) -> Any:
+        it = iter(xs)
+        p, a, k = jax.tree_util.tree_unflatten(treedef, [next(it) if arr else x for x, arr in zip(leaves, is_arr,
+                                                                                                 strict=True)])
+        return fn(p, *a, **k)
+
+    try:
+        closed = jax.make_jaxpr(flat)(*arrays)
+    except Exception as e:
+        e.add_note("funcgrad: verify.audit traces fn(params, *args, **kwargs) once to find its custom rules; "
+                   "tracing failed")
+        raise
+    walker = _Walker(max_calls, library, exclude)
+    walker.run(closed.jaxpr, closed.consts, arrays, taint, "")
+
+    options = {"rtol": rtol, "atol": atol, "mode": mode, "seed": seed, "max_calls": max_calls}
+    rows = [_rule_row(rule, calls, walker.seen[rule], options) for rule, calls in walker.calls.items()]
+    notes = _notes(walker)
+    env = {**_environment_versions(), "max_calls": max_calls, "library": library, "exclude": sorted(exclude),
+           "seed": seed, "mode": mode, "rtol": rtol, "atol": atol}
+    return AuditReport(tuple(rows), _combine_verdicts([r.verdict for r in rows]), tuple(notes),
+                       time.perf_counter() - start, env)
+
+
+def _rule_row(rule: _Rule, calls: list[_Call], seen: int, options: dict) -> AuditRow:
+    """The check of one rule over its calls (evenly sampled down to max_calls)."""
+    max_calls = options["max_calls"]
+    pick: Any = np.unique(np.round(np.linspace(0, len(calls) - 1, min(len(calls), max_calls))).astype(int)) if calls else []
+    scalars: dict = {}
+    results = []  # (verdict, row, input number, call, note)
+    skipped = []
+    for k in pick:
+        call = calls[int(k)]
+        report, diff_pos, note = _check_call(call, int(k), scalars, options)
+        if report is None:
+            skipped.append(f"{_call_name(call)}: {note}")
+            continue
+        for r in report.rows:
+            verdict, why = _as_rule_verdict(r)
+            number = diff_pos[int(r.path.strip("[]").split("]")[0])] if r.path.startswith("[") else 0
+            results.append((verdict, r, number, call, "; ".join(p for p in (why, note) if p)))
+    checked = len(pick) - len(skipped)
+    on_path = any(c.on_path for c in calls)
+    if not results:
+        why = skipped[0] if skipped else "no call to check"
+        return AuditRow(rule.name, rule.source, rule.kind, 0, seen, Verdict.FD_UNRELIABLE, None, "", None, None, None,
+                        0.0, 0.0, on_path, f"not checked: {why}")
+    verdict = _combine_verdicts([v for v, *_ in results])
+    deciding = [x for x in results if x[0] == verdict] or [x for x in results if x[0] in _FAILING] or results
+    v, r, number, call, why = max(deciding, key=lambda x: (x[1].worst_index is not None,
+                                                          x[1].max_abs_err if math.isfinite(x[1].max_abs_err) else 1e308))
+    index = (number, *r.worst_index) if r.worst_index is not None else (number,)
+    note = why if v != Verdict.OK or why else ""
+    if skipped:
+        note = "; ".join([n for n in (note,) if n] + [f"{len(skipped)} call(s) not checked ({skipped[0]})"])
+    return AuditRow(rule.name, rule.source, rule.kind, checked, seen, verdict, index, _call_name(call), r.autodiff,
+                    r.hand, r.numeric, r.max_abs_err, r.max_rel_err, on_path, note)
+
+
+def _call_name(call: _Call) -> str:
+    return f"{call.site}" + (f" ({call.where})" if call.where else "")
+
+
+def _notes(walker: _Walker) -> list[str]:
+    notes = ["in each call's check, the rule is JAX's derivative through the call; it is compared with JAX's plain "
+             "autodiff of the rule's primal (traced without the rule) and with finite differences of the primal"]
+    if walker.library_rules:
+        names = sorted({r.name for r in walker.library_rules})
+        notes.append(f"{sum(walker.library_rules.values())} call(s) of rules defined by JAX or the frameworks "
+                     f"({', '.join(names[:8])}) not audited (library=True audits them)")
+    if walker.excluded:
+        notes.append("excluded: " + ", ".join(f"{r.name} ({n} call(s))" for r, n in walker.excluded.items()))
+    if walker.unentered:
+        notes.append("custom rules inside " + ", ".join(sorted(walker.unentered)) + " were counted but not checked: "
+                     "funcgrad does not enter these primitives")
+    if not walker.calls:
+        notes.append("fn calls no custom derivative rule that is audited: nothing to check")
+    return notes
+
+
+def _check_options(fn: Any, max_calls: Any, library: Any, exclude: Any, mode: Any, seed: Any) -> None:
+    if not callable(fn):
+        raise TypeError(f"audit: fn must be callable; got {describe(fn)}")
+    if not isinstance(max_calls, (int, np.integer)) or isinstance(max_calls, bool) or max_calls < 1:
+        raise ValueError(f"audit: max_calls must be an int >= 1; got {max_calls!r}")
+    if not isinstance(library, bool):
+        raise TypeError(f"audit: library must be True or False; got {describe(library)}")
+    if isinstance(exclude, str) or not all(isinstance(x, str) for x in exclude):
+        raise TypeError(f"audit: exclude must be a sequence of rule names (str); got {exclude!r}")
+    if mode not in ("auto", "exact", "projection"):
+        raise ValueError(f"audit: mode must be 'auto', 'exact' or 'projection'; got {mode!r}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise TypeError(f"audit: seed must be an int; got {describe(seed)}")
