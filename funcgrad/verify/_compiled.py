@@ -152,8 +152,19 @@ def _dtype64(dtype: Any) -> Any:
     return dtype
 
 
-def _cast64(tree):
-    return jax.tree_util.tree_map(lambda x: x.astype(_dtype64(x.dtype)), tree)
+def _n_consts(spec: tuple) -> int:
+    """How many of the traced arrays are the constants a traced fn closes over: ``packed`` is then (fixed
+    leaves, args, constants), and the constants come last (see :mod:`funcgrad.verify._traced`)."""
+    (packed,) = jax.tree_util.treedef_children(spec[0])
+    parts = jax.tree_util.treedef_children(packed)
+    return parts[2].num_leaves if len(parts) == 3 else 0
+
+
+def _cast64(dyn: list, spec: tuple) -> list:
+    """The traced arrays in the float64 check, the constants of a traced fn aside: they keep their dtypes, as
+    they do when fn closes over them."""
+    keep = _n_consts(spec)
+    return [x.astype(_dtype64(x.dtype)) if i < len(dyn) - keep else x for i, x in enumerate(dyn)]
 
 
 def _flat_fn(fn: Callable, layout: _Layout, args_spec: tuple, dyn64: Sequence) -> Callable:
@@ -205,7 +216,7 @@ def _probe(params, dyn, h_given, exact_idx, seed, h0, rtol, atol, eps, *, fn, ha
     tolerances, forward-mode products, and finite differences at ``plan.scales`` step sizes for every planned
     element and random direction."""
     theta = layout.ravel(params, jnp.float64)
-    dyn = _cast64(list(dyn))
+    dyn = _cast64(list(dyn), args_spec)
     f = _flat_fn(fn, layout, args_spec, dyn)
     f0, a = _value_and_grad(f, theta, plan.reverse)
     if hand is not None:
@@ -273,7 +284,7 @@ def _dir_items(plan: _Plan) -> tuple[list[int], list[int]]:
 
 @functools.partial(jax.jit, static_argnames=("fn", "layout", "args_spec", "batch"))
 def _items_jit(theta, dyn, seed, items, a, h, tol, support, *, fn, layout, args_spec, batch):
-    dyn = _cast64(list(dyn))
+    dyn = _cast64(list(dyn), args_spec)
     f = _flat_fn(fn, layout, args_spec, dyn)
     return _eval_items(f, theta, seed, items, (a, h, tol * tol), batch, support)[:2]
 
@@ -320,7 +331,9 @@ def _static_facts(bound: _Bound, layout: _Layout, spec, param_dtypes, dyn_sig, x
     notes = []
     with jax.enable_x64(True):
         theta_s = jax.ShapeDtypeStruct((layout.n,), jnp.float64)
-        dyn_s = [jax.ShapeDtypeStruct(d.shape, _dtype64(d.dtype)) for d in dyn]
+        keep = _n_consts(spec)
+        dyn_s = [jax.ShapeDtypeStruct(d.shape, _dtype64(d.dtype) if i < len(dyn) - keep else d.dtype)
+                 for i, d in enumerate(dyn)]
 
         def f(th, d):
             return bound.value(layout.unravel(th), *_join_args(d, spec))

@@ -4,6 +4,7 @@ precision, and the notes that explain each verdict."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata as md
 import math
@@ -19,6 +20,7 @@ import numpy as np
 from funcgrad._checks import describe, in_range, x64_enabled
 from funcgrad.verify._compiled import (
     _dir_items,
+    _dtype64,
     _Facts,
     _Items,
     _items_jit,
@@ -55,6 +57,7 @@ from funcgrad.verify._inputs import (
     _UserValueError,
 )
 from funcgrad.verify._report import _BLAMES, _FAILING, _LIST, GradReport, Row, Verdict, _combine_verdicts, _err_key
+from funcgrad.verify._traced import trace_pair
 
 # Disagreeing (or non-finite) elements per leaf arbitrated by finite differences, in rounds until one fails.
 _ARBITRATION_ROUNDS = (8, 24, 96, 384)
@@ -208,22 +211,21 @@ def _check_grad_impl(fn: Callable[..., Any], params: Any, args: tuple, *, hand: 
     start = time.perf_counter()
     _check_options(fn, hand, mode, rtol, atol, seed, has_aux)
     caller_x64 = x64_enabled()
-    if not reuse:
-        # A fresh wrapper per call: compiled programs are cached per function object, and a function may read
-        # globals (data, constants) that changed since an earlier check. Only check_vjp and check_jacobian,
-        # which make their own wrappers for one call, reuse compilations across their inner checks.
-        fn = _fresh(fn)
-        hand = _fresh(hand) if hand is not None else None
     sel, notes = _select(params, wrt)
     layout = sel.layout()
     dleaves, fleaves = sel.split()
-    packed = (fleaves, args)
-    dyn, spec = _split_args((packed,))
-    bound = _bound(fn, hand, sel.treedef, sel.diff,
-                   tuple((p, tuple(int(d) for d in getattr(x, "shape", ())), describe(x))
-                         for p, x in zip(sel.paths, sel.leaves, strict=True)),
-                   has_aux)
+    packed: tuple = (fleaves, args)
+    specs = tuple((p, tuple(int(d) for d in getattr(x, "shape", ())), describe(x))
+                  for p, x in zip(sel.paths, sel.leaves, strict=True))
     dtypes = tuple(jnp.result_type(x) for x in dleaves)
+    if not reuse:
+        # Traced afresh: a function may read globals (data, constants) that changed since an earlier check.
+        # Identical traces share compilations (see _traced). Only check_vjp and check_jacobian, which make their
+        # own wrappers for one call, pass reuse=True and keep the function objects themselves.
+        fn, hand, packed = _traced_functions(_Bound(fn, hand, sel.treedef, sel.diff, specs, has_aux), dleaves, dtypes,
+                                             packed)
+    dyn, spec = _split_args((packed,))
+    bound = _bound(fn, hand, sel.treedef, sel.diff, specs, has_aux)
     user_dtypes = sorted({str(d) for d in dtypes})
 
     try:
@@ -260,6 +262,27 @@ def _check_grad_impl(fn: Callable[..., Any], params: Any, args: tuple, *, hand: 
                        layout, sel)
     return GradReport(tuple(rows), _combine_verdicts([r.verdict for r in rows]), "check_grad", dtype, tuple(notes),
                       time.perf_counter() - start, env)
+
+
+def _traced_functions(bound0: _Bound, dleaves: list, dtypes: tuple, packed: tuple) -> tuple[Any, Any, tuple]:
+    """fn and hand traced at the parameters' precision and in float64, with the constants they close over
+    appended to ``packed`` (see :mod:`funcgrad.verify._traced`); fresh wrappers of them where they cannot be
+    traced (a NumPy hand; fn's own errors then surface where they always did)."""
+    fn = _fresh(bound0.fn)
+    hand = _fresh(bound0.hand) if bound0.hand is not None else None
+    dyn, spec2 = _split_args(packed)
+    dl_user = [jax.ShapeDtypeStruct(jnp.shape(x), d) for x, d in zip(dleaves, dtypes, strict=True)]
+    dl64 = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.float64) for x in dleaves]
+    dyn64 = [jax.ShapeDtypeStruct(jnp.shape(x), _dtype64(jnp.result_type(x))) for x in dyn]
+    consts: list = []
+    try:
+        fn = trace_pair(bound0.raw, dl_user, dl64, dyn, dyn64, spec2, "fn", consts)
+    except Exception:  # noqa: BLE001 - fn's own errors are reported by the checks, as for any function
+        return fn, hand, packed
+    if bound0.hand is not None:
+        with contextlib.suppress(Exception):  # a NumPy hand (called eagerly), or one that fails: reported later
+            hand = trace_pair(bound0.grad, dl_user, dl64, dyn, dyn64, spec2, "hand", consts)
+    return fn, hand, (*packed, tuple(consts))
 
 
 def _check_options(fn: Any, hand: Any, mode: Any, rtol: Any, atol: Any, seed: Any, has_aux: Any) -> None:

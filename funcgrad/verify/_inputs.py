@@ -313,7 +313,11 @@ class _Bound:
         return jax.tree_util.tree_unflatten(self.treedef, [next(di) if d else next(fi) for d in self.diff])
 
     def raw(self, dl: Sequence, packed: Any) -> Any:
-        fixed, args = packed
+        """fn's output. ``packed`` is (fixed leaves, args), or (fixed leaves, args, constants) for a traced fn
+        (see :mod:`funcgrad.verify._traced`), which takes the differentiated leaves and packed as they are."""
+        if getattr(self.fn, "traced", False):
+            return self.fn(dl, packed)
+        fixed, args = packed[0], packed[1]
         return self.fn(self.merge(dl, fixed), *args)
 
     def value(self, dl: Sequence, packed: Any) -> Any:
@@ -322,7 +326,9 @@ class _Bound:
     def grad(self, dl: Sequence, packed: Any) -> list:
         if self.hand is None:  # unreachable: called only for checks with a hand
             raise TypeError("_Bound.grad: no hand to call")
-        fixed, args = packed
+        if getattr(self.hand, "traced", False):
+            return self.hand(dl, packed)  # traced from this very method: its leaves, checked at tracing
+        fixed, args = packed[0], packed[1]
         return _extract_grad(self.hand(self.merge(dl, fixed), *args), self)
 
 

@@ -1,0 +1,153 @@
+"""fn and hand as the checks compile them: traced afresh at every check, keyed on what the trace contains.
+
+A check traces the user's function at the parameters' own precision and in float64 (``jax.make_jaxpr``); the
+compiled pieces then evaluate those jaxprs, with the constants the function closes over passed as arguments
+rather than embedded in every compiled program. Two checks whose traces are identical (same equations, same
+literals, constants of the same shapes and dtypes) are the same function as far as XLA is concerned, so they share
+compilations: a repeated check of an unchanged function compiles nothing. A function whose globals changed traces
+differently and is compiled afresh. Traces whose meaning is not fully in the jaxpr (a ``custom_vjp`` rule's
+backward function, a callback) get a key of their own and are never shared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import ClosedJaxpr
+
+from funcgrad.verify._inputs import _DYN, _join_args
+
+_DIGEST_LIMIT = 1 << 20  # constants of inner jaxprs hashed by value up to this many bytes; larger ones never shared
+
+
+# Callable parameters that are plain values (a jit's mesh context).
+_SAFE = (jax.sharding.Mesh, jax.sharding.AbstractMesh, jax.sharding.Sharding)
+
+
+class _Unique:
+    """A key part equal only to itself: the trace is never shared."""
+
+
+def _params_key(jaxpr: Any, out: list) -> None:
+    """Appends to ``out`` what str(jaxpr) does not show: opaque equation parameters and inner constants."""
+    from funcgrad.verify._audit import _CUSTOM, _call_jaxpr, _identify  # noqa: PLC0415 - _audit imports this module
+
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in _CUSTOM:
+            rule = _identify(eqn)
+            # A framework's rule (jax.nn.relu's custom JVP) is the same code at every trace; a user's rule may read
+            # globals that changed, and its backward function is traced only later: never shared.
+            out.append(("rule", rule.kind, rule.name, rule.source) if rule.library else _Unique())
+            _params_key(_call_jaxpr(eqn).jaxpr, out)
+            continue
+        for value in eqn.params.values():
+            for v in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(v, ClosedJaxpr):
+                    _params_key(v.jaxpr, out)
+                    for c in v.consts:
+                        a = np.asarray(c)
+                        out.append(hashlib.blake2b(a.tobytes()).hexdigest() + str(a.dtype) + str(a.shape)
+                                   if a.nbytes <= _DIGEST_LIMIT else _Unique())
+                elif hasattr(v, "eqns"):
+                    _params_key(v, out)
+                elif callable(v) and not isinstance(v, _SAFE):
+                    out.append(_Unique())  # a callback or rule traced later: its meaning is not in the jaxpr
+                else:
+                    try:
+                        hash(v)
+                    except TypeError:
+                        out.append(_Unique())
+                    else:
+                        out.append(v)
+
+
+def _key(closed: ClosedJaxpr) -> tuple:
+    extra: list = []
+    _params_key(closed.jaxpr, extra)
+    consts = tuple((tuple(np.shape(c)), str(jnp.result_type(c))) for c in closed.consts)
+    return (str(closed.jaxpr), tuple(extra), consts)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Trace:
+    """One trace: the jaxpr, where its constants sit among the check's hoisted constants, the avals it was traced
+    at, and the output structure."""
+
+    jaxpr: Any
+    const_index: tuple[int, ...]
+    in_avals: tuple[tuple[tuple[int, ...], Any], ...]  # (shape, dtype) of each input: the differentiated leaves, then dyn
+    out_tree: Any
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Traced:
+    """A user function (fn, or a traced hand) as its traces at the two precisions. Equal, and hashed, by the
+    traces' keys: jit then reuses compilations across checks of identical traces."""
+
+    key: tuple
+    traces: tuple[_Trace, ...]
+    spec: tuple  # where the arrays go among the static values of (fixed leaves, args)
+    fallback: Callable  # the function itself: for inputs of another precision than either trace
+    what: str  # "fn" or "hand"
+    traced = True  # what _Bound looks for
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Traced) and other.key == self.key
+
+    def __call__(self, dl: Sequence, packed: tuple) -> Any:
+        """fn(params, *args) (or hand's leaves), from the differentiated leaves and ``packed = (fixed leaves,
+        args, hoisted constants)``."""
+        fixed, args, consts = packed
+        _, static = self.spec
+        flat = jax.tree_util.tree_leaves((fixed, args))
+        dyn = [x for x, s in zip(flat, static, strict=True) if s is _DYN]
+        sig = tuple((tuple(jnp.shape(x)), jnp.result_type(x)) for x in [*dl, *dyn])
+        for t in self.traces:
+            if sig == t.in_avals:
+                cs = [jnp.asarray(consts[i]).astype(v.aval.dtype) for i, v in zip(t.const_index, t.jaxpr.constvars,
+                                                                                   strict=True)]
+                outs = jax.core.eval_jaxpr(t.jaxpr, cs, *dl, *dyn)
+                return jax.tree_util.tree_unflatten(t.out_tree, outs)
+        return self.fallback(dl, (fixed, args))
+
+
+def trace_pair(fn: Callable, dl_user: Sequence, dl64: Sequence, dyn_user: Sequence, dyn64: Sequence, spec: tuple,
+               what: str, consts: list) -> _Traced:
+    """``fn(dl, packed)`` traced at the user's precision and in float64. The constants it closes over are added
+    to ``consts`` (once each), which the checks pass as arguments.
+
+    Raises whatever tracing raises (the caller falls back to calling fn itself)."""
+
+    def flat(dl: Sequence, dyn: Sequence) -> Any:
+        return fn(list(dl), _join_args(list(dyn), spec))
+
+    traces_closed = []
+    closed_u, out_u = jax.make_jaxpr(flat, return_shape=True)(list(dl_user), list(dyn_user))
+    traces_closed.append((closed_u, out_u, [*dl_user, *dyn_user]))
+    with jax.enable_x64(True):
+        closed_64, out_64 = jax.make_jaxpr(flat, return_shape=True)(list(dl64), list(dyn64))
+    traces_closed.append((closed_64, out_64, [*dl64, *dyn64]))
+    ids: dict[int, int] = {id(c): i for i, c in enumerate(consts)}
+    traces = []
+    for closed, out, inputs in traces_closed:
+        index = []
+        for c in closed.consts:
+            if id(c) not in ids:
+                ids[id(c)] = len(consts)
+                consts.append(c)
+            index.append(ids[id(c)])
+        sig = tuple((tuple(np.shape(x)), jnp.dtype(x.dtype)) for x in inputs)
+        traces.append(_Trace(closed.jaxpr, tuple(index), sig, jax.tree_util.tree_structure(out)))
+    # Everything the traced function reads, except the constants' values (arguments of the compiled programs):
+    # where its constants sit among the check's (shared with hand when both close over the same array), too.
+    key = (what, _key(closed_u), _key(closed_64), tuple((t.out_tree, t.const_index, t.in_avals) for t in traces), spec)
+    return _Traced(key, tuple(traces), spec, fn, what)

@@ -1,0 +1,84 @@
+"""check_grad traces afresh at every call and shares compilations between identical traces: a repeated check of
+an unchanged function compiles nothing, and a function whose globals changed is checked as it is now."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from funcgrad import verify
+from funcgrad.verify import _compiled
+
+SCALE = 2.0
+TABLE = jnp.asarray(np.linspace(0.5, 1.5, 6), jnp.float32)
+BWD_FACTOR = 1.0
+
+
+def loss(w, x):
+    return jnp.sum(jnp.tanh(w * x) * TABLE) * SCALE
+
+
+def hand(w, x):
+    return (1 - jnp.tanh(w * x) ** 2) * x * TABLE * SCALE
+
+
+W, X = jnp.linspace(-1.0, 1.0, 6), jnp.linspace(0.5, 2.0, 6)
+
+
+def test_a_repeated_check_compiles_nothing():
+    assert verify.check_grad(loss, W, X, hand=hand).ok
+    before = _compiled._probe._cache_size()
+    for _ in range(2):
+        assert verify.check_grad(loss, W, X, hand=hand).ok
+    assert _compiled._probe._cache_size() == before
+    # A new function object with the same trace shares the compilation too.
+    assert verify.check_grad(lambda w, x: loss(w, x), W, X, hand=lambda w, x: hand(w, x)).ok  # noqa: PLW0108
+    assert _compiled._probe._cache_size() == before
+
+
+def test_changed_globals_are_checked_as_they_are_now():
+    global SCALE, TABLE  # noqa: PLW0603 - changed globals are what this test is about
+    frozen_scale, frozen_table = SCALE, TABLE
+    stale = lambda w, x: (1 - jnp.tanh(w * x) ** 2) * x * frozen_table * frozen_scale  # noqa: E731
+    assert verify.check_grad(loss, W, X, hand=stale).ok
+    try:
+        TABLE = TABLE.at[4].set(3.0)  # a closed-over array: same shape, new values
+        report = verify.check_grad(loss, W, X, hand=stale)
+        assert report.verdict == "hand_wrong" and report.rows[0].worst_index == (4,), report
+        assert verify.check_grad(loss, W, X, hand=hand).ok
+        TABLE = frozen_table
+        SCALE = 3.0  # a Python number: a literal of the trace
+        assert verify.check_grad(loss, W, X, hand=stale).verdict == "hand_wrong"
+        assert verify.check_grad(loss, W, X, hand=hand).ok
+    finally:
+        SCALE, TABLE = frozen_scale, frozen_table
+
+
+def test_a_custom_rule_whose_backward_reads_a_changed_global_is_checked_again():
+    global BWD_FACTOR  # noqa: PLW0603 - as above
+
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x)
+
+    f.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jnp.cos(x) * BWD_FACTOR,))
+    fn = lambda w: jnp.sum(f(w))  # noqa: E731
+    assert verify.check_grad(fn, W).ok
+    try:
+        BWD_FACTOR = 1.5
+        assert verify.check_grad(fn, W).verdict == "autodiff_wrong"
+    finally:
+        BWD_FACTOR = 1.0
+    assert verify.check_grad(fn, W).ok
+
+
+def test_closed_over_and_passed_constants_give_the_same_verdicts():
+    A = jnp.asarray(np.random.RandomState(0).randn(40, 6), jnp.float32)
+    closed = verify.check_grad(lambda w: jnp.sum(jnp.log(jnp.cosh(A @ w))), W,
+                               hand=lambda w: A.T @ jnp.tanh(A @ w))
+    passed = verify.check_grad(lambda w, A: jnp.sum(jnp.log(jnp.cosh(A @ w))), W, A,
+                               hand=lambda w, A: A.T @ jnp.tanh(A @ w))
+    assert closed.ok and passed.ok
+    assert closed.rows[0].autodiff == passed.rows[0].autodiff
+    wrong = verify.check_grad(lambda w: jnp.sum(jnp.log(jnp.cosh(A @ w))), W,
+                              hand=lambda w: (A.T @ jnp.tanh(A @ w)).at[2].add(0.5))
+    assert wrong.verdict == "hand_wrong" and wrong.rows[0].worst_index == (2,)
