@@ -1,6 +1,7 @@
 """funcgrad verify: the table, --json, and the exit status."""
 
 import json
+import sys
 
 import pytest
 from conftest import run_python
@@ -50,3 +51,147 @@ def test_verify_unknown_filter(capsys, monkeypatch):
 def test_verify_everything_passes(tmp_path):
     proc = run_python(["-m", "funcgrad", "verify"], env={"FUNCGRAD_COMPILATION_CACHE": str(tmp_path)})
     assert "all 26 checks passed" in proc.stdout
+
+
+# ---- funcgrad verify --audit TARGET ----------------------------------------------------------------------------
+
+TARGET = '''
+import jax
+import jax.numpy as jnp
+
+
+@jax.custom_vjp
+def cube(x):
+    return x**3
+
+
+cube.defvjp(lambda x: (x**3, x), lambda x, g: (g * 3 * x**2,))
+
+
+@jax.custom_jvp
+def swish(x):
+    return x * jax.nn.sigmoid(x)
+
+
+@swish.defjvp
+def swish_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    s = jax.nn.sigmoid(x)
+    d = s * (1 + x * (1 - s))
+    return swish(x), (d.at[1].multiply(1.5) if WRONG else d) * t
+
+
+WRONG = False
+
+
+def setup():
+    return (lambda w, x: (cube(w * x) + swish(w)).sum()), jnp.array([1.0, -2.0, 0.5]), jnp.array([0.5, 1.0, -1.0])
+
+
+def planted():
+    global WRONG
+    WRONG = True
+    return setup()
+
+
+def not_a_tuple():
+    return 3
+
+
+def one_element():
+    return (jnp.sum,)
+
+
+def not_callable():
+    return jnp.ones(2), jnp.ones(2)
+
+
+def raises():
+    raise RuntimeError("the data folder is missing")
+
+
+def fails_to_trace():
+    return (lambda w: w @ jnp.ones(3)), jnp.ones(2)
+
+
+number = 4
+'''
+
+
+@pytest.fixture
+def target(tmp_path, monkeypatch):
+    monkeypatch.setenv("FUNCGRAD_COMPILATION_CACHE", "0")
+    path = tmp_path / "my_model.py"
+    path.write_text(TARGET)
+    return path
+
+
+def test_audit_of_a_correct_target_prints_the_table_and_exits_0(target, capsys):
+    assert cli.main(["verify", "--audit", f"{target}:setup"]) == 0
+    out = capsys.readouterr().out
+    assert "audit: ok (ok) — 2 custom rule(s)" in out
+    assert "cube" in out and "custom_vjp" in out and "swish" in out and "custom_jvp" in out
+    assert "all 2 custom rule(s) passed" in out
+
+
+def test_audit_of_a_planted_wrong_rule_exits_1_and_names_it(target, capsys):
+    assert cli.main(["verify", "--audit", f"{target}:planted", "--seed", "3", "--max-calls", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "failing: swish (autodiff_wrong at input [0, 1])" in out
+    assert "1 of 2 custom rule(s) FAILED: swish" in out
+
+    assert cli.main(["verify", "--audit", f"{target}:planted", "--json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] is False and doc["verdict"] == "autodiff_wrong" and doc["target"] == f"{target}:planted"
+    rows = {r["rule"]: r for r in doc["rows"]}
+    assert rows["swish"]["verdict"] == "autodiff_wrong" and rows["swish"]["worst_index"] == [0, 1]
+    assert rows["cube"]["ok"] is True and rows["cube"]["kind"] == "custom_vjp"
+    assert doc["environment"]["max_calls"] == 8
+
+
+def test_audit_of_a_module_target(target, capsys, monkeypatch):
+    monkeypatch.chdir(target.parent)  # package.module:FUNCTION is imported from the working directory
+    try:
+        assert cli.main(["verify", "--audit", "my_model:setup", "--json"]) == 0
+    finally:
+        sys.modules.pop("my_model", None)
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] is True and {r["rule"] for r in doc["rows"]} == {"cube", "swish"}
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("{t}", "--audit expects path/to/file.py:FUNCTION or package.module:FUNCTION; got"),
+    ("{t}:", "--audit expects path/to/file.py:FUNCTION"),
+    ("{d}/missing.py:setup", "no such file"),
+    ("{t}:nope", "defines no 'nope'"),
+    ("{t}:number", "'number' is not a function (int 4)"),
+    ("{t}:not_a_tuple", "not_a_tuple() must return a tuple (fn, params, *args); it returned int 3"),
+    ("{t}:one_element", "one_element() must return a tuple (fn, params, *args); it returned a tuple of 1"),
+    ("{t}:not_callable", "its first element is float32[2], not callable"),
+    ("no_such_module_here:setup", "no module named 'no_such_module_here'"),
+])
+def test_audit_of_a_bad_target_exits_2_with_one_line(target, capsys, spec, message):
+    assert cli.main(["verify", "--audit", spec.format(t=target, d=target.parent)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("funcgrad verify: ") and message in lines[0], captured.err
+
+
+def test_audit_of_a_target_that_raises_shows_where_and_exits_2(target, capsys):
+    assert cli.main(["verify", "--audit", f"{target}:raises"]) == 2
+    err = capsys.readouterr().err
+    assert "RuntimeError: the data folder is missing" in err  # the user's traceback
+    last = err.strip().splitlines()[-1]
+    assert last == f"funcgrad verify: --audit {target}:raises: loading or calling it raised RuntimeError"
+    assert cli.main(["verify", "--audit", f"{target}:fails_to_trace"]) == 2
+    assert "the function failed to trace (TypeError)" in capsys.readouterr().err
+
+
+def test_audit_options_that_do_not_combine(target, capsys):
+    assert cli.main(["verify", "--max-calls", "2", "--only", "rule relu"]) == 2
+    assert "--max-calls applies to --audit only" in capsys.readouterr().err
+    assert cli.main(["verify", "--audit", f"{target}:setup", "--only", "relu"]) == 2
+    assert "cannot be combined with --audit" in capsys.readouterr().err
+    assert cli.main(["verify", "--audit", f"{target}:setup", "--max-calls", "0"]) == 2
+    assert "--max-calls must be at least 1" in capsys.readouterr().err

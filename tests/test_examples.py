@@ -23,6 +23,11 @@ EXPECTED = {
                             "jax.grad of the same loss: max abs difference", "check_grad: ok (ok) — 4 leaves"],
     "kink_explained.py": ["from the left 0.000, from the right 1.000", "JAX: 0.500, hand rule: 1.000",
                           "verdict kink (ok)", "ok = True"],
+    "audit_custom_rules.py": [
+        "audit: ok (ok) — 4 custom rule(s), 12 call(s) checked",
+        "failing: rmsnorm (autodiff_wrong at input [0, 3, 0])",
+        "failing rules in the planted block: ['rmsnorm']",
+    ],
 }
 
 

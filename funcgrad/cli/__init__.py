@@ -68,10 +68,18 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(handler=cmd_evaluate)
 
-    v = sub.add_parser("verify", help="check every hand-derived formula of the catalog and the book's model")
+    v = sub.add_parser("verify", help="check every hand-derived formula of the catalog and the book's model, or "
+                                              "(--audit) every custom_vjp/custom_jvp rule a model of yours calls")
     v.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     v.add_argument("--seed", type=int, default=0, help="seed of the example points and random directions")
     v.add_argument("--only", nargs="+", metavar="NAME", help="run only the checks whose name contains NAME")
+    v.add_argument("--audit", metavar="TARGET",
+                   help="instead of the catalog, audit every custom_vjp/custom_jvp rule a model of yours calls "
+                        "(verify.audit). TARGET is path/to/file.py:FUNCTION or package.module:FUNCTION; FUNCTION "
+                        "takes no arguments and returns (fn, params, *args). This imports and runs your code: "
+                        "the file is executed as Python, so audit only code you trust")
+    v.add_argument("--max-calls", type=int, metavar="N",
+                   help="with --audit: calls checked per rule at most; longer loops are sampled (default: 8)")
     v.set_defaults(handler=cmd_verify)
     return parser
 

@@ -157,7 +157,7 @@ def _n_consts(spec: tuple) -> int:
     leaves, args, constants), and the constants come last (see :mod:`funcgrad.verify._traced`)."""
     (packed,) = jax.tree_util.treedef_children(spec[0])
     parts = jax.tree_util.treedef_children(packed)
-    return parts[2].num_leaves if len(parts) == 3 else 0
+    return int(parts[2].num_leaves) if len(parts) == 3 else 0  # type: ignore[attr-defined]
 
 
 def _cast64(dyn: list, spec: tuple) -> list:
