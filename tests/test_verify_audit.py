@@ -103,6 +103,7 @@ PARAMS, X = block_params(), jnp.asarray(RS.randn(5, 4), jnp.float32)
 NAMES = {"dense", "softmax", "rmsnorm", "swish", "softplus"}
 
 
+@pytest.mark.slow  # the planted test below also checks that the other four rules pass
 def test_a_correct_block_passes_and_lists_each_rule_with_its_source():
     report = verify.audit(jax.jit(make_block()), PARAMS, X)
     assert report.ok, report
