@@ -295,7 +295,11 @@ class _Walker:
                 branch = eqn.params["branches"][index]
                 return self.run(branch.jaxpr, branch.consts, vals[1:], ts[1:], _join(where, f"cond branch {index}"))
         # Anything else (shard_map, a primitive of another library): evaluated whole; its rules are counted.
-        self.unentered[name] += 1
+        return self._whole(eqn, vals, ts)
+
+    def _whole(self, eqn: Any, vals: list, ts: list) -> tuple[list, list]:
+        """An equation funcgrad does not enter: evaluated whole; the rules inside are counted, not checked."""
+        self.unentered[eqn.primitive.name] += 1
         for s in _sub(eqn):
             self.count(s, 1)
         return _bind(eqn, vals), [any(ts)] * len(eqn.outvars)
@@ -318,7 +322,14 @@ class _Walker:
 
     def _scan(self, eqn: Any, vals: list, ts: list, where: str) -> tuple[list, list]:
         p = eqn.params
-        body, n_c, n_carry, length = p["jaxpr"], p["num_consts"], p["num_carry"], int(p["length"])
+        body, length = p["jaxpr"], int(p["length"])
+        if "num_consts" in p:
+            n_c, n_carry = int(p["num_consts"]), int(p["num_carry"])
+        else:  # newer JAX: the flat trees of (consts, carry, xs)
+            try:
+                n_c, n_carry = len(tuple(p["ft_in"][0])), len(tuple(p["ft_in"][1]))
+            except (TypeError, KeyError, IndexError):
+                return self._whole(eqn, vals, ts)
         consts, carry, xs = vals[:n_c], vals[n_c : n_c + n_carry], vals[n_c + n_carry :]
         t_consts, t_carry, t_xs = ts[:n_c], list(ts[n_c : n_c + n_carry]), ts[n_c + n_carry :]
         walk = self._sample(length)
