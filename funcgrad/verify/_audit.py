@@ -39,6 +39,7 @@ import numpy as np
 from jax.extend.core import Literal, jaxpr_as_fun
 
 from funcgrad._checks import describe
+from funcgrad.verify._compiled import _sub_jaxprs as _sub
 from funcgrad.verify._grad import _check_grad_impl, _environment_versions
 from funcgrad.verify._inputs import _wrt_mask
 from funcgrad.verify._report import _FAILING, AuditReport, AuditRow, GradReport, Row, Verdict, _combine_verdicts
@@ -172,19 +173,6 @@ def _bind(eqn: Any, invals: Sequence[Any]) -> list:
     else:
         out = eqn.primitive.bind(*invals, **params)
     return list(out) if eqn.primitive.multiple_results else [out]
-
-
-def _sub(eqn: Any) -> list:
-    """The jaxprs an equation holds (open ones as they are)."""
-    out = []
-    for v in eqn.params.values():
-        for sub in v if isinstance(v, (tuple, list)) else (v,):
-            inner = getattr(sub, "jaxpr", None)
-            if inner is not None and hasattr(inner, "eqns"):
-                out.append(inner)
-            elif hasattr(sub, "eqns"):
-                out.append(sub)
-    return out
 
 
 # ---- walking the model --------------------------------------------------------------------------------------
