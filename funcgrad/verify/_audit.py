@@ -311,13 +311,10 @@ class _Walker:
     def _scan(self, eqn: Any, vals: list, ts: list, where: str) -> tuple[list, list]:
         p = eqn.params
         body, length = p["jaxpr"], int(p["length"])
-        if "num_consts" in p:
-            n_c, n_carry = int(p["num_consts"]), int(p["num_carry"])
-        else:  # newer JAX: the flat trees of (consts, carry, xs)
-            try:
-                n_c, n_carry = len(tuple(p["ft_in"][0])), len(tuple(p["ft_in"][1]))
-            except (TypeError, KeyError, IndexError):
-                return self._whole(eqn, vals, ts)
+        layout = _scan_layout(p, len(vals))
+        if layout is None:
+            return self._whole(eqn, vals, ts)
+        n_c, n_carry = layout
         consts, carry, xs = vals[:n_c], vals[n_c : n_c + n_carry], vals[n_c + n_carry :]
         t_consts, t_carry, t_xs = ts[:n_c], list(ts[n_c : n_c + n_carry]), ts[n_c + n_carry :]
         walk = self._sample(length)
@@ -359,6 +356,25 @@ class _Walker:
             t_carry = [a or b for a, b in zip(t_carry, t_out, strict=True)]
             i += 1
         return carry, t_carry
+
+
+def _scan_layout(p: Any, n_in: int) -> tuple[int, int] | None:
+    """(number of constants, number of carries) of a scan equation's flat inputs, or None when not understood.
+
+    JAX up to 0.11 states them as ``num_consts``/``num_carry``; JAX 0.12 as ``ft_in``, a flat tree of the three
+    groups (consts, carry, xs) whose ``unpack()`` gives each group and whose ``len`` is its number of leaves.
+    """
+    if "num_consts" in p and "num_carry" in p:
+        return int(p["num_consts"]), int(p["num_carry"])
+    ft = p.get("ft_in")
+    try:
+        groups = ft.unpack() if hasattr(ft, "unpack") else tuple(ft)
+        sizes = [len(g) for g in groups]
+    except (TypeError, AttributeError, AssertionError):
+        return None
+    if len(sizes) != 3 or sum(sizes) != n_in:
+        return None
+    return sizes[0], sizes[1]
 
 
 def _join(where: str, part: str) -> str:
