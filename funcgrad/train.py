@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -47,7 +48,7 @@ __all__ = ["TrainState", "Metrics", "init", "make_step", "make_steps", "make_eva
 # cap bounds the per-chunk metrics buffer (steps × metrics floats) whatever ``fuse`` is asked for.
 MAX_FUSE = 1 << 16
 
-LossFn = Callable[..., Any]  # (params, x, y, key) -> loss or (loss, metrics dict)
+LossFn = Callable[..., Any]  # (params, x, y, key) or (params, x, y) -> loss or (loss, metrics dict)
 
 
 class TrainState(NamedTuple):
@@ -151,6 +152,27 @@ def _normalise(out: Any) -> tuple[jax.Array, dict]:
     return out, {}
 
 
+def _takes_key(loss_fn: Callable, n_data: int) -> bool:
+    """Whether ``loss_fn`` is called as ``loss_fn(params, *data, key)`` (True) or ``loss_fn(params, *data)``
+    (False), read from its signature; a clear TypeError when it takes neither."""
+    try:
+        sig = inspect.signature(loss_fn)
+    except (TypeError, ValueError):  # no signature to read (a builtin, some C wrappers): the documented form
+        return True
+    dummy = [None] * (n_data + 1)
+    for with_key in (True, False):
+        try:
+            sig.bind(*dummy, *([None] if with_key else []))
+        except TypeError:
+            continue
+        return with_key
+    name = getattr(loss_fn, "__qualname__", type(loss_fn).__name__)
+    raise TypeError(
+        f"loss_fn {name}{sig} cannot be called with this data: training calls loss_fn(params, *data, key) or, "
+        f"when it takes no key, loss_fn(params, *data); the data has {n_data} array(s), so loss_fn must take "
+        f"{n_data + 2} or {n_data + 1} positional arguments")
+
+
 def _step_fn(loss_fn, optimizer, batch_size, schedule, shard_batch):
     def one_step(state: TrainState, data: Any) -> tuple[TrainState, Metrics]:
         n = jax.tree.leaves(data)[0].shape[0]
@@ -161,9 +183,10 @@ def _step_fn(loss_fn, optimizer, batch_size, schedule, shard_batch):
         if shard_batch is not None:
             data = shard_batch(data)
         key = jax.random.fold_in(k_model, state.step)
+        extra = (key,) if _takes_key(loss_fn, len(data)) else ()
 
         def objective(params):
-            return _normalise(loss_fn(params, *data, key))
+            return _normalise(loss_fn(params, *data, *extra))
 
         (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -189,7 +212,8 @@ def make_step(
 
     Args:
         loss_fn: ``loss_fn(params, *data, key) -> loss`` or ``(loss, metrics)``, e.g.
-            :meth:`funcgrad.Objective.train_loss`. ``key`` is this step's PRNG key (for dropout).
+            :meth:`funcgrad.Objective.train_loss`. ``key`` is this step's PRNG key (for dropout); a loss that
+            needs none may take ``(params, *data)`` only (read from its signature).
         optimizer: any optax GradientTransformation (e.g. :func:`funcgrad.optim.adam`).
         batch_size: None for full-batch steps; else each step takes a minibatch of this size (see
             :func:`batch_indices`).

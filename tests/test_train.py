@@ -136,3 +136,40 @@ def test_bad_input(setup):
         fg.train.make_step(obj.train_loss, tx)(params, data)
     with pytest.raises(ValueError, match="steps must be an int >= 1"):
         fg.train.make_steps(obj.train_loss, tx, 0)
+
+
+def test_fit_takes_a_loss_without_a_key_and_trains_as_with_one():
+    X, y = fg.data.spiral(20, 3, key=0)
+    model = fg.nn.mlp([8, 3], output="softmax")
+    obj = fg.Objective(model, "categorical_crossentropy")
+    tx = fg.optim.adam(0.05)
+    params = model.init(jax.random.key(0), (2,))
+
+    def keyless(p, x, t):  # an optax-style loss: no PRNG key
+        return obj.value(p, x, t)
+
+    calls = []
+
+    def with_key(p, x, t, key):
+        calls.append(key)
+        return obj.value(p, x, t)
+
+    a, hist_a = fg.train.fit(keyless, tx, fg.train.init(params, tx, jax.random.key(1)), (X, y), steps=5, fuse=5)
+    b, hist_b = fg.train.fit(with_key, tx, fg.train.init(params, tx, jax.random.key(1)), (X, y), steps=5, fuse=5)
+    assert calls  # the 4-argument loss was given the key
+    np.testing.assert_allclose(hist_a["loss"], hist_b["loss"], rtol=1e-6)
+    chex.assert_trees_all_close(a.params, b.params, rtol=1e-6)
+    assert hist_a["loss"][-1] < hist_a["loss"][0]
+
+
+def test_a_loss_that_takes_neither_form_gets_a_clear_error():
+    X, y = fg.data.spiral(5, 3, key=0)
+    model = fg.nn.mlp([3], output="softmax")
+    tx = fg.optim.sgd(0.1)
+    state = fg.train.init(model.init(jax.random.key(0), (2,)), tx, jax.random.key(1))
+
+    def two_args(p, x):
+        return jnp.sum(model.apply(p, x))
+
+    with pytest.raises(TypeError, match=r"loss_fn .*two_args\(p, x\) cannot be called with this data.*2 array\(s\).*4 or 3"):
+        fg.train.fit(two_args, tx, state, (X, y), steps=1)
