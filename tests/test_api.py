@@ -8,7 +8,7 @@ EXPECTED = {
         "parallel",
         "rules", "testing", "train", "verify",
     ],
-    "optim": ["HYPERPARAMETERS", "OPTIMIZERS", "adagrad", "adam", "inverse_time_decay", "rmsprop", "sgd"],
+    "optim": ["HYPERPARAMETERS", "OPTIMIZERS", "adagrad", "adam", "inverse_time_decay", "rmsprop", "scale_by_book_adagrad", "sgd"],
     "train": ["MAX_FUSE", "Metrics", "TrainState", "batch_indices", "chunk_size", "chunks", "fit", "init", "make_eval",
               "make_step", "make_steps"],
     "config": [
@@ -29,7 +29,7 @@ EXPECTED = {
     ],
     "metrics": ["accuracy", "binary_accuracy", "regression_accuracy"],
     "experiment": ["Setup", "build"],
-    "data": ["NNFSRandom", "as_key", "sine", "spiral", "vertical"],
+    "data": ["NNFSRandom", "as_key", "fashion_mnist", "sine", "spiral", "vertical"],
     "initializers": [
         "INITIALIZERS", "Initializer", "Normal", "book", "glorot_normal", "glorot_uniform", "he_normal", "he_uniform",
         "normal", "zeros",
