@@ -5,6 +5,8 @@ For a dense weight of shape ``(n_in, n_out)``: fan_in = n_in, fan_out = n_out.
 - :func:`book`: the book's ``scale · N(0, 1)`` (scale 0.01 in most chapters, 0.1 in chapter 17).
 - :func:`glorot_uniform`, :func:`glorot_normal`: variance ``2 / (fan_in + fan_out)`` (Glorot & Bengio, 2010).
 - :func:`he_normal`, :func:`he_uniform`: variance ``2 / fan_in`` (He et al., 2015), for ReLU layers.
+  These four are JAX's own (``jax.nn.initializers``): the same distributions, the "normal" ones truncated at
+  two standard deviations, and the same numbers for the same key.
 - :func:`zeros`: the book's biases.
 
 Example:
@@ -72,35 +74,39 @@ def zeros(key, shape, dtype=jnp.float32) -> jax.Array:
 
 
 def _variance_scaling(scale: float, mode: str, distribution: str) -> Initializer:
+    """JAX's ``jax.nn.initializers.variance_scaling``, so that a name shared with ``jax.nn.initializers`` draws the
+    same distribution (and, for the same key, the same numbers). A 1-D shape (which JAX refuses) takes
+    fan_in = fan_out = its length."""
+    jax_init = jax.nn.initializers.variance_scaling(scale, mode, distribution)
+
     def init(key, shape, dtype=jnp.float32):
-        fan_in, fan_out = _fans(tuple(shape))
-        fan = {"fan_in": fan_in, "fan_avg": (fan_in + fan_out) / 2}[mode]
-        variance = scale / fan
-        if distribution == "normal":
-            return math.sqrt(variance) * jax.random.normal(key, shape, dtype)
-        limit = math.sqrt(3 * variance)  # U(−a, a) has variance a²/3
-        return jax.random.uniform(key, shape, dtype, -limit, limit)
+        shape = tuple(shape)
+        _fans(shape)  # a clear error for a 0-d shape
+        if len(shape) == 1:
+            return jax.nn.initializers.variance_scaling(scale, mode, distribution, in_axis=0, out_axis=0)(key, shape, dtype)
+        return jax_init(key, shape, dtype)
 
     return init
 
 
 def glorot_uniform() -> Initializer:
-    """U(−a, a) with a = √(6 / (fan_in + fan_out))."""
+    """U(−a, a) with a = √(6 / (fan_in + fan_out)): ``jax.nn.initializers.glorot_uniform``."""
     return _variance_scaling(1.0, "fan_avg", "uniform")
 
 
 def glorot_normal() -> Initializer:
-    """N(0, 2 / (fan_in + fan_out))."""
-    return _variance_scaling(1.0, "fan_avg", "normal")
+    """Variance 2 / (fan_in + fan_out), drawn from a normal truncated at ±2 standard deviations (and rescaled
+    to keep that variance), as ``jax.nn.initializers.glorot_normal`` draws it."""
+    return _variance_scaling(1.0, "fan_avg", "truncated_normal")
 
 
 def he_normal() -> Initializer:
-    """N(0, 2 / fan_in)."""
-    return _variance_scaling(2.0, "fan_in", "normal")
+    """Variance 2 / fan_in, from a truncated normal as ``jax.nn.initializers.he_normal`` draws it."""
+    return _variance_scaling(2.0, "fan_in", "truncated_normal")
 
 
 def he_uniform() -> Initializer:
-    """U(−a, a) with a = √(6 / fan_in)."""
+    """U(−a, a) with a = √(6 / fan_in): ``jax.nn.initializers.he_uniform``."""
     return _variance_scaling(2.0, "fan_in", "uniform")
 
 

@@ -192,3 +192,21 @@ def test_backward_checks_dvalues_shape(book_model):
     model, params = book_model
     with pytest.raises(ValueError, match=r"dvalues must have the output's shape \(10, 3\)"):
         model.backward(params, jnp.ones((10, 2)), jnp.ones((10, 4)))
+
+
+@pytest.mark.parametrize("name", ["glorot_uniform", "glorot_normal", "he_normal", "he_uniform"])
+def test_initialisers_named_as_jaxs_draw_jaxs_distribution(name):
+    ours = fg.initializers.INITIALIZERS[name]()(jax.random.key(3), (30, 40, 50))
+    theirs = getattr(jax.nn.initializers, name)()(jax.random.key(3), (30, 40, 50))
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+    if name.endswith("normal"):  # truncated at two standard deviations of the untruncated normal it rescales
+        fan = {"glorot_normal": (40 * 30 + 50 * 30) / 2, "he_normal": 40 * 30 / 2}[name]
+        bound = 2 * np.sqrt(1 / fan) / 0.87962566103423978
+        assert np.abs(np.asarray(ours)).max() <= bound * (1 + 1e-6)
+
+
+def test_one_dimensional_shapes_take_their_length_as_both_fans():
+    W = np.asarray(fg.initializers.he_uniform()(jax.random.key(0), (10000,)))
+    assert abs(W.var() / (2 / 10000) - 1) < 0.05
+    with pytest.raises(ValueError, match="at least 1 dimension"):
+        fg.initializers.glorot_normal()(jax.random.key(0), ())
