@@ -38,8 +38,24 @@ def _enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def _version() -> str:
+    """``funcgrad X.Y.Z`` and the versions of what it runs on (what a bug report needs)."""
+    import importlib.metadata  # noqa: PLC0415 - only --version needs it
+
+    import funcgrad  # noqa: PLC0415 - the package itself, for its version
+
+    parts = []
+    for dist in ("jax", "jaxlib", "optax"):
+        try:
+            parts.append(f"{dist} {importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            parts.append(f"{dist} not installed")
+    return f"funcgrad {funcgrad.__version__} ({', '.join(parts)}; Python {sys.version.split()[0]})"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="funcgrad", description="Neural networks as pure functions in JAX.")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
