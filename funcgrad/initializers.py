@@ -82,8 +82,12 @@ def _variance_scaling(scale: float, mode: str, distribution: str) -> Initializer
     def init(key, shape, dtype=jnp.float32):
         shape = tuple(shape)
         _fans(shape)  # a clear error for a 0-d shape
-        if len(shape) == 1:
-            return jax.nn.initializers.variance_scaling(scale, mode, distribution, in_axis=0, out_axis=0)(key, shape, dtype)
+        if len(shape) == 1:  # JAX's formulas with fan_in = fan_out = n
+            std = math.sqrt(scale / shape[0])
+            if distribution == "uniform":
+                return jax.random.uniform(key, shape, dtype, -math.sqrt(3) * std, math.sqrt(3) * std)
+            # a standard normal truncated to [-2, 2] has standard deviation 0.8796...: rescaled to std
+            return (std / 0.87962566103423978) * jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype)
         return jax_init(key, shape, dtype)
 
     return init
