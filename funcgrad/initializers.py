@@ -77,7 +77,7 @@ def _variance_scaling(scale: float, mode: str, distribution: str) -> Initializer
     """JAX's ``jax.nn.initializers.variance_scaling``, so that a name shared with ``jax.nn.initializers`` draws the
     same distribution (and, for the same key, the same numbers). A 1-D shape (which JAX refuses) takes
     fan_in = fan_out = its length."""
-    jax_init = jax.nn.initializers.variance_scaling(scale, mode, distribution)
+    jax_init = jax.nn.initializers.variance_scaling(scale, mode, distribution)  # type: ignore[arg-type]  # checked names
 
     def init(key, shape, dtype=jnp.float32):
         shape = tuple(shape)
