@@ -84,6 +84,12 @@ def _float(low: float = 0.0, high: float | None = None, *, low_open: bool = Fals
     return check
 
 
+def _path(key, v):
+    if not isinstance(v, str) or not v.strip() or "\0" in v:
+        raise ConfigError(f"{key}: expected a folder path (a non-empty string), got {v!r}")
+    return v
+
+
 def _bool(key, v):
     if not isinstance(v, bool):
         raise ConfigError(f"{key}: expected true or false, got {v!r}")
@@ -139,9 +145,11 @@ OPTIMIZER_KEYS = optim.HYPERPARAMETERS
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    kind: str = _field("spiral", _choice("spiral", "vertical", "sine"), "the book's data set")
-    samples: int = _field(100, _int(1), "points per class (spiral, vertical) or in all (sine)")
-    classes: int = _field(3, _int(2), "classes (spiral, vertical)")
+    kind: str = _field("spiral", _choice("spiral", "vertical", "sine", "fashion_mnist"), "the book's data set")
+    samples: int = _field(100, _int(1), "points per class (spiral, vertical) or in all (sine); fashion_mnist: unused")
+    classes: int = _field(3, _int(2), "classes (spiral, vertical; fashion_mnist: 10)")
+    path: str = _field("fashion_mnist_images", _path, "fashion_mnist: the folder of its files (IDX or the book's "
+                       "PNG folders; relative to the working folder), read and never downloaded")
     exact: bool = _field(False, _bool, "draw data and weights from the nnfs package's NumPy stream, as the book")
     validation_samples: int | None = _field(None, _int(1, none_ok=True), "fresh validation data (default: samples)")
 
@@ -182,7 +190,11 @@ class TrainConfig:
     fuse: int = _field(1000, _int(1), "steps fused into one compiled dispatch (lax.scan)")
     log_every: int = _field(100, _int(1), "steps between lines of metrics.jsonl")
     checkpoint_every: int = _field(1000, _int(1), "steps between checkpoints (rounded up to a multiple of fuse)")
+    eval_every: int = _field(1000, _int(1), "steps between validation rows of metrics.jsonl (rounded up to a "
+                             "multiple of fuse); the last step is always evaluated")
     verify: bool = _field(True, _bool, "cross-check the hand-derived gradient against JAX before training")
+    tensorboard: bool = _field(False, _bool, "also write TensorBoard scalars to <run>/tensorboard (needs "
+                               "tensorboardX: pip install 'funcgrad[tensorboard]')")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,6 +246,14 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
     return cfg
 
 
+def _file_data_checks(d: DataConfig) -> None:
+    if d.kind == "fashion_mnist":
+        if d.classes != 10:
+            raise ConfigError(f"data.classes: Fashion-MNIST has 10 classes; got {d.classes}")
+        if d.exact:
+            raise ConfigError("data.exact: fashion_mnist is read from files, not drawn from the nnfs stream; set it false")
+
+
 def _cross_checks(cfg: Config, raw: Mapping[str, Any]) -> None:
     opt_raw = raw.get("optimizer", {}) if isinstance(raw.get("optimizer", {}), Mapping) else {}
     allowed = OPTIMIZER_KEYS[cfg.optimizer.kind]
@@ -246,7 +266,8 @@ def _cross_checks(cfg: Config, raw: Mapping[str, Any]) -> None:
     if loss in needs and out not in needs[loss]:
         raise ConfigError(f"model.output: loss {loss!r} takes {'logits' if 'none' in needs[loss] else 'probabilities'}; "
                           f"expected model.output in {list(needs[loss])}, got {out!r}")
-    classification = cfg.data.kind in ("spiral", "vertical")
+    classification = cfg.data.kind in CLASSIFICATION
+    _file_data_checks(cfg.data)
     if loss in ("categorical_crossentropy", "categorical_crossentropy_with_logits"):
         if not classification:
             raise ConfigError(f"loss.kind: {loss!r} needs class labels; data.kind {cfg.data.kind!r} is regression")
@@ -262,6 +283,8 @@ def _cross_checks(cfg: Config, raw: Mapping[str, Any]) -> None:
         raise ConfigError(f"model.sizes: sine data has one target; the last layer must have 1 unit, got {list(m.sizes)}")
     if cfg.data.exact and m.init != "book":
         raise ConfigError("data.exact: drawing weights the book's way needs model.init = 'book'")
+    if cfg.data.kind in FILE_DATA:  # sizes known once the files are read (funcgrad.experiment.build checks them)
+        return
     n = cfg.data.samples * (cfg.data.classes if classification else 1)
     if cfg.train.batch_size is not None and cfg.train.batch_size > n:
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is more than the {n} training samples")
@@ -365,6 +388,9 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 # Memory a run needs, estimated from the configuration alone (before anything is allocated)
 
 OPTIMIZER_SLOTS = {"sgd": 1, "adagrad": 1, "rmsprop": 1, "adam": 2}  # parameter-sized buffers of its state
+CLASSIFICATION = ("spiral", "vertical", "fashion_mnist")  # data sets of class labels (the others: regression)
+INPUT_SIZE = {"sine": 1, "fashion_mnist": 784}  # features per sample (spiral, vertical: 2)
+FILE_DATA = {"fashion_mnist": (60000, 10000)}  # data read from files: (training, validation) samples in full
 PLOT_POINTS = 300  # the decision-boundary plot predicts one grid row of 300 points at a time
 
 
@@ -407,13 +433,16 @@ def memory_estimate(cfg: Config) -> MemoryEstimate:
     :class:`MemoryEstimate`): lets ``funcgrad train`` refuse a model that cannot fit, naming both numbers,
     before it allocates a byte of it."""
     d, m = cfg.data, cfg.model
-    classification = d.kind in ("spiral", "vertical")
-    n_in = 1 if d.kind == "sine" else 2
+    classification = d.kind in CLASSIFICATION
+    n_in = INPUT_SIZE.get(d.kind, 2)
     widths = (n_in, *m.sizes)
     params = sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True))
     units = sum(m.sizes)
-    n = d.samples * (d.classes if classification else 1)
-    n_val = (d.validation_samples or d.samples) * (d.classes if classification else 1)
+    if d.kind in FILE_DATA:  # the full data set's sizes (a smaller copy needs less)
+        n, n_val = FILE_DATA[d.kind]
+    else:
+        n = d.samples * (d.classes if classification else 1)
+        n_val = (d.validation_samples or d.samples) * (d.classes if classification else 1)
     batch = cfg.train.batch_size or n
     f32 = 4
     slots = OPTIMIZER_SLOTS[cfg.optimizer.kind]

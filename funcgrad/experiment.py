@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from funcgrad import data as fgdata
 from funcgrad import initializers, losses, nn, optim
-from funcgrad.config import OPTIMIZER_KEYS, Config, ConfigError
+from funcgrad.config import CLASSIFICATION, INPUT_SIZE, OPTIMIZER_KEYS, Config, ConfigError
 from funcgrad.objective import Objective
 
 __all__ = ["Setup", "build"]
@@ -45,7 +45,7 @@ class Setup:
 
     @property
     def classification(self) -> bool:
-        return self.config.data.kind in ("spiral", "vertical")
+        return self.config.data.kind in CLASSIFICATION
 
 
 def build(cfg: Config, *, validation_seed: int | None = None) -> Setup:
@@ -72,8 +72,14 @@ def build(cfg: Config, *, validation_seed: int | None = None) -> Setup:
         X, y = fn(samples, d.classes)
         return jnp.asarray(X), jnp.asarray(y, jnp.int32)
 
-    input_shape = (1,) if d.kind == "sine" else (2,)
-    if d.exact:
+    input_shape = (INPUT_SIZE.get(d.kind, 2),)
+    if d.kind == "fashion_mnist":
+        train, val = _read_fashion_mnist(d.path)
+        params = model.init(jax.random.key(cfg.seed), input_shape)
+        if cfg.train.batch_size is not None and cfg.train.batch_size > train[0].shape[0]:
+            raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is more than the {train[0].shape[0]} "
+                              f"training samples in {d.path}")
+    elif d.exact:
         stream = fgdata.NNFSRandom(cfg.seed)
         train = draw(d.kind, d.samples, stream)
         params = stream.init(model, input_shape)
@@ -97,6 +103,15 @@ def build(cfg: Config, *, validation_seed: int | None = None) -> Setup:
     per_epoch = 1 if cfg.train.batch_size is None else n // cfg.train.batch_size
     return Setup(cfg, model, objective, optimizer, schedule, params, train, val, input_shape,
                  cfg.train.epochs * per_epoch, cfg.train.batch_size)
+
+
+def _read_fashion_mnist(path: str) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+    """The training and test splits (the book validates on the test split), preprocessed as the book does; a
+    missing or damaged file is a ConfigError naming it."""
+    try:
+        return fgdata.fashion_mnist(path, "train"), fgdata.fashion_mnist(path, "test")
+    except (OSError, ValueError, ImportError) as e:
+        raise ConfigError(f"data.path: {e}") from None
 
 
 class _KeyedSource:

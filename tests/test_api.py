@@ -8,7 +8,8 @@ EXPECTED = {
         "parallel",
         "rules", "testing", "train", "verify",
     ],
-    "optim": ["HYPERPARAMETERS", "OPTIMIZERS", "adagrad", "adam", "inverse_time_decay", "rmsprop", "scale_by_book_adagrad", "sgd"],
+    "optim": ["HYPERPARAMETERS", "OPTIMIZERS", "adagrad", "adam", "inverse_time_decay", "rmsprop",
+              "scale_by_book_adagrad", "sgd"],
     "train": ["MAX_FUSE", "Metrics", "TrainState", "batch_indices", "chunk_size", "chunks", "fit", "init", "make_eval",
               "make_step", "make_steps"],
     "config": [
@@ -17,7 +18,8 @@ EXPECTED = {
         "locate", "memory_estimate", "packaged", "to_dict",
     ],
     "checkpoint": ["CheckpointError", "FORMAT", "from_bytes", "metadata", "size_bound", "to_bytes"],
-    "parallel": ["ParallelError", "any_process", "data_mesh", "describe_mesh", "gather", "initialize", "is_writer", "place",
+    "parallel": ["ParallelError", "any_process", "cluster_environment", "data_mesh", "describe_mesh", "gather",
+                 "initialize", "is_writer", "place",
                  "setup_for"],
     "nn": [
         "ACTIVATIONS", "Layer", "Params", "activation", "dense", "dropout", "elementwise", "leaky_relu", "linear",

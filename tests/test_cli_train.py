@@ -43,9 +43,17 @@ def test_default_run_reproduces_chapter_11(default_run):
 
 def test_default_run_files(default_run):
     out, _ = default_run
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [r for r in rows if r["split"] == "train"]
     assert [r["step"] for r in lines] == list(range(0, 10001, 100))
-    assert set(lines[0]) == {"step", "loss", "data_loss", "reg_loss", "accuracy", "lr"}
+    assert set(lines[0]) == {"step", "split", "loss", "data_loss", "reg_loss", "accuracy", "lr", "window",
+                             *(f"{k}_{s}" for k in ("loss", "accuracy") for s in ("mean", "min", "max"))}
+    assert [r["window"] for r in lines[:3]] == [1, 100, 100]
+    # validation every train.eval_every = 1000 steps (a multiple of fuse) and at the last step, 10001
+    val = [r for r in rows if r["split"] == "validation"]
+    assert [r["step"] for r in val] == [*range(1000, 10001, 1000), 10001]
+    summary = json.loads((out / "summary.json").read_text())
+    assert val[-1]["accuracy"] == pytest.approx(summary["validation"]["accuracy"])
     for png in ("curves.png", "decision_boundary.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = (out / "checkpoint.npz").read_bytes()
@@ -185,5 +193,5 @@ def test_earlier_metrics_are_set_aside_not_lost(tmp_path, compile_cache):
     train(out, *base, "--set", "train.epochs=300", "--set", "optimizer.learning_rate=0.02", "--resume",
           cache=compile_cache)
     assert (out / "metrics.jsonl.2").read_text() == before
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(300))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(300))

@@ -160,10 +160,23 @@ def test_resume_continues_the_runs_own_configuration(capsys, tmp_path):
     # Bit for bit where an uninterrupted run with the same settings ends.
     assert cli(capsys, "train", "--out", whole, *SMALL, *lr)[0] == 0
     assert (a / "checkpoint.npz").read_bytes() == (whole / "checkpoint.npz").read_bytes()
-    lines = (a / "metrics.jsonl").read_text().splitlines()
-    last_of_first = [line for line in lines if json.loads(line)["step"] == 19]  # the 20-step run logged its end
-    assert len(last_of_first) == 1 and [x for x in lines if x not in last_of_first] == \
-        (whole / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
+    whole_rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    # The 20-step run logged its end: a training row at step 19 and a validation row at step 20; the row after
+    # them sums a window of 1 step (20) where the uninterrupted run's sums 5 (16..20). Everything else is equal.
+    extra = [r for r in rows if (r["step"], r["split"]) in ((19, "train"), (20, "validation"))]
+    assert len(extra) == 2
+    rest = [r for r in rows if r not in extra]
+    assert [r["step"] for r in rest] == [r["step"] for r in whole_rows]
+    def points(row):
+        return {k: v for k, v in row.items() if not k.endswith(("_mean", "_min", "_max", "window"))}
+
+    for r, w in zip(rest, whole_rows, strict=True):
+        if r["step"] == 20:
+            assert r["window"] == 1 and w["window"] == 5
+            assert points(r) == points(w)
+        else:
+            assert r == w
 
 
 def test_resume_with_config_must_match_and_only_some_keys_may_change(capsys, run):
@@ -473,8 +486,9 @@ def test_a_cut_last_metrics_line_is_repaired_only_by_a_resume_that_goes_ahead(ca
     assert snapshot(run) == before
     (run / "metrics.jsonl").chmod(0o644)
     assert cli(capsys, "train", "--out", run, "--resume", "--set", "train.epochs=60")[0] == 0
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(0, 50, 5)) + [49, 50, 55, 59]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(0, 50, 5)) + [49, 50, 55, 59]
+    assert [r["step"] for r in rows if r["split"] == "validation"] == [50, 60]  # each run's last step
 
 
 def test_a_symlinked_lock_file_writes_nothing_through_it(capsys, run, tmp_path):

@@ -69,8 +69,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", metavar="DIR", help="output folder (default: runs/<config name>)")
     t.add_argument("--resume", action="store_true",
                    help="continue the run in the output folder, with its own config.json and checkpoint; --set may "
-                        "change train.epochs, train.fuse, train.log_every, train.checkpoint_every, train.verify, "
+                        "change train.epochs, train.fuse, train.log_every, train.checkpoint_every, train.eval_every, "
+                        "train.tensorboard, train.verify, "
                         "optimizer.learning_rate, optimizer.decay")
+    t.add_argument("--quiet", action="store_true", help="print nothing but errors (no header, no progress)")
+    t.add_argument("--json", action="store_true",
+                   help="print the final summary (summary.json's content) as one JSON object on stdout; what is "
+                        "otherwise printed goes to stderr")
     d = t.add_argument_group("several processes (hosts), with jax.distributed; also from the environment "
                              "variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID")
     d.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")

@@ -28,27 +28,50 @@ def _save(fig: Any, path: Path) -> None:
             tmp.unlink()
 
 
-def curves(path: Path, records: list[dict], title: str) -> None:
-    """Loss (and its data/regularisation parts), accuracy and learning rate against the step."""
+def _series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    rows = [r for r in records if key in r]
+    return np.array([r["step"] for r in rows], float), np.array([r[key] for r in rows], float)
+
+
+def curves(path: Path, records: list[dict], title: str, accuracy_label: str = "accuracy") -> None:
+    """Loss (log scale), accuracy and learning rate against the step: the training rows as a line with the band
+    of each window's min..max behind it (so one spike reads as a spike, not a collapse), the validation rows
+    as markers. ``records`` are metrics.jsonl's rows (``split`` train or validation)."""
     plt = _pyplot()
-    steps = np.array([r["step"] for r in records])
-    fig, axes = plt.subplots(1, 3 if any("lr" in r for r in records) else 2, figsize=(13, 3.6))
-    for key, style in (("loss", "-"), ("data_loss", "--"), ("reg_loss", ":")):
-        if records and key in records[0] and (key == "loss" or any(r.get("reg_loss", 0) for r in records)):
-            axes[0].plot(steps, [r[key] for r in records], style, label=key.replace("_", " "))
-    axes[0].set_yscale("log")
-    axes[0].set_title("loss")
-    axes[0].legend()
-    axes[1].plot(steps, [r.get("accuracy", np.nan) for r in records])
-    axes[1].set_title("accuracy")
-    axes[1].set_ylim(0, 1.02)
-    if len(axes) > 2:
-        axes[2].plot(steps, [r.get("lr", np.nan) for r in records])
-        axes[2].set_title("learning rate")
+    from matplotlib.ticker import ScalarFormatter  # noqa: PLC0415 - with matplotlib, only here
+
+    train = [r for r in records if r.get("split", "train") == "train"]
+    val = [r for r in records if r.get("split") == "validation"]
+    has_lr = any("lr" in r for r in train)
+    fig, axes = plt.subplots(1, 3 if has_lr else 2, figsize=(15 if has_lr else 10.5, 4), layout="constrained")
+    for ax, key, label in ((axes[0], "loss", "loss"), (axes[1], "accuracy", accuracy_label)):
+        steps, values = _series(train, key)
+        _, lo = _series(train, f"{key}_min")
+        _, hi = _series(train, f"{key}_max")
+        if len(lo) == len(steps) and len(steps):
+            ax.fill_between(steps, lo, hi, alpha=0.25, linewidth=0, label="train: window min–max")
+        ax.plot(steps, values, "-", linewidth=1.2, label="train")
+        if key == "loss" and any(r.get("reg_loss", 0) for r in train):
+            ax.plot(*_series(train, "data_loss"), "--", linewidth=1, label="train: data loss")
+        v_steps, v_values = _series(val, key)
+        if len(v_steps):
+            ax.plot(v_steps, v_values, "o-", markersize=3.5, linewidth=1, label="validation")
+        ax.set_title(label, fontsize=10)
+        ax.legend(fontsize=8, loc="best")
+    finite = [r["loss"] for r in records if "loss" in r and np.isfinite(r["loss"])]
+    if finite and min(finite) > 0:
+        axes[0].set_yscale("log")
+    axes[1].set_ylim(-0.02, 1.02)
+    if has_lr:
+        axes[2].plot(*_series(train, "lr"), linewidth=1.2)
+        axes[2].set_title("learning rate", fontsize=10)
+        fmt = ScalarFormatter(useOffset=False)  # 0.0499..0.05 as themselves, not "+4.99e-2" offsets
+        fmt.set_scientific(False)
+        axes[2].yaxis.set_major_formatter(fmt)
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    fig.suptitle(title, y=1.04)
+    fig.suptitle(title)
     _save(fig, path)
     plt.close(fig)
 

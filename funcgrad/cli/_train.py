@@ -19,6 +19,7 @@ from funcgrad import checkpoint, experiment, parallel, verify
 from funcgrad import config as fgconfig
 from funcgrad._checks import check_finite_tree
 from funcgrad.cli import _files as files
+from funcgrad.cli import _log as log
 from funcgrad.cli import _plots as plots
 from funcgrad.cli import _rundir as rundir
 from funcgrad.cli._progress import Progress
@@ -26,6 +27,7 @@ from funcgrad.cli._progress import Progress
 DEFAULT_CONFIG = Path("configs") / "spiral.toml"
 # Keys that may change when a run is resumed: they do not change the computation already done.
 RESUMABLE = {("train", "epochs"), ("train", "verify"), ("train", "log_every"), ("train", "checkpoint_every"),
+             ("train", "eval_every"), ("train", "tensorboard"),  # what is logged, not what is computed
              ("train", "fuse"),  # results do not depend on how steps are fused
              ("optimizer", "learning_rate"), ("optimizer", "decay")}  # e.g. a lower rate after a divergence
 
@@ -52,7 +54,7 @@ def _config_diff(a: dict, b: dict, prefix: str = "", *, every_key: bool = False)
 
 
 def _summary_line(metrics: dict[str, Any]) -> str:
-    keys = [("loss", "loss", ".4f"), ("data_loss", "data", ".4f"), ("reg_loss", "reg", ".4f"), ("accuracy", "acc", ".4f")]
+    keys = [("loss", "loss", ".4g"), ("data_loss", "data", ".4g"), ("reg_loss", "reg", ".4g"), ("accuracy", "acc", ".4f")]
     parts = [f"{label} {float(metrics[k]):{fmt}}" for k, label, fmt in keys if k in metrics]
     if "reg_loss" in metrics and float(metrics["reg_loss"]) == 0:
         parts = [p for p in parts if not p.startswith(("data ", "reg "))]
@@ -275,6 +277,7 @@ class _Prepared:
     state: Any
     start: int
     complete: bool  # resumed at its last step with its summary written: nothing to do
+    meta: dict = dataclasses.field(default_factory=dict)  # the resumed checkpoint's metadata
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -299,7 +302,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise error or UsageError("process 0 refused the run; its message says why")
         if parallel.any_process(writer and prepared.complete):
             if writer:
-                print(_complete(out, prepared.setup.steps, args.out is None))
+                _sayer(args, writer)(_complete(out, prepared.setup.steps, args.out is None))
+                if args.json:
+                    print(json.dumps(files.json_load(out / files.SUMMARY)))
             return 0
         return _execute(args, out, prepared, writer, t_start)
     except BaseException:
@@ -365,21 +370,24 @@ def _prepare(args: argparse.Namespace, out: Path, writer: bool) -> _Prepared:
                              f"checkpoint in {out} is already at step {start}; a run cannot go back (to end at step "
                              f"{start} or later, set train.epochs accordingly)")
     complete = False
+    if writer and cfg.train.tensorboard and log.tensorboard_missing():
+        raise UsageError(log.tensorboard_missing())
     if writer:
         records = _read_metrics(out, setup.steps)
         logged = meta.get("last_logged")
         if isinstance(logged, int) and logged >= start:
             raise UsageError(f"{ckpt}: logged step {logged} before being written at step {start}; the checkpoint "
                              "is inconsistent")
-        if args.resume and isinstance(logged, int) and records and max(r["step"] for r in records) < logged:
-            raise UsageError(f"{out / files.METRICS} ends at step {max(r['step'] for r in records)}, but the checkpoint "
+        trained = log.train_rows(records)
+        if args.resume and isinstance(logged, int) and trained and max(r["step"] for r in trained) < logged:
+            raise UsageError(f"{out / files.METRICS} ends at step {max(r['step'] for r in trained)}, but the checkpoint "
                              f"was written after step {logged} was logged: the files are not of the same run")
         complete = args.resume and start == setup.steps and (out / files.SUMMARY).exists()
         bad = [] if complete else rundir.read_only_files(out)
         if bad:
             raise UsageError(f"cannot write into the run: read-only {', '.join(bad)}; nothing was changed (make them "
                              "writable, or train into another --out)")
-    return _Prepared(cfg, source, saved, changes, setup, mesh, state, start, complete)
+    return _Prepared(cfg, source, saved, changes, setup, mesh, state, start, complete, meta)
 
 
 def _say_header(out: Path, p: _Prepared, fuse: int, say: Any) -> None:
@@ -393,13 +401,20 @@ def _say_header(out: Path, p: _Prepared, fuse: int, say: Any) -> None:
         f"{setup.steps} steps{_header_batch(setup)}, {parallel.describe_mesh(p.mesh)}"
         + (f"; {fuse} fused per dispatch (train.fuse {cfg.train.fuse} is capped)"
            if fuse < min(cfg.train.fuse, setup.steps) else ""))
+    cluster = parallel.cluster_environment()
+    if cluster:
+        say(f"  joined {cluster}")
+    ev = _rounded(cfg.train.eval_every, fuse)
+    say(f"  log    metrics.jsonl every {cfg.train.log_every} steps (with the window's mean/min/max), validation every "
+        f"{ev} steps{' (train.eval_every rounded up to a multiple of the fused steps)' if ev != cfg.train.eval_every else ''}"
+        + (", TensorBoard scalars in tensorboard/" if cfg.train.tensorboard else ""))
     for change in p.changes:
         say(f"  change {change}")
 
 
-def _write_start(args: argparse.Namespace, out: Path, p: _Prepared, say: Any) -> int:
+def _write_start(args: argparse.Namespace, out: Path, p: _Prepared, say: Any) -> tuple[int, int]:
     """Process 0's first writes, once every check passed: the marker, the config, the metrics to continue.
-    Returns the last step already logged."""
+    Returns the last steps already logged: of a training row, of a validation row."""
     resolved = fgconfig.to_dict(p.cfg)
     try:
         removed = rundir.remove_stale_temporaries(out)
@@ -414,7 +429,7 @@ def _write_start(args: argparse.Namespace, out: Path, p: _Prepared, say: Any) ->
         kept = files.set_aside(out / files.METRICS)  # an earlier attempt that never reached a checkpoint
         if kept:
             say(f"  (the metrics of an earlier attempt here are kept as {kept})")
-        return -1
+        return -1, -1
     except OSError as e:
         raise UsageError(f"cannot write the run's files into {out}: {e.strerror or e}") from None
 
@@ -422,10 +437,10 @@ def _write_start(args: argparse.Namespace, out: Path, p: _Prepared, say: Any) ->
 def _execute(args: argparse.Namespace, out: Path, p: _Prepared, writer: bool, t_start: float) -> int:
     """Writes the run's files and trains; every process runs this, only process 0 writes and prints."""
 
-    say = print if writer else (lambda *a, **k: None)
+    say = _sayer(args, writer)
     fuse = fg.train.chunk_size(p.cfg.train.fuse, p.setup.steps)
     _say_header(out, p, fuse, say)
-    last_logged = _write_start(args, out, p, say) if writer else -1
+    last_logged = _write_start(args, out, p, say) if writer else (-1, -1)
     if p.cfg.train.verify and not args.resume and writer:
         report = _verify(p.setup)
         say("  check  hand-derived gradient vs JAX vs finite differences at the initial parameters:")
@@ -436,21 +451,37 @@ def _execute(args: argparse.Namespace, out: Path, p: _Prepared, writer: bool, t_
     if args.resume:
         say(f"  resume from step {p.start} ({out / files.CHECKPOINT})")
     loop = _Loop(out, p, writer, fuse, last_logged, jax.jit(p.setup.objective.metrics),
-                 last_good=p.start if args.resume else None)
-    return loop.run() or _finish(out, p, loop.params, loop.evaluate, writer, t_start)
+                 last_good=p.start if args.resume else None, show_progress=not (args.quiet or args.json))
+    try:
+        return loop.run() or _finish(args, out, p, loop.params, loop.evaluate, writer, t_start)
+    finally:
+        loop.close()
 
 
 class _Loop:
     """The training loop of ``funcgrad train``: chunks of fused steps, metrics lines and checkpoints between
     them, and one decision per chunk that every process takes together (stop or go on)."""
-    def __init__(self, out: Path, p: _Prepared, writer: bool, fuse: int, last_logged: int, evaluate: Any,
-                 last_good: int | None):
+    def __init__(self, out: Path, p: _Prepared, writer: bool, fuse: int, last_logged: tuple[int, int],
+                 evaluate: Any, last_good: int | None, show_progress: bool = True):
         self.out, self.p, self.writer, self.fuse = out, p, writer, fuse
-        self.last_logged, self.evaluate, self.last_good = last_logged, evaluate, last_good
-        self.every = math.ceil(p.cfg.train.checkpoint_every / fuse) * fuse
+        (self.last_logged, self.last_validated), self.evaluate, self.last_good = last_logged, evaluate, last_good
+        self.every = _rounded(p.cfg.train.checkpoint_every, fuse)
         self.next_checkpoint = (p.start // self.every + 1) * self.every
-        self.progress = Progress(p.setup.steps, start=p.start, enabled=writer)
+        self.eval_every = _rounded(p.cfg.train.eval_every, fuse)
+        self.next_eval = (p.start // self.eval_every + 1) * self.eval_every
+        # The window of steps since the last row: a resumed run continues the checkpoint's, unless rows were
+        # written past the checkpoint (their steps are then run again, and counted afresh).
+        self.window = log.Window()
+        if p.meta.get("last_logged") == self.last_logged:
+            self.window.restore(p.meta.get("window"))
+        self.progress = Progress(p.setup.steps, start=p.start, enabled=writer and show_progress)
+        self.board = log.TensorBoard(out / "tensorboard") if writer and p.cfg.train.tensorboard else None
         self.params: Any = None
+
+    def close(self) -> None:
+        self.progress.close()
+        if self.board is not None:
+            self.board.close()
 
     def run(self) -> int:
         """0 when every step ran (``self.params`` then holds the result), else 1 after saying why."""
@@ -465,7 +496,7 @@ class _Loop:
                 if parallel.any_process(problem is not None):
                     return self._stop(problem)
         finally:
-            self.progress.close()
+            self.progress.close()  # (the bar's last line ends before any message)
         self.params = parallel.gather(final).params
         return 0
 
@@ -475,15 +506,23 @@ class _Loop:
         step = int(m["step"][-1]) + 1
         bad = np.nonzero(~np.isfinite(m["loss"]))[0]
         good = bad[0] if len(bad) else len(m["step"])
+        new = log.chunk_rows(m, good, self.window, last_logged=self.last_logged, log_every=cfg.train.log_every,
+                             last_step=setup.steps - 1)
+        if not len(bad) and (step >= self.next_eval or step == setup.steps):
+            self.next_eval = (step // self.eval_every + 1) * self.eval_every
+            # (every process evaluates: gathering a split state is a collective)
+            metrics = _floats(self.evaluate(parallel.gather(state).params, *setup.validation_data))
+            if step > self.last_validated:  # an earlier attempt may have written it before being killed
+                new.append(log.validation_row(step, metrics))
+                self.last_validated = step
         if self.writer:
-            new = [{"step": int(s), **{k: float(v[i]) for k, v in m.items() if k != "step"}}
-                   for i, s in enumerate(m["step"][:good])
-                   if (s % cfg.train.log_every == 0 or s == setup.steps - 1) and s > self.last_logged]
             try:
                 files.append_lines(out / files.METRICS, new)
             except OSError as e:
                 return f"training stopped at step {step}: cannot write {out / files.METRICS} ({e.strerror or e})"
-            self.last_logged = max([self.last_logged] + [int(r["step"]) for r in new])
+            if self.board is not None:
+                self.board.rows(new)
+            self.last_logged = max([self.last_logged] + [int(r["step"]) for r in log.train_rows(new)])
         if len(bad):  # the same on every process: the metrics are replicated
             return f"training stopped at step {int(m['step'][bad[0]])}: the loss is {m['loss'][bad[0]]}"
         self.progress.update(step, {k: float(v[-1]) for k, v in m.items()})
@@ -496,14 +535,15 @@ class _Loop:
             return f"training stopped after step {step}: {unfit}, so it is not saved"
         if self.writer:
             try:
-                files.save_checkpoint(out, snapshot, {"step": step, "config": cfg.name, "last_logged": self.last_logged})
+                files.save_checkpoint(out, snapshot, {"step": step, "config": cfg.name, "last_logged": self.last_logged,
+                                                      "window": self.window.state()})
             except OSError as e:
                 return f"training stopped at step {step}: cannot write {out / files.CHECKPOINT} ({e.strerror or e})"
         self.last_good = step
         return None
 
     def _stop(self, message: str | None) -> int:
-        self.progress.close()
+        self.close()
         if self.writer:
             where = (f"The last good checkpoint is step {self.last_good} in {self.out / files.CHECKPOINT}; lower "
                      "optimizer.learning_rate and continue from it with --resume" if self.last_good is not None
@@ -514,9 +554,20 @@ class _Loop:
         return 1
 
 
-def _finish(out: Path, p: _Prepared, params: Any, evaluate: Any, writer: bool, t_start: float) -> int:
-    """Final metrics, summary.json and plots."""
-    say = print if writer else (lambda *a, **k: None)
+def _sayer(args: argparse.Namespace, writer: bool) -> Any:
+    """How ``funcgrad train`` tells what it does: printed by process 0; with ``--json`` on stderr (stdout holds
+    the JSON summary alone); nothing with ``--quiet`` (errors are still printed, on stderr)."""
+    if not writer or args.quiet:
+        return lambda *a, **k: None
+    if args.json:
+        return lambda *a, **k: print(*a, **k, file=sys.stderr)
+    return print
+
+
+def _finish(args: argparse.Namespace, out: Path, p: _Prepared, params: Any, evaluate: Any, writer: bool,
+            t_start: float) -> int:
+    """Final metrics, summary.json and plots; with ``--json`` the summary printed on stdout."""
+    say = _sayer(args, writer)
     setup = p.setup
     train_m = _floats(evaluate(params, *setup.train_data))
     val_m = _floats(evaluate(params, *setup.validation_data))
@@ -525,19 +576,28 @@ def _finish(out: Path, p: _Prepared, params: Any, evaluate: Any, writer: bool, t
     say(f"  final  training:   {_summary_line(train_m)}")
     say(f"         validation: {_summary_line(val_m)}")
     if writer:
+        summary = {
+            "name": p.cfg.name, "steps": setup.steps, "train": train_m, "validation": val_m,
+            "last_step": dict(log.train_rows(records)[-1]) if log.train_rows(records) else {},
+            "wall_seconds": wall, "config": fgconfig.to_dict(p.cfg), "devices": parallel.describe_mesh(p.mesh),
+            "run": str(out),
+        }
         try:
-            files.write_json(out / files.SUMMARY, {
-                "name": p.cfg.name, "steps": setup.steps, "train": train_m, "validation": val_m,
-                "last_step": dict(records[-1]) if records else {}, "wall_seconds": wall,
-                "config": fgconfig.to_dict(p.cfg), "devices": parallel.describe_mesh(p.mesh),
-            })
+            files.write_json(out / files.SUMMARY, summary)
             _plots(out, setup, params, records, p.cfg.name)
         except OSError as e:
             print(f"cannot write the summary into {out}: {e.strerror or e}; the checkpoint at step {setup.steps} is "
                   "saved", file=sys.stderr)
             return 1
     say(f"  wrote  {out}/{{{files.METRICS}, {files.SUMMARY}, {files.CHECKPOINT}, *.png}} ({wall:.1f}s)")
+    if writer and args.json:
+        print(json.dumps(summary))
     return 0
+
+
+def _rounded(every: int, fuse: int) -> int:
+    """An interval in steps rounded up to a multiple of ``fuse``: things happen between fused chunks."""
+    return math.ceil(every / fuse) * fuse
 
 
 def _unfit_for_checkpoint(state: Any, evaluate: Any, data: Any) -> str | None:
@@ -555,10 +615,11 @@ def _unfit_for_checkpoint(state: Any, evaluate: Any, data: Any) -> str | None:
     return None
 
 
-def _metrics_to_continue(out: Path, start: int, records: list[dict], resolved: dict, saved: dict | None) -> int:
-    """The last step already logged in ``metrics.jsonl``, which training continues. Lines past the resumed
-    checkpoint were computed by the same steps, unless the learning rate or its decay changed: then the file
-    is set aside whole (nothing saved is lost) and a copy of its lines up to the checkpoint continues."""
+def _metrics_to_continue(out: Path, start: int, records: list[dict], resolved: dict,
+                         saved: dict | None) -> tuple[int, int]:
+    """The last steps already logged in ``metrics.jsonl`` (training, validation), which training continues.
+    Lines past the resumed checkpoint were computed by the same steps, unless the learning rate or its decay
+    changed: then the file is set aside whole (nothing saved is lost) and a copy of its lines up to the checkpoint continues."""
     path = out / files.METRICS
     if (saved is not None and saved.get("optimizer") != resolved.get("optimizer")
             and any(r["step"] > start for r in records)):
@@ -566,7 +627,8 @@ def _metrics_to_continue(out: Path, start: int, records: list[dict], resolved: d
         records = [r for r in records if r["step"] <= start]
         files.write_lines(path, records)
         print(f"  (the optimizer changed: metrics past step {start} are kept in {kept})")
-    return max((r["step"] for r in records), default=-1)
+    return (max((r["step"] for r in log.train_rows(records)), default=-1),
+            max((r["step"] for r in log.validation_rows(records)), default=-1))
 
 
 def _verify(setup: Any) -> Any:
@@ -585,7 +647,8 @@ def _plots(out: Path, setup: Any, params: Any, records: list[dict], name: str) -
 
 
     if records:
-        plots.curves(out / "curves.png", records, f"{name}: training")
+        plots.curves(out / "curves.png", records, f"{name}: training and validation",
+                     "accuracy" if setup.classification else "accuracy (the book's: share of |ŷ − y| < std(y)/250)")
     predict = jax.jit(setup.objective.predict)
     X, y = (np.asarray(a) for a in setup.train_data)
     if setup.classification and X.shape[1] == 2:
