@@ -293,3 +293,46 @@ def test_bad_arguments_are_named(tmp_path, kwargs, error, match):
     kwargs = {"path": tmp_path, **kwargs}
     with pytest.raises(error, match=match):
         fg.data.fashion_mnist(**kwargs)
+
+
+# ---- the chapter-19 config, end to end on a tiny copy ----
+
+
+def test_the_fashion_mnist_config_trains_on_local_files(tmp_path):
+    import json
+
+    from conftest import run_python
+
+    cfg = fg.config.load(fg.config.locate("fashion_mnist"))
+    assert (cfg.model.sizes, cfg.optimizer.kind, cfg.train.batch_size) == ((128, 128, 10), "adam", 128)
+    write_idx(tmp_path / "data", gz=True)
+    out = tmp_path / "run"
+    proc = run_python(["-m", "funcgrad", "train", "--config", "fashion_mnist", "--out", str(out), "--json",
+                       "--set", f"data.path={json.dumps(str(tmp_path / 'data'))}", "--set", "train.batch_size=4",
+                       "--set", "train.epochs=2", "--set", "train.fuse=3", "--set", "train.eval_every=3"],
+                      env={"FUNCGRAD_COMPILATION_CACHE": "0"})
+    summary = json.loads(proc.stdout)
+    assert summary["steps"] == 2 * (N["train"] // 4)
+    assert "data   fashion_mnist (12, 784)" in proc.stderr and "validation (5, 784)" in proc.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "validation"] == [3, 6]
+
+
+def test_the_fashion_mnist_config_without_its_files_says_where_to_get_them(tmp_path):
+    from conftest import run_python
+
+    proc = run_python(["-m", "funcgrad", "train", "--config", "fashion_mnist", "--out", str(tmp_path / "run"),
+                       "--set", f"data.path='{tmp_path / 'nothing'}'"], check=False,
+                      env={"FUNCGRAD_COMPILATION_CACHE": "0"})
+    assert proc.returncode == 2, proc.stderr
+    assert "data.path" in proc.stderr and URLS[0] in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("setting,match", [("data.classes=3", "Fashion-MNIST has 10 classes"),
+                                           ("data.exact=true", "read from files"),
+                                           ("data.path=''", "expected a folder path")])
+def test_fashion_mnist_config_mistakes(setting, match):
+    raw = fg.config.apply_overrides(fg.config.to_dict(fg.config.load(fg.config.locate("fashion_mnist"))), [setting])
+    with pytest.raises(fg.config.ConfigError, match=match):
+        fg.config.from_dict(raw)
