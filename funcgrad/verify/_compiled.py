@@ -316,7 +316,8 @@ def _static_facts(bound: _Bound, layout: _Layout, spec, param_dtypes, dyn_sig, x
     params = [jax.ShapeDtypeStruct(s, d) for s, d in zip(layout.shapes, param_dtypes, strict=True)]
     # (a float64 constant of the float64 trace is truncated when passed without x64, as the real call does;
     # canonicalized here so that JAX does not warn about it)
-    dyn = [jax.ShapeDtypeStruct(s, jax.dtypes.canonicalize_dtype(d)) for s, d in dyn_sig]
+    dyn = [jax.ShapeDtypeStruct(s, d if jnp.issubdtype(d, jax.dtypes.prng_key) else jax.dtypes.canonicalize_dtype(d))
+           for s, d in dyn_sig]
     closed_user, out_raw = jax.make_jaxpr(lambda p, d: bound.raw(p, *_join_args(d, spec)), return_shape=True)(
         params, dyn)
     out = _main_output(out_raw, bound.has_aux)
