@@ -38,6 +38,7 @@ __all__ = [
     "LossConfig",
     "OptimizerConfig",
     "TrainConfig",
+    "CheckpointConfig",
     "ParallelConfig",
     "load",
     "loads",
@@ -198,6 +199,14 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    backend: str = _field("npz", _choice("npz", "orbax"), "npz: one checkpoint.npz, written by process 0; orbax: "
+                          "<run>/orbax/<step>/, sharded, asynchronous, every process writes its part (needs "
+                          "pip install 'funcgrad[orbax]')")
+    max_to_keep: int = _field(3, _int(1), "orbax: the latest checkpoints kept (npz keeps the latest only)")
+
+
+@dataclasses.dataclass(frozen=True)
 class ParallelConfig:
     mode: str = _field("auto", _choice("auto", "none", "data"), "data parallelism over the visible devices")
 
@@ -211,11 +220,12 @@ class Config:
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "optimizer": OptimizerConfig,
-             "train": TrainConfig, "parallel": ParallelConfig}
+             "train": TrainConfig, "checkpoint": CheckpointConfig, "parallel": ParallelConfig}
 
 
 def _build_section(cls: type, raw: Any, prefix: str) -> Any:

@@ -13,7 +13,8 @@ EXPECTED = {
     "train": ["MAX_FUSE", "Metrics", "TrainState", "batch_indices", "chunk_size", "chunks", "fit", "init", "make_eval",
               "make_step", "make_steps"],
     "config": [
-        "Config", "ConfigError", "DataConfig", "LossConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig",
+        "CheckpointConfig", "Config", "ConfigError", "DataConfig", "LossConfig", "ModelConfig", "OptimizerConfig",
+        "ParallelConfig",
         "MemoryEstimate", "Setup", "TrainConfig", "apply_overrides", "build", "from_dict", "load", "loads",
         "locate", "memory_estimate", "packaged", "to_dict",
     ],

@@ -17,6 +17,8 @@ from funcgrad import checkpoint
 from funcgrad._io import FileError, read_regular
 
 CHECKPOINT = "checkpoint.npz"
+ORBAX = "orbax"  # the folder of orbax checkpoints (checkpoint.backend = "orbax")
+TENSORBOARD = "tensorboard"  # TensorBoard event files (train.tensorboard = true)
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CONFIG = "config.json"

@@ -46,18 +46,23 @@ def curves(path: Path, records: list[dict], title: str, accuracy_label: str = "a
     fig, axes = plt.subplots(1, 3 if has_lr else 2, figsize=(15 if has_lr else 10.5, 4), layout="constrained")
     for ax, key, label in ((axes[0], "loss", "loss"), (axes[1], "accuracy", accuracy_label)):
         steps, values = _series(train, key)
+        m_steps, means = _series(train, f"{key}_mean")
         _, lo = _series(train, f"{key}_min")
         _, hi = _series(train, f"{key}_max")
-        if len(lo) == len(steps) and len(steps):
+        windowed = len(steps) > 0 and len(m_steps) == len(lo) == len(hi) == len(steps)
+        if windowed:  # the line is each window's mean (a spike at a logged step does not pull it), the band min..max
             ax.fill_between(steps, lo, hi, alpha=0.25, linewidth=0, label="train: window min–max")
-        ax.plot(steps, values, "-", linewidth=1.2, label="train")
+            ax.plot(steps, means, "-", linewidth=1.2, label="train: window mean")
+        else:  # rows written before windows: the logged steps' own values
+            ax.plot(steps, values, "-", linewidth=1.2, label="train")
         if key == "loss" and any(r.get("reg_loss", 0) for r in train):
-            ax.plot(*_series(train, "data_loss"), "--", linewidth=1, label="train: data loss")
+            ax.plot(*_series(train, "data_loss"), "--", linewidth=1, label="train: data loss (logged step)")
         v_steps, v_values = _series(val, key)
         if len(v_steps):
             ax.plot(v_steps, v_values, "o-", markersize=3.5, linewidth=1, label="validation")
         ax.set_title(label, fontsize=10)
-        ax.legend(fontsize=8, loc="best")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=9, frameon=False)
     finite = [r["loss"] for r in records if "loss" in r and np.isfinite(r["loss"])]
     if finite and min(finite) > 0:
         axes[0].set_yscale("log")

@@ -28,6 +28,7 @@ DEFAULT_CONFIG = Path("configs") / "spiral.toml"
 # Keys that may change when a run is resumed: they do not change the computation already done.
 RESUMABLE = {("train", "epochs"), ("train", "verify"), ("train", "log_every"), ("train", "checkpoint_every"),
              ("train", "eval_every"), ("train", "tensorboard"),  # what is logged, not what is computed
+             ("checkpoint", "max_to_keep"),
              ("train", "fuse"),  # results do not depend on how steps are fused
              ("optimizer", "learning_rate"), ("optimizer", "decay")}  # e.g. a lower rate after a divergence
 
@@ -227,11 +228,41 @@ def _validate_state(state: Any, meta: dict, ckpt: Path) -> int:
     return step
 
 
-def _read_checkpoint(out: Path, like: Any) -> tuple[Any, int, dict]:
-    ckpt = out / files.CHECKPOINT
+def _checkpoint_path(out: Path, cfg: Any) -> Path:
+    """Where a run's checkpoint lives: ``checkpoint.npz``, or the orbax folder of steps."""
+    return out / (files.ORBAX if cfg.checkpoint.backend == "orbax" else files.CHECKPOINT)
+
+
+def _has_checkpoint(out: Path) -> bool:
+    """A checkpoint of either backend in ``out`` (an orbax folder with at least one step)."""
+    npz = out / files.CHECKPOINT
+    orbax_dir = out / files.ORBAX
+    return (npz.exists() or npz.is_symlink()
+            or (orbax_dir.is_dir() and any(p.name.isdigit() for p in orbax_dir.iterdir())))
+
+
+def _orbax_missing() -> str | None:
     try:
-        state, meta = files.load_checkpoint(out, like=like)
-    except (files.FileError, checkpoint.CheckpointError) as e:
+        import orbax.checkpoint  # noqa: F401, PLC0415 - an optional extra, imported only when asked for
+    except ImportError:
+        return ("checkpoint.backend = 'orbax' needs orbax-checkpoint, which is not installed: pip install "
+                "'funcgrad[orbax]', or set checkpoint.backend = 'npz'")
+    return None
+
+
+def _read_checkpoint(out: Path, like: Any, cfg: Any) -> tuple[Any, int, dict]:
+    ckpt = _checkpoint_path(out, cfg)
+    try:
+        if cfg.checkpoint.backend == "orbax":
+            if not ckpt.is_dir():
+                raise UsageError(f"{ckpt}: no orbax checkpoint there (checkpoint.backend is 'orbax')")
+            with checkpoint.orbax_manager(ckpt, max_to_keep=None, async_save=False) as manager:
+                if manager.latest_step() is None:
+                    raise UsageError(f"{ckpt}: no orbax checkpoint there (checkpoint.backend is 'orbax')")
+                state, meta = manager.restore(like)
+        else:
+            state, meta = files.load_checkpoint(out, like=like)
+    except (files.FileError, checkpoint.CheckpointError, ImportError) as e:
         msg = str(e)
         raise UsageError(msg if msg.startswith(str(ckpt)) else f"{ckpt}: {msg}") from None
     return state, _validate_state(state, meta, ckpt), meta
@@ -340,17 +371,19 @@ def _remove_created(out: Path, created: Path | None) -> None:
 def _prepare(args: argparse.Namespace, out: Path, writer: bool) -> _Prepared:
     """Reads and checks everything a run needs; writes nothing (a command that fails here changes nothing)."""
 
-    ckpt = out / files.CHECKPOINT
     if args.resume:
-        if not (ckpt.exists() or ckpt.is_symlink()):
+        if not _has_checkpoint(out):
             raise UsageError(f"--resume: no checkpoint in {out}; train without --resume to start the run")
         cfg, saved, changes = _resume_config(out, args)
         source = out / files.CONFIG
     else:
         (cfg, source), saved, changes = _load_config(args), None, []
-        if writer and (ckpt.exists() or ckpt.is_symlink()):
-            raise UsageError(f"{out} already holds a run ({files.CHECKPOINT}); pass --resume to continue it, or --out "
+        if writer and _has_checkpoint(out):
+            raise UsageError(f"{out} already holds a run (a checkpoint); pass --resume to continue it, or --out "
                              "to train into another folder")
+    ckpt = _checkpoint_path(out, cfg)
+    if cfg.checkpoint.backend == "orbax" and _orbax_missing():
+        raise UsageError(_orbax_missing())
     _check_memory(cfg, check=cfg.train.verify and not args.resume)
     try:
         setup = experiment.build(cfg)
@@ -364,7 +397,7 @@ def _prepare(args: argparse.Namespace, out: Path, writer: bool) -> _Prepared:
     state = fg.train.init(setup.params, setup.optimizer, jax.random.key(cfg.seed))
     start, meta = 0, dict[str, Any]()
     if args.resume:
-        state, start, meta = _read_checkpoint(out, state)
+        state, start, meta = _read_checkpoint(out, state, cfg)
         if start > setup.steps:
             raise UsageError(f"--resume: train.epochs = {cfg.train.epochs} makes {setup.steps} steps, but the "
                              f"checkpoint in {out} is already at step {start}; a run cannot go back (to end at step "
@@ -449,7 +482,7 @@ def _execute(args: argparse.Namespace, out: Path, p: _Prepared, writer: bool, t_
             say(report)
             say("  (training continues with JAX's gradients; the hand-derived formulas above disagree with them)")
     if args.resume:
-        say(f"  resume from step {p.start} ({out / files.CHECKPOINT})")
+        say(f"  resume from step {p.start} ({_checkpoint_path(out, p.cfg)})")
     loop = _Loop(out, p, writer, fuse, last_logged, jax.jit(p.setup.objective.metrics),
                  last_good=p.start if args.resume else None, show_progress=not (args.quiet or args.json))
     try:
@@ -475,13 +508,20 @@ class _Loop:
         if p.meta.get("last_logged") == self.last_logged:
             self.window.restore(p.meta.get("window"))
         self.progress = Progress(p.setup.steps, start=p.start, enabled=writer and show_progress)
-        self.board = log.TensorBoard(out / "tensorboard") if writer and p.cfg.train.tensorboard else None
+        self.board = log.TensorBoard(out / files.TENSORBOARD) if writer and p.cfg.train.tensorboard else None
+        # orbax: every process writes its part of each checkpoint (made on all of them, in the same order)
+        self.orbax = (checkpoint.orbax_manager(out / files.ORBAX, max_to_keep=p.cfg.checkpoint.max_to_keep)
+                      if p.cfg.checkpoint.backend == "orbax" else None)
         self.params: Any = None
 
     def close(self) -> None:
+        """Ends the progress line, and waits for checkpoints still being written in the background."""
         self.progress.close()
         if self.board is not None:
             self.board.close()
+        if self.orbax is not None:
+            self.orbax.close()
+            self.orbax = None
 
     def run(self) -> int:
         """0 when every step ran (``self.params`` then holds the result), else 1 after saying why."""
@@ -533,19 +573,22 @@ class _Loop:
         unfit = _unfit_for_checkpoint(snapshot, self.evaluate, setup.train_data)
         if unfit:
             return f"training stopped after step {step}: {unfit}, so it is not saved"
-        if self.writer:
-            try:
-                files.save_checkpoint(out, snapshot, {"step": step, "config": cfg.name, "last_logged": self.last_logged,
-                                                      "window": self.window.state()})
-            except OSError as e:
-                return f"training stopped at step {step}: cannot write {out / files.CHECKPOINT} ({e.strerror or e})"
+        meta = {"step": step, "config": cfg.name, "last_logged": self.last_logged, "window": self.window.state()}
+        try:
+            if self.orbax is not None:
+                self.orbax.save(step, state, meta)  # in the background; the arrays are copied first
+            elif self.writer:
+                files.save_checkpoint(out, snapshot, meta)
+        except (OSError, checkpoint.CheckpointError) as e:
+            where = _checkpoint_path(out, cfg)
+            return f"training stopped at step {step}: cannot write {where} ({getattr(e, 'strerror', None) or e})"
         self.last_good = step
         return None
 
     def _stop(self, message: str | None) -> int:
         self.close()
         if self.writer:
-            where = (f"The last good checkpoint is step {self.last_good} in {self.out / files.CHECKPOINT}; lower "
+            where = (f"The last good checkpoint is step {self.last_good} in {_checkpoint_path(self.out, self.p.cfg)}; lower "
                      "optimizer.learning_rate and continue from it with --resume" if self.last_good is not None
                      else "No checkpoint was written; try a lower optimizer.learning_rate")
             print(f"{message}. {where}", file=sys.stderr)
@@ -589,7 +632,8 @@ def _finish(args: argparse.Namespace, out: Path, p: _Prepared, params: Any, eval
             print(f"cannot write the summary into {out}: {e.strerror or e}; the checkpoint at step {setup.steps} is "
                   "saved", file=sys.stderr)
             return 1
-    say(f"  wrote  {out}/{{{files.METRICS}, {files.SUMMARY}, {files.CHECKPOINT}, *.png}} ({wall:.1f}s)")
+    ckpt = _checkpoint_path(out, p.cfg).name + ("/" if p.cfg.checkpoint.backend == "orbax" else "")
+    say(f"  wrote  {out}/{{{files.METRICS}, {files.SUMMARY}, {ckpt}, *.png}} ({wall:.1f}s)")
     if writer and args.json:
         print(json.dumps(summary))
     return 0
@@ -664,8 +708,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
     run = Path(args.run)
-    if not (run / files.CHECKPOINT).exists() or not (run / files.CONFIG).exists():
-        raise UsageError(f"--run {run}: no finished or checkpointed run there (need {files.CONFIG} and {files.CHECKPOINT})")
+    if not _has_checkpoint(run) or not (run / files.CONFIG).exists():
+        raise UsageError(f"--run {run}: no finished or checkpointed run there (need {files.CONFIG} and a checkpoint: "
+                         f"{files.CHECKPOINT} or {files.ORBAX}/)")
     try:
         cfg = fgconfig.from_dict(files.json_load(run / files.CONFIG, what="a JSON object (the run's configuration)"))
     except files.FileError as e:
@@ -678,7 +723,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     except fgconfig.ConfigError as e:
         raise UsageError(f"--run {run}: {e}") from None
     state = fg.train.init(setup.params, setup.optimizer, jax.random.key(cfg.seed))
-    state, step, _ = _read_checkpoint(run, state)
+    state, step, _ = _read_checkpoint(run, state, cfg)
     X, X_train = np.asarray(setup.validation_data[0]), np.asarray(setup.train_data[0])
     if X.shape == X_train.shape and np.array_equal(X, X_train):
         why = ("the run's validation data is the same draw" if args.seed is None
