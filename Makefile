@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 # Test processes (pytest-xdist): two halve the wall time of the compile-bound suite on a 2-core machine.
 PYTEST_WORKERS ?= 2
 
-.PHONY: run test lint test-slow test-all bench verify examples clean clean-runs
+.PHONY: run test lint test-slow test-all test-properties mutate bench verify examples clean clean-runs
 
 ## The main job: train the default model (configs/spiral.toml, the book's chapter 11) into runs/spiral.
 ## A second `make run` continues an interrupted run (--resume), and on a finished one says it is complete and
@@ -30,6 +30,17 @@ test-slow: $(VENV)/.installed-dev
 
 test-all: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## Mutation testing of the modules in [tool.mutmut] (pyproject.toml): hours on 2 cores, so never in CI.
+## `make mutate MUTANTS="funcgrad.optim*"` narrows it to one module; `.venv/bin/mutmut results` lists survivors.
+MUTANTS ?=
+mutate: $(VENV)/.installed-dev
+	$(BIN)/mutmut run $(MUTANTS)
+	$(BIN)/mutmut results
+
+## Property-based tests with many more random examples than the default suite's derandomized 25.
+test-properties: $(VENV)/.installed-dev
+	HYPOTHESIS_PROFILE=explore $(BIN)/python -m pytest -p no:cacheprovider tests/test_properties.py $(PYTEST_ARGS)
 
 ## Gradient cross-checks of the whole catalog of hand-derived rules.
 verify: $(VENV)/.installed-run
@@ -59,4 +70,4 @@ clean-runs:
 	rm -rf runs
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache mutants

@@ -14,6 +14,19 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Property-based tests (hypothesis): bounded and derandomized by default, so the suite's time and outcome do
+# not vary between runs; HYPOTHESIS_PROFILE=explore searches many more, random, examples (make test-properties).
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # the run extras only: the property tests skip themselves
+    pass
+else:
+    settings.register_profile("ci", max_examples=25, derandomize=True, deadline=None, print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("explore", max_examples=500, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 
 @pytest.fixture
 def x64():
