@@ -448,7 +448,7 @@ def _serial_backward(named, with_params, params, x, dvalues, keys, train):
     return {n: grads[n] for n in with_params}, dvalues
 
 
-def serial(*layers: Layer | tuple[str, Layer], name: str | None = None) -> Layer:
+def serial(*layers: Layer | tuple[str, Layer], name: str | None = None, _key_slots: int | None = None) -> Layer:
     """Composes layers in sequence: ``y = f_n(... f_2(f_1(x)))``; itself a Layer.
 
     Layers are named ``<kind><count>`` (``dense1``, ``relu1``, ``dense2``, ...) unless given a name, either as
@@ -489,7 +489,8 @@ def serial(*layers: Layer | tuple[str, Layer], name: str | None = None) -> Layer
     def layer_keys(key):
         if key is None:
             return [None] * len(named)
-        return list(jax.random.split(key, len(named)))
+        # (_key_slots: the first layers of a longer serial draw the keys that serial gives them)
+        return list(jax.random.split(key, _key_slots or len(named)))[: len(named)]
 
     def forward_fn(params, x, key, train):
         for k, (n, layer) in zip(layer_keys(key), named, strict=True):

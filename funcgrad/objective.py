@@ -99,7 +99,9 @@ class Objective:
         # The book's combined softmax + cross-entropy backward: the model up to the logits.
         layers = self.model.layers
         combined = self.loss == "categorical_crossentropy" and layers and layers[-1][1].kind == "softmax"
-        object.__setattr__(self, "_logits_model", serial(*layers[:-1]) if combined and len(layers) > 1 else None)
+        # (its layers get the dropout keys the whole model gives them, whatever the PRNG's split rule)
+        object.__setattr__(self, "_logits_model",
+                           serial(*layers[:-1], _key_slots=len(layers)) if combined and len(layers) > 1 else None)
 
     # -- forward ---------------------------------------------------------------------------------------
 

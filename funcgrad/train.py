@@ -8,9 +8,10 @@
   compiled program serves every chunk, the last one included.
 - :func:`make_eval`, :func:`fit`, :func:`chunks`.
 
-Randomness is a function of the step: step t uses ``fold_in(key, t)`` for dropout and, with a batch size,
-a permutation of the data drawn from the epoch number. Results therefore do not depend on how steps are
-fused or on where a run was interrupted and resumed.
+Randomness is a function of the step: with ``k_data, k_model = split(state.key)``, step t's dropout key is
+``fold_in(k_model, t)`` and, with a batch size, epoch e's order of the data is the permutation drawn from
+``fold_in(k_data, e)``. Results therefore do not depend on how steps are fused or on where a run was
+interrupted and resumed.
 
 Nothing here is device-specific: the same code runs on CPU, GPU and TPU.
 

@@ -42,7 +42,7 @@ def test_categorical_crossentropy(labels):
     np.testing.assert_allclose(float(got_logits), book_cce(PROBS, labels), rtol=1e-6)
 
 
-def test_crossentropy_clip_and_logits_stability():
+def test_crossentropy_clip_at_zero_and_logits_stability():
     probs = jnp.array([[1.0, 0.0], [0.0, 1.0]])
     assert np.isclose(float(fg.losses.categorical_crossentropy(probs, jnp.array([1, 0]))), -np.log(1e-7), rtol=1e-4)
     logits = jnp.array([[1000.0, -1000.0], [0.0, 0.0]])

@@ -76,7 +76,7 @@ def test_wrong_custom_vjp_is_autodiff_wrong():
     assert alone.verdict == "autodiff_wrong" and alone.rows[0].hand is None
 
 
-def test_forward_mode_disagreeing_with_reverse_mode():
+def test_a_consistent_custom_jvp_rule_passes():
     @jax.custom_jvp
     def cube(x):
         return x**3
