@@ -150,6 +150,7 @@ def test_tensorboard_scalars_match_the_metrics_file(json_run):
     assert not any(tag.endswith(("_min", "_max")) for tag, _ in events)
 
 
+@pytest.mark.slow
 def test_quiet_prints_nothing(tmp_path):
     proc = _train(tmp_path / "q", "--quiet")
     assert proc.stdout == "" and proc.stderr == ""

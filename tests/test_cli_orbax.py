@@ -21,6 +21,7 @@ def steps_kept(out):
     return sorted(int(p.name) for p in (out / "orbax").iterdir() if p.name.isdigit())
 
 
+@pytest.mark.slow
 def test_orbax_checkpoints_keep_the_latest_and_resume_to_the_same_run(tmp_path):
     orbax = ["--set", "checkpoint.backend=orbax", "--set", "checkpoint.max_to_keep=2"]
     part, whole, npz = tmp_path / "part", tmp_path / "whole", tmp_path / "npz"
@@ -38,6 +39,7 @@ def test_orbax_checkpoints_keep_the_latest_and_resume_to_the_same_run(tmp_path):
     assert ev["step"] == 100 and ev["metrics"] == final[0]["validation"]
 
 
+@pytest.mark.slow
 def test_a_run_cannot_switch_backend_on_resume_and_an_orbax_run_is_not_overwritten(tmp_path):
     out = tmp_path / "run"
     train(out, "--set", "checkpoint.backend=orbax", "--set", "train.epochs=20")

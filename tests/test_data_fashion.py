@@ -298,6 +298,7 @@ def test_bad_arguments_are_named(tmp_path, kwargs, error, match):
 # ---- the chapter-19 config, end to end on a tiny copy ----
 
 
+@pytest.mark.slow
 def test_the_fashion_mnist_config_trains_on_local_files(tmp_path):
     import json
 

@@ -179,6 +179,7 @@ def test_fit_with_a_batch_size_that_does_not_divide_the_data(fuse):
     assert batches == expected  # the batches the documented derivation gives, whatever the fusion
 
 
+@pytest.mark.slow
 def test_objective_training_with_minibatches_runs_every_step():
     obj, params, X, y = _dropout_setup()  # 60 samples, batch 7: 8 batches per epoch, 4 samples left out
     tx = fg.optim.sgd(0.1)
