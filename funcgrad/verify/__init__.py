@@ -34,9 +34,12 @@ How it decides (see also :class:`GradReport`):
   (a ``stop_gradient`` in the wrong place, a wrong ``custom_vjp`` copied into the hand formula).
   ``"fd_unreliable"`` is kept for when finite differences truly cannot decide; the row's note says why.
 - **Large leaves** are checked against finite differences by random projections plus the largest-gradient
-  element, compiled with ``jit`` into one program (batched with ``vmap`` on accelerators, a ``lax`` loop on
-  CPU); a projection that disagrees is bisected down to the element responsible. No Jacobian is ever
-  materialised. Projections skip elements where either side is not finite (those are checked one by one).
+  element, compiled with ``jit`` (batched with ``vmap`` on accelerators, a ``lax`` loop on CPU); a projection
+  that disagrees is bisected down to the element responsible. No Jacobian is ever materialised. Projections
+  skip elements where either side is not finite (those are checked one by one).
+- **Memory.** The two float64 gradients are the only arrays of the parameters' size the check holds at once
+  (4× a float32 model's bytes), read in chunks and freed before the finite differences run; a check takes a
+  few times the model's memory, whatever its size.
 - **What is differentiated.** By default every inexact-array leaf of ``params``; every other leaf (integer
   arrays, RNG keys and counters, functions, strings) is held fixed and listed in the report's notes; ``wrt``
   chooses otherwise. ``has_aux=True`` takes ``fn`` returning ``(loss, aux)`` as `jax.grad` does.

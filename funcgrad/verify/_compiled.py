@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from funcgrad.verify._fd import _LADDER, _OFFSETS
+from funcgrad.verify._fd import _OFFSETS
 from funcgrad.verify._inputs import (
     _Bound,
     _check_output,
@@ -37,6 +37,9 @@ _MAX_EXACT_ELEMENTS = 4096  # mode="auto" never checks more elements than this o
 _N_PROJ = 3  # random directions per projection-checked leaf without a hand gradient (1 with one)
 _K_MAG = 1  # largest-|gradient| elements per projection-checked leaf, checked one by one
 _MEM_ELEMENTS = 1 << 23  # perturbed parameter copies held at once (float64 elements)
+_FOLD = 1 << 16  # elements per step of the compiled reductions over a leaf (their temporaries' size)
+_GROUP_LEAVES = 16  # costly functions with at most this many leaves: finite differences leaf by leaf...
+_GROUP_FLOPS = 5e11  # ... when the probe's finite differences take more flops than this (seconds of compute)
 
 
 class _Items(NamedTuple):
@@ -50,20 +53,16 @@ class _Items(NamedTuple):
 
 
 class _ProbeOut(NamedTuple):
-    """What the compiled probe returns."""
+    """What the compiled probe returns. The two gradients are its only outputs of the parameters' size: the
+    per-element tolerances, the support of the random directions and the parameters in float64 are cheap to
+    recompute where needed, and the finite differences run in a program of their own (:func:`_items_jit`)."""
 
     f0: Any  # fn at the parameters (float64)
-    theta: Any  # the parameters, flat (float64)
-    a: Any  # autodiff gradient, flat
-    h: Any  # hand gradient, flat (zeros without one)
-    a_finite: Any  # a and h where both are finite, else 0: what random projections use
-    h_finite: Any
-    tol: Any  # per-element analytic tolerance
-    support: Any  # 1.0 where both autodiff and hand are finite (random directions live there)
-    jvp: Any  # forward-mode derivative along each leaf's first random direction
-    items: _Items
-    F: Any  # (items, scales, 4): f at the four offsets per scale
-    P: Any  # (items, 3): each item's direction dotted with autodiff, hand, and the aggregated tolerance
+    a: Any  # autodiff gradient: a flat float64 array per leaf
+    h: Any  # hand gradient likewise, or None without a hand (checked against finite differences only)
+    leaf_max: Any  # per leaf: the largest max(|a|, |h|) over the elements where both are finite (0 if none)
+    items: _Items  # the planned elements, then the random directions
+    P: Any  # (directions, 3): each random direction dotted with autodiff, hand, and the aggregated tolerance
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,12 +74,13 @@ class _Plan:
     jvp: bool  # check forward mode against reverse mode
     batch: int  # items evaluated at once (memory: about 6·n floats each)
     reverse: bool = True  # autodiff by reverse mode (else forward mode, one basis vector at a time)
+    grouped: bool = False  # finite differences leaf by leaf, a program per leaf (see _eval_items' leaf)
 
 
-def _hash_uniform(seed, j, n):
-    """n pseudo-random numbers in [-1/2, 1/2) from a counter-based integer hash (lowbias32) of
-    (seed, stream j, index): cheap to compile, unlike a cryptographic generator, and plenty for directions."""
-    x = jnp.arange(n, dtype=jnp.uint32) * jnp.uint32(0x9E3779B1)
+def _hash_uniform(seed, j, idx):
+    """Pseudo-random numbers in [-1/2, 1/2) from a counter-based integer hash (lowbias32) of (seed, stream j,
+    flat index ``idx``): cheap to compile, unlike a cryptographic generator, and plenty for directions."""
+    x = idx.astype(jnp.uint32) * jnp.uint32(0x9E3779B1)
     x = x + (jnp.asarray(j, jnp.uint32) + jnp.uint32(1)) * jnp.uint32(0x85EBCA77) + jnp.asarray(seed, jnp.uint32)
     x = x ^ (x >> 16)
     x = x * jnp.uint32(0x7FEB352D)
@@ -90,55 +90,225 @@ def _hash_uniform(seed, j, n):
     return x.astype(jnp.float64) / 2.0**32 - 0.5
 
 
-def _direction(seed, j, lo, hi, n, support):
-    """A random unit vector confined to the index range [lo, hi) and to ``support``."""
-    r = jnp.arange(n)
-    d = _hash_uniform(seed, j, n) * ((r >= lo) & (r < hi)) * support
-    return d / jnp.maximum(jnp.linalg.norm(d), 1e-300)
+def _fold(s: int, fn: Callable, init: Any) -> Any:
+    """Folds ``fn(carry, start, r, valid)`` over a leaf of s elements in chunks of at most :data:`_FOLD`: ``start``
+    is the chunk's first element, ``r`` its elements' indices within the leaf, ``valid`` marks those no earlier
+    chunk read (the last chunk is shifted back to end at s). Whatever XLA fuses, the temporaries of a reduction
+    over a leaf are then of the chunk's size, not the leaf's."""
+    if s == 0:
+        return init
+    c = min(s, _FOLD)
+    k = -(-s // c)
+    if k == 1:
+        return fn(init, 0, jnp.arange(c), jnp.ones(c, bool))
+
+    def body(i, carry):
+        start = jnp.minimum(i * c, s - c)
+        r = start + jnp.arange(c)
+        return fn(carry, start, r, r >= i * c)
+
+    return jax.lax.fori_loop(0, k, body, init)
 
 
-def _eval_items(f, theta, seed, items, vecs, batch, support, want_jvp=None):
-    """f at the four offsets along each item, each item's direction dotted with ``vecs`` (autodiff, hand,
-    tolerances²), and, where ``want_jvp`` is set, the forward-mode derivative along the item's direction:
-    returns F (items, 4: the offsets), P (items, 3) and JV (items,) (NaN where not wanted).
+def _chunk(x, start, c):
+    """Elements start, ..., start + c - 1 of a flat array (all of it when it has c elements)."""
+    return x if x.shape[0] == c else jax.lax.dynamic_slice_in_dim(x, start, c)
+
+
+def _leaf_direction(seed, j, lo, hi, o, r, support):
+    """Elements ``r`` of one leaf (at flat offset o) of the random direction of stream j confined to the flat index
+    range [lo, hi) and to ``support`` (the leaf's mask at r; None: everywhere), not yet normalised."""
+    g = o + r
+    d = _hash_uniform(seed, j, g) * ((g >= lo) & (g < hi))
+    return d if support is None else d * support
+
+
+def _sq_norm(seed, j, lo, hi, o, s, support):
+    """Σ d² over one leaf's part of a direction (see :func:`_leaf_direction`), in chunks: every program that
+    normalises a direction sums it the same way, so all of them move along the same unit vector."""
+
+    def step(acc, start, r, valid):
+        m = None if support is None else _chunk(support, start, r.shape[0])
+        d = _leaf_direction(seed, j, lo, hi, o, r, m)
+        return acc + jnp.sum(jnp.where(valid, d * d, 0.0))
+
+    return _fold(s, step, jnp.zeros((), jnp.float64))
+
+
+def _tolerance(mag, leaf_max, gmax, rtol, atol, eps):
+    """Per-element analytic tolerance: atol + rtol·max(|a|, |h|) (``mag``), atol defaulting to rtol·(the leaf's
+    largest) plus round-off at the whole gradient's scale (``gmax``; a leaf whose true gradient is 0 still gets
+    round-off). eps: float64's, the round-off of a float64 gradient whose true value is 0."""
+    return jnp.where(atol >= 0, atol, rtol * leaf_max + 64 * eps * gmax) + rtol * mag
+
+
+def _finite_parts(a, h):
+    """Where autodiff and hand are both finite (random directions live there), and their values there (0
+    elsewhere), and max(|a|, |h|) there. ``h`` may be None (no hand)."""
+    fin = jnp.isfinite(a) if h is None else jnp.isfinite(a) & jnp.isfinite(h)
+    a_s = jnp.where(fin, a, 0.0)
+    if h is None:
+        return fin, a_s, None, jnp.abs(a_s)
+    h_s = jnp.where(fin, h, 0.0)
+    return fin, a_s, h_s, jnp.maximum(jnp.abs(a_s), jnp.abs(h_s))
+
+
+def _leaf_scale(a, h, s):
+    """One leaf's largest max(|a|, |h|) where both are finite (0 if none), and the first element of its largest
+    finite |a| (the element the probe checks one by one)."""
+
+    def step(carry, start, r, valid):
+        mx, best, arg = carry
+        _, a_s, _, mag = _finite_parts(_chunk(a, start, r.shape[0]), None if h is None else _chunk(h, start, r.shape[0]))
+        v = jnp.where(valid, jnp.abs(a_s), -1.0)
+        j = jnp.argmax(v)
+        better = v[j] > best
+        return (jnp.maximum(mx, jnp.max(jnp.where(valid, mag, 0.0))), jnp.where(better, v[j], best),
+                jnp.where(better, r[j].astype(jnp.int32), arg))
+
+    init = (jnp.zeros((), jnp.float64), jnp.full((), -1.0, jnp.float64), jnp.zeros((), jnp.int32))
+    mx, _, arg = _fold(s, step, init)
+    return mx, arg
+
+
+def _project(seed, j, lo, hi, o, a, h, leaf_max, gmax, rtol, atol, eps):
+    """The unit direction of stream j within [lo, hi) ⊂ one leaf (its gradients ``a`` and ``h``, None without a
+    hand, at flat offset o; confined to where both are finite) dotted with autodiff, hand and the tolerances (as
+    sqrt(Σ u²·tol²)), in chunks: nothing of the leaf's size is materialised."""
+    s = a.shape[0]
+
+    def support(start, c):
+        fin = jnp.isfinite(_chunk(a, start, c))
+        return fin if h is None else fin & jnp.isfinite(_chunk(h, start, c))
+
+    def sq(acc, start, r, valid):
+        d = _leaf_direction(seed, j, lo, hi, o, r, support(start, r.shape[0]))
+        return acc + jnp.sum(jnp.where(valid, d * d, 0.0))
+
+    norm = jnp.maximum(jnp.sqrt(_fold(s, sq, jnp.zeros((), jnp.float64))), 1e-300)
+
+    def step(acc, start, r, valid):
+        c = r.shape[0]
+        fin, a_s, h_s, mag = _finite_parts(_chunk(a, start, c), None if h is None else _chunk(h, start, c))
+        e = jnp.where(valid, _leaf_direction(seed, j, lo, hi, o, r, fin) / norm, 0.0)
+        tol = _tolerance(mag, leaf_max, gmax, rtol, atol, eps)
+        hp = jnp.sum(e * h_s) if h_s is not None else jnp.zeros((), jnp.float64)
+        return acc + jnp.stack([jnp.sum(e * a_s), hp, jnp.sum((e * e) * (tol * tol))])
+
+    p = _fold(s, step, jnp.zeros(3, jnp.float64))
+    return p.at[2].set(jnp.sqrt(p[2]))
+
+
+def _unflat(layout: _Layout, leaves: Sequence) -> Any:
+    """The differentiated leaves as fn takes them, from their flat versions."""
+    return jax.tree_util.tree_unflatten(layout.treedef, [x.reshape(shape) for x, shape in zip(leaves, layout.shapes,
+                                                                                               strict=True)])
+
+
+def _split(layout: _Layout, theta: jax.Array) -> list:
+    return [theta[o : o + s] for o, s in zip(layout.offsets, layout.sizes, strict=True)]
+
+
+def _leaf_fn(fn: Callable, layout: _Layout, args: tuple) -> Callable:
+    """fn of the flat float64 leaves, its output in float64 (whatever dtype fn computes in)."""
+    return lambda leaves: fn(_unflat(layout, leaves), *args).astype(jnp.float64)
+
+
+def _take(leaves: Sequence, idx: jax.Array, layout: _Layout) -> jax.Array:
+    """Elements of the flat parameter vector at ``idx``, in float64, read from its leaves (nothing concatenated)."""
+    out = jnp.zeros(idx.shape, jnp.float64)
+    for x, o, s in zip(leaves, layout.offsets, layout.sizes, strict=True):
+        if s:
+            inside = (idx >= o) & (idx < o + s)
+            out = jnp.where(inside, x.reshape(-1)[jnp.clip(idx - o, 0, s - 1)].astype(jnp.float64), out)
+    return out
+
+
+def _eval_items(f, params, layout, seed, items, batch, support, want_jvp=None, leaf=None):
+    """f at the four offsets along each item and, where ``want_jvp`` is set, the forward-mode derivative along
+    the item's direction: returns F (items, 4: the offsets) and JV (items,) (NaN where not wanted). ``f`` takes
+    the flat float64 leaves; ``params`` are the leaves at their own dtypes, converted to float64 inside each
+    perturbation (the perturbed copy and the item's direction are all that is held of the parameters' size);
+    ``support`` holds each leaf's mask for the random directions (None: everywhere).
+
+    ``leaf`` (a static index): every item lies within that leaf. Only it is perturbed then; the other leaves are
+    converted once (for them, the float64 copy is held), and XLA computes what does not depend on the leaf (the
+    layers before it) once for all the items rather than at every evaluation.
 
     ``batch`` > 1 evaluates that many items at once with vmap (accelerators); ``batch`` == 1 evaluates them
     one at a time with lax.map (CPU, where XLA's batched matrix products are several times slower than a loop
     of plain ones, for small and large functions alike)."""
     want_all = jnp.zeros(items.index.shape, bool) if want_jvp is None else want_jvp
-    n = theta.shape[0]
-    offsets = jnp.asarray(_OFFSETS, theta.dtype)
-    a, h, tol2 = vecs
-    nan = jnp.full((), jnp.nan, theta.dtype)
+    dtype = jnp.float64
+    offsets = jnp.asarray(_OFFSETS, dtype)
+    nan = jnp.full((), jnp.nan, dtype)
+    moved = list(range(len(layout.sizes))) if leaf is None else [leaf]
+    fixed = None if leaf is None else [None if i == leaf else jnp.asarray(x).astype(dtype) for i, x in enumerate(params)]
+
+    def place(vals):
+        """All the leaves, from the moved ones' values."""
+        if fixed is None:
+            return vals
+        return [vals[0] if i == leaf else x for i, x in enumerate(fixed)]
 
     def branch(pred, yes, no):
         # A real branch in a sequential loop (the untaken side costs nothing); a select under vmap.
-        return jax.lax.cond(pred, yes, no) if batch == 1 else jnp.where(pred, yes(), no())
+        if batch == 1:
+            return jax.lax.cond(pred, yes, no)
+        return jax.tree_util.tree_map(lambda y, n: jnp.where(pred, y, n), yes(), no())
 
     def one(item):
         index, stream, lo, hi, step, want = item
-        e = branch(index < 0, lambda: _direction(seed, stream, lo, hi, n, support),
-                   lambda: jax.nn.one_hot(jnp.maximum(index, 0), n, dtype=theta.dtype))
-        at = lambda offset: f(theta + (offset * step) * e)  # noqa: E731
+        # Through a barrier with the item, the moved leaves' float64 versions are made inside the loop, fused into
+        # each perturbation, rather than hoisted out of it as a second float64 copy of them.
+        ps, _ = jax.lax.optimization_barrier(([params[i] for i in moved], index))
+
+        def direction():
+            sq = [_sq_norm(seed, stream, lo, hi, layout.offsets[i], layout.sizes[i], support[i]) for i in moved]
+            norm = jnp.maximum(jnp.sqrt(functools.reduce(lambda x, y: x + y, sq, jnp.zeros((), dtype))), 1e-300)
+            return [_leaf_direction(seed, stream, lo, hi, layout.offsets[i], jnp.arange(layout.sizes[i]), support[i])
+                    / norm for i in moved]
+
+        def coordinate():
+            return [(layout.offsets[i] + jnp.arange(layout.sizes[i]) == jnp.maximum(index, 0)).astype(dtype)
+                    for i in moved]
+
+        e = branch(index < 0, direction, coordinate)
+
+        def at(offset):
+            # (the barrier again: the conversion is not hoisted out of the loop over the offsets either)
+            xs, _ = jax.lax.optimization_barrier((ps, offset))
+            return f(place([x.astype(dtype).reshape(-1) + (offset * step) * u for x, u in zip(xs, e, strict=True)]))
+
         F = jax.vmap(at)(offsets) if batch > 1 else jax.lax.map(at, offsets)
-        jv = branch(want, lambda: jax.jvp(f, (theta,), (e,))[1], lambda: nan) if want_jvp is not None else nan
-        return F, jnp.stack([e @ a, e @ h, jnp.sqrt((e * e) @ tol2)]), jv
+        if want_jvp is None:
+            return F, nan
+        base = lambda: [x.astype(dtype).reshape(-1) for x in ps]  # noqa: E731
+        return F, branch(want, lambda: jax.jvp(lambda *v: f(place(list(v))), tuple(base()), tuple(e))[1], lambda: nan)
 
     n_items = items.index.shape[0]
     cols = (*items, want_all)
     if n_items == 0:
-        return jnp.zeros((0, 4), theta.dtype), jnp.zeros((0, 3), theta.dtype), jnp.zeros((0,), theta.dtype)
+        return jnp.zeros((0, 4), dtype), jnp.zeros((0,), dtype)
     if batch == 1:
         return jax.lax.map(one, cols)
     pad = (-n_items) % batch
     padded = [jnp.concatenate([x, jnp.repeat(x[:1], pad)]) if pad else x for x in cols]
     chunks = [x.reshape(-1, min(batch, n_items + pad)) for x in padded]
     if chunks[0].shape[0] == 1:
-        F, P, JV = jax.vmap(one)(tuple(c[0] for c in chunks))
+        F, JV = jax.vmap(one)(tuple(c[0] for c in chunks))
     else:
-        F, P, JV = jax.lax.map(jax.vmap(one), tuple(chunks))
-        F, P, JV = F.reshape(-1, 4), P.reshape(-1, 3), JV.reshape(-1)
-    return F[:n_items], P[:n_items], JV[:n_items]
+        F, JV = jax.lax.map(jax.vmap(one), tuple(chunks))
+        F, JV = F.reshape(-1, 4), JV.reshape(-1)
+    return F[:n_items], JV[:n_items]
+
+
+def _item_leaves(plan: _Plan, layout: _Layout) -> np.ndarray:
+    """The leaf of each of the probe's items (its planned elements, then its directions): static, from the plan."""
+    leaves = [i for i, e in enumerate(plan.exact) if e for _ in range(layout.sizes[i])]
+    leaves += [i for i, e in enumerate(plan.exact) if not e and plan.k_mag and layout.sizes[i]
+               for _ in range(min(plan.k_mag, layout.sizes[i]))]
+    return np.array(leaves + _dir_items(plan)[0], np.int64)
 
 
 def _dtype64(dtype: Any) -> Any:
@@ -167,12 +337,6 @@ def _cast64(dyn: list, spec: tuple) -> list:
     return [x.astype(_dtype64(x.dtype)) if i < len(dyn) - keep else x for i, x in enumerate(dyn)]
 
 
-def _flat_fn(fn: Callable, layout: _Layout, args_spec: tuple, dyn64: Sequence) -> Callable:
-    """fn of the flat float64 parameter vector, its output in float64 (whatever dtype fn computes in)."""
-    args = _join_args(dyn64, args_spec)
-    return lambda theta: fn(layout.unravel(theta), *args).astype(jnp.float64)
-
-
 def _forward_chunk(n: int) -> int:
     """Basis vectors per forward-mode batch: memory for about 2²² elements."""
     return max(1, min(n, (1 << 22) // max(n, 1)))
@@ -194,64 +358,68 @@ def _value_and_grad(f: Callable, theta: jax.Array, reverse: bool) -> tuple[jax.A
     return f(theta), g
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "hand", "layout", "dtypes", "args_spec", "reverse"))
-def _user_stage(params, dyn, *, fn, hand, layout, dtypes, args_spec, reverse):
-    """Value, autodiff and (traced) hand gradients at the parameters' own dtypes."""
-    theta = layout.ravel(params, jnp.result_type(*dtypes))  # exact: the widest of the leaves' dtypes
+@functools.partial(jax.jit, static_argnames=("fn", "layout", "dtypes", "args_spec", "reverse"))
+def _user_grad(params, dyn, *, fn, layout, dtypes, args_spec, reverse):
+    """Value and autodiff gradient at the parameters' own dtypes: the gradient as a flat array per leaf, at the
+    dtype autodiff gives it (no wider copy)."""
     args = _join_args(dyn, args_spec)
-    f = lambda th: fn(layout.unravel(th, dtypes), *args)  # noqa: E731
-    wide = jax.dtypes.canonicalize_dtype(jnp.float64)  # float64 where enabled, else float32
     if reverse:
-        value, grad = jax.value_and_grad(lambda p: fn(p, *args))(layout.unravel(theta, dtypes))
-        grad = layout.ravel(grad, wide)
-    else:
-        value, grad = _value_and_grad(f, theta, False)
-    h = layout.ravel(hand(layout.unravel(theta, dtypes), *args), wide) if hand is not None else None
-    return value, grad, h
+        value, grad = jax.value_and_grad(lambda p: fn(p, *args))(_unflat(layout, list(params)))
+        return value, [jnp.ravel(g) for g in jax.tree_util.tree_leaves(grad)]
+    theta = layout.ravel(params, jnp.result_type(*dtypes))  # exact: the widest of the leaves' dtypes
+    value, grad = _value_and_grad(lambda th: fn(layout.unravel(th, dtypes), *args), theta, False)
+    return value, _split(layout, grad)
+
+
+@functools.partial(jax.jit, static_argnames=("hand", "layout", "args_spec"))
+def _user_hand(params, dyn, *, hand, layout, args_spec):
+    """The (traced) hand gradient at the parameters' own dtypes: a flat array per leaf, at hand's own dtypes."""
+    out = hand(_unflat(layout, list(params)), *_join_args(dyn, args_spec))
+    return [jnp.ravel(x) for x in jax.tree_util.tree_leaves(out)]
 
 
 @functools.partial(jax.jit, static_argnames=("fn", "hand", "layout", "args_spec", "plan"))
 def _probe(params, dyn, h_given, exact_idx, seed, h0, rtol, atol, eps, *, fn, hand, layout, args_spec, plan):
-    """The common path in one compiled program (float64): value, autodiff and hand gradients, per-element
-    tolerances, forward-mode products, and finite differences at ``plan.scales`` step sizes for every planned
-    element and random direction."""
-    theta = layout.ravel(params, jnp.float64)
+    """The float64 gradients in one compiled program: value, autodiff and hand gradients (a flat array per leaf,
+    the program's only outputs of the parameters' size), each leaf's gradient scale, the finite-difference items
+    (every planned element and random direction, with its step) and each direction's projections. Finite
+    differences along the items run separately (:func:`_items_jit`), once the gradients are read."""
     dyn = _cast64(list(dyn), args_spec)
-    f = _flat_fn(fn, layout, args_spec, dyn)
-    f0, a = _value_and_grad(f, theta, plan.reverse)
-    if hand is not None:
-        h = layout.ravel(hand(layout.unravel(theta), *_join_args(dyn, args_spec)))
-    elif h_given is not None:
-        h = h_given
+    args = _join_args(dyn, args_spec)
+    theta = [jnp.asarray(x).astype(jnp.float64) for x in params]
+    f = _leaf_fn(fn, layout, args)
+    if plan.reverse:
+        f0, a = jax.value_and_grad(f)(theta)
+        a = [x.reshape(-1) for x in a]
     else:
-        h = jnp.zeros_like(theta)
-    support = (jnp.isfinite(a) & jnp.isfinite(h)).astype(jnp.float64)
-    a_s, h_s = jnp.where(support > 0, a, 0.0), jnp.where(support > 0, h, 0.0)
-    # Per-element analytic tolerance: atol + rtol·max(|a|, |h|), atol defaulting to rtol·(the leaf's largest)
-    # plus round-off at the whole gradient's scale (a leaf whose true gradient is 0 still gets round-off).
-    mag = jnp.maximum(jnp.abs(a_s), jnp.abs(h_s))
-    leaf_max = jnp.concatenate([jnp.full((s,), jnp.max(mag[o : o + s], initial=0.0))
-                                for o, s in zip(layout.offsets, layout.sizes, strict=True)])
-    tol = jnp.where(atol >= 0, atol, rtol * leaf_max + 64 * eps * jnp.max(mag, initial=0.0)) + rtol * mag
-    # (eps: float64's; the round-off of a float64 gradient whose true value is 0)
+        f0, g = _value_and_grad(lambda th: f(_split(layout, th)), layout.ravel(params, jnp.float64), False)
+        a = _split(layout, g)
+    if hand is not None:
+        h = [jnp.ravel(x).astype(jnp.float64) for x in jax.tree_util.tree_leaves(hand(_unflat(layout, theta), *args))]
+    elif h_given is not None:
+        h = list(h_given)
+    else:
+        h = None
+    hs = [None] * len(a) if h is None else h
+    scales = [_leaf_scale(x, y, s) for x, y, s in zip(a, hs, layout.sizes, strict=True)]
+    leaf_max = jnp.stack([m for m, _ in scales])
+    gmax = jnp.max(leaf_max, initial=0.0)
 
     # Items: planned elements (all of each exact leaf, the largest gradients of the others), then directions.
     parts = [exact_idx]
     for i, exact in enumerate(plan.exact):
         if not exact and plan.k_mag and layout.sizes[i]:
-            o, s = layout.offsets[i], layout.sizes[i]
-            seg = jnp.abs(a_s[o : o + s])
             if plan.k_mag == 1:  # argmax compiles far faster than top_k
-                parts.append(jnp.argmax(seg)[None] + o)
+                parts.append(scales[i][1][None] + layout.offsets[i])
             else:
-                parts.append(jax.lax.top_k(seg, min(plan.k_mag, s))[1] + o)
+                seg = jnp.abs(_finite_parts(a[i], hs[i])[1])
+                parts.append(jax.lax.top_k(seg, min(plan.k_mag, layout.sizes[i]))[1] + layout.offsets[i])
     idx = jnp.concatenate(parts).astype(jnp.int32)
     d_leaf, d_j = _dir_items(plan)
     lo = jnp.asarray(np.array([layout.offsets[i] for i in d_leaf], np.int32))
     hi = jnp.asarray(np.array([layout.offsets[i] + layout.sizes[i] for i in d_leaf], np.int32))
-    rms = jnp.stack([jnp.sqrt(jnp.sum(theta[o : o + s] ** 2) / max(s, 1))
-                     for o, s in zip(layout.offsets, layout.sizes, strict=True)])
-    i_steps = h0 * jnp.maximum(1.0, jnp.abs(theta[idx]))
+    rms = jnp.stack([jnp.sqrt(jnp.sum(x**2) / max(s, 1)) for x, s in zip(theta, layout.sizes, strict=True)])
+    i_steps = h0 * jnp.maximum(1.0, jnp.abs(_take(params, idx, layout)))
     d_steps = h0 * jnp.maximum(1.0, rms[jnp.asarray(np.array(d_leaf, np.int32))])
     n_i, n_d = idx.shape[0], len(d_leaf)
     zeros_i = jnp.zeros((n_i,), jnp.int32)
@@ -259,18 +427,11 @@ def _probe(params, dyn, h_given, exact_idx, seed, h0, rtol, atol, eps, *, fn, ha
                    jnp.concatenate([zeros_i, jnp.asarray(np.array(d_j, np.int32))]),
                    jnp.concatenate([zeros_i, lo]), jnp.concatenate([zeros_i, hi]),
                    jnp.concatenate([i_steps, d_steps]))
-    n_items = n_i + n_d
-    scaled = _Items(*(jnp.tile(x, plan.scales) for x in items[:4]),
-                    jnp.concatenate([items.step / _LADDER**level for level in range(plan.scales)]))
-    # Forward mode along the first direction of each leaf (at the first scale's items).
-    first = [n_i + d_leaf.index(i) for i in range(len(plan.exact))]
-    want = np.zeros(n_items * plan.scales, bool)
-    want[first] = plan.jvp
-    F, P, JV = _eval_items(f, theta, seed, scaled, (a_s, h_s, tol * tol), plan.batch, support,
-                           jnp.asarray(want) if plan.jvp else None)
-    # (items, scales, offsets)
-    F = jnp.stack([F[level * n_items : (level + 1) * n_items] for level in range(plan.scales)], axis=1)
-    return _ProbeOut(f0, theta, a, h, a_s, h_s, tol, support, JV[jnp.asarray(first)], items, F, P[:n_items])
+    # Each direction lies within its leaf: projected there, with that leaf's tolerances.
+    proj = [_project(seed, j, layout.offsets[i], layout.offsets[i] + layout.sizes[i], layout.offsets[i], a[i], hs[i],
+                     leaf_max[i], gmax, rtol, atol, eps) for i, j in zip(d_leaf, d_j, strict=True)]
+    P = jnp.stack(proj) if proj else jnp.zeros((0, 3), jnp.float64)
+    return _ProbeOut(f0, a, h, leaf_max, items, P)
 
 
 def _dir_items(plan: _Plan) -> tuple[list[int], list[int]]:
@@ -282,11 +443,28 @@ def _dir_items(plan: _Plan) -> tuple[list[int], list[int]]:
     return leaves, list(range(len(leaves)))
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "layout", "args_spec", "batch"))
-def _items_jit(theta, dyn, seed, items, a, h, tol, support, *, fn, layout, args_spec, batch):
+@functools.partial(jax.jit, static_argnames=("fn", "layout", "args_spec", "batch", "leaf"))
+def _items_jit(params, dyn, seed, items, support, want, *, fn, layout, args_spec, batch, leaf=None):
+    """f (float64) along finite-difference items, from the parameters at their own dtypes: F (items, 4) and,
+    where ``want`` (None: nowhere), the forward-mode derivative along the item's direction. ``leaf``: the items
+    all lie within that leaf (see :func:`_eval_items`)."""
     dyn = _cast64(list(dyn), args_spec)
-    f = _flat_fn(fn, layout, args_spec, dyn)
-    return _eval_items(f, theta, seed, items, (a, h, tol * tol), batch, support)[:2]
+    f = _leaf_fn(fn, layout, _join_args(dyn, args_spec))
+    return _eval_items(f, list(params), layout, seed, items, batch, support, want, leaf)
+
+
+@functools.partial(jax.jit, static_argnames=("offset",))
+def _project_jit(a, h, seed, streams, lo, hi, leaf_max, gmax, rtol, atol, eps, *, offset):
+    """Random directions within one leaf (its gradients ``a`` and ``h``, None without a hand, at flat offset
+    ``offset``) dotted with autodiff, hand and the tolerances, as the probe projects its own: (directions, 3)."""
+    return jax.lax.map(lambda x: _project(seed, x[0], x[1], x[2], offset, a, h, leaf_max, gmax, rtol, atol, eps),
+                       (streams, lo, hi))
+
+
+@functools.partial(jax.jit, static_argnames=("layout",))
+def _take_jit(params, idx, *, layout):
+    """Parameters (flat indices ``idx``) in float64."""
+    return _take(list(params), idx, layout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -451,7 +629,10 @@ def _make_plan(mode, layout, flops, has_hand, reverse=True, jvp=True) -> tuple[_
     scales = 4 if n_items * 16 * flops <= _EXACT_FLOP_BUDGET else 1
     # Accelerators: many items at once (vmap). CPU: one at a time (see _eval_items).
     batch = max(1, min(256, _MEM_ELEMENTS // (6 * max(layout.n, 1)))) if _vectorise() else 1
-    return _Plan(tuple(exact), n_proj, _K_MAG, scales, reverse and jvp, batch, reverse), exact_idx
+    # Costly functions of a few leaves: finite differences leaf by leaf, a program per leaf (each skips what does
+    # not depend on its leaf, the layers before it, say), where that saves more than compiling them costs.
+    grouped = n_items * len(_OFFSETS) * flops > _GROUP_FLOPS and len(sizes) <= _GROUP_LEAVES
+    return _Plan(tuple(exact), n_proj, _K_MAG, scales, reverse and jvp, batch, reverse, grouped), exact_idx
 
 
 def _jaxpr_flops(jaxpr: Any) -> float:

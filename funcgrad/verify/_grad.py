@@ -22,14 +22,18 @@ from funcgrad.verify._compiled import (
     _dir_items,
     _dtype64,
     _Facts,
+    _item_leaves,
     _Items,
     _items_jit,
     _make_plan,
     _Plan,
     _probe,
     _ProbeOut,
+    _project_jit,
     _static_facts,
-    _user_stage,
+    _take_jit,
+    _user_grad,
+    _user_hand,
 )
 from funcgrad.verify._fd import (
     _FD,
@@ -63,51 +67,293 @@ from funcgrad.verify._traced import trace_pair
 _ARBITRATION_ROUNDS = (8, 24, 96, 384)
 
 
-class _Engine:
-    """Finite-difference evaluations beyond the compiled probe: finer scales, arbitration, bisection."""
+_CHUNK = 1 << 18  # elements per host-side pass over a gradient: temporaries of a few MB, whatever the model's size
+_TOP = sum(_ARBITRATION_ROUNDS) + 1  # disagreeing elements per leaf kept, worst first: all arbitration can reach
 
-    def __init__(self, fn, spec, layout, plan, res: _ProbeOut, dyn, seed, eps_f, h0, user_dtypes):
-        self.fn, self.spec, self.layout, self.plan = fn, spec, layout, plan
-        self.user_dtypes = user_dtypes  # each leaf's own dtype
-        self.dyn, self.seed = dyn, seed
-        self.theta = res.theta  # on the device
-        self.support = res.support
-        self.a_dev, self.h_dev = res.a_finite, res.h_finite  # projections use the finite part only
-        self.theta_np, self.a, self.h = np.asarray(res.theta), np.asarray(res.a), np.asarray(res.h)
-        self.support_np = np.asarray(res.support) > 0
+
+def _tolerances(a: np.ndarray, h: np.ndarray | None, leaf_max: float, gmax: float, tp: tuple,
+                fin: np.ndarray | None = None) -> np.ndarray:
+    """Per-element analytic tolerances (autodiff against hand) of some elements of a leaf whose largest finite
+    max(|a|, |h|) is ``leaf_max`` (``gmax`` over all leaves); ``tp`` = (rtol, atol, eps), as in the probe. ``fin``:
+    where both are finite, when known."""
+    rtol, atol, eps = tp
+    if fin is None:
+        fin = np.isfinite(a) if h is None else np.isfinite(a) & np.isfinite(h)
+    everywhere = bool(fin.all())
+    mag = np.abs(a if everywhere else np.where(fin, a, 0.0))
+    if h is not None:
+        mag = np.maximum(mag, np.abs(h if everywhere else np.where(fin, h, 0.0)))
+    return np.where(atol >= 0, atol, rtol * leaf_max + 64 * eps * gmax) + rtol * mag
+
+
+def _abs_max(x: np.ndarray, finite: np.ndarray) -> float:
+    """The largest |x| over the elements ``finite`` marks (0 for none)."""
+    return float(np.max(np.abs(x if finite.all() else np.where(finite, x, 0.0)), initial=0.0))
+
+
+def _first_max(best: tuple | None, key: np.ndarray, c0: int, *extra: np.ndarray) -> tuple | None:
+    """The running (largest key, its index, extra values there) over chunks: the first of equal keys wins, as
+    np.argmax over the whole array would pick it."""
+    if key.size == 0:
+        return best
+    j = int(np.argmax(key))
+    if best is None or key[j] > best[0]:
+        return (key[j], c0 + j, *(x[j] for x in extra))
+    return best
+
+
+@dataclasses.dataclass
+class _LeafFacts:
+    """What a leaf's float64 gradients say, read in one pass before they are freed (nothing of the leaf's size is
+    kept, unless some element is not finite: then the random directions' mask)."""
+
+    nonfinite: int = 0  # elements where autodiff or hand is not finite
+    support: np.ndarray | None = None  # the random directions' mask, where some element is not finite
+    empty_support: bool = False  # no element where both are finite: random directions have nothing to move
+    order: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))  # to arbitrate, worst first
+    n_order: int = 0  # elements to arbitrate in all (``order`` holds as many as arbitration can reach)
+    extra: list[str] = dataclasses.field(default_factory=list)  # notes on the disagreements
+    ref_max: dict[str, float] = dataclasses.field(default_factory=dict)  # per side: the largest finite |value|
+    user: dict[str, tuple] = dataclasses.field(default_factory=dict)  # per side: (deviation, non-finite, index)
+    user_at: dict[int, tuple] = dataclasses.field(default_factory=dict)  # index -> (autodiff, hand) there
+
+
+class _Engine:
+    """Finite-difference evaluations (the probe's items, finer scales, arbitration, bisection), from the
+    parameters at their own dtypes; and the values at the elements the check reads. The full float64 gradients
+    are read once (:meth:`analyse`) and freed; only a bisection computes them again."""
+
+    def __init__(self, prep, plan, res: _ProbeOut, seed, eps_f, h0, tp, regrad: Callable):
+        layout = prep.layout
+        self.fn, self.spec, self.layout, self.plan = prep.bound.value, prep.spec, layout, plan
+        self.user_dtypes = prep.dtypes  # each leaf's own dtype
+        self.params, self.dyn, self.seed = prep.dleaves, prep.dyn, seed
         self.eps_f, self.h0, self.f0 = eps_f, h0, float(res.f0)
         # The smallest derivative finite differences resolve at the first step: nothing below it is wrong.
         self.floor = 3 * 16 * eps_f * max(abs(self.f0), 1e-300) / h0 if math.isfinite(self.f0) else 0.0
-        self.tol_ah = np.asarray(res.tol)  # per-element analytic tolerance: autodiff against hand
-        self.tol = np.maximum(self.tol_ah, self.floor)  # and against finite differences
-        self.tol_dev = jnp.asarray(self.tol)
+        self.tp = tp  # (rtol, atol, eps) of the analytic tolerances
+        self.leaf_max = np.asarray(res.leaf_max, np.float64)
+        self.gmax = float(np.max(self.leaf_max, initial=0.0))
+        self.support: list[np.ndarray | None] = [None] * len(layout.sizes)
+        self.leaves = [_LeafFacts() for _ in layout.sizes]
+        self.global_scale = 0.0  # the largest finite |autodiff| over all leaves
+        # flat index -> (autodiff, hand, tolerance against finite differences, tolerance autodiff against hand)
+        self.vals: dict[int, tuple[float, float, float, float]] = {}
+        self._regrad = regrad  # the probe again: the float64 gradients (a bisection needs them whole)
+        self._full: tuple[list, list | None] | None = None
 
-    def evaluate(self, items: _Items) -> tuple[np.ndarray, np.ndarray]:
-        """f along the given items (padded to a power of two, so few shapes are compiled)."""
+    # -- the float64 gradients, read once --------------------------------------------------------------------
+
+    def analyse(self, a: Sequence[np.ndarray], h: Sequence[np.ndarray] | None, items_flat: np.ndarray) -> None:
+        """One pass over each leaf's gradients (in chunks): the elements where autodiff and hand disagree or are
+        not finite (the worst first, for arbitration), the directions' support, the scales the user-precision
+        check measures against, and the values at the planned elements and at those to arbitrate."""
+        layout = self.layout
+        for li, (o, s, shape) in enumerate(zip(layout.offsets, layout.sizes, layout.shapes, strict=True)):
+            done = np.sort(items_flat[(items_flat >= o) & (items_flat < o + s)] - o)
+            self._analyse_leaf(li, a[li], None if h is None else h[li], done, shape)
+            self._store(o + np.concatenate([done, self.leaves[li].order - o]).astype(np.int64), li, a[li],
+                        None if h is None else h[li])
+        self.global_scale = max((lf.ref_max["autodiff"] for lf in self.leaves), default=0.0)
+
+    def _analyse_leaf(self, li: int, a: np.ndarray, h: np.ndarray | None, done: np.ndarray, shape) -> None:
+        lf, o, s = self.leaves[li], self.layout.offsets[li], self.layout.sizes[li]
+        n_dis, gap_best, any_support = 0, None, False
+        cand, bads = [], []
+        ref_max = {"autodiff": 0.0, "hand": 0.0}
+        for c0 in range(0, s, _CHUNK):
+            ac = a[c0 : c0 + _CHUNK]
+            hc = None if h is None else h[c0 : c0 + _CHUNK]
+            fa = np.isfinite(ac)
+            fh = None if hc is None else np.isfinite(hc)
+            fin = fa if fh is None else fa & fh
+            everywhere = bool(fin.all())
+            ref_max["autodiff"] = max(ref_max["autodiff"], _abs_max(ac, fa))
+            if hc is not None and fh is not None:
+                ref_max["hand"] = max(ref_max["hand"], _abs_max(hc, fh))
+            if not everywhere:
+                if lf.support is None:
+                    lf.support = np.ones(s, bool)
+                lf.support[c0 : c0 + _CHUNK] = fin
+            any_support |= everywhere or bool(fin.any())
+            nonfinite = ~fin
+            lf.nonfinite += 0 if everywhere else int(np.count_nonzero(nonfinite))
+            some = not everywhere  # elements to arbitrate in this chunk (non-finite ones, at least)
+            if hc is not None:
+                tol_ah = _tolerances(ac, hc, self.leaf_max[li], self.gmax, self.tp, fin)
+                with np.errstate(invalid="ignore"):
+                    diff = np.abs(ac - hc)
+                    dis = ~(diff <= tol_ah)
+                # (both sides the same infinity: not a disagreement)
+                real = dis if everywhere else dis & ~(~fa & (ac == hc))
+                k = int(np.count_nonzero(real))
+                some |= k > 0
+                if k:
+                    n_dis += k
+                    gap = np.where(real, diff, -1.0)
+                    gap_best = _first_max(gap_best, np.where(np.isnan(gap), np.inf, gap), c0, gap)
+            else:
+                dis = nonfinite
+            if some:
+                ci = np.nonzero(dis)[0]
+                ci = ci[~np.isin(ci + c0, done)]  # elements the probe checks one by one already
+                if len(ci):
+                    bad = _badness(ac[ci], None if hc is None else hc[ci],
+                                   None if hc is None else tol_ah[ci], nonfinite[ci])
+                    lf.n_order += len(ci)
+                    if len(ci) > _TOP:  # only the worst can be reached; kept in index order (ties: lower first)
+                        keep = np.sort(np.argsort(-bad, kind="stable")[:_TOP])
+                        ci, bad = ci[keep], bad[keep]
+                    cand.append(ci + c0)
+                    bads.append(bad)
+        if cand:
+            ci, bad = np.concatenate(cand), np.concatenate(bads)
+            lf.order = o + ci[np.argsort(-bad, kind="stable")][:_TOP].astype(np.int64)
+        lf.empty_support = s > 0 and not any_support
+        lf.ref_max = ref_max
+        self.support[li] = lf.support
+        if h is not None and n_dis:
+            assert gap_best is not None
+            where = [int(j) for j in np.unravel_index(gap_best[1], shape)]
+            largest = float(gap_best[2])
+            lf.extra.append(f"autodiff and hand disagree at {n_dis} element(s); " + (
+                f"the largest gap is {_g(largest)} at {where}" if math.isfinite(largest)
+                else f"one side is not finite at {where}"))
+        if lf.nonfinite:
+            lf.extra.append(f"{lf.nonfinite} element(s) not finite in " + ("autodiff or hand" if h is not None else "autodiff")
+                            + " (checked one by one; random projections skip them)")
+
+    def _store(self, flat: np.ndarray, li: int, a: np.ndarray, h: np.ndarray | None) -> None:
+        """Keeps autodiff, hand and the tolerances at these elements of leaf ``li`` (flat indices)."""
+        if not len(flat):
+            return
+        loc = flat - self.layout.offsets[li]
+        av = a[loc].astype(np.float64)
+        hv = None if h is None else h[loc].astype(np.float64)
+        tol_ah = _tolerances(av, hv, self.leaf_max[li], self.gmax, self.tp)
+        tol = np.maximum(tol_ah, self.floor)
+        for k, i in enumerate(flat):
+            self.vals[int(i)] = (float(av[k]), float("nan") if hv is None else float(hv[k]), float(tol[k]),
+                                 float(tol_ah[k]))
+
+    def user_side(self, side: str, u: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> None:
+        """The parameters' own precision against float64 for one side (``u``: its gradient at the parameters'
+        dtypes, per leaf): per leaf, the largest deviation relative to the scale, whether some element is
+        finite in float64 only, and the element to show."""
+        for li, s in enumerate(self.layout.sizes):
+            lf = self.leaves[li]
+            scale = max(lf.ref_max[side] if s else 0.0, self.global_scale, 1e-300)
+            dev_max, nonfinite, best = 0.0, False, None
+            for c0 in range(0, s, _CHUNK):
+                uc = np.asarray(u[li][c0 : c0 + _CHUNK]).astype(np.float64)
+                rc = ref[li][c0 : c0 + _CHUNK]
+                with np.errstate(invalid="ignore"):
+                    dev = np.abs(uc - rc)
+                fd = np.isfinite(dev)
+                if fd.all():  # (then u is finite wherever the float64 value is)
+                    dev_max = max(dev_max, float(np.max(dev)))
+                    best = _first_max(best, dev, c0, rc)
+                    continue
+                dev_max = max(dev_max, float(np.max(np.where(fd, dev, 0.0))))
+                nf = ~np.isfinite(uc) & np.isfinite(rc)
+                nonfinite |= bool(nf.any())
+                best = _first_max(best, np.where(nf, np.inf, np.where(fd, dev, 0.0)), c0, rc)
+            lf.user[side] = (dev_max / scale if s else 0.0, nonfinite, None if best is None else (best[1], float(best[2])))
+
+    def user_values(self, a_user: Sequence[np.ndarray], h_user: Sequence[np.ndarray] | None) -> None:
+        """The gradients at the parameters' own precision at the elements the user-precision check would show."""
+        for li, lf in enumerate(self.leaves):
+            for _, _, best in lf.user.values():
+                if best is not None:
+                    i = best[0]
+                    lf.user_at[i] = (float(a_user[li][i]), None if h_user is None else float(h_user[li][i]))
+
+    # -- values at elements ----------------------------------------------------------------------------------
+
+    def values(self, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Autodiff, hand (NaN without one), the tolerance against finite differences and that of autodiff
+        against hand, at these flat indices."""
+        flat = np.asarray(flat, np.int64)
+        missing = [int(i) for i in flat if int(i) not in self.vals]
+        if missing:  # a bisection's element: the gradients again
+            a, h = self.full()
+            for i in missing:
+                li = int(np.searchsorted(np.array(self.layout.offsets), i, side="right") - 1)
+                self._store(np.array([i]), li, a[li], None if h is None else h[li])
+        v = np.array([self.vals[int(i)] for i in flat], np.float64).reshape(-1, 4)
+        return v[:, 0], v[:, 1], v[:, 2], v[:, 3]
+
+    def full(self) -> tuple[list, list | None]:
+        """The float64 gradients per leaf, computed again (a bisection needs whole leaves)."""
+        if self._full is None:
+            res = self._regrad()
+            self._full = ([np.asarray(x) for x in res.a], None if res.h is None else [np.asarray(x) for x in res.h])
+        return self._full
+
+    def theta(self, flat: np.ndarray) -> np.ndarray:
+        """The parameters at these flat indices, in float64 (read from the leaves on the device)."""
+        flat = np.asarray(flat, np.int64)
+        size = max(8, 1 << max(0, (len(flat) - 1).bit_length()))
+        return np.asarray(_take_jit(self.params, np.resize(flat, size).astype(np.int32), layout=self.layout))[: len(flat)]
+
+    def rms(self, li: int) -> float:
+        """The root mean square of leaf ``li``'s parameters."""
+        x = np.asarray(self.params[li], np.float64).reshape(-1)
+        return math.sqrt(float(np.mean(x**2))) if x.size else 0.0
+
+    # -- finite differences ----------------------------------------------------------------------------------
+
+    def evaluate(self, items: _Items, want: np.ndarray | None = None, pad: bool = True,
+                 leaves: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """f along the given items, and the forward-mode derivative along those ``want`` marks (NaN elsewhere);
+        padded to a power of two (so few shapes are compiled) unless told not to. Where planned, leaf by leaf
+        (``leaves``: each item's leaf, found from the items when not given)."""
+        if not self.plan.grouped:
+            return self._evaluate(items, want, pad, None)
+        if leaves is None:
+            index, lo = np.asarray(items.index), np.asarray(items.lo)
+            leaves = np.searchsorted(np.array(self.layout.offsets), np.where(index >= 0, index, lo), side="right") - 1
+        F = np.full((len(leaves), len(_OFFSETS)), np.nan)
+        JV = np.full(len(leaves), np.nan)
+        for li in np.unique(leaves):
+            sel = np.nonzero(leaves == li)[0]
+            F[sel], JV[sel] = self._evaluate(_Items(*(np.asarray(x)[sel] for x in items)),
+                                             None if want is None else want[sel], pad, int(li))
+        return F, JV
+
+    def _evaluate(self, items: _Items, want: np.ndarray | None, pad: bool, leaf: int | None) -> tuple[np.ndarray, np.ndarray]:
         m = len(items.index)
-        size = max(8, 1 << max(0, (m - 1).bit_length()))
-        pad = [np.resize(np.asarray(x), size) for x in items]
-        padded = _Items._make([*(p.astype(np.int32) for p in pad[:4]), pad[4].astype(np.float64)])
-        F, P = _items_jit(self.theta, self.dyn, self.seed, padded, self.a_dev, self.h_dev, self.tol_dev, self.support,
-                          fn=self.fn, layout=self.layout, args_spec=self.spec, batch=self.plan.batch)
-        return np.asarray(F)[:m], np.asarray(P)[:m]
+        size = max(8, 1 << max(0, (m - 1).bit_length())) if pad else m
+        cols = [np.resize(np.asarray(x), size) for x in items]
+        padded = _Items._make([*(c.astype(np.int32) for c in cols[:4]), cols[4].astype(np.float64)])
+        w = None if want is None else np.concatenate([want, np.zeros(size - m, bool)])
+        F, JV = _items_jit(self.params, self.dyn, self.seed, padded, tuple(self.support), w, fn=self.fn,
+                           layout=self.layout, args_spec=self.spec, batch=self.plan.batch, leaf=leaf)
+        return np.asarray(F)[:m], np.asarray(JV)[:m]
+
+    def projections(self, li: int, stream: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """Random directions of stream ``stream`` within [lo, hi) ⊂ leaf ``li``, dotted with autodiff, hand and
+        the tolerances: (directions, 3)."""
+        a, h = self.full()
+        rtol, atol, eps = self.tp
+        return np.asarray(_project_jit(a[li], None if h is None else h[li], self.seed,
+                                       np.full(len(lo), stream, np.int32), np.asarray(lo, np.int32),
+                                       np.asarray(hi, np.int32), self.leaf_max[li], self.gmax, rtol, atol, eps,
+                                       offset=self.layout.offsets[li]))
 
     def ladder(self, items: _Items, tol, initial: np.ndarray | None = None,
-               values: Sequence[np.ndarray] = ()) -> tuple[_FD, np.ndarray | None]:
+               values: Sequence[np.ndarray] = ()) -> _FD:
         """Resolves the derivative along each item: the initial scales, then finer ones where unresolved.
-        Returns the readings and the projections P (autodiff, hand, aggregated tolerance) of each item.
 
         With a single initial scale, an item whose analytic ``values`` all agree with a smooth estimate is
         accepted without a second scale: a wrong finite difference does not land on the analytic value by
         chance. Everything else (disagreement, kinks) goes down the ladder."""
         items = _Items(*(np.asarray(x) for x in items))
-        P = None
         if initial is None:
             two = _Items._make([*(np.tile(x, 2) for x in items[:4]), np.concatenate([items.step, items.step / _LADDER])])
-            F, P = self.evaluate(two)
+            F = self.evaluate(two)[0]
             n_items = len(items.index)
             initial = np.stack([F[:n_items], F[n_items:]], axis=1)
-            P = P[:n_items]
         scales = [_scale(self.f0, initial[:, level], items.step / _LADDER**level, self.eps_f, tol)
                   for level in range(initial.shape[1])]
         fd, settled = self._settle(scales, tol, values)
@@ -120,7 +366,7 @@ class _Engine:
             fd, settled = self._settle(scales, tol, values)
         if not fd.resolved.all():
             fd = self._settle(scales, tol, values, final=True)[0]
-        return fd, P
+        return fd
 
     def _settle(self, scales, tol, values, final: bool = False) -> tuple[_FD, np.ndarray]:
         """The ladder's reading, and which items it settles: a finer scale could still change the verdict
@@ -153,8 +399,8 @@ class _Engine:
     def at_elements(self, flat: np.ndarray) -> _FD:
         flat = np.asarray(flat, np.int64)
         zeros = np.zeros(len(flat), np.int64)
-        steps = self.h0 * np.maximum(1.0, np.abs(self.theta_np[flat]))
-        return self.ladder(_Items(flat, zeros, zeros, zeros, steps), self.tol[flat])[0]
+        steps = self.h0 * np.maximum(1.0, np.abs(self.theta(flat)))
+        return self.ladder(_Items(flat, zeros, zeros, zeros, steps), self.values(flat)[2])
 
 
 def check_grad(
@@ -237,7 +483,7 @@ def _check_grad_impl(fn: Callable[..., Any], params: Any, args: tuple, *, hand: 
                     "no elements (zero-size leaf): nothing to check") for p in layout.paths]
         return GradReport(tuple(rows), Verdict.OK, "check_grad", "/".join(user_dtypes), tuple(notes),
                           time.perf_counter() - start, {})
-    prep = _Prepared(bound, hand is not None, dleaves, packed, dyn, spec, layout, dtypes, user_dtypes)
+    prep = _Prepared(bound, hand is not None, dleaves, packed, dyn, spec, layout, dtypes, user_dtypes, caller_x64)
     base_notes = list(notes)
     options = _Options(has_aux, rtol, atol, mode, seed)
 
@@ -315,6 +561,7 @@ class _Prepared:
     layout: _Layout
     dtypes: tuple  # the differentiated leaves' own dtypes
     user_dtypes: list[str]  # the distinct ones, as names, sorted
+    x64: bool  # the caller's x64 setting (the user's code runs at it)
 
 
 class _Options(NamedTuple):
@@ -341,12 +588,15 @@ def _compute(prep: _Prepared, facts: _Facts, base_notes: list[str],
         notes.append(f"hand cannot be traced by JAX ({facts.hand_eager}); it was called eagerly on NumPy arrays "
                      "(float64 for the float64 check)")
 
-    # 1. At the parameters' own precision: what the user's code computes (for float64 parameters, the
-    #    float64 check below is that precision).
-    value_u = a_user = h_user = None
+    # A NumPy hand is called at the parameters' own precision first (for float64 parameters, the float64 check
+    # is that precision); traced gradients at that precision are computed after the float64 ones (see
+    # _in_float64), so that the two are never held in full together.
     hand_dtypes = facts.hand_dtypes
-    if prep.user_dtypes != ["float64"]:
-        value_u, a_user, h_user, hand_dtypes = _at_user_precision(prep, facts, eager)
+    h_user = None
+    if eager and prep.user_dtypes != ["float64"]:
+        hu = _eager_hand(prep, facts.hand_eager, False)
+        hand_dtypes = tuple(np.asarray(x).dtype for x in hu)
+        h_user = [np.ravel(np.asarray(x)) for x in hu]
     if prep.has_hand:
         # strict=False: hand_dtypes is empty for a hand called eagerly on float64 parameters (only in float64).
         other = [f"{p or '(params)'} ({hd}, parameter {pd})"
@@ -356,8 +606,8 @@ def _compute(prep: _Prepared, facts: _Facts, base_notes: list[str],
             notes.append("hand returns another float dtype than the parameter for " + ", ".join(other[:_LIST])
                          + ("..." if len(other) > _LIST else "") + "; compared in float64")
 
-    # 2. In float64: autodiff, hand and finite differences, compared.
-    rows, plan, rtol_eff = _in_float64(prep, facts, eager, options, value_u, a_user, h_user, notes)
+    # In float64: autodiff, hand and finite differences, compared (and the parameters' own precision).
+    rows, plan, rtol_eff = _in_float64(prep, facts, eager, options, h_user, notes)
     return rows, notes, plan, rtol_eff, eager
 
 
@@ -373,31 +623,18 @@ def _eager_hand(prep: _Prepared, hand_eager: str | None, float64: bool) -> list:
     return out
 
 
-def _at_user_precision(prep: _Prepared, facts: _Facts, eager: bool) -> tuple[Any, np.ndarray, np.ndarray | None, tuple]:
-    """fn's value, and the autodiff and hand gradients (flat, as float64), at the parameters' own dtypes; and
-    hand's dtypes there."""
-    value_u, grad_u, hand_u = _user_stage(prep.dleaves, prep.dyn, fn=prep.bound.value,
-                                          hand=prep.bound.grad if prep.has_hand and not eager else None,
-                                          layout=prep.layout, dtypes=prep.dtypes, args_spec=prep.spec,
-                                          reverse=facts.reverse)
-    a_user = np.asarray(grad_u, np.float64)
-    h_user = None
-    hand_dtypes = facts.hand_dtypes
-    if eager:
-        hu = _eager_hand(prep, facts.hand_eager, False)
-        hand_dtypes = tuple(np.asarray(x).dtype for x in hu)
-        h_user = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in hu]) if hu else np.zeros(0)
-    elif prep.has_hand:
-        h_user = np.asarray(hand_u, np.float64)
-    return value_u, a_user, h_user, hand_dtypes
-
-
-def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, value_u: Any,
-                a_user: np.ndarray | None, h_user: np.ndarray | None, notes: list[str]) -> tuple[list[Row], _Plan, float]:
+def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, h_user: list | None,
+                notes: list[str]) -> tuple[list[Row], _Plan, float]:
     """The float64 check: autodiff, hand and finite differences compared, a row per leaf (with the results at
-    the parameters' own precision, when not float64). Appends to ``notes``; returns the rows, the plan and the
-    effective rtol."""
+    the parameters' own precision, when not float64; ``h_user``: a NumPy hand's there). Appends to ``notes``;
+    returns the rows, the plan and the effective rtol.
+
+    Memory: the two float64 gradients are the only arrays of the parameters' size the probe returns. They are
+    read in one pass (with the gradients at the parameters' own precision, computed one at a time meanwhile)
+    and freed before the finite differences run, which convert the parameters to float64 inside each
+    perturbation."""
     layout = prep.layout
+    user = prep.user_dtypes != ["float64"]
     with jax.enable_x64(True):
         # Finite differences carry the rounding of the lowest precision fn computes in, or of its output.
         eps_f = max(float(jnp.finfo(facts.out64).eps), float(jnp.finfo(facts.inner64).eps))
@@ -415,8 +652,7 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
         if eager:
             h64 = _eager_hand(prep, facts.hand_eager, True)
             hand64 = tuple(np.asarray(x).dtype for x in h64)
-            h_given = jnp.asarray(np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in h64]) if h64
-                                  else np.zeros(0), jnp.float64)
+            h_given = [jnp.asarray(np.ravel(np.asarray(x, np.float64)), jnp.float64) for x in h64]
         # strict=False: hand64 is empty without a hand.
         for path, dtype in zip(layout.paths, hand64, strict=False):
             if dtype != jnp.float64:
@@ -425,24 +661,51 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
         rtol_eff = float(options.rtol) if options.rtol is not None else _default_rtol(eps_c)
         h0 = eps_f ** (1 / 5)
         plan, exact_idx = _make_plan(options.mode, layout, facts.flops, prep.has_hand, facts.reverse, facts.jvp)
-        res = _probe(prep.dleaves, prep.dyn, h_given, exact_idx, np.uint32(options.seed % 2**32), h0, rtol_eff,
-                     -1.0 if options.atol is None else float(options.atol), float(jnp.finfo(jnp.float64).eps),
-                     fn=prep.bound.value, hand=prep.bound.grad if prep.has_hand and not eager else None, layout=layout,
-                     args_spec=prep.spec, plan=plan)
+        seed = np.uint32(options.seed % 2**32)
+        tp = (rtol_eff, -1.0 if options.atol is None else float(options.atol), float(jnp.finfo(jnp.float64).eps))
+
+        def probe() -> _ProbeOut:
+            return _probe(prep.dleaves, prep.dyn, h_given, exact_idx, seed, h0, *tp, fn=prep.bound.value,
+                          hand=prep.bound.grad if prep.has_hand and not eager else None, layout=layout,
+                          args_spec=prep.spec, plan=plan)
+
+        res = probe()
+        a = [np.asarray(x) for x in res.a]
+        h = None if res.h is None else [np.asarray(x) for x in res.h]
+        res = res._replace(a=None, h=None)  # the host's views above are the only references left
         f0 = float(res.f0)
         _check_value(f0)
+        a_user = None
+        if user:  # at the caller's x64 setting, as the user's code runs
+            with jax.enable_x64(prep.x64):
+                value_u, grad_u = _user_grad(prep.dleaves, prep.dyn, fn=prep.bound.value, layout=layout,
+                                             dtypes=prep.dtypes, args_spec=prep.spec, reverse=facts.reverse)
+            a_user = [np.asarray(x) for x in grad_u]
+            del grad_u
         if math.isinf(f0):
             notes.append(f"fn(params, *args) = {f0} at these parameters: the function itself is singular there (a "
                          "log of 0?), so no element has a finite derivative to check; each is reported singular "
                          "where autodiff and hand agree, a mismatch where they do not")
-        elif a_user is not None and not np.isfinite(float(value_u)):
+        elif user and not np.isfinite(float(value_u)):
             raise _UserValueError(f"fn(params, *args) = {float(value_u)} at the parameters' own precision "
                                   f"({'/'.join(prep.user_dtypes)}), though {f0:.6g} in float64: it overflows or loses "
                                   "all precision there")
-        engine = _Engine(prep.bound.value, prep.spec, layout, plan, res, prep.dyn, np.uint32(options.seed % 2**32),
-                         eps_f, h0, prep.dtypes)
-        rows = _rows(res, engine, prep.has_hand, a_user, h_user, prep.user_dtypes,
-                     float(jnp.finfo(facts.inner_user).eps))
+        engine = _Engine(prep, plan, res, seed, eps_f, h0, tp, probe)
+        items = _Items(*(np.asarray(x) for x in res.items))
+        engine.analyse(a, h, items.index)
+        if a_user is not None:
+            engine.user_side("autodiff", a_user, a)
+        del a
+        if a_user is not None and h is not None:
+            if h_user is None:
+                with jax.enable_x64(prep.x64):
+                    h_user = [np.asarray(x) for x in _user_hand(prep.dleaves, prep.dyn, hand=prep.bound.grad,
+                                                                layout=layout, args_spec=prep.spec)]
+            engine.user_side("hand", h_user, h)
+        if a_user is not None:
+            engine.user_values(a_user, h_user if h is not None else None)
+        del h, a_user, h_user
+        rows = _rows(items, np.asarray(res.P), engine, prep.has_hand, user, float(jnp.finfo(facts.inner_user).eps))
     return rows, plan, rtol_eff
 
 
@@ -590,116 +853,104 @@ def _note_for(verdict: Verdict, item: _Item | None, extra: Sequence[str]) -> str
     return "; ".join(parts)
 
 
-def _rows(res: _ProbeOut, engine: _Engine, has_hand, a_user, h_user, user_dtypes, eps_inner=0.0) -> list[Row]:
+def _rows(items: _Items, P: np.ndarray, engine: _Engine, has_hand: bool, user: bool, eps_inner: float) -> list[Row]:
+    """The probe's finite differences along its items (``P``: the directions' projections), read out into a row
+    per leaf, with the evaluations beyond them (finer steps, arbitration, bisection)."""
     layout, plan = engine.layout, engine.plan
-    a, h, tol = engine.a, (engine.h if has_hand else None), engine.tol
-    items_np = _Items(*(np.asarray(x) for x in res.items))
-    flat, proj = items_np.index, np.asarray(res.P)  # each item's element (-1: a direction), its projections
-    item_tol = np.where(flat >= 0, tol[np.maximum(flat, 0)], np.maximum(proj[:, 2], engine.floor))
-    item_tol_ah = np.where(flat >= 0, engine.tol_ah[np.maximum(flat, 0)], proj[:, 2])
+    flat = items.index  # each item's element (-1: a direction)
     is_el = flat >= 0
-    A = np.where(is_el, a[np.maximum(flat, 0)], proj[:, 0])
-    H = None if h is None else np.where(is_el, h[np.maximum(flat, 0)], proj[:, 1])
-    fd, _ = engine.ladder(items_np, item_tol, initial=np.asarray(res.F), values=[A] if H is None else [A, H])
-    verdicts = _classify(A, H, fd, item_tol, lenient=~is_el, tol_ah=item_tol_ah)
+    n_items = len(flat)
     d_leaf = np.array(_dir_items(plan)[0])
+    n_i = n_items - len(d_leaf)  # elements first, then the directions
+    first = [n_i + list(d_leaf).index(i) for i in range(len(plan.exact))]  # each leaf's first direction
+    scaled = _Items._make([*(np.tile(x, plan.scales) for x in items[:4]),
+                           np.concatenate([items.step / _LADDER**level for level in range(plan.scales)])])
+    want = None
+    if plan.jvp:  # forward mode along each leaf's first direction (at the first scale)
+        want = np.zeros(n_items * plan.scales, bool)
+        want[first] = True
+    F, JV = engine.evaluate(scaled, want, pad=False, leaves=np.tile(_item_leaves(plan, layout), plan.scales))
+    F = np.stack([F[level * n_items : (level + 1) * n_items] for level in range(plan.scales)], axis=1)
+    jvp = JV[first]
+
+    proj = np.zeros((n_items, 3))  # each item's projections: autodiff, hand, the aggregated tolerance
+    proj[n_i:] = P
+    av, hv, tv, tahv = engine.values(flat[is_el])
+    A = proj[:, 0].copy()
+    A[is_el] = av
+    H = None
+    if has_hand:
+        H = proj[:, 1].copy()
+        H[is_el] = hv
+    item_tol = np.maximum(proj[:, 2], engine.floor)
+    item_tol[is_el] = tv
+    item_tol_ah = proj[:, 2].copy()
+    item_tol_ah[is_el] = tahv
+    fd = engine.ladder(items, item_tol, initial=F, values=[A] if H is None else [A, H])
+    verdicts = _classify(A, H, fd, item_tol, lenient=~is_el, tol_ah=item_tol_ah)
     item_leaf = np.where(is_el, np.searchsorted(np.array(layout.offsets), np.maximum(flat, 0), side="right") - 1,
                          np.concatenate([np.zeros(int(is_el.sum()), int), d_leaf]))
-    jvp = np.asarray(res.jvp)
 
     rows = []
     for li, (path, shape, o, s) in enumerate(zip(layout.paths, layout.shapes, layout.offsets, layout.sizes, strict=True)):
-        items: list[_Item] = []
-        empty_support = s > 0 and not engine.support_np[o : o + s].any()
+        lf = engine.leaves[li]
+        row_items: list[_Item] = []
         for k in np.nonzero(item_leaf == li)[0]:
-            if not is_el[k] and (s == 0 or empty_support):
+            if not is_el[k] and (s == 0 or lf.empty_support):
                 continue  # a direction with nothing to move: no information
             index = np.unravel_index(flat[k] - o, shape) if is_el[k] else None
-            items.append(_make_item(verdicts[k], index, A[k], None if H is None else H[k], fd, k))
-        nonfinite, dis, extra = _disagreements(a[o : o + s], None if h is None else h[o : o + s],
-                                               engine.tol_ah[o : o + s], shape)
-        done = {int(flat[k]) - o for k in np.nonzero((item_leaf == li) & is_el)[0]}
-        if dis.any():
-            _arbitrate_disagreements(li, dis, nonfinite, done, a, h, tol, engine, items, extra)
-        _locate_failing_projection(li, a, h, tol, engine, items, extra)
-        if plan.jvp and not empty_support and s:
+            row_items.append(_make_item(verdicts[k], index, A[k], None if H is None else H[k], fd, k))
+        extra = list(lf.extra)
+        if lf.n_order:
+            _arbitrate_disagreements(li, has_hand, engine, row_items, extra)
+        _locate_failing_projection(li, has_hand, engine, row_items, extra)
+        if plan.jvp and not lf.empty_support and s:
             k_dir = int(np.nonzero(~is_el)[0][list(d_leaf).index(li)])
-            _compare_modes(float(jvp[li]), float(A[k_dir]), k_dir, nonfinite, fd, item_tol, item_tol_ah, engine.eps_f,
-                           items, extra)
-        if user_dtypes != ["float64"] and s:
+            _compare_modes(float(jvp[li]), float(A[k_dir]), k_dir, lf.nonfinite > 0, fd, item_tol, item_tol_ah,
+                           engine.eps_f, row_items, extra)
+        if user and s:
             eps = max(float(jnp.finfo(engine.user_dtypes[li]).eps), eps_inner)  # fn may compute in bfloat16
-            extra_u, items_u = _user_precision(o, s, shape, a, h, a_user, h_user, eps, skip=_blamed_sides(items))
+            extra_u, items_u = _user_precision(li, engine, has_hand, eps, skip=_blamed_sides(row_items))
             extra += extra_u
-            items += items_u
-        rows.append(_row(path, li, s, items, extra, plan))
+            row_items += items_u
+        rows.append(_row(path, li, s, row_items, extra, plan))
     return rows
 
 
-def _disagreements(seg_a: np.ndarray, seg_h: np.ndarray | None, tol_ah: np.ndarray,
-                   shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """One leaf's elements where autodiff or hand is not finite, and those to arbitrate (where autodiff and hand
-    disagree, or without a hand where autodiff is not finite); and notes on them."""
-    extra: list[str] = []
-    nonfinite = ~np.isfinite(seg_a)
-    if seg_h is not None:
-        nonfinite |= ~np.isfinite(seg_h)
-        with np.errstate(invalid="ignore"):
-            dis = ~(np.abs(seg_a - seg_h) <= tol_ah)
-        same_nf = ~np.isfinite(seg_a) & (seg_a == seg_h)
-        n_disagree = int((dis & ~same_nf).sum())
-        if n_disagree:
-            with np.errstate(invalid="ignore"):
-                gap = np.where(dis & ~same_nf, np.abs(seg_a - seg_h), -1.0)
-            i = int(np.argmax(np.where(np.isnan(gap), np.inf, gap)))
-            where = [int(j) for j in np.unravel_index(i, shape)]
-            extra.append(f"autodiff and hand disagree at {n_disagree} element(s); " + (
-                f"the largest gap is {_g(float(gap[i]))} at {where}" if np.isfinite(gap[i])
-                else f"one side is not finite at {where}"))
-    else:
-        dis = nonfinite
-    n_nf = int(nonfinite.sum())
-    if n_nf:
-        extra.append(f"{n_nf} element(s) not finite in " + ("autodiff or hand" if seg_h is not None else "autodiff")
-                     + " (checked one by one; random projections skip them)")
-    return nonfinite, dis, extra
-
-
-def _arbitrate_disagreements(li: int, dis: np.ndarray, nonfinite: np.ndarray, done: set[int], a, h, tol,
-                             engine: _Engine, items: list[_Item], extra: list[str]) -> None:
-    """Disagreeing elements of leaf ``li`` (``dis``, within the leaf), worst first and not ``done`` already, are
-    arbitrated in growing rounds until one fails: a wrong element must not hide behind disagreements that are
-    only kinks (two valid conventions). Appends to ``items`` and ``extra``."""
-    o, s, shape = engine.layout.offsets[li], engine.layout.sizes[li], engine.layout.shapes[li]
-    cand = np.nonzero(dis)[0]
-    bad = _badness(a[o : o + s][cand], None if h is None else h[o : o + s][cand], engine.tol_ah[o : o + s][cand],
-                   nonfinite[cand])
-    order = [o + int(i) for i in cand[np.argsort(-bad, kind="stable")] if int(i) not in done]
+def _arbitrate_disagreements(li: int, has_hand: bool, engine: _Engine, items: list[_Item], extra: list[str]) -> None:
+    """Disagreeing elements of leaf ``li`` (or, without a hand, non-finite ones), worst first and not checked by
+    the probe already, are arbitrated in growing rounds until one fails: a wrong element must not hide behind
+    disagreements that are only kinks (two valid conventions). Appends to ``items`` and ``extra``."""
+    lf = engine.leaves[li]
+    o, shape = engine.layout.offsets[li], engine.layout.shapes[li]
+    order = [int(i) for i in lf.order]
     checked = 0
     for size in _ARBITRATION_ROUNDS:
         batch = order[checked : checked + size]
         if not batch:
             break
-        new = _arbitrate(np.array(batch), li, a, h, tol, engine)
+        new = _arbitrate(np.array(batch), li, has_hand, engine)
         items += new
         checked += len(batch)
         if any(it.verdict in _FAILING for it in new):
             break
-    left = len(order) - checked
+    left = lf.n_order - checked
     if left > 0 and not any(it.verdict in _FAILING for it in items):
         i = order[checked]
-        what = "autodiff and hand disagree" if h is not None else "autodiff is not finite"
+        what = "autodiff and hand disagree" if has_hand else "autodiff is not finite"
         extra.append(f"{what} at {left} more element(s) than the {checked} checked one by one (all passing): "
                      "too many to check, so the leaf cannot pass")
-        items.append(_make_item(Verdict.MISMATCH, np.unravel_index(i - o, shape), a[i],
-                                None if h is None else h[i], N=float("nan")))
+        av, hv = engine.values(np.array([i]))[:2]
+        items.append(_make_item(Verdict.MISMATCH, np.unravel_index(i - o, shape), av[0], hv[0] if has_hand else None,
+                                N=float("nan")))
 
 
-def _locate_failing_projection(li: int, a, h, tol, engine: _Engine, items: list[_Item], extra: list[str]) -> None:
+def _locate_failing_projection(li: int, has_hand: bool, engine: _Engine, items: list[_Item], extra: list[str]) -> None:
     """A projection that fails with no element to show for it: bisect down to the element. Appends to ``items``
     and ``extra``; a located element that is blamed explains the failing projections (their verdict becomes its)."""
     bad_dirs = [it for it in items if it.index is None and it.verdict in _FAILING]
     if bad_dirs and not any(it.index is not None and it.verdict in _FAILING for it in items):
-        located = _bisect(li, a, h, tol, engine)
+        located = _bisect(li, has_hand, engine)
         items.append(located)
         if located.verdict in _FAILING:
             extra.append("element located by bisecting a failing random projection")
@@ -712,11 +963,11 @@ def _locate_failing_projection(li: int, a, h, tol, engine: _Engine, items: list[
                          "disagreement is spread over many elements)")
 
 
-def _compare_modes(jv: float, jr: float, k: int, nonfinite: np.ndarray, fd: _FD, item_tol: np.ndarray,
+def _compare_modes(jv: float, jr: float, k: int, nonfinite: bool, fd: _FD, item_tol: np.ndarray,
                    item_tol_ah: np.ndarray, eps_f: float, items: list[_Item], extra: list[str]) -> None:
     """Forward mode (``jv``, the jvp) against reverse mode (``jr``, grad·u) along a leaf's first random direction,
     item ``k``; finite differences say which one is wrong. Appends to ``items`` and ``extra``."""
-    if not math.isfinite(jv) and nonfinite.any():
+    if not math.isfinite(jv) and nonfinite:
         extra.append("forward mode not compared: autodiff is not finite at some elements of this leaf")
     # (forward mode's tangent is rounded to fn's output dtype, e.g. by a final cast to bfloat16)
     elif not abs(jv - jr) <= item_tol_ah[k] + 4 * eps_f * max(abs(jv), abs(jr)):
@@ -771,22 +1022,23 @@ def _badness(a, h, tol, nonfinite):
     return np.where(nonfinite | np.isnan(b), 1e308, b)
 
 
-def _arbitrate(flat: np.ndarray, li: int, a, h, tol, engine: _Engine) -> list[_Item]:
+def _arbitrate(flat: np.ndarray, li: int, has_hand: bool, engine: _Engine) -> list[_Item]:
     """Finite differences at elements where autodiff and hand disagree (or are not finite): who is wrong."""
     fd = engine.at_elements(flat)
-    verdicts = _classify(a[flat], None if h is None else h[flat], fd, tol[flat], tol_ah=engine.tol_ah[flat])
+    av, hv, tv, tahv = engine.values(flat)
+    H = hv if has_hand else None
+    verdicts = _classify(av, H, fd, tv, tol_ah=tahv)
     o, shape = engine.layout.offsets[li], engine.layout.shapes[li]
-    return [_make_item(verdicts[k], np.unravel_index(i - o, shape), a[i], None if h is None else h[i], fd, k)
+    return [_make_item(verdicts[k], np.unravel_index(i - o, shape), av[k], None if H is None else H[k], fd, k)
             for k, i in enumerate(flat)]
 
 
-def _bisect(li: int, a, h, tol, engine: _Engine) -> _Item:
+def _bisect(li: int, has_hand: bool, engine: _Engine) -> _Item:
     """Locates an element responsible for a failing projection: halve the direction's support, keep the half
     whose finite-difference check fails worst, until one element is left; then check that element."""
     layout, plan = engine.layout, engine.plan
     o, s = layout.offsets[li], layout.sizes[li]
-    rms = math.sqrt(float(np.mean(engine.theta_np[o : o + s] ** 2))) if s else 0.0
-    step = engine.h0 * max(1.0, rms)
+    step = engine.h0 * max(1.0, engine.rms(li))
     d_leaf, d_j = _dir_items(plan)
     streams = [j for leaf, j in zip(d_leaf, d_j, strict=True) if leaf == li]
 
@@ -795,10 +1047,11 @@ def _bisect(li: int, a, h, tol, engine: _Engine) -> _Item:
         scale: only the comparison between the halves matters here)."""
         n = len(ranges)
         lo, hi = np.array([r[0] for r in ranges]), np.array([r[1] for r in ranges])
-        F, P = engine.evaluate(_Items(np.full(n, -1), np.full(n, j), lo, hi, np.full(n, step)))
+        F = engine.evaluate(_Items(np.full(n, -1), np.full(n, j), lo, hi, np.full(n, step)))[0]
+        P = engine.projections(li, j, lo, hi)
         dt = np.maximum(P[:, 2], engine.floor)
         sc = _scale(engine.f0, F, np.full(n, step), engine.eps_f, dt)
-        refs = [P[:, 0]] if h is None else [P[:, 0], P[:, 1]]
+        refs = [P[:, 0]] if not has_hand else [P[:, 0], P[:, 1]]
         with np.errstate(invalid="ignore", divide="ignore"):
             bad = np.max([np.abs(r - sc.value) for r in refs], axis=0) / (2 * sc.err + dt)
         return np.where(np.isnan(bad), 1e308, bad)
@@ -809,40 +1062,31 @@ def _bisect(li: int, a, h, tol, engine: _Engine) -> _Item:
         mid = (lo + hi) // 2
         bad = badness(j, [(lo, mid), (mid, hi)])
         lo, hi = (lo, mid) if bad[0] >= bad[1] else (mid, hi)
-    return _arbitrate(np.array([lo]), li, a, h, tol, engine)[0]
+    return _arbitrate(np.array([lo]), li, has_hand, engine)[0]
 
 
-def _user_precision(o, s, shape, a64, h64, a_user, h_user, eps, skip=()) -> tuple[list[str], list[_Item]]:
-    """The parameters' own precision (e.g. float32) against float64: a side whose values are not finite, or
-    that loses far more precision than the other side, is wrong at that precision only. Sides already found
-    wrong in float64 (``skip``) are not judged again. Deviations are measured against the leaf's largest
-    value, or the whole gradient's when that is larger (rounding follows the gradient's overall scale: a
-    leaf whose true gradient is 0 still gets round-off)."""
-    global_scale = float(np.max(np.abs(np.where(np.isfinite(a64), a64, 0.0)))) if a64.size else 0.0
+def _user_precision(li: int, engine: _Engine, has_hand: bool, eps: float, skip=()) -> tuple[list[str], list[_Item]]:
+    """The parameters' own precision (e.g. float32) against float64 for leaf ``li`` (see :meth:`_Engine.user_side`):
+    a side whose values are not finite, or that loses far more precision than the other side, is wrong at that
+    precision only. Sides already found wrong in float64 (``skip``) are not judged again. Deviations are
+    measured against the leaf's largest value, or the whole gradient's when that is larger (rounding follows the
+    gradient's overall scale: a leaf whose true gradient is 0 still gets round-off)."""
+    lf, shape = engine.leaves[li], engine.layout.shapes[li]
+    sides = ["autodiff", "hand"] if has_hand else ["autodiff"]
     extra, items = [], []
-    sides = {"autodiff": (a_user[o : o + s], a64[o : o + s])}
-    if h64 is not None:
-        sides["hand"] = (h_user[o : o + s], h64[o : o + s])
-    rel = {}
-    for name, (u, ref) in sides.items():
-        with np.errstate(invalid="ignore"):
-            dev = np.abs(u - ref)
-        scale = max(float(np.max(np.abs(np.where(np.isfinite(ref), ref, 0.0)))) if s else 0.0, global_scale, 1e-300)
-        rel[name] = (float(np.max(np.where(np.isfinite(dev), dev, 0.0))) / scale if s else 0.0, dev)
-    for name, (u, ref) in sides.items():
+    for name in sides:
         if name in skip:
             continue
-        r, dev = rel[name]
-        nonfinite = ~np.isfinite(u) & np.isfinite(ref)
-        others = [v[0] for n, v in rel.items() if n != name]
+        r, nonfinite, best = lf.user[name]
+        others = [lf.user[n][0] for n in sides if n != name]
         gross = bool(others) and r > max(1e-3, 30 * eps) and r > 30 * max(others[0], 1e-7)
-        if nonfinite.any() or gross:
-            i = int(np.argmax(np.where(nonfinite, np.inf, np.where(np.isfinite(dev), dev, 0.0))))
-            what = "is not finite" if nonfinite.any() else f"loses precision (deviation {r:.1e} of its scale)"
+        if nonfinite or gross:
+            i, ref = best
+            what = "is not finite" if nonfinite else f"loses precision (deviation {r:.1e} of its scale)"
             extra.append(f"{name} {what} at the parameters' own precision, though right in float64")
             blame = Verdict.AUTODIFF_WRONG if name == "autodiff" else Verdict.HAND_WRONG
-            it = _make_item(blame, np.unravel_index(i, shape), a_user[o + i], None if h64 is None else h_user[o + i],
-                            N=ref[i])
+            a_u, h_u = lf.user_at[i]
+            it = _make_item(blame, np.unravel_index(i, shape), a_u, h_u if has_hand else None, N=ref)
             it.user_precision = True
             items.append(it)
     return extra, items
