@@ -21,7 +21,7 @@ try:
 except ImportError:  # the run extras only: the property tests skip themselves
     pass
 else:
-    settings.register_profile("ci", max_examples=15, derandomize=True, deadline=None, print_blob=True,
+    settings.register_profile("ci", max_examples=25, derandomize=True, deadline=None, print_blob=True,
                               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     settings.register_profile("explore", max_examples=500, deadline=None,
                               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
