@@ -382,8 +382,8 @@ def _prepare(args: argparse.Namespace, out: Path, writer: bool) -> _Prepared:
             raise UsageError(f"{out} already holds a run (a checkpoint); pass --resume to continue it, or --out "
                              "to train into another folder")
     ckpt = _checkpoint_path(out, cfg)
-    if cfg.checkpoint.backend == "orbax" and _orbax_missing():
-        raise UsageError(_orbax_missing())
+    if cfg.checkpoint.backend == "orbax" and (missing := _orbax_missing()):
+        raise UsageError(missing)
     _check_memory(cfg, check=cfg.train.verify and not args.resume)
     try:
         setup = experiment.build(cfg)
@@ -403,8 +403,8 @@ def _prepare(args: argparse.Namespace, out: Path, writer: bool) -> _Prepared:
                              f"checkpoint in {out} is already at step {start}; a run cannot go back (to end at step "
                              f"{start} or later, set train.epochs accordingly)")
     complete = False
-    if writer and cfg.train.tensorboard and log.tensorboard_missing():
-        raise UsageError(log.tensorboard_missing())
+    if writer and cfg.train.tensorboard and (missing := log.tensorboard_missing()):
+        raise UsageError(missing)
     if writer:
         records = _read_metrics(out, setup.steps)
         logged = meta.get("last_logged")
@@ -619,9 +619,10 @@ def _finish(args: argparse.Namespace, out: Path, p: _Prepared, params: Any, eval
     say(f"  final  training:   {_summary_line(train_m)}")
     say(f"         validation: {_summary_line(val_m)}")
     if writer:
+        trained = log.train_rows(records)
         summary = {
             "name": p.cfg.name, "steps": setup.steps, "train": train_m, "validation": val_m,
-            "last_step": dict(log.train_rows(records)[-1]) if log.train_rows(records) else {},
+            "last_step": dict(trained[-1]) if trained else {},
             "wall_seconds": wall, "config": fgconfig.to_dict(p.cfg), "devices": parallel.describe_mesh(p.mesh),
             "run": str(out),
         }
