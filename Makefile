@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 # Test processes (pytest-xdist): two halve the wall time of the compile-bound suite on a 2-core machine.
 PYTEST_WORKERS ?= 2
 
-.PHONY: run test lint test-slow test-all test-properties mutate bench verify examples clean clean-runs
+.PHONY: run test lint test-slow test-all test-properties mutate mutate-sample bench verify examples clean clean-runs
 
 ## The main job: train the default model (configs/spiral.toml, the book's chapter 11) into runs/spiral.
 ## A second `make run` continues an interrupted run (--resume), and on a finished one says it is complete and
@@ -36,6 +36,14 @@ test-all: $(VENV)/.installed-dev
 MUTANTS ?=
 mutate: $(VENV)/.installed-dev
 	$(BIN)/mutmut run $(MUTANTS)
+	$(BIN)/mutmut results
+
+## The sampled run whose scores tests/MUTATION.md reports: MUTANTS_PER_MODULE mutants drawn per module with a
+## fixed seed (tests/mutation_sample.py). `mutmut run` generates the mutants first when mutants/ is missing.
+MUTANTS_PER_MODULE ?= 20
+mutate-sample: $(VENV)/.installed-dev
+	@[ -d mutants ] || $(BIN)/mutmut run "funcgrad.checkpoint.x__check_finite__mutmut_1"
+	$(BIN)/mutmut run $$($(BIN)/python tests/mutation_sample.py $(MUTANTS_PER_MODULE))
 	$(BIN)/mutmut results
 
 ## Property-based tests with many more random examples than the default suite's derandomized 25.

@@ -101,3 +101,42 @@ def test_penalty_patterns_are_checked_against_the_model():
 def test_missing_file():
     with pytest.raises(config.ConfigError, match="cannot read config .*nope.toml"):
         config.load("nope.toml")
+
+
+def test_an_override_value_may_contain_equals_signs():
+    cfg = config.loads("", overrides=["name=a=b=c", "data.path = /tmp/x=y"])
+    assert cfg.name == "a=b=c" and str(cfg.data.path) == "/tmp/x=y"
+
+
+def test_memory_estimate_counts_each_part_as_documented():
+    """The estimate's model, counted by hand for spiral 100×3 → 64 → 3 with Adam, in float32 bytes."""
+    cfg = config.loads("", overrides=["train.verify=true"])
+    est = config.memory_estimate(cfg)
+    params = 2 * 64 + 64 + 64 * 3 + 3
+    n = 300  # 100 samples × 3 classes, and as many validation samples
+    units = 64 + 3
+    assert est.parameters == params
+    # params, gradient, update, new params and 2 Adam slots, old and new; one host copy and its file bytes
+    assert est.state == params * 4 * ((4 + 2 * 2) + 2 * (1 + 2))
+    # full batch: 4 values per sample and unit (forward, pre-activation and their gradients)
+    assert est.activations == n * units * 4 * 4
+    assert est.data == (n + n) * (2 + 1) * 4 * 2  # X and y, training and validation, host and device
+    # the float64 check: 6 parameter-sized float64 arrays and 4 activations per sample and unit, doubled
+    assert est.check == 2 * (params * 8 * 6 + n * units * 8 * 4)
+    assert est.total == est.state + est.activations + est.data + est.check
+
+    dropout = config.memory_estimate(config.loads("", overrides=["model.dropout=0.1", "train.verify=true"]))
+    assert dropout.activations == n * units * 4 * 5  # and a dropout mask
+    assert config.memory_estimate(config.loads("", overrides=["train.verify=false"])).check == 0
+    sgd = config.memory_estimate(config.loads("", overrides=["optimizer.kind=sgd", "optimizer.learning_rate=1.0"]))
+    assert sgd.state == params * 4 * ((4 + 2) + 2 * 2)
+
+
+def test_memory_estimate_over_devices():
+    est = config.memory_estimate(config.loads(""))
+    assert est.on(1, shared=True) == est.on(1, shared=False) == est.total
+    # CPU devices of one host share memory: each holds the state, the batch and data are split among them
+    assert est.on(2, shared=True) == 2 * est.state + est.activations + est.data + est.check
+    # accelerators: the figure per device, with its share (rounded up) of activations and data
+    assert est.on(2, shared=False) == est.state + -(-est.activations // 2) + -(-est.data // 2) + est.check
+    assert est.on(3, shared=False) < est.on(2, shared=False) < est.total

@@ -107,6 +107,28 @@ def test_minibatch_training_uses_the_batch(setup):
     assert not np.allclose(np.asarray(full.params["dense2"]["b"]), np.asarray(mini.params["dense2"]["b"]))
 
 
+def test_a_minibatch_step_is_sgd_on_the_documented_minibatch(setup):
+    """make_step(batch_size=B): the step's loss and update are those of the minibatch batch_indices names,
+    drawn from the first half of split(state.key); the data outside it play no part. 60 samples in batches of 7:
+    8 per epoch, 4 left out."""
+    obj, params, data = setup
+    batch_size = 7
+    tx = fg.optim.sgd(0.1)
+    state = fg.train.init(params, tx, jax.random.key(5))
+    step = fg.train.make_step(obj.value, tx, batch_size=batch_size, donate=False)
+    for t in range(3):
+        k_data = jax.random.split(state.key)[0]
+        idx = np.asarray(fg.train.batch_indices(k_data, state.step, 60, batch_size))
+        assert len(set(idx.tolist())) == batch_size
+        Xb, yb = data[0][idx], data[1][idx]
+        loss, grads = jax.value_and_grad(obj.value)(state.params, Xb, yb)
+        expected = jax.tree.map(lambda p, g: p - 0.1 * g, state.params, grads)
+        state, metrics = step(state, data)
+        np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-6)
+        chex.assert_trees_all_close(state.params, expected, rtol=1e-5, atol=1e-7)
+        assert int(state.step) == t + 1
+
+
 def test_dropout_keys_follow_the_state_key():
     X, y = fg.data.spiral(20, 3, key=0)
     model = fg.nn.mlp([16, 3], dropout=0.5, output="softmax")
