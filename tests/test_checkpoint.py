@@ -98,3 +98,14 @@ def test_a_header_is_checked_before_it_is_used():
     with pytest.raises(checkpoint.CheckpointError, match="the file is empty"):
         checkpoint.metadata(b"")
     assert len(data) <= checkpoint.size_bound(tree) < len(data) + 2 * 1024 * 1024
+
+
+def test_size_bound_allows_the_data_4_kib_per_leaf_and_1_mib_of_metadata():
+    """The documented allowance, computed from shapes alone (ShapeDtypeStruct leaves need no memory)."""
+    tree = {"w": jax.ShapeDtypeStruct((300, 7), jnp.float32), "b": np.zeros(7, np.float64), "n": 3,
+            "key": jax.random.key(0)}
+    # with x64 off, leaves are stored as JAX holds them: float64 as float32, a Python int as int32; a threefry
+    # key as its 2 uint32
+    data = 300 * 7 * 4 + 7 * 4 + 4 + 2 * 4
+    assert checkpoint.size_bound(tree) == data + 4096 * (4 + 1) + 1024 * 1024
+    assert checkpoint.size_bound({}) == 4096 + 1024 * 1024

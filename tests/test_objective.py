@@ -52,6 +52,29 @@ def test_value_and_hand_gradient_match_the_books_numpy_code():
         jax.tree.map(lambda g, r: np.testing.assert_allclose(np.asarray(g), r, rtol=1e-10, atol=1e-15), hand, grads)
 
 
+def test_softmax_and_crossentropy_use_the_books_combined_backward_even_where_softmax_saturates():
+    """With logits thousands apart, softmax rounds the true class's probability to 0: chaining the separate
+    backward rules (−y/ŷ through the softmax Jacobian) loses the gradient there, the book's combined
+    ``(ŷ − y)/N`` does not. Any model ending in softmax with categorical_crossentropy takes the combined one."""
+    model = fg.nn.mlp([16, 8, 3], output="softmax")  # dense, relu, dense, relu, dense, softmax
+    obj = fg.Objective(model, "categorical_crossentropy")
+    params = model.init(jax.random.key(1), (2,))
+    for name, width in (("dense1", 16), ("dense2", 8)):  # spiral's first points are (0, 0): off ReLU's kink
+        params[name]["b"] = jnp.linspace(-0.01, 0.013, width)
+    X = fg.data.spiral(10, 3, key=4)[0]
+    with jax.enable_x64(True):
+        p64 = jax.tree.map(lambda a: a.astype(jnp.float64) * 1000.0, params)  # logits thousands apart
+        z = np.asarray(obj._logits_model.apply(p64, X.astype(jnp.float64)))
+        y = jnp.asarray(z.argmin(1))  # labels on the least likely class: confidently wrong
+        assert np.mean(np.exp(z - z.max(1, keepdims=True))[np.arange(30), np.asarray(y)] == 0.0) > 0.5  # saturated
+        hand = obj.hand_grad(p64, X.astype(jnp.float64), y)
+        expected = jax.grad(lambda p: -jnp.mean(jax.nn.log_softmax(obj._logits_model.apply(p, X.astype(jnp.float64)))
+                                                [jnp.arange(30), y]))(p64)
+        assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(hand))
+        jax.tree.map(lambda g, r: np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-9, atol=1e-12),
+                     hand, expected)
+
+
 @pytest.mark.parametrize(
     "loss,output,sizes,data",
     [
@@ -93,7 +116,7 @@ def test_objective_errors():
         fg.Objective(model, "cross_entropy")
     with pytest.raises(ValueError, match=r"l2\['dense1/W'\] must be a number >= 0"):
         fg.Objective(model, "categorical_crossentropy", l2={"dense1/W": -1.0})
-    with pytest.raises(TypeError, match="model must be a funcgrad Layer"):
+    with pytest.raises(TypeError, match="model must be a funcgrad Layer; got function"):
         fg.Objective(lambda p, x: x, "mse")
     obj = fg.Objective(model, "categorical_crossentropy", l2={"dense9/W": 1e-3})
     params = model.init(jax.random.key(0), (2,))

@@ -89,6 +89,12 @@ def test_book_data_generators_name_themselves_and_the_count(generator):
     raises_naming(lambda: getattr(data, generator)(5, 2.0), ValueError, f"{generator}: classes must be an int")
 
 
+@pytest.mark.parametrize("generator", ["spiral", "vertical"])
+def test_exact_data_names_the_generator_and_wants_an_int_seed(generator):
+    raises_naming(lambda: getattr(data, generator)(5, 3, key=jax.random.key(0), exact=True), TypeError,
+                  f"{generator}(exact=True): key must be an int seed for NumPy's RandomState", "got ")
+
+
 def test_book_initialisation_names_the_layer_it_cannot_initialise():
     model = fg.nn.serial(fg.nn.dense(4, W_init=fg.initializers.zeros), fg.nn.relu())
     raises_naming(lambda: data.NNFSRandom(0).init(model, 2), ValueError,
