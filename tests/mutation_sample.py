@@ -7,6 +7,8 @@ machine, so ``make mutate-sample`` runs a fixed number of mutants per module, dr
 
     python tests/mutation_sample.py 20            # the sample's names, one per line (for `mutmut run`)
     python tests/mutation_sample.py 20 --report   # the sample's results per module, as a Markdown table
+    python tests/mutation_sample.py 8 --seed 1 --exclude 20   # a fresh sample, none of the first one's: the
+                                  # score after tests were written for the first sample's survivors
     python tests/mutation_sample.py --recheck NAME [NAME ...] [-- TEST ...]
 
 ``--recheck`` runs one mutant at a time against whole test files in a fresh interpreter (the module's own test
@@ -35,11 +37,13 @@ def _metas(root: Path) -> list[Path]:
     return sorted(root.glob("funcgrad/**/*.py.meta"))
 
 
-def sample(per_module: int, seed: int = 0, root: Path = Path("mutants")) -> list[str]:
-    """The names of ``per_module`` mutants drawn without replacement from each mutated module."""
+def sample(per_module: int, seed: int = 0, root: Path = Path("mutants"), exclude: frozenset[str] = frozenset()
+           ) -> list[str]:
+    """The names of ``per_module`` mutants drawn without replacement from each mutated module (none of
+    ``exclude``)."""
     names: list[str] = []
     for meta in _metas(root):
-        keys = sorted(json.loads(meta.read_text())["exit_code_by_key"])
+        keys = sorted(set(json.loads(meta.read_text())["exit_code_by_key"]) - exclude)
         rng = random.Random(f"{seed}:{meta.relative_to(root)}")
         names += sorted(rng.sample(keys, min(per_module, len(keys))))
     return names
@@ -115,5 +119,8 @@ if __name__ == "__main__":
         sys.exit(0)
     if not Path("mutants").is_dir():
         sys.exit("no mutants/ folder: run `mutmut run` once first (make mutate) to generate the mutants")
-    picked = sample(int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 20)
+    seed = int(sys.argv[sys.argv.index("--seed") + 1]) if "--seed" in sys.argv else 0
+    # --exclude K: none of the seed-0 sample of K per module (a fresh sample after tests were written for that one)
+    excluded = frozenset(sample(int(sys.argv[sys.argv.index("--exclude") + 1]))) if "--exclude" in sys.argv else frozenset()
+    picked = sample(int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 20, seed, exclude=excluded)
     print(report(picked, _equivalent()) if "--report" in sys.argv else "\n".join(picked))

@@ -42,7 +42,9 @@ def _output(script):
     return run_python([str(ROOT / "examples" / script)], timeout=120).stdout
 
 
-SLOW = {"audit_custom_rules.py"}  # about 20 s: one small compiled check per rule call site
+# audit_custom_rules.py: about 20 s, one small compiled check per rule call site; planted_bug.py: about 20 s, and the
+# README test runs the same planted mistake through check_grad in the default suite
+SLOW = {"audit_custom_rules.py", "planted_bug.py"}
 
 
 @pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.slow) if s in SLOW else s for s in sorted(EXPECTED)])

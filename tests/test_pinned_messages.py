@@ -105,15 +105,30 @@ def test_book_initialisation_names_the_layer_it_cannot_initialise():
                                             (np.array(["x"]), "a NumPy array of dtype <U1"),
                                             ("text", "a str")])
 def test_checkpoint_names_the_leaf_that_cannot_be_stored_and_what_it_is(leaf, what):
-    raises_naming(lambda: checkpoint.to_bytes({"params": {"w": leaf}}), checkpoint.CheckpointError,
-                  f"['params']['w'] is {what}", "a checkpoint holds arrays of numbers")
+    message = raises_naming(lambda: checkpoint.to_bytes({"params": {"w": leaf}}), checkpoint.CheckpointError,
+                            "a checkpoint holds arrays of numbers")
+    assert message.startswith(f"leaf ['params']['w'] is {what}; "), message
+
+
+def test_a_checkpoint_that_does_not_match_names_three_leaves_and_counts_the_rest():
+    saved = checkpoint.to_bytes({k: np.zeros(2, np.float32) for k in "abcde"})
+    message = raises_naming(lambda: checkpoint.from_bytes(saved, {k: np.zeros(3, np.float32) for k in "abcde"}),
+                            checkpoint.CheckpointError, "checkpoint does not match the template: ",
+                            "['a']: stored float32[2], expected float32[3]; ['b']", "; ['c']")
+    assert message.endswith("expected float32[3]; and 2 more") and "['d']" not in message, message
 
 
 def test_accuracy_takes_two_or_more_classes_and_points_a_single_output_to_binary_accuracy():
     two = np.array([[0.2, 0.8], [0.9, 0.1], [0.4, 0.6]], np.float32)
     assert float(metrics.accuracy(two, np.array([1, 0, 0]))) == pytest.approx(2 / 3)  # argmax: 1, 0, 1
-    raises_naming(lambda: metrics.accuracy(F, np.zeros(4, int)), ValueError, "accuracy needs at least 2 classes",
-                  "outputs float32[4,1]", "For a single sigmoid output use binary_accuracy.")
+    message = raises_naming(lambda: metrics.accuracy(F, np.zeros(4, int)), ValueError,
+                            "accuracy needs at least 2 classes", "outputs float32[4,1]")
+    assert message.endswith(". For a single sigmoid output use binary_accuracy."), message
+
+
+def test_binary_accuracy_wants_floating_probabilities():
+    raises_naming(lambda: metrics.binary_accuracy(np.ones((4, 1), np.int32), F), TypeError,
+                  "probs must have a floating dtype", "got int32[4,1]")
 
 
 def test_training_names_the_data_shapes_and_the_key_it_was_given():

@@ -61,6 +61,11 @@ def test_fused_steps_equal_single_steps_and_skip_past_until(setup):
     assert np.isnan(np.asarray(m2["loss"])[2:]).all()
     np.testing.assert_allclose(np.concatenate([m1["loss"], m2["loss"][:2]]), losses, rtol=1e-6)
     chex.assert_trees_all_close(fused.params, single.params, rtol=1e-6, atol=1e-7)
+    # without `until`, a call runs all its steps
+    whole, m = run(fg.train.init(params, tx, jax.random.key(1)), data)
+    np.testing.assert_array_equal(np.asarray(m["step"]), [0, 1, 2, 3, 4])
+    np.testing.assert_allclose(np.asarray(m["loss"]), losses[:5], rtol=1e-6)
+    assert int(whole.step) == 5
 
 
 def test_chunking_and_resuming(setup):
@@ -116,12 +121,13 @@ def test_a_minibatch_step_is_sgd_on_the_documented_minibatch(setup):
     tx = fg.optim.sgd(0.1)
     state = fg.train.init(params, tx, jax.random.key(5))
     step = fg.train.make_step(obj.value, tx, batch_size=batch_size, donate=False)
+    reference = jax.jit(jax.value_and_grad(obj.value))
     for t in range(3):
         k_data = jax.random.split(state.key)[0]
         idx = np.asarray(fg.train.batch_indices(k_data, state.step, 60, batch_size))
         assert len(set(idx.tolist())) == batch_size
         Xb, yb = data[0][idx], data[1][idx]
-        loss, grads = jax.value_and_grad(obj.value)(state.params, Xb, yb)
+        loss, grads = reference(state.params, Xb, yb)
         expected = jax.tree.map(lambda p, g: p - 0.1 * g, state.params, grads)
         state, metrics = step(state, data)
         np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-6)

@@ -366,6 +366,8 @@ def test_check_jacobian_softmax():
         verify.check_jacobian(rules.softmax.forward, x, lambda x: jnp.eye(3))
 
 
+@pytest.mark.slow  # ~25 s; tests/test_verify_foreign.py::test_check_chain_with_book_style_numpy_stages and the README
+# test find a broken link in the default suite
 def test_check_chain_traces_a_wrong_gradient_to_the_layer():
     model = fg.nn.mlp([16, 3], output="softmax")
     obj = fg.Objective(model, "categorical_crossentropy")
