@@ -116,9 +116,25 @@ def test_objective_errors():
         fg.Objective(model, "cross_entropy")
     with pytest.raises(ValueError, match=r"l2\['dense1/W'\] must be a number >= 0"):
         fg.Objective(model, "categorical_crossentropy", l2={"dense1/W": -1.0})
+    with pytest.raises(ValueError, match=r"^Objective: l1\['dense1/b'\] must be a number >= 0; got nan"):
+        fg.Objective(model, "categorical_crossentropy", l1={"dense1/b": float("nan")})
     with pytest.raises(TypeError, match="model must be a funcgrad Layer; got function"):
         fg.Objective(lambda p, x: x, "mse")
     obj = fg.Objective(model, "categorical_crossentropy", l2={"dense9/W": 1e-3})
     params = model.init(jax.random.key(0), (2,))
     with pytest.raises(ValueError, match="pattern 'dense9/W' matches no parameter"):
         obj.value(params, jnp.ones((2, 2)), jnp.array([0, 1]))
+
+
+def test_hand_gradient_keeps_the_parameters_dtype():
+    """float32 parameters get a float32 hand gradient even with x64 on (the loss's cotangent takes their dtype)."""
+    model = fg.nn.mlp([8, 3], output="softmax")
+    obj = fg.Objective(model, "categorical_crossentropy")
+    params = model.init(jax.random.key(0), (2,))
+    X, y = fg.data.spiral(5, 3, key=0)
+    with jax.enable_x64(True):
+        hand = obj.hand_grad(params, X, y)
+        assert {str(g.dtype) for g in jax.tree.leaves(hand)} == {"float32"}
+        auto = jax.grad(obj.value)(params, X, y)
+        jax.tree.map(lambda h, a: np.testing.assert_allclose(np.asarray(h), np.asarray(a), rtol=2e-5, atol=1e-7),
+                     hand, auto)

@@ -115,6 +115,27 @@ def test_classify_blames_the_side_that_disagrees_with_the_other_two():
     assert classify(1.01 * g, None, fd, tol) == ["autodiff_wrong"]
 
 
+def test_classify_blames_only_what_finite_differences_rule_out_with_confidence():
+    """Between the reading's slack (2·err + tol) and its confidence margin (_CONFIDENT·err + tol) a value is
+    neither accepted nor blamed: the verdict says it could not decide. A reading from a single scale (not
+    paired) never blames, however far off the value."""
+    _, fd = ladder(np.exp, 0.3, 1e-2, 2, tol=1e-7)
+    assert fd.paired[0] and fd.err[0] > 0
+    tol = 1e-9
+    grey = fd.hi[0] + tol + 0.5 * (2 + _fd._CONFIDENT) * fd.err[0]  # outside the slack, inside the margin
+    assert classify(grey, None, fd, tol) == ["mismatch"]
+    assert classify(grey, grey, fd, tol) == ["fd_unreliable"]
+    far = fd.hi[0] + tol + 2 * _fd._CONFIDENT * fd.err[0]
+    assert classify(far, None, fd, tol) == ["autodiff_wrong"] and classify(far, far, fd, tol) == ["both_wrong"]
+
+    # the last resort: one clean scale, read when no two scales agree
+    single = _fd._resolve([scale(np.exp, 0.3, 1e-2, 1e-7)], np.array([1e-7]), math.exp(0.3), True)
+    assert single.resolved[0] and not single.paired[0]
+    off = 1.5 * math.exp(0.3)
+    assert classify(off, None, single, tol) == ["mismatch"] and classify(off, off, single, tol) == ["fd_unreliable"]
+    assert classify(math.exp(0.3), off, single, tol) == ["hand_wrong"]  # one side fits, the other does not
+
+
 def test_classify_at_a_kink_accepts_every_value_in_the_interval_and_no_other():
     _, fd = ladder(np.abs, 0.0, 1e-2, 2)
     # JAX's |x|' at 0 is 0; the book's sign rule may say 1: both are subgradients.
