@@ -44,7 +44,9 @@ def _output(script):
 
 # audit_custom_rules.py: about 20 s, one small compiled check per rule call site; planted_bug.py: about 20 s, and the
 # README test runs the same planted mistake through check_grad in the default suite
-SLOW = {"audit_custom_rules.py", "planted_bug.py"}
+# kink_explained.py, custom_layer_backward.py: about 8 s each; the kink and check_vjp verdicts they print are tested
+# in-process in tests/test_verify*.py.
+SLOW = {"audit_custom_rules.py", "planted_bug.py", "kink_explained.py", "custom_layer_backward.py"}
 
 
 @pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.slow) if s in SLOW else s for s in sorted(EXPECTED)])

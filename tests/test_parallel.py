@@ -78,6 +78,7 @@ def test_batches_that_do_not_divide(eight_devices):
     assert "a batch of 300 samples does not divide over 8 devices" in eight_devices["data_300"]
 
 
+@pytest.mark.slow  # a CLI run on 8 simulated devices (~8 s); the library's 8-device runs stay in the default suite
 def test_cli_on_eight_devices(tmp_path, compile_cache):
     proc = run_python(["-m", "funcgrad", "train", "--out", str(tmp_path / "run"), "--set", "train.epochs=200",
                        "--set", "train.verify=false"], env={**EIGHT, "FUNCGRAD_COMPILATION_CACHE": compile_cache})
