@@ -14,7 +14,8 @@ machine, so ``make mutate-sample`` runs a fixed number of mutants per module, dr
 ``--recheck`` runs one mutant at a time against whole test files in a fresh interpreter (the module's own test
 files unless given): mutmut attributes a function called while the package is imported (the config schema's
 field factories, say) to the one test that happened to import it first, so its mutants "survive" tests that
-would kill them. A mutant killed here is counted as killed, and MUTATION.md says so.
+would kill them. A mutant killed here is counted as killed, and MUTATION.md says so. It first copies tests/ into
+mutants/ and runs the same files with no mutant (a control: a test failing on its own would look like a kill).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -99,24 +101,43 @@ def _equivalent(path: Path = _MUTATION_MD) -> set[str]:
     return {line.split("`")[1] for line in path.read_text().splitlines() if line.startswith("- `funcgrad.")}
 
 
-def recheck(name: str, tests: list[str] | None = None, root: Path = Path("mutants")) -> str:
-    """``killed`` or ``survived``: mutant ``name`` against whole test files (see the module docstring)."""
+def _tests_for(name: str, root: Path) -> list[str]:
+    """The module's own test files and the pinned ones."""
     module = name.split(".x", 1)[0].removeprefix("funcgrad.").split(".")[-1].lstrip("_")
-    tests = tests or sorted(str(p.relative_to(root)) for p in (root / "tests").glob("test_*.py")
-                            if module in p.stem or p.stem.startswith("test_pinned_"))
-    env = {**os.environ, "MUTANT_UNDER_TEST": name, "FUNCGRAD_COMPILATION_CACHE": "0"}
+    return sorted(str(p.relative_to(root)) for p in (root / "tests").glob("test_*.py")
+                  if module in p.stem or p.stem.startswith("test_pinned_"))
+
+
+def recheck(name: str | None, tests: list[str] | None = None, root: Path = Path("mutants")) -> str:
+    """``killed`` or ``survived``: mutant ``name`` against whole test files (see the module docstring); with
+    ``name`` None, the control run with no mutant (which must say ``survived``)."""
+    tests = tests or _tests_for(name or "", root)
+    env = {**os.environ, "FUNCGRAD_COMPILATION_CACHE": "0"}
+    env.pop("MUTANT_UNDER_TEST", None)
+    if name is not None:
+        env["MUTANT_UNDER_TEST"] = name
     proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
                            "-m", "not slow", *tests], cwd=root, env=env, capture_output=True, text=True, check=False)
     return {0: "survived", 1: "killed"}.get(proc.returncode, f"error {proc.returncode}: {proc.stdout[-500:]}")
 
 
+def _recheck_main(args: list[str], root: Path = Path("mutants")) -> int:
+    """Copies tests/ into the mutants' tree (edited tests count), runs the control, then each mutant."""
+    names, tests = (args[: args.index("--")], args[args.index("--") + 1 :]) if "--" in args else (args, [])
+    shutil.copytree("tests", root / "tests", dirs_exist_ok=True)
+    for files in {tuple(tests or _tests_for(n, root)) for n in names}:
+        control = recheck(None, list(files), root)
+        if control != "survived":
+            print(f"control run without a mutant failed on {list(files)}: {control}")
+            return 1
+    for name in names:
+        print(name, recheck(name, tests or None, root), flush=True)
+    return 0
+
+
 if __name__ == "__main__":
     if "--recheck" in sys.argv:
-        rest = sys.argv[sys.argv.index("--recheck") + 1 :]
-        names, tests = (rest[: rest.index("--")], rest[rest.index("--") + 1 :]) if "--" in rest else (rest, [])
-        for name in names:
-            print(name, recheck(name, tests or None), flush=True)
-        sys.exit(0)
+        sys.exit(_recheck_main(sys.argv[sys.argv.index("--recheck") + 1 :]))
     if not Path("mutants").is_dir():
         sys.exit("no mutants/ folder: run `mutmut run` once first (make mutate) to generate the mutants")
     seed = int(sys.argv[sys.argv.index("--seed") + 1]) if "--seed" in sys.argv else 0
