@@ -44,7 +44,7 @@ MUTANTS_PER_MODULE ?= 20
 mutate-sample: $(VENV)/.installed-dev
 	@[ -d mutants ] || $(BIN)/mutmut run "funcgrad.checkpoint.x__check_finite__mutmut_1"
 	$(BIN)/mutmut run $$($(BIN)/python tests/mutation_sample.py $(MUTANTS_PER_MODULE))
-	$(BIN)/mutmut results
+	$(BIN)/python tests/mutation_sample.py $(MUTANTS_PER_MODULE) --report
 
 ## Property-based tests with many more random examples than the default suite's derandomized 25.
 test-properties: $(VENV)/.installed-dev
