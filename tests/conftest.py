@@ -8,6 +8,7 @@ from pathlib import Path
 os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -65,3 +66,28 @@ def run_python(args, *, env=None, timeout=300, cwd=ROOT, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"python {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def book_mlp_numpy(W1, b1, W2, b2, X, y, *, lam=0.0, relu_at_zero=0.0):
+    """The book's dense → ReLU → dense → softmax model with categorical cross-entropy and L2 (``lam``) on dense1
+    (chapters 11-14), forward and combined backward transcribed in NumPy, float64. ReLU's backward takes
+    ``relu_at_zero`` at exactly 0 (the book: ``dinputs[z <= 0] = 0``). Returns (loss, data_loss, reg, grads)."""
+    W1, b1, W2, b2, X = (np.asarray(a, np.float64) for a in (W1, b1, W2, b2, X))
+    z1 = X @ W1 + b1
+    a1 = np.maximum(0, z1)
+    z2 = a1 @ W2 + b2
+    e = np.exp(z2 - z2.max(1, keepdims=True))
+    probs = e / e.sum(1, keepdims=True)
+    n = len(X)
+    data_loss = -np.mean(np.log(np.clip(probs[range(n), y], 1e-7, 1 - 1e-7)))
+    reg = lam * (np.sum(W1 * W1) + np.sum(b1 * b1))
+    # Backward: combined softmax + CCE, dense2, ReLU, dense1, then the L2 terms.
+    dz2 = probs.copy()
+    dz2[range(n), y] -= 1
+    dz2 /= n
+    dW2, db2 = a1.T @ dz2, dz2.sum(0)
+    da1 = dz2 @ W2.T
+    dz1 = np.where(z1 > 0, da1, np.where(z1 == 0, relu_at_zero * da1, 0.0))
+    grads = {"dense1": {"W": X.T @ dz1 + 2 * lam * W1, "b": dz1.sum(0) + 2 * lam * b1},
+             "dense2": {"W": dW2, "b": db2}}
+    return data_loss + reg, data_loss, reg, grads

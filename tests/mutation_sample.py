@@ -51,31 +51,32 @@ def sample(per_module: int, seed: int = 0, root: Path = Path("mutants"), exclude
     return names
 
 
-def results(names: list[str], root: Path = Path("mutants")) -> dict[str, Counter]:
-    """Per module, how many of ``names`` were killed, survived, timed out, ... (mutmut's saved results)."""
+def _module(name: str) -> str:
+    """The mutated module of a mutant's name: ``funcgrad.verify._fd.x__scale__mutmut_5`` → ``verify._fd``."""
+    return name.split(".x", 1)[0].removeprefix("funcgrad.")
+
+
+def results(names: list[str], root: Path = Path("mutants"), equivalent: frozenset[str] = frozenset()
+            ) -> dict[str, Counter]:
+    """Per module, how many of ``names`` were killed, survived, timed out, ... (mutmut's saved results), the
+    ``equivalent`` ones counted as such."""
     codes: dict[str, int | None] = {}
     for meta in _metas(root):
         codes.update(json.loads(meta.read_text())["exit_code_by_key"])
     out: dict[str, Counter] = {}
     for name in names:
-        module = name.split(".x", 1)[0].removeprefix("funcgrad.")
-        out.setdefault(module, Counter())[_STATUS.get(codes.get(name), "other")] += 1
+        status = "equivalent" if name in equivalent else _STATUS.get(codes.get(name), "other")
+        out.setdefault(_module(name), Counter())[status] += 1
     return out
 
 
-def report(names: list[str], equivalent: set[str] = frozenset(), root: Path = Path("mutants")) -> str:
+def report(names: list[str], equivalent: frozenset[str] = frozenset(), root: Path = Path("mutants")) -> str:
     """A Markdown table: per module, the sample's outcomes and the score (killed or timed out, over the
     mutants that are not ``equivalent``)."""
     rows = ["| module | sampled | killed | timeout | survived | no tests | equivalent | not run / error | score |",
             "|---|---|---|---|---|---|---|---|---|"]
     total: Counter = Counter()
-    by_module: dict[str, Counter] = {}
-    for module, c in results([n for n in names if n not in equivalent], root).items():
-        by_module[module] = c
-    for name in names:
-        if name in equivalent:
-            by_module.setdefault(name.split(".x", 1)[0].removeprefix("funcgrad."), Counter())["equivalent"] += 1
-    for module, c in sorted(by_module.items()):
+    for module, c in sorted(results(names, root, equivalent).items()):
         total.update(c)
         rows.append(_row(module, c))
     rows.append(_row("**all**", total))
@@ -94,16 +95,16 @@ def _row(module: str, c: Counter) -> str:
 _MUTATION_MD = Path(__file__).with_name("MUTATION.md")
 
 
-def _equivalent(path: Path = _MUTATION_MD) -> set[str]:
+def _equivalent(path: Path = _MUTATION_MD) -> frozenset[str]:
     """The mutants tests/MUTATION.md lists as equivalent (lines starting with ``- `funcgrad....```)."""
     if not path.exists():
-        return set()
-    return {line.split("`")[1] for line in path.read_text().splitlines() if line.startswith("- `funcgrad.")}
+        return frozenset()
+    return frozenset({line.split("`")[1] for line in path.read_text().splitlines() if line.startswith("- `funcgrad.")})
 
 
 def _tests_for(name: str, root: Path) -> list[str]:
     """The module's own test files and the pinned ones."""
-    module = name.split(".x", 1)[0].removeprefix("funcgrad.").split(".")[-1].lstrip("_")
+    module = _module(name).split(".")[-1].lstrip("_")
     return sorted(str(p.relative_to(root)) for p in (root / "tests").glob("test_*.py")
                   if module in p.stem or p.stem.startswith("test_pinned_"))
 

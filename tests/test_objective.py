@@ -2,36 +2,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import book_mlp_numpy
 
 import funcgrad as fg
-
-
-def numpy_book(params, X, y, lam):
-    """The book's chapter-14 forward and backward passes, transcribed in NumPy (float64)."""
-    W1, b1 = (np.asarray(params["dense1"][k], np.float64) for k in ("W", "b"))
-    W2, b2 = (np.asarray(params["dense2"][k], np.float64) for k in ("W", "b"))
-    X = np.asarray(X, np.float64)
-    z1 = X @ W1 + b1
-    a1 = np.maximum(0, z1)
-    z2 = a1 @ W2 + b2
-    e = np.exp(z2 - z2.max(1, keepdims=True))
-    probs = e / e.sum(1, keepdims=True)
-    n = len(X)
-    data_loss = -np.mean(np.log(np.clip(probs[range(n), y], 1e-7, 1 - 1e-7)))
-    reg = lam * (np.sum(W1 * W1) + np.sum(b1 * b1))
-    # Backward: combined softmax + CCE, dense2, ReLU, dense1, then the L2 terms.
-    dz2 = probs.copy()
-    dz2[range(n), y] -= 1
-    dz2 /= n
-    dW2, db2 = a1.T @ dz2, dz2.sum(0)
-    da1 = dz2 @ W2.T
-    dz1 = da1.copy()
-    dz1[z1 <= 0] = 0
-    dW1, db1 = X.T @ dz1, dz1.sum(0)
-    dW1 += 2 * lam * W1
-    db1 += 2 * lam * b1
-    grads = {"dense1": {"W": dW1, "b": db1}, "dense2": {"W": dW2, "b": db2}}
-    return data_loss + reg, data_loss, reg, grads
 
 
 def test_value_and_hand_gradient_match_the_books_numpy_code():
@@ -43,7 +16,8 @@ def test_value_and_hand_gradient_match_the_books_numpy_code():
     with jax.enable_x64(True):
         p64 = jax.tree.map(lambda a: a.astype(jnp.float64), params)
         X64 = X.astype(jnp.float64)
-        loss, data, reg, grads = numpy_book(p64, X64, np.asarray(y), 5e-4)
+        loss, data, reg, grads = book_mlp_numpy(p64["dense1"]["W"], p64["dense1"]["b"], p64["dense2"]["W"],
+                                                p64["dense2"]["b"], X64, np.asarray(y), lam=5e-4)
         assert float(obj.value(p64, X64, y)) == pytest.approx(loss, rel=1e-12)
         m = obj.metrics(p64, X64, y)
         assert float(m["data_loss"]) == pytest.approx(data, rel=1e-12)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import book_mlp_numpy
 
 import funcgrad as fg
 from funcgrad import rules
@@ -111,31 +112,14 @@ KINK_B2 = np.array([0.01, -0.02, 0.03])
 KINK_Y = np.array([0, 1, 2])
 
 
-def book_forward_backward(W1, b1, W2, b2, X, y, relu_at_zero=0.0):
-    """The book's chapter-11 model (dense → ReLU → dense → softmax, CCE), its combined backward, in float64."""
-    z1 = X @ W1 + b1
-    a1 = np.maximum(0, z1)
-    z2 = a1 @ W2 + b2
-    e = np.exp(z2 - z2.max(1, keepdims=True))
-    probs = e / e.sum(1, keepdims=True)
-    n = len(X)
-    dz2 = probs.copy()
-    dz2[range(n), y] -= 1
-    dz2 /= n
-    dW2, db2 = a1.T @ dz2, dz2.sum(0)
-    dz1 = dz2 @ W2.T
-    dz1 = np.where(z1 > 0, dz1, np.where(z1 == 0, relu_at_zero * dz1, 0.0))  # the book: dinputs[z <= 0] = 0
-    return {"dense1": {"W": X.T @ dz1, "b": dz1.sum(0)}, "dense2": {"W": dW2, "b": db2}}
-
-
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_objective_hand_grad_takes_relu_derivative_zero_at_exactly_zero(dtype):
     z1 = KINK_X @ KINK_W1 + KINK_B1
     assert z1[0, 0] == 0 and z1[1, 2] == 0  # the kinks are really hit
     model = fg.nn.mlp([3, 3], output="softmax")
     obj = fg.Objective(model, "categorical_crossentropy")
-    expected = book_forward_backward(KINK_W1, KINK_B1, KINK_W2, KINK_B2, KINK_X, KINK_Y)
-    other = book_forward_backward(KINK_W1, KINK_B1, KINK_W2, KINK_B2, KINK_X, KINK_Y, relu_at_zero=1.0)
+    expected = book_mlp_numpy(KINK_W1, KINK_B1, KINK_W2, KINK_B2, KINK_X, KINK_Y)[3]
+    other = book_mlp_numpy(KINK_W1, KINK_B1, KINK_W2, KINK_B2, KINK_X, KINK_Y, relu_at_zero=1.0)[3]
     assert np.max(np.abs(expected["dense1"]["b"] - other["dense1"]["b"])) > 1e-3  # the convention matters here
     with jax.enable_x64(dtype == jnp.float64):
         params = {"dense1": {"W": jnp.asarray(KINK_W1, dtype), "b": jnp.asarray(KINK_B1, dtype)},
