@@ -38,8 +38,11 @@ _N_PROJ = 3  # random directions per projection-checked leaf without a hand grad
 _K_MAG = 1  # largest-|gradient| elements per projection-checked leaf, checked one by one
 _MEM_ELEMENTS = 1 << 23  # perturbed parameter copies held at once (float64 elements)
 _FOLD = 1 << 16  # elements per step of the compiled reductions over a leaf (their temporaries' size)
-_GROUP_LEAVES = 16  # costly functions with at most this many leaves: finite differences leaf by leaf...
-_GROUP_FLOPS = 5e11  # ... when the probe's finite differences take more flops than this (seconds of compute)
+_GROUP_LEAVES = 16  # functions with at most this many leaves: finite differences in runs of a few leaves...
+_RUN_FLOPS = 1e8  # ... where that saves more flops per check than a run's own cost (its setup, the part of fn that
+# depends on none of its leaves, and a share of its compilation: about this many flops)
+_PAD_FLOPS = 1e9  # evaluations cheaper than this: item counts padded to at least 8 (fewer shapes to compile)
+_SEPARATE_ELEMENTS = 1 << 22  # parameters this many or more: each run of finite differences a program of its own
 
 
 class _Items(NamedTuple):
@@ -74,7 +77,11 @@ class _Plan:
     jvp: bool  # check forward mode against reverse mode
     batch: int  # items evaluated at once (memory: about 6·n floats each)
     reverse: bool = True  # autodiff by reverse mode (else forward mode, one basis vector at a time)
-    grouped: bool = False  # finite differences leaf by leaf, a program per leaf (see _eval_items' leaf)
+    groups: tuple[tuple[int, ...], ...] = ()  # finite differences in runs, each over these leaves (see _eval_items);
+    # () : one run over all of them
+    pad_min: int = 8  # a run's items are padded to a power of two, at least this many (fewer shapes to compile)
+    separate: bool = False  # each run a program of its own (large parameters: XLA does not always reuse one
+    # run's memory for the next within a program)
 
 
 def _hash_uniform(seed, j, idx):
@@ -224,45 +231,64 @@ def _take(leaves: Sequence, idx: jax.Array, layout: _Layout) -> jax.Array:
     return out
 
 
-def _eval_items(f, params, layout, seed, items, batch, support, want_jvp=None, leaf=None):
-    """f at the four offsets along each item and, where ``want_jvp`` is set, the forward-mode derivative along
-    the item's direction: returns F (items, 4: the offsets) and JV (items,) (NaN where not wanted). ``f`` takes
-    the flat float64 leaves; ``params`` are the leaves at their own dtypes, converted to float64 inside each
-    perturbation (the perturbed copy and the item's direction are all that is held of the parameters' size);
+class _Group(NamedTuple):
+    """A run of consecutive finite-difference items evaluated by one loop of the compiled program."""
+
+    moved: tuple[int, ...]  # the leaves its items move; the others stay fixed (converted to float64 once)
+    size: int  # how many items
+    jvp: tuple[int, ...] = ()  # its items (positions within the run) along which forward mode is wanted
+
+
+def _eval_items(f, params, layout, seed, items, batch, support, groups):
+    """f at the four offsets along each item and, at the positions ``groups`` mark, the forward-mode derivative
+    along the item's direction: returns F (items, 4: the offsets) and JV (items,) (NaN where not wanted). ``f``
+    takes the flat float64 leaves; ``params`` are the leaves at their own dtypes, converted to float64 inside
+    each perturbation (the perturbed copy and the item's direction are all that is held of the parameters' size);
     ``support`` holds each leaf's mask for the random directions (None: everywhere).
 
-    ``leaf`` (a static index): every item lies within that leaf. Only it is perturbed then; the other leaves are
-    converted once (for them, the float64 copy is held), and XLA computes what does not depend on the leaf (the
-    layers before it) once for all the items rather than at every evaluation.
+    The items come in runs (``groups``, static), each confined to some leaves (its ``moved`` ones: every item of
+    the run lies within them). A run's loop perturbs only those; the others are converted to float64 once,
+    outside the loop, and XLA computes what does not depend on the moved leaves (the layers before them) once for
+    the whole run rather than at every evaluation. Runs go one after the other (a barrier orders them), so only
+    one run's float64 copies of fixed leaves are held at a time. The forward-mode derivatives are computed outside
+    the loops too, where their primal part is shared likewise.
 
     ``batch`` > 1 evaluates that many items at once with vmap (accelerators); ``batch`` == 1 evaluates them
     one at a time with lax.map (CPU, where XLA's batched matrix products are several times slower than a loop
     of plain ones, for small and large functions alike)."""
-    want_all = jnp.zeros(items.index.shape, bool) if want_jvp is None else want_jvp
+    Fs, JVs, start, token = [], [], 0, None
+    for g in groups:
+        cols = _Items(*(x[start : start + g.size] for x in items))
+        start += g.size
+        ps = list(params)
+        if token is not None:  # after the previous run: its float64 copies are freed before this run's are made
+            ps, _ = jax.lax.optimization_barrier((ps, token))
+        F, JV = _eval_run(f, ps, layout, seed, cols, batch, support, g)
+        Fs.append(F)
+        JVs.append(JV)
+        token = (F, JV)
+    if not Fs:
+        return jnp.zeros((0, 4), jnp.float64), jnp.zeros((0,), jnp.float64)
+    return jnp.concatenate(Fs), jnp.concatenate(JVs)
+
+
+def _eval_run(f, params, layout, seed, items, batch, support, group):
+    """One run of :func:`_eval_items`."""
     dtype = jnp.float64
     offsets = jnp.asarray(_OFFSETS, dtype)
-    nan = jnp.full((), jnp.nan, dtype)
-    moved = list(range(len(layout.sizes))) if leaf is None else [leaf]
-    fixed = None if leaf is None else [None if i == leaf else jnp.asarray(x).astype(dtype) for i, x in enumerate(params)]
+    moved = list(group.moved)
+    everything = len(moved) == len(layout.sizes)
+    fixed = None if everything else [None if i in moved else jnp.asarray(x).astype(dtype)
+                                     for i, x in enumerate(params)]
 
     def place(vals):
         """All the leaves, from the moved ones' values."""
         if fixed is None:
-            return vals
-        return [vals[0] if i == leaf else x for i, x in enumerate(fixed)]
+            return list(vals)
+        it = iter(vals)
+        return [next(it) if x is None else x for x in fixed]
 
-    def branch(pred, yes, no):
-        # A real branch in a sequential loop (the untaken side costs nothing); a select under vmap.
-        if batch == 1:
-            return jax.lax.cond(pred, yes, no)
-        return jax.tree_util.tree_map(lambda y, n: jnp.where(pred, y, n), yes(), no())
-
-    def one(item):
-        index, stream, lo, hi, step, want = item
-        # Through a barrier with the item, the moved leaves' float64 versions are made inside the loop, fused into
-        # each perturbation, rather than hoisted out of it as a second float64 copy of them.
-        ps, _ = jax.lax.optimization_barrier(([params[i] for i in moved], index))
-
+    def direction_of(index, stream, lo, hi, branch):
         def direction():
             sq = [_sq_norm(seed, stream, lo, hi, layout.offsets[i], layout.sizes[i], support[i]) for i in moved]
             norm = jnp.maximum(jnp.sqrt(functools.reduce(lambda x, y: x + y, sq, jnp.zeros((), dtype))), 1e-300)
@@ -273,34 +299,55 @@ def _eval_items(f, params, layout, seed, items, batch, support, want_jvp=None, l
             return [(layout.offsets[i] + jnp.arange(layout.sizes[i]) == jnp.maximum(index, 0)).astype(dtype)
                     for i in moved]
 
-        e = branch(index < 0, direction, coordinate)
+        return branch(index < 0, direction, coordinate)
+
+    def one(item, branch):
+        index, stream, lo, hi, step = item
+        # Through a barrier with the item, the moved leaves' float64 versions are made inside the loop, fused into
+        # each perturbation, rather than hoisted out of it as a second float64 copy of them.
+        ps, _ = jax.lax.optimization_barrier(([params[i] for i in moved], index))
+        e = direction_of(index, stream, lo, hi, branch)
 
         def at(offset):
             # (the barrier again: the conversion is not hoisted out of the loop over the offsets either)
             xs, _ = jax.lax.optimization_barrier((ps, offset))
             return f(place([x.astype(dtype).reshape(-1) + (offset * step) * u for x, u in zip(xs, e, strict=True)]))
 
-        F = jax.vmap(at)(offsets) if batch > 1 else jax.lax.map(at, offsets)
-        if want_jvp is None:
-            return F, nan
-        base = lambda: [x.astype(dtype).reshape(-1) for x in ps]  # noqa: E731
-        return F, branch(want, lambda: jax.jvp(lambda *v: f(place(list(v))), tuple(base()), tuple(e))[1], lambda: nan)
+        return jax.vmap(at)(offsets) if batch > 1 else jax.lax.map(at, offsets)
 
-    n_items = items.index.shape[0]
-    cols = (*items, want_all)
-    if n_items == 0:
+    n = group.size
+    if n == 0:
         return jnp.zeros((0, 4), dtype), jnp.zeros((0,), dtype)
+    cond = jax.lax.cond  # a real branch: the untaken side costs nothing
     if batch == 1:
-        return jax.lax.map(one, cols)
-    pad = (-n_items) % batch
-    padded = [jnp.concatenate([x, jnp.repeat(x[:1], pad)]) if pad else x for x in cols]
-    chunks = [x.reshape(-1, min(batch, n_items + pad)) for x in padded]
-    if chunks[0].shape[0] == 1:
-        F, JV = jax.vmap(one)(tuple(c[0] for c in chunks))
+        F = jax.lax.map(lambda item: one(item, cond), tuple(items))
     else:
-        F, JV = jax.lax.map(jax.vmap(one), tuple(chunks))
-        F, JV = F.reshape(-1, 4), JV.reshape(-1)
-    return F[:n_items], JV[:n_items]
+        # A select under vmap.
+        select = lambda pred, yes, no: jax.tree_util.tree_map(lambda y, n: jnp.where(pred, y, n), yes(), no())  # noqa: E731
+        pad = (-n) % batch
+        cols = [jnp.concatenate([x, jnp.repeat(x[:1], pad)]) if pad else x for x in items]
+        chunks = [x.reshape(-1, min(batch, n + pad)) for x in cols]
+        if chunks[0].shape[0] == 1:
+            F = jax.vmap(lambda item: one(item, select))(tuple(c[0] for c in chunks))
+        else:
+            F = jax.lax.map(jax.vmap(lambda item: one(item, select)), tuple(chunks)).reshape(-1, 4)
+        F = F[:n]
+    JV = jnp.full((n,), jnp.nan, dtype)
+    if group.jvp:
+        # A loop of its own, after the finite differences (a barrier with their result orders them), so that it
+        # reuses their memory; outside a branch, so that XLA computes the primal part that does not depend on the
+        # moved leaves once.
+        pos = np.asarray(group.jvp)
+        wanted, _ = jax.lax.optimization_barrier((tuple(x[pos] for x in items), F))
+
+        def forward(item):
+            ps, _ = jax.lax.optimization_barrier(([params[i] for i in moved], item[0]))
+            e = direction_of(*item[:4], cond)
+            base = tuple(x.astype(dtype).reshape(-1) for x in ps)
+            return jax.jvp(lambda *v: f(place(v)), base, tuple(e))[1]
+
+        JV = JV.at[pos].set(jax.lax.map(forward, wanted))
+    return F, JV
 
 
 def _item_leaves(plan: _Plan, layout: _Layout) -> np.ndarray:
@@ -443,14 +490,14 @@ def _dir_items(plan: _Plan) -> tuple[list[int], list[int]]:
     return leaves, list(range(len(leaves)))
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "layout", "args_spec", "batch", "leaf"))
-def _items_jit(params, dyn, seed, items, support, want, *, fn, layout, args_spec, batch, leaf=None):
-    """f (float64) along finite-difference items, from the parameters at their own dtypes: F (items, 4) and,
-    where ``want`` (None: nowhere), the forward-mode derivative along the item's direction. ``leaf``: the items
-    all lie within that leaf (see :func:`_eval_items`)."""
+@functools.partial(jax.jit, static_argnames=("fn", "layout", "args_spec", "batch", "groups"))
+def _items_jit(params, dyn, seed, items, support, *, fn, layout, args_spec, batch, groups):
+    """f (float64) along finite-difference items, from the parameters at their own dtypes: F (items, 4) and the
+    forward-mode derivative along the items ``groups`` marks (NaN elsewhere); the items come in the runs
+    ``groups`` describes (see :func:`_eval_items`)."""
     dyn = _cast64(list(dyn), args_spec)
     f = _leaf_fn(fn, layout, _join_args(dyn, args_spec))
-    return _eval_items(f, list(params), layout, seed, items, batch, support, want, leaf)
+    return _eval_items(f, list(params), layout, seed, items, batch, support, groups)
 
 
 @functools.partial(jax.jit, static_argnames=("offset",))
@@ -478,6 +525,7 @@ class _Facts:
     out64: Any  # fn's output dtype with float64 inputs
     hand64: tuple  # hand's leaf dtypes with float64 inputs
     flops: float  # estimated cost of one evaluation of fn
+    dependence: tuple  # ((leaf mask, flops), ...): the flops of fn's operations that depend on exactly those leaves
     reverse: bool  # JAX can reverse-differentiate fn
     jvp: bool  # JAX can forward-differentiate fn
     notes: tuple[str, ...]
@@ -519,7 +567,10 @@ def _static_facts(bound: _Bound, layout: _Layout, spec, param_dtypes, dyn_sig, x
         def f(th, d):
             return bound.value(layout.unravel(th), *_join_args(d, spec))
 
-        closed = jax.make_jaxpr(f)(theta_s, dyn_s)
+        # Traced on the leaves themselves, so that what depends on which leaf can be read off the jaxpr.
+        closed = jax.make_jaxpr(lambda ls, d: bound.value(jax.tree_util.tree_unflatten(layout.treedef, ls),
+                                                          *_join_args(d, spec)))(
+            [jax.ShapeDtypeStruct(shape, jnp.float64) for shape in layout.shapes], dyn_s)
         out64 = closed.out_avals[0] if len(closed.out_avals) == 1 else None
         inner = _lowest_float(closed.jaxpr)
         f64 = lambda th, d: f(th, d).astype(jnp.float64)  # noqa: E731
@@ -552,7 +603,8 @@ def _static_facts(bound: _Bound, layout: _Layout, spec, param_dtypes, dyn_sig, x
             h = jax.eval_shape(lambda th, d: bound.grad(layout.unravel(th), *_join_args(d, spec)), theta_s, dyn_s)
             hand64 = tuple(leaf.dtype for leaf in h)
     return _Facts(out_raw, out, hand_dtypes, hand_eager, getattr(out64, "dtype", None), hand64,
-                  max(_jaxpr_flops(closed.jaxpr), 1.0), reverse, jvp, tuple(notes), inner,
+                  max(_jaxpr_flops(closed.jaxpr), 1.0), _dependence(closed.jaxpr, len(layout.shapes)), reverse,
+                  jvp, tuple(notes), inner,
                   _lowest_float(closed_user.jaxpr))
 
 
@@ -604,7 +656,8 @@ def _vectorise() -> bool:
     return jax.default_backend() != "cpu"
 
 
-def _make_plan(mode, layout, flops, has_hand, reverse=True, jvp=True) -> tuple[_Plan, np.ndarray]:
+def _make_plan(mode, layout, flops, has_hand, reverse=True, jvp=True,
+               dependence: tuple = ()) -> tuple[_Plan, np.ndarray]:
     sizes = layout.sizes
     if mode == "exact":
         exact = [True] * len(sizes)
@@ -629,24 +682,99 @@ def _make_plan(mode, layout, flops, has_hand, reverse=True, jvp=True) -> tuple[_
     scales = 4 if n_items * 16 * flops <= _EXACT_FLOP_BUDGET else 1
     # Accelerators: many items at once (vmap). CPU: one at a time (see _eval_items).
     batch = max(1, min(256, _MEM_ELEMENTS // (6 * max(layout.n, 1)))) if _vectorise() else 1
-    # Costly functions of a few leaves: finite differences leaf by leaf, a program per leaf (each skips what does
-    # not depend on its leaf, the layers before it, say), where that saves more than compiling them costs.
-    grouped = n_items * len(_OFFSETS) * flops > _GROUP_FLOPS and len(sizes) <= _GROUP_LEAVES
-    return _Plan(tuple(exact), n_proj, _K_MAG, scales, reverse and jvp, batch, reverse, grouped), exact_idx
+    # Functions of a few leaves: finite differences in runs over some of them (each run skips what does not
+    # depend on its leaves, the layers before them, say), where that saves more than compiling the runs costs.
+    groups: tuple[tuple[int, ...], ...] = ()
+    if dependence and 1 < len(sizes) <= _GROUP_LEAVES:
+        n_dir = [1 if e else n_proj for e in exact]
+        items = [scales * ((s if e else min(_K_MAG, s)) + d) for s, e, d in zip(sizes, exact, n_dir, strict=True)]
+        groups = _runs(dependence, items, [int(reverse and jvp)] * len(sizes), len(sizes))
+        if len(groups) <= 1:
+            groups = ()
+    pad_min = 8 if len(_OFFSETS) * 8 * flops <= _PAD_FLOPS else 1
+    return _Plan(tuple(exact), n_proj, _K_MAG, scales, reverse and jvp, batch, reverse, groups, pad_min,
+                 layout.n >= _SEPARATE_ELEMENTS), exact_idx
 
 
-def _jaxpr_flops(jaxpr: Any) -> float:
+def _jaxpr_flops(jaxpr: Any, weighted: bool = False) -> float:
     """A rough count of one evaluation's flops from its jaxpr: 2·m·n·k per matrix product, one per output
-    element for everything else, sub-computations included (a loop's body counted once per trip)."""
-    total = 0.0
-    for eqn in jaxpr.eqns:
-        out = sum(math.prod(getattr(v.aval, "shape", ())) for v in eqn.outvars)
-        if eqn.primitive.name == "dot_general":
-            (lc, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval.shape
-            total += 2.0 * out * math.prod(lhs[d] for d in lc)
-        else:
-            total += out
-        trips = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
-        total += sum(trips * _jaxpr_flops(sub) for sub in _sub_jaxprs(eqn))
-    return total
+    element for everything else, sub-computations included (a loop's body counted once per trip). ``weighted``:
+    a transcendental function (exp, tanh, ...) counts :data:`_TRANSCENDENTAL` per element, closer to its time."""
+    return sum(_eqn_flops(eqn, weighted) for eqn in jaxpr.eqns)
+
+
+# What an element of a transcendental function costs, in flops: float64 tanh on a CPU takes about as long per
+# element as a matrix product does per output of an 8-deep contraction (16 flops).
+_TRANSCENDENTAL = 16.0
+_TRANSCENDENTALS = frozenset({"exp", "exp2", "expm1", "log", "log1p", "tanh", "logistic", "sin", "cos", "tan", "asin",
+                              "acos", "atan", "atan2", "sinh", "cosh", "asinh", "acosh", "atanh", "erf", "erfc",
+                              "erf_inv", "lgamma", "digamma", "pow", "rsqrt", "sqrt", "cbrt"})
+
+
+def _eqn_flops(eqn: Any, weighted: bool = False) -> float:
+    """One equation's share of :func:`_jaxpr_flops`."""
+    out = sum(math.prod(getattr(v.aval, "shape", ())) for v in eqn.outvars)
+    if eqn.primitive.name == "dot_general":
+        (lc, _), _ = eqn.params["dimension_numbers"]
+        lhs = eqn.invars[0].aval.shape
+        total = 2.0 * out * math.prod(lhs[d] for d in lc)
+    elif weighted and eqn.primitive.name in _TRANSCENDENTALS:
+        total = _TRANSCENDENTAL * out
+    else:
+        total = float(out)
+    trips = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+    return total + sum(trips * _jaxpr_flops(sub, weighted) for sub in _sub_jaxprs(eqn))
+
+
+def _dependence(jaxpr: Any, n_leaves: int) -> tuple:
+    """Which of fn's (weighted) flops depend on which leaves (its first ``n_leaves`` inputs): ((mask, flops), ...),
+    a bit per leaf. Calls (jit, custom rules) are followed inside; any other equation with a sub-computation (loops,
+    branches) counts as a whole, each output depending on all its inputs."""
+    costs: dict[int, float] = {}
+
+    def walk(jx: Any, masks: dict) -> None:
+        for eqn in jx.eqns:
+            ins = [masks.get(id(v), 0) for v in eqn.invars]
+            subs = _sub_jaxprs(eqn)
+            if (len(subs) == 1 and len(subs[0].invars) == len(eqn.invars) and len(subs[0].outvars) == len(eqn.outvars)
+                    and eqn.primitive.name not in ("scan", "while", "cond")):
+                inner = {id(v): m for v, m in zip(subs[0].invars, ins, strict=True)}
+                walk(subs[0], inner)
+                outs = [inner.get(id(v), 0) for v in subs[0].outvars]
+            else:
+                m = functools.reduce(lambda x, y: x | y, ins, 0)
+                costs[m] = costs.get(m, 0.0) + _eqn_flops(eqn, weighted=True)
+                outs = [m] * len(eqn.outvars)
+            masks.update((id(v), m) for v, m in zip(eqn.outvars, outs, strict=True))
+
+    walk(jaxpr, {id(v): 1 << i for i, v in enumerate(jaxpr.invars[:n_leaves])})
+    return tuple(sorted(costs.items()))
+
+
+def _runs(dependence: tuple, items: Sequence[int], jvps: Sequence[int], n: int) -> tuple[tuple[int, ...], ...]:
+    """The leaves grouped into runs of finite differences (see :func:`_eval_items`): a run over leaves S costs
+    (4·its items + 2·its forward-mode checks)·U(S) flops, U(S) being what depends on some leaf of S, plus what
+    depends on none (computed once per run) and a fixed cost (:data:`_RUN_FLOPS`). Greedily merges the pair of
+    runs that saves the most, from a run per leaf with items, while a merge saves anything."""
+    total = sum(c for _, c in dependence)
+
+    def cost(run: tuple[int, ...]) -> float:
+        bits = sum(1 << i for i in run)
+        u = sum(c for m, c in dependence if m & bits)
+        k = sum(items[i] for i in run)
+        j = sum(jvps[i] for i in run)
+        return (len(_OFFSETS) * k + 2 * j) * u + (total - u) + _RUN_FLOPS
+
+    runs: list[tuple[int, ...]] = [(i,) for i in range(n) if items[i]]
+    while len(runs) > 1:
+        best, pair = 0.0, None
+        for x in range(len(runs)):
+            for y in range(x + 1, len(runs)):
+                saved = cost(runs[x]) + cost(runs[y]) - cost(tuple(sorted(runs[x] + runs[y])))
+                if saved > best:
+                    best, pair = saved, (x, y)
+        if pair is None:
+            break
+        x, y = pair
+        runs = [r for k, r in enumerate(runs) if k not in pair] + [tuple(sorted(runs[x] + runs[y]))]
+    return tuple(sorted(runs))

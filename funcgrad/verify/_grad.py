@@ -22,6 +22,7 @@ from funcgrad.verify._compiled import (
     _dir_items,
     _dtype64,
     _Facts,
+    _Group,
     _item_leaves,
     _Items,
     _items_jit,
@@ -305,31 +306,50 @@ class _Engine:
 
     def evaluate(self, items: _Items, want: np.ndarray | None = None, pad: bool = True,
                  leaves: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """f along the given items, and the forward-mode derivative along those ``want`` marks (NaN elsewhere);
-        padded to a power of two (so few shapes are compiled) unless told not to. Where planned, leaf by leaf
-        (``leaves``: each item's leaf, found from the items when not given)."""
-        if not self.plan.grouped:
-            return self._evaluate(items, want, pad, None)
-        if leaves is None:
-            index, lo = np.asarray(items.index), np.asarray(items.lo)
-            leaves = np.searchsorted(np.array(self.layout.offsets), np.where(index >= 0, index, lo), side="right") - 1
-        F = np.full((len(leaves), len(_OFFSETS)), np.nan)
-        JV = np.full(len(leaves), np.nan)
-        for li in np.unique(leaves):
-            sel = np.nonzero(leaves == li)[0]
-            F[sel], JV[sel] = self._evaluate(_Items(*(np.asarray(x)[sel] for x in items)),
-                                             None if want is None else want[sel], pad, int(li))
-        return F, JV
-
-    def _evaluate(self, items: _Items, want: np.ndarray | None, pad: bool, leaf: int | None) -> tuple[np.ndarray, np.ndarray]:
-        m = len(items.index)
-        size = max(8, 1 << max(0, (m - 1).bit_length())) if pad else m
-        cols = [np.resize(np.asarray(x), size) for x in items]
-        padded = _Items._make([*(c.astype(np.int32) for c in cols[:4]), cols[4].astype(np.float64)])
-        w = None if want is None else np.concatenate([want, np.zeros(size - m, bool)])
-        F, JV = _items_jit(self.params, self.dyn, self.seed, padded, tuple(self.support), w, fn=self.fn,
-                           layout=self.layout, args_spec=self.spec, batch=self.plan.batch, leaf=leaf)
-        return np.asarray(F)[:m], np.asarray(JV)[:m]
+        """f along the given items, and the forward-mode derivative along those ``want`` marks (NaN elsewhere).
+        The items go in the plan's runs (``leaves``: each item's leaf, found from the items when not given), each
+        padded to a power of two (so that few shapes are compiled) unless told not to. Padded evaluations of a
+        plan whose runs share a program go in one run over all the leaves: a program is compiled per combination of
+        run sizes, and these evaluations (finer steps, arbitration) come in varying numbers."""
+        index, lo = np.asarray(items.index), np.asarray(items.lo)
+        m = len(index)
+        groups = self.plan.groups if self.plan.groups and (self.plan.separate or not pad) else ()
+        groups = groups or (tuple(range(len(self.layout.sizes))),)
+        if len(groups) == 1:
+            run_of = np.zeros(m, np.int64)
+        else:
+            if leaves is None:
+                leaves = np.searchsorted(np.array(self.layout.offsets), np.where(index >= 0, index, lo),
+                                         side="right") - 1
+            owner = np.zeros(len(self.layout.sizes), np.int64)
+            for g, run in enumerate(groups):
+                owner[list(run)] = g
+            run_of = owner[np.asarray(leaves, np.int64)]
+        runs, picks, sels = [], [], []
+        for g, run in enumerate(groups):
+            sel = np.nonzero(run_of == g)[0]
+            if not len(sel):
+                continue
+            size = max(self.plan.pad_min, 1 << (len(sel) - 1).bit_length()) if pad else len(sel)
+            jv = () if want is None else tuple(int(k) for k in np.nonzero(want[sel])[0])
+            runs.append(_Group(run, size, jv))
+            picks.append(np.resize(sel, size))
+            sels.append(sel)
+        F_out, JV_out = np.full((m, len(_OFFSETS)), np.nan), np.full(m, np.nan)
+        batches = [(runs, picks, sels)] if not self.plan.separate else [([r], [p], [q]) for r, p, q in
+                                                                           zip(runs, picks, sels, strict=True)]
+        for b_runs, b_picks, b_sels in batches:
+            take = np.concatenate(b_picks) if b_picks else np.zeros(0, np.int64)
+            cols = [np.asarray(x)[take] for x in items]
+            padded = _Items._make([*(c.astype(np.int32) for c in cols[:4]), cols[4].astype(np.float64)])
+            F, JV = _items_jit(self.params, self.dyn, self.seed, padded, tuple(self.support), fn=self.fn,
+                               layout=self.layout, args_spec=self.spec, batch=self.plan.batch, groups=tuple(b_runs))
+            F, JV = np.asarray(F), np.asarray(JV)
+            start = 0
+            for sel, run in zip(b_sels, b_runs, strict=True):
+                F_out[sel], JV_out[sel] = F[start : start + len(sel)], JV[start : start + len(sel)]
+                start += run.size
+        return F_out, JV_out
 
     def projections(self, li: int, stream: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         """Random directions of stream ``stream`` within [lo, hi) ⊂ leaf ``li``, dotted with autodiff, hand and
@@ -660,7 +680,8 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
                 notes.append(f"hand returns {dtype} for {path or 'params'} even with float64 inputs")
         rtol_eff = float(options.rtol) if options.rtol is not None else _default_rtol(eps_c)
         h0 = eps_f ** (1 / 5)
-        plan, exact_idx = _make_plan(options.mode, layout, facts.flops, prep.has_hand, facts.reverse, facts.jvp)
+        plan, exact_idx = _make_plan(options.mode, layout, facts.flops, prep.has_hand, facts.reverse, facts.jvp,
+                                     facts.dependence)
         seed = np.uint32(options.seed % 2**32)
         tp = (rtol_eff, -1.0 if options.atol is None else float(options.atol), float(jnp.finfo(jnp.float64).eps))
 

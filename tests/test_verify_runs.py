@@ -1,0 +1,209 @@
+"""check_grad's finite differences in runs (issue 11): what each of fn's operations depends on, how the leaves are
+grouped into runs, and that evaluating in runs (one program, or a program per run) gives the same readings and
+verdicts as one run over every leaf."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from funcgrad import verify
+from funcgrad.verify import _compiled, _grad
+from funcgrad.verify._inputs import _Layout
+
+N, D, H, C = 5, 4, 6, 3
+
+
+def mlp_loss(p, X):
+    """sum(tanh(X W1 + b1) W2): what depends on W2 is its product and the sum; on W1 everything from X W1 on."""
+    return jnp.sum(jnp.tanh(X @ p["W1"] + p["b1"][None, :]) @ p["W2"])
+
+
+def dependence_of(fn, params, *args):
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    closed = jax.make_jaxpr(lambda ls: fn(jax.tree_util.tree_unflatten(treedef, ls), *args))(leaves)
+    return dict(_compiled._dependence(closed.jaxpr, len(leaves)))
+
+
+def union_cost(dep, leaves):
+    bits = sum(1 << i for i in leaves)
+    return sum(c for m, c in dep.items() if m & bits)
+
+
+PARAMS = {"W1": jnp.ones((D, H)), "W2": jnp.ones((H, C)), "b1": jnp.ones(H)}  # leaves: W1 0, W2 1, b1 2
+X = jnp.ones((N, D))
+
+
+def test_dependence_counts_each_operation_once_under_the_leaves_it_reads():
+    dep = dependence_of(mlp_loss, PARAMS, X)
+    # W2: its product (2·N·H·C flops) and the final sum (one output).
+    assert union_cost(dep, [1]) == 2 * N * H * C + 1
+    # W1: its product with X, the bias add, tanh (a transcendental: 16 per element), then W2's part.
+    assert union_cost(dep, [0]) == 2 * N * D * H + N * H + 16 * N * H + 2 * N * H * C + 1
+    # Everything is counted exactly once: the total is the jaxpr's weighted count.
+    closed = jax.make_jaxpr(lambda p: mlp_loss(p, X))(PARAMS)
+    assert math.isclose(sum(dep.values()), _compiled._jaxpr_flops(closed.jaxpr, weighted=True))
+    # Nothing reads W2 before its product: the part before it depends on W1 and b1 only.
+    assert union_cost(dep, [0, 2]) - union_cost(dep, [1]) == union_cost(dep, [0, 2]) - 2 * N * H * C - 1
+
+
+def test_dependence_follows_calls_into_jitted_functions_and_custom_rules():
+    @jax.custom_jvp
+    def act(z):
+        return jnp.tanh(z)
+
+    act.defjvps(lambda t, ans, z: t * (1 - ans**2))
+
+    @jax.jit
+    def layer(W, b, x):
+        return act(x @ W + b[None, :])
+
+    def wrapped(p, X):
+        return jnp.sum(layer(p["W1"], p["b1"], X) @ p["W2"])
+
+    plain, inner = dependence_of(mlp_loss, PARAMS, X), dependence_of(wrapped, PARAMS, X)
+    for leaves in ([0], [1], [2], [0, 1, 2]):
+        assert union_cost(inner, leaves) == union_cost(plain, leaves), leaves
+
+
+def test_dependence_counts_a_loop_as_a_whole():
+    def looped(p, X):
+        h = jax.lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ p["W"]), X)
+        return jnp.sum(h * p["v"])
+
+    p = {"W": jnp.ones((D, D)), "v": jnp.ones((N, D))}
+    dep = dependence_of(looped, p, X)
+    # v: the product with the loop's result and the sum; W: the whole loop besides.
+    assert union_cost(dep, [1]) == N * D + 1
+    assert union_cost(dep, [0]) >= union_cost(dep, [1]) + 2 * N * D * D + 16 * N * D
+
+
+def layout_of(shapes):
+    sizes = [math.prod(s) for s in shapes]
+    offsets = tuple(int(o) for o in np.cumsum([0, *sizes[:-1]]))
+    return _Layout(jax.tree_util.tree_structure(list(range(len(shapes)))), tuple(shapes), offsets,
+                   tuple(f"[{i}]" for i in range(len(shapes))))
+
+
+def test_costly_leaves_get_runs_of_their_own_and_cheap_ones_share_one():
+    # A deep first layer (leaf 0: 1e12 flops from it on), a middle one (leaf 1: 1e11 from it on), cheap last ones.
+    dep = ((0b1, 1e11), (0b11, 9e11), (0b111, 1e6), (0b1111, 1e6), (0b11111, 1e3))
+    items = [2, 2, 2, 2, 11]
+    runs = _compiled._runs(dep, items, [1] * 5, 5)
+    assert (0,) in runs and (1,) in runs and (2, 3, 4) in runs, runs
+    # A cheap function: one run (the plan says () then).
+    assert len(_compiled._runs(((0b11111, 1e4),), items, [1] * 5, 5)) == 1
+    layout = layout_of([(10, 10), (10,), (3,), (2,), (1,)])
+    plan, _ = _compiled._make_plan("auto", layout, 1e4, True, dependence=((0b11111, 1e4),))
+    assert plan.groups == ()
+    plan, _ = _compiled._make_plan("auto", layout, 2e12, True, dependence=dep)
+    assert set(plan.groups) == set(runs) and plan.pad_min == 1
+
+
+def three_layer(seed=0, n=16, d=5, h=12, c=3):
+    rs = np.random.RandomState(seed)
+    p = {"W1": jnp.asarray(rs.randn(d, h) / np.sqrt(d), jnp.float32), "b1": jnp.asarray(rs.randn(h) * 0.1, jnp.float32),
+         "W2": jnp.asarray(rs.randn(h, h) / np.sqrt(h), jnp.float32), "b2": jnp.asarray(rs.randn(h) * 0.1, jnp.float32),
+         "W3": jnp.asarray(rs.randn(h, c) / np.sqrt(h), jnp.float32), "b3": jnp.zeros(c, jnp.float32)}
+    X = jnp.asarray(rs.randn(n, d), jnp.float32)
+    y = jnp.asarray(rs.randint(0, c, n))
+
+    def loss(p, X, y):
+        h1 = jnp.tanh(X @ p["W1"] + p["b1"][None, :])
+        h2 = jax.nn.relu(h1 @ p["W2"] + p["b2"][None, :])
+        z = h2 @ p["W3"] + p["b3"][None, :]
+        return -jnp.mean(jax.nn.log_softmax(z)[jnp.arange(n), y])
+
+    def hand(p, X, y):
+        h1 = jnp.tanh(X @ p["W1"] + p["b1"][None, :])
+        z2 = h1 @ p["W2"] + p["b2"][None, :]
+        h2 = jnp.maximum(z2, 0.0)
+        z = h2 @ p["W3"] + p["b3"][None, :]
+        dz = (jax.nn.softmax(z) - jax.nn.one_hot(y, c, dtype=z.dtype)) / n
+        dh2 = (dz @ p["W3"].T) * (z2 > 0)
+        dh1 = (dh2 @ p["W2"].T) * (1 - h1**2)
+        return {"W1": X.T @ dh1, "b1": dh1.sum(0), "W2": h1.T @ dh2, "b2": dh2.sum(0), "W3": h2.T @ dz,
+                "b3": dz.sum(0)}
+
+    return p, X, y, loss, hand
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records the runs of every finite-difference program, and the forward-mode values and projections."""
+    seen = {"groups": [], "jv": [], "P": []}
+    items_jit, rows = _grad._items_jit, _grad._rows
+
+    def items(*a, **k):
+        seen["groups"].append(k["groups"])
+        F, JV = items_jit(*a, **k)
+        seen["jv"].append(np.asarray(JV))
+        return F, JV
+
+    def rows_spy(items_, P, *a, **k):
+        seen["P"].append(np.asarray(P))
+        return rows(items_, P, *a, **k)
+
+    monkeypatch.setattr(_grad, "_items_jit", items)
+    monkeypatch.setattr(_grad, "_rows", rows_spy)
+    return seen
+
+
+def _runs_of(monkeypatch, how):
+    """Forces the plan: "one" run over every leaf, "runs" in one program, or "separate" programs."""
+    monkeypatch.setattr(_compiled, "_RUN_FLOPS", 1e30 if how == "one" else 0.0)
+    monkeypatch.setattr(_compiled, "_SEPARATE_ELEMENTS", 0 if how == "separate" else 1 << 62)
+
+
+@pytest.mark.parametrize("how", ["runs", "separate"])
+def test_runs_give_the_readings_and_verdicts_of_one_run(monkeypatch, spy, how):
+    p, X, y, loss, hand = three_layer()
+    _runs_of(monkeypatch, "one")
+    one = verify.check_grad(loss, p, X, y, hand=hand, mode="projection")
+    assert all(len(g) == 1 for g in spy["groups"])
+    spy["groups"].clear()
+    _runs_of(monkeypatch, how)
+    runs = verify.check_grad(loss, p, X, y, hand=hand, mode="projection")
+    groups = spy["groups"]
+    assert any(len(g) > 1 for g in groups) if how == "runs" else all(len(g) == 1 for g in groups) and len(groups) > 1
+    assert one.ok and runs.ok, (one, runs)
+    for a, b in zip(one.rows, runs.rows, strict=True):
+        assert (a.path, a.verdict, a.worst_index) == (b.path, b.verdict, b.worst_index)
+        np.testing.assert_allclose([b.autodiff, b.hand, b.numeric], [a.autodiff, a.hand, a.numeric], rtol=1e-9)
+
+
+def test_forward_mode_in_runs_is_taken_along_each_leafs_first_direction(monkeypatch, spy):
+    # Forward mode along a direction equals the reverse-mode gradient dotted with it (the probe's projection):
+    # a jvp taken along another direction, or stored at another item, would not.
+    p, X, y, loss, hand = three_layer(seed=1)
+    _runs_of(monkeypatch, "runs")
+    report = verify.check_grad(loss, p, X, y, hand=hand, mode="projection")
+    assert report.ok, report
+    (P,), jv = spy["P"], spy["jv"][0]
+    n_leaves = 6
+    # Items: each leaf's largest element, then its direction(s); the first direction of leaf i is item n_leaves + i
+    # with one direction per leaf (a hand is given), in the leaves' order.
+    wanted = jv[np.isfinite(jv)]
+    assert len(wanted) == n_leaves
+    np.testing.assert_allclose(np.sort(wanted), np.sort(P[:, 0]), rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("how", ["runs", "separate"])
+def test_runs_still_find_a_planted_element_and_a_kink(monkeypatch, how):
+    p, X, y, loss, hand = three_layer(seed=2)
+    _runs_of(monkeypatch, how)
+    bad = lambda p, X, y: {**hand(p, X, y), "W2": hand(p, X, y)["W2"].at[3, 4].add(0.05)}  # noqa: E731
+    report = verify.check_grad(loss, p, X, y, hand=bad)
+    rows = {r.path: r for r in report.rows}
+    assert report.verdict == "hand_wrong" and rows["['W2']"].verdict == "hand_wrong", report
+    assert rows["['W2']"].worst_index == (3, 4)
+    assert all(r.ok for k, r in rows.items() if k != "['W2']"), report
+    # ReLU exactly at 0 for one sample and unit: b2 shifted so that z2[0, 0] == 0.
+    h1 = jnp.tanh(X @ p["W1"] + p["b1"][None, :])
+    z2 = h1 @ p["W2"] + p["b2"][None, :]
+    kinked = {**p, "b2": p["b2"].at[0].add(-z2[0, 0])}
+    assert float((h1 @ kinked["W2"] + kinked["b2"][None, :])[0, 0]) == 0.0
+    report = verify.check_grad(loss, kinked, X, y, hand=hand)
+    assert report.ok, report
