@@ -82,3 +82,53 @@ def test_closed_over_and_passed_constants_give_the_same_verdicts():
     wrong = verify.check_grad(lambda w: jnp.sum(jnp.log(jnp.cosh(A @ w))), W,
                               hand=lambda w: (A.T @ jnp.tanh(A @ w)).at[2].add(0.5))
     assert wrong.verdict == "hand_wrong" and wrong.rows[0].worst_index == (2,)
+
+
+JVP_FACTOR = 1.0
+
+
+def test_a_repeated_check_of_a_function_with_custom_rules_compiles_nothing():
+    # The rules' derivative functions are traced for the key: unchanged, the compilations are shared, also for a
+    # rule inside a jitted scan body.
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x)
+
+    f.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jnp.cos(x),))
+
+    @jax.custom_jvp
+    def g(x):
+        return jnp.tanh(x)
+
+    g.defjvps(lambda t, ans, x: t * (1 - ans**2))
+
+    @jax.jit
+    def fn(w):
+        h, _ = jax.lax.scan(lambda h, _: (g(f(h) * w), None), w, None, length=3)
+        return jnp.sum(h)
+
+    assert verify.check_grad(fn, W).ok
+    before = (_compiled._probe._cache_size(), _compiled._items_jit._cache_size())
+    for _ in range(2):
+        assert verify.check_grad(fn, W).ok
+    assert (_compiled._probe._cache_size(), _compiled._items_jit._cache_size()) == before
+
+
+def test_a_custom_jvp_rule_that_reads_a_changed_global_is_checked_again():
+    global JVP_FACTOR  # noqa: PLW0603 - changed globals are what this test is about
+
+    @jax.custom_jvp
+    def f(x):
+        return jnp.sin(x)
+
+    f.defjvps(lambda t, ans, x: t * jnp.cos(x) * JVP_FACTOR)
+    fn = lambda w: jnp.sum(f(w))  # noqa: E731
+    assert verify.check_grad(fn, W).ok
+    before = _compiled._probe._cache_size()
+    try:
+        JVP_FACTOR = 1.5
+        assert verify.check_grad(fn, W).verdict == "autodiff_wrong"
+        assert _compiled._probe._cache_size() == before + 1  # compiled afresh for the changed rule
+    finally:
+        JVP_FACTOR = 1.0
+    assert verify.check_grad(fn, W).ok

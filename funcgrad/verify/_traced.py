@@ -5,8 +5,11 @@ compiled pieces then evaluate those jaxprs, with the constants the function clos
 rather than embedded in every compiled program. Two checks whose traces are identical (same equations, same
 literals, constants of the same shapes and dtypes) are the same function as far as XLA is concerned, so they share
 compilations: a repeated check of an unchanged function compiles nothing. A function whose globals changed traces
-differently and is compiled afresh. Traces whose meaning is not fully in the jaxpr (a ``custom_vjp`` rule's
-backward function, a callback) get a key of their own and are never shared.
+differently and is compiled afresh. A user's ``custom_vjp``/``custom_jvp`` rule, whose derivative function the
+jaxpr does not show (JAX traces it only when differentiating), is keyed on that function traced at the rule's
+inputs (its VJP or JVP), so a rule whose backward reads a changed global is compiled afresh too. Traces whose
+meaning is still not in the key (a callback, a rule that cannot be traced on its own) get a key of their own and
+are never shared.
 """
 
 from __future__ import annotations
@@ -34,28 +37,69 @@ class _Unique:
     """A key part equal only to itself: the trace is never shared."""
 
 
-def _params_key(jaxpr: Any, out: list) -> None:
-    """Appends to ``out`` what str(jaxpr) does not show: opaque equation parameters and inner constants."""
+def _const_key(c: Any) -> Any:
+    """An inner constant by value (a digest), or, when large, a key equal only to itself."""
+    a = np.asarray(c)
+    return hashlib.blake2b(a.tobytes()).hexdigest() + str(a.dtype) + str(a.shape) if a.nbytes <= _DIGEST_LIMIT \
+        else _Unique()
+
+
+def _rule_key(eqn: Any, kind: str) -> Any:
+    """A user's custom rule as it is now: its VJP (custom_vjp: forward and backward functions) or JVP (custom_jvp)
+    traced at this call's inputs, as jaxpr text and constants. A key equal only to itself when that cannot be
+    traced (then the trace is never shared)."""
+    from funcgrad.verify._audit import _bind  # noqa: PLC0415 - _audit imports this module
+
+    ins = [v.aval for v in eqn.invars]
+    diff = [i for i, a in enumerate(ins) if jnp.issubdtype(a.dtype, jnp.inexact)]
+
+    def derivative(xs: list, ts: list) -> Any:
+        def part(*fs: Any) -> list:
+            full = list(xs)
+            for i, f in zip(diff, fs, strict=True):
+                full[i] = f
+            return _bind(eqn, full)
+
+        primals = [xs[i] for i in diff]
+        if kind == "custom_jvp":
+            return jax.jvp(part, primals, ts)
+        outs, pull = jax.vjp(part, *primals)
+        return pull([t if jnp.issubdtype(o.dtype, jnp.inexact) else np.zeros(o.shape, jax.dtypes.float0)
+                     for o, t in zip(outs, ts, strict=True)])
+
+    tangents = [ins[i] for i in diff] if kind == "custom_jvp" else [v.aval for v in eqn.outvars]
+    try:
+        closed = jax.make_jaxpr(derivative)([jax.ShapeDtypeStruct(a.shape, a.dtype) for a in ins],
+                                            [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in tangents])
+    except Exception:  # noqa: BLE001 - whatever the rule cannot do alone, it is then never shared
+        return _Unique()
+    inner: list = []
+    # (The trace holds the rule's own call again, for its primal: its derivative is not traced a second time.)
+    _params_key(closed.jaxpr, inner, derive=False)
+    return (str(closed.jaxpr), tuple(inner), tuple(_const_key(c) for c in closed.consts))
+
+
+def _params_key(jaxpr: Any, out: list, derive: bool = True) -> None:
+    """Appends to ``out`` what str(jaxpr) does not show: opaque equation parameters, inner constants, and (when
+    ``derive``) what a user's custom rule computes for its derivative."""
     from funcgrad.verify._audit import _CUSTOM, _call_jaxpr, _identify  # noqa: PLC0415 - _audit imports this module
 
     for eqn in jaxpr.eqns:
         if eqn.primitive.name in _CUSTOM:
             rule = _identify(eqn)
             # A framework's rule (jax.nn.relu's custom JVP) is the same code at every trace; a user's rule may read
-            # globals that changed, and its backward function is traced only later: never shared.
-            out.append(("rule", rule.kind, rule.name, rule.source) if rule.library else _Unique())
-            _params_key(_call_jaxpr(eqn).jaxpr, out)
+            # globals that changed, in a derivative function the jaxpr does not show: keyed on its trace.
+            out.append(("rule", rule.kind, rule.name, rule.source) if rule.library or not derive else
+                       ("rule", rule.kind, _rule_key(eqn, rule.kind)))
+            _params_key(_call_jaxpr(eqn).jaxpr, out, derive)
             continue
         for value in eqn.params.values():
             for v in value if isinstance(value, (tuple, list)) else (value,):
                 if isinstance(v, ClosedJaxpr):
-                    _params_key(v.jaxpr, out)
-                    for c in v.consts:
-                        a = np.asarray(c)
-                        out.append(hashlib.blake2b(a.tobytes()).hexdigest() + str(a.dtype) + str(a.shape)
-                                   if a.nbytes <= _DIGEST_LIMIT else _Unique())
+                    _params_key(v.jaxpr, out, derive)
+                    out.extend(_const_key(c) for c in v.consts)
                 elif hasattr(v, "eqns"):
-                    _params_key(v, out)
+                    _params_key(v, out, derive)
                 elif callable(v) and not isinstance(v, _SAFE):
                     out.append(_Unique())  # a callback or rule traced later: its meaning is not in the jaxpr
                 else:
@@ -132,9 +176,11 @@ def trace_pair(fn: Callable, dl_user: Sequence, dl64: Sequence, dyn_user: Sequen
 
     traces_closed = []
     closed_u, out_u = jax.make_jaxpr(flat, return_shape=True)(list(dl_user), list(dyn_user))
+    key_u = _key(closed_u)
     traces_closed.append((closed_u, out_u, [*dl_user, *dyn_user]))
-    with jax.enable_x64(True):
+    with jax.enable_x64(True):  # (a custom rule's derivative is traced for the key as the float64 check will)
         closed_64, out_64 = jax.make_jaxpr(flat, return_shape=True)(list(dl64), list(dyn64))
+        key_64 = _key(closed_64)
     traces_closed.append((closed_64, out_64, [*dl64, *dyn64]))
     ids: dict[int, int] = {id(c): i for i, c in enumerate(consts)}
     traces = []
@@ -149,5 +195,5 @@ def trace_pair(fn: Callable, dl_user: Sequence, dl64: Sequence, dyn_user: Sequen
         traces.append(_Trace(closed.jaxpr, tuple(index), sig, jax.tree_util.tree_structure(out)))
     # Everything the traced function reads, except the constants' values (arguments of the compiled programs):
     # where its constants sit among the check's (shared with hand when both close over the same array), too.
-    key = (what, _key(closed_u), _key(closed_64), tuple((t.out_tree, t.const_index, t.in_avals) for t in traces), spec)
+    key = (what, key_u, key_64, tuple((t.out_tree, t.const_index, t.in_avals) for t in traces), spec)
     return _Traced(key, tuple(traces), spec, fn, what)
