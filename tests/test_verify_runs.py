@@ -90,11 +90,11 @@ def layout_of(shapes):
 def test_costly_leaves_get_runs_of_their_own_and_cheap_ones_share_one():
     # A deep first layer (leaf 0: 1e12 flops from it on), a middle one (leaf 1: 1e11 from it on), cheap last ones.
     dep = ((0b1, 1e11), (0b11, 9e11), (0b111, 1e6), (0b1111, 1e6), (0b11111, 1e3))
-    items = [2, 2, 2, 2, 11]
-    runs = _compiled._runs(dep, items, [1] * 5, 5)
+    items = (2, 2, 2, 2, 11)
+    runs = _compiled._runs(dep, items, (1,) * 5, 5)
     assert (0,) in runs and (1,) in runs and (2, 3, 4) in runs, runs
     # A cheap function: one run (the plan says () then).
-    assert len(_compiled._runs(((0b11111, 1e4),), items, [1] * 5, 5)) == 1
+    assert len(_compiled._runs(((0b11111, 1e4),), items, (1,) * 5, 5)) == 1
     layout = layout_of([(10, 10), (10,), (3,), (2,), (1,)])
     plan, _ = _compiled._make_plan("auto", layout, 1e4, True, dependence=((0b11111, 1e4),))
     assert plan.groups == ()
@@ -151,8 +151,17 @@ def spy(monkeypatch):
     return seen
 
 
+@pytest.fixture(autouse=True)
+def _fresh_plans():
+    """The planned runs are cached per function; tests here change the planner's constants."""
+    _compiled._runs.cache_clear()
+    yield
+    _compiled._runs.cache_clear()
+
+
 def _runs_of(monkeypatch, how):
     """Forces the plan: "one" run over every leaf, "runs" in one program, or "separate" programs."""
+    _compiled._runs.cache_clear()
     monkeypatch.setattr(_compiled, "_RUN_FLOPS", 1e30 if how == "one" else 0.0)
     monkeypatch.setattr(_compiled, "_SEPARATE_ELEMENTS", 0 if how == "separate" else 1 << 62)
 

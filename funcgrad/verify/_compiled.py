@@ -687,8 +687,8 @@ def _make_plan(mode, layout, flops, has_hand, reverse=True, jvp=True,
     groups: tuple[tuple[int, ...], ...] = ()
     if dependence and 1 < len(sizes) <= _GROUP_LEAVES:
         n_dir = [1 if e else n_proj for e in exact]
-        items = [scales * ((s if e else min(_K_MAG, s)) + d) for s, e, d in zip(sizes, exact, n_dir, strict=True)]
-        groups = _runs(dependence, items, [int(reverse and jvp)] * len(sizes), len(sizes))
+        items = tuple(scales * ((s if e else min(_K_MAG, s)) + d) for s, e, d in zip(sizes, exact, n_dir, strict=True))
+        groups = _runs(dependence, items, (int(reverse and jvp),) * len(sizes), len(sizes))
         if len(groups) <= 1:
             groups = ()
     pad_min = 8 if len(_OFFSETS) * 8 * flops <= _PAD_FLOPS else 1
@@ -751,13 +751,15 @@ def _dependence(jaxpr: Any, n_leaves: int) -> tuple:
     return tuple(sorted(costs.items()))
 
 
-def _runs(dependence: tuple, items: Sequence[int], jvps: Sequence[int], n: int) -> tuple[tuple[int, ...], ...]:
+@functools.lru_cache(maxsize=64)
+def _runs(dependence: tuple, items: tuple[int, ...], jvps: tuple[int, ...], n: int) -> tuple[tuple[int, ...], ...]:
     """The leaves grouped into runs of finite differences (see :func:`_eval_items`): a run over leaves S costs
     (4·its items + 2·its forward-mode checks)·U(S) flops, U(S) being what depends on some leaf of S, plus what
     depends on none (computed once per run) and a fixed cost (:data:`_RUN_FLOPS`). Greedily merges the pair of
     runs that saves the most, from a run per leaf with items, while a merge saves anything."""
     total = sum(c for _, c in dependence)
 
+    @functools.cache
     def cost(run: tuple[int, ...]) -> float:
         bits = sum(1 << i for i in run)
         u = sum(c for m, c in dependence if m & bits)
