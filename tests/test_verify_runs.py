@@ -163,6 +163,7 @@ def _runs_of(monkeypatch, how):
     """Forces the plan: "one" run over every leaf, "runs" in one program, or "separate" programs."""
     _compiled._runs.cache_clear()
     monkeypatch.setattr(_compiled, "_RUN_FLOPS", 1e30 if how == "one" else 0.0)
+    monkeypatch.setattr(_compiled, "_PROGRAM_FLOPS", 1e30 if how == "one" else 0.0)
     monkeypatch.setattr(_compiled, "_SEPARATE_ELEMENTS", 0 if how == "separate" else 1 << 62)
 
 
@@ -216,3 +217,45 @@ def test_runs_still_find_a_planted_element_and_a_kink(monkeypatch, how):
     assert float((h1 @ kinked["W2"] + kinked["b2"][None, :])[0, 0]) == 0.0
     report = verify.check_grad(loss, kinked, X, y, hand=hand)
     assert report.ok, report
+
+
+def reference_runs(dependence, items, jvps, n, fixed):
+    """The planner's rule written plainly (every pair tried afresh at every step, costs as Python sums)."""
+    total = sum(c for _, c in dependence)
+
+    def cost(run):
+        bits = sum(1 << i for i in run)
+        u = sum(c for m, c in dependence if m & bits)
+        return (4 * sum(items[i] for i in run) + 2 * sum(jvps[i] for i in run)) * u + (total - u) + fixed
+
+    runs = [(i,) for i in range(n) if items[i]]
+    while len(runs) > 1:
+        best, pair = 0.0, None
+        for x in range(len(runs)):
+            for y in range(x + 1, len(runs)):
+                saved = cost(runs[x]) + cost(runs[y]) - cost(tuple(sorted(runs[x] + runs[y])))
+                if saved > best:
+                    best, pair = saved, (x, y)
+        if pair is None:
+            break
+        runs = [r for k, r in enumerate(runs) if k not in pair] + [tuple(sorted(runs[pair[0]] + runs[pair[1]]))]
+    return tuple(sorted(runs))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_planner_merges_as_the_plain_rule_does(seed):
+    # Random layered functions: leaf i enters at a random depth; everything after it depends on it.
+    rs = np.random.RandomState(seed)
+    n = int(rs.randint(3, 12))
+    depth = rs.permutation(n)
+    dependence = {}
+    for d in range(n):
+        mask = sum(1 << i for i in range(n) if depth[i] <= d)
+        dependence[mask] = dependence.get(mask, 0.0) + float(10 ** rs.uniform(6, 11))
+    dependence = tuple(sorted(dependence.items()))
+    items = tuple(int(x) for x in rs.randint(0, 5, n))
+    jvps = tuple(int(x > 0) for x in items)
+    for fixed in (1e8, 2e10):
+        got = _compiled._runs(dependence, items, jvps, n, fixed)
+        assert got == reference_runs(dependence, items, jvps, n, fixed), (seed, fixed)
+        assert sorted(i for run in got for i in run) == [i for i in range(n) if items[i]]

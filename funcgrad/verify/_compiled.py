@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -38,11 +39,12 @@ _N_PROJ = 3  # random directions per projection-checked leaf without a hand grad
 _K_MAG = 1  # largest-|gradient| elements per projection-checked leaf, checked one by one
 _MEM_ELEMENTS = 1 << 23  # perturbed parameter copies held at once (float64 elements)
 _FOLD = 1 << 16  # elements per step of the compiled reductions over a leaf (their temporaries' size)
-_GROUP_LEAVES = 16  # functions with at most this many leaves: finite differences in runs of a few leaves...
+_GROUP_LEAVES = 64  # functions with at most this many leaves: finite differences in runs of a few leaves...
 _RUN_FLOPS = 1e8  # ... where that saves more flops per check than a run's own cost (its setup, the part of fn that
 # depends on none of its leaves, and a share of its compilation: about this many flops)
 _PAD_FLOPS = 1e9  # evaluations cheaper than this: item counts padded to at least 8 (fewer shapes to compile)
 _SEPARATE_ELEMENTS = 1 << 22  # parameters this many or more: each run of finite differences a program of its own
+_PROGRAM_FLOPS = 2e10  # ... whose compilation costs about as much as this many flops (a second or so)
 
 
 class _Items(NamedTuple):
@@ -685,15 +687,17 @@ def _make_plan(mode, layout, flops, has_hand, reverse=True, jvp=True,
     # Functions of a few leaves: finite differences in runs over some of them (each run skips what does not
     # depend on its leaves, the layers before them, say), where that saves more than compiling the runs costs.
     groups: tuple[tuple[int, ...], ...] = ()
+    separate = layout.n >= _SEPARATE_ELEMENTS
     if dependence and 1 < len(sizes) <= _GROUP_LEAVES:
         n_dir = [1 if e else n_proj for e in exact]
         items = tuple(scales * ((s if e else min(_K_MAG, s)) + d) for s, e, d in zip(sizes, exact, n_dir, strict=True))
-        groups = _runs(dependence, items, (int(reverse and jvp),) * len(sizes), len(sizes))
+        groups = _runs(dependence, items, (int(reverse and jvp),) * len(sizes), len(sizes),
+                       _PROGRAM_FLOPS if separate else _RUN_FLOPS)
         if len(groups) <= 1:
             groups = ()
     pad_min = 8 if len(_OFFSETS) * 8 * flops <= _PAD_FLOPS else 1
     return _Plan(tuple(exact), n_proj, _K_MAG, scales, reverse and jvp, batch, reverse, groups, pad_min,
-                 layout.n >= _SEPARATE_ELEMENTS), exact_idx
+                 separate), exact_idx
 
 
 def _jaxpr_flops(jaxpr: Any, weighted: bool = False) -> float:
@@ -752,31 +756,37 @@ def _dependence(jaxpr: Any, n_leaves: int) -> tuple:
 
 
 @functools.lru_cache(maxsize=64)
-def _runs(dependence: tuple, items: tuple[int, ...], jvps: tuple[int, ...], n: int) -> tuple[tuple[int, ...], ...]:
-    """The leaves grouped into runs of finite differences (see :func:`_eval_items`): a run over leaves S costs
-    (4·its items + 2·its forward-mode checks)·U(S) flops, U(S) being what depends on some leaf of S, plus what
-    depends on none (computed once per run) and a fixed cost (:data:`_RUN_FLOPS`). Greedily merges the pair of
-    runs that saves the most, from a run per leaf with items, while a merge saves anything."""
-    total = sum(c for _, c in dependence)
+def _runs(dependence: tuple, items: tuple[int, ...], jvps: tuple[int, ...], n: int,
+          fixed: float = _RUN_FLOPS) -> tuple[tuple[int, ...], ...]:
+    """The leaves (at most 64) grouped into runs of finite differences (see :func:`_eval_items`): a run over leaves
+    S costs (4·its items + 2·its forward-mode checks)·U(S) flops, U(S) being what depends on some leaf of S, plus
+    what depends on none (computed once per run) and a ``fixed`` cost (:data:`_RUN_FLOPS`, or
+    :data:`_PROGRAM_FLOPS` for runs that are programs of their own). Greedily merges the pair of runs that saves the
+    most, from a run per leaf with items, while a merge saves anything."""
+    masks = np.array([m for m, _ in dependence], np.uint64)
+    flops = np.array([c for _, c in dependence], np.float64)
+    total = float(flops.sum())
 
-    @functools.cache
-    def cost(run: tuple[int, ...]) -> float:
-        bits = sum(1 << i for i in run)
-        u = sum(c for m, c in dependence if m & bits)
-        k = sum(items[i] for i in run)
-        j = sum(jvps[i] for i in run)
-        return (len(_OFFSETS) * k + 2 * j) * u + (total - u) + _RUN_FLOPS
+    def cost(run: tuple[int, int, int]) -> float:
+        bits, k, j = run
+        u = float(flops[(masks & np.uint64(bits)) != 0].sum())
+        return (len(_OFFSETS) * k + 2 * j) * u + (total - u) + fixed
 
-    runs: list[tuple[int, ...]] = [(i,) for i in range(n) if items[i]]
-    while len(runs) > 1:
-        best, pair = 0.0, None
-        for x in range(len(runs)):
-            for y in range(x + 1, len(runs)):
-                saved = cost(runs[x]) + cost(runs[y]) - cost(tuple(sorted(runs[x] + runs[y])))
-                if saved > best:
-                    best, pair = saved, (x, y)
-        if pair is None:
+    def merged(x: int, y: int) -> tuple[int, int, int]:
+        return runs[x][0] | runs[y][0], runs[x][1] + runs[y][1], runs[x][2] + runs[y][2]
+
+    runs = {i: (1 << i, items[i], jvps[i]) for i in range(n) if items[i]}  # id -> (leaf bits, items, jvps)
+    own = {r: cost(v) for r, v in runs.items()}
+    saved = {(x, y): own[x] + own[y] - cost(merged(x, y)) for x, y in itertools.combinations(sorted(runs), 2)}
+    new = n
+    while saved:
+        (x, y), best = max(saved.items(), key=lambda kv: kv[1])
+        if best <= 0:
             break
-        x, y = pair
-        runs = [r for k, r in enumerate(runs) if k not in pair] + [tuple(sorted(runs[x] + runs[y]))]
-    return tuple(sorted(runs))
+        runs[new] = merged(x, y)
+        own[new] = cost(runs[new])
+        del runs[x], runs[y]
+        saved = {p: v for p, v in saved.items() if x not in p and y not in p}
+        saved.update({(z, new): own[z] + own[new] - cost(merged(z, new)) for z in runs if z != new})
+        new += 1
+    return tuple(sorted(tuple(i for i in range(n) if bits >> i & 1) for bits, _, _ in runs.values()))
