@@ -159,9 +159,12 @@ def _fresh_plans():
     _compiled._runs.cache_clear()
 
 
-def _runs_of(monkeypatch, how):
-    """Forces the plan: "one" run over every leaf, "runs" in one program, or "separate" programs."""
+def _runs_of(monkeypatch, how, repeated=True):
+    """Forces the plan: "one" run over every leaf, "runs" in one program, or "separate" programs; runs in one program
+    also on a first check unless ``repeated`` is False."""
     _compiled._runs.cache_clear()
+    if repeated:
+        monkeypatch.setattr(_grad, "_checked_before", lambda key: True)
     monkeypatch.setattr(_compiled, "_RUN_FLOPS", 1e30 if how == "one" else 0.0)
     monkeypatch.setattr(_compiled, "_PROGRAM_FLOPS", 1e30 if how == "one" else 0.0)
     monkeypatch.setattr(_compiled, "_SEPARATE_ELEMENTS", 0 if how == "separate" else 1 << 62)
@@ -191,6 +194,7 @@ def test_forward_mode_in_runs_is_taken_along_each_leafs_first_direction(monkeypa
     _runs_of(monkeypatch, "runs")
     report = verify.check_grad(loss, p, X, y, hand=hand, mode="projection")
     assert report.ok, report
+    assert len(spy["groups"][0]) > 1, spy["groups"]
     (P,), jv = spy["P"], spy["jv"][0]
     n_leaves = 6
     # Items: each leaf's largest element, then its direction(s); the first direction of leaf i is item n_leaves + i
@@ -259,3 +263,19 @@ def test_the_planner_merges_as_the_plain_rule_does(seed):
         got = _compiled._runs(dependence, items, jvps, n, fixed)
         assert got == reference_runs(dependence, items, jvps, n, fixed), (seed, fixed)
         assert sorted(i for run in got for i in run) == [i for i in range(n) if items[i]]
+
+
+def test_runs_sharing_a_program_are_planned_once_the_function_is_checked_again(monkeypatch, spy):
+    # A first check compiles one run (cheaper to compile); a repeated check of the same trace gets the runs.
+    p, X, y, loss, hand = three_layer(seed=3)
+    _runs_of(monkeypatch, "runs", repeated=False)
+    monkeypatch.setattr(_grad, "_CHECKED", type(_grad._CHECKED)())
+    assert verify.check_grad(loss, p, X, y, hand=hand).ok
+    assert all(len(g) == 1 and len(g[0].moved) == 6 for g in spy["groups"]), spy["groups"]
+    spy["groups"].clear()
+    assert verify.check_grad(loss, p, X, y, hand=hand).ok
+    assert len(spy["groups"][0]) > 1, spy["groups"]
+    # Another trace (here: another hand; a mere wrapper would trace the same) is a first check again.
+    spy["groups"].clear()
+    assert verify.check_grad(loss, p, X, y, hand=lambda p, X, y: jax.tree.map(lambda g: 2 * g / 2, hand(p, X, y))).ok
+    assert all(len(g) == 1 for g in spy["groups"]), spy["groups"]

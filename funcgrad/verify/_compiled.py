@@ -658,8 +658,8 @@ def _vectorise() -> bool:
     return jax.default_backend() != "cpu"
 
 
-def _make_plan(mode, layout, flops, has_hand, reverse=True, jvp=True,
-               dependence: tuple = ()) -> tuple[_Plan, np.ndarray]:
+def _make_plan(mode, layout, flops, has_hand, reverse=True, jvp=True, dependence: tuple = (),
+               repeated: bool = True) -> tuple[_Plan, np.ndarray]:
     sizes = layout.sizes
     if mode == "exact":
         exact = [True] * len(sizes)
@@ -686,9 +686,12 @@ def _make_plan(mode, layout, flops, has_hand, reverse=True, jvp=True,
     batch = max(1, min(256, _MEM_ELEMENTS // (6 * max(layout.n, 1)))) if _vectorise() else 1
     # Functions of a few leaves: finite differences in runs over some of them (each run skips what does not
     # depend on its leaves, the layers before them, say), where that saves more than compiling the runs costs.
+    # Runs sharing one program compile longer than one run (seconds for a deep model) and save less than that
+    # per check: they are planned for a function checked before in this process (``repeated``); runs that are
+    # programs of their own (large parameters) are charged their compilation and planned at once.
     groups: tuple[tuple[int, ...], ...] = ()
     separate = layout.n >= _SEPARATE_ELEMENTS
-    if dependence and 1 < len(sizes) <= _GROUP_LEAVES:
+    if dependence and 1 < len(sizes) <= _GROUP_LEAVES and (repeated or separate):
         n_dir = [1 if e else n_proj for e in exact]
         items = tuple(scales * ((s if e else min(_K_MAG, s)) + d) for s, e, d in zip(sizes, exact, n_dir, strict=True))
         groups = _runs(dependence, items, (int(reverse and jvp),) * len(sizes), len(sizes),

@@ -4,6 +4,7 @@ precision, and the notes that explain each verdict."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import importlib.metadata as md
@@ -68,8 +69,22 @@ from funcgrad.verify._traced import trace_pair
 _ARBITRATION_ROUNDS = (8, 24, 96, 384)
 
 
+_CHECKED: collections.OrderedDict = collections.OrderedDict()  # traces checked in this process, most recent last
+_CHECKED_MAX = 64
 _CHUNK = 1 << 18  # elements per host-side pass over a gradient: temporaries of a few MB, whatever the model's size
 _TOP = sum(_ARBITRATION_ROUNDS) + 1  # disagreeing elements per leaf kept, worst first: all arbitration can reach
+
+
+def _checked_before(key: Any) -> bool:
+    """Whether the same trace (``key``: fn, hand, layout, argument shapes) was checked before in this process
+    (the last :data:`_CHECKED_MAX` are remembered). Repeated checks get the plan that compiles more and runs
+    faster (see :func:`funcgrad.verify._compiled._make_plan`)."""
+    seen = key in _CHECKED
+    _CHECKED[key] = None
+    _CHECKED.move_to_end(key)
+    while len(_CHECKED) > _CHECKED_MAX:
+        _CHECKED.popitem(last=False)
+    return seen
 
 
 def _tolerances(a: np.ndarray, h: np.ndarray | None, leaf_max: float, gmax: float, tp: tuple,
@@ -494,16 +509,19 @@ def _check_grad_impl(fn: Callable[..., Any], params: Any, args: tuple, *, hand: 
     bound = _bound(fn, hand, sel.treedef, sel.diff, specs, has_aux)
     user_dtypes = sorted({str(d) for d in dtypes})
 
+    dyn_sig = tuple((tuple(d.shape), d.dtype) for d in dyn)
     try:
-        facts = _static_facts(bound, layout, spec, dtypes, tuple((tuple(d.shape), d.dtype) for d in dyn), caller_x64)
+        facts = _static_facts(bound, layout, spec, dtypes, dyn_sig, caller_x64)
     except (_UserValueError, _UserTypeError) as e:
         raise _clean(e) from None
+    repeated = _checked_before((bound, layout, spec, dtypes, dyn_sig, caller_x64))
     if layout.n == 0:  # every differentiated leaf is empty: nothing to compare
         rows = [Row(p, Verdict.OK, None, 0.0, 0.0, None, None, None, "exact", 0, 0, 0,
                     "no elements (zero-size leaf): nothing to check") for p in layout.paths]
         return GradReport(tuple(rows), Verdict.OK, "check_grad", "/".join(user_dtypes), tuple(notes),
                           time.perf_counter() - start, {})
-    prep = _Prepared(bound, hand is not None, dleaves, packed, dyn, spec, layout, dtypes, user_dtypes, caller_x64)
+    prep = _Prepared(bound, hand is not None, dleaves, packed, dyn, spec, layout, dtypes, user_dtypes, caller_x64,
+                     repeated)
     base_notes = list(notes)
     options = _Options(has_aux, rtol, atol, mode, seed)
 
@@ -582,6 +600,7 @@ class _Prepared:
     dtypes: tuple  # the differentiated leaves' own dtypes
     user_dtypes: list[str]  # the distinct ones, as names, sorted
     x64: bool  # the caller's x64 setting (the user's code runs at it)
+    repeated: bool = False  # the same trace was checked before in this process
 
 
 class _Options(NamedTuple):
@@ -681,7 +700,7 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
         rtol_eff = float(options.rtol) if options.rtol is not None else _default_rtol(eps_c)
         h0 = eps_f ** (1 / 5)
         plan, exact_idx = _make_plan(options.mode, layout, facts.flops, prep.has_hand, facts.reverse, facts.jvp,
-                                     facts.dependence)
+                                     facts.dependence, prep.repeated)
         seed = np.uint32(options.seed % 2**32)
         tp = (rtol_eff, -1.0 if options.atol is None else float(options.atol), float(jnp.finfo(jnp.float64).eps))
 
