@@ -132,3 +132,4 @@ def test_a_custom_jvp_rule_that_reads_a_changed_global_is_checked_again():
     finally:
         JVP_FACTOR = 1.0
     assert verify.check_grad(fn, W).ok
+

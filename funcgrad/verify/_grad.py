@@ -77,8 +77,10 @@ _TOP = sum(_ARBITRATION_ROUNDS) + 1  # disagreeing elements per leaf kept, worst
 
 def _checked_before(key: Any) -> bool:
     """Whether the same trace (``key``: fn, hand, layout, argument shapes) was checked before in this process
-    (the last :data:`_CHECKED_MAX` are remembered). Repeated checks get the plan that compiles more and runs
-    faster (see :func:`funcgrad.verify._compiled._make_plan`)."""
+    (the last :data:`_CHECKED_MAX` are remembered, by hash: nothing of the function is kept alive, and a collision
+    only changes the plan, never a result). Repeated checks get the plan that compiles more and runs faster (see
+    :func:`funcgrad.verify._compiled._make_plan`)."""
+    key = hash(key)
     seen = key in _CHECKED
     _CHECKED[key] = None
     _CHECKED.move_to_end(key)

@@ -44,10 +44,10 @@ def _const_key(c: Any) -> Any:
         else _Unique()
 
 
-def _rule_key(eqn: Any, kind: str) -> Any:
+def _rule_key(eqn: Any, kind: str, active: frozenset) -> Any:
     """A user's custom rule as it is now: its VJP (custom_vjp: forward and backward functions) or JVP (custom_jvp)
-    traced at this call's inputs, as jaxpr text and constants. A key equal only to itself when that cannot be
-    traced (then the trace is never shared)."""
+    traced at this call's inputs, as jaxpr text and constants (``active``: the rules being keyed, this one among
+    them). A key equal only to itself when that cannot be traced (then the trace is never shared)."""
     from funcgrad.verify._audit import _bind  # noqa: PLC0415 - _audit imports this module
 
     ins = [v.aval for v in eqn.invars]
@@ -74,14 +74,16 @@ def _rule_key(eqn: Any, kind: str) -> Any:
     except Exception:  # noqa: BLE001 - whatever the rule cannot do alone, it is then never shared
         return _Unique()
     inner: list = []
-    # (The trace holds the rule's own call again, for its primal: its derivative is not traced a second time.)
-    _params_key(closed.jaxpr, inner, derive=False)
+    # (The trace holds the rule's own call again, for its primal: its derivative is not traced a second time; other
+    # user rules its derivative calls are keyed on theirs.)
+    _params_key(closed.jaxpr, inner, active)
     return (str(closed.jaxpr), tuple(inner), tuple(_const_key(c) for c in closed.consts))
 
 
-def _params_key(jaxpr: Any, out: list, derive: bool = True) -> None:
-    """Appends to ``out`` what str(jaxpr) does not show: opaque equation parameters, inner constants, and (when
-    ``derive``) what a user's custom rule computes for its derivative."""
+def _params_key(jaxpr: Any, out: list, active: frozenset = frozenset()) -> None:
+    """Appends to ``out`` what str(jaxpr) does not show: opaque equation parameters, inner constants, and what a
+    user's custom rule computes for its derivative (``active``: the rules whose derivatives are being traced for the
+    key, keyed here by name only)."""
     from funcgrad.verify._audit import _CUSTOM, _call_jaxpr, _identify  # noqa: PLC0415 - _audit imports this module
 
     for eqn in jaxpr.eqns:
@@ -89,17 +91,17 @@ def _params_key(jaxpr: Any, out: list, derive: bool = True) -> None:
             rule = _identify(eqn)
             # A framework's rule (jax.nn.relu's custom JVP) is the same code at every trace; a user's rule may read
             # globals that changed, in a derivative function the jaxpr does not show: keyed on its trace.
-            out.append(("rule", rule.kind, rule.name, rule.source) if rule.library or not derive else
-                       ("rule", rule.kind, _rule_key(eqn, rule.kind)))
-            _params_key(_call_jaxpr(eqn).jaxpr, out, derive)
+            out.append(("rule", rule.kind, rule.name, rule.source) if rule.library or rule in active else
+                       ("rule", rule.kind, _rule_key(eqn, rule.kind, active | {rule})))
+            _params_key(_call_jaxpr(eqn).jaxpr, out, active)
             continue
         for value in eqn.params.values():
             for v in value if isinstance(value, (tuple, list)) else (value,):
                 if isinstance(v, ClosedJaxpr):
-                    _params_key(v.jaxpr, out, derive)
+                    _params_key(v.jaxpr, out, active)
                     out.extend(_const_key(c) for c in v.consts)
                 elif hasattr(v, "eqns"):
-                    _params_key(v, out, derive)
+                    _params_key(v, out, active)
                 elif callable(v) and not isinstance(v, _SAFE):
                     out.append(_Unique())  # a callback or rule traced later: its meaning is not in the jaxpr
                 else:
