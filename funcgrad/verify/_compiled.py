@@ -252,8 +252,8 @@ def _eval_items(f, params, layout, seed, items, batch, support, groups):
     the run lies within them). A run's loop perturbs only those; the others are converted to float64 once,
     outside the loop, and XLA computes what does not depend on the moved leaves (the layers before them) once for
     the whole run rather than at every evaluation. Runs go one after the other (a barrier orders them), so only
-    one run's float64 copies of fixed leaves are held at a time. The forward-mode derivatives are computed outside
-    the loops too, where their primal part is shared likewise.
+    one run's float64 copies of fixed leaves are held at a time. Each run's forward-mode derivatives follow in a
+    loop of their own, outside any branch, so that their primal part is computed once per run likewise.
 
     ``batch`` > 1 evaluates that many items at once with vmap (accelerators); ``batch`` == 1 evaluates them
     one at a time with lax.map (CPU, where XLA's batched matrix products are several times slower than a loop
