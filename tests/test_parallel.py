@@ -129,8 +129,10 @@ def test_two_processes_match_one_and_resume(tmp_path):
     assert two.keys() == one.keys()
     for k in one:
         np.testing.assert_allclose(two[k].astype(float), one[k].astype(float), rtol=1e-3, atol=1e-4)
-    steps = [json.loads(line)["step"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [0, 100, 199, 200, 299]  # every log_every steps, and the last step of each run
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    # Training: every log_every steps, and the last step of each run; validation: at the end of each run.
+    assert [r["step"] for r in rows if r["split"] == "train"] == [0, 100, 199, 200, 299]
+    assert [r["step"] for r in rows if r["split"] == "validation"] == [200, 300]
 
 
 @pytest.mark.slow
