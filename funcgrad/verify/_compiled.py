@@ -689,18 +689,16 @@ def _make_plan(mode, layout, flops, has_hand, reverse=True, jvp=True, dependence
     # Runs sharing one program compile longer than one run (seconds for a deep model) and save less than that
     # per check: they are planned for a function checked before in this process (``repeated``); runs that are
     # programs of their own (large parameters) are charged their compilation and planned at once.
-    groups: tuple[tuple[int, ...], ...] = ()
     separate = layout.n >= _SEPARATE_ELEMENTS
-    if dependence and 1 < len(sizes) <= _GROUP_LEAVES and (repeated or separate):
-        n_dir = [1 if e else n_proj for e in exact]
-        items = tuple(scales * ((s if e else min(_K_MAG, s)) + d) for s, e, d in zip(sizes, exact, n_dir, strict=True))
-        groups = _runs(dependence, items, (int(reverse and jvp),) * len(sizes), len(sizes),
-                       _PROGRAM_FLOPS if separate else _RUN_FLOPS)
-        if len(groups) <= 1:
-            groups = ()
     pad_min = 8 if len(_OFFSETS) * 8 * flops <= _PAD_FLOPS else 1
-    return _Plan(tuple(exact), n_proj, _K_MAG, scales, reverse and jvp, batch, reverse, groups, pad_min,
-                 separate), exact_idx
+    plan = _Plan(tuple(exact), n_proj, _K_MAG, scales, reverse and jvp, batch, reverse, (), pad_min, separate)
+    if dependence and 1 < len(sizes) <= _GROUP_LEAVES and (repeated or separate):
+        per_leaf = np.bincount(_item_leaves(plan, layout), minlength=len(sizes)) * scales
+        groups = _runs(dependence, tuple(int(k) for k in per_leaf), (int(reverse and jvp),) * len(sizes), len(sizes),
+                       _PROGRAM_FLOPS if separate else _RUN_FLOPS)
+        if len(groups) > 1:
+            plan = dataclasses.replace(plan, groups=groups)
+    return plan, exact_idx
 
 
 def _jaxpr_flops(jaxpr: Any, weighted: bool = False) -> float:
