@@ -6,6 +6,9 @@ For float64 and float32 it measures, in one run:
 - wall time of each checker, cold (first call in a fresh interpreter, compilation included: what a user
   running a check experiences) and warm (median of repeated calls in the same process);
 - whether each raises a false alarm on the correct gradient;
+- the floor under check_grad's time: the computations it cannot do without, each timed alone as a plain jitted
+  JAX program on the same model (autodiff and hand gradients in float64, again at the parameters' own precision,
+  one float64 evaluation of the loss), next to check_grads;
 - whether each catches one wrong element planted in autodiff (a jax.custom_vjp rule off at one element),
   and where funcgrad locates it; and a wrong element planted in the hand gradient (check_grads has no notion
   of a hand gradient).
@@ -78,11 +81,50 @@ def setup(dtype_name: str, planted_autodiff: bool):
     return params, X, y, loss, hand
 
 
+def floor(dtype_name: str, repeats: int) -> dict:
+    """Plain jitted JAX programs for the parts of a check that it cannot do without, timed alone (best of
+    ``repeats``, at least 10), and check_grads (median, as the other cases)."""
+    import jax
+    from jax.test_util import check_grads
+
+    params, X, y, loss, hand = setup(dtype_name, False)
+
+    def best(f, *a) -> float:
+        jax.block_until_ready(f(*a))
+        ts = []
+        for _ in range(max(repeats, 10)):
+            t = time.perf_counter()
+            jax.block_until_ready(f(*a))
+            ts.append(time.perf_counter() - t)
+        return min(ts)
+
+    out = {}
+    with jax.enable_x64(True):
+        p64 = jax.tree.map(lambda x: x.astype("float64"), params)
+        X64 = X.astype("float64")
+        out["grad_float64"] = best(jax.jit(jax.value_and_grad(loss)), p64, X64, y)
+        out["hand_float64"] = best(jax.jit(hand), p64, X64, y)
+        out["loss_float64"] = best(jax.jit(loss), p64, X64, y)
+    if dtype_name != "float64":
+        out["grad_own"] = best(jax.jit(jax.value_and_grad(loss)), params, X, y)
+        out["hand_own"] = best(jax.jit(hand), params, X, y)
+    ts = []
+    for _ in range(max(repeats, 3)):
+        t = time.perf_counter()
+        check_grads(lambda p: loss(p, X, y), (params,), order=1, modes=("rev",))
+        ts.append(time.perf_counter() - t)
+    out["check_grads"] = statistics.median(ts)
+    out["leaves"] = len(jax.tree.leaves(params))
+    return out
+
+
 def worker(case: str, dtype_name: str, repeats: int) -> dict:
     import jax
 
     if dtype_name == "float64":
         jax.config.update("jax_enable_x64", True)
+    if case == "floor":
+        return floor(dtype_name, repeats)
     from jax.test_util import check_grads
 
     from funcgrad import verify
@@ -156,6 +198,23 @@ def main() -> None:
         print(f"{dtype}: planted wrong autodiff element W1{list(PLANT)}: check_grads alarm {pa['alarm']}, "
               f"check_grad {pf.get('where')}")
         print(f"{dtype}: planted wrong hand element W1{list(PLANT)}: check_grad {ph.get('where')}")
+    print()
+    print("The floor: what a check cannot do without, each part a plain jitted JAX program timed alone (best of "
+          "several), against check_grads (its median). A check computes both float64 gradients, both again at the "
+          "parameters' own precision when that is not float64, and finite differences (4 float64 evaluations per "
+          "item, at least one item per leaf; each run of them computes the loss at least once).")
+    for dtype in ("float64", "float32"):
+        proc = subprocess.run([sys.executable, __file__, "--worker", "floor", dtype, "--repeats", str(args.repeats)],
+                              capture_output=True, text=True, env=env, check=False)
+        if proc.returncode != 0:
+            raise SystemExit(f"worker floor {dtype} failed:\n{proc.stderr}")
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        grads = sum(v for k, v in r.items() if k.startswith(("grad_", "hand_")))
+        parts = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in r.items() if k not in ("check_grads", "leaves"))
+        print(f"  {dtype}: {parts}; check_grads {1e3 * r['check_grads']:.1f} ms")
+        print(f"  {dtype}: the gradients alone take {grads / r['check_grads']:.2f}x check_grads; with one evaluation "
+              f"of the loss per leaf, {(grads + r['leaves'] * r['loss_float64']) / r['check_grads']:.2f}x (check_grad, warm, "
+              f"above: {results[(dtype, 'funcgrad_correct')]['warm'] / r['check_grads']:.2f}x this check_grads)")
 
 
 if __name__ == "__main__":

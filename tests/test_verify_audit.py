@@ -323,3 +323,208 @@ def test_fn_not_callable_and_fn_that_fails_to_trace():
     with pytest.raises(TypeError) as e:
         verify.audit(lambda x: x @ jnp.ones(3), jnp.ones(2))
     assert any("verify.audit traces fn" in n for n in e.value.__notes__)
+
+
+# ---- rules nobody here wrote, at inputs that are awkward -----------------------------------------------------
+
+
+def test_while_loop_is_sampled_over_its_whole_length():
+    """A rule wrong only at the last of 10 while iterations (its input there is 9): the sampled iterations include
+    the last, as for a scan; the trip count is not known before the loop runs."""
+
+    @jax.custom_vjp
+    def sq(x):
+        return x**2
+
+    sq.defvjp(lambda x: (x**2, x), lambda x, g: (jnp.where(x > 8.5, 3.0, 2.0) * x * g,))
+
+    def model(p, x):
+        def body(s):
+            i, c, acc = s
+            return i + 1, c + 1.0, acc + sq(c * p)
+
+        return jax.lax.while_loop(lambda s: s[0] < 10, body, (0, x, jnp.zeros_like(x)))[2].sum()
+
+    row = verify.audit(model, jnp.ones(()), jnp.zeros(()), max_calls=4).rows[0]
+    assert (row.verdict, row.calls, row.seen) == ("autodiff_wrong", 4, 10)
+    assert "while iteration 9" in row.where
+
+
+def _broken_rules():
+    @jax.custom_vjp
+    def wrong_shape(x):
+        return jnp.sin(x)
+
+    wrong_shape.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (jnp.sum(jnp.cos(x) * g, keepdims=True),))
+
+    @jax.custom_vjp
+    def wrong_count(x, y):
+        return jnp.sin(x) * y
+
+    wrong_count.defvjp(lambda x, y: (jnp.sin(x) * y, (x, y)), lambda r, g: (jnp.cos(r[0]) * r[1] * g,))
+
+    @jax.custom_vjp
+    def raises(x):
+        return jnp.sin(x)
+
+    def raises_bwd(x, g):
+        raise ValueError("oops in bwd")
+
+    raises.defvjp(lambda x: (jnp.sin(x), x), raises_bwd)
+    return {"wrong_shape": lambda p, x: wrong_shape(p * x).sum(), "wrong_count": lambda p, x: wrong_count(p * x, p).sum(),
+            "raises": lambda p, x: raises(p * x).sum()}
+
+
+@pytest.mark.parametrize("name", ["wrong_shape", "wrong_count", "raises"])
+def test_a_rule_whose_derivative_cannot_run_fails(name):
+    """A bwd that raises or returns cotangents of the wrong shape or number: jax.grad through it fails, so the rule
+    is broken, not undecided."""
+    fn = _broken_rules()[name]
+    p, x = jnp.ones(3), jnp.asarray([0.1, 0.2, 0.3])
+    with pytest.raises((ValueError, TypeError)):
+        jax.grad(fn)(p, x)
+    report = verify.audit(fn, p, x)
+    assert not report.ok and report.rows[0].verdict == "autodiff_wrong" and report.rows[0].calls == 1
+    assert "derivative fails" in report.rows[0].note or "fails at" in report.rows[0].note
+    with pytest.raises(AssertionError, match="audit failed"):
+        testing.assert_rules_ok(fn, p, x)
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_non_finite_outputs_are_left_out_not_the_whole_call(wrong):
+    """The usual guard: log evaluated everywhere, its NaN at a negative input discarded by jnp.where. The rule is
+    checked on the finite outputs: a 2x-wrong JVP fails there, the right one passes."""
+
+    @jax.custom_jvp
+    def mylog(x):
+        return jnp.log(x)
+
+    mylog.defjvps(lambda t, ans, x: t / (2 * x) if wrong else t / x)
+
+    def model(p, xs):
+        v = xs * p
+        return jnp.sum(jnp.where(v > 0, mylog(v), 0.0))
+
+    report = verify.audit(model, jnp.ones(3), jnp.asarray([-1.0, 2.0, 3.0]))
+    row = report.rows[0]
+    assert row.calls == 1 and "not finite at this call, left out" in row.note
+    assert report.ok != wrong
+    if wrong:
+        assert row.verdict == "autodiff_wrong" and row.worst_index[0] == 0 and row.worst_index[1] in (1, 2)
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_masked_attention_with_minus_inf_logits_is_checked(wrong):
+    """A causal mask writes -inf into the logits a custom softmax receives: the finite logits are checked, the
+    masked ones held as they are. The wrong rule is the classic slip s·g (missing -s·Σ(g·s))."""
+
+    @jax.custom_vjp
+    def softmax(z):
+        return jax.nn.softmax(z, axis=-1)
+
+    def fwd(z):
+        s = jax.nn.softmax(z, axis=-1)
+        return s, s
+
+    def bwd(s, g):
+        return (s * g,) if wrong else (s * (g - jnp.sum(g * s, axis=-1, keepdims=True)),)
+
+    softmax.defvjp(fwd, bwd)
+    T = 4
+    mask = jnp.tril(jnp.ones((T, T), bool))
+
+    def model(Wq, x):
+        logits = jnp.where(mask, (x @ Wq) @ x.T, -jnp.inf)
+        return jnp.sum(softmax(logits) @ x)
+
+    report = verify.audit(model, jnp.asarray(RS.randn(3, 3)), jnp.asarray(RS.randn(T, 3)))
+    row = report.rows[0]
+    assert row.calls == 1 and "6 of 16 element(s) not finite at this call, held as they are" in row.note
+    assert report.ok != wrong
+
+
+def test_a_rule_closing_over_a_traced_parameter_is_reported_unchecked_not_passed():
+    """A rule built inside the model around its weights: its derivative holds a tracer of fn's own trace, so it
+    cannot be evaluated on its own. The audit says so and does not pass it (it is a 1.5x-wrong rule here)."""
+
+    def model(p, x):
+        W = p["W"]
+
+        @jax.custom_vjp
+        def lin_tanh(v):
+            return jnp.tanh(v @ W)
+
+        def fwd(v):
+            y = jnp.tanh(v @ W)
+            return y, y
+
+        lin_tanh.defvjp(fwd, lambda y, g: (((1 - y**2) * g) @ W.T * 1.5,))
+        return lin_tanh(x).sum()
+
+    report = verify.audit(model, {"W": jnp.asarray(RS.randn(2, 2))}, jnp.asarray(RS.randn(1, 2)))
+    row = report.rows[0]
+    assert not report.ok and report.unchecked == (row,) and row.calls == 0 and row.on_path
+    assert "closes over a value traced inside fn" in row.note and "not checked at any call" in report.summary()
+    with pytest.raises(AssertionError, match="could not check lin_tanh"):
+        report.assert_ok()
+
+
+def test_equinox_filter_custom_jvp_is_named_after_its_primal_and_exclude_names_are_checked():
+    @eqx.filter_custom_jvp
+    def eqx_softplus(x, beta):
+        return jnp.logaddexp(beta * x, 0.0) / beta
+
+    @eqx_softplus.def_jvp
+    def _(primals, tangents):
+        x, beta = primals
+        tx, _ = tangents
+        return eqx_softplus(x, beta), jax.nn.sigmoid(beta * x) * tx
+
+    def f(p, x):
+        return eqx_softplus(x * p, 2.0).sum()
+
+    p, x = jnp.ones(3), jnp.asarray([-0.5, 0.5, 1.0])
+    report = verify.audit(f, p, x)
+    assert [r.rule for r in report.rows] == ["eqx_softplus"] and report.ok
+    assert "test_verify_audit.py:" in report.rows[0].source  # the primal's definition, not equinox's wrapper
+    excluded = verify.audit(f, p, x, exclude=["eqx_softplus", "eqx_softpuls"])
+    assert excluded.rows == ()
+    assert any("'eqx_softpuls'" in n and "misspelt" in n for n in excluded.notes)
+
+
+def test_call_site_of_a_rule_inside_a_vmapped_cond():
+    """Under vmap a cond becomes a select of both branches, and the rule's equation is re-traced without the user's
+    frames: the row still names the user's line."""
+
+    @jax.custom_vjp
+    def sq(x):
+        return x**2
+
+    sq.defvjp(lambda x: (x**2, x), lambda x, g: (3.0 * x * g,))
+
+    def model(p, xs):
+        return jax.vmap(lambda x: jax.lax.cond(x > 2.5, sq, lambda v: v * 2.0, x * p))(xs).sum()
+
+    row = verify.audit(model, jnp.ones(()), jnp.asarray([1.0, 3.0, 4.0])).rows[0]
+    assert row.verdict == "autodiff_wrong" and "test_verify_audit.py:" in row.where
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"rtol": -1.0}, "rtol must be None or a finite number >= 0"),
+    ({"atol": float("nan")}, "atol must be None or a finite number >= 0"),
+    ({"rtol": "1e-3"}, "rtol must be None"),
+    ({"exclude": None}, "exclude must be a sequence of rule names"),
+    ({"wrt": "w"}, "audit: wrt must be None, a predicate"),
+])
+def test_more_bad_options_are_named(kwargs, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        verify.audit(lambda x: x.sum(), jnp.ones(2), **kwargs)
+
+
+def test_negative_seed_is_accepted():
+    @jax.custom_jvp
+    def cube(x):
+        return x**3
+
+    cube.defjvps(lambda t, ans, x: 3 * x**2 * t)
+    assert verify.audit(lambda p: cube(p).sum(), jnp.asarray([0.5, -1.0]), seed=-1).ok

@@ -24,6 +24,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import re
@@ -38,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Literal, jaxpr_as_fun
 
-from funcgrad._checks import describe
+from funcgrad._checks import describe, in_range
 from funcgrad.verify._compiled import _sub_jaxprs as _sub
 from funcgrad.verify._grad import _check_grad_impl, _environment_versions
 from funcgrad.verify._inputs import _wrt_mask
@@ -54,6 +55,9 @@ _LIBRARIES = ("jax", "jaxlib", "flax", "equinox", "optax", "chex", "haiku")
 # differentiate fails inside the framework's rule and leaves its memoized traces unusable.)
 _MARKERS = ("_nondifferentiable", "nondifferentiable")
 _SEARCH_LIMIT = 400  # objects looked at when searching a wrapper's closures for the user's function
+_BROKEN = "the rule's derivative fails at this call: "  # a call whose rule cannot be differentiated (see _defect)
+_SITE_LOOKBACK = 16  # equations looked back at for the call site of a rule traced without the user's frames
+_NOTHING = "nothing to differentiate: "  # a call without a derivative to check (integer inputs, say)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +111,12 @@ def _user_function(root: Any) -> Any:
     """The first function defined outside the frameworks reachable from ``root`` through wrappers, partials,
     closures and the attributes of wrapper objects (e.g. the user's function inside
     ``equinox.filter_custom_vjp``), or None."""
+    return next(_user_functions(root), None)
+
+
+def _user_functions(root: Any) -> Any:
+    """The functions defined outside the frameworks reachable from ``root`` (see :func:`_user_function`), nearest
+    first."""
     queue: collections.deque = collections.deque([root])
     seen: set[int] = set()
     while queue and len(seen) < _SEARCH_LIMIT:
@@ -116,7 +126,8 @@ def _user_function(root: Any) -> Any:
         seen.add(id(obj))
         code = getattr(obj, "__code__", None)
         if isinstance(code, types.CodeType) and not _is_library(code.co_filename):
-            return obj
+            yield obj
+            continue
         for attr in ("f", "func", "fun", "__wrapped__", "__func__"):
             with contextlib.suppress(Exception):
                 queue.append(getattr(obj, attr))
@@ -130,7 +141,31 @@ def _user_function(root: Any) -> Any:
         elif code is None and not isinstance(obj, (dict, jax.Array, np.ndarray)):
             with contextlib.suppress(TypeError):
                 queue.extend(v for v in vars(obj).values() if callable(v) or hasattr(v, "__dict__"))
+
+
+def _primal_of(jvp: Any) -> Any:
+    """The user's primal function of a framework's custom JVP object whose rule is the user's function ``jvp``
+    (``equinox.filter_custom_jvp`` wraps both), looked for among the objects ``jvp`` refers to (its closure, and the
+    globals it names: a JVP usually calls its own rule); None when not found. A rule is named after its primal, as
+    ``jax.custom_jvp`` rules are."""
+    refs = [c.cell_contents for c in getattr(jvp, "__closure__", None) or () if _has_contents(c)]
+    names = set(jvp.__code__.co_names)
+    refs += [v for k, v in getattr(jvp, "__globals__", {}).items() if k in names]
+    for obj in refs:
+        if isinstance(getattr(obj, "__code__", None), types.CodeType):
+            continue  # a plain function the rule calls, not a rule object
+        found = list(itertools.islice(_user_functions(obj), 4))
+        if jvp in found and found[0] is not jvp:
+            return found[0]
     return None
+
+
+def _has_contents(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises
+    except ValueError:
+        return False
+    return True
 
 
 def _call_jaxpr(eqn: Any) -> Any:
@@ -148,6 +183,8 @@ def _identify(eqn: Any) -> _Rule:
     holder = eqn.params.get("bwd") if kind == "custom_vjp" else eqn.params.get(
         "jvp_jaxpr_fun", eqn.params.get("jvp_jaxpr_thunk"))
     user = _user_function(holder)
+    if user is not None and kind == "custom_jvp":
+        user = _primal_of(user) or user
     if user is not None:
         code = user.__code__
         return _Rule(kind, getattr(user, "__name__", name), _short(code.co_filename, code.co_firstlineno), False)
@@ -192,6 +229,18 @@ class _Walker:
         self._holds: dict[int, bool] = {}
         self._compiled: dict[int, Callable] = {}
         self._keep: list = []  # keeps the objects whose ids key the caches alive
+        self._sites: list[str] = []  # the call sites of the equations entered, innermost last
+
+    def site(self, eqn: Any, before: Sequence = ()) -> str:
+        """An equation's call site; where its trace has no frame of the user's (a rule re-traced by a batching
+        rule: a cond under vmap), the nearest of the equations ``before`` it in its jaxpr that has one, else the
+        innermost enclosing equation's."""
+        here = _call_site(eqn)
+        for e in reversed(before[-_SITE_LOOKBACK:]):
+            if here != "?":
+                break
+            here = _call_site(e)
+        return here if here != "?" or not self._sites else self._sites[-1]
 
     def rule(self, eqn: Any) -> _Rule:
         if id(eqn) not in self._rules:
@@ -247,7 +296,7 @@ class _Walker:
             return (v.val, False) if isinstance(v, Literal) else env[v]
 
         marked: set = set()  # values made by a _MARKERS rule
-        for eqn in jaxpr.eqns:
+        for k, eqn in enumerate(jaxpr.eqns):
             ins = [read(v) for v in eqn.invars]
             vals, ts = [x for x, _ in ins], [t for _, t in ins]
             if eqn.primitive.name in _CUSTOM:
@@ -255,7 +304,7 @@ class _Walker:
                     marked.update(eqn.outvars)
                 held = tuple(i for i, v in enumerate(eqn.invars[int(eqn.params.get("num_consts", 0)):])
                              if not isinstance(v, Literal) and v in marked)
-                outs, touts = self._custom(eqn, vals, ts, where, held)
+                outs, touts = self._custom(eqn, vals, ts, where, held, jaxpr.eqns[:k])
             else:
                 outs, touts = self.equation(eqn, vals, ts, where)
             for v, x, t in zip(eqn.outvars, outs, touts, strict=True):
@@ -264,24 +313,32 @@ class _Walker:
         return [x for x, _ in res], [t for _, t in res]
 
     def equation(self, eqn: Any, vals: list, ts: list, where: str) -> tuple[list, list]:
-        name = eqn.primitive.name
         if not any(self.holds(s) for s in _sub(eqn)):
             return _bind(eqn, vals), [any(ts)] * len(eqn.outvars)
         ctx = getattr(getattr(eqn, "ctx", None), "manager", None)
-        with ctx if ctx is not None else contextlib.nullcontext():
-            if name in _CALLS and len(_sub(eqn)) == 1:
-                closed = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-                jaxpr, consts = (closed.jaxpr, closed.consts) if hasattr(closed, "consts") else (closed, ())
-                label = "remat" if name in ("checkpoint", "remat", "remat2") else f"{name}({eqn.params.get('name', '')})"
-                return self.run(jaxpr, consts, vals, ts, _join(where, label))
-            if name == "scan":
-                return self._scan(eqn, vals, ts, where)
-            if name == "while":
-                return self._while(eqn, vals, ts, where)
-            if name == "cond":
-                index = int(vals[0])
-                branch = eqn.params["branches"][index]
-                return self.run(branch.jaxpr, branch.consts, vals[1:], ts[1:], _join(where, f"cond branch {index}"))
+        self._sites.append(self.site(eqn))
+        try:
+            with ctx if ctx is not None else contextlib.nullcontext():
+                return self._enter(eqn, vals, ts, where)
+        finally:
+            self._sites.pop()
+
+    def _enter(self, eqn: Any, vals: list, ts: list, where: str) -> tuple[list, list]:
+        """An equation holding rules, entered (``jit``, ``remat``, ``scan``, ``while``, ``cond``)."""
+        name = eqn.primitive.name
+        if name in _CALLS and len(_sub(eqn)) == 1:
+            closed = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+            jaxpr, consts = (closed.jaxpr, closed.consts) if hasattr(closed, "consts") else (closed, ())
+            label = "remat" if name in ("checkpoint", "remat", "remat2") else f"{name}({eqn.params.get('name', '')})"
+            return self.run(jaxpr, consts, vals, ts, _join(where, label))
+        if name == "scan":
+            return self._scan(eqn, vals, ts, where)
+        if name == "while":
+            return self._while(eqn, vals, ts, where)
+        if name == "cond":
+            index = int(vals[0])
+            branch = eqn.params["branches"][index]
+            return self.run(branch.jaxpr, branch.consts, vals[1:], ts[1:], _join(where, f"cond branch {index}"))
         # Anything else (shard_map, a primitive of another library): evaluated whole; its rules are counted.
         return self._whole(eqn, vals, ts)
 
@@ -292,15 +349,20 @@ class _Walker:
             self.count(s, 1)
         return _bind(eqn, vals), [any(ts)] * len(eqn.outvars)
 
-    def _custom(self, eqn: Any, vals: list, ts: list, where: str, held: tuple[int, ...]) -> tuple[list, list]:
+    def _custom(self, eqn: Any, vals: list, ts: list, where: str, held: tuple[int, ...],
+                before: Sequence = ()) -> tuple[list, list]:
         rule = self.rule(eqn)
         self._tally(rule)
         if self.audited(rule):
-            n = int(eqn.params.get("num_consts", 0))
-            self.calls[rule].append(_Call(rule, eqn, tuple(vals), any(ts[n:]), held, where, _call_site(eqn)))
+            # (on the path also through the values the rule closes over: its consts)
+            self.calls[rule].append(_Call(rule, eqn, tuple(vals), any(ts), held, where, self.site(eqn, before)))
         closed = _call_jaxpr(eqn)
         if self.holds(closed.jaxpr):  # rules inside this rule's primal
-            return self.run(closed.jaxpr, closed.consts, vals, ts, _join(where, rule.name))
+            self._sites.append(self.site(eqn))
+            try:
+                return self.run(closed.jaxpr, closed.consts, vals, ts, _join(where, rule.name))
+            finally:
+                self._sites.pop()
         return _bind(eqn, vals), [any(ts)] * len(eqn.outvars)
 
     def _sample(self, n: int) -> set[int]:
@@ -339,14 +401,22 @@ class _Walker:
         return [*carry, *stacked], [*t_carry, *t_ys]
 
     def _while(self, eqn: Any, vals: list, ts: list, where: str) -> tuple[list, list]:
+        """A while loop: its trip count is found first (compiled), so that the iterations walked can be spread
+        evenly over the whole loop, first and last included, as for a scan; then the loop is run again, walking
+        those (a loop is a pure function of its inputs)."""
         p = eqn.params
         n_cc, n_bc = p["cond_nconsts"], p["body_nconsts"]
         cc, bc, carry = vals[:n_cc], vals[n_cc : n_cc + n_bc], vals[n_cc + n_bc :]
         t_bc, t_carry = ts[n_cc : n_cc + n_bc], list(ts[n_cc + n_bc :])
         cond, body = self.compiled(p["cond_jaxpr"]), p["body_jaxpr"]
+        trips, probe = 0, carry
+        while bool(cond(*cc, *probe)[0]):
+            probe = list(self.compiled(body)(*bc, *probe))
+            trips += 1
+        walk = self._sample(trips)
         i = 0
         while bool(cond(*cc, *carry)[0]):
-            if i < self.max_calls:
+            if i in walk:
                 carry, t_out = self.run(body.jaxpr, body.consts, [*bc, *carry], [*t_bc, *t_carry],
                                         _join(where, f"while iteration {i}"))
             else:
@@ -400,27 +470,31 @@ def _scalars(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple
     fixed_pos = tuple(i for i in range(len(call.inputs)) if i - n_c not in diff_pos)
     primal = jaxpr_as_fun(_call_jaxpr(eqn))
 
-    def inputs(diff: Sequence, fixed: Sequence) -> list:
+    def inputs(diff: Sequence, fixed: Sequence, keep: Sequence) -> list:
         xs: list[Any] = [None] * len(dtypes)
-        for i, d in zip(diff_pos, diff, strict=True):
-            xs[n_c + i] = d.astype(dtypes[n_c + i])
+        for i, d, (m, x0) in zip(diff_pos, diff, keep, strict=True):
+            # (non-finite elements of the call's inputs stay as they were, not differentiated: see _extra)
+            xs[n_c + i] = jnp.where(m, d.astype(dtypes[n_c + i]), x0.astype(dtypes[n_c + i]))
         for i, f in zip(fixed_pos, fixed, strict=True):
             xs[i] = f.astype(dtypes[i]) if hasattr(f, "astype") else f
         return xs
 
     def contract(outs: Sequence, ct: Sequence) -> Any:
-        return sum(jnp.vdot(outs[j], c) for j, c in zip(float_outs, ct, strict=True))
+        # (masked: output elements that are not finite at the call are left out, see _extra)
+        return sum(jnp.vdot(jnp.where(m, outs[j], 0), c) for j, (c, m) in zip(float_outs, ct, strict=True))
 
-    def rule(diff: Any, fixed: Any, ct: Any) -> Any:
-        return contract(_bind(eqn, inputs(diff, fixed)), ct)
+    def rule(diff: Any, fixed: Any, extra: Any) -> Any:
+        ct, keep = extra
+        return contract(_bind(eqn, inputs(diff, fixed, keep)), ct)
 
-    def through_primal(diff: Any, fixed: Any, ct: Any) -> Any:
-        return contract(primal(*inputs(diff, fixed)), ct)
+    def through_primal(diff: Any, fixed: Any, extra: Any) -> Any:
+        ct, keep = extra
+        return contract(primal(*inputs(diff, fixed, keep)), ct)
 
     if not plain:
         return _Scalars(rule, None, "")
     example = (tuple(call.inputs[n_c + i] for i in diff_pos), tuple(call.inputs[i] for i in fixed_pos),
-               tuple(jax.ShapeDtypeStruct(eqn.outvars[j].aval.shape, eqn.outvars[j].aval.dtype) for j in float_outs))
+               _extra_shapes(eqn, call, diff_pos, float_outs))
     reasons = []
     makers: tuple[tuple[str, Callable], ...] = (("reverse", jax.grad), ("forward", jax.jacfwd))
     for how, make in makers:
@@ -436,30 +510,107 @@ def _scalars(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple
                     + "): the rule is checked against finite differences only")
 
 
-def _differentiable(eqn: Any, call: _Call, diff_pos: tuple[int, ...],
-                    float_outs: tuple[int, ...]) -> tuple[tuple[int, ...], str]:
-    """The floating inputs the rule can be differentiated with respect to (``equinox.filter_custom_vjp``
-    differentiates its first argument only, and refuses the others), and a note on those it refuses."""
+def _extra_shapes(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple[int, ...]) -> tuple:
+    """The shapes of :func:`_extra`'s values."""
+    n_c = int(eqn.params.get("num_consts", 0))
 
-    def works(pos: tuple[int, ...]) -> str:
+    def struct(shape: tuple, dtype: Any) -> Any:
+        return jax.ShapeDtypeStruct(shape, dtype)
+
+    outs = tuple((struct(eqn.outvars[j].aval.shape, eqn.outvars[j].aval.dtype),
+                  struct(eqn.outvars[j].aval.shape, jnp.bool_)) for j in float_outs)
+    ins = tuple((struct(np.shape(call.inputs[n_c + i]), jnp.bool_),
+                 struct(np.shape(call.inputs[n_c + i]), jnp.result_type(call.inputs[n_c + i]))) for i in diff_pos)
+    return outs, ins
+
+
+def _extra(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple[int, ...],
+           rng: np.random.Generator) -> tuple[tuple, tuple, tuple, str]:
+    """What a call's check takes beside the differentiated inputs: per floating output, a random cotangent and a
+    mask of the elements that are finite at this call (the others, a log discarded by a ``jnp.where`` guard, say,
+    are left out of the scalar); per differentiated input, a mask of its finite elements and the input itself
+    (non-finite elements, a causal mask's -inf logits, are held as they are). Returns those, the differentiated
+    inputs with their non-finite elements zeroed, and a note (empty when everything is finite)."""
+    n_c = int(eqn.params.get("num_consts", 0))
+    user_inputs = call.inputs[n_c:]
+    outs = _bind(eqn, list(call.inputs))
+    notes, cts = [], []
+    for j in float_outs:
+        v = eqn.outvars[j].aval
+        m = np.isfinite(np.asarray(outs[j], np.float64))
+        cts.append((np.where(m, np.asarray(rng.standard_normal(v.shape), v.dtype), 0).astype(v.dtype), m))
+        if not m.all():
+            notes.append(f"output {j}: {int(m.size - m.sum())} of {m.size} element(s) not finite at this call, left "
+                         "out")
+    keep, diff = [], []
+    for i in diff_pos:
+        x = np.asarray(user_inputs[i])
+        m = np.isfinite(x.astype(np.float64))
+        keep.append((m, x))
+        diff.append(np.where(m, x, 0).astype(x.dtype))
+        if not m.all():
+            notes.append(f"input {i}: {int(m.size - m.sum())} of {m.size} element(s) not finite at this call, held as "
+                         "they are")
+    return (tuple(cts), tuple(keep)), tuple(diff), tuple(m for _, m in cts), "; ".join(notes)
+
+
+def _defect(e: BaseException) -> bool:
+    """Whether an error raised while differentiating a rule is the rule's own defect: raised in the user's code (its
+    fwd, bwd or jvp function), or JAX refusing what the rule returned (a cotangent of the wrong shape, dtype or
+    structure). Anything else (a framework refusing to differentiate an input it marks as fixed, a limit of JAX,
+    a rule that closes over a value traced in fn and so cannot be run outside fn's own trace) is not held against
+    the rule."""
+    if isinstance(e, jax.errors.UnexpectedTracerError):
+        return False
+    tb = e.__traceback__
+    while tb is not None:
+        fname = tb.tb_frame.f_code.co_filename
+        if not _is_library(fname) and f"{os.sep}funcgrad{os.sep}" not in fname and not fname.startswith("<"):
+            return True
+        tb = tb.tb_next
+    text = str(e)
+    return bool(re.search(r"custom_vjp|custom_jvp|bwd|jvp rule|cotangent|tangent output", text)) and bool(
+        re.search(r"shape|dtype|structure|container|length|number|must (?:produce|return)", text))
+
+
+def _error(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def _differentiable(eqn: Any, call: _Call, diff_pos: tuple[int, ...],
+                    float_outs: tuple[int, ...]) -> tuple[tuple[int, ...], str, str]:
+    """The floating inputs the rule can be differentiated with respect to (``equinox.filter_custom_vjp``
+    differentiates its first argument only, and refuses the others), a note on those it refuses, and, when the
+    rule's derivative itself fails (see :func:`_defect`), what failed."""
+
+    def works(pos: tuple[int, ...]) -> BaseException | None:
         s = _scalars(eqn, call, pos, float_outs, plain=False)
         n_c = int(eqn.params.get("num_consts", 0))
         fixed = tuple(call.inputs[i] for i in range(len(call.inputs)) if i - n_c not in pos)
-        ct = tuple(jax.ShapeDtypeStruct(eqn.outvars[j].aval.shape, eqn.outvars[j].aval.dtype) for j in float_outs)
         try:
-            jax.eval_shape(jax.grad(s.rule), tuple(call.inputs[n_c + i] for i in pos), fixed, ct)
-        except Exception as e:  # noqa: BLE001 - any refusal: the input is held fixed
-            return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}" if str(e).strip() else type(e).__name__
-        return ""
+            jax.eval_shape(jax.grad(s.rule), tuple(call.inputs[n_c + i] for i in pos), fixed,
+                           _extra_shapes(eqn, call, pos, float_outs))
+        except Exception as e:  # noqa: BLE001 - any refusal: the input is held fixed, or the rule is broken
+            return e
+        return None
 
-    if not works(diff_pos):
-        return diff_pos, ""
-    ok = tuple(i for i in diff_pos if not works((i,)))
-    refused = [i for i in diff_pos if i not in ok]
-    why = works((refused[0],))
+    failed = works(diff_pos)
+    if failed is None:
+        return diff_pos, "", ""
+    if _defect(failed):
+        return (), "", _error(failed)
+    errors = {i: works((i,)) for i in diff_pos}
+    defects = [e for e in errors.values() if e is not None and _defect(e)]
+    if defects:
+        return (), "", _error(defects[0])
+    ok = tuple(i for i, e in errors.items() if e is None)
+    refused = [i for i, e in errors.items() if e is not None]
+    first = errors[refused[0]] if refused else None
+    why = _error(first if first is not None else failed)
     note = (f"the rule cannot be differentiated with respect to input(s) {refused} ({why}); they are held fixed"
             if ok else f"the rule cannot be differentiated with respect to any of its inputs ({why})")
-    return (ok if not works(ok) else ()), note
+    return (ok if works(ok) is None else ()), note, ""
 
 
 def _check_call(call: _Call, k: int, scalars: dict, options: dict) -> tuple[GradReport | None, tuple[int, ...], str]:
@@ -472,13 +623,12 @@ def _check_call(call: _Call, k: int, scalars: dict, options: dict) -> tuple[Grad
                      if jnp.issubdtype(jnp.result_type(x), jnp.floating) and np.size(x) > 0 and i not in call.held)
     float_outs = tuple(j for j, v in enumerate(eqn.outvars) if jnp.issubdtype(v.aval.dtype, jnp.floating))
     if not diff_pos or not float_outs:
-        return None, (), "no floating-point " + ("input" if not diff_pos else "output") + ": nothing to differentiate"
-    bad = [i for i in diff_pos if not np.all(np.isfinite(np.asarray(user_inputs[i], np.float64)))]
-    if bad:
-        return None, (), f"input {bad[0]} is not finite at this call: a derivative cannot be checked there"
+        return None, (), _NOTHING + "no floating-point " + ("input" if not diff_pos else "output")
     if (id(eqn), "inputs") not in scalars:
         scalars[id(eqn), "inputs"] = _differentiable(eqn, call, diff_pos, float_outs)
-    diff_pos, refused = scalars[id(eqn), "inputs"]
+    diff_pos, refused, broken = scalars[id(eqn), "inputs"]
+    if broken:
+        return None, (), _BROKEN + broken
     if not diff_pos:
         return None, (), refused
     key = (id(eqn), diff_pos)
@@ -486,18 +636,29 @@ def _check_call(call: _Call, k: int, scalars: dict, options: dict) -> tuple[Grad
         scalars[key] = _scalars(eqn, call, diff_pos, float_outs)
     held = (f"input(s) {list(call.held)} held fixed: the framework marks them as not differentiated"
             if call.held else "")
-    s = scalars[key]._replace(note="; ".join(n for n in (scalars[key].note, refused, held) if n))
-    rng = np.random.default_rng([options["seed"], k])
-    ct = tuple(np.asarray(rng.standard_normal(eqn.outvars[j].aval.shape), eqn.outvars[j].aval.dtype) for j in float_outs)
-    diff = tuple(user_inputs[i] for i in diff_pos)
+    try:
+        extra, diff, out_masks, partial = _extra(eqn, call, diff_pos, float_outs,
+                                                 np.random.default_rng([options["seed"] % 2**32, k]))
+    except Exception as e:  # noqa: BLE001 - the rule's primal failing on its own inputs: reported, not raised
+        return None, (), f"could not be checked at this call ({_error(e)})"
+    if not any(m.any() for m in out_masks):
+        return None, (), _NOTHING + "no output element is finite at this call"
+    if not any(m.any() for m, _ in extra[1]):
+        return None, (), _NOTHING + "no input element is finite at this call"
+    s = scalars[key]._replace(note="; ".join(n for n in (scalars[key].note, refused, held, partial) if n))
     fixed = tuple(call.inputs[i] for i in range(len(call.inputs)) if i - n_c not in diff_pos)
     try:
-        report = _check_grad_impl(s.rule, diff, (fixed, ct), hand=s.plain, has_aux=False, wrt=None,
+        report = _check_grad_impl(s.rule, diff, (fixed, extra), hand=s.plain, has_aux=False, wrt=None,
                                   rtol=options["rtol"], atol=options["atol"], mode=options["mode"],
                                   seed=options["seed"] + k, reuse=True)
     except Exception as e:  # noqa: BLE001 - the user's rule failing under check_grad: reported, not raised
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return None, (), f"could not be checked at this call ({type(e).__name__}: {msg})"
+        if _defect(e):
+            return None, (), _BROKEN + _error(e)
+        if isinstance(e, jax.errors.UnexpectedTracerError):
+            return None, (), ("could not be checked at this call: the rule's derivative closes over a value traced "
+                              "inside fn (a parameter, say), so it cannot be evaluated outside fn's own trace; pass "
+                              "that value to the rule as an argument (or use jax.closure_convert) to have it checked")
+        return None, (), f"could not be checked at this call ({_error(e)})"
     return report, diff_pos, s.note
 
 
@@ -567,12 +728,12 @@ def audit(
             where).
     """
     start = time.perf_counter()
-    _check_options(fn, max_calls, library, exclude, mode, seed)
+    _check_options(fn, max_calls, library, exclude, mode, seed, rtol, atol)
     leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs))
     n_params = len(jax.tree_util.tree_leaves(params))
     is_arr = [isinstance(x, (jax.Array, np.ndarray, np.generic)) or (isinstance(x, float) and i < n_params)
               for i, x in enumerate(leaves)]
-    mask = _wrt_mask(params, wrt, n_params)
+    mask = _wrt_mask(params, wrt, n_params, "audit")
     if mask is None:
         mask = [jnp.issubdtype(jnp.result_type(x), jnp.inexact) if is_arr[i] else False
                 for i, x in enumerate(leaves[:n_params])]
@@ -622,8 +783,18 @@ def _rule_row(rule: _Rule, calls: list[_Call], seen: int, options: dict) -> Audi
             results.append((verdict, r, number, call, "; ".join(p for p in (why, note) if p)))
     checked = len(pick) - len(skipped)
     on_path = any(c.on_path for c in calls)
+    broken = [n for n in skipped if _BROKEN in n]
+    if broken:  # JAX cannot differentiate through this rule: a gradient through it fails, whatever else passes
+        return AuditRow(rule.name, rule.source, rule.kind, checked + len(broken), seen, Verdict.AUTODIFF_WRONG, None,
+                        broken[0].split(": " + _BROKEN)[0], None, None, None, math.inf, math.inf, on_path,
+                        f"{broken[0].split(': ' + _BROKEN)[1]} (the rule's derivative fails at {len(broken)} of "
+                        f"{len(pick)} call(s) checked: a gradient through it cannot be computed)")
     if not results:
         why = skipped[0] if skipped else "no call to check"
+        if skipped and all(_NOTHING in n for n in skipped):  # no derivative anywhere: nothing to be wrong about
+            return AuditRow(rule.name, rule.source, rule.kind, 0, seen, Verdict.OK, None, "", None, None, None,
+                            0.0, 0.0, on_path, why)
+        # Could not be checked (see the reason): undecided, which AuditReport.assert_ok does not accept.
         return AuditRow(rule.name, rule.source, rule.kind, 0, seen, Verdict.FD_UNRELIABLE, None, "", None, None, None,
                         0.0, 0.0, on_path, f"not checked: {why}")
     verdict = _combine_verdicts([v for v, *_ in results])
@@ -651,6 +822,10 @@ def _notes(walker: _Walker) -> list[str]:
                      f"({', '.join(names[:8])}) not audited (library=True audits them)")
     if walker.excluded:
         notes.append("excluded: " + ", ".join(f"{r.name} ({n} call(s))" for r, n in walker.excluded.items()))
+    unused = sorted(walker.exclude - {r.name for r in walker.excluded})
+    if unused:
+        notes.append(f"exclude names {', '.join(map(repr, unused))}, but fn calls no rule of that name: nothing "
+                     "excluded for it (a misspelt name?)")
     if walker.unentered:
         notes.append("custom rules inside " + ", ".join(sorted(walker.unentered)) + " were counted but not checked: "
                      "funcgrad does not enter these primitives")
@@ -659,16 +834,22 @@ def _notes(walker: _Walker) -> list[str]:
     return notes
 
 
-def _check_options(fn: Any, max_calls: Any, library: Any, exclude: Any, mode: Any, seed: Any) -> None:
+def _check_options(fn: Any, max_calls: Any, library: Any, exclude: Any, mode: Any, seed: Any, rtol: Any,
+                   atol: Any) -> None:
     if not callable(fn):
         raise TypeError(f"audit: fn must be callable; got {describe(fn)}")
     if not isinstance(max_calls, (int, np.integer)) or isinstance(max_calls, bool) or max_calls < 1:
         raise ValueError(f"audit: max_calls must be an int >= 1; got {max_calls!r}")
     if not isinstance(library, bool):
         raise TypeError(f"audit: library must be True or False; got {describe(library)}")
-    if isinstance(exclude, str) or not all(isinstance(x, str) for x in exclude):
-        raise TypeError(f"audit: exclude must be a sequence of rule names (str); got {exclude!r}")
+    if isinstance(exclude, (str, bytes)) or not isinstance(exclude, (list, tuple, set, frozenset)) or not all(
+            isinstance(x, str) for x in exclude):
+        raise TypeError(f"audit: exclude must be a sequence of rule names (str); got {describe(exclude)}")
     if mode not in ("auto", "exact", "projection"):
         raise ValueError(f"audit: mode must be 'auto', 'exact' or 'projection'; got {mode!r}")
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
         raise TypeError(f"audit: seed must be an int; got {describe(seed)}")
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        expected = None if value is None else in_range(value, 0.0)
+        if expected:
+            raise ValueError(f"audit: {name} must be None or {expected}; got {value!r}")

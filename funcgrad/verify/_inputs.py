@@ -85,8 +85,9 @@ def _is_inexact(leaf: Any) -> bool:
     return dt is not None and jnp.issubdtype(dt, jnp.inexact)
 
 
-def _wrt_mask(params: Any, wrt: Any, n: int) -> list[bool] | None:
-    """``wrt`` as one bool per leaf: None (default), a predicate, or a pytree (prefix) of bools."""
+def _wrt_mask(params: Any, wrt: Any, n: int, who: str = "check_grad") -> list[bool] | None:
+    """``wrt`` as one bool per leaf: None (default), a predicate, or a pytree (prefix) of bools (``who``: the
+    function whose argument it is, for the messages)."""
     if wrt is None:
         return None
     # A predicate is a callable leaf; an equinox filter spec is a Module, callable but a pytree.
@@ -95,7 +96,7 @@ def _wrt_mask(params: Any, wrt: Any, n: int) -> list[bool] | None:
         for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
             v = wrt(leaf)
             if not isinstance(v, (bool, np.bool_)):
-                raise TypeError(f"check_grad: wrt(leaf) must return True or False; for {jax.tree_util.keystr(path)} "
+                raise TypeError(f"{who}: wrt(leaf) must return True or False; for {jax.tree_util.keystr(path)} "
                                 f"it returned {describe(v)}")
             out.append(bool(v))
         return out
@@ -106,12 +107,13 @@ def _wrt_mask(params: Any, wrt: Any, n: int) -> list[bool] | None:
         mask = jax.tree_util.tree_leaves(spread)
     except (ValueError, TypeError) as e:
         raise ValueError(
-            "check_grad: wrt must be a predicate (leaf -> bool) or a pytree of bools with the structure of params "
+            f"{who}: wrt must be a predicate (leaf -> bool) or a pytree of bools with the structure of params "
             f"(or a prefix of it, as in equinox.partition); it does not match params: {str(e).splitlines()[0]}"
         ) from None
     bad = [describe(m) for m in mask if not isinstance(m, (bool, np.bool_))]
     if bad or len(mask) != n:
-        raise TypeError(f"check_grad: wrt's leaves must be True or False; got {bad[:3] or mask[:3]}")
+        raise TypeError(f"{who}: wrt must be None, a predicate (leaf -> bool) or a pytree of bools with the structure "
+                        f"of params; its leaves must be True or False, got {bad[:3] or mask[:3]}")
     return [bool(m) for m in mask]
 
 

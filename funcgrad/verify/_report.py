@@ -400,8 +400,13 @@ class AuditRow:
         object.__setattr__(self, "verdict", Verdict(self.verdict))
 
     @property
+    def checked(self) -> bool:
+        """False when none of the rule's calls could be checked (the note says why): undecided, not passing."""
+        return not (self.calls == 0 and self.verdict == Verdict.FD_UNRELIABLE)
+
+    @property
     def ok(self) -> bool:
-        return self.verdict in PASSING
+        return self.verdict in PASSING and self.checked
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -419,7 +424,9 @@ def _audit_severity(row: AuditRow) -> tuple[int, float]:
 
 @dataclasses.dataclass(frozen=True)
 class AuditReport:
-    """The result of :func:`funcgrad.verify.audit`: a row per custom rule; ``ok`` when every rule passes.
+    """The result of :func:`funcgrad.verify.audit`: a row per custom rule; ``ok`` when every rule passes and
+    was checked at some call (a rule none of whose calls could be checked is listed in :attr:`unchecked`, with
+    verdict ``fd_unreliable`` and the reason in its note: undecided, so not ok).
 
     ``str(report)`` is a table; :meth:`to_dict` / :meth:`to_json` / :meth:`to_markdown` as for :class:`GradReport`;
     :meth:`assert_ok` raises an AssertionError carrying the table.
@@ -437,7 +444,8 @@ class AuditReport:
 
     @property
     def ok(self) -> bool:
-        return self.verdict in PASSING
+        """Every rule passes, and every rule was checked at some call at least."""
+        return self.verdict in PASSING and not self.unchecked
 
     @property
     def failing(self) -> tuple[AuditRow, ...]:
@@ -453,6 +461,8 @@ class AuditReport:
     def summary(self) -> str:
         head = (f"{self.title}: {self.verdict} ({'ok' if self.ok else 'NOT OK'}) — {len(self.rows)} custom rule(s), "
                 f"{sum(r.calls for r in self.rows)} call(s) checked, {self.seconds:.2f}s")
+        if self.unchecked:
+            head += "; not checked at any call: " + ", ".join(r.rule for r in self.unchecked)
         bad = self.failing
         if not bad:
             return head
@@ -511,7 +521,17 @@ class AuditReport:
                     json.dumps(self.environment, indent=1, sort_keys=True, default=str), "```", "", "</details>"]
         return "\n".join(out) + "\n"
 
+    @property
+    def unchecked(self) -> tuple[AuditRow, ...]:
+        """Rules none of whose calls could be checked (the row's note says why): undecided, not passed."""
+        return tuple(r for r in self.rows if not r.checked)
+
     def assert_ok(self) -> AuditReport:
+        """Raises an AssertionError carrying the table unless every rule passes and was checked at some call (a
+        rule that could not be checked at all is not taken as passing); returns the report otherwise."""
+        if self.unchecked and self.verdict in PASSING:
+            raise AssertionError("custom rule audit could not check " + ", ".join(r.rule for r in self.unchecked)
+                                 + " at any call (see the notes)\n" + str(self))
         if not self.ok:
             raise AssertionError("custom rule audit failed\n" + str(self))
         return self
