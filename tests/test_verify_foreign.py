@@ -577,3 +577,47 @@ def test_an_equinox_filter_spec_as_wrt_and_only_empty_leaves():
     assert report.ok and [r.path for r in report.rows] == [".weight"], report
     empty = verify.check_grad(lambda p: jnp.sum(p["e"]), {"e": jnp.zeros((0,))}, hand=lambda p: {"e": p["e"]})
     assert empty.ok and empty.rows[0].size == 0
+
+
+# ---- code written without check_grad in mind ------------------------------------------------------------------
+
+
+def test_aux_with_non_arrays_is_accepted_as_jax_grad_accepts_it():
+    def loss(p):
+        value = jnp.sum(p["w"] ** 2)
+        return value, {"phase": "train", "value": value}
+
+    report = verify.check_grad(loss, {"w": jnp.array([1.0, 2.0])}, has_aux=True, hand=lambda p: {"w": 2 * p["w"]})
+    assert report.verdict == "ok"
+
+
+def test_a_constant_python_float_loss_is_checked():
+    report = verify.check_grad(lambda p: 0.0, {"w": jnp.array([1.0, 2.0])}, hand=lambda p: {"w": jnp.zeros(2)})
+    assert report.verdict == "ok"
+
+
+def test_a_dtype_fixed_inside_fn_is_named_when_the_float64_evaluation_fails():
+    def rnn_loss(p, xs):
+        def step(h, x):
+            h = jnp.tanh(p["W"] * h + x)
+            return h, h
+
+        return jnp.sum(jax.lax.scan(step, jnp.zeros((), jnp.float32), xs)[1])
+
+    p, xs = {"W": jnp.asarray(0.5, jnp.float32)}, jnp.asarray([0.1, 0.2, 0.3], jnp.float32)
+    jax.grad(rnn_loss)(p, xs)  # fine at the parameters' own dtype
+    with pytest.raises(TypeError, match="fails when evaluated in float64") as e:
+        verify.check_grad(rnn_loss, p, xs)
+    assert type(e.value) is TypeError and "jnp.zeros((), x.dtype)" in str(e.value)
+
+
+def test_wrt_selecting_nothing_says_so():
+    p = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(0.5)}
+    with pytest.raises(ValueError, match="wrt selects no leaf of params"):
+        verify.check_grad(lambda p: jnp.sum(p["w"] ** 2) + p["b"], p, wrt=lambda leaf: False)
+
+
+def test_errors_about_fn_value_are_plain_value_errors():
+    with pytest.raises(ValueError, match="nan") as e:
+        verify.check_grad(lambda w: jnp.sum(jnp.log(w)), jnp.array([-1.0, 2.0]))
+    assert type(e.value) is ValueError

@@ -29,6 +29,7 @@ from funcgrad.verify._inputs import (
     _Layout,
     _main_output,
     _needs_eager,
+    _UserTypeError,
 )
 
 # Budget for coordinate-wise finite differences in mode="auto": about this many flops in total.
@@ -546,7 +547,7 @@ def _static_facts(bound: _Bound, layout: _Layout, spec, param_dtypes, dyn_sig, x
     # canonicalized here so that JAX does not warn about it)
     dyn = [jax.ShapeDtypeStruct(s, d if jnp.issubdtype(d, jax.dtypes.prng_key) else jax.dtypes.canonicalize_dtype(d))
            for s, d in dyn_sig]
-    closed_user, out_raw = jax.make_jaxpr(lambda p, d: bound.raw(p, *_join_args(d, spec)), return_shape=True)(
+    closed_user, out_raw = jax.make_jaxpr(functools.partial(_traceable_raw, bound, spec), return_shape=True)(
         params, dyn)
     out = _main_output(out_raw, bound.has_aux)
     _check_output(out_raw if not bound.has_aux else out, "fn(params, *args)", bound.has_aux)
@@ -569,10 +570,7 @@ def _static_facts(bound: _Bound, layout: _Layout, spec, param_dtypes, dyn_sig, x
         def f(th, d):
             return bound.value(layout.unravel(th), *_join_args(d, spec))
 
-        # Traced on the leaves themselves, so that what depends on which leaf can be read off the jaxpr.
-        closed = jax.make_jaxpr(lambda ls, d: bound.value(jax.tree_util.tree_unflatten(layout.treedef, ls),
-                                                          *_join_args(d, spec)))(
-            [jax.ShapeDtypeStruct(shape, jnp.float64) for shape in layout.shapes], dyn_s)
+        closed = _trace_leaves64(bound, layout, spec, dyn_s)
         out64 = closed.out_avals[0] if len(closed.out_avals) == 1 else None
         inner = _lowest_float(closed.jaxpr)
         f64 = lambda th, d: f(th, d).astype(jnp.float64)  # noqa: E731
@@ -608,6 +606,34 @@ def _static_facts(bound: _Bound, layout: _Layout, spec, param_dtypes, dyn_sig, x
                   max(_jaxpr_flops(closed.jaxpr), 1.0), _dependence(closed.jaxpr, len(layout.shapes)), reverse,
                   jvp, tuple(notes), inner,
                   _lowest_float(closed_user.jaxpr))
+
+
+def _trace_leaves64(bound: _Bound, layout: _Layout, spec: tuple, dyn_s: list) -> Any:
+    """fn's float64 trace on the leaves themselves (so that what depends on which leaf can be read off the
+    jaxpr); a clear error when fn, traced at its own dtypes already, fails in float64."""
+    try:
+        return jax.make_jaxpr(lambda ls, d: bound.value(jax.tree_util.tree_unflatten(layout.treedef, ls),
+                                                        *_join_args(d, spec)))(
+            [jax.ShapeDtypeStruct(shape, jnp.float64) for shape in layout.shapes], dyn_s)
+    except Exception as e:  # noqa: BLE001 - any failure here is the float64 evaluation's
+        lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()][:2]
+        raise _UserTypeError(
+            "check_grad: fn works at the parameters' own dtypes but fails when evaluated in float64, which "
+            "check_grad does for its reference values (parameters and float arguments converted to float64): "
+            f"{type(e).__name__}: {' '.join(lines) or '(no message)'} -- a function that fixes a dtype of its own (a "
+            "loop carry made with jnp.zeros((), jnp.float32), say) must follow its inputs' dtype instead "
+            "(jnp.zeros((), x.dtype))") from None
+
+
+def _traceable_raw(bound: _Bound, spec: tuple, p: Any, d: Any) -> Any:
+    """fn's output, with the non-arrays of aux (a string tag, a label: aux is not checked) left out, so that it
+    can be traced."""
+    out = bound.raw(p, *_join_args(d, spec))
+    if bound.has_aux and isinstance(out, (tuple, list)) and len(out) == 2:
+        array = (jax.Array, np.ndarray, np.generic, int, float, complex, bool)
+        out = (out[0], jax.tree_util.tree_map(lambda x: x if isinstance(x, array) or hasattr(x, "aval") else None,
+                                              out[1]))
+    return out
 
 
 def _lowest_float(jaxpr: Any, top: bool = True) -> Any:

@@ -529,8 +529,8 @@ def _check_grad_impl(fn: Callable[..., Any], params: Any, args: tuple, *, hand: 
 
     try:
         rows, notes, plan, rtol_eff, eager = _compute(prep, facts, base_notes, options)
-    except (_UserValueError, _UserTypeError):
-        raise
+    except (_UserValueError, _UserTypeError) as e:
+        raise _clean(e) from None
     except Exception as e:
         if any("funcgrad:" in n for n in getattr(e, "__notes__", ())):
             raise  # the user's NumPy hand failed

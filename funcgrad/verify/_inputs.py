@@ -144,6 +144,9 @@ def _select(params: Any, wrt: Any) -> tuple[_Selection, list[str]]:
         raise TypeError("check_grad: cannot differentiate:\n  " + "\n  ".join(errors))
     if not any(mask):
         listed = ", ".join(f"{p or '(params)'} {describe(x)}" for p, x in list(zip(paths, leaves, strict=True))[:_LIST])
+        if wrt is not None:
+            raise ValueError(f"check_grad: nothing to differentiate: wrt selects no leaf of params ({listed}); "
+                             "select at least one floating-point array leaf")
         raise TypeError(
             "check_grad: nothing to differentiate: params has no floating-point array leaves "
             f"({listed}{', ...' if len(leaves) > _LIST else ''}). Write parameters as floats (1.0, not 1; "
@@ -323,7 +326,8 @@ class _Bound:
         return self.fn(self.merge(dl, fixed), *args)
 
     def value(self, dl: Sequence, packed: Any) -> Any:
-        return _main_output(self.raw(dl, packed), self.has_aux)
+        # (as an array: a Python float, a constant loss, has no astype)
+        return jnp.asarray(_main_output(self.raw(dl, packed), self.has_aux))
 
     def grad(self, dl: Sequence, packed: Any) -> list:
         if self.hand is None:  # unreachable: called only for checks with a hand
