@@ -1000,6 +1000,11 @@ def _locate_failing_projection(li: int, has_hand: bool, engine: _Engine, items: 
                 for it in items:  # the located element explains the failing projections
                     if it.index is None and it.verdict == Verdict.MISMATCH:
                         it.verdict = located.verdict
+        elif engine.leaves[li].n_order or any(it.index is not None and it.H is not None and it.A != it.H
+                                              and it.verdict == Verdict.KINK for it in items):
+            extra.append("bisecting the failing random projection singled out no element failing on its own: autodiff "
+                         "and hand disagree at the element(s) listed, where finite differences accept each value alone "
+                         "(several kinks may meet there), so only the direction's joint reading fails")
         else:
             extra.append("bisecting the failing random projection singled out no failing element (the "
                          "disagreement is spread over many elements)")
