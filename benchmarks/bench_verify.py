@@ -19,6 +19,7 @@ Usage: python benchmarks/bench_verify.py [--repeats 3]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -111,7 +112,8 @@ def floor(dtype_name: str, repeats: int) -> dict:
     ts = []
     for _ in range(max(repeats, 3)):
         t = time.perf_counter()
-        check_grads(lambda p: loss(p, X, y), (params,), order=1, modes=("rev",))
+        with contextlib.suppress(AssertionError):  # its false alarm in float64 (above) still took the time
+            check_grads(lambda p: loss(p, X, y), (params,), order=1, modes=("rev",))
         ts.append(time.perf_counter() - t)
     out["check_grads"] = statistics.median(ts)
     out["leaves"] = len(jax.tree.leaves(params))
