@@ -77,23 +77,68 @@ def _rule_key(eqn: Any, kind: str, active: frozenset) -> Any:
     # (The trace holds the rule's own call again, for its primal: its derivative is not traced a second time; other
     # user rules its derivative calls are keyed on theirs.)
     _params_key(closed.jaxpr, inner, active)
-    return (str(closed.jaxpr), tuple(inner), tuple(_const_key(c) for c in closed.consts))
+    return (tuple(inner), tuple(_const_key(c) for c in closed.consts))
+
+
+def _literal_key(x: Any) -> tuple:
+    """A literal by its bytes, dtype and shape (a NaN literal equals itself; 1 and True do not)."""
+    a = np.asarray(x.val)
+    return ("lit", a.dtype.str, a.shape, a.tobytes(), x.aval)
+
+
+def _value_key(v: Any) -> Any:
+    """An equation parameter that is a plain hashable value, with its type (1, 1.0 and True differ; NaN equals
+    itself)."""
+    if isinstance(v, float):
+        return (float, v.hex())
+    return (type(v), v)
+
+
+def _plain(v: Any) -> bool:
+    """A plain value (number, string, None, or a tuple of them), not a function or a jaxpr."""
+    return isinstance(v, (int, float, str, type(None))) or (isinstance(v, tuple) and all(map(_plain, v)))
+
+
+def _hashable(v: Any) -> bool:
+    try:
+        hash(v)
+    except TypeError:
+        return False
+    return True
 
 
 def _params_key(jaxpr: Any, out: list, active: frozenset = frozenset()) -> None:
-    """Appends to ``out`` what str(jaxpr) does not show: opaque equation parameters, inner constants, and what a
-    user's custom rule computes for its derivative (``active``: the rules whose derivatives are being traced for the
-    key, keyed here by name only)."""
+    """Appends to ``out`` everything the jaxpr computes: its variables' types, each equation's primitive, inputs,
+    outputs and parameters (a structural copy of what str(jaxpr) shows, without the cost of printing it), inner
+    constants, and what a user's custom rule computes for its derivative (``active``: the rules whose derivatives
+    are being traced for the key, keyed here by name only)."""
     from funcgrad.verify._audit import _CUSTOM, _call_jaxpr, _identify  # noqa: PLC0415 - _audit imports this module
 
+    names: dict[Any, int] = {}
+
+    def define(vs: Sequence) -> tuple:
+        for v in vs:
+            names[v] = len(names)
+        return tuple(v.aval for v in vs)
+
+    def use(vs: Sequence) -> tuple:
+        return tuple(_literal_key(v) if hasattr(v, "val") else names.get(v, -1) for v in vs)
+
+    out.append(("in", define(jaxpr.constvars), define(jaxpr.invars)))
     for eqn in jaxpr.eqns:
+        out.append((eqn.primitive.name, use(eqn.invars), define(eqn.outvars)))
         if eqn.primitive.name in _CUSTOM:
             rule = _identify(eqn)
             # A framework's rule (jax.nn.relu's custom JVP) is the same code at every trace; a user's rule may read
             # globals that changed, in a derivative function the jaxpr does not show: keyed on its trace.
             out.append(("rule", rule.kind, rule.name, rule.source) if rule.library or rule in active else
                        ("rule", rule.kind, _rule_key(eqn, rule.kind, active | {rule})))
-            _params_key(_call_jaxpr(eqn).jaxpr, out, active)
+            call = _call_jaxpr(eqn)
+            _params_key(call.jaxpr, out, active)
+            out.extend(_const_key(c) for c in call.consts)
+            # Its other parameters (num_consts, symbolic_zeros, ...); the functions among them are the rule's
+            # derivative, keyed above.
+            out.extend(_value_key(v) for _, v in sorted(eqn.params.items()) if _plain(v))
             continue
         for value in eqn.params.values():
             for v in value if isinstance(value, (tuple, list)) else (value,):
@@ -105,19 +150,15 @@ def _params_key(jaxpr: Any, out: list, active: frozenset = frozenset()) -> None:
                 elif callable(v) and not isinstance(v, _SAFE):
                     out.append(_Unique())  # a callback or rule traced later: its meaning is not in the jaxpr
                 else:
-                    try:
-                        hash(v)
-                    except TypeError:
-                        out.append(_Unique())
-                    else:
-                        out.append(v)
+                    out.append(_value_key(v) if _hashable(v) else _Unique())
+    out.append(("out", use(jaxpr.outvars)))
 
 
 def _key(closed: ClosedJaxpr) -> tuple:
     extra: list = []
     _params_key(closed.jaxpr, extra)
     consts = tuple((tuple(np.shape(c)), str(jnp.result_type(c))) for c in closed.consts)
-    return (str(closed.jaxpr), tuple(extra), consts)
+    return (tuple(extra), consts)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
