@@ -528,3 +528,112 @@ def test_negative_seed_is_accepted():
 
     cube.defjvps(lambda t, ans, x: 3 * x**2 * t)
     assert verify.audit(lambda p: cube(p).sum(), jnp.asarray([0.5, -1.0]), seed=-1).ok
+
+
+# ---- primals JAX cannot vmap, NaN-prone primals, Flax Linen's lifted rule, messages ------------------------------
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_a_pallas_forward_that_refuses_vmap_is_differentiated_by_forward_mode(wrong):
+    # A fused kernel (Pallas, interpret mode on CPU) as a rule's forward: reverse mode and jacfwd (vmap) both refuse
+    # it, so the primal's plain autodiff comes from forward mode one element at a time; a 10% slip at one element of
+    # the hand-written backward then fails instead of hiding in float32 finite differences' error bars.
+    from jax.experimental import pallas as pl
+
+    def kernel(x_ref, o_ref):
+        x = x_ref[...]
+        o_ref[...] = x * jax.nn.sigmoid(x)
+
+    @jax.custom_vjp
+    def fused_swish(x):
+        return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), interpret=True)(x)
+
+    def bwd(x, g):
+        s = jax.nn.sigmoid(x)
+        dx = g * (s + x * s * (1 - s))
+        return (dx.at[1, 2].multiply(1.1) if wrong else dx,)
+
+    fused_swish.defvjp(lambda x: (fused_swish(x), x), bwd)
+    x = jnp.asarray(RS.randn(4, 8), jnp.float32)
+    params = {"w": jnp.asarray(RS.randn(8, 8) * 0.5, jnp.float32)}
+    report = verify.audit(lambda p, x: jnp.sum(fused_swish(x @ p["w"]) ** 2), params, x)
+    row = rows(report)["fused_swish"]
+    assert "forward mode, one input element at a time" in row.note
+    assert report.ok is not wrong
+    if wrong:
+        assert row.worst_index == (0, 1, 2)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_a_nan_in_the_primals_plain_autodiff_does_not_hide_a_wrong_element(seed):
+    # A numerically stable softplus: its plain autodiff is NaN at x = 280 (the reason for the rule), and its rule is
+    # 30% wrong at x = 1.5. The NaN element is the reference's failure, not the rule's; the wrong one still fails.
+    def make(wrong):
+        @jax.custom_jvp
+        def softplus(x):
+            return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(x)))
+
+        @softplus.defjvp
+        def softplus_jvp(primals, tangents):
+            (x,), (t,) = primals, tangents
+            d = jax.nn.sigmoid(x)
+            return softplus(x), (d.at[0].multiply(1.3) if wrong else d) * t
+
+        return lambda p: jnp.sum(softplus(p["x"]))
+
+    p = {"x": jnp.array([1.5, 280.0, 0.3, -1.0])}
+    good = verify.audit(make(False), p, seed=seed)
+    assert good.ok, good
+    assert "presumably why the rule exists" in good.rows[0].note
+    bad = verify.audit(make(True), p, seed=seed)
+    assert not bad.ok, bad
+    assert bad.rows[0].worst_index == (0, 0)
+
+
+def test_flax_linen_custom_vjp_is_named_after_its_function():
+    import flax.linen as nn
+
+    class Dense(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return jnp.tanh(x @ self.param("w", nn.initializers.normal(1.0), (x.shape[-1], 3)))
+
+    def dense_apply(mdl, x):
+        return mdl(x)
+
+    def dense_fwd(mdl, x):
+        return nn.vjp(lambda m, x: m(x), mdl, x)
+
+    def dense_bwd(vjp, g):
+        pg, xg = vjp(g)
+        return pg, xg.at[0, 0].multiply(1.5)
+
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.custom_vjp(dense_apply, forward_fn=dense_fwd, backward_fn=dense_bwd)(Dense(), x)
+
+    m = M()
+    x = jnp.asarray(RS.randn(2, 4), jnp.float32)
+    v = m.init(jax.random.key(1), x)
+    fn = lambda v, x: jnp.sum(m.apply(v, x) ** 2)  # noqa: E731
+    report = verify.audit(fn, v, x)
+    (row,) = report.rows
+    assert row.rule == "dense_apply"
+    assert row.source.endswith(f":{dense_apply.__code__.co_firstlineno}")
+    assert not row.ok and row.worst_index == (1, 0, 0)
+    skipped = verify.audit(fn, v, x, exclude=["dense_apply"])
+    assert skipped.ok and not skipped.rows and not any("misspelt" in n for n in skipped.notes)
+
+
+def test_fn_returning_a_non_array_and_a_wrt_of_the_wrong_arity_are_named():
+    @jax.custom_vjp
+    def s(x):
+        return jnp.sin(x)
+
+    s.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jnp.cos(x),))
+    P = {"w": jnp.ones(3)}
+    with pytest.raises(TypeError, match=r"audit: fn\(params.*must return arrays.*output at \['tag'\] is str"):
+        verify.audit(lambda p: {"y": s(p["w"]), "tag": "x"}, P)
+    with pytest.raises(TypeError, match=r"audit: wrt must be a predicate taking one leaf.*\['w'\]"):
+        verify.audit(lambda p: jnp.sum(s(p["w"])), P, wrt=lambda path, x: True)

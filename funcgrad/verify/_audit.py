@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import functools
 import itertools
+import linecache
 import math
 import os
 import re
@@ -57,6 +58,8 @@ _MARKERS = ("_nondifferentiable", "nondifferentiable")
 _SEARCH_LIMIT = 400  # objects looked at when searching a wrapper's closures for the user's function
 _BROKEN = "the rule's derivative fails at this call: "  # a call whose rule cannot be differentiated (see _defect)
 _SITE_LOOKBACK = 16  # equations looked back at for the call site of a rule traced without the user's frames
+_BASIS_MAX = 4096  # differentiated input elements up to which a primal that refuses vmap is differentiated by
+# forward mode one element at a time
 _NOTHING = "nothing to differentiate: "  # a call without a derivative to check (integer inputs, say)
 
 
@@ -179,16 +182,54 @@ def _identify(eqn: Any) -> _Rule:
     name, filename, line = (m.group(1), m.group(2), m.group(3)) if m else ("<unknown>", "", "?")
     if m and not _is_library(filename):
         return _Rule(kind, name, _short(filename, line), False)
-    # A framework's wrapper (equinox.filter_custom_vjp): look for the user's function inside the rule.
+    # A framework's wrapper (equinox.filter_custom_vjp, flax's nn.custom_vjp): look for the user's function inside
+    # the rule, named after its primal (the user's function the primal's trace entered first).
     holder = eqn.params.get("bwd") if kind == "custom_vjp" else eqn.params.get(
         "jvp_jaxpr_fun", eqn.params.get("jvp_jaxpr_thunk"))
     user = _user_function(holder)
     if user is not None and kind == "custom_jvp":
         user = _primal_of(user) or user
+    frame = _primal_frame(eqn)
+    if frame is not None:
+        fname = frame.function_name.rsplit(".", 1)[-1]
+        if user is None or user.__name__ != fname:
+            found = [f for f in itertools.islice(_user_functions(holder), 8)
+                     if f.__name__ == fname and f.__code__.co_filename == frame.file_name]
+            if not found:
+                return _Rule(kind, fname, _short(frame.file_name, _def_line(frame)), False)
+            user = found[0]
     if user is not None:
         code = user.__code__
         return _Rule(kind, getattr(user, "__name__", name), _short(code.co_filename, code.co_firstlineno), False)
     return _Rule(kind, name, _short(filename, line) if filename else "<unknown>", True)
+
+
+def _frames(eqn: Any) -> Sequence:
+    """The frames of an equation's trace, innermost first (none when JAX kept no traceback)."""
+    return getattr(getattr(getattr(eqn, "source_info", None), "traceback", None), "frames", None) or ()
+
+
+def _primal_frame(eqn: Any) -> Any:
+    """The frame of the user's function that a framework-wrapped rule's primal was traced in: in the traces of the
+    primal's first equations, the outermost frame of the user's code that the call site itself is not in."""
+    site = {(f.file_name, f.function_name, f.line_num) for f in _frames(eqn)}
+    for inner in _call_jaxpr(eqn).jaxpr.eqns[:_SITE_LOOKBACK]:
+        for f in reversed(_frames(inner)):
+            if (f.file_name, f.function_name, f.line_num) in site or _is_library(f.file_name) or \
+                    f"{os.sep}funcgrad{os.sep}" in f.file_name:
+                continue
+            return f
+    return None
+
+
+def _def_line(frame: Any) -> int:
+    """The line of the ``def`` of the function a frame runs in (looked for above the frame's line), else the frame's
+    own line."""
+    pattern = re.compile(rf"^\s*(async\s+)?def\s+{re.escape(frame.function_name.rsplit('.', 1)[-1])}\b")
+    for line in range(frame.line_num, max(0, frame.line_num - 400), -1):
+        if pattern.match(linecache.getline(frame.file_name, line)):
+            return line
+    return frame.line_num
 
 
 def _call_site(eqn: Any) -> str:
@@ -497,6 +538,9 @@ def _scalars(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple
                _extra_shapes(eqn, call, diff_pos, float_outs))
     reasons = []
     makers: tuple[tuple[str, Callable], ...] = (("reverse", jax.grad), ("forward", jax.jacfwd))
+    if sum(int(np.size(x)) for x in example[0]) <= _BASIS_MAX:
+        # (jacfwd vmaps the primal, which some kernels refuse: a Pallas call in interpret mode)
+        makers += (("forward mode by basis vectors", _basis_forward),)
     for how, make in makers:
         plain_fn: Callable = make(through_primal)
         try:
@@ -504,10 +548,32 @@ def _scalars(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple
         except Exception as e:  # noqa: BLE001 - any failure: try the other mode, else no plain autodiff
             reasons.append(f"{how} mode: {str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__}")
             continue
-        note = "" if how == "reverse" else "the primal's plain autodiff is from forward mode (reverse mode failed)"
+        note = ("" if how == "reverse" else
+                "the primal's plain autodiff is from forward mode (reverse mode failed)" if how == "forward" else
+                "the primal's plain autodiff is from forward mode, one input element at a time (" + "; ".join(reasons)
+                + ")")
         return _Scalars(rule, plain_fn, note)
     return _Scalars(rule, None, "JAX cannot differentiate the rule's primal without the rule (" + "; ".join(reasons)
                     + "): the rule is checked against finite differences only")
+
+
+def _basis_forward(f: Callable) -> Callable:
+    """The gradient of a scalar ``f(diff, fixed, extra)`` with respect to ``diff`` by forward mode, one basis
+    vector at a time in a ``lax.map`` (no vmap, which some primitives cannot batch)."""
+
+    def grad(diff: Any, fixed: Any, extra: Any) -> Any:
+        leaves, tree = jax.tree_util.tree_flatten(diff)
+
+        def along(k: int, i: Any) -> Any:
+            ts = [jnp.zeros_like(x) for x in leaves]
+            ts[k] = jnp.zeros(leaves[k].size, leaves[k].dtype).at[i].set(1).reshape(leaves[k].shape)
+            return jax.jvp(lambda *xs: f(jax.tree_util.tree_unflatten(tree, xs), fixed, extra), leaves, ts)[1]
+
+        return jax.tree_util.tree_unflatten(tree, [
+            jax.lax.map(functools.partial(along, k), jnp.arange(x.size)).reshape(x.shape).astype(x.dtype)
+            for k, x in enumerate(leaves)])
+
+    return grad
 
 
 def _extra_shapes(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple[int, ...]) -> tuple:
@@ -650,7 +716,7 @@ def _check_call(call: _Call, k: int, scalars: dict, options: dict) -> tuple[Grad
     try:
         report = _check_grad_impl(s.rule, diff, (fixed, extra), hand=s.plain, has_aux=False, wrt=None,
                                   rtol=options["rtol"], atol=options["atol"], mode=options["mode"],
-                                  seed=options["seed"] + k, reuse=True)
+                                  seed=options["seed"] + k, reuse=True, hand_reference=True)
     except Exception as e:  # noqa: BLE001 - the user's rule failing under check_grad: reported, not raised
         if _defect(e):
             return None, (), _BROKEN + _error(e)
@@ -744,7 +810,14 @@ def audit(
         it = iter(xs)
         p, a, k = jax.tree_util.tree_unflatten(treedef, [next(it) if arr else x for x, arr in zip(leaves, is_arr,
                                                                                                  strict=True)])
-        return fn(p, *a, **k)
+        out = fn(p, *a, **k)
+        bad = [(jax.tree_util.keystr(path), x) for path, x in jax.tree_util.tree_flatten_with_path(out)[0]
+               if not isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, complex))]
+        if bad:
+            path, x = bad[0]
+            raise TypeError(f"audit: fn(params, *args, **kwargs) must return arrays (a loss, or a pytree of arrays); "
+                            f"its output{' at ' + path if path else ''} is {describe(x)}")
+        return out
 
     try:
         closed = jax.make_jaxpr(flat)(*arrays)

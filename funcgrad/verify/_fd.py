@@ -187,6 +187,19 @@ def _consistent(v: np.ndarray, fd: _FD, tol: np.ndarray) -> np.ndarray:
     return fd.finite & np.isfinite(v) & inside
 
 
+def _confirms(v: np.ndarray, fd: _FD, tol: np.ndarray) -> np.ndarray:
+    """Whether finite differences confirm a value to about the analytic tolerance ``tol`` (from the gradients'
+    scale, without finite differences' noise floor): within the reading's interval, widened by its error counted at
+    most up to ``tol``, and ``tol``. A reading whose error bars (or noise floor) are much wider than the tolerance is
+    consistent with a value that is wrong by several tolerances; with nothing else to compare with (no hand), such
+    a value is not confirmed."""
+    with np.errstate(invalid="ignore"):
+        # (a zero tolerance, every gradient exactly 0, gives no scale: the reading's own error is the measure)
+        slack = 2 * np.where(tol > 0, np.minimum(fd.err, tol), fd.err) + tol
+        inside = (v >= fd.lo - slack) & (v <= fd.hi + slack)
+    return fd.finite & np.isfinite(v) & inside
+
+
 def _confidently_off(v: np.ndarray, fd: _FD, tol: np.ndarray) -> np.ndarray:
     """Whether finite differences rule a value out with confidence: a resolved reading whose error estimate
     is far (``_CONFIDENT``×) below the value's distance from it, or a non-finite value where the reading is
@@ -222,7 +235,10 @@ def _classify(A: np.ndarray, H: np.ndarray | None, fd: _FD, tol: np.ndarray,
     ca = _consistent(A, fd, tol) | waive_a
     off_a = _confidently_off(A, fd, tol) & ~waived
     if H is None:
-        out = np.where(ca, fits, np.where(off_a, Verdict.AUTODIFF_WRONG, Verdict.MISMATCH))
+        # Nothing but finite differences to compare autodiff with: a pass needs them precise enough to confirm it.
+        sure = _confirms(A, fd, tol_ah) | waive_a
+        out = np.where(ca, np.where(sure, fits, Verdict.FD_UNRELIABLE),
+                       np.where(off_a, Verdict.AUTODIFF_WRONG, Verdict.MISMATCH))
         return np.where(fd.singular, Verdict.SINGULAR, out).astype(object)
     with np.errstate(invalid="ignore"):
         waive_h = kinked & lenient & (H >= fd.lo - reach) & (H <= fd.hi + reach)  # noqa: SIM300 - H: a value, not a constant

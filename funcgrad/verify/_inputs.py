@@ -94,7 +94,11 @@ def _wrt_mask(params: Any, wrt: Any, n: int, who: str = "check_grad") -> list[bo
     if callable(wrt) and not isinstance(wrt, bool) and jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(wrt)):
         out = []
         for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-            v = wrt(leaf)
+            try:
+                v = wrt(leaf)
+            except TypeError as e:
+                raise TypeError(f"{who}: wrt must be a predicate taking one leaf (leaf -> bool); calling it on "
+                                f"{jax.tree_util.keystr(path) or 'params'} ({describe(leaf)}) failed: {e}") from None
             if not isinstance(v, (bool, np.bool_)):
                 raise TypeError(f"{who}: wrt(leaf) must return True or False; for {jax.tree_util.keystr(path)} "
                                 f"it returned {describe(v)}")
