@@ -195,3 +195,13 @@ def test_audit_options_that_do_not_combine(target, capsys):
     assert "cannot be combined with --audit" in capsys.readouterr().err
     assert cli.main(["verify", "--audit", f"{target}:setup", "--max-calls", "0"]) == 2
     assert "--max-calls must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", ["-1", "x"])
+def test_verify_seed_must_be_a_non_negative_int(seed, capsys):
+    try:
+        status = cli.main(["verify", f"--seed={seed}", "--only", "rule relu"])
+    except SystemExit as e:  # argparse's usage error
+        status = e.code
+    assert status == 2
+    assert "--seed" in capsys.readouterr().err

@@ -621,3 +621,58 @@ def test_errors_about_fn_value_are_plain_value_errors():
     with pytest.raises(ValueError, match="nan") as e:
         verify.check_grad(lambda w: jnp.sum(jnp.log(w)), jnp.array([-1.0, 2.0]))
     assert type(e.value) is ValueError
+
+
+# ---- every gradient exactly zero; a primal that finite differences alone must judge; composite options -------------
+
+
+def test_forward_and_reverse_rounding_where_every_gradient_is_zero_is_not_a_failure():
+    # A zero first layer and symmetric data: every gradient is exactly 0, so the gradients give no tolerance. The
+    # modes' terms cancel to -5.6e-17 in forward mode and to 0 in reverse mode: rounding, inside finite differences'
+    # own error, not a wrong mode.
+    X = jnp.array([[1.0, 2.0], [-1.0, -2.0], [2.0, 1.0], [-2.0, -1.0]])
+    y = jnp.array([0, 1, 0, 1])
+    P = {"d1": {"W": jnp.zeros((2, 3)), "b": jnp.zeros((1, 3))},
+         "d2": {"W": jnp.asarray(np.random.RandomState(0).randn(3, 2), jnp.float32), "b": jnp.zeros((1, 2))}}
+
+    def fn(p, X, y):
+        a = jax.nn.relu(X @ p["d1"]["W"] + p["d1"]["b"])
+        z = a @ p["d2"]["W"] + p["d2"]["b"]
+        return -jnp.mean(jax.nn.log_softmax(z)[jnp.arange(len(y)), y])
+
+    report = verify.check_grad(fn, P, X, y)
+    row = {r.path: r for r in report.rows}["['d2']['b']"]
+    assert row.ok and "mode is wrong" not in row.note, report
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_without_a_hand_a_value_finite_differences_cannot_confirm_is_not_ok(wrong):
+    # fn computes in float32 next to a large constant term: its finite differences are only good to ~1e-3 here, far
+    # coarser than the tolerance. A 2% slip in a custom rule is then not confirmed ("ok" would be a promise the check
+    # cannot keep); the correct rule is.
+    @jax.custom_vjp
+    def sq(x):
+        return x * x
+
+    sq.defvjp(lambda x: (x * x, x), lambda x, g: (g * 2 * x * (1.02 if wrong else 1.0),))
+    fn = lambda p: jnp.sum(sq(p["x"].astype(jnp.float32))) + jnp.float32(3e3)  # noqa: E731
+    report = verify.check_grad(fn, {"x": jnp.array([0.3, -0.2, 0.25])})
+    assert report.rows[0].verdict != "ok" if wrong else report.ok, report
+
+
+def test_check_vjp_and_check_chain_name_their_own_arguments():
+    x = jnp.array([[0.5, -1.0, 2.0], [0.1, 0.2, -0.3]])
+    with pytest.raises(TypeError, match=r"check_vjp: fn's output must be floating-point.*int32\[2, 3\]"):
+        verify.check_vjp(lambda x: jnp.round(x).astype(jnp.int32), lambda x, d: d, x)
+    with pytest.raises(TypeError, match=r"check_chain: link 'double': check_vjp: x is differentiated.*int32\[2\]"):
+        verify.check_chain([("double", lambda x: x * 2.0, lambda x, d: 2 * d)], jnp.array([1, 2]))
+    for seed in (1.5, None, "3", True):
+        with pytest.raises(TypeError, match="check_vjp: seed must be an int"):
+            verify.check_vjp(lambda x: 2 * x, lambda x, d: 2 * d, x, seed=seed)
+        with pytest.raises(TypeError, match="check_chain: seed must be an int"):
+            verify.check_chain([("double", lambda x: x * 2.0, lambda x, d: 2 * d)], x, seed=seed)
+    for n in (0, -1, 2.5, "2"):
+        with pytest.raises(ValueError, match="check_vjp: cotangents must be an int of at least 1"):
+            verify.check_vjp(lambda x: 2 * x, lambda x, d: 2 * d, x, cotangents=n)
+    assert verify.check_vjp(lambda x: 2 * x, lambda x, d: 2 * d, x, seed=-1).ok
+    assert verify.check_chain([("double", lambda x: x * 2.0, lambda x, d: 2 * d)], x, seed=-1).ok

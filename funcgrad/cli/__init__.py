@@ -53,6 +53,17 @@ def _version() -> str:
     return f"funcgrad {funcgrad.__version__} ({', '.join(parts)}; Python {sys.version.split()[0]})"
 
 
+def _seed(text: str) -> int:
+    """A seed: an integer of at least 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer of at least 0; got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0; got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="funcgrad", description="Neural networks as pure functions in JAX.")
     parser.add_argument("--version", action="version", version=_version())
@@ -92,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check every hand-derived formula of the catalog and the book's model, or "
                                               "(--audit) every custom_vjp/custom_jvp rule a model of yours calls")
     v.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
-    v.add_argument("--seed", type=int, default=0, help="seed of the example points and random directions")
+    v.add_argument("--seed", type=_seed, default=0, help="seed of the example points and random directions (≥ 0)")
     v.add_argument("--only", nargs="+", metavar="NAME", help="run only the checks whose name contains NAME")
     v.add_argument("--audit", metavar="TARGET",
                    help="instead of the catalog, audit every custom_vjp/custom_jvp rule a model of yours calls "

@@ -43,6 +43,36 @@ def _vdot_tree(out: Any, cot: Any) -> jax.Array | int:
     return sum(jnp.vdot(o, c) for o, c in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(cot), strict=True))
 
 
+def _require_floats(diff: Sequence[Any], names: Sequence[str]) -> None:
+    """Each differentiated primal a floating-point array, or a pytree of them."""
+    for x, name in zip(diff, names, strict=True):
+        bad = [leaf for leaf in jax.tree_util.tree_leaves(x)
+               if not (_is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.floating))]
+        if bad or not jax.tree_util.tree_leaves(x):
+            raise TypeError(f"check_vjp: {name} is differentiated, so it must be a floating-point array (or a pytree "
+                            f"of them); got {describe(bad[0] if bad else x)}: pass floats (x.astype(jnp.float32)), "
+                            "or leave it out of argnums")
+
+
+def _float_output(fn: Callable, primals: Sequence[Any]) -> tuple[list, Any]:
+    """The shapes of ``fn(*primals)``'s leaves and its structure; each leaf must be floating-point."""
+    leaves, treedef = jax.tree_util.tree_flatten(jax.eval_shape(lambda: fn(*primals)))
+    bad = [leaf for leaf in leaves if not jnp.issubdtype(leaf.dtype, jnp.floating)]
+    if bad or not leaves:
+        raise TypeError("check_vjp: fn's output must be floating-point arrays (its VJP is checked); got "
+                        + (f"{bad[0].dtype}{list(bad[0].shape)}" if bad else "no array"))
+    return leaves, treedef
+
+
+def _check_counts(who: str, seed: Any, cotangents: Any) -> None:
+    """``seed`` an int (any sign, as for check_grad) and ``cotangents`` a positive int."""
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise TypeError(f"{who}: seed must be an int; got {describe(seed)}")
+    if not isinstance(cotangents, (int, np.integer)) or isinstance(cotangents, bool) or cotangents < 1:
+        raise ValueError(f"{who}: cotangents must be an int of at least 1 (random output cotangents per check); "
+                         f"got {describe(cotangents) if not isinstance(cotangents, (int, np.integer)) else cotangents}")
+
+
 def check_vjp(
     fn: Callable[..., Any],
     hand_vjp: Callable[..., Any],
@@ -64,6 +94,7 @@ def check_vjp(
     """
     if not callable(fn) or not callable(hand_vjp):
         raise TypeError("check_vjp: fn and hand_vjp must be callable")
+    _check_counts("check_vjp", seed, cotangents)
     # Python floats are points to differentiate at; ints, strings and other non-arrays stay static arguments.
     primals = tuple(jnp.asarray(p) if isinstance(p, float) else p for p in primals)
     if argnums is None:
@@ -77,6 +108,7 @@ def check_vjp(
             raise ValueError(f"check_vjp: argnums {argnums} out of range for {len(primals)} primals")
     all_names = list(names) if names is not None else _primal_names(fn, len(primals))
     row_names = [all_names[i] for i in argnums]
+    _require_floats([primals[i] for i in argnums], row_names)
     const_pos = tuple(i for i in range(len(primals)) if i not in argnums)
 
     def merge(diff, consts):
@@ -102,11 +134,10 @@ def check_vjp(
 
     diff = tuple(primals[i] for i in argnums)
     consts = tuple(primals[i] for i in const_pos)
-    out_shape = jax.eval_shape(lambda: fn(*primals))
-    leaves, treedef = jax.tree_util.tree_flatten(out_shape)
+    leaves, treedef = _float_output(fn, primals)
     n_cot = 1 if all(leaf.shape == () for leaf in leaves) else max(1, int(cotangents))
     reports = []
-    rng = np.random.default_rng(seed)  # NumPy, not jax.random: nothing to compile for a few draws
+    rng = np.random.default_rng(seed % 2**32)  # NumPy, not jax.random: nothing to compile for a few draws
     for k in range(n_cot):
         cot = jax.tree_util.tree_unflatten(
             treedef, [np.asarray(rng.standard_normal(leaf.shape), leaf.dtype) for leaf in leaves]
@@ -227,6 +258,7 @@ def check_chain(
 
     ``funcgrad.nn`` models give their stages with ``funcgrad.objective.Objective.stages``.
     """
+    _check_counts("check_chain", seed, cotangents)
     parsed: list[tuple[str, Any, Any, Any, bool]] = []
     for k, st in enumerate(stages):
         if not isinstance(st, (tuple, list)) or len(st) not in (3, 4) or not isinstance(st[0], str):
@@ -277,7 +309,7 @@ def _whole_chain(parsed, links, x, rtol, atol, mode, seed) -> ChainReport:
 
     out_shape = jax.eval_shape(lambda: forward(all_params, x)[0])
     scalar_out = getattr(out_shape, "shape", None) == ()
-    rng = np.random.default_rng(seed + 1000)
+    rng = np.random.default_rng((seed + 1000) % 2**32)
     u = None if scalar_out else jax.tree_util.tree_map(
         lambda s: np.asarray(rng.standard_normal(s.shape), s.dtype), out_shape)
 
