@@ -189,10 +189,10 @@ def _identify(eqn: Any) -> _Rule:
     user = _user_function(holder)
     if user is not None and kind == "custom_jvp":
         user = _primal_of(user) or user
-    frame = _primal_frame(eqn)
+    frame = _primal_frame(eqn) if user is not None else None  # (a rule of the user's; named after its primal)
     if frame is not None:
         fname = frame.function_name.rsplit(".", 1)[-1]
-        if user is None or user.__name__ != fname:
+        if user.__name__ != fname:
             found = [f for f in itertools.islice(_user_functions(holder), 8)
                      if f.__name__ == fname and f.__code__.co_filename == frame.file_name]
             if not found:
