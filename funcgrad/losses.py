@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -94,9 +95,11 @@ def checked(fn: Callable[..., Any], errors: Any = None) -> Callable[..., Any]:
 
 def _nan_unless_in_range(loss: jax.Array, labels: jax.Array, n_classes: int) -> jax.Array:
     """Under jit, where label values are unknown when checked: NaN, never a finite wrong loss, when one is
-    outside [0, C). The same loss, bit for bit, when all are in range."""
+    outside [0, C), and NaN gradients too (a factor of NaN, not a ``where``, whose gradient would be a finite 0).
+    The same loss and gradients, bit for bit, when all are in range (a factor of exactly 1)."""
     if is_tracer(labels) and jnp.issubdtype(labels.dtype, jnp.integer):
-        return jnp.where(jnp.all((labels >= 0) & (labels < n_classes)), loss, jnp.nan)
+        ok = jnp.all((labels >= 0) & (labels < n_classes))
+        return loss * jnp.where(ok, jnp.ones((), loss.dtype), jnp.full((), jnp.nan, loss.dtype))
     return loss
 
 
@@ -194,14 +197,18 @@ def select(params: Any, where: Where = None) -> Any:
 
 
 def _penalty(kind: rules.Rule, params: Any, scale: float, where: Where) -> jax.Array:
-    if not isinstance(scale, (int, float)) or scale < 0:
-        raise ValueError(f"{kind.name}_penalty: scale must be a number >= 0; got {scale!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
+        raise ValueError(f"{kind.name}_penalty: scale must be a finite number >= 0; got {scale!r}")
     mask = select(params, where)
-    total = jnp.zeros((), jnp.result_type(*jax.tree.leaves(params)) if jax.tree.leaves(params) else jnp.float32)
-    for chosen, leaf in zip(jax.tree.leaves(mask), jax.tree.leaves(params), strict=True):
-        if chosen:
-            require_float(leaf, f"{kind.name}_penalty leaf")
-            total = total + kind.forward(leaf, lam=scale)
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    chosen = [(jax.tree_util.keystr(path), leaf) for c, (path, leaf) in zip(jax.tree.leaves(mask), flat, strict=True)
+              if c]
+    for path, leaf in chosen:
+        require_float(leaf, f"{kind.name}_penalty leaf {path or '(params)'}")
+    # (the sum's dtype follows the chosen leaves only: an unchosen PRNG key or counter does not take part)
+    total = jnp.zeros((), jnp.result_type(*(leaf for _, leaf in chosen)) if chosen else jnp.float32)
+    for _, leaf in chosen:
+        total = total + kind.forward(leaf, lam=scale)
     return total
 
 

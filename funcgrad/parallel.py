@@ -269,7 +269,13 @@ def place(mesh: Mesh | None, state: Any, data: Any) -> tuple[Any, Any, Any]:
     replicated = NamedSharding(mesh, PartitionSpec())
     split = NamedSharding(mesh, PartitionSpec(AXIS))
     state = jax.tree.map(lambda a: _global(a, replicated), state)
-    data = jax.tree.map(lambda a: _global(a, split, process_local=True), data)
+    sizes = {int(np.shape(a)[0]) for a in jax.tree.leaves(data) if np.ndim(a)}
+    whole = any(n % mesh.size for n in sizes)  # a data set that does not divide: minibatches are split instead
+    if whole and jax.process_count() > 1:
+        raise ParallelError(f"{min(sizes)} samples do not divide over the {mesh.size} devices of a multi-process run; "
+                            "each process feeds its own slice of the data: use a data set whose size is a multiple "
+                            f"of {mesh.size}")
+    data = jax.tree.map(lambda a: _global(a, replicated if whole else split, process_local=True), data)
 
     def shard_batch(batch):
         return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, split), batch)

@@ -119,11 +119,29 @@ def init(params: Any, optimizer: optax.GradientTransformation, key: jax.Array) -
         raise TypeError(f"init: optimizer must be an optax GradientTransformation; got {describe(optimizer)}")
     if not is_key(key):
         raise TypeError(f"init: key must be a PRNG key from jax.random.key(seed); got {describe(key)}")
+    _check_params(params)
     params = jax.tree.map(jnp.copy, params)
     return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), jnp.copy(key))
 
 
+def _check_params(params: Any) -> None:
+    """Every leaf of params is trained (differentiated), so each must be a floating-point array or number."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        array = isinstance(leaf, (jax.Array, np.ndarray, np.generic, float))
+        if not array or is_key(leaf) or not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            raise TypeError(
+                f"init: params leaf {jax.tree_util.keystr(path) or '(params)'} is {describe(leaf)}: every leaf of params "
+                "is trained (differentiated), so each must be a floating-point array; keep counters, PRNG keys, "
+                "functions and other state out of params (e.g. nnx.split(model, nnx.Param, ...), "
+                "eqx.partition(model, eqx.is_inexact_array)) and close over them in the loss")
+
+
 def _check_data(data: Any, batch_size: int | None) -> int:
+    if not isinstance(data, (tuple, list)):
+        raise TypeError(f"data must be a tuple of arrays, passed as loss_fn(params, *data), e.g. (X, y); got "
+                        f"{describe(data)}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))):
+        raise TypeError(f"batch_size must be an int or None; got {describe(batch_size)}")
     leaves = jax.tree.leaves(data)
     if not leaves:
         raise ValueError("data must be a pytree of arrays with a leading sample axis, e.g. (X, y); got no arrays")
@@ -133,6 +151,8 @@ def _check_data(data: Any, batch_size: int | None) -> int:
         raise ValueError(f"data arrays must share their leading (sample) axis; got {shapes}")
     n = sizes.pop()
     assert n is not None  # excluded above
+    if n == 0:
+        raise ValueError(f"data has no samples (leading axis of size 0): {[describe(leaf) for leaf in leaves]}")
     if batch_size is not None and (n is None or not 1 <= batch_size <= n):
         raise ValueError(f"batch_size must lie in [1, {n}] for {n} samples; got {batch_size}")
     return n
@@ -147,10 +167,25 @@ def batch_indices(key: jax.Array, step: jax.Array, n: int, batch_size: int) -> j
     return jax.lax.dynamic_slice_in_dim(perm, pos * batch_size, batch_size)
 
 
+_RESERVED = ("loss", "step", "lr")  # metric names the training loop writes itself
+
+
 def _normalise(out: Any) -> tuple[jax.Array, dict]:
-    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict):
-        return out
-    return out, {}
+    """``loss`` or ``(loss, metrics)`` as returned by a loss function, checked: a scalar loss, a dict of scalar
+    metrics whose names are not the loop's own."""
+    loss, metrics = (out if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict) else (out, {}))
+    if isinstance(out, tuple) and not metrics:
+        raise TypeError(f"loss_fn must return a scalar loss, or (loss, metrics) with metrics a dict of scalars; got a "
+                        f"tuple ({', '.join(describe(x) for x in out)})")
+    if not hasattr(loss, "shape") and not isinstance(loss, (int, float)) or jnp.shape(loss) != ():
+        raise TypeError(f"loss_fn must return a scalar loss; got {describe(loss)}")
+    for name, value in metrics.items():
+        if name in _RESERVED:
+            raise ValueError(f"loss_fn's metrics may not be named {name!r}: the training loop records "
+                             f"{', '.join(map(repr, _RESERVED))} itself; rename it")
+        if jnp.shape(value) != ():
+            raise TypeError(f"loss_fn's metric {name!r} must be a scalar; got {describe(value)}")
+    return loss, metrics
 
 
 def _takes_key(loss_fn: Callable, n_data: int) -> bool:
@@ -315,8 +350,14 @@ def chunks(
 
     Every step runs the same compiled loop body whichever chunk it falls in, so an interrupted run resumed from
     a checkpoint ends bit for bit where an uninterrupted one does."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0 (the step count to train until); got {steps!r}")
     fuse = chunk_size(fuse, steps)
     _check_state(state)
+    if any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree.leaves(state)):
+        raise ValueError("state was consumed by an earlier fit or step: steps donate the state's buffers to the "
+                         "state they return; pass that returned state, or train from a copy "
+                         "(jax.tree.map(jnp.copy, state)) to keep this one")
     run = make_steps(loss_fn, optimizer, fuse, batch_size=batch_size, schedule=schedule, shard_batch=shard_batch)
     current = int(to_host(state.step))
     while current < steps:

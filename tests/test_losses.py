@@ -158,3 +158,26 @@ def test_label_checks_add_nothing_to_a_plain_jitted_program():
     X = jnp.asarray(RS.randn(6, 3), jnp.float32)
     err, _ = jax.jit(fg.losses.checked(jax.grad(obj.value)))(params, X, jnp.array([0, 1, 2, 3, 0, 1]))
     assert "class labels must lie in [0, 3)" in err.get()
+
+
+def test_out_of_range_labels_under_jit_make_the_gradient_nan_too():
+    # A `where` would give the NaN loss a finite (zero) gradient, which a step would apply silently.
+    logits = jnp.array([[1.0, 2.0, 0.5], [0.3, -1.0, 2.0]])
+    W = jnp.eye(3)
+    for loss in (fg.losses.categorical_crossentropy_with_logits,
+                 lambda z, y: fg.losses.categorical_crossentropy(jax.nn.softmax(z), y)):
+        bad = jax.jit(jax.value_and_grad(lambda W, y: loss(logits @ W, y)))(W, jnp.array([0, 3]))
+        assert np.isnan(float(bad[0])) and np.isnan(np.asarray(bad[1])).all()
+        y = jnp.array([0, 2])  # in range: the same gradient, bit for bit, as with the labels known (not traced)
+        good = jax.jit(jax.grad(lambda W, y: loss(logits @ W, y)))(W, y)
+        np.testing.assert_array_equal(good, jax.jit(jax.grad(lambda W: loss(logits @ W, y)))(W))
+
+
+def test_penalties_name_the_leaf_and_ignore_leaves_they_do_not_choose():
+    p = {"dense1": {"W": jnp.ones((2, 2))}, "bn": {"count": jnp.zeros((), jnp.int32)}, "rng": jax.random.key(0)}
+    assert float(fg.losses.l2_penalty(p, 0.1, where="dense1/*")) == pytest.approx(0.4)
+    with pytest.raises(TypeError, match=r"l2_penalty leaf \['bn'\]\['count'\] must have a floating dtype"):
+        fg.losses.l2_penalty(p, 0.1, where="bn/*")
+    for scale in (float("nan"), True, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="scale must be a finite number >= 0"):
+            fg.losses.l1_penalty(p, scale, where="dense1/*")

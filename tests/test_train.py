@@ -201,3 +201,55 @@ def test_a_loss_that_takes_neither_form_gets_a_clear_error():
 
     with pytest.raises(TypeError, match=r"loss_fn .*two_args\(p, x\) cannot be called with this data.*2 array\(s\).*4 or 3"):
         fg.train.fit(two_args, tx, state, (X, y), steps=1)
+
+
+# ---- what users of other libraries pass: each mistake named, nothing silently wrong --------------------------------
+
+
+def test_params_that_cannot_be_trained_are_named_by_path():
+    tx = optax.sgd(0.1)
+    key = jax.random.key(0)
+    for params, path in [({"w": jnp.ones(2), "count": jnp.zeros((), jnp.uint32)}, r"\['count'\] is uint32"),
+                         ({"w": jnp.ones(2), "rng": jax.random.key(1)}, r"\['rng'\] is key"),
+                         ({"w": jnp.ones(2), "act": "relu"}, r"\['act'\] is str"),
+                         ({"w": jnp.ones(2), "f": jax.nn.relu}, r"\['f'\]")]:
+        with pytest.raises(TypeError, match=r"init: params leaf " + path + ".*floating-point"):
+            fg.train.init(params, tx, key)
+
+
+def test_fit_checks_steps_batch_size_data_and_the_loss_s_return_value(setup):
+    obj, params, data = setup
+    tx = optax.sgd(0.1)
+    fresh = lambda: fg.train.init(params, tx, jax.random.key(1))  # noqa: E731
+    for steps in (5.5, True, -3, None, "10"):
+        with pytest.raises(ValueError, match="steps must be an int >= 0"):
+            fg.train.fit(obj.train_loss, tx, fresh(), data, steps=steps)
+    for batch_size in (4.0, True):
+        with pytest.raises(TypeError, match="batch_size must be an int or None"):
+            fg.train.fit(obj.train_loss, tx, fresh(), data, steps=2, batch_size=batch_size)
+    with pytest.raises(TypeError, match=r"data must be a tuple of arrays.*got dict"):
+        fg.train.fit(obj.train_loss, tx, fresh(), {"x": data[0], "y": data[1]}, steps=2)
+    with pytest.raises(ValueError, match="data has no samples"):
+        fg.train.fit(lambda p, X, y: jnp.mean(X), tx, fresh(), (data[0][:0], data[1][:0]), steps=2)
+
+    def with_aux(out):
+        return lambda p, X, y: out(obj.value(p, X, y))
+
+    for out, err, match in [
+        (lambda v: (v, {"loss": v - 10}), ValueError, "metrics may not be named 'loss'"),
+        (lambda v: (v, {"step": v}), ValueError, "metrics may not be named 'step'"),
+        (lambda v: (v, {"pred": jnp.ones(3) * v}), TypeError, r"metric 'pred' must be a scalar; got float32\[3\]"),
+        (lambda v: (v, jnp.ones(3)), TypeError, r"\(loss, metrics\) with metrics a dict"),
+        (lambda v: jnp.ones(3) * v, TypeError, r"must return a scalar loss; got float32\[3\]"),
+    ]:
+        with pytest.raises(err, match=match):
+            fg.train.fit(with_aux(out), tx, fresh(), data, steps=2)
+
+
+def test_a_state_consumed_by_an_earlier_fit_is_named(setup):
+    obj, params, data = setup
+    tx = optax.sgd(0.1)
+    state = fg.train.init(params, tx, jax.random.key(1))
+    fg.train.fit(obj.train_loss, tx, state, data, steps=2)
+    with pytest.raises(ValueError, match="state was consumed by an earlier fit"):
+        fg.train.fit(obj.train_loss, tx, state, data, steps=2)

@@ -554,11 +554,13 @@ def test_a_pallas_forward_that_refuses_vmap_is_differentiated_by_forward_mode(wr
         return (dx.at[1, 2].multiply(1.1) if wrong else dx,)
 
     fused_swish.defvjp(lambda x: (fused_swish(x), x), bwd)
-    x = jnp.asarray(RS.randn(4, 8), jnp.float32)
-    params = {"w": jnp.asarray(RS.randn(8, 8) * 0.5, jnp.float32)}
+    rs = np.random.RandomState(0)
+    x = jnp.asarray(rs.randn(4, 8), jnp.float32)
+    params = {"w": jnp.asarray(rs.randn(8, 8) * 0.5, jnp.float32)}
     report = verify.audit(lambda p, x: jnp.sum(fused_swish(x @ p["w"]) ** 2), params, x)
     row = rows(report)["fused_swish"]
-    assert "forward mode, one input element at a time" in row.note
+    # (JAX 0.10 refuses jacfwd's vmap of the kernel, so one element at a time; newer JAX may batch it)
+    assert row.primal is not None and "plain autodiff is from forward mode" in row.note, row
     assert report.ok is not wrong
     if wrong:
         assert row.worst_index == (0, 1, 2)
@@ -614,7 +616,7 @@ def test_flax_linen_custom_vjp_is_named_after_its_function():
             return nn.custom_vjp(dense_apply, forward_fn=dense_fwd, backward_fn=dense_bwd)(Dense(), x)
 
     m = M()
-    x = jnp.asarray(RS.randn(2, 4), jnp.float32)
+    x = jnp.asarray(np.random.RandomState(1).randn(2, 4), jnp.float32)
     v = m.init(jax.random.key(1), x)
     fn = lambda v, x: jnp.sum(m.apply(v, x) ** 2)  # noqa: E731
     report = verify.audit(fn, v, x)
