@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -245,9 +246,17 @@ def _header_problem(header: Any, fmt: str = FORMAT) -> str | None:
     return None
 
 
-def _open(data: bytes | BinaryIO) -> tuple[zipfile.ZipFile, dict]:
+# Deflate expands at most about 1032:1: no member of an honest archive holds more than this many bytes per byte of it.
+_MAX_EXPANSION = 1100
+_UNREADABLE = (OSError, ValueError, EOFError, RuntimeError, zipfile.BadZipFile, NotImplementedError, MemoryError,
+               OverflowError, RecursionError)
+
+
+def _open(data: bytes | BinaryIO) -> tuple[zipfile.ZipFile, dict, int]:
+    """The archive, its parsed header, and the most bytes any of its members can honestly hold."""
     source = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
-    if source.seek(0, io.SEEK_END) == 0:
+    total = source.seek(0, io.SEEK_END)
+    if total == 0:
         raise CheckpointError("not a readable funcgrad checkpoint: the file is empty (0 bytes)")
     source.seek(0)
     try:
@@ -255,17 +264,21 @@ def _open(data: bytes | BinaryIO) -> tuple[zipfile.ZipFile, dict]:
         info = z.getinfo(_META + ".npy")
         if info.file_size > _MAX_HEADER_BYTES:
             raise ValueError(f"a header of {info.file_size} bytes")
+        with z.open(info) as f:  # what the header member declares, before anything is allocated for it
+            shape, dtype = _npy_header(f)
+        if dtype != np.uint8 or len(shape) != 1 or shape[0] > _MAX_HEADER_BYTES:
+            raise ValueError(f"a header member of {dtype}{list(shape)}, not the bytes of a header")
         with z.open(info) as f:
             raw = np.lib.format.read_array(f, allow_pickle=False)
         header = json.loads(raw.tobytes())
     except KeyError:
         raise CheckpointError("not a readable funcgrad checkpoint: an archive without a funcgrad header") from None
-    except (OSError, ValueError, EOFError, RuntimeError, zipfile.BadZipFile, NotImplementedError) as e:
+    except _UNREADABLE as e:
         raise CheckpointError(f"not a readable funcgrad checkpoint ({type(e).__name__}: {e})") from None
     problem = _header_problem(header)
     if problem:
         raise CheckpointError(f"not a readable funcgrad checkpoint: {problem}")
-    return z, header
+    return z, header, _MAX_EXPANSION * total + _MAX_HEADER_BYTES
 
 
 def metadata(data: bytes | BinaryIO) -> dict[str, Any]:
@@ -296,10 +309,14 @@ def _npy_header(f: Any) -> tuple[tuple[int, ...], np.dtype]:
     return tuple(shape), np.dtype(dtype)
 
 
-def _read_leaf(z: zipfile.ZipFile, entry: dict) -> np.ndarray:
-    """One leaf's array, its declared size checked before a byte is decompressed, never unpickled."""
+def _read_leaf(z: zipfile.ZipFile, entry: dict, bound: int) -> np.ndarray:
+    """One leaf's array, its declared size checked before a byte is decompressed (``bound``: the most an honest
+    member of this archive can hold), never unpickled."""
     path, shape, dtype = entry["path"], tuple(entry["shape"]), _dtype(entry)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize  # (Python ints: a declared size never overflows)
+    if nbytes > bound:
+        raise CheckpointError(f"checkpoint is damaged: leaf {path} declares {entry['dtype']}{list(shape)}, {nbytes} "
+                              "bytes, more than this file can hold")
     try:
         info = z.getinfo(entry["name"] + ".npy")
     except KeyError:
@@ -314,14 +331,14 @@ def _read_leaf(z: zipfile.ZipFile, entry: dict) -> np.ndarray:
         if npy_dtype.hasobject:  # NumPy's words for it (nothing is unpickled)
             raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
         if raw and npy_dtype == np.uint8 and npy_shape != (nbytes,):
-            raise CheckpointError(f"checkpoint is damaged: leaf {path} holds {int(np.prod(npy_shape))} bytes; "
+            raise CheckpointError(f"checkpoint is damaged: leaf {path} holds {math.prod(npy_shape)} bytes; "
                                   f"{entry['dtype']}{list(shape)} needs {nbytes}")
         if (npy_dtype, npy_shape) != ((np.dtype(np.uint8), (nbytes,)) if raw else (dtype, shape)):
             raise CheckpointError(f"checkpoint is damaged: leaf {path} is {npy_dtype}{list(npy_shape)}; its header says "
                                   f"{entry['dtype']}{list(shape)}")
         with z.open(info) as f:
             arr = np.lib.format.read_array(f, allow_pickle=False)
-    except (OSError, ValueError, EOFError, RuntimeError, zipfile.BadZipFile, NotImplementedError) as e:
+    except _UNREADABLE as e:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"checkpoint is damaged: leaf {path} cannot be read ({type(e).__name__}: {e})") from None
@@ -346,11 +363,12 @@ def from_bytes(data: bytes | BinaryIO, like: Any, *, check_finite: bool = False)
     shape and dtype must match the template's. A damaged or foreign file raises :class:`CheckpointError` naming
     the leaf; nothing in the file is executed (no pickle). With ``check_finite``, a NaN or inf in a floating leaf
     is a CheckpointError naming it too (off by default: the tree comes back as it was saved)."""
-    z, header = _open(data)
+    z, header, bound = _open(data)
     names, specs, treedef = _template(like)
     stored = header["leaves"]
     _match_paths(names, stored)
-    arrays = [_read_leaf(z, entry) for entry in stored]  # each as its header says (else damaged), size-checked first
+    # each as its header says (else damaged), its declared size bounded by the file's before anything is allocated
+    arrays = [_read_leaf(z, entry, bound) for entry in stored]
     _match_specs(names, specs, stored)
     if check_finite:
         _check_finite([(n, a) for n, a, (_, _, impl) in zip(names, arrays, specs, strict=True) if impl is None])
@@ -372,8 +390,8 @@ def load_flat(data: bytes | BinaryIO, *, check_finite: bool = False) -> dict[str
         >>> {path: (a.dtype.name, a.shape) for path, a in checkpoint.load_flat(data).items()}
         {"['key']": ('uint32', (2,)), "['opt'][0]": ('int32', ()), "['w']": ('float32', (3,))}
     """
-    z, header = _open(data)
-    flat = {entry["path"]: _read_leaf(z, entry) for entry in header["leaves"]}
+    z, header, bound = _open(data)
+    flat = {entry["path"]: _read_leaf(z, entry, bound) for entry in header["leaves"]}
     if check_finite:
         _check_finite(list(flat.items()))
     return flat

@@ -308,6 +308,8 @@ def _parse_value(text: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text  # a bare word: a string
+    except RecursionError:
+        raise ConfigError(f"--set value {text[:40]}...: nested too deeply to be a setting") from None
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -335,6 +337,8 @@ def loads(text: str, *, name: str | None = None, overrides: Sequence[str] = (), 
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a config") from None
     if name is not None:
         raw.setdefault("name", name)
     raw = apply_overrides(raw, overrides)

@@ -198,7 +198,7 @@ def select(params: Any, where: Where = None) -> Any:
 
 def _penalty(kind: rules.Rule, params: Any, scale: float, where: Where) -> jax.Array:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
-        raise ValueError(f"{kind.name}_penalty: scale must be a finite number >= 0; got {scale!r}")
+        raise ValueError(f"{kind.name}_penalty: scale must be a number >= 0, and finite; got {scale!r}")
     mask = select(params, where)
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     chosen = [(jax.tree_util.keystr(path), leaf) for c, (path, leaf) in zip(jax.tree.leaves(mask), flat, strict=True)

@@ -109,3 +109,41 @@ def test_size_bound_allows_the_data_4_kib_per_leaf_and_1_mib_of_metadata():
     data = 300 * 7 * 4 + 7 * 4 + 4 + 2 * 4
     assert checkpoint.size_bound(tree) == data + 4096 * (4 + 1) + 1024 * 1024
     assert checkpoint.size_bound({}) == 4096 + 1024 * 1024
+
+
+def _bomb(shape, header_shape=None):
+    """A small archive whose leaf (or header member) declares a huge array: only the .npy header is written."""
+    import json
+    import zipfile
+
+    def npy(shape, dtype):
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buf, {"descr": np.dtype(dtype).str, "fortran_order": False,
+                                                   "shape": tuple(shape)})
+        return buf.getvalue()
+
+    header = {"format": checkpoint.FORMAT, "meta": {},
+              "leaves": [{"path": "['w']", "name": "leaf_0", "dtype": "float32", "shape": list(shape)}]}
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        if header_shape is None:
+            raw = io.BytesIO()
+            np.save(raw, np.frombuffer(json.dumps(header).encode(), np.uint8))
+            z.writestr("__funcgrad__.npy", raw.getvalue())
+        else:
+            z.writestr("__funcgrad__.npy", npy(header_shape, np.uint8))
+        z.writestr("leaf_0.npy", npy(shape, np.float32))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (_bomb([10**12]), r"leaf \['w'\] declares float32\[1000000000000\], 4000000000000 bytes, more than this file"),
+    (_bomb([10**30]), r"declares float32\[10{30}\]"),  # np.prod would overflow int64
+    (_bomb([4], header_shape=[10**13]), r"a header member of uint8\[10000000000000\], not the bytes of a header"),
+])
+def test_a_small_file_declaring_a_huge_array_is_refused_before_allocating_it(data, message):
+    assert len(data) < 10_000
+    with pytest.raises(checkpoint.CheckpointError, match=message):
+        checkpoint.load_flat(data)
+    with pytest.raises(checkpoint.CheckpointError):
+        checkpoint.from_bytes(data, like={"w": jnp.zeros(4)})

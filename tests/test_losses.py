@@ -184,5 +184,5 @@ def test_penalties_name_the_leaf_and_ignore_leaves_they_do_not_choose():
     with pytest.raises(TypeError, match=r"l2_penalty leaf \['bn'\]\['count'\] must have a floating dtype"):
         fg.losses.l2_penalty(p, 0.1, where="bn/*")
     for scale in (float("nan"), True, -1.0, float("inf")):
-        with pytest.raises(ValueError, match="scale must be a finite number >= 0"):
+        with pytest.raises(ValueError, match="scale must be a number >= 0, and finite"):
             fg.losses.l1_penalty(p, scale, where="dense1/*")

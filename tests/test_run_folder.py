@@ -19,6 +19,7 @@ import pytest
 from conftest import ROOT, run_python
 
 from funcgrad import checkpoint
+from funcgrad.cli import _files as files
 from funcgrad.cli import main
 
 SMALL = ["--set", "train.epochs=50", "--set", "train.fuse=10", "--set", "train.checkpoint_every=10",
@@ -549,3 +550,41 @@ def test_sine_data_is_labelled_the_training_data_whatever_the_seed(capsys, tmp_p
     for seed in ([], ["--seed", "5"]):
         code, text, _ = cli(capsys, "evaluate", "--run", out, *seed)
         assert code == 0 and "the training data" in text and "not fresh data" in text
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Links, deep nesting and damaged summaries: one-line errors, nothing written through a link
+
+
+def test_a_metrics_file_that_is_a_link_is_never_written_through(capsys, run, tmp_path):
+    outside = tmp_path / "users_file.txt"
+    outside.write_bytes((run / "metrics.jsonl").read_bytes())
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").symlink_to(outside)
+    before = outside.read_bytes()
+    code, _, err = cli(capsys, "train", "--resume", "--out", run, "--set", "train.epochs=60")
+    assert_one_line_error(code, err, "metrics.jsonl", "symbolic link")
+    assert outside.read_bytes() == before
+    with pytest.raises(files.FileError, match="never through a link"):
+        files.append_lines(run / "metrics.jsonl", [{"step": 1}])
+    assert outside.read_bytes() == before
+
+
+def test_deeply_nested_run_files_and_configs_are_one_line_errors(capsys, run, tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text() + '{"step": 50, "x": ' + deep + "}\n")
+    code, _, err = cli(capsys, "train", "--resume", "--out", run, "--set", "train.epochs=60")
+    assert_one_line_error(code, err, "metrics.jsonl", "nested too deeply")
+    config = tmp_path / "deep.toml"
+    config.write_text("x = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    code, _, err = cli(capsys, "train", "--config", config, "--out", tmp_path / "new")
+    assert_one_line_error(code, err, "deep.toml", "nested too deeply")
+    code, _, err = cli(capsys, "train", "--out", tmp_path / "new", "--set", "train.epochs=" + deep)
+    assert_one_line_error(code, err, "nested too deeply")
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_complete_run_whose_summary_is_damaged_is_a_one_line_error_with_json(capsys, run):
+    (run / "summary.json").write_text("garbage")
+    code, out, err = cli(capsys, "train", "--resume", "--out", run, "--json")
+    assert code == 2 and "Traceback" not in err and "summary.json" in err and "not valid JSON" in err, err

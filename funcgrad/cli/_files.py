@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,15 @@ def append_lines(path: Path, records: Iterable[dict]) -> None:
     text = "".join(json.dumps(_clean(r)) + "\n" for r in records)
     if not text:
         return
-    with open(path, "ab+") as f:
+    try:  # never through a symbolic link, never into anything but a regular file
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as e:
+        raise FileError(f"{path}: cannot append to it ({'a symbolic link' if path.is_symlink() else e.strerror}); "
+                        "funcgrad writes only its own run files, never through a link") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FileError(f"{path}: not a regular file; funcgrad appends its metrics only to one")
+    with os.fdopen(fd, "ab+") as f:
         if f.seek(0, os.SEEK_END) and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
             text = "\n" + text
         f.write(text.encode())
@@ -95,6 +104,9 @@ def read_metrics(path: Path, *, repair: bool = False, max_bytes: int = 1 << 30) 
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         return []
+    if repair and path.is_symlink():  # (a run about to append to it: checked before anything is written)
+        raise FileError(f"{path}: is a symbolic link; funcgrad appends to its own metrics file, never through a link "
+                        "(replace the link with the file itself)")
     try:
         lines = read_regular(path, max_bytes).decode().split("\n")
     except UnicodeDecodeError as e:
@@ -105,6 +117,8 @@ def read_metrics(path: Path, *, repair: bool = False, max_bytes: int = 1 << 30) 
             continue
         try:
             record = json.loads(line)
+        except RecursionError:
+            raise FileError(f"{path}: line {i + 1} is nested too deeply to be a record; the file is damaged") from None
         except json.JSONDecodeError:
             if any(rest.strip() for rest in lines[i + 1 :]):
                 raise FileError(f"{path}: line {i + 1} is not JSON; the file is damaged (move it away to continue "
@@ -172,6 +186,8 @@ def json_load(path: Path, *, what: str = "a JSON object") -> Any:
         raise FileError(f"{path}: not a text file (byte {e.start} is not UTF-8)") from None
     except json.JSONDecodeError as e:
         raise FileError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise FileError(f"{path}: nested too deeply to be {what}") from None
     if not isinstance(obj, dict):
         raise FileError(f"{path}: expected {what}, got a JSON {type(obj).__name__}")
     return obj

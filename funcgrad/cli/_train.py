@@ -335,7 +335,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             if writer:
                 _sayer(args, writer)(_complete(out, prepared.setup.steps, args.out is None))
                 if args.json:
-                    print(json.dumps(files.json_load(out / files.SUMMARY)))
+                    try:
+                        print(json.dumps(files.json_load(out / files.SUMMARY)))
+                    except files.FileError as e:
+                        raise UsageError(f"the run is complete, but {e}") from None
             return 0
         return _execute(args, out, prepared, writer, t_start)
     except BaseException:
