@@ -189,6 +189,8 @@ def _check_finite(named: list[tuple[str, Any]]) -> None:
 def to_bytes(tree: Any, meta: dict[str, Any] | None = None) -> bytes:
     """The tree's leaves and ``meta`` (JSON-able) as the bytes of an ``.npz`` file. A leaf that is not an array,
     a number or a PRNG key raises :class:`CheckpointError` naming its pytree path."""
+    if meta is not None and not isinstance(meta, dict):
+        raise CheckpointError(f"meta must be a dict (stored as a JSON object); got {_type_name(meta)}")
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     arrays: dict[str, np.ndarray] = {}
     leaves = []
@@ -204,7 +206,12 @@ def to_bytes(tree: Any, meta: dict[str, Any] | None = None) -> bytes:
         arrays[entry["name"]] = data
         leaves.append(entry)
     header = {"format": FORMAT, "leaves": leaves, "meta": meta or {}}
-    arrays[_META] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    try:
+        text = json.dumps(header)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"meta must hold only JSON values (dicts, lists, strings, numbers, booleans, "
+                              f"None): {e}") from None
+    arrays[_META] = np.frombuffer(text.encode(), dtype=np.uint8)
     buf = io.BytesIO()
     np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub types the first keyword as allow_pickle
     return buf.getvalue()

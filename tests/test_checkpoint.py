@@ -147,3 +147,10 @@ def test_a_small_file_declaring_a_huge_array_is_refused_before_allocating_it(dat
         checkpoint.load_flat(data)
     with pytest.raises(checkpoint.CheckpointError):
         checkpoint.from_bytes(data, like={"w": jnp.zeros(4)})
+
+
+def test_meta_must_be_a_json_object():
+    with pytest.raises(checkpoint.CheckpointError, match="meta must be a dict"):
+        checkpoint.to_bytes({"w": jnp.ones(2)}, [1, 2])
+    with pytest.raises(checkpoint.CheckpointError, match="meta must hold only JSON values"):
+        checkpoint.to_bytes({"w": jnp.ones(2)}, {"a": object()})

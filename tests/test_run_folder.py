@@ -588,3 +588,45 @@ def test_a_complete_run_whose_summary_is_damaged_is_a_one_line_error_with_json(c
     (run / "summary.json").write_text("garbage")
     code, out, err = cli(capsys, "train", "--resume", "--out", run, "--json")
     assert code == 2 and "Traceback" not in err and "summary.json" in err and "not valid JSON" in err, err
+
+
+def test_a_link_planted_at_a_temporary_name_is_never_written_through(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    path = tmp_path / "summary.json"
+    (tmp_path / f".summary.json.tmp-{os.getpid()}").symlink_to(victim)  # the name this process writes through
+    files.write_json(path, {"ok": 1})
+    assert victim.read_text() == "precious"
+    assert not path.is_symlink() and json.loads(path.read_text()) == {"ok": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json", "victim.txt"]
+
+
+@pytest.mark.parametrize(("line", "needle"), [
+    ('{"step": 20, "split": "train", "loss": "x"}', "'loss' = 'x', not a number"),
+    ('{"step": 20, "split": "train", "accuracy": [1]}', "not a number"),
+    ('{"step": 20, "split": "test", "loss": 1.0}', "split 'test'"),
+    ('{"step": 1000000, "split": "train", "loss": 1.0}', "past the run's last step"),
+])
+def test_a_metrics_line_that_is_not_a_record_stops_a_resume_before_anything_is_written(capsys, run, line, needle):
+    (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text() + line + "\n" + '{"step": 50}\n')
+    before = snapshot(run)
+    code, _, err = cli(capsys, "train", "--resume", "--out", run, "--set", "train.epochs=60")
+    assert_one_line_error(code, err, "metrics.jsonl", needle)
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("mode", ["--json", "--quiet"])
+def test_a_changed_learning_rate_on_resume_keeps_stdout_as_asked(capsys, run, mode):
+    # A training row past the checkpoint (left by a killed attempt) and a new learning rate: the file is set aside,
+    # and saying so goes where the run's other messages go (stderr with --json, nowhere with --quiet).
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    late = {**[r for r in rows if r.get("split") == "train"][-1], "step": 55}
+    (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text() + json.dumps(late) + "\n")
+    code, out, err = cli(capsys, "train", "--resume", "--out", run, "--set", "train.epochs=60",
+                         "--set", "optimizer.learning_rate=0.01", mode)
+    assert code == 0, err
+    if mode == "--json":
+        json.loads(out)  # stdout is the summary alone
+        assert "the optimizer changed" in err
+    else:
+        assert out == "" and "the optimizer changed" not in err

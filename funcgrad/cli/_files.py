@@ -12,7 +12,7 @@ import os
 import stat
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from funcgrad import checkpoint
 from funcgrad._io import FileError, read_regular
@@ -38,19 +38,31 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def create_new(tmp: Path) -> BinaryIO:
+    """A new file at ``tmp``, opened for writing: never through a link, never into an existing file (whatever is at
+    that name, a leftover or a planted link, is removed first; removing a link leaves its target alone)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(tmp, flags, 0o644)
+    except FileExistsError:
+        tmp.unlink()
+        fd = os.open(tmp, flags, 0o644)
+    return os.fdopen(fd, "wb")
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Writes ``data`` to ``path`` so that the file is either the old one or the new one, never a mix:
     write a temporary file in the same folder, flush it to disk, then rename it over ``path``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with create_new(tmp) as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
+        if tmp.exists() or tmp.is_symlink():
             tmp.unlink()
     _fsync_dir(path.parent)
 
@@ -97,10 +109,33 @@ def metrics_bound(steps: int) -> int:
     return max(1 << 30, 4 * 1024 * (int(steps) + 10))
 
 
-def read_metrics(path: Path, *, repair: bool = False, max_bytes: int = 1 << 30) -> list[dict]:
+_NON_FINITE = ("nan", "inf", "-inf")  # how a record stores a value JSON has no number for (see _clean)
+
+
+def _record_problem(record: dict, max_step: int | None) -> str | None:
+    """What makes a parsed line not a record of a step (or None): a step that is not a count, or past the run's
+    last (``max_step``), a split that is not a name, a value that is not a number."""
+    step = record.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return "is not a record of a step"
+    if max_step is not None and step > max_step:
+        return f"records step {step}, past the run's last step {max_step}"
+    for key, value in record.items():
+        if key == "split":
+            if value not in ("train", "validation"):
+                return f"has split {str(value)[:40]!r}, not 'train' or 'validation'"
+        elif key != "step" and not (isinstance(value, (int, float)) and not isinstance(value, bool)) \
+                and value not in _NON_FINITE:
+            return f"has {str(key)[:40]!r} = {str(value)[:40]!r}, not a number"
+    return None
+
+
+def read_metrics(path: Path, *, repair: bool = False, max_bytes: int = 1 << 30,
+                 max_step: int | None = None) -> list[dict]:
     """The records of a metrics file. A last line that is not JSON (cut short by a killed process, so never a
     complete record) is left out, and with ``repair`` removed from the file atomically; any other damaged line
-    is an error naming the file and the line. Without ``repair`` the file is only read."""
+    (not JSON, not a record: a value that is not a number, a step past ``max_step``) is an error naming the file
+    and the line. Without ``repair`` the file is only read."""
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         return []
@@ -126,9 +161,9 @@ def read_metrics(path: Path, *, repair: bool = False, max_bytes: int = 1 << 30) 
             if repair:
                 write_lines(path, records)
             break
-        step = record.get("step") if isinstance(record, dict) else None
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise FileError(f"{path}: line {i + 1} is not a record of a step ({line[:60]!r}); the file is damaged")
+        problem = _record_problem(record, max_step) if isinstance(record, dict) else "is not a record of a step"
+        if problem:
+            raise FileError(f"{path}: line {i + 1} {problem} ({line[:60]!r}); the file is damaged")
         records.append(record)
     return records
 

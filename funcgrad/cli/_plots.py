@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from funcgrad.cli import _files as files
+
 
 def _pyplot():
     import matplotlib  # noqa: PLC0415 - heavy, and only the CLI's plots need it
@@ -21,10 +23,11 @@ def _pyplot():
 def _save(fig: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # the run folder's one pattern of temporaries
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format=path.suffix.lstrip("."))
+        with files.create_new(tmp) as f:
+            fig.savefig(f, dpi=110, bbox_inches="tight", format=path.suffix.lstrip("."))
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
+        if tmp.exists() or tmp.is_symlink():
             tmp.unlink()
 
 

@@ -270,7 +270,8 @@ def _read_checkpoint(out: Path, like: Any, cfg: Any) -> tuple[Any, int, dict]:
 
 def _read_metrics(out: Path, steps: int, *, repair: bool = False) -> list[dict]:
     try:
-        return files.read_metrics(out / files.METRICS, repair=repair, max_bytes=files.metrics_bound(steps))
+        return files.read_metrics(out / files.METRICS, repair=repair, max_bytes=files.metrics_bound(steps),
+                                  max_step=steps)
     except files.FileError as e:
         raise UsageError(str(e)) from None
 
@@ -461,7 +462,7 @@ def _write_start(args: argparse.Namespace, out: Path, p: _Prepared, say: Any) ->
             files.write_json(out / files.CONFIG, resolved)
         if args.resume:
             records = _read_metrics(out, p.setup.steps, repair=True)  # a last line cut by a kill is dropped now
-            return _metrics_to_continue(out, p.start, records, resolved, p.saved)
+            return _metrics_to_continue(out, p.start, records, resolved, p.saved, say)
         kept = files.set_aside(out / files.METRICS)  # an earlier attempt that never reached a checkpoint
         if kept:
             say(f"  (the metrics of an earlier attempt here are kept as {kept})")
@@ -664,7 +665,7 @@ def _unfit_for_checkpoint(state: Any, evaluate: Any, data: Any) -> str | None:
 
 
 def _metrics_to_continue(out: Path, start: int, records: list[dict], resolved: dict,
-                         saved: dict | None) -> tuple[int, int]:
+                         saved: dict | None, say: Any = print) -> tuple[int, int]:
     """The last steps already logged in ``metrics.jsonl`` (training, validation), which training continues.
     Lines past the resumed checkpoint were computed by the same steps, unless the learning rate or its decay
     changed: then the file is set aside whole (nothing saved is lost) and a copy of its lines up to the checkpoint continues."""
@@ -674,7 +675,7 @@ def _metrics_to_continue(out: Path, start: int, records: list[dict], resolved: d
         kept = files.keep_copy(path)  # the whole file, beside it; then the lines up to the checkpoint, atomically
         records = [r for r in records if r["step"] <= start]
         files.write_lines(path, records)
-        print(f"  (the optimizer changed: metrics past step {start} are kept in {kept})")
+        say(f"  (the optimizer changed: metrics past step {start} are kept in {kept})")
     return (max((r["step"] for r in log.train_rows(records)), default=-1),
             max((r["step"] for r in log.validation_rows(records)), default=-1))
 
