@@ -173,8 +173,9 @@ _RESERVED = ("loss", "step", "lr")  # metric names the training loop writes itse
 def _normalise(out: Any) -> tuple[jax.Array, dict]:
     """``loss`` or ``(loss, metrics)`` as returned by a loss function, checked: a scalar loss, a dict of scalar
     metrics whose names are not the loop's own."""
-    loss, metrics = (out if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict) else (out, {}))
-    if isinstance(out, tuple) and not metrics:
+    paired = isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)
+    loss, metrics = out if paired else (out, {})
+    if isinstance(out, tuple) and not paired:
         raise TypeError(f"loss_fn must return a scalar loss, or (loss, metrics) with metrics a dict of scalars; got a "
                         f"tuple ({', '.join(describe(x) for x in out)})")
     if not hasattr(loss, "shape") and not isinstance(loss, (int, float)) or jnp.shape(loss) != ():

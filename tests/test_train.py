@@ -235,6 +235,7 @@ def test_fit_checks_steps_batch_size_data_and_the_loss_s_return_value(setup):
     def with_aux(out):
         return lambda p, X, y: out(obj.value(p, X, y))
 
+    assert fg.train.fit(with_aux(lambda v: (v, {})), tx, fresh(), data, steps=2)[1]["loss"].shape == (2,)
     for out, err, match in [
         (lambda v: (v, {"loss": v - 10}), ValueError, "metrics may not be named 'loss'"),
         (lambda v: (v, {"step": v}), ValueError, "metrics may not be named 'step'"),
