@@ -204,7 +204,8 @@ def test_forward_mode_in_runs_is_taken_along_each_leafs_first_direction(monkeypa
     np.testing.assert_allclose(np.sort(wanted), np.sort(P[:, 0]), rtol=1e-9, atol=1e-15)
 
 
-@pytest.mark.parametrize("how", ["runs", "separate"])
+# (the "separate" programs, used above 4M parameters, take as long again: in the slow target)
+@pytest.mark.parametrize("how", ["runs", pytest.param("separate", marks=pytest.mark.slow)])
 def test_runs_still_find_a_planted_element_and_a_kink(monkeypatch, how):
     p, X, y, loss, hand = three_layer(seed=2)
     _runs_of(monkeypatch, how)
