@@ -954,7 +954,7 @@ def _rows(items: _Items, P: np.ndarray, engine: _Engine, has_hand: bool, user: b
         if plan.jvp and not lf.empty_support and s:
             k_dir = int(np.nonzero(~is_el)[0][list(d_leaf).index(li)])
             _compare_modes(float(jvp[li]), float(A[k_dir]), k_dir, lf.nonfinite > 0, fd, item_tol, item_tol_ah,
-                           engine.eps_f, row_items, extra)
+                           engine.eps_f, row_items, extra, engine.f0 if math.isfinite(engine.f0) else 0.0)
         if user and s:
             eps = max(float(jnp.finfo(engine.user_dtypes[li]).eps), eps_inner)  # fn may compute in bfloat16
             extra_u, items_u = _user_precision(li, engine, has_hand, eps, skip=_blamed_sides(row_items))
@@ -1016,16 +1016,17 @@ def _locate_failing_projection(li: int, has_hand: bool, engine: _Engine, items: 
 
 
 def _compare_modes(jv: float, jr: float, k: int, nonfinite: bool, fd: _FD, item_tol: np.ndarray,
-                   item_tol_ah: np.ndarray, eps_f: float, items: list[_Item], extra: list[str]) -> None:
+                   item_tol_ah: np.ndarray, eps_f: float, items: list[_Item], extra: list[str], f0: float = 0.0) -> None:
     """Forward mode (``jv``, the jvp) against reverse mode (``jr``, grad·u) along a leaf's first random direction,
     item ``k``; finite differences say which one is wrong. Appends to ``items`` and ``extra``."""
     if not math.isfinite(jv) and nonfinite:
         extra.append("forward mode not compared: autodiff is not finite at some elements of this leaf")
     # (forward mode's tangent is rounded to fn's output dtype, e.g. by a final cast to bfloat16)
     elif not abs(jv - jr) <= item_tol_ah[k] + 4 * eps_f * max(abs(jv), abs(jr)) and not (
-            # (a gap below finite differences' own error, both modes inside it: rounding where the gradients'
-            # scale gives no tolerance, e.g. every gradient exactly 0 and the modes' terms cancelling)
-            abs(jv - jr) <= fd.err[k] and _consistent(np.array([jv, jr]), fd.take([k, k]), item_tol[[k, k]]).all()):
+            # (a gap at the rounding of fn's value, both modes inside finite differences' error bars: rounding where
+            # the gradients' scale gives no tolerance, e.g. every gradient exactly 0 and the modes' terms cancelling)
+            abs(jv - jr) <= 64 * eps_f * abs(f0)
+            and _consistent(np.array([jv, jr]), fd.take([k, k]), item_tol[[k, k]]).all()):
         fwd_right = bool(_consistent(np.array([jv]), fd.take(slice(k, k + 1)), item_tol[k : k + 1])[0])
         extra.append(
             f"forward mode (jvp {jv:.6e}) and reverse mode (grad·u {jr:.6e}) disagree along a random "
