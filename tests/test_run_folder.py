@@ -630,3 +630,16 @@ def test_a_changed_learning_rate_on_resume_keeps_stdout_as_asked(capsys, run, mo
         assert "the optimizer changed" in err
     else:
         assert out == "" and "the optimizer changed" not in err
+
+
+def test_a_lock_file_hard_linked_to_another_file_is_refused(tmp_path):
+    from funcgrad.cli import _rundir
+
+    outside = tmp_path / "notes.txt"
+    outside.write_text("precious")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    os.link(outside, folder / _rundir.LOCK)
+    with pytest.raises(_rundir.RunFolderError, match="hard link"):
+        _rundir.Lock(folder)
+    assert outside.read_text() == "precious"

@@ -125,9 +125,14 @@ class Lock:
                     raise ReadOnlyFolder(f"cannot create the lock file {self.path}: {e.strerror}") from None
                 raise RunFolderError(f"cannot use the lock file {self.path}: {e.strerror} (it should be a regular "
                                      "file that funcgrad creates)") from None
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
                 os.close(fd)
                 raise RunFolderError(f"{self.path} is not a regular file; remove it")
+            if st.st_nlink > 1:  # a hard link to another file, which writing the PID would change
+                os.close(fd)
+                raise RunFolderError(f"{self.path} is a hard link to another file ({st.st_nlink} names); funcgrad "
+                                     "writes its PID into the lock file, so it must be its own: remove it")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
