@@ -639,3 +639,20 @@ def test_fn_returning_a_non_array_and_a_wrt_of_the_wrong_arity_are_named():
         verify.audit(lambda p: {"y": s(p["w"]), "tag": "x"}, P)
     with pytest.raises(TypeError, match=r"audit: wrt must be a predicate taking one leaf.*\['w'\]"):
         verify.audit(lambda p: jnp.sum(s(p["w"])), P, wrt=lambda path, x: True)
+
+
+def test_a_rule_wrong_where_the_primals_plain_autodiff_is_nan_is_blamed():
+    # The rule gives 0 at x = 280, the plain autodiff NaN, finite differences a confident -0.13·u: the rule is wrong
+    # on its own (not a disagreement nobody can be blamed for).
+    @jax.custom_jvp
+    def softplus(x):
+        return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(x)))
+
+    @softplus.defjvp
+    def softplus_jvp(primals, tangents):
+        (x,), (t,) = primals, tangents
+        return softplus(x), jnp.where(x > 100.0, 0.0, jax.nn.sigmoid(x)) * t
+
+    report = verify.audit(lambda p: jnp.sum(softplus(p["x"])), {"x": jnp.array([1.5, 280.0, 0.3, -1.0])})
+    (row,) = report.rows
+    assert row.verdict == "autodiff_wrong" and row.worst_index == (0, 1), report

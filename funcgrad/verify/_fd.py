@@ -211,7 +211,8 @@ def _confidently_off(v: np.ndarray, fd: _FD, tol: np.ndarray) -> np.ndarray:
 
 
 def _classify(A: np.ndarray, H: np.ndarray | None, fd: _FD, tol: np.ndarray,
-              lenient: np.ndarray | bool = False, tol_ah: np.ndarray | None = None) -> np.ndarray:
+              lenient: np.ndarray | bool = False, tol_ah: np.ndarray | None = None,
+              reference: bool = False) -> np.ndarray:
     """Per-item verdicts from autodiff A, hand H (or None) and finite differences: the side that disagrees
     with the other two is wrong; both, when they agree with each other and confident finite differences
     rule them out.
@@ -221,7 +222,9 @@ def _classify(A: np.ndarray, H: np.ndarray | None, fd: _FD, tol: np.ndarray,
     directional one-sided derivatives, so finite differences cannot judge there: such items are "kink".
 
     ``tol`` bounds a value's distance from finite differences (it includes their noise floor); ``tol_ah``
-    (default ``tol``) bounds autodiff's distance from hand, both computed in float64."""
+    (default ``tol``) bounds autodiff's distance from hand, both computed in float64. ``reference``: hand is only a
+    reference (verify.audit's plain autodiff of a rule's primal); where it is not finite, autodiff confidently off
+    finite differences is wrong on its own."""
     tol_ah = tol if tol_ah is None else tol_ah
     kinked = fd.nonsmooth & fd.resolved & fd.finite
     with np.errstate(invalid="ignore"):
@@ -265,6 +268,9 @@ def _classify(A: np.ndarray, H: np.ndarray | None, fd: _FD, tol: np.ndarray,
     with np.errstate(invalid="ignore"):
         near = np.abs(A - H) <= np.abs(A - fd.lo) + np.abs(A - fd.hi) + 2 * fd.err + tol
     out = np.where(kinked & ~ca & ~ch & np.isfinite(A) & np.isfinite(H) & near, Verdict.KINK, out)
+    if reference:
+        with np.errstate(invalid="ignore"):
+            out = np.where(~np.isfinite(H) & np.isfinite(A) & off_a & ~ca, Verdict.AUTODIFF_WRONG, out)
     # At a singular point there is no derivative to be right about: sides that describe it alike pass.
     out = np.where(fd.singular, np.where(agree | both_nf, Verdict.SINGULAR, Verdict.MISMATCH), out)
     return out.astype(object)

@@ -149,6 +149,7 @@ class _Engine:
         self.eps_f, self.h0, self.f0 = eps_f, h0, float(res.f0)
         # The smallest derivative finite differences resolve at the first step: nothing below it is wrong.
         self.floor = 3 * 16 * eps_f * max(abs(self.f0), 1e-300) / h0 if math.isfinite(self.f0) else 0.0
+        self.hand_reference = False  # hand is only a reference (verify.audit; see _classify)
         self.tp = tp  # (rtol, atol, eps) of the analytic tolerances
         self.leaf_max = np.asarray(res.leaf_max, np.float64)
         self.gmax = float(np.max(self.leaf_max, initial=0.0))
@@ -736,6 +737,7 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
                                   f"({'/'.join(prep.user_dtypes)}), though {f0:.6g} in float64: it overflows or loses "
                                   "all precision there")
         engine = _Engine(prep, plan, res, seed, eps_f, h0, tp, probe)
+        engine.hand_reference = options.hand_reference
         items = _Items(*(np.asarray(x) for x in res.items))
         engine.analyse(a, h, items.index)
         if a_user is not None:
@@ -934,7 +936,7 @@ def _rows(items: _Items, P: np.ndarray, engine: _Engine, has_hand: bool, user: b
     item_tol_ah = proj[:, 2].copy()
     item_tol_ah[is_el] = tahv
     fd = engine.ladder(items, item_tol, initial=F, values=[A] if H is None else [A, H])
-    verdicts = _classify(A, H, fd, item_tol, lenient=~is_el, tol_ah=item_tol_ah)
+    verdicts = _classify(A, H, fd, item_tol, lenient=~is_el, tol_ah=item_tol_ah, reference=engine.hand_reference)
     item_leaf = np.where(is_el, np.searchsorted(np.array(layout.offsets), np.maximum(flat, 0), side="right") - 1,
                          np.concatenate([np.zeros(int(is_el.sum()), int), d_leaf]))
 
@@ -1088,7 +1090,7 @@ def _arbitrate(flat: np.ndarray, li: int, has_hand: bool, engine: _Engine) -> li
     fd = engine.at_elements(flat)
     av, hv, tv, tahv = engine.values(flat)
     H = hv if has_hand else None
-    verdicts = _classify(av, H, fd, tv, tol_ah=tahv)
+    verdicts = _classify(av, H, fd, tv, tol_ah=tahv, reference=engine.hand_reference)
     o, shape = engine.layout.offsets[li], engine.layout.shapes[li]
     return [_make_item(verdicts[k], np.unravel_index(i - o, shape), av[k], None if H is None else H[k], fd, k)
             for k, i in enumerate(flat)]
