@@ -153,6 +153,16 @@ def mae(pred: Any, target: Any) -> jax.Array:
     return rules.mae.forward(pred, target)
 
 
+def _checked_inputs(loss: str, pred: Any, target: Any) -> tuple[jax.Array, jax.Array]:
+    """The checks loss ``loss`` (a name of :data:`LOSSES`) runs on its inputs, for code that computes the loss's
+    derivative by hand (:meth:`funcgrad.Objective.hand_grad`): the same errors for the same inputs. Returns the
+    inputs as the loss uses them."""
+    if loss in ("categorical_crossentropy", "categorical_crossentropy_with_logits"):
+        return _class_inputs(pred, target, "logits" if loss.endswith("logits") else "probs")
+    names = ("probs", "targets") if loss == "binary_crossentropy" else ("pred", "target")
+    return _paired(pred, target, *names)
+
+
 LOSSES: dict[str, Callable[..., jax.Array]] = {
     "categorical_crossentropy": categorical_crossentropy,
     "categorical_crossentropy_with_logits": categorical_crossentropy_with_logits,

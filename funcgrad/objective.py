@@ -147,12 +147,16 @@ class Objective:
     def hand_grad(self, params: Params, x: jax.Array, y: jax.Array, *, key=None, train: bool = False) -> Params:
         """The book's backward pass: ``∂L/∂params`` from the hand-derived rules, composed by the chain rule."""
         one = jnp.ones((), jnp.result_type(*jax.tree.leaves(params)))
+        # (the loss's own input checks first: labels out of range, targets of another shape are the same errors
+        # as for value, never a gradient of broadcast inputs)
         if self._logits_model is not None:
             logits = self._logits_model.apply(params, x, key=key, train=train)
+            logits, y = losses._checked_inputs("categorical_crossentropy_with_logits", logits, y)
             dlogits = rules.softmax_crossentropy.backward(logits, y, one)  # (ŷ − y)/N
             grads, _ = self._logits_model.backward(params, x, dlogits, key=key, train=train)
         else:
             out = self.model.apply(params, x, key=key, train=train)
+            out, y = losses._checked_inputs(self.loss, out, y)
             dout = LOSS_RULES[self.loss].rule.backward(out, y, one)
             grads, _ = self.model.backward(params, x, dout, key=key, train=train)
         return self._add_penalty_grads(params, grads)

@@ -112,3 +112,23 @@ def test_hand_gradient_keeps_the_parameters_dtype():
         auto = jax.grad(obj.value)(params, X, y)
         jax.tree.map(lambda h, a: np.testing.assert_allclose(np.asarray(h), np.asarray(a), rtol=2e-5, atol=1e-7),
                      hand, auto)
+
+
+def test_hand_grad_checks_its_inputs_as_value_does():
+    # The same errors for the same inputs: never a gradient of out-of-range labels or of broadcast targets.
+    X, y = fg.data.spiral(10, 3, key=0)
+    model = fg.nn.mlp([8, 3], output="softmax")
+    params = model.init(jax.random.key(0), (2,))
+    obj = fg.Objective(model, "categorical_crossentropy")
+    for labels, match in [(y.at[0].set(3), r"labels must lie in \[0, 3\)"), (y[:, None], r"must have shape \(30,\)")]:
+        for f in (obj.value, obj.hand_grad):
+            with pytest.raises(ValueError, match=match):
+                f(params, X, labels)
+    reg = fg.nn.mlp([8, 1], output="linear")
+    rp = reg.init(jax.random.key(0), (2,))
+    for loss in ("mse", "mae"):
+        o = fg.Objective(reg, loss)
+        for target in (X[:, 0], jnp.zeros((1, 1))):
+            for f in (o.value, o.hand_grad):
+                with pytest.raises(ValueError, match="must have the same shape"):
+                    f(rp, X, target)
