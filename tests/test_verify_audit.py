@@ -656,3 +656,50 @@ def test_a_rule_wrong_where_the_primals_plain_autodiff_is_nan_is_blamed():
     report = verify.audit(lambda p: jnp.sum(softplus(p["x"])), {"x": jnp.array([1.5, 280.0, 0.3, -1.0])})
     (row,) = report.rows
     assert row.verdict == "autodiff_wrong" and row.worst_index == (0, 1), report
+
+
+def test_a_rule_inside_shard_map_is_reported_unchecked_not_passed():
+    # funcgrad does not enter shard_map: a rule called only there is undecided, so the report is not ok.
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+
+    @jax.custom_vjp
+    def sq(x):
+        return x * x
+
+    sq.defvjp(lambda x: (x * x, x), lambda x, g: (3.0 * x * g,))  # wrong: 2·x·g
+
+    def fn(p, x):
+        return jnp.sum(jax.shard_map(lambda a, b: sq(a) * b, mesh=mesh, in_specs=(P("x"), P("x")),
+                                     out_specs=P("x"))(p, x))
+
+    report = verify.audit(fn, jnp.linspace(0.1, 1.0, 8), jnp.ones(8))
+    assert not report.ok and [r.rule for r in report.unchecked] == ["sq"], report
+    assert "inside shard_map" in report.unchecked[0].note
+    with pytest.raises(AssertionError, match="could not check sq"):
+        report.assert_ok()
+
+
+def test_a_long_scan_s_outputs_are_stacked_in_order():
+    # 600 iterations (stacked in pieces): a rule after the scan sees each iteration's output at its own index, so
+    # a slip planted at the input value of iteration 555 is found at element 555.
+    @jax.custom_vjp
+    def sn(x):
+        return jnp.sin(x)
+
+    sn.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jnp.cos(x) * jnp.where(x == 1110.0, 1.5, 1.0),))
+
+    @jax.custom_vjp
+    def double(x):  # a correct rule inside the body: the audit walks the scan, iteration by iteration
+        return 2.0 * x
+
+    double.defvjp(lambda x: (2.0 * x, None), lambda _, g: (2.0 * g,))
+
+    def fn(p, xs):
+        _, ys = jax.lax.scan(lambda c, x: (c, double(x) + 0.0 * c), p["c"], xs)
+        return jnp.sum(sn(ys))
+
+    report = verify.audit(fn, {"c": jnp.float32(0.0)}, jnp.arange(600, dtype=jnp.float32))
+    assert rows(report)["double"].ok and rows(report)["double"].seen == 600, report
+    assert not rows(report)["sn"].ok and rows(report)["sn"].worst_index == (0, 555), report

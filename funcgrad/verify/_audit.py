@@ -266,6 +266,7 @@ class _Walker:
         self.excluded: collections.Counter = collections.Counter()
         self.library_rules: collections.Counter = collections.Counter()
         self.unentered: collections.Counter = collections.Counter()  # primitives holding rules, not entered
+        self.unentered_rules: dict[_Rule, str] = {}  # audited rules seen only inside such a primitive: which one
         self._rules: dict[int, _Rule] = {}
         self._holds: dict[int, bool] = {}
         self._compiled: dict[int, Callable] = {}
@@ -306,16 +307,19 @@ class _Walker:
             self._compiled[id(closed)] = jax.jit(jaxpr_as_fun(closed))
         return self._compiled[id(closed)]
 
-    def count(self, jaxpr: Any, times: int) -> None:
-        """Counts the rule calls of a jaxpr run without being walked (``times`` runs of it)."""
+    def count(self, jaxpr: Any, times: int, within: str | None = None) -> None:
+        """Counts the rule calls of a jaxpr run without being walked (``times`` runs of it; ``within``: the
+        primitive funcgrad does not enter that holds it, whose audited rules are then reported unchecked)."""
         for e in jaxpr.eqns:
             if e.primitive.name in _CUSTOM:
                 rule = self.rule(e)
                 self._tally(rule, times)
+                if within is not None and self.audited(rule):
+                    self.unentered_rules.setdefault(rule, within)
             trips = int(e.params.get("length", 1)) if e.primitive.name == "scan" else 1
             for s in _sub(e):
                 if self.holds(s):
-                    self.count(s, times * trips)
+                    self.count(s, times * trips, within)
 
     def _tally(self, rule: _Rule, times: int = 1) -> None:
         if rule.library and not self.library:
@@ -387,7 +391,7 @@ class _Walker:
         """An equation funcgrad does not enter: evaluated whole; the rules inside are counted, not checked."""
         self.unentered[eqn.primitive.name] += 1
         for s in _sub(eqn):
-            self.count(s, 1)
+            self.count(s, 1, within=eqn.primitive.name)
         return _bind(eqn, vals), [any(ts)] * len(eqn.outvars)
 
     def _custom(self, eqn: Any, vals: list, ts: list, where: str, held: tuple[int, ...],
@@ -437,7 +441,7 @@ class _Walker:
             t_ys = [a or b for a, b in zip(t_ys, t_out[n_carry:], strict=True)]
         if p.get("reverse"):
             ys.reverse()
-        stacked = [jnp.stack([y[j] for y in ys]) if ys else jnp.zeros(v.aval.shape, v.aval.dtype)
+        stacked = [_stack([y[j] for y in ys]) if ys else jnp.zeros(v.aval.shape, v.aval.dtype)
                    for j, v in enumerate(eqn.outvars[n_carry:])]
         return [*carry, *stacked], [*t_carry, *t_ys]
 
@@ -467,6 +471,17 @@ class _Walker:
             t_carry = [a or b for a, b in zip(t_carry, t_out, strict=True)]
             i += 1
         return carry, t_carry
+
+
+_STACK = 256  # arrays stacked by one operation: XLA's compile time grows faster than the operand count
+
+
+def _stack(arrays: list) -> Any:
+    """``jnp.stack(arrays)`` in pieces of :data:`_STACK` (each piece's program compiled once, whatever the loop's
+    length), then joined: a scan of 10,000 iterations stacks in a second, not minutes."""
+    if len(arrays) <= _STACK:
+        return jnp.stack(arrays)
+    return jnp.concatenate([jnp.stack(arrays[i : i + _STACK]) for i in range(0, len(arrays), _STACK)])
 
 
 def _scan_layout(p: Any, n_in: int) -> tuple[int, int] | None:
@@ -830,6 +845,12 @@ def audit(
 
     options = {"rtol": rtol, "atol": atol, "mode": mode, "seed": seed, "max_calls": max_calls}
     rows = [_rule_row(rule, calls, walker.seen[rule], options) for rule, calls in walker.calls.items()]
+    # Rules called only inside a primitive funcgrad does not enter (shard_map, pmap): undecided, so not ok.
+    rows += [AuditRow(rule.name, rule.source, rule.kind, 0, walker.seen[rule], Verdict.FD_UNRELIABLE, None, "", None,
+                      None, None, 0.0, 0.0, True,
+                      f"not checked: its calls are inside {prim}, which funcgrad does not enter; audit the model "
+                      f"without {prim} (e.g. the same function on one device) to check this rule")
+             for rule, prim in walker.unentered_rules.items() if rule not in walker.calls]
     notes = _notes(walker)
     env = {**_environment_versions(), "max_calls": max_calls, "library": library, "exclude": sorted(exclude),
            "seed": seed, "mode": mode, "rtol": rtol, "atol": atol}
@@ -902,7 +923,7 @@ def _notes(walker: _Walker) -> list[str]:
     if walker.unentered:
         notes.append("custom rules inside " + ", ".join(sorted(walker.unentered)) + " were counted but not checked: "
                      "funcgrad does not enter these primitives")
-    if not walker.calls:
+    if not walker.calls and not walker.unentered_rules:
         notes.append("fn calls no custom derivative rule that is audited: nothing to check")
     return notes
 
