@@ -566,21 +566,28 @@ def test_a_pallas_forward_that_refuses_vmap_is_differentiated_by_forward_mode(wr
         assert row.worst_index == (0, 1, 2)
 
 
+def stable_softplus(derivative):
+    """A numerically stable softplus (its plain autodiff is NaN at large x, the reason for the rule) whose custom JVP
+    multiplies the tangent by ``derivative(x)``."""
+
+    @jax.custom_jvp
+    def softplus(x):
+        return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(x)))
+
+    @softplus.defjvp
+    def softplus_jvp(primals, tangents):
+        (x,), (t,) = primals, tangents
+        return softplus(x), derivative(x) * t
+
+    return softplus
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_a_nan_in_the_primals_plain_autodiff_does_not_hide_a_wrong_element(seed):
     # A numerically stable softplus: its plain autodiff is NaN at x = 280 (the reason for the rule), and its rule is
     # 30% wrong at x = 1.5. The NaN element is the reference's failure, not the rule's; the wrong one still fails.
     def make(wrong):
-        @jax.custom_jvp
-        def softplus(x):
-            return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(x)))
-
-        @softplus.defjvp
-        def softplus_jvp(primals, tangents):
-            (x,), (t,) = primals, tangents
-            d = jax.nn.sigmoid(x)
-            return softplus(x), (d.at[0].multiply(1.3) if wrong else d) * t
-
+        softplus = stable_softplus(lambda x: jax.nn.sigmoid(x).at[0].multiply(1.3 if wrong else 1.0))
         return lambda p: jnp.sum(softplus(p["x"]))
 
     p = {"x": jnp.array([1.5, 280.0, 0.3, -1.0])}
@@ -644,15 +651,7 @@ def test_fn_returning_a_non_array_and_a_wrt_of_the_wrong_arity_are_named():
 def test_a_rule_wrong_where_the_primals_plain_autodiff_is_nan_is_blamed():
     # The rule gives 0 at x = 280, the plain autodiff NaN, finite differences a confident -0.13·u: the rule is wrong
     # on its own (not a disagreement nobody can be blamed for).
-    @jax.custom_jvp
-    def softplus(x):
-        return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(x)))
-
-    @softplus.defjvp
-    def softplus_jvp(primals, tangents):
-        (x,), (t,) = primals, tangents
-        return softplus(x), jnp.where(x > 100.0, 0.0, jax.nn.sigmoid(x)) * t
-
+    softplus = stable_softplus(lambda x: jnp.where(x > 100.0, 0.0, jax.nn.sigmoid(x)))
     report = verify.audit(lambda p: jnp.sum(softplus(p["x"])), {"x": jnp.array([1.5, 280.0, 0.3, -1.0])})
     (row,) = report.rows
     assert row.verdict == "autodiff_wrong" and row.worst_index == (0, 1), report

@@ -43,11 +43,16 @@ def _vdot_tree(out: Any, cot: Any) -> jax.Array | int:
     return sum(jnp.vdot(o, c) for o, c in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(cot), strict=True))
 
 
+def _not_float(x: Any) -> list:
+    """The leaves of ``x`` that are not floating-point arrays."""
+    return [leaf for leaf in jax.tree_util.tree_leaves(x)
+            if not (_is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.floating))]
+
+
 def _require_floats(diff: Sequence[Any], names: Sequence[str]) -> None:
     """Each differentiated primal a floating-point array, or a pytree of them."""
     for x, name in zip(diff, names, strict=True):
-        bad = [leaf for leaf in jax.tree_util.tree_leaves(x)
-               if not (_is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.floating))]
+        bad = _not_float(x)
         if bad or not jax.tree_util.tree_leaves(x):
             raise TypeError(f"check_vjp: {name} is differentiated, so it must be a floating-point array (or a pytree "
                             f"of them); got {describe(bad[0] if bad else x)}: pass floats (x.astype(jnp.float32)), "
@@ -98,8 +103,7 @@ def check_vjp(
     # Python floats are points to differentiate at; ints, strings and other non-arrays stay static arguments.
     primals = tuple(jnp.asarray(p) if isinstance(p, float) else p for p in primals)
     if argnums is None:
-        argnums = tuple(i for i, p in enumerate(primals) if jax.tree_util.tree_leaves(p) and all(
-            _is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.floating) for leaf in jax.tree_util.tree_leaves(p)))
+        argnums = tuple(i for i, p in enumerate(primals) if jax.tree_util.tree_leaves(p) and not _not_float(p))
     argnums = tuple(argnums)
     if not argnums:
         raise ValueError("check_vjp: no floating primal to differentiate; pass argnums")
