@@ -702,3 +702,125 @@ def test_a_long_scan_s_outputs_are_stacked_in_order():
     report = verify.audit(fn, {"c": jnp.float32(0.0)}, jnp.arange(600, dtype=jnp.float32))
     assert rows(report)["double"].ok and rows(report)["double"].seen == 600, report
     assert not rows(report)["sn"].ok and rows(report)["sn"].worst_index == (0, 555), report
+
+
+# ---- a rule's forward against its primal -------------------------------------------------------------------
+
+
+def _square_rules(offset):
+    """x² as a custom_vjp and as a custom_jvp whose derivatives are right (2x) but whose forward returns
+    x² + offset under differentiation."""
+
+    @jax.custom_vjp
+    def sq_vjp(x):
+        return x * x
+
+    sq_vjp.defvjp(lambda x: (x * x + offset, x), lambda x, g: (2 * x * g,))
+
+    @jax.custom_jvp
+    def sq_jvp(x):
+        return x * x
+
+    @sq_jvp.defjvp
+    def _(primals, tangents):
+        (x,), (t,) = primals, tangents
+        return x * x + offset, 2 * x * t
+
+    return sq_vjp, sq_jvp
+
+
+@pytest.mark.parametrize("kind", ["custom_vjp", "custom_jvp"])
+def test_a_rule_whose_forward_returns_another_primal_output_fails(kind):
+    # Under jax.grad the model computes on from the forward's value: sin(x² + 0.5) instead of sin(x²), so the
+    # model's gradient is wrong although the rule's own derivative (2x) is right.
+    x = jnp.linspace(0.2, 1.0, 4)
+    true = np.cos(np.asarray(x, np.float64) ** 2) * 2 * np.asarray(x, np.float64)
+    for offset, ok in ((0.5, False), (0.0, True)):
+        rule = dict(zip(["custom_vjp", "custom_jvp"], _square_rules(offset), strict=True))[kind]
+
+        def fn(p, rule=rule):
+            return jnp.sum(jnp.sin(rule(p)))
+
+        assert np.allclose(jax.grad(fn)(x), true, rtol=1e-5) == ok  # the premise, from the formula
+        report = verify.audit(jax.jit(fn), x)
+        row = report.rows[0]
+        assert row.ok == ok and report.ok == ok, report
+        assert ("another primal output" in row.note) == (not ok), row.note
+        if not ok:
+            assert row.verdict == verify.Verdict.AUTODIFF_WRONG and "output 0 at [" in row.note
+
+
+def test_check_grad_centres_its_finite_differences_on_fn_s_own_value():
+    # The same forward, inside check_grad's fn: autodiff's gradient is sin's derivative at x² + 0.5. Finite
+    # differences of fn are centred on fn's plain value (not the value under differentiation), so autodiff is
+    # blamed; it used to be "singular" (the one-sided quotients against the wrong centre grew without bound).
+    x = jnp.linspace(0.2, 1.0, 4)
+    true = np.cos(np.asarray(x, np.float64) ** 2) * 2 * np.asarray(x, np.float64)
+    for rule in _square_rules(0.5):
+        report = verify.check_grad(lambda p, rule=rule: jnp.sum(jnp.sin(rule(p))), x,
+                                   hand=lambda p: jnp.cos(p**2) * 2 * p)
+        assert report.verdict == verify.Verdict.AUTODIFF_WRONG, report
+        assert np.allclose(report.rows[0].numeric, true[list(report.rows[0].worst_index)], rtol=1e-6)
+        assert any("under differentiation" in n for n in report.notes), report.notes
+    ok = verify.check_grad(lambda p: jnp.sum(jnp.sin(_square_rules(0.0)[0](p))), x)
+    assert ok.ok and not any("under differentiation" in n for n in ok.notes), ok
+
+
+@pytest.mark.parametrize("loop", ["scan", "while"])
+def test_a_rule_called_only_at_an_iteration_the_sampling_skips_is_checked(loop):
+    # A 20-step loop whose step 4 takes another branch (a warm-up step): its rule, wrong by 3×, is called once,
+    # at an iteration that the even sampling (8 of 20) does not walk. A third rule sits in a branch never taken.
+    @jax.custom_vjp
+    def good(x):
+        return jnp.tanh(x)
+
+    good.defvjp(lambda x: (jnp.tanh(x), x), lambda x, g: ((1 - jnp.tanh(x) ** 2) * g,))
+
+    @jax.custom_vjp
+    def warmup(x):
+        return jnp.sin(x)
+
+    warmup.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (3.0 * jnp.cos(x) * g,))  # wrong: cos(x)·g
+
+    @jax.custom_vjp
+    def never(x):
+        return jnp.cos(x)
+
+    never.defvjp(lambda x: (jnp.cos(x), x), lambda x, g: (jnp.sin(x) * g,))  # wrong too, but never called
+
+    def step(c, i):
+        return jax.lax.switch(jnp.where(i == 4, 1, jnp.where(i < 0, 2, 0)), [good, warmup, never], c)
+
+    def fn(p):
+        if loop == "scan":
+            return jnp.sum(jax.lax.scan(lambda c, i: (step(c, i), None), p, jnp.arange(20))[0])
+        return jnp.sum(jax.lax.fori_loop(0, jnp.int32(20) + 0 * jnp.int32(p[0]), lambda i, c: step(c, i), p))
+
+    report = verify.audit(jax.jit(fn), jnp.linspace(0.2, 1.0, 4))
+    got = rows(report)
+    assert set(got) == {"good", "warmup"}, report  # `never` is never called: no row
+    assert got["good"].ok and (got["good"].calls, got["good"].seen) == (8, 19), report
+    assert got["warmup"].verdict == verify.Verdict.AUTODIFF_WRONG and got["warmup"].seen == 1, report
+    assert "iteration 4" in got["warmup"].where, got["warmup"]
+
+
+def test_a_jax_custom_gradient_rule_is_the_user_s_and_is_checked():
+    # custom_gradient's primal is a JAX wrapper (wrapped_fun): the rule was filed as JAX's own and skipped.
+    @jax.custom_gradient
+    def my_sin(x):
+        return jnp.sin(x), lambda g: g * jnp.cos(x) * 1.3  # wrong: 1.3·cos
+
+    report = verify.audit(jax.jit(lambda p: jnp.sum(my_sin(p))), jnp.linspace(0.2, 1.0, 4))
+    assert [r.rule for r in report.rows] == ["my_sin"] and not report.ok, report
+    assert report.rows[0].verdict == verify.Verdict.AUTODIFF_WRONG
+
+
+def test_a_rule_on_complex_values_is_unchecked_not_ok():
+    @jax.custom_vjp
+    def phase(x):
+        return jnp.exp(1j * x)
+
+    phase.defvjp(lambda x: (jnp.exp(1j * x), x), lambda x, g: (2.0 * jnp.real(g * jnp.conj(1j * jnp.exp(1j * x))),))
+    report = verify.audit(lambda p: jnp.sum(jnp.real(phase(p))), jnp.linspace(0.2, 1.0, 4))
+    assert not report.ok and [r.rule for r in report.unchecked] == ["phase"], report
+    assert "complex" in report.unchecked[0].note

@@ -676,3 +676,24 @@ def test_check_vjp_and_check_chain_name_their_own_arguments():
             verify.check_vjp(lambda x: 2 * x, lambda x, d: 2 * d, x, cotangents=n)
     assert verify.check_vjp(lambda x: 2 * x, lambda x, d: 2 * d, x, seed=-1).ok
     assert verify.check_chain([("double", lambda x: x * 2.0, lambda x, d: 2 * d)], x, seed=-1).ok
+
+
+def test_a_python_float_beside_arrays_is_held_fixed_as_equinox_holds_it():
+    # eqx.nn.Dropout keeps p as a Python float (and stop_gradients it): a hyperparameter, not a parameter.
+    class Model(eqx.Module):
+        lin: eqx.nn.Linear
+        drop: eqx.nn.Dropout
+
+        def __call__(self, x, key):
+            return self.drop(jnp.tanh(self.lin(x)), key=key)
+
+    m = Model(eqx.nn.Linear(4, 8, key=jax.random.key(0)), eqx.nn.Dropout(0.5))
+    X = jax.random.normal(jax.random.key(1), (16, 4))
+
+    def loss(m, X, key):
+        return jnp.mean(jax.vmap(m)(X, jax.random.split(key, X.shape[0])) ** 2)
+
+    report = verify.check_grad(loss, m, X, jax.random.key(2), hand=eqx.filter_grad(loss))
+    assert report.ok and [r.path for r in report.rows] == [".lin.weight", ".lin.bias"], report
+    assert verify.check_grad(lambda w: w["a"] ** 3, {"a": 2.0}, hand=lambda w: {"a": 3 * w["a"] ** 2}).ok
+

@@ -38,12 +38,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.core import Literal, jaxpr_as_fun
+from jax.extend.core import ClosedJaxpr, Literal, jaxpr_as_fun
 
 from funcgrad._checks import describe, in_range
 from funcgrad.verify._compiled import _sub_jaxprs as _sub
+from funcgrad.verify._fd import _default_rtol
 from funcgrad.verify._grad import _check_grad_impl, _environment_versions
-from funcgrad.verify._inputs import _wrt_mask
+from funcgrad.verify._inputs import _isolating, _wrt_mask
 from funcgrad.verify._report import _FAILING, AuditReport, AuditRow, GradReport, Row, Verdict, _combine_verdicts
 
 _CUSTOM = {"custom_vjp_call": "custom_vjp", "custom_vjp_call_jaxpr": "custom_vjp", "custom_jvp_call": "custom_jvp"}
@@ -187,6 +188,9 @@ def _identify(eqn: Any) -> _Rule:
     holder = eqn.params.get("bwd") if kind == "custom_vjp" else eqn.params.get(
         "jvp_jaxpr_fun", eqn.params.get("jvp_jaxpr_thunk"))
     user = _user_function(holder)
+    if user is None and kind == "custom_vjp":  # jax.custom_gradient: the user's function is inside the forward
+        user = next((u for k in ("fwd", "fwd_jaxpr_thunk") if (u := _user_function(eqn.params.get(k))) is not None),
+                    None)
     if user is not None and kind == "custom_jvp":
         user = _primal_of(user) or user
     frame = _primal_frame(eqn) if user is not None else None  # (a rule of the user's; named after its primal)
@@ -269,6 +273,8 @@ class _Walker:
         self.unentered_rules: dict[_Rule, str] = {}  # audited rules seen only inside such a primitive: which one
         self._rules: dict[int, _Rule] = {}
         self._holds: dict[int, bool] = {}
+        self._within: dict[int, set] = {}
+        self._branching: dict[int, tuple[Callable, list] | None] = {}
         self._compiled: dict[int, Callable] = {}
         self._keep: list = []  # keeps the objects whose ids key the caches alive
         self._sites: list[str] = []  # the call sites of the equations entered, innermost last
@@ -307,9 +313,11 @@ class _Walker:
             self._compiled[id(closed)] = jax.jit(jaxpr_as_fun(closed))
         return self._compiled[id(closed)]
 
-    def count(self, jaxpr: Any, times: int, within: str | None = None) -> None:
+    def count(self, jaxpr: Any, times: int, within: str | None = None, taken: dict | None = None) -> None:
         """Counts the rule calls of a jaxpr run without being walked (``times`` runs of it; ``within``: the
-        primitive funcgrad does not enter that holds it, whose audited rules are then reported unchecked)."""
+        primitive funcgrad does not enter that holds it, whose audited rules are then reported unchecked;
+        ``taken``: the branch each of some of its conds took, by the cond's id; every branch of the others is
+        counted, an upper bound)."""
         for e in jaxpr.eqns:
             if e.primitive.name in _CUSTOM:
                 rule = self.rule(e)
@@ -317,9 +325,64 @@ class _Walker:
                 if within is not None and self.audited(rule):
                     self.unentered_rules.setdefault(rule, within)
             trips = int(e.params.get("length", 1)) if e.primitive.name == "scan" else 1
-            for s in _sub(e):
+            subs = [e.params["branches"][taken[id(e)]].jaxpr] if taken and id(e) in taken else _sub(e)
+            for s in subs:
                 if self.holds(s):
                     self.count(s, times * trips, within)
+
+    def rules_in(self, jaxpr: Any) -> set:
+        """The rules a jaxpr calls, at any depth."""
+        if id(jaxpr) not in self._within:
+            self._keep.append(jaxpr)
+            found: set = set()
+            for e in jaxpr.eqns:
+                if e.primitive.name in _CUSTOM:
+                    found.add(self.rule(e))
+                for s in _sub(e):
+                    if self.holds(s):
+                        found |= self.rules_in(s)
+            self._within[id(jaxpr)] = found
+        return self._within[id(jaxpr)]
+
+    def branching(self, body: Any) -> tuple[Callable, list] | None:
+        """For a loop body whose conds (at its top level) hold rules: the body compiled to return, after its own
+        outputs, the branch index of each such cond, and those conds; None when it has none."""
+        if id(body) not in self._branching:
+            self._keep.append(body)
+            conds = [e for e in body.jaxpr.eqns if e.primitive.name == "cond"
+                     and any(self.holds(b.jaxpr) for b in e.params["branches"])]
+            probe = None
+            if conds:
+                info = body.jaxpr.debug_info
+                info = info.with_unknown_names() if hasattr(info, "with_unknown_names") else info
+                with contextlib.suppress(Exception):  # (a JAX whose jaxprs cannot be so extended: every branch counted)
+                    jx = body.jaxpr.replace(outvars=[*body.jaxpr.outvars, *(e.invars[0] for e in conds)],
+                                            debug_info=info)
+                    probe = (jax.jit(jaxpr_as_fun(ClosedJaxpr(jx, body.consts))), conds)
+            self._branching[id(body)] = probe
+        return self._branching[id(body)]
+
+    def unwalked(self, body: Any, args: list) -> list | None:
+        """A loop iteration the sampling skips: evaluated compiled and its rule calls counted (the branches its
+        conds took, where known). None when a cond there takes a branch holding an audited rule that no call has
+        been recorded for yet: that iteration is then walked, so that a rule called only at some iterations (a
+        warm-up step) is checked rather than skipped."""
+        probe = self.branching(body)
+        if probe is None:
+            out = list(self.compiled(body)(*args))
+            self.count(body.jaxpr, 1)
+            return out
+        run, conds = probe
+        res = list(run(*args))
+        n = len(res) - len(conds)
+        taken = {id(e): int(np.clip(int(i), 0, len(e.params["branches"]) - 1)) for e, i in zip(conds, res[n:],
+                                                                                             strict=True)}
+        for e in conds:
+            if any(self.audited(r) and not self.calls.get(r)
+                   for r in self.rules_in(e.params["branches"][taken[id(e)]].jaxpr)):
+                return None
+        self.count(body.jaxpr, 1, taken=taken)
+        return res[:n]
 
     def _tally(self, rule: _Rule, times: int = 1) -> None:
         if rule.library and not self.library:
@@ -429,13 +492,12 @@ class _Walker:
         t_ys = [False] * (len(eqn.outvars) - n_carry)
         for i in (reversed(range(length)) if p.get("reverse") else range(length)):
             x_i = [x[i] for x in xs]
-            if i in walk:
+            out = None if i in walk else self.unwalked(body, [*consts, *carry, *x_i])
+            if out is None:
                 out, t_out = self.run(body.jaxpr, body.consts, [*consts, *carry, *x_i], [*t_consts, *t_carry, *t_xs],
                                       _join(where, f"scan iteration {i}"))
             else:
-                out = list(self.compiled(body)(*consts, *carry, *x_i))
                 t_out = [any(t_consts) or any(t_carry) or any(t_xs)] * len(out)
-                self.count(body.jaxpr, 1)
             carry, t_carry = out[:n_carry], [a or b for a, b in zip(t_carry, t_out[:n_carry], strict=True)]
             ys.append(out[n_carry:])
             t_ys = [a or b for a, b in zip(t_ys, t_out[n_carry:], strict=True)]
@@ -461,13 +523,12 @@ class _Walker:
         walk = self._sample(trips)
         i = 0
         while bool(cond(*cc, *carry)[0]):
-            if i in walk:
+            out = None if i in walk else self.unwalked(body, [*bc, *carry])
+            if out is None:
                 carry, t_out = self.run(body.jaxpr, body.consts, [*bc, *carry], [*t_bc, *t_carry],
                                         _join(where, f"while iteration {i}"))
             else:
-                carry = list(self.compiled(body)(*bc, *carry))
-                t_out = [any(t_bc) or any(t_carry)] * len(carry)
-                self.count(body.jaxpr, 1)
+                carry, t_out = out, [any(t_bc) or any(t_carry)] * len(out)
             t_carry = [a or b for a, b in zip(t_carry, t_out, strict=True)]
             i += 1
         return carry, t_carry
@@ -694,24 +755,71 @@ def _differentiable(eqn: Any, call: _Call, diff_pos: tuple[int, ...],
     return (ok if works(ok) is None else ()), note, ""
 
 
-def _check_call(call: _Call, k: int, scalars: dict, options: dict) -> tuple[GradReport | None, tuple[int, ...], str]:
-    """check_grad of one call: the report, the rule's input number of each report row, and a note when the
-    call could not be checked."""
+def _forward_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple[int, ...]) -> str:
+    """Where the rule's primal output under differentiation (what its ``fwd``, or its JVP rule, returns) differs
+    from its primal function's at this call, beyond the output dtype's tolerance: a description, else "". Under
+    ``jax.grad`` the model then computes on from the rule's value, so its value and gradient are another
+    function's, even when the rule's derivative matches the primal's. Output elements the primal does not give
+    finite are not compared (a stable forward where the plain formula overflows is the reason for a rule)."""
+    n_c = int(eqn.params.get("num_consts", 0))
+    ins = list(call.inputs)
+
+    def outs(*d: Any) -> list:
+        xs = list(ins)
+        for i, x in zip(diff_pos, d, strict=True):
+            xs[n_c + i] = x
+        res = _bind(eqn, xs)
+        return [res[j] for j in float_outs]
+
+    try:
+        under = jax.vjp(outs, *(ins[n_c + i] for i in diff_pos))[0]
+        plain = outs(*(ins[n_c + i] for i in diff_pos))
+    except Exception:  # noqa: BLE001 - a rule that fails here fails its derivative's check, which says why
+        return ""
+    for j, u, p in zip(float_outs, under, plain, strict=True):
+        p64, u64 = np.asarray(p, np.float64), np.asarray(u, np.float64)
+        fin = np.isfinite(p64)
+        if not fin.any():
+            continue
+        rtol = _default_rtol(float(jnp.finfo(eqn.outvars[j].aval.dtype).eps))
+        scale = float(np.max(np.abs(p64[fin])))
+        with np.errstate(invalid="ignore"):
+            gap = np.where(fin, np.abs(u64 - p64), 0.0)
+            bad = fin & ~(gap <= rtol * (np.abs(p64) + scale))
+        if bad.any():
+            at = np.unravel_index(int(np.argmax(np.where(bad, np.nan_to_num(gap, nan=np.inf), -1.0))), p64.shape)
+            return (f"under differentiation the rule's forward returns another primal output than its primal function: "
+                    f"output {j} at {[int(i) for i in at]} is {u64[at]:.6g} there, {p64[at]:.6g} from the primal "
+                    f"({int(bad.sum())} of {bad.size} element(s) differ); jax.grad through the rule then computes "
+                    "from the wrong value")
+    return ""
+
+
+def _check_call(call: _Call, k: int, scalars: dict,
+                options: dict) -> tuple[GradReport | None, tuple[int, ...], str, str]:
+    """check_grad of one call: the report, the rule's input number of each report row, a note when the call
+    could not be checked, and where the rule's forward differs from its primal (see :func:`_forward_gap`)."""
     eqn = call.eqn
     n_c = int(eqn.params.get("num_consts", 0))
     user_inputs = call.inputs[n_c:]
     diff_pos = tuple(i for i, x in enumerate(user_inputs)
                      if jnp.issubdtype(jnp.result_type(x), jnp.floating) and np.size(x) > 0 and i not in call.held)
     float_outs = tuple(j for j, v in enumerate(eqn.outvars) if jnp.issubdtype(v.aval.dtype, jnp.floating))
+    complex_io = [f"input {i}" for i, x in enumerate(user_inputs)
+                  if jnp.issubdtype(jnp.result_type(x), jnp.complexfloating) and i not in call.held]
+    complex_io += [f"output {j}" for j, v in enumerate(eqn.outvars) if jnp.issubdtype(v.aval.dtype, jnp.complexfloating)]
+    if complex_io:  # undecided, not "nothing to differentiate": a complex rule's derivative is not checked here
+        return None, (), (f"not checked at this call: {', '.join(complex_io)} complex; funcgrad checks real "
+                          "derivatives only"), ""
     if not diff_pos or not float_outs:
-        return None, (), _NOTHING + "no floating-point " + ("input" if not diff_pos else "output")
+        return None, (), _NOTHING + "no floating-point " + ("input" if not diff_pos else "output"), ""
     if (id(eqn), "inputs") not in scalars:
         scalars[id(eqn), "inputs"] = _differentiable(eqn, call, diff_pos, float_outs)
     diff_pos, refused, broken = scalars[id(eqn), "inputs"]
     if broken:
-        return None, (), _BROKEN + broken
+        return None, (), _BROKEN + broken, ""
     if not diff_pos:
-        return None, (), refused
+        return None, (), refused, ""
     key = (id(eqn), diff_pos)
     if key not in scalars:
         scalars[key] = _scalars(eqn, call, diff_pos, float_outs)
@@ -721,11 +829,11 @@ def _check_call(call: _Call, k: int, scalars: dict, options: dict) -> tuple[Grad
         extra, diff, out_masks, partial = _extra(eqn, call, diff_pos, float_outs,
                                                  np.random.default_rng([options["seed"] % 2**32, k]))
     except Exception as e:  # noqa: BLE001 - the rule's primal failing on its own inputs: reported, not raised
-        return None, (), f"could not be checked at this call ({_error(e)})"
+        return None, (), f"could not be checked at this call ({_error(e)})", ""
     if not any(m.any() for m in out_masks):
-        return None, (), _NOTHING + "no output element is finite at this call"
+        return None, (), _NOTHING + "no output element is finite at this call", ""
     if not any(m.any() for m, _ in extra[1]):
-        return None, (), _NOTHING + "no input element is finite at this call"
+        return None, (), _NOTHING + "no input element is finite at this call", ""
     s = scalars[key]._replace(note="; ".join(n for n in (scalars[key].note, refused, held, partial) if n))
     fixed = tuple(call.inputs[i] for i in range(len(call.inputs)) if i - n_c not in diff_pos)
     try:
@@ -734,13 +842,13 @@ def _check_call(call: _Call, k: int, scalars: dict, options: dict) -> tuple[Grad
                                   seed=options["seed"] + k, reuse=True, hand_reference=True)
     except Exception as e:  # noqa: BLE001 - the user's rule failing under check_grad: reported, not raised
         if _defect(e):
-            return None, (), _BROKEN + _error(e)
+            return None, (), _BROKEN + _error(e), ""
         if isinstance(e, jax.errors.UnexpectedTracerError):
             return None, (), ("could not be checked at this call: the rule's derivative closes over a value traced "
                               "inside fn (a parameter, say), so it cannot be evaluated outside fn's own trace; pass "
-                              "that value to the rule as an argument (or use jax.closure_convert) to have it checked")
-        return None, (), f"could not be checked at this call ({_error(e)})"
-    return report, diff_pos, s.note
+                              "that value to the rule as an argument (or use jax.closure_convert) to have it checked"), ""
+        return None, (), f"could not be checked at this call ({_error(e)})", ""
+    return report, diff_pos, s.note, _forward_gap(eqn, call, diff_pos, float_outs)
 
 
 def _as_rule_verdict(row: Row) -> tuple[Verdict, str]:
@@ -759,6 +867,7 @@ def _as_rule_verdict(row: Row) -> tuple[Verdict, str]:
 # ---- the audit ------------------------------------------------------------------------------------------------
 
 
+@_isolating
 def audit(
     fn: Callable[..., Any],
     params: Any,
@@ -851,6 +960,13 @@ def audit(
                       f"not checked: its calls are inside {prim}, which funcgrad does not enter; audit the model "
                       f"without {prim} (e.g. the same function on one device) to check this rule")
              for rule, prim in walker.unentered_rules.items() if rule not in walker.calls]
+    # Rules called only at loop iterations the sampling skipped (a cond taken at one iteration): undecided too.
+    rows += [AuditRow(rule.name, rule.source, rule.kind, 0, n, Verdict.FD_UNRELIABLE, None, "", None, None, None,
+                      0.0, 0.0, True,
+                      f"not checked: called at most {n} time(s), only at loop iterations the sampling skipped "
+                      f"(max_calls={max_calls} iterations walked per loop); audit with max_calls at least the loop's "
+                      "length to check it")
+             for rule, n in walker.seen.items() if rule not in walker.calls and rule not in walker.unentered_rules]
     notes = _notes(walker)
     env = {**_environment_versions(), "max_calls": max_calls, "library": library, "exclude": sorted(exclude),
            "seed": seed, "mode": mode, "rtol": rtol, "atol": atol}
@@ -865,9 +981,12 @@ def _rule_row(rule: _Rule, calls: list[_Call], seen: int, options: dict) -> Audi
     scalars: dict = {}
     results = []  # (verdict, row, input number, call, note)
     skipped = []
+    gaps = []  # (call, where the rule's forward differs from its primal)
     for k in pick:
         call = calls[int(k)]
-        report, diff_pos, note = _check_call(call, int(k), scalars, options)
+        report, diff_pos, note, gap = _check_call(call, int(k), scalars, options)
+        if gap:
+            gaps.append((call, gap))
         if report is None:
             skipped.append(f"{_call_name(call)}: {note}")
             continue
@@ -899,6 +1018,13 @@ def _rule_row(rule: _Rule, calls: list[_Call], seen: int, options: dict) -> Audi
     note = why if v != Verdict.OK or why else ""
     if skipped:
         note = "; ".join([n for n in (note,) if n] + [f"{len(skipped)} call(s) not checked ({skipped[0]})"])
+    if gaps:
+        forward = f"{gaps[0][1]} (at {len(gaps)} of {checked} call(s) checked)"
+        if verdict not in _FAILING:  # the derivative itself matches: the row is the forward's
+            return AuditRow(rule.name, rule.source, rule.kind, checked, seen, Verdict.AUTODIFF_WRONG, None,
+                            _call_name(gaps[0][0]), None, None, None, 0.0, 0.0, on_path,
+                            "; ".join(n for n in (forward, note) if n))
+        note = f"{note}; also, at {_call_name(gaps[0][0])}, {forward}"
     return AuditRow(rule.name, rule.source, rule.kind, checked, seen, verdict, index, _call_name(call), r.autodiff,
                     r.hand, r.numeric, r.max_abs_err, r.max_rel_err, on_path, note)
 

@@ -30,6 +30,7 @@ from funcgrad.verify._inputs import (
     _main_output,
     _needs_eager,
     _UserTypeError,
+    _x64,
 )
 
 # Budget for coordinate-wise finite differences in mode="auto": about this many flops in total.
@@ -63,12 +64,13 @@ class _ProbeOut(NamedTuple):
     per-element tolerances, the support of the random directions and the parameters in float64 are cheap to
     recompute where needed, and the finite differences run in a program of their own (:func:`_items_jit`)."""
 
-    f0: Any  # fn at the parameters (float64)
+    f0: Any  # fn at the parameters (float64), evaluated plainly, as the finite differences evaluate it
     a: Any  # autodiff gradient: a flat float64 array per leaf
     h: Any  # hand gradient likewise, or None without a hand (checked against finite differences only)
     leaf_max: Any  # per leaf: the largest max(|a|, |h|) over the elements where both are finite (0 if none)
     items: _Items  # the planned elements, then the random directions
     P: Any  # (directions, 3): each random direction dotted with autodiff, hand, and the aggregated tolerance
+    f_ad: Any = None  # fn's value as reverse mode computes it (a custom rule's forward can make it differ from f0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -439,11 +441,16 @@ def _probe(params, dyn, h_given, exact_idx, seed, h0, rtol, atol, eps, *, fn, ha
     theta = [jnp.asarray(x).astype(jnp.float64) for x in params]
     f = _leaf_fn(fn, layout, args)
     if plan.reverse:
-        f0, a = jax.value_and_grad(f)(theta)
+        f_ad, a = jax.value_and_grad(f)(theta)
         a = [x.reshape(-1) for x in a]
+        # The finite differences evaluate fn plainly: their centre must too. Under differentiation a custom rule's
+        # forward (a custom_vjp's fwd, a custom_jvp's rule) gives the value instead, which a wrong rule changes;
+        # without custom rules XLA computes the two once.
+        f0 = f(theta)
     else:
         f0, g = _value_and_grad(lambda th: f(_split(layout, th)), layout.ravel(params, jnp.float64), False)
         a = _split(layout, g)
+        f_ad = f0
     if hand is not None:
         h = [jnp.ravel(x).astype(jnp.float64) for x in jax.tree_util.tree_leaves(hand(_unflat(layout, theta), *args))]
     elif h_given is not None:
@@ -481,7 +488,7 @@ def _probe(params, dyn, h_given, exact_idx, seed, h0, rtol, atol, eps, *, fn, ha
     proj = [_project(seed, j, layout.offsets[i], layout.offsets[i] + layout.sizes[i], layout.offsets[i], a[i], hs[i],
                      leaf_max[i], gmax, rtol, atol, eps) for i, j in zip(d_leaf, d_j, strict=True)]
     P = jnp.stack(proj) if proj else jnp.zeros((0, 3), jnp.float64)
-    return _ProbeOut(f0, a, h, leaf_max, items, P)
+    return _ProbeOut(f0, a, h, leaf_max, items, P, f_ad)
 
 
 def _dir_items(plan: _Plan) -> tuple[list[int], list[int]]:
@@ -561,7 +568,7 @@ def _static_facts(bound: _Bound, layout: _Layout, spec, param_dtypes, dyn_sig, x
                 raise
             hand_eager = _first_line(e)
     notes = []
-    with jax.enable_x64(True):
+    with _x64(True):
         theta_s = jax.ShapeDtypeStruct((layout.n,), jnp.float64)
         keep = _n_consts(spec)
         dyn_s = [jax.ShapeDtypeStruct(d.shape, _dtype64(d.dtype) if i < len(dyn) - keep else d.dtype)

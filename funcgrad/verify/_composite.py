@@ -17,7 +17,7 @@ import numpy as np
 from funcgrad._checks import describe, is_tracer
 from funcgrad.verify._fd import _default_rtol
 from funcgrad.verify._grad import _check_grad_impl, check_grad
-from funcgrad.verify._inputs import _first_line, _host_tree, _is_array, _needs_eager, _UserValueError
+from funcgrad.verify._inputs import _first_line, _host_tree, _is_array, _isolating, _needs_eager, _UserValueError
 from funcgrad.verify._report import ChainReport, GradReport, Verdict, _merge, _rename_rows
 
 
@@ -78,6 +78,7 @@ def _check_counts(who: str, seed: Any, cotangents: Any) -> None:
                          f"got {describe(cotangents) if not isinstance(cotangents, (int, np.integer)) else cotangents}")
 
 
+@_isolating
 def check_vjp(
     fn: Callable[..., Any],
     hand_vjp: Callable[..., Any],
@@ -156,6 +157,7 @@ def check_vjp(
     return _merge(reports, f"check_vjp({getattr(fn, '__name__', 'fn')})")
 
 
+@_isolating
 def check_jacobian(
     fn: Callable[[jax.Array], jax.Array],
     x: Any,
@@ -241,6 +243,7 @@ def _autodiff_jacobian_notes(fn: Callable[[jax.Array], jax.Array], x: jax.Array)
     return notes
 
 
+@_isolating
 def check_chain(
     stages: Sequence[tuple],
     x: Any,

@@ -56,11 +56,13 @@ from funcgrad.verify._inputs import (
     _fresh,
     _host,
     _host_tree,
+    _isolating,
     _Layout,
     _select,
     _split_args,
     _UserTypeError,
     _UserValueError,
+    _x64,
 )
 from funcgrad.verify._report import _BLAMES, _FAILING, _LIST, GradReport, Row, Verdict, _combine_verdicts, _err_key
 from funcgrad.verify._traced import trace_pair
@@ -441,6 +443,7 @@ class _Engine:
         return self.ladder(_Items(flat, zeros, zeros, zeros, steps), self.values(flat)[2])
 
 
+@_isolating
 def check_grad(
     fn: Callable[..., Any],
     params: Any,
@@ -680,7 +683,7 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
     perturbation."""
     layout = prep.layout
     user = prep.user_dtypes != ["float64"]
-    with jax.enable_x64(True):
+    with _x64(True):
         # Finite differences carry the rounding of the lowest precision fn computes in, or of its output.
         eps_f = max(float(jnp.finfo(facts.out64).eps), float(jnp.finfo(facts.inner64).eps))
         # Analytic tolerances follow the precision the gradients are computed in; the finite differences'
@@ -721,9 +724,15 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
         res = res._replace(a=None, h=None)  # the host's views above are the only references left
         f0 = float(res.f0)
         _check_value(f0)
+        f_ad = float(res.f_ad)
+        if (math.isfinite(f0) or math.isfinite(f_ad)) and not math.isclose(f_ad, f0, rel_tol=rtol_eff):
+            notes.append(f"fn's value under differentiation ({f_ad:.9g}, as jax.value_and_grad gives it) differs from "
+                         f"its value ({f0:.9g}): a custom rule's forward (a custom_vjp's fwd, a custom_jvp's rule) "
+                         "returns another primal output than its function, so the gradient autodiff gives belongs to "
+                         "another function; verify.audit(fn, params, *args) names the rule")
         a_user = None
         if user:  # at the caller's x64 setting, as the user's code runs
-            with jax.enable_x64(prep.x64):
+            with _x64(prep.x64):
                 value_u, grad_u = _user_grad(prep.dleaves, prep.dyn, fn=prep.bound.value, layout=layout,
                                              dtypes=prep.dtypes, args_spec=prep.spec, reverse=facts.reverse)
             a_user = [np.asarray(x) for x in grad_u]
@@ -745,7 +754,7 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
         del a
         if a_user is not None and h is not None:
             if h_user is None:
-                with jax.enable_x64(prep.x64):
+                with _x64(prep.x64):
                     h_user = [np.asarray(x) for x in _user_hand(prep.dleaves, prep.dyn, hand=prep.bound.grad,
                                                                 layout=layout, args_spec=prep.spec)]
             engine.user_side("hand", h_user, h)

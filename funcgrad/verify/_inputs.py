@@ -5,10 +5,13 @@ they raise."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -17,6 +20,56 @@ import numpy as np
 
 from funcgrad._checks import check_finite_tree, describe, is_tracer
 from funcgrad.verify._report import _LIST
+
+# ---- 64-bit scopes -----------------------------------------------------------------------------------------
+# JAX caches what it makes of a NumPy array a function closes over (the array of the dropout mask the book draws
+# with np.random.binomial, say) without the x64 setting in the key: once fn has been traced at one setting, a
+# trace at the other reuses that dtype (a float32 mask in the float64 check: "lax.mul requires arguments to have
+# the same dtypes"), and the cached float64 copy leaks into the user's own 32-bit programs afterwards. A check
+# that fails so runs again with JAX's caches cleared at every change of the setting (see _isolating).
+_ISOLATE: contextvars.ContextVar[bool] = contextvars.ContextVar("funcgrad_isolate_x64", default=False)
+_DTYPE_CLASH = re.compile(r"same dtypes|verifier error|ProgramInputMismatch|evaluated in float64|"
+                          r"(float|int)(32|64)\b.{0,40}\b(float|int)(32|64)")
+
+
+@contextlib.contextmanager
+def _x64(on: bool) -> Iterator[None]:
+    """``jax.enable_x64(on)``; in an isolated check, with JAX's caches cleared on entering and on leaving."""
+    isolate = _ISOLATE.get()
+    if isolate:
+        jax.clear_caches()
+    try:
+        with jax.enable_x64(on):
+            yield
+    finally:
+        if isolate:
+            jax.clear_caches()
+
+
+def _isolating(check: Callable) -> Callable:
+    """A check that, when it fails with a clash of 32- and 64-bit dtypes, runs once more isolated: JAX's caches
+    cleared at every change of the x64 setting, and once more at the end so that nothing of the check's
+    64-bit traces is left for the user's programs (which recompile once)."""
+
+    @functools.wraps(check)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if _ISOLATE.get():
+            return check(*args, **kwargs)
+        try:
+            return check(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - re-raised unless it is the clash
+            text = " ".join([str(e), *getattr(e, "__notes__", ())])
+            if not _DTYPE_CLASH.search(text):
+                raise
+        token = _ISOLATE.set(True)
+        try:
+            jax.clear_caches()
+            return check(*args, **kwargs)
+        finally:
+            jax.clear_caches()
+            _ISOLATE.reset(token)
+
+    return run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +165,8 @@ def _wrt_mask(params: Any, wrt: Any, n: int, who: str = "check_grad") -> list[bo
     except (ValueError, TypeError) as e:
         raise ValueError(
             f"{who}: wrt must be a predicate (leaf -> bool) or a pytree of bools with the structure of params "
-            f"(or a prefix of it, as in equinox.partition); it does not match params: {str(e).splitlines()[0]}"
+            f"(or a prefix of it, as in equinox.partition); it does not match params: "
+            + " ".join(x.strip() for x in str(e).splitlines() if x.strip())[:600]
         ) from None
     bad = [describe(m) for m in mask if not isinstance(m, (bool, np.bool_))]
     if bad or len(mask) != n:
@@ -127,11 +181,15 @@ def _select(params: Any, wrt: Any) -> tuple[_Selection, list[str]]:
     if not flat:
         raise ValueError("check_grad: params has no leaves; pass the arrays to differentiate with respect to")
     paths = tuple(jax.tree_util.keystr(p) for p, _ in flat)
-    # Python floats are points to differentiate at (the book's chapter-9 examples); ints stay integers.
+    # Python floats are points to differentiate at (the book's chapter-9 examples: f(2.0)) when params holds no
+    # floating array; beside arrays (a module's hyperparameters: equinox.nn.Dropout's p) they are held fixed, as
+    # equinox.filter_grad holds them. ints stay integers.
+    floats_are_points = not any(_is_inexact(x) for _, x in flat if not isinstance(x, float))
     leaves = tuple(jnp.asarray(x) if isinstance(x, float) else x for _, x in flat)
     mask = _wrt_mask(params, wrt, len(leaves))
     if mask is None:
-        mask = [_is_inexact(x) for x in leaves]
+        mask = [_is_inexact(x) and (floats_are_points or not isinstance(raw, float))
+                for x, (_, raw) in zip(leaves, flat, strict=True)]
     errors = []
     for path, leaf, d in zip(paths, leaves, mask, strict=True):
         if not d:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import ClosedJaxpr
 
-from funcgrad.verify._inputs import _DYN, _join_args
+from funcgrad.verify._inputs import _DYN, _join_args, _x64
 
 _DIGEST_LIMIT = 1 << 20  # constants of inner jaxprs hashed by value up to this many bytes; larger ones never shared
 
@@ -221,7 +221,7 @@ def trace_pair(fn: Callable, dl_user: Sequence, dl64: Sequence, dyn_user: Sequen
     closed_u, out_u = jax.make_jaxpr(flat, return_shape=True)(list(dl_user), list(dyn_user))
     key_u = _key(closed_u)
     traces_closed.append((closed_u, out_u, [*dl_user, *dyn_user]))
-    with jax.enable_x64(True):  # (a custom rule's derivative is traced for the key as the float64 check will)
+    with _x64(True):  # (a custom rule's derivative is traced for the key as the float64 check will)
         closed_64, out_64 = jax.make_jaxpr(flat, return_shape=True)(list(dl64), list(dyn64))
         key_64 = _key(closed_64)
     traces_closed.append((closed_64, out_64, [*dl64, *dyn64]))
