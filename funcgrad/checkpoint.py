@@ -202,7 +202,7 @@ def to_bytes(tree: Any, meta: dict[str, Any] | None = None) -> bytes:
             entry["key_impl"] = impl
         entry["dtype"], entry["shape"] = str(data.dtype), list(data.shape)
         if data.dtype.kind not in "biufc":  # e.g. bfloat16: store the raw bytes, rebuild from the dtype's name
-            data = np.ascontiguousarray(data).view(np.uint8)
+            data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)  # flat: (nbytes,)
         arrays[entry["name"]] = data
         leaves.append(entry)
     header = {"format": FORMAT, "leaves": leaves, "meta": meta or {}}
@@ -337,10 +337,11 @@ def _read_leaf(z: zipfile.ZipFile, entry: dict, bound: int) -> np.ndarray:
             npy_shape, npy_dtype = _npy_header(f)
         if npy_dtype.hasobject:  # NumPy's words for it (nothing is unpickled)
             raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
-        if raw and npy_dtype == np.uint8 and npy_shape != (nbytes,):
+        # (raw bytes: written flat; files written before that keep the leaf's leading dimensions, same bytes)
+        if raw and npy_dtype == np.uint8 and math.prod(npy_shape) != nbytes:
             raise CheckpointError(f"checkpoint is damaged: leaf {path} holds {math.prod(npy_shape)} bytes; "
                                   f"{entry['dtype']}{list(shape)} needs {nbytes}")
-        if (npy_dtype, npy_shape) != ((np.dtype(np.uint8), (nbytes,)) if raw else (dtype, shape)):
+        if (npy_dtype, npy_shape) != ((np.dtype(np.uint8), npy_shape) if raw else (dtype, shape)):
             raise CheckpointError(f"checkpoint is damaged: leaf {path} is {npy_dtype}{list(npy_shape)}; its header says "
                                   f"{entry['dtype']}{list(shape)}")
         with z.open(info) as f:
@@ -349,7 +350,7 @@ def _read_leaf(z: zipfile.ZipFile, entry: dict, bound: int) -> np.ndarray:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"checkpoint is damaged: leaf {path} cannot be read ({type(e).__name__}: {e})") from None
-    return arr.view(dtype).reshape(shape) if raw else arr
+    return arr.reshape(-1).view(dtype).reshape(shape) if raw else arr
 
 
 def _few(names: list[str]) -> str:
@@ -381,6 +382,15 @@ def from_bytes(data: bytes | BinaryIO, like: Any, *, check_finite: bool = False)
         _check_finite([(n, a) for n, a, (_, _, impl) in zip(names, arrays, specs, strict=True) if impl is None])
     out = [jnp.asarray(a) if impl is None else jax.random.wrap_key_data(jnp.asarray(a), impl=impl)
            for a, (_, _, impl) in zip(arrays, specs, strict=True)]
+    # A 64-bit leaf restored while JAX's 64-bit types are off would become 32-bit: rounded, or wrapped.
+    narrowed = [n for n, a, o, (_, _, impl) in zip(names, arrays, out, specs, strict=True)
+                if impl is None and o.dtype != a.dtype]
+    if narrowed:
+        a = arrays[names.index(narrowed[0])]
+        raise CheckpointError(f"leaf {narrowed[0]} is {a.dtype}, but JAX's 64-bit types are off here (jax_enable_x64), "
+                              f"so it would become {jnp.asarray(a).dtype}: restore it inside `with "
+                              "jax.enable_x64(True):`, or read it with load_flat (NumPy arrays)"
+                              + (f"; also {_few(narrowed[1:])}" if len(narrowed) > 1 else ""))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

@@ -1,4 +1,6 @@
 import io
+import json
+import math
 
 import chex
 import jax
@@ -29,10 +31,39 @@ def test_round_trip_of_a_train_state_with_its_key():
     np.testing.assert_array_equal(jax.random.normal(back.key, (3,)), jax.random.normal(s.key, (3,)))
 
 
-def test_bfloat16_leaves():
-    tree = {"w": jnp.arange(4, dtype=jnp.bfloat16) / 3}
-    back = checkpoint.from_bytes(checkpoint.to_bytes(tree), like=tree)
-    assert back["w"].dtype == jnp.bfloat16 and jnp.array_equal(back["w"], tree["w"])
+@pytest.mark.parametrize("shape", [(4,), (2, 64), (2, 3, 4), ()])
+def test_bfloat16_leaves(shape):
+    # Bit for bit, in any number of dimensions (2-D and 3-D leaves could not be read back).
+    tree = {"w": (jnp.arange(math.prod(shape), dtype=jnp.float32).reshape(shape) / 3).astype(jnp.bfloat16),
+            "h": jnp.full(shape, -0.0, jnp.float16)}
+    data = checkpoint.to_bytes(tree)
+    for back in (checkpoint.from_bytes(data, like=tree), checkpoint.load_flat(data)):
+        w = back["w"] if "w" in back else back["['w']"]
+        assert w.dtype == jnp.bfloat16 and w.shape == shape
+        np.testing.assert_array_equal(np.asarray(w).view(np.uint16), np.asarray(tree["w"]).view(np.uint16))
+
+
+def test_a_bfloat16_leaf_stored_with_its_leading_dimensions_is_read():
+    # Files written before raw bytes were stored flat hold a bfloat16[2, 3] leaf as uint8[2, 6].
+    w = (jnp.arange(6, dtype=jnp.float32).reshape(2, 3) / 7).astype(jnp.bfloat16)
+    header = {"format": checkpoint.FORMAT, "leaves": [{"path": "['w']", "name": "leaf0", "dtype": "bfloat16",
+                                                       "shape": [2, 3]}], "meta": {}}
+    buf = io.BytesIO()
+    np.savez(buf, leaf0=np.asarray(w).view(np.uint8),
+             **{checkpoint._META: np.frombuffer(json.dumps(header).encode(), np.uint8)})
+    back = checkpoint.from_bytes(buf.getvalue(), like={"w": w})
+    np.testing.assert_array_equal(np.asarray(back["w"]).view(np.uint16), np.asarray(w).view(np.uint16))
+
+
+def test_a_64_bit_leaf_is_not_narrowed_where_64_bit_types_are_off():
+    with jax.enable_x64(True):
+        tree = {"w": jnp.array([1 / 3, 1e-300]), "count": jnp.array([2**40])}
+        data = checkpoint.to_bytes(tree)
+        back = checkpoint.from_bytes(data, like=tree)
+        assert back["w"].dtype == jnp.float64 and back["count"].tolist() == [2**40]
+    with pytest.raises(checkpoint.CheckpointError, match=r"leaf \['count'\] is int64, .*64-bit types are off"):
+        checkpoint.from_bytes(data, like=tree)
+    assert checkpoint.load_flat(data)["['count']"].tolist() == [2**40]
 
 
 def test_mismatches_name_the_leaf():
