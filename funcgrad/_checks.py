@@ -218,5 +218,6 @@ def to_host(x: Any) -> np.ndarray:
 
 
 def is_strength(value: Any) -> bool:
-    """A penalty strength λ: a real number >= 0 (not a bool). The one rule for Objective's and config's tables."""
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and value >= 0
+    """A penalty strength λ: a finite real number >= 0 (not a bool). The one rule for Objective's and config's
+    tables."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value < math.inf

@@ -124,7 +124,7 @@ def _penalties(key, v):
     out = {}
     for pattern, lam in v.items():
         if not is_strength(lam):
-            raise ConfigError(f"{key}.{pattern}: expected a number >= 0, got {lam!r}")
+            raise ConfigError(f"{key}.{pattern}: expected a finite number >= 0, got {lam!r}")
         out[pattern] = float(lam)
     return out
 
@@ -308,6 +308,8 @@ def _parse_value(text: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text  # a bare word: a string
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise ConfigError(f"--set value {text[:40]}...: {e}") from None
     except RecursionError:
         raise ConfigError(f"--set value {text[:40]}...: nested too deeply to be a setting") from None
 
@@ -335,7 +337,7 @@ def loads(text: str, *, name: str | None = None, overrides: Sequence[str] = (), 
     """A Config from TOML text."""
     try:
         raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
+    except ValueError as e:  # TOMLDecodeError, or an integer of more digits than Python converts
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
     except RecursionError:
         raise ConfigError(f"{source}: nested too deeply to be a config") from None

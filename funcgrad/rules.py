@@ -409,9 +409,17 @@ dropout = Rule(
 # Losses (chapters 5, 9, 16, 17) and regularisation (chapter 14). N = number of samples, J = outputs per sample.
 
 
+def _clip(p, eps):
+    """``clip(p, eps, 1 − eps)``, the upper bound kept below 1 in p's dtype: 1 − 1e-7 is 1 in bfloat16 and float16,
+    where the book's clip would leave log(1 − p) = log 0 (the upper bound is then 1 − the dtype's spacing below 1)."""
+    if jnp.issubdtype(jnp.result_type(p), jnp.floating):
+        return jnp.clip(p, eps, 1 - jnp.maximum(eps, float(jnp.finfo(jnp.result_type(p)).epsneg)))
+    return jnp.clip(p, eps, 1 - eps)
+
+
 def _cce_forward(probs, labels, *, eps=CLIP_EPS):
     y = one_hot_like(labels, probs)
-    clipped = jnp.clip(probs, eps, 1 - eps)
+    clipped = _clip(probs, eps)
     return -jnp.mean(jnp.log((clipped * y).sum(axis=-1)))
 
 
@@ -461,13 +469,13 @@ softmax_crossentropy = Rule(
 
 
 def _bce_forward(probs, targets, *, eps=CLIP_EPS):
-    p = jnp.clip(probs, eps, 1 - eps)
+    p = _clip(probs, eps)
     return -jnp.mean(targets * jnp.log(p) + (1 - targets) * jnp.log(1 - p))
 
 
 def _bce_backward(probs, targets, dvalues, *, eps=CLIP_EPS):
     # L = −mean[y log ŷ + (1−y) log(1−ŷ)]:  ∂L/∂ŷ = −(y/ŷ − (1−y)/(1−ŷ)) / J / N   (ŷ clipped, as the book does)
-    p = jnp.clip(probs, eps, 1 - eps)
+    p = _clip(probs, eps)
     return dvalues * -(targets / p - (1 - targets) / (1 - p)) / probs.size
 
 

@@ -184,8 +184,11 @@ def _normalise(out: Any) -> tuple[jax.Array, dict]:
         if name in _RESERVED:
             raise ValueError(f"loss_fn's metrics may not be named {name!r}: the training loop records "
                              f"{', '.join(map(repr, _RESERVED))} itself; rename it")
-        if jnp.shape(value) != ():
-            raise TypeError(f"loss_fn's metric {name!r} must be a scalar; got {describe(value)}")
+        if not isinstance(value, (int, float, np.number, np.bool_, np.ndarray, jax.Array)) or jnp.shape(value) != () \
+                or not jnp.issubdtype(jnp.result_type(value), jnp.number) and jnp.result_type(value) != jnp.bool_:
+            raise TypeError(f"loss_fn's metric {name!r} must be a scalar number; got {describe(value)}"
+                            + (" (a model's updated state, such as batch_stats, is not a metric: return it from a "
+                               "step of your own)" if isinstance(value, dict) else ""))
     return loss, metrics
 
 

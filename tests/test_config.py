@@ -65,7 +65,8 @@ def test_keyed_data_and_minibatch_steps():
         ("[model]\noutput = 'sigmoid'", (), r"model.output: loss 'categorical_crossentropy' takes probabilities"),
         ("[model]\nsizes = [64, 4]", (), r"model.sizes: the last layer must have data.classes = 3 units"),
         ("[model]\nsizes = []", (), r"model.sizes: expected a non-empty list of positive integers"),
-        ("[loss]\nl2 = { 'dense1/W' = -1 }", (), r"loss.l2.dense1/W: expected a number >= 0, got -1"),
+        ("[loss]\nl2 = { 'dense1/W' = -1 }", (), r"loss.l2.dense1/W: expected a finite number >= 0, got -1"),
+        ("[loss]\nl2 = { 'dense1/W' = inf }", (), r"loss.l2.dense1/W: expected a finite number >= 0, got inf"),
         ("[data]\nexact = 'yes'", (), r"data.exact: expected true or false, got 'yes'"),
         ("[train]\nbatch_size = 1000", (), r"train.batch_size: 1000 is more than the 300 training samples"),
         ("name = 'a/b'", (), r"name: expected a non-empty name without slashes"),
@@ -140,3 +141,8 @@ def test_memory_estimate_over_devices():
     # accelerators: the figure per device, with its share (rounded up) of activations and data
     assert est.on(2, shared=False) == est.state + -(-est.activations // 2) + -(-est.data // 2) + est.check
     assert est.on(3, shared=False) < est.on(2, shared=False) < est.total
+
+
+def test_an_integer_too_long_for_python_is_a_config_error():
+    with pytest.raises(config.ConfigError, match="not valid TOML"):
+        config.loads("[train]\nepochs = " + "9" * 5000)

@@ -186,3 +186,18 @@ def test_penalties_name_the_leaf_and_ignore_leaves_they_do_not_choose():
     for scale in (float("nan"), True, -1.0, float("inf")):
         with pytest.raises(ValueError, match="scale must be a number >= 0, and finite"):
             fg.losses.l1_penalty(p, scale, where="dense1/*")
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_crossentropies_of_saturated_half_precision_predictions_are_finite(dtype):
+    # sigmoid(9) is 1.0 in bfloat16: the book's upper clip 1 − 1e-7 is 1 there too, and log(1 − p) was log 0.
+    # The upper bound is kept below 1 in the dtype: 1 − its spacing below 1.
+    top = 1 - float(jnp.finfo(dtype).epsneg)
+    p, t = jnp.array([[1.0], [0.5]], dtype), jnp.array([[1.0], [0.0]], dtype)
+    want = -np.mean([np.log(top), np.log(0.5)])
+    got = fg.losses.binary_crossentropy(p, t)
+    assert np.isfinite(float(got)) and abs(float(got) - want) <= 0.02 * want
+    g = jax.grad(lambda q: fg.losses.binary_crossentropy(q, t).astype(jnp.float32))(p)
+    assert np.all(np.isfinite(np.asarray(g, np.float32)))
+    probs = jnp.array([[1.0, 0.0], [0.0, 1.0]], dtype)
+    assert np.isfinite(float(fg.losses.categorical_crossentropy(probs, jnp.array([0, 0]))))

@@ -239,7 +239,12 @@ def test_fit_checks_steps_batch_size_data_and_the_loss_s_return_value(setup):
     for out, err, match in [
         (lambda v: (v, {"loss": v - 10}), ValueError, "metrics may not be named 'loss'"),
         (lambda v: (v, {"step": v}), ValueError, "metrics may not be named 'step'"),
-        (lambda v: (v, {"pred": jnp.ones(3) * v}), TypeError, r"metric 'pred' must be a scalar; got float32\[3\]"),
+        (lambda v: (v, {"pred": jnp.ones(3) * v}), TypeError, r"metric 'pred' must be a scalar number; got float32\[3\]"),
+        # a Linen loss returning its updated batch_stats, a forgotten value, a label
+        (lambda v: (v, {"batch_stats": {"mean": v}}), TypeError, r"metric 'batch_stats' must be a scalar number; "
+                                                                  r"got dict.*is not a metric"),
+        (lambda v: (v, {"acc": None}), TypeError, r"metric 'acc' must be a scalar number; got None"),
+        (lambda v: (v, {"tag": "run1"}), TypeError, r"metric 'tag' must be a scalar number; got str"),
         (lambda v: (v, jnp.ones(3)), TypeError, r"\(loss, metrics\) with metrics a dict"),
         (lambda v: jnp.ones(3) * v, TypeError, r"must return a scalar loss; got float32\[3\]"),
     ]:

@@ -59,8 +59,9 @@ def _seed(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be an integer of at least 0; got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0; got {value}")
+    if not 0 <= value < 2**63:
+        shown = text if len(text) < 40 else text[:40] + "..."
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 2**63; got {shown}")
     return value
 
 
@@ -96,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="metrics of a saved run (its validation data, or data drawn with --seed)")
     e.add_argument("--run", required=True, metavar="DIR", help="a run folder written by funcgrad train")
-    e.add_argument("--seed", type=int, help="draw the data with this seed (default: the run's own validation data)")
+    e.add_argument("--seed", type=_seed, help="draw the data with this seed (default: the run's own validation data)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(handler=cmd_evaluate)
 

@@ -154,7 +154,7 @@ def read_metrics(path: Path, *, repair: bool = False, max_bytes: int = 1 << 30,
             record = json.loads(line)
         except RecursionError:
             raise FileError(f"{path}: line {i + 1} is nested too deeply to be a record; the file is damaged") from None
-        except json.JSONDecodeError:
+        except ValueError:  # not JSON (or an integer of more digits than Python converts)
             if any(rest.strip() for rest in lines[i + 1 :]):
                 raise FileError(f"{path}: line {i + 1} is not JSON; the file is damaged (move it away to continue "
                                 "without its records)") from None
@@ -219,7 +219,7 @@ def json_load(path: Path, *, what: str = "a JSON object") -> Any:
         obj = json.loads(read_regular(path, MAX_JSON_BYTES).decode())
     except UnicodeDecodeError as e:
         raise FileError(f"{path}: not a text file (byte {e.start} is not UTF-8)") from None
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # not JSON, or an integer of more digits than Python converts
         raise FileError(f"{path}: not valid JSON ({e})") from None
     except RecursionError:
         raise FileError(f"{path}: nested too deeply to be {what}") from None

@@ -66,7 +66,7 @@ def curves(path: Path, records: list[dict], title: str, accuracy_label: str = "a
         ax.set_title(label, fontsize=10)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=9, frameon=False)
-    finite = [r["loss"] for r in records if "loss" in r and np.isfinite(r["loss"])]
+    finite = [float(r["loss"]) for r in records if "loss" in r and np.isfinite(float(r["loss"]))]  # ("nan" as written)
     if finite and min(finite) > 0:
         axes[0].set_yscale("log")
     axes[1].set_ylim(-0.02, 1.02)

@@ -388,6 +388,10 @@ def _prepare(args: argparse.Namespace, out: Path, writer: bool) -> _Prepared:
     ckpt = _checkpoint_path(out, cfg)
     if cfg.checkpoint.backend == "orbax" and (missing := _orbax_missing()):
         raise UsageError(missing)
+    if cfg.checkpoint.backend == "orbax" and ckpt.is_symlink():  # orbax deletes old steps where it writes
+        raise UsageError(f"{ckpt} is a symbolic link; funcgrad keeps a run's orbax checkpoints in the run folder "
+                         "itself and never writes (or deletes old steps) through a link: replace it with the folder "
+                         "it points to")
     _check_memory(cfg, check=cfg.train.verify and not args.resume)
     try:
         setup = experiment.build(cfg)
