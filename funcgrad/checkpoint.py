@@ -268,9 +268,15 @@ def _open(data: bytes | BinaryIO) -> tuple[zipfile.ZipFile, dict, int]:
     source.seek(0)
     try:
         z = zipfile.ZipFile(source)
+        # Stored or deflated members only (what NumPy writes): deflate expands at most ~1000-fold, which bounds
+        # every member by the file's size; bzip2 or lzma would let a few kilobytes declare gigabytes.
+        odd = [i for i in z.infolist() if i.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)]
+        if odd:
+            raise ValueError(f"member {odd[0].filename!r} is compressed with method {odd[0].compress_type}; "
+                             "checkpoints hold stored or deflated members")
         info = z.getinfo(_META + ".npy")
-        if info.file_size > _MAX_HEADER_BYTES:
-            raise ValueError(f"a header of {info.file_size} bytes")
+        if info.file_size > min(_MAX_HEADER_BYTES, _MAX_EXPANSION * total):
+            raise ValueError(f"a header of {info.file_size} bytes in a file of {total}")
         with z.open(info) as f:  # what the header member declares, before anything is allocated for it
             shape, dtype = _npy_header(f)
         if dtype != np.uint8 or len(shape) != 1 or shape[0] > _MAX_HEADER_BYTES:
@@ -375,9 +381,9 @@ def from_bytes(data: bytes | BinaryIO, like: Any, *, check_finite: bool = False)
     names, specs, treedef = _template(like)
     stored = header["leaves"]
     _match_paths(names, stored)
+    _match_specs(names, specs, stored)  # (from the header alone: nothing of a file for another model is read)
     # each as its header says (else damaged), its declared size bounded by the file's before anything is allocated
     arrays = [_read_leaf(z, entry, bound) for entry in stored]
-    _match_specs(names, specs, stored)
     if check_finite:
         _check_finite([(n, a) for n, a, (_, _, impl) in zip(names, arrays, specs, strict=True) if impl is None])
     out = [jnp.asarray(a) if impl is None else jax.random.wrap_key_data(jnp.asarray(a), impl=impl)

@@ -1,6 +1,7 @@
 import io
 import json
 import math
+import zipfile
 
 import chex
 import jax
@@ -125,6 +126,10 @@ def test_a_header_is_checked_before_it_is_used():
     ]
     for change, message in cases:
         with pytest.raises(checkpoint.CheckpointError, match=message):
+            checkpoint.load_flat(_with_header(data, change))
+        # with a template, a header that disagrees with it is refused before any leaf is read
+        with pytest.raises(checkpoint.CheckpointError, match=message if "its header says" not in message else
+                           r"does not match the template: \['w'\]: stored float32\[\d+\], expected float32\[4\]"):
             checkpoint.from_bytes(_with_header(data, change), like=tree)
     with pytest.raises(checkpoint.CheckpointError, match="the file is empty"):
         checkpoint.metadata(b"")
@@ -185,3 +190,19 @@ def test_meta_must_be_a_json_object():
         checkpoint.to_bytes({"w": jnp.ones(2)}, [1, 2])
     with pytest.raises(checkpoint.CheckpointError, match="meta must hold only JSON values"):
         checkpoint.to_bytes({"w": jnp.ones(2)}, {"a": object()})
+
+
+def test_members_compressed_otherwise_than_numpy_writes_them_are_refused():
+    # bzip2 expands far more than deflate: a few kilobytes could declare gigabytes within the per-member bound.
+    data = checkpoint.to_bytes({"w": jnp.zeros(1000)})
+    src, out = zipfile.ZipFile(io.BytesIO(data)), io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_BZIP2) as z:
+        for name in src.namelist():
+            z.writestr(name, src.read(name))
+    with pytest.raises(checkpoint.CheckpointError, match="compressed with method 12; checkpoints hold stored or deflated"):
+        checkpoint.load_flat(out.getvalue())
+    deflated = io.BytesIO()
+    with zipfile.ZipFile(deflated, "w", compression=zipfile.ZIP_DEFLATED) as z:  # np.savez_compressed's: read
+        for name in src.namelist():
+            z.writestr(name, src.read(name))
+    assert checkpoint.load_flat(deflated.getvalue())["['w']"].shape == (1000,)

@@ -561,10 +561,11 @@ def test_a_metrics_file_that_is_a_link_is_never_written_through(capsys, run, tmp
     outside.write_bytes((run / "metrics.jsonl").read_bytes())
     (run / "metrics.jsonl").unlink()
     (run / "metrics.jsonl").symlink_to(outside)
-    before = outside.read_bytes()
+    before, config = outside.read_bytes(), (run / "config.json").read_bytes()
     code, _, err = cli(capsys, "train", "--resume", "--out", run, "--set", "train.epochs=60")
     assert_one_line_error(code, err, "metrics.jsonl", "symbolic link")
     assert outside.read_bytes() == before
+    assert (run / "config.json").read_bytes() == config  # refused before anything is written
     with pytest.raises(files.FileError, match="never through a link"):
         files.append_lines(run / "metrics.jsonl", [{"step": 1}])
     assert outside.read_bytes() == before
@@ -643,3 +644,33 @@ def test_a_lock_file_hard_linked_to_another_file_is_refused(tmp_path):
     with pytest.raises(_rundir.RunFolderError, match="hard link"):
         _rundir.Lock(folder)
     assert outside.read_text() == "precious"
+
+
+def test_integers_too_long_for_python_and_infinite_penalties_are_one_line_errors(capsys, run, tmp_path):
+    code, _, err = cli(capsys, "train", "--out", tmp_path / "a", "--set", "train.epochs=" + "9" * 5000)
+    assert_one_line_error(code, err, "--set value")
+    code, _, err = cli(capsys, "train", "--out", tmp_path / "b", "--set", "loss.l2={'dense1/W' = inf}")
+    assert_one_line_error(code, err, "expected a finite number >= 0")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    (run / "metrics.jsonl").write_text('{"step": 1' + "0" * 5000 + ', "split": "train", "loss": 1.0}\n'
+                                       + (run / "metrics.jsonl").read_text())
+    code, _, err = cli(capsys, "train", "--resume", "--out", run, "--set", "train.epochs=60")
+    assert_one_line_error(code, err, "metrics.jsonl", "line 1 is not JSON")
+    with pytest.raises(SystemExit) as exit_:  # (argparse's usage error: exit status 2)
+        cli(capsys, "evaluate", "--run", run, "--seed", "9" * 30)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--seed" in err and "below 2**63" in err and "Traceback" not in err, err
+
+
+def test_an_orbax_folder_that_is_a_link_is_refused_before_anything_is_written(capsys, tmp_path):
+    # orbax deletes old steps where it writes (max_to_keep): through a link, someone else's checkpoints went.
+    pytest.importorskip("orbax.checkpoint")
+    out, elsewhere = tmp_path / "run", tmp_path / "someone_elses_checkpoints"
+    orbax = ["--set", "checkpoint.backend=orbax", "--set", "train.epochs=10", "--quiet"]
+    assert cli(capsys, "train", "--out", out, *orbax)[0] == 0
+    (out / "orbax").rename(elsewhere)
+    (out / "orbax").symlink_to(elsewhere)
+    before = snapshot(elsewhere)
+    code, _, err = cli(capsys, "train", "--resume", "--out", out, *orbax[:2], "--set", "train.epochs=20")
+    assert_one_line_error(code, err, "orbax", "symbolic link")
+    assert snapshot(elsewhere) == before

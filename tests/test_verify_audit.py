@@ -824,3 +824,118 @@ def test_a_rule_on_complex_values_is_unchecked_not_ok():
     report = verify.audit(lambda p: jnp.sum(jnp.real(phase(p))), jnp.linspace(0.2, 1.0, 4))
     assert not report.ok and [r.rule for r in report.unchecked] == ["phase"], report
     assert "complex" in report.unchecked[0].note
+
+
+def test_every_rule_a_factory_makes_is_checked_beyond_max_calls():
+    # Five layers, each with its own rule object from one factory (one name, one source): layer 2's backward
+    # hard-codes the slope 0.01 where its alpha is 0.2. Sampling 2 of the 5 calls (the first and the last)
+    # skipped it.
+    def make_leaky(alpha):
+        @jax.custom_vjp
+        def leaky(x):
+            return jnp.where(x > 0, x, alpha * x)
+
+        def bwd(x, g):
+            return (jnp.where(x > 0, 1.0, 0.01) * g,)
+
+        leaky.defvjp(lambda x: (leaky(x), x), bwd)
+        return leaky
+
+    acts = [make_leaky(0.2 if i == 2 else 0.01) for i in range(5)]
+
+    def model(p, x):
+        h = x
+        for i, act in enumerate(acts):
+            z = h @ p["W"][i]
+            h = act(z - jnp.mean(z)) + 0.5 * h  # (centred: negative elements at every layer)
+        return jnp.sum(h**2)
+
+    p = {"W": 0.7 * jax.random.normal(jax.random.key(0), (5, 6, 6))}
+    report = verify.audit(model, p, jax.random.normal(jax.random.key(1), (6,)), max_calls=2)
+    (row,) = report.rows
+    assert row.verdict == verify.Verdict.AUTODIFF_WRONG and row.calls == 5, report
+    assert np.isclose(row.rule_value / row.primal, 0.05, rtol=1e-3), row  # 0.01 where the slope is 0.2
+
+
+def test_a_rule_inside_a_derivative_that_fn_takes_is_reported_unchecked():
+    # Auditing a training step: jax.value_and_grad inside fn traces through the rule, which leaves no call of it in
+    # fn's program. It was "0 custom rule(s)", ok; the rule is now named, unchecked, and the report not ok.
+    @jax.custom_vjp
+    def act(x):
+        return jnp.tanh(x)
+
+    act.defvjp(lambda x: (jnp.tanh(x), x), lambda x, g: ((1 - jnp.tanh(x) ** 2) * g * 1.5,))  # wrong: 1.5×
+    X, Y = jnp.linspace(-1, 1, 8).reshape(4, 2), jnp.array([0.3, -0.2, 0.5, 0.1])
+
+    def loss(w):
+        return jnp.mean((act(X @ w) - Y) ** 2)
+
+    @jax.jit
+    def train_step(w):
+        value, g = jax.value_and_grad(loss)(w)
+        return w - 0.1 * g, value
+
+    w = jnp.array([0.4, -0.3])
+    train_step(w)  # (compiled and cached before the audit, as in a training loop)
+    report = verify.audit(train_step, w)
+    assert not report.ok and [r.rule for r in report.unchecked] == ["act"], report
+    assert "inside a derivative that fn takes itself" in report.unchecked[0].note
+    assert not verify.audit(loss, w).ok  # audited where it is called: checked, and wrong
+
+    def library_only(w):  # jax.nn's own rules under the same derivative: not audited by default
+        return jax.grad(lambda v: jnp.sum(jax.nn.relu(X @ v) + jax.nn.softplus(X @ v)))(w)
+
+    assert verify.audit(library_only, w).ok
+
+
+@pytest.mark.parametrize("slip", [1.0, 1.5])
+def test_a_flax_nnx_custom_vjp_is_checked_on_the_outputs_fn_uses(slip):
+    # flax.nnx.custom_vjp's docstring example: the rule also returns its input state, which fn drops; its bwd
+    # builds that state's cotangent itself, so a random cotangent there made the correct rule fail.
+    class Foo(nnx.Module):
+        def __init__(self, x, y):
+            self.x, self.y = nnx.Param(x), nnx.Param(y)
+
+    @nnx.custom_vjp(graph_updates=True)
+    def f(m):
+        return jnp.sin(m.x) * m.y
+
+    def f_fwd(m):
+        return f(m), (jnp.cos(m.x), jnp.sin(m.x), m)
+
+    def f_bwd(res, g):
+        (m_updates_g,), out_g = g
+        cos_x, sin_x, m = res
+        m_g = jax.tree.map(lambda x: x, m_updates_g)
+        m_g["x"][...] = cos_x * out_g * m.y
+        m_g["y"][...] = sin_x * out_g * slip
+        return (m_g,)
+
+    f.defvjp(f_fwd, f_bwd)
+    graphdef, state = nnx.split(Foo(x=jnp.linspace(0.2, 1.0, 4), y=jnp.linspace(1.0, 2.0, 4)))
+    report = verify.audit(lambda s: jnp.sum(f(nnx.merge(graphdef, s))), state)
+    assert report.ok == (slip == 1.0), report
+    if slip != 1.0:
+        assert report.rows[0].verdict == verify.Verdict.AUTODIFF_WRONG and report.rows[0].worst_index[0] == 1, report
+
+
+def test_a_symbolic_zeros_rule_is_checked_on_the_path_fn_s_gradient_takes():
+    # fwd takes a fast path when b is not perturbed (b is data), and that path forgets the factor b.
+    @jax.custom_vjp
+    def f(a, b):
+        return jnp.sin(a) * b
+
+    def f_fwd(a, b):
+        if b.perturbed:
+            return jnp.sin(a.value) * b.value, (jnp.cos(a.value) * b.value, jnp.sin(a.value))
+        return jnp.sin(a.value) * b.value, (jnp.cos(a.value), None)  # wrong: cos(a)·b
+
+    def f_bwd(res, g):
+        da, db = res
+        return g * da, None if db is None else g * db
+
+    f.defvjp(f_fwd, f_bwd, symbolic_zeros=True)
+    a, b = jnp.linspace(0.2, 1.0, 4), jnp.array([2.0, -1.0, 0.5, 3.0])
+    report = verify.audit(jax.jit(lambda a, b: jnp.sum(f(a, b))), a, b)
+    assert report.rows[0].verdict == verify.Verdict.AUTODIFF_WRONG, report
+    assert not np.allclose(jax.grad(lambda a: jnp.sum(f(a, b)))(a), np.cos(a) * b)  # the premise

@@ -697,3 +697,44 @@ def test_a_python_float_beside_arrays_is_held_fixed_as_equinox_holds_it():
     assert report.ok and [r.path for r in report.rows] == [".lin.weight", ".lin.bias"], report
     assert verify.check_grad(lambda w: w["a"] ** 3, {"a": 2.0}, hand=lambda w: {"a": 3 * w["a"] ** 2}).ok
 
+
+
+@pytest.mark.parametrize("slip", [1.0, 1.04])
+def test_a_bfloat16_hand_leaf_loosens_only_its_own_tolerance(slip):
+    # A mixed-precision policy casts one leaf's gradient to bfloat16 (5% tolerance there); a 4% slip in a float64
+    # leaf beside it used to pass, every leaf's tolerance being the loosest.
+    with jax.enable_x64(True):
+        p = {"emb": jnp.array([0.25, 2.0], jnp.bfloat16), "d": jnp.array([0.1, 0.2], jnp.float64)}
+
+        def hand(p):
+            return {"emb": jnp.cos(p["emb"]).astype(jnp.bfloat16), "d": jnp.exp(p["d"]).at[0].multiply(slip)}
+
+        report = verify.check_grad(lambda p: jnp.sum(jnp.sin(p["emb"])) + jnp.sum(jnp.exp(p["d"])), p, hand=hand)
+    rows = {r.path: r for r in report.rows}
+    assert rows["['emb']"].ok, report
+    assert rows["['d']"].verdict == (verify.Verdict.OK if slip == 1.0 else verify.Verdict.HAND_WRONG), report
+    if slip != 1.0:
+        assert rows["['d']"].worst_index == (0,) and np.isclose(rows["['d']"].numeric, np.exp(0.1), rtol=1e-9)
+
+
+def test_a_book_style_backward_that_mutates_its_dvalues_is_checked_as_numpy_runs_it():
+    # The book's ReLU backward without .copy(), plus a skip path: JAX can trace it (operators only), and JAX arrays
+    # are never changed in place, so it passed; on NumPy arrays, as the user's training loop runs it, `*=`
+    # zeroes dvalues itself and the skip path's gradient is lost.
+    def hand(x, dvalues):
+        dinputs = dvalues
+        dinputs *= x > 0
+        return dinputs + dvalues
+
+    def hand_copied(x, dvalues):
+        dinputs = dvalues.copy()
+        dinputs *= x > 0
+        return dinputs + dvalues
+
+    x = jnp.array([[0.5, -1.0, 2.0], [-0.3, 0.2, -2.0]])
+    f = lambda x: jnp.maximum(0, x) + x  # noqa: E731
+    d = np.ones((2, 3))
+    assert not np.allclose(hand(np.asarray(x, np.float64), d.copy()), jax.vjp(f, x)[1](jnp.ones((2, 3)))[0])
+    report = verify.check_vjp(f, hand, x)
+    assert report.verdict == verify.Verdict.HAND_WRONG and "on NumPy arrays" in report.rows[0].note, report
+    assert verify.check_vjp(f, hand_copied, x).ok

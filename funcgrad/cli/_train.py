@@ -372,6 +372,18 @@ def _remove_created(out: Path, created: Path | None) -> None:
             return
 
 
+def _refuse_links(out: Path, ckpt: Path, orbax: bool, *, metrics: bool) -> None:
+    """The run files written in place that must not be symbolic links: the orbax folder (orbax deletes old steps
+    where it writes) and, for a run about to append to it, metrics.jsonl."""
+    if orbax and ckpt.is_symlink():
+        raise UsageError(f"{ckpt} is a symbolic link; funcgrad keeps a run's orbax checkpoints in the run folder "
+                         "itself and never writes (or deletes old steps) through a link: replace it with the folder "
+                         "it points to")
+    if metrics and (out / files.METRICS).is_symlink():
+        raise UsageError(f"{out / files.METRICS}: is a symbolic link; funcgrad appends to its own metrics file, "
+                         "never through a link (replace the link with the file itself); nothing was changed")
+
+
 def _prepare(args: argparse.Namespace, out: Path, writer: bool) -> _Prepared:
     """Reads and checks everything a run needs; writes nothing (a command that fails here changes nothing)."""
 
@@ -388,10 +400,7 @@ def _prepare(args: argparse.Namespace, out: Path, writer: bool) -> _Prepared:
     ckpt = _checkpoint_path(out, cfg)
     if cfg.checkpoint.backend == "orbax" and (missing := _orbax_missing()):
         raise UsageError(missing)
-    if cfg.checkpoint.backend == "orbax" and ckpt.is_symlink():  # orbax deletes old steps where it writes
-        raise UsageError(f"{ckpt} is a symbolic link; funcgrad keeps a run's orbax checkpoints in the run folder "
-                         "itself and never writes (or deletes old steps) through a link: replace it with the folder "
-                         "it points to")
+    _refuse_links(out, ckpt, cfg.checkpoint.backend == "orbax", metrics=False)
     _check_memory(cfg, check=cfg.train.verify and not args.resume)
     try:
         setup = experiment.build(cfg)
@@ -424,6 +433,7 @@ def _prepare(args: argparse.Namespace, out: Path, writer: bool) -> _Prepared:
             raise UsageError(f"{out / files.METRICS} ends at step {max(r['step'] for r in trained)}, but the checkpoint "
                              f"was written after step {logged} was logged: the files are not of the same run")
         complete = args.resume and start == setup.steps and (out / files.SUMMARY).exists()
+        _refuse_links(out, ckpt, False, metrics=not complete)  # (before config.json is rewritten)
         bad = [] if complete else rundir.read_only_files(out)
         if bad:
             raise UsageError(f"cannot write into the run: read-only {', '.join(bad)}; nothing was changed (make them "

@@ -20,11 +20,13 @@ while confident finite differences do not (a ``stop_gradient`` copied into the r
 
 from __future__ import annotations
 
+import builtins
 import collections
 import contextlib
 import dataclasses
 import functools
 import itertools
+import keyword
 import linecache
 import math
 import os
@@ -84,6 +86,9 @@ class _Call(NamedTuple):
     held: tuple[int, ...]  # inputs the rule refuses to be differentiated with respect to (see _MARKERS)
     where: str  # the nesting: jit(block) › scan iteration 3 › ...
     site: str  # the call site, file:line
+    instance: int = 0  # which of the rule's function objects (rules a factory makes share a name and a source)
+    live: tuple[int, ...] | None = None  # the outputs fn goes on to use (None: all)
+    taint: tuple[bool, ...] = ()  # per input: whether it depends on the selected parameters
 
 
 # ---- identifying rules ----------------------------------------------------------------------------------------
@@ -257,6 +262,68 @@ def _bind(eqn: Any, invals: Sequence[Any]) -> list:
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
+# ---- rules a derivative inside fn inlined ----------------------------------------------------------------------
+
+_RULE_CALLS = {"custom_vjp.__call__": "custom_vjp", "custom_jvp.__call__": "custom_jvp"}
+
+
+_WRAPPERS = ("traceback_util.py", "api_util.py", "linear_util.py")  # JAX's own frames around any API call
+
+
+def _inlined_sites(closed: Any) -> dict[str, tuple[str, Any, bool]]:
+    """The call sites (file:line) of custom rules that a derivative taken inside fn (``jax.grad`` in a training
+    step, a force from an energy) traced through: their calls leave no rule equation in fn's program, only the
+    operations of their fwd and bwd, each traced inside the rule object's ``__call__``. Per site: the kind, the
+    user's frame that made the call, and whether a framework's code stands between them (a library's rule, as
+    jax.nn.relu's). Equations inside a visible rule's own jaxprs are not looked at."""
+    found: dict[str, tuple[str, Any, bool]] = {}
+    seen: set[int] = set()
+
+    def walk(jaxpr: Any) -> None:
+        if id(jaxpr) in seen:
+            return
+        seen.add(id(jaxpr))
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in _CUSTOM:
+                continue
+            frames = _frames(eqn)
+            for k, f in enumerate(frames):
+                kind = _RULE_CALLS.get(f.function_name)
+                if kind is None or not f.file_name.endswith("custom_derivatives.py"):
+                    continue
+                outer = list(frames[k + 1 :])
+                at = next((i for i, g in enumerate(outer) if not _is_library(g.file_name)
+                           and f"{os.sep}funcgrad{os.sep}verify{os.sep}" not in g.file_name), None)
+                if at is not None:
+                    library = any(not g.file_name.endswith(_WRAPPERS) for g in outer[:at])
+                    found.setdefault(_short(outer[at].file_name, outer[at].line_num), (kind, outer[at], library))
+                break
+            for sub in _sub(eqn):
+                walk(sub)
+
+    walk(closed.jaxpr)
+    return found
+
+
+def _inlined_rule(site: str, kind: str, frame: Any, library: bool) -> _Rule:
+    """A rule found only by its call site: named after the rule object that the site's line calls, looked up
+    among the calling module's globals (else after the site)."""
+    line = linecache.getline(frame.file_name, frame.line_num)
+    target = os.path.abspath(frame.file_name)
+    module = next((m for m in list(sys.modules.values())
+                   if isinstance(f := getattr(m, "__file__", None), str) and os.path.abspath(f) == target), None)
+    cls = jax.custom_vjp if kind == "custom_vjp" else jax.custom_jvp
+    for name in re.findall(r"([A-Za-z_]\w*)\s*\(", line):
+        obj = getattr(module, name, None) if module is not None else None
+        code = getattr(getattr(obj, "fun", None), "__code__", None)
+        if isinstance(obj, cls) and code is not None:
+            return _Rule(kind, name, _short(code.co_filename, code.co_firstlineno), library)
+    # A rule local to a function: the one plain name the line calls, when there is one (not a method, not a builtin).
+    bare = {n for n in re.findall(r"(?<![\w.])([A-Za-z_]\w*)\s*\(", line)
+            if n not in dir(builtins) and n not in keyword.kwlist}
+    return _Rule(kind, bare.pop() if len(bare) == 1 else f"{kind} called at {site}", site, library)
+
+
 # ---- walking the model --------------------------------------------------------------------------------------
 
 
@@ -274,6 +341,7 @@ class _Walker:
         self._rules: dict[int, _Rule] = {}
         self._holds: dict[int, bool] = {}
         self._within: dict[int, set] = {}
+        self._instances: dict[int, int] = {}
         self._branching: dict[int, tuple[Callable, list] | None] = {}
         self._compiled: dict[int, Callable] = {}
         self._keep: list = []  # keeps the objects whose ids key the caches alive
@@ -295,6 +363,20 @@ class _Walker:
             self._keep.append(eqn)
             self._rules[id(eqn)] = _identify(eqn)
         return self._rules[id(eqn)]
+
+    def instance(self, eqn: Any) -> int:
+        """Which function object defines this call's rule: the user's bwd (or JVP rule) function. A rule object
+        called at many sites, or at each iteration of a loop, is one instance; rules that a factory makes (one per
+        layer, say) are as many instances of one name and source."""
+        if id(eqn) not in self._instances:
+            self._keep.append(eqn)
+            kind = _CUSTOM[eqn.primitive.name]
+            holder = eqn.params.get("bwd") if kind == "custom_vjp" else eqn.params.get(
+                "jvp_jaxpr_fun", eqn.params.get("jvp_jaxpr_thunk"))
+            user = _user_function(holder)
+            self._keep.append(user)
+            self._instances[id(eqn)] = id(user) if user is not None else 0
+        return self._instances[id(eqn)]
 
     def audited(self, rule: _Rule) -> bool:
         return (self.library or not rule.library) and rule.name not in self.exclude
@@ -404,6 +486,9 @@ class _Walker:
             return (v.val, False) if isinstance(v, Literal) else env[v]
 
         marked: set = set()  # values made by a _MARKERS rule
+        used = {v for v in jaxpr.outvars if not isinstance(v, Literal)}
+        for eqn in jaxpr.eqns:
+            used.update(v for v in eqn.invars if not isinstance(v, Literal))
         for k, eqn in enumerate(jaxpr.eqns):
             ins = [read(v) for v in eqn.invars]
             vals, ts = [x for x, _ in ins], [t for _, t in ins]
@@ -412,7 +497,8 @@ class _Walker:
                     marked.update(eqn.outvars)
                 held = tuple(i for i, v in enumerate(eqn.invars[int(eqn.params.get("num_consts", 0)):])
                              if not isinstance(v, Literal) and v in marked)
-                outs, touts = self._custom(eqn, vals, ts, where, held, jaxpr.eqns[:k])
+                live = tuple(j for j, v in enumerate(eqn.outvars) if v in used)
+                outs, touts = self._custom(eqn, vals, ts, where, held, jaxpr.eqns[:k], live)
             else:
                 outs, touts = self.equation(eqn, vals, ts, where)
             for v, x, t in zip(eqn.outvars, outs, touts, strict=True):
@@ -458,12 +544,13 @@ class _Walker:
         return _bind(eqn, vals), [any(ts)] * len(eqn.outvars)
 
     def _custom(self, eqn: Any, vals: list, ts: list, where: str, held: tuple[int, ...],
-                before: Sequence = ()) -> tuple[list, list]:
+                before: Sequence = (), live: tuple[int, ...] | None = None) -> tuple[list, list]:
         rule = self.rule(eqn)
         self._tally(rule)
         if self.audited(rule):
             # (on the path also through the values the rule closes over: its consts)
-            self.calls[rule].append(_Call(rule, eqn, tuple(vals), any(ts), held, where, self.site(eqn, before)))
+            self.calls[rule].append(_Call(rule, eqn, tuple(vals), any(ts), held, where, self.site(eqn, before),
+                                          self.instance(eqn), live, tuple(ts)))
         closed = _call_jaxpr(eqn)
         if self.holds(closed.jaxpr):  # rules inside this rule's primal
             self._sites.append(self.site(eqn))
@@ -804,6 +891,10 @@ def _check_call(call: _Call, k: int, scalars: dict,
     user_inputs = call.inputs[n_c:]
     diff_pos = tuple(i for i, x in enumerate(user_inputs)
                      if jnp.issubdtype(jnp.result_type(x), jnp.floating) and np.size(x) > 0 and i not in call.held)
+    if eqn.params.get("symbolic_zeros") and call.taint and any(call.taint[n_c + i] for i in diff_pos):
+        # A rule with symbolic zeros may take another path for inputs that are not perturbed (its fwd reads
+        # `.perturbed`): checked as fn's gradient runs it, perturbing the inputs that depend on the parameters.
+        diff_pos = tuple(i for i in diff_pos if call.taint[n_c + i])
     float_outs = tuple(j for j, v in enumerate(eqn.outvars) if jnp.issubdtype(v.aval.dtype, jnp.floating))
     complex_io = [f"input {i}" for i, x in enumerate(user_inputs)
                   if jnp.issubdtype(jnp.result_type(x), jnp.complexfloating) and i not in call.held]
@@ -811,6 +902,10 @@ def _check_call(call: _Call, k: int, scalars: dict,
     if complex_io:  # undecided, not "nothing to differentiate": a complex rule's derivative is not checked here
         return None, (), (f"not checked at this call: {', '.join(complex_io)} complex; funcgrad checks real "
                           "derivatives only"), ""
+    # Only the outputs fn goes on to use carry a cotangent (Flax NNX's custom_vjp also returns its input state, which
+    # fn drops, and whose cotangent its bwd builds itself); all of them when fn uses none.
+    if call.live is not None and any(j in call.live for j in float_outs):
+        float_outs = tuple(j for j in float_outs if j in call.live)
     if not diff_pos or not float_outs:
         return None, (), _NOTHING + "no floating-point " + ("input" if not diff_pos else "output"), ""
     if (id(eqn), "inputs") not in scalars:
@@ -845,8 +940,10 @@ def _check_call(call: _Call, k: int, scalars: dict,
             return None, (), _BROKEN + _error(e), ""
         if isinstance(e, jax.errors.UnexpectedTracerError):
             return None, (), ("could not be checked at this call: the rule's derivative closes over a value traced "
-                              "inside fn (a parameter, say), so it cannot be evaluated outside fn's own trace; pass "
-                              "that value to the rule as an argument (or use jax.closure_convert) to have it checked"), ""
+                              "inside fn (a parameter, say, or an array given through nondiff_argnums), so it cannot "
+                              "be evaluated outside fn's own trace; pass that value to the rule as a differentiable "
+                              "argument (not through nondiff_argnums; or use jax.closure_convert) to have it "
+                              "checked"), ""
         return None, (), f"could not be checked at this call ({_error(e)})", ""
     return report, diff_pos, s.note, _forward_gap(eqn, call, diff_pos, float_outs)
 
@@ -951,6 +1048,9 @@ def audit(
         raise
     walker = _Walker(max_calls, library, exclude)
     walker.run(closed.jaxpr, closed.consts, arrays, taint, "")
+    visible = {_call_site(e) for e in walker._keep if hasattr(e, "primitive") and e.primitive.name in _CUSTOM}
+    inlined = {site: _inlined_rule(site, kind, frame, lib) for site, (kind, frame, lib) in _inlined_sites(closed).items()
+               if site not in visible}
 
     options = {"rtol": rtol, "atol": atol, "mode": mode, "seed": seed, "max_calls": max_calls}
     rows = [_rule_row(rule, calls, walker.seen[rule], options) for rule, calls in walker.calls.items()]
@@ -960,6 +1060,14 @@ def audit(
                       f"not checked: its calls are inside {prim}, which funcgrad does not enter; audit the model "
                       f"without {prim} (e.g. the same function on one device) to check this rule")
              for rule, prim in walker.unentered_rules.items() if rule not in walker.calls]
+    # Rules that a derivative inside fn traced through (a training step's jax.grad): nothing left to check them by.
+    rows += [AuditRow(rule.name, rule.source, rule.kind, 0, 1, Verdict.FD_UNRELIABLE, None, "", None, None, None,
+                      0.0, 0.0, True,
+                      f"not checked: called at {site} inside a derivative that fn takes itself (jax.grad, jax.vjp or "
+                      "value_and_grad inside fn, as in a training step), which traces through the rule and leaves "
+                      "no call of it in fn's program; audit the function that derivative is taken of (the loss) to "
+                      "check it")
+             for site, rule in inlined.items() if walker.audited(rule) and rule not in walker.calls]
     # Rules called only at loop iterations the sampling skipped (a cond taken at one iteration): undecided too.
     rows += [AuditRow(rule.name, rule.source, rule.kind, 0, n, Verdict.FD_UNRELIABLE, None, "", None, None, None,
                       0.0, 0.0, True,
@@ -967,7 +1075,7 @@ def audit(
                       f"(max_calls={max_calls} iterations walked per loop); audit with max_calls at least the loop's "
                       "length to check it")
              for rule, n in walker.seen.items() if rule not in walker.calls and rule not in walker.unentered_rules]
-    notes = _notes(walker)
+    notes = _notes(walker, any(walker.audited(r) for r in inlined.values()))
     env = {**_environment_versions(), "max_calls": max_calls, "library": library, "exclude": sorted(exclude),
            "seed": seed, "mode": mode, "rtol": rtol, "atol": atol}
     return AuditReport(tuple(rows), _combine_verdicts([r.verdict for r in rows]), tuple(notes),
@@ -978,6 +1086,12 @@ def _rule_row(rule: _Rule, calls: list[_Call], seen: int, options: dict) -> Audi
     """The check of one rule over its calls (evenly sampled down to max_calls)."""
     max_calls = options["max_calls"]
     pick: Any = np.unique(np.round(np.linspace(0, len(calls) - 1, min(len(calls), max_calls))).astype(int)) if calls else []
+    # Every instance of the rule is checked at least once, beyond max_calls if need be: one layer's rule of twelve
+    # that a factory made can be the wrong one.
+    first: dict[int, int] = {}
+    for k, c in enumerate(calls):
+        first.setdefault(c.instance, k)
+    pick = sorted({int(k) for k in pick} | set(first.values()))
     scalars: dict = {}
     results = []  # (verdict, row, input number, call, note)
     skipped = []
@@ -1033,7 +1147,7 @@ def _call_name(call: _Call) -> str:
     return f"{call.site}" + (f" ({call.where})" if call.where else "")
 
 
-def _notes(walker: _Walker) -> list[str]:
+def _notes(walker: _Walker, inlined: bool = False) -> list[str]:
     notes = ["in each call's check, the rule is JAX's derivative through the call; it is compared with JAX's plain "
              "autodiff of the rule's primal (traced without the rule) and with finite differences of the primal"]
     if walker.library_rules:
@@ -1049,7 +1163,7 @@ def _notes(walker: _Walker) -> list[str]:
     if walker.unentered:
         notes.append("custom rules inside " + ", ".join(sorted(walker.unentered)) + " were counted but not checked: "
                      "funcgrad does not enter these primitives")
-    if not walker.calls and not walker.unentered_rules:
+    if not walker.calls and not walker.unentered_rules and not inlined:
         notes.append("fn calls no custom derivative rule that is audited: nothing to check")
     return notes
 

@@ -486,7 +486,7 @@ def _probe(params, dyn, h_given, exact_idx, seed, h0, rtol, atol, eps, *, fn, ha
                    jnp.concatenate([i_steps, d_steps]))
     # Each direction lies within its leaf: projected there, with that leaf's tolerances.
     proj = [_project(seed, j, layout.offsets[i], layout.offsets[i] + layout.sizes[i], layout.offsets[i], a[i], hs[i],
-                     leaf_max[i], gmax, rtol, atol, eps) for i, j in zip(d_leaf, d_j, strict=True)]
+                     leaf_max[i], gmax, rtol[i], atol, eps) for i, j in zip(d_leaf, d_j, strict=True)]
     P = jnp.stack(proj) if proj else jnp.zeros((0, 3), jnp.float64)
     return _ProbeOut(f0, a, h, leaf_max, items, P, f_ad)
 

@@ -17,8 +17,16 @@ import numpy as np
 from funcgrad._checks import describe, is_tracer
 from funcgrad.verify._fd import _default_rtol
 from funcgrad.verify._grad import _check_grad_impl, check_grad
-from funcgrad.verify._inputs import _first_line, _host_tree, _is_array, _isolating, _needs_eager, _UserValueError
-from funcgrad.verify._report import ChainReport, GradReport, Verdict, _merge, _rename_rows
+from funcgrad.verify._inputs import (
+    _first_line,
+    _host_tree,
+    _is_array,
+    _isolating,
+    _needs_eager,
+    _UserValueError,
+    _x64,
+)
+from funcgrad.verify._report import ChainReport, GradReport, Verdict, _combine_verdicts, _merge, _rename_rows
 
 
 def _in_terms_of(message: str, names: Sequence[str]) -> str:
@@ -154,7 +162,48 @@ def check_vjp(
             raise (ValueError if isinstance(e, ValueError) else TypeError)(_in_terms_of(str(e.args[0]) if e.args else
                                                                                        str(e), row_names)) from None
         reports.append(_rename_rows(rep, row_names, "check_vjp"))
-    return _merge(reports, f"check_vjp({getattr(fn, '__name__', 'fn')})")
+    report = _merge(reports, f"check_vjp({getattr(fn, '__name__', 'fn')})")
+    return _numpy_semantics(report, hand, diff, cot, consts, row_names)
+
+
+def _numpy_semantics(report: GradReport, hand: Callable, diff: tuple, cot: Any, consts: tuple,
+                     names: Sequence[str]) -> GradReport:
+    """A hand that JAX could trace, run once more as the book's code runs: on writable NumPy float64 arrays.
+    There ``d = dvalues; d *= mask`` changes ``dvalues`` in place (a forgotten ``.copy()``), which JAX arrays
+    never do, so the traced check passed a backward pass that is wrong as the user runs it. Where the two runs
+    differ, the rows are ``hand_wrong`` with a note; a hand that fails on one kind of array is left as checked."""
+
+    def host(tree: Any) -> Any:
+        return jax.tree_util.tree_map(lambda x: np.array(x, np.float64) if _is_array(x) and jnp.issubdtype(
+            jnp.result_type(x), jnp.floating) else x, tree)
+
+    try:
+        with _x64(True):
+            traced = [np.asarray(x, np.float64) for x in hand(*jax.tree_util.tree_map(
+                lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, (host(diff), host(cot), host(consts))))]
+        eager = [np.asarray(x, np.float64) for x in hand(host(diff), host(cot), host(consts))]
+    except Exception:  # noqa: BLE001 - a hand for one kind of array only: nothing to compare
+        return report
+    notes, wrong = [], set()
+    for name, t, e in zip(names, traced, eager, strict=False):
+        if t.shape != e.shape:
+            continue
+        with np.errstate(invalid="ignore"):
+            gap = np.abs(t - e)
+            bad = ~(gap <= 1e-9 * (np.abs(t) + np.max(np.abs(t), initial=0.0)) + 1e-300) & np.isfinite(t)
+        if bad.any():
+            at = [int(i) for i in np.unravel_index(int(np.argmax(np.where(bad, gap, -1))), t.shape)]
+            wrong.add(name)
+            notes.append(f"{name}: hand_vjp gives {e[tuple(at)]:.6g} at {at} on NumPy arrays, as the book's code runs, "
+                         f"but {t[tuple(at)]:.6g} on JAX arrays, which were checked: an in-place operation on an "
+                         "array it was given (d = dvalues; d *= ..., without .copy())?")
+    if not wrong:
+        return report
+    rows = tuple(dataclasses.replace(r, verdict=Verdict.HAND_WRONG, note="; ".join(
+        n for n in [r.note, *(x for x in notes if x.startswith(f"{r.path}:"))] if n))
+        if r.path in wrong else r for r in report.rows)
+    return dataclasses.replace(report, rows=rows, verdict=_combine_verdicts([r.verdict for r in rows]),
+                               notes=(*report.notes, *notes))
 
 
 @_isolating

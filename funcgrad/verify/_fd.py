@@ -197,7 +197,10 @@ def _confirms(v: np.ndarray, fd: _FD, tol: np.ndarray) -> np.ndarray:
         # (a zero tolerance, every gradient exactly 0, gives no scale: the reading's own error is the measure)
         slack = 2 * np.where(tol > 0, np.minimum(fd.err, tol), fd.err) + tol
         inside = (v >= fd.lo - slack) & (v <= fd.hi + slack)
-    return fd.finite & np.isfinite(v) & inside
+        # Error bars wider than the tolerance confirm nothing to it (bfloat16 inside fn: a rule 20% off sat within
+        # three tolerances of such a reading).
+        precise = (tol <= 0) | (fd.err <= tol)
+    return fd.finite & np.isfinite(v) & inside & precise
 
 
 def _confidently_off(v: np.ndarray, fd: _FD, tol: np.ndarray) -> np.ndarray:

@@ -152,7 +152,7 @@ class _Engine:
         # The smallest derivative finite differences resolve at the first step: nothing below it is wrong.
         self.floor = 3 * 16 * eps_f * max(abs(self.f0), 1e-300) / h0 if math.isfinite(self.f0) else 0.0
         self.hand_reference = False  # hand is only a reference (verify.audit; see _classify)
-        self.tp = tp  # (rtol, atol, eps) of the analytic tolerances
+        self.tp = tp  # (rtol per leaf, atol, eps) of the analytic tolerances
         self.leaf_max = np.asarray(res.leaf_max, np.float64)
         self.gmax = float(np.max(self.leaf_max, initial=0.0))
         self.support: list[np.ndarray | None] = [None] * len(layout.sizes)
@@ -162,6 +162,11 @@ class _Engine:
         self.vals: dict[int, tuple[float, float, float, float]] = {}
         self._regrad = regrad  # the probe again: the float64 gradients (a bisection needs them whole)
         self._full: tuple[list, list | None] | None = None
+
+    def tp_of(self, li: int) -> tuple[float, float, float]:
+        """(rtol, atol, eps) of leaf ``li``'s analytic tolerances."""
+        rtols, atol, eps = self.tp
+        return float(rtols[li]), atol, eps
 
     # -- the float64 gradients, read once --------------------------------------------------------------------
 
@@ -201,7 +206,7 @@ class _Engine:
             lf.nonfinite += 0 if everywhere else int(np.count_nonzero(nonfinite))
             some = not everywhere  # elements to arbitrate in this chunk (non-finite ones, at least)
             if hc is not None:
-                tol_ah = _tolerances(ac, hc, self.leaf_max[li], self.gmax, self.tp, fin)
+                tol_ah = _tolerances(ac, hc, self.leaf_max[li], self.gmax, self.tp_of(li), fin)
                 with np.errstate(invalid="ignore"):
                     diff = np.abs(ac - hc)
                     dis = ~(diff <= tol_ah)
@@ -251,7 +256,7 @@ class _Engine:
         loc = flat - self.layout.offsets[li]
         av = a[loc].astype(np.float64)
         hv = None if h is None else h[loc].astype(np.float64)
-        tol_ah = _tolerances(av, hv, self.leaf_max[li], self.gmax, self.tp)
+        tol_ah = _tolerances(av, hv, self.leaf_max[li], self.gmax, self.tp_of(li))
         tol = np.maximum(tol_ah, self.floor)
         for k, i in enumerate(flat):
             self.vals[int(i)] = (float(av[k]), float("nan") if hv is None else float(hv[k]), float(tol[k]),
@@ -375,7 +380,7 @@ class _Engine:
         """Random directions of stream ``stream`` within [lo, hi) ⊂ leaf ``li``, dotted with autodiff, hand and
         the tolerances: (directions, 3)."""
         a, h = self.full()
-        rtol, atol, eps = self.tp
+        rtol, atol, eps = self.tp_of(li)
         return np.asarray(_project_jit(a[li], None if h is None else h[li], self.seed,
                                        np.full(len(lo), stream, np.int32), np.asarray(lo, np.int32),
                                        np.asarray(hi, np.int32), self.leaf_max[li], self.gmax, rtol, atol, eps,
@@ -701,17 +706,22 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
             h64 = _eager_hand(prep, facts.hand_eager, True)
             hand64 = tuple(np.asarray(x).dtype for x in h64)
             h_given = [jnp.asarray(np.ravel(np.asarray(x, np.float64)), jnp.float64) for x in h64]
+        # Each leaf's tolerance follows the precision its gradients come in: a hand that returns one leaf in
+        # bfloat16 (a mixed-precision policy) loosens that leaf's, not every leaf's.
+        eps_leaf = [eps_c] * len(layout.paths)
         # strict=False: hand64 is empty without a hand.
-        for path, dtype in zip(layout.paths, hand64, strict=False):
+        for i, (path, dtype) in enumerate(zip(layout.paths, hand64, strict=False)):
             if dtype != jnp.float64:
-                eps_c = max(eps_c, float(jnp.finfo(dtype).eps))
+                eps_leaf[i] = max(eps_c, float(jnp.finfo(dtype).eps))
                 notes.append(f"hand returns {dtype} for {path or 'params'} even with float64 inputs")
-        rtol_eff = float(options.rtol) if options.rtol is not None else _default_rtol(eps_c)
+        rtols = np.array([float(options.rtol) if options.rtol is not None else _default_rtol(e) for e in eps_leaf],
+                         np.float64)
+        rtol_eff = float(np.max(rtols, initial=0.0))  # (reported: the loosest)
         h0 = eps_f ** (1 / 5)
         plan, exact_idx = _make_plan(options.mode, layout, facts.flops, prep.has_hand, facts.reverse, facts.jvp,
                                      facts.dependence, prep.repeated)
         seed = np.uint32(options.seed % 2**32)
-        tp = (rtol_eff, -1.0 if options.atol is None else float(options.atol), float(jnp.finfo(jnp.float64).eps))
+        tp = (rtols, -1.0 if options.atol is None else float(options.atol), float(jnp.finfo(jnp.float64).eps))
 
         def probe() -> _ProbeOut:
             return _probe(prep.dleaves, prep.dyn, h_given, exact_idx, seed, h0, *tp, fn=prep.bound.value,
