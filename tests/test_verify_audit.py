@@ -939,3 +939,89 @@ def test_a_symbolic_zeros_rule_is_checked_on_the_path_fn_s_gradient_takes():
     report = verify.audit(jax.jit(lambda a, b: jnp.sum(f(a, b))), a, b)
     assert report.rows[0].verdict == verify.Verdict.AUTODIFF_WRONG, report
     assert not np.allclose(jax.grad(lambda a: jnp.sum(f(a, b)))(a), np.cos(a) * b)  # the premise
+
+
+def test_a_number_written_into_fn_is_not_differentiated():
+    # The temperature is a constant of the model; the bwd returns None for it, as people write it. Its derivative
+    # was checked (and failed) although no gradient ever moves it.
+    @jax.custom_vjp
+    def scaled_tanh(x, temperature):
+        return jnp.tanh(x / temperature)
+
+    slips = [1.0]
+
+    def bwd(res, g):
+        x, t = res
+        return (1 - jnp.tanh(x / t) ** 2) / t * g * slips[-1], None
+
+    scaled_tanh.defvjp(lambda x, t: (scaled_tanh(x, t), (x, t)), bwd)
+    p = {"W": jax.random.normal(jax.random.key(0), (3, 4))}
+    x = jax.random.normal(jax.random.key(1), (2, 3))
+    for slip, ok in ((1.0, True), (1.1, False)):
+        slips.append(slip)
+        report = verify.audit(lambda p, x: jnp.sum(scaled_tanh(x @ p["W"], 2.0)), p, x)
+        assert report.ok == ok, report
+        assert "numbers written into fn" in report.rows[0].note or not ok, report
+        assert report.rows[0].worst_index[0] == 0
+
+
+def test_rules_of_training_steps_loops_and_jitted_modules_are_found_and_judged_right():
+    # Regressions found on the first versions of today's audit changes, one assertion each.
+    def factory(slope):
+        @jax.custom_vjp
+        def act(x):
+            return jnp.where(x > 0, x, slope * x)
+
+        act.defvjp(lambda x: (act(x), x), lambda x, g: (jnp.where(x > 0, 1.0, 0.01) * g,))  # wrong unless 0.01
+        return act
+
+    acts = [factory(0.2 if i == 3 else 0.01) for i in range(6)]
+
+    def scanned(p, h):  # each step picks its own rule: step 3's, the wrong one, at an iteration not sampled
+        def body(h, i):
+            z = h @ p["W"][i]
+            return jax.lax.switch(i, acts, z - jnp.mean(z)) + 0.5 * h, None
+
+        return jnp.sum(jax.lax.scan(body, h, jnp.arange(6))[0] ** 2)
+
+    p = {"W": 0.7 * jax.random.normal(jax.random.key(0), (6, 5, 5))}
+    h = jax.random.normal(jax.random.key(1), (5,))
+    report = verify.audit(scanned, p, h, max_calls=2)
+    assert not report.ok and report.rows[0].verdict == verify.Verdict.AUTODIFF_WRONG, report
+
+    @eqx.filter_custom_vjp
+    def act(x):  # a framework-wrapped user rule, 3× wrong, under the training step's own gradient
+        return jnp.tanh(x)
+
+    act.def_fwd(lambda perturbed, x: (jnp.tanh(x), x))
+    act.def_bwd(lambda res, g, perturbed, x: (1 - jnp.tanh(x) ** 2) * g * 3)
+
+    def step(w):
+        return jax.grad(lambda v: jnp.sum(act(2.0 * v)))(w)
+
+    assert [r.rule for r in verify.audit(step, jnp.ones(3)).unchecked] == ["act"]
+
+    def relu_step(w):  # a library rule in a scan under the step's gradient: not a row
+        return jax.grad(lambda v: jnp.sum(jax.lax.scan(lambda c, _: (jax.nn.relu(c), None), v, None, length=3)[0]))(w)
+
+    assert verify.audit(relu_step, jnp.array([0.5, -1.0])).ok
+
+    @jax.custom_vjp
+    def log1p_(x):  # a stable forward where the primal loses everything: log(1 + 1e-9) is 0 in float32
+        return jnp.log(1 + x)
+
+    log1p_.defvjp(lambda x: (jnp.log1p(x), x), lambda x, g: (g / (1 + x),))
+    assert verify.audit(lambda w: jnp.sum(log1p_(w * 1e-9)), jnp.array([1.0, 2.0, 3.0])).ok
+
+    @jax.custom_vjp
+    def bn(x):  # returns (normalised, mean); the mean feeds only a stop_gradient running statistic
+        m = jnp.mean(x)
+        return x - m, m
+
+    bn.defvjp(lambda x: (bn(x), None), lambda _, g: (g[0] - jnp.mean(g[0]),))
+
+    def with_stats(w):
+        y, m = bn(w)
+        return jnp.sum(jnp.sin(y)) + 0.0 * jax.lax.stop_gradient(m)
+
+    assert verify.audit(jax.jit(with_stats), jnp.array([0.3, -0.1, 0.8])).ok

@@ -644,12 +644,12 @@ def _finish(args: argparse.Namespace, out: Path, p: _Prepared, params: Any, eval
             "wall_seconds": wall, "config": fgconfig.to_dict(p.cfg), "devices": parallel.describe_mesh(p.mesh),
             "run": str(out),
         }
-        try:
-            files.write_json(out / files.SUMMARY, summary)
+        try:  # the plots first: summary.json marks the run complete, so it comes last
             _plots(out, setup, params, records, p.cfg.name)
+            files.write_json(out / files.SUMMARY, summary)
         except OSError as e:
-            print(f"cannot write the summary into {out}: {e.strerror or e}; the checkpoint at step {setup.steps} is "
-                  "saved", file=sys.stderr)
+            print(f"cannot write the plots or the summary into {out}: {e.strerror or e}; the checkpoint at step "
+                  f"{setup.steps} is saved (train --resume writes them)", file=sys.stderr)
             return 1
     ckpt = _checkpoint_path(out, p.cfg).name + ("/" if p.cfg.checkpoint.backend == "orbax" else "")
     say(f"  wrote  {out}/{{{files.METRICS}, {files.SUMMARY}, {ckpt}, *.png}} ({wall:.1f}s)")

@@ -89,6 +89,7 @@ class _Call(NamedTuple):
     instance: int = 0  # which of the rule's function objects (rules a factory makes share a name and a source)
     live: tuple[int, ...] | None = None  # the outputs fn goes on to use (None: all)
     taint: tuple[bool, ...] = ()  # per input: whether it depends on the selected parameters
+    literal: tuple[bool, ...] = ()  # per input: a constant written into fn (a Python number): never differentiated
 
 
 # ---- identifying rules ----------------------------------------------------------------------------------------
@@ -267,7 +268,9 @@ def _bind(eqn: Any, invals: Sequence[Any]) -> list:
 _RULE_CALLS = {"custom_vjp.__call__": "custom_vjp", "custom_jvp.__call__": "custom_jvp"}
 
 
-_WRAPPERS = ("traceback_util.py", "api_util.py", "linear_util.py")  # JAX's own frames around any API call
+def _users(frame: Any) -> bool:
+    """Whether a frame runs the user's code (not JAX's, a framework's or funcgrad's checker)."""
+    return not _is_library(frame.file_name) and f"{os.sep}funcgrad{os.sep}verify{os.sep}" not in frame.file_name
 
 
 def _inlined_sites(closed: Any) -> dict[str, tuple[str, Any, bool]]:
@@ -292,10 +295,11 @@ def _inlined_sites(closed: Any) -> dict[str, tuple[str, Any, bool]]:
                 if kind is None or not f.file_name.endswith("custom_derivatives.py"):
                     continue
                 outer = list(frames[k + 1 :])
-                at = next((i for i, g in enumerate(outer) if not _is_library(g.file_name)
-                           and f"{os.sep}funcgrad{os.sep}verify{os.sep}" not in g.file_name), None)
+                at = next((i for i, g in enumerate(outer) if _users(g)), None)
                 if at is not None:
-                    library = any(not g.file_name.endswith(_WRAPPERS) for g in outer[:at])
+                    # The rule's own code (its fwd, bwd, JVP rule) runs inside __call__: a library's rule (jax.nn.relu)
+                    # has none of the user's there; a user's rule wrapped by a framework (equinox, flax) has some.
+                    library = not any(_users(g) for g in frames[:k])
                     found.setdefault(_short(outer[at].file_name, outer[at].line_num), (kind, outer[at], library))
                 break
             for sub in _sub(eqn):
@@ -342,6 +346,7 @@ class _Walker:
         self._holds: dict[int, bool] = {}
         self._within: dict[int, set] = {}
         self._instances: dict[int, int] = {}
+        self.recorded: set = set()  # (rule, instance) pairs with a call recorded
         self._branching: dict[int, tuple[Callable, list] | None] = {}
         self._compiled: dict[int, Callable] = {}
         self._keep: list = []  # keeps the objects whose ids key the caches alive
@@ -413,13 +418,13 @@ class _Walker:
                     self.count(s, times * trips, within)
 
     def rules_in(self, jaxpr: Any) -> set:
-        """The rules a jaxpr calls, at any depth."""
+        """The rules a jaxpr calls, at any depth: (rule, instance) pairs."""
         if id(jaxpr) not in self._within:
             self._keep.append(jaxpr)
             found: set = set()
             for e in jaxpr.eqns:
                 if e.primitive.name in _CUSTOM:
-                    found.add(self.rule(e))
+                    found.add((self.rule(e), self.instance(e)))
                 for s in _sub(e):
                     if self.holds(s):
                         found |= self.rules_in(s)
@@ -460,8 +465,8 @@ class _Walker:
         taken = {id(e): int(np.clip(int(i), 0, len(e.params["branches"]) - 1)) for e, i in zip(conds, res[n:],
                                                                                              strict=True)}
         for e in conds:
-            if any(self.audited(r) and not self.calls.get(r)
-                   for r in self.rules_in(e.params["branches"][taken[id(e)]].jaxpr)):
+            if any(self.audited(r) and (r, i) not in self.recorded
+                   for r, i in self.rules_in(e.params["branches"][taken[id(e)]].jaxpr)):
                 return None
         self.count(body.jaxpr, 1, taken=taken)
         return res[:n]
@@ -474,8 +479,10 @@ class _Walker:
         else:
             self.seen[rule] += times
 
-    def run(self, jaxpr: Any, consts: Sequence, args: Sequence, taint: Sequence[bool], where: str) -> tuple[list, list]:
-        """The jaxpr's outputs, and for each whether it depends on the selected parameters."""
+    def run(self, jaxpr: Any, consts: Sequence, args: Sequence, taint: Sequence[bool], where: str,
+            live_out: Sequence[bool] | None = None) -> tuple[list, list]:
+        """The jaxpr's outputs, and for each whether it depends on the selected parameters (``live_out``: which
+        outputs the caller goes on to use; all by default)."""
         env: dict[Any, tuple[Any, bool]] = {}
         for v, x in zip(jaxpr.constvars, consts, strict=True):
             env[v] = (x, False)
@@ -486,9 +493,12 @@ class _Walker:
             return (v.val, False) if isinstance(v, Literal) else env[v]
 
         marked: set = set()  # values made by a _MARKERS rule
-        used = {v for v in jaxpr.outvars if not isinstance(v, Literal)}
+        # The values fn goes on to use (a value only stop_gradient reads carries no cotangent back)
+        used = {v for k, v in enumerate(jaxpr.outvars) if not isinstance(v, Literal)
+                and (live_out is None or live_out[k])}
         for eqn in jaxpr.eqns:
-            used.update(v for v in eqn.invars if not isinstance(v, Literal))
+            if eqn.primitive.name != "stop_gradient":
+                used.update(v for v in eqn.invars if not isinstance(v, Literal))
         for k, eqn in enumerate(jaxpr.eqns):
             ins = [read(v) for v in eqn.invars]
             vals, ts = [x for x, _ in ins], [t for _, t in ins]
@@ -500,31 +510,33 @@ class _Walker:
                 live = tuple(j for j, v in enumerate(eqn.outvars) if v in used)
                 outs, touts = self._custom(eqn, vals, ts, where, held, jaxpr.eqns[:k], live)
             else:
-                outs, touts = self.equation(eqn, vals, ts, where)
+                outs, touts = self.equation(eqn, vals, ts, where, [v in used for v in eqn.outvars])
             for v, x, t in zip(eqn.outvars, outs, touts, strict=True):
                 env[v] = (x, t)
         res = [read(v) for v in jaxpr.outvars]
         return [x for x, _ in res], [t for _, t in res]
 
-    def equation(self, eqn: Any, vals: list, ts: list, where: str) -> tuple[list, list]:
+    def equation(self, eqn: Any, vals: list, ts: list, where: str,
+                 live: Sequence[bool] | None = None) -> tuple[list, list]:
         if not any(self.holds(s) for s in _sub(eqn)):
             return _bind(eqn, vals), [any(ts)] * len(eqn.outvars)
         ctx = getattr(getattr(eqn, "ctx", None), "manager", None)
         self._sites.append(self.site(eqn))
         try:
             with ctx if ctx is not None else contextlib.nullcontext():
-                return self._enter(eqn, vals, ts, where)
+                return self._enter(eqn, vals, ts, where, live)
         finally:
             self._sites.pop()
 
-    def _enter(self, eqn: Any, vals: list, ts: list, where: str) -> tuple[list, list]:
+    def _enter(self, eqn: Any, vals: list, ts: list, where: str,
+               live: Sequence[bool] | None = None) -> tuple[list, list]:
         """An equation holding rules, entered (``jit``, ``remat``, ``scan``, ``while``, ``cond``)."""
         name = eqn.primitive.name
         if name in _CALLS and len(_sub(eqn)) == 1:
             closed = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
             jaxpr, consts = (closed.jaxpr, closed.consts) if hasattr(closed, "consts") else (closed, ())
             label = "remat" if name in ("checkpoint", "remat", "remat2") else f"{name}({eqn.params.get('name', '')})"
-            return self.run(jaxpr, consts, vals, ts, _join(where, label))
+            return self.run(jaxpr, consts, vals, ts, _join(where, label), live)
         if name == "scan":
             return self._scan(eqn, vals, ts, where)
         if name == "while":
@@ -549,8 +561,10 @@ class _Walker:
         self._tally(rule)
         if self.audited(rule):
             # (on the path also through the values the rule closes over: its consts)
+            self.recorded.add((rule, self.instance(eqn)))
             self.calls[rule].append(_Call(rule, eqn, tuple(vals), any(ts), held, where, self.site(eqn, before),
-                                          self.instance(eqn), live, tuple(ts)))
+                                          self.instance(eqn), live, tuple(ts),
+                                          tuple(isinstance(v, Literal) for v in eqn.invars)))
         closed = _call_jaxpr(eqn)
         if self.holds(closed.jaxpr):  # rules inside this rule's primal
             self._sites.append(self.site(eqn))
@@ -872,7 +886,9 @@ def _forward_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: t
         scale = float(np.max(np.abs(p64[fin])))
         with np.errstate(invalid="ignore"):
             gap = np.where(fin, np.abs(u64 - p64), 0.0)
-            bad = fin & ~(gap <= rtol * (np.abs(p64) + scale))
+            # (at least the dtype's tolerance of 1: a primal that loses what a stable forward keeps, log(1 + x) at
+            # x = 1e-9, or outputs that cancel to rounding, differ from it by far more than its own scale)
+            bad = fin & ~(gap <= rtol * (np.abs(p64) + max(scale, 1.0)))
         if bad.any():
             at = np.unravel_index(int(np.argmax(np.where(bad, np.nan_to_num(gap, nan=np.inf), -1.0))), p64.shape)
             return (f"under differentiation the rule's forward returns another primal output than its primal function: "
@@ -882,6 +898,23 @@ def _forward_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: t
     return ""
 
 
+def _inputs_to_check(call: _Call, n_c: int) -> tuple[tuple[int, ...], list[int], list[int]]:
+    """The rule's inputs to differentiate at a call (floating, non-empty, not held by the framework), and those
+    held fixed besides: numbers written into fn (a hyperparameter, whose cotangent the bwd may leave None), and
+    for a rule with symbolic zeros the inputs fn's gradient does not perturb (its fwd may take another path for
+    them, reading ``.perturbed``: the rule is checked as fn's gradient runs it)."""
+    user_inputs = call.inputs[n_c:]
+    diff_pos = tuple(i for i, x in enumerate(user_inputs)
+                     if jnp.issubdtype(jnp.result_type(x), jnp.floating) and np.size(x) > 0 and i not in call.held)
+    constants = [i for i in diff_pos if call.literal and call.literal[n_c + i]]
+    diff_pos = tuple(i for i in diff_pos if i not in constants)
+    unperturbed: list[int] = []
+    if call.eqn.params.get("symbolic_zeros") and call.taint and any(call.taint[n_c + i] for i in diff_pos):
+        unperturbed = [i for i in diff_pos if not call.taint[n_c + i]]
+        diff_pos = tuple(i for i in diff_pos if call.taint[n_c + i])
+    return diff_pos, constants, unperturbed
+
+
 def _check_call(call: _Call, k: int, scalars: dict,
                 options: dict) -> tuple[GradReport | None, tuple[int, ...], str, str]:
     """check_grad of one call: the report, the rule's input number of each report row, a note when the call
@@ -889,12 +922,7 @@ def _check_call(call: _Call, k: int, scalars: dict,
     eqn = call.eqn
     n_c = int(eqn.params.get("num_consts", 0))
     user_inputs = call.inputs[n_c:]
-    diff_pos = tuple(i for i, x in enumerate(user_inputs)
-                     if jnp.issubdtype(jnp.result_type(x), jnp.floating) and np.size(x) > 0 and i not in call.held)
-    if eqn.params.get("symbolic_zeros") and call.taint and any(call.taint[n_c + i] for i in diff_pos):
-        # A rule with symbolic zeros may take another path for inputs that are not perturbed (its fwd reads
-        # `.perturbed`): checked as fn's gradient runs it, perturbing the inputs that depend on the parameters.
-        diff_pos = tuple(i for i in diff_pos if call.taint[n_c + i])
+    diff_pos, constants, unperturbed = _inputs_to_check(call, n_c)
     float_outs = tuple(j for j, v in enumerate(eqn.outvars) if jnp.issubdtype(v.aval.dtype, jnp.floating))
     complex_io = [f"input {i}" for i, x in enumerate(user_inputs)
                   if jnp.issubdtype(jnp.result_type(x), jnp.complexfloating) and i not in call.held]
@@ -918,8 +946,11 @@ def _check_call(call: _Call, k: int, scalars: dict,
     key = (id(eqn), diff_pos)
     if key not in scalars:
         scalars[key] = _scalars(eqn, call, diff_pos, float_outs)
-    held = (f"input(s) {list(call.held)} held fixed: the framework marks them as not differentiated"
-            if call.held else "")
+    held = "; ".join(
+        [f"input(s) {list(call.held)} held fixed: the framework marks them as not differentiated"] * bool(call.held)
+        + [f"input(s) {constants} held fixed: numbers written into fn, which no gradient moves"] * bool(constants)
+        + [f"input(s) {unperturbed} held fixed: a rule with symbolic zeros is checked as fn's gradient (with respect "
+           "to the selected parameters) runs it, and that does not perturb them"] * bool(unperturbed))
     try:
         extra, diff, out_masks, partial = _extra(eqn, call, diff_pos, float_outs,
                                                  np.random.default_rng([options["seed"] % 2**32, k]))
@@ -1048,9 +1079,12 @@ def audit(
         raise
     walker = _Walker(max_calls, library, exclude)
     walker.run(closed.jaxpr, closed.consts, arrays, taint, "")
-    visible = {_call_site(e) for e in walker._keep if hasattr(e, "primitive") and e.primitive.name in _CUSTOM}
+    # (a framework's marker rule, equinox's nondifferentiable, may sit at the same line as an inlined user rule)
+    visible = {(_call_site(e), _CUSTOM[e.primitive.name]) for e in walker._keep
+               if hasattr(e, "primitive") and e.primitive.name in _CUSTOM and not walker.rule(e).library
+               and walker.rule(e).name not in _MARKERS}
     inlined = {site: _inlined_rule(site, kind, frame, lib) for site, (kind, frame, lib) in _inlined_sites(closed).items()
-               if site not in visible}
+               if (site, kind) not in visible}
 
     options = {"rtol": rtol, "atol": atol, "mode": mode, "seed": seed, "max_calls": max_calls}
     rows = [_rule_row(rule, calls, walker.seen[rule], options) for rule, calls in walker.calls.items()]
@@ -1067,7 +1101,7 @@ def audit(
                       "value_and_grad inside fn, as in a training step), which traces through the rule and leaves "
                       "no call of it in fn's program; audit the function that derivative is taken of (the loss) to "
                       "check it")
-             for site, rule in inlined.items() if walker.audited(rule) and rule not in walker.calls]
+             for site, rule in inlined.items() if walker.audited(rule)]
     # Rules called only at loop iterations the sampling skipped (a cond taken at one iteration): undecided too.
     rows += [AuditRow(rule.name, rule.source, rule.kind, 0, n, Verdict.FD_UNRELIABLE, None, "", None, None, None,
                       0.0, 0.0, True,

@@ -52,9 +52,12 @@ def _vdot_tree(out: Any, cot: Any) -> jax.Array | int:
 
 
 def _not_float(x: Any) -> list:
-    """The leaves of ``x`` that are not floating-point arrays."""
-    return [leaf for leaf in jax.tree_util.tree_leaves(x)
-            if not (_is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.floating))]
+    """The leaves of ``x`` that are not floating-point arrays; Python floats beside such arrays aside (they are
+    hyperparameters, held fixed, as check_grad holds them)."""
+    leaves = jax.tree_util.tree_leaves(x)
+    floating = [_is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.floating) for leaf in leaves]
+    return [leaf for leaf, f in zip(leaves, floating, strict=True)
+            if not f and not (any(floating) and isinstance(leaf, float))]
 
 
 def _require_floats(diff: Sequence[Any], names: Sequence[str]) -> None:
@@ -157,7 +160,7 @@ def check_vjp(
         )
         try:
             rep = _check_grad_impl(scalar, diff, (cot, consts), hand=hand, has_aux=False, wrt=None, rtol=rtol,
-                                   atol=atol, mode=mode, seed=seed + k, reuse=True)
+                                   atol=atol, mode=mode, seed=seed + k, reuse=False)
         except (TypeError, ValueError) as e:
             raise (ValueError if isinstance(e, ValueError) else TypeError)(_in_terms_of(str(e.args[0]) if e.args else
                                                                                        str(e), row_names)) from None
@@ -181,7 +184,8 @@ def _numpy_semantics(report: GradReport, hand: Callable, diff: tuple, cot: Any, 
         with _x64(True):
             traced = [np.asarray(x, np.float64) for x in hand(*jax.tree_util.tree_map(
                 lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, (host(diff), host(cot), host(consts))))]
-        eager = [np.asarray(x, np.float64) for x in hand(host(diff), host(cot), host(consts))]
+            # (JAX operations in the hand compute in float64 here too: only NumPy's in-place semantics differ)
+            eager = [np.asarray(x, np.float64) for x in hand(host(diff), host(cot), host(consts))]
     except Exception:  # noqa: BLE001 - a hand for one kind of array only: nothing to compare
         return report
     notes, wrong = [], set()

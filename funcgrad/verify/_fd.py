@@ -187,7 +187,7 @@ def _consistent(v: np.ndarray, fd: _FD, tol: np.ndarray) -> np.ndarray:
     return fd.finite & np.isfinite(v) & inside
 
 
-def _confirms(v: np.ndarray, fd: _FD, tol: np.ndarray) -> np.ndarray:
+def _confirms(v: np.ndarray, fd: _FD, tol: np.ndarray, scale: float = 0.0) -> np.ndarray:
     """Whether finite differences confirm a value to about the analytic tolerance ``tol`` (from the gradients'
     scale, without finite differences' noise floor): within the reading's interval, widened by its error counted at
     most up to ``tol``, and ``tol``. A reading whose error bars (or noise floor) are much wider than the tolerance is
@@ -197,9 +197,10 @@ def _confirms(v: np.ndarray, fd: _FD, tol: np.ndarray) -> np.ndarray:
         # (a zero tolerance, every gradient exactly 0, gives no scale: the reading's own error is the measure)
         slack = 2 * np.where(tol > 0, np.minimum(fd.err, tol), fd.err) + tol
         inside = (v >= fd.lo - slack) & (v <= fd.hi + slack)
-        # Error bars wider than the tolerance confirm nothing to it (bfloat16 inside fn: a rule 20% off sat within
-        # three tolerances of such a reading).
-        precise = (tol <= 0) | (fd.err <= tol)
+        # Error bars wider than the tolerance and than a thousandth of the value (or of the gradient's scale,
+        # ``scale``) confirm nothing (bfloat16 inside fn: a rule 20% off sat within three tolerances of such a
+        # reading); a float64 reading a millionth wide confirms a small gradient that its tolerance is below.
+        precise = (tol <= 0) | (fd.err <= tol) | (fd.err <= 1e-3 * np.maximum(np.abs(v), scale))
     return fd.finite & np.isfinite(v) & inside & precise
 
 
@@ -215,7 +216,7 @@ def _confidently_off(v: np.ndarray, fd: _FD, tol: np.ndarray) -> np.ndarray:
 
 def _classify(A: np.ndarray, H: np.ndarray | None, fd: _FD, tol: np.ndarray,
               lenient: np.ndarray | bool = False, tol_ah: np.ndarray | None = None,
-              reference: bool = False) -> np.ndarray:
+              reference: bool = False, scale: float = 0.0) -> np.ndarray:
     """Per-item verdicts from autodiff A, hand H (or None) and finite differences: the side that disagrees
     with the other two is wrong; both, when they agree with each other and confident finite differences
     rule them out.
@@ -242,7 +243,7 @@ def _classify(A: np.ndarray, H: np.ndarray | None, fd: _FD, tol: np.ndarray,
     off_a = _confidently_off(A, fd, tol) & ~waived
     if H is None:
         # Nothing but finite differences to compare autodiff with: a pass needs them precise enough to confirm it.
-        sure = _confirms(A, fd, tol_ah) | waive_a
+        sure = _confirms(A, fd, tol_ah, scale) | waive_a
         out = np.where(ca, np.where(sure, fits, Verdict.FD_UNRELIABLE),
                        np.where(off_a, Verdict.AUTODIFF_WRONG, Verdict.MISMATCH))
         return np.where(fd.singular, Verdict.SINGULAR, out).astype(object)

@@ -955,7 +955,8 @@ def _rows(items: _Items, P: np.ndarray, engine: _Engine, has_hand: bool, user: b
     item_tol_ah = proj[:, 2].copy()
     item_tol_ah[is_el] = tahv
     fd = engine.ladder(items, item_tol, initial=F, values=[A] if H is None else [A, H])
-    verdicts = _classify(A, H, fd, item_tol, lenient=~is_el, tol_ah=item_tol_ah, reference=engine.hand_reference)
+    verdicts = _classify(A, H, fd, item_tol, lenient=~is_el, tol_ah=item_tol_ah, reference=engine.hand_reference,
+                         scale=engine.global_scale)
     item_leaf = np.where(is_el, np.searchsorted(np.array(layout.offsets), np.maximum(flat, 0), side="right") - 1,
                          np.concatenate([np.zeros(int(is_el.sum()), int), d_leaf]))
 
@@ -1109,7 +1110,7 @@ def _arbitrate(flat: np.ndarray, li: int, has_hand: bool, engine: _Engine) -> li
     fd = engine.at_elements(flat)
     av, hv, tv, tahv = engine.values(flat)
     H = hv if has_hand else None
-    verdicts = _classify(av, H, fd, tv, tol_ah=tahv, reference=engine.hand_reference)
+    verdicts = _classify(av, H, fd, tv, tol_ah=tahv, reference=engine.hand_reference, scale=engine.global_scale)
     o, shape = engine.layout.offsets[li], engine.layout.shapes[li]
     return [_make_item(verdicts[k], np.unravel_index(i - o, shape), av[k], None if H is None else H[k], fd, k)
             for k, i in enumerate(flat)]

@@ -207,6 +207,18 @@ class _Traced:
         return self.fallback(dl, (fixed, args))
 
 
+def _detached(c: Any) -> Any:
+    """A traced constant without JAX's wrapper: the NumPy array under a ``TypedNdArray`` (the same memory). JAX
+    caches what it makes of a NumPy array that a function closes over (a float64 dropout mask becomes float32
+    without x64) by the array, whatever the x64 setting, for as long as what it made is alive: holding it would
+    give the trace at the other setting (and the user's programs after the check) this one's dtype."""
+    base = getattr(c, "base", None)
+    if type(c) is not np.ndarray and isinstance(c, np.ndarray) and isinstance(base, np.ndarray) \
+            and base.dtype == c.dtype and base.shape == c.shape:
+        return base
+    return c
+
+
 def trace_pair(fn: Callable, dl_user: Sequence, dl64: Sequence, dyn_user: Sequence, dyn64: Sequence, spec: tuple,
                what: str, consts: list) -> _Traced:
     """``fn(dl, packed)`` traced at the user's precision and in float64. The constants it closes over are added
@@ -220,22 +232,25 @@ def trace_pair(fn: Callable, dl_user: Sequence, dl64: Sequence, dyn_user: Sequen
     traces_closed = []
     closed_u, out_u = jax.make_jaxpr(flat, return_shape=True)(list(dl_user), list(dyn_user))
     key_u = _key(closed_u)
-    traces_closed.append((closed_u, out_u, [*dl_user, *dyn_user]))
+    # (JAX's converted constants are let go of before the other trace: see _detached)
+    traces_closed.append((closed_u.jaxpr, [_detached(c) for c in closed_u.consts], out_u, [*dl_user, *dyn_user]))
+    del closed_u
     with _x64(True):  # (a custom rule's derivative is traced for the key as the float64 check will)
         closed_64, out_64 = jax.make_jaxpr(flat, return_shape=True)(list(dl64), list(dyn64))
         key_64 = _key(closed_64)
-    traces_closed.append((closed_64, out_64, [*dl64, *dyn64]))
+        traces_closed.append((closed_64.jaxpr, [_detached(c) for c in closed_64.consts], out_64, [*dl64, *dyn64]))
+        del closed_64
     ids: dict[int, int] = {id(c): i for i, c in enumerate(consts)}
     traces = []
-    for closed, out, inputs in traces_closed:
+    for jaxpr, closed_consts, out, inputs in traces_closed:
         index = []
-        for c in closed.consts:
+        for c in closed_consts:
             if id(c) not in ids:
                 ids[id(c)] = len(consts)
                 consts.append(c)
             index.append(ids[id(c)])
         sig = tuple((tuple(np.shape(x)), jnp.dtype(x.dtype)) for x in inputs)
-        traces.append(_Trace(closed.jaxpr, tuple(index), sig, jax.tree_util.tree_structure(out)))
+        traces.append(_Trace(jaxpr, tuple(index), sig, jax.tree_util.tree_structure(out)))
     # Everything the traced function reads, except the constants' values (arguments of the compiled programs):
     # where its constants sit among the check's (shared with hand when both close over the same array), too.
     key = (what, key_u, key_64, tuple((t.out_tree, t.const_index, t.in_avals) for t in traces), spec)
