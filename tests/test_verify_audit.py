@@ -1025,3 +1025,84 @@ def test_rules_of_training_steps_loops_and_jitted_modules_are_found_and_judged_r
         return jnp.sum(jnp.sin(y)) + 0.0 * jax.lax.stop_gradient(m)
 
     assert verify.audit(jax.jit(with_stats), jnp.array([0.3, -0.1, 0.8])).ok
+
+
+@pytest.mark.parametrize("where", ["jitted layer", "scan", "checkpoint", "fwd through jax.nn"])
+def test_a_rule_inside_a_training_step_s_loss_is_unchecked_wherever_the_loss_calls_it(where):
+    @jax.custom_vjp
+    def act(x):
+        return jax.nn.relu(x) if where == "fwd through jax.nn" else jnp.tanh(x)
+
+    def bwd(x, g):  # 1.5× the derivative
+        return ((x > 0) * g * 1.5,) if where == "fwd through jax.nn" else ((1 - jnp.tanh(x) ** 2) * g * 1.5,)
+
+    act.defvjp(lambda x: (act(x), x), bwd)
+    X, Y = jnp.linspace(-1, 1, 8).reshape(4, 2), jnp.array([0.3, -0.2, 0.5, 0.1])
+    layer = {"jitted layer": jax.jit(lambda z: act(z)), "checkpoint": jax.checkpoint(act)}.get(where, act)
+
+    def loss(w):
+        z = X @ w
+        if where == "scan":
+            return jnp.sum(jax.lax.scan(lambda c, _: (act(c), None), z, None, length=2)[0] ** 2)
+        return jnp.mean((layer(z) - Y) ** 2)
+
+    step = jax.jit(lambda w: jax.value_and_grad(loss)(w))
+    w = jnp.array([0.4, 0.3])  # (positive inputs for the relu variant)
+    report = verify.audit(step, w)
+    # unchecked (traced through), or checked and failing (a jitted layer or a checkpoint keeps a call of it)
+    assert not report.ok and report.rows[0].rule == "act" and not any(r.ok for r in report.rows), report
+    assert not verify.audit(loss, w).ok
+
+
+def test_liveness_constants_and_the_forward_comparison_follow_fn():
+    @jax.custom_vjp
+    def bn(x):  # a correct rule returning (normalised, mean) whose bwd ignores the mean's cotangent
+        m = jnp.mean(x)
+        return x - m, m
+
+    bn.defvjp(lambda x: (bn(x), None), lambda _, g: (g[0] - jnp.mean(g[0]),))
+    x = jnp.array([0.3, -0.1, 0.8])
+    for use in (lambda y, m: jnp.sum(jnp.sin(y)) + jnp.where(m > 0, 0.0, 1.0),  # the mean as a predicate
+                lambda y, m: jnp.sum(jnp.sin(y)) + jnp.argmax(jnp.stack([m, -m])).astype(jnp.float32)):
+        assert verify.audit(lambda v, use=use: use(*bn(v)), x).ok
+
+    def dead(v):
+        y, m = bn(v)
+        _ = jnp.sum(m * 2)  # computed, never used
+        return jnp.sum(jnp.sin(y))
+
+    assert verify.audit(jax.jit(dead), x).ok
+
+    @jax.custom_vjp
+    def scaled_tanh(z, t):
+        return jnp.tanh(z / t)
+
+    scaled_tanh.defvjp(lambda z, t: (scaled_tanh(z, t), (z, t)),
+                       lambda r, g: ((1 - jnp.tanh(r[0] / r[1]) ** 2) / r[1] * g, None))
+    helper = jax.jit(lambda h, t: scaled_tanh(h, t))
+    assert verify.audit(lambda v: jnp.sum(helper(v, 2.0)) + jnp.sum(scaled_tanh(v, jnp.sqrt(4.0))), x).ok
+
+    @jax.custom_vjp
+    def sq(z):  # its forward adds 1: one large output must not hide it at the small ones
+        return z * z
+
+    sq.defvjp(lambda z: (z * z + 1.0, z), lambda z, g: (2 * z * g,))
+    report = verify.audit(lambda v: jnp.sum(jnp.sin(sq(v))), jnp.array([0.3, -0.5, 0.8, 40.0]))
+    assert not report.ok and "another primal output" in report.rows[0].note, report
+
+    def make(a):  # factory instances sharing one module-level bwd; one fwd saves a wrong residual
+        @jax.custom_vjp
+        def act(z):
+            return a * jnp.tanh(z)
+
+        act.defvjp(lambda z: (act(z), (z, a if a != 0.4 else 2 * a)), _scaled_tanh_bwd)
+        return act
+
+    acts = [make(0.1 * (i + 1)) for i in range(5)]
+    report = verify.audit(lambda v: sum(jnp.sum(act(v)) for act in acts), x, max_calls=2)
+    assert not report.ok and report.rows[0].verdict == verify.Verdict.AUTODIFF_WRONG, report
+
+
+def _scaled_tanh_bwd(res, g):
+    z, a = res
+    return (a * (1 - jnp.tanh(z) ** 2) * g,)

@@ -25,6 +25,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import inspect
 import itertools
 import keyword
 import linecache
@@ -273,16 +274,29 @@ def _users(frame: Any) -> bool:
     return not _is_library(frame.file_name) and f"{os.sep}funcgrad{os.sep}verify{os.sep}" not in frame.file_name
 
 
-def _inlined_sites(closed: Any) -> dict[str, tuple[str, Any, bool]]:
+_MACHINERY = ("core.py", "custom_derivatives.py", "linear_util.py", "api_util.py", "pjit.py", "source_info_util.py",
+              "traceback_util.py", "api.py", "dispatch.py", "ad_util.py")  # JAX's own tracing, in any rule's frames
+
+
+def _machinery(frame: Any) -> bool:
+    """Whether a frame is JAX's tracing machinery (which runs for every rule), not code that defines one."""
+    name = frame.file_name
+    return f"{os.sep}interpreters{os.sep}" in name or (_is_library(name) and name.endswith(_MACHINERY))
+
+
+def _inlined_sites(closed: Any) -> dict[str, tuple[str, Any, bool | None]]:
     """The call sites (file:line) of custom rules that a derivative taken inside fn (``jax.grad`` in a training
     step, a force from an energy) traced through: their calls leave no rule equation in fn's program, only the
     operations of their fwd and bwd, each traced inside the rule object's ``__call__``. Per site: the kind, the
-    user's frame that made the call, and whether a framework's code stands between them (a library's rule, as
-    jax.nn.relu's). Equations inside a visible rule's own jaxprs are not looked at."""
-    found: dict[str, tuple[str, Any, bool]] = {}
+    user's frame that made the call, and whose rule it is as its own frames tell: the user's (True: the user's
+    code runs inside ``__call__``, a framework-wrapped rule included), a library's (False: only a library's code,
+    as jax.nn.relu's), or not told (None: operations JAX re-emitted from a rule's cached trace, in a jitted helper
+    or a loop). Every rule call on an operation's stack counts (a user's rule whose fwd calls jax.nn.relu).
+    Equations inside a visible rule's own jaxprs are not looked at."""
+    found: dict[str, tuple[str, Any, bool | None]] = {}
     seen: set[int] = set()
 
-    def walk(jaxpr: Any) -> None:
+    def walk(jaxpr: Any, context: Any) -> None:
         if id(jaxpr) in seen:
             return
         seen.add(id(jaxpr))
@@ -290,42 +304,93 @@ def _inlined_sites(closed: Any) -> dict[str, tuple[str, Any, bool]]:
             if eqn.primitive.name in _CUSTOM:
                 continue
             frames = _frames(eqn)
-            for k, f in enumerate(frames):
-                kind = _RULE_CALLS.get(f.function_name)
-                if kind is None or not f.file_name.endswith("custom_derivatives.py"):
+            calls = [k for k, f in enumerate(frames) if f.function_name in _RULE_CALLS
+                     and f.file_name.endswith("custom_derivatives.py")]
+            for n, k in enumerate(calls):
+                inside = frames[(calls[n - 1] + 1 if n else 0) : k]
+                # the user's frame that made the call; a rule traced by jax.checkpoint keeps none of it: the
+                # nearest enclosing equation's, then
+                caller = next((g for g in frames[k + 1 :] if _users(g)), context)
+                if caller is None:
                     continue
-                outer = list(frames[k + 1 :])
-                at = next((i for i, g in enumerate(outer) if _users(g)), None)
-                if at is not None:
-                    # The rule's own code (its fwd, bwd, JVP rule) runs inside __call__: a library's rule (jax.nn.relu)
-                    # has none of the user's there; a user's rule wrapped by a framework (equinox, flax) has some.
-                    library = not any(_users(g) for g in frames[:k])
-                    found.setdefault(_short(outer[at].file_name, outer[at].line_num), (kind, outer[at], library))
-                break
+                mine: bool | None = True if any(_users(g) for g in inside) else (
+                    False if any(not _machinery(g) for g in inside) else None)
+                site = _short(caller.file_name, caller.line_num)
+                kind = _RULE_CALLS[frames[k].function_name]
+                if site not in found or (found[site][2] is not True and mine is not None):
+                    found[site] = (kind, caller, mine)
+            inner = next((g for g in frames if _users(g)), context)
             for sub in _sub(eqn):
-                walk(sub)
+                walk(sub, inner)
 
-    walk(closed.jaxpr)
+    walk(closed.jaxpr, None)
     return found
 
 
-def _inlined_rule(site: str, kind: str, frame: Any, library: bool) -> _Rule:
-    """A rule found only by its call site: named after the rule object that the site's line calls, looked up
-    among the calling module's globals (else after the site)."""
+def _rule_objects(frame: Any, kind: str) -> list[tuple[str, Any]]:
+    """The custom rule objects of ``kind`` that the source line of ``frame`` calls by a name its module can resolve
+    (``act(x)``, ``jax.nn.relu(x)``): (name, object) pairs."""
     line = linecache.getline(frame.file_name, frame.line_num)
     target = os.path.abspath(frame.file_name)
     module = next((m for m in list(sys.modules.values())
                    if isinstance(f := getattr(m, "__file__", None), str) and os.path.abspath(f) == target), None)
     cls = jax.custom_vjp if kind == "custom_vjp" else jax.custom_jvp
-    for name in re.findall(r"([A-Za-z_]\w*)\s*\(", line):
-        obj = getattr(module, name, None) if module is not None else None
-        code = getattr(getattr(obj, "fun", None), "__code__", None)
-        if isinstance(obj, cls) and code is not None:
-            return _Rule(kind, name, _short(code.co_filename, code.co_firstlineno), library)
+    out = []
+    for dotted in re.findall(r"(?<![\w.])([A-Za-z_][\w.]*)\s*\(", line):
+        obj: Any = module
+        for part in dotted.split("."):
+            obj = getattr(obj, part, None) if obj is not None else None
+        if isinstance(obj, cls):
+            out.append((dotted.rsplit(".", 1)[-1], obj))
+    return out
+
+
+def _inlined_rule(site: str, kind: str, frame: Any, mine: bool | None) -> _Rule:
+    """A rule found only by its call site: named after the rule object that the site's line calls, when its
+    module resolves one (which also tells whether a library defines it, where the rule's own frames did not),
+    else after the one plain name the line calls, else after the site. Undecided whose it is: the user's, so
+    that it is reported rather than passed."""
+    for name, obj in _rule_objects(frame, kind):
+        fun = getattr(obj, "fun", None)
+        code = getattr(inspect.unwrap(fun) if callable(fun) else fun, "__code__", None)
+        module = str(getattr(fun, "__module__", None) or "")
+        defined_by_library = _is_library(code.co_filename) if code is not None else \
+            module.split(".", maxsplit=1)[0] in _LIBRARIES
+        source = _short(code.co_filename, code.co_firstlineno) if code is not None else f"{module}.{name}"
+        return _Rule(kind, name, source, defined_by_library if mine is None else not mine)
+    line = linecache.getline(frame.file_name, frame.line_num)
     # A rule local to a function: the one plain name the line calls, when there is one (not a method, not a builtin).
     bare = {n for n in re.findall(r"(?<![\w.])([A-Za-z_]\w*)\s*\(", line)
             if n not in dir(builtins) and n not in keyword.kwlist}
-    return _Rule(kind, bare.pop() if len(bare) == 1 else f"{kind} called at {site}", site, library)
+    return _Rule(kind, bare.pop() if len(bare) == 1 else f"{kind} called at {site}", site, mine is False)
+
+
+def _fixed(jaxpr: Any, fixed_in: Sequence[bool] | None) -> set:
+    """The values of a jaxpr that are constants of fn's: its constants (values fn closes over), the inputs
+    ``fixed_in`` marks, and what equations compute from those and literals alone (``jnp.sqrt(4.0)``, a number
+    passed through a jitted helper). No gradient of fn moves them."""
+    fixed = set(jaxpr.constvars)
+    if fixed_in is not None:
+        fixed.update(v for v, f in zip(jaxpr.invars, fixed_in, strict=True) if f)
+    for eqn in jaxpr.eqns:
+        if all(isinstance(v, Literal) or v in fixed for v in eqn.invars):
+            fixed.update(eqn.outvars)
+    return fixed
+
+
+def _live(jaxpr: Any, live_out: Sequence[bool] | None) -> set:
+    """The values of a jaxpr that a cotangent from its live outputs (``live_out``; all by default) reaches: read
+    backwards, an equation passes it on to its inputs only through a floating-point output of its that is live,
+    and stop_gradient never (dead code, a cond's predicate, an argmax or a value only stop_gradient reads carry
+    none). Equations holding jaxprs pass it to all their inputs (an upper bound)."""
+    live = {v for k, v in enumerate(jaxpr.outvars) if not isinstance(v, Literal) and (live_out is None or live_out[k])}
+    for eqn in reversed(jaxpr.eqns):
+        if eqn.primitive.name == "stop_gradient":
+            continue
+        if any(v in live and jnp.issubdtype(v.aval.dtype, jnp.inexact) for v in eqn.outvars
+               if not isinstance(v, Literal) and hasattr(v, "aval")):
+            live.update(v for v in eqn.invars if not isinstance(v, Literal))
+    return live
 
 
 # ---- walking the model --------------------------------------------------------------------------------------
@@ -376,11 +441,12 @@ class _Walker:
         if id(eqn) not in self._instances:
             self._keep.append(eqn)
             kind = _CUSTOM[eqn.primitive.name]
-            holder = eqn.params.get("bwd") if kind == "custom_vjp" else eqn.params.get(
-                "jvp_jaxpr_fun", eqn.params.get("jvp_jaxpr_thunk"))
-            user = _user_function(holder)
-            self._keep.append(user)
-            self._instances[id(eqn)] = id(user) if user is not None else 0
+            # (a custom_vjp by its fwd and bwd: a factory's instances may share a module-level bwd)
+            holders = [eqn.params.get("bwd"), eqn.params.get("fwd", eqn.params.get("fwd_jaxpr_thunk"))] \
+                if kind == "custom_vjp" else [eqn.params.get("jvp_jaxpr_fun", eqn.params.get("jvp_jaxpr_thunk"))]
+            users = [_user_function(h) for h in holders]
+            self._keep.extend(users)
+            self._instances[id(eqn)] = hash(tuple(id(u) if u is not None else 0 for u in users))
         return self._instances[id(eqn)]
 
     def audited(self, rule: _Rule) -> bool:
@@ -480,9 +546,10 @@ class _Walker:
             self.seen[rule] += times
 
     def run(self, jaxpr: Any, consts: Sequence, args: Sequence, taint: Sequence[bool], where: str,
-            live_out: Sequence[bool] | None = None) -> tuple[list, list]:
+            live_out: Sequence[bool] | None = None, fixed_in: Sequence[bool] | None = None) -> tuple[list, list]:
         """The jaxpr's outputs, and for each whether it depends on the selected parameters (``live_out``: which
-        outputs the caller goes on to use; all by default)."""
+        outputs the caller goes on to use, all by default; ``fixed_in``: which inputs are constants of fn's,
+        none by default)."""
         env: dict[Any, tuple[Any, bool]] = {}
         for v, x in zip(jaxpr.constvars, consts, strict=True):
             env[v] = (x, False)
@@ -493,12 +560,12 @@ class _Walker:
             return (v.val, False) if isinstance(v, Literal) else env[v]
 
         marked: set = set()  # values made by a _MARKERS rule
-        # The values fn goes on to use (a value only stop_gradient reads carries no cotangent back)
-        used = {v for k, v in enumerate(jaxpr.outvars) if not isinstance(v, Literal)
-                and (live_out is None or live_out[k])}
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name != "stop_gradient":
-                used.update(v for v in eqn.invars if not isinstance(v, Literal))
+        used = _live(jaxpr, live_out)
+        fixed = _fixed(jaxpr, fixed_in)
+
+        def constant(v: Any) -> bool:
+            return isinstance(v, Literal) or v in fixed
+
         for k, eqn in enumerate(jaxpr.eqns):
             ins = [read(v) for v in eqn.invars]
             vals, ts = [x for x, _ in ins], [t for _, t in ins]
@@ -508,35 +575,37 @@ class _Walker:
                 held = tuple(i for i, v in enumerate(eqn.invars[int(eqn.params.get("num_consts", 0)):])
                              if not isinstance(v, Literal) and v in marked)
                 live = tuple(j for j, v in enumerate(eqn.outvars) if v in used)
-                outs, touts = self._custom(eqn, vals, ts, where, held, jaxpr.eqns[:k], live)
+                outs, touts = self._custom(eqn, vals, ts, where, held, jaxpr.eqns[:k], live,
+                                           tuple(constant(v) for v in eqn.invars))
             else:
-                outs, touts = self.equation(eqn, vals, ts, where, [v in used for v in eqn.outvars])
+                outs, touts = self.equation(eqn, vals, ts, where, [v in used for v in eqn.outvars],
+                                            [constant(v) for v in eqn.invars])
             for v, x, t in zip(eqn.outvars, outs, touts, strict=True):
                 env[v] = (x, t)
         res = [read(v) for v in jaxpr.outvars]
         return [x for x, _ in res], [t for _, t in res]
 
-    def equation(self, eqn: Any, vals: list, ts: list, where: str,
-                 live: Sequence[bool] | None = None) -> tuple[list, list]:
+    def equation(self, eqn: Any, vals: list, ts: list, where: str, live: Sequence[bool] | None = None,
+                 fixed: Sequence[bool] | None = None) -> tuple[list, list]:
         if not any(self.holds(s) for s in _sub(eqn)):
             return _bind(eqn, vals), [any(ts)] * len(eqn.outvars)
         ctx = getattr(getattr(eqn, "ctx", None), "manager", None)
         self._sites.append(self.site(eqn))
         try:
             with ctx if ctx is not None else contextlib.nullcontext():
-                return self._enter(eqn, vals, ts, where, live)
+                return self._enter(eqn, vals, ts, where, live, fixed)
         finally:
             self._sites.pop()
 
-    def _enter(self, eqn: Any, vals: list, ts: list, where: str,
-               live: Sequence[bool] | None = None) -> tuple[list, list]:
+    def _enter(self, eqn: Any, vals: list, ts: list, where: str, live: Sequence[bool] | None = None,
+               fixed: Sequence[bool] | None = None) -> tuple[list, list]:
         """An equation holding rules, entered (``jit``, ``remat``, ``scan``, ``while``, ``cond``)."""
         name = eqn.primitive.name
         if name in _CALLS and len(_sub(eqn)) == 1:
             closed = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
             jaxpr, consts = (closed.jaxpr, closed.consts) if hasattr(closed, "consts") else (closed, ())
             label = "remat" if name in ("checkpoint", "remat", "remat2") else f"{name}({eqn.params.get('name', '')})"
-            return self.run(jaxpr, consts, vals, ts, _join(where, label), live)
+            return self.run(jaxpr, consts, vals, ts, _join(where, label), live, fixed)
         if name == "scan":
             return self._scan(eqn, vals, ts, where)
         if name == "while":
@@ -556,7 +625,8 @@ class _Walker:
         return _bind(eqn, vals), [any(ts)] * len(eqn.outvars)
 
     def _custom(self, eqn: Any, vals: list, ts: list, where: str, held: tuple[int, ...],
-                before: Sequence = (), live: tuple[int, ...] | None = None) -> tuple[list, list]:
+                before: Sequence = (), live: tuple[int, ...] | None = None,
+                fixed: tuple[bool, ...] = ()) -> tuple[list, list]:
         rule = self.rule(eqn)
         self._tally(rule)
         if self.audited(rule):
@@ -564,7 +634,7 @@ class _Walker:
             self.recorded.add((rule, self.instance(eqn)))
             self.calls[rule].append(_Call(rule, eqn, tuple(vals), any(ts), held, where, self.site(eqn, before),
                                           self.instance(eqn), live, tuple(ts),
-                                          tuple(isinstance(v, Literal) for v in eqn.invars)))
+                                          fixed or tuple(isinstance(v, Literal) for v in eqn.invars)))
         closed = _call_jaxpr(eqn)
         if self.holds(closed.jaxpr):  # rules inside this rule's primal
             self._sites.append(self.site(eqn))
@@ -883,12 +953,13 @@ def _forward_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: t
         if not fin.any():
             continue
         rtol = _default_rtol(float(jnp.finfo(eqn.outvars[j].aval.dtype).eps))
-        scale = float(np.max(np.abs(p64[fin])))
         with np.errstate(invalid="ignore"):
             gap = np.where(fin, np.abs(u64 - p64), 0.0)
-            # (at least the dtype's tolerance of 1: a primal that loses what a stable forward keeps, log(1 + x) at
-            # x = 1e-9, or outputs that cancel to rounding, differ from it by far more than its own scale)
-            bad = fin & ~(gap <= rtol * (np.abs(p64) + max(scale, 1.0)))
+            # (per element, with a floor of the dtype's tolerance of 1 or of the outputs' typical size: a primal
+            # that loses what a stable forward keeps, log(1 + x) at x = 1e-9, or outputs that cancel to rounding,
+            # differ from it by far more than their own size; one large output must not hide the others)
+            typical = float(np.median(np.abs(p64[fin])))
+            bad = fin & ~(gap <= rtol * (np.abs(p64) + max(typical, 1.0)))
         if bad.any():
             at = np.unravel_index(int(np.argmax(np.where(bad, np.nan_to_num(gap, nan=np.inf), -1.0))), p64.shape)
             return (f"under differentiation the rule's forward returns another primal output than its primal function: "
@@ -935,7 +1006,9 @@ def _check_call(call: _Call, k: int, scalars: dict,
     if call.live is not None and any(j in call.live for j in float_outs):
         float_outs = tuple(j for j in float_outs if j in call.live)
     if not diff_pos or not float_outs:
-        return None, (), _NOTHING + "no floating-point " + ("input" if not diff_pos else "output"), ""
+        what = ("its floating-point inputs are all constants of fn's" if not diff_pos and constants else
+                "no floating-point " + ("input" if not diff_pos else "output"))
+        return None, (), _NOTHING + what, ""
     if (id(eqn), "inputs") not in scalars:
         scalars[id(eqn), "inputs"] = _differentiable(eqn, call, diff_pos, float_outs)
     diff_pos, refused, broken = scalars[id(eqn), "inputs"]
