@@ -675,3 +675,15 @@ def test_an_orbax_folder_that_is_a_link_is_refused_before_anything_is_written(ca
     code, _, err = cli(capsys, "train", "--resume", "--out", out, *orbax[:2], "--set", "train.epochs=20")
     assert_one_line_error(code, err, "orbax", "symbolic link")
     assert snapshot(elsewhere) == before
+
+
+def test_a_run_killed_past_its_checkpoint_can_be_finished_at_that_checkpoint(capsys, run):
+    # A killed run has logged past its last checkpoint (step 50 here, rows to 55): resuming with epochs that end
+    # at the checkpoint was refused as "damaged". The rows past it are kept aside; the run finishes there.
+    (run / "summary.json").unlink()
+    rows = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text(rows + '{"step": 55, "split": "train", "loss": 1.0}\n')
+    code, out, err = cli(capsys, "train", "--resume", "--out", run, "--set", "train.epochs=50")
+    assert code == 0 and "metrics past step 50 are kept in" in out, err
+    assert (run / "summary.json").exists() and (run / "metrics.jsonl").read_text() == rows
+    assert any('"step": 55' in p.read_text() for p in run.iterdir() if p.name.startswith("metrics.jsonl."))

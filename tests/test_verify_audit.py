@@ -1038,7 +1038,7 @@ def test_a_rule_inside_a_training_step_s_loss_is_unchecked_wherever_the_loss_cal
 
     act.defvjp(lambda x: (act(x), x), bwd)
     X, Y = jnp.linspace(-1, 1, 8).reshape(4, 2), jnp.array([0.3, -0.2, 0.5, 0.1])
-    layer = {"jitted layer": jax.jit(lambda z: act(z)), "checkpoint": jax.checkpoint(act)}.get(where, act)
+    layer = {"jitted layer": jax.jit(act), "checkpoint": jax.checkpoint(act)}.get(where, act)
 
     def loss(w):
         z = X @ w
@@ -1046,7 +1046,7 @@ def test_a_rule_inside_a_training_step_s_loss_is_unchecked_wherever_the_loss_cal
             return jnp.sum(jax.lax.scan(lambda c, _: (act(c), None), z, None, length=2)[0] ** 2)
         return jnp.mean((layer(z) - Y) ** 2)
 
-    step = jax.jit(lambda w: jax.value_and_grad(loss)(w))
+    step = jax.jit(jax.value_and_grad(loss))
     w = jnp.array([0.4, 0.3])  # (positive inputs for the relu variant)
     report = verify.audit(step, w)
     # unchecked (traced through), or checked and failing (a jitted layer or a checkpoint keeps a call of it)
@@ -1079,7 +1079,7 @@ def test_liveness_constants_and_the_forward_comparison_follow_fn():
 
     scaled_tanh.defvjp(lambda z, t: (scaled_tanh(z, t), (z, t)),
                        lambda r, g: ((1 - jnp.tanh(r[0] / r[1]) ** 2) / r[1] * g, None))
-    helper = jax.jit(lambda h, t: scaled_tanh(h, t))
+    helper = jax.jit(scaled_tanh)
     assert verify.audit(lambda v: jnp.sum(helper(v, 2.0)) + jnp.sum(scaled_tanh(v, jnp.sqrt(4.0))), x).ok
 
     @jax.custom_vjp

@@ -268,10 +268,12 @@ def _read_checkpoint(out: Path, like: Any, cfg: Any) -> tuple[Any, int, dict]:
     return state, _validate_state(state, meta, ckpt), meta
 
 
-def _read_metrics(out: Path, steps: int, *, repair: bool = False) -> list[dict]:
+def _read_metrics(out: Path, steps: int, *, repair: bool = False, resume: bool = False) -> list[dict]:
+    """The run's metrics rows, each checked (a step past the run's last is damage, except on resume: a killed run
+    logs past its checkpoint, and the resumed run may end earlier than it would have; see _metrics_to_continue)."""
     try:
         return files.read_metrics(out / files.METRICS, repair=repair, max_bytes=files.metrics_bound(steps),
-                                  max_step=steps)
+                                  max_step=None if resume else steps)
     except files.FileError as e:
         raise UsageError(str(e)) from None
 
@@ -423,7 +425,7 @@ def _prepare(args: argparse.Namespace, out: Path, writer: bool) -> _Prepared:
     if writer and cfg.train.tensorboard and (missing := log.tensorboard_missing()):
         raise UsageError(missing)
     if writer:
-        records = _read_metrics(out, setup.steps)
+        records = _read_metrics(out, setup.steps, resume=args.resume)
         logged = meta.get("last_logged")
         if isinstance(logged, int) and logged >= start:
             raise UsageError(f"{ckpt}: logged step {logged} before being written at step {start}; the checkpoint "
@@ -475,8 +477,9 @@ def _write_start(args: argparse.Namespace, out: Path, p: _Prepared, say: Any) ->
         if p.saved != resolved:
             files.write_json(out / files.CONFIG, resolved)
         if args.resume:
-            records = _read_metrics(out, p.setup.steps, repair=True)  # a last line cut by a kill is dropped now
-            return _metrics_to_continue(out, p.start, records, resolved, p.saved, say)
+            # (a last line cut by a kill is dropped now)
+            records = _read_metrics(out, p.setup.steps, repair=True, resume=True)
+            return _metrics_to_continue(out, p.start, records, resolved, p.saved, say, p.setup.steps)
         kept = files.set_aside(out / files.METRICS)  # an earlier attempt that never reached a checkpoint
         if kept:
             say(f"  (the metrics of an earlier attempt here are kept as {kept})")
@@ -679,17 +682,19 @@ def _unfit_for_checkpoint(state: Any, evaluate: Any, data: Any) -> str | None:
 
 
 def _metrics_to_continue(out: Path, start: int, records: list[dict], resolved: dict,
-                         saved: dict | None, say: Any = print) -> tuple[int, int]:
+                         saved: dict | None, say: Any = print, steps: int | None = None) -> tuple[int, int]:
     """The last steps already logged in ``metrics.jsonl`` (training, validation), which training continues.
     Lines past the resumed checkpoint were computed by the same steps, unless the learning rate or its decay
     changed: then the file is set aside whole (nothing saved is lost) and a copy of its lines up to the checkpoint continues."""
     path = out / files.METRICS
-    if (saved is not None and saved.get("optimizer") != resolved.get("optimizer")
-            and any(r["step"] > start for r in records)):
+    changed = saved is not None and saved.get("optimizer") != resolved.get("optimizer")
+    beyond = steps is not None and any(r["step"] > steps for r in records)  # past the run's new last step
+    if (changed or beyond) and any(r["step"] > start for r in records):
         kept = files.keep_copy(path)  # the whole file, beside it; then the lines up to the checkpoint, atomically
         records = [r for r in records if r["step"] <= start]
         files.write_lines(path, records)
-        say(f"  (the optimizer changed: metrics past step {start} are kept in {kept})")
+        why = "the optimizer changed" if changed else f"the run now ends at step {steps}"
+        say(f"  ({why}: metrics past step {start} are kept in {kept})")
     return (max((r["step"] for r in log.train_rows(records)), default=-1),
             max((r["step"] for r in log.validation_rows(records)), default=-1))
 
