@@ -681,6 +681,9 @@ def test_a_run_killed_past_its_checkpoint_can_be_finished_at_that_checkpoint(cap
     # A killed run has logged past its last checkpoint (step 50 here, rows to 55): resuming with epochs that end
     # at the checkpoint was refused as "damaged". The rows past it are kept aside; the run finishes there.
     (run / "summary.json").unlink()
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["epochs"] = 60  # the run as it was planned: killed after its checkpoint at step 50
+    (run / "config.json").write_text(json.dumps(config))
     rows = (run / "metrics.jsonl").read_text()
     (run / "metrics.jsonl").write_text(rows + '{"step": 55, "split": "train", "loss": 1.0}\n')
     code, out, err = cli(capsys, "train", "--resume", "--out", run, "--set", "train.epochs=50")

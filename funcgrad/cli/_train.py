@@ -268,14 +268,24 @@ def _read_checkpoint(out: Path, like: Any, cfg: Any) -> tuple[Any, int, dict]:
     return state, _validate_state(state, meta, ckpt), meta
 
 
-def _read_metrics(out: Path, steps: int, *, repair: bool = False, resume: bool = False) -> list[dict]:
-    """The run's metrics rows, each checked (a step past the run's last is damage, except on resume: a killed run
-    logs past its checkpoint, and the resumed run may end earlier than it would have; see _metrics_to_continue)."""
+def _read_metrics(out: Path, steps: int, *, repair: bool = False, bound: int | None = None) -> list[dict]:
+    """The run's metrics rows, each checked: a step past ``bound`` (default: the run's last step) is damage. On
+    resume the bound is the larger of the run's last step and the last step of the run as it was saved: a killed
+    run logs past its checkpoint, and the resumed one may now end earlier (see _metrics_to_continue)."""
     try:
         return files.read_metrics(out / files.METRICS, repair=repair, max_bytes=files.metrics_bound(steps),
-                                  max_step=None if resume else steps)
+                                  max_step=steps if bound is None else bound)
     except files.FileError as e:
         raise UsageError(str(e)) from None
+
+
+def _saved_steps(setup: Any, cfg: Any, saved: dict | None) -> int:
+    """The larger of the run's last step and that of the run as its config.json was saved (its epochs, at the
+    steps per epoch of now)."""
+    epochs = (saved or {}).get("train", {}).get("epochs") if isinstance((saved or {}).get("train"), dict) else None
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        return setup.steps
+    return max(setup.steps, epochs * max(1, setup.steps // max(cfg.train.epochs, 1)))
 
 
 def _complete(out: Path, steps: int, default_out: bool) -> str:
@@ -425,7 +435,7 @@ def _prepare(args: argparse.Namespace, out: Path, writer: bool) -> _Prepared:
     if writer and cfg.train.tensorboard and (missing := log.tensorboard_missing()):
         raise UsageError(missing)
     if writer:
-        records = _read_metrics(out, setup.steps, resume=args.resume)
+        records = _read_metrics(out, setup.steps, bound=_saved_steps(setup, cfg, saved) if args.resume else None)
         logged = meta.get("last_logged")
         if isinstance(logged, int) and logged >= start:
             raise UsageError(f"{ckpt}: logged step {logged} before being written at step {start}; the checkpoint "
@@ -478,7 +488,7 @@ def _write_start(args: argparse.Namespace, out: Path, p: _Prepared, say: Any) ->
             files.write_json(out / files.CONFIG, resolved)
         if args.resume:
             # (a last line cut by a kill is dropped now)
-            records = _read_metrics(out, p.setup.steps, repair=True, resume=True)
+            records = _read_metrics(out, p.setup.steps, repair=True, bound=_saved_steps(p.setup, p.cfg, p.saved))
             return _metrics_to_continue(out, p.start, records, resolved, p.saved, say, p.setup.steps)
         kept = files.set_aside(out / files.METRICS)  # an earlier attempt that never reached a checkpoint
         if kept:
