@@ -408,6 +408,7 @@ class _Walker:
         self.unentered: collections.Counter = collections.Counter()  # primitives holding rules, not entered
         self.unentered_rules: dict[_Rule, str] = {}  # audited rules seen only inside such a primitive: which one
         self._rules: dict[int, _Rule] = {}
+        self.rule_eqns: list = []  # every rule equation met, walked or counted
         self._holds: dict[int, bool] = {}
         self._within: dict[int, set] = {}
         self._instances: dict[int, int] = {}
@@ -431,6 +432,7 @@ class _Walker:
     def rule(self, eqn: Any) -> _Rule:
         if id(eqn) not in self._rules:
             self._keep.append(eqn)
+            self.rule_eqns.append(eqn)
             self._rules[id(eqn)] = _identify(eqn)
         return self._rules[id(eqn)]
 
@@ -631,9 +633,10 @@ class _Walker:
         self._tally(rule)
         if self.audited(rule):
             # (on the path also through the values the rule closes over: its consts)
-            self.recorded.add((rule, self.instance(eqn)))
+            instance = self.instance(eqn)
+            self.recorded.add((rule, instance))
             self.calls[rule].append(_Call(rule, eqn, tuple(vals), any(ts), held, where, self.site(eqn, before),
-                                          self.instance(eqn), live, tuple(ts),
+                                          instance, live, tuple(ts),
                                           fixed or tuple(isinstance(v, Literal) for v in eqn.invars)))
         closed = _call_jaxpr(eqn)
         if self.holds(closed.jaxpr):  # rules inside this rule's primal
@@ -1153,34 +1156,29 @@ def audit(
     walker = _Walker(max_calls, library, exclude)
     walker.run(closed.jaxpr, closed.consts, arrays, taint, "")
     # (a framework's marker rule, equinox's nondifferentiable, may sit at the same line as an inlined user rule)
-    visible = {(_call_site(e), _CUSTOM[e.primitive.name]) for e in walker._keep
-               if hasattr(e, "primitive") and e.primitive.name in _CUSTOM and not walker.rule(e).library
-               and walker.rule(e).name not in _MARKERS}
+    visible = {(_call_site(e), _CUSTOM[e.primitive.name]) for e in walker.rule_eqns
+               if not walker.rule(e).library and walker.rule(e).name not in _MARKERS}
     inlined = {site: _inlined_rule(site, kind, frame, lib) for site, (kind, frame, lib) in _inlined_sites(closed).items()
                if (site, kind) not in visible}
 
     options = {"rtol": rtol, "atol": atol, "mode": mode, "seed": seed, "max_calls": max_calls}
     rows = [_rule_row(rule, calls, walker.seen[rule], options) for rule, calls in walker.calls.items()]
     # Rules called only inside a primitive funcgrad does not enter (shard_map, pmap): undecided, so not ok.
-    rows += [AuditRow(rule.name, rule.source, rule.kind, 0, walker.seen[rule], Verdict.FD_UNRELIABLE, None, "", None,
-                      None, None, 0.0, 0.0, True,
-                      f"not checked: its calls are inside {prim}, which funcgrad does not enter; audit the model "
-                      f"without {prim} (e.g. the same function on one device) to check this rule")
+    rows += [_valueless_row(rule, Verdict.FD_UNRELIABLE, seen=walker.seen[rule], note=(
+                 f"not checked: its calls are inside {prim}, which funcgrad does not enter; audit the model without "
+                 f"{prim} (e.g. the same function on one device) to check this rule"))
              for rule, prim in walker.unentered_rules.items() if rule not in walker.calls]
     # Rules that a derivative inside fn traced through (a training step's jax.grad): nothing left to check them by.
-    rows += [AuditRow(rule.name, rule.source, rule.kind, 0, 1, Verdict.FD_UNRELIABLE, None, "", None, None, None,
-                      0.0, 0.0, True,
-                      f"not checked: called at {site} inside a derivative that fn takes itself (jax.grad, jax.vjp or "
-                      "value_and_grad inside fn, as in a training step), which traces through the rule and leaves "
-                      "no call of it in fn's program; audit the function that derivative is taken of (the loss) to "
-                      "check it")
+    rows += [_valueless_row(rule, Verdict.FD_UNRELIABLE, seen=1, note=(
+                 f"not checked: called at {site} inside a derivative that fn takes itself (jax.grad, jax.vjp or "
+                 "value_and_grad inside fn, as in a training step), which traces through the rule and leaves no call "
+                 "of it in fn's program; audit the function that derivative is taken of (the loss) to check it"))
              for site, rule in inlined.items() if walker.audited(rule)]
     # Rules called only at loop iterations the sampling skipped (a cond taken at one iteration): undecided too.
-    rows += [AuditRow(rule.name, rule.source, rule.kind, 0, n, Verdict.FD_UNRELIABLE, None, "", None, None, None,
-                      0.0, 0.0, True,
-                      f"not checked: called at most {n} time(s), only at loop iterations the sampling skipped "
-                      f"(max_calls={max_calls} iterations walked per loop); audit with max_calls at least the loop's "
-                      "length to check it")
+    rows += [_valueless_row(rule, Verdict.FD_UNRELIABLE, seen=n, note=(
+                 f"not checked: called at most {n} time(s), only at loop iterations the sampling skipped "
+                 f"(max_calls={max_calls} iterations walked per loop); audit with max_calls at least the loop's "
+                 "length to check it"))
              for rule, n in walker.seen.items() if rule not in walker.calls and rule not in walker.unentered_rules]
     notes = _notes(walker, any(walker.audited(r) for r in inlined.values()))
     env = {**_environment_versions(), "max_calls": max_calls, "library": library, "exclude": sorted(exclude),
@@ -1226,11 +1224,9 @@ def _rule_row(rule: _Rule, calls: list[_Call], seen: int, options: dict) -> Audi
     if not results:
         why = skipped[0] if skipped else "no call to check"
         if skipped and all(_NOTHING in n for n in skipped):  # no derivative anywhere: nothing to be wrong about
-            return AuditRow(rule.name, rule.source, rule.kind, 0, seen, Verdict.OK, None, "", None, None, None,
-                            0.0, 0.0, on_path, why)
+            return _valueless_row(rule, Verdict.OK, why, seen=seen, on_path=on_path)
         # Could not be checked (see the reason): undecided, which AuditReport.assert_ok does not accept.
-        return AuditRow(rule.name, rule.source, rule.kind, 0, seen, Verdict.FD_UNRELIABLE, None, "", None, None, None,
-                        0.0, 0.0, on_path, f"not checked: {why}")
+        return _valueless_row(rule, Verdict.FD_UNRELIABLE, f"not checked: {why}", seen=seen, on_path=on_path)
     verdict = _combine_verdicts([v for v, *_ in results])
     deciding = [x for x in results if x[0] == verdict] or [x for x in results if x[0] in _FAILING] or results
     v, r, number, call, why = max(deciding, key=lambda x: (x[1].worst_index is not None,
@@ -1242,12 +1238,19 @@ def _rule_row(rule: _Rule, calls: list[_Call], seen: int, options: dict) -> Audi
     if gaps:
         forward = f"{gaps[0][1]} (at {len(gaps)} of {checked} call(s) checked)"
         if verdict not in _FAILING:  # the derivative itself matches: the row is the forward's
-            return AuditRow(rule.name, rule.source, rule.kind, checked, seen, Verdict.AUTODIFF_WRONG, None,
-                            _call_name(gaps[0][0]), None, None, None, 0.0, 0.0, on_path,
-                            "; ".join(n for n in (forward, note) if n))
+            return _valueless_row(rule, Verdict.AUTODIFF_WRONG, "; ".join(n for n in (forward, note) if n), seen=seen,
+                                  checked=checked, where=_call_name(gaps[0][0]), on_path=on_path)
         note = f"{note}; also, at {_call_name(gaps[0][0])}, {forward}"
     return AuditRow(rule.name, rule.source, rule.kind, checked, seen, verdict, index, _call_name(call), r.autodiff,
                     r.hand, r.numeric, r.max_abs_err, r.max_rel_err, on_path, note)
+
+
+def _valueless_row(rule: _Rule, verdict: Verdict, note: str, *, seen: int, checked: int = 0, where: str = "",
+                   on_path: bool = True) -> AuditRow:
+    """A row without values at an element: a rule not checked at any call (``fd_unreliable``: undecided, so the
+    report is not ok), with nothing to differentiate (``ok``), or whose forward alone is wrong."""
+    return AuditRow(rule.name, rule.source, rule.kind, checked, seen, verdict, None, where, None, None, None, 0.0, 0.0,
+                    on_path, note)
 
 
 def _call_name(call: _Call) -> str:
