@@ -81,6 +81,69 @@ def test_relu_network_on_integer_data_with_zero_biases(mask):
     assert report.ok and report.verdict == "kink", report
 
 
+def _book_relu_mlp(sizes, X, y, rng):
+    """The book's dense → ReLU → ... → softmax cross-entropy with its own initialisation (0.1·randn weights, zero
+    (1, n) biases) and its NumPy backward (``dinputs[z <= 0] = 0``, the combined softmax/cross-entropy step):
+    (params, fn spelling ReLU as the book does, jnp.maximum(0, z), hand)."""
+    params = [{"W": (0.1 * rng.standard_normal((a, b))).astype(np.float32), "b": np.zeros((1, b), np.float32)}
+              for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+
+    def loss(p, X, y):
+        h = X
+        for q in p[:-1]:
+            h = jnp.maximum(0, h @ q["W"] + q["b"])
+        logp = jax.nn.log_softmax(h @ p[-1]["W"] + p[-1]["b"], axis=1)
+        return -jnp.mean(logp[jnp.arange(len(y)), y])
+
+    def hand(p, X, y):
+        inputs, zs, h = [], [], np.asarray(X)
+        for q in p[:-1]:
+            inputs.append(h)
+            zs.append(h @ q["W"] + q["b"])
+            h = np.maximum(0, zs[-1])
+        inputs.append(h)
+        z = h @ p[-1]["W"] + p[-1]["b"]
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        dvalues = e / e.sum(axis=1, keepdims=True)
+        dvalues[range(len(y)), y] -= 1
+        dvalues = dvalues / len(y)
+        grads = [None] * len(p)
+        for i in reversed(range(len(p))):
+            grads[i] = {"W": inputs[i].T @ dvalues, "b": np.sum(dvalues, axis=0, keepdims=True)}
+            dvalues = dvalues @ p[i]["W"].T
+            if i:
+                dvalues = dvalues.copy()
+                dvalues[zs[i - 1] <= 0] = 0
+        return grads
+
+    return params, loss, hand
+
+
+def test_the_books_backward_where_dead_units_put_the_next_layer_on_its_kinks():
+    # Book initialisation on the spiral data: samples whose first-layer units are all dead feed exactly 0 into the
+    # second layer, whose ReLUs then all sit at 0 (b = 0) for those samples. Each element of the book's backward is
+    # a valid one-sided derivative there; a random direction moving every bias at once crosses kinks of both
+    # curvatures, where such a choice need not lie between the direction's one-sided derivatives. That used to
+    # fail the correct hand (hand_wrong on [1]['b'], no element named) when fn spelt ReLU jnp.maximum(0, z).
+    X, y = fg.data.spiral(30, 3, key=0)
+    X, y = np.asarray(X, np.float32), np.asarray(y).astype(np.uint8)
+    params, loss, hand = _book_relu_mlp([2, 3, 4, 3], X, y, np.random.default_rng(5))
+    h1 = np.maximum(0, X @ params[0]["W"] + params[0]["b"])
+    assert (h1 == 0).all(axis=1).sum() > 5  # the premise: dead first layers, second layer at its kinks
+    report = verify.check_grad(loss, params, X, y, hand=hand)
+    assert report.ok and report.verdict == "kink", report
+    # One element of the hand outside its one-sided interval is still blamed, at that element.
+
+    def wrong(p, X, y):
+        g = hand(p, X, y)
+        g[1]["b"] = g[1]["b"] + np.array([[0.0, 0.0, 0.01, 0.0]], np.float32)
+        return g
+
+    report = verify.check_grad(loss, params, X, y, hand=wrong)
+    row = report.rows[[r.path for r in report.rows].index("[1]['b']")]
+    assert report.verdict == "hand_wrong" and row.verdict == "hand_wrong" and row.worst_index == (0, 2), report
+
+
 def test_a_value_outside_the_one_sided_interval_is_blamed_on_its_side():
     f = lambda w: jnp.sum(w**2 - jnp.abs(w))  # noqa: E731  D₋ = 1, D₊ = −1 at w = 0
     w = jnp.array([0.0, 0.5])

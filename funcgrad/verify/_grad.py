@@ -970,6 +970,8 @@ def _rows(items: _Items, P: np.ndarray, engine: _Engine, has_hand: bool, user: b
             index = np.unravel_index(flat[k] - o, shape) if is_el[k] else None
             row_items.append(_make_item(verdicts[k], index, A[k], None if H is None else H[k], fd, k))
         extra = list(lf.extra)
+        if plan.exact[li]:
+            _waive_kinked_directions(row_items, extra)
         if lf.n_order:
             _arbitrate_disagreements(li, has_hand, engine, row_items, extra)
         _locate_failing_projection(li, has_hand, engine, row_items, extra)
@@ -984,6 +986,20 @@ def _rows(items: _Items, P: np.ndarray, engine: _Engine, has_hand: bool, user: b
             row_items += items_u
         rows.append(_row(path, li, s, row_items, extra, plan, hand_reference))
     return rows
+
+
+def _waive_kinked_directions(items: list[_Item], extra: list[str]) -> None:
+    """A leaf checked element by element: a random direction whose reading crosses kinks tells nothing the
+    elements did not. Along several kinks at once (ReLUs of several samples at 0), a valid one-sided choice per
+    element need not lie between the direction's one-sided derivatives, so such a direction neither fails the row
+    nor blames a side against what the elements found; it is reported ``kink``."""
+    waived = [it for it in items if it.index is None and it.kink and it.verdict in _FAILING]
+    for it in waived:
+        it.verdict = Verdict.KINK
+    if waived:
+        extra.append("a random direction through kinks disagreed where each element, checked on its own, decides: "
+                     "along several kinks at once a valid one-sided choice per element need not lie between the "
+                     "direction's one-sided derivatives, so the direction is not judged (kink)")
 
 
 def _arbitrate_disagreements(li: int, has_hand: bool, engine: _Engine, items: list[_Item], extra: list[str]) -> None:
