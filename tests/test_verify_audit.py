@@ -1106,3 +1106,41 @@ def test_liveness_constants_and_the_forward_comparison_follow_fn():
 def _scaled_tanh_bwd(res, g):
     z, a = res
     return (a * (1 - jnp.tanh(z) ** 2) * g,)
+
+
+def test_a_rule_whose_primal_calls_a_failing_rule_says_so():
+    # mlp's hand-written backward is right, but its primal calls gelu, whose rule is wrong at one element: the
+    # plain autodiff mlp is compared with runs through gelu's rule, so mlp's row can fail too. Its note names gelu.
+    @jax.custom_jvp
+    def gelu(x):
+        return x * jax.nn.sigmoid(1.702 * x)
+
+    @gelu.defjvp
+    def gelu_jvp(primals, tangents):
+        (x,), (t,) = primals, tangents
+        s = jax.nn.sigmoid(1.702 * x)
+        return gelu(x), (s + 1.702 * x * s * (1 - s)).at[0, 1].multiply(1.5) * t
+
+    @jax.custom_vjp
+    def mlp(x, w1, w2):
+        return gelu(x @ w1) @ w2
+
+    def mlp_fwd(x, w1, w2):
+        z = x @ w1
+        return gelu(z) @ w2, (x, w1, w2, z)
+
+    def mlp_bwd(res, g):
+        x, w1, w2, z = res
+        s = jax.nn.sigmoid(1.702 * z)
+        dz = (g @ w2.T) * (s + 1.702 * z * s * (1 - s))
+        return dz @ w1.T, x.T @ dz, gelu(z).T @ g
+
+    mlp.defvjp(mlp_fwd, mlp_bwd)
+    k = jax.random.split(jax.random.key(0), 3)
+    p = {"w1": 0.5 * jax.random.normal(k[0], (4, 6)), "w2": 0.5 * jax.random.normal(k[1], (6, 4))}
+    x = jax.random.normal(k[2], (3, 4))
+    report = verify.audit(lambda p, x: jnp.sum(mlp(x, p["w1"], p["w2"]) ** 2), p, x)
+    rows = {r.rule: r for r in report.rows}
+    assert not report.ok and not rows["gelu"].ok, report
+    assert "its primal calls gelu, which fail" not in rows["gelu"].note
+    assert not rows["mlp"].ok and "its primal calls gelu, which fail" in rows["mlp"].note, report  # float32: no blame

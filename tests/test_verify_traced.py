@@ -133,3 +133,64 @@ def test_a_custom_jvp_rule_that_reads_a_changed_global_is_checked_again():
         JVP_FACTOR = 1.0
     assert verify.check_grad(fn, W).ok
 
+
+
+def test_a_repeated_check_jacobian_compiles_nothing_and_sees_changed_globals():
+    # check_jacobian wraps fn per output row; the wrappers are traced like any fn, so a second call of the same
+    # check shares the first one's compilations (it used to compile four programs again: seconds for a 3×3
+    # Jacobian), and a global that changed in between is still read as it is now.
+    global SCALE  # noqa: PLW0603 - as above
+
+    def f(x):
+        return jnp.tanh(x) * SCALE
+
+    def jac_of(scale):
+        return lambda x: jnp.diag((1 - jnp.tanh(x) ** 2) * scale)
+
+    x = jnp.asarray([0.3, -0.7, 1.1])
+    assert verify.check_jacobian(f, x, jac_of(SCALE)).ok
+    before = (_compiled._probe._cache_size(), _compiled._items_jit._cache_size())
+    assert verify.check_jacobian(f, x, jac_of(SCALE)).ok
+    assert (_compiled._probe._cache_size(), _compiled._items_jit._cache_size()) == before
+    frozen = SCALE
+    try:
+        SCALE = 3.0
+        assert verify.check_jacobian(f, x, jac_of(frozen)).verdict == "hand_wrong"
+        assert verify.check_jacobian(f, x, jac_of(SCALE)).ok
+    finally:
+        SCALE = frozen
+
+
+def test_a_repeated_audit_compiles_nothing_and_sees_a_changed_backward():
+    # audit checks each rule call as a check_grad of the rule against its primal; those checks are traced like
+    # any fn, so auditing an unchanged model again shares every compilation (it used to compile them all again:
+    # 20 s for the five-rule block of bench_audit, now under a second), and a backward that reads a global that
+    # changed in between is checked as it is now.
+    global BWD_FACTOR  # noqa: PLW0603 - as above
+
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x)
+
+    f.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jnp.cos(x) * BWD_FACTOR,))
+
+    @jax.custom_jvp
+    def softplus(x):
+        return jnp.logaddexp(x, 0.0)
+
+    softplus.defjvp(lambda p, t: (softplus(p[0]), jax.nn.sigmoid(p[0]) * t[0]))
+
+    def fn(w, x):
+        return jnp.sum(softplus(f(w * x)))
+
+    assert verify.audit(fn, W, X).ok
+    before = (_compiled._probe._cache_size(), _compiled._items_jit._cache_size())
+    assert verify.audit(fn, W, X).ok
+    assert (_compiled._probe._cache_size(), _compiled._items_jit._cache_size()) == before
+    frozen = BWD_FACTOR
+    try:
+        BWD_FACTOR = 1.5
+        report = verify.audit(fn, W, X)
+        assert [r.rule for r in report.failing] == ["f"], report
+    finally:
+        BWD_FACTOR = frozen

@@ -1038,10 +1038,15 @@ def _check_call(call: _Call, k: int, scalars: dict,
         return None, (), _NOTHING + "no input element is finite at this call", ""
     s = scalars[key]._replace(note="; ".join(n for n in (scalars[key].note, refused, held, partial) if n))
     fixed = tuple(call.inputs[i] for i in range(len(call.inputs)) if i - n_c not in diff_pos)
+    # Traced (reuse=False): a repeated audit of an unchanged model shares the first one's compilations (see
+    # _traced). A rule with symbolic zeros (equinox.filter_custom_vjp's too), itself or called inside it, cannot be
+    # differentiated once re-evaluated from its trace, and a failed try leaves its memoized traces unusable: such a
+    # rule is checked as itself, compiled afresh at each audit.
+    reuse = _symbolic_zeros(eqn)
     try:
         report = _check_grad_impl(s.rule, diff, (fixed, extra), hand=s.plain, has_aux=False, wrt=None,
                                   rtol=options["rtol"], atol=options["atol"], mode=options["mode"],
-                                  seed=options["seed"] + k, reuse=True, hand_reference=True)
+                                  seed=options["seed"] + k, reuse=reuse, hand_reference=True)
     except Exception as e:  # noqa: BLE001 - the user's rule failing under check_grad: reported, not raised
         if _defect(e):
             return None, (), _BROKEN + _error(e), ""
@@ -1053,6 +1058,11 @@ def _check_call(call: _Call, k: int, scalars: dict,
                               "checked"), ""
         return None, (), f"could not be checked at this call ({_error(e)})", ""
     return report, diff_pos, s.note, _forward_gap(eqn, call, diff_pos, float_outs)
+
+
+def _symbolic_zeros(eqn: Any) -> bool:
+    """Whether a custom rule with ``symbolic_zeros=True`` is this equation or is called inside it."""
+    return bool(eqn.params.get("symbolic_zeros")) or any(_symbolic_zeros(e) for j in _sub(eqn) for e in j.eqns)
 
 
 def _as_rule_verdict(row: Row) -> tuple[Verdict, str]:
@@ -1162,7 +1172,8 @@ def audit(
                if (site, kind) not in visible}
 
     options = {"rtol": rtol, "atol": atol, "mode": mode, "seed": seed, "max_calls": max_calls}
-    rows = [_rule_row(rule, calls, walker.seen[rule], options) for rule, calls in walker.calls.items()]
+    rows = _through_failing_rules([_rule_row(rule, calls, walker.seen[rule], options)
+                                   for rule, calls in walker.calls.items()], walker.calls)
     # Rules called only inside a primitive funcgrad does not enter (shard_map, pmap): undecided, so not ok.
     rows += [_valueless_row(rule, Verdict.FD_UNRELIABLE, seen=walker.seen[rule], note=(
                  f"not checked: its calls are inside {prim}, which funcgrad does not enter; audit the model without "
@@ -1185,6 +1196,38 @@ def audit(
            "seed": seed, "mode": mode, "rtol": rtol, "atol": atol}
     return AuditReport(tuple(rows), _combine_verdicts([r.verdict for r in rows]), tuple(notes),
                        time.perf_counter() - start, env)
+
+
+def _inner_rules(jaxpr: Any) -> set[_Rule]:
+    """The user's custom rules called anywhere inside a jaxpr (sub-computations and rules' own primals too)."""
+    found: set[_Rule] = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in _CUSTOM:
+            rule = _identify(eqn)
+            if not rule.library:
+                found.add(rule)
+        for sub in _sub(eqn):
+            found |= _inner_rules(sub)
+    return found
+
+
+def _through_failing_rules(rows: list[AuditRow], calls: dict) -> list[AuditRow]:
+    """A failing rule whose primal calls another of the user's rules that fails too: its reference (plain autodiff
+    of the primal) runs through that rule's derivative, so its own failure may be only that one's. Said in its
+    note; the verdict stays (the report fails either way, and the inner rule is named)."""
+    failing = {(r.rule, r.source) for r in rows if r.verdict in _FAILING}
+    out = []
+    for row, (rule, rule_calls) in zip(rows, calls.items(), strict=True):
+        inner = set().union(*(_inner_rules(_call_jaxpr(c.eqn).jaxpr) for c in rule_calls)) - {rule}
+        bad = sorted({r.name for r in inner if (r.name, r.source) in failing})
+        if row.verdict in _FAILING and bad:
+            out.append(dataclasses.replace(row, note="; ".join(n for n in (row.note, (
+                f"its primal calls {', '.join(bad)}, which fail(s) too: the primal's plain autodiff runs through "
+                f"{'that rule' if len(bad) == 1 else 'those rules'}, so this rule may be right; fix "
+                f"{', '.join(bad)} and audit again")) if n)))
+        else:
+            out.append(row)
+    return out
 
 
 def _rule_row(rule: _Rule, calls: list[_Call], seen: int, options: dict) -> AuditRow:

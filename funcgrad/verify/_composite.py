@@ -257,7 +257,7 @@ def check_jacobian(
     reports = []
     for i in range(m):
         rep = _check_grad_impl(row_fn, x, (jnp.asarray(i, jnp.int32),), hand=row_hand, has_aux=False, wrt=None,
-                               rtol=rtol, atol=atol, mode=mode, seed=seed, reuse=True)
+                               rtol=rtol, atol=atol, mode=mode, seed=seed, reuse=False)
         out_idx = [int(k) for k in np.unravel_index(i, y.shape)] if y.shape else []
         reports.append(_rename_rows(dataclasses.replace(rep, rows=tuple(dataclasses.replace(r, path="[0]") for r in rep.rows)),
                                     [f"y{out_idx}"], "check_jacobian"))
