@@ -800,6 +800,11 @@ def test_a_book_style_backward_that_mutates_its_dvalues_is_checked_as_numpy_runs
     assert not np.allclose(hand(np.asarray(x, np.float64), d.copy()), jax.vjp(f, x)[1](jnp.ones((2, 3)))[0])
     report = verify.check_vjp(f, hand, x)
     assert report.verdict == verify.Verdict.HAND_WRONG and "on NumPy arrays" in report.rows[0].note, report
+    # The row shows an element where the two runs differ (x <= 0, where dvalues was zeroed), with the NumPy run's
+    # value there, and the note once.
+    row = report.rows[0]
+    assert row.worst_index in {(0, 1), (1, 0), (1, 2)} and row.autodiff is None, report
+    assert str(report).count("on NumPy arrays") == 1, report
     assert verify.check_vjp(f, hand_copied, x).ok
 
 

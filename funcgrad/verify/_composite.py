@@ -26,7 +26,7 @@ from funcgrad.verify._inputs import (
     _UserValueError,
     _x64,
 )
-from funcgrad.verify._report import ChainReport, GradReport, Verdict, _combine_verdicts, _merge, _rename_rows
+from funcgrad.verify._report import ChainReport, GradReport, Row, Verdict, _combine_verdicts, _merge, _rename_rows
 
 
 def _in_terms_of(message: str, names: Sequence[str]) -> str:
@@ -188,7 +188,7 @@ def _numpy_semantics(report: GradReport, hand: Callable, diff: tuple, cot: Any, 
             eager = [np.asarray(x, np.float64) for x in hand(host(diff), host(cot), host(consts))]
     except Exception:  # noqa: BLE001 - a hand for one kind of array only: nothing to compare
         return report
-    notes, wrong = [], set()
+    found: dict[str, tuple[tuple[int, ...], float, float, str]] = {}
     for name, t, e in zip(names, traced, eager, strict=False):
         if t.shape != e.shape:
             continue
@@ -196,18 +196,25 @@ def _numpy_semantics(report: GradReport, hand: Callable, diff: tuple, cot: Any, 
             gap = np.abs(t - e)
             bad = ~(gap <= 1e-9 * (np.abs(t) + np.max(np.abs(t), initial=0.0)) + 1e-300) & np.isfinite(t)
         if bad.any():
-            at = [int(i) for i in np.unravel_index(int(np.argmax(np.where(bad, gap, -1))), t.shape)]
-            wrong.add(name)
-            notes.append(f"{name}: hand_vjp gives {e[tuple(at)]:.6g} at {at} on NumPy arrays, as the book's code runs, "
-                         f"but {t[tuple(at)]:.6g} on JAX arrays, which were checked: an in-place operation on an "
-                         "array it was given (d = dvalues; d *= ..., without .copy())?")
-    if not wrong:
+            at = tuple(int(i) for i in np.unravel_index(int(np.argmax(np.where(bad, gap, -1))), t.shape))
+            found[name] = (at, float(e[at]), float(t[at]), (
+                f"hand_vjp gives {e[at]:.6g} at {list(at)} on NumPy arrays, as the book's code runs, but "
+                f"{t[at]:.6g} on JAX arrays, which were checked: an in-place operation on an array it was given "
+                "(d = dvalues; d *= ..., without .copy())?"))
+    if not found:
         return report
-    rows = tuple(dataclasses.replace(r, verdict=Verdict.HAND_WRONG, note="; ".join(
-        n for n in [r.note, *(x for x in notes if x.startswith(f"{r.path}:"))] if n))
-        if r.path in wrong else r for r in report.rows)
-    return dataclasses.replace(report, rows=rows, verdict=_combine_verdicts([r.verdict for r in rows]),
-                               notes=(*report.notes, *notes))
+
+    def wrong(r: Row) -> Row:
+        # The row shows the element where the two runs differ, with the value the user's code gives there (the
+        # other values of the row were read at another element, where nothing was wrong).
+        at, e, t, note = found[r.path]
+        err = abs(e - t)
+        return dataclasses.replace(r, verdict=Verdict.HAND_WRONG, worst_index=at, hand=e, autodiff=None, numeric=None,
+                                   max_abs_err=err, max_rel_err=err / max(abs(e), abs(t)) if max(abs(e), abs(t)) else 0.0,
+                                   note="; ".join(n for n in [note, r.note] if n))
+
+    rows = tuple(wrong(r) if r.path in found else r for r in report.rows)
+    return dataclasses.replace(report, rows=rows, verdict=_combine_verdicts([r.verdict for r in rows]))
 
 
 @_isolating
