@@ -1144,3 +1144,27 @@ def test_a_rule_whose_primal_calls_a_failing_rule_says_so():
     assert not report.ok and not rows["gelu"].ok, report
     assert "its primal calls gelu, which fail" not in rows["gelu"].note
     assert not rows["mlp"].ok and "its primal calls gelu, which fail" in rows["mlp"].note, report  # float32: no blame
+
+
+@pytest.mark.parametrize("planted", [False, True])
+def test_a_rule_wrong_beside_the_element_where_the_plain_autodiff_is_nan_is_named_there(planted):
+    # sinc with the double-where guard: the primal's plain autodiff is NaN at 0 (the reason for the rule). A
+    # rule wrong at [2] used to be a mismatch at [0] ("no one side can be blamed"), the wrong element unnamed.
+    @jax.custom_jvp
+    def sinc(x):
+        return jnp.where(x == 0, 1.0, jnp.sin(x) / x)
+
+    @sinc.defjvp
+    def sinc_jvp(primals, tangents):
+        (x,), (t,) = primals, tangents
+        xs = jnp.where(x == 0, 1.0, x)
+        d = jnp.where(x == 0, 0.0, (jnp.cos(xs) * xs - jnp.sin(xs)) / xs**2)
+        return sinc(x), (d.at[2].multiply(1.5) if planted else d) * t
+
+    p = jnp.array([0.0, 0.7, -1.3, 2.1])
+    assert np.isnan(jax.grad(lambda p: jnp.sum(jnp.where(p == 0, 1.0, jnp.sin(p) / p) ** 2))(p)[0])  # the premise
+    report = verify.audit(lambda p: jnp.sum(sinc(p) ** 2), p)
+    if planted:
+        assert report.rows[0].verdict == "autodiff_wrong" and report.rows[0].worst_index == (0, 2), report
+    else:
+        assert report.ok, report

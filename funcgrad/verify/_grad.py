@@ -1084,16 +1084,21 @@ def _blamed_sides(items: Sequence[_Item]) -> set[str]:
 
 def _row(path, li, size, items, extra, plan, hand_reference: bool = False) -> Row:
     verdict = _combine_verdicts([it.verdict for it in items]) if items else Verdict.OK
-    if hand_reference and verdict == Verdict.HAND_WRONG:
-        # hand is only a reference: its failures must not hide another element's disagreement with fn.
+    if hand_reference and verdict in _FAILING:
+        # hand is only a reference: its failures must not hide, or blur into a mismatch, another element's
+        # disagreement with fn (a NaN of the primal's plain autodiff at 0 beside a rule wrong at [2]).
         others = _combine_verdicts([it.verdict for it in items if it.verdict != Verdict.HAND_WRONG])
         if others in _FAILING:
             verdict = others
     if verdict == Verdict.OK:
         cands = [it for it in items if it.index is not None] or items
     else:
-        cands = ([it for it in items if it.verdict == verdict] or [it for it in items if it.verdict in _FAILING]
-                 or items)
+        # An element rather than a direction where one fails: the verdict's own first, then an unattributed
+        # disagreement (not an element blaming another side).
+        same = [it for it in items if it.verdict == verdict]
+        failing = [it for it in items if it.verdict in _FAILING and (it.verdict not in _BLAMES or verdict not in _BLAMES)]
+        cands = ([it for it in same if it.index is not None] or [it for it in failing if it.index is not None]
+                 or same or failing or items)
     worst = max(cands, key=lambda it: (it.index is not None, _err_key(it.abs_err)), default=None)
     return Row(
         path=path,
