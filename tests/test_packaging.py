@@ -5,6 +5,7 @@ import sys
 import tomllib
 import zipfile
 
+import pytest
 from conftest import ROOT, run_python
 
 
@@ -14,6 +15,7 @@ def test_every_package_under_funcgrad_is_shipped():
     assert set(setuptools["packages"]) == found | {"funcgrad.configs"}
 
 
+@pytest.mark.slow  # ~15 s (builds and installs a wheel); the package list above is checked by default
 def test_a_wheel_install_trains_from_a_shipped_config(tmp_path):
     wheels, target = tmp_path / "wheels", tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",

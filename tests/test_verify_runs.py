@@ -170,7 +170,8 @@ def _runs_of(monkeypatch, how, repeated=True):
     monkeypatch.setattr(_compiled, "_SEPARATE_ELEMENTS", 0 if how == "separate" else 1 << 62)
 
 
-@pytest.mark.parametrize("how", ["runs", "separate"])
+# (the "separate" programs, used above 4M parameters, compile as long again: in the slow target)
+@pytest.mark.parametrize("how", ["runs", pytest.param("separate", marks=pytest.mark.slow)])
 def test_runs_give_the_readings_and_verdicts_of_one_run(monkeypatch, spy, how):
     p, X, y, loss, hand = three_layer()
     _runs_of(monkeypatch, "one")
@@ -266,6 +267,7 @@ def test_the_planner_merges_as_the_plain_rule_does(seed):
         assert sorted(i for run in got for i in run) == [i for i in range(n) if items[i]]
 
 
+@pytest.mark.slow  # ~16 s: when runs are planned (a cost trade-off); what they compute is tested above by default
 def test_runs_sharing_a_program_are_planned_once_the_function_is_checked_again(monkeypatch, spy):
     # A first check compiles one run (cheaper to compile); a repeated check of the same trace gets the runs.
     p, X, y, loss, hand = three_layer(seed=3)
