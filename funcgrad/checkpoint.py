@@ -33,6 +33,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -259,9 +260,36 @@ _UNREADABLE = (OSError, ValueError, EOFError, RuntimeError, zipfile.BadZipFile, 
                OverflowError, RecursionError)
 
 
+def _source(data: Any) -> BinaryIO:
+    """``data`` as a seekable binary file; a TypeError naming the argument for anything else (a path above all:
+    this module deals in bytes, and opening files is the caller's)."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return io.BytesIO(data)
+    expected = "data must be bytes or a seekable binary file object"
+    if isinstance(data, (str, os.PathLike)):
+        path = os.fspath(data)
+        shown = repr(path) if len(path) <= 80 else repr(path[:77]) + "..."
+        raise TypeError(f"{expected}; got {_type_name(data)} {shown}, a path: to read a file, pass it open, "
+                        "open(path, 'rb'), or its bytes, open(path, 'rb').read()")
+    if isinstance(data, io.TextIOBase):
+        raise TypeError(f"{expected}; got a text-mode file ({_type_name(data)}): open it with mode 'rb'")
+    if not (callable(getattr(data, "read", None)) and callable(getattr(data, "seek", None))):
+        array = isinstance(data, (np.ndarray, jax.Array))
+        what = ("None" if data is None else "a jax.Array" if isinstance(data, jax.Array)
+                else "a NumPy array" if array else _type_name(data))
+        raise TypeError(f"{expected}; got {what}" + (" (if it holds the file's bytes, pass data.tobytes())" if array else ""))
+    if getattr(data, "closed", False):
+        raise TypeError(f"{expected}; got a closed file ({_type_name(data)})")
+    seekable = getattr(data, "seekable", None)
+    if callable(seekable) and not seekable():
+        raise TypeError(f"{expected}; got a file that cannot seek ({_type_name(data)}: a pipe, socket or stream): "
+                        "read it into bytes first, data.read()")
+    return data
+
+
 def _open(data: bytes | BinaryIO) -> tuple[zipfile.ZipFile, dict, int]:
     """The archive, its parsed header, and the most bytes any of its members can honestly hold."""
-    source = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    source = _source(data)
     total = source.seek(0, io.SEEK_END)
     if total == 0:
         raise CheckpointError("not a readable funcgrad checkpoint: the file is empty (0 bytes)")

@@ -150,7 +150,8 @@ class DataConfig:
     samples: int = _field(100, _int(1), "points per class (spiral, vertical) or in all (sine); fashion_mnist: unused")
     classes: int = _field(3, _int(2), "classes (spiral, vertical; fashion_mnist: 10)")
     path: str = _field("fashion_mnist_images", _path, "fashion_mnist: the folder of its files (IDX or the book's "
-                       "PNG folders; relative to the working folder), read and never downloaded")
+                       "PNG folders; relative to the working folder), read and never downloaded; an error for a "
+                       "kind that is drawn, not read")
     exact: bool = _field(False, _bool, "draw data and weights from the nnfs package's NumPy stream, as the book")
     validation_samples: int | None = _field(None, _int(1, none_ok=True), "fresh validation data (default: samples)")
 
@@ -162,7 +163,9 @@ class ModelConfig:
     output: str = _field("softmax", _choice(*OUTPUTS), "output activation")
     dropout: float = _field(0.0, _float(0.0, 1.0), "dropout rate after each hidden activation")
     init: str = _field("book", _choice(*INITS), "weight initialiser")
-    init_scale: float = _field(0.01, _float(0.0, low_open=True), "scale of the book's initialiser, scale·N(0, 1)")
+    init_scale: float = _field(0.01, _float(0.0, 1e3, low_open=True), "scale of the book's initialiser, "
+                               "scale·N(0, 1) (the book: 0.01); below 1000, so float32 weights and activations stay "
+                               "finite")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,7 +259,11 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
     return cfg
 
 
-def _file_data_checks(d: DataConfig) -> None:
+def _file_data_checks(d: DataConfig, raw: Mapping[str, Any]) -> None:
+    data_raw = raw.get("data", {}) if isinstance(raw.get("data", {}), Mapping) else {}
+    if "path" in data_raw and d.kind not in FILE_DATA:
+        raise ConfigError(f"data.path: not a setting of data.kind {d.kind!r}, whose data is drawn, not read from files; "
+                          f"only data.kind {', '.join(map(repr, FILE_DATA))} reads a path")
     if d.kind == "fashion_mnist":
         if d.classes != 10:
             raise ConfigError(f"data.classes: Fashion-MNIST has 10 classes; got {d.classes}")
@@ -277,7 +284,7 @@ def _cross_checks(cfg: Config, raw: Mapping[str, Any]) -> None:
         raise ConfigError(f"model.output: loss {loss!r} takes {'logits' if 'none' in needs[loss] else 'probabilities'}; "
                           f"expected model.output in {list(needs[loss])}, got {out!r}")
     classification = cfg.data.kind in CLASSIFICATION
-    _file_data_checks(cfg.data)
+    _file_data_checks(cfg.data, raw)
     if loss in ("categorical_crossentropy", "categorical_crossentropy_with_logits"):
         if not classification:
             raise ConfigError(f"loss.kind: {loss!r} needs class labels; data.kind {cfg.data.kind!r} is regression")
@@ -336,7 +343,8 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
 def loads(text: str, *, name: str | None = None, overrides: Sequence[str] = (), source: str = "<string>") -> Config:
     """A Config from TOML text."""
     try:
-        raw = tomllib.loads(text)
+        # A byte-order mark (some Windows editors write one) is not part of the TOML.
+        raw = tomllib.loads(text[1:] if text[:1] == "\ufeff" else text)
     except ValueError as e:  # TOMLDecodeError, or an integer of more digits than Python converts
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
     except RecursionError:
@@ -397,6 +405,8 @@ def to_dict(cfg: Config) -> dict[str, Any]:
         del out["train"]["batch_size"]  # TOML has no null: absent means full batch
     if out["data"]["validation_samples"] is None:
         del out["data"]["validation_samples"]
+    if cfg.data.kind not in FILE_DATA:
+        del out["data"]["path"]  # read by no other kind, and refused for them
     return out
 
 

@@ -1,6 +1,7 @@
 import io
 import json
 import math
+import os
 import zipfile
 
 import chex
@@ -206,3 +207,28 @@ def test_members_compressed_otherwise_than_numpy_writes_them_are_refused():
         for name in src.namelist():
             z.writestr(name, src.read(name))
     assert checkpoint.load_flat(deflated.getvalue())["['w']"].shape == (1000,)
+
+
+def test_data_that_is_not_bytes_or_a_seekable_binary_file_is_a_type_error_naming_the_argument(tmp_path):
+    tree = {"w": jnp.ones((2, 3))}
+    data = checkpoint.to_bytes(tree, {"step": 1})
+    path = tmp_path / "t.npz"
+    path.write_bytes(data)
+    for fn in (lambda d: checkpoint.from_bytes(d, tree), checkpoint.load_flat, checkpoint.metadata):
+        for given in (str(path), path):  # a path, the obvious mistake: the message says how to read the file
+            with pytest.raises(TypeError, match=r"^data must be bytes or a seekable binary file object; got "
+                               rf"(str|pathlib\.PosixPath) '{tmp_path}/t.npz', a path: .*open\(path, 'rb'\)"):
+                fn(given)
+        with pytest.raises(TypeError, match=r"got a NumPy array \(if it holds the file's bytes, pass data.tobytes"):
+            fn(np.frombuffer(data, np.uint8))
+        with pytest.raises(TypeError, match="got None$"):
+            fn(None)
+        with path.open() as text, pytest.raises(TypeError, match="got a text-mode file .*open it with mode 'rb'"):
+            fn(text)
+        r, w = os.pipe()
+        os.write(w, data)
+        os.close(w)
+        with os.fdopen(r, "rb") as pipe, pytest.raises(TypeError, match=r"got a file that cannot seek .*into bytes"):
+            fn(pipe)
+    with path.open("rb") as f:  # what is accepted: a seekable binary file, and bytes
+        assert checkpoint.metadata(f) == checkpoint.metadata(data) == {"step": 1}

@@ -195,3 +195,14 @@ def test_earlier_metrics_are_set_aside_not_lost(tmp_path, compile_cache):
     assert (out / "metrics.jsonl.2").read_text() == before
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["split"] == "train"] == list(range(300))
+
+
+def test_quiet_prints_no_warnings_of_a_run_that_succeeds(tmp_path):
+    # A name of full-width letters: matplotlib warns, once per glyph, that its font lacks them.
+    tiny = ["--set", "name='ｔｉｎｙ'", "--set", "data.samples=20", "--set", "model.sizes=[4, 3]", "--set", "train.epochs=20",
+            "--set", "train.fuse=10", "--set", "train.verify=false"]
+    proc = train(tmp_path / "quiet", "--quiet", *tiny)
+    assert proc.stdout == "" and proc.stderr == ""
+    assert (tmp_path / "quiet" / "curves.png").exists()
+    loud = train(tmp_path / "loud", *tiny)  # without --quiet they are shown, as Python shows warnings
+    assert "missing from font" in loud.stderr

@@ -79,6 +79,10 @@ def test_keyed_data_and_minibatch_steps():
         ("seed = 4294967296", (), r"seed: expected an integer >= 0 and < 4294967296"),
         ("[train]\nepochs = 3000000000", (), r"train.epochs: .* steps; at most 2147483647"),
         ("[model]\nsizes = [3]", ("model.sizes.x=1",), r"'sizes' is not a table"),
+        ("", ("model.init_scale=1e308",), r"model.init_scale: expected a finite number > 0.0 and < 1000.0, got 1e\+308"),
+        ("[data]\nkind = 'spiral'\npath = 'x'", (), r"data.path: not a setting of data.kind 'spiral', whose data is "
+         r"drawn, not read from files; only data.kind 'fashion_mnist' reads a path"),
+        ("", ("data.kind=sine", "data.path=/data"), r"data.path: not a setting of data.kind 'sine'"),
     ],
 )
 def test_errors_name_the_key_the_value_and_what_is_allowed(text, overrides, match):
@@ -105,8 +109,26 @@ def test_missing_file():
 
 
 def test_an_override_value_may_contain_equals_signs():
-    cfg = config.loads("", overrides=["name=a=b=c", "data.path = /tmp/x=y"])
+    cfg = config.loads("", overrides=["name=a=b=c", "data.kind=fashion_mnist", "data.classes=10", "model.sizes=[8, 10]",
+                                      "data.path = /tmp/x=y"])
     assert cfg.name == "a=b=c" and str(cfg.data.path) == "/tmp/x=y"
+
+
+def test_data_path_is_kept_only_for_a_kind_that_reads_it():
+    fashion = config.load(config.locate("fashion_mnist"))
+    assert config.to_dict(fashion)["data"]["path"] == "fashion_mnist_images"
+    assert config.from_dict(config.to_dict(fashion)) == fashion
+    spiral = config.load(ROOT / "configs" / "spiral.toml")
+    assert "path" not in config.to_dict(spiral)["data"]  # so the resolved config of a spiral run loads again
+    assert config.from_dict(config.to_dict(spiral)) == spiral
+
+
+def test_a_config_file_may_start_with_a_byte_order_mark(tmp_path):
+    text = (ROOT / "configs" / "spiral.toml").read_text()
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())  # as Notepad writes UTF-8
+    assert config.load(path) == config.load(ROOT / "configs" / "spiral.toml")  # (it names itself spiral)
+    assert config.loads("\ufeff" + text) == config.loads(text)
 
 
 def test_memory_estimate_counts_each_part_as_documented():

@@ -25,7 +25,7 @@ EXPECTED = {
     "data.classes": ("int", 2, False, INF),
     "data.validation_samples": ("int", 1, False, INF),
     "model.dropout": ("float", 0.0, False, 1.0),
-    "model.init_scale": ("float", 0.0, True, INF),
+    "model.init_scale": ("float", 0.0, True, 1e3),  # weights of 1e308·N(0, 1) overflow float32
     "optimizer.learning_rate": ("float", 0.0, True, INF),
     "optimizer.decay": ("float", 0.0, False, INF),
     "optimizer.momentum": ("float", 0.0, False, 1.0),

@@ -137,6 +137,14 @@ def test_a_folder_that_is_not_a_run_is_never_written(capsys, tmp_path):
     assert afile.read_text() == "x"
 
 
+def test_an_out_name_too_long_for_the_file_system_is_a_usage_error(capsys, tmp_path):
+    # (a parent that exists: stat() itself then fails with ENAMETOOLONG, not only mkdir)
+    code, _, err = cli(capsys, "train", "--out", tmp_path / ("x" * 300), *SMALL)
+    assert code == 2
+    assert_one_line_error(code, err, "--out", "File name too long")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_empty_folder_and_a_new_one_are_fine_and_a_failed_start_leaves_no_folder(capsys, tmp_path):
     (tmp_path / "empty").mkdir()
     assert cli(capsys, "train", "--out", tmp_path / "empty", *SMALL)[0] == 0
@@ -525,6 +533,49 @@ def test_config_mismatches_and_huge_numbers_are_one_line(capsys, run, tmp_path):
     code, _, err = cli(capsys, "train", "--out", tmp_path / "h", *SMALL, "--set",
                        "optimizer.learning_rate=1180591620717411303424" + "0" * 300)
     assert_one_line_error(code, err, "optimizer.learning_rate: expected a finite number > 0.0")
+
+
+def test_empty_option_values_are_errors_not_the_defaults(capsys, run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where --out "" used to train into: runs/<name>
+    for args, option in ((["--config", ""], "--config"), (["--out", ""], "--out"),
+                         (["--out", "", "--resume"], "--out")):
+        code, _, err = cli(capsys, "train", *args, *SMALL)
+        assert code == 2
+        assert_one_line_error(code, err, f"funcgrad train: {option}: expected ", "got an empty string")
+    code, _, err = cli(capsys, "evaluate", "--run", "")
+    assert code == 2
+    assert_one_line_error(code, err, "funcgrad evaluate: --run: expected a run folder, got an empty string")
+    assert list(tmp_path.iterdir()) == [run]
+
+
+def test_an_init_scale_that_overflows_float32_is_a_config_error_before_anything_is_written(capsys, tmp_path):
+    code, _, err = cli(capsys, "train", "--out", tmp_path / "big", *SMALL, "--set", "model.init_scale=1e308")
+    assert code == 2
+    assert_one_line_error(code, err, "model.init_scale: expected a finite number > 0.0 and < 1000.0, got 1e+308")
+    assert not (tmp_path / "big").exists()
+
+
+def test_data_path_for_drawn_data_is_refused_but_the_default_in_an_older_runs_config_is_not(capsys, run, tmp_path):
+    code, _, err = cli(capsys, "train", "--out", tmp_path / "p", *SMALL, "--set", "data.path=/nonexistent")
+    assert code == 2
+    assert_one_line_error(code, err, "data.path: not a setting of data.kind 'spiral'")
+    assert not (tmp_path / "p").exists()
+    config = json.loads((run / "config.json").read_text())
+    assert "path" not in config["data"]
+    # funcgrad before the check wrote the default data.path for every kind: such a run evaluates and resumes
+    (run / "config.json").write_text(json.dumps({**config, "data": {**config["data"], "path": "fashion_mnist_images"}}))
+    assert cli(capsys, "evaluate", "--run", run)[0] == 0
+    code, out, _ = cli(capsys, "train", "--out", run, "--resume", "--set", "train.epochs=60")
+    assert code == 0 and "resume from step 50" in out
+    assert "path" not in json.loads((run / "config.json").read_text())["data"]
+    # any other path there was set by hand: checked like a config file's
+    (run / "config.json").write_text(json.dumps({**config, "data": {**config["data"], "path": "elsewhere"}}))
+    before = snapshot(run)
+    code, _, err = cli(capsys, "evaluate", "--run", run)
+    assert_one_line_error(code, err, "config.json: data.path: not a setting of data.kind 'spiral'")
+    code, _, err = cli(capsys, "train", "--out", run, "--resume", "--set", "train.epochs=70")
+    assert_one_line_error(code, err, "config.json: data.path: not a setting of data.kind 'spiral'")
+    assert snapshot(run) == before
 
 
 def test_a_finished_read_only_run_is_still_told_complete(capsys, run):

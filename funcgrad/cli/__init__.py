@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -121,7 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _enable_compilation_cache()
     try:
-        return args.handler(args)
+        with warnings.catch_warnings():
+            if getattr(args, "quiet", False) and not sys.warnoptions:  # --quiet prints nothing but errors; -W still rules
+                warnings.simplefilter("ignore")
+            return args.handler(args)
     except UsageError as e:
         print(f"funcgrad {args.command}: {e}", file=sys.stderr)
         return 2

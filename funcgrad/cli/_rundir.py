@@ -64,7 +64,11 @@ def _legacy_run(out: Path) -> bool:
 def inspect(out: Path) -> str:
     """``"new"`` (absent), ``"empty"``, or ``"run"``; raises RunFolderError for anything else."""
     out = Path(out)
-    if not out.exists():
+    try:
+        exists = out.exists()
+    except OSError as e:  # a name longer than the file system allows (ENAMETOOLONG), a loop of links, ...
+        raise RunFolderError(f"--out {out}: cannot be used as a folder: {e.strerror or e}; choose another --out") from None
+    if not exists:
         if out.is_symlink():
             raise RunFolderError(f"{out} is a symbolic link to nothing; choose another --out")
         return "new"

@@ -117,10 +117,20 @@ def _check_memory(cfg: Any, *, check: bool) -> None:
 def _load_config(args: argparse.Namespace) -> tuple[Any, Path]:
 
     try:
-        path = fgconfig.locate(args.config) if args.config else _default_config()
+        path = fgconfig.locate(args.config) if args.config is not None else _default_config()
         return fgconfig.load(path, overrides=args.set or ()), path
     except fgconfig.ConfigError as e:
         raise UsageError(str(e)) from None
+
+
+def _run_config(saved: dict) -> Any:
+    """A run's own ``config.json`` as a Config. Runs saved before ``data.path`` was refused for data that is drawn
+    hold its default there whatever the kind: that one value is dropped (it was never read), anything else is checked."""
+    data = saved.get("data")
+    if (isinstance(data, dict) and data.get("kind", fgconfig.DataConfig.kind) not in fgconfig.FILE_DATA
+            and data.get("path") == fgconfig.DataConfig.path):
+        saved = {**saved, "data": {k: v for k, v in data.items() if k != "path"}}
+    return fgconfig.from_dict(saved)
 
 
 def _resume_config(out: Path, args: argparse.Namespace) -> tuple[Any, dict, list[str]]:
@@ -128,7 +138,7 @@ def _resume_config(out: Path, args: argparse.Namespace) -> tuple[Any, dict, list
     ``--set`` applied, only to keys that may change. ``--config`` must describe the same run."""
     try:
         saved = files.json_load(out / files.CONFIG, what="a JSON object (the run's configuration)")
-        before = fgconfig.from_dict(saved)
+        before = _run_config(saved)
     except files.FileError as e:
         raise UsageError(f"--resume: {e}") from None
     except fgconfig.ConfigError as e:
@@ -142,7 +152,7 @@ def _resume_config(out: Path, args: argparse.Namespace) -> tuple[Any, dict, list
     if fixed:
         allowed = ", ".join(".".join(k) for k in sorted(RESUMABLE))
         raise UsageError(f"--resume: {'; '.join(fixed)}: cannot change when a run continues (only {allowed} can)")
-    if args.config:
+    if args.config is not None:
         given, path = _load_config(args)
         differ = _config_diff(fgconfig.to_dict(given), new, every_key=True)
         if differ:
@@ -324,15 +334,27 @@ class _Prepared:
     meta: dict = dataclasses.field(default_factory=dict)  # the resumed checkpoint's metadata
 
 
+def _refuse_empty(**options: str | None) -> None:
+    """An option given as an empty string (``--out ""``, e.g. from an unset shell variable) is a mistake, never
+    taken for the option left out (its default)."""
+    for name, value in options.items():
+        if value == "":
+            what = {"config": "a config file or the name of one that ships with funcgrad (leave --config out for "
+                              "the default)",
+                    "out": "a folder (leave --out out for runs/<name>)", "run": "a run folder"}[name]
+            raise UsageError(f"--{name}: expected {what}, got an empty string")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
 
+    _refuse_empty(config=args.config, out=args.out)
     t_start = time.perf_counter()
     try:
         parallel.initialize(args.coordinator, args.num_processes, args.process_id)  # before any computation
     except parallel.ParallelError as e:
         raise UsageError(str(e)) from None
     writer = parallel.is_writer()  # only process 0 reads and writes the run folder, and prints
-    out = Path(args.out) if args.out else _default_out(args)
+    out = Path(args.out) if args.out is not None else _default_out(args)
     lock, created, error, prepared = None, None, None, None
     try:
         if writer:
@@ -741,12 +763,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ``summary.json`` once the run is complete), or on data drawn with ``--seed``. Reads only; changes nothing."""
 
 
+    _refuse_empty(run=args.run)
     run = Path(args.run)
     if not _has_checkpoint(run) or not (run / files.CONFIG).exists():
         raise UsageError(f"--run {run}: no finished or checkpointed run there (need {files.CONFIG} and a checkpoint: "
                          f"{files.CHECKPOINT} or {files.ORBAX}/)")
     try:
-        cfg = fgconfig.from_dict(files.json_load(run / files.CONFIG, what="a JSON object (the run's configuration)"))
+        cfg = _run_config(files.json_load(run / files.CONFIG, what="a JSON object (the run's configuration)"))
     except files.FileError as e:
         raise UsageError(str(e)) from None
     except fgconfig.ConfigError as e:
