@@ -20,6 +20,7 @@ from conftest import ROOT, run_python
 
 from funcgrad import checkpoint
 from funcgrad.cli import _files as files
+from funcgrad.cli import _rundir as rundir
 from funcgrad.cli import main
 
 SMALL = ["--set", "train.epochs=50", "--set", "train.fuse=10", "--set", "train.checkpoint_every=10",
@@ -741,3 +742,18 @@ def test_a_run_killed_past_its_checkpoint_can_be_finished_at_that_checkpoint(cap
     assert code == 0 and "metrics past step 50 are kept in" in out, err
     assert (run / "summary.json").exists() and (run / "metrics.jsonl").read_text() == rows
     assert any('"step": 55' in p.read_text() for p in run.iterdir() if p.name.startswith("metrics.jsonl."))
+
+
+def test_a_lock_file_that_cannot_be_written_stops_a_resume_but_not_a_complete_run(capsys, run, monkeypatch):
+    # The folder and the run's files can be written, but the lock file cannot be opened for writing (immutable, or
+    # 0444 for another user): the resume used to go on unlocked, and two of them trained into one run at once.
+    def unwritable(out):
+        raise rundir.ReadOnlyFolder(f"cannot create the lock file {out / rundir.LOCK}: Operation not permitted")
+
+    monkeypatch.setattr(rundir, "Lock", unwritable)
+    code, out, _ = cli(capsys, "train", "--out", run, "--resume")
+    assert code == 0 and "is complete" in out  # a finished run is still told so: nothing is written
+    before = snapshot(run)
+    code, _, err = cli(capsys, "train", "--out", run, "--resume", "--set", "train.epochs=60")
+    assert_one_line_error(code, err, "cannot lock the run", ".funcgrad.lock", "nothing was changed")
+    assert snapshot(run) == before

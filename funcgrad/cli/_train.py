@@ -360,6 +360,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if writer:
             lock, created = _open_folder(out, args.resume)
         prepared = _prepare(args, out, writer)
+        if writer and lock is None and not prepared.complete:
+            # A folder and files that can be written, but a lock file that cannot (immutable, or read-only to
+            # this user): a second writer could not be kept out.
+            raise UsageError(f"--resume: cannot lock the run: {out / rundir.LOCK} cannot be opened for writing, so "
+                             "another train into this run could not be kept out; nothing was changed (make it "
+                             "writable, or remove it if no other train is running)")
     except UsageError as e:
         error = e
     try:
