@@ -11,6 +11,7 @@ any data, since orbax would otherwise cast a dtype to the requested one.
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,14 @@ def _import_orbax() -> Any:
     return ocp
 
 
+def _brief(e: BaseException, where: str) -> str:
+    """orbax's or tensorstore's error in one line: its first, without the tensorstore spec (kilobytes of JSON) or
+    the step's folder that the message names already, and at most 300 characters."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = text.split(" [tensorstore_spec=", 1)[0].replace(f"{where}: ", "")
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def _sharding(ref: Any) -> jax.sharding.Sharding:
     """Where a restored leaf goes: the template's sharding (a PRNG key's: its key data's), else the default device,
     where :func:`funcgrad.checkpoint.from_bytes` puts it."""
@@ -59,6 +68,7 @@ class OrbaxManager:
         handlers = {"state": ocp.StandardCheckpointHandler(), "layout": ocp.JsonCheckpointHandler(),
                     "meta": ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self._failed = False  # a read failed (see _read)
 
     def __repr__(self) -> str:
         return f"OrbaxManager({str(self.directory)!r}, steps={self.all_steps()})"
@@ -108,9 +118,13 @@ class OrbaxManager:
         """orbax's answer, or a CheckpointError naming the step's directory (orbax raises many kinds of error)."""
         try:
             return read()
-        except Exception as e:
-            raise _ckpt.CheckpointError(f"{self._where(step)}: not a readable funcgrad orbax checkpoint: its {what} cannot "
-                                        f"be read ({type(e).__name__}: {e})") from None
+        except Exception as e:  # noqa: BLE001 - re-raised below, outside this block
+            problem = f"{type(e).__name__}: {_brief(e, self._where(step))}"
+        # Raised without orbax's exception attached, and its failed futures collected now: kept alive until the
+        # interpreter exits, their callbacks printed tracebacks into a closed event loop after the error.
+        self._failed = True
+        raise _ckpt.CheckpointError(f"{self._where(step)}: not a readable funcgrad orbax checkpoint: its {what} cannot "
+                                    f"be read ({problem})")
 
     def restore(self, like: Any, step: int | None = None, *, check_finite: bool = False) -> tuple[Any, dict[str, Any]]:
         """The tree saved at ``step`` (the latest if None) with the structure of ``like``, and its meta dict. As
@@ -139,7 +153,8 @@ class OrbaxManager:
             self._match_arrays(step, stored)
             _ckpt._match_specs(names, specs, stored)
         except _ckpt.CheckpointError as e:
-            raise _ckpt.CheckpointError(f"{self._where(step)}: {e}") from None
+            where = self._where(step)
+            raise _ckpt.CheckpointError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
         refs = jax.tree_util.tree_leaves(like)
         abstract = {e["name"]: jax.ShapeDtypeStruct(tuple(e["shape"]), _ckpt._dtype(e), sharding=_sharding(ref))
                     for e, ref in zip(stored, refs, strict=True)}
@@ -190,3 +205,5 @@ class OrbaxManager:
     def close(self) -> None:
         """Waits for the saves in flight and releases orbax's resources."""
         self._manager.close()
+        if self._failed:
+            gc.collect()  # what a failed read left (see _read)

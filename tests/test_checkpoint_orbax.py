@@ -122,6 +122,26 @@ def test_damaged_layout_is_a_checkpoint_error(tmp_path):
         mngr.restore(like={"w": jnp.ones(2)})
 
 
+def test_damaged_array_files_are_one_line_naming_the_step_once(tmp_path):
+    # tensorstore's message ends in kilobytes of its spec as JSON, and the step's folder was named twice.
+    with checkpoint.orbax_manager(tmp_path, async_save=False) as mngr:
+        mngr.save(1, {"w": jnp.ones(2)})
+    manifests = list((tmp_path / "1" / "state").glob("manifest.ocdbt"))
+    assert manifests
+    manifests[0].write_bytes(b"garbage\n")
+    with checkpoint.orbax_manager(tmp_path) as mngr, pytest.raises(CheckpointError) as info:
+        mngr.restore(like={"w": jnp.ones(2)})
+    msg = str(info.value)
+    where = str((tmp_path / "1").absolute())
+    assert msg.startswith(where + ": not a readable funcgrad orbax checkpoint") and msg.count(where + ":") == 1, msg
+    assert "\n" not in msg and "tensorstore_spec" not in msg and len(msg) < 1000, msg
+    chained, e = [], info.value.__context__
+    while e is not None:
+        chained.append(e)
+        e = e.__context__
+    assert all(isinstance(e, CheckpointError) for e in chained), chained  # orbax's (and its futures) not kept alive
+
+
 SHARDED = textwrap.dedent("""
     import sys
     import jax, jax.numpy as jnp, numpy as np

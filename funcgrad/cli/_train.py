@@ -274,7 +274,7 @@ def _read_checkpoint(out: Path, like: Any, cfg: Any) -> tuple[Any, int, dict]:
             state, meta = files.load_checkpoint(out, like=like)
     except (files.FileError, checkpoint.CheckpointError, ImportError) as e:
         msg = str(e)
-        raise UsageError(msg if msg.startswith(str(ckpt)) else f"{ckpt}: {msg}") from None
+        raise UsageError(msg if msg.startswith((str(ckpt), str(ckpt.absolute()))) else f"{ckpt}: {msg}") from None
     return state, _validate_state(state, meta, ckpt), meta
 
 
