@@ -739,6 +739,11 @@ def test_check_vjp_and_check_chain_name_their_own_arguments():
             verify.check_vjp(lambda x: 2 * x, lambda x, d: 2 * d, x, cotangents=n)
     assert verify.check_vjp(lambda x: 2 * x, lambda x, d: 2 * d, x, seed=-1).ok
     assert verify.check_chain([("double", lambda x: x * 2.0, lambda x, d: 2 * d)], x, seed=-1).ok
+    # A leaf of a primal is named by the primal's name and its path (was "[0]['b']").
+    p = {"W": jnp.ones((3, 2)), "b": jnp.zeros((1, 2))}
+    with pytest.raises(ValueError, match=r"params\['b'\]: expected shape \(1, 2\)"):
+        verify.check_vjp(lambda params, x: x @ params["W"] + params["b"],
+                         lambda params, x, d: ({"W": x.T @ d, "b": d.sum(0)}, d @ params["W"].T), p, x)
 
 
 def test_a_python_float_beside_arrays_is_held_fixed_as_equinox_holds_it():

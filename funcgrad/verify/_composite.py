@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,6 +35,7 @@ def _in_terms_of(message: str, names: Sequence[str]) -> str:
     message = message.replace("hand must", "hand_vjp must").replace("hand returned", "hand_vjp returned")
     for i, name in enumerate(names):
         message = message.replace(f"params[{i}]", name).replace(f"'[{i}]", f"'{name}").replace(f"[{i}]:", f"{name}:")
+        message = re.sub(rf"(?<![\w\]'])\[{i}\](?=\[)", name, message)  # a path within it: [0]['b'] is params['b']
     return f"check_vjp (differentiating {', '.join(names)}): {message}"
 
 
