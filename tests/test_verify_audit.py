@@ -1168,3 +1168,32 @@ def test_a_rule_wrong_beside_the_element_where_the_plain_autodiff_is_nan_is_name
         assert report.rows[0].verdict == "autodiff_wrong" and report.rows[0].worst_index == (0, 2), report
     else:
         assert report.ok, report
+
+
+@pytest.mark.parametrize("zeros", [8, 600])
+def test_many_nans_of_the_plain_autodiff_do_not_hide_a_wrong_element(zeros):
+    # A large input (checked by projections) with the primal's plain autodiff NaN at many elements (sinc's input
+    # exactly 0): these used to use up the rounds of elements checked one by one, and their "reference is wrong"
+    # ended the search, so a rule 20% wrong at [7] passed.
+    def make(factor):
+        @jax.custom_jvp
+        def sinc(x):
+            return jnp.where(x == 0, 1.0, jnp.sin(x) / x)
+
+        @sinc.defjvp
+        def sinc_jvp(primals, tangents):
+            (x,), (t,) = primals, tangents
+            xs = jnp.where(x == 0, 1.0, x)
+            d = jnp.where(x == 0, 0.0, (xs * jnp.cos(xs) - jnp.sin(xs)) / xs**2)
+            return sinc(x), t * d.at[7].multiply(factor)
+
+        return lambda p, x: jnp.sum(sinc(p * x))
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.5, 2.0, 6000).astype(np.float32)
+    x[rng.choice(np.arange(8, 6000), zeros, replace=False)] = 0.0
+    p = jnp.ones(6000)
+    good = verify.audit(make(1.0), p, jnp.asarray(x))
+    assert good.ok, good
+    bad = verify.audit(make(1.2), p, jnp.asarray(x))
+    assert bad.rows[0].verdict == "autodiff_wrong" and bad.rows[0].worst_index == (0, 7), bad

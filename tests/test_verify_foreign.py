@@ -144,6 +144,20 @@ def test_the_books_backward_where_dead_units_put_the_next_layer_on_its_kinks():
     assert report.verdict == "hand_wrong" and row.verdict == "hand_wrong" and row.worst_index == (0, 2), report
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_value_beyond_every_convention_where_kinks_meet_still_fails_along_a_direction(seed):
+    # f(b) = 2·relu(b) − relu(−b) at b = 0: D₋ = 1, D₊ = 2, and every choice of relu'(0) per kink gives 2·s₁ + s₂
+    # in [0, 3]. -2.9 lies outside both, and "near" enough that the element alone reads it as a kink of several
+    # kinks meeting; the random direction is what fails it, so it must not be waived (as for the book's dead
+    # units above, where each element lies between its one-sided derivatives).
+    def f(b):
+        return jnp.sum(2 * jax.nn.relu(b[:1]) - jax.nn.relu(-b[:1])) + jnp.sum(b[1:] ** 2)
+
+    b = jnp.array([0.0, 0.5, -0.3, 0.7])
+    report = verify.check_grad(f, b, hand=lambda b: jax.grad(f)(b).at[0].set(-2.9), seed=seed)
+    assert report.verdict == "hand_wrong", report
+
+
 def test_a_value_outside_the_one_sided_interval_is_blamed_on_its_side():
     f = lambda w: jnp.sum(w**2 - jnp.abs(w))  # noqa: E731  D₋ = 1, D₊ = −1 at w = 0
     w = jnp.array([0.0, 0.5])

@@ -132,6 +132,7 @@ class _LeafFacts:
     empty_support: bool = False  # no element where both are finite: random directions have nothing to move
     order: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))  # to arbitrate, worst first
     n_order: int = 0  # elements to arbitrate in all (``order`` holds as many as arbitration can reach)
+    n_reference_nonfinite: int = 0  # among them, where hand is only a reference and it alone is not finite
     extra: list[str] = dataclasses.field(default_factory=list)  # notes on the disagreements
     ref_max: dict[str, float] = dataclasses.field(default_factory=dict)  # per side: the largest finite |value|
     user: dict[str, tuple] = dataclasses.field(default_factory=dict)  # per side: (deviation, non-finite, index)
@@ -225,8 +226,9 @@ class _Engine:
                 ci = ci[~np.isin(ci + c0, done)]  # elements the probe checks one by one already
                 if len(ci):
                     bad = _badness(ac[ci], None if hc is None else hc[ci],
-                                   None if hc is None else tol_ah[ci], nonfinite[ci])
+                                   None if hc is None else tol_ah[ci], nonfinite[ci], self.hand_reference)
                     lf.n_order += len(ci)
+                    lf.n_reference_nonfinite += int(np.count_nonzero(bad == -1.0)) if self.hand_reference else 0
                     if len(ci) > _TOP:  # only the worst can be reached; kept in index order (ties: lower first)
                         keep = np.sort(np.argsort(-bad, kind="stable")[:_TOP])
                         ci, bad = ci[keep], bad[keep]
@@ -989,10 +991,21 @@ def _rows(items: _Items, P: np.ndarray, engine: _Engine, has_hand: bool, user: b
 
 
 def _waive_kinked_directions(items: list[_Item], extra: list[str]) -> None:
-    """A leaf checked element by element: a random direction whose reading crosses kinks tells nothing the
-    elements did not. Along several kinks at once (ReLUs of several samples at 0), a valid one-sided choice per
-    element need not lie between the direction's one-sided derivatives, so such a direction neither fails the row
-    nor blames a side against what the elements found; it is reported ``kink``."""
+    """A leaf checked element by element, each element at a kink between its one-sided derivatives: a random
+    direction whose reading crosses kinks tells nothing the elements did not. Along several kinks at once (ReLUs of
+    several samples at 0), a valid one-sided choice per element need not lie between the direction's one-sided
+    derivatives, so such a direction neither fails the row nor blames a side against what the elements found; it
+    is reported ``kink``."""
+    # Only where each element passed at a kink lies between its own one-sided derivatives: a value outside them
+    # that passed as one of several kinks meeting at the element (the lenient reading) may be wrong, and the
+    # direction is then the evidence left. (An element that fails decides the row itself.)
+    def inside(it: _Item, v: float | None) -> bool:
+        slack = 2 * it.fd_err + 1e-9 * max(abs(it.lo), abs(it.hi))
+        return v is None or min(it.lo, it.hi) - slack <= v <= max(it.lo, it.hi) + slack
+
+    if not all(inside(it, it.A) and inside(it, it.H) for it in items
+               if it.index is not None and it.kink and it.verdict not in _FAILING):
+        return
     waived = [it for it in items if it.index is None and it.kink and it.verdict in _FAILING]
     for it in waived:
         it.verdict = Verdict.KINK
@@ -1002,6 +1015,11 @@ def _waive_kinked_directions(items: list[_Item], extra: list[str]) -> None:
                      "direction's one-sided derivatives, so the direction is not judged (kink)")
 
 
+def _fails(it: _Item, hand_reference: bool) -> bool:
+    """Whether an item fails fn: not a failure of hand alone where hand is only a reference (see _row)."""
+    return it.verdict in _FAILING and not (hand_reference and it.verdict == Verdict.HAND_WRONG)
+
+
 def _arbitrate_disagreements(li: int, has_hand: bool, engine: _Engine, items: list[_Item], extra: list[str]) -> None:
     """Disagreeing elements of leaf ``li`` (or, without a hand, non-finite ones), worst first and not checked by
     the probe already, are arbitrated in growing rounds until one fails: a wrong element must not hide behind
@@ -1009,6 +1027,17 @@ def _arbitrate_disagreements(li: int, has_hand: bool, engine: _Engine, items: li
     lf = engine.leaves[li]
     o, shape = engine.layout.offsets[li], engine.layout.shapes[li]
     order = [int(i) for i in lf.order]
+    ref = engine.hand_reference
+    skipped = 0
+    if ref and lf.n_reference_nonfinite:
+        # hand is only a reference (audit: the primal's plain autodiff): the elements where it alone is not finite
+        # (the NaN a rule exists for) come last in the order (see _badness), and only the first round's worth of
+        # them is checked: each is the reference's failure, not fn's, and must not use up the rounds before an
+        # element where fn is wrong.
+        n_finite = lf.n_order - lf.n_reference_nonfinite
+        keep = min(len(order), n_finite + _ARBITRATION_ROUNDS[0])
+        skipped = lf.n_order - max(keep, n_finite)
+        order = order[:keep]
     checked = 0
     for size in _ARBITRATION_ROUNDS:
         batch = order[checked : checked + size]
@@ -1017,10 +1046,13 @@ def _arbitrate_disagreements(li: int, has_hand: bool, engine: _Engine, items: li
         new = _arbitrate(np.array(batch), li, has_hand, engine)
         items += new
         checked += len(batch)
-        if any(it.verdict in _FAILING for it in new):
+        if any(_fails(it, ref) for it in new):
             break
-    left = lf.n_order - checked
-    if left > 0 and not any(it.verdict in _FAILING for it in items):
+    left = lf.n_order - skipped - checked
+    if skipped and left <= 0 and not any(_fails(it, ref) for it in items):
+        extra.append(f"the primal's plain autodiff is not finite at {skipped} more element(s) than the ones of that "
+                     "kind checked one by one; those were not checked")
+    if left > 0 and not any(_fails(it, ref) for it in items):
         i = order[checked]
         what = "autodiff and hand disagree" if has_hand else "autodiff is not finite"
         extra.append(f"{what} at {left} more element(s) than the {checked} checked one by one (all passing): "
@@ -1034,7 +1066,7 @@ def _locate_failing_projection(li: int, has_hand: bool, engine: _Engine, items: 
     """A projection that fails with no element to show for it: bisect down to the element. Appends to ``items``
     and ``extra``; a located element that is blamed explains the failing projections (their verdict becomes its)."""
     bad_dirs = [it for it in items if it.index is None and it.verdict in _FAILING]
-    if bad_dirs and not any(it.index is not None and it.verdict in _FAILING for it in items):
+    if bad_dirs and not any(it.index is not None and _fails(it, engine.hand_reference) for it in items):
         located = _bisect(li, has_hand, engine)
         items.append(located)
         if located.verdict in _FAILING:
@@ -1117,13 +1149,15 @@ def _row(path, li, size, items, extra, plan, hand_reference: bool = False) -> Ro
     )
 
 
-def _badness(a, h, tol, nonfinite):
-    """How far autodiff and hand are apart, in tolerances; non-finite elements first."""
+def _badness(a, h, tol, nonfinite, reference: bool = False):
+    """How far autodiff and hand are apart, in tolerances; non-finite elements first. ``reference``: hand is only a
+    reference (see _row), and elements where it alone is not finite (the NaN a rule exists for) come last."""
     if h is None:
         return np.where(nonfinite, 1e308, 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         b = np.abs(a - h) / np.maximum(tol, 1e-300)
-    return np.where(nonfinite | np.isnan(b), 1e308, b)
+    b = np.where(nonfinite | np.isnan(b), 1e308, b)
+    return np.where(~np.isfinite(h) & np.isfinite(a), -1.0, b) if reference else b
 
 
 def _arbitrate(flat: np.ndarray, li: int, has_hand: bool, engine: _Engine) -> list[_Item]:
