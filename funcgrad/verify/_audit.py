@@ -1069,9 +1069,13 @@ def _as_rule_verdict(row: Row) -> tuple[Verdict, str]:
     """A check_grad row read for the rule: hand (the primal's plain autodiff) being wrong is not the rule's fault.
     The row's note is told in the audit's words."""
     if row.verdict == Verdict.HAND_WRONG:
-        return Verdict.OK, ("the rule agrees with finite differences; JAX's plain autodiff of its primal does not "
-                            f"(at element {list(row.worst_index or ())}: {row.hand:.6g} against {row.numeric:.6g}), "
-                            "which is presumably why the rule exists")
+        # (what was left unchecked is still said: elements where the plain autodiff alone is not finite, beyond
+        # the ones checked one by one)
+        unchecked = [part for part in row.note.split("; ") if part.endswith("those were not checked")]
+        return Verdict.OK, "; ".join([
+            "the rule agrees with finite differences; JAX's plain autodiff of its primal does not (at element "
+            f"{list(row.worst_index or ())}: {row.hand:.6g} against {row.numeric:.6g}), which is presumably why the "
+            "rule exists", *unchecked])
     note = re.sub(r"\bautodiff\b", "the rule", row.note)
     note = re.sub(r"\bhand\b", "the primal's plain autodiff", note)
     return row.verdict, note.replace("a stop_gradient, or a custom rule copied into the the primal's plain autodiff formula?",

@@ -1050,8 +1050,8 @@ def _arbitrate_disagreements(li: int, has_hand: bool, engine: _Engine, items: li
             break
     left = lf.n_order - skipped - checked
     if skipped and left <= 0 and not any(_fails(it, ref) for it in items):
-        extra.append(f"the primal's plain autodiff is not finite at {skipped} more element(s) than the ones of that "
-                     "kind checked one by one; those were not checked")
+        extra.append(f"the primal's plain autodiff is not finite at {skipped} more element(s), beyond the ones of that "
+                     "kind checked one by one: those were not checked")
     if left > 0 and not any(_fails(it, ref) for it in items):
         i = order[checked]
         what = "autodiff and hand disagree" if has_hand else "autodiff is not finite"
