@@ -158,6 +158,19 @@ def test_a_value_beyond_every_convention_where_kinks_meet_still_fails_along_a_di
     assert report.verdict == "hand_wrong", report
 
 
+@pytest.mark.parametrize(("dtype", "gap"), [(jnp.float32, 2**-20), (jnp.float64, 1e-6), (jnp.float64, 3e-6)])
+def test_a_tie_a_little_off_the_point_is_not_read_as_a_kink_there(dtype, gap):
+    # max(w) at w = [1, 1 + gap]: smooth there (the gradient is (0, 1)), with a kink within the coarse steps only.
+    # Those steps saw a kink at the point and passed a hand sending the gradient to the smaller element as "kink";
+    # the extrapolated one-sided derivatives move between the scales, so finer steps now decide.
+    with jax.enable_x64(dtype == jnp.float64):
+        w = jnp.asarray([1.0, 1.0 + gap], dtype)
+        assert float(w[1] - w[0]) > 0  # the premise: not a tie in this dtype
+        report = verify.check_grad(jnp.max, w, hand=lambda w: jnp.array([1.0, 0.0], w.dtype))
+        assert report.verdict == "hand_wrong", report
+        assert verify.check_grad(jnp.max, w, hand=lambda w: jnp.array([0.0, 1.0], w.dtype)).ok
+
+
 def test_a_value_outside_the_one_sided_interval_is_blamed_on_its_side():
     f = lambda w: jnp.sum(w**2 - jnp.abs(w))  # noqa: E731  D₋ = 1, D₊ = −1 at w = 0
     w = jnp.array([0.0, 0.5])
