@@ -1146,10 +1146,10 @@ def test_a_rule_whose_primal_calls_a_failing_rule_says_so():
     assert not rows["mlp"].ok and "its primal calls gelu, which fail" in rows["mlp"].note, report  # float32: no blame
 
 
-@pytest.mark.parametrize("planted", [False, True])
-def test_a_rule_wrong_beside_the_element_where_the_plain_autodiff_is_nan_is_named_there(planted):
-    # sinc with the double-where guard: the primal's plain autodiff is NaN at 0 (the reason for the rule). A
-    # rule wrong at [2] used to be a mismatch at [0] ("no one side can be blamed"), the wrong element unnamed.
+def guarded_sinc(at, factor):
+    """sin(x)/x with the double-where guard and its custom JVP, the derivative multiplied by ``factor`` at
+    element ``at``. The primal's plain autodiff is NaN at 0: the reason for the rule."""
+
     @jax.custom_jvp
     def sinc(x):
         return jnp.where(x == 0, 1.0, jnp.sin(x) / x)
@@ -1158,9 +1158,16 @@ def test_a_rule_wrong_beside_the_element_where_the_plain_autodiff_is_nan_is_name
     def sinc_jvp(primals, tangents):
         (x,), (t,) = primals, tangents
         xs = jnp.where(x == 0, 1.0, x)
-        d = jnp.where(x == 0, 0.0, (jnp.cos(xs) * xs - jnp.sin(xs)) / xs**2)
-        return sinc(x), (d.at[2].multiply(1.5) if planted else d) * t
+        d = jnp.where(x == 0, 0.0, (xs * jnp.cos(xs) - jnp.sin(xs)) / xs**2)
+        return sinc(x), t * d.at[at].multiply(factor)
 
+    return sinc
+
+
+@pytest.mark.parametrize("planted", [False, True])
+def test_a_rule_wrong_beside_the_element_where_the_plain_autodiff_is_nan_is_named_there(planted):
+    # A rule wrong at [2] used to be a mismatch at [0] ("no one side can be blamed"), the wrong element unnamed.
+    sinc = guarded_sinc(2, 1.5 if planted else 1.0)
     p = jnp.array([0.0, 0.7, -1.3, 2.1])
     assert np.isnan(jax.grad(lambda p: jnp.sum(jnp.where(p == 0, 1.0, jnp.sin(p) / p) ** 2))(p)[0])  # the premise
     report = verify.audit(lambda p: jnp.sum(sinc(p) ** 2), p)
@@ -1176,17 +1183,7 @@ def test_many_nans_of_the_plain_autodiff_do_not_hide_a_wrong_element(zeros):
     # exactly 0): these used to use up the rounds of elements checked one by one, and their "reference is wrong"
     # ended the search, so a rule 20% wrong at [7] passed.
     def make(factor):
-        @jax.custom_jvp
-        def sinc(x):
-            return jnp.where(x == 0, 1.0, jnp.sin(x) / x)
-
-        @sinc.defjvp
-        def sinc_jvp(primals, tangents):
-            (x,), (t,) = primals, tangents
-            xs = jnp.where(x == 0, 1.0, x)
-            d = jnp.where(x == 0, 0.0, (xs * jnp.cos(xs) - jnp.sin(xs)) / xs**2)
-            return sinc(x), t * d.at[7].multiply(factor)
-
+        sinc = guarded_sinc(7, factor)
         return lambda p, x: jnp.sum(sinc(p * x))
 
     rng = np.random.default_rng(0)

@@ -24,6 +24,17 @@ def hand(w, x):
 W, X = jnp.linspace(-1.0, 1.0, 6), jnp.linspace(0.5, 2.0, 6)
 
 
+def sin_reading_bwd_factor():
+    """sin with a custom VJP whose backward reads the global BWD_FACTOR when it runs (right while it is 1)."""
+
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x)
+
+    f.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jnp.cos(x) * BWD_FACTOR,))
+    return f
+
+
 def test_a_repeated_check_compiles_nothing():
     assert verify.check_grad(loss, W, X, hand=hand).ok
     before = _compiled._probe._cache_size()
@@ -56,11 +67,7 @@ def test_changed_globals_are_checked_as_they_are_now():
 def test_a_custom_rule_whose_backward_reads_a_changed_global_is_checked_again():
     global BWD_FACTOR  # noqa: PLW0603 - as above
 
-    @jax.custom_vjp
-    def f(x):
-        return jnp.sin(x)
-
-    f.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jnp.cos(x) * BWD_FACTOR,))
+    f = sin_reading_bwd_factor()
     fn = lambda w: jnp.sum(f(w))  # noqa: E731
     assert verify.check_grad(fn, W).ok
     try:
@@ -168,11 +175,7 @@ def test_a_repeated_audit_compiles_nothing_and_sees_a_changed_backward():
     # changed in between is checked as it is now.
     global BWD_FACTOR  # noqa: PLW0603 - as above
 
-    @jax.custom_vjp
-    def f(x):
-        return jnp.sin(x)
-
-    f.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jnp.cos(x) * BWD_FACTOR,))
+    f = sin_reading_bwd_factor()
 
     @jax.custom_jvp
     def softplus(x):

@@ -1222,15 +1222,14 @@ def _through_failing_rules(rows: list[AuditRow], calls: dict) -> list[AuditRow]:
     failing = {(r.rule, r.source) for r in rows if r.verdict in _FAILING}
     out = []
     for row, (rule, rule_calls) in zip(rows, calls.items(), strict=True):
-        inner = set().union(*(_inner_rules(_call_jaxpr(c.eqn).jaxpr) for c in rule_calls)) - {rule}
-        bad = sorted({r.name for r in inner if (r.name, r.source) in failing})
-        if row.verdict in _FAILING and bad:
-            out.append(dataclasses.replace(row, note="; ".join(n for n in (row.note, (
-                f"its primal calls {', '.join(bad)}, which fail(s) too: the primal's plain autodiff runs through "
-                f"{'that rule' if len(bad) == 1 else 'those rules'}, so this rule may be right; fix "
-                f"{', '.join(bad)} and audit again")) if n)))
-        else:
-            out.append(row)
+        bad = []
+        if row.verdict in _FAILING:  # (only a failing row's primals are walked)
+            inner = set().union(*(_inner_rules(_call_jaxpr(c.eqn).jaxpr) for c in rule_calls)) - {rule}
+            bad = sorted({r.name for r in inner if (r.name, r.source) in failing})
+        out.append(row if not bad else dataclasses.replace(row, note="; ".join(n for n in (row.note, (
+            f"its primal calls {', '.join(bad)}, which fail(s) too: the primal's plain autodiff runs through "
+            f"{'that rule' if len(bad) == 1 else 'those rules'}, so this rule may be right; fix "
+            f"{', '.join(bad)} and audit again")) if n)))
     return out
 
 
