@@ -148,10 +148,11 @@ def _sq_norm(seed, j, lo, hi, o, s, support):
 
 
 def _tolerance(mag, leaf_max, gmax, rtol, atol, eps):
-    """Per-element analytic tolerance: atol + rtol·max(|a|, |h|) (``mag``), atol defaulting to rtol·(the leaf's
-    largest) plus round-off at the whole gradient's scale (``gmax``; a leaf whose true gradient is 0 still gets
-    round-off). eps: float64's, the round-off of a float64 gradient whose true value is 0."""
-    return jnp.where(atol >= 0, atol, rtol * leaf_max + 64 * eps * gmax) + rtol * mag
+    """Per-element analytic tolerance: atol + rtol[1]·max(|a|, |h|) (``mag``), atol defaulting to rtol[0]·(the
+    leaf's largest) plus round-off at the whole gradient's scale (``gmax``; a leaf whose true gradient is 0 still
+    gets round-off). eps: float64's, the round-off of a float64 gradient whose true value is 0. rtol[1] >= rtol[0]
+    covers a hand that rounds its result to a lower precision."""
+    return jnp.where(atol >= 0, atol, rtol[0] * leaf_max + 64 * eps * gmax) + rtol[1] * mag
 
 
 def _finite_parts(a, h):
@@ -476,8 +477,11 @@ def _probe(params, dyn, h_given, exact_idx, seed, h0, rtol, atol, eps, *, fn, ha
     lo = jnp.asarray(np.array([layout.offsets[i] for i in d_leaf], np.int32))
     hi = jnp.asarray(np.array([layout.offsets[i] + layout.sizes[i] for i in d_leaf], np.int32))
     rms = jnp.stack([jnp.sqrt(jnp.sum(x**2) / max(s, 1)) for x, s in zip(theta, layout.sizes, strict=True)])
-    i_steps = h0 * jnp.maximum(1.0, jnp.abs(_take(params, idx, layout)))
-    d_steps = h0 * jnp.maximum(1.0, rms[jnp.asarray(np.array(d_leaf, np.int32))])
+    # (h0: each leaf's first step, relative to its elements' sizes)
+    i_leaf = jnp.searchsorted(jnp.asarray(np.array(layout.offsets, np.int32)), idx, side="right") - 1
+    i_steps = h0[i_leaf] * jnp.maximum(1.0, jnp.abs(_take(params, idx, layout)))
+    d_index = jnp.asarray(np.array(d_leaf, np.int32))
+    d_steps = h0[d_index] * jnp.maximum(1.0, rms[d_index])
     n_i, n_d = idx.shape[0], len(d_leaf)
     zeros_i = jnp.zeros((n_i,), jnp.int32)
     items = _Items(jnp.concatenate([idx, jnp.full((n_d,), -1, jnp.int32)]),
@@ -541,6 +545,9 @@ class _Facts:
     notes: tuple[str, ...]
     inner64: Any  # the lowest float precision inside fn with float64 inputs, a final cast of the output aside
     inner_user: Any  # the same at the parameters' own dtypes
+    grad64: tuple = ()  # per leaf, the lowest float precision its float64 gradient is computed through (() unknown)
+    noise64: tuple = ()  # per leaf, the lowest float precision of what fn computes from it (() unknown)
+    hand_inner64: tuple = ()  # per leaf, the lowest precision hand computes it in, final casts aside (() unknown)
 
 
 @functools.lru_cache(maxsize=16)
@@ -605,14 +612,30 @@ def _static_facts(bound: _Bound, layout: _Layout, spec, param_dtypes, dyn_sig, x
         elif not jvp:
             notes.append(f"forward mode (jvp) is unavailable for fn ({why_fwd.split(':')[0]}"
                          + (", a jax.custom_vjp rule" if "custom_vjp" in why_fwd else "") + "): reverse mode only")
-        hand64 = ()
+        hand64 = hand_inner = ()
         if bound.hand is not None and hand_eager is None:
-            h = jax.eval_shape(lambda th, d: bound.grad(layout.unravel(th), *_join_args(d, spec)), theta_s, dyn_s)
+            closed_h, h = jax.make_jaxpr(lambda th, d: bound.grad(layout.unravel(th), *_join_args(d, spec)),
+                                         return_shape=True)(theta_s, dyn_s)
             hand64 = tuple(leaf.dtype for leaf in h)
+            hand_inner = tuple(c for c, _ in _precisions(closed_h.jaxpr))
+        grad64 = _gradient_precisions(bound, layout, spec, dyn_s) if inner != jnp.float64 and reverse else ()
     return _Facts(out_raw, out, hand_dtypes, hand_eager, getattr(out64, "dtype", None), hand64,
                   max(_jaxpr_flops(closed.jaxpr), 1.0), _dependence(closed.jaxpr, len(layout.shapes)), reverse,
                   jvp, tuple(notes), inner,
-                  _lowest_float(closed_user.jaxpr))
+                  _lowest_float(closed_user.jaxpr), grad64, _noise_precisions(closed.jaxpr, len(layout.shapes)),
+                  hand_inner)
+
+
+def _gradient_precisions(bound: _Bound, layout: _Layout, spec: tuple, dyn_s: list) -> tuple:
+    """Per leaf, the lowest float precision its float64 gradient (reverse mode) is computed through: a leaf whose
+    gradient never meets the bfloat16 part of fn keeps float64 tolerances. () where that cannot be traced."""
+    try:
+        closed = jax.make_jaxpr(jax.grad(lambda ls, d: bound.value(jax.tree_util.tree_unflatten(layout.treedef, ls),
+                                                                   *_join_args(d, spec))))(
+            [jax.ShapeDtypeStruct(shape, jnp.float64) for shape in layout.shapes], dyn_s)
+    except Exception:  # noqa: BLE001 - then every leaf's tolerance follows the lowest precision in fn
+        return ()
+    return tuple(_lower(c, r) for c, r in _precisions(closed.jaxpr))
 
 
 def _trace_leaves64(bound: _Bound, layout: _Layout, spec: tuple, dyn_s: list) -> Any:
@@ -666,6 +689,62 @@ def _lowest_float(jaxpr: Any, top: bool = True) -> Any:
             if jnp.finfo(dt).eps > jnp.finfo(lowest).eps:
                 lowest = dt
     return lowest
+
+
+# Operations that move or copy values without rounding them: a cast before them still only rounds the result.
+_MOVES = frozenset({"reshape", "squeeze", "expand_dims", "transpose", "broadcast_in_dim", "copy", "copy_p", "slice",
+                    "dynamic_slice", "concatenate", "rev", "pad", "select_n"})
+
+
+def _lower(a: Any, b: Any) -> Any:
+    """The lower of two float precisions."""
+    if a == b:
+        return a
+    return a if jnp.finfo(a).eps >= jnp.finfo(b).eps else b
+
+
+def _precisions(jaxpr: Any) -> list[tuple[Any, Any]]:
+    """For each output of ``jaxpr``: (the lowest float precision of the values it is computed from, final casts
+    aside; the lowest precision those final casts round it to). ``g.astype(bfloat16)`` of a float64 ``g`` is
+    (float64, bfloat16): only rounded, by a relative half of bfloat16's eps at each element; ``(g.astype(bfloat16)
+    * 2)`` is (bfloat16, float64). Calls (jit, custom rules) are followed inside; any other equation with a
+    sub-computation (loops, branches) counts as a whole, each output depending on all its inputs and everything
+    the sub-computation computes."""
+    f64 = jnp.dtype(jnp.float64)
+
+    def walk(jx: Any, known: dict) -> list[tuple[Any, Any]]:
+        def get(v: Any) -> tuple[Any, Any]:
+            return known.get(id(v), (f64, f64))  # (a literal, or an input: float64)
+
+        for eqn in jx.eqns:
+            ins = [get(v) for v in eqn.invars]
+            subs = _sub_jaxprs(eqn)
+            if (len(subs) == 1 and len(subs[0].invars) == len(eqn.invars) and len(subs[0].outvars) == len(eqn.outvars)
+                    and eqn.primitive.name not in ("scan", "while", "cond")):
+                outs = walk(subs[0], {id(v): x for v, x in zip(subs[0].invars, ins, strict=True)})
+            else:
+                name = eqn.primitive.name
+                comp = functools.reduce(_lower, [c for c, _ in ins], f64)
+                cast = functools.reduce(_lower, [r for _, r in ins], f64)
+                if name not in _MOVES and name != "convert_element_type":
+                    comp, cast = _lower(comp, cast), f64
+                for sub in subs:
+                    comp = _lower(comp, _lowest_float(sub, False))
+                outs = []
+                for v in eqn.outvars:
+                    dt = getattr(getattr(v, "aval", None), "dtype", None)
+                    if dt is None or not jnp.issubdtype(dt, jnp.floating):
+                        outs.append((_lower(comp, cast), f64))
+                    elif name == "convert_element_type":
+                        outs.append((comp, _lower(cast, dt)))
+                    elif name in _MOVES:  # (its values are its inputs')
+                        outs.append((comp, cast))
+                    else:
+                        outs.append((_lower(comp, dt), cast))
+            known.update((id(v), x) for v, x in zip(eqn.outvars, outs, strict=True))
+        return [get(v) for v in jx.outvars]
+
+    return walk(jaxpr, {})
 
 
 def _sub_jaxprs(eqn: Any) -> list:
@@ -787,6 +866,54 @@ def _dependence(jaxpr: Any, n_leaves: int) -> tuple:
 
     walk(jaxpr, {id(v): 1 << i for i, v in enumerate(jaxpr.invars[:n_leaves])})
     return tuple(sorted(costs.items()))
+
+
+def _noise_precisions(jaxpr: Any, n_leaves: int) -> tuple:
+    """Per leaf (fn's first ``n_leaves`` inputs), the lowest float precision among the values fn computes from it
+    (on the way to its output): what rounds fn's value when only that leaf moves. What does not depend on the leaf
+    is computed bit for bit alike at every perturbation of it, so its rounding cancels in a difference. Calls are
+    followed inside; any other equation with a sub-computation counts as a whole."""
+    f64 = jnp.dtype(jnp.float64)
+    by_mask: dict[int, Any] = {}  # the lowest precision computed from exactly the leaves a mask names
+
+    def lower_where(mask: int, dt: Any) -> None:
+        if mask and dt != f64:
+            by_mask[mask] = _lower(by_mask.get(mask, f64), dt)
+
+    def walk(jx: Any, masks: dict, live: Callable[[Any], bool]) -> None:
+        for eqn in jx.eqns:
+            if not live(eqn):
+                continue
+            ins = [masks.get(id(v), 0) for v in eqn.invars]
+            subs = _sub_jaxprs(eqn)
+            if (len(subs) == 1 and len(subs[0].invars) == len(eqn.invars) and len(subs[0].outvars) == len(eqn.outvars)
+                    and eqn.primitive.name not in ("scan", "while", "cond")):
+                inner = {id(v): m for v, m in zip(subs[0].invars, ins, strict=True)}
+                walk(subs[0], inner, lambda _: True)
+                outs = [inner.get(id(v), 0) for v in subs[0].outvars]
+            else:
+                m = functools.reduce(lambda x, y: x | y, ins, 0)
+                for v in eqn.outvars:
+                    dt = getattr(getattr(v, "aval", None), "dtype", None)
+                    if dt is not None and jnp.issubdtype(dt, jnp.floating):
+                        lower_where(m, dt)
+                for sub in subs:
+                    lower_where(m, _lowest_float(sub, False))
+                outs = [m] * len(eqn.outvars)
+            masks.update((id(v), m) for v, m in zip(eqn.outvars, outs, strict=True))
+
+    needed, live = {id(v) for v in jaxpr.outvars}, set()
+    for eqn in reversed(jaxpr.eqns):  # only what the output depends on: an aux output is not differentiated
+        if any(id(v) in needed for v in eqn.outvars):
+            live.add(id(eqn))
+            needed.update(id(v) for v in eqn.invars)
+    walk(jaxpr, {id(v): 1 << i for i, v in enumerate(jaxpr.invars[:n_leaves])}, lambda e: id(e) in live)
+    lowest = [f64] * n_leaves
+    for mask, dt in by_mask.items():
+        for i in range(n_leaves):
+            if mask >> i & 1:
+                lowest[i] = _lower(lowest[i], dt)
+    return tuple(lowest)
 
 
 @functools.lru_cache(maxsize=64)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import importlib.metadata as md
 import math
 import platform
@@ -27,6 +28,7 @@ from funcgrad.verify._compiled import (
     _item_leaves,
     _Items,
     _items_jit,
+    _lower,
     _make_plan,
     _Plan,
     _probe,
@@ -96,14 +98,20 @@ def _tolerances(a: np.ndarray, h: np.ndarray | None, leaf_max: float, gmax: floa
     """Per-element analytic tolerances (autodiff against hand) of some elements of a leaf whose largest finite
     max(|a|, |h|) is ``leaf_max`` (``gmax`` over all leaves); ``tp`` = (rtol, atol, eps), as in the probe. ``fin``:
     where both are finite, when known."""
-    rtol, atol, eps = tp
+    (rtol, rrel), atol, eps = tp
     if fin is None:
         fin = np.isfinite(a) if h is None else np.isfinite(a) & np.isfinite(h)
     everywhere = bool(fin.all())
     mag = np.abs(a if everywhere else np.where(fin, a, 0.0))
     if h is not None:
         mag = np.maximum(mag, np.abs(h if everywhere else np.where(fin, h, 0.0)))
-    return np.where(atol >= 0, atol, rtol * leaf_max + 64 * eps * gmax) + rtol * mag
+    return np.where(atol >= 0, atol, rtol * leaf_max + 64 * eps * gmax) + rrel * mag
+
+
+def _first_step(eps_f: np.ndarray) -> np.ndarray:
+    """Finite differences' first (relative) step for a rounding ``eps_f``: eps^(1/5), where Richardson's O(h⁴)
+    truncation meets the rounding's eps/h."""
+    return np.asarray(eps_f, np.float64) ** (1 / 5)
 
 
 def _abs_max(x: np.ndarray, finite: np.ndarray) -> float:
@@ -144,16 +152,19 @@ class _Engine:
     parameters at their own dtypes; and the values at the elements the check reads. The full float64 gradients
     are read once (:meth:`analyse`) and freed; only a bisection computes them again."""
 
-    def __init__(self, prep, plan, res: _ProbeOut, seed, eps_f, h0, tp, regrad: Callable):
+    def __init__(self, prep, plan, res: _ProbeOut, seed, eps_f: np.ndarray, tp, regrad: Callable):
         layout = prep.layout
         self.fn, self.spec, self.layout, self.plan = prep.bound.value, prep.spec, layout, plan
         self.user_dtypes = prep.dtypes  # each leaf's own dtype
         self.params, self.dyn, self.seed = prep.dleaves, prep.dyn, seed
-        self.eps_f, self.h0, self.f0 = eps_f, h0, float(res.f0)
+        # Per leaf: the rounding finite differences along it carry, and their first step.
+        self.eps_f, self.f0 = np.asarray(eps_f, np.float64), float(res.f0)
+        self.h0 = _first_step(self.eps_f)
         # The smallest derivative finite differences resolve at the first step: nothing below it is wrong.
-        self.floor = 3 * 16 * eps_f * max(abs(self.f0), 1e-300) / h0 if math.isfinite(self.f0) else 0.0
+        self.floor = (3 * 16 * self.eps_f * max(abs(self.f0), 1e-300) / self.h0 if math.isfinite(self.f0)
+                      else np.zeros_like(self.eps_f))
         self.hand_reference = False  # hand is only a reference (verify.audit; see _classify)
-        self.tp = tp  # (rtol per leaf, atol, eps) of the analytic tolerances
+        self.tp = tp  # ((rtol, relative rtol) per leaf, atol, eps) of the analytic tolerances
         self.leaf_max = np.asarray(res.leaf_max, np.float64)
         self.gmax = float(np.max(self.leaf_max, initial=0.0))
         self.support: list[np.ndarray | None] = [None] * len(layout.sizes)
@@ -164,10 +175,10 @@ class _Engine:
         self._regrad = regrad  # the probe again: the float64 gradients (a bisection needs them whole)
         self._full: tuple[list, list | None] | None = None
 
-    def tp_of(self, li: int) -> tuple[float, float, float]:
-        """(rtol, atol, eps) of leaf ``li``'s analytic tolerances."""
+    def tp_of(self, li: int) -> tuple[np.ndarray, float, float]:
+        """((rtol, relative rtol), atol, eps) of leaf ``li``'s analytic tolerances."""
         rtols, atol, eps = self.tp
-        return float(rtols[li]), atol, eps
+        return rtols[li], atol, eps
 
     # -- the float64 gradients, read once --------------------------------------------------------------------
 
@@ -259,7 +270,7 @@ class _Engine:
         av = a[loc].astype(np.float64)
         hv = None if h is None else h[loc].astype(np.float64)
         tol_ah = _tolerances(av, hv, self.leaf_max[li], self.gmax, self.tp_of(li))
-        tol = np.maximum(tol_ah, self.floor)
+        tol = np.maximum(tol_ah, self.floor[li])
         for k, i in enumerate(flat):
             self.vals[int(i)] = (float(av[k]), float("nan") if hv is None else float(hv[k]), float(tol[k]),
                                  float(tol_ah[k]))
@@ -401,7 +412,8 @@ class _Engine:
             F = self.evaluate(two)[0]
             n_items = len(items.index)
             initial = np.stack([F[:n_items], F[n_items:]], axis=1)
-        scales = [_scale(self.f0, initial[:, level], items.step / _LADDER**level, self.eps_f, tol)
+        eps_f = self.eps_f[self.leaf_of(items)]
+        scales = [_scale(self.f0, initial[:, level], items.step / _LADDER**level, eps_f, tol)
                   for level in range(initial.shape[1])]
         fd, settled = self._settle(scales, tol, values)
         while len(scales) < _MAX_SCALES and not settled.all():
@@ -409,7 +421,7 @@ class _Engine:
             level = len(scales)
             F = np.full((len(items.index), len(_OFFSETS)), np.nan)
             F[sel] = self.evaluate(_Items._make([*(x[sel] for x in items[:4]), items.step[sel] / _LADDER**level]))[0]
-            scales.append(_scale(self.f0, F, items.step / _LADDER**level, self.eps_f, tol))
+            scales.append(_scale(self.f0, F, items.step / _LADDER**level, eps_f, tol))
             fd, settled = self._settle(scales, tol, values)
         if not fd.resolved.all():
             fd = self._settle(scales, tol, values, final=True)[0]
@@ -443,10 +455,15 @@ class _Engine:
             settled &= decided
         return fd, settled
 
+    def leaf_of(self, items: _Items) -> np.ndarray:
+        """Each item's leaf (an element's, or a direction's support's)."""
+        where = np.where(np.asarray(items.index) >= 0, items.index, items.lo)
+        return np.searchsorted(np.asarray(self.layout.offsets), where, side="right") - 1
+
     def at_elements(self, flat: np.ndarray) -> _FD:
         flat = np.asarray(flat, np.int64)
         zeros = np.zeros(len(flat), np.int64)
-        steps = self.h0 * np.maximum(1.0, np.abs(self.theta(flat)))
+        steps = self.h0[self.leaf_of(_Items(flat, zeros, zeros, zeros, zeros))] * np.maximum(1.0, np.abs(self.theta(flat)))
         return self.ladder(_Items(flat, zeros, zeros, zeros, steps), self.values(flat)[2])
 
 
@@ -691,35 +708,16 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
     layout = prep.layout
     user = prep.user_dtypes != ["float64"]
     with _x64(True):
-        # Finite differences carry the rounding of the lowest precision fn computes in, or of its output.
-        eps_f = max(float(jnp.finfo(facts.out64).eps), float(jnp.finfo(facts.inner64).eps))
-        # Analytic tolerances follow the precision the gradients are computed in; the finite differences'
-        # own noise follows the output's dtype (eps_f).
-        eps_c = float(jnp.finfo(facts.inner64).eps)
-        if facts.inner64 != jnp.float64:
-            notes.append(f"fn computes in {facts.inner64} even with float64 inputs; tolerances follow "
-                         f"{facts.inner64}")
-        elif facts.out64 != jnp.float64:
-            notes.append(f"fn's output is cast to {facts.out64} even with float64 inputs: finite differences carry "
-                         "its rounding (autodiff and hand are still compared to float64 precision)")
         h_given = None
-        hand64 = facts.hand64
+        hand64, hand_inner = facts.hand64, facts.hand_inner64
         if eager:
             h64 = _eager_hand(prep, facts.hand_eager, True)
             hand64 = tuple(np.asarray(x).dtype for x in h64)
             h_given = [jnp.asarray(np.ravel(np.asarray(x, np.float64)), jnp.float64) for x in h64]
-        # Each leaf's tolerance follows the precision its gradients come in: a hand that returns one leaf in
-        # bfloat16 (a mixed-precision policy) loosens that leaf's, not every leaf's.
-        eps_leaf = [eps_c] * len(layout.paths)
-        # strict=False: hand64 is empty without a hand.
-        for i, (path, dtype) in enumerate(zip(layout.paths, hand64, strict=False)):
-            if dtype != jnp.float64:
-                eps_leaf[i] = max(eps_c, float(jnp.finfo(dtype).eps))
-                notes.append(f"hand returns {dtype} for {path or 'params'} even with float64 inputs")
-        rtols = np.array([float(options.rtol) if options.rtol is not None else _default_rtol(e) for e in eps_leaf],
-                         np.float64)
+            hand_inner = hand64  # (NumPy code: what it computes in is its output's dtype, as far as one can tell)
+        eps_f, rtols = _precision_plan(facts, layout, hand64, hand_inner, options.rtol, notes)
         rtol_eff = float(np.max(rtols, initial=0.0))  # (reported: the loosest)
-        h0 = eps_f ** (1 / 5)
+        h0 = _first_step(eps_f)
         plan, exact_idx = _make_plan(options.mode, layout, facts.flops, prep.has_hand, facts.reverse, facts.jvp,
                                      facts.dependence, prep.repeated)
         seed = np.uint32(options.seed % 2**32)
@@ -757,7 +755,7 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
             raise _UserValueError(f"fn(params, *args) = {float(value_u)} at the parameters' own precision "
                                   f"({'/'.join(prep.user_dtypes)}), though {f0:.6g} in float64: it overflows or loses "
                                   "all precision there")
-        engine = _Engine(prep, plan, res, seed, eps_f, h0, tp, probe)
+        engine = _Engine(prep, plan, res, seed, eps_f, tp, probe)
         engine.hand_reference = options.hand_reference
         items = _Items(*(np.asarray(x) for x in res.items))
         engine.analyse(a, h, items.index)
@@ -776,6 +774,50 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
         rows = _rows(items, np.asarray(res.P), engine, prep.has_hand, user, float(jnp.finfo(facts.inner_user).eps),
                      options.hand_reference)
     return rows, plan, rtol_eff
+
+
+def _precision_plan(facts: _Facts, layout: _Layout, hand64: tuple, hand_inner: tuple, rtol: float | None,
+                    notes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per leaf, the rounding its finite differences carry (eps) and its analytic tolerances ((rtol, relative
+    rtol) rows; see :func:`_tolerances`). Appends notes on low precisions.
+
+    Finite differences along a leaf carry the rounding of fn's output and of the lowest precision fn computes in
+    from that leaf (what does not depend on it is the same at every step, and cancels). Each leaf's tolerance
+    follows the lowest precision its gradients are computed in: its float64 gradient's path through fn (a leaf
+    whose gradient never meets fn's bfloat16 part keeps float64 tolerances), and hand's computation of it
+    (``hand_inner``, final casts aside). A hand that only casts a float64 result to ``hand64`` (a mixed-precision
+    policy's ``g.astype(bfloat16)``) rounds each element by half that dtype's eps: a relative tolerance, not one
+    scaled by the leaf's largest gradient, which would pass a wrong sign on its small elements."""
+    eps_of = lambda dt: float(jnp.finfo(dt).eps)  # noqa: E731
+    paths = [p or "params" for p in layout.paths]
+    eps_f = np.array([max(eps_of(facts.out64), eps_of(d)) for d in facts.noise64 or (facts.inner64,) * len(paths)],
+                     np.float64)
+    grad64 = facts.grad64 or (facts.inner64,) * len(paths)
+    comp = [eps_of(d) for d in grad64]
+    cast = [0.0] * len(paths)
+    low = [p for p, d in zip(paths, grad64, strict=True) if d != jnp.float64]
+    if low:
+        lowest = functools.reduce(_lower, grad64)
+        which = "" if len(low) == len(paths) else f" where the gradients of {', '.join(low)} pass"
+        notes.append(f"fn computes in {lowest} even with float64 inputs{which}; "
+                     + ("tolerances follow it" if not which else "their tolerances follow it, the other leaves' stay "
+                        "float64's"))
+    elif facts.out64 != jnp.float64:
+        notes.append(f"fn's output is cast to {facts.out64} even with float64 inputs: finite differences carry its "
+                     "rounding (autodiff and hand are still compared to float64 precision)")
+    # strict=False: hand64 and hand_inner are empty without a hand.
+    for i, (dtype, inner) in enumerate(zip(hand64, hand_inner, strict=False)):
+        comp[i] = max(comp[i], eps_of(inner))
+        if dtype != jnp.float64:
+            cast[i] = eps_of(dtype)
+            how = "" if inner != jnp.float64 else f" (a cast of a float64 result: {dtype}'s rounding is allowed)"
+            notes.append(f"hand returns {dtype} for {paths[i]} even with float64 inputs{how}")
+        elif inner != jnp.float64:
+            notes.append(f"hand computes {paths[i]} in {inner} even with float64 inputs; its tolerance follows {inner}")
+    if rtol is not None:
+        return eps_f, np.full((len(paths), 2), float(rtol), np.float64)
+    return eps_f, np.array([[_default_rtol(c), max(_default_rtol(c), r)] for c, r in zip(comp, cast, strict=True)],
+                           np.float64).reshape(len(paths), 2)
 
 
 def _environment_versions() -> dict:
@@ -952,7 +994,7 @@ def _rows(items: _Items, P: np.ndarray, engine: _Engine, has_hand: bool, user: b
     if has_hand:
         H = proj[:, 1].copy()
         H[is_el] = hv
-    item_tol = np.maximum(proj[:, 2], engine.floor)
+    item_tol = np.maximum(proj[:, 2], engine.floor[engine.leaf_of(items)])
     item_tol[is_el] = tv
     item_tol_ah = proj[:, 2].copy()
     item_tol_ah[is_el] = tahv
@@ -980,7 +1022,7 @@ def _rows(items: _Items, P: np.ndarray, engine: _Engine, has_hand: bool, user: b
         if plan.jvp and not lf.empty_support and s:
             k_dir = int(np.nonzero(~is_el)[0][list(d_leaf).index(li)])
             _compare_modes(float(jvp[li]), float(A[k_dir]), k_dir, lf.nonfinite > 0, fd, item_tol, item_tol_ah,
-                           engine.eps_f, row_items, extra, engine.f0 if math.isfinite(engine.f0) else 0.0)
+                           float(engine.eps_f[li]), row_items, extra, engine.f0 if math.isfinite(engine.f0) else 0.0)
         if user and s:
             eps = max(float(jnp.finfo(engine.user_dtypes[li]).eps), eps_inner)  # fn may compute in bfloat16
             extra_u, items_u = _user_precision(li, engine, has_hand, eps, skip=_blamed_sides(row_items))
@@ -1176,7 +1218,7 @@ def _bisect(li: int, has_hand: bool, engine: _Engine) -> _Item:
     whose finite-difference check fails worst, until one element is left; then check that element."""
     layout, plan = engine.layout, engine.plan
     o, s = layout.offsets[li], layout.sizes[li]
-    step = engine.h0 * max(1.0, engine.rms(li))
+    step = engine.h0[li] * max(1.0, engine.rms(li))
     d_leaf, d_j = _dir_items(plan)
     streams = [j for leaf, j in zip(d_leaf, d_j, strict=True) if leaf == li]
 
@@ -1187,8 +1229,8 @@ def _bisect(li: int, has_hand: bool, engine: _Engine) -> _Item:
         lo, hi = np.array([r[0] for r in ranges]), np.array([r[1] for r in ranges])
         F = engine.evaluate(_Items(np.full(n, -1), np.full(n, j), lo, hi, np.full(n, step)))[0]
         P = engine.projections(li, j, lo, hi)
-        dt = np.maximum(P[:, 2], engine.floor)
-        sc = _scale(engine.f0, F, np.full(n, step), engine.eps_f, dt)
+        dt = np.maximum(P[:, 2], engine.floor[li])
+        sc = _scale(engine.f0, F, np.full(n, step), engine.eps_f[li], dt)
         refs = [P[:, 0]] if not has_hand else [P[:, 0], P[:, 1]]
         with np.errstate(invalid="ignore", divide="ignore"):
             bad = np.max([np.abs(r - sc.value) for r in refs], axis=0) / (2 * sc.err + dt)

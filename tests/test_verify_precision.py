@@ -1,0 +1,186 @@
+"""funcgrad.verify on mixed-precision code: each leaf's tolerance and finite-difference noise follow the precision
+that leaf's gradient and values actually pass through, not the lowest precision anywhere in ``fn``; a hand that only
+casts a float64 result to bfloat16 is allowed bfloat16's rounding of each element, not 5% of the leaf's largest.
+
+The expected gradients come from the calculus (quadratics, tanh), written out in NumPy; the wrong hands flip the
+sign of one small element, which a 5%-of-the-leaf tolerance used to pass."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from funcgrad import verify
+from funcgrad.verify import _compiled
+
+BF16, F64 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float64)
+RS = np.random.RandomState(11)
+X = RS.randn(16, 4).astype(np.float32)
+T = np.array([1.0, 0.01, -0.7, 0.3, 0.02], np.float32)  # V's target: V − T has small elements
+B = np.array([1.0, 0.02, -0.5], np.float32)  # b's gradient 2b: [2, 0.04, -1], its [1] 2% of the leaf's largest
+V0 = np.array([2.0, 0.011, 0.3, 1.3, 0.5], np.float32)  # V's gradient 2(V − T): [2, 0.002, 2, 2, 0.96]
+
+
+def params():
+    return {"W": jnp.asarray(RS.randn(4, 3), jnp.float32), "b": jnp.asarray(B), "V": jnp.asarray(V0)}
+
+
+def side_bf16(p, x):
+    """A bfloat16 term on W's path only (a low-precision head); b and V are float64 throughout under float64."""
+    head = jnp.sum(jnp.tanh(x @ p["W"]).astype(jnp.bfloat16) ** 2).astype(x.dtype)
+    return jnp.sum(p["b"] ** 2) + jnp.sum((p["V"] - T) ** 2) + 0.01 * head
+
+
+def side_bf16_grad_b_v(p):
+    """∂/∂b = 2b, ∂/∂V = 2(V − T), in NumPy."""
+    return 2 * np.asarray(p["b"], np.float64), 2 * (np.asarray(p["V"], np.float64) - T)
+
+
+def with_flipped(leaf, i):
+    def hand(p, x):
+        g = jax.grad(side_bf16)(p, x)
+        return {**g, leaf: g[leaf].at[i].multiply(-1)}
+
+    return hand
+
+
+def test_the_flipped_element_is_small_against_its_leaf():
+    gb, gv = side_bf16_grad_b_v(params())
+    assert abs(gb[1]) < 0.05 * np.abs(gb).max() and abs(gv[1]) < 0.05 * np.abs(gv).max()
+
+
+@pytest.mark.parametrize("leaf", ["b", "V"])
+def test_bfloat16_elsewhere_in_fn_leaves_a_float64_leaf_strict(leaf):
+    # It loosened every leaf to 5% of its largest gradient: a wrong sign at b[1] (2% of b's largest) passed.
+    report = verify.check_grad(side_bf16, params(), jnp.asarray(X), hand=with_flipped(leaf, 1))
+    rows = {r.path: r for r in report.rows}
+    bad = rows[f"['{leaf}']"]
+    assert bad.verdict == "hand_wrong" and bad.worst_index == (1,), report
+    want = side_bf16_grad_b_v(params())[0 if leaf == "b" else 1][1]
+    assert bad.autodiff == pytest.approx(want, rel=1e-6) and bad.numeric == pytest.approx(want, rel=1e-5)
+    assert rows["['W']"].ok and [r.ok for r in report.rows].count(False) == 1, report
+    assert any("gradients of ['W'] pass" in n for n in report.notes), report.notes
+
+
+def test_bfloat16_on_a_leafs_own_path_still_loosens_it():
+    # W's gradient passes through the bfloat16 head: jax.grad's own (correct) W, computed through bfloat16, passes.
+    report = verify.check_grad(side_bf16, params(), jnp.asarray(X), hand=jax.grad(side_bf16))
+    assert report.ok, report
+
+
+def test_a_wrong_rule_on_a_float64_path_is_found_without_a_hand():
+    # No hand: finite differences along b carry float64's rounding only, the bfloat16 head being the same at every
+    # step along b. They carried bfloat16's (± 17) and the wrong rule was fd_unreliable, an "ok" report.
+    @jax.custom_vjp
+    def sq(b):
+        return b**2
+
+    sq.defvjp(lambda b: (b**2, b), lambda b, g: (g * 2 * b * jnp.array([1.0, -1.0, 1.0], b.dtype),))
+
+    def fn(p, x):
+        head = jnp.sum(jnp.tanh(x @ p["W"]).astype(jnp.bfloat16) ** 2).astype(x.dtype)
+        return jnp.sum(sq(p["b"])) + 0.01 * head
+
+    p = params()
+    del p["V"]
+    report = verify.check_grad(fn, p, jnp.asarray(X))
+    rows = {r.path: r for r in report.rows}
+    assert not report.ok and rows["['b']"].verdict == "autodiff_wrong" and rows["['b']"].worst_index == (1,), report
+    assert rows["['b']"].numeric == pytest.approx(2 * B[1], rel=1e-6)
+
+
+def fn_plain(p):
+    return jnp.sum(jnp.tanh(p["w"]) ** 2) + jnp.sum((p["v"] - T) ** 2)
+
+
+def grad_plain(p):
+    w, v = np.asarray(p["w"], np.float64), np.asarray(p["v"], np.float64)
+    return {"w": 2 * np.tanh(w) * (1 - np.tanh(w) ** 2), "v": 2 * (v - T)}
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("wrong", [False, True])
+def test_a_hand_that_only_casts_its_result_is_allowed_that_rounding_per_element(dtype, wrong):
+    # A mixed-precision policy's hand: a float64 gradient cast to bfloat16. Its tolerance was 5% of the leaf's
+    # largest gradient, so a wrong sign on v[1] (0.5% of it) passed.
+    p = {"w": jnp.asarray(RS.randn(6), jnp.float32), "v": jnp.asarray(V0)}
+
+    def hand(q):
+        g = jax.grad(fn_plain)(q)
+        v = g["v"].at[1].multiply(-1.0 if wrong else 1.0)
+        return {"w": g["w"], "v": v.astype(dtype)}
+
+    with jax.enable_x64(True):
+        report = verify.check_grad(fn_plain, jax.tree.map(lambda x: x.astype(jnp.float64), p), hand=hand)
+    rows = {r.path: r for r in report.rows}
+    want = grad_plain(p)["v"][1]
+    if wrong:
+        assert rows["['v']"].verdict == "hand_wrong" and rows["['v']"].worst_index == (1,), report
+        assert rows["['v']"].numeric == pytest.approx(want, rel=1e-5)
+    else:
+        assert report.ok, report
+        assert any("a cast of a float64 result" in n for n in report.notes), report.notes
+
+
+def test_a_hand_computing_in_bfloat16_keeps_the_16_bit_tolerance():
+    # Rounding inside the hand (not only at its end) adds errors relative to the terms, not to each element.
+    p = {"w": jnp.asarray(RS.randn(64), jnp.float32)}
+
+    def fn(q):
+        return jnp.sum(jnp.sin(q["w"])) + 0.5 * jnp.sum(q["w"]) ** 2
+
+    def hand(q):
+        w = q["w"].astype(jnp.bfloat16)
+        return {"w": (jnp.cos(w) + jnp.sum(w)).astype(q["w"].dtype)}
+
+    with jax.enable_x64(True):
+        report = verify.check_grad(fn, jax.tree.map(lambda x: x.astype(jnp.float64), p), hand=hand)
+    assert report.ok, report
+    assert any("hand computes params in bfloat16" in n or "hand computes ['w'] in bfloat16" in n
+               for n in report.notes), report.notes
+
+
+def test_a_hand_computing_in_float32_under_float64_is_judged_at_float32():
+    # A traced hand with a float32 step inside (here a cancellation, w = (w + 100) − 100 in float32, rounding w by
+    # ~1e-5): a correct gradient failed at float64's 1e-7 tolerance; float32's (1e-3 of the leaf's largest) holds.
+    def hand(w):
+        w32 = (w.astype(jnp.float32) + 100) - 100
+        return (3 * w32**2).astype(w.dtype)
+
+    with jax.enable_x64(True):
+        w = jnp.asarray([1.0, -2.0, 0.5, 1.5, 0.3])
+        ok = verify.check_grad(lambda w: jnp.sum(w**3), w, hand=hand)
+        wrong = verify.check_grad(lambda w: jnp.sum(w**3), w, hand=lambda w: hand(w).at[3].multiply(1.05))
+    assert ok.ok, ok
+    assert any("hand computes params in float32" in n for n in ok.notes), ok.notes
+    assert wrong.verdict == "hand_wrong" and wrong.rows[0].worst_index == (3,), wrong
+
+
+# -- the jaxpr readings themselves ----------------------------------------------------------------------------------
+
+
+def outs(f, *shapes):
+    with jax.enable_x64(True):
+        return _compiled._precisions(jax.make_jaxpr(f)(*[jnp.zeros(s, jnp.float64) for s in shapes]).jaxpr)
+
+
+def test_precisions_tell_a_final_cast_from_rounding_inside():
+    assert outs(lambda g: g.astype(jnp.bfloat16), (3,)) == [(F64, BF16)]
+    assert outs(lambda g: (2 * g.astype(jnp.bfloat16)).astype(jnp.float64), (3,)) == [(BF16, F64)]
+    assert outs(lambda g: g.astype(jnp.bfloat16).astype(jnp.float32).reshape(3, 1).T, (3,)) == [(F64, BF16)]
+    assert outs(jax.jit(lambda g, h: (jnp.exp(g), h.astype(jnp.float16))), (3,), (2,)) == [
+        (F64, F64), (F64, jnp.dtype(jnp.float16))]
+    # a value computed from a rounded one: rounded inside
+    assert outs(lambda g: jnp.exp(g.astype(jnp.bfloat16).astype(jnp.float64)), (3,)) == [(BF16, F64)]
+
+
+def test_noise_precisions_follow_what_depends_on_each_leaf():
+    def f(a, b, c):
+        return jnp.sum(a) + jnp.sum(b.astype(jnp.bfloat16)).astype(jnp.float64) + jnp.sum(c)
+
+    with jax.enable_x64(True):
+        jx = jax.make_jaxpr(f)(*[jnp.zeros(2) for _ in range(3)]).jaxpr
+        # an aux-like dead bfloat16 value of a does not count
+        dead = jax.make_jaxpr(lambda a: (a.astype(jnp.bfloat16), jnp.sum(a))[1])(jnp.zeros(2)).jaxpr
+    assert _compiled._noise_precisions(jx, 3) == (F64, BF16, F64)
+    assert _compiled._noise_precisions(dead, 1) == (F64,)
