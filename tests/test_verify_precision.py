@@ -156,6 +156,106 @@ def test_a_hand_computing_in_float32_under_float64_is_judged_at_float32():
     assert wrong.verdict == "hand_wrong" and wrong.rows[0].worst_index == (3,), wrong
 
 
+def test_a_custom_rule_whose_backward_computes_in_bfloat16_is_judged_at_bfloat16():
+    # fn's forward never drops below float32, so its own jaxpr showed no bfloat16; the rule's backward does (the
+    # jaxpr of jax.grad(fn) shows it). The correct (bfloat16-rounded) rule was autodiff_wrong.
+    bf = jnp.bfloat16
+
+    @jax.custom_vjp
+    def mm(w, x):
+        return x @ w
+
+    def bwd(res, g):
+        w, x = res
+        return (x.astype(bf).T @ g.astype(bf)).astype(w.dtype), (g.astype(bf) @ w.astype(bf).T).astype(x.dtype)
+
+    mm.defvjp(lambda w, x: (x @ w, (w, x)), bwd)
+    x = jnp.asarray(RS.randn(8, 4), jnp.float32)
+    w = {"w": jnp.asarray(RS.randn(4, 3), jnp.float32)}
+
+    def fn(p, x):
+        return jnp.sum(jnp.tanh(mm(p["w"], x)))
+
+    def hand(p, x):
+        t = jnp.tanh(x @ p["w"])
+        return {"w": x.T @ (1 - t**2)}
+
+    report = verify.check_grad(fn, w, x, hand=hand)
+    assert report.ok, report
+    # a 20% slip still fails
+    assert verify.check_grad(fn, w, x, hand=lambda p, x: {"w": hand(p, x)["w"] * 1.2}).verdict == "hand_wrong"
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_a_cast_hand_is_allowed_the_absolute_rounding_below_the_dtypes_normal_range(dtype):
+    # 6e-6·w in float16 is subnormal there: its rounding is absolute (up to 3e-8), not relative; XLA's CPU flushes
+    # bfloat16's subnormals to zero.
+    w = jnp.array([0.3, -0.7, 1.1, 0.05], jnp.float32)
+    c = 3e-6 if dtype == jnp.float16 else 1e-39
+    with jax.enable_x64(dtype == jnp.bfloat16):
+        w = w.astype(jnp.float64) if dtype == jnp.bfloat16 else w
+        report = verify.check_grad(lambda w: c * jnp.sum(w**2), w, hand=lambda w: (2 * c * w).astype(dtype))
+    assert report.ok, report
+
+
+@pytest.mark.parametrize("bump", [0.0, 1.0])
+def test_a_cast_hand_is_allowed_half_an_ulp_not_a_whole_eps(bump):
+    # Exact gradients [1, 2, 4, 8] in bfloat16 are exact; one ulp above them (bump) is wrong. float8_e5m2 has an
+    # eps of 25%: a hand 25% off passed as its "rounding".
+    fn = lambda w: jnp.sum(w**2) / 2  # noqa: E731
+    w = jnp.array([1.0, 2.0, 4.0, 8.0], jnp.float32)
+
+    def hand(w):
+        return (w * (1 + bump * 2.0**-7)).astype(jnp.bfloat16)
+
+    report = verify.check_grad(fn, w, hand=hand)
+    assert report.verdict == ("ok" if bump == 0 else "hand_wrong"), report
+    if hasattr(jnp, "float8_e5m2"):
+        f8 = verify.check_grad(fn, jnp.array([1.0, 2.0, 3.0, 1.5], jnp.float32),
+                               hand=lambda w: (w * 1.25).astype(jnp.float8_e5m2))
+        assert f8.verdict == "hand_wrong", f8
+
+
+@pytest.mark.parametrize("upcast", [jnp.float32, jnp.float64])
+def test_a_hand_that_rounds_through_bfloat16_and_back_is_a_cast(upcast):
+    # A bfloat16 all-reduce of the gradient, cast back: the same rounding as returning bfloat16.
+    w = jnp.asarray(RS.randn(4), jnp.float32)
+    fn = lambda w: jnp.sum(jnp.sin(w) * 3)  # noqa: E731
+    with jax.enable_x64(upcast == jnp.float64):
+        report = verify.check_grad(fn, w, hand=lambda w: (3 * jnp.cos(w)).astype(jnp.bfloat16).astype(upcast))
+    assert report.ok, report
+    assert any("rounding is allowed" in n for n in report.notes), report.notes
+
+
+def test_equal_rounding_errors_add_up_along_a_direction():
+    # A constant gradient 1.0038 returned in bfloat16 is 1.0 everywhere, the same rounding at every element: along a
+    # random direction through a large leaf they add up (Σ|u|), not in quadrature; seed 30 failed.
+    W = jnp.asarray(RS.randn(600, 400), jnp.float32)
+    report = verify.check_grad(lambda W: 1.0038 * jnp.sum(W), W, hand=lambda W: jnp.full(W.shape, 1.0038).astype(
+        jnp.bfloat16), seed=30)
+    assert report.ok and report.rows[0].method.startswith("proj"), report
+
+
+def test_a_callbacks_arithmetic_is_assumed_float32():
+    # An external float32 kernel behind pure_callback (with a correct custom_vjp): float64 finite differences along
+    # its leaf were trusted and blamed both sides; its precision cannot be read, so float32 is assumed.
+    def sin32(x):
+        return np.sin(np.asarray(x, np.float32)).astype(x.dtype)
+
+    @jax.custom_vjp
+    def ext_sin(x):
+        return jax.pure_callback(sin32, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+
+    ext_sin.defvjp(lambda x: (ext_sin(x), x), lambda x, g: (g * jnp.cos(x),))
+    a = jnp.asarray(RS.randn(5), jnp.float32)
+    fn = lambda a: 30.0 * jnp.sum(ext_sin(a) ** 2)  # noqa: E731
+    with_hand = verify.check_grad(fn, a, hand=lambda a: 60.0 * jnp.sin(a) * jnp.cos(a))
+    assert with_hand.ok, with_hand
+    assert verify.check_grad(fn, a).verdict in ("ok", "fd_unreliable")
+    assert any("callback" in n for n in with_hand.notes), with_hand.notes
+    assert verify.check_grad(fn, a, hand=lambda a: 66.0 * jnp.sin(a) * jnp.cos(a)).verdict == "hand_wrong"
+
+
 # -- the jaxpr readings themselves ----------------------------------------------------------------------------------
 
 

@@ -147,12 +147,18 @@ def _sq_norm(seed, j, lo, hi, o, s, support):
     return _fold(s, step, jnp.zeros((), jnp.float64))
 
 
-def _tolerance(mag, leaf_max, gmax, rtol, atol, eps):
-    """Per-element analytic tolerance: atol + rtol[1]·max(|a|, |h|) (``mag``), atol defaulting to rtol[0]·(the
-    leaf's largest) plus round-off at the whole gradient's scale (``gmax``; a leaf whose true gradient is 0 still
-    gets round-off). eps: float64's, the round-off of a float64 gradient whose true value is 0. rtol[1] >= rtol[0]
-    covers a hand that rounds its result to a lower precision."""
-    return jnp.where(atol >= 0, atol, rtol[0] * leaf_max + 64 * eps * gmax) + rtol[1] * mag
+def _tolerance(a, mag, leaf_max, gmax, rtol, atol, eps, xp=jnp):
+    """Per-element analytic tolerances, (independent, rounding of a cast): atol + rtol[0]·max(|a|, |h|) (``mag``),
+    atol defaulting to rtol[0]·(the leaf's largest) plus round-off at the whole gradient's scale (``gmax``; a leaf
+    whose true gradient is 0 still gets round-off; eps: float64's, the round-off of a float64 gradient whose true
+    value is 0); and the rounding of the dtype hand casts its result to, if it does (rtol[1:3]: that dtype's eps and
+    smallest normal; zeros without a cast): half a unit in the last place of autodiff's ``a`` there, or below the
+    normal range the smallest normal itself (a flush to zero: XLA's CPU conversion to bfloat16 does that). ``xp``:
+    jnp or np. The cast's rounding is the same for equal elements: it adds up along a direction, where the
+    independent part adds in quadrature."""
+    base = xp.where(atol >= 0, atol, rtol[0] * leaf_max + 64 * eps * gmax) + rtol[0] * mag
+    m = xp.abs(a)
+    return base, xp.where(m >= rtol[2], 0.5 * rtol[1] * xp.exp2(xp.frexp(m)[1] - 1.0), rtol[2])
 
 
 def _finite_parts(a, h):
@@ -204,12 +210,12 @@ def _project(seed, j, lo, hi, o, a, h, leaf_max, gmax, rtol, atol, eps):
         c = r.shape[0]
         fin, a_s, h_s, mag = _finite_parts(_chunk(a, start, c), None if h is None else _chunk(h, start, c))
         e = jnp.where(valid, _leaf_direction(seed, j, lo, hi, o, r, fin) / norm, 0.0)
-        tol = _tolerance(mag, leaf_max, gmax, rtol, atol, eps)
+        tol, cast = _tolerance(a_s, mag, leaf_max, gmax, rtol, atol, eps)
         hp = jnp.sum(e * h_s) if h_s is not None else jnp.zeros((), jnp.float64)
-        return acc + jnp.stack([jnp.sum(e * a_s), hp, jnp.sum((e * e) * (tol * tol))])
+        return acc + jnp.stack([jnp.sum(e * a_s), hp, jnp.sum((e * e) * (tol * tol)), jnp.sum(jnp.abs(e) * cast)])
 
-    p = _fold(s, step, jnp.zeros(3, jnp.float64))
-    return p.at[2].set(jnp.sqrt(p[2]))
+    p = _fold(s, step, jnp.zeros(4, jnp.float64))
+    return p[:3].at[2].set(jnp.sqrt(p[2]) + p[3])
 
 
 def _unflat(layout: _Layout, leaves: Sequence) -> Any:
@@ -547,7 +553,8 @@ class _Facts:
     inner_user: Any  # the same at the parameters' own dtypes
     grad64: tuple = ()  # per leaf, the lowest float precision its float64 gradient is computed through (() unknown)
     noise64: tuple = ()  # per leaf, the lowest float precision of what fn computes from it (() unknown)
-    hand_inner64: tuple = ()  # per leaf, the lowest precision hand computes it in, final casts aside (() unknown)
+    hand_inner64: tuple = ()  # per leaf, (the lowest precision hand computes it in, final casts aside; the lowest
+    # those casts round it to), as _precisions reads them (() unknown)
 
 
 @functools.lru_cache(maxsize=16)
@@ -612,13 +619,20 @@ def _static_facts(bound: _Bound, layout: _Layout, spec, param_dtypes, dyn_sig, x
         elif not jvp:
             notes.append(f"forward mode (jvp) is unavailable for fn ({why_fwd.split(':')[0]}"
                          + (", a jax.custom_vjp rule" if "custom_vjp" in why_fwd else "") + "): reverse mode only")
-        hand64 = hand_inner = ()
+        hand64: tuple = ()
+        hand_inner: tuple = ()
         if bound.hand is not None and hand_eager is None:
             closed_h, h = jax.make_jaxpr(lambda th, d: bound.grad(layout.unravel(th), *_join_args(d, spec)),
                                          return_shape=True)(theta_s, dyn_s)
             hand64 = tuple(leaf.dtype for leaf in h)
-            hand_inner = tuple(c for c, _ in _precisions(closed_h.jaxpr))
-        grad64 = _gradient_precisions(bound, layout, spec, dyn_s) if inner != jnp.float64 and reverse else ()
+            hand_inner = tuple(_precisions(closed_h.jaxpr))
+        # (custom rules' backward passes, and callbacks, are not in fn's own jaxpr)
+        opaque = any(_uses_primitive(closed.jaxpr, k) for k in ("callback", "ffi_call", "custom_call"))
+        if opaque:
+            notes.append("fn calls a Python callback or an external kernel, whose arithmetic cannot be read: it is "
+                         f"assumed to compute in {_OPAQUE} (tolerances and finite-difference noise follow that there)")
+        hidden = opaque or _uses_primitive(closed.jaxpr, "custom_vjp") or _uses_primitive(closed.jaxpr, "custom_jvp")
+        grad64 = _gradient_precisions(bound, layout, spec, dyn_s) if (inner != jnp.float64 or hidden) and reverse else ()
     return _Facts(out_raw, out, hand_dtypes, hand_eager, getattr(out64, "dtype", None), hand64,
                   max(_jaxpr_flops(closed.jaxpr), 1.0), _dependence(closed.jaxpr, len(layout.shapes)), reverse,
                   jvp, tuple(notes), inner,
@@ -684,10 +698,26 @@ def _lowest_float(jaxpr: Any, top: bool = True) -> Any:
             dt = getattr(getattr(v, "aval", None), "dtype", None)
             if dt is not None and jnp.issubdtype(dt, jnp.floating) and jnp.finfo(dt).eps > jnp.finfo(lowest).eps:
                 lowest = jnp.dtype(dt)
-        for sub in _sub_jaxprs(eqn):
-            dt = _lowest_float(sub, False)
-            if jnp.finfo(dt).eps > jnp.finfo(lowest).eps:
-                lowest = dt
+        lowest = _lower(lowest, _eqn_inner(eqn))
+    return lowest
+
+
+# What an opaque computation (a Python callback, an external kernel) is assumed to compute in: its inside cannot be
+# read, and float32 is what such kernels use (a float64 NumPy callback is then judged at float32's tolerance).
+_OPAQUE = jnp.dtype(jnp.float32)
+
+
+def _opaque(eqn: Any) -> bool:
+    name = eqn.primitive.name
+    return "callback" in name or name in ("ffi_call", "custom_call")
+
+
+def _eqn_inner(eqn: Any) -> Any:
+    """The lowest float precision an equation computes in besides its outputs: its sub-computations', float32 for
+    an opaque one."""
+    lowest = _OPAQUE if _opaque(eqn) else jnp.dtype(jnp.float64)
+    for sub in _sub_jaxprs(eqn):
+        lowest = _lower(lowest, _lowest_float(sub, False))
     return lowest
 
 
@@ -728,8 +758,7 @@ def _precisions(jaxpr: Any) -> list[tuple[Any, Any]]:
                 cast = functools.reduce(_lower, [r for _, r in ins], f64)
                 if name not in _MOVES and name != "convert_element_type":
                     comp, cast = _lower(comp, cast), f64
-                for sub in subs:
-                    comp = _lower(comp, _lowest_float(sub, False))
+                comp = _lower(comp, _eqn_inner(eqn))
                 outs = []
                 for v in eqn.outvars:
                     dt = getattr(getattr(v, "aval", None), "dtype", None)
@@ -897,8 +926,7 @@ def _noise_precisions(jaxpr: Any, n_leaves: int) -> tuple:
                     dt = getattr(getattr(v, "aval", None), "dtype", None)
                     if dt is not None and jnp.issubdtype(dt, jnp.floating):
                         lower_where(m, dt)
-                for sub in subs:
-                    lower_where(m, _lowest_float(sub, False))
+                lower_where(m, _eqn_inner(eqn))
                 outs = [m] * len(eqn.outvars)
             masks.update((id(v), m) for v, m in zip(eqn.outvars, outs, strict=True))
 

@@ -36,6 +36,7 @@ from funcgrad.verify._compiled import (
     _project_jit,
     _static_facts,
     _take_jit,
+    _tolerance,
     _user_grad,
     _user_hand,
 )
@@ -98,14 +99,15 @@ def _tolerances(a: np.ndarray, h: np.ndarray | None, leaf_max: float, gmax: floa
     """Per-element analytic tolerances (autodiff against hand) of some elements of a leaf whose largest finite
     max(|a|, |h|) is ``leaf_max`` (``gmax`` over all leaves); ``tp`` = (rtol, atol, eps), as in the probe. ``fin``:
     where both are finite, when known."""
-    (rtol, rrel), atol, eps = tp
+    rtol, atol, eps = tp
     if fin is None:
         fin = np.isfinite(a) if h is None else np.isfinite(a) & np.isfinite(h)
     everywhere = bool(fin.all())
-    mag = np.abs(a if everywhere else np.where(fin, a, 0.0))
+    a_s = a if everywhere else np.where(fin, a, 0.0)
+    mag = np.abs(a_s)
     if h is not None:
         mag = np.maximum(mag, np.abs(h if everywhere else np.where(fin, h, 0.0)))
-    return np.where(atol >= 0, atol, rtol * leaf_max + 64 * eps * gmax) + rrel * mag
+    return np.add(*_tolerance(a_s, mag, leaf_max, gmax, rtol, atol, eps, xp=np))
 
 
 def _first_step(eps_f: np.ndarray) -> np.ndarray:
@@ -164,7 +166,8 @@ class _Engine:
         self.floor = (3 * 16 * self.eps_f * max(abs(self.f0), 1e-300) / self.h0 if math.isfinite(self.f0)
                       else np.zeros_like(self.eps_f))
         self.hand_reference = False  # hand is only a reference (verify.audit; see _classify)
-        self.tp = tp  # ((rtol, relative rtol) per leaf, atol, eps) of the analytic tolerances
+        self.eps_grad = [0.0] * len(layout.sizes)  # per leaf, the rounding of the lowest precision its gradient meets
+        self.tp = tp  # (a row per leaf, atol, eps) of the analytic tolerances (see _tolerance)
         self.leaf_max = np.asarray(res.leaf_max, np.float64)
         self.gmax = float(np.max(self.leaf_max, initial=0.0))
         self.support: list[np.ndarray | None] = [None] * len(layout.sizes)
@@ -176,7 +179,7 @@ class _Engine:
         self._full: tuple[list, list | None] | None = None
 
     def tp_of(self, li: int) -> tuple[np.ndarray, float, float]:
-        """((rtol, relative rtol), atol, eps) of leaf ``li``'s analytic tolerances."""
+        """(rtol row, atol, eps) of leaf ``li``'s analytic tolerances (see _tolerance)."""
         rtols, atol, eps = self.tp
         return rtols[li], atol, eps
 
@@ -714,9 +717,10 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
             h64 = _eager_hand(prep, facts.hand_eager, True)
             hand64 = tuple(np.asarray(x).dtype for x in h64)
             h_given = [jnp.asarray(np.ravel(np.asarray(x, np.float64)), jnp.float64) for x in h64]
-            hand_inner = hand64  # (NumPy code: what it computes in is its output's dtype, as far as one can tell)
+            # (NumPy code: what it computes in is its output's dtype, as far as one can tell)
+            hand_inner = tuple((d, jnp.dtype(jnp.float64)) for d in hand64)
         eps_f, rtols = _precision_plan(facts, layout, hand64, hand_inner, options.rtol, notes)
-        rtol_eff = float(np.max(rtols, initial=0.0))  # (reported: the loosest)
+        rtol_eff = float(np.max(rtols[:, 0], initial=0.0))  # (reported: the loosest)
         h0 = _first_step(eps_f)
         plan, exact_idx = _make_plan(options.mode, layout, facts.flops, prep.has_hand, facts.reverse, facts.jvp,
                                      facts.dependence, prep.repeated)
@@ -757,6 +761,7 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
                                   "all precision there")
         engine = _Engine(prep, plan, res, seed, eps_f, tp, probe)
         engine.hand_reference = options.hand_reference
+        engine.eps_grad = [float(jnp.finfo(d).eps) for d in facts.grad64 or (facts.inner64,) * len(layout.paths)]
         items = _Items(*(np.asarray(x) for x in res.items))
         engine.analyse(a, h, items.index)
         if a_user is not None:
@@ -778,23 +783,25 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
 
 def _precision_plan(facts: _Facts, layout: _Layout, hand64: tuple, hand_inner: tuple, rtol: float | None,
                     notes: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Per leaf, the rounding its finite differences carry (eps) and its analytic tolerances ((rtol, relative
-    rtol) rows; see :func:`_tolerances`). Appends notes on low precisions.
+    """Per leaf, the rounding its finite differences carry (eps) and its analytic tolerances' parameters (rows of
+    rtol, and the eps and smallest normal of the dtype hand rounds its result to, zeros where it does not; see
+    :func:`_tolerance`). Appends notes on low precisions.
 
     Finite differences along a leaf carry the rounding of fn's output and of the lowest precision fn computes in
     from that leaf (what does not depend on it is the same at every step, and cancels). Each leaf's tolerance
     follows the lowest precision its gradients are computed in: its float64 gradient's path through fn (a leaf
     whose gradient never meets fn's bfloat16 part keeps float64 tolerances), and hand's computation of it
     (``hand_inner``, final casts aside). A hand that only casts a float64 result to ``hand64`` (a mixed-precision
-    policy's ``g.astype(bfloat16)``) rounds each element by half that dtype's eps: a relative tolerance, not one
-    scaled by the leaf's largest gradient, which would pass a wrong sign on its small elements."""
+    policy's ``g.astype(bfloat16)``) rounds each element by half a unit in its last place: a tolerance of each
+    element's own, not one scaled by the leaf's largest gradient, which would pass a wrong sign on its small
+    elements."""
     eps_of = lambda dt: float(jnp.finfo(dt).eps)  # noqa: E731
     paths = [p or "params" for p in layout.paths]
     eps_f = np.array([max(eps_of(facts.out64), eps_of(d)) for d in facts.noise64 or (facts.inner64,) * len(paths)],
                      np.float64)
     grad64 = facts.grad64 or (facts.inner64,) * len(paths)
     comp = [eps_of(d) for d in grad64]
-    cast = [0.0] * len(paths)
+    cast: list[Any] = [None] * len(paths)  # the dtype hand rounds each leaf's result to, if it does
     low = [p for p, d in zip(paths, grad64, strict=True) if d != jnp.float64]
     if low:
         lowest = functools.reduce(_lower, grad64)
@@ -806,22 +813,27 @@ def _precision_plan(facts: _Facts, layout: _Layout, hand64: tuple, hand_inner: t
         notes.append(f"fn's output is cast to {facts.out64} even with float64 inputs: finite differences carry its "
                      "rounding (autodiff and hand are still compared to float64 precision)")
     # strict=False: hand64 and hand_inner are empty without a hand.
-    for i, (dtype, inner) in enumerate(zip(hand64, hand_inner, strict=False)):
+    for i, (dtype, (inner, rounded)) in enumerate(zip(hand64, hand_inner, strict=False)):
         comp[i] = max(comp[i], eps_of(inner))
+        if rounded != jnp.float64:
+            cast[i] = rounded
+        how = f" (a cast of a float64 result: {rounded}'s rounding is allowed)" if rounded != jnp.float64 else ""
         if dtype != jnp.float64:
-            cast[i] = eps_of(dtype)
-            how = "" if inner != jnp.float64 else f" (a cast of a float64 result: {dtype}'s rounding is allowed)"
             notes.append(f"hand returns {dtype} for {paths[i]} even with float64 inputs{how}")
-        elif inner != jnp.float64:
+        elif how:
+            notes.append(f"hand rounds {paths[i]} to {rounded} even with float64 inputs{how}")
+        if inner not in (jnp.float64, dtype):
             notes.append(f"hand computes {paths[i]} in {inner} even with float64 inputs; its tolerance follows {inner}")
-    if rtol is not None:
-        return eps_f, np.full((len(paths), 2), float(rtol), np.float64)
-    return eps_f, np.array([[_default_rtol(c), max(_default_rtol(c), r)] for c, r in zip(comp, cast, strict=True)],
-                           np.float64).reshape(len(paths), 2)
+    rtols = np.zeros((len(paths), 3), np.float64)
+    rtols[:, 0] = [_default_rtol(c) for c in comp] if rtol is None else float(rtol)
+    for i, dt in enumerate(cast):
+        if dt:  # the cast's rounding: from dt's eps and smallest normal
+            rtols[i, 1:] = float(jnp.finfo(dt).eps), float(jnp.finfo(dt).smallest_normal)
+    return eps_f, rtols
 
 
-def _environment_versions() -> dict:
-    """The versions and backend a verdict was reached with."""
+def _installed_versions() -> tuple[str | None, str | None]:
+    """funcgrad's and jaxlib's installed versions (read once: the metadata lookup costs milliseconds per check)."""
 
     def version(pkg: str) -> str | None:
         try:
@@ -829,10 +841,16 @@ def _environment_versions() -> dict:
         except md.PackageNotFoundError:
             return None
 
+    return version("funcgrad"), version("jaxlib")
+
+
+def _environment_versions() -> dict:
+    """The versions and backend a verdict was reached with."""
+    funcgrad_version, jaxlib_version = _installed_versions()
     return {
-        "funcgrad": version("funcgrad"),
+        "funcgrad": funcgrad_version,
         "jax": jax.__version__,
-        "jaxlib": version("jaxlib"),
+        "jaxlib": jaxlib_version,
         "numpy": np.__version__,
         "python": platform.python_version(),
         "backend": jax.default_backend(),
@@ -1024,7 +1042,8 @@ def _rows(items: _Items, P: np.ndarray, engine: _Engine, has_hand: bool, user: b
             _compare_modes(float(jvp[li]), float(A[k_dir]), k_dir, lf.nonfinite > 0, fd, item_tol, item_tol_ah,
                            float(engine.eps_f[li]), row_items, extra, engine.f0 if math.isfinite(engine.f0) else 0.0)
         if user and s:
-            eps = max(float(jnp.finfo(engine.user_dtypes[li]).eps), eps_inner)  # fn may compute in bfloat16
+            # (fn may compute in bfloat16; a custom rule's backward pass too)
+            eps = max(float(jnp.finfo(engine.user_dtypes[li]).eps), eps_inner, engine.eps_grad[li])
             extra_u, items_u = _user_precision(li, engine, has_hand, eps, skip=_blamed_sides(row_items))
             extra += extra_u
             row_items += items_u
