@@ -284,3 +284,90 @@ def test_noise_precisions_follow_what_depends_on_each_leaf():
         dead = jax.make_jaxpr(lambda a: (a.astype(jnp.bfloat16), jnp.sum(a))[1])(jnp.zeros(2)).jaxpr
     assert _compiled._noise_precisions(jx, 3) == (F64, BF16, F64)
     assert _compiled._noise_precisions(dead, 1) == (F64,)
+
+
+
+def test_a_float16_cast_below_its_normal_range_is_allowed_only_its_subnormal_rounding():
+    # float16 keeps subnormals (XLA's CPU): gradients ~1e-5 round by 3e-8 at most. The smallest normal (6.1e-5) was
+    # allowed there, so a negated or all-zero hand passed.
+    w = jnp.asarray(RS.randn(6), jnp.float32)
+    fn = lambda w: 1e-5 * jnp.sum(jnp.sin(w))  # noqa: E731
+    good = verify.check_grad(fn, w, hand=lambda w: (1e-5 * jnp.cos(w)).astype(jnp.float16))
+    negated = verify.check_grad(fn, w, hand=lambda w: (-1e-5 * jnp.cos(w)).astype(jnp.float16))
+    zero = verify.check_grad(fn, w, hand=lambda w: jnp.zeros(w.shape, jnp.float16))
+    assert good.ok and negated.verdict == "hand_wrong" and zero.verdict == "hand_wrong", (good, negated, zero)
+
+
+def test_rtol_overrides_a_casts_rounding_too():
+    w = jnp.asarray(RS.randn(4), jnp.float32)
+    fn = lambda w: jnp.sum(jnp.sin(w) * 3)  # noqa: E731
+    hand = lambda w: (3 * jnp.cos(w)).astype(jnp.bfloat16)  # noqa: E731
+    assert verify.check_grad(fn, w, hand=hand).ok
+    assert verify.check_grad(fn, w, hand=hand, rtol=1e-6, atol=0).verdict == "hand_wrong"
+
+
+def test_a_hand_returning_a_bfloat16_constant_is_a_cast():
+    # jnp.full(shape, 1/3, bfloat16): the constant is rounded when made, so the jaxpr shows no cast.
+    fn = lambda w: jnp.sum(w) / 3  # noqa: E731
+    w = jnp.asarray(RS.randn(5), jnp.float32)
+    assert verify.check_grad(fn, w, hand=lambda w: jnp.full(w.shape, 1 / 3, jnp.bfloat16)).ok
+
+
+def test_a_float64_hand_behind_a_callback_is_judged_at_its_results_dtype():
+    # A NumPy hand wrapped in pure_callback: its results are float64, and it was assumed float32, passing 0.05%.
+    with jax.enable_x64(True):
+        w = jnp.asarray(RS.randn(6))
+
+        def np_hand(w):
+            return np.cos(np.asarray(w)) * 1.0005
+
+        def hand(w):
+            return jax.pure_callback(np_hand, jax.ShapeDtypeStruct(w.shape, w.dtype), w)
+
+        report = verify.check_grad(lambda w: jnp.sum(jnp.sin(w)), w, hand=hand)
+    assert report.verdict == "hand_wrong", report
+
+
+def test_a_debug_callback_is_not_an_opaque_computation():
+    def fn(w):
+        jax.debug.callback(lambda v: None, w)
+        return jnp.sum(jnp.sin(w))
+
+    with jax.enable_x64(True):
+        w = jnp.asarray(RS.randn(6))
+        plain = verify.check_grad(fn, w)
+        wrong = verify.check_grad(fn, w, hand=lambda w: jnp.cos(w) * 1.0005)
+    assert plain.verdict == "ok" and wrong.verdict == "hand_wrong", (plain, wrong)
+    assert not any("callback" in n for n in plain.notes), plain.notes
+
+
+@pytest.mark.parametrize("form", ["neg", "gather", "reduce_precision"])
+def test_moves_after_a_cast_keep_it_a_cast(form):
+    perm = np.array([2, 0, 3, 1])
+    inv = np.argsort(perm)
+    w = jnp.asarray(RS.randn(4), jnp.float32)
+    fn = lambda w: jnp.sum(jnp.sin(w) * 3)  # noqa: E731
+
+    def rounded(g):
+        if form == "neg":
+            return -((-g).astype(jnp.bfloat16))
+        if form == "gather":
+            return g[perm].astype(jnp.bfloat16)[inv]
+        return jax.lax.reduce_precision(g, exponent_bits=8, mantissa_bits=7)
+
+    good = verify.check_grad(fn, w, hand=lambda w: rounded(3 * jnp.cos(w)))
+    wrong = verify.check_grad(fn, w, hand=lambda w: rounded(3 * jnp.cos(w) * 1.03))
+    assert good.ok and wrong.verdict == "hand_wrong", (good, wrong)
+
+
+def test_the_own_precision_check_allows_a_cast_hand_its_rounding():
+    # Gradients k·W placed at bfloat16 rounding midpoints: their float32 and float64 values cast an ulp apart. That
+    # is the cast's rounding, not "hand loses precision" (which failed this correct hand).
+    k = 1.1
+    W = ((2.0 + (np.arange(64) + 0.5) * 2.0**-6) / k).astype(np.float32)
+    g32 = (np.float32(k) * W).astype(np.float32).astype(jnp.bfloat16).astype(np.float64)
+    g64 = (k * W.astype(np.float64)).astype(jnp.bfloat16).astype(np.float64)
+    assert np.sum(g32 != g64) > 0  # (the case: some casts differ)
+    report = verify.check_grad(lambda W: 0.5 * k * jnp.sum(W**2), jnp.asarray(W),
+                               hand=lambda W: (k * W).astype(jnp.bfloat16))
+    assert report.ok, report

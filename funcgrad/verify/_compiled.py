@@ -151,14 +151,16 @@ def _tolerance(a, mag, leaf_max, gmax, rtol, atol, eps, xp=jnp):
     """Per-element analytic tolerances, (independent, rounding of a cast): atol + rtol[0]·max(|a|, |h|) (``mag``),
     atol defaulting to rtol[0]·(the leaf's largest) plus round-off at the whole gradient's scale (``gmax``; a leaf
     whose true gradient is 0 still gets round-off; eps: float64's, the round-off of a float64 gradient whose true
-    value is 0); and the rounding of the dtype hand casts its result to, if it does (rtol[1:3]: that dtype's eps and
-    smallest normal; zeros without a cast): half a unit in the last place of autodiff's ``a`` there, or below the
-    normal range the smallest normal itself (a flush to zero: XLA's CPU conversion to bfloat16 does that). ``xp``:
-    jnp or np. The cast's rounding is the same for equal elements: it adds up along a direction, where the
-    independent part adds in quadrature."""
+    value is 0); and the rounding of the dtype hand casts its result to, if it does (rtol[1:5]: that dtype's eps,
+    smallest normal, smallest subnormal, and 1 where the backend flushes its subnormals to zero; zeros without a
+    cast): half a unit in the last place of autodiff's ``a`` there; below the normal range, half the subnormal
+    spacing, or |a| itself where it may be flushed to zero (XLA's CPU conversion to bfloat16). ``xp``: jnp or np.
+    The cast's rounding is the same for equal elements: it adds up along a direction, where the independent part
+    adds in quadrature."""
     base = xp.where(atol >= 0, atol, rtol[0] * leaf_max + 64 * eps * gmax) + rtol[0] * mag
     m = xp.abs(a)
-    return base, xp.where(m >= rtol[2], 0.5 * rtol[1] * xp.exp2(xp.frexp(m)[1] - 1.0), rtol[2])
+    normal = 0.5 * rtol[1] * xp.exp2(xp.frexp(m)[1] - 1.0)
+    return base, xp.where(m >= rtol[2], normal, 0.5 * rtol[3] + rtol[4] * m)
 
 
 def _finite_parts(a, h):
@@ -627,10 +629,10 @@ def _static_facts(bound: _Bound, layout: _Layout, spec, param_dtypes, dyn_sig, x
             hand64 = tuple(leaf.dtype for leaf in h)
             hand_inner = tuple(_precisions(closed_h.jaxpr))
         # (custom rules' backward passes, and callbacks, are not in fn's own jaxpr)
-        opaque = any(_uses_primitive(closed.jaxpr, k) for k in ("callback", "ffi_call", "custom_call"))
+        opaque = _uses(closed.jaxpr, _opaque)
         if opaque:
-            notes.append("fn calls a Python callback or an external kernel, whose arithmetic cannot be read: it is "
-                         f"assumed to compute in {_OPAQUE} (tolerances and finite-difference noise follow that there)")
+            notes.append("fn calls a Python callback or an external kernel, whose arithmetic cannot be read: "
+                         f"finite differences through it are assumed to carry {_OPAQUE}'s rounding")
         hidden = opaque or _uses_primitive(closed.jaxpr, "custom_vjp") or _uses_primitive(closed.jaxpr, "custom_jvp")
         grad64 = _gradient_precisions(bound, layout, spec, dyn_s) if (inner != jnp.float64 or hidden) and reverse else ()
     return _Facts(out_raw, out, hand_dtypes, hand_eager, getattr(out64, "dtype", None), hand64,
@@ -680,7 +682,7 @@ def _traceable_raw(bound: _Bound, spec: tuple, p: Any, d: Any) -> Any:
     return out
 
 
-def _lowest_float(jaxpr: Any, top: bool = True) -> Any:
+def _lowest_float(jaxpr: Any, top: bool = True, opaque: bool = True) -> Any:
     """The lowest float precision among the values fn computes (sub-computations included), leaving out a
     cast of the output itself: ``loss.astype(bfloat16)`` rounds the value, not the gradient (whose
     derivative through the cast is the identity), so autodiff and hand still agree to float64 precision."""
@@ -698,7 +700,7 @@ def _lowest_float(jaxpr: Any, top: bool = True) -> Any:
             dt = getattr(getattr(v, "aval", None), "dtype", None)
             if dt is not None and jnp.issubdtype(dt, jnp.floating) and jnp.finfo(dt).eps > jnp.finfo(lowest).eps:
                 lowest = jnp.dtype(dt)
-        lowest = _lower(lowest, _eqn_inner(eqn))
+        lowest = _lower(lowest, _eqn_inner(eqn, opaque))
     return lowest
 
 
@@ -708,22 +710,24 @@ _OPAQUE = jnp.dtype(jnp.float32)
 
 
 def _opaque(eqn: Any) -> bool:
+    """A computation whose arithmetic cannot be read, with results (a debug callback, which has none, is not)."""
     name = eqn.primitive.name
-    return "callback" in name or name in ("ffi_call", "custom_call")
+    return bool(eqn.outvars) and ("callback" in name or name in ("ffi_call", "custom_call"))
 
 
-def _eqn_inner(eqn: Any) -> Any:
-    """The lowest float precision an equation computes in besides its outputs: its sub-computations', float32 for
-    an opaque one."""
-    lowest = _OPAQUE if _opaque(eqn) else jnp.dtype(jnp.float64)
+def _eqn_inner(eqn: Any, opaque: bool = True) -> Any:
+    """The lowest float precision an equation computes in besides its outputs: its sub-computations', and
+    (``opaque``) float32 for an opaque one. Finite differences' noise assumes that; analytic tolerances take an
+    opaque computation at its results' dtype (a float64 NumPy hand behind a callback is judged at float64)."""
+    lowest = _OPAQUE if opaque and _opaque(eqn) else jnp.dtype(jnp.float64)
     for sub in _sub_jaxprs(eqn):
-        lowest = _lower(lowest, _lowest_float(sub, False))
+        lowest = _lower(lowest, _lowest_float(sub, False, opaque))
     return lowest
 
 
 # Operations that move or copy values without rounding them: a cast before them still only rounds the result.
 _MOVES = frozenset({"reshape", "squeeze", "expand_dims", "transpose", "broadcast_in_dim", "copy", "copy_p", "slice",
-                    "dynamic_slice", "concatenate", "rev", "pad", "select_n"})
+                    "dynamic_slice", "dynamic_update_slice", "gather", "concatenate", "rev", "pad", "select_n", "neg"})
 
 
 def _lower(a: Any, b: Any) -> Any:
@@ -731,6 +735,14 @@ def _lower(a: Any, b: Any) -> Any:
     if a == b:
         return a
     return a if jnp.finfo(a).eps >= jnp.finfo(b).eps else b
+
+
+def _kept_by(mantissa_bits: int) -> Any:
+    """The widest float dtype whose mantissa is no finer than ``mantissa_bits`` (lax.reduce_precision's rounding)."""
+    for dt in (jnp.float64, jnp.float32, jnp.float16, jnp.bfloat16):
+        if jnp.finfo(dt).nmant <= mantissa_bits:
+            return jnp.dtype(dt)
+    return jnp.dtype(getattr(jnp, "float8_e4m3fn", jnp.bfloat16))
 
 
 def _precisions(jaxpr: Any) -> list[tuple[Any, Any]]:
@@ -758,7 +770,7 @@ def _precisions(jaxpr: Any) -> list[tuple[Any, Any]]:
                 cast = functools.reduce(_lower, [r for _, r in ins], f64)
                 if name not in _MOVES and name != "convert_element_type":
                     comp, cast = _lower(comp, cast), f64
-                comp = _lower(comp, _eqn_inner(eqn))
+                comp = _lower(comp, _eqn_inner(eqn, opaque=False))
                 outs = []
                 for v in eqn.outvars:
                     dt = getattr(getattr(v, "aval", None), "dtype", None)
@@ -766,6 +778,8 @@ def _precisions(jaxpr: Any) -> list[tuple[Any, Any]]:
                         outs.append((_lower(comp, cast), f64))
                     elif name == "convert_element_type":
                         outs.append((comp, _lower(cast, dt)))
+                    elif name == "reduce_precision":  # a cast in place: to the widest dtype no finer than it keeps
+                        outs.append((comp, _lower(cast, _kept_by(eqn.params["mantissa_bits"]))))
                     elif name in _MOVES:  # (its values are its inputs')
                         outs.append((comp, cast))
                     else:
@@ -786,6 +800,11 @@ def _sub_jaxprs(eqn: Any) -> list:
             elif hasattr(sub, "eqns"):
                 out.append(sub)
     return out
+
+
+def _uses(jaxpr: Any, test: Callable[[Any], bool]) -> bool:
+    """Whether an equation that passes ``test`` occurs in the jaxpr, sub-computations included."""
+    return any(test(eqn) or any(_uses(j, test) for j in _sub_jaxprs(eqn)) for eqn in jaxpr.eqns)
 
 
 def _uses_primitive(jaxpr: Any, fragment: str) -> bool:

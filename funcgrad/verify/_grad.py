@@ -784,8 +784,8 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
 def _precision_plan(facts: _Facts, layout: _Layout, hand64: tuple, hand_inner: tuple, rtol: float | None,
                     notes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Per leaf, the rounding its finite differences carry (eps) and its analytic tolerances' parameters (rows of
-    rtol, and the eps and smallest normal of the dtype hand rounds its result to, zeros where it does not; see
-    :func:`_tolerance`). Appends notes on low precisions.
+    rtol, and the eps, smallest normal, smallest subnormal and flushing (1 or 0) of the dtype hand rounds its result
+    to, zeros where it does not; see :func:`_tolerance`). Appends notes on low precisions.
 
     Finite differences along a leaf carry the rounding of fn's output and of the lowest precision fn computes in
     from that leaf (what does not depend on it is the same at every step, and cancels). Each leaf's tolerance
@@ -813,8 +813,10 @@ def _precision_plan(facts: _Facts, layout: _Layout, hand64: tuple, hand_inner: t
         notes.append(f"fn's output is cast to {facts.out64} even with float64 inputs: finite differences carry its "
                      "rounding (autodiff and hand are still compared to float64 precision)")
     # strict=False: hand64 and hand_inner are empty without a hand.
-    for i, (dtype, (inner, rounded)) in enumerate(zip(hand64, hand_inner, strict=False)):
+    for i, (dtype, (inner, read)) in enumerate(zip(hand64, hand_inner, strict=False)):
         comp[i] = max(comp[i], eps_of(inner))
+        # (a constant made in dtype reads as float64)
+        rounded = _lower(read, dtype) if inner == jnp.float64 and dtype != jnp.float64 else read
         if rounded != jnp.float64:
             cast[i] = rounded
         how = f" (a cast of a float64 result: {rounded}'s rounding is allowed)" if rounded != jnp.float64 else ""
@@ -824,14 +826,28 @@ def _precision_plan(facts: _Facts, layout: _Layout, hand64: tuple, hand_inner: t
             notes.append(f"hand rounds {paths[i]} to {rounded} even with float64 inputs{how}")
         if inner not in (jnp.float64, dtype):
             notes.append(f"hand computes {paths[i]} in {inner} even with float64 inputs; its tolerance follows {inner}")
-    rtols = np.zeros((len(paths), 3), np.float64)
-    rtols[:, 0] = [_default_rtol(c) for c in comp] if rtol is None else float(rtol)
+    rtols = np.zeros((len(paths), 5), np.float64)
+    if rtol is not None:  # the user's tolerance overrides everything, a cast's rounding too
+        rtols[:, 0] = float(rtol)
+        return eps_f, rtols
+    rtols[:, 0] = [_default_rtol(c) for c in comp]
     for i, dt in enumerate(cast):
-        if dt:  # the cast's rounding: from dt's eps and smallest normal
-            rtols[i, 1:] = float(jnp.finfo(dt).eps), float(jnp.finfo(dt).smallest_normal)
+        if dt:  # the cast's rounding (see _tolerance)
+            fi = jnp.finfo(dt)
+            rtols[i, 1:] = float(fi.eps), float(fi.smallest_normal), float(fi.smallest_subnormal), float(_flushes(dt))
     return eps_f, rtols
 
 
+@functools.lru_cache(maxsize=8)
+def _flushes(dtype: Any) -> bool:
+    """Whether converting to ``dtype`` flushes its subnormals to zero on this backend (XLA's CPU does for
+    bfloat16, not for float16)."""
+    with _x64(True):
+        tiny = float(jnp.finfo(dtype).smallest_subnormal)
+        return float(jnp.asarray(np.float64(2 * tiny)).astype(dtype).astype(jnp.float64)) == 0.0
+
+
+@functools.lru_cache(maxsize=1)
 def _installed_versions() -> tuple[str | None, str | None]:
     """funcgrad's and jaxlib's installed versions (read once: the metadata lookup costs milliseconds per check)."""
 
@@ -1278,7 +1294,9 @@ def _user_precision(li: int, engine: _Engine, has_hand: bool, eps: float, skip=(
             continue
         r, nonfinite, best = lf.user[name]
         others = [lf.user[n][0] for n in sides if n != name]
-        gross = bool(others) and r > max(1e-3, 30 * eps) and r > 30 * max(others[0], 1e-7)
+        # (a hand that rounds its result, to bfloat16 say, rounds each precision's gradient apart by an ulp there)
+        e = max(eps, float(engine.tp[0][li][1])) if name == "hand" else eps
+        gross = bool(others) and r > max(1e-3, 30 * e) and r > 30 * max(others[0], 1e-7)
         if nonfinite or gross:
             i, ref = best
             what = "is not finite" if nonfinite else f"loses precision (deviation {r:.1e} of its scale)"
