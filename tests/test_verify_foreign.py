@@ -883,3 +883,26 @@ def test_without_a_hand_a_pass_needs_finite_differences_precise_enough():
     params = {"a": jnp.array([0.3, -0.2]), "b": jnp.array([0.1, 0.4]), "unused": jnp.ones(3)}
     report = verify.check_grad(lambda q: jnp.sum(q["a"] ** 2) + 3.0 + 1e-3 * jnp.sum(jnp.sin(q["b"])), params)
     assert report.verdict == verify.Verdict.OK, report
+
+
+def test_a_numpy_hand_running_jnp_on_closed_over_float64_numpy_data_is_checked():
+    # The book's set-up: float64 NumPy data, x64 off, a NumPy backward that recomputes the forward with jnp. JAX
+    # handed the jitted jnp.dot the data's float32 copy under x64: an XLA RuntimeProgramInputMismatch, no verdict.
+    rs = np.random.RandomState(4)
+    X = rs.randn(8, 2)
+    W = jnp.asarray(rs.randn(2, 3), jnp.float32)
+
+    def fwd(W):
+        return jnp.maximum(jnp.dot(X, W), 0.0)
+
+    def hand(W, wrong=1.0):
+        out = np.asarray(fwd(W))
+        d = np.ones_like(out)
+        d[out <= 0] = 0
+        g = np.dot(X.T, d)
+        g[0, 0] *= wrong
+        return g
+
+    assert verify.check_grad(lambda W: jnp.sum(fwd(W)), W, hand=hand).ok
+    bad = verify.check_grad(lambda W: jnp.sum(fwd(W)), W, hand=lambda W: hand(W, 1.5))
+    assert bad.verdict == "hand_wrong" and bad.rows[0].worst_index == (0, 0), bad

@@ -52,6 +52,7 @@ from funcgrad.verify._fd import (
     _scale,
 )
 from funcgrad.verify._inputs import (
+    _DTYPE_CLASH,
     _Bound,
     _bound,
     _check_value,
@@ -690,12 +691,19 @@ def _eager_hand(prep: _Prepared, hand_eager: str | None, float64: bool) -> list:
     """hand, which JAX cannot trace (``hand_eager`` says why), called on NumPy arrays (float64 when asked)."""
     dl = [_host(x, float64) for x in prep.dleaves]
     try:
-        out = prep.bound.grad(dl, _host_tree(prep.packed, float64))
+        try:
+            return prep.bound.grad(dl, _host_tree(prep.packed, float64))
+        except Exception as e:
+            if not _DTYPE_CLASH.search(str(e)):
+                raise
+            # jnp code inside the hand on a float64 NumPy array it closes over, run before at the parameters' own
+            # precision: JAX (0.10) can hand a jitted jnp function that array's float32 copy under x64. Run op by op.
+            with jax.disable_jit():
+                return prep.bound.grad(dl, _host_tree(prep.packed, float64))
     except Exception as e:
         e.add_note(f"funcgrad: hand could not be traced by JAX ({hand_eager}), so check_grad called it "
                    "on NumPy arrays, where it failed")
         raise
-    return out
 
 
 def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, h_user: list | None,
