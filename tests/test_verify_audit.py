@@ -1195,3 +1195,59 @@ def test_many_nans_of_the_plain_autodiff_do_not_hide_a_wrong_element(zeros):
     assert ("were not checked" in good.rows[0].note) == (zeros > 8), good  # the NaN elements beyond the first 8
     bad = verify.audit(make(1.2), p, jnp.asarray(x))
     assert bad.rows[0].verdict == "autodiff_wrong" and bad.rows[0].worst_index == (0, 7), bad
+
+
+def _tanh_rule(factor):
+    """tanh as a custom_jvp whose tangent is scaled by ``factor`` (1: correct)."""
+
+    @jax.custom_jvp
+    def act(x):
+        return jnp.tanh(x)
+
+    act.defjvps(lambda t, y, x: factor * t * (1 - jnp.tanh(x) ** 2))
+    return act
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.3])
+def test_a_rule_inside_a_vmapped_while_loop_with_a_per_example_stop(factor):
+    # Under vmap the loop's predicate is one per example: audit stopped with a bare "truth value of an array".
+    act = _tanh_rule(factor)
+
+    def fn(p, x):
+        def run(xi):
+            return jax.lax.while_loop(lambda c: jnp.abs(c[0]).max() > 0.5,
+                                      lambda c: (act(c[0] * p["w"]), c[1] + 1), (xi, 0))[0]
+
+        return jnp.sum(jax.vmap(run)(x))
+
+    report = verify.audit(fn, {"w": jnp.float32(0.9)}, jnp.array([[2.0, 0.1], [0.2, 0.1]]))
+    assert report.rows[0].rule == "act" and report.rows[0].calls >= 1, report
+    assert report.verdict == ("ok" if factor == 1.0 else "autodiff_wrong"), report
+
+
+def test_a_rule_applied_only_to_constants_of_fn_is_still_checked():
+    # Its inputs written into fn: it read "nothing to differentiate" and passed, though wrong.
+    @jax.custom_vjp
+    def act(h):
+        return jnp.tanh(h)
+
+    act.defvjp(lambda h: (jnp.tanh(h), h), lambda h, g: (g * 3.0,))
+    X = jnp.array([0.3, -0.5])
+    report = verify.audit(lambda p: jnp.sum(act(X) * p["w"]), {"w": jnp.float32(0.8)})
+    assert report.verdict == "autodiff_wrong" and report.rows[0].calls == 1, report
+    row = report.rows[0]  # (the rule against the primal's plain autodiff, which finite differences confirm)
+    assert row.primal == pytest.approx(row.numeric, rel=1e-3) and abs(row.rule_value - row.numeric) > 0.1 * abs(row.numeric)
+
+
+def test_calls_left_out_by_max_calls_are_counted_in_a_note():
+    act = _tanh_rule(1.0)
+
+    def fn(p, x):
+        for i in range(20):
+            x = act(x * p[f"w{i}"])
+        return jnp.sum(x)
+
+    report = verify.audit(fn, {f"w{i}": jnp.float32(0.9) for i in range(20)}, jnp.ones(3), max_calls=8)
+    assert report.rows[0].calls == 8 and report.rows[0].seen == 20, report
+    assert "12 of its 20 call(s) not checked (max_calls=8" in report.rows[0].note, report
+

@@ -691,12 +691,12 @@ class _Walker:
         t_bc, t_carry = ts[n_cc : n_cc + n_bc], list(ts[n_cc + n_bc :])
         cond, body = self.compiled(p["cond_jaxpr"]), p["body_jaxpr"]
         trips, probe = 0, carry
-        while bool(cond(*cc, *probe)[0]):
+        while _any(cond(*cc, *probe)[0]):
             probe = list(self.compiled(body)(*bc, *probe))
             trips += 1
         walk = self._sample(trips)
         i = 0
-        while bool(cond(*cc, *carry)[0]):
+        while _any(cond(*cc, *carry)[0]):
             out = None if i in walk else self.unwalked(body, [*bc, *carry])
             if out is None:
                 carry, t_out = self.run(body.jaxpr, body.consts, [*bc, *carry], [*t_bc, *t_carry],
@@ -706,6 +706,12 @@ class _Walker:
             t_carry = [a or b for a, b in zip(t_carry, t_out, strict=True)]
             i += 1
         return carry, t_carry
+
+
+def _any(pred: Any) -> bool:
+    """A while loop's predicate: under vmap with a per-example stopping condition it is one per example, and the
+    loop runs while any of them holds (the finished ones are kept as they are by the body's selects)."""
+    return bool(np.any(np.asarray(pred)))
 
 
 _STACK = 256  # arrays stacked by one operation: XLA's compile time grows faster than the operand count
@@ -981,7 +987,10 @@ def _inputs_to_check(call: _Call, n_c: int) -> tuple[tuple[int, ...], list[int],
     diff_pos = tuple(i for i, x in enumerate(user_inputs)
                      if jnp.issubdtype(jnp.result_type(x), jnp.floating) and np.size(x) > 0 and i not in call.held)
     constants = [i for i in diff_pos if call.literal and call.literal[n_c + i]]
-    diff_pos = tuple(i for i in diff_pos if i not in constants)
+    if len(constants) < len(diff_pos):
+        diff_pos = tuple(i for i in diff_pos if i not in constants)
+    else:  # only constants of fn's: the rule is still checked, at them (its derivative there is off fn's gradient path)
+        constants = []
     unperturbed: list[int] = []
     if call.eqn.params.get("symbolic_zeros") and call.taint and any(call.taint[n_c + i] for i in diff_pos):
         unperturbed = [i for i in diff_pos if not call.taint[n_c + i]]
@@ -1281,6 +1290,10 @@ def _rule_row(rule: _Rule, calls: list[_Call], seen: int, options: dict) -> Audi
     note = why if v != Verdict.OK or why else ""
     if skipped:
         note = "; ".join([n for n in (note,) if n] + [f"{len(skipped)} call(s) not checked ({skipped[0]})"])
+    if len(pick) < seen:
+        note = "; ".join([n for n in (note,) if n] + [
+            f"{seen - len(pick)} of its {seen} call(s) not checked (max_calls={max_calls} samples them evenly): a "
+            "rule wrong only at those passes"])
     if gaps:
         forward = f"{gaps[0][1]} (at {len(gaps)} of {checked} call(s) checked)"
         if verdict not in _FAILING:  # the derivative itself matches: the row is the forward's

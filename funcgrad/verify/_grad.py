@@ -947,6 +947,11 @@ def _g(x: float | None) -> str:
     return "—" if x is None else f"{x:.6g}"
 
 
+def _close(a: float, b: float) -> bool:
+    """Two values the same to about float32's tolerance (for a note's wording only)."""
+    return bool(abs(a - b) <= 1e-3 * max(abs(a), abs(b))) or (math.isnan(a) and math.isnan(b))
+
+
 def _note_for(verdict: Verdict, item: _Item | None, extra: Sequence[str]) -> str:
     parts = []
     if item is not None and verdict != Verdict.OK:
@@ -983,7 +988,9 @@ def _note_for(verdict: Verdict, item: _Item | None, extra: Sequence[str]) -> str
                 f"shrinks (sqrt or log at 0, |x|^p with p < 1, a discontinuity); autodiff gives {_g(item.A)}"
                 + (f" and hand {_g(item.H)}, which describe it alike" if item.H is not None else "")),
             Verdict.FD_UNRELIABLE: (
-                f"autodiff and hand agree {at} ({_g(item.A)}); {why_unsure}" if item.H is not None
+                (f"autodiff and hand agree {at} ({_g(item.A)}); {why_unsure}" if _close(item.A, item.H) else
+                 f"autodiff ({_g(item.A)}) and hand ({_g(item.H)}) differ {at}, both within the finite differences' "
+                 f"error bars, which cannot tell which is right: {why_unsure}") if item.H is not None
                 else f"autodiff ({_g(item.A)}) cannot be confirmed {at}: {why_unsure}"),
             Verdict.HAND_WRONG: (
                 f"hand ({_g(item.H)}) differs from autodiff ({_g(item.A)}) and finite differences {at}; {fd}"
