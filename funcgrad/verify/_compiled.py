@@ -704,8 +704,8 @@ def _lowest_float(jaxpr: Any, top: bool = True, opaque: bool = True) -> Any:
     return lowest
 
 
-# What an opaque computation (a Python callback, an external kernel) is assumed to compute in: its inside cannot be
-# read, and float32 is what such kernels use (a float64 NumPy callback is then judged at float32's tolerance).
+# What an opaque computation (a Python callback, an external kernel) is assumed to round like, for finite
+# differences' noise: its inside cannot be read, and float32 is what such kernels use.
 _OPAQUE = jnp.dtype(jnp.float32)
 
 
@@ -748,8 +748,8 @@ def _kept_by(mantissa_bits: int) -> Any:
 def _precisions(jaxpr: Any) -> list[tuple[Any, Any]]:
     """For each output of ``jaxpr``: (the lowest float precision of the values it is computed from, final casts
     aside; the lowest precision those final casts round it to). ``g.astype(bfloat16)`` of a float64 ``g`` is
-    (float64, bfloat16): only rounded, by a relative half of bfloat16's eps at each element; ``(g.astype(bfloat16)
-    * 2)`` is (bfloat16, float64). Calls (jit, custom rules) are followed inside; any other equation with a
+    (float64, bfloat16): only rounded, by half an ulp at each element; ``(g.astype(bfloat16) * 2)`` is (bfloat16,
+    float64). Calls (jit, custom rules) are followed inside; any other equation with a
     sub-computation (loops, branches) counts as a whole, each output depending on all its inputs and everything
     the sub-computation computes."""
     f64 = jnp.dtype(jnp.float64)
@@ -761,8 +761,7 @@ def _precisions(jaxpr: Any) -> list[tuple[Any, Any]]:
         for eqn in jx.eqns:
             ins = [get(v) for v in eqn.invars]
             subs = _sub_jaxprs(eqn)
-            if (len(subs) == 1 and len(subs[0].invars) == len(eqn.invars) and len(subs[0].outvars) == len(eqn.outvars)
-                    and eqn.primitive.name not in ("scan", "while", "cond")):
+            if _is_call(eqn, subs):
                 outs = walk(subs[0], {id(v): x for v, x in zip(subs[0].invars, ins, strict=True)})
             else:
                 name = eqn.primitive.name
@@ -802,6 +801,13 @@ def _sub_jaxprs(eqn: Any) -> list:
     return out
 
 
+def _is_call(eqn: Any, subs: list) -> bool:
+    """Whether an equation calls its one sub-computation with its own inputs and outputs (jit, custom rules,
+    remat), so that a walk can follow values inside; loops and branches are not calls."""
+    return (len(subs) == 1 and len(subs[0].invars) == len(eqn.invars) and len(subs[0].outvars) == len(eqn.outvars)
+            and eqn.primitive.name not in ("scan", "while", "cond"))
+
+
 def _uses(jaxpr: Any, test: Callable[[Any], bool]) -> bool:
     """Whether an equation that passes ``test`` occurs in the jaxpr, sub-computations included."""
     return any(test(eqn) or any(_uses(j, test) for j in _sub_jaxprs(eqn)) for eqn in jaxpr.eqns)
@@ -809,8 +815,7 @@ def _uses(jaxpr: Any, test: Callable[[Any], bool]) -> bool:
 
 def _uses_primitive(jaxpr: Any, fragment: str) -> bool:
     """Whether a primitive whose name contains ``fragment`` occurs in the jaxpr, sub-computations included."""
-    return any(fragment in eqn.primitive.name or any(_uses_primitive(j, fragment) for j in _sub_jaxprs(eqn))
-               for eqn in jaxpr.eqns)
+    return _uses(jaxpr, lambda eqn: fragment in eqn.primitive.name)
 
 
 def _vectorise() -> bool:
@@ -901,8 +906,7 @@ def _dependence(jaxpr: Any, n_leaves: int) -> tuple:
         for eqn in jx.eqns:
             ins = [masks.get(id(v), 0) for v in eqn.invars]
             subs = _sub_jaxprs(eqn)
-            if (len(subs) == 1 and len(subs[0].invars) == len(eqn.invars) and len(subs[0].outvars) == len(eqn.outvars)
-                    and eqn.primitive.name not in ("scan", "while", "cond")):
+            if _is_call(eqn, subs):
                 inner = {id(v): m for v, m in zip(subs[0].invars, ins, strict=True)}
                 walk(subs[0], inner)
                 outs = [inner.get(id(v), 0) for v in subs[0].outvars]
@@ -934,8 +938,7 @@ def _noise_precisions(jaxpr: Any, n_leaves: int) -> tuple:
                 continue
             ins = [masks.get(id(v), 0) for v in eqn.invars]
             subs = _sub_jaxprs(eqn)
-            if (len(subs) == 1 and len(subs[0].invars) == len(eqn.invars) and len(subs[0].outvars) == len(eqn.outvars)
-                    and eqn.primitive.name not in ("scan", "while", "cond")):
+            if _is_call(eqn, subs):
                 inner = {id(v): m for v, m in zip(subs[0].invars, ins, strict=True)}
                 walk(subs[0], inner, lambda _: True)
                 outs = [inner.get(id(v), 0) for v in subs[0].outvars]
