@@ -1251,3 +1251,32 @@ def test_calls_left_out_by_max_calls_are_counted_in_a_note():
     assert report.rows[0].calls == 8 and report.rows[0].seen == 20, report
     assert "12 of its 20 call(s) not checked (max_calls=8" in report.rows[0].note, report
 
+
+
+@jax.custom_vjp
+def _sin_rule(x):
+    return jnp.sin(x)
+
+
+_sin_rule.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jnp.cos(x),))
+
+
+@jax.custom_vjp
+def _exp_rule_wrong(x):
+    return jnp.exp(x)
+
+
+_exp_rule_wrong.defvjp(lambda x: (jnp.exp(x), x), lambda x, g: (g * 2 * jnp.exp(x),))
+
+
+def test_two_rules_on_one_line_inside_a_derivative_fn_takes_are_both_listed():
+    # (module-level rules: audit names a rule it finds only by its call site through the line's module)
+    def energy(w, x):
+        return jnp.sum(_sin_rule(w * x) + _exp_rule_wrong(w * x))
+
+    def fn(p, x):  # a training step: the derivative is taken inside fn
+        value, g = jax.value_and_grad(energy)(p["w"], x)
+        return value + jnp.sum(g)
+
+    report = verify.audit(fn, {"w": jnp.float32(0.8)}, jnp.array([0.1, 0.2]))
+    assert not report.ok and sorted(r.rule for r in report.unchecked) == ["_exp_rule_wrong", "_sin_rule"], report

@@ -906,3 +906,34 @@ def test_a_numpy_hand_running_jnp_on_closed_over_float64_numpy_data_is_checked()
     assert verify.check_grad(lambda W: jnp.sum(fwd(W)), W, hand=hand).ok
     bad = verify.check_grad(lambda W: jnp.sum(fwd(W)), W, hand=lambda W: hand(W, 1.5))
     assert bad.verdict == "hand_wrong" and bad.rows[0].worst_index == (0, 0), bad
+
+
+def test_check_vjp_takes_numpy_primals_as_jax_vjp_does():
+    # The book's categorical cross-entropy forward indexes a NumPy p with jnp.arange: check_vjp ran fn on the raw
+    # NumPy array inside eval_shape, a bare TracerArrayConversionError.
+    y = np.array([0, 1, 2, 1])
+    P = np.array([[0.7, 0.2, 0.1], [0.1, 0.5, 0.4], [0.02, 0.9, 0.08], [0.3, 0.3, 0.4]])
+
+    def cce(p, y_true):
+        return jnp.mean(-jnp.log(p[jnp.arange(p.shape[0]), y_true]))
+
+    def cce_backward(p, y_true, d):  # the book's Loss_CategoricalCrossentropy.backward
+        return -np.eye(3)[y_true] / p / len(p) * d
+
+    assert verify.check_vjp(cce, cce_backward, P, y).ok
+    wrong = verify.check_vjp(cce, lambda p, y_true, d: cce_backward(p, y_true, d) * len(p), P, y)
+    assert wrong.verdict == "hand_wrong", wrong
+
+
+def test_check_vjp_argnums_as_an_int_and_the_books_list_inputs():
+    rs = np.random.RandomState(3)
+    X = rs.randn(4, 3).astype(np.float32)
+    W = rs.randn(3, 2).astype(np.float32)
+    def fwd(x, W):
+        return jnp.dot(x, W)
+
+    assert verify.check_vjp(fwd, lambda x, W, d: np.dot(np.asarray(x).T, d), X, W, argnums=1).ok
+    both = verify.check_vjp(fwd, lambda x, W, d: (np.dot(d, W.T), np.dot(np.asarray(x).T, d)), X.tolist(), W)
+    assert both.ok and len(both.rows) == 2, both
+    with pytest.raises(TypeError, match=r"argnums must be an int or a sequence of ints .* got str"):
+        verify.check_vjp(fwd, lambda x, W, d: d, X, W, argnums="1")

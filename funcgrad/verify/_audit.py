@@ -284,7 +284,7 @@ def _machinery(frame: Any) -> bool:
     return f"{os.sep}interpreters{os.sep}" in name or (_is_library(name) and name.endswith(_MACHINERY))
 
 
-def _inlined_sites(closed: Any) -> dict[str, tuple[str, Any, bool | None]]:
+def _inlined_sites(closed: Any) -> dict[tuple[str, str], tuple[Any, bool | None]]:
     """The call sites (file:line) of custom rules that a derivative taken inside fn (``jax.grad`` in a training
     step, a force from an energy) traced through: their calls leave no rule equation in fn's program, only the
     operations of their fwd and bwd, each traced inside the rule object's ``__call__``. Per site: the kind, the
@@ -292,8 +292,8 @@ def _inlined_sites(closed: Any) -> dict[str, tuple[str, Any, bool | None]]:
     code runs inside ``__call__``, a framework-wrapped rule included), a library's (False: only a library's code,
     as jax.nn.relu's), or not told (None: operations JAX re-emitted from a rule's cached trace, in a jitted helper
     or a loop). Every rule call on an operation's stack counts (a user's rule whose fwd calls jax.nn.relu).
-    Equations inside a visible rule's own jaxprs are not looked at."""
-    found: dict[str, tuple[str, Any, bool | None]] = {}
+    Equations inside a visible rule's own jaxprs are not looked at. Keyed by (site, kind)."""
+    found: dict[tuple[str, str], tuple[Any, bool | None]] = {}
     seen: set[int] = set()
 
     def walk(jaxpr: Any, context: Any) -> None:
@@ -315,10 +315,9 @@ def _inlined_sites(closed: Any) -> dict[str, tuple[str, Any, bool | None]]:
                     continue
                 mine: bool | None = True if any(_users(g) for g in inside) else (
                     False if any(not _machinery(g) for g in inside) else None)
-                site = _short(caller.file_name, caller.line_num)
-                kind = _RULE_CALLS[frames[k].function_name]
-                if site not in found or (found[site][2] is not True and mine is not None):
-                    found[site] = (kind, caller, mine)
+                key = (_short(caller.file_name, caller.line_num), _RULE_CALLS[frames[k].function_name])
+                if key not in found or (found[key][1] is not True and mine is not None):
+                    found[key] = (caller, mine)
             inner = next((g for g in frames if _users(g)), context)
             for sub in _sub(eqn):
                 walk(sub, inner)
@@ -345,11 +344,12 @@ def _rule_objects(frame: Any, kind: str) -> list[tuple[str, Any]]:
     return out
 
 
-def _inlined_rule(site: str, kind: str, frame: Any, mine: bool | None) -> _Rule:
-    """A rule found only by its call site: named after the rule object that the site's line calls, when its
-    module resolves one (which also tells whether a library defines it, where the rule's own frames did not),
+def _inlined_rules(site: str, kind: str, frame: Any, mine: bool | None) -> list[_Rule]:
+    """Rules found only by their call site: named after each rule object that the site's line calls, when its
+    module resolves them (which also tells whether a library defines one, where the rule's own frames did not),
     else after the one plain name the line calls, else after the site. Undecided whose it is: the user's, so
     that it is reported rather than passed."""
+    rules = []
     for name, obj in _rule_objects(frame, kind):
         fun = getattr(obj, "fun", None)
         code = getattr(inspect.unwrap(fun) if callable(fun) else fun, "__code__", None)
@@ -357,12 +357,14 @@ def _inlined_rule(site: str, kind: str, frame: Any, mine: bool | None) -> _Rule:
         defined_by_library = _is_library(code.co_filename) if code is not None else \
             module.split(".", maxsplit=1)[0] in _LIBRARIES
         source = _short(code.co_filename, code.co_firstlineno) if code is not None else f"{module}.{name}"
-        return _Rule(kind, name, source, defined_by_library if mine is None else not mine)
+        rules.append(_Rule(kind, name, source, defined_by_library if mine is None else not mine))
+    if rules:
+        return rules
     line = linecache.getline(frame.file_name, frame.line_num)
     # A rule local to a function: the one plain name the line calls, when there is one (not a method, not a builtin).
     bare = {n for n in re.findall(r"(?<![\w.])([A-Za-z_]\w*)\s*\(", line)
             if n not in dir(builtins) and n not in keyword.kwlist}
-    return _Rule(kind, bare.pop() if len(bare) == 1 else f"{kind} called at {site}", site, mine is False)
+    return [_Rule(kind, bare.pop() if len(bare) == 1 else f"{kind} called at {site}", site, mine is False)]
 
 
 def _fixed(jaxpr: Any, fixed_in: Sequence[bool] | None) -> set:
@@ -1181,8 +1183,8 @@ def audit(
     # (a framework's marker rule, equinox's nondifferentiable, may sit at the same line as an inlined user rule)
     visible = {(_call_site(e), _CUSTOM[e.primitive.name]) for e in walker.rule_eqns
                if not walker.rule(e).library and walker.rule(e).name not in _MARKERS}
-    inlined = {site: _inlined_rule(site, kind, frame, lib) for site, (kind, frame, lib) in _inlined_sites(closed).items()
-               if (site, kind) not in visible}
+    inlined = [(site, rule) for (site, kind), (frame, lib) in _inlined_sites(closed).items() if (site, kind) not in visible
+               for rule in _inlined_rules(site, kind, frame, lib)]
 
     options = {"rtol": rtol, "atol": atol, "mode": mode, "seed": seed, "max_calls": max_calls}
     rows = _through_failing_rules([_rule_row(rule, calls, walker.seen[rule], options)
@@ -1197,14 +1199,14 @@ def audit(
                  f"not checked: called at {site} inside a derivative that fn takes itself (jax.grad, jax.vjp or "
                  "value_and_grad inside fn, as in a training step), which traces through the rule and leaves no call "
                  "of it in fn's program; audit the function that derivative is taken of (the loss) to check it"))
-             for site, rule in inlined.items() if walker.audited(rule)]
+             for site, rule in inlined if walker.audited(rule)]
     # Rules called only at loop iterations the sampling skipped (a cond taken at one iteration): undecided too.
     rows += [_valueless_row(rule, Verdict.FD_UNRELIABLE, seen=n, note=(
                  f"not checked: called at most {n} time(s), only at loop iterations the sampling skipped "
                  f"(max_calls={max_calls} iterations walked per loop); audit with max_calls at least the loop's "
                  "length to check it"))
              for rule, n in walker.seen.items() if rule not in walker.calls and rule not in walker.unentered_rules]
-    notes = _notes(walker, any(walker.audited(r) for r in inlined.values()))
+    notes = _notes(walker, any(walker.audited(r) for _, r in inlined))
     env = {**_environment_versions(), "max_calls": max_calls, "library": library, "exclude": sorted(exclude),
            "seed": seed, "mode": mode, "rtol": rtol, "atol": atol}
     return AuditReport(tuple(rows), _combine_verdicts([r.verdict for r in rows]), tuple(notes),

@@ -72,9 +72,47 @@ def _require_floats(diff: Sequence[Any], names: Sequence[str]) -> None:
                             "or leave it out of argnums")
 
 
+def _argnums(argnums: Any, primals: tuple) -> tuple[int, ...]:
+    """check_vjp's ``argnums`` as a tuple of positions (an int as jax.grad takes it; by default every floating
+    primal), checked."""
+    if argnums is None:
+        argnums = tuple(i for i, p in enumerate(primals) if jax.tree_util.tree_leaves(p) and not _not_float(p))
+    if isinstance(argnums, (int, np.integer)) and not isinstance(argnums, bool):
+        argnums = (int(argnums),)
+    if not isinstance(argnums, (tuple, list)) or not all(
+            isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in argnums):
+        raise TypeError(f"check_vjp: argnums must be an int or a sequence of ints (positions in primals); got "
+                        f"{describe(argnums)}")
+    argnums = tuple(int(i) for i in argnums)
+    if not argnums:
+        raise ValueError("check_vjp: no floating primal to differentiate; pass argnums")
+    for i in argnums:
+        if not 0 <= i < len(primals):
+            raise ValueError(f"check_vjp: argnums {argnums} out of range for {len(primals)} primals")
+    return argnums
+
+
+def _number_lists(p: Any) -> bool:
+    """A (nested) list or tuple of Python numbers, at least one a float, that NumPy reads as a float array."""
+    if not isinstance(p, (list, tuple)) or not p:
+        return False
+    leaves = jax.tree_util.tree_leaves(p)
+    if not leaves or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in leaves):
+        return False
+    try:
+        a = np.asarray(p)
+    except ValueError:  # ragged
+        return False
+    return a.dtype.kind == "f" and a.size == len(leaves)
+
+
 def _float_output(fn: Callable, primals: Sequence[Any]) -> tuple[list, Any]:
     """The shapes of ``fn(*primals)``'s leaves and its structure; each leaf must be floating-point."""
-    leaves, treedef = jax.tree_util.tree_flatten(jax.eval_shape(lambda: fn(*primals)))
+    try:  # (traced on abstract inputs, as jax.vjp would: a NumPy primal indexed by a jnp array is fine there)
+        out = jax.eval_shape(fn, *primals)
+    except Exception:  # noqa: BLE001 - primals eval_shape cannot take as arguments (a string): closed over instead
+        out = jax.eval_shape(lambda: fn(*primals))
+    leaves, treedef = jax.tree_util.tree_flatten(out)
     bad = [leaf for leaf in leaves if not jnp.issubdtype(leaf.dtype, jnp.floating)]
     if bad or not leaves:
         raise TypeError("check_vjp: fn's output must be floating-point arrays (its VJP is checked); got "
@@ -114,16 +152,10 @@ def check_vjp(
     if not callable(fn) or not callable(hand_vjp):
         raise TypeError("check_vjp: fn and hand_vjp must be callable")
     _check_counts("check_vjp", seed, cotangents)
-    # Python floats are points to differentiate at; ints, strings and other non-arrays stay static arguments.
-    primals = tuple(jnp.asarray(p) if isinstance(p, float) else p for p in primals)
-    if argnums is None:
-        argnums = tuple(i for i, p in enumerate(primals) if jax.tree_util.tree_leaves(p) and not _not_float(p))
-    argnums = tuple(argnums)
-    if not argnums:
-        raise ValueError("check_vjp: no floating primal to differentiate; pass argnums")
-    for i in argnums:
-        if not 0 <= i < len(primals):
-            raise ValueError(f"check_vjp: argnums {argnums} out of range for {len(primals)} primals")
+    # Python floats, and nested lists of numbers with a float among them (the book's inputs), are points to
+    # differentiate at; ints, strings and other non-arrays stay static arguments.
+    primals = tuple(jnp.asarray(p) if isinstance(p, float) or _number_lists(p) else p for p in primals)
+    argnums = _argnums(argnums, primals)
     all_names = list(names) if names is not None else _primal_names(fn, len(primals))
     row_names = [all_names[i] for i in argnums]
     _require_floats([primals[i] for i in argnums], row_names)
