@@ -361,8 +361,7 @@ class _Engine:
             run_of = np.zeros(m, np.int64)
         else:
             if leaves is None:
-                leaves = np.searchsorted(np.array(self.layout.offsets), np.where(index >= 0, index, lo),
-                                         side="right") - 1
+                leaves = self.leaf_of(index, lo)
             owner = np.zeros(len(self.layout.sizes), np.int64)
             for g, run in enumerate(groups):
                 owner[list(run)] = g
@@ -416,7 +415,7 @@ class _Engine:
             F = self.evaluate(two)[0]
             n_items = len(items.index)
             initial = np.stack([F[:n_items], F[n_items:]], axis=1)
-        eps_f = self.eps_f[self.leaf_of(items)]
+        eps_f = self.eps_f[self.leaf_of(items.index, items.lo)]
         scales = [_scale(self.f0, initial[:, level], items.step / _LADDER**level, eps_f, tol)
                   for level in range(initial.shape[1])]
         fd, settled = self._settle(scales, tol, values)
@@ -459,15 +458,15 @@ class _Engine:
             settled &= decided
         return fd, settled
 
-    def leaf_of(self, items: _Items) -> np.ndarray:
-        """Each item's leaf (an element's, or a direction's support's)."""
-        where = np.where(np.asarray(items.index) >= 0, items.index, items.lo)
+    def leaf_of(self, index: np.ndarray, lo: np.ndarray | None = None) -> np.ndarray:
+        """Each item's leaf: its element's (flat ``index``), or for a direction (index -1) its support's (``lo``)."""
+        where = index if lo is None else np.where(np.asarray(index) >= 0, index, lo)
         return np.searchsorted(np.asarray(self.layout.offsets), where, side="right") - 1
 
     def at_elements(self, flat: np.ndarray) -> _FD:
         flat = np.asarray(flat, np.int64)
         zeros = np.zeros(len(flat), np.int64)
-        steps = self.h0[self.leaf_of(_Items(flat, zeros, zeros, zeros, zeros))] * np.maximum(1.0, np.abs(self.theta(flat)))
+        steps = self.h0[self.leaf_of(flat)] * np.maximum(1.0, np.abs(self.theta(flat)))
         return self.ladder(_Items(flat, zeros, zeros, zeros, steps), self.values(flat)[2])
 
 
@@ -1043,7 +1042,7 @@ def _rows(items: _Items, P: np.ndarray, engine: _Engine, has_hand: bool, user: b
     if has_hand:
         H = proj[:, 1].copy()
         H[is_el] = hv
-    item_tol = np.maximum(proj[:, 2], engine.floor[engine.leaf_of(items)])
+    item_tol = np.maximum(proj[:, 2], engine.floor[engine.leaf_of(items.index, items.lo)])
     item_tol[is_el] = tv
     item_tol_ah = proj[:, 2].copy()
     item_tol_ah[is_el] = tahv
