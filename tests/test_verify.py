@@ -467,3 +467,72 @@ def test_too_many_non_finite_elements_without_a_hand_is_reported_not_a_crash():
     report = verify.check_grad(lambda p: jnp.sum(jnp.sqrt(p)), jnp.zeros(600), mode="projection")
     assert not report.ok and "too many to check, so the leaf cannot pass" in report.summary()
     assert "autodiff is not finite at 87 more element(s)" in report.summary()
+
+
+def test_a_gradient_that_is_zero_by_symmetry_passes_with_both_sides_at_round_off():
+    # Equal logits, balanced labels: dL/db = mean(softmax) − mean(onehot) = 0 exactly. Autodiff gives +3.5e-17 and
+    # the book's NumPy backward −3.5e-17 (the round-off of terms of size 1/N that cancel): not a mismatch.
+    with jax.enable_x64(True):
+        n = 60
+        y = np.arange(n) % 3
+        logits = jnp.zeros((n, 3))
+
+        def loss(b):
+            return jnp.mean(-jax.nn.log_softmax(logits + b[None, :], axis=1)[jnp.arange(n), y])
+
+        def hand(b):
+            z = np.asarray(logits) + np.asarray(b)
+            e = np.exp(z - z.max(1, keepdims=True))
+            d = e / e.sum(1, keepdims=True)
+            d[range(n), y] -= 1
+            return np.sum(d / n, axis=0)
+
+        b = jnp.zeros(3)
+        assert float(jnp.max(jnp.abs(jax.grad(loss)(b) - hand(b)))) > 0  # (the case: they differ at round-off)
+        assert verify.check_grad(loss, b, hand=hand).ok
+        # a hand that is off by more than round-off still fails
+        report = verify.check_grad(loss, b, hand=lambda b: hand(b) + np.array([0.0, 1e-6, 0.0]))
+        assert report.verdict == "hand_wrong" and report.rows[0].worst_index == (1,), report
+
+
+def test_a_kink_far_smaller_than_the_curvature_beside_it_is_a_kink():
+    # A dead ReLU unit's bias under L2 (its pre-activation 0 for every sample): D₋ = 0, D₊ = 2.3e-9 beside the L2
+    # term's curvature. The book's mask takes D₋ (0), jnp.maximum the midpoint; both are subgradients.
+    with jax.enable_x64(True):
+        jump, g = 2.3e-9, jnp.array([3.9e-4, -2.0e-4, 1.0e-4])
+
+        def loss(p):
+            return 1.0986 + jump * jnp.maximum(p[0], 0.0) + jnp.sum(g * p[1:]) + 5e-4 * jnp.sum(p**2)
+
+        def hand(p, first=0.0):
+            return jnp.concatenate([jnp.array([first]), g]) + 1e-3 * p
+
+        p = jnp.zeros(4)
+        report = verify.check_grad(loss, p, hand=hand)
+        assert report.ok and report.rows[0].verdict == "kink", report
+        for wrong in (3 * jump, -jump):  # outside [D₋, D₊]: still the hand's fault
+            report = verify.check_grad(loss, p, hand=lambda p, w=wrong: hand(p, w))
+            assert report.verdict == "hand_wrong" and report.rows[0].worst_index == (0,), report
+
+
+@pytest.mark.parametrize("mode", ["projection", "exact"])
+def test_a_direction_too_coarse_for_a_small_kink_the_elements_resolved_is_not_judged(mode):
+    # The dead unit's kink (D₋ = 0, D₊ = 1e-8) in a leaf of 400: along a random direction its jump is ~5e-10, below
+    # what the direction's steps resolve, so autodiff (the midpoint) and the book's hand (D₋) differ there by no more
+    # than that element's choice of one-sided derivative accounts for. A hand wrong elsewhere still fails.
+    with jax.enable_x64(True):
+        n, jump = 400, 1e-8
+        g = jnp.asarray(np.random.RandomState(0).randn(n - 1) * 1e-4)
+
+        def loss(p):
+            return 1.0986 + jump * jnp.maximum(p[0], 0.0) + jnp.sum(g * p[1:]) + 5e-4 * jnp.sum(p**2)
+
+        def hand(p, wrong=None):
+            h = jnp.concatenate([jnp.zeros(1), g]) + 1e-3 * p
+            return h if wrong is None else h.at[wrong].multiply(1.01)
+
+        p = jnp.zeros(n)
+        report = verify.check_grad(loss, p, hand=hand, mode=mode)
+        assert report.ok and report.rows[0].verdict == "kink", report
+        report = verify.check_grad(loss, p, hand=lambda p: hand(p, 77), mode=mode)
+        assert report.verdict == "hand_wrong" and report.rows[0].worst_index == (77,), report

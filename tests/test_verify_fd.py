@@ -84,6 +84,59 @@ def test_relu_at_zero_gives_zero_to_one():
     assert fd.lo[0] == pytest.approx(0.0, abs=1e-9) and fd.hi[0] == pytest.approx(1.0, abs=1e-9)
 
 
+def test_a_kink_far_smaller_than_the_curvature_beside_it_is_read_as_a_kink():
+    # 1.1 + 2.3e-9·max(x, 0) + 5e-4·x² at 0 (a dead ReLU unit's bias under L2): the one-sided derivatives are exactly
+    # 0 and 2.3e-9, but at the first step the curvature's 1e-3·h dwarfs the jump. Read as smooth, the central value
+    # (the midpoint, 1.15e-9 ± 2e-10) blamed a hand that takes D₋ = 0, a valid subgradient.
+    jump = 2.3e-9
+    f = lambda x: 1.1 + jump * np.maximum(x, 0.0) + 5e-4 * x**2  # noqa: E731
+    h = EPS ** (1 / 5)
+    scales, fd = ladder(f, 0.0, h, 2)
+    assert not scales[0].nonsmooth[0] and scales[0].sided[0]  # (the case: only the one-sided test sees it)
+    assert fd.resolved[0] and fd.paired[0] and fd.nonsmooth[0]
+    assert fd.lo[0] == pytest.approx(0.0, abs=2e-11) and fd.hi[0] == pytest.approx(jump, rel=1e-2)
+    assert classify(jump / 2, 0.0, fd, 4e-11) == ["kink"]
+    assert classify(jump / 2, 3 * jump, fd, 4e-11) == ["hand_wrong"]
+
+
+def test_a_smooth_function_with_large_high_derivatives_is_not_a_kink():
+    # cosh(30x) at 0: the one-sided derivatives differ beyond rounding at every scale (f⁗h³/16), by a thousandfold
+    # less at each finer one: they never agree across scales as a kink's do.
+    f = lambda x: np.cosh(30 * x)  # noqa: E731
+    scales, fd = ladder(f, 0.0, 5e-2, 4)
+    assert all(s.sided[0] for s in scales)  # (the case)
+    assert fd.resolved[0] and fd.paired[0] and not fd.nonsmooth[0]
+    assert abs(fd.value[0]) <= 2 * fd.err[0] + 1e-12
+
+
+def _flat_scale(value: float, err: float) -> _fd._Scale:
+    """A smooth scale reading ``value ± err`` (one item)."""
+    a = lambda x: np.array([x])  # noqa: E731
+    return _fd._Scale(a(value), a(err), a(0.0), a(value), a(value), a(False), a(False), a(True), a(abs(value)), a(0.0))
+
+
+def test_a_pair_of_scales_that_finer_scales_contradict_is_not_read():
+    # sin at 3000 in float32 (an audit of a positional encoding): the steps of the first two scales span periods,
+    # and both give ~0.002 with small error bars; the finer scales agree on cos(3000.3) = −0.125.
+    scales = [_flat_scale(0.00192, 2.5e-4), _flat_scale(0.00197, 4e-6), _flat_scale(-0.1248, 7e-3),
+              _flat_scale(-0.12507, 1.5e-3)]
+    fd = _fd._resolve(scales, np.array([0.0]), 0.3)
+    assert fd.resolved[0] and fd.value[0] == pytest.approx(-0.12507) and fd.err[0] > 1e-3
+    # (without the finer scales, the coarse pair is read: what the finer ones are there to overrule)
+    assert _fd._resolve(scales[:2], np.array([0.0]), 0.3).value[0] == pytest.approx(0.00197)
+
+
+def test_the_rounding_of_the_point_itself_is_in_the_noise():
+    # a float32 input of 3000 moves f by its slope times half its spacing (1.2e-4) at any step
+    f = lambda x: float(np.sin(np.float64(np.float32(x))))  # noqa: E731
+    eps32 = float(np.finfo(np.float32).eps)
+    x0, h = float(np.float32(3000.3)), 1e-2
+    plain = _fd._scale(f(x0), evaluations(f, x0, h), np.array([h]), eps32, np.array([0.0]))
+    rounded = _fd._scale(f(x0), evaluations(f, x0, h), np.array([h]), eps32, np.array([0.0]), np.array([x0]))
+    assert rounded.noise[0] > 10 * plain.noise[0]
+    assert abs(rounded.value[0] - math.cos(x0)) <= rounded.err[0] < 0.5
+
+
 def test_a_smooth_function_is_read_as_a_point():
     _, fd = ladder(np.sin, 0.7, 1e-2, 2)
     assert fd.resolved[0] and fd.paired[0] and not fd.nonsmooth[0]
@@ -143,6 +196,14 @@ def test_classify_at_a_kink_accepts_every_value_in_the_interval_and_no_other():
     assert classify(0.0, -1.0, fd, 1e-7) == ["kink"]
     assert classify(0.0, 2.0, fd, 1e-7) == ["hand_wrong"]
     assert classify(3.0, 0.5, fd, 1e-7) == ["autodiff_wrong"]
+
+
+def test_classify_does_not_call_two_values_a_kink_that_finite_differences_cannot_resolve():
+    # A kink reading of 194 ± 607 (float32 noise) says nothing about 0.28 against 3e-5: undecided, not kink.
+    fd = _fd._FD(*(np.array([v]) for v in (193.7, 606.6, -400.0, 800.0, True, True, True, False, False, True)))
+    assert classify(3.1e-5, 0.276, fd, 1e-6) == ["mismatch"]
+    fd = _fd._FD(*(np.array([v]) for v in (0.5, 0.01, 0.0, 1.0, True, True, True, False, True, True)))
+    assert classify(0.0, 1.0, fd, 1e-7) == ["kink"]  # (a resolved kink: its sides are known to 1%)
 
 
 def test_classify_at_a_singular_point():

@@ -147,7 +147,7 @@ def _sq_norm(seed, j, lo, hi, o, s, support):
     return _fold(s, step, jnp.zeros((), jnp.float64))
 
 
-def _tolerance(a, mag, leaf_max, gmax, rtol, atol, eps, xp=jnp):
+def _tolerance(a, mag, leaf_max, gmax, rtol, atol, eps, xp=jnp, fscale=0.0):
     """Per-element analytic tolerances, (independent, rounding of a cast): atol + rtol[0]·max(|a|, |h|) (``mag``),
     atol defaulting to rtol[0]·(the leaf's largest) plus round-off at the whole gradient's scale (``gmax``; a leaf
     whose true gradient is 0 still gets round-off; eps: float64's, the round-off of a float64 gradient whose true
@@ -156,8 +156,14 @@ def _tolerance(a, mag, leaf_max, gmax, rtol, atol, eps, xp=jnp):
     cast): half a unit in the last place of autodiff's ``a`` there; below the normal range, half the subnormal
     spacing, or |a| itself where it may be flushed to zero (XLA's CPU conversion to bfloat16). ``xp``: jnp or np.
     The cast's rounding is the same for equal elements: it adds up along a direction, where the independent part
-    adds in quadrature."""
-    base = xp.where(atol >= 0, atol, rtol[0] * leaf_max + 64 * eps * gmax) + rtol[0] * mag
+    adds in quadrature.
+
+    ``fscale``: |fn's value|. Elements whose two sides are both 0 up to round-off at that scale (64·eps·|f|: equal
+    logits and balanced labels give a bias gradient of ±1e-16, the round-off of terms of size 1/N that cancel,
+    while gmax elsewhere is 1e-4) are allowed that round-off."""
+    zero = 64 * eps * fscale
+    base = (xp.where(atol >= 0, atol, rtol[0] * leaf_max + 64 * eps * gmax + xp.where(mag <= zero, zero, 0.0))
+            + rtol[0] * mag)
     m = xp.abs(a)
     normal = 0.5 * rtol[1] * xp.exp2(xp.frexp(m)[1] - 1.0)
     return base, xp.where(m >= rtol[2], normal, 0.5 * rtol[3] + rtol[4] * m)
@@ -192,7 +198,7 @@ def _leaf_scale(a, h, s):
     return mx, arg
 
 
-def _project(seed, j, lo, hi, o, a, h, leaf_max, gmax, rtol, atol, eps):
+def _project(seed, j, lo, hi, o, a, h, leaf_max, gmax, rtol, atol, eps, fscale=0.0):
     """The unit direction of stream j within [lo, hi) ⊂ one leaf (its gradients ``a`` and ``h``, None without a
     hand, at flat offset o; confined to where both are finite) dotted with autodiff, hand and the tolerances (as
     sqrt(Σ u²·tol²)), in chunks: nothing of the leaf's size is materialised."""
@@ -212,7 +218,7 @@ def _project(seed, j, lo, hi, o, a, h, leaf_max, gmax, rtol, atol, eps):
         c = r.shape[0]
         fin, a_s, h_s, mag = _finite_parts(_chunk(a, start, c), None if h is None else _chunk(h, start, c))
         e = jnp.where(valid, _leaf_direction(seed, j, lo, hi, o, r, fin) / norm, 0.0)
-        tol, cast = _tolerance(a_s, mag, leaf_max, gmax, rtol, atol, eps)
+        tol, cast = _tolerance(a_s, mag, leaf_max, gmax, rtol, atol, eps, fscale=fscale)
         hp = jnp.sum(e * h_s) if h_s is not None else jnp.zeros((), jnp.float64)
         return acc + jnp.stack([jnp.sum(e * a_s), hp, jnp.sum((e * e) * (tol * tol)), jnp.sum(jnp.abs(e) * cast)])
 
@@ -470,6 +476,7 @@ def _probe(params, dyn, h_given, exact_idx, seed, h0, rtol, atol, eps, *, fn, ha
     scales = [_leaf_scale(x, y, s) for x, y, s in zip(a, hs, layout.sizes, strict=True)]
     leaf_max = jnp.stack([m for m, _ in scales])
     gmax = jnp.max(leaf_max, initial=0.0)
+    fscale = jnp.where(jnp.isfinite(f0), jnp.abs(f0), 0.0)
 
     # Items: planned elements (all of each exact leaf, the largest gradients of the others), then directions.
     parts = [exact_idx]
@@ -498,7 +505,7 @@ def _probe(params, dyn, h_given, exact_idx, seed, h0, rtol, atol, eps, *, fn, ha
                    jnp.concatenate([i_steps, d_steps]))
     # Each direction lies within its leaf: projected there, with that leaf's tolerances.
     proj = [_project(seed, j, layout.offsets[i], layout.offsets[i] + layout.sizes[i], layout.offsets[i], a[i], hs[i],
-                     leaf_max[i], gmax, rtol[i], atol, eps) for i, j in zip(d_leaf, d_j, strict=True)]
+                     leaf_max[i], gmax, rtol[i], atol, eps, fscale) for i, j in zip(d_leaf, d_j, strict=True)]
     P = jnp.stack(proj) if proj else jnp.zeros((0, 3), jnp.float64)
     return _ProbeOut(f0, a, h, leaf_max, items, P, f_ad)
 
@@ -523,10 +530,11 @@ def _items_jit(params, dyn, seed, items, support, *, fn, layout, args_spec, batc
 
 
 @functools.partial(jax.jit, static_argnames=("offset",))
-def _project_jit(a, h, seed, streams, lo, hi, leaf_max, gmax, rtol, atol, eps, *, offset):
+def _project_jit(a, h, seed, streams, lo, hi, leaf_max, gmax, rtol, atol, eps, fscale, *, offset):
     """Random directions within one leaf (its gradients ``a`` and ``h``, None without a hand, at flat offset
     ``offset``) dotted with autodiff, hand and the tolerances, as the probe projects its own: (directions, 3)."""
-    return jax.lax.map(lambda x: _project(seed, x[0], x[1], x[2], offset, a, h, leaf_max, gmax, rtol, atol, eps),
+    return jax.lax.map(lambda x: _project(seed, x[0], x[1], x[2], offset, a, h, leaf_max, gmax, rtol, atol, eps,
+                                         fscale),
                        (streams, lo, hi))
 
 

@@ -28,6 +28,8 @@ _MAX_SCALES = 5  # the finest step is the first one / 10⁴
 # the curvature beside it), while a kink a little off the point, within the steps only, moves them by about
 # 30·(distance / step) between scales (max(w) at w = [1, 1 + 1e-6]: 0.996, then 0.96), and finer steps resolve it.
 _KINK_STABILITY = 0.02
+# ... and their rounding allowance is at most this fraction of it (a kink well above the rounding).
+_KINK_NOISE = 0.25
 
 
 @dataclasses.dataclass
@@ -61,13 +63,20 @@ class _Scale(NamedTuple):
     rp: np.ndarray  # the right derivative D₊, Richardson-extrapolated from one-sided quotients at h and h/2
     rm: np.ndarray  # the left derivative D₋, likewise
     nonsmooth: np.ndarray  # the one-sided quotients say: a kink within the step
+    sided: np.ndarray  # the one-sided derivatives differ beyond rounding (a kink, or a smooth function's h³ terms)
     finite: np.ndarray  # all four evaluations and f0 are finite
     quotient: np.ndarray  # the largest finite one-sided quotient at h/2 (NaN when none is finite)
     os_change: np.ndarray  # how much the one-sided quotients change between h and h/2 (the larger side)
 
 
-def _scale(f0: float, F: np.ndarray, h: np.ndarray, eps_f: float, tol: np.ndarray) -> _Scale:
-    """Differences at one step h (central at h and h/2, one-sided at both) and what they say."""
+def _scale(f0: float, F: np.ndarray, h: np.ndarray, eps_f: float, tol: np.ndarray,
+           mag: np.ndarray | float = 0.0) -> _Scale:
+    """Differences at one step h (central at h and h/2, one-sided at both) and what they say.
+
+    Rounding: fn's output to ``eps_f`` of its size (generously), and, where fn rounds the parameter itself to
+    that precision (a float32 rule's input, a cast to bfloat16), the point's own rounding: θ + t is off by up to
+    eps·|θ + t|/2, which moves f by that much times its slope (``mag``: |θ|, the element's size; sin at
+    θ = 3000 in float32 is 3000 times noisier along θ than its value's rounding says)."""
     f_minus, f_minus_half = F[:, _MINUS_STEP], F[:, _MINUS_HALF]  # f at theta − h·u, theta − h/2·u
     f_plus_half, f_plus = F[:, _PLUS_HALF], F[:, _PLUS_STEP]
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
@@ -80,17 +89,22 @@ def _scale(f0: float, F: np.ndarray, h: np.ndarray, eps_f: float, tol: np.ndarra
         # has no O(h) bias: the exact one-sided derivative at a kink with curvature beside it.
         rp, rm = 2 * right_half - right, 2 * left_half - left
         size = np.maximum(np.max(np.where(np.isfinite(F), np.abs(F), 0.0), axis=1), abs(f0))
-        noise = 3 * 16 * eps_f * size / h  # rounding error of a difference quotient at step h/2, generously
-        asym, asym_half = right - left, right_half - left_half
-        defect = asym - 2 * asym_half  # O(h³) for a smooth function, O(jump) with a kink within the step
-        finite = np.isfinite(F).all(axis=1) & np.isfinite(f0)
-        nonsmooth = finite & (np.abs(defect) > np.maximum.reduce([12 * noise, 0.1 * np.abs(asym), tol]))
         q = np.stack([np.where(np.isfinite(right_half), np.abs(right_half), np.nan),
                       np.where(np.isfinite(left_half), np.abs(left_half), np.nan)])
         quotient = np.where(np.isnan(q).all(axis=0), np.nan, np.nanmax(np.where(np.isnan(q), -np.inf, q), axis=0))
+        # rounding error of a difference quotient at step h/2: fn's output (generously), the point's own rounding
+        noise = 3 * 16 * eps_f * size / h + 4 * eps_f * (mag + h) * np.nan_to_num(quotient) / h
+        asym, asym_half = right - left, right_half - left_half
+        defect = asym - 2 * asym_half  # O(h³) for a smooth function, O(jump) with a kink within the step
+        finite = np.isfinite(F).all(axis=1) & np.isfinite(f0)
+        # (defect = D₋ − D₊ as rp and rm extrapolate them.) Sided: beyond rounding. Nonsmooth: also a tenth of the
+        # asymmetry, which curvature dominates at coarse steps: a kink of 2e-9 beside a curvature of 1e-3 is only
+        # sided there, and then the two scales' one-sided derivatives must agree for a kink reading (see _resolve).
+        sided = finite & (np.abs(defect) > np.maximum(12 * noise, tol))
+        nonsmooth = sided & (np.abs(defect) > 0.1 * np.abs(asym))
         os_change = np.maximum(np.abs(right_half - right), np.abs(left_half - left))
         err = np.abs(central - central_half) / 3 + noise
-    return _Scale(rich, err, noise, rp, rm, nonsmooth, finite, quotient, os_change)
+    return _Scale(rich, err, noise, rp, rm, nonsmooth, sided, finite, quotient, os_change)
 
 
 def _resolve(scales: list[_Scale], tol: np.ndarray, f0: float, final: bool = False) -> _FD:
@@ -114,24 +128,23 @@ def _resolve(scales: list[_Scale], tol: np.ndarray, f0: float, final: bool = Fal
               np.logical_or.reduce([s.nonsmooth for s in scales]))
     best = np.full(n, np.inf)
     with np.errstate(invalid="ignore", over="ignore"):
-        for s0, s1 in itertools.pairwise(scales):
-            both = s0.finite & s1.finite
-            gap = np.abs(s0.value - s1.value)
-            err = s0.err + s1.err + gap
-            smooth = both & ~s0.nonsmooth & ~s1.nonsmooth & (gap <= 2 * (s0.err + s1.err) + tol)
-            kerr = np.maximum(np.abs(s0.rp - s1.rp), np.abs(s0.rm - s1.rm)) + 2 * (s0.noise + s1.noise)
-            lo, hi = np.minimum(s1.rp, s1.rm), np.maximum(s1.rp, s1.rm)
-            # (The finer scale's own smoothness test may lack the power to see a small jump through its larger
-            # rounding error; its one-sided estimates agreeing with the coarser scale's are the evidence.)
-            kink = both & s0.nonsmooth & (kerr <= _KINK_STABILITY * (hi - lo))
-            unc = np.where(kink, (hi - lo) / 2 + kerr, err)
-            win = (smooth | kink) & (unc < best)
-            best[win] = unc[win]
-            out.value[win] = s1.value[win]
-            out.err[win] = np.where(kink, kerr, err)[win]
-            out.lo[win] = np.where(kink, lo, s1.value)[win]
-            out.hi[win] = np.where(kink, hi, s1.value)[win]
-            out.nonsmooth[win] = kink[win]
+        pairs = [_pair(s0, s1, tol) for s0, s1 in itertools.pairwise(scales)]
+        # Two scales whose one-sided derivatives agree as a kink's do: no smooth reading of that item (its central
+        # values are the kink's midpoint, not a derivative).
+        any_kink = np.logical_or.reduce([p.kink for p in pairs]) if pairs else np.zeros(n, bool)
+        for k, p in enumerate(pairs):
+            # A reading that a finer, smooth scale contradicts was made out of the steps' asymptotic range: sin at
+            # 3000 in float32, its steps of 123 and 12 span periods, and both scales give ~0 with small error bars.
+            contradicted = np.zeros(n, bool)
+            for s in scales[k + 2 :]:
+                slack = 2 * (p.err + s.err) + tol
+                contradicted |= s.finite & ~s.nonsmooth & ((s.value < p.lo - slack) | (s.value > p.hi + slack))
+            win = ((p.smooth & ~any_kink) | p.kink) & ~contradicted & (p.unc < best)
+            best[win] = p.unc[win]
+            out.value[win] = p.value[win]
+            out.err[win] = p.err[win]
+            out.lo[win], out.hi[win] = p.lo[win], p.hi[win]
+            out.nonsmooth[win] = p.kink[win]
             out.finite[win] = True
             out.resolved[win] = out.paired[win] = True
         todo = ~out.resolved
@@ -162,6 +175,37 @@ def _resolve(scales: list[_Scale], tol: np.ndarray, f0: float, final: bool = Fal
             if final:
                 _single_scale(scales, out, todo & ~out.singular)
     return out
+
+
+class _Pair(NamedTuple):
+    """What two consecutive scales read together, per item."""
+
+    smooth: np.ndarray  # both smooth, and their values agree within their errors
+    kink: np.ndarray  # a kink at the point: each side's one-sided derivative is the same at both scales
+    value: np.ndarray  # the finer scale's value
+    lo: np.ndarray  # the reading: the kink's interval, or the value
+    hi: np.ndarray
+    err: np.ndarray  # its error
+    unc: np.ndarray  # its uncertainty (a kink: half its width plus the error)
+
+
+def _pair(s0: _Scale, s1: _Scale, tol: np.ndarray) -> _Pair:
+    """Reads two consecutive scales (see :func:`_resolve`)."""
+    both = s0.finite & s1.finite
+    gap = np.abs(s0.value - s1.value)
+    smooth = both & ~s0.nonsmooth & ~s1.nonsmooth & (gap <= 2 * (s0.err + s1.err) + tol)
+    moves = np.maximum(np.abs(s0.rp - s1.rp), np.abs(s0.rm - s1.rm))
+    kerr = moves + 2 * (s0.noise + s1.noise)
+    lo, hi = np.minimum(s1.rp, s1.rm), np.maximum(s1.rp, s1.rm)
+    # (The finer scale's own smoothness test may lack the power to see a small jump through its larger rounding
+    # error; its one-sided estimates agreeing with the coarser scale's are the evidence. Sided at both scales: a
+    # kink too small beside the curvature for the coarser scale's smoothness test. A smooth function's h³ terms
+    # shrink a thousandfold from one scale to the next: they never agree so.)
+    kink = (both & (s0.nonsmooth | (s0.sided & s1.sided)) & (moves <= _KINK_STABILITY * (hi - lo))
+            & (kerr - moves <= _KINK_NOISE * (hi - lo)))
+    err = np.where(kink, kerr, s0.err + s1.err + gap)
+    return _Pair(smooth, kink, s1.value, np.where(kink, lo, s1.value), np.where(kink, hi, s1.value), err,
+                 np.where(kink, (hi - lo) / 2 + kerr, err))
 
 
 def _single_scale(scales: list[_Scale], out: _FD, todo: np.ndarray) -> None:
@@ -260,13 +304,18 @@ def _classify(A: np.ndarray, H: np.ndarray | None, fd: _FD, tol: np.ndarray,
         both_nf = ~np.isfinite(A) & ~np.isfinite(H)
         same_nf = both_nf & ((A == H) | (np.isnan(A) & np.isnan(H)))
         agree = (np.abs(A - H) <= tol_ah) | same_nf | (waive_a & waive_h)
+    # A kink explains two values that differ only where finite differences know the derivative to within half its
+    # size: a reading of 193 ± 606 says nothing about 0.28 against 3e-5 (float32 noise, a rule wrong by its sign).
+    with np.errstate(invalid="ignore"):
+        informative = fd.err <= 0.5 * np.maximum(np.abs(A), np.abs(H))
     out = np.where(
         agree,
         np.where(ca, fits, np.where(off_a & off_h, Verdict.BOTH_WRONG,
                                     np.where(both_nf, Verdict.MISMATCH, Verdict.FD_UNRELIABLE))),
         # Both within the reading's error bars yet apart: a kink at or right next to the point whose sides
         # finite differences cannot separate, or else nothing to tell them apart.
-        np.where(ca & ch, np.where((fd.nonsmooth & fd.resolved) | fd.near_kink, Verdict.KINK, Verdict.MISMATCH),
+        np.where(ca & ch, np.where(((fd.nonsmooth & fd.resolved) | fd.near_kink) & informative, Verdict.KINK,
+                                   Verdict.MISMATCH),
                  np.where(ca, Verdict.HAND_WRONG, np.where(ch, Verdict.AUTODIFF_WRONG, Verdict.MISMATCH))),
     )
     # Both outside a kink's one-sided interval: only possible, for correct code, where several kinks meet at
@@ -276,7 +325,7 @@ def _classify(A: np.ndarray, H: np.ndarray | None, fd: _FD, tol: np.ndarray,
     # D₋ and D₊ together (a hand of 1000 where [D₋, D₊] = [1, 2] and autodiff says 0 still fails).
     with np.errstate(invalid="ignore"):
         near = np.abs(A - H) <= np.abs(A - fd.lo) + np.abs(A - fd.hi) + 2 * fd.err + tol
-    out = np.where(kinked & ~ca & ~ch & np.isfinite(A) & np.isfinite(H) & near, Verdict.KINK, out)
+    out = np.where(kinked & ~ca & ~ch & np.isfinite(A) & np.isfinite(H) & near & informative, Verdict.KINK, out)
     if reference:
         with np.errstate(invalid="ignore"):
             out = np.where(~np.isfinite(H) & np.isfinite(A) & off_a & ~ca, Verdict.AUTODIFF_WRONG, out)
