@@ -1280,3 +1280,146 @@ def test_two_rules_on_one_line_inside_a_derivative_fn_takes_are_both_listed():
 
     report = verify.audit(fn, {"w": jnp.float32(0.8)}, jnp.array([0.1, 0.2]))
     assert not report.ok and sorted(r.rule for r in report.unchecked) == ["_exp_rule_wrong", "_sin_rule"], report
+
+
+def _positional_encoding_sin(wrong: float):
+    """A custom sin rule in a NeRF-style positional encoding: float32 inputs up to ~3000."""
+
+    @jax.custom_jvp
+    def pe_sin(z):
+        return jnp.sin(z)
+
+    pe_sin.defjvps(lambda t, y, z: wrong * t * jnp.cos(z))
+    freqs = 2.0 ** jnp.arange(11) * jnp.pi
+
+    def fn(p, x):
+        return jnp.sum(pe_sin((x @ p["W"])[..., None] * freqs))
+
+    rs = np.random.RandomState(0)
+    return fn, {"W": jnp.asarray(rs.randn(3, 4), jnp.float32)}, jnp.asarray(rs.rand(5, 3), jnp.float32)
+
+
+def test_a_correct_rule_at_large_float32_inputs_is_not_blamed():
+    # Steps relative to an input of 3000 span periods of sin at the coarse scales, which then agree on ~0; a finer
+    # scale contradicts them (before: both_wrong, "finite differences give 0.0003 ± 4e-5, confidently").
+    fn, p, x = _positional_encoding_sin(1.0)
+    report = verify.audit(fn, p, x)
+    assert report.ok, report
+    z = np.asarray((x @ p["W"])[..., None] * (2.0 ** np.arange(11) * np.pi), np.float64)
+    assert np.abs(z).max() > 1000  # (the regime this test is about)
+
+
+def test_a_wrong_sign_rule_at_large_float32_inputs_is_still_found():
+    fn, p, x = _positional_encoding_sin(-1.0)
+    report = verify.audit(fn, p, x)
+    assert report.rows[0].verdict == "autodiff_wrong", report
+
+
+def test_a_wrong_rule_is_not_passed_as_a_kink_where_float32_finite_differences_are_noise():
+    # (1 − cos x)/x² cancels in float32 at x = 3e-3: finite differences read 194 ± 607 there. The rule's small-x
+    # series has the wrong sign (true derivative −x/12: −2.5e-4); plain autodiff of the primal gives 0.28. Nothing
+    # can tell them apart, so the verdict must not be ok (before: kink, both accepted).
+    @jax.custom_jvp
+    def versine_ratio(x):
+        return (1 - jnp.cos(x)) / x**2
+
+    @versine_ratio.defjvp
+    def _(primals, tangents):
+        (x,), (t,) = primals, tangents
+        small = jnp.abs(x) < 0.1
+        xs = jnp.where(small, 1.0, x)
+        big = (xs * jnp.sin(xs) - 2 * (1 - jnp.cos(xs))) / xs**3
+        return versine_ratio(x), jnp.where(small, x / 12 + x**3 / 180, big) * t  # (should be −x/12 − x³/180)
+
+    report = verify.audit(lambda p, x: jnp.sum(versine_ratio(p["w"] * x)), {"w": jnp.float32(1.0)},
+                          jnp.array([3e-3, 5e-3, 0.8, 2.0]))
+    assert not report.ok and report.rows[0].verdict not in ("ok", "kink"), report
+
+
+def test_a_rule_in_the_discarded_branch_of_a_vmapped_cond_is_not_blamed_for_its_nan():
+    # Under vmap, lax.cond computes both branches for every example: the rule sees −0.27, where sqrt is NaN, and
+    # the output there is discarded. Its derivative there is NaN on both sides (before: both_wrong).
+    @jax.custom_vjp
+    def safe_sqrt(x):
+        return jnp.sqrt(x)
+
+    safe_sqrt.defvjp(lambda x: (jnp.sqrt(x), jnp.sqrt(x)), lambda s, g: (g * 0.5 / s,))
+
+    def fn(p, x):
+        return jnp.sum(jax.vmap(lambda v: jax.lax.cond(v > 0, safe_sqrt, lambda u: u, v))(x * p["w"]))
+
+    p, x = {"w": jnp.float32(0.9)}, jnp.array([0.5, -0.3, 2.0])
+    assert np.isfinite(float(jax.grad(fn)(p, x)["w"]))  # (fn's own gradient is fine)
+    report = verify.audit(fn, p, x)
+    assert report.ok, report
+    assert "held as they are where the output of its shape is not finite" in report.rows[0].note
+
+
+def _masked_attention(bwd_at_masked):
+    """A custom softmax under an additive causal mask (−inf logits); ``bwd_at_masked`` says what its backward gives
+    at the masked logits: "zero" (right: softmax is 0 there whatever the logit), "nan" or "half" (half the cotangent)."""
+
+    @jax.custom_vjp
+    def softmax(s):
+        return jax.nn.softmax(s, -1)
+
+    def bwd(p, g):
+        d = p * (g - jnp.sum(g * p, -1, keepdims=True))
+        masked = p == 0
+        return (jnp.where(masked, {"zero": 0.0, "nan": jnp.nan, "half": 0.5 * g}[bwd_at_masked], d),)
+
+    softmax.defvjp(lambda s: (jax.nn.softmax(s, -1), jax.nn.softmax(s, -1)), bwd)
+
+    def model(p, x):
+        n = x.shape[0]
+        bias = jnp.where(jnp.tril(jnp.ones((n, n), bool)), 0.0, -jnp.inf)
+        return jnp.sum(softmax((x @ p["Wq"]) @ (x @ p["Wk"]).T + bias) @ x)
+
+    ks = jax.random.split(jax.random.key(0), 3)
+    p = {"Wq": jax.random.normal(ks[0], (4, 4)), "Wk": jax.random.normal(ks[1], (4, 4))}
+    return model, p, jax.random.normal(ks[2], (5, 4))
+
+
+@pytest.mark.parametrize(("at_masked", "verdict"), [("zero", "ok"), ("nan", "autodiff_wrong"), ("half", "mismatch")])
+def test_a_rules_cotangent_at_masked_minus_inf_inputs_is_compared_with_plain_autodiff(at_masked, verdict):
+    # No finite difference moves a −inf logit, but the rule's cotangent there reaches fn's gradient through the
+    # mask's addition (NaN: every parameter's gradient is NaN). Before: ok, the elements only "held as they are".
+    model, p, x = _masked_attention(at_masked)
+    g = jax.grad(model)(p, x)["Wq"]
+    assert bool(jnp.all(jnp.isfinite(g))) == (at_masked != "nan")  # (what the rule does to fn's gradient)
+    report = verify.audit(model, p, x)
+    assert report.rows[0].verdict == verdict, report
+    if verdict != "ok":
+        assert report.rows[0].worst_index[0] == 0 and "not finite at 10 element(s)" in report.rows[0].note
+
+
+def test_a_rule_that_clips_its_cotangent_is_not_linear_and_fails():
+    # Clipping the cotangent by its norm agrees with the derivative at a unit-scale cotangent, and not under a loss
+    # scaled by 1024: jax.grad through it is then off by a factor of ~1000.
+    @jax.custom_vjp
+    def clip_by_norm(x):
+        return x
+
+    clip_by_norm.defvjp(lambda x: (x, None), lambda _, g: (g * jnp.minimum(1.0, 10.0 / (jnp.linalg.norm(g) + 1e-12)),))
+
+    def model(p, x):
+        return 1024.0 * jnp.sum(clip_by_norm(jnp.tanh(x @ p["W"])) @ p["V"])
+
+    k = jax.random.split(jax.random.key(0), 3)
+    p = {"W": jax.random.normal(k[0], (3, 4)), "V": jax.random.normal(k[1], (4, 2))}
+    x = jax.random.normal(k[2], (4, 3))
+    report = verify.audit(model, p, x)
+    assert report.rows[0].verdict == "autodiff_wrong" and "not linear in its cotangent" in report.rows[0].note, report
+
+
+def test_a_rules_error_is_quoted_in_full():
+    @jax.custom_vjp
+    def affine(p, x):
+        return x @ p["W"] + p["b"]
+
+    affine.defvjp(lambda p, x: (affine(p, x), (p, x)),
+                  lambda res, g: ({"W": res[1].T @ g, "b": g.sum(0)}, g @ res[0]["W"].T))  # no "scale"
+    p = {"W": jnp.ones((3, 2)), "b": jnp.zeros(2), "scale": jnp.float32(2.0)}
+    report = verify.audit(lambda p, x: jnp.sum(affine(p, x) * p["scale"]), p, jnp.ones((4, 3)))
+    assert report.rows[0].verdict == "autodiff_wrong"
+    assert "'scale'" in report.rows[0].note, report.rows[0].note  # (JAX's message goes on to name both structures)

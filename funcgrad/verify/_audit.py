@@ -866,15 +866,27 @@ def _extra(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple[i
         if not m.all():
             notes.append(f"output {j}: {int(m.size - m.sum())} of {m.size} element(s) not finite at this call, left "
                          "out")
+    # Outputs left out, by shape: an input of the same shape is held at those elements too. There an elementwise
+    # rule's derivative is that of a point outside its primal's domain (sqrt of a negative, in the branch a vmapped
+    # lax.cond computes for every example and then discards), NaN on both sides while the scalar ignores it.
+    left_out: dict[tuple, np.ndarray] = {}
+    for (_, m), j in zip(cts, float_outs, strict=True):
+        if not m.all():
+            shape = tuple(eqn.outvars[j].aval.shape)
+            left_out[shape] = left_out.get(shape, np.zeros(shape, bool)) | ~m
     keep, diff = [], []
     for i in diff_pos:
         x = np.asarray(user_inputs[i])
-        m = np.isfinite(x.astype(np.float64))
+        finite = np.isfinite(x.astype(np.float64))
+        m = finite & ~left_out.get(tuple(x.shape), np.zeros(x.shape, bool))
         keep.append((m, x))
         diff.append(np.where(m, x, 0).astype(x.dtype))
-        if not m.all():
-            notes.append(f"input {i}: {int(m.size - m.sum())} of {m.size} element(s) not finite at this call, held as "
-                         "they are")
+        if not finite.all():
+            notes.append(f"input {i}: {int(finite.size - finite.sum())} of {finite.size} element(s) not finite at this "
+                         "call, held as they are")
+        if (finite & ~m).any():
+            notes.append(f"input {i}: {int((finite & ~m).sum())} element(s) held as they are where the output of its "
+                         "shape is not finite")
     return (tuple(cts), tuple(keep)), tuple(diff), tuple(m for _, m in cts), "; ".join(notes)
 
 
@@ -898,7 +910,10 @@ def _defect(e: BaseException) -> bool:
 
 
 def _error(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    """An error in a line: its first paragraph (JAX's wrap mid-sentence), up to 600 characters."""
+    text = str(e).strip()
+    msg = " ".join(text.split("\n\n")[0].split()) if text else ""
+    msg = msg if len(msg) <= 600 else msg[:597] + "..."
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
@@ -1058,6 +1073,8 @@ def _check_call(call: _Call, k: int, scalars: dict,
         report = _check_grad_impl(s.rule, diff, (fixed, extra), hand=s.plain, has_aux=False, wrt=None,
                                   rtol=options["rtol"], atol=options["atol"], mode=options["mode"],
                                   seed=options["seed"] + k, reuse=reuse, hand_reference=True)
+        extra_rows = [r for r in (_held_gap(eqn, call, diff_pos, float_outs, extra, s.plain is not None),
+                                  _nonlinear_gap(eqn, call, diff_pos, float_outs, extra)) if r is not None]
     except Exception as e:  # noqa: BLE001 - the user's rule failing under check_grad: reported, not raised
         if _defect(e):
             return None, (), _BROKEN + _error(e), ""
@@ -1068,7 +1085,102 @@ def _check_call(call: _Call, k: int, scalars: dict,
                               "argument (not through nondiff_argnums; or use jax.closure_convert) to have it "
                               "checked"), ""
         return None, (), f"could not be checked at this call ({_error(e)})", ""
+    if extra_rows:
+        report = dataclasses.replace(report, rows=(*report.rows, *extra_rows))
     return report, diff_pos, s.note, _forward_gap(eqn, call, diff_pos, float_outs)
+
+
+def _held_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple[int, ...], extra: tuple,
+              plain: bool) -> Row | None:
+    """The rule's cotangent at the inputs that are not finite at this call (a causal mask's −inf logits), which no
+    finite difference can move: compared with JAX's plain autodiff of the primal there (``plain``: it has one), with
+    the call's cotangent. A row when they differ: ``autodiff_wrong`` where only the rule's is not finite (a NaN there
+    reaches fn's gradient through the mask's addition), ``mismatch`` where both are finite and apart; else None."""
+    n_c = int(eqn.params.get("num_consts", 0))
+    cts, keep = extra
+    held = [~m & ~np.isfinite(np.asarray(x, np.float64)) for m, x in keep]
+    if not plain or not any(h.any() for h in held):
+        return None
+    ins = list(call.inputs)
+    primal = jaxpr_as_fun(_call_jaxpr(eqn))
+
+    def scalar(bind: Callable, *d: Any) -> Any:
+        xs = list(ins)
+        for i, x in zip(diff_pos, d, strict=True):
+            xs[n_c + i] = x
+        outs = bind(xs)
+        return sum(jnp.vdot(jnp.where(m, outs[j], 0), c) for j, (c, m) in zip(float_outs, cts, strict=True))
+
+    d0 = [ins[n_c + i] for i in diff_pos]
+    argnums = tuple(range(len(d0)))
+    try:
+        rule = jax.grad(lambda *d: scalar(lambda xs: _bind(eqn, xs), *d), argnums=argnums)(*d0)
+        ref = jax.grad(lambda *d: scalar(lambda xs: primal(*xs), *d), argnums=argnums)(*d0)
+    except Exception:  # noqa: BLE001 - either failing here fails the main check, which says why
+        return None
+    for k, (h, r, p) in enumerate(zip(held, rule, ref, strict=True)):
+        r64, p64 = np.asarray(r, np.float64), np.asarray(p, np.float64)
+        rtol = _default_rtol(float(jnp.finfo(jnp.result_type(d0[k])).eps))
+        with np.errstate(invalid="ignore"):
+            wrong = h & np.isfinite(p64) & ~np.isfinite(r64)
+            scale = max(float(np.max(np.abs(np.where(np.isfinite(p64), p64, 0.0)), initial=0.0)), 1e-30)
+            apart = h & np.isfinite(p64) & np.isfinite(r64) & ~(np.abs(r64 - p64) <= rtol * scale)
+        for bad, verdict in ((wrong, Verdict.AUTODIFF_WRONG), (apart, Verdict.MISMATCH)):
+            if bad.any():
+                at = np.unravel_index(int(np.argmax(bad)), bad.shape)
+                rv, pv = float(r64[at]), float(p64[at])
+                gap = abs(rv - pv) if math.isfinite(rv) else math.inf
+                # (in check_grad's words, which the audit's row reads: autodiff is the rule, hand the plain autodiff)
+                note = (f"input {diff_pos[k]} is not finite at {int(h.sum())} element(s) at this call (held there: no "
+                        f"finite difference moves them); there autodiff ({rv:.6g} at {[int(i) for i in at]}) "
+                        f"{'is not finite, while hand is' if verdict == Verdict.AUTODIFF_WRONG else 'differs from hand'}"
+                        f" ({pv:.6g}), at {int(bad.sum())} element(s)")
+                return Row(f"[{k}]", verdict, tuple(int(i) for i in at), gap, gap / max(abs(pv), 1e-300), rv, pv,
+                           math.nan, "exact", int(h.size), 0, note=note)
+    return None
+
+
+def _nonlinear_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple[int, ...],
+                   extra: tuple) -> Row | None:
+    """Whether the rule's derivative is linear in the cotangent, as every VJP is: bwd(a·u) = a·bwd(u) for a = 1000
+    and 1/1000. The check above uses one random cotangent of unit scale; a rule that clips or rescales its cotangent
+    (by its norm, say) agrees with the primal's derivative there and not at the cotangents fn's gradient brings (a
+    loss scaled by 1024). An ``autodiff_wrong`` row where it is not, else None."""
+    n_c = int(eqn.params.get("num_consts", 0))
+    ins = list(call.inputs)
+    cts, _ = extra
+
+    def outs(*d: Any) -> list:
+        xs = list(ins)
+        for i, x in zip(diff_pos, d, strict=True):
+            xs[n_c + i] = x
+        res = _bind(eqn, xs)
+        return [res[j] for j in float_outs]
+
+    try:
+        _, vjp = jax.vjp(outs, *(ins[n_c + i] for i in diff_pos))
+        base = [np.asarray(g, np.float64) for g in vjp([jnp.asarray(c) for c, _ in cts])]
+        for a in (1e3, 1e-3):
+            scaled = [np.asarray(g, np.float64) / a for g in vjp([jnp.asarray(c * a, c.dtype) for c, _ in cts])]
+            for k, (b, g) in enumerate(zip(base, scaled, strict=True)):
+                rtol = _default_rtol(float(jnp.finfo(jnp.result_type(ins[n_c + diff_pos[k]])).eps))
+                fin = np.isfinite(b) & np.isfinite(g)
+                scale = float(np.max(np.abs(np.where(fin, b, 0.0)), initial=0.0))
+                with np.errstate(invalid="ignore"):
+                    bad = fin & ~(np.abs(g - b) <= rtol * (np.abs(b) + scale))
+                if bad.any() and scale > 0:
+                    at = np.unravel_index(int(np.argmax(np.where(bad, np.abs(g - b), -1.0))), b.shape)
+                    gap = float(abs(g[at] - b[at]))
+                    note = (f"the rule is not linear in its cotangent, as a derivative is: with the cotangent times {a:g}, "
+                            f"its cotangent for input {diff_pos[k]} at {[int(i) for i in at]} divided by {a:g} is "
+                            f"{g[at]:.6g}, against {b[at]:.6g} (a rule that clips or rescales its cotangent gives "
+                            "jax.grad another function's gradient wherever fn's cotangents are large or small)")
+                    return Row(f"[{k}]", Verdict.AUTODIFF_WRONG, tuple(int(i) for i in at), gap,
+                               gap / max(abs(float(b[at])), 1e-300), float(g[at]), None, math.nan, "exact",
+                               int(b.size), 0, note=note)
+    except Exception:  # noqa: BLE001 - a rule that fails here fails its derivative's check, which says why
+        return None
+    return None
 
 
 def _symbolic_zeros(eqn: Any) -> bool:
