@@ -937,3 +937,18 @@ def test_check_vjp_argnums_as_an_int_and_the_books_list_inputs():
     assert both.ok and len(both.rows) == 2, both
     with pytest.raises(TypeError, match=r"argnums must be an int or a sequence of ints .* got str"):
         verify.check_vjp(fwd, lambda x, W, d: d, X, W, argnums="1")
+
+
+def test_check_chain_takes_the_books_nested_list_input():
+    # The book's chapter-9 inputs as written: x a nested list. Each link converted it; the whole chain did not (a bare
+    # "unsupported operand type(s) for @: 'list'" TypeError after every link had passed).
+    inputs = [[1, 2, 3, 2.5], [2.0, 5.0, -1.0, 2], [-1.5, 2.7, 3.3, -0.8]]
+    W = np.array([[0.2, 0.8, -0.5, 1], [0.5, -0.91, 0.26, -0.5], [-0.26, -0.27, 0.17, 0.87]], np.float32).T.copy()
+    b = np.array([[2.0, 3.0, 0.5]], np.float32)
+
+    def dense_back(p, x, d):
+        return {"W": np.asarray(x).T @ d, "b": np.sum(d, axis=0, keepdims=True)}, d @ np.asarray(p["W"]).T
+
+    stages = [("dense", lambda p, x: x @ p["W"] + p["b"], dense_back, {"W": W, "b": b}),
+              ("relu", lambda x: jnp.maximum(x, 0), lambda x, d: np.asarray(d) * (np.asarray(x) > 0))]
+    assert verify.check_chain(stages, inputs).ok

@@ -369,7 +369,7 @@ def check_chain(
         parsed.append((st[0], st[1], st[2], st[3] if len(st) == 4 else None, len(st) == 4))
     if not parsed:
         raise ValueError("check_chain: needs at least one stage")
-    x = jnp.asarray(x) if isinstance(x, (int, float)) else x
+    x = jnp.asarray(x) if isinstance(x, (int, float)) or _number_lists(x) else x  # (the book's nested lists too)
     links = []
     cur = x
     for k, (name, fwd, bwd, p, has_p) in enumerate(parsed):
