@@ -757,3 +757,124 @@ def test_a_lock_file_that_cannot_be_written_stops_a_resume_but_not_a_complete_ru
     code, _, err = cli(capsys, "train", "--out", run, "--resume", "--set", "train.epochs=60")
     assert_one_line_error(code, err, "cannot lock the run", ".funcgrad.lock", "nothing was changed")
     assert snapshot(run) == before
+
+
+def test_a_run_whose_summary_is_of_a_shorter_run_is_not_complete(capsys, run):
+    # Extended to 50 steps and killed after its last checkpoint but before summary.json: the summary still
+    # describes the earlier run. The run was told complete with the old numbers; it is finished now.
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "steps": 40}))
+    code, out, err = cli(capsys, "train", "--out", run, "--resume")
+    assert code == 0 and "is complete" not in out, out + err
+    assert json.loads((run / "summary.json").read_text())["steps"] == 50
+    validation = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"validation"' in x]
+    assert [r["step"] for r in validation].count(50) == 1  # (its final row is not written twice)
+
+
+def test_a_run_shortened_to_its_checkpoint_drops_rows_it_did_not_take_and_writes_its_last(capsys, run):
+    # Planned for 60 steps, killed after its checkpoint at step 50 (before its summary, and before the validation
+    # row at 50 that the 60-step run does not write), with a training row of step 50 (index 50: the 51st step, not
+    # in the checkpoint). Finished at 50, the run keeps no row of a step it did not take and has its last row.
+    (run / "summary.json").unlink()
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["epochs"] = 60
+    (run / "config.json").write_text(json.dumps(config))
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in rows if r["split"] == "validation" and r["step"] == 50]
+    assert len(final) == 1  # (what an uninterrupted 50-step run writes)
+    killed = [r for r in rows if r is not final[0]] + [{"step": 50, "split": "train", "loss": 1.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in killed))
+    code, out, err = cli(capsys, "train", "--resume", "--out", run, "--set", "train.epochs=50")
+    assert code == 0, err
+    after = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in after if r["split"] == "train") == 49
+    assert [r for r in after if r["split"] == "validation" and r["step"] == 50] == final
+
+
+def test_a_fresh_run_sets_aside_an_earlier_attempts_metrics_whatever_steps_they_reach(capsys, run):
+    # An attempt killed before its first checkpoint had logged to step 300; a fresh 50-step run was refused
+    # ("line 12 records step 110, past the run's last step 50; the file is damaged").
+    (run / "checkpoint.npz").unlink()
+    (run / "summary.json").unlink()
+    earlier = (run / "metrics.jsonl").read_text() + '{"step": 300, "split": "train", "loss": 1.0}\n'
+    (run / "metrics.jsonl").write_text(earlier)
+    code, out, err = cli(capsys, "train", "--out", run, *SMALL)
+    assert code == 0 and "kept as" in out, err
+    assert any(p.read_text() == earlier for p in run.iterdir() if p.name.startswith("metrics.jsonl."))
+
+
+@pytest.mark.parametrize("kind", ["file", "link"])
+def test_a_tensorboard_path_that_is_a_file_or_a_link_is_refused_before_anything_is_written(capsys, run, tmp_path,
+                                                                                          kind):
+    pytest.importorskip("tensorboardX")
+    board = run / "tensorboard"
+    if kind == "file":
+        board.write_text("not a folder")
+    else:
+        (tmp_path / "elsewhere").mkdir()
+        board.symlink_to(tmp_path / "elsewhere")
+    before = snapshot(run)
+    code, _, err = cli(capsys, "train", "--out", run, "--resume", "--set", "train.epochs=60",
+                       "--set", "train.tensorboard=true")
+    assert_one_line_error(code, err, "tensorboard", "not a folder" if kind == "file" else "symbolic link")
+    assert snapshot(run) == before
+    if kind == "link":
+        assert not any((tmp_path / "elsewhere").iterdir())
+
+
+def test_an_orbax_step_folder_that_is_a_link_is_refused_before_anything_is_written(capsys, tmp_path):
+    pytest.importorskip("orbax.checkpoint")
+    out, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    orbax = ["--set", "checkpoint.backend=orbax", "--set", "train.epochs=10", "--quiet"]
+    assert cli(capsys, "train", "--out", out, *orbax)[0] == 0
+    step = sorted(p for p in (out / "orbax").iterdir() if p.is_dir())[-1]
+    step.rename(elsewhere)
+    step.symlink_to(elsewhere)
+    before = snapshot(elsewhere)
+    code, _, err = cli(capsys, "train", "--resume", "--out", out, *orbax[:2], "--set", "train.epochs=20")
+    assert_one_line_error(code, err, step.name, "symbolic link")
+    assert snapshot(elsewhere) == before
+
+
+def test_a_metrics_file_with_more_records_than_a_run_can_write_is_damaged(capsys, run):
+    # 24 MB of {"step": 1} rows made a no-op resume take 0.7 GB (the bound was a 1 GiB floor): refused by count.
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 1}\n' * 500)
+    before = snapshot(run)
+    code, _, err = cli(capsys, "train", "--out", run, "--resume", "--set", "train.epochs=60")
+    assert_one_line_error(code, err, "metrics.jsonl", "records", "damaged")
+    assert snapshot(run) == before
+    assert files.metrics_bound(50) < 2**21  # (a 50-step run's file is bounded by its steps, not by 1 GiB)
+
+
+def test_a_readers_probe_of_the_lock_does_not_turn_a_writer_away(tmp_path):
+    # evaluate's "is a writer there" probe holds a shared lock for an instant; a train taking the lock just then was
+    # told the folder was in use (by the stale PID in the file).
+    import fcntl
+    import threading
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / rundir.LOCK).write_text("99999\n")
+    fd = os.open(out / rundir.LOCK, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    timer = threading.Timer(0.05, lambda: fcntl.flock(fd, fcntl.LOCK_UN))
+    timer.start()
+    try:
+        lock = rundir.Lock(out)
+        lock.release()
+    finally:
+        timer.join()
+        os.close(fd)
+
+
+def test_quiet_silences_the_absl_warnings_orbax_logs(capsys, run):
+    # After a killed orbax save, a --quiet resume printed "WARNING:absl:Metadata file does not exist" three times.
+    absl_logging = pytest.importorskip("absl.logging")
+    before = absl_logging.get_verbosity()
+    try:
+        code, out, err = cli(capsys, "train", "--out", run, "--resume", "--quiet")
+        assert code == 0 and out == err == ""
+        assert absl_logging.get_verbosity() == absl_logging.ERROR
+    finally:
+        absl_logging.set_verbosity(before)

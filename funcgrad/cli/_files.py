@@ -104,9 +104,15 @@ def append_lines(path: Path, records: Iterable[dict]) -> None:
 
 
 def metrics_bound(steps: int) -> int:
-    """The most bytes an honest metrics.jsonl of a run of ``steps`` steps can hold: a line (under 1 KiB) per
-    step at most, for every earlier attempt too."""
-    return max(1 << 30, 4 * 1024 * (int(steps) + 10))
+    """The most bytes an honest metrics.jsonl of a run of ``steps`` steps can hold: a training and a validation
+    line (each under 1 KiB) per step at most, twice over; at least 1 MiB."""
+    return max(1 << 20, 4 * 1024 * (int(steps) + 10))
+
+
+def _max_records(max_step: int) -> int:
+    """The most records an honest metrics file of a run whose last step is ``max_step`` holds: a training row per
+    step and a validation row per step (rows of steps past a checkpoint are not written twice)."""
+    return 2 * (int(max_step) + 10)
 
 
 _NON_FINITE = ("nan", "inf", "-inf")  # how a record stores a value JSON has no number for (see _clean)
@@ -165,6 +171,9 @@ def read_metrics(path: Path, *, repair: bool = False, max_bytes: int = 1 << 30,
         if problem:
             raise FileError(f"{path}: line {i + 1} {problem} ({line[:60]!r}); the file is damaged")
         records.append(record)
+        if max_step is not None and len(records) > _max_records(max_step):
+            raise FileError(f"{path}: more than {_max_records(max_step)} records (line {i + 1}) for a run of at most "
+                            f"{max_step} steps; the file is damaged")
     return records
 
 

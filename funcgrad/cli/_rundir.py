@@ -115,6 +115,19 @@ def _holder(path: Path) -> str:
     return "another process"
 
 
+def _flock_exclusive(fd: int, tries: int = 20, wait: float = 0.01) -> bool:
+    """Takes the exclusive lock without blocking, trying a few times over ~0.2 s: a reader's probe
+    (:func:`writer_pid`) holds a shared lock for an instant, which must not turn a writer away."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            if attempt + 1 < tries:
+                time.sleep(wait)
+    return False
+
+
 class Lock:
     """An exclusive lock on a run folder, held until :meth:`release` or the end of the process."""
 
@@ -137,9 +150,7 @@ class Lock:
                 os.close(fd)
                 raise RunFolderError(f"{self.path} is a hard link to another file ({st.st_nlink} names); funcgrad "
                                      "writes its PID into the lock file, so it must be its own: remove it")
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            if not _flock_exclusive(fd):
                 os.close(fd)
                 raise RunFolderError(f"{out} is in use: {_holder(self.path)} is training into it (lock "
                                      f"{self.path}); wait for it to finish, or train into another --out") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import sys
@@ -298,6 +299,16 @@ def _saved_steps(setup: Any, cfg: Any, saved: dict | None) -> int:
     return max(setup.steps, epochs * max(1, setup.steps // max(cfg.train.epochs, 1)))
 
 
+def _summarised(out: Path, steps: int) -> bool:
+    """Whether ``summary.json`` describes the run at its last step (a run extended and killed after its last
+    checkpoint, or whose summary could not be written, still has the earlier, shorter run's summary)."""
+    try:
+        summary = files.json_load(out / files.SUMMARY)
+    except files.FileError:
+        return False
+    return isinstance(summary, dict) and summary.get("steps") == steps and not isinstance(summary.get("steps"), bool)
+
+
 def _complete(out: Path, steps: int, default_out: bool) -> str:
     try:
         summary = files.json_load(out / files.SUMMARY)
@@ -345,9 +356,20 @@ def _refuse_empty(**options: str | None) -> None:
             raise UsageError(f"--{name}: expected {what}, got an empty string")
 
 
+def _quiet_libraries() -> None:
+    """--quiet: the libraries' own warnings too (orbax logs through absl: "Metadata file does not exist" after a
+    killed save, which the resume cleans up)."""
+    if importlib.util.find_spec("absl") is not None:
+        import absl.logging  # noqa: PLC0415 - only where orbax brought it
+
+        absl.logging.set_verbosity(absl.logging.ERROR)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
 
     _refuse_empty(config=args.config, out=args.out)
+    if args.quiet:
+        _quiet_libraries()
     t_start = time.perf_counter()
     try:
         parallel.initialize(args.coordinator, args.num_processes, args.process_id)  # before any computation
@@ -412,13 +434,25 @@ def _remove_created(out: Path, created: Path | None) -> None:
             return
 
 
-def _refuse_links(out: Path, ckpt: Path, orbax: bool, *, metrics: bool) -> None:
-    """The run files written in place that must not be symbolic links: the orbax folder (orbax deletes old steps
-    where it writes) and, for a run about to append to it, metrics.jsonl."""
-    if orbax and ckpt.is_symlink():
-        raise UsageError(f"{ckpt} is a symbolic link; funcgrad keeps a run's orbax checkpoints in the run folder "
+def _refuse_links(out: Path, ckpt: Path, orbax: bool, *, metrics: bool, tensorboard: bool = False) -> None:
+    """The run files written in place that must not be symbolic links: the orbax folder and its step folders (orbax
+    deletes old steps where it writes), the tensorboard folder a run writes events into, and, for a run about to
+    append to it, metrics.jsonl. A file where either folder belongs is refused too."""
+    links = [ckpt] if orbax and ckpt.is_symlink() else []
+    if orbax and ckpt.is_dir() and not links:
+        links = sorted(p for p in ckpt.iterdir() if p.is_symlink())
+    if links:
+        raise UsageError(f"{links[0]} is a symbolic link; funcgrad keeps a run's orbax checkpoints in the run folder "
                          "itself and never writes (or deletes old steps) through a link: replace it with the folder "
                          "it points to")
+    board = out / files.TENSORBOARD
+    if tensorboard and board.is_symlink():
+        raise UsageError(f"{board} is a symbolic link; funcgrad writes a run's TensorBoard events into the run folder "
+                         "itself, never through a link: replace it with the folder it points to, or remove it")
+    for folder, used in ((ckpt, orbax), (board, tensorboard)):
+        if used and (folder.exists() and not folder.is_dir()):
+            raise UsageError(f"{folder} is not a folder; funcgrad writes the run's {folder.name} there: move it away "
+                             "(nothing was changed)")
     if metrics and (out / files.METRICS).is_symlink():
         raise UsageError(f"{out / files.METRICS}: is a symbolic link; funcgrad appends to its own metrics file, "
                          "never through a link (replace the link with the file itself); nothing was changed")
@@ -463,7 +497,8 @@ def _prepare(args: argparse.Namespace, out: Path, writer: bool) -> _Prepared:
     if writer and cfg.train.tensorboard and (missing := log.tensorboard_missing()):
         raise UsageError(missing)
     if writer:
-        records = _read_metrics(out, setup.steps, bound=_saved_steps(setup, cfg, saved) if args.resume else None)
+        # (a fresh run sets an earlier attempt's metrics aside whole, whatever steps they reach)
+        records = _read_metrics(out, setup.steps, bound=_saved_steps(setup, cfg, saved)) if args.resume else []
         logged = meta.get("last_logged")
         if isinstance(logged, int) and logged >= start:
             raise UsageError(f"{ckpt}: logged step {logged} before being written at step {start}; the checkpoint "
@@ -472,8 +507,9 @@ def _prepare(args: argparse.Namespace, out: Path, writer: bool) -> _Prepared:
         if args.resume and isinstance(logged, int) and trained and max(r["step"] for r in trained) < logged:
             raise UsageError(f"{out / files.METRICS} ends at step {max(r['step'] for r in trained)}, but the checkpoint "
                              f"was written after step {logged} was logged: the files are not of the same run")
-        complete = args.resume and start == setup.steps and (out / files.SUMMARY).exists()
-        _refuse_links(out, ckpt, False, metrics=not complete)  # (before config.json is rewritten)
+        complete = args.resume and start == setup.steps and _summarised(out, setup.steps)
+        # (before config.json is rewritten)
+        _refuse_links(out, ckpt, False, metrics=not complete, tensorboard=cfg.train.tensorboard and not complete)
         bad = [] if complete else rundir.read_only_files(out)
         if bad:
             raise UsageError(f"cannot write into the run: read-only {', '.join(bad)}; nothing was changed (make them "
@@ -674,6 +710,15 @@ def _finish(args: argparse.Namespace, out: Path, p: _Prepared, params: Any, eval
     train_m = _floats(evaluate(params, *setup.train_data))
     val_m = _floats(evaluate(params, *setup.validation_data))
     records = _read_metrics(out, setup.steps) if writer else []
+    if writer and not any(r["step"] == setup.steps for r in log.validation_rows(records)):
+        # (a run resumed at its last step, shortened to its checkpoint's: no chunk ran to write its final row)
+        row = log.validation_row(setup.steps, val_m)
+        try:
+            files.append_lines(out / files.METRICS, [row])
+        except OSError as e:
+            print(f"cannot write {out / files.METRICS}: {e.strerror or e}", file=sys.stderr)
+            return 1
+        records.append(row)
     wall = time.perf_counter() - t_start
     say(f"  final  training:   {_summary_line(train_m)}")
     say(f"         validation: {_summary_line(val_m)}")
@@ -726,10 +771,16 @@ def _metrics_to_continue(out: Path, start: int, records: list[dict], resolved: d
     changed: then the file is set aside whole (nothing saved is lost) and a copy of its lines up to the checkpoint continues."""
     path = out / files.METRICS
     changed = saved is not None and saved.get("optimizer") != resolved.get("optimizer")
-    beyond = steps is not None and any(r["step"] > steps for r in records)  # past the run's new last step
-    if (changed or beyond) and any(r["step"] > start for r in records):
+
+    def past(r: dict, step: int) -> bool:  # a row of steps that a run ending after ``step`` steps did not take
+        return r["step"] >= step if log.split_of(r) == log.TRAIN else r["step"] > step
+
+    beyond = steps is not None and any(past(r, steps) for r in records)  # past the run's new last step
+    if (changed or beyond) and any(past(r, start) for r in records):
         kept = files.keep_copy(path)  # the whole file, beside it; then the lines up to the checkpoint, atomically
-        records = [r for r in records if r["step"] <= start]
+        # (a training row's step is its step's index: the checkpoint after `start` steps holds steps 0..start-1; a
+        # validation row's step is a count of steps)
+        records = [r for r in records if not past(r, start)]
         files.write_lines(path, records)
         why = "the optimizer changed" if changed else f"the run now ends at step {steps}"
         say(f"  ({why}: metrics past step {start} are kept in {kept})")
