@@ -952,3 +952,23 @@ def test_check_chain_takes_the_books_nested_list_input():
     stages = [("dense", lambda p, x: x @ p["W"] + p["b"], dense_back, {"W": W, "b": b}),
               ("relu", lambda x: jnp.maximum(x, 0), lambda x, d: np.asarray(d) * (np.asarray(x) > 0))]
     assert verify.check_chain(stages, inputs).ok
+
+
+def test_the_books_integer_examples_and_list_params_get_errors_that_say_so():
+    # ReLU's z = [[1, 2, -3, -4], ...] as the book writes it is an integer array: not differentiated. The error says
+    # that, instead of only "no floating primal" or "must return 2 cotangent(s), got 3".
+    z = [[1, 2, -3, -4], [2, -7, -1, 3]]
+    with pytest.raises(ValueError, match=r"no floating primal .*x \(int\d+\) is an integer array.*np\.asarray\(x, float\)"):
+        verify.check_vjp(lambda x: jnp.maximum(x, 0), lambda x, d: d * (np.asarray(x) > 0), z)
+    W, b = np.ones((4, 2), np.float32), np.zeros((1, 2), np.float32)
+    with pytest.raises(ValueError, match=r"must return 2 cotangent\(s\).*got 3 \(x \(int\d+\) is an integer array"):
+        verify.check_vjp(lambda x, W, b: x @ W + b, lambda x, W, b, d: (d @ W.T, np.asarray(x).T @ d, d.sum(0, keepdims=True)),
+                         np.array(z), W, b)
+    # a link's parameters as the book's nested lists are differentiated like arrays
+    X = np.random.RandomState(0).randn(5, 2).astype(np.float32)
+    p = {"W": [[0.1, -0.2, 0.3], [0.4, 0.5, -0.6]], "b": [[0.0, 0.1, 0.2]]}
+
+    def back(p, x, d):
+        return {"W": np.asarray(x).T @ d, "b": np.sum(d, axis=0, keepdims=True)}, d @ np.asarray(p["W"]).T
+
+    assert verify.check_chain([("dense", lambda p, x: x @ p["W"] + p["b"], back, p)], X).ok

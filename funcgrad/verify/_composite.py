@@ -67,8 +67,11 @@ def _require_floats(diff: Sequence[Any], names: Sequence[str]) -> None:
     for x, name in zip(diff, names, strict=True):
         bad = _not_float(x)
         if bad or not jax.tree_util.tree_leaves(x):
+            number = bad and isinstance(bad[0], (int, float))
             raise TypeError(f"check_vjp: {name} is differentiated, so it must be a floating-point array (or a pytree "
-                            f"of them); got {describe(bad[0] if bad else x)}: pass floats (x.astype(jnp.float32)), "
+                            f"of them); got {describe(bad[0] if bad else x)}"
+                            f"{' (a Python number inside a list or tuple?)' if number else ''}"
+                            ": pass float arrays (np.asarray(x, np.float32)), "
                             "or leave it out of argnums")
 
 
@@ -104,6 +107,27 @@ def _number_lists(p: Any) -> bool:
     except ValueError:  # ragged
         return False
     return a.dtype.kind == "f" and a.size == len(leaves)
+
+
+def _as_arrays(p: Any) -> Any:
+    """A primal with the book's numbers made arrays: a float, a nested list of numbers, or such lists as a dict's
+    values (``{"W": W.tolist(), ...}``), whose leaves JAX would otherwise take one Python float at a time."""
+    if isinstance(p, float) or _number_lists(p):
+        return jnp.asarray(p)
+    if isinstance(p, dict):
+        return {k: _as_arrays(v) for k, v in p.items()}
+    return p
+
+
+def _integer_primals(primals: Sequence[Any], names: Sequence[str]) -> str:
+    """A hint naming the primals that are integer arrays (the book's z = [[1, 2, -3, -4], ...]): not
+    differentiated unless given as floats."""
+    ints = [f"{n} ({np.asarray(p).dtype})" for p, n in zip(primals, names, strict=False)
+            if _is_array(p) and jnp.issubdtype(p.dtype, jnp.integer)
+            or (isinstance(p, (list, tuple)) and p and np.asarray(p, dtype=object).size
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in jax.tree_util.tree_leaves(p)))]
+    return (f" ({', '.join(ints)} {'is an integer array' if len(ints) == 1 else 'are integer arrays'}, so not "
+            "differentiated: pass it as floats, np.asarray(x, float), to differentiate it)") if ints else ""
 
 
 def _float_output(fn: Callable, primals: Sequence[Any]) -> tuple[list, Any]:
@@ -154,9 +178,12 @@ def check_vjp(
     _check_counts("check_vjp", seed, cotangents)
     # Python floats, and nested lists of numbers with a float among them (the book's inputs), are points to
     # differentiate at; ints, strings and other non-arrays stay static arguments.
-    primals = tuple(jnp.asarray(p) if isinstance(p, float) or _number_lists(p) else p for p in primals)
-    argnums = _argnums(argnums, primals)
+    primals = tuple(_as_arrays(p) for p in primals)
     all_names = list(names) if names is not None else _primal_names(fn, len(primals))
+    try:
+        argnums = _argnums(argnums, primals)
+    except ValueError as e:
+        raise ValueError(f"{e}{_integer_primals(primals, all_names)}") from None
     row_names = [all_names[i] for i in argnums]
     _require_floats([primals[i] for i in argnums], row_names)
     const_pos = tuple(i for i in range(len(primals)) if i not in argnums)
@@ -178,8 +205,9 @@ def check_vjp(
             out = (out,)
         if not isinstance(out, (tuple, list)) or len(out) != len(argnums):
             got = len(out) if isinstance(out, (tuple, list)) else describe(out)
+            left = [all_names[i] for i in const_pos]
             raise _UserValueError(f"hand_vjp must return {len(argnums)} cotangent(s), one for each of {row_names}; "
-                                  f"got {got}")
+                                  f"got {got}{_integer_primals([primals[i] for i in const_pos], left)}")
         return tuple(out)
 
     diff = tuple(primals[i] for i in argnums)
@@ -366,7 +394,7 @@ def check_chain(
             raise TypeError(f"check_chain: stage {k} must be (name, forward, hand_backward[, params]); got {describe(st)}")
         if any(st[0] == p[0] for p in parsed):
             raise ValueError(f"check_chain: two stages are named {st[0]!r}; give each link its own name")
-        parsed.append((st[0], st[1], st[2], st[3] if len(st) == 4 else None, len(st) == 4))
+        parsed.append((st[0], st[1], st[2], _as_arrays(st[3]) if len(st) == 4 else None, len(st) == 4))
     if not parsed:
         raise ValueError("check_chain: needs at least one stage")
     x = jnp.asarray(x) if isinstance(x, (int, float)) or _number_lists(x) else x  # (the book's nested lists too)
