@@ -1423,3 +1423,107 @@ def test_a_rules_error_is_quoted_in_full():
     report = verify.audit(lambda p, x: jnp.sum(affine(p, x) * p["scale"]), p, jnp.ones((4, 3)))
     assert report.rows[0].verdict == "autodiff_wrong"
     assert "'scale'" in report.rows[0].note, report.rows[0].note  # (JAX's message goes on to name both structures)
+
+
+def test_an_input_is_held_where_an_output_is_not_finite_only_when_no_other_output_reads_it():
+    # feats(x) = (sqrt(x), 2x): where x < 0, fn drops sqrt's NaN, but 2x is used; its bwd's d(2x)/dx is wrong there.
+    @jax.custom_vjp
+    def feats(x):
+        return jnp.sqrt(x), 2.0 * x
+
+    def bwd(x, g):
+        d1 = jnp.where(x > 0, 0.5 / jnp.sqrt(jnp.where(x > 0, x, 1.0)), 0.0) * g[0]
+        return (d1 + jnp.where(x > 0, 2.0, 0.0) * g[1],)  # (d(2x)/dx is 2 everywhere)
+
+    feats.defvjp(lambda x: (feats(x), x), bwd)
+
+    def fn(p, x):
+        a, b = feats(x * p["s"])
+        return jnp.sum(jnp.where(x * p["s"] > 0, a, 0.0)) + jnp.sum(b)
+
+    x = jnp.array([0.5, -1.0, 2.0, -0.3, 1.5, -2.0])
+    report = verify.audit(fn, {"s": jnp.ones(6)}, x)
+    assert report.rows[0].verdict == "autodiff_wrong" and report.rows[0].worst_index[1] in (1, 3, 5), report
+
+
+def test_a_rules_nan_cotangent_at_minus_inf_inputs_is_not_passed_where_plain_autodiff_is_nan_too():
+    # softmax entropy whose bwd is −p·(log p + H): 0·(−inf) = NaN at masked logits, and so is plain autodiff; fn's
+    # gradient is NaN through the mask's addition. Nothing to compare with: undecided, not ok.
+    @jax.custom_vjp
+    def entropy(s):
+        p = jax.nn.softmax(s, -1)
+        return -jnp.sum(jnp.where(p > 0, p * jnp.log(p), 0.0), -1)
+
+    def bwd(s, g):
+        p = jax.nn.softmax(s, -1)
+        logp = jax.nn.log_softmax(s, -1)
+        h = -jnp.sum(jnp.where(p > 0, p * logp, 0.0), -1, keepdims=True)
+        return (-g[..., None] * p * (logp + h),)
+
+    entropy.defvjp(lambda s: (entropy(s), s), bwd)
+    n = 4
+    mask = jnp.where(jnp.tril(jnp.ones((n, n), bool)), 0.0, -jnp.inf)
+
+    def fn(p, x):
+        return jnp.sum(entropy((x @ p["W"]) @ x.T + mask))
+
+    p = {"W": jax.random.normal(jax.random.key(0), (3, 3))}
+    x = jax.random.normal(jax.random.key(1), (n, 3))
+    assert not bool(jnp.all(jnp.isfinite(jax.grad(fn)(p, x)["W"])))  # (the harm)
+    assert not verify.audit(fn, p, x).ok
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_the_linearity_check_does_not_fail_correct_low_precision_rules(dtype):
+    # A bfloat16-compute dense layer on float32 weights, and a float16 mean over 1024 tokens whose cotangents
+    # fall below float16's normal range at small scales: both are linear; rounding must not say otherwise.
+    @jax.custom_vjp
+    def dense(x, w):
+        return x.astype(dtype) @ w.astype(dtype)
+
+    dense.defvjp(lambda x, w: (dense(x, w), (x.astype(dtype), w.astype(dtype))),
+                 lambda r, g: ((g @ r[1].T).astype(jnp.float32), (r[0].T @ g).astype(jnp.float32)))
+
+    @jax.custom_vjp
+    def mean_pool(h):
+        return jnp.mean(h, axis=0)
+
+    mean_pool.defvjp(lambda h: (jnp.mean(h, axis=0), h.shape[0]),
+                     lambda n, g: (jnp.broadcast_to(g / n, (n, *g.shape)),))
+
+    def fn(p, x, t):
+        return jnp.sum(jnp.tanh(dense(x, p["W"]).astype(jnp.float32))) + jnp.sum(jnp.tanh(mean_pool(t * p["s"])))
+
+    p = {"W": jax.random.normal(jax.random.key(0), (16, 16)), "s": jnp.ones(4, dtype)}
+    x = jax.random.normal(jax.random.key(1), (8, 16))
+    t = jax.random.normal(jax.random.key(2), (1024, 4)).astype(dtype)
+    report = verify.audit(fn, p, x, t)
+    assert all("not linear" not in r.note for r in report.rows), report
+
+
+def test_a_rule_that_clips_its_cotangent_far_above_unit_scale_still_fails():
+    # An "overflow guard" clipping each cotangent element at ±1e4, under a float16-style loss scale of 2^15.
+    @jax.custom_vjp
+    def guarded_tanh(x):
+        return jnp.tanh(x)
+
+    guarded_tanh.defvjp(lambda x: (jnp.tanh(x), jnp.tanh(x)), lambda y, g: (jnp.clip(g, -1e4, 1e4) * (1 - y * y),))
+    p = {"W": jax.random.normal(jax.random.key(0), (3, 4))}
+    x = jax.random.normal(jax.random.key(1), (5, 3))
+    report = verify.audit(lambda p, x: 2.0**15 * jnp.sum(guarded_tanh(x @ p["W"])), p, x)
+    assert report.rows[0].verdict == "autodiff_wrong" and "not linear" in report.rows[0].note, report
+
+
+def test_a_reduction_rule_in_a_vmapped_conds_discarded_branch_is_undecided_not_both_wrong():
+    @jax.custom_vjp
+    def root_norm(x):
+        return jnp.sum(jnp.sqrt(x), -1)
+
+    root_norm.defvjp(lambda x: (root_norm(x), x), lambda x, g: (g[..., None] * 0.5 / jnp.sqrt(x),))
+
+    def fn(p, x):
+        return jnp.sum(jax.vmap(lambda v: jax.lax.cond(v[0] > 0, root_norm, jnp.sum, v))(x * p["s"]))
+
+    x = jnp.array([[1.0, 2.0], [-1.0, 3.0], [2.0, 0.5]])
+    report = verify.audit(fn, {"s": jnp.ones((3, 2))}, x)
+    assert report.rows[0].verdict == "mismatch", report

@@ -866,27 +866,26 @@ def _extra(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple[i
         if not m.all():
             notes.append(f"output {j}: {int(m.size - m.sum())} of {m.size} element(s) not finite at this call, left "
                          "out")
-    # Outputs left out, by shape: an input of the same shape is held at those elements too. There an elementwise
-    # rule's derivative is that of a point outside its primal's domain (sqrt of a negative, in the branch a vmapped
-    # lax.cond computes for every example and then discards), NaN on both sides while the scalar ignores it.
-    left_out: dict[tuple, np.ndarray] = {}
-    for (_, m), j in zip(cts, float_outs, strict=True):
-        if not m.all():
-            shape = tuple(eqn.outvars[j].aval.shape)
-            left_out[shape] = left_out.get(shape, np.zeros(shape, bool)) | ~m
+    # Where every floating output has an input's shape and none is finite at an element, that input is held there
+    # too: an elementwise rule's derivative there is that of a point outside its primal's domain (sqrt of a negative,
+    # in the branch a vmapped lax.cond computes for every example and then discards), NaN on both sides while the
+    # scalar ignores it. (Where another output is finite, or of another shape, the element may reach it: checked.)
+    shapes = {tuple(eqn.outvars[j].aval.shape) for j in float_outs}
+    left_out = (np.logical_and.reduce([~m for _, m in cts]) if len(shapes) == 1 and cts
+                else None)
     keep, diff = [], []
     for i in diff_pos:
         x = np.asarray(user_inputs[i])
         finite = np.isfinite(x.astype(np.float64))
-        m = finite & ~left_out.get(tuple(x.shape), np.zeros(x.shape, bool))
+        m = finite & ~left_out if left_out is not None and shapes == {tuple(x.shape)} else finite
         keep.append((m, x))
         diff.append(np.where(m, x, 0).astype(x.dtype))
         if not finite.all():
             notes.append(f"input {i}: {int(finite.size - finite.sum())} of {finite.size} element(s) not finite at this "
                          "call, held as they are")
         if (finite & ~m).any():
-            notes.append(f"input {i}: {int((finite & ~m).sum())} element(s) held as they are where the output of its "
-                         "shape is not finite")
+            notes.append(f"input {i}: {int((finite & ~m).sum())} element(s) held as they are where no output is "
+                         "finite")
     return (tuple(cts), tuple(keep)), tuple(diff), tuple(m for _, m in cts), "; ".join(notes)
 
 
@@ -1015,6 +1014,22 @@ def _inputs_to_check(call: _Call, n_c: int) -> tuple[tuple[int, ...], list[int],
     return diff_pos, constants, unperturbed
 
 
+def _amended(report: GradReport, extra_rows: list[Row], left_out: bool) -> GradReport:
+    """A call's report with the rows of the checks beyond check_grad (held inputs, linearity) and, at a call with
+    outputs left out (``left_out``), a both_wrong where both sides are not finite made undecided: the NaN may be that
+    of an output the scalar leaves out (a reduction in a vmapped cond's discarded branch), which fn's gradient
+    discards too, not "a mistake both share"."""
+    rows = report.rows
+    if left_out:
+        rows = tuple(
+            dataclasses.replace(r, verdict=Verdict.MISMATCH, note=re.sub(
+                r", confidently: a mistake both share \([^)]*\)", "; both are not finite, at a call with outputs left out: "
+                "that may be those outputs' NaN, which fn may discard, so undecided", r.note))
+            if r.verdict == Verdict.BOTH_WRONG and not math.isfinite(r.autodiff or math.nan)
+            and not math.isfinite(r.hand if r.hand is not None else math.nan) else r for r in rows)
+    return dataclasses.replace(report, rows=(*rows, *extra_rows)) if rows is not report.rows or extra_rows else report
+
+
 def _check_call(call: _Call, k: int, scalars: dict,
                 options: dict) -> tuple[GradReport | None, tuple[int, ...], str, str]:
     """check_grad of one call: the report, the rule's input number of each report row, a note when the call
@@ -1085,8 +1100,7 @@ def _check_call(call: _Call, k: int, scalars: dict,
                               "argument (not through nondiff_argnums; or use jax.closure_convert) to have it "
                               "checked"), ""
         return None, (), f"could not be checked at this call ({_error(e)})", ""
-    if extra_rows:
-        report = dataclasses.replace(report, rows=(*report.rows, *extra_rows))
+    report = _amended(report, extra_rows, left_out=not all(m.all() for m in out_masks))
     return report, diff_pos, s.note, _forward_gap(eqn, call, diff_pos, float_outs)
 
 
@@ -1123,9 +1137,11 @@ def _held_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tupl
         rtol = _default_rtol(float(jnp.finfo(jnp.result_type(d0[k])).eps))
         with np.errstate(invalid="ignore"):
             wrong = h & np.isfinite(p64) & ~np.isfinite(r64)
+            # (plain autodiff not finite either: a NaN cotangent still reaches fn's gradient; nothing to compare with)
+            neither = h & ~np.isfinite(p64) & ~np.isfinite(r64)
             scale = max(float(np.max(np.abs(np.where(np.isfinite(p64), p64, 0.0)), initial=0.0)), 1e-30)
             apart = h & np.isfinite(p64) & np.isfinite(r64) & ~(np.abs(r64 - p64) <= rtol * scale)
-        for bad, verdict in ((wrong, Verdict.AUTODIFF_WRONG), (apart, Verdict.MISMATCH)):
+        for bad, verdict in ((wrong, Verdict.AUTODIFF_WRONG), (apart, Verdict.MISMATCH), (neither, Verdict.MISMATCH)):
             if bad.any():
                 at = np.unravel_index(int(np.argmax(bad)), bad.shape)
                 rv, pv = float(r64[at]), float(p64[at])
@@ -1134,7 +1150,9 @@ def _held_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tupl
                 note = (f"input {diff_pos[k]} is not finite at {int(h.sum())} element(s) at this call (held there: no "
                         f"finite difference moves them); there autodiff ({rv:.6g} at {[int(i) for i in at]}) "
                         f"{'is not finite, while hand is' if verdict == Verdict.AUTODIFF_WRONG else 'differs from hand'}"
-                        f" ({pv:.6g}), at {int(bad.sum())} element(s)")
+                        f" ({pv:.6g}), at {int(bad.sum())} element(s)"
+                        + ("; a cotangent that is not finite reaches fn's gradient (through a mask's addition, say)"
+                           if bad is neither else ""))
                 return Row(f"[{k}]", verdict, tuple(int(i) for i in at), gap, gap / max(abs(pv), 1e-300), rv, pv,
                            math.nan, "exact", int(h.size), 0, note=note)
     return None
@@ -1142,10 +1160,11 @@ def _held_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tupl
 
 def _nonlinear_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple[int, ...],
                    extra: tuple) -> Row | None:
-    """Whether the rule's derivative is linear in the cotangent, as every VJP is: bwd(a·u) = a·bwd(u) for a = 1000
-    and 1/1000. The check above uses one random cotangent of unit scale; a rule that clips or rescales its cotangent
-    (by its norm, say) agrees with the primal's derivative there and not at the cotangents fn's gradient brings (a
-    loss scaled by 1024). An ``autodiff_wrong`` row where it is not, else None."""
+    """Whether the rule's derivative is linear in the cotangent, as every VJP is: bwd(a·u) = a·bwd(u) for a = 2^±10
+    and 2^±20 (powers of two scale floating-point values exactly; a scale whose cotangents or results overflow or fall
+    below the dtype's normal range is skipped). The check above uses one random cotangent of unit scale; a rule that
+    clips or rescales its cotangent (by its norm, say) agrees with the primal's derivative there and not at the
+    cotangents fn's gradient brings (a loss scaled by 1024). An ``autodiff_wrong`` row where it is not, else None."""
     n_c = int(eqn.params.get("num_consts", 0))
     ins = list(call.inputs)
     cts, _ = extra
@@ -1157,24 +1176,38 @@ def _nonlinear_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs:
         res = _bind(eqn, xs)
         return [res[j] for j in float_outs]
 
+    def representable(arrays: Sequence[Any]) -> bool:  # finite, and every nonzero normal
+        for x in arrays:
+            v = np.abs(np.asarray(x, np.float64))
+            if not np.isfinite(v).all() or ((v > 0) & (v < float(jnp.finfo(jnp.result_type(x)).tiny))).any():
+                return False
+        return True
+
     try:
         _, vjp = jax.vjp(outs, *(ins[n_c + i] for i in diff_pos))
-        base = [np.asarray(g, np.float64) for g in vjp([jnp.asarray(c) for c, _ in cts])]
-        for a in (1e3, 1e-3):
-            scaled = [np.asarray(g, np.float64) / a for g in vjp([jnp.asarray(c * a, c.dtype) for c, _ in cts])]
-            for k, (b, g) in enumerate(zip(base, scaled, strict=True)):
-                rtol = _default_rtol(float(jnp.finfo(jnp.result_type(ins[n_c + diff_pos[k]])).eps))
-                fin = np.isfinite(b) & np.isfinite(g)
-                scale = float(np.max(np.abs(np.where(fin, b, 0.0)), initial=0.0))
-                with np.errstate(invalid="ignore"):
-                    bad = fin & ~(np.abs(g - b) <= rtol * (np.abs(b) + scale))
+        base_raw = vjp([jnp.asarray(c) for c, _ in cts])
+        if not representable(base_raw):
+            return None
+        base = [np.asarray(g, np.float64) for g in base_raw]
+        for a in (2.0**10, 2.0**-10, 2.0**20, 2.0**-20):
+            ct = [jnp.asarray(c * a, c.dtype) for c, _ in cts]
+            if not representable(ct):
+                continue
+            raw = vjp(ct)
+            if not representable(raw):
+                continue
+            for k, (b, g) in enumerate(zip(base, (np.asarray(x, np.float64) / a for x in raw), strict=False)):
+                rtol = _default_rtol(float(jnp.finfo(jnp.result_type(raw[k])).eps))
+                scale = float(np.max(np.abs(b), initial=0.0))
+                bad = ~(np.abs(g - b) <= rtol * (np.abs(b) + scale))
                 if bad.any() and scale > 0:
                     at = np.unravel_index(int(np.argmax(np.where(bad, np.abs(g - b), -1.0))), b.shape)
                     gap = float(abs(g[at] - b[at]))
-                    note = (f"the rule is not linear in its cotangent, as a derivative is: with the cotangent times {a:g}, "
-                            f"its cotangent for input {diff_pos[k]} at {[int(i) for i in at]} divided by {a:g} is "
-                            f"{g[at]:.6g}, against {b[at]:.6g} (a rule that clips or rescales its cotangent gives "
-                            "jax.grad another function's gradient wherever fn's cotangents are large or small)")
+                    note = (f"the rule is not linear in its cotangent, as a derivative is: with the cotangent times "
+                            f"2^{round(math.log2(a))}, its cotangent for input {diff_pos[k]} at {[int(i) for i in at]}, "
+                            f"scaled back, is {g[at]:.6g}, against {b[at]:.6g} (a rule that clips or rescales its "
+                            "cotangent gives jax.grad another function's gradient wherever fn's cotangents are large or "
+                            "small)")
                     return Row(f"[{k}]", Verdict.AUTODIFF_WRONG, tuple(int(i) for i in at), gap,
                                gap / max(abs(float(b[at])), 1e-300), float(g[at]), None, math.nan, "exact",
                                int(b.size), 0, note=note)
