@@ -878,3 +878,57 @@ def test_quiet_silences_the_absl_warnings_orbax_logs(capsys, run):
         assert absl_logging.get_verbosity() == absl_logging.ERROR
     finally:
         absl_logging.set_verbosity(before)
+
+
+def _killed_extension(run, epochs, last_row):
+    """The run extended to ``epochs`` and killed before its next checkpoint, having logged a row a step up to
+    ``last_row`` (config.json says ``epochs``; summary.json still the 50-step run's)."""
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["epochs"] = epochs
+    (run / "config.json").write_text(json.dumps(config))
+    row = {"split": "train", "loss": 1.0986, "accuracy": 0.3333, "lr": 0.05, "loss_mean": 1.0986, "loss_min": 1.0986,
+           "loss_max": 1.0986, "accuracy_mean": 0.3333, "accuracy_min": 0.3333, "accuracy_max": 0.3333, "window": 1}
+    with open(run / "metrics.jsonl", "a") as f:
+        f.writelines(json.dumps({"step": s, **row}) + "\n" for s in range(50, last_row + 1))
+
+
+def test_an_honest_metrics_file_of_a_long_killed_extension_is_not_too_large_for_a_shorter_resume(capsys, run):
+    # Extended with log_every=1 and killed at step 8000 (1.6 MB of rows past the checkpoint at 50): a resume that
+    # shortens the run was refused as "more than the 1048576 bytes such a file can have".
+    _killed_extension(run, 60000, 8000)
+    assert (run / "metrics.jsonl").stat().st_size > 2**20
+    code, out, err = cli(capsys, "train", "--out", run, "--resume", "--set", "train.epochs=60")
+    assert code == 0 and "metrics past step 50 are kept in" in out, err
+
+
+def test_shortening_a_killed_extension_back_to_the_complete_run_restores_it(capsys, run):
+    summary = json.loads((run / "summary.json").read_text())
+    rows = (run / "metrics.jsonl").read_text()
+    _killed_extension(run, 40000, 240)
+    code, out, err = cli(capsys, "train", "--out", run, "--resume", "--set", "train.epochs=50")
+    assert code == 0 and "is complete" not in out, out + err
+    assert (run / "metrics.jsonl").read_text() == rows
+    assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 50
+    assert json.loads((run / "summary.json").read_text())["wall_seconds"] == summary["wall_seconds"]
+    code, out, _ = cli(capsys, "train", "--out", run, "--resume")
+    assert code == 0 and "is complete" in out
+
+
+def test_a_learning_rate_change_stopped_before_its_config_is_written_is_judged_again(capsys, run, monkeypatch):
+    # Stopped between its two writes, a resume that changes the learning rate left a config.json saying the new rate
+    # and the abandoned rows past the checkpoint in place: the next resume kept them as the new rate's. The rows
+    # are settled first now, so config.json still says the old rate until they are.
+    _killed_extension(run, 60, 58)  # rows past the checkpoint at 50, at the old learning rate
+    real = files.keep_copy
+
+    def stopped(path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files, "keep_copy", stopped)
+    code, _, err = cli(capsys, "train", "--out", run, "--resume", "--set", "optimizer.learning_rate=0.02")
+    assert code != 0 and "No space left" in err
+    monkeypatch.setattr(files, "keep_copy", real)
+    code, out, err = cli(capsys, "train", "--out", run, "--resume", "--set", "optimizer.learning_rate=0.02")
+    assert code == 0 and "the optimizer changed" in out, out + err
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["lr"] != 0.05 for r in rows if r["split"] == "train" and r["step"] >= 50)

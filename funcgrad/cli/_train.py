@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -284,8 +285,8 @@ def _read_metrics(out: Path, steps: int, *, repair: bool = False, bound: int | N
     resume the bound is the larger of the run's last step and the last step of the run as it was saved: a killed
     run logs past its checkpoint, and the resumed one may now end earlier (see _metrics_to_continue)."""
     try:
-        return files.read_metrics(out / files.METRICS, repair=repair, max_bytes=files.metrics_bound(steps),
-                                  max_step=steps if bound is None else bound)
+        last = steps if bound is None else max(steps, bound)
+        return files.read_metrics(out / files.METRICS, repair=repair, max_bytes=files.metrics_bound(last), max_step=last)
     except files.FileError as e:
         raise UsageError(str(e)) from None
 
@@ -301,12 +302,17 @@ def _saved_steps(setup: Any, cfg: Any, saved: dict | None) -> int:
 
 def _summarised(out: Path, steps: int) -> bool:
     """Whether ``summary.json`` describes the run at its last step (a run extended and killed after its last
-    checkpoint, or whose summary could not be written, still has the earlier, shorter run's summary)."""
+    checkpoint, or whose summary could not be written, has none or still the earlier, shorter run's). A summary
+    that cannot be read (written atomically, so damaged by someone) is taken as the run's: reporting it is an error
+    then, and nothing overwrites it."""
+    if not (out / files.SUMMARY).exists() and not (out / files.SUMMARY).is_symlink():
+        return False
     try:
         summary = files.json_load(out / files.SUMMARY)
     except files.FileError:
-        return False
-    return isinstance(summary, dict) and summary.get("steps") == steps and not isinstance(summary.get("steps"), bool)
+        return True
+    return not isinstance(summary, dict) or (summary.get("steps") == steps
+                                             and not isinstance(summary.get("steps"), bool))
 
 
 def _complete(out: Path, steps: int, default_out: bool) -> str:
@@ -507,7 +513,8 @@ def _prepare(args: argparse.Namespace, out: Path, writer: bool) -> _Prepared:
         if args.resume and isinstance(logged, int) and trained and max(r["step"] for r in trained) < logged:
             raise UsageError(f"{out / files.METRICS} ends at step {max(r['step'] for r in trained)}, but the checkpoint "
                              f"was written after step {logged} was logged: the files are not of the same run")
-        complete = args.resume and start == setup.steps and _summarised(out, setup.steps)
+        # (a --set that changes the saved config, shortening a killed extension back say, is not "nothing to do")
+        complete = args.resume and start == setup.steps and not changes and _summarised(out, setup.steps)
         # (before config.json is rewritten)
         _refuse_links(out, ckpt, False, metrics=not complete, tensorboard=cfg.train.tensorboard and not complete)
         bad = [] if complete else rundir.read_only_files(out)
@@ -540,24 +547,31 @@ def _say_header(out: Path, p: _Prepared, fuse: int, say: Any) -> None:
 
 
 def _write_start(args: argparse.Namespace, out: Path, p: _Prepared, say: Any) -> tuple[int, int]:
-    """Process 0's first writes, once every check passed: the marker, the config, the metrics to continue.
-    Returns the last steps already logged: of a training row, of a validation row."""
+    """Process 0's first writes, once every check passed: the marker, the metrics to continue, the config.
+    Returns the last steps already logged: of a training row, of a validation row.
+
+    The metrics come before config.json: what they keep is judged against the run as config.json saved it (its
+    length, its optimizer), so a resume killed in between finds that config.json still and judges the same way
+    (written first, a shortened run's new config.json made its own older rows look damaged, and a changed learning
+    rate's made the abandoned rows look like the new run's)."""
     resolved = fgconfig.to_dict(p.cfg)
     try:
         removed = rundir.remove_stale_temporaries(out)
         if removed:
             say(f"  (removed {len(removed)} temporary file(s) of killed processes: {', '.join(removed)})")
         rundir.write_marker(out)
-        if p.saved != resolved:
-            files.write_json(out / files.CONFIG, resolved)
         if args.resume:
             # (a last line cut by a kill is dropped now)
             records = _read_metrics(out, p.setup.steps, repair=True, bound=_saved_steps(p.setup, p.cfg, p.saved))
-            return _metrics_to_continue(out, p.start, records, resolved, p.saved, say, p.setup.steps)
-        kept = files.set_aside(out / files.METRICS)  # an earlier attempt that never reached a checkpoint
-        if kept:
-            say(f"  (the metrics of an earlier attempt here are kept as {kept})")
-        return -1, -1
+            logged = _metrics_to_continue(out, p.start, records, resolved, p.saved, say, p.setup.steps)
+        else:
+            kept = files.set_aside(out / files.METRICS)  # an earlier attempt that never reached a checkpoint
+            if kept:
+                say(f"  (the metrics of an earlier attempt here are kept as {kept})")
+            logged = (-1, -1)
+        if p.saved != resolved:
+            files.write_json(out / files.CONFIG, resolved)
+        return logged
     except OSError as e:
         raise UsageError(f"cannot write the run's files into {out}: {e.strerror or e}") from None
 
@@ -581,7 +595,7 @@ def _execute(args: argparse.Namespace, out: Path, p: _Prepared, writer: bool, t_
     loop = _Loop(out, p, writer, fuse, last_logged, jax.jit(p.setup.objective.metrics),
                  last_good=p.start if args.resume else None, show_progress=not (args.quiet or args.json))
     try:
-        return loop.run() or _finish(args, out, p, loop.params, loop.evaluate, writer, t_start)
+        return loop.run() or _finish(args, out, p, loop.params, loop.evaluate, writer, t_start, loop.board)
     finally:
         loop.close()
 
@@ -703,7 +717,7 @@ def _sayer(args: argparse.Namespace, writer: bool) -> Any:
 
 
 def _finish(args: argparse.Namespace, out: Path, p: _Prepared, params: Any, evaluate: Any, writer: bool,
-            t_start: float) -> int:
+            t_start: float, board: Any = None) -> int:
     """Final metrics, summary.json and plots; with ``--json`` the summary printed on stdout."""
     say = _sayer(args, writer)
     setup = p.setup
@@ -715,11 +729,18 @@ def _finish(args: argparse.Namespace, out: Path, p: _Prepared, params: Any, eval
         row = log.validation_row(setup.steps, val_m)
         try:
             files.append_lines(out / files.METRICS, [row])
+            if board is not None:
+                board.rows([row])
         except OSError as e:
             print(f"cannot write {out / files.METRICS}: {e.strerror or e}", file=sys.stderr)
             return 1
         records.append(row)
     wall = time.perf_counter() - t_start
+    if writer and p.start == setup.steps:  # nothing trained now: the run's own wall time, if its summary has it
+        with contextlib.suppress(files.FileError, TypeError, ValueError, AttributeError):
+            earlier = files.json_load(out / files.SUMMARY)
+            if earlier.get("steps") == setup.steps and isinstance(earlier.get("wall_seconds"), (int, float)):
+                wall = float(earlier["wall_seconds"])
     say(f"  final  training:   {_summary_line(train_m)}")
     say(f"         validation: {_summary_line(val_m)}")
     if writer:
