@@ -536,3 +536,49 @@ def test_a_direction_too_coarse_for_a_small_kink_the_elements_resolved_is_not_ju
         assert report.ok and report.rows[0].verdict == "kink", report
         report = verify.check_grad(loss, p, hand=lambda p: hand(p, 77), mode=mode)
         assert report.verdict == "hand_wrong" and report.rows[0].worst_index == (77,), report
+
+
+@pytest.mark.parametrize("omega", [3e4, 1e6])
+def test_a_high_frequency_function_is_neither_failed_nor_called_a_kink(omega):
+    # Σ sin(ω·w)/√ω + ½Σw²: the coarse steps span whole periods and look kinked. The correct hand was both_wrong at
+    # ω = 1e6; a hand 1e-3 off passed as "kink" once those steps' garbage intervals could explain it.
+    with jax.enable_x64(True):
+        w = jnp.asarray(np.random.RandomState(3).rand(3) * 2 + 0.5)
+
+        def f(w):
+            return jnp.sum(jnp.sin(omega * w) / omega**0.5) + 0.5 * jnp.sum(w**2)
+
+        def g(w):
+            return omega**0.5 * jnp.cos(omega * w) + w
+
+        assert verify.check_grad(f, w, hand=g).ok
+        for k in range(3):
+            report = verify.check_grad(f, w, hand=lambda w, k=k: g(w).at[k].multiply(1.001))
+            assert report.verdict in ("hand_wrong", "mismatch"), report
+
+
+def test_rounding_that_fns_value_understates_makes_no_kink():
+    # A variance written mean(w²) − mean(w)² at w ≈ 1000: its rounding (of 1e6-sized terms) is far above eps·|f|,
+    # so the fine steps' one-sided derivatives differ stably; neither a kink nor a contradiction of the clean coarse
+    # reading. A hand 1e-4 off must fail (it passed as "kink").
+    with jax.enable_x64(True):
+        w = jnp.asarray(np.random.RandomState(0).randn(5) + 1e3)
+
+        def f(w):
+            return jnp.mean(w**2) - jnp.mean(w) ** 2
+
+        def g(w):
+            return 2 * (w - jnp.mean(w)) / w.shape[0]
+
+        assert verify.check_grad(f, w, hand=g).verdict == "ok"
+        report = verify.check_grad(f, w, hand=lambda w: g(w).at[2].multiply(1 + 1e-4))
+        assert report.verdict == "hand_wrong" and report.rows[0].worst_index == (2,), report
+
+
+def test_a_large_constant_in_fn_does_not_excuse_a_wrong_sign():
+    # 1e9 + g·w: the gradient is exact, 14·eps·|f|; the round-off allowance near zero must not reach it.
+    with jax.enable_x64(True):
+        g = jnp.array([3e-6, -2e-6, 1e-6])
+        report = verify.check_grad(lambda w: 1e9 + jnp.dot(g, w) + 5e-7 * jnp.sum(w**2), jnp.zeros(3),
+                                   hand=lambda w: g.at[0].multiply(-1) + 1e-6 * w)
+        assert not report.ok, report

@@ -158,10 +158,11 @@ def _tolerance(a, mag, leaf_max, gmax, rtol, atol, eps, xp=jnp, fscale=0.0):
     The cast's rounding is the same for equal elements: it adds up along a direction, where the independent part
     adds in quadrature.
 
-    ``fscale``: |fn's value|. Elements whose two sides are both 0 up to round-off at that scale (64·eps·|f|: equal
+    ``fscale``: |fn's value|. Elements whose two sides are both 0 up to round-off at that scale (4·eps·|f|: equal
     logits and balanced labels give a bias gradient of ±1e-16, the round-off of terms of size 1/N that cancel,
-    while gmax elsewhere is 1e-4) are allowed that round-off."""
-    zero = 64 * eps * fscale
+    while gmax elsewhere is 1e-4) are allowed that round-off. (Not more: 1e9 + 3e-6·w has a gradient of 14·eps·|f|,
+    exact, whose sign a hand must get right.)"""
+    zero = 4 * eps * fscale
     base = (xp.where(atol >= 0, atol, rtol[0] * leaf_max + 64 * eps * gmax + xp.where(mag <= zero, zero, 0.0))
             + rtol[0] * mag)
     m = xp.abs(a)

@@ -30,6 +30,7 @@ _MAX_SCALES = 5  # the finest step is the first one / 10⁴
 _KINK_STABILITY = 0.02
 # ... and their rounding allowance is at most this fraction of it (a kink well above the rounding).
 _KINK_NOISE = 0.25
+_SIDED_JUMP = 0.01  # a kink only the one-sided test sees is at least this fraction of its one-sided derivatives
 
 
 @dataclasses.dataclass
@@ -49,9 +50,13 @@ class _FD:
     singular: np.ndarray  # the difference quotients grow without bound as the step shrinks
     paired: np.ndarray  # the reading comes from two consecutive scales (required to blame both sides)
     near_kink: np.ndarray  # some scale saw a kink within its step (at the point or right next to it)
+    # the hull of those scales' one-sided derivatives (NaN where none): values a kink near the point can explain
+    near_lo: np.ndarray | None = None
+    near_hi: np.ndarray | None = None
 
     def take(self, sel: Any) -> _FD:
-        return _FD(*(getattr(self, f.name)[sel] for f in dataclasses.fields(self)))
+        return _FD(*(None if getattr(self, f.name) is None else getattr(self, f.name)[sel]
+                     for f in dataclasses.fields(self)))
 
 
 class _Scale(NamedTuple):
@@ -125,19 +130,22 @@ def _resolve(scales: list[_Scale], tol: np.ndarray, f0: float, final: bool = Fal
     n = len(tol)
     out = _FD(np.full(n, np.nan), np.full(n, np.inf), np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, bool),
               np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool),
-              np.logical_or.reduce([s.nonsmooth for s in scales]))
+              *_near_kink(scales, tol))
     best = np.full(n, np.inf)
     with np.errstate(invalid="ignore", over="ignore"):
         pairs = [_pair(s0, s1, tol) for s0, s1 in itertools.pairwise(scales)]
-        # Two scales whose one-sided derivatives agree as a kink's do: no smooth reading of that item (its central
-        # values are the kink's midpoint, not a derivative).
-        any_kink = np.logical_or.reduce([p.kink for p in pairs]) if pairs else np.zeros(n, bool)
+        # A kink that only the one-sided test sees, beside a curvature that hides it from the smoothness test: the
+        # pairs that pass as smooth read its midpoint, not a derivative, with small error bars; none is read.
+        any_kink = np.logical_or.reduce([p.hidden for p in pairs]) if pairs else np.zeros(n, bool)
         for k, p in enumerate(pairs):
-            # A reading that a finer, smooth scale contradicts was made out of the steps' asymptotic range: sin at
+            # A reading that a finer, clean scale contradicts was made out of the steps' asymptotic range: sin at
             # 3000 in float32, its steps of 123 and 12 span periods, and both scales give ~0 with small error bars.
+            # (Its error counts the spread of its one-sided derivatives too: a finer scale whose rounding fn's value
+            # understates, a variance as mean(w²) − mean(w)² at w ≈ 1000, is off by more than its error bars, and
+            # its one-sided derivatives differ by that much.)
             contradicted = np.zeros(n, bool)
             for s in scales[k + 2 :]:
-                slack = 2 * (p.err + s.err) + tol
+                slack = 2 * (p.err + s.err + np.abs(s.rp - s.rm)) + tol
                 contradicted |= s.finite & ~s.nonsmooth & ((s.value < p.lo - slack) | (s.value > p.hi + slack))
             win = ((p.smooth & ~any_kink) | p.kink) & ~contradicted & (p.unc < best)
             best[win] = p.unc[win]
@@ -182,6 +190,7 @@ class _Pair(NamedTuple):
 
     smooth: np.ndarray  # both smooth, and their values agree within their errors
     kink: np.ndarray  # a kink at the point: each side's one-sided derivative is the same at both scales
+    hidden: np.ndarray  # such a kink that only the one-sided test sees (both scales pass as smooth)
     value: np.ndarray  # the finer scale's value
     lo: np.ndarray  # the reading: the kink's interval, or the value
     hi: np.ndarray
@@ -201,11 +210,38 @@ def _pair(s0: _Scale, s1: _Scale, tol: np.ndarray) -> _Pair:
     # error; its one-sided estimates agreeing with the coarser scale's are the evidence. Sided at both scales: a
     # kink too small beside the curvature for the coarser scale's smoothness test. A smooth function's h³ terms
     # shrink a thousandfold from one scale to the next: they never agree so.)
-    kink = (both & (s0.nonsmooth | (s0.sided & s1.sided)) & (moves <= _KINK_STABILITY * (hi - lo))
+    # (Sided only, the jump must be a sizeable part of the derivative too, 1%: rounding that fn's value understates,
+    # a variance as mean(w²) − mean(w)² at w ≈ 1000, makes smooth one-sided derivatives differ stably by 1e-4 of
+    # themselves.)
+    sided = s0.sided & s1.sided & (hi - lo >= _SIDED_JUMP * np.maximum(np.abs(lo), np.abs(hi)))
+    kink = (both & (s0.nonsmooth | sided) & (moves <= _KINK_STABILITY * (hi - lo))
             & (kerr - moves <= _KINK_NOISE * (hi - lo)))
     err = np.where(kink, kerr, s0.err + s1.err + gap)
-    return _Pair(smooth, kink, s1.value, np.where(kink, lo, s1.value), np.where(kink, hi, s1.value), err,
-                 np.where(kink, (hi - lo) / 2 + kerr, err))
+    return _Pair(smooth, kink, kink & ~s0.nonsmooth, s1.value, np.where(kink, lo, s1.value),
+                 np.where(kink, hi, s1.value), err, np.where(kink, (hi - lo) / 2 + kerr, err))
+
+
+def _near_kink(scales: list[_Scale], tol: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Whether some scale saw a kink within its step that the finer scales bear out (a finer scale that is smooth on
+    its own reads one of that scale's one-sided derivatives: a kink a little off the point, whose one side the
+    finer steps see), and the hull of those scales' one-sided derivatives (NaN where none). Steps spanning the
+    periods of sin(10⁶·w) look kinked and give an interval that has nothing to do with the derivative there; they
+    do not count, and a value far outside the hull is not explained by a kink."""
+    n = len(tol)
+    near, hull_lo, hull_hi = np.zeros(n, bool), np.full(n, np.inf), np.full(n, -np.inf)
+    with np.errstate(invalid="ignore"):
+        for k, s in enumerate(scales):
+            lo, hi = np.minimum(s.rp, s.rm), np.maximum(s.rp, s.rm)
+            refuted = np.zeros(n, bool)
+            for f in scales[k + 1 :]:
+                slack = 2 * (s.err + f.err) + tol
+                # (the finer steps see one side of a kink a little off the point: their value is one of its two)
+                refuted |= f.finite & ~f.nonsmooth & ~(np.abs(f.value - s.rp) <= slack) & ~(np.abs(f.value - s.rm) <= slack)
+            seen = s.nonsmooth & ~refuted & np.isfinite(lo) & np.isfinite(hi)
+            near |= seen
+            hull_lo = np.where(seen, np.minimum(hull_lo, lo - 2 * s.err), hull_lo)
+            hull_hi = np.where(seen, np.maximum(hull_hi, hi + 2 * s.err), hull_hi)
+    return near, np.where(near, hull_lo, np.nan), np.where(near, hull_hi, np.nan)
 
 
 def _single_scale(scales: list[_Scale], out: _FD, todo: np.ndarray) -> None:
@@ -263,6 +299,11 @@ def _confidently_off(v: np.ndarray, fd: _FD, tol: np.ndarray) -> np.ndarray:
     return fd.paired & fd.finite & ~fd.singular & off
 
 
+def _inside(v: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore"):
+        return (v >= lo) & (v <= hi)
+
+
 def _classify(A: np.ndarray, H: np.ndarray | None, fd: _FD, tol: np.ndarray,
               lenient: np.ndarray | bool = False, tol_ah: np.ndarray | None = None,
               reference: bool = False, scale: float = 0.0) -> np.ndarray:
@@ -308,13 +349,18 @@ def _classify(A: np.ndarray, H: np.ndarray | None, fd: _FD, tol: np.ndarray,
     # size: a reading of 193 ± 606 says nothing about 0.28 against 3e-5 (float32 noise, a rule wrong by its sign).
     with np.errstate(invalid="ignore"):
         informative = fd.err <= 0.5 * np.maximum(np.abs(A), np.abs(H))
+        # (a kink near the point explains values within the one-sided derivatives its scales saw, and no others)
+        if fd.near_lo is None or fd.near_hi is None:
+            explained = np.ones(len(A), bool)
+        else:
+            explained = _inside(A, fd.near_lo - tol, fd.near_hi + tol) & _inside(H, fd.near_lo - tol, fd.near_hi + tol)
     out = np.where(
         agree,
         np.where(ca, fits, np.where(off_a & off_h, Verdict.BOTH_WRONG,
                                     np.where(both_nf, Verdict.MISMATCH, Verdict.FD_UNRELIABLE))),
         # Both within the reading's error bars yet apart: a kink at or right next to the point whose sides
         # finite differences cannot separate, or else nothing to tell them apart.
-        np.where(ca & ch, np.where(((fd.nonsmooth & fd.resolved) | fd.near_kink) & informative, Verdict.KINK,
+        np.where(ca & ch, np.where(((fd.nonsmooth & fd.resolved) | (fd.near_kink & explained)) & informative, Verdict.KINK,
                                    Verdict.MISMATCH),
                  np.where(ca, Verdict.HAND_WRONG, np.where(ch, Verdict.AUTODIFF_WRONG, Verdict.MISMATCH))),
     )
