@@ -55,8 +55,9 @@ class _FD:
     near_hi: np.ndarray | None = None
 
     def take(self, sel: Any) -> _FD:
-        return _FD(*(None if getattr(self, f.name) is None else getattr(self, f.name)[sel]
-                     for f in dataclasses.fields(self)))
+        parts: dict[str, Any] = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        taken: dict[str, Any] = {k: None if v is None else v[sel] for k, v in parts.items()}
+        return _FD(**taken)
 
 
 class _Scale(NamedTuple):
