@@ -1527,3 +1527,52 @@ def test_a_reduction_rule_in_a_vmapped_conds_discarded_branch_is_undecided_not_b
     x = jnp.array([[1.0, 2.0], [-1.0, 3.0], [2.0, 0.5]])
     report = verify.audit(fn, {"s": jnp.ones((3, 2))}, x)
     assert report.rows[0].verdict == "mismatch", report
+
+
+def test_a_correct_logsumexp_over_a_fully_masked_padding_row_passes():
+    # The padding row is all −inf: the rule's cotangent there is NaN, and so is plain autodiff's, and the
+    # jnp.where after the rule throws it away (fn's gradient is finite). Nothing to compare: not a failure.
+    @jax.custom_vjp
+    def lse(x):
+        m = jax.lax.stop_gradient(jnp.max(x, -1, keepdims=True))
+        m = jnp.where(jnp.isfinite(m), m, 0.0)
+        return (m + jnp.log(jnp.sum(jnp.exp(x - m), -1, keepdims=True)))[..., 0]
+
+    lse.defvjp(lambda x: (lse(x), (x, lse(x))), lambda r, g: (g[..., None] * jnp.exp(r[0] - r[1][..., None]),))
+    mask = np.array([[1, 1, 0, 1], [1, 0, 1, 1], [0, 0, 0, 0]], bool)
+
+    def fn(p, x):
+        return jnp.sum(jnp.where(mask.any(-1), lse(jnp.where(mask, x @ p, -jnp.inf)), 0.0))
+
+    p = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4)), jnp.float32)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3)), jnp.float32)
+    assert bool(jnp.all(jnp.isfinite(jax.grad(fn)(p, x))))
+    assert verify.audit(fn, p, x).ok
+
+
+def test_the_linearity_check_judges_each_element_that_stays_in_range():
+    # float16: at 2^10 one element of the correct x-cotangent overflows; the w-cotangent, clipped to ±8, must still
+    # be judged there (the whole scale was skipped and the wrong rule passed).
+    @jax.custom_vjp
+    def scaled_tanh(x, w):
+        return w * jnp.tanh(x)
+
+    scaled_tanh.defvjp(lambda x, w: (w * jnp.tanh(x), (jnp.tanh(x), w)),
+                       lambda r, g: (g * r[1] * (1 - r[0] * r[0]), jnp.clip(g, -8, 8) * r[0]))
+    rng = np.random.default_rng(0)
+    p = {"a": jnp.asarray(rng.normal(size=64) * 0.5, jnp.float16),
+         "w": jnp.asarray(rng.uniform(100, 200, size=64), jnp.float16)}
+    report = verify.audit(lambda p, x: jnp.sum(scaled_tanh(x * p["a"], p["w"])), p, jnp.ones(64, jnp.float16))
+    assert report.rows[0].verdict == "autodiff_wrong" and "not linear" in report.rows[0].note, report
+
+
+def test_the_linearity_check_ignores_results_the_backend_flushes_to_zero():
+    # exp at −80 in float32: derivatives of 1e-35, normal; times 2^-20 they are subnormal and XLA's CPU flushes them.
+    @jax.custom_vjp
+    def myexp(x):
+        return jnp.exp(x)
+
+    myexp.defvjp(lambda x: (jnp.exp(x), jnp.exp(x)), lambda y, g: (g * y,))
+    p = jnp.asarray(np.linspace(-1, 1, 8), jnp.float32)
+    report = verify.audit(lambda p, x: jnp.sum(myexp(p - x)), p, jnp.full(8, 80.0, jnp.float32))
+    assert all("not linear" not in r.note for r in report.rows), report
