@@ -582,3 +582,10 @@ def test_a_large_constant_in_fn_does_not_excuse_a_wrong_sign():
         report = verify.check_grad(lambda w: 1e9 + jnp.dot(g, w) + 5e-7 * jnp.sum(w**2), jnp.zeros(3),
                                    hand=lambda w: g.at[0].multiply(-1) + 1e-6 * w)
         assert not report.ok, report
+
+
+def test_the_round_off_allowance_at_zero_does_not_excuse_what_finite_differences_settle():
+    # 1e9 + 3e-7·w at w = 1e5: the gradient is 1.4·eps·|f|, but steps of ~74 settle its sign.
+    with jax.enable_x64(True):
+        report = verify.check_grad(lambda w: 1e9 + 3e-7 * jnp.sum(w), jnp.full(1, 1e5), hand=lambda w: -3e-7 * jnp.ones(1))
+        assert not report.ok, report

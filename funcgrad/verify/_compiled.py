@@ -71,6 +71,7 @@ class _ProbeOut(NamedTuple):
     items: _Items  # the planned elements, then the random directions
     P: Any  # (directions, 3): each random direction dotted with autodiff, hand, and the aggregated tolerance
     f_ad: Any = None  # fn's value as reverse mode computes it (a custom rule's forward can make it differ from f0)
+    zero: Any = None  # per leaf: the round-off at zero allowed where both sides are that small (see _tolerance)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +148,7 @@ def _sq_norm(seed, j, lo, hi, o, s, support):
     return _fold(s, step, jnp.zeros((), jnp.float64))
 
 
-def _tolerance(a, mag, leaf_max, gmax, rtol, atol, eps, xp=jnp, fscale=0.0):
+def _tolerance(a, mag, leaf_max, gmax, rtol, atol, eps, xp=jnp, zero=0.0):
     """Per-element analytic tolerances, (independent, rounding of a cast): atol + rtol[0]·max(|a|, |h|) (``mag``),
     atol defaulting to rtol[0]·(the leaf's largest) plus round-off at the whole gradient's scale (``gmax``; a leaf
     whose true gradient is 0 still gets round-off; eps: float64's, the round-off of a float64 gradient whose true
@@ -158,11 +159,9 @@ def _tolerance(a, mag, leaf_max, gmax, rtol, atol, eps, xp=jnp, fscale=0.0):
     The cast's rounding is the same for equal elements: it adds up along a direction, where the independent part
     adds in quadrature.
 
-    ``fscale``: |fn's value|. Elements whose two sides are both 0 up to round-off at that scale (4·eps·|f|: equal
-    logits and balanced labels give a bias gradient of ±1e-16, the round-off of terms of size 1/N that cancel,
-    while gmax elsewhere is 1e-4) are allowed that round-off. (Not more: 1e9 + 3e-6·w has a gradient of 14·eps·|f|,
-    exact, whose sign a hand must get right.)"""
-    zero = 4 * eps * fscale
+    ``zero`` (see :func:`_zero_roundoff`): elements whose two sides are both within it of 0 are allowed that much
+    (equal logits and balanced labels give a bias gradient of ±1e-16 on both sides, the round-off of terms of size
+    1/N that cancel, while gmax elsewhere is 1e-4)."""
     base = (xp.where(atol >= 0, atol, rtol[0] * leaf_max + 64 * eps * gmax + xp.where(mag <= zero, zero, 0.0))
             + rtol[0] * mag)
     m = xp.abs(a)
@@ -199,7 +198,16 @@ def _leaf_scale(a, h, s):
     return mx, arg
 
 
-def _project(seed, j, lo, hi, o, a, h, leaf_max, gmax, rtol, atol, eps, fscale=0.0):
+def _zero_roundoff(f0, h0, rms, eps, xp=jnp):
+    """Per leaf, the round-off at zero: 4·eps·|f|, the rounding of fn's value, but no more than the smallest
+    derivative finite differences resolve along the leaf (48·eps_f·|f| over its first step, eps_f = h0⁵), so that
+    nothing they could settle is excused: 1e9 + 3e-7·w at w = 1e5 has an exact gradient of 1.4·eps·|f| whose sign
+    steps of 74 settle."""
+    f = xp.where(xp.isfinite(f0), xp.abs(f0), 0.0)
+    return xp.minimum(4 * eps * f, 48 * h0**4 * f / xp.maximum(1.0, rms))
+
+
+def _project(seed, j, lo, hi, o, a, h, leaf_max, gmax, rtol, atol, eps, zero=0.0):
     """The unit direction of stream j within [lo, hi) ⊂ one leaf (its gradients ``a`` and ``h``, None without a
     hand, at flat offset o; confined to where both are finite) dotted with autodiff, hand and the tolerances (as
     sqrt(Σ u²·tol²)), in chunks: nothing of the leaf's size is materialised."""
@@ -219,7 +227,7 @@ def _project(seed, j, lo, hi, o, a, h, leaf_max, gmax, rtol, atol, eps, fscale=0
         c = r.shape[0]
         fin, a_s, h_s, mag = _finite_parts(_chunk(a, start, c), None if h is None else _chunk(h, start, c))
         e = jnp.where(valid, _leaf_direction(seed, j, lo, hi, o, r, fin) / norm, 0.0)
-        tol, cast = _tolerance(a_s, mag, leaf_max, gmax, rtol, atol, eps, fscale=fscale)
+        tol, cast = _tolerance(a_s, mag, leaf_max, gmax, rtol, atol, eps, zero=zero)
         hp = jnp.sum(e * h_s) if h_s is not None else jnp.zeros((), jnp.float64)
         return acc + jnp.stack([jnp.sum(e * a_s), hp, jnp.sum((e * e) * (tol * tol)), jnp.sum(jnp.abs(e) * cast)])
 
@@ -477,7 +485,6 @@ def _probe(params, dyn, h_given, exact_idx, seed, h0, rtol, atol, eps, *, fn, ha
     scales = [_leaf_scale(x, y, s) for x, y, s in zip(a, hs, layout.sizes, strict=True)]
     leaf_max = jnp.stack([m for m, _ in scales])
     gmax = jnp.max(leaf_max, initial=0.0)
-    fscale = jnp.where(jnp.isfinite(f0), jnp.abs(f0), 0.0)
 
     # Items: planned elements (all of each exact leaf, the largest gradients of the others), then directions.
     parts = [exact_idx]
@@ -493,6 +500,7 @@ def _probe(params, dyn, h_given, exact_idx, seed, h0, rtol, atol, eps, *, fn, ha
     lo = jnp.asarray(np.array([layout.offsets[i] for i in d_leaf], np.int32))
     hi = jnp.asarray(np.array([layout.offsets[i] + layout.sizes[i] for i in d_leaf], np.int32))
     rms = jnp.stack([jnp.sqrt(jnp.sum(x**2) / max(s, 1)) for x, s in zip(theta, layout.sizes, strict=True)])
+    zero = _zero_roundoff(f0, h0, rms, eps)
     # (h0: each leaf's first step, relative to its elements' sizes)
     i_leaf = jnp.searchsorted(jnp.asarray(np.array(layout.offsets, np.int32)), idx, side="right") - 1
     i_steps = h0[i_leaf] * jnp.maximum(1.0, jnp.abs(_take(params, idx, layout)))
@@ -506,9 +514,9 @@ def _probe(params, dyn, h_given, exact_idx, seed, h0, rtol, atol, eps, *, fn, ha
                    jnp.concatenate([i_steps, d_steps]))
     # Each direction lies within its leaf: projected there, with that leaf's tolerances.
     proj = [_project(seed, j, layout.offsets[i], layout.offsets[i] + layout.sizes[i], layout.offsets[i], a[i], hs[i],
-                     leaf_max[i], gmax, rtol[i], atol, eps, fscale) for i, j in zip(d_leaf, d_j, strict=True)]
+                     leaf_max[i], gmax, rtol[i], atol, eps, zero[i]) for i, j in zip(d_leaf, d_j, strict=True)]
     P = jnp.stack(proj) if proj else jnp.zeros((0, 3), jnp.float64)
-    return _ProbeOut(f0, a, h, leaf_max, items, P, f_ad)
+    return _ProbeOut(f0, a, h, leaf_max, items, P, f_ad, zero)
 
 
 def _dir_items(plan: _Plan) -> tuple[list[int], list[int]]:
@@ -531,11 +539,11 @@ def _items_jit(params, dyn, seed, items, support, *, fn, layout, args_spec, batc
 
 
 @functools.partial(jax.jit, static_argnames=("offset",))
-def _project_jit(a, h, seed, streams, lo, hi, leaf_max, gmax, rtol, atol, eps, fscale, *, offset):
+def _project_jit(a, h, seed, streams, lo, hi, leaf_max, gmax, rtol, atol, eps, zero, *, offset):
     """Random directions within one leaf (its gradients ``a`` and ``h``, None without a hand, at flat offset
     ``offset``) dotted with autodiff, hand and the tolerances, as the probe projects its own: (directions, 3)."""
     return jax.lax.map(lambda x: _project(seed, x[0], x[1], x[2], offset, a, h, leaf_max, gmax, rtol, atol, eps,
-                                         fscale),
+                                         zero),
                        (streams, lo, hi))
 
 

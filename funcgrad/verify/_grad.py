@@ -96,7 +96,7 @@ def _checked_before(key: Any) -> bool:
 
 
 def _tolerances(a: np.ndarray, h: np.ndarray | None, leaf_max: float, gmax: float, tp: tuple,
-                fin: np.ndarray | None = None, fscale: float = 0.0) -> np.ndarray:
+                fin: np.ndarray | None = None, zero: float = 0.0) -> np.ndarray:
     """Per-element analytic tolerances (autodiff against hand) of some elements of a leaf whose largest finite
     max(|a|, |h|) is ``leaf_max`` (``gmax`` over all leaves); ``tp`` = (rtol, atol, eps), as in the probe. ``fin``:
     where both are finite, when known."""
@@ -108,7 +108,7 @@ def _tolerances(a: np.ndarray, h: np.ndarray | None, leaf_max: float, gmax: floa
     mag = np.abs(a_s)
     if h is not None:
         mag = np.maximum(mag, np.abs(h if everywhere else np.where(fin, h, 0.0)))
-    return np.add(*_tolerance(a_s, mag, leaf_max, gmax, rtol, atol, eps, xp=np, fscale=fscale))
+    return np.add(*_tolerance(a_s, mag, leaf_max, gmax, rtol, atol, eps, xp=np, zero=zero))
 
 
 def _first_step(eps_f: np.ndarray) -> np.ndarray:
@@ -171,7 +171,7 @@ class _Engine:
         self.tp = tp  # (a row per leaf, atol, eps) of the analytic tolerances (see _tolerance)
         self.leaf_max = np.asarray(res.leaf_max, np.float64)
         self.gmax = float(np.max(self.leaf_max, initial=0.0))
-        self.fscale = abs(self.f0) if math.isfinite(self.f0) else 0.0  # (see _tolerance)
+        self.zero = np.asarray(res.zero, np.float64)  # per leaf (see _zero_roundoff)
         self.support: list[np.ndarray | None] = [None] * len(layout.sizes)
         self.leaves = [_LeafFacts() for _ in layout.sizes]
         self.global_scale = 0.0  # the largest finite |autodiff| over all leaves
@@ -223,7 +223,7 @@ class _Engine:
             lf.nonfinite += 0 if everywhere else int(np.count_nonzero(nonfinite))
             some = not everywhere  # elements to arbitrate in this chunk (non-finite ones, at least)
             if hc is not None:
-                tol_ah = _tolerances(ac, hc, self.leaf_max[li], self.gmax, self.tp_of(li), fin, self.fscale)
+                tol_ah = _tolerances(ac, hc, self.leaf_max[li], self.gmax, self.tp_of(li), fin, float(self.zero[li]))
                 with np.errstate(invalid="ignore"):
                     diff = np.abs(ac - hc)
                     dis = ~(diff <= tol_ah)
@@ -274,7 +274,7 @@ class _Engine:
         loc = flat - self.layout.offsets[li]
         av = a[loc].astype(np.float64)
         hv = None if h is None else h[loc].astype(np.float64)
-        tol_ah = _tolerances(av, hv, self.leaf_max[li], self.gmax, self.tp_of(li), fscale=self.fscale)
+        tol_ah = _tolerances(av, hv, self.leaf_max[li], self.gmax, self.tp_of(li), zero=float(self.zero[li]))
         tol = np.maximum(tol_ah, self.floor[li])
         for k, i in enumerate(flat):
             self.vals[int(i)] = (float(av[k]), float("nan") if hv is None else float(hv[k]), float(tol[k]),
@@ -401,7 +401,7 @@ class _Engine:
         return np.asarray(_project_jit(a[li], None if h is None else h[li], self.seed,
                                        np.full(len(lo), stream, np.int32), np.asarray(lo, np.int32),
                                        np.asarray(hi, np.int32), self.leaf_max[li], self.gmax, rtol, atol, eps,
-                                       self.fscale, offset=self.layout.offsets[li]))
+                                       float(self.zero[li]), offset=self.layout.offsets[li]))
 
     def ladder(self, items: _Items, tol, initial: np.ndarray | None = None,
                values: Sequence[np.ndarray] = ()) -> _FD:
