@@ -932,3 +932,12 @@ def test_a_learning_rate_change_stopped_before_its_config_is_written_is_judged_a
     assert code == 0 and "the optimizer changed" in out, out + err
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(r["lr"] != 0.05 for r in rows if r["split"] == "train" and r["step"] >= 50)
+
+
+@pytest.mark.parametrize("content", ["garbage", "[]", '{"steps": 50}'])
+def test_a_damaged_summary_of_a_complete_run_is_a_one_line_error_without_json_too(capsys, run, content):
+    (run / "summary.json").write_text(content)
+    before = snapshot(run)
+    code, out, err = cli(capsys, "train", "--resume", "--out", run)
+    assert_one_line_error(code, err, "summary.json")
+    assert snapshot(run) == before

@@ -19,7 +19,7 @@ import numpy as np
 import funcgrad as fg
 from funcgrad import checkpoint, experiment, parallel, verify
 from funcgrad import config as fgconfig
-from funcgrad._checks import check_finite_tree
+from funcgrad._checks import check_finite_tree, describe
 from funcgrad.cli import _files as files
 from funcgrad.cli import _log as log
 from funcgrad.cli import _plots as plots
@@ -302,17 +302,20 @@ def _saved_steps(setup: Any, cfg: Any, saved: dict | None) -> int:
 
 def _summarised(out: Path, steps: int) -> bool:
     """Whether ``summary.json`` describes the run at its last step (a run extended and killed after its last
-    checkpoint, or whose summary could not be written, has none or still the earlier, shorter run's). A summary
-    that cannot be read (written atomically, so damaged by someone) is taken as the run's: reporting it is an error
-    then, and nothing overwrites it."""
-    if not (out / files.SUMMARY).exists() and not (out / files.SUMMARY).is_symlink():
+    checkpoint, or whose summary could not be written, has none or still the earlier, shorter run's). A summary that
+    cannot be read, or is not a run's summary, was damaged by someone (it is written atomically): a one-line error
+    naming it, and nothing overwrites it."""
+    path = out / files.SUMMARY
+    if not path.exists() and not path.is_symlink():
         return False
     try:
-        summary = files.json_load(out / files.SUMMARY)
-    except files.FileError:
-        return True
-    return not isinstance(summary, dict) or (summary.get("steps") == steps
-                                             and not isinstance(summary.get("steps"), bool))
+        summary = files.json_load(path)
+    except files.FileError as e:
+        raise UsageError(f"the run is complete, but {e}") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("train"), dict):
+        raise UsageError(f"the run is complete, but {path} is not a run's summary (an object with 'steps' and "
+                         f"'train'); got {describe(summary)}: the file is damaged (move it away to have it written again)")
+    return summary.get("steps") == steps and not isinstance(summary.get("steps"), bool)
 
 
 def _complete(out: Path, steps: int, default_out: bool) -> str:
