@@ -120,9 +120,12 @@ def _resolve(scales: list[_Scale], tol: np.ndarray, f0: float, final: bool = Fal
     Smooth: both scales smooth and their estimates agree within their errors (uncertainty: the error).
     Kink: the coarser scale sees a kink, and each side's Richardson-extrapolated one-sided derivative is the
     same at both scales (their change is its error) while the two sides stay clearly apart; the interval between them
-    is accepted (uncertainty: half its width plus the error). Kinks near the point, within the larger step
-    only, make the scales disagree or inflate their error, and a finer pair wins. Items that no pair resolves
-    are singular when their one-sided quotients keep growing as the step shrinks.
+    is accepted (uncertainty: half its width plus the error); or, with curvature hiding a small kink from the
+    smoothness test, both scales' one-sided derivatives differ beyond rounding by 1% of themselves, stably (the
+    item's smooth readings are then its midpoint, and none is taken). Kinks near the point, within the larger step
+    only, make the scales disagree or inflate their error, and a finer pair wins. A pair that a finer scale,
+    smooth on its own, contradicts is not read (steps spanning periods). Items that no pair resolves are singular
+    when their one-sided quotients keep growing as the step shrinks.
 
     ``final`` (the ladder is exhausted): an item still unresolved, and not singular, is read from the finest
     scale alone (kinks a little off the point, within the coarser steps, spoil every pair of scales, and
@@ -137,9 +140,9 @@ def _resolve(scales: list[_Scale], tol: np.ndarray, f0: float, final: bool = Fal
         pairs = [_pair(s0, s1, tol) for s0, s1 in itertools.pairwise(scales)]
         # A kink that only the one-sided test sees, beside a curvature that hides it from the smoothness test: the
         # pairs that pass as smooth read its midpoint, not a derivative, with small error bars; none is read.
-        any_kink = np.logical_or.reduce([p.hidden for p in pairs]) if pairs else np.zeros(n, bool)
+        hidden = np.logical_or.reduce([p.hidden for p in pairs]) if pairs else np.zeros(n, bool)
         for k, p in enumerate(pairs):
-            # A reading that a finer, clean scale contradicts was made out of the steps' asymptotic range: sin at
+            # A reading that a finer scale, smooth on its own, contradicts was made out of the steps' asymptotic range: sin at
             # 3000 in float32, its steps of 123 and 12 span periods, and both scales give ~0 with small error bars.
             # (Its error counts the spread of its one-sided derivatives too: a finer scale whose rounding fn's value
             # understates, a variance as mean(w²) − mean(w)² at w ≈ 1000, is off by more than its error bars, and
@@ -148,7 +151,7 @@ def _resolve(scales: list[_Scale], tol: np.ndarray, f0: float, final: bool = Fal
             for s in scales[k + 2 :]:
                 slack = 2 * (p.err + s.err + np.abs(s.rp - s.rm)) + tol
                 contradicted |= s.finite & ~s.nonsmooth & ((s.value < p.lo - slack) | (s.value > p.hi + slack))
-            win = ((p.smooth & ~any_kink) | p.kink) & ~contradicted & (p.unc < best)
+            win = ((p.smooth & ~hidden) | p.kink) & ~contradicted & (p.unc < best)
             best[win] = p.unc[win]
             out.value[win] = p.value[win]
             out.err[win] = p.err[win]
