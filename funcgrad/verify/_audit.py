@@ -951,6 +951,25 @@ def _differentiable(eqn: Any, call: _Call, diff_pos: tuple[int, ...],
     return (ok if works(ok) is None else ()), note, ""
 
 
+def _with_inputs(call: _Call, n_c: int, diff_pos: tuple[int, ...], d: Sequence[Any]) -> list:
+    """The call's inputs (its ``n_c`` constants first) with the differentiated ones (``diff_pos``) replaced by ``d``."""
+    xs = list(call.inputs)
+    for i, x in zip(diff_pos, d, strict=True):
+        xs[n_c + i] = x
+    return xs
+
+
+def _call_outputs(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple[int, ...]) -> Callable:
+    """The rule's floating outputs at this call as a function of its differentiated inputs (bound as fn binds it)."""
+    n_c = int(eqn.params.get("num_consts", 0))
+
+    def outs(*d: Any) -> list:
+        res = _bind(eqn, _with_inputs(call, n_c, diff_pos, d))
+        return [res[j] for j in float_outs]
+
+    return outs
+
+
 def _forward_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple[int, ...]) -> str:
     """Where the rule's primal output under differentiation (what its ``fwd``, or its JVP rule, returns) differs
     from its primal function's at this call, beyond the output dtype's tolerance: a description, else "". Under
@@ -960,12 +979,7 @@ def _forward_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: t
     n_c = int(eqn.params.get("num_consts", 0))
     ins = list(call.inputs)
 
-    def outs(*d: Any) -> list:
-        xs = list(ins)
-        for i, x in zip(diff_pos, d, strict=True):
-            xs[n_c + i] = x
-        res = _bind(eqn, xs)
-        return [res[j] for j in float_outs]
+    outs = _call_outputs(eqn, call, diff_pos, float_outs)
 
     try:
         under = jax.vjp(outs, *(ins[n_c + i] for i in diff_pos))[0]
@@ -1119,10 +1133,7 @@ def _held_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tupl
     primal = jaxpr_as_fun(_call_jaxpr(eqn))
 
     def scalar(bind: Callable, *d: Any) -> Any:
-        xs = list(ins)
-        for i, x in zip(diff_pos, d, strict=True):
-            xs[n_c + i] = x
-        outs = bind(xs)
+        outs = bind(_with_inputs(call, n_c, diff_pos, d))
         return sum(jnp.vdot(jnp.where(m, outs[j], 0), c) for j, (c, m) in zip(float_outs, cts, strict=True))
 
     d0 = [ins[n_c + i] for i in diff_pos]
@@ -1168,12 +1179,7 @@ def _nonlinear_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs:
     ins = list(call.inputs)
     cts, _ = extra
 
-    def outs(*d: Any) -> list:
-        xs = list(ins)
-        for i, x in zip(diff_pos, d, strict=True):
-            xs[n_c + i] = x
-        res = _bind(eqn, xs)
-        return [res[j] for j in float_outs]
+    outs = _call_outputs(eqn, call, diff_pos, float_outs)
 
     def exact(c: Any, a: float) -> bool:  # every nonzero cotangent element stays finite and normal scaled by a
         v = np.abs(np.asarray(c, np.float64)) * a

@@ -1090,6 +1090,12 @@ def _rows(items: _Items, P: np.ndarray, engine: _Engine, has_hand: bool, user: b
     return rows
 
 
+def _between_sides(it: _Item, v: float | None) -> bool:
+    """Whether a value (None: no value) lies between an element's one-sided derivatives, within its reading's error."""
+    slack = 2 * it.fd_err + 1e-9 * max(abs(it.lo), abs(it.hi))
+    return v is None or min(it.lo, it.hi) - slack <= v <= max(it.lo, it.hi) + slack
+
+
 def _waive_kinked_directions(items: list[_Item], extra: list[str]) -> None:
     """A leaf checked element by element, each element at a kink between its one-sided derivatives: a random
     direction whose reading crosses kinks tells nothing the elements did not. Along several kinks at once (ReLUs of
@@ -1099,11 +1105,7 @@ def _waive_kinked_directions(items: list[_Item], extra: list[str]) -> None:
     # Only where each element passed at a kink lies between its own one-sided derivatives: a value outside them
     # that passed as one of several kinks meeting at the element (the lenient reading) may be wrong, and the
     # direction is then the evidence left. (An element that fails decides the row itself.)
-    def inside(it: _Item, v: float | None) -> bool:
-        slack = 2 * it.fd_err + 1e-9 * max(abs(it.lo), abs(it.hi))
-        return v is None or min(it.lo, it.hi) - slack <= v <= max(it.lo, it.hi) + slack
-
-    if not all(inside(it, it.A) and inside(it, it.H) for it in items
+    if not all(_between_sides(it, it.A) and _between_sides(it, it.H) for it in items
                if it.index is not None and it.kink and it.verdict not in _FAILING):
         return
     waived = [it for it in items if it.index is None and it.kink and it.verdict in _FAILING]
@@ -1122,16 +1124,12 @@ def _waive_explained_directions(items: list[_Item], extra: list[str]) -> None:
     account for, and one side fits its reading, it tells nothing the elements did not; it is reported ``kink``.
     A gap beyond that is evidence left (errors each below an element's tolerance that add up), and is judged."""
     elements = [it for it in items if it.index is not None]
-    kinks = [it for it in elements if it.kink and it.H is not None]
+    kinks = [(it, it.H) for it in elements if it.kink and it.H is not None]
     if not kinks or any(it.verdict in _FAILING for it in elements):
         return
-    budget = 0.0
-    for it in kinks:
-        h = it.H if it.H is not None else math.nan  # (kinks holds items with a hand value)
-        slack = 2 * it.fd_err + 1e-9 * max(abs(it.lo), abs(it.hi))
-        if not all(min(it.lo, it.hi) - slack <= v <= max(it.lo, it.hi) + slack for v in (it.A, h)):
-            return
-        budget += abs(it.A - h)  # (each direction is a unit vector)
+    if not all(_between_sides(it, it.A) and _between_sides(it, h) for it, h in kinks):
+        return
+    budget = sum(abs(it.A - h) for it, h in kinks)  # (each direction is a unit vector)
 
     def one_side_fits(it: _Item) -> bool:
         h = it.H if it.H is not None else math.nan  # (asked only of items with a hand value)
