@@ -794,6 +794,42 @@ def test_a_python_float_beside_arrays_is_held_fixed_as_equinox_holds_it():
 
 
 
+@pytest.mark.parametrize("slip", [1.0, 1.01])
+def test_a_python_float_field_in_python_control_flow_stays_a_number(slip):
+    # An equinox module's `scale: float`, read by Python control flow: it is held fixed, so fn must see the number
+    # itself (equinox.filter_grad passes it so); it was traced as an array ("boolean conversion of traced array").
+    @jax.custom_jvp
+    def softplus(x):
+        return jnp.logaddexp(x, 0.0)
+
+    softplus.defjvps(lambda t, y, x: slip * t * jax.nn.sigmoid(x))
+
+    class Block(eqx.Module):
+        lin: eqx.nn.Linear
+        scale: float
+
+        def __call__(self, x):
+            h = softplus(self.lin(x))
+            return h * self.scale if self.scale != 1.0 else h
+
+    m = Block(eqx.nn.Linear(3, 4, key=jax.random.key(0)), 0.5)
+    x = jnp.array([0.3, -1.2, 2.0])
+
+    def loss(m, x):
+        return jnp.sum(m(x) ** 2)
+
+    def reference(m, x):  # the same loss through the library's softplus
+        h = jax.nn.softplus(m.lin(x))
+        return jnp.sum((h * m.scale if m.scale != 1.0 else h) ** 2)
+
+    report = verify.check_grad(loss, m, x, hand=eqx.filter_grad(reference))
+    assert [r.path for r in report.rows] == [".lin.weight", ".lin.bias"], report
+    assert report.verdict == (verify.Verdict.OK if slip == 1.0 else verify.Verdict.AUTODIFF_WRONG), report
+    audit = verify.audit(loss, m, x)
+    assert [r.rule for r in audit.rows] == ["softplus"], audit
+    assert audit.verdict == (verify.Verdict.OK if slip == 1.0 else verify.Verdict.AUTODIFF_WRONG), audit
+
+
 @pytest.mark.parametrize("slip", [1.0, 1.04])
 def test_a_bfloat16_hand_leaf_loosens_only_its_own_tolerance(slip):
     # A mixed-precision policy casts one leaf's gradient to bfloat16 (5% tolerance there); a 4% slip in a float64

@@ -47,7 +47,7 @@ from funcgrad._checks import describe, in_range
 from funcgrad.verify._compiled import _sub_jaxprs as _sub
 from funcgrad.verify._fd import _default_rtol
 from funcgrad.verify._grad import _check_grad_impl, _environment_versions
-from funcgrad.verify._inputs import _isolating, _wrt_mask
+from funcgrad.verify._inputs import _default_mask, _isolating, _wrt_mask
 from funcgrad.verify._report import _FAILING, AuditReport, AuditRow, GradReport, Row, Verdict, _combine_verdicts
 
 _CUSTOM = {"custom_vjp_call": "custom_vjp", "custom_vjp_call_jaxpr": "custom_vjp", "custom_jvp_call": "custom_jvp"}
@@ -1301,12 +1301,13 @@ def audit(
     _check_options(fn, max_calls, library, exclude, mode, seed, rtol, atol)
     leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs))
     n_params = len(jax.tree_util.tree_leaves(params))
-    is_arr = [isinstance(x, (jax.Array, np.ndarray, np.generic)) or (isinstance(x, float) and i < n_params)
-              for i, x in enumerate(leaves)]
     mask = _wrt_mask(params, wrt, n_params, "audit")
     if mask is None:
-        mask = [jnp.issubdtype(jnp.result_type(x), jnp.inexact) if is_arr[i] else False
-                for i, x in enumerate(leaves[:n_params])]
+        mask = _default_mask(leaves[:n_params])
+    # (a Python float in params is traced where it is differentiated, as check_grad does; elsewhere it is static)
+    is_arr = [isinstance(x, (jax.Array, np.ndarray, np.generic)) or (isinstance(x, float) and i < n_params and mask[i])
+              for i, x in enumerate(leaves)]
+    mask = [m and is_arr[i] for i, m in enumerate(mask)]
     arrays = [jnp.asarray(x) for x, a in zip(leaves, is_arr, strict=True) if a]
     taint = [bool(i < n_params and mask[i]) for i, a in enumerate(is_arr) if a]
 

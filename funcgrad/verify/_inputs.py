@@ -138,6 +138,15 @@ def _is_inexact(leaf: Any) -> bool:
     return dt is not None and jnp.issubdtype(dt, jnp.inexact)
 
 
+def _default_mask(leaves: Sequence[Any]) -> list[bool]:
+    """The leaves differentiated by default: inexact arrays; and Python floats, which are points to differentiate
+    at (the book's chapter-9 examples: f(2.0)) when no other leaf is a floating array. Beside arrays (a module's
+    hyperparameters: equinox.nn.Dropout's p) they are held fixed, as equinox.filter_grad holds them. ints stay
+    integers."""
+    floats_are_points = not any(_is_inexact(x) for x in leaves if not isinstance(x, float))
+    return [floats_are_points if isinstance(x, float) else _is_inexact(x) for x in leaves]
+
+
 def _wrt_mask(params: Any, wrt: Any, n: int, who: str = "check_grad") -> list[bool] | None:
     """``wrt`` as one bool per leaf: None (default), a predicate, or a pytree (prefix) of bools (``who``: the
     function whose argument it is, for the messages)."""
@@ -181,15 +190,13 @@ def _select(params: Any, wrt: Any) -> tuple[_Selection, list[str]]:
     if not flat:
         raise ValueError("check_grad: params has no leaves; pass the arrays to differentiate with respect to")
     paths = tuple(jax.tree_util.keystr(p) for p, _ in flat)
-    # Python floats are points to differentiate at (the book's chapter-9 examples: f(2.0)) when params holds no
-    # floating array; beside arrays (a module's hyperparameters: equinox.nn.Dropout's p) they are held fixed, as
-    # equinox.filter_grad holds them. ints stay integers.
-    floats_are_points = not any(_is_inexact(x) for _, x in flat if not isinstance(x, float))
-    leaves = tuple(jnp.asarray(x) if isinstance(x, float) else x for _, x in flat)
-    mask = _wrt_mask(params, wrt, len(leaves))
+    raw = [x for _, x in flat]
+    mask = _wrt_mask(params, wrt, len(raw))
     if mask is None:
-        mask = [_is_inexact(x) and (floats_are_points or not isinstance(raw, float))
-                for x, (_, raw) in zip(leaves, flat, strict=True)]
+        mask = _default_mask(raw)
+    # A differentiated Python float becomes an array; one held fixed stays a Python float, static to fn's trace
+    # (a module's `if self.scale != 1.0:` must see a number, as it does under equinox.filter_grad).
+    leaves = tuple(jnp.asarray(x) if isinstance(x, float) and m else x for x, m in zip(raw, mask, strict=True))
     errors = []
     for path, leaf, d in zip(paths, leaves, mask, strict=True):
         if not d:
