@@ -371,3 +371,32 @@ def test_the_own_precision_check_allows_a_cast_hand_its_rounding():
     report = verify.check_grad(lambda W: 0.5 * k * jnp.sum(W**2), jnp.asarray(W),
                                hand=lambda W: (k * W).astype(jnp.bfloat16))
     assert report.ok, report
+
+
+@pytest.mark.parametrize("tie", [0.0, 1.0, 3.0])
+def test_a_hand_branch_that_only_float32_ties_take_is_judged_at_float32(tie):
+    # An MAE whose float32 residuals are exactly 0 at three samples (labels set to the float32 output), where
+    # float64 leaves them ~1e-8: the book's hand takes np.sign's 0 there (or +1, the other valid one-sided choice);
+    # a hand giving those samples 3 is wrong, but only its float32 run takes that branch: it passed as kink.
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((60, 3)).astype(np.float32)
+    p = {"w": rng.standard_normal(3).astype(np.float32), "b": np.float32(0.3) * np.ones(1, np.float32)}
+    y = np.sin(X[:, 0]).astype(np.float32)
+    y[[3, 17, 40]] = (X @ p["w"] + p["b"])[[3, 17, 40]]
+
+    def loss(p, X, y):
+        return jnp.mean(jnp.abs(X @ p["w"] + p["b"] - y))
+
+    def hand(p, X, y):
+        r = X @ p["w"] + p["b"] - y
+        s = np.sign(r)
+        s[r == 0] = tie
+        return {"w": X.T @ s / len(y), "b": np.array([s.mean()], r.dtype)}
+
+    assert ((X @ p["w"] + p["b"] - y) == 0).sum() == 3  # the premise: exact ties in float32
+    report = verify.check_grad(loss, p, X, y, hand=hand)
+    if tie == 3.0:
+        assert report.verdict == "hand_wrong", report
+        assert "only the lower precision" in " ".join(r.note for r in report.rows), report
+    else:
+        assert report.ok, report

@@ -1370,4 +1370,45 @@ def _user_precision(li: int, engine: _Engine, has_hand: bool, eps: float, skip=(
             it = _make_item(blame, np.unravel_index(i, shape), a_u, h_u if has_hand else None, N=ref)
             it.user_precision = True
             items.append(it)
+    if has_hand and not items:
+        items += _user_branch(li, engine, eps, skip, extra)
     return extra, items
+
+
+def _user_branch(li: int, engine: _Engine, eps: float, skip, extra: list[str]) -> list[_Item]:
+    """Where both sides move at the parameters' own precision (neither grossly more than the other): each one's
+    element that moved most, against finite differences there. A side outside what they allow (a kink's interval
+    too), while the other lies inside, is wrong at that precision only: a branch that only the lower precision
+    takes, as float32 makes a residual exactly 0 (an MAE tie) where float64 leaves it 1e-9, and a hand that
+    mishandles that tie (3/N for np.sign(0)) passed while its float64 copy was right. Appends to ``extra``."""
+    lf, shape, o = engine.leaves[li], engine.layout.shapes[li], engine.layout.offsets[li]
+    items: list[_Item] = []
+    for k, name in enumerate(("autodiff", "hand")):
+        r, _, best = lf.user[name]
+        # (a hand that rounds its result, to bfloat16 say, rounds each precision's gradient apart by an ulp there)
+        e = max(eps, float(engine.tp[0][li][1])) if name == "hand" else eps
+        if name in skip or best is None or r <= max(1e-3, 30 * e):
+            continue
+        i = int(best[0])
+        values = lf.user_at[i]
+        fd = engine.at_elements(np.array([o + i]))
+        if not (fd.finite[0] and fd.resolved[0]) or fd.singular[0]:
+            continue
+        lo, hi = float(fd.lo[0]), float(fd.hi[0])
+        if fd.near_kink[0] and fd.near_lo is not None and fd.near_hi is not None and math.isfinite(fd.near_lo[0]):
+            lo, hi = min(lo, float(fd.near_lo[0])), max(hi, float(fd.near_hi[0]))
+        scale = max(lf.ref_max[name], engine.global_scale, 1e-300)
+        slack = 2 * float(fd.err[0]) + max(1e-3, 30 * e) * scale
+        inside = [lo - slack <= v <= hi + slack for v in values]
+        if inside[k] or not inside[1 - k]:
+            continue
+        index = tuple(int(j) for j in np.unravel_index(i, shape))
+        extra.append(f"{name} at the parameters' own precision ({values[k]:.6g}) lies outside what finite differences "
+                     f"allow at {list(index)} ([{lo:.6g}, {hi:.6g}] ± {slack:.3g}), though right in float64; "
+                     f"{'hand' if name == 'autodiff' else 'autodiff'} ({values[1 - k]:.6g}) lies inside: a branch "
+                     "that only the lower precision takes (an exact tie, a comparison with ==)?")
+        it = _make_item(Verdict.AUTODIFF_WRONG if name == "autodiff" else Verdict.HAND_WRONG, index, values[0],
+                        values[1], fd)
+        it.user_precision = True
+        items.append(it)
+    return items
