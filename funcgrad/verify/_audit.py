@@ -59,6 +59,7 @@ _LIBRARIES = ("jax", "jaxlib", "flax", "equinox", "optax", "chex", "haiku")
 # argument but the first through one): a custom rule's input made by one is held fixed. (Probing by trying to
 # differentiate fails inside the framework's rule and leaves its memoized traces unusable.)
 _MARKERS = ("_nondifferentiable", "nondifferentiable")
+_CUSTOM_ROOT = "_custom_root"  # the primal of lax.custom_root's custom_jvp
 _SEARCH_LIMIT = 400  # objects looked at when searching a wrapper's closures for the user's function
 _BROKEN = "the rule's derivative fails at this call: "  # a call whose rule cannot be differentiated (see _defect)
 _SITE_LOOKBACK = 16  # equations looked back at for the call site of a rule traced without the user's frames
@@ -199,7 +200,13 @@ def _identify(eqn: Any) -> _Rule:
         user = next((u for k in ("fwd", "fwd_jaxpr_thunk") if (u := _user_function(eqn.params.get(k))) is not None),
                     None)
     if user is not None and kind == "custom_jvp":
-        user = _primal_of(user) or user
+        primal = _primal_of(user)
+        if primal is None and m and _primal_frame(eqn) is None:
+            # The user's rule on a library function (jax.custom_jvp(jnp.tanh), then defjvps(...)): no user code in
+            # the primal. Named after that function (not after the rule, often a lambda), found at the rule.
+            code = user.__code__
+            return _Rule(kind, name, _short(code.co_filename, code.co_firstlineno), False)
+        user = primal or user
     frame = _primal_frame(eqn) if user is not None else None  # (a rule of the user's; named after its primal)
     if frame is not None:
         fname = frame.function_name.rsplit(".", 1)[-1]
@@ -282,6 +289,44 @@ def _machinery(frame: Any) -> bool:
     """Whether a frame is JAX's tracing machinery (which runs for every rule), not code that defines one."""
     name = frame.file_name
     return f"{os.sep}interpreters{os.sep}" in name or (_is_library(name) and name.endswith(_MACHINERY))
+
+
+def _solver_rules(jaxpr: Any) -> collections.Counter:
+    """The derivative rules that JAX's implicit-differentiation solvers take from the user, which audit does not
+    check in isolation: a ``lax.custom_linear_solve`` whose ``solve`` or ``transpose_solve`` is the user's (its
+    derivative is made of them; the libraries' own, jnp.linalg.solve's and jax.scipy's cg, are theirs), and a
+    ``lax.custom_root`` (its ``tangent_solve`` gives the derivative). Counted per rule, at any depth."""
+    found: collections.Counter = collections.Counter()
+    seen: set[int] = set()
+
+    def source(closed: Any) -> tuple[str, str, bool] | None:
+        info = getattr(getattr(closed, "jaxpr", None), "debug_info", None)
+        m = re.match(r"^(.*) at (.*):(\d+)$", getattr(info, "func_src_info", None) or "")
+        return (m.group(1), _short(m.group(2), m.group(3)), _is_library(m.group(2))) if m else None
+
+    def walk(jx: Any) -> None:
+        if id(jx) in seen:
+            return
+        seen.add(id(jx))
+        for eqn in jx.eqns:
+            if eqn.primitive.name == "custom_linear_solve":
+                fns = eqn.params["jaxprs"]
+                found_here = [src for which in ("transpose_solve", "solve")
+                              if (src := source(getattr(fns, which, None))) is not None]
+                user = [src for src in found_here if not src[2]]
+                if user:
+                    name, where, _ = user[0]
+                    found[_Rule("custom_linear_solve", name, where, False)] += 1
+            elif eqn.primitive.name == "custom_jvp_call":
+                src = source(eqn.params.get("call_jaxpr"))
+                if src is not None and src[0] == _CUSTOM_ROOT and src[2]:
+                    found[_Rule("custom_root", "custom_root", _call_site(eqn), False)] += 1
+                    continue  # (the solves it makes of tangent_solve are that one rule)
+            for sub in _sub(eqn):
+                walk(sub)
+
+    walk(jaxpr)
+    return found
 
 
 def _inlined_sites(closed: Any) -> dict[tuple[str, str], tuple[Any, bool | None]]:
@@ -454,7 +499,9 @@ class _Walker:
         return self._instances[id(eqn)]
 
     def audited(self, rule: _Rule) -> bool:
-        return (self.library or not rule.library) and rule.name not in self.exclude
+        # (lax.custom_root's rule is JAX's implicit differentiation around the user's tangent_solve: reported as not
+        # checked, see _solver_rules; checked as a library rule, its f's constants moved apart from the solve's)
+        return (self.library or not rule.library) and rule.name not in self.exclude and rule.name != _CUSTOM_ROOT
 
     def holds(self, jaxpr: Any) -> bool:
         """Whether the jaxpr calls, at any depth, a custom rule at all (audited or not)."""
@@ -542,6 +589,8 @@ class _Walker:
         return res[:n]
 
     def _tally(self, rule: _Rule, times: int = 1) -> None:
+        if rule.name == _CUSTOM_ROOT:
+            return  # (a row of its own: see _solver_rules)
         if rule.library and not self.library:
             self.library_rules[rule] += times
         elif rule.name in self.exclude:
@@ -1358,6 +1407,18 @@ def audit(
                  f"(max_calls={max_calls} iterations walked per loop); audit with max_calls at least the loop's "
                  "length to check it"))
              for rule, n in walker.seen.items() if rule not in walker.calls and rule not in walker.unentered_rules]
+    # The user's solves inside JAX's implicit-differentiation solvers: their derivative, not checked here.
+    for rule, n in _solver_rules(closed.jaxpr).items():
+        if rule.name in walker.exclude:
+            walker.excluded[rule] += n
+            continue
+        what = ("its solve / transpose_solve define the derivative (of the solution with respect to b and to "
+                "matvec's operands)") if rule.kind == "custom_linear_solve" else \
+            "its tangent_solve defines the derivative (by the implicit function theorem)"
+        rows.append(_valueless_row(rule, Verdict.FD_UNRELIABLE, seen=n, note=(
+            f"not checked: lax.{rule.kind} at {rule.source}: {what}, and audit does not check such solvers in "
+            "isolation; check_grad(fn, params, *args) checks the gradient they give, or exclude this rule by its "
+            f"name ({rule.name!r})")))
     notes = _notes(walker, any(walker.audited(r) for _, r in inlined))
     env = {**_environment_versions(), "max_calls": max_calls, "library": library, "exclude": sorted(exclude),
            "seed": seed, "mode": mode, "rtol": rtol, "atol": atol}
@@ -1481,8 +1542,11 @@ def _notes(walker: _Walker, inlined: bool = False) -> list[str]:
         notes.append("excluded: " + ", ".join(f"{r.name} ({n} call(s))" for r, n in walker.excluded.items()))
     unused = sorted(walker.exclude - {r.name for r in walker.excluded})
     if unused:
+        names = sorted({r.name for r in walker.calls} | {r.name for r in walker.excluded})
         notes.append(f"exclude names {', '.join(map(repr, unused))}, but fn calls no rule of that name: nothing "
-                     "excluded for it (a misspelt name?)")
+                     "excluded for it (a misspelt name?); the rules fn calls are named "
+                     + (", ".join(map(repr, names[:12])) if names else "(none)")
+                     + " (a rule on a library function, jax.custom_jvp(jnp.tanh), is named after that function)")
     if walker.unentered:
         notes.append("custom rules inside " + ", ".join(sorted(walker.unentered)) + " were counted but not checked: "
                      "funcgrad does not enter these primitives")
