@@ -56,6 +56,8 @@ def test_verify_everything_passes(tmp_path):
 # ---- funcgrad verify --audit TARGET ----------------------------------------------------------------------------
 
 TARGET = '''
+import sys
+
 import jax
 import jax.numpy as jnp
 
@@ -108,6 +110,17 @@ def not_callable():
 
 def raises():
     raise RuntimeError("the data folder is missing")
+
+
+def exits():
+    sys.exit(0)
+
+
+def exits_in_fn():
+    def fn(w):
+        sys.exit(0)
+
+    return fn, jnp.ones(2)
 
 
 def fails_to_trace():
@@ -186,6 +199,17 @@ def test_audit_of_a_target_that_raises_shows_where_and_exits_2(target, capsys):
     assert last == f"funcgrad verify: --audit {target}:raises: loading or calling it raised RuntimeError"
     assert cli.main(["verify", "--audit", f"{target}:fails_to_trace"]) == 2
     assert "the function failed to trace (TypeError)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["setup", "file", "fn"])
+def test_audit_of_a_target_that_exits_is_not_a_pass(target, capsys, where):
+    # A file ending in sys.exit(0) (a script) audited nothing, silently, with status 0: a CI job read that as a pass.
+    if where == "file":
+        target.write_text(target.read_text() + "\nsys.exit(0)\n")
+    name = {"setup": "exits", "file": "setup", "fn": "exits_in_fn"}[where]
+    assert cli.main(["verify", "--audit", f"{target}:{name}"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "SystemExit: 0" in captured.err and "nothing was audited" in captured.err
 
 
 def test_audit_options_that_do_not_combine(target, capsys):

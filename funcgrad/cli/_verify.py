@@ -160,9 +160,18 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         print(f"funcgrad verify: --audit {args.audit}: loading or calling it raised {type(e).__name__}",
               file=sys.stderr)
         return 2
+    except SystemExit as e:  # the user's file ends in sys.exit(): nothing audited, which is not a pass
+        print(f"funcgrad verify: --audit {args.audit}: loading or calling it exited (SystemExit: {e.code!r}) "
+              "before returning (fn, params, *args), so nothing was audited; guard the file's script part with "
+              "`if __name__ == \"__main__\":`", file=sys.stderr)
+        return 2
     with _on_path(folder):
         try:
             report = audit(fn, params, *rest, max_calls=max_calls, seed=args.seed)
+        except SystemExit as e:
+            print(f"funcgrad verify: --audit {args.audit}: the function exited while being traced (SystemExit: "
+                  f"{e.code!r}), so nothing was audited", file=sys.stderr)
+            return 2
         except Exception as e:
             if not any("verify.audit traces fn" in n for n in getattr(e, "__notes__", ())):
                 raise
