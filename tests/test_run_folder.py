@@ -248,6 +248,20 @@ def test_a_checkpoint_that_logged_past_its_step_is_refused(capsys, run):
     assert_one_line_error(code, err, "logged step 50 before being written at step 50")
 
 
+def test_a_checkpoint_written_by_another_config_is_refused(capsys, run):
+    # spiral_l2's checkpoint has spiral's shapes: copied into a spiral run, it was continued with spiral's rate and
+    # no L2 (and evaluated) as if it were that run's own.
+    data = (run / "checkpoint.npz").read_bytes()
+    state, meta = checkpoint.from_bytes(data, like(run)), checkpoint.metadata(data)
+    assert meta["config"] == "spiral"
+    write_checkpoint(run, state, {**meta, "config": "spiral_l2"})
+    before = snapshot(run)
+    for args in (["train", "--out", run, "--resume", "--set", "train.epochs=60"], ["evaluate", "--run", run]):
+        code, _, err = cli(capsys, *args)
+        assert_one_line_error(code, err, "written by a run of config 'spiral_l2'", "this run's config is 'spiral'")
+    assert snapshot(run) == before
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Damaged or hostile files
 

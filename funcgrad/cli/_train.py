@@ -277,6 +277,11 @@ def _read_checkpoint(out: Path, like: Any, cfg: Any) -> tuple[Any, int, dict]:
     except (files.FileError, checkpoint.CheckpointError, ImportError) as e:
         msg = str(e)
         raise UsageError(msg if msg.startswith((str(ckpt), str(ckpt.absolute()))) else f"{ckpt}: {msg}") from None
+    written_by = meta.get("config")
+    if isinstance(written_by, str) and written_by != cfg.name:
+        # (another run's checkpoint copied in: same shapes, another learning rate or regularisation)
+        raise UsageError(f"{ckpt}: written by a run of config {written_by!r}, but this run's config is {cfg.name!r}; "
+                         "a checkpoint continues only the run that wrote it")
     return state, _validate_state(state, meta, ckpt), meta
 
 
