@@ -355,7 +355,10 @@ def loads(text: str, *, name: str | None = None, overrides: Sequence[str] = (), 
     try:
         return from_dict(raw)
     except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
+        msg = str(e)
+        # (a value a --set gave is that argument's mistake, not the file's)
+        given = [item for item in overrides if msg.startswith(item.split("=", 1)[0].strip() + ":")]
+        raise ConfigError(f"--set {given[-1]}: {msg}" if given else f"{source}: {msg}") from None
 
 
 MAX_CONFIG_BYTES = 1024 * 1024

@@ -90,6 +90,13 @@ def test_errors_name_the_key_the_value_and_what_is_allowed(text, overrides, matc
         config.loads(text, overrides=overrides)
 
 
+def test_a_bad_set_value_is_blamed_on_the_set_not_the_file():
+    with pytest.raises(config.ConfigError, match=r"^--set train.epochs=abc: train.epochs: expected an integer >= 1"):
+        config.loads("[train]\nepochs = 3", overrides=["train.epochs=abc"], source="spiral.toml")
+    with pytest.raises(config.ConfigError, match=r"^spiral.toml: train.epochs: expected an integer >= 1, got -3"):
+        config.loads("[train]\nepochs = -3", overrides=["optimizer.learning_rate=0.5"], source="spiral.toml")
+
+
 def test_overrides_parse_toml_values():
     cfg = config.loads("", overrides=["optimizer.learning_rate=0.02", "model.sizes=[32, 3]", "model.activation=tanh",
                                       "data.exact=true", "name=demo"])
