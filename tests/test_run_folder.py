@@ -248,6 +248,27 @@ def test_a_checkpoint_that_logged_past_its_step_is_refused(capsys, run):
     assert_one_line_error(code, err, "logged step 50 before being written at step 50")
 
 
+def test_a_ctrl_c_that_python_only_printed_as_ignored_still_stops_training(capsys, tmp_path, monkeypatch):
+    # Ctrl-C landing in JAX's garbage-collection callback is printed as "Exception ignored" and swallowed: training
+    # went on to its last step and exited 0. The flag the handler sets stops it at the next chunk.
+    from funcgrad.cli import _train
+
+    chunk = _train._Loop._chunk
+
+    def swallowed(self, state, m):
+        _train._INTERRUPTED.set()  # (what the handler records before Python drops its KeyboardInterrupt)
+        return chunk(self, state, m)
+
+    monkeypatch.setattr(_train._Loop, "_chunk", swallowed)
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, "train", "--out", out, *SMALL)
+    assert code == 130 and "interrupted" in err, err
+    monkeypatch.setattr(_train._Loop, "_chunk", chunk)
+    code, _, err = cli(capsys, "train", "--out", out, "--resume")
+    assert code == 0, err
+    assert json.loads((out / "summary.json").read_text())["steps"] == 50
+
+
 def test_a_checkpoint_written_by_another_config_is_refused(capsys, run):
     # spiral_l2's checkpoint has spiral's shapes: copied into a spiral run, it was continued with spiral's rate and
     # no L2 (and evaluated) as if it were that run's own.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import jax
 
-from funcgrad.cli._train import UsageError, cmd_evaluate, cmd_train
+from funcgrad.cli._train import UsageError, cmd_evaluate, cmd_train, interruptible
 from funcgrad.cli._verify import cmd_verify
 from funcgrad.config import packaged
 from funcgrad.verify import verify_suite
@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _enable_compilation_cache()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), interruptible():
             if getattr(args, "quiet", False) and not sys.warnoptions:  # --quiet prints nothing but errors; -W still rules
                 warnings.simplefilter("ignore")
             return args.handler(args)
@@ -135,4 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print(f"funcgrad {args.command}: interrupted", file=sys.stderr)
+        if argv is None:  # the command itself (not a caller in Python): leave now
+            # (XLA's compiler threads, interrupted mid-compilation, can crash the interpreter's shutdown: a SIGSEGV
+            # instead of status 130. The run's files are complete; the lock goes with the process.)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         return 130

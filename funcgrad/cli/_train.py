@@ -8,8 +8,11 @@ import dataclasses
 import importlib.util
 import json
 import math
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,32 @@ RESUMABLE = {("train", "epochs"), ("train", "verify"), ("train", "log_every"), (
 
 class UsageError(Exception):
     """A user mistake the CLI reports in one line, exiting with status 2."""
+
+
+# Ctrl-C seen during a command. Python raises KeyboardInterrupt where the main thread happens to be; inside a
+# callback (JAX's garbage-collection hook) it is only printed as "ignored", and training went on to its end with
+# status 0. The training loop checks this between chunks.
+_INTERRUPTED = threading.Event()
+
+
+def _on_sigint(signum: int, frame: Any) -> None:  # noqa: ARG001 - a signal handler's signature
+    _INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Records Ctrl-C (see :data:`_INTERRUPTED`) while a command runs, where Python's own handler is in place."""
+    _INTERRUPTED.clear()
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _default_config() -> Path:
@@ -652,6 +681,8 @@ class _Loop:
                 problem = self._chunk(final, m)
                 if parallel.any_process(problem is not None):
                     return self._stop(problem)
+                if _INTERRUPTED.is_set():  # a Ctrl-C that Python printed as "ignored" (see _INTERRUPTED)
+                    raise KeyboardInterrupt
         finally:
             self.progress.close()  # (the bar's last line ends before any message)
         self.params = parallel.gather(final).params
