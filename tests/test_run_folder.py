@@ -248,6 +248,27 @@ def test_a_checkpoint_that_logged_past_its_step_is_refused(capsys, run):
     assert_one_line_error(code, err, "logged step 50 before being written at step 50")
 
 
+@pytest.mark.parametrize("edit", ["seed", "learning_rate"])
+def test_a_config_json_edited_by_hand_no_longer_matches_its_checkpoint(capsys, run, edit):
+    # Another seed draws other data: evaluate reported "the run's validation data (as in summary.json)" on data
+    # the run never saw, and a resume trained on it. A learning rate is a setting --resume may change.
+    cfg = json.loads((run / "config.json").read_text())
+    if edit == "seed":
+        cfg["seed"] = cfg["seed"] + 1
+    else:
+        cfg["optimizer"]["learning_rate"] = cfg["optimizer"]["learning_rate"] / 2
+    (run / "config.json").write_text(json.dumps(cfg))
+    before = snapshot(run)
+    for args in (["evaluate", "--run", run], ["train", "--out", run, "--resume", "--set", "train.epochs=60"]):
+        code, _, err = cli(capsys, *args)
+        if edit == "seed":
+            assert_one_line_error(code, err, "written by a run with other settings than", "config.json edited?")
+        else:
+            assert code == 0, err
+    if edit == "seed":
+        assert snapshot(run) == before
+
+
 def test_a_ctrl_c_that_python_only_printed_as_ignored_still_stops_training(capsys, tmp_path, monkeypatch):
     # Ctrl-C landing in JAX's garbage-collection callback is printed as "Exception ignored" and swallowed: training
     # went on to its last step and exited 0. The flag the handler sets stops it at the next chunk.

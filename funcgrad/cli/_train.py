@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import math
@@ -291,6 +292,16 @@ def _orbax_missing() -> str | None:
     return None
 
 
+def _settings_digest(cfg: Any) -> str:
+    """A digest of the settings that decide what a run computes: all but its name and those --resume may change."""
+    settings = fgconfig.to_dict(cfg)
+    settings.pop("name", None)
+    for section, key in RESUMABLE:
+        if isinstance(settings.get(section), dict):
+            settings[section].pop(key, None)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def _read_checkpoint(out: Path, like: Any, cfg: Any) -> tuple[Any, int, dict]:
     ckpt = _checkpoint_path(out, cfg)
     try:
@@ -311,6 +322,12 @@ def _read_checkpoint(out: Path, like: Any, cfg: Any) -> tuple[Any, int, dict]:
         # (another run's checkpoint copied in: same shapes, another learning rate or regularisation)
         raise UsageError(f"{ckpt}: written by a run of config {written_by!r}, but this run's config is {cfg.name!r}; "
                          "a checkpoint continues only the run that wrote it")
+    settings = meta.get("settings")
+    if isinstance(settings, str) and settings != _settings_digest(cfg):
+        # (config.json edited by hand since: another seed draws other data, another penalty trains another loss)
+        raise UsageError(f"{ckpt}: written by a run with other settings than {out / files.CONFIG} now holds (beyond "
+                         f"those --resume may change: {', '.join('.'.join(k) for k in sorted(RESUMABLE))}); "
+                         "was config.json edited? A checkpoint continues only the run that wrote it")
     return state, _validate_state(state, meta, ckpt), meta
 
 
@@ -721,7 +738,8 @@ class _Loop:
         unfit = _unfit_for_checkpoint(snapshot, self.evaluate, setup.train_data)
         if unfit:
             return f"training stopped after step {step}: {unfit}, so it is not saved"
-        meta = {"step": step, "config": cfg.name, "last_logged": self.last_logged, "window": self.window.state()}
+        meta = {"step": step, "config": cfg.name, "settings": _settings_digest(cfg), "last_logged": self.last_logged,
+                "window": self.window.state()}
         try:
             if self.orbax is not None:
                 self.orbax.save(step, state, meta)  # in the background; the arrays are copied first
