@@ -31,10 +31,6 @@ _KINK_STABILITY = 0.02
 # ... and their rounding allowance is at most this fraction of it (a kink well above the rounding).
 _KINK_NOISE = 0.25
 _SIDED_JUMP = 0.01  # a kink only the one-sided test sees is at least this fraction of its one-sided derivatives
-# A kink within this many units in the last place of the precision autodiff and hand compute in (times the element's
-# size, at least 1) may be the point's own: the rounding of where a computation puts it (see _near_kink).
-_KINK_REACH = 1e6
-_KINK_REACH_STEPS = 30.0  # a step this many reaches long sees such a kink's jump nearly whole
 
 
 @dataclasses.dataclass
@@ -77,7 +73,6 @@ class _Scale(NamedTuple):
     finite: np.ndarray  # all four evaluations and f0 are finite
     quotient: np.ndarray  # the largest finite one-sided quotient at h/2 (NaN when none is finite)
     os_change: np.ndarray  # how much the one-sided quotients change between h and h/2 (the larger side)
-    step: np.ndarray | None = None  # h (None: unknown)
 
 
 def _scale(f0: float, F: np.ndarray, h: np.ndarray, eps_f: float, tol: np.ndarray,
@@ -115,12 +110,10 @@ def _scale(f0: float, F: np.ndarray, h: np.ndarray, eps_f: float, tol: np.ndarra
         nonsmooth = sided & (np.abs(defect) > 0.1 * np.abs(asym))
         os_change = np.maximum(np.abs(right_half - right), np.abs(left_half - left))
         err = np.abs(central - central_half) / 3 + noise
-    return _Scale(rich, err, noise, rp, rm, nonsmooth, sided, finite, quotient, os_change,
-                  np.broadcast_to(np.asarray(h, np.float64), rich.shape))
+    return _Scale(rich, err, noise, rp, rm, nonsmooth, sided, finite, quotient, os_change)
 
 
-def _resolve(scales: list[_Scale], tol: np.ndarray, f0: float, final: bool = False,
-             reach: np.ndarray | None = None) -> _FD:
+def _resolve(scales: list[_Scale], tol: np.ndarray, f0: float, final: bool = False) -> _FD:
     """Reads the ladder: each pair of consecutive scales may resolve the derivative, and the pair with the
     smallest uncertainty wins.
 
@@ -137,14 +130,11 @@ def _resolve(scales: list[_Scale], tol: np.ndarray, f0: float, final: bool = Fal
     ``final`` (the ladder is exhausted): an item still unresolved, and not singular, is read from the finest
     scale alone (kinks a little off the point, within the coarser steps, spoil every pair of scales, and
     several of them can even cancel in a coarse step's smoothness test; the finest step sees the fewest).
-    Such a reading never blames both sides at once.
-
-    ``reach`` (per item; None: unknown): how far from the point a kink may lie and still be the point's own, for
-    the precision autodiff and hand locate kinks in (see :func:`_near_kink`)."""
+    Such a reading never blames both sides at once."""
     n = len(tol)
     out = _FD(np.full(n, np.nan), np.full(n, np.inf), np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, bool),
               np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool),
-              *_near_kink(scales, tol, reach))
+              *_near_kink(scales, tol))
     best = np.full(n, np.inf)
     with np.errstate(invalid="ignore", over="ignore"):
         pairs = [_pair(s0, s1, tol) for s0, s1 in itertools.pairwise(scales)]
@@ -235,20 +225,12 @@ def _pair(s0: _Scale, s1: _Scale, tol: np.ndarray) -> _Pair:
                  np.where(kink, hi, s1.value), err, np.where(kink, (hi - lo) / 2 + kerr, err))
 
 
-def _near_kink(scales: list[_Scale], tol: np.ndarray,
-               reach: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _near_kink(scales: list[_Scale], tol: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Whether some scale saw a kink within its step that the finer scales bear out (a finer scale that is smooth on
     its own reads one of that scale's one-sided derivatives: a kink a little off the point, whose one side the
     finer steps see), and the hull of those scales' one-sided derivatives (NaN where none). Steps spanning the
     periods of sin(10⁶·w) look kinked and give an interval that has nothing to do with the derivative there; they
-    do not count, and a value far outside the hull is not explained by a kink.
-
-    Nor does a kink that a finer scale shows to lie off the point by more than ``reach`` (per item: how far a kink
-    may lie from the point and still be the point's own for the precision autodiff and hand locate kinks in; a
-    float32 computation puts a ReLU's kink on a point that float64 puts 1e-9 beside it). A finer step at least
-    :data:`_KINK_REACH_STEPS` times ``reach`` has a kink within ``reach`` nearly in its middle, so its one-sided
-    test sees the jump; a finer scale that sees none where it would see this one says the kink lies beyond: in
-    float64, a ReLU 5e-6 beside the point read as a kink let a hand 3e-4 off pass."""
+    do not count, and a value far outside the hull is not explained by a kink."""
     n = len(tol)
     near, hull_lo, hull_hi = np.zeros(n, bool), np.full(n, np.inf), np.full(n, -np.inf)
     with np.errstate(invalid="ignore"):
@@ -259,9 +241,6 @@ def _near_kink(scales: list[_Scale], tol: np.ndarray,
                 slack = 2 * (s.err + f.err) + tol
                 # (the finer steps see one side of a kink a little off the point: their value is one of its two)
                 refuted |= f.finite & ~f.nonsmooth & ~(np.abs(f.value - s.rp) <= slack) & ~(np.abs(f.value - s.rm) <= slack)
-                if reach is not None and f.step is not None:
-                    refuted |= (f.finite & ~f.sided & (f.step >= _KINK_REACH_STEPS * reach)
-                                & ((hi - lo) / 2 > np.maximum(12 * f.noise, tol)))
             seen = s.nonsmooth & ~refuted & np.isfinite(lo) & np.isfinite(hi)
             near |= seen
             hull_lo = np.where(seen, np.minimum(hull_lo, lo - 2 * s.err), hull_lo)

@@ -42,7 +42,6 @@ from funcgrad.verify._compiled import (
 )
 from funcgrad.verify._fd import (
     _FD,
-    _KINK_REACH,
     _LADDER,
     _MAX_SCALES,
     _OFFSETS,
@@ -169,8 +168,6 @@ class _Engine:
                       else np.zeros_like(self.eps_f))
         self.hand_reference = False  # hand is only a reference (verify.audit; see _classify)
         self.eps_grad = [0.0] * len(layout.sizes)  # per leaf, the rounding of the lowest precision its gradient meets
-        # per leaf, the rounding of the lowest precision autodiff and hand compute it in (None: unknown)
-        self.eps_ah: np.ndarray | None = None
         self.tp = tp  # (a row per leaf, atol, eps) of the analytic tolerances (see _tolerance)
         self.leaf_max = np.asarray(res.leaf_max, np.float64)
         self.gmax = float(np.max(self.leaf_max, initial=0.0))
@@ -424,31 +421,26 @@ class _Engine:
         el = np.nonzero(items.index >= 0)[0]
         if len(el):
             mag[el] = np.abs(self.theta(items.index[el]))
-        # How far from an element a kink may lie and be its own (see _near_kink); unknown along a direction.
-        reach = np.full(len(items.index), np.inf)
-        if self.eps_ah is not None and len(el):
-            reach[el] = _KINK_REACH * self.eps_ah[self.leaf_of(items.index[el])] * np.maximum(1.0, mag[el])
         scales = [_scale(self.f0, initial[:, level], items.step / _LADDER**level, eps_f, tol, mag)
                   for level in range(initial.shape[1])]
-        fd, settled = self._settle(scales, tol, values, reach=reach)
+        fd, settled = self._settle(scales, tol, values)
         while len(scales) < _MAX_SCALES and not settled.all():
             sel = np.nonzero(~settled)[0]
             level = len(scales)
             F = np.full((len(items.index), len(_OFFSETS)), np.nan)
             F[sel] = self.evaluate(_Items._make([*(x[sel] for x in items[:4]), items.step[sel] / _LADDER**level]))[0]
             scales.append(_scale(self.f0, F, items.step / _LADDER**level, eps_f, tol, mag))
-            fd, settled = self._settle(scales, tol, values, reach=reach)
+            fd, settled = self._settle(scales, tol, values)
         if not fd.resolved.all():
-            fd = self._settle(scales, tol, values, final=True, reach=reach)[0]
+            fd = self._settle(scales, tol, values, final=True)[0]
         return fd
 
-    def _settle(self, scales, tol, values, final: bool = False,
-                reach: np.ndarray | None = None) -> tuple[_FD, np.ndarray]:
+    def _settle(self, scales, tol, values, final: bool = False) -> tuple[_FD, np.ndarray]:
         """The ladder's reading, and which items it settles: a finer scale could still change the verdict
         where some analytic value disagrees with the estimate, or where two values that disagree with each
         other both fit inside its error bars. With a single scale, values that all agree with a smooth
         estimate are accepted (a wrong finite difference does not land on the analytic value by chance)."""
-        fd = _resolve(scales, tol, self.f0, final, reach)
+        fd = _resolve(scales, tol, self.f0, final)
         if len(scales) == 1 and values:
             s0 = scales[0]
             with np.errstate(invalid="ignore"):
@@ -739,7 +731,7 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
             h_given = [jnp.asarray(np.ravel(np.asarray(x, np.float64)), jnp.float64) for x in h64]
             # (NumPy code: what it computes in is its output's dtype, as far as one can tell)
             hand_inner = tuple((d, jnp.dtype(jnp.float64)) for d in hand64)
-        eps_f, rtols, eps_ah = _precision_plan(facts, layout, hand64, hand_inner, options.rtol, notes)
+        eps_f, rtols = _precision_plan(facts, layout, hand64, hand_inner, options.rtol, notes)
         rtol_eff = float(np.max(rtols[:, 0], initial=0.0))  # (reported: the loosest)
         h0 = _first_step(eps_f)
         plan, exact_idx = _make_plan(options.mode, layout, facts.flops, prep.has_hand, facts.reverse, facts.jvp,
@@ -782,7 +774,6 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
         engine = _Engine(prep, plan, res, seed, eps_f, tp, probe)
         engine.hand_reference = options.hand_reference
         engine.eps_grad = [float(jnp.finfo(d).eps) for d in facts.grad64 or (facts.inner64,) * len(layout.paths)]
-        engine.eps_ah = eps_ah
         items = _Items(*(np.asarray(x) for x in res.items))
         engine.analyse(a, h, items.index)
         if a_user is not None:
@@ -803,11 +794,10 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
 
 
 def _precision_plan(facts: _Facts, layout: _Layout, hand64: tuple, hand_inner: tuple, rtol: float | None,
-                    notes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per leaf, the rounding its finite differences carry (eps), its analytic tolerances' parameters (rows of
+                    notes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per leaf, the rounding its finite differences carry (eps) and its analytic tolerances' parameters (rows of
     rtol, and the eps, smallest normal, smallest subnormal and flushing (1 or 0) of the dtype hand rounds its result
-    to, zeros where it does not; see :func:`_tolerance`), and the rounding of the lowest precision autodiff and hand
-    compute it in (final casts aside). Appends notes on low precisions.
+    to, zeros where it does not; see :func:`_tolerance`). Appends notes on low precisions.
 
     Finite differences along a leaf carry the rounding of fn's output and of the lowest precision fn computes in
     from that leaf (what does not depend on it is the same at every step, and cancels). Each leaf's tolerance
@@ -849,16 +839,15 @@ def _precision_plan(facts: _Facts, layout: _Layout, hand64: tuple, hand_inner: t
         if inner not in (jnp.float64, dtype):
             notes.append(f"hand computes {paths[i]} in {inner} even with float64 inputs; its tolerance follows {inner}")
     rtols = np.zeros((len(paths), 5), np.float64)
-    eps_ah = np.array(comp, np.float64)
     if rtol is not None:  # the user's tolerance overrides everything, a cast's rounding too
         rtols[:, 0] = float(rtol)
-        return eps_f, rtols, eps_ah
+        return eps_f, rtols
     rtols[:, 0] = [_default_rtol(c) for c in comp]
     for i, dt in enumerate(cast):
         if dt:  # the cast's rounding (see _tolerance)
             fi = jnp.finfo(dt)
             rtols[i, 1:] = float(fi.eps), float(fi.smallest_normal), float(fi.smallest_subnormal), float(_flushes(dt))
-    return eps_f, rtols, eps_ah
+    return eps_f, rtols
 
 
 @functools.lru_cache(maxsize=8)
