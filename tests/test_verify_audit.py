@@ -515,6 +515,19 @@ def test_a_rule_on_a_library_function_is_named_after_that_function():
     misnamed = verify.audit(model, p, x, exclude=["tanh_ste"])
     assert any("'tanh_ste'" in n and "'sin', 'tanh'" in n for n in misnamed.notes), misnamed.notes
 
+    # A framework's wrapper is no library function: an equinox rule on an identity primal keeps its rule's name
+    # (review: it became equinox's internal "fn_wrapper").
+    @eqx.filter_custom_jvp
+    def clip_grad(x):
+        return x
+
+    @clip_grad.def_jvp
+    def clip_grad_jvp(primals, tangents):
+        return primals[0], jnp.clip(tangents[0], -1.0, 1.0)
+
+    wrapped = verify.audit(lambda p, x: jnp.sum(clip_grad(x @ p)), p, x)
+    assert [r.rule for r in wrapped.rows] == ["clip_grad_jvp"], wrapped
+
 
 def test_the_users_solves_in_jaxs_implicit_solvers_are_reported_not_checked():
     # lax.custom_linear_solve's transpose_solve and lax.custom_root's tangent_solve are the derivative: a 1%-wrong
@@ -545,6 +558,17 @@ def test_the_users_solves_in_jaxs_implicit_solvers_are_reported_not_checked():
     assert verify.audit(model, p, x, library=True).rows == report.rows
     skipped = verify.audit(model, p, x, exclude=["tsolve", "custom_root"])
     assert skipped.ok and not skipped.rows and any("excluded" in n and "tsolve" in n for n in skipped.notes), skipped
+    misspelt = verify.audit(model, p, x, exclude=["tsolv"])
+    assert any("'custom_root', 'tsolve'" in n for n in misspelt.notes), misspelt.notes
+
+    class Solve:  # a solve that is a callable object: JAX tells no source for it (review: it passed unseen)
+        def __call__(self, mv, b):
+            return b / 5.0
+
+    def by_object(p, x):
+        return jnp.sum(lax.custom_linear_solve(lambda v: 5.0 * v + p["A"][0] * v, x, Solve(), symmetric=True))
+
+    assert [(r.rule, r.verdict) for r in verify.audit(by_object, p, x).rows] == [("solve", "fd_unreliable")]
 
 
 def test_call_site_of_a_rule_inside_a_vmapped_cond():

@@ -201,9 +201,10 @@ def _identify(eqn: Any) -> _Rule:
                     None)
     if user is not None and kind == "custom_jvp":
         primal = _primal_of(user)
-        if primal is None and m and _primal_frame(eqn) is None:
-            # The user's rule on a library function (jax.custom_jvp(jnp.tanh), then defjvps(...)): no user code in
-            # the primal. Named after that function (not after the rule, often a lambda), found at the rule.
+        if primal is None and m and _primal_frame(eqn) is None and f"{os.sep}jax{os.sep}" in m.group(2):
+            # The user's rule on a JAX function (jax.custom_jvp(jnp.tanh), then defjvps(...)): no user code in the
+            # primal. Named after that function (not after the rule, often a lambda), found at the rule. (A
+            # framework's wrapper of an identity primal, equinox's fn_wrapper, is not such a function.)
             code = user.__code__
             return _Rule(kind, name, _short(code.co_filename, code.co_firstlineno), False)
         user = primal or user
@@ -311,8 +312,9 @@ def _solver_rules(jaxpr: Any) -> collections.Counter:
         for eqn in jx.eqns:
             if eqn.primitive.name == "custom_linear_solve":
                 fns = eqn.params["jaxprs"]
-                found_here = [src for which in ("transpose_solve", "solve")
-                              if (src := source(getattr(fns, which, None))) is not None]
+                given = [j for which in ("transpose_solve", "solve") if (j := getattr(fns, which, None)) is not None]
+                # (a solve whose source JAX does not tell, a callable object, is taken as the user's)
+                found_here = [source(j) or ("solve", _call_site(eqn), False) for j in given]
                 user = [src for src in found_here if not src[2]]
                 if user:
                     name, where, _ = user[0]
@@ -1408,7 +1410,8 @@ def audit(
                  "length to check it"))
              for rule, n in walker.seen.items() if rule not in walker.calls and rule not in walker.unentered_rules]
     # The user's solves inside JAX's implicit-differentiation solvers: their derivative, not checked here.
-    for rule, n in _solver_rules(closed.jaxpr).items():
+    solvers = _solver_rules(closed.jaxpr)
+    for rule, n in solvers.items():
         if rule.name in walker.exclude:
             walker.excluded[rule] += n
             continue
@@ -1419,7 +1422,7 @@ def audit(
             f"not checked: lax.{rule.kind} at {rule.source}: {what}, and audit does not check such solvers in "
             "isolation; check_grad(fn, params, *args) checks the gradient they give, or exclude this rule by its "
             f"name ({rule.name!r})")))
-    notes = _notes(walker, any(walker.audited(r) for _, r in inlined))
+    notes = _notes(walker, any(walker.audited(r) for _, r in inlined), tuple(solvers))
     env = {**_environment_versions(), "max_calls": max_calls, "library": library, "exclude": sorted(exclude),
            "seed": seed, "mode": mode, "rtol": rtol, "atol": atol}
     return AuditReport(tuple(rows), _combine_verdicts([r.verdict for r in rows]), tuple(notes),
@@ -1531,7 +1534,7 @@ def _call_name(call: _Call) -> str:
     return f"{call.site}" + (f" ({call.where})" if call.where else "")
 
 
-def _notes(walker: _Walker, inlined: bool = False) -> list[str]:
+def _notes(walker: _Walker, inlined: bool = False, solvers: Sequence[_Rule] = ()) -> list[str]:
     notes = ["in each call's check, the rule is JAX's derivative through the call; it is compared with JAX's plain "
              "autodiff of the rule's primal (traced without the rule) and with finite differences of the primal"]
     if walker.library_rules:
@@ -1542,7 +1545,7 @@ def _notes(walker: _Walker, inlined: bool = False) -> list[str]:
         notes.append("excluded: " + ", ".join(f"{r.name} ({n} call(s))" for r, n in walker.excluded.items()))
     unused = sorted(walker.exclude - {r.name for r in walker.excluded})
     if unused:
-        names = sorted({r.name for r in walker.calls} | {r.name for r in walker.excluded})
+        names = sorted({r.name for r in walker.calls} | {r.name for r in walker.excluded} | {r.name for r in solvers})
         notes.append(f"exclude names {', '.join(map(repr, unused))}, but fn calls no rule of that name: nothing "
                      "excluded for it (a misspelt name?); the rules fn calls are named "
                      + (", ".join(map(repr, names[:12])) if names else "(none)")
@@ -1550,7 +1553,7 @@ def _notes(walker: _Walker, inlined: bool = False) -> list[str]:
     if walker.unentered:
         notes.append("custom rules inside " + ", ".join(sorted(walker.unentered)) + " were counted but not checked: "
                      "funcgrad does not enter these primitives")
-    if not walker.calls and not walker.unentered_rules and not inlined:
+    if not walker.calls and not walker.unentered_rules and not inlined and not solvers:
         notes.append("fn calls no custom derivative rule that is audited: nothing to check")
     return notes
 
