@@ -400,32 +400,3 @@ def test_a_hand_branch_that_only_float32_ties_take_is_judged_at_float32(tie):
         assert "only the lower precision" in " ".join(r.note for r in report.rows), report
     else:
         assert report.ok, report
-
-
-@pytest.mark.usefixtures("implicit_broadcasting")
-@pytest.mark.parametrize("ge", [False, True])
-def test_relus_that_float32_puts_exactly_on_their_kinks_pass_with_either_mask(ge):
-    # Pre-activations exactly 0 in float32 (1e-8 off in float64): a traced hand masking with z >= 0 takes D₊ there in
-    # float32, JAX's relu'(0) = 0 takes D₋; both valid. Autodiff was failed: "loses precision at float32".
-    rng = np.random.default_rng(1)
-    rng.standard_normal(64 * 3 + 3)  # (the draws of the review's script before these)
-    W1 = rng.standard_normal((3, 8)).astype(np.float32)
-    b1 = np.zeros(8, np.float32)
-    W2 = rng.standard_normal((8, 1)).astype(np.float32)
-    X = rng.standard_normal((40, 3)).astype(np.float32)
-    b1[[0, 3, 5]] = -(X @ W1)[[4, 7, 11], [0, 3, 5]]
-    assert ((X @ W1 + b1) == 0).sum() == 3  # (the premise)
-    y = rng.standard_normal((40, 1)).astype(np.float32)
-
-    def net(P, X, y):
-        return jnp.mean((jax.nn.relu(X @ P["W1"] + P["b1"]) @ P["W2"] - y) ** 2)
-
-    def hand(P, X, y):
-        z = X @ P["W1"] + P["b1"]
-        h = jnp.maximum(z, 0)
-        e = 2 * (h @ P["W2"] - y) / len(y)
-        dz = (e @ P["W2"].T) * ((z >= 0) if ge else (z > 0))
-        return {"W1": X.T @ dz, "b1": dz.sum(0), "W2": h.T @ e}
-
-    report = verify.check_grad(net, {"W1": W1, "b1": b1, "W2": W2}, X, y, hand=hand)
-    assert report.ok, report

@@ -1350,16 +1350,6 @@ def _user_precision(li: int, engine: _Engine, has_hand: bool, eps: float, skip=(
         # (a hand that rounds its result, to bfloat16 say, rounds each precision's gradient apart by an ulp there)
         e = max(eps, float(engine.tp[0][li][1])) if name == "hand" else eps
         gross = bool(others) and r > max(1e-3, 30 * e) and r > 30 * max(others[0], 1e-7)
-        if gross and not nonfinite:
-            i = int(best[0])
-            allowed = _fd_allows(engine, li, i, e, name)
-            if allowed is not None and allowed[0](lf.user_at[i][0 if name == "autodiff" else 1]):
-                # (a kink that the lower precision puts on the point: ReLUs at exactly 0 in float32, 1e-9 off in
-                # float64; its other one-sided derivative is as valid)
-                extra.append(f"{name} moves at the parameters' own precision to another value that finite differences "
-                             f"allow at {list(np.unravel_index(i, shape))} ({allowed[1]}): a kink that precision puts "
-                             "on the point")
-                continue
         if nonfinite or gross:
             i, ref = best
             what = "is not finite" if nonfinite else f"loses precision (deviation {r:.1e} of its scale)"
@@ -1374,29 +1364,13 @@ def _user_precision(li: int, engine: _Engine, has_hand: bool, eps: float, skip=(
     return extra, items
 
 
-def _fd_allows(engine: _Engine, li: int, i: int, e: float, name: str) -> tuple[Callable, str, _FD] | None:
-    """Finite differences at element ``i`` of leaf ``li``, as what values they allow at the parameters' own precision
-    (rounding ``e``, of side ``name``): a test of a value, the interval as text, and the reading; None where they
-    read nothing (not finite, unresolved, singular). A kink's interval counts, and a kink's near the point."""
-    lf = engine.leaves[li]
-    fd = engine.at_elements(np.array([engine.layout.offsets[li] + i]))
-    if not (fd.finite[0] and fd.resolved[0]) or fd.singular[0]:
-        return None
-    lo, hi = float(fd.lo[0]), float(fd.hi[0])
-    if fd.near_kink[0] and fd.near_lo is not None and fd.near_hi is not None and math.isfinite(fd.near_lo[0]):
-        lo, hi = min(lo, float(fd.near_lo[0])), max(hi, float(fd.near_hi[0]))
-    scale = max(lf.ref_max[name], engine.global_scale, 1e-300)
-    slack = 2 * float(fd.err[0]) + max(1e-3, 30 * e) * scale
-    return (lambda v: lo - slack <= v <= hi + slack), f"[{lo:.6g}, {hi:.6g}] ± {slack:.3g}", fd
-
-
 def _user_branch(li: int, engine: _Engine, eps: float, skip, extra: list[str]) -> list[_Item]:
     """Where both sides move at the parameters' own precision (neither grossly more than the other): each one's
     element that moved most, against finite differences there. A side outside what they allow (a kink's interval
     too), while the other lies inside, is wrong at that precision only: a branch that only the lower precision
     takes, as float32 makes a residual exactly 0 (an MAE tie) where float64 leaves it 1e-9, and a hand that
     mishandles that tie (3/N for np.sign(0)) passed while its float64 copy was right. Appends to ``extra``."""
-    lf, shape = engine.leaves[li], engine.layout.shapes[li]
+    lf, shape, o = engine.leaves[li], engine.layout.shapes[li], engine.layout.offsets[li]
     items: list[_Item] = []
     for k, name in enumerate(("autodiff", "hand")):
         r, _, best = lf.user[name]
@@ -1406,19 +1380,24 @@ def _user_branch(li: int, engine: _Engine, eps: float, skip, extra: list[str]) -
             continue
         i = int(best[0])
         values = lf.user_at[i]
-        allowed = _fd_allows(engine, li, i, e, name)
-        if allowed is None:
+        fd = engine.at_elements(np.array([o + i]))
+        if not (fd.finite[0] and fd.resolved[0]) or fd.singular[0]:
             continue
-        inside = [allowed[0](v) for v in values]
+        lo, hi = float(fd.lo[0]), float(fd.hi[0])
+        if fd.near_kink[0] and fd.near_lo is not None and fd.near_hi is not None and math.isfinite(fd.near_lo[0]):
+            lo, hi = min(lo, float(fd.near_lo[0])), max(hi, float(fd.near_hi[0]))
+        scale = max(lf.ref_max[name], engine.global_scale, 1e-300)
+        slack = 2 * float(fd.err[0]) + max(1e-3, 30 * e) * scale
+        inside = [lo - slack <= v <= hi + slack for v in values]
         if inside[k] or not inside[1 - k]:
             continue
         index = tuple(int(j) for j in np.unravel_index(i, shape))
         extra.append(f"{name} at the parameters' own precision ({values[k]:.6g}) lies outside what finite differences "
-                     f"allow at {list(index)} ({allowed[1]}), though right in float64; "
+                     f"allow at {list(index)} ([{lo:.6g}, {hi:.6g}] ± {slack:.3g}), though right in float64; "
                      f"{'hand' if name == 'autodiff' else 'autodiff'} ({values[1 - k]:.6g}) lies inside: a branch "
                      "that only the lower precision takes (an exact tie, a comparison with ==)?")
         it = _make_item(Verdict.AUTODIFF_WRONG if name == "autodiff" else Verdict.HAND_WRONG, index, values[0],
-                        values[1], allowed[2])
+                        values[1], fd)
         it.user_precision = True
         items.append(it)
     return items
