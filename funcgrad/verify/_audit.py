@@ -324,6 +324,9 @@ def _solver_rules(jaxpr: Any) -> collections.Counter:
                 if src is not None and src[0] == _CUSTOM_ROOT and src[2]:
                     found[_Rule("custom_root", "custom_root", _call_site(eqn), False)] += 1
                     continue  # (the solves it makes of tangent_solve are that one rule)
+            elif eqn.primitive.name == "call_hi_primitive" and type(eqn.params.get("_prim")).__name__ == "CustomRoot":
+                found[_Rule("custom_root", "custom_root", _call_site(eqn), False)] += 1  # (JAX 0.12's custom_root)
+                continue
             for sub in _sub(eqn):
                 walk(sub)
 
