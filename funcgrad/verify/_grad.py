@@ -1333,6 +1333,12 @@ def _bisect(li: int, has_hand: bool, engine: _Engine) -> _Item:
     return _arbitrate(np.array([lo]), li, has_hand, engine)[0]
 
 
+def _side_eps(engine: _Engine, li: int, name: str, eps: float) -> float:
+    """The rounding a side's gradient of leaf ``li`` carries at the parameters' own precision (``eps``): a hand that
+    rounds its result, to bfloat16 say, rounds each precision's gradient apart by an ulp of that dtype."""
+    return max(eps, float(engine.tp[0][li][1])) if name == "hand" else eps
+
+
 def _user_precision(li: int, engine: _Engine, has_hand: bool, eps: float, skip=()) -> tuple[list[str], list[_Item]]:
     """The parameters' own precision (e.g. float32) against float64 for leaf ``li`` (see :meth:`_Engine.user_side`):
     a side whose values are not finite, or that loses far more precision than the other side, is wrong at that
@@ -1347,8 +1353,7 @@ def _user_precision(li: int, engine: _Engine, has_hand: bool, eps: float, skip=(
             continue
         r, nonfinite, best = lf.user[name]
         others = [lf.user[n][0] for n in sides if n != name]
-        # (a hand that rounds its result, to bfloat16 say, rounds each precision's gradient apart by an ulp there)
-        e = max(eps, float(engine.tp[0][li][1])) if name == "hand" else eps
+        e = _side_eps(engine, li, name, eps)
         gross = bool(others) and r > max(1e-3, 30 * e) and r > 30 * max(others[0], 1e-7)
         if nonfinite or gross:
             i, ref = best
@@ -1374,8 +1379,7 @@ def _user_branch(li: int, engine: _Engine, eps: float, skip, extra: list[str]) -
     items: list[_Item] = []
     for k, name in enumerate(("autodiff", "hand")):
         r, _, best = lf.user[name]
-        # (a hand that rounds its result, to bfloat16 say, rounds each precision's gradient apart by an ulp there)
-        e = max(eps, float(engine.tp[0][li][1])) if name == "hand" else eps
+        e = _side_eps(engine, li, name, eps)
         if name in skip or best is None or r <= max(1e-3, 30 * e):
             continue
         i = int(best[0])
