@@ -830,6 +830,81 @@ def test_a_python_float_field_in_python_control_flow_stays_a_number(slip):
     assert audit.verdict == (verify.Verdict.OK if slip == 1.0 else verify.Verdict.AUTODIFF_WRONG), audit
 
 
+@pytest.mark.parametrize("labels", ["int", "onehot"])
+@pytest.mark.parametrize("planted", [False, True])
+def test_labels_read_with_numpy_inside_fn_are_held_as_values(labels, planted):
+    # The book's loss takes labels as ints or one-hot and converts them with NumPy (np.argmax); jax.grad allows it
+    # (only the parameters are traced). Both checks traced the labels too and failed with JAX's bare
+    # TracerArrayConversionError; they now hold such arguments as values, and still judge the gradient.
+    rs = np.random.RandomState(0)
+    X = jnp.asarray(rs.randn(12, 4), jnp.float32)
+    y = rs.randint(0, 3, 12)
+    y_true = jnp.asarray(y) if labels == "int" else jax.nn.one_hot(y, 3)
+    p = {"W": jnp.asarray(rs.randn(4, 3) * 0.5, jnp.float32), "b": jnp.zeros(3, jnp.float32)}
+
+    def as_ints(y_true):
+        y_true = np.asarray(y_true)
+        return np.argmax(y_true, axis=1) if len(y_true.shape) == 2 else y_true
+
+    @jax.custom_vjp
+    def dense(W, b, X):
+        return X @ W + b[None]
+
+    def dense_bwd(res, dz):
+        W, X = res
+        dW = X.T @ dz
+        return (dW.at[2, 1].multiply(1.25) if planted else dW), dz.sum(0), dz @ W.T
+
+    dense.defvjp(lambda W, b, X: (dense(W, b, X), (W, X)), dense_bwd)
+
+    def loss(p, X, y_true):
+        t = as_ints(y_true)
+        return -jnp.mean(jax.nn.log_softmax(dense(p["W"], p["b"], X))[np.arange(len(t)), t])
+
+    def hand(p, X, y_true):  # the book's combined softmax / cross-entropy backward
+        t = as_ints(y_true)
+        d = (jax.nn.softmax(X @ p["W"] + p["b"][None]) - jax.nn.one_hot(t, 3)) / len(t)
+        return {"W": X.T @ d, "b": d.sum(0)}
+
+    with jax.enable_x64(True):  # the truth, independently: float64 autodiff without the custom rule
+        true = jax.grad(lambda W: -jnp.mean(jax.nn.log_softmax(np.asarray(X, np.float64) @ W)[np.arange(12), y]))(
+            np.asarray(p["W"], np.float64))
+    np.testing.assert_allclose(hand(p, X, y_true)["W"], true, rtol=1e-4, atol=1e-6)
+    report = verify.check_grad(loss, p, X, y_true, hand=hand)
+    assert any("held as constants" in n for n in report.notes), report
+    row = next(r for r in report.rows if r.path == "['W']")
+    if planted:
+        assert row.verdict == verify.Verdict.AUTODIFF_WRONG and row.worst_index == (2, 1), report
+    else:
+        assert report.ok, report
+    audit = verify.audit(loss, p, X, y_true)
+    assert [r.rule for r in audit.rows] == ["dense"], audit
+    assert audit.verdict == (verify.Verdict.AUTODIFF_WRONG if planted else verify.Verdict.OK), audit
+    if planted:
+        assert audit.rows[0].worst_index == (0, 2, 1), audit
+
+
+def test_a_parameter_used_in_python_gets_an_error_naming_it():
+    # A jitted training step fails here too (the parameter's value is traced); the checks, which trace fn as jit
+    # does, said so with JAX's bare error about their internal argument p[0].
+    def fn(p, x):
+        return jnp.sum(p["w"] * x) * (2.0 if p["w"][0] > 0.5 else 1.0)
+
+    p, x = {"w": jnp.ones(3)}, jnp.arange(3.0)
+    with pytest.raises(jax.errors.TracerBoolConversionError):
+        jax.jit(jax.grad(fn))(p, x)
+    for check in (verify.check_grad, verify.audit):
+        with pytest.raises(TypeError, match=re.escape("(it needs the value of ['w'])") + ".*jnp.where") as e:
+            check(fn, p, x)
+        assert "docs.jax.dev" not in str(e.value) and not e.value.__cause__, e.value
+
+    def count(p, x, y):  # a value computed from the labels inside the trace: passed in as a number instead
+        return jnp.sum(p["w"] * x) * (int(y.max()) + 1)
+
+    with pytest.raises(TypeError, match=r"cannot trace fn: ConcretizationTypeError.*int\(y.max\(\)\) \+ 1"):
+        verify.check_grad(count, p, x, jnp.arange(3))
+
+
 @pytest.mark.parametrize("slip", [1.0, 1.04])
 def test_a_bfloat16_hand_leaf_loosens_only_its_own_tolerance(slip):
     # A mixed-precision policy casts one leaf's gradient to bfloat16 (5% tolerance there); a 4% slip in a float64

@@ -47,7 +47,16 @@ from funcgrad._checks import describe, in_range
 from funcgrad.verify._compiled import _sub_jaxprs as _sub
 from funcgrad.verify._fd import _default_rtol
 from funcgrad.verify._grad import _check_grad_impl, _environment_versions
-from funcgrad.verify._inputs import _default_mask, _isolating, _wrt_mask
+from funcgrad.verify._inputs import (
+    _TRACE_ERRORS,
+    _clean,
+    _concrete_note,
+    _concrete_tiers,
+    _default_mask,
+    _isolating,
+    _untraceable,
+    _wrt_mask,
+)
 from funcgrad.verify._report import _FAILING, AuditReport, AuditRow, GradReport, Row, Verdict, _combine_verdicts
 
 _CUSTOM = {"custom_vjp_call": "custom_vjp", "custom_vjp_call_jaxpr": "custom_vjp", "custom_jvp_call": "custom_jvp"}
@@ -1302,6 +1311,21 @@ def _as_rule_verdict(row: Row) -> tuple[Verdict, str]:
 
 
 @_isolating
+def _audited(fn: Callable, leaves: list, traced: list[bool], treedef: Any, *xs: Any) -> Any:
+    """fn's output from its traced arrays ``xs`` (the ``traced`` among ``leaves``, the flat (params, args,
+    kwargs)), checked to be arrays."""
+    it = iter(xs)
+    p, a, k = jax.tree_util.tree_unflatten(treedef, [next(it) if t else x for x, t in zip(leaves, traced, strict=True)])
+    out = fn(p, *a, **k)
+    bad = [(jax.tree_util.keystr(path), x) for path, x in jax.tree_util.tree_flatten_with_path(out)[0]
+           if not isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, complex))]
+    if bad:
+        path, x = bad[0]
+        raise TypeError(f"audit: fn(params, *args, **kwargs) must return arrays (a loss, or a pytree of arrays); "
+                        f"its output{' at ' + path if path else ''} is {describe(x)}")
+    return out
+
+
 def audit(
     fn: Callable[..., Any],
     params: Any,
@@ -1362,28 +1386,25 @@ def audit(
     is_arr = [isinstance(x, (jax.Array, np.ndarray, np.generic)) or (isinstance(x, float) and i < n_params and mask[i])
               for i, x in enumerate(leaves)]
     mask = [m and is_arr[i] for i, m in enumerate(mask)]
-    arrays = [jnp.asarray(x) for x, a in zip(leaves, is_arr, strict=True) if a]
-    taint = [bool(i < n_params and mask[i]) for i, a in enumerate(is_arr) if a]
-
-    def flat(*xs: Any) -> Any:
-        it = iter(xs)
-        p, a, k = jax.tree_util.tree_unflatten(treedef, [next(it) if arr else x for x, arr in zip(leaves, is_arr,
-                                                                                                 strict=True)])
-        out = fn(p, *a, **k)
-        bad = [(jax.tree_util.keystr(path), x) for path, x in jax.tree_util.tree_flatten_with_path(out)[0]
-               if not isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, complex))]
-        if bad:
-            path, x = bad[0]
-            raise TypeError(f"audit: fn(params, *args, **kwargs) must return arrays (a loss, or a pytree of arrays); "
-                            f"its output{' at ' + path if path else ''} is {describe(x)}")
-        return out
-
-    try:
-        closed = jax.make_jaxpr(flat)(*arrays)
-    except Exception as e:
-        e.add_note("funcgrad: verify.audit traces fn(params, *args, **kwargs) once to find its custom rules; "
-                   "tracing failed")
-        raise
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    # (arguments and fixed leaves whose values fn uses in Python, as jax.grad allows: held as values, tier by tier)
+    diff = [i < n_params and mask[i] for i in range(len(leaves))]
+    tiers = _concrete_tiers([x for i, x in enumerate(leaves) if is_arr[i] and not diff[i]])
+    for tier, concrete in enumerate(tiers):
+        traced = [a and (diff[i] or id(leaves[i]) not in concrete) for i, a in enumerate(is_arr)]
+        arrays = [jnp.asarray(x) for x, a in zip(leaves, traced, strict=True) if a]
+        taint = [diff[i] for i, a in enumerate(traced) if a]
+        try:
+            closed = jax.make_jaxpr(functools.partial(_audited, fn, leaves, traced, treedef))(*arrays)
+            break
+        except _TRACE_ERRORS as e:
+            if tier + 1 == len(tiers):
+                names = [paths[i] if i < n_params else None for i, a in enumerate(traced) if a]
+                raise _clean(_untraceable(e, "audit", "xs", names)) from None
+        except Exception as e:
+            e.add_note("funcgrad: verify.audit traces fn(params, *args, **kwargs) once to find its custom rules; "
+                       "tracing failed")
+            raise
     walker = _Walker(max_calls, library, exclude)
     walker.run(closed.jaxpr, closed.consts, arrays, taint, "")
     # (a framework's marker rule, equinox's nondifferentiable, may sit at the same line as an inlined user rule)
@@ -1426,6 +1447,8 @@ def audit(
             "isolation; check_grad(fn, params, *args) checks the gradient they give, or exclude this rule by its "
             f"name ({rule.name!r})")))
     notes = _notes(walker, any(walker.audited(r) for _, r in inlined), tuple(solvers))
+    if tier:
+        notes.append(_concrete_note((params, args, kwargs), tiers[tier]))
     env = {**_environment_versions(), "max_calls": max_calls, "library": library, "exclude": sorted(exclude),
            "seed": seed, "mode": mode, "rtol": rtol, "atol": atol}
     return AuditReport(tuple(rows), _combine_verdicts([r.verdict for r in rows]), tuple(notes),

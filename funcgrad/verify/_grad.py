@@ -57,6 +57,8 @@ from funcgrad.verify._inputs import (
     _bound,
     _check_value,
     _clean,
+    _concrete_note,
+    _concrete_tiers,
     _fresh,
     _host,
     _host_tree,
@@ -64,6 +66,8 @@ from funcgrad.verify._inputs import (
     _Layout,
     _select,
     _split_args,
+    _TRACE_ERRORS,
+    _untraceable,
     _UserTypeError,
     _UserValueError,
     _x64,
@@ -539,21 +543,30 @@ def _check_grad_impl(fn: Callable[..., Any], params: Any, args: tuple, *, hand: 
     specs = tuple((p, tuple(int(d) for d in getattr(x, "shape", ())), describe(x))
                   for p, x in zip(sel.paths, sel.leaves, strict=True))
     dtypes = tuple(jnp.result_type(x) for x in dleaves)
-    if not reuse:
-        # Traced afresh: a function may read globals (data, constants) that changed since an earlier check.
-        # Identical traces share compilations (see _traced). Only check_vjp and check_jacobian, which make their
-        # own wrappers for one call, pass reuse=True and keep the function objects themselves.
-        fn, hand, packed = _traced_functions(_Bound(fn, hand, sel.treedef, sel.diff, specs, has_aux), dleaves, dtypes,
-                                             packed)
-    dyn, spec = _split_args((packed,))
-    bound = _bound(fn, hand, sel.treedef, sel.diff, specs, has_aux)
     user_dtypes = sorted({str(d) for d in dtypes})
-
-    dyn_sig = tuple((tuple(d.shape), d.dtype) for d in dyn)
-    try:
-        facts = _static_facts(bound, layout, spec, dtypes, dyn_sig, caller_x64)
-    except (_UserValueError, _UserTypeError) as e:
-        raise _clean(e) from None
+    tiers = _concrete_tiers(jax.tree_util.tree_leaves(packed))
+    fn0, hand0, packed0 = fn, hand, packed
+    for tier, concrete in enumerate(tiers):
+        fn, hand, packed = fn0, hand0, packed0
+        try:
+            if not reuse:
+                # Traced afresh: a function may read globals (data, constants) that changed since an earlier
+                # check. Identical traces share compilations (see _traced). Only check_vjp and check_jacobian,
+                # which make their own wrappers for one call, pass reuse=True and keep the function objects.
+                fn, hand, packed = _traced_functions(_Bound(fn, hand, sel.treedef, sel.diff, specs, has_aux), dleaves,
+                                                     dtypes, packed, concrete)
+            dyn, spec = _split_args((packed,), concrete)
+            bound = _bound(fn, hand, sel.treedef, sel.diff, specs, has_aux)
+            dyn_sig = tuple((tuple(d.shape), d.dtype) for d in dyn)
+            facts = _static_facts(bound, layout, spec, dtypes, dyn_sig, caller_x64)
+            break
+        except (_UserValueError, _UserTypeError) as e:
+            raise _clean(e) from None
+        except _TRACE_ERRORS as e:  # fn uses a value in Python: perhaps an argument's (as jax.grad allows)
+            if tier + 1 == len(tiers):
+                raise _clean(_untraceable(e, "check_grad", "p", layout.paths)) from None
+    if tier:
+        notes.append(_concrete_note(packed0, tiers[tier]))
     repeated = _checked_before((bound, layout, spec, dtypes, dyn_sig, caller_x64))
     if layout.n == 0:  # every differentiated leaf is empty: nothing to compare
         rows = [Row(p, Verdict.OK, None, 0.0, 0.0, None, None, None, "exact", 0, 0, 0,
@@ -588,13 +601,14 @@ def _check_grad_impl(fn: Callable[..., Any], params: Any, args: tuple, *, hand: 
                       time.perf_counter() - start, env)
 
 
-def _traced_functions(bound0: _Bound, dleaves: list, dtypes: tuple, packed: tuple) -> tuple[Any, Any, tuple]:
+def _traced_functions(bound0: _Bound, dleaves: list, dtypes: tuple, packed: tuple,
+                      concrete: frozenset[int] = frozenset()) -> tuple[Any, Any, tuple]:
     """fn and hand traced at the parameters' precision and in float64, with the constants they close over
     appended to ``packed`` (see :mod:`funcgrad.verify._traced`); fresh wrappers of them where they cannot be
     traced (a NumPy hand; fn's own errors then surface where they always did)."""
     fn = _fresh(bound0.fn)
     hand = _fresh(bound0.hand) if bound0.hand is not None else None
-    dyn, spec2 = _split_args(packed)
+    dyn, spec2 = _split_args(packed, concrete)
     dl_user = [jax.ShapeDtypeStruct(jnp.shape(x), d) for x, d in zip(dleaves, dtypes, strict=True)]
     dl64 = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.float64) for x in dleaves]
     dyn64 = [jax.ShapeDtypeStruct(jnp.shape(x), _dtype64(jnp.result_type(x))) for x in dyn]

@@ -267,12 +267,14 @@ def _is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
-def _split_args(args: Any) -> tuple[list, tuple]:
+def _split_args(args: Any, concrete: frozenset[int] = frozenset()) -> tuple[list, tuple]:
+    """The arrays of ``args`` (traced), and the spec that puts them back among its other (static) values. Arrays
+    whose ``id`` is in ``concrete`` are static too: fn sees their values (see :func:`_concrete_tiers`)."""
     leaves, treedef = jax.tree_util.tree_flatten(args)
     dyn: list[Any] = []
     spec: list[Any] = []  # _DYN for each array, else the static value (or a _ById of it)
     for leaf in leaves:
-        if _is_array(leaf):
+        if _is_array(leaf) and id(leaf) not in concrete:
             dyn.append(leaf)
             spec.append(_DYN)
         else:
@@ -283,6 +285,48 @@ def _split_args(args: Any) -> tuple[list, tuple]:
             else:
                 spec.append(leaf)
     return dyn, (treedef, tuple(spec))
+
+
+def _concrete_tiers(held: Sequence) -> list[frozenset[int]]:
+    """Which of the arrays ``held`` (arguments and fixed leaves, never differentiated) a check holds as concrete
+    values, tier by tier: none (all traced: compilations are shared across data); those that are not floats
+    (labels, masks, keys: ``int(y.max()) + 1``); all of them (``if x.max() > 1:``). ``jax.grad`` traces only what
+    it differentiates, so a function may use these values in Python; a check moves to the next tier when tracing
+    fails for want of a concrete value. Tiers that hold nothing more are left out."""
+    arrays = [x for x in held if _is_array(x)]
+    ints = frozenset(id(x) for x in arrays if not jnp.issubdtype(jnp.result_type(x), jnp.inexact))
+    every = frozenset(id(x) for x in arrays)
+    tiers = [frozenset()]
+    for t in (ints, every):
+        if len(t) > len(tiers[-1]):
+            tiers.append(t)
+    return tiers
+
+
+def _concrete_note(held: Any, concrete: frozenset[int]) -> str:
+    """The report's note for a check that holds the arrays ``concrete`` (of the pytree ``held``) as values."""
+    floats = any(jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in jax.tree_util.tree_leaves(held)
+                 if _is_array(x) and id(x) in concrete)
+    which = "arguments and fixed leaves" if floats else "non-float arguments and fixed leaves (labels, masks, keys)"
+    return (f"fn uses the values of its {which} in Python (NumPy, or an if on them), as jax.grad allows: they are "
+            "held as constants, as if fn closed over them" + (" (at their own dtypes in the float64 check)"
+                                                             if floats else ""))
+
+
+def _untraceable(e: Exception, what: str, arg: str, paths: Sequence[str | None]) -> Exception:
+    """A clean error for a function JAX cannot trace (a value it uses in Python is traced), naming the leaf of
+    params when JAX's message says which input it was (``arg[k]``: the tracing function's argument ``arg`` held the
+    leaves ``paths``, None where not a leaf of params)."""
+    m = re.search(rf"argument {arg}\[(\d+)\]", str(e))
+    path = paths[int(m.group(1))] if m and int(m.group(1)) < len(paths) else None
+    leaf = "" if path is None else f" (it needs the value of {path or 'params'})"
+    return _UserTypeError(
+        f"{what}: JAX cannot trace fn{leaf}: {_first_line(e).rstrip('.')}. {what} traces fn as jax.jit does (as a training step is "
+        "compiled), so fn must compute with jax.numpy on traced values: no int(), float(), bool() (a Python if) or "
+        "np.asarray of the parameters, nor of anything computed from them or from the arguments (y.max()); "
+        "arguments are held as values when that is all fn needs. Compute such values outside fn and pass them as "
+        "Python numbers (n_classes = int(y.max()) + 1), branch with jnp.where or jax.lax.cond, and hold a "
+        "hyperparameter that must stay a Python number fixed with wrt=")
 
 
 def _join_args(dyn: Sequence, spec: tuple) -> Any:
