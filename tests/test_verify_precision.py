@@ -259,19 +259,60 @@ def test_a_callbacks_arithmetic_is_assumed_float32():
 # -- the jaxpr readings themselves ----------------------------------------------------------------------------------
 
 
-def outs(f, *shapes):
+def outs(f, *shapes, n_params=None):
     with jax.enable_x64(True):
-        return _compiled._precisions(jax.make_jaxpr(f)(*[jnp.zeros(s, jnp.float64) for s in shapes]).jaxpr)
+        return _compiled._precisions(jax.make_jaxpr(f)(*[jnp.zeros(s, jnp.float64) for s in shapes]).jaxpr,
+                                     n_params)
 
 
 def test_precisions_tell_a_final_cast_from_rounding_inside():
-    assert outs(lambda g: g.astype(jnp.bfloat16), (3,)) == [(F64, BF16)]
-    assert outs(lambda g: (2 * g.astype(jnp.bfloat16)).astype(jnp.float64), (3,)) == [(BF16, F64)]
-    assert outs(lambda g: g.astype(jnp.bfloat16).astype(jnp.float32).reshape(3, 1).T, (3,)) == [(F64, BF16)]
+    assert outs(lambda g: g.astype(jnp.bfloat16), (3,)) == [(F64, BF16, F64)]
+    assert outs(lambda g: (2 * g.astype(jnp.bfloat16)).astype(jnp.float64), (3,)) == [(BF16, F64, F64)]
+    assert outs(lambda g: g.astype(jnp.bfloat16).astype(jnp.float32).reshape(3, 1).T, (3,)) == [(F64, BF16, F64)]
     assert outs(jax.jit(lambda g, h: (jnp.exp(g), h.astype(jnp.float16))), (3,), (2,)) == [
-        (F64, F64), (F64, jnp.dtype(jnp.float16))]
+        (F64, F64, F64), (F64, jnp.dtype(jnp.float16), F64)]
     # a value computed from a rounded one: rounded inside
-    assert outs(lambda g: jnp.exp(g.astype(jnp.bfloat16).astype(jnp.float64)), (3,)) == [(BF16, F64)]
+    assert outs(lambda g: jnp.exp(g.astype(jnp.bfloat16).astype(jnp.float64)), (3,)) == [(BF16, F64, F64)]
+
+
+def test_precisions_of_values_without_the_parameters_and_of_masks():
+    # Data rounded to bfloat16 (the second input, not a parameter) is the definition's rounding: the third place.
+    assert outs(lambda w, x: w * x.astype(jnp.bfloat16).astype(jnp.float64), (3,), (3,), n_params=1) == [
+        (F64, F64, BF16)]
+    # The same rounding of the parameter itself is computed in bfloat16.
+    assert outs(lambda w, x: jnp.exp(w.astype(jnp.bfloat16)).astype(jnp.float64) * x, (3,), (3,), n_params=1) == [
+        (BF16, F64, F64)]
+    # A mask compared in bfloat16, from the data or from the parameter: 0s and 1s, exact.
+    mask = lambda v: (v.astype(jnp.bfloat16) > 0.5).astype(jnp.float64)  # noqa: E731
+    assert outs(lambda w, x: w * mask(x), (3,), (3,), n_params=1) == [(F64, F64, F64)]
+    assert outs(lambda w, x: jnp.exp(w) * mask(w), (3,), (3,), n_params=1) == [(F64, F64, F64)]
+
+
+@pytest.mark.parametrize("mask_dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("slip", [1.0, 1.09])
+def test_a_bfloat16_dropout_mask_in_a_float32_model_keeps_tight_tolerances(mask_dtype, slip):
+    # Drawing the dropout mask in bfloat16 loosened every leaf to bfloat16's 5%, so a hand 9% off passed; the mask is
+    # 0s and 1s (its scale a constant), the same for autodiff, hand and finite differences.
+    w = jnp.asarray(RS.randn(4, 3), jnp.float32)
+    x = jnp.asarray(RS.randn(8, 4), jnp.float32)
+    key = jax.random.key(3)
+
+    def keep(key):
+        return (jax.random.uniform(key, (8, 3), mask_dtype) > 0.25).astype(jnp.float32) / 0.75
+
+    def fn(w, x, key):
+        return jnp.sum(jnp.tanh(x @ w) * keep(key))
+
+    def hand(w, x, key):
+        return slip * (x.T @ ((1 - jnp.tanh(x @ w) ** 2) * keep(key)))
+
+    with jax.enable_x64(True):  # the truth, independently
+        w64, x64 = np.asarray(w, np.float64), np.asarray(x, np.float64)
+        true = jax.grad(lambda w: jnp.sum(jnp.tanh(x64 @ w) * np.asarray(keep(key), np.float64)))(w64)
+    np.testing.assert_allclose(np.asarray(hand(w, x, key)) / slip, true, rtol=1e-5, atol=1e-6)
+    report = verify.check_grad(fn, w, x, key, hand=hand)
+    assert report.verdict == ("ok" if slip == 1.0 else "hand_wrong"), report
+    assert not any("computes in bfloat16" in n for n in report.notes), report.notes
 
 
 def test_noise_precisions_follow_what_depends_on_each_leaf():

@@ -573,7 +573,10 @@ class _Facts:
     grad64: tuple = ()  # per leaf, the lowest float precision its float64 gradient is computed through (() unknown)
     noise64: tuple = ()  # per leaf, the lowest float precision of what fn computes from it (() unknown)
     hand_inner64: tuple = ()  # per leaf, (the lowest precision hand computes it in, final casts aside; the lowest
-    # those casts round it to), as _precisions reads them (() unknown)
+    # those casts round it to; the lowest of what it computes without the parameters), as _precisions reads them
+    # (() unknown)
+    grad64_const: tuple = ()  # per leaf, the lowest precision of the values without the parameters (data cast to
+    # bfloat16, a mask's scale) its float64 gradient is computed through (() unknown)
 
 
 @functools.lru_cache(maxsize=16)
@@ -644,31 +647,32 @@ def _static_facts(bound: _Bound, layout: _Layout, spec, param_dtypes, dyn_sig, x
             closed_h, h = jax.make_jaxpr(lambda th, d: bound.grad(layout.unravel(th), *_join_args(d, spec)),
                                          return_shape=True)(theta_s, dyn_s)
             hand64 = tuple(leaf.dtype for leaf in h)
-            hand_inner = tuple(_precisions(closed_h.jaxpr))
+            hand_inner = tuple(_precisions(closed_h.jaxpr, 1))
         # (custom rules' backward passes, and callbacks, are not in fn's own jaxpr)
         opaque = _uses(closed.jaxpr, _opaque)
         if opaque:
             notes.append("fn calls a Python callback or an external kernel, whose arithmetic cannot be read: "
                          f"finite differences through it are assumed to carry {_OPAQUE}'s rounding")
         hidden = opaque or _uses_primitive(closed.jaxpr, "custom_vjp") or _uses_primitive(closed.jaxpr, "custom_jvp")
-        grad64 = _gradient_precisions(bound, layout, spec, dyn_s) if (inner != jnp.float64 or hidden) and reverse else ()
+        gp = _gradient_precisions(bound, layout, spec, dyn_s) if (inner != jnp.float64 or hidden) and reverse else ()
     return _Facts(out_raw, out, hand_dtypes, hand_eager, getattr(out64, "dtype", None), hand64,
                   max(_jaxpr_flops(closed.jaxpr), 1.0), _dependence(closed.jaxpr, len(layout.shapes)), reverse,
                   jvp, tuple(notes), inner,
-                  _lowest_float(closed_user.jaxpr), grad64, _noise_precisions(closed.jaxpr, len(layout.shapes)),
-                  hand_inner)
+                  _lowest_float(closed_user.jaxpr), tuple(c for c, _ in gp),
+                  _noise_precisions(closed.jaxpr, len(layout.shapes)), hand_inner, tuple(k for _, k in gp))
 
 
 def _gradient_precisions(bound: _Bound, layout: _Layout, spec: tuple, dyn_s: list) -> tuple:
-    """Per leaf, the lowest float precision its float64 gradient (reverse mode) is computed through: a leaf whose
-    gradient never meets the bfloat16 part of fn keeps float64 tolerances. () where that cannot be traced."""
+    """Per leaf, (the lowest float precision its float64 gradient (reverse mode) is computed through, the lowest
+    of the values without the parameters among them: see :func:`_precisions`): a leaf whose gradient never meets
+    the bfloat16 part of fn keeps float64 tolerances. () where that cannot be traced."""
     try:
         closed = jax.make_jaxpr(jax.grad(lambda ls, d: bound.value(jax.tree_util.tree_unflatten(layout.treedef, ls),
                                                                    *_join_args(d, spec))))(
             [jax.ShapeDtypeStruct(shape, jnp.float64) for shape in layout.shapes], dyn_s)
     except Exception:  # noqa: BLE001 - then every leaf's tolerance follows the lowest precision in fn
         return ()
-    return tuple(_lower(c, r) for c, r in _precisions(closed.jaxpr))
+    return tuple((_lower(c, r), k) for c, r, k in _precisions(closed.jaxpr, len(layout.shapes)))
 
 
 def _trace_leaves64(bound: _Bound, layout: _Layout, spec: tuple, dyn_s: list) -> Any:
@@ -762,18 +766,26 @@ def _kept_by(mantissa_bits: int) -> Any:
     return jnp.dtype(getattr(jnp, "float8_e4m3fn", jnp.bfloat16))
 
 
-def _precisions(jaxpr: Any) -> list[tuple[Any, Any]]:
+def _precisions(jaxpr: Any, n_params: int | None = None) -> list[tuple[Any, Any, Any]]:
     """For each output of ``jaxpr``: (the lowest float precision of the values it is computed from, final casts
-    aside; the lowest precision those final casts round it to). ``g.astype(bfloat16)`` of a float64 ``g`` is
-    (float64, bfloat16): only rounded, by half an ulp at each element; ``(g.astype(bfloat16) * 2)`` is (bfloat16,
-    float64). Calls (jit, custom rules) are followed inside; any other equation with a
-    sub-computation (loops, branches) counts as a whole, each output depending on all its inputs and everything
-    the sub-computation computes."""
-    f64 = jnp.dtype(jnp.float64)
+    aside; the lowest precision those final casts round it to; the lowest precision of the values it is computed
+    from that do not depend on the parameters). ``g.astype(bfloat16)`` of a float64 ``g`` is (float64, bfloat16,
+    float64): only rounded, by half an ulp at each element; ``(g.astype(bfloat16) * 2)`` is (bfloat16, float64,
+    float64). Calls (jit, custom rules) are followed inside; any other equation with a sub-computation (loops,
+    branches) counts as a whole, each output depending on all its inputs and everything the sub-computation
+    computes.
 
-    def walk(jx: Any, known: dict) -> list[tuple[Any, Any]]:
-        def get(v: Any) -> tuple[Any, Any]:
-            return known.get(id(v), (f64, f64))  # (a literal, or an input: float64)
+    The parameters are the first ``n_params`` inputs (all of them when None). A value that does not depend on them
+    (data cast to bfloat16, a dropout mask drawn in bfloat16, a scale) is part of fn's definition, the same for
+    autodiff, hand and finite differences: its precision counts only in the third place (a hand may have computed
+    it unrounded). Boolean and integer values (masks, indices) carry no rounding: a comparison of bfloat16 values
+    moves a kink, which the checks judge as such."""
+    f64 = jnp.dtype(jnp.float64)
+    exact = (f64, f64, f64, False)
+
+    def walk(jx: Any, known: dict) -> list[tuple[Any, Any, Any, bool]]:
+        def get(v: Any) -> tuple[Any, Any, Any, bool]:
+            return known.get(id(v), exact)  # (a literal, or a constant: exact, and no parameter's)
 
         for eqn in jx.eqns:
             ins = [get(v) for v in eqn.invars]
@@ -782,28 +794,39 @@ def _precisions(jaxpr: Any) -> list[tuple[Any, Any]]:
                 outs = walk(subs[0], {id(v): x for v, x in zip(subs[0].invars, ins, strict=True)})
             else:
                 name = eqn.primitive.name
-                comp = functools.reduce(_lower, [c for c, _ in ins], f64)
-                cast = functools.reduce(_lower, [r for _, r in ins], f64)
-                if name not in _MOVES and name != "convert_element_type":
+                dep = any(x[3] for x in ins)
+                comp = functools.reduce(_lower, [x[0] for x in ins], f64)
+                cast = functools.reduce(_lower, [x[1] for x in ins], f64)
+                const = functools.reduce(_lower, [x[2] for x in ins], f64)
+                if not dep:  # (all of it the definition's: its rounding is the third place's)
+                    comp, cast = f64, f64
+                    const = functools.reduce(_lower, [c for x in ins for c in x[:3]], const)
+                    const = _lower(const, _eqn_inner(eqn, opaque=False))
+                elif name not in _MOVES and name != "convert_element_type":
                     comp, cast = _lower(comp, cast), f64
-                comp = _lower(comp, _eqn_inner(eqn, opaque=False))
+                if dep:
+                    comp = _lower(comp, _eqn_inner(eqn, opaque=False))
                 outs = []
                 for v in eqn.outvars:
                     dt = getattr(getattr(v, "aval", None), "dtype", None)
                     if dt is None or not jnp.issubdtype(dt, jnp.floating):
-                        outs.append((_lower(comp, cast), f64))
+                        outs.append((f64, f64, f64, dep))  # (a mask or an index: exact)
+                    elif not dep:
+                        outs.append((f64, f64, _lower(const, dt), False))
                     elif name == "convert_element_type":
-                        outs.append((comp, _lower(cast, dt)))
+                        outs.append((comp, _lower(cast, dt), const, dep))
                     elif name == "reduce_precision":  # a cast in place: to the widest dtype no finer than it keeps
-                        outs.append((comp, _lower(cast, _kept_by(eqn.params["mantissa_bits"]))))
+                        outs.append((comp, _lower(cast, _kept_by(eqn.params["mantissa_bits"])), const, dep))
                     elif name in _MOVES:  # (its values are its inputs')
-                        outs.append((comp, cast))
+                        outs.append((comp, cast, const, dep))
                     else:
-                        outs.append((_lower(comp, dt), cast))
+                        outs.append((_lower(comp, dt), cast, const, dep))
             known.update((id(v), x) for v, x in zip(eqn.outvars, outs, strict=True))
         return [get(v) for v in jx.outvars]
 
-    return walk(jaxpr, {})
+    n = len(jaxpr.invars) if n_params is None else n_params
+    top = {id(v): (f64, f64, f64, i < n) for i, v in enumerate(jaxpr.invars)}
+    return [x[:3] for x in walk(jaxpr, top)]
 
 
 def _sub_jaxprs(eqn: Any) -> list:

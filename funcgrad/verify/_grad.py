@@ -744,7 +744,7 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
             hand64 = tuple(np.asarray(x).dtype for x in h64)
             h_given = [jnp.asarray(np.ravel(np.asarray(x, np.float64)), jnp.float64) for x in h64]
             # (NumPy code: what it computes in is its output's dtype, as far as one can tell)
-            hand_inner = tuple((d, jnp.dtype(jnp.float64)) for d in hand64)
+            hand_inner = tuple((d, jnp.dtype(jnp.float64), jnp.dtype(jnp.float64)) for d in hand64)
         eps_f, rtols = _precision_plan(facts, layout, hand64, hand_inner, options.rtol, notes)
         rtol_eff = float(np.max(rtols[:, 0], initial=0.0))  # (reported: the loosest)
         h0 = _first_step(eps_f)
@@ -827,6 +827,8 @@ def _precision_plan(facts: _Facts, layout: _Layout, hand64: tuple, hand_inner: t
                      np.float64)
     grad64 = facts.grad64 or (facts.inner64,) * len(paths)
     comp = [eps_of(d) for d in grad64]
+    # (values that do not depend on the parameters, rounded on a gradient's way: a hand may have them unrounded)
+    const = [eps_of(d) for d in facts.grad64_const or (jnp.float64,) * len(paths)]
     cast: list[Any] = [None] * len(paths)  # the dtype hand rounds each leaf's result to, if it does
     low = [p for p, d in zip(paths, grad64, strict=True) if d != jnp.float64]
     if low:
@@ -839,8 +841,9 @@ def _precision_plan(facts: _Facts, layout: _Layout, hand64: tuple, hand_inner: t
         notes.append(f"fn's output is cast to {facts.out64} even with float64 inputs: finite differences carry its "
                      "rounding (autodiff and hand are still compared to float64 precision)")
     # strict=False: hand64 and hand_inner are empty without a hand.
-    for i, (dtype, (inner, read)) in enumerate(zip(hand64, hand_inner, strict=False)):
+    for i, (dtype, (inner, read, hconst)) in enumerate(zip(hand64, hand_inner, strict=False)):
         comp[i] = max(comp[i], eps_of(inner))
+        const[i] = max(const[i], eps_of(hconst))
         # (a constant made in dtype reads as float64)
         rounded = _lower(read, dtype) if inner == jnp.float64 and dtype != jnp.float64 else read
         if rounded != jnp.float64:
@@ -856,12 +859,26 @@ def _precision_plan(facts: _Facts, layout: _Layout, hand64: tuple, hand_inner: t
     if rtol is not None:  # the user's tolerance overrides everything, a cast's rounding too
         rtols[:, 0] = float(rtol)
         return eps_f, rtols
-    rtols[:, 0] = [_default_rtol(c) for c in comp]
+    rtols[:, 0] = [max(_default_rtol(c), min(0.05, 2 * k)) for c, k in zip(comp, const, strict=True)]
+    rounded = [p for p, c, k in zip(paths, comp, const, strict=True) if 2 * k > max(_default_rtol(c), 1e-6)]
+    if rounded:
+        notes.append(f"values that do not depend on the parameters (data, masks, scales) are rounded to "
+                     f"{_dtype_of_eps(max(const))} on the way of the gradients of {', '.join(rounded)}: as a hand may "
+                     "use them unrounded, those gradients may differ by twice that rounding "
+                     f"(rtol {min(0.05, 2 * max(const)):.2g})")
     for i, dt in enumerate(cast):
         if dt:  # the cast's rounding (see _tolerance)
             fi = jnp.finfo(dt)
             rtols[i, 1:] = float(fi.eps), float(fi.smallest_normal), float(fi.smallest_subnormal), float(_flushes(dt))
     return eps_f, rtols
+
+
+def _dtype_of_eps(eps: float) -> str:
+    """The float dtype whose machine epsilon is ``eps``."""
+    for dt in (jnp.float64, jnp.float32, jnp.float16, jnp.bfloat16):
+        if float(jnp.finfo(dt).eps) == eps:
+            return str(jnp.dtype(dt))
+    return f"eps {eps:.2g}"
 
 
 @functools.lru_cache(maxsize=8)
