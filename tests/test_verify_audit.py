@@ -883,6 +883,78 @@ def test_a_rule_called_only_at_an_iteration_the_sampling_skips_is_checked(loop):
     assert "iteration 4" in got["warmup"].where, got["warmup"]
 
 
+@pytest.mark.parametrize("wrong_above", [2.5, 100.0])
+def test_each_call_of_a_rule_a_cond_takes_at_a_few_iterations_is_checked(wrong_above):
+    # A rule in a cond branch taken at iterations 10 and 30 of 50, wrong only for inputs above 2.5 (reached at 30
+    # alone): once iteration 10's call was recorded, iteration 30 (which the sampling skips) was only counted, and the
+    # row passed, "1 of its 2 call(s) not checked", though max_calls (8) is the calls checked per rule.
+    @jax.custom_jvp
+    def sq(x):
+        return x * x
+
+    sq.defjvps(lambda t, y, x: t * jnp.where(x > wrong_above, 3.0 * x, 2.0 * x))
+
+    def fn(p, x):
+        def step(h, i):
+            h = jax.lax.cond((i == 10) | (i == 30), lambda h: sq(h) * 0.1 + h, lambda h: h, h) + p["b"]
+            return h, None
+
+        return jnp.sum(jax.lax.scan(step, x, jnp.arange(50))[0])
+
+    p, x = {"b": jnp.array([0.02, 0.05, 0.03])}, jnp.array([0.5, 1.0, 1.5])
+    # (the input the rule gets at iteration 30 crosses 2.5; at iteration 10 it does not)
+    h, at = x, {}
+    for i in range(31):
+        at[i] = h
+        h = (0.1 * h * h + h if i in (10, 30) else h) + p["b"]
+    assert float(jnp.max(at[10])) < 2.5 < float(jnp.max(at[30]))
+    report = verify.audit(jax.jit(fn), p, x)
+    row = rows(report)["sq"]
+    assert (row.calls, row.seen) == (2, 2), report
+    if wrong_above < 10:
+        assert row.verdict == verify.Verdict.AUTODIFF_WRONG and "scan iteration 30" in row.where, report
+    else:
+        assert row.ok, report
+
+
+@pytest.mark.parametrize("labels_ct", ["none", "zeros", "wrong"])
+@pytest.mark.parametrize("planted", [False, True])
+def test_a_fused_cross_entropy_that_gives_its_labels_no_cotangent(labels_ct, planted):
+    # The usual fused softmax cross-entropy: its bwd returns None for the labels (one-hot of integer data), whose
+    # cotangent no gradient of the parameters needs. The audit failed it as autodiff_wrong at the labels. A rule
+    # that gives them a nonzero wrong cotangent is still checked there, and the logits' cotangent always.
+    @jax.custom_vjp
+    def xent(logits, labels):
+        return -jnp.sum(labels * jax.nn.log_softmax(logits))
+
+    def bwd(res, g):
+        logits, labels = res
+        d = g * (jax.nn.softmax(logits) - labels)
+        if planted:
+            d = d.at[1, 2].multiply(1.5)
+        dl = {"none": None, "zeros": jnp.zeros_like(labels), "wrong": -g * logits}[labels_ct]
+        return d, dl
+
+    xent.defvjp(lambda logits, labels: (xent(logits, labels), (logits, labels)), bwd)
+    rs = np.random.RandomState(5)
+    p = {"W": jnp.asarray(rs.randn(4, 3), jnp.float32)}
+    x, y = jnp.asarray(rs.randn(5, 4), jnp.float32), jnp.array([0, 1, 2, 1, 0])
+
+    def fn(p, x, y):
+        return xent(x @ p["W"], jax.nn.one_hot(y, 3))
+
+    (row,) = verify.audit(jax.jit(fn), p, x, y).rows
+    if labels_ct == "wrong":  # -g·logits is not -g·log_softmax(logits): the rule's own mistake, reported
+        assert row.verdict == verify.Verdict.AUTODIFF_WRONG and row.worst_index[0] == 1, row
+    elif planted:
+        assert row.verdict == verify.Verdict.AUTODIFF_WRONG and row.worst_index == (0, 1, 2), row
+    else:
+        assert row.ok and "input(s) [1] held fixed: the rule gives them no cotangent" in row.note, row
+    # With the labels among the parameters, their cotangent is on the path: checked, and None is wrong there.
+    (row,) = verify.audit(jax.jit(lambda q, x: xent(x @ q["W"], q["t"])), {**p, "t": jax.nn.one_hot(y, 3)}, x).rows
+    assert row.verdict == verify.Verdict.AUTODIFF_WRONG, row
+
+
 def test_a_jax_custom_gradient_rule_is_the_user_s_and_is_checked():
     # custom_gradient's primal is a JAX wrapper (wrapped_fun): the rule was filed as JAX's own and skipped.
     @jax.custom_gradient

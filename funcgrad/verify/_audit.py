@@ -583,8 +583,9 @@ class _Walker:
     def unwalked(self, body: Any, args: list) -> list | None:
         """A loop iteration the sampling skips: evaluated compiled and its rule calls counted (the branches its
         conds took, where known). None when a cond there takes a branch holding an audited rule that no call has
-        been recorded for yet: that iteration is then walked, so that a rule called only at some iterations (a
-        warm-up step) is checked rather than skipped."""
+        been recorded for yet, or fewer than ``max_calls`` calls: that iteration is then walked, so that a rule
+        called only at some iterations (a warm-up step, every tenth step) is checked at up to max_calls of them
+        rather than skipped."""
         probe = self.branching(body)
         if probe is None:
             out = list(self.compiled(body)(*args))
@@ -596,7 +597,7 @@ class _Walker:
         taken = {id(e): int(np.clip(int(i), 0, len(e.params["branches"]) - 1)) for e, i in zip(conds, res[n:],
                                                                                              strict=True)}
         for e in conds:
-            if any(self.audited(r) and (r, i) not in self.recorded
+            if any(self.audited(r) and ((r, i) not in self.recorded or len(self.calls[r]) < self.max_calls)
                    for r, i in self.rules_in(e.params["branches"][taken[id(e)]].jaxpr)):
                 return None
         self.count(body.jaxpr, 1, taken=taken)
@@ -1071,11 +1072,12 @@ def _forward_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: t
     return ""
 
 
-def _inputs_to_check(call: _Call, n_c: int) -> tuple[tuple[int, ...], list[int], list[int]]:
-    """The rule's inputs to differentiate at a call (floating, non-empty, not held by the framework), and those
-    held fixed besides: numbers written into fn (a hyperparameter, whose cotangent the bwd may leave None), and
-    for a rule with symbolic zeros the inputs fn's gradient does not perturb (its fwd may take another path for
-    them, reading ``.perturbed``: the rule is checked as fn's gradient runs it)."""
+def _inputs_to_check(call: _Call, n_c: int) -> tuple[tuple[int, ...], list[int], list[int], list[int]]:
+    """The rule's inputs to differentiate at a call (floating, non-empty, not held by the framework), those held
+    fixed besides: numbers written into fn (a hyperparameter, whose cotangent the bwd may leave None), and for a rule
+    with symbolic zeros the inputs fn's gradient does not perturb (its fwd may take another path for them, reading
+    ``.perturbed``: the rule is checked as fn's gradient runs it); and, among the inputs to differentiate, those off
+    the parameters' gradient path beside ones on it."""
     user_inputs = call.inputs[n_c:]
     diff_pos = tuple(i for i, x in enumerate(user_inputs)
                      if jnp.issubdtype(jnp.result_type(x), jnp.floating) and np.size(x) > 0 and i not in call.held)
@@ -1084,11 +1086,34 @@ def _inputs_to_check(call: _Call, n_c: int) -> tuple[tuple[int, ...], list[int],
         diff_pos = tuple(i for i in diff_pos if i not in constants)
     else:  # only constants of fn's: the rule is still checked, at them (its derivative there is off fn's gradient path)
         constants = []
+    # Inputs that do not depend on the selected parameters (labels, data) beside ones that do: no gradient of the
+    # parameters passes through their cotangent. A rule with symbolic zeros is not even asked for it (unperturbed:
+    # held); any other rule's is checked unless it gives none (see _declared_none), as a fused cross-entropy's None
+    # for its labels.
     unperturbed: list[int] = []
-    if call.eqn.params.get("symbolic_zeros") and call.taint and any(call.taint[n_c + i] for i in diff_pos):
-        unperturbed = [i for i in diff_pos if not call.taint[n_c + i]]
-        diff_pos = tuple(i for i in diff_pos if call.taint[n_c + i])
-    return diff_pos, constants, unperturbed
+    off_path: list[int] = []
+    if call.taint and any(call.taint[n_c + i] for i in diff_pos):
+        off_path = [i for i in diff_pos if not call.taint[n_c + i]]
+        if call.eqn.params.get("symbolic_zeros"):
+            unperturbed, off_path = off_path, []
+            diff_pos = tuple(i for i in diff_pos if call.taint[n_c + i])
+    return diff_pos, constants, unperturbed, off_path
+
+
+def _declared_none(eqn: Any, call: _Call, diff_pos: tuple[int, ...], off_path: list[int],
+                   float_outs: tuple[int, ...], scalars: dict, seed: int, k: int) -> list[int]:
+    """Of the inputs ``off_path`` (off the parameters' gradient path), those the rule gives no cotangent at this
+    call (exact zeros at every element, as its bwd's None gives): the rule declares them not differentiated."""
+    if not off_path:
+        return []
+    key = (id(eqn), diff_pos)
+    if key not in scalars:
+        scalars[key] = _scalars(eqn, call, diff_pos, float_outs)
+    extra, diff, _, _ = _extra(eqn, call, diff_pos, float_outs, np.random.default_rng([seed % 2**32, k]))
+    n_c = int(eqn.params.get("num_consts", 0))
+    fixed = tuple(call.inputs[i] for i in range(len(call.inputs)) if i - n_c not in diff_pos)
+    g = jax.grad(scalars[key].rule)(tuple(jnp.asarray(d) for d in diff), fixed, extra)
+    return [i for i, gi in zip(diff_pos, g, strict=True) if i in off_path and not np.any(np.asarray(gi))]
 
 
 def _amended(report: GradReport, extra_rows: list[Row], left_out: bool) -> GradReport:
@@ -1114,7 +1139,7 @@ def _check_call(call: _Call, k: int, scalars: dict,
     eqn = call.eqn
     n_c = int(eqn.params.get("num_consts", 0))
     user_inputs = call.inputs[n_c:]
-    diff_pos, constants, unperturbed = _inputs_to_check(call, n_c)
+    diff_pos, constants, unperturbed, off_path = _inputs_to_check(call, n_c)
     float_outs = tuple(j for j, v in enumerate(eqn.outvars) if jnp.issubdtype(v.aval.dtype, jnp.floating))
     complex_io = [f"input {i}" for i, x in enumerate(user_inputs)
                   if jnp.issubdtype(jnp.result_type(x), jnp.complexfloating) and i not in call.held]
@@ -1145,6 +1170,19 @@ def _check_call(call: _Call, k: int, scalars: dict,
         + [f"input(s) {constants} held fixed: numbers written into fn, which no gradient moves"] * bool(constants)
         + [f"input(s) {unperturbed} held fixed: a rule with symbolic zeros is checked as fn's gradient (with respect "
            "to the selected parameters) runs it, and that does not perturb them"] * bool(unperturbed))
+    try:
+        none = _declared_none(eqn, call, diff_pos, off_path, float_outs, scalars, options["seed"], k)
+    except Exception:  # noqa: BLE001 - the rule failing here fails in its check below, and is reported there
+        none = []
+    if none and len(none) < len(diff_pos):
+        diff_pos = tuple(i for i in diff_pos if i not in none)
+        held = "; ".join([n for n in (held,) if n] + [
+            f"input(s) {none} held fixed: the rule gives them no cotangent (None, or zeros), and they do not depend on "
+            "the selected parameters (data, labels), so no gradient of the parameters passes through it; pass them in "
+            "params to have it checked"])
+        key = (id(eqn), diff_pos)
+        if key not in scalars:
+            scalars[key] = _scalars(eqn, call, diff_pos, float_outs)
     try:
         extra, diff, out_masks, partial = _extra(eqn, call, diff_pos, float_outs,
                                                  np.random.default_rng([options["seed"] % 2**32, k]))
@@ -1536,8 +1574,9 @@ def _rule_row(rule: _Rule, calls: list[_Call], seen: int, options: dict) -> Audi
         note = "; ".join([n for n in (note,) if n] + [f"{len(skipped)} call(s) not checked ({skipped[0]})"])
     if len(pick) < seen:
         note = "; ".join([n for n in (note,) if n] + [
-            f"{seen - len(pick)} of its {seen} call(s) not checked (max_calls={max_calls} samples them evenly): a "
-            "rule wrong only at those passes"])
+            f"{seen - len(pick)} of its {seen} call(s) not checked (max_calls={max_calls}: at most that many calls "
+            "checked per rule, and per loop that many iterations walked, evenly spread; the others' calls are "
+            "counted): a rule wrong only at those passes"])
     if gaps:
         forward = f"{gaps[0][1]} (at {len(gaps)} of {checked} call(s) checked)"
         if verdict not in _FAILING:  # the derivative itself matches: the row is the forward's
