@@ -14,8 +14,8 @@ PYTEST_WORKERS ?= 2
 run: $(VENV)/.installed-run
 	@if [ -f runs/spiral/checkpoint.npz ]; then $(BIN)/funcgrad train --resume; else $(BIN)/funcgrad train; fi
 
-## The default test suite (a few minutes on 2 cores): the conventions (lint, types), then the tests and every
-## docstring example; slow tests are skipped.
+## The default test suite (about 5 minutes on 2 cores): the conventions (lint, types), then the tests and every
+## docstring example; slow tests are skipped (make test-slow).
 test: lint $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -m "not slow" -n $(PYTEST_WORKERS) --doctest-modules funcgrad tests $(PYTEST_ARGS)
 
@@ -24,9 +24,11 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-## Slow tests: book-length training runs, multi-process and kill/resume runs.
+## Slow tests: book-length training runs, multi-process and kill/resume runs, the full `funcgrad verify`, and the
+## default suite's longest tests (each rule's three-way check, the README's blocks, the CLI's runs). CI runs them
+## after `make test` (.ci/run).
 test-slow: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m slow -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 test-all: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -171,6 +171,7 @@ SHARDED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sharded_save_and_restore_onto_the_same_sharding(tmp_path):
     env = {"JAX_NUM_CPU_DEVICES": "8", "JAX_PLATFORMS": "cpu"}  # read when JAX starts: a fresh interpreter
     proc = run_python(["-c", SHARDED, str(tmp_path / "ckpt")], env=env, timeout=240)

@@ -103,6 +103,7 @@ def json_run(tmp_path_factory):
     return out, _train(out, "--json", "--set", "train.tensorboard=true")
 
 
+@pytest.mark.slow
 def test_json_prints_the_summary_alone_on_stdout(json_run):
     out, proc = json_run
     summary = json.loads(proc.stdout)  # the whole of stdout is one JSON object

@@ -26,6 +26,7 @@ def default_run(tmp_path_factory, compile_cache):
     return out, proc
 
 
+@pytest.mark.slow
 def test_default_run_reproduces_chapter_11(default_run):
     out, proc = default_run
     summary = json.loads((out / "summary.json").read_text())
@@ -62,6 +63,7 @@ def test_default_run_files(default_run):
     assert not list(out.glob(".*tmp*"))  # no temporary files left behind
 
 
+@pytest.mark.slow
 def test_evaluate_on_fresh_data(default_run, compile_cache):
     out, _ = default_run
     env = {"FUNCGRAD_COMPILATION_CACHE": compile_cache}
@@ -78,6 +80,7 @@ def test_evaluate_on_fresh_data(default_run, compile_cache):
     assert "validation: loss" in text and "the run's validation data" in text
 
 
+@pytest.mark.slow
 def test_a_run_is_never_overwritten(default_run):
     out, _ = default_run
     before = (out / "checkpoint.npz").read_bytes()
@@ -88,6 +91,7 @@ def test_a_run_is_never_overwritten(default_run):
     assert (out / "checkpoint.npz").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_bad_config_values_exit_2(tmp_path):
     proc = train(tmp_path / "x", "--set", "optimizer.learning_rat=0.1", check=False)
     assert proc.returncode == 2
@@ -101,6 +105,7 @@ RESUME = ["--set", "train.epochs=20001", "--set", "train.fuse=500", "--set", "tr
           "--set", "train.verify=false"]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_parameters(tmp_path, compile_cache):
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     env = dict(os.environ, PYTHONUNBUFFERED="1", FUNCGRAD_COMPILATION_CACHE=compile_cache)
@@ -122,6 +127,7 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, compile_cache):
     assert summary["train"] == json.loads((whole / "summary.json").read_text())["train"]
 
 
+@pytest.mark.slow
 def test_numerical_fault_stops_and_keeps_the_last_good_checkpoint(tmp_path, compile_cache):
     out = tmp_path / "sine"
     base = ["--config", str(ROOT / "configs" / "sine.toml"), "--set", "optimizer.kind=sgd", "--set", "train.fuse=100",
@@ -138,6 +144,7 @@ def test_numerical_fault_stops_and_keeps_the_last_good_checkpoint(tmp_path, comp
     assert (out / "metrics.jsonl").read_text().startswith(metrics_before)
 
 
+@pytest.mark.slow
 def test_user_mistakes_get_one_line_errors(tmp_path, default_run):
     out, _ = default_run
     damaged = tmp_path / "damaged"
@@ -156,6 +163,7 @@ def test_user_mistakes_get_one_line_errors(tmp_path, default_run):
     assert proc.returncode == 2 and "loss.l2.dens1/W" in proc.stderr and "matches no parameter" in proc.stderr
 
 
+@pytest.mark.slow
 def test_resuming_off_the_checkpoint_grid_keeps_checkpointing(tmp_path, compile_cache):
     out = tmp_path / "grid"
     base = ["--set", "train.fuse=50", "--set", "train.checkpoint_every=100", "--set", "train.verify=false"]
@@ -176,6 +184,7 @@ def test_resuming_off_the_checkpoint_grid_keeps_checkpointing(tmp_path, compile_
     assert step != 250 and step % 100 == 0 and step < 200250, step
 
 
+@pytest.mark.slow
 def test_earlier_metrics_are_set_aside_not_lost(tmp_path, compile_cache):
     out = tmp_path / "sine"
     base = ["--config", str(ROOT / "configs" / "sine.toml"), "--set", "optimizer.kind=sgd", "--set", "train.fuse=100",
@@ -197,6 +206,7 @@ def test_earlier_metrics_are_set_aside_not_lost(tmp_path, compile_cache):
     assert [r["step"] for r in rows if r["split"] == "train"] == list(range(300))
 
 
+@pytest.mark.slow
 def test_quiet_prints_no_warnings_of_a_run_that_succeeds(tmp_path):
     # A name of full-width letters: matplotlib warns, once per glyph, that its font lacks them.
     tiny = ["--set", "name='ｔｉｎｙ'", "--set", "data.samples=20", "--set", "model.sizes=[4, 3]", "--set", "train.epochs=20",

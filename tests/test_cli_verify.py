@@ -10,6 +10,7 @@ from funcgrad import cli, verify
 from funcgrad.cli import _verify  # noqa: F401  (monkeypatched below)
 
 
+@pytest.mark.slow
 def test_verify_json_subset(tmp_path):
     proc = run_python(
         ["-m", "funcgrad", "verify", "--json", "--only", "rule relu", "rule dense", "rule softmax_jacobian"],
@@ -139,6 +140,7 @@ def target(tmp_path, monkeypatch):
     return path
 
 
+@pytest.mark.slow
 def test_audit_of_a_correct_target_prints_the_table_and_exits_0(target, capsys):
     assert cli.main(["verify", "--audit", f"{target}:setup"]) == 0
     out = capsys.readouterr().out

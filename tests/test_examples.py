@@ -50,6 +50,7 @@ SLOW = {"audit_custom_rules.py", "planted_bug.py", "kink_explained.py", "custom_
 
 
 @pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.slow) if s in SLOW else s for s in sorted(EXPECTED)])
+@pytest.mark.slow
 def test_example_prints_both_answers(script):
     out = _output(script)
     for line in EXPECTED[script]:

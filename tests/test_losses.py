@@ -189,6 +189,7 @@ def test_penalties_name_the_leaf_and_ignore_leaves_they_do_not_choose():
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.slow
 def test_crossentropies_of_saturated_half_precision_predictions_are_finite(dtype):
     # sigmoid(9) is 1.0 in bfloat16: the book's upper clip 1 − 1e-7 is 1 there too, and log(1 − p) was log 0.
     # The upper bound is kept below 1 in the dtype: 1 − its spacing below 1.

@@ -7,6 +7,7 @@ from conftest import book_mlp_numpy
 import funcgrad as fg
 
 
+@pytest.mark.slow
 def test_value_and_hand_gradient_match_the_books_numpy_code():
     model = fg.nn.mlp([16, 3], output="softmax")
     obj = fg.Objective(model, "categorical_crossentropy", l2={"dense1/*": 5e-4})
@@ -26,6 +27,7 @@ def test_value_and_hand_gradient_match_the_books_numpy_code():
         jax.tree.map(lambda g, r: np.testing.assert_allclose(np.asarray(g), r, rtol=1e-10, atol=1e-15), hand, grads)
 
 
+@pytest.mark.slow
 def test_softmax_and_crossentropy_use_the_books_combined_backward_even_where_softmax_saturates():
     """With logits thousands apart, softmax rounds the true class's probability to 0: chaining the separate
     backward rules (−y/ŷ through the softmax Jacobian) loses the gradient there, the book's combined
@@ -58,6 +60,7 @@ def test_softmax_and_crossentropy_use_the_books_combined_backward_even_where_sof
         ("categorical_crossentropy_with_logits", None, [8, 3], "spiral"),
     ],
 )
+@pytest.mark.slow
 def test_hand_gradient_of_other_losses(loss, output, sizes, data):
     model = fg.nn.mlp(sizes, activation="tanh", output=output)
     obj = fg.Objective(model, loss, l1={"dense1/W": 1e-3})
@@ -100,6 +103,7 @@ def test_objective_errors():
         obj.value(params, jnp.ones((2, 2)), jnp.array([0, 1]))
 
 
+@pytest.mark.slow
 def test_hand_gradient_keeps_the_parameters_dtype():
     """float32 parameters get a float32 hand gradient even with x64 on (the loss's cotangent takes their dtype)."""
     model = fg.nn.mlp([8, 3], output="softmax")

@@ -65,6 +65,7 @@ def eight_devices():
 
 
 @pytest.mark.parametrize("case", ["sgd_full", "sgd_minibatch", "momentum_full", "sgd_minibatch_ragged"])
+@pytest.mark.slow
 def test_eight_devices_follow_the_single_device_run(eight_devices, case):
     r = eight_devices[case]
     assert r["describe"] == "data parallel over 8 devices (cpu)"

@@ -53,6 +53,7 @@ def _max_diff(a, b):
 
 
 @pytest.mark.parametrize("loss,output,sizes,data", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.slow
 def test_hand_grad_with_dropout_equals_autodiff_with_the_same_key(loss, output, sizes, data, x64):
     obj, params, X, y = _setup(loss, output, sizes, data)
     hand, auto = _grads(obj, X, y)

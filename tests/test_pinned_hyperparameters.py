@@ -269,6 +269,7 @@ def _reg_params():
     return model, params, rs.randn(20, 2), rs.randint(0, 3, 20)
 
 
+@pytest.mark.slow
 def test_objective_l1_l2_strengths_in_value_and_hand_gradient(x64):
     model, params, X, y = _reg_params()
     obj = fg.Objective(model, "categorical_crossentropy", l1=L1, l2=L2)

@@ -113,6 +113,7 @@ KINK_Y = np.array([0, 1, 2])
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.slow
 def test_objective_hand_grad_takes_relu_derivative_zero_at_exactly_zero(dtype):
     z1 = KINK_X @ KINK_W1 + KINK_B1
     assert z1[0, 0] == 0 and z1[1, 2] == 0  # the kinks are really hit

@@ -71,6 +71,7 @@ def _dropout_setup():
     return obj, params, jnp.asarray(rs.randn(60, 2), jnp.float32), jnp.asarray(rs.randint(0, 3, 60))
 
 
+@pytest.mark.slow
 def test_dropout_masks_differ_between_steps_with_identical_params_and_data():
     obj, params, X, y = _dropout_setup()
     frozen = optax.set_to_zero()  # params never change: only the dropout masks can move the loss

@@ -415,6 +415,7 @@ def logits_and_dvalues(draw):
 
 @given(logits_and_dvalues())
 @example((np.array([[-9.37036832, 7.63532758]]), np.array([[1.0, 0.5]])))  # s ≈ (4e-8, 1): s − s² cancels
+@pytest.mark.slow
 def test_softmax_is_the_jacobian_product(case):
     """diagflat(s) − s·sᵀ times dvalues, per sample; ±1e4 logits (exact 0s and 1s in s) and tied rows."""
     x, d = case
@@ -463,6 +464,7 @@ def probabilities(draw):
 
 
 @given(probabilities(), st.data())
+@pytest.mark.slow
 def test_categorical_crossentropy_is_not_clipped_in_backward(probs, data):
     """−y/ŷ/N unclipped: −1/N at ŷ_true = 1, −∞ at ŷ_true = 0 (NaN from 0/0 at a zero non-target probability, as
     the book's NumPy has it); the forward clips to [eps, 1 − eps]."""
@@ -489,6 +491,7 @@ def test_softmax_crossentropy(z, data):
 @given(BATCHES.flatmap(lambda s: st.tuples(arrays(s, PROBS), arrays(s, st.one_of(st.sampled_from((0.0, 1.0)),
                                                                                    st.floats(1e-3, 1.0))))),
        arrays((), DVALUES), st.one_of(st.none(), EPS))
+@pytest.mark.slow
 def test_binary_crossentropy_is_clipped_in_backward(case, d, eps):
     probs, y = case
     hyper = {} if eps is None else {"eps": eps}
@@ -595,6 +598,7 @@ VERIFIED = ("maximum", "neuron", "leaky_relu", "softmax", "categorical_crossentr
 @pytest.mark.parametrize("name", VERIFIED)
 @settings(max_examples=1)
 @given(seed=st.integers(0, 2**32 - 1))
+@pytest.mark.slow
 def test_rules_pass_the_three_way_check_away_from_kinks(name, seed):
     rule = rules.CATALOG[name]
     primals, hyper = point_away_from_kinks(name, seed)
@@ -723,6 +727,7 @@ def run_against_book(tx, kind, book_kwargs, w0, grads):
 
 @pytest.mark.parametrize("kind", sorted(OPT_HYPER))
 @given(data=st.data())
+@pytest.mark.slow
 def test_optimizer_matches_the_books_update_rule(kind, data):
     ours, book_kwargs, w0, grads = data.draw(optimizer_case(kind))
     with jax.enable_x64(True):

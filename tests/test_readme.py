@@ -3,6 +3,7 @@
 import re
 
 import matplotlib
+import pytest
 from conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
@@ -14,6 +15,7 @@ def test_quick_start_has_exactly_the_two_commands():
     assert commands == ["make run", "make test"]
 
 
+@pytest.mark.slow
 def test_python_blocks_run(capsys):
     matplotlib.use("Agg")
     namespace: dict = {}

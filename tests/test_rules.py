@@ -87,6 +87,7 @@ def test_backward_matches_numpy_transcription(name):
     np.testing.assert_allclose(np.asarray(got), numpy_backward(name, *primals, d=d), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_every_rule_has_a_formula_and_an_example():
     assert len(rules.CATALOG) >= 22
     for name, rule in rules.CATALOG.items():
@@ -97,6 +98,7 @@ def test_every_rule_has_a_formula_and_an_example():
 
 
 @pytest.mark.parametrize("name", sorted(rules.CATALOG))
+@pytest.mark.slow
 def test_every_rule_passes_the_three_way_check(name):
     from funcgrad import verify
 

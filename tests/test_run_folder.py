@@ -88,6 +88,7 @@ def like(run):
 # One writer at a time; nothing of the user's overwritten
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_with_the_pid_of_the_first(tmp_path):
     out = tmp_path / "shared"
     env = dict(os.environ, PYTHONUNBUFFERED="1", FUNCGRAD_COMPILATION_CACHE="0")
@@ -146,6 +147,7 @@ def test_an_out_name_too_long_for_the_file_system_is_a_usage_error(capsys, tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_an_empty_folder_and_a_new_one_are_fine_and_a_failed_start_leaves_no_folder(capsys, tmp_path):
     (tmp_path / "empty").mkdir()
     assert cli(capsys, "train", "--out", tmp_path / "empty", *SMALL)[0] == 0
@@ -159,6 +161,7 @@ def test_an_empty_folder_and_a_new_one_are_fine_and_a_failed_start_leaves_no_fol
 # Resume: from the run's own configuration, validated before anything is written
 
 
+@pytest.mark.slow
 def test_resume_continues_the_runs_own_configuration(capsys, tmp_path):
     a, whole = tmp_path / "a", tmp_path / "whole"
     lr = ["--set", "optimizer.learning_rate=0.01"]
@@ -189,6 +192,7 @@ def test_resume_continues_the_runs_own_configuration(capsys, tmp_path):
             assert r == w
 
 
+@pytest.mark.slow
 def test_resume_with_config_must_match_and_only_some_keys_may_change(capsys, run):
     before = snapshot(run)
     spiral = ROOT / "configs" / "spiral.toml"
@@ -269,6 +273,7 @@ def test_a_config_json_edited_by_hand_no_longer_matches_its_checkpoint(capsys, r
         assert snapshot(run) == before
 
 
+@pytest.mark.slow
 def test_a_ctrl_c_that_python_only_printed_as_ignored_still_stops_training(capsys, tmp_path, monkeypatch):
     # Ctrl-C landing in JAX's garbage-collection callback is printed as "Exception ignored" and swallowed: training
     # went on to its last step and exited 0. The flag the handler sets stops it at the next chunk.
@@ -419,6 +424,7 @@ def test_damaged_run_files_and_configs(capsys, run, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_stale_temporary_files_of_killed_processes_are_removed(capsys, run):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                           check=True)
@@ -507,6 +513,7 @@ def test_evaluate_labels_what_it_evaluates(capsys, run):
     assert "fresh spiral data (300, 2) drawn with seed 7" in text
 
 
+@pytest.mark.slow
 def test_kill_9_mid_write_leaves_a_temporary_that_the_next_train_removes(run):
     # A process killed between writing the temporary checkpoint and renaming it over the real one.
     killer = ("import os, signal, sys\n"
@@ -525,6 +532,7 @@ def test_kill_9_mid_write_leaves_a_temporary_that_the_next_train_removes(run):
     assert left[0].name in done.stdout and not left[0].exists()
 
 
+@pytest.mark.slow
 def test_special_files_in_a_real_process_never_hang(run):
     (run / "checkpoint.npz").unlink()
     os.mkfifo(run / "checkpoint.npz")
@@ -537,6 +545,7 @@ def test_special_files_in_a_real_process_never_hang(run):
 # From review: reading never writes; the lock and temporaries are only ever funcgrad's own files
 
 
+@pytest.mark.slow
 def test_a_cut_last_metrics_line_is_repaired_only_by_a_resume_that_goes_ahead(capsys, run):
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 5')  # a line cut short by kill -9
@@ -652,6 +661,7 @@ def test_a_failed_start_removes_only_the_folders_it_created(capsys, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_sine_data_is_labelled_the_training_data_whatever_the_seed(capsys, tmp_path):
     out = tmp_path / "sine"
     assert cli(capsys, "train", "--out", out, "--config", ROOT / "configs" / "sine.toml", "--set", "train.epochs=2",
@@ -726,6 +736,7 @@ def test_a_metrics_line_that_is_not_a_record_stops_a_resume_before_anything_is_w
 
 
 @pytest.mark.parametrize("mode", ["--json", "--quiet"])
+@pytest.mark.slow
 def test_a_changed_learning_rate_on_resume_keeps_stdout_as_asked(capsys, run, mode):
     # A training row past the checkpoint (left by a killed attempt) and a new learning rate: the file is set aside,
     # and saying so goes where the run's other messages go (stderr with --json, nowhere with --quiet).
@@ -771,6 +782,7 @@ def test_integers_too_long_for_python_and_infinite_penalties_are_one_line_errors
     assert exit_.value.code == 2 and "--seed" in err and "below 2**63" in err and "Traceback" not in err, err
 
 
+@pytest.mark.slow
 def test_an_orbax_folder_that_is_a_link_is_refused_before_anything_is_written(capsys, tmp_path):
     # orbax deletes old steps where it writes (max_to_keep): through a link, someone else's checkpoints went.
     pytest.importorskip("orbax.checkpoint")
@@ -878,6 +890,7 @@ def test_a_tensorboard_path_that_is_a_file_or_a_link_is_refused_before_anything_
         assert not any((tmp_path / "elsewhere").iterdir())
 
 
+@pytest.mark.slow
 def test_an_orbax_step_folder_that_is_a_link_is_refused_before_anything_is_written(capsys, tmp_path):
     pytest.importorskip("orbax.checkpoint")
     out, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
@@ -948,6 +961,7 @@ def _killed_extension(run, epochs, last_row):
         f.writelines(json.dumps({"step": s, **row}) + "\n" for s in range(50, last_row + 1))
 
 
+@pytest.mark.slow
 def test_an_honest_metrics_file_of_a_long_killed_extension_is_not_too_large_for_a_shorter_resume(capsys, run):
     # Extended with log_every=1 and killed at step 8000 (1.6 MB of rows past the checkpoint at 50): a resume that
     # shortens the run was refused as "more than the 1048576 bytes such a file can have".

@@ -17,6 +17,7 @@ def setup():
     return obj, params, (X, y)
 
 
+@pytest.mark.slow
 def test_step_equals_a_hand_written_raw_jax_step(setup):
     obj, params, data = setup
     tx = fg.optim.adam(0.05, decay=1e-3)
@@ -68,6 +69,7 @@ def test_fused_steps_equal_single_steps_and_skip_past_until(setup):
     assert int(whole.step) == 5
 
 
+@pytest.mark.slow
 def test_chunking_and_resuming(setup):
     obj, params, data = setup
     tx = fg.optim.adam(0.01)
@@ -103,6 +105,7 @@ def test_minibatches_visit_every_sample_once_per_epoch():
     np.testing.assert_array_equal(again, epoch0[:bs])
 
 
+@pytest.mark.slow
 def test_minibatch_training_uses_the_batch(setup):
     obj, params, data = setup
     tx = fg.optim.sgd(0.1)
@@ -135,6 +138,7 @@ def test_a_minibatch_step_is_sgd_on_the_documented_minibatch(setup):
         assert int(state.step) == t + 1
 
 
+@pytest.mark.slow
 def test_dropout_keys_follow_the_state_key():
     X, y = fg.data.spiral(20, 3, key=0)
     model = fg.nn.mlp([16, 3], dropout=0.5, output="softmax")

@@ -92,6 +92,7 @@ def test_finite_differences_alone_when_no_hand():
     assert report.ok and all(r.hand is None for r in report.rows)
 
 
+@pytest.mark.slow
 def test_pytree_kinds():
     class P(NamedTuple):
         a: jax.Array
@@ -114,6 +115,7 @@ def test_pytree_kinds():
     assert poly.ok
 
 
+@pytest.mark.slow
 def test_odd_leaves_and_low_precision():
     fn = lambda p: jnp.sum(p["w"] ** 2) + jnp.sum(p["empty"])  # noqa: E731
     params = {"w": jnp.ones(3), "empty": jnp.zeros((0,))}
@@ -163,6 +165,7 @@ def test_finite_differences_straddling_a_nearby_kink_raise_no_alarm(z):
     assert report.ok, report
 
 
+@pytest.mark.slow
 def test_a_small_kink_at_the_point_beside_a_larger_one_nearby_is_not_failed(x64):
     # Lasso beside a ReLU: a pruned weight (exactly 0) puts L1's small kink (jump 2e-4 in a loss of 5e3) on the
     # point, and one sample's ReLU kink 1e-5 away. np.sign's 0 and JAX's |·|'(0) = 1 are both valid there, and the
@@ -186,6 +189,7 @@ def test_a_small_kink_at_the_point_beside_a_larger_one_nearby_is_not_failed(x64)
     assert report.ok, report
 
 
+@pytest.mark.slow
 def test_book_model_at_init_on_spiral_data_has_no_false_alarm():
     # Zero biases and the spiral's exact (0, 0) rows put ReLUs exactly on their kinks.
     model = fg.nn.mlp([64, 3], output="softmax")
@@ -201,6 +205,7 @@ def test_book_model_at_init_on_spiral_data_has_no_false_alarm():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.slow
 def test_million_parameters_single_wrong_element_located(dtype):
     n = 1_000_000
     with jax.enable_x64(dtype == jnp.float64):
@@ -255,6 +260,7 @@ def test_hand_with_another_structure():
         verify.check_grad(cubic, CUBIC, hand=lambda p: {"w": 3 * p["w"] ** 2})
 
 
+@pytest.mark.slow
 def test_hand_leaf_of_another_shape_or_dtype():
     with pytest.raises(ValueError, match=r"\['w'\]: expected shape \(3,\), got float32\[1,3\]"):
         verify.check_grad(cubic, CUBIC, hand=lambda p: {**cubic_hand(p), "w": (3 * p["w"] ** 2)[None]})
@@ -316,6 +322,7 @@ def test_modes(mode):
     assert report.ok and all(r.method == mode for r in report.rows)
 
 
+@pytest.mark.slow
 def test_the_vectorised_path_of_accelerators(monkeypatch):
     # On GPU and TPU finite differences are evaluated many at a time with vmap; exercise that path on CPU.
     monkeypatch.setattr(verify._compiled, "_vectorise", lambda: True)
@@ -492,6 +499,7 @@ def test_too_many_non_finite_elements_without_a_hand_is_reported_not_a_crash():
     assert "autodiff is not finite at 87 more element(s)" in report.summary()
 
 
+@pytest.mark.slow
 def test_a_gradient_that_is_zero_by_symmetry_passes_with_both_sides_at_round_off():
     # Equal logits, balanced labels: dL/db = mean(softmax) − mean(onehot) = 0 exactly. Autodiff gives +3.5e-17 and
     # the book's NumPy backward −3.5e-17 (the round-off of terms of size 1/N that cancel): not a mismatch.
@@ -539,6 +547,7 @@ def test_a_kink_far_smaller_than_the_curvature_beside_it_is_a_kink():
 
 
 @pytest.mark.parametrize("mode", ["projection", "exact"])
+@pytest.mark.slow
 def test_a_direction_too_coarse_for_a_small_kink_the_elements_resolved_is_not_judged(mode):
     # The dead unit's kink (D₋ = 0, D₊ = 1e-8) in a leaf of 400: along a random direction its jump is ~5e-10, below
     # what the direction's steps resolve, so autodiff (the midpoint) and the book's hand (D₋) differ there by no more
@@ -562,6 +571,7 @@ def test_a_direction_too_coarse_for_a_small_kink_the_elements_resolved_is_not_ju
 
 
 @pytest.mark.parametrize("omega", [3e4, 1e6])
+@pytest.mark.slow
 def test_a_high_frequency_function_is_neither_failed_nor_called_a_kink(omega):
     # Σ sin(ω·w)/√ω + ½Σw²: the coarse steps span whole periods and look kinked. The correct hand was both_wrong at
     # ω = 1e6; a hand 1e-3 off passed as "kink" once those steps' garbage intervals could explain it.

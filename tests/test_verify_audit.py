@@ -1205,6 +1205,7 @@ def test_a_rule_inside_a_training_step_s_loss_is_unchecked_wherever_the_loss_cal
     assert not verify.audit(loss, w).ok
 
 
+@pytest.mark.slow
 def test_liveness_constants_and_the_forward_comparison_follow_fn():
     @jax.custom_vjp
     def bn(x):  # a correct rule returning (normalised, mean) whose bwd ignores the mean's cotangent
@@ -1532,6 +1533,7 @@ def _masked_attention(bwd_at_masked):
 
 
 @pytest.mark.parametrize(("at_masked", "verdict"), [("zero", "ok"), ("nan", "autodiff_wrong"), ("half", "mismatch")])
+@pytest.mark.slow
 def test_a_rules_cotangent_at_masked_minus_inf_inputs_is_compared_with_plain_autodiff(at_masked, verdict):
     # No finite difference moves a −inf logit, but the rule's cotangent there reaches fn's gradient through the
     # mask's addition (NaN: every parameter's gradient is NaN). Before: ok, the elements only "held as they are".
@@ -1598,6 +1600,7 @@ def test_an_input_is_held_where_an_output_is_not_finite_only_when_no_other_outpu
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.slow
 def test_the_linearity_check_does_not_fail_correct_low_precision_rules(dtype):
     # A bfloat16-compute dense layer on float32 weights, and a float16 mean over 1024 tokens whose cotangents
     # fall below float16's normal range at small scales: both are linear; rounding must not say otherwise.

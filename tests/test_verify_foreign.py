@@ -119,6 +119,7 @@ def _book_relu_mlp(sizes, X, y, rng):
     return params, loss, hand
 
 
+@pytest.mark.slow
 def test_the_books_backward_where_dead_units_put_the_next_layer_on_its_kinks():
     # Book initialisation on the spiral data: samples whose first-layer units are all dead feed exactly 0 into the
     # second layer, whose ReLUs then all sit at 0 (b = 0) for those samples. Each element of the book's backward is
@@ -295,6 +296,7 @@ DEFAULT_SUITE = ("spiral_dropout.toml",)  # the one that used to fail; the rest 
 
 @pytest.mark.parametrize("path", [p if p.endswith(DEFAULT_SUITE) else pytest.param(p, marks=pytest.mark.slow)
                                   for p in CONFIGS])
+@pytest.mark.slow
 def test_every_shipped_config_checks_ok_or_kink(path, tmp_path):
     from funcgrad.cli._train import _verify
 
@@ -333,6 +335,7 @@ def test_a_failing_row_shows_the_element_that_decided_it():
 
 @pytest.mark.parametrize("pdtype,odtype", [(jnp.bfloat16, jnp.float32), (jnp.float32, jnp.bfloat16),
                                            (jnp.float16, jnp.float32), (jnp.float32, jnp.float16)])
+@pytest.mark.slow
 def test_any_float_output_dtype(pdtype, odtype):
     w = (jnp.arange(6, dtype=jnp.float32) / 6 - 0.4).astype(pdtype)
     fn = lambda w: jnp.sum(jnp.tanh(w) ** 2).astype(odtype)  # noqa: E731  mixed precision
@@ -357,6 +360,7 @@ def test_has_aux_checks_the_loss_and_ignores_aux():
         verify.check_grad(jnp.sum, jnp.array([1.0, 2.0]), has_aux=True)
 
 
+@pytest.mark.slow
 def test_objective_train_loss_and_the_training_loss_are_checkable():
     model = fg.nn.mlp([16, 3], output="softmax", dropout=0.2)
     obj = fg.Objective(model, "categorical_crossentropy", l2={"dense1/*": 5e-4})
@@ -376,6 +380,7 @@ def eqx_loss(m, x):
     return jnp.mean(jax.vmap(m)(x) ** 2)
 
 
+@pytest.mark.slow
 def test_a_whole_equinox_mlp_with_functions_in_its_pytree():
     mlp = eqx.nn.MLP(3, 2, 8, 2, key=jax.random.key(0))
     x = jnp.asarray(RS.randn(6, 3), jnp.float32)

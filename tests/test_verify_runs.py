@@ -172,6 +172,7 @@ def _runs_of(monkeypatch, how, repeated=True):
 
 # (the "separate" programs, used above 4M parameters, compile as long again: in the slow target)
 @pytest.mark.parametrize("how", ["runs", pytest.param("separate", marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_runs_give_the_readings_and_verdicts_of_one_run(monkeypatch, spy, how):
     p, X, y, loss, hand = three_layer()
     _runs_of(monkeypatch, "one")
@@ -207,6 +208,7 @@ def test_forward_mode_in_runs_is_taken_along_each_leafs_first_direction(monkeypa
 
 # (the "separate" programs, used above 4M parameters, take as long again: in the slow target)
 @pytest.mark.parametrize("how", ["runs", pytest.param("separate", marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_runs_still_find_a_planted_element_and_a_kink(monkeypatch, how):
     p, X, y, loss, hand = three_layer(seed=2)
     _runs_of(monkeypatch, how)
