@@ -834,9 +834,10 @@ def _precision_plan(facts: _Facts, layout: _Layout, hand64: tuple, hand_inner: t
     if low:
         lowest = functools.reduce(_lower, grad64)
         which = "" if len(low) == len(paths) else f" where the gradients of {', '.join(low)} pass"
+        loose = f" (rtol {_default_rtol(eps_of(lowest)):.2g})"
         notes.append(f"fn computes in {lowest} even with float64 inputs{which}; "
-                     + ("tolerances follow it" if not which else "their tolerances follow it, the other leaves' stay "
-                        "float64's"))
+                     + (f"tolerances follow it{loose}" if not which else f"their tolerances follow it{loose}, the other "
+                        "leaves' stay float64's"))
     elif facts.out64 != jnp.float64:
         notes.append(f"fn's output is cast to {facts.out64} even with float64 inputs: finite differences carry its "
                      "rounding (autodiff and hand are still compared to float64 precision)")
@@ -854,7 +855,11 @@ def _precision_plan(facts: _Facts, layout: _Layout, hand64: tuple, hand_inner: t
         elif how:
             notes.append(f"hand rounds {paths[i]} to {rounded} even with float64 inputs{how}")
         if inner not in (jnp.float64, dtype):
-            notes.append(f"hand computes {paths[i]} in {inner} even with float64 inputs; its tolerance follows {inner}")
+            notes.append(f"hand computes {paths[i]} in {inner} even with float64 inputs; its tolerance follows {inner}"
+                         f" (rtol {_default_rtol(eps_of(inner)):.2g})")
+        elif inner != jnp.float64 and _default_rtol(eps_of(inner)) > 1e-6:
+            notes.append(f"hand computes {paths[i]} in {inner}; its tolerance follows it (rtol "
+                         f"{_default_rtol(eps_of(inner)):.2g})")
     rtols = np.zeros((len(paths), 5), np.float64)
     if rtol is not None:  # the user's tolerance overrides everything, a cast's rounding too
         rtols[:, 0] = float(rtol)
