@@ -883,21 +883,27 @@ def test_a_rule_called_only_at_an_iteration_the_sampling_skips_is_checked(loop):
     assert "iteration 4" in got["warmup"].where, got["warmup"]
 
 
+@pytest.mark.parametrize("wrap", ["none", "jit", "remat"])
 @pytest.mark.parametrize("wrong_above", [2.5, 100.0])
-def test_each_call_of_a_rule_a_cond_takes_at_a_few_iterations_is_checked(wrong_above):
+def test_each_call_of_a_rule_a_cond_takes_at_a_few_iterations_is_checked(wrong_above, wrap):
     # A rule in a cond branch taken at iterations 10 and 30 of 50, wrong only for inputs above 2.5 (reached at 30
     # alone): once iteration 10's call was recorded, iteration 30 (which the sampling skips) was only counted, and the
-    # row passed, "1 of its 2 call(s) not checked", though max_calls (8) is the calls checked per rule.
+    # row passed, "1 of its 2 call(s) not checked", though max_calls (8) is the calls checked per rule. A cond inside
+    # a jitted or rematerialised helper was not seen at all (review 2).
     @jax.custom_jvp
     def sq(x):
         return x * x
 
     sq.defjvps(lambda t, y, x: t * jnp.where(x > wrong_above, 3.0 * x, 2.0 * x))
 
+    def inner(h, i):  # (a jitted or rematerialised step helper hides the cond from the loop's top level)
+        return jax.lax.cond((i == 10) | (i == 30), lambda h: sq(h) * 0.1 + h, lambda h: h, h)
+
+    inner = {"none": inner, "jit": jax.jit(inner), "remat": jax.checkpoint(inner)}[wrap]
+
     def fn(p, x):
         def step(h, i):
-            h = jax.lax.cond((i == 10) | (i == 30), lambda h: sq(h) * 0.1 + h, lambda h: h, h) + p["b"]
-            return h, None
+            return inner(h, i) + p["b"], None
 
         return jnp.sum(jax.lax.scan(step, x, jnp.arange(50))[0])
 
@@ -953,6 +959,11 @@ def test_a_fused_cross_entropy_that_gives_its_labels_no_cotangent(labels_ct, pla
     # With the labels among the parameters, their cotangent is on the path: checked, and None is wrong there.
     (row,) = verify.audit(jax.jit(lambda q, x: xent(x @ q["W"], q["t"])), {**p, "t": jax.nn.one_hot(y, 3)}, x).rows
     assert row.verdict == verify.Verdict.AUTODIFF_WRONG, row
+    # A teacher's soft labels under stop_gradient (distillation) are off the path as well (review 2).
+    q = {**p, "T": jnp.asarray(rs.randn(4, 3), jnp.float32)}
+    (row,) = verify.audit(jax.jit(lambda q, x: xent(x @ q["W"], jax.lax.stop_gradient(jax.nn.softmax(x @ q["T"])))),
+                          q, x).rows
+    assert row.ok == (labels_ct != "wrong" and not planted), row
 
 
 def test_a_jax_custom_gradient_rule_is_the_user_s_and_is_checked():

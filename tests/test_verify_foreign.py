@@ -889,6 +889,32 @@ def test_labels_read_with_numpy_inside_fn_are_held_as_values(labels, planted):
         assert audit.rows[0].worst_index == (0, 2, 1), audit
 
 
+@pytest.mark.parametrize("slip", [1.0, 1.0001])
+def test_data_standardised_in_python_is_the_same_for_fn_and_a_numpy_hand(slip):
+    # fn and a NumPy hand standardise float32 data near 1000 when it looks unscaled (a Python if on it): fn is
+    # retried with the data held as float32 values, and the hand, called on float64 copies, standardised in float64,
+    # 1.6e-4 apart: a correct hand failed (review 2). The hand gets the held data at its own dtype too.
+    rng = np.random.default_rng(5)
+    X = (1000 + rng.standard_normal((40, 4)) * 0.05).astype(np.float32)
+    y = rng.standard_normal(40).astype(np.float32)
+    w = jnp.asarray(rng.standard_normal(4), jnp.float32)
+
+    def prep(X):
+        return (X - X.mean(0)) / X.std(0) if np.abs(X).max() > 1 else X
+
+    def fn(w, X, y):
+        return jnp.mean((prep(X) @ w - y) ** 2)
+
+    def hand(w, X, y):
+        Xs = prep(np.asarray(X))
+        return slip * 2 * Xs.T @ (Xs @ np.asarray(w) - np.asarray(y)) / len(y)
+
+    g = np.asarray(jax.grad(fn)(w, X, y))  # the user's float32 program: the hand agrees with autodiff
+    np.testing.assert_allclose(hand(w, X, y) / slip, g, rtol=1e-5)
+    report = verify.check_grad(fn, w, X, y, hand=hand)
+    assert report.verdict == ("ok" if slip == 1.0 else "hand_wrong"), report
+
+
 def test_a_parameter_used_in_python_gets_an_error_naming_it():
     # A jitted training step fails here too (the parameter's value is traced); the checks, which trace fn as jit
     # does, said so with JAX's bare error about their internal argument p[0].

@@ -472,6 +472,7 @@ class _Walker:
         self.rule_eqns: list = []  # every rule equation met, walked or counted
         self._holds: dict[int, bool] = {}
         self._within: dict[int, set] = {}
+        self._hidden: dict[tuple[int, bool], set] = {}
         self._instances: dict[int, int] = {}
         self.recorded: set = set()  # (rule, instance) pairs with a call recorded
         self._branching: dict[int, tuple[Callable, list] | None] = {}
@@ -580,12 +581,42 @@ class _Walker:
             self._branching[id(body)] = probe
         return self._branching[id(body)]
 
+    def hidden_conditional(self, jaxpr: Any, top: bool = True) -> set:
+        """The rules a jaxpr calls inside conds that :meth:`branching` does not see (conds within a jit, a remat,
+        an inner loop or a rule's primal), at any depth: (rule, instance) pairs. Whether a skipped iteration calls
+        them is not known without walking it."""
+        key = (id(jaxpr), top)
+        if key not in self._hidden:
+            self._keep.append(jaxpr)
+            found: set = set()
+            for e in jaxpr.eqns:
+                if e.primitive.name == "cond" and not top:
+                    found |= {x for b in e.params["branches"] for x in self.rules_in(b.jaxpr)}
+                elif e.primitive.name == "cond":
+                    for b in e.params["branches"]:
+                        found |= self.hidden_conditional(b.jaxpr, False) if self.holds(b.jaxpr) else set()
+                else:
+                    for sub in _sub(e):
+                        if self.holds(sub):
+                            found |= self.hidden_conditional(sub, False)
+            self._hidden[key] = found
+        return self._hidden[key]
+
+    def _wanted(self, rules: set) -> bool:
+        """Whether a call of one of ``rules`` would be checked: an audited rule with no call recorded for its
+        instance, or fewer than max_calls in all."""
+        return any(self.audited(r) and ((r, i) not in self.recorded or len(self.calls[r]) < self.max_calls)
+                   for r, i in rules)
+
     def unwalked(self, body: Any, args: list) -> list | None:
         """A loop iteration the sampling skips: evaluated compiled and its rule calls counted (the branches its
         conds took, where known). None when a cond there takes a branch holding an audited rule that no call has
         been recorded for yet, or fewer than ``max_calls`` calls: that iteration is then walked, so that a rule
         called only at some iterations (a warm-up step, every tenth step) is checked at up to max_calls of them
-        rather than skipped."""
+        rather than skipped. Conds the probe cannot see (inside a jit, a remat, an inner loop) holding such a rule:
+        walked too."""
+        if self._wanted(self.hidden_conditional(body.jaxpr)):
+            return None  # (a cond it cannot see may call a rule still wanted: walked)
         probe = self.branching(body)
         if probe is None:
             out = list(self.compiled(body)(*args))
@@ -597,8 +628,7 @@ class _Walker:
         taken = {id(e): int(np.clip(int(i), 0, len(e.params["branches"]) - 1)) for e, i in zip(conds, res[n:],
                                                                                              strict=True)}
         for e in conds:
-            if any(self.audited(r) and ((r, i) not in self.recorded or len(self.calls[r]) < self.max_calls)
-                   for r, i in self.rules_in(e.params["branches"][taken[id(e)]].jaxpr)):
+            if self._wanted(self.rules_in(e.params["branches"][taken[id(e)]].jaxpr)):
                 return None
         self.count(body.jaxpr, 1, taken=taken)
         return res[:n]
@@ -656,7 +686,8 @@ class _Walker:
     def equation(self, eqn: Any, vals: list, ts: list, where: str, live: Sequence[bool] | None = None,
                  fixed: Sequence[bool] | None = None) -> tuple[list, list]:
         if not any(self.holds(s) for s in _sub(eqn)):
-            return _bind(eqn, vals), [any(ts)] * len(eqn.outvars)
+            # (no gradient of the parameters passes a stop_gradient: what it holds is off their path)
+            return _bind(eqn, vals), [any(ts) and eqn.primitive.name != "stop_gradient"] * len(eqn.outvars)
         ctx = getattr(getattr(eqn, "ctx", None), "manager", None)
         self._sites.append(self.site(eqn))
         try:
@@ -1177,9 +1208,9 @@ def _check_call(call: _Call, k: int, scalars: dict,
     if none and len(none) < len(diff_pos):
         diff_pos = tuple(i for i in diff_pos if i not in none)
         held = "; ".join([n for n in (held,) if n] + [
-            f"input(s) {none} held fixed: the rule gives them no cotangent (None, or zeros), and they do not depend on "
-            "the selected parameters (data, labels), so no gradient of the parameters passes through it; pass them in "
-            "params to have it checked"])
+            f"input(s) {none} held fixed: the rule gives them no cotangent (None, or zeros), and they are off the "
+            "selected parameters' gradient path (data, labels, values under stop_gradient), so no gradient of the "
+            "parameters passes through it; pass them in params to have it checked"])
         key = (id(eqn), diff_pos)
         if key not in scalars:
             scalars[key] = _scalars(eqn, call, diff_pos, float_outs)

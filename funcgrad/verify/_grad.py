@@ -574,7 +574,7 @@ def _check_grad_impl(fn: Callable[..., Any], params: Any, args: tuple, *, hand: 
         return GradReport(tuple(rows), Verdict.OK, "check_grad", "/".join(user_dtypes), tuple(notes),
                           time.perf_counter() - start, {})
     prep = _Prepared(bound, hand is not None, dleaves, packed, dyn, spec, layout, dtypes, user_dtypes, caller_x64,
-                     repeated)
+                     repeated, tiers[tier])
     base_notes = list(notes)
     options = _Options(has_aux, rtol, atol, mode, seed, hand_reference)
 
@@ -655,6 +655,8 @@ class _Prepared:
     user_dtypes: list[str]  # the distinct ones, as names, sorted
     x64: bool  # the caller's x64 setting (the user's code runs at it)
     repeated: bool = False  # the same trace was checked before in this process
+    concrete: frozenset[int] = frozenset()  # ids of the arrays fn gets as values, at their own dtypes (see
+    # _concrete_tiers): a NumPy hand gets them so too
 
 
 class _Options(NamedTuple):
@@ -710,14 +712,14 @@ def _eager_hand(prep: _Prepared, hand_eager: str | None, float64: bool) -> list:
     dl = [_host(x, float64) for x in prep.dleaves]
     try:
         try:
-            return prep.bound.grad(dl, _host_tree(prep.packed, float64))
+            return prep.bound.grad(dl, _host_tree(prep.packed, float64, prep.concrete))
         except Exception as e:
             if not _DTYPE_CLASH.search(str(e)):
                 raise
             # jnp code inside the hand on a float64 NumPy array it closes over, run before at the parameters' own
             # precision: JAX (0.10) can hand a jitted jnp function that array's float32 copy under x64. Run op by op.
             with jax.disable_jit():
-                return prep.bound.grad(dl, _host_tree(prep.packed, float64))
+                return prep.bound.grad(dl, _host_tree(prep.packed, float64, prep.concrete))
     except Exception as e:
         e.add_note(f"funcgrad: hand could not be traced by JAX ({hand_eager}), so check_grad called it "
                    "on NumPy arrays, where it failed")

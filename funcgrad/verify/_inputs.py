@@ -406,8 +406,9 @@ def _host(x: Any, float64: bool) -> Any:
     return a
 
 
-def _host_tree(tree: Any, float64: bool) -> Any:
-    return jax.tree_util.tree_map(lambda x: _host(x, float64), tree)
+def _host_tree(tree: Any, float64: bool, own: frozenset[int] = frozenset()) -> Any:
+    """:func:`_host` of every leaf; those whose ids are in ``own`` keep their dtypes."""
+    return jax.tree_util.tree_map(lambda x: _host(x, float64 and id(x) not in own), tree)
 
 
 @dataclasses.dataclass(frozen=True)
