@@ -1131,6 +1131,26 @@ def _inputs_to_check(call: _Call, n_c: int) -> tuple[tuple[int, ...], list[int],
     return diff_pos, constants, unperturbed, off_path
 
 
+def _hold_declared_none(eqn: Any, call: _Call, diff_pos: tuple[int, ...], off_path: list[int],
+                        float_outs: tuple[int, ...], scalars: dict, seed: int, k: int,
+                        held: str) -> tuple[tuple[int, ...], str]:
+    """The inputs to differentiate without those :func:`_declared_none` finds (while others remain), and the held
+    note with theirs; the scalars for the inputs left are made."""
+    try:
+        none = _declared_none(eqn, call, diff_pos, off_path, float_outs, scalars, seed, k)
+    except Exception:  # noqa: BLE001 - the rule failing here fails in its check, and is reported there
+        none = []
+    if not none or len(none) == len(diff_pos):
+        return diff_pos, held
+    diff_pos = tuple(i for i in diff_pos if i not in none)
+    if (id(eqn), diff_pos) not in scalars:
+        scalars[id(eqn), diff_pos] = _scalars(eqn, call, diff_pos, float_outs)
+    return diff_pos, "; ".join([n for n in (held,) if n] + [
+        f"input(s) {none} held fixed: the rule gives them no cotangent (None, or zeros), and they are off the "
+        "selected parameters' gradient path (data, labels, values under stop_gradient), so no gradient of the "
+        "parameters passes through it; pass them in params to have it checked"])
+
+
 def _declared_none(eqn: Any, call: _Call, diff_pos: tuple[int, ...], off_path: list[int],
                    float_outs: tuple[int, ...], scalars: dict, seed: int, k: int) -> list[int]:
     """Of the inputs ``off_path`` (off the parameters' gradient path), those the rule gives no cotangent at this
@@ -1201,19 +1221,9 @@ def _check_call(call: _Call, k: int, scalars: dict,
         + [f"input(s) {constants} held fixed: numbers written into fn, which no gradient moves"] * bool(constants)
         + [f"input(s) {unperturbed} held fixed: a rule with symbolic zeros is checked as fn's gradient (with respect "
            "to the selected parameters) runs it, and that does not perturb them"] * bool(unperturbed))
-    try:
-        none = _declared_none(eqn, call, diff_pos, off_path, float_outs, scalars, options["seed"], k)
-    except Exception:  # noqa: BLE001 - the rule failing here fails in its check below, and is reported there
-        none = []
-    if none and len(none) < len(diff_pos):
-        diff_pos = tuple(i for i in diff_pos if i not in none)
-        held = "; ".join([n for n in (held,) if n] + [
-            f"input(s) {none} held fixed: the rule gives them no cotangent (None, or zeros), and they are off the "
-            "selected parameters' gradient path (data, labels, values under stop_gradient), so no gradient of the "
-            "parameters passes through it; pass them in params to have it checked"])
-        key = (id(eqn), diff_pos)
-        if key not in scalars:
-            scalars[key] = _scalars(eqn, call, diff_pos, float_outs)
+    diff_pos, held = _hold_declared_none(eqn, call, diff_pos, off_path, float_outs, scalars, options["seed"], k,
+                                         held)
+    key = (id(eqn), diff_pos)
     try:
         extra, diff, out_masks, partial = _extra(eqn, call, diff_pos, float_outs,
                                                  np.random.default_rng([options["seed"] % 2**32, k]))
@@ -1428,7 +1438,8 @@ def audit(
             below are passed to ``fn``.
         wrt: which leaves of ``params`` are the parameters (as in :func:`check_grad`; default: inexact arrays). Each
             row says whether the rule is on their gradient path, i.e. whether a wrong rule there corrupts their
-            gradient. Every rule is checked either way.
+            gradient. Every rule is checked either way (an input off their path that the rule gives no cotangent,
+            None, is held fixed).
         max_calls: calls checked per rule at most; loops longer than this are sampled (evenly, first and last
             included) and the row shows how many calls were checked out of how many were made.
         library: also audit rules defined by JAX and the frameworks (``jax.nn.relu``'s custom JVP, ...).

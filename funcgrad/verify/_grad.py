@@ -53,6 +53,7 @@ from funcgrad.verify._fd import (
 )
 from funcgrad.verify._inputs import (
     _DTYPE_CLASH,
+    _TRACE_ERRORS,
     _Bound,
     _bound,
     _check_value,
@@ -66,7 +67,6 @@ from funcgrad.verify._inputs import (
     _Layout,
     _select,
     _split_args,
-    _TRACE_ERRORS,
     _untraceable,
     _UserTypeError,
     _UserValueError,

@@ -296,7 +296,7 @@ def _concrete_tiers(held: Sequence) -> list[frozenset[int]]:
     arrays = [x for x in held if _is_array(x)]
     ints = frozenset(id(x) for x in arrays if not jnp.issubdtype(jnp.result_type(x), jnp.inexact))
     every = frozenset(id(x) for x in arrays)
-    tiers = [frozenset()]
+    tiers: list[frozenset[int]] = [frozenset()]
     for t in (ints, every):
         if len(t) > len(tiers[-1]):
             tiers.append(t)
@@ -321,12 +321,13 @@ def _untraceable(e: Exception, what: str, arg: str, paths: Sequence[str | None])
     path = paths[int(m.group(1))] if m and int(m.group(1)) < len(paths) else None
     leaf = "" if path is None else f" (it needs the value of {path or 'params'})"
     return _UserTypeError(
-        f"{what}: JAX cannot trace fn{leaf}: {_first_line(e).rstrip('.')}. {what} traces fn as jax.jit does (as a training step is "
-        "compiled), so fn must compute with jax.numpy on traced values: no int(), float(), bool() (a Python if) or "
-        "np.asarray of the parameters, nor of anything computed from them or from the arguments (y.max()); "
-        "arguments are held as values when that is all fn needs. Compute such values outside fn and pass them as "
-        "Python numbers (n_classes = int(y.max()) + 1), branch with jnp.where or jax.lax.cond, and hold a "
-        "hyperparameter that must stay a Python number fixed with wrt=")
+        f"{what}: JAX cannot trace fn{leaf}: {_first_line(e).rstrip('.')}. {what} traces fn as jax.jit does "
+        "(as a training step is compiled), so fn must compute with jax.numpy on traced values: no int(), float(), "
+        "bool() (a Python if) or np.asarray of the parameters, nor of what jax.numpy computes from them or from "
+        "the arguments inside the trace (jnp.max(y)); the arguments themselves are held as values when that is "
+        "all fn needs (NumPy on them works). Compute such values outside fn and pass them as Python numbers "
+        "(n_classes = int(y.max()) + 1), branch with jnp.where or jax.lax.cond, and hold a hyperparameter that "
+        "must stay a Python number fixed with wrt=")
 
 
 def _join_args(dyn: Sequence, spec: tuple) -> Any:
