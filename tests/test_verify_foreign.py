@@ -1114,3 +1114,18 @@ def test_the_books_integer_examples_and_list_params_get_errors_that_say_so():
         return {"W": np.asarray(x).T @ d, "b": np.sum(d, axis=0, keepdims=True)}, d @ np.asarray(p["W"]).T
 
     assert verify.check_chain([("dense", lambda p, x: x @ p["W"] + p["b"], back, p)], X).ok
+
+
+def test_a_backward_that_only_stores_its_result_gets_an_error_that_says_so():
+    # The book's backward sets self.dinputs and returns nothing: check_vjp said the cotangent was "missing ['x']",
+    # which names params the user does not have.
+    def relu_backward(x, dvalues):
+        dinputs = np.array(dvalues, copy=True)
+        dinputs[np.asarray(x) <= 0] = 0  # (stored on an object, never returned)
+
+    x = np.array([[-1.0, 2.0], [0.5, -0.3]])
+    with pytest.raises(ValueError, match=r"hand_vjp returned None; it must return the cotangent\(s\) of \['x'\].*"
+                                         r"self\.dinputs"):
+        verify.check_vjp(lambda x: jnp.maximum(x, 0.0), relu_backward, x)
+    with pytest.raises(ValueError, match=r"link 'relu'.*hand_vjp returned None"):
+        verify.check_chain([("relu", lambda x: jnp.maximum(x, 0.0), relu_backward)], x)

@@ -201,6 +201,9 @@ def check_vjp(
 
     def hand(diff, cot, consts):
         out = hand_vjp(*merge(diff, consts), cot)
+        if out is None:
+            raise _UserValueError(f"hand_vjp returned None; it must return the cotangent(s) of {row_names} (a "
+                                  "book-style backward that stores its result, as self.dinputs, must also return it)")
         if len(argnums) == 1 and not (isinstance(out, tuple) and len(out) == 1):
             out = (out,)
         if not isinstance(out, (tuple, list)) or len(out) != len(argnums):
