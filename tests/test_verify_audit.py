@@ -1714,3 +1714,80 @@ def test_the_linearity_check_ignores_results_the_backend_flushes_to_zero():
     p = jnp.asarray(np.linspace(-1, 1, 8), jnp.float32)
     report = verify.audit(lambda p, x: jnp.sum(myexp(p - x)), p, jnp.full(8, 80.0, jnp.float32))
     assert all("not linear" not in r.note for r in report.rows), report
+
+
+def test_a_straight_through_primal_does_not_hide_a_rule_after_it():
+    # A binarising straight-through estimator (excluded, as the README advises) whose primal stop_gradients a
+    # relu: walking its primal for the relu's rule made its output look independent of w, so a next rule's None for
+    # those weights was held fixed and passed (review 3). The estimator's own rule passes the gradient on.
+    @jax.custom_vjp
+    def binarise(w):
+        return jax.lax.stop_gradient(jnp.sign(jax.nn.relu(w + 1.0) - 1.0))
+
+    binarise.defvjp(lambda w: (binarise(w), w), lambda w, g: (g * (jnp.abs(w) <= 1),))
+
+    @jax.custom_vjp
+    def bmul(a, wq):
+        return a @ wq
+
+    bmul.defvjp(lambda a, wq: (a @ wq, (a, wq)), lambda res, g: (g @ res[1].T, None))  # no cotangent for wq
+    p = {"v": 0.5 * jax.random.normal(jax.random.key(0), (3, 4)),
+         "w": 0.5 * jax.random.normal(jax.random.key(1), (4, 2))}
+    x = jax.random.normal(jax.random.key(2), (5, 3))
+
+    def loss(p, x):
+        return jnp.sum(bmul(jnp.tanh(x @ p["v"]), binarise(p["w"])) ** 2)
+
+    with jax.enable_x64(True):  # the truth: with this rule, w gets no gradient at all, though it should
+        p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+        true = jax.grad(lambda p: jnp.sum((jnp.tanh(x.astype(np.float64) @ p["v"]) @ binarise(p["w"])) ** 2))(p64)
+        assert np.abs(true["w"]).max() > 1 and not np.any(jax.grad(loss)(p64, x.astype(np.float64))["w"])
+    report = verify.audit(loss, p, x, exclude=["binarise"])
+    (row,) = report.rows
+    assert row.rule == "bmul" and row.verdict == verify.Verdict.AUTODIFF_WRONG and row.on_path, report
+    assert row.worst_index[0] == 1, report
+
+
+def test_pseudo_labels_from_an_argmax_are_off_the_gradient_path():
+    # FixMatch-style hard pseudo-labels, one_hot(argmax(logits)), into a fused cross-entropy whose bwd gives them
+    # None: no gradient crosses an integer, but the audit failed the rule there (review 3).
+    @jax.custom_vjp
+    def xent(logits, labels):
+        return -jnp.sum(labels * jax.nn.log_softmax(logits))
+
+    xent.defvjp(lambda lg, lb: (xent(lg, lb), (lg, lb)), lambda res, g: (g * (jax.nn.softmax(res[0]) - res[1]), None))
+    rs = np.random.RandomState(2)
+    p = {"W": jnp.asarray(rs.randn(4, 3), jnp.float32)}
+    x, xw = jnp.asarray(rs.randn(6, 4), jnp.float32), jnp.asarray(rs.randn(6, 4), jnp.float32)
+
+    def loss(p, x, xw):
+        return xent(x @ p["W"], jax.nn.one_hot(jnp.argmax(xw @ p["W"], axis=1), 3))
+
+    (row,) = verify.audit(jax.jit(loss), p, x, xw).rows
+    assert row.ok and "input(s) [1] held fixed" in row.note, row
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_a_rule_s_rare_call_site_is_checked_beside_its_many_calls_elsewhere(wrong):
+    # sq is called four times a step (at positive inputs), and once, at step 37, in a cond branch at negative ones,
+    # where its rule (2|x|) is wrong: with max_calls reached by the others, that call was only counted (review 3).
+    @jax.custom_vjp
+    def sq(x):
+        return x * x
+
+    sq.defvjp(lambda x: (x * x, x), lambda x, g: ((2.0 * jnp.abs(x) if wrong else 2.0 * x) * g,))
+
+    def step(h, t):
+        h = jnp.tanh(0.1 * (sq(jax.nn.softplus(h)) + sq(jax.nn.softplus(-h)) + sq(jax.nn.softplus(2 * h))
+                            + sq(jax.nn.softplus(h + 1))) + h)
+        return jax.lax.cond(t == 37, lambda h: h + 0.3 * sq(h - 2.0), lambda h: h, h), None
+
+    def loss(p, xs):
+        return jnp.sum(jax.lax.scan(step, p["h0"], xs)[0])
+
+    report = verify.audit(loss, {"h0": jnp.array([0.3, -0.2, 0.5])}, jnp.arange(50))
+    (row,) = report.rows
+    if wrong:
+        assert row.verdict == verify.Verdict.AUTODIFF_WRONG and "scan iteration 37" in row.where, report
+    else:
+        assert row.ok and row.calls > 8, report

@@ -475,6 +475,7 @@ class _Walker:
         self._hidden: dict[tuple[int, bool], set] = {}
         self._instances: dict[int, int] = {}
         self.recorded: set = set()  # (rule, instance) pairs with a call recorded
+        self.sited: set = set()  # the rule equations (call sites) with a call recorded
         self._branching: dict[int, tuple[Callable, list] | None] = {}
         self._compiled: dict[int, Callable] = {}
         self._keep: list = []  # keeps the objects whose ids key the caches alive
@@ -550,13 +551,13 @@ class _Walker:
                     self.count(s, times * trips, within)
 
     def rules_in(self, jaxpr: Any) -> set:
-        """The rules a jaxpr calls, at any depth: (rule, instance) pairs."""
+        """The rules a jaxpr calls, at any depth: (rule, instance, id of the call's equation) triples."""
         if id(jaxpr) not in self._within:
             self._keep.append(jaxpr)
             found: set = set()
             for e in jaxpr.eqns:
                 if e.primitive.name in _CUSTOM:
-                    found.add((self.rule(e), self.instance(e)))
+                    found.add((self.rule(e), self.instance(e), id(e)))
                 for s in _sub(e):
                     if self.holds(s):
                         found |= self.rules_in(s)
@@ -603,10 +604,10 @@ class _Walker:
         return self._hidden[key]
 
     def _wanted(self, rules: set) -> bool:
-        """Whether a call of one of ``rules`` would be checked: an audited rule with no call recorded for its
-        instance, or fewer than max_calls in all."""
-        return any(self.audited(r) and ((r, i) not in self.recorded or len(self.calls[r]) < self.max_calls)
-                   for r, i in rules)
+        """Whether a call of one of ``rules`` ((rule, instance, call site) triples) would be checked: an audited
+        rule with no call recorded at that site, or fewer than max_calls in all."""
+        return any(self.audited(r) and (e not in self.sited or len(self.calls[r]) < self.max_calls)
+                   for r, _, e in rules)
 
     def unwalked(self, body: Any, args: list) -> list | None:
         """A loop iteration the sampling skips: evaluated compiled and its rule calls counted (the branches its
@@ -686,8 +687,10 @@ class _Walker:
     def equation(self, eqn: Any, vals: list, ts: list, where: str, live: Sequence[bool] | None = None,
                  fixed: Sequence[bool] | None = None) -> tuple[list, list]:
         if not any(self.holds(s) for s in _sub(eqn)):
-            # (no gradient of the parameters passes a stop_gradient: what it holds is off their path)
-            return _bind(eqn, vals), [any(ts) and eqn.primitive.name != "stop_gradient"] * len(eqn.outvars)
+            # (no gradient of the parameters passes a stop_gradient, or reaches an integer or boolean value: an
+            # argmax's pseudo-labels, a mask)
+            t = any(ts) and eqn.primitive.name != "stop_gradient"
+            return _bind(eqn, vals), [t and _inexact(v) for v in eqn.outvars]
         ctx = getattr(getattr(eqn, "ctx", None), "manager", None)
         self._sites.append(self.site(eqn))
         try:
@@ -732,6 +735,7 @@ class _Walker:
             # (on the path also through the values the rule closes over: its consts)
             instance = self.instance(eqn)
             self.recorded.add((rule, instance))
+            self.sited.add(id(eqn))
             self.calls[rule].append(_Call(rule, eqn, tuple(vals), any(ts), held, where, self.site(eqn, before),
                                           instance, live, tuple(ts),
                                           fixed or tuple(isinstance(v, Literal) for v in eqn.invars)))
@@ -739,9 +743,12 @@ class _Walker:
         if self.holds(closed.jaxpr):  # rules inside this rule's primal
             self._sites.append(self.site(eqn))
             try:
-                return self.run(closed.jaxpr, closed.consts, vals, ts, _join(where, rule.name))
+                outs, _ = self.run(closed.jaxpr, closed.consts, vals, ts, _join(where, rule.name))
             finally:
                 self._sites.pop()
+            # (the rule's own derivative decides what its outputs depend on, not its primal's: a straight-through
+            # estimator's primal stops the gradient its rule passes)
+            return outs, [any(ts)] * len(eqn.outvars)
         return _bind(eqn, vals), [any(ts)] * len(eqn.outvars)
 
     def _sample(self, n: int) -> set[int]:
@@ -1129,6 +1136,12 @@ def _inputs_to_check(call: _Call, n_c: int) -> tuple[tuple[int, ...], list[int],
             unperturbed, off_path = off_path, []
             diff_pos = tuple(i for i in diff_pos if call.taint[n_c + i])
     return diff_pos, constants, unperturbed, off_path
+
+
+def _inexact(v: Any) -> bool:
+    """Whether a jaxpr variable holds floating-point (or complex) values, which a gradient can reach."""
+    dt = getattr(getattr(v, "aval", None), "dtype", None)
+    return dt is None or bool(jnp.issubdtype(dt, jnp.inexact))
 
 
 def _hold_declared_none(eqn: Any, call: _Call, diff_pos: tuple[int, ...], off_path: list[int],
@@ -1572,9 +1585,13 @@ def _rule_row(rule: _Rule, calls: list[_Call], seen: int, options: dict) -> Audi
     pick: Any = np.unique(np.round(np.linspace(0, len(calls) - 1, min(len(calls), max_calls))).astype(int)) if calls else []
     # Every instance of the rule is checked at least once, beyond max_calls if need be: one layer's rule of twelve
     # that a factory made can be the wrong one.
-    first: dict[int, int] = {}
+    # So is each call site in a cond's branch: a rare branch's call can be the only one at inputs where the rule is
+    # wrong (x < 0, say), beside the rule's many calls elsewhere.
+    first: dict[Any, int] = {}
     for k, c in enumerate(calls):
         first.setdefault(c.instance, k)
+        if "cond branch" in c.where:
+            first.setdefault((c.instance, id(c.eqn)), k)
     pick = sorted({int(k) for k in pick} | set(first.values()))
     scalars: dict = {}
     results = []  # (verdict, row, input number, call, note)
