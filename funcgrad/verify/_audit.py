@@ -1160,8 +1160,9 @@ def _hold_declared_none(eqn: Any, call: _Call, diff_pos: tuple[int, ...], off_pa
         scalars[id(eqn), diff_pos] = _scalars(eqn, call, diff_pos, float_outs)
     return diff_pos, "; ".join([n for n in (held,) if n] + [
         f"input(s) {none} held fixed: the rule gives them no cotangent (None, or zeros), and they are off the "
-        "selected parameters' gradient path (data, labels, values under stop_gradient), so no gradient of the "
-        "parameters passes through it; pass them in params to have it checked"])
+        "selected parameters' gradient path (data, labels, values under stop_gradient or reached only by parameters "
+        "wrt= leaves out), so no gradient of those parameters passes through it; pass them in params (selected by "
+        "wrt=) to have it checked"])
 
 
 def _declared_none(eqn: Any, call: _Call, diff_pos: tuple[int, ...], off_path: list[int],
