@@ -149,6 +149,7 @@ def test_audit_of_a_correct_target_prints_the_table_and_exits_0(target, capsys):
     assert "all 2 custom rule(s) passed" in out
 
 
+@pytest.mark.slow
 def test_audit_of_a_planted_wrong_rule_exits_1_and_names_it(target, capsys):
     assert cli.main(["verify", "--audit", f"{target}:planted", "--seed", "3", "--max-calls", "2"]) == 1
     out = capsys.readouterr().out

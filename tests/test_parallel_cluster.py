@@ -221,6 +221,7 @@ def _free_job_id() -> int:
     raise AssertionError("no free port in 61440-65535 for the coordinator")
 
 
+@pytest.mark.slow
 def test_two_tasks_of_a_slurm_step_on_127_0_0_1_join_one_run():
     job = _free_job_id()
     base = {**_launcher_free_env(), "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", "SLURM_JOB_ID": str(job),

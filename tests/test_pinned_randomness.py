@@ -39,6 +39,7 @@ def _key_probe(params, x, y, key):
 
 
 @pytest.mark.parametrize("fuse", [1, 3, 7])
+@pytest.mark.slow
 def test_each_step_gets_fold_in_of_its_step_number(fuse):
     X, y = jnp.ones((4, 2)), jnp.zeros(4, jnp.int32)
     state = train.init({"w": jnp.ones(3)}, optax.sgd(0.1), KEY)
@@ -155,6 +156,7 @@ def _decode(code):
 
 
 @pytest.mark.parametrize("fuse", [1, 4])
+@pytest.mark.slow
 def test_fit_with_a_batch_size_that_does_not_divide_the_data(fuse):
     n, bs, epochs = 10, 3, 5
     X = jnp.arange(n, dtype=jnp.float32).reshape(n, 1)

@@ -47,6 +47,7 @@ def test_the_documented_default_is_1e_7_for_float64_arithmetic():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 @pytest.mark.parametrize("i", [1, 2])  # the leaf's largest element, and a small one
+@pytest.mark.slow
 def test_a_hand_error_just_above_the_default_tolerance_is_hand_wrong(dtype, i):
     err = 3 * documented_tolerance(i)  # e.g. 7.7e-6 on a gradient of 12: 6e-7 relative
     with jax.enable_x64(dtype == jnp.float64):
@@ -77,6 +78,7 @@ X = np.array([1.0, -2.0, 0.5, 1.5, -0.75])
 
 
 @pytest.mark.parametrize("factor,verdict", [(6.0, "hand_wrong"), (0.3, "ok")])
+@pytest.mark.slow
 def test_check_vjp_tolerance(factor, verdict):
     """A hand VJP off by a relative δ: wrong by 3× the largest element's tolerance (2·rtol), or by 0.3·rtol."""
     delta = factor * RTOL
@@ -113,6 +115,7 @@ def test_the_construction_really_makes_the_two_modes_disagree():
 
 
 @pytest.mark.parametrize("with_hand", [True, False])
+@pytest.mark.slow
 def test_forward_mode_disagreeing_with_reverse_mode_is_reported(with_hand):
     cube = _affine_jvp_cube()
     hand = (lambda w: 3 * w**2) if with_hand else None

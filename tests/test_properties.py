@@ -283,6 +283,7 @@ def book_l2(weights, dvalue, lam):
 
 
 @given(same_shape(2))
+@pytest.mark.slow
 def test_add(case):
     (x, y), d = case
     with jax.enable_x64(True):
@@ -358,6 +359,7 @@ def test_neuron(xwb, at_kink, d):
 
 @given(st.tuples(st.integers(1, 5), st.integers(1, 4), st.integers(1, 4)).flatmap(
     lambda s: st.tuples(arrays((s[0], s[1])), arrays((s[1], s[2])), arrays((s[2],)), arrays((s[0], s[2]), DVALUES))))
+@pytest.mark.slow
 def test_dense(case):
     X, W, b, d = case
     with jax.enable_x64(True):
@@ -428,6 +430,7 @@ def test_softmax_is_the_jacobian_product(case):
 
 @given(logits_and_dvalues())
 @example((np.array([[-9.37036832, 7.63532758]]), np.array([[1.0, 0.5]])))  # s ≈ (4e-8, 1): 1 − s cancels
+@pytest.mark.slow
 def test_log_softmax(case):
     x, d = case
     with jax.enable_x64(True):
@@ -480,6 +483,7 @@ def test_categorical_crossentropy_is_not_clipped_in_backward(probs, data):
 
 
 @given(st.tuples(st.integers(1, 5), st.integers(1, 4)).flatmap(lambda s: logits(st.just(s))), st.data())
+@pytest.mark.slow
 def test_softmax_crossentropy(z, data):
     y = data.draw(labels(*z.shape))
     d = data.draw(arrays((), DVALUES))

@@ -253,6 +253,7 @@ def test_a_checkpoint_that_logged_past_its_step_is_refused(capsys, run):
 
 
 @pytest.mark.parametrize("edit", ["seed", "learning_rate"])
+@pytest.mark.slow
 def test_a_config_json_edited_by_hand_no_longer_matches_its_checkpoint(capsys, run, edit):
     # Another seed draws other data: evaluate reported "the run's validation data (as in summary.json)" on data
     # the run never saw, and a resume trained on it. A learning rate is a setting --resume may change.
@@ -453,6 +454,7 @@ def test_non_finite_parameters_are_refused_naming_the_leaf(capsys, run):
     assert snapshot(run) == before
 
 
+@pytest.mark.slow
 def test_a_diverging_run_keeps_only_a_checkpoint_with_a_finite_loss(capsys, tmp_path):
     out = tmp_path / "div"
     code, _, err = cli(capsys, "train", "--out", out, "--config", ROOT / "configs" / "sine.toml", "--set",
@@ -585,6 +587,7 @@ def test_only_funcgrads_own_temporaries_are_its_own(capsys, tmp_path):
     assert (out / ".notes.tmp-4242424").read_text() == "the user's"
 
 
+@pytest.mark.slow
 def test_a_run_from_before_the_marker_is_recognised_by_its_checkpoint_header(capsys, run):
     (run / "run.json").unlink()
     code, out, _ = cli(capsys, "train", "--out", run, "--resume", "--set", "train.epochs=60")
@@ -621,6 +624,7 @@ def test_an_init_scale_that_overflows_float32_is_a_config_error_before_anything_
     assert not (tmp_path / "big").exists()
 
 
+@pytest.mark.slow
 def test_data_path_for_drawn_data_is_refused_but_the_default_in_an_older_runs_config_is_not(capsys, run, tmp_path):
     code, _, err = cli(capsys, "train", "--out", tmp_path / "p", *SMALL, "--set", "data.path=/nonexistent")
     assert code == 2
@@ -797,6 +801,7 @@ def test_an_orbax_folder_that_is_a_link_is_refused_before_anything_is_written(ca
     assert snapshot(elsewhere) == before
 
 
+@pytest.mark.slow
 def test_a_run_killed_past_its_checkpoint_can_be_finished_at_that_checkpoint(capsys, run):
     # A killed run has logged past its last checkpoint (step 50 here, rows to 55): resuming with epochs that end
     # at the checkpoint was refused as "damaged". The rows past it are kept aside; the run finishes there.
@@ -859,6 +864,7 @@ def test_a_run_shortened_to_its_checkpoint_drops_rows_it_did_not_take_and_writes
     assert [r for r in after if r["split"] == "validation" and r["step"] == 50] == final
 
 
+@pytest.mark.slow
 def test_a_fresh_run_sets_aside_an_earlier_attempts_metrics_whatever_steps_they_reach(capsys, run):
     # An attempt killed before its first checkpoint had logged to step 300; a fresh 50-step run was refused
     # ("line 12 records step 110, past the run's last step 50; the file is damaged").

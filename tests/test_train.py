@@ -115,6 +115,7 @@ def test_minibatch_training_uses_the_batch(setup):
     assert not np.allclose(np.asarray(full.params["dense2"]["b"]), np.asarray(mini.params["dense2"]["b"]))
 
 
+@pytest.mark.slow
 def test_a_minibatch_step_is_sgd_on_the_documented_minibatch(setup):
     """make_step(batch_size=B): the step's loss and update are those of the minibatch batch_indices names,
     drawn from the first half of split(state.key); the data outside it play no part. 60 samples in batches of 7:
@@ -170,6 +171,7 @@ def test_bad_input(setup):
         fg.train.make_steps(obj.train_loss, tx, 0)
 
 
+@pytest.mark.slow
 def test_fit_takes_a_loss_without_a_key_and_trains_as_with_one():
     X, y = fg.data.spiral(20, 3, key=0)
     model = fg.nn.mlp([8, 3], output="softmax")

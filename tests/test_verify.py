@@ -145,6 +145,7 @@ def test_a_value_outside_the_one_sided_interval_is_still_wrong():
     assert report.verdict == "hand_wrong" and report.rows[0].worst_index == (0,)
 
 
+@pytest.mark.slow
 def test_max_tie_and_abs_at_zero():
     tie = verify.check_vjp(rules.maximum.forward, rules.maximum.backward, jnp.array([2.0, 1.0]), jnp.array([2.0, 3.0]))
     assert tie.ok and tie.verdict == "kink"
@@ -221,6 +222,7 @@ def test_million_parameters_single_wrong_element_located(dtype):
     assert report.verdict == "hand_wrong" and report.rows[0].worst_index == (i,), report
 
 
+@pytest.mark.slow
 def test_wrong_element_found_by_bisection_without_hand():
     n = 200_003
     i = 123_457
@@ -491,6 +493,7 @@ def test_check_chain_names_the_link_and_refuses_duplicate_names():
         verify.check_chain([bad], x)
 
 
+@pytest.mark.slow
 def test_too_many_non_finite_elements_without_a_hand_is_reported_not_a_crash():
     # 600 infinite autodiff elements, no hand: more than are checked one by one. The leaf cannot pass, and the
     # note says why (this used to raise a TypeError from reading the missing hand).

@@ -1271,6 +1271,7 @@ def _scaled_tanh_bwd(res, g):
     return (a * (1 - jnp.tanh(z) ** 2) * g,)
 
 
+@pytest.mark.slow
 def test_a_rule_whose_primal_calls_a_failing_rule_says_so():
     # mlp's hand-written backward is right, but its primal calls gelu, whose rule is wrong at one element: the
     # plain autodiff mlp is compared with runs through gelu's rule, so mlp's row can fail too. Its note names gelu.

@@ -59,6 +59,7 @@ def test_relu_with_curvature_and_an_inclusive_mask_is_a_kink():
 
 @pytest.mark.usefixtures("implicit_broadcasting")
 @pytest.mark.parametrize("mask", [">=", ">"])
+@pytest.mark.slow
 def test_relu_network_on_integer_data_with_zero_biases(mask):
     # Integer inputs and weights with zero biases put many pre-activations exactly on 0.
     X = jnp.asarray(RS.randint(-2, 3, size=(12, 3)), jnp.float32)
@@ -486,6 +487,7 @@ def test_a_numpy_hand_gradient_is_called_eagerly_with_the_same_verdicts():
     assert bad.verdict == "hand_wrong" and row(bad, "['W']").worst_index == (2, 1), bad
 
 
+@pytest.mark.slow
 def test_hand_gradients_in_another_float_dtype_are_compared_in_float64():
     w = jnp.array([0.3, -1.1, 2.0], jnp.float32)
     report = verify.check_grad(lambda w: jnp.sum(jnp.sin(w)), w, hand=lambda w: np.cos(np.asarray(w, np.float64)))
@@ -800,6 +802,7 @@ def test_a_python_float_beside_arrays_is_held_fixed_as_equinox_holds_it():
 
 
 @pytest.mark.parametrize("slip", [1.0, 1.01])
+@pytest.mark.slow
 def test_a_python_float_field_in_python_control_flow_stays_a_number(slip):
     # An equinox module's `scale: float`, read by Python control flow: it is held fixed, so fn must see the number
     # itself (equinox.filter_grad passes it so); it was traced as an array ("boolean conversion of traced array").
@@ -837,6 +840,7 @@ def test_a_python_float_field_in_python_control_flow_stays_a_number(slip):
 
 @pytest.mark.parametrize("labels", ["int", "onehot"])
 @pytest.mark.parametrize("planted", [False, True])
+@pytest.mark.slow
 def test_labels_read_with_numpy_inside_fn_are_held_as_values(labels, planted):
     # The book's loss takes labels as ints or one-hot and converts them with NumPy (np.argmax); jax.grad allows it
     # (only the parameters are traced). Both checks traced the labels too and failed with JAX's bare
@@ -985,6 +989,7 @@ def test_a_book_style_backward_that_mutates_its_dvalues_is_checked_as_numpy_runs
 @pytest.mark.skipif(tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 11),
                     reason="JAX 0.11+ keeps its conversion of a closed-over NumPy array for the other x64 setting "
                            "(a known limitation: pass such arrays as arguments, or jnp.asarray them)")
+@pytest.mark.slow
 def test_a_numpy_float64_array_closed_over_by_fn_and_hand():
     # The book's dropout mask (np.random.binomial(...) / rate: float64) and one-hot labels (np.eye(3)[y]) closed
     # over. JAX caches its conversion of such an array by the array, whatever the x64 setting, while the converted
@@ -1081,6 +1086,7 @@ def test_check_vjp_argnums_as_an_int_and_the_books_list_inputs():
         verify.check_vjp(fwd, lambda x, W, d: d, X, W, argnums="1")
 
 
+@pytest.mark.slow
 def test_check_chain_takes_the_books_nested_list_input():
     # The book's chapter-9 inputs as written: x a nested list. Each link converted it; the whole chain did not (a bare
     # "unsupported operand type(s) for @: 'list'" TypeError after every link had passed).
