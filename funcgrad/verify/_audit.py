@@ -1145,39 +1145,37 @@ def _inexact(v: Any) -> bool:
 
 
 def _hold_declared_none(eqn: Any, call: _Call, diff_pos: tuple[int, ...], off_path: list[int],
-                        float_outs: tuple[int, ...], scalars: dict, seed: int, k: int,
+                        float_outs: tuple[int, ...], scalars: dict, made: tuple,
                         held: str) -> tuple[tuple[int, ...], str]:
     """The inputs to differentiate without those :func:`_declared_none` finds (while others remain), and the held
-    note with theirs; the scalars for the inputs left are made."""
+    note with theirs; the scalars for the inputs left are made. ``made``: :func:`_extra` for ``diff_pos``."""
     try:
-        none = _declared_none(eqn, call, diff_pos, off_path, float_outs, scalars, seed, k)
+        none = _declared_none(eqn, call, diff_pos, off_path, scalars, made)
     except Exception:  # noqa: BLE001 - the rule failing here fails in its check, and is reported there
         none = []
     if not none or len(none) == len(diff_pos):
         return diff_pos, held
-    diff_pos = tuple(i for i in diff_pos if i not in none)
-    if (id(eqn), diff_pos) not in scalars:
-        scalars[id(eqn), diff_pos] = _scalars(eqn, call, diff_pos, float_outs)
-    return diff_pos, "; ".join([n for n in (held,) if n] + [
+    left = tuple(i for i in diff_pos if i not in none)
+    if (id(eqn), left) not in scalars:
+        scalars[id(eqn), left] = _scalars(eqn, call, left, float_outs)
+    return left, "; ".join([n for n in (held,) if n] + [
         f"input(s) {none} held fixed: the rule gives them no cotangent (None, or zeros), and they are off the "
         "selected parameters' gradient path (data, labels, values under stop_gradient or reached only by parameters "
         "wrt= leaves out), so no gradient of those parameters passes through it; pass them in params (selected by "
         "wrt=) to have it checked"])
 
 
-def _declared_none(eqn: Any, call: _Call, diff_pos: tuple[int, ...], off_path: list[int],
-                   float_outs: tuple[int, ...], scalars: dict, seed: int, k: int) -> list[int]:
+def _declared_none(eqn: Any, call: _Call, diff_pos: tuple[int, ...], off_path: list[int], scalars: dict,
+                   made: tuple) -> list[int]:
     """Of the inputs ``off_path`` (off the parameters' gradient path), those the rule gives no cotangent at this
-    call (exact zeros at every element, as its bwd's None gives): the rule declares them not differentiated."""
+    call (exact zeros at every element, as its bwd's None gives): the rule declares them not differentiated.
+    ``made``: :func:`_extra` for ``diff_pos``, whose scalar is in ``scalars``."""
     if not off_path:
         return []
-    key = (id(eqn), diff_pos)
-    if key not in scalars:
-        scalars[key] = _scalars(eqn, call, diff_pos, float_outs)
-    extra, diff, _, _ = _extra(eqn, call, diff_pos, float_outs, np.random.default_rng([seed % 2**32, k]))
+    extra, diff, _, _ = made
     n_c = int(eqn.params.get("num_consts", 0))
     fixed = tuple(call.inputs[i] for i in range(len(call.inputs)) if i - n_c not in diff_pos)
-    g = jax.grad(scalars[key].rule)(tuple(jnp.asarray(d) for d in diff), fixed, extra)
+    g = jax.grad(scalars[id(eqn), diff_pos].rule)(tuple(jnp.asarray(d) for d in diff), fixed, extra)
     return [i for i, gi in zip(diff_pos, g, strict=True) if i in off_path and not np.any(np.asarray(gi))]
 
 
@@ -1235,14 +1233,16 @@ def _check_call(call: _Call, k: int, scalars: dict,
         + [f"input(s) {constants} held fixed: numbers written into fn, which no gradient moves"] * bool(constants)
         + [f"input(s) {unperturbed} held fixed: a rule with symbolic zeros is checked as fn's gradient (with respect "
            "to the selected parameters) runs it, and that does not perturb them"] * bool(unperturbed))
-    diff_pos, held = _hold_declared_none(eqn, call, diff_pos, off_path, float_outs, scalars, options["seed"], k,
-                                         held)
-    key = (id(eqn), diff_pos)
     try:
-        extra, diff, out_masks, partial = _extra(eqn, call, diff_pos, float_outs,
-                                                 np.random.default_rng([options["seed"] % 2**32, k]))
+        made = _extra(eqn, call, diff_pos, float_outs, np.random.default_rng([options["seed"] % 2**32, k]))
+        held_pos, held = _hold_declared_none(eqn, call, diff_pos, off_path, float_outs, scalars, made, held)
+        if held_pos != diff_pos:  # (the scalar and its inputs, for the inputs left)
+            diff_pos = held_pos
+            made = _extra(eqn, call, diff_pos, float_outs, np.random.default_rng([options["seed"] % 2**32, k]))
     except Exception as e:  # noqa: BLE001 - the rule's primal failing on its own inputs: reported, not raised
         return None, (), f"could not be checked at this call ({_error(e)})", ""
+    extra, diff, out_masks, partial = made
+    key = (id(eqn), diff_pos)
     if not any(m.any() for m in out_masks):
         return None, (), _NOTHING + "no output element is finite at this call", ""
     if not any(m.any() for m, _ in extra[1]):
