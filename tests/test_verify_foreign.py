@@ -1135,3 +1135,20 @@ def test_a_backward_that_only_stores_its_result_gets_an_error_that_says_so():
         verify.check_vjp(lambda x: jnp.maximum(x, 0.0), relu_backward, x)
     with pytest.raises(ValueError, match=r"link 'relu'.*hand_vjp returned None"):
         verify.check_chain([("relu", lambda x: jnp.maximum(x, 0.0), relu_backward)], x)
+
+
+def test_check_vjp_names_the_primal_an_untraceable_fn_needs_and_the_shapes_a_failing_fn_got():
+    # A Python `if` on a primal: the message named the internal tuple's "[0]", not the user's argument x.
+    def gated(x, W):
+        return x @ W if x.sum() > 0 else x
+
+    def back(x, W, d):
+        return d @ W.T, np.asarray(x).T @ d
+
+    x, W = np.ones((2, 3), np.float32), np.ones((3, 5), np.float32)
+    with pytest.raises(TypeError, match=r"check_vjp \(differentiating x, W\).*it needs the value of x\)"):
+        verify.check_vjp(gated, back, x, W)
+    # fn that fails on the primals it is given: the user's own error, with a note of what check_vjp passed
+    with pytest.raises(ValueError, match="matmul") as info:
+        verify.check_vjp(lambda x, W: x @ W, back, x, np.ones((4, 5), np.float32))
+    assert "check_vjp could not evaluate fn(x=float32[2,3], W=float32[4,5])" in "\n".join(info.value.__notes__)

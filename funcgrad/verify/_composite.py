@@ -36,6 +36,7 @@ def _in_terms_of(message: str, names: Sequence[str]) -> str:
     for i, name in enumerate(names):
         message = message.replace(f"params[{i}]", name).replace(f"'[{i}]", f"'{name}").replace(f"[{i}]:", f"{name}:")
         message = re.sub(rf"(?<![\w\]'])\[{i}\](?=\[)", name, message)  # a path within it: [0]['b'] is params['b']
+        message = re.sub(rf"(?<=the value of )\[{i}\](?=\))", name, message)  # the leaf an untraceable fn needs
     return f"check_vjp (differentiating {', '.join(names)}): {message}"
 
 
@@ -130,12 +131,17 @@ def _integer_primals(primals: Sequence[Any], names: Sequence[str]) -> str:
             "differentiated: pass it as floats, np.asarray(x, float), to differentiate it)") if ints else ""
 
 
-def _float_output(fn: Callable, primals: Sequence[Any]) -> tuple[list, Any]:
+def _float_output(fn: Callable, primals: Sequence[Any], names: Sequence[str]) -> tuple[list, Any]:
     """The shapes of ``fn(*primals)``'s leaves and its structure; each leaf must be floating-point."""
     try:  # (traced on abstract inputs, as jax.vjp would: a NumPy primal indexed by a jnp array is fine there)
         out = jax.eval_shape(fn, *primals)
     except Exception:  # noqa: BLE001 - primals eval_shape cannot take as arguments (a string): closed over instead
-        out = jax.eval_shape(lambda: fn(*primals))
+        try:
+            out = jax.eval_shape(lambda: fn(*primals))
+        except Exception as e:
+            e.add_note("funcgrad: check_vjp could not evaluate fn("
+                       + ", ".join(f"{n}={describe(p)}" for n, p in zip(names, primals, strict=True)) + ")")
+            raise e from None
     leaves, treedef = jax.tree_util.tree_flatten(out)
     bad = [leaf for leaf in leaves if not jnp.issubdtype(leaf.dtype, jnp.floating)]
     if bad or not leaves:
@@ -215,7 +221,7 @@ def check_vjp(
 
     diff = tuple(primals[i] for i in argnums)
     consts = tuple(primals[i] for i in const_pos)
-    leaves, treedef = _float_output(fn, primals)
+    leaves, treedef = _float_output(fn, primals, all_names)
     n_cot = 1 if all(leaf.shape == () for leaf in leaves) else max(1, int(cotangents))
     reports = []
     rng = np.random.default_rng(seed % 2**32)  # NumPy, not jax.random: nothing to compile for a few draws
