@@ -1152,3 +1152,24 @@ def test_check_vjp_names_the_primal_an_untraceable_fn_needs_and_the_shapes_a_fai
     with pytest.raises(ValueError, match="matmul") as info:
         verify.check_vjp(lambda x, W: x @ W, back, x, np.ones((4, 5), np.float32))
     assert "check_vjp could not evaluate fn(x=float32[2,3], W=float32[4,5])" in "\n".join(info.value.__notes__)
+
+
+def test_numpy_data_that_other_code_closed_over_without_x64_is_checked_in_float64():
+    # JAX keeps its float32 copy of a NumPy float64 array that a live trace closed over (here the user's own
+    # make_jaxpr; in a notebook, a jitted function or an earlier check), by the array object: passed to the float64
+    # check as it was, the array came with "float64" claimed for float32 data, and the check died with XLA's
+    # RuntimeProgramInputMismatch (found on a second check_chain of the book's layers in one session).
+    rs = np.random.RandomState(0)
+    X, W = rs.randn(5, 4), 0.5 * rs.randn(4, 3)
+    held = jax.make_jaxpr(lambda w: jnp.sum(jnp.tanh(X @ w)))(jnp.ones((4, 3)))  # noqa: F841 - kept alive
+
+    def loss(p, X):
+        return jnp.sum(jnp.tanh(X @ p["W"]) ** 2)
+
+    def hand(p, X):
+        t = np.tanh(np.asarray(X) @ np.asarray(p["W"]))
+        return {"W": np.asarray(X).T @ (2 * t * (1 - t**2))}
+
+    assert verify.check_grad(loss, {"W": W}, X, hand=hand).ok
+    bad = verify.check_grad(loss, {"W": W}, X, hand=lambda p, X: {"W": 1.01 * hand(p, X)["W"]})
+    assert bad.verdict == "hand_wrong", bad

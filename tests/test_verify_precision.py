@@ -441,3 +441,68 @@ def test_a_hand_branch_that_only_float32_ties_take_is_judged_at_float32(tie):
         assert "only the lower precision" in " ".join(r.note for r in report.rows), report
     else:
         assert report.ok, report
+
+
+def _dropout_model(p_keep=0.5):
+    """A float32 MLP whose loss draws its dropout mask inside fn, at the default float dtype for a Python float
+    ``p_keep`` (as Flax's Dropout does: jax.random.bernoulli(key, 0.5, shape)), and a hand that, as book-style code
+    does, uses the mask the float32 program drew (made outside fn)."""
+    k = jax.random.key(0)
+    X = jax.random.normal(jax.random.key(1), (32, 8))
+    params = {"W": jax.random.normal(jax.random.key(2), (8, 16)) * 0.3,
+              "V": jax.random.normal(jax.random.key(3), (16, 1)) * 0.3}
+
+    def loss(p, X, key):
+        h = jnp.tanh(X @ p["W"])
+        h = jnp.where(jax.random.bernoulli(key, p_keep, h.shape), h / 0.5, 0.0)
+        return jnp.mean((h @ p["V"]) ** 2)
+
+    mask = np.asarray(jax.random.bernoulli(k, 0.5, (32, 16)))  # the float32 program's mask
+
+    def hand(p, X, key):
+        """NumPy float64: o = (m ⊙ tanh(XW)/0.5) V, loss = mean(o²); dV = hᵀ do, dW = Xᵀ (m ⊙ (do Vᵀ)/0.5 ⊙ (1 − tanh²))."""
+        W, V, X = (np.asarray(a, np.float64) for a in (p["W"], p["V"], X))
+        t = np.tanh(X @ W)
+        h = np.where(mask, t / 0.5, 0.0)
+        o = h @ V
+        do = 2 * o / o.size
+        dh = np.where(mask, (do @ V.T) / 0.5, 0.0)
+        return {"W": X.T @ (dh * (1 - t**2)), "V": h.T @ do}
+
+    return loss, hand, params, X, k
+
+
+def test_dropout_drawn_inside_fn_at_the_default_dtype_is_checked_where_fn_draws_alike():
+    # Under x64, jax.random.bernoulli(key, 0.5, shape) draws 64-bit words: the float64 check's fn had another mask
+    # than the user's float32 program, so a correct hand using that program's mask read hand_wrong (before: mismatch).
+    loss, hand, params, X, k = _dropout_model()
+    # the independent reference: jax.grad of the float32 program, with its own mask, against the NumPy hand
+    ref = jax.grad(loss)(params, X, k)
+    good = hand(params, X, k)
+    for name in ("W", "V"):
+        np.testing.assert_allclose(good[name], ref[name], rtol=1e-4, atol=1e-6)
+    report = verify.check_grad(loss, params, X, k, hand=hand)
+    assert report.ok, report
+    assert "in float64 it draws other numbers" in " ".join(report.notes), report
+    assert all("at the parameters' own dtypes" in r.note for r in report.rows), report
+
+    def bad(p, X, key):
+        g = hand(p, X, key)
+        return {**g, "V": g["V"] * 1.01}  # 1% off: far above float32's rounding
+
+    report = verify.check_grad(loss, params, X, k, hand=bad)
+    by = {r.path: r for r in report.rows}
+    assert by["['V']"].verdict == "hand_wrong" and by["['W']"].verdict == "ok", report
+    np.testing.assert_allclose(by["['V']"].hand, 1.01 * by["['V']"].autodiff, rtol=1e-5)
+    # without a hand: autodiff against finite differences, with the note
+    report = verify.check_grad(loss, params, X, k)
+    assert report.ok and "in float64 it draws other numbers" in " ".join(report.notes), report
+
+
+def test_dropout_drawn_at_a_fixed_dtype_keeps_the_float64_check():
+    # A float32 keep probability (a constant in fn: an argument is converted to float64) draws 32-bit words in
+    # both: the full float64 check, and no note.
+    loss, hand, params, X, k = _dropout_model(jnp.float32(0.5))
+    report = verify.check_grad(loss, params, X, k, hand=hand)
+    assert report.ok and not any("draws other numbers" in n for n in report.notes), report
+    assert all(r.numeric is not None for r in report.rows), report

@@ -577,6 +577,8 @@ class _Facts:
     # (() unknown)
     grad64_const: tuple = ()  # per leaf, the lowest precision of the values without the parameters (data cast to
     # bfloat16, a mask's scale) its float64 gradient is computed through (() unknown)
+    draws64: bool = False  # fn draws random numbers (jax.random) of other widths in float64 than at the parameters'
+    # own dtypes: the float64 check evaluates another function (another dropout mask)
 
 
 @functools.lru_cache(maxsize=16)
@@ -659,7 +661,21 @@ def _static_facts(bound: _Bound, layout: _Layout, spec, param_dtypes, dyn_sig, x
                   max(_jaxpr_flops(closed.jaxpr), 1.0), _dependence(closed.jaxpr, len(layout.shapes)), reverse,
                   jvp, tuple(notes), inner,
                   _lowest_float(closed_user.jaxpr), tuple(c for c, _ in gp),
-                  _noise_precisions(closed.jaxpr, len(layout.shapes)), hand_inner, tuple(k for _, k in gp))
+                  _noise_precisions(closed.jaxpr, len(layout.shapes)), hand_inner, tuple(k for _, k in gp),
+                  _random_widths(closed.jaxpr) != _random_widths(closed_user.jaxpr))
+
+
+def _random_widths(jaxpr: Any) -> list:
+    """The bit widths and shapes of the random bits a jaxpr draws (sub-computations included), in order: a
+    jax.random draw at the default float dtype (jax.random.bernoulli(key, 0.5, shape), a Flax dropout) draws 64-bit
+    words under x64, so the float64 trace of such a function draws other numbers than the function at float32."""
+    out: list = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "random_bits":
+            out.append((eqn.params.get("bit_width"), tuple(eqn.params.get("shape", ()))))
+        for sub in _sub_jaxprs(eqn):
+            out += _random_widths(sub)
+    return out
 
 
 def _gradient_precisions(bound: _Bound, layout: _Layout, spec: tuple, dyn_s: list) -> tuple:

@@ -70,6 +70,7 @@ from funcgrad.verify._inputs import (
     _untraceable,
     _UserTypeError,
     _UserValueError,
+    _views,
     _x64,
 )
 from funcgrad.verify._report import _BLAMES, _FAILING, _LIST, GradReport, Row, Verdict, _combine_verdicts, _err_key
@@ -738,6 +739,8 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
     perturbation."""
     layout = prep.layout
     user = prep.user_dtypes != ["float64"]
+    user_in = lambda: (_views(prep.dleaves), _views(prep.dyn))  # noqa: E731 - fresh views for each setting (see _views)
+    prep = dataclasses.replace(prep, dleaves=_views(prep.dleaves), dyn=_views(prep.dyn))
     with _x64(True):
         h_given = None
         hand64, hand_inner = facts.hand64, facts.hand_inner64
@@ -775,7 +778,7 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
         a_user = None
         if user:  # at the caller's x64 setting, as the user's code runs
             with _x64(prep.x64):
-                value_u, grad_u = _user_grad(prep.dleaves, prep.dyn, fn=prep.bound.value, layout=layout,
+                value_u, grad_u = _user_grad(*user_in(), fn=prep.bound.value, layout=layout,
                                              dtypes=prep.dtypes, args_spec=prep.spec, reverse=facts.reverse)
             a_user = [np.asarray(x) for x in grad_u]
             del grad_u
@@ -792,21 +795,98 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
         engine.eps_grad = [float(jnp.finfo(d).eps) for d in facts.grad64 or (facts.inner64,) * len(layout.paths)]
         items = _Items(*(np.asarray(x) for x in res.items))
         engine.analyse(a, h, items.index)
-        if a_user is not None:
+        if a_user is not None and h is not None and h_user is None:
+            with _x64(prep.x64):
+                h_user = [np.asarray(x) for x in _user_hand(*user_in(), hand=prep.bound.grad,
+                                                            layout=layout, args_spec=prep.spec)]
+        user_gaps = None
+        if facts.draws64:
+            # The float64 check evaluates fn with other random numbers: its gradients are not those of fn at the
+            # parameters' own dtypes, which are not compared with them, then.
+            user_gaps = _user_gaps(a_user, h_user if h is not None else None)
+            notes.append(_draws_note(user_gaps, layout))
+        elif a_user is not None:
             engine.user_side("autodiff", a_user, a)
-        del a
-        if a_user is not None and h is not None:
-            if h_user is None:
-                with _x64(prep.x64):
-                    h_user = [np.asarray(x) for x in _user_hand(prep.dleaves, prep.dyn, hand=prep.bound.grad,
-                                                                layout=layout, args_spec=prep.spec)]
-            engine.user_side("hand", h_user, h)
-        if a_user is not None:
+            if h is not None and h_user is not None:
+                engine.user_side("hand", h_user, h)
             engine.user_values(a_user, h_user if h is not None else None)
-        del h, a_user, h_user
-        rows = _rows(items, np.asarray(res.P), engine, prep.has_hand, user, float(jnp.finfo(facts.inner_user).eps),
-                     options.hand_reference)
+        del a, h, a_user, h_user
+        rows = _rows(items, np.asarray(res.P), engine, prep.has_hand, user and not facts.draws64,
+                     float(jnp.finfo(facts.inner_user).eps), options.hand_reference)
+        if user_gaps is not None:
+            rows = _hand_at_own_dtypes(rows, user_gaps, float(jnp.finfo(facts.inner_user).eps), layout)
     return rows, plan, rtol_eff
+
+
+def _user_gaps(a_user: list | None, h_user: list | None) -> list | None:
+    """Per leaf, hand against autodiff at the parameters' own dtypes: (the largest gap relative to the leaf's
+    largest autodiff value, its flat index, autodiff and hand there); None without both."""
+    if a_user is None or h_user is None:
+        return None
+    out = []
+    for a_leaf, h_leaf in zip(a_user, h_user, strict=True):
+        a, h = np.asarray(a_leaf, np.float64), np.asarray(h_leaf, np.float64)
+        if not a.size:
+            out.append((0.0, 0, 0.0, 0.0))
+            continue
+        scale = max(float(np.max(np.abs(np.where(np.isfinite(a), a, 0.0)))), 1e-300)
+        with np.errstate(invalid="ignore"):
+            gap = np.where(np.isnan(a) & np.isnan(h), 0.0, np.abs(a - h))
+        gap = np.where(np.isnan(gap), np.inf, gap)
+        i = int(np.argmax(gap))
+        out.append((float(gap[i]) / scale, i, float(a[i]), float(h[i])))
+    return out
+
+
+def _draws_note(gaps: list | None, layout: _Layout) -> str:
+    """The note for a function whose float64 trace draws other random numbers (see ``_Facts.draws64``), with how far
+    apart autodiff and hand are at the parameters' own dtypes (``gaps``, see :func:`_user_gaps`), where fn and hand
+    draw as the user's code does."""
+    note = ("fn draws random numbers with jax.random at a dtype that follows x64 (the default float, as "
+            "jax.random.bernoulli(key, 0.5, shape) and Flax's Dropout do, or the parameters' dtype): in float64 it draws "
+            "other numbers than at the parameters' own dtypes (another dropout mask, other noise), so the float64 "
+            "check, of autodiff (and hand) against finite differences, is of fn with those numbers, and the gradients "
+            "at the parameters' own dtypes were not compared with it. For a leaf where hand disagrees with autodiff "
+            "in float64 only, hand is judged against autodiff at the parameters' own dtypes, where both draw as your "
+            "code does (to 1e-3 of the leaf's largest value, or 30 units in the last place: weaker than the float64 "
+            "check). To check in float64, draw at a fixed dtype (jax.random.bernoulli(key, jnp.float32(p), shape), "
+            "jax.random.normal(key, shape, jnp.float32)) or outside fn, passing the result as an argument")
+    if gaps is None:
+        return note
+    listed = [f"{p or '(params)'} {g[0]:.1e}" for p, g in zip(layout.paths, gaps, strict=True)]
+    return (f"{note}. At the parameters' own dtypes, hand differs from autodiff by at most (relative to the leaf's "
+            f"largest autodiff value): {', '.join(listed[:_LIST])}" + ("..." if len(listed) > _LIST else ""))
+
+
+def _hand_at_own_dtypes(rows: list[Row], gaps: list, eps: float, layout: _Layout) -> list[Row]:
+    """Rows that blame hand in a float64 check that draws other random numbers than fn at the parameters' own
+    dtypes (see :func:`_draws_note`), decided by hand against autodiff at those dtypes instead (autodiff agreed
+    with finite differences there): ok within 1e-3 (or 30 eps) of the leaf's largest value, else hand_wrong at
+    the element farthest apart."""
+    limit = max(1e-3, 30 * eps)
+    by_path = dict(zip(layout.paths, gaps, strict=True))
+    out = []
+    for r in rows:
+        gap = by_path.get(r.path)
+        if r.verdict != Verdict.HAND_WRONG or gap is None:
+            out.append(r)
+            continue
+        rel, i, a, h = gap
+        index = tuple(int(k) for k in np.unravel_index(i, layout.shapes[layout.paths.index(r.path)]))
+        err = abs(a - h)
+        shown = dict(worst_index=index, autodiff=a, hand=h, numeric=None, max_abs_err=err,
+                     max_rel_err=err / max(abs(a), abs(h), 1e-300) if err else 0.0)
+        if rel <= limit:
+            out.append(dataclasses.replace(r, verdict=Verdict.OK, **shown, note=(
+                f"hand disagrees with autodiff in float64, whose random draws differ from fn's at the parameters' own "
+                f"dtypes; there hand agrees with autodiff to {rel:.1e} of the leaf's largest value (allowed {limit:.0e})"
+                f"; autodiff agrees with finite differences")))
+        else:
+            out.append(dataclasses.replace(r, verdict=Verdict.HAND_WRONG, **shown, note=(
+                f"hand ({h:.6g}) differs from autodiff ({a:.6g}) at {list(index)} at the parameters' own dtypes, "
+                f"where both draw as your code does, by {rel:.1e} of the leaf's largest value (allowed {limit:.0e}); "
+                "autodiff agrees with finite differences in float64")))
+    return out
 
 
 def _precision_plan(facts: _Facts, layout: _Layout, hand64: tuple, hand_inner: tuple, rtol: float | None,

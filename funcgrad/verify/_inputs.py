@@ -407,6 +407,15 @@ def _host(x: Any, float64: bool) -> Any:
     return a
 
 
+def _views(xs: Sequence) -> list:
+    """The NumPy arrays among ``xs`` as fresh views (the same memory), the rest as they are. JAX keeps what it made
+    of a NumPy array under one x64 setting (a float32 copy of a float64 array a trace closed over), by the array
+    object, for as long as that is alive (in a jit cache, a trace a custom rule holds): passed again under the other
+    setting, the same object gets that copy, with float64 claimed for float32 data (a runtime error, or a silent
+    float32 value). A view JAX has not seen gets its own conversion."""
+    return [x.view() if type(x) is np.ndarray else x for x in xs]
+
+
 def _host_tree(tree: Any, float64: bool, own: frozenset[int] = frozenset()) -> Any:
     """:func:`_host` of every leaf; those whose ids are in ``own`` keep their dtypes."""
     return jax.tree_util.tree_map(lambda x: _host(x, float64 and id(x) not in own), tree)
