@@ -506,3 +506,38 @@ def test_dropout_drawn_at_a_fixed_dtype_keeps_the_float64_check():
     report = verify.check_grad(loss, params, X, k, hand=hand)
     assert report.ok and not any("draws other numbers" in n for n in report.notes), report
     assert all(r.numeric is not None for r in report.rows), report
+
+
+def test_bfloat16_emulated_with_reduce_precision_is_judged_as_bfloat16():
+    # lax.reduce_precision(a, 8, 7) rounds float32 values to bfloat16's mantissa: finite differences of such a fn
+    # are a staircase. Read as float32 arithmetic, they gave "0 ± 1e-9" with confidence, and a correct autodiff and
+    # a correct hand were both autodiff_wrong ("forward mode is wrong").
+    k = jax.random.split(jax.random.key(4), 4)
+    params = {"W": 0.5 * jax.random.normal(k[0], (6, 4)), "V": 0.5 * jax.random.normal(k[1], (4, 2))}
+    X, T = jax.random.normal(k[2], (10, 6)), jax.random.normal(k[3], (10, 2))
+
+    def q(a):
+        return jax.lax.reduce_precision(a, exponent_bits=8, mantissa_bits=7)
+
+    def loss(p, X, T):
+        h = q(jnp.tanh(q(X @ q(p["W"]))))
+        return jnp.mean((q(h @ q(p["V"])) - T) ** 2)
+
+    def hand(p, X, T, scale_V=1.0):
+        """float32 math without the rounding: d = 2(hV − T)/n, dV = hᵀd, dW = Xᵀ((dVᵀ) ⊙ (1 − h²))."""
+        h = jnp.tanh(X @ p["W"])
+        d = 2 * (h @ p["V"] - T) / T.size
+        return {"W": X.T @ ((d @ p["V"].T) * (1 - h * h)), "V": scale_V * (h.T @ d)}
+
+    with jax.enable_x64(True):  # the independent reference: the smooth function's gradient in float64
+        p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+        ref = jax.grad(lambda p: jnp.mean((jnp.tanh(X.astype(float) @ p["W"]) @ p["V"] - T.astype(float)) ** 2))(p64)
+    ad = jax.grad(loss)(params, X, T)
+    for name in ("W", "V"):  # autodiff of the rounded function is within bfloat16's rounding of it
+        np.testing.assert_allclose(ad[name], ref[name], atol=0.02 * np.max(np.abs(ref[name])))
+    report = verify.check_grad(loss, params, X, T, hand=hand)
+    assert report.ok and not any(r.verdict == "autodiff_wrong" for r in report.rows), report
+    assert verify.check_grad(loss, params, X, T).ok
+    bad = verify.check_grad(loss, params, X, T, hand=lambda p, X, T: hand(p, X, T, -1.0))  # a sign error
+    # (fails; at bfloat16's error bars, finite differences may not single out a side: the README's 16-bit limits)
+    assert {r.path: r.verdict for r in bad.rows}["['V']"] in ("hand_wrong", "mismatch") and not bad.ok, bad

@@ -732,13 +732,24 @@ def _lowest_float(jaxpr: Any, top: bool = True, opaque: bool = True) -> Any:
             live.append(eqn)
             needed.update(id(v) for v in eqn.invars)
     for eqn in reversed(live):
-        final_cast = eqn.primitive.name == "convert_element_type" and any(id(v) in outs for v in eqn.outvars)
+        final_cast = eqn.primitive.name in ("convert_element_type", "reduce_precision") and any(
+            id(v) in outs for v in eqn.outvars)
         for v in [] if final_cast else eqn.outvars:
             dt = getattr(getattr(v, "aval", None), "dtype", None)
             if dt is not None and jnp.issubdtype(dt, jnp.floating) and jnp.finfo(dt).eps > jnp.finfo(lowest).eps:
                 lowest = jnp.dtype(dt)
+        if not final_cast:
+            lowest = _lower(lowest, _rounds_to(eqn))
         lowest = _lower(lowest, _eqn_inner(eqn, opaque))
     return lowest
+
+
+def _rounds_to(eqn: Any) -> Any:
+    """The precision an equation rounds its float outputs to beyond their dtype: lax.reduce_precision (bfloat16
+    emulated in float32, say) keeps the mantissa of a narrower dtype; float64 for everything else."""
+    if eqn.primitive.name == "reduce_precision":
+        return _kept_by(eqn.params["mantissa_bits"])
+    return jnp.dtype(jnp.float64)
 
 
 # What an opaque computation (a Python callback, an external kernel) is assumed to round like, for finite
@@ -1004,6 +1015,7 @@ def _noise_precisions(jaxpr: Any, n_leaves: int) -> tuple:
                     dt = getattr(getattr(v, "aval", None), "dtype", None)
                     if dt is not None and jnp.issubdtype(dt, jnp.floating):
                         lower_where(m, dt)
+                lower_where(m, _rounds_to(eqn))
                 lower_where(m, _eqn_inner(eqn))
                 outs = [m] * len(eqn.outvars)
             masks.update((id(v), m) for v, m in zip(eqn.outvars, outs, strict=True))
