@@ -126,10 +126,20 @@ def _leaf_data(name: str, leaf: Any) -> tuple[Any, str | None]:
     if isinstance(leaf, jax.Array):
         return leaf, None
     arr = np.asarray(leaf)
-    data = arr.astype(dtype, copy=False)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        data = arr.astype(dtype, copy=False)
     if data.dtype != arr.dtype and arr.dtype.kind in "iu" and not np.array_equal(data, arr):
         raise CheckpointError(f"leaf {name} holds {arr.dtype} values that {dtype} cannot (JAX's integers without "
                               "jax_enable_x64); enable x64 or store them as floats")
+    if data.dtype != arr.dtype and arr.dtype.kind in "fc":
+        # Narrowing rounds (JAX holds float64 as float32 without x64); it must not make a value inf, or 0 of one
+        # that was not.
+        lost = (np.isfinite(arr) & ~np.isfinite(data)) | ((arr != 0) & (data == 0))
+        if lost.any():
+            at = tuple(int(i) for i in np.unravel_index(int(np.argmax(lost)), arr.shape))
+            raise CheckpointError(f"leaf {name} holds {arr.dtype} values that {dtype} cannot: {arr[at].item()!r} at "
+                                  f"{list(at)} would be stored as {data[at].item()!r} (JAX's floats without jax_enable_x64); "
+                                  "enable x64 or rescale them")
     return data, None
 
 

@@ -58,6 +58,20 @@ def test_numbers_are_stored_as_jax_holds_them_and_round_trip():
     _not_storable({"i": np.array([2**40])}, "['i']", "int64 values that int32 cannot")
 
 
+def test_a_float_that_narrowing_would_make_inf_or_zero_is_an_error_at_save_time():
+    # Without x64, float64 is stored as float32 (rounded, as JAX holds it); 1e300 became inf and 1e-50 became 0
+    # with no error (a NumPy RuntimeWarning at most), so a checkpoint silently changed the data.
+    if jax.config.jax_enable_x64:
+        pytest.skip("with x64 float64 is stored as it is")
+    _not_storable({"x": np.array([1.0, 1e300])}, "['x']", "float64 values that float32 cannot",
+                  "1e+300 at [1] would be stored as inf")
+    _not_storable({"x": np.array([[0.1, 1e-50]])}, "['x']", "float32 cannot: 1e-50 at [0, 1] would be stored as 0.0")
+    _not_storable({"z": np.array([1e300 + 0j])}, "['z']", "complex128 values that complex64 cannot")
+    tree = {"x": np.array([0.1, -2.5e38, 1e-40, 0.0, np.inf, np.nan])}  # rounded, subnormal, zero, inf and NaN: kept
+    back = checkpoint.from_bytes(checkpoint.to_bytes(tree), like=tree)
+    np.testing.assert_array_equal(back["x"], tree["x"].astype(np.float32))
+
+
 def _tree():
     return {
         "params": {"W": jnp.arange(6.0).reshape(2, 3), "b": (jnp.arange(3) / 7).astype(jnp.bfloat16)},
