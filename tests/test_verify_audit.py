@@ -1792,3 +1792,49 @@ def test_a_rule_s_rare_call_site_is_checked_beside_its_many_calls_elsewhere(wron
         assert row.verdict == verify.Verdict.AUTODIFF_WRONG and "scan iteration 37" in row.where, report
     else:
         assert row.ok and row.calls > 8, report
+
+
+def test_each_signature_of_a_rule_is_checked_beyond_max_calls():
+    # A norm rule at nine calls of width 8 and one bottleneck call of width 5, wrong only at width 5: sampling the
+    # ten calls evenly down to max_calls skipped the bottleneck, and the audit passed (Equinox review).
+    @jax.custom_vjp
+    def norm(x, g):
+        return x * jax.lax.rsqrt(jnp.mean(x**2, -1, keepdims=True) + 1e-6) * g
+
+    def fwd(x, g):
+        r = jax.lax.rsqrt(jnp.mean(x**2, -1, keepdims=True) + 1e-6)
+        return x * r * g, (x, r, g)
+
+    def bwd(res, ct):
+        x, r, g = res
+        xh, gs = x * r, ct * g
+        dg = jnp.sum(ct * xh, 0)
+        if x.shape[-1] == 5:
+            dg = dg.at[4].multiply(1.3)  # planted: the bottleneck's scale only
+        return r * (gs - xh * jnp.mean(gs * xh, -1, keepdims=True)), dg
+
+    norm.defvjp(fwd, bwd)
+    ks = jax.random.split(jax.random.key(0), 4)
+    params = {"W": 0.3 * jax.random.normal(ks[0], (8, 8)), "g": jnp.ones(8), "down": 0.3 * jax.random.normal(ks[1], (8, 5)),
+              "g5": 1 + 0.1 * jnp.arange(5.0), "up": 0.3 * jax.random.normal(ks[2], (5, 8))}
+    x = jax.random.normal(ks[3], (4, 8))
+
+    def plain(x, g):
+        return x * jax.lax.rsqrt(jnp.mean(x**2, -1, keepdims=True) + 1e-6) * g
+
+    def model(nrm):
+        def loss(p, x):
+            for i in range(9):
+                x = x + jnp.tanh(nrm(x, p["g"]) @ p["W"])
+                if i == 4:
+                    x = nrm(x @ p["down"], p["g5"]) @ p["up"]
+            return jnp.sum(x**2)
+
+        return loss
+
+    # the independent reference: the gradient through the rule against the same model without it
+    ratio = jax.grad(model(norm))(params, x)["g5"] / jax.grad(model(plain))(params, x)["g5"]
+    np.testing.assert_allclose(ratio, [1, 1, 1, 1, 1.3], rtol=1e-4)
+    report = verify.audit(model(norm), params, x, max_calls=3)
+    (row,) = report.rows
+    assert row.verdict == "autodiff_wrong" and row.worst_index == (1, 4), report
