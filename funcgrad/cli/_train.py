@@ -923,7 +923,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                else f"the draw with seed {args.seed} is the same")
         data, label = "training", f"the training data {X.shape} ({why}; not fresh data)"
     elif args.seed is None:
-        data, label = "validation", f"the run's validation data {X.shape} (as in {files.SUMMARY})"
+        data, label = "validation", f"the run's validation data {X.shape} (drawn with the run's validation seed)"
     else:
         data, label = "fresh", f"fresh {cfg.data.kind} data {X.shape} drawn with seed {args.seed}"
     metrics = _floats(jax.jit(setup.objective.metrics)(state.params, *setup.validation_data))
