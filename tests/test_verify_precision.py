@@ -541,3 +541,35 @@ def test_bfloat16_emulated_with_reduce_precision_is_judged_as_bfloat16():
     bad = verify.check_grad(loss, params, X, T, hand=lambda p, X, T: hand(p, X, T, -1.0))  # a sign error
     # (fails; at bfloat16's error bars, finite differences may not single out a side: the README's 16-bit limits)
     assert {r.path: r.verdict for r in bad.rows}["['V']"] in ("hand_wrong", "mismatch") and not bad.ok, bad
+
+
+def test_dropout_drawn_inside_fn_still_judges_float32_gradients():
+    # Round 2: with other draws in float64, the float32 gradients were compared with nothing. A naive softplus rule
+    # (e/(1 + e): inf/inf in float32 at x = 100) then passed, though the user's jax.grad is NaN there; and a hand
+    # 0.6% off at one element passed hand against autodiff at float32 within 1e-3 of the leaf's largest value.
+    key = jax.random.key(0)
+
+    @jax.custom_vjp
+    def softplus(x):
+        return jnp.logaddexp(x, 0.0)
+
+    softplus.defvjp(lambda x: (softplus(x), x), lambda x, g: (g * jnp.exp(x) / (1 + jnp.exp(x)),))
+    w = jnp.array([100.0, 1.0, -2.0, 95.0], jnp.float32)
+
+    def fn(w):
+        return jnp.sum(jnp.where(jax.random.bernoulli(key, 0.9, (4,)), softplus(w), 0.0))
+
+    assert np.isnan(np.asarray(jax.grad(fn)(w))[0])  # the user's own gradient
+    (row,) = verify.check_grad(fn, w).rows
+    assert row.verdict == "autodiff_wrong" and "not finite" in row.note, row
+
+    loss, hand, params, X, k = _dropout_model()
+
+    def off(p, X, key):
+        g = hand(p, X, key)
+        i = np.unravel_index(np.argmax(np.abs(g["W"])), g["W"].shape)
+        g["W"][i] *= 1.006  # the largest element, 0.6% off
+        return g
+
+    by = {r.path: r.verdict for r in verify.check_grad(loss, params, X, k, hand=off).rows}
+    assert by == {"['V']": "ok", "['W']": "hand_wrong"}, by

@@ -1588,15 +1588,18 @@ def _rule_row(rule: _Rule, calls: list[_Call], seen: int, options: dict) -> Audi
     # that a factory made can be the wrong one.
     # So is each call site in a cond's branch: a rare branch's call can be the only one at inputs where the rule is
     # wrong (x < 0, say), beside the rule's many calls elsewhere.
-    # And each signature (its inputs' shapes and dtypes): a bottleneck's call at another width can be the only one
-    # where the rule is wrong, and the only route to a parameter.
+    # And each signature (its inputs' shapes and dtypes), up to max_calls of them: a bottleneck's call at another
+    # width can be the only one where the rule is wrong, and the only route to a parameter.
     first: dict[Any, int] = {}
+    signatures: dict[Any, int] = {}
     for k, c in enumerate(calls):
         first.setdefault(c.instance, k)
         if "cond branch" in c.where:
             first.setdefault((c.instance, id(c.eqn)), k)
-        first.setdefault((c.instance, "signature", tuple((np.shape(x), str(getattr(x, "dtype", type(x).__name__)))
-                                                         for x in c.inputs)), k)
+        sig = (c.instance, tuple((np.shape(x), str(getattr(x, "dtype", type(x).__name__))) for x in c.inputs))
+        if len(signatures) < max_calls:
+            signatures.setdefault(sig, k)
+    pick = sorted({int(k) for k in pick} | set(signatures.values()))
     pick = sorted({int(k) for k in pick} | set(first.values()))
     scalars: dict = {}
     results = []  # (verdict, row, input number, call, note)

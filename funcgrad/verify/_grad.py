@@ -800,11 +800,12 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
                 h_user = [np.asarray(x) for x in _user_hand(*user_in(), hand=prep.bound.grad,
                                                             layout=layout, args_spec=prep.spec)]
         user_gaps = None
+        eps_own = float(jnp.finfo(facts.inner_user).eps)
         if facts.draws64:
             # The float64 check evaluates fn with other random numbers: its gradients are not those of fn at the
-            # parameters' own dtypes, which are not compared with them, then.
-            user_gaps = _user_gaps(a_user, h_user if h is not None else None)
-            notes.append(_draws_note(user_gaps, layout))
+            # parameters' own dtypes, which are compared with them only for being finite, then.
+            user_gaps = _user_gaps(a_user, h_user if h is not None else None, a, h, eps_own)
+            notes.append(_draws_note(user_gaps, layout, eps_own))
         elif a_user is not None:
             engine.user_side("autodiff", a_user, a)
             if h is not None and h_user is not None:
@@ -814,31 +815,50 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
         rows = _rows(items, np.asarray(res.P), engine, prep.has_hand, user and not facts.draws64,
                      float(jnp.finfo(facts.inner_user).eps), options.hand_reference)
         if user_gaps is not None:
-            rows = _hand_at_own_dtypes(rows, user_gaps, float(jnp.finfo(facts.inner_user).eps), layout)
+            rows = _at_own_dtypes(rows, user_gaps, eps_own, layout)
     return rows, plan, rtol_eff
 
 
-def _user_gaps(a_user: list | None, h_user: list | None) -> list | None:
-    """Per leaf, hand against autodiff at the parameters' own dtypes: (the largest gap relative to the leaf's
-    largest autodiff value, its flat index, autodiff and hand there); None without both."""
-    if a_user is None or h_user is None:
+def _own_limit(eps: float) -> float:
+    """hand against autodiff at the parameters' own dtypes, where the float64 check draws other random numbers:
+    the gap allowed, relative to each element plus the leaf's largest value (100 units in the last place, at
+    least 1e-5, at most 5%)."""
+    return min(0.05, max(100 * eps, 1e-5))
+
+
+def _user_gaps(a_user: list | None, h_user: list | None, a64: list, h64: list | None, eps: float) -> list | None:
+    """Per leaf, at the parameters' own dtypes: (hand against autodiff: the largest gap in units of what
+    :func:`_own_limit` allows, its flat index, autodiff and hand there, or None without a hand; the flat index of an
+    element where autodiff is not finite though its float64 gradient is finite everywhere on the leaf, or None;
+    the same for hand). None without autodiff at those dtypes."""
+    if a_user is None:
         return None
+    limit = _own_limit(eps)
     out = []
-    for a_leaf, h_leaf in zip(a_user, h_user, strict=True):
-        a, h = np.asarray(a_leaf, np.float64), np.asarray(h_leaf, np.float64)
-        if not a.size:
-            out.append((0.0, 0, 0.0, 0.0))
-            continue
-        scale = max(float(np.max(np.abs(np.where(np.isfinite(a), a, 0.0)))), 1e-300)
-        with np.errstate(invalid="ignore"):
-            gap = np.where(np.isnan(a) & np.isnan(h), 0.0, np.abs(a - h))
-        gap = np.where(np.isnan(gap), np.inf, gap)
-        i = int(np.argmax(gap))
-        out.append((float(gap[i]) / scale, i, float(a[i]), float(h[i])))
+    for k, a_leaf in enumerate(a_user):
+        a = np.asarray(a_leaf, np.float64)
+        h = None if h_user is None else np.asarray(h_user[k], np.float64)
+
+        def nonfinite(u: np.ndarray | None, ref: Any) -> int | None:
+            if u is None or ref is None or not u.size or np.isfinite(u).all() or not np.isfinite(ref).all():
+                return None
+            return int(np.argmax(~np.isfinite(u)))
+
+        bad_a, bad_h = nonfinite(a, a64[k]), nonfinite(h, None if h64 is None else h64[k])
+        pair = None
+        if h is not None and a.size:
+            scale = float(np.max(np.abs(np.where(np.isfinite(a), a, 0.0))))
+            with np.errstate(invalid="ignore"):
+                gap = np.where(np.isnan(a) & np.isnan(h), 0.0, np.abs(a - h))
+                units = gap / (limit * (np.abs(a) + scale) + 1e-300)
+            units = np.where(np.isnan(units), np.inf, units)
+            i = int(np.argmax(units))
+            pair = (float(units[i]), i, float(a[i]), float(h[i]))
+        out.append((pair, bad_a, bad_h))
     return out
 
 
-def _draws_note(gaps: list | None, layout: _Layout) -> str:
+def _draws_note(gaps: list | None, layout: _Layout, eps: float) -> str:
     """The note for a function whose float64 trace draws other random numbers (see ``_Facts.draws64``), with how far
     apart autodiff and hand are at the parameters' own dtypes (``gaps``, see :func:`_user_gaps`), where fn and hand
     draw as the user's code does."""
@@ -846,46 +866,63 @@ def _draws_note(gaps: list | None, layout: _Layout) -> str:
             "jax.random.bernoulli(key, 0.5, shape) and Flax's Dropout do, or the parameters' dtype): in float64 it draws "
             "other numbers than at the parameters' own dtypes (another dropout mask, other noise), so the float64 "
             "check, of autodiff (and hand) against finite differences, is of fn with those numbers, and the gradients "
-            "at the parameters' own dtypes were not compared with it. For a leaf where hand disagrees with autodiff "
-            "in float64 only, hand is judged against autodiff at the parameters' own dtypes, where both draw as your "
-            "code does (to 1e-3 of the leaf's largest value, or 30 units in the last place: weaker than the float64 "
-            "check). To check in float64, draw at a fixed dtype (jax.random.bernoulli(key, jnp.float32(p), shape), "
-            "jax.random.normal(key, shape, jnp.float32)) or outside fn, passing the result as an argument")
-    if gaps is None:
+            "at the parameters' own dtypes were compared with it only for being finite. For a leaf where hand "
+            "disagrees with autodiff in float64 only, hand is judged against autodiff at the parameters' own dtypes, "
+            f"where both draw as your code does (a gap of {_own_limit(eps):.1g} of the element plus the leaf's largest "
+            "value is allowed: weaker than the float64 check). To check in float64, draw at a fixed dtype "
+            "(jax.random.bernoulli(key, jnp.float32(p), shape), jax.random.normal(key, shape, jnp.float32)) or "
+            "outside fn, passing the result as an argument")
+    pairs = [(p, g[0]) for p, g in zip(layout.paths, gaps or (), strict=False) if g[0] is not None]
+    if not pairs:
         return note
-    listed = [f"{p or '(params)'} {g[0]:.1e}" for p, g in zip(layout.paths, gaps, strict=True)]
-    return (f"{note}. At the parameters' own dtypes, hand differs from autodiff by at most (relative to the leaf's "
-            f"largest autodiff value): {', '.join(listed[:_LIST])}" + ("..." if len(listed) > _LIST else ""))
+    listed = [f"{p or '(params)'} {g[0]:.2g}" for p, g in pairs]
+    return (f"{note}. At the parameters' own dtypes, hand's largest gap from autodiff, in units of that allowance: "
+            f"{', '.join(listed[:_LIST])}" + ("..." if len(listed) > _LIST else ""))
 
 
-def _hand_at_own_dtypes(rows: list[Row], gaps: list, eps: float, layout: _Layout) -> list[Row]:
-    """Rows that blame hand in a float64 check that draws other random numbers than fn at the parameters' own
-    dtypes (see :func:`_draws_note`), decided by hand against autodiff at those dtypes instead (autodiff agreed
-    with finite differences there): ok within 1e-3 (or 30 eps) of the leaf's largest value, else hand_wrong at
-    the element farthest apart."""
-    limit = max(1e-3, 30 * eps)
+def _at_own_dtypes(rows: list[Row], gaps: list, eps: float, layout: _Layout) -> list[Row]:
+    """Rows of a float64 check that draws other random numbers than fn at the parameters' own dtypes (see
+    :func:`_draws_note`), decided at those dtypes where they can be: a side whose gradient is not finite there,
+    though finite in float64, is wrong; a row that blames hand (autodiff agreed with finite differences in
+    float64) is decided by hand against autodiff there: ok within :func:`_own_limit`, else hand_wrong at the element
+    farthest apart."""
+    limit = _own_limit(eps)
     by_path = dict(zip(layout.paths, gaps, strict=True))
     out = []
     for r in rows:
-        gap = by_path.get(r.path)
-        if r.verdict != Verdict.HAND_WRONG or gap is None:
+        if r.path not in by_path:
             out.append(r)
             continue
-        rel, i, a, h = gap
-        index = tuple(int(k) for k in np.unravel_index(i, layout.shapes[layout.paths.index(r.path)]))
+        pair, bad_a, bad_h = by_path[r.path]
+        shape = layout.shapes[layout.paths.index(r.path)]
+        nonfinite = [(side, i) for side, i in (("autodiff", bad_a), ("hand", bad_h)) if i is not None]
+        if nonfinite and r.verdict not in _BLAMES:
+            side, i = nonfinite[0]
+            index = tuple(int(k) for k in np.unravel_index(i, shape))
+            out.append(dataclasses.replace(
+                r, verdict=Verdict.AUTODIFF_WRONG if side == "autodiff" else Verdict.HAND_WRONG, worst_index=index,
+                numeric=None, max_abs_err=math.inf, max_rel_err=math.inf,
+                note=f"{side} is not finite at {list(index)} at the parameters' own dtypes, though finite at every "
+                     "element in float64"))
+            continue
+        if r.verdict != Verdict.HAND_WRONG or pair is None:
+            out.append(r)
+            continue
+        units, i, a, h = pair
+        index = tuple(int(k) for k in np.unravel_index(i, shape))
         err = abs(a - h)
         shown = dict(worst_index=index, autodiff=a, hand=h, numeric=None, max_abs_err=err,
                      max_rel_err=err / max(abs(a), abs(h), 1e-300) if err else 0.0)
-        if rel <= limit:
+        if units <= 1.0:
             out.append(dataclasses.replace(r, verdict=Verdict.OK, **shown, note=(
-                f"hand disagrees with autodiff in float64, whose random draws differ from fn's at the parameters' own "
-                f"dtypes; there hand agrees with autodiff to {rel:.1e} of the leaf's largest value (allowed {limit:.0e})"
-                f"; autodiff agrees with finite differences")))
+                "hand disagrees with autodiff in float64, whose random draws differ from fn's at the parameters' own "
+                f"dtypes; there hand agrees with autodiff at every element (at most {units:.2g} of the {limit:.1g} of "
+                "the element plus the leaf's largest value allowed); autodiff agrees with finite differences")))
         else:
             out.append(dataclasses.replace(r, verdict=Verdict.HAND_WRONG, **shown, note=(
                 f"hand ({h:.6g}) differs from autodiff ({a:.6g}) at {list(index)} at the parameters' own dtypes, "
-                f"where both draw as your code does, by {rel:.1e} of the leaf's largest value (allowed {limit:.0e}); "
-                "autodiff agrees with finite differences in float64")))
+                f"where both draw as your code does, by {units:.2g} times the {limit:.1g} of the element plus the "
+                "leaf's largest value allowed; autodiff agrees with finite differences in float64")))
     return out
 
 
