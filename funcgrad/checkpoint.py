@@ -312,6 +312,10 @@ def _open(data: bytes | BinaryIO) -> tuple[zipfile.ZipFile, dict, int]:
         if odd:
             raise ValueError(f"member {odd[0].filename!r} is compressed with method {odd[0].compress_type}; "
                              "checkpoints hold stored or deflated members")
+        names = [i.filename for i in z.infolist()]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # (zipfile reads the last of them: which one a reader takes is not the writer's to say)
+            raise ValueError(f"member {twice[0]!r} appears {names.count(twice[0])} times; a checkpoint names each once")
         info = z.getinfo(_META + ".npy")
         if info.file_size > min(_MAX_HEADER_BYTES, _MAX_EXPANSION * total):
             raise ValueError(f"a header of {info.file_size} bytes in a file of {total}")

@@ -2,6 +2,7 @@ import io
 import json
 import math
 import os
+import warnings
 import zipfile
 
 import chex
@@ -207,6 +208,22 @@ def test_members_compressed_otherwise_than_numpy_writes_them_are_refused():
         for name in src.namelist():
             z.writestr(name, src.read(name))
     assert checkpoint.load_flat(deflated.getvalue())["['w']"].shape == (1000,)
+
+
+def test_a_member_named_twice_is_refused():
+    # zipfile reads the last of two members of one name: a crafted file's second leaf0.npy was loaded silently.
+    data = checkpoint.to_bytes({"w": jnp.ones((2, 3))})
+    src, out = zipfile.ZipFile(io.BytesIO(data)), io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (zipfile warns of the duplicate name)
+        for name in src.namelist():
+            z.writestr(name, src.read(name))
+        leaf = [n for n in src.namelist() if n != "__funcgrad__.npy" and n.endswith(".npy")][0]
+        nines = io.BytesIO()
+        np.lib.format.write_array(nines, np.full((2, 3), 9.0, np.float32))
+        z.writestr(leaf, nines.getvalue())
+    with pytest.raises(checkpoint.CheckpointError, match=f"member '{leaf}' appears 2 times"):
+        checkpoint.load_flat(out.getvalue())
 
 
 def test_data_that_is_not_bytes_or_a_seekable_binary_file_is_a_type_error_naming_the_argument(tmp_path):
