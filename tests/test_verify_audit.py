@@ -1838,3 +1838,46 @@ def test_each_signature_of_a_rule_is_checked_beyond_max_calls():
     report = verify.audit(model(norm), params, x, max_calls=3)
     (row,) = report.rows
     assert row.verdict == "autodiff_wrong" and row.worst_index == (1, 4), report
+
+
+def test_a_forward_is_held_to_the_rounding_of_what_it_and_the_primal_compute_in():
+    # The gap allowed between a rule's fwd output and its primal's followed the output dtype's derivative tolerance
+    # (1e-3 in float32): a fwd computing in bfloat16 for a float32 primal read autodiff_wrong ("another primal
+    # output") for bfloat16's rounding, and a tanh-approximate GELU fwd for an exact one passed in float32.
+    bf = jnp.bfloat16
+
+    @jax.custom_vjp
+    def gelu_dense(x, W):
+        return jax.nn.gelu(x @ W)
+
+    def fwd(x, W):
+        z = jnp.dot(x.astype(bf), W.astype(bf), preferred_element_type=jnp.float32)
+        return jax.nn.gelu(z), (x, W, z)
+
+    def bwd(res, g):
+        x, W, z = res
+        dz = g * jax.grad(lambda z: jnp.sum(jax.nn.gelu(z)))(z)
+        return dz @ W.T, x.T @ dz
+
+    gelu_dense.defvjp(fwd, bwd)
+    k = jax.random.split(jax.random.key(5), 2)
+    params, x = {"W": 0.5 * jax.random.normal(k[0], (6, 5))}, jax.random.normal(k[1], (7, 6))
+    # the independent reference: the fwd's output is the primal's to bfloat16's rounding, far from float32's
+    gap = np.max(np.abs(fwd(x, params["W"])[0] - gelu_dense(x, params["W"])) / (np.abs(gelu_dense(x, params["W"])) + 1))
+    assert 1e-4 < gap < 2e-2
+    report = verify.audit(lambda p, x: jnp.sum(gelu_dense(x, p["W"]) ** 2), params, x)
+    assert report.ok, report
+
+    @jax.custom_vjp
+    def gelu(x):
+        return jax.nn.gelu(x, approximate=False)
+
+    def bwd_exact(x, g):
+        return jax.vjp(lambda x: jax.nn.gelu(x, approximate=False), x)[1](g)
+
+    gelu.defvjp(lambda x: (jax.nn.gelu(x, approximate=True), x), bwd_exact)
+    z = 2 * jax.random.normal(k[1], (16, 32))
+    assert 1e-4 < float(np.max(np.abs(jax.nn.gelu(z, approximate=True) - jax.nn.gelu(z, approximate=False)))) < 1e-3
+    report = verify.audit(lambda p, z: jnp.sum(gelu(z * p["s"]) ** 2), {"s": jnp.ones(32)}, z)
+    (row,) = report.rows
+    assert row.verdict == "autodiff_wrong" and "another primal output" in row.note and row.max_abs_err > 1e-5, report

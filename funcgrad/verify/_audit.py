@@ -44,6 +44,7 @@ import numpy as np
 from jax.extend.core import ClosedJaxpr, Literal, jaxpr_as_fun
 
 from funcgrad._checks import describe, in_range
+from funcgrad.verify._compiled import _lower, _lowest_float
 from funcgrad.verify._compiled import _sub_jaxprs as _sub
 from funcgrad.verify._fd import _default_rtol
 from funcgrad.verify._grad import _check_grad_impl, _environment_versions
@@ -1072,28 +1073,41 @@ def _call_outputs(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: 
     return outs
 
 
-def _forward_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple[int, ...]) -> str:
+def _forward_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...],
+                 float_outs: tuple[int, ...]) -> tuple[str, float, float]:
     """Where the rule's primal output under differentiation (what its ``fwd``, or its JVP rule, returns) differs
     from its primal function's at this call, beyond the output dtype's tolerance: a description, else "". Under
     ``jax.grad`` the model then computes on from the rule's value, so its value and gradient are another
     function's, even when the rule's derivative matches the primal's. Output elements the primal does not give
-    finite are not compared (a stable forward where the plain formula overflows is the reason for a rule)."""
+    finite are not compared (a stable forward where the plain formula overflows is the reason for a rule). Also the
+    absolute and relative gap there ("", 0, 0 where they agree)."""
     n_c = int(eqn.params.get("num_consts", 0))
     ins = list(call.inputs)
 
     outs = _call_outputs(eqn, call, diff_pos, float_outs)
 
+    xs = [ins[n_c + i] for i in diff_pos]
     try:
-        under = jax.vjp(outs, *(ins[n_c + i] for i in diff_pos))[0]
-        plain = outs(*(ins[n_c + i] for i in diff_pos))
+        under = jax.vjp(outs, *xs)[0]
+        plain = outs(*xs)
     except Exception:  # noqa: BLE001 - a rule that fails here fails its derivative's check, which says why
-        return ""
+        return "", 0.0, 0.0
+    # The forward and the primal compute the same values, each rounding at the lowest precision inside either (a
+    # fwd computing in bfloat16 for a float32 primal): 256 units in its last place apart at most (a reordered
+    # reduction), at least 1e-10, at most 5%. An approximation (tanh GELU for erf GELU, 5e-4) is farther than that.
+    try:
+        inside = _lowest_float(jax.make_jaxpr(lambda *a: jax.vjp(outs, *a)[0])(*xs).jaxpr, top=False)
+        inside = _lower(inside, _lowest_float(_call_jaxpr(eqn).jaxpr, top=False))
+    except Exception:  # noqa: BLE001 - then the outputs' dtypes' tolerance, as for any value
+        inside = None
     for j, u, p in zip(float_outs, under, plain, strict=True):
         p64, u64 = np.asarray(p, np.float64), np.asarray(u, np.float64)
         fin = np.isfinite(p64)
         if not fin.any():
             continue
-        rtol = _default_rtol(float(jnp.finfo(eqn.outvars[j].aval.dtype).eps))
+        out_eps = float(jnp.finfo(eqn.outvars[j].aval.dtype).eps)
+        rtol = _default_rtol(out_eps) if inside is None else min(
+            0.05, max(256 * max(float(jnp.finfo(inside).eps), out_eps), 1e-10))
         with np.errstate(invalid="ignore"):
             gap = np.where(fin, np.abs(u64 - p64), 0.0)
             # (per element, with a floor of the dtype's tolerance of 1 or of the outputs' typical size: a primal
@@ -1105,9 +1119,10 @@ def _forward_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: t
             at = np.unravel_index(int(np.argmax(np.where(bad, np.nan_to_num(gap, nan=np.inf), -1.0))), p64.shape)
             return (f"under differentiation the rule's forward returns another primal output than its primal function: "
                     f"output {j} at {[int(i) for i in at]} is {u64[at]:.6g} there, {p64[at]:.6g} from the primal "
-                    f"({int(bad.sum())} of {bad.size} element(s) differ); jax.grad through the rule then computes "
-                    "from the wrong value")
-    return ""
+                    f"({int(bad.sum())} of {bad.size} element(s) differ, {rtol:.1g} of the element plus the outputs' "
+                    "typical size allowed); jax.grad through the rule then computes from the wrong value",
+                    float(gap[at]), float(gap[at]) / max(abs(float(p64[at])), 1e-300))
+    return "", 0.0, 0.0
 
 
 def _inputs_to_check(call: _Call, n_c: int) -> tuple[tuple[int, ...], list[int], list[int], list[int]]:
@@ -1195,8 +1210,11 @@ def _amended(report: GradReport, extra_rows: list[Row], left_out: bool) -> GradR
     return dataclasses.replace(report, rows=(*rows, *extra_rows)) if rows is not report.rows or extra_rows else report
 
 
+_NO_GAP = ("", 0.0, 0.0)  # the rule's forward agrees with its primal (or was not compared)
+
+
 def _check_call(call: _Call, k: int, scalars: dict,
-                options: dict) -> tuple[GradReport | None, tuple[int, ...], str, str]:
+                options: dict) -> tuple[GradReport | None, tuple[int, ...], str, tuple[str, float, float]]:
     """check_grad of one call: the report, the rule's input number of each report row, a note when the call
     could not be checked, and where the rule's forward differs from its primal (see :func:`_forward_gap`)."""
     eqn = call.eqn
@@ -1209,7 +1227,7 @@ def _check_call(call: _Call, k: int, scalars: dict,
     complex_io += [f"output {j}" for j, v in enumerate(eqn.outvars) if jnp.issubdtype(v.aval.dtype, jnp.complexfloating)]
     if complex_io:  # undecided, not "nothing to differentiate": a complex rule's derivative is not checked here
         return None, (), (f"not checked at this call: {', '.join(complex_io)} complex; funcgrad checks real "
-                          "derivatives only"), ""
+                          "derivatives only"), _NO_GAP
     # Only the outputs fn goes on to use carry a cotangent (Flax NNX's custom_vjp also returns its input state, which
     # fn drops, and whose cotangent its bwd builds itself); all of them when fn uses none.
     if call.live is not None and any(j in call.live for j in float_outs):
@@ -1217,14 +1235,14 @@ def _check_call(call: _Call, k: int, scalars: dict,
     if not diff_pos or not float_outs:
         what = ("its floating-point inputs are all constants of fn's" if not diff_pos and constants else
                 "no floating-point " + ("input" if not diff_pos else "output"))
-        return None, (), _NOTHING + what, ""
+        return None, (), _NOTHING + what, _NO_GAP
     if (id(eqn), "inputs") not in scalars:
         scalars[id(eqn), "inputs"] = _differentiable(eqn, call, diff_pos, float_outs)
     diff_pos, refused, broken = scalars[id(eqn), "inputs"]
     if broken:
-        return None, (), _BROKEN + broken, ""
+        return None, (), _BROKEN + broken, _NO_GAP
     if not diff_pos:
-        return None, (), refused, ""
+        return None, (), refused, _NO_GAP
     key = (id(eqn), diff_pos)
     if key not in scalars:
         scalars[key] = _scalars(eqn, call, diff_pos, float_outs)
@@ -1240,13 +1258,13 @@ def _check_call(call: _Call, k: int, scalars: dict,
             diff_pos = held_pos
             made = _extra(eqn, call, diff_pos, float_outs, np.random.default_rng([options["seed"] % 2**32, k]))
     except Exception as e:  # noqa: BLE001 - the rule's primal failing on its own inputs: reported, not raised
-        return None, (), f"could not be checked at this call ({_error(e)})", ""
+        return None, (), f"could not be checked at this call ({_error(e)})", _NO_GAP
     extra, diff, out_masks, partial = made
     key = (id(eqn), diff_pos)
     if not any(m.any() for m in out_masks):
-        return None, (), _NOTHING + "no output element is finite at this call", ""
+        return None, (), _NOTHING + "no output element is finite at this call", _NO_GAP
     if not any(m.any() for m, _ in extra[1]):
-        return None, (), _NOTHING + "no input element is finite at this call", ""
+        return None, (), _NOTHING + "no input element is finite at this call", _NO_GAP
     s = scalars[key]._replace(note="; ".join(n for n in (scalars[key].note, refused, held, partial) if n))
     fixed = tuple(call.inputs[i] for i in range(len(call.inputs)) if i - n_c not in diff_pos)
     # Traced (reuse=False): a repeated audit of an unchanged model shares the first one's compilations (see
@@ -1262,14 +1280,14 @@ def _check_call(call: _Call, k: int, scalars: dict,
                                   _nonlinear_gap(eqn, call, diff_pos, float_outs, extra)) if r is not None]
     except Exception as e:  # noqa: BLE001 - the user's rule failing under check_grad: reported, not raised
         if _defect(e):
-            return None, (), _BROKEN + _error(e), ""
+            return None, (), _BROKEN + _error(e), _NO_GAP
         if isinstance(e, jax.errors.UnexpectedTracerError):
             return None, (), ("could not be checked at this call: the rule's derivative closes over a value traced "
                               "inside fn (a parameter, say, or an array given through nondiff_argnums), so it cannot "
                               "be evaluated outside fn's own trace; pass that value to the rule as a differentiable "
                               "argument (not through nondiff_argnums; or use jax.closure_convert) to have it "
-                              "checked"), ""
-        return None, (), f"could not be checked at this call ({_error(e)})", ""
+                              "checked"), _NO_GAP
+        return None, (), f"could not be checked at this call ({_error(e)})", _NO_GAP
     report = _amended(report, extra_rows, left_out=not all(m.all() for m in out_masks))
     return report, diff_pos, s.note, _forward_gap(eqn, call, diff_pos, float_outs)
 
@@ -1608,7 +1626,7 @@ def _rule_row(rule: _Rule, calls: list[_Call], seen: int, options: dict) -> Audi
     for k in pick:
         call = calls[int(k)]
         report, diff_pos, note, gap = _check_call(call, int(k), scalars, options)
-        if gap:
+        if gap[0]:
             gaps.append((call, gap))
         if report is None:
             skipped.append(f"{_call_name(call)}: {note}")
@@ -1645,10 +1663,12 @@ def _rule_row(rule: _Rule, calls: list[_Call], seen: int, options: dict) -> Audi
             "checked per rule, and per loop that many iterations walked, evenly spread; the others' calls are "
             "counted): a rule wrong only at those passes"])
     if gaps:
-        forward = f"{gaps[0][1]} (at {len(gaps)} of {checked} call(s) checked)"
+        forward = f"{gaps[0][1][0]} (at {len(gaps)} of {checked} call(s) checked)"
         if verdict not in _FAILING:  # the derivative itself matches: the row is the forward's
-            return _valueless_row(rule, Verdict.AUTODIFF_WRONG, "; ".join(n for n in (forward, note) if n), seen=seen,
-                                  checked=checked, where=_call_name(gaps[0][0]), on_path=on_path)
+            return dataclasses.replace(
+                _valueless_row(rule, Verdict.AUTODIFF_WRONG, "; ".join(n for n in (forward, note) if n), seen=seen,
+                               checked=checked, where=_call_name(gaps[0][0]), on_path=on_path),
+                max_abs_err=gaps[0][1][1], max_rel_err=gaps[0][1][2])
         note = f"{note}; also, at {_call_name(gaps[0][0])}, {forward}"
     return AuditRow(rule.name, rule.source, rule.kind, checked, seen, verdict, index, _call_name(call), r.autodiff,
                     r.hand, r.numeric, r.max_abs_err, r.max_rel_err, on_path, note)
