@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import Callable, Iterator, Mapping
@@ -115,8 +116,7 @@ class Metrics(Mapping):
 def init(params: Any, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
     """The state before the first step. The params are copied: steps donate the state's buffers, and the
     caller's arrays stay usable."""
-    if not isinstance(optimizer, optax.GradientTransformation):
-        raise TypeError(f"init: optimizer must be an optax GradientTransformation; got {describe(optimizer)}")
+    _check_optimizer("init", optimizer)
     if not is_key(key):
         raise TypeError(f"init: key must be a PRNG key from jax.random.key(seed); got {describe(key)}")
     _check_params(params)
@@ -124,13 +124,25 @@ def init(params: Any, optimizer: optax.GradientTransformation, key: jax.Array) -
     return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), jnp.copy(key))
 
 
-def _check_params(params: Any) -> None:
+def _check_optimizer(who: str, optimizer: Any) -> None:
+    """An optax GradientTransformation, with the remedy for the usual near misses."""
+    if isinstance(optimizer, optax.GradientTransformation):
+        return
+    hint = ""
+    if hasattr(optimizer, "gradient_transformation"):  # optax.MultiSteps
+        hint = "; pass optimizer.gradient_transformation()"
+    elif callable(optimizer):  # optax.adam itself, not optax.adam(1e-3)
+        hint = "; call it with its hyperparameters first (optax.adam(1e-3), not optax.adam)"
+    raise TypeError(f"{who}: optimizer must be an optax GradientTransformation; got {describe(optimizer)}{hint}")
+
+
+def _check_params(params: Any, who: str = "init") -> None:
     """Every leaf of params is trained (differentiated), so each must be a floating-point array or number."""
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        array = isinstance(leaf, (jax.Array, np.ndarray, np.generic, float))
+        array = isinstance(leaf, (jax.Array, np.ndarray, np.generic, float, jax.core.Tracer))
         if not array or is_key(leaf) or not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
             raise TypeError(
-                f"init: params leaf {jax.tree_util.keystr(path) or '(params)'} is {describe(leaf)}: every leaf of params "
+                f"{who}: params leaf {jax.tree_util.keystr(path) or '(params)'} is {describe(leaf)}: every leaf of params "
                 "is trained (differentiated), so each must be a floating-point array; keep counters, PRNG keys, "
                 "functions and other state out of params (e.g. nnx.split(model, nnx.Param, ...), "
                 "eqx.partition(model, eqx.is_inexact_array)) and close over them in the loss")
@@ -192,9 +204,19 @@ def _normalise(out: Any) -> tuple[jax.Array, dict]:
     return loss, metrics
 
 
+def _default_not_key(sig: inspect.Signature, bound: inspect.BoundArguments) -> bool:
+    """Whether the parameter a key would bind to has a default and a name that is not a key's (``l2=0.0``,
+    ``train=False``): a hyperparameter with a default, which the step must not fill with its PRNG key."""
+    name = list(bound.arguments)[-1]
+    param = sig.parameters[name]
+    return (param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD) and param.default is not param.empty
+            and not any(k in name.lower() for k in ("key", "rng")))
+
+
 def _takes_key(loss_fn: Callable, n_data: int) -> bool:
     """Whether ``loss_fn`` is called as ``loss_fn(params, *data, key)`` (True) or ``loss_fn(params, *data)``
-    (False), read from its signature; a clear TypeError when it takes neither."""
+    (False), read from its signature (a parameter in the key's place with a default, not named like a key, is a
+    hyperparameter: False); a clear TypeError when it takes neither."""
     try:
         sig = inspect.signature(loss_fn)
     except (TypeError, ValueError):  # no signature to read (a builtin, some C wrappers): the documented form
@@ -202,9 +224,13 @@ def _takes_key(loss_fn: Callable, n_data: int) -> bool:
     dummy = [None] * (n_data + 1)
     for with_key in (True, False):
         try:
-            sig.bind(*dummy, *([None] if with_key else []))
+            bound = sig.bind(*dummy, *([None] if with_key else []))
         except TypeError:
             continue
+        if with_key and _default_not_key(sig, bound):
+            with contextlib.suppress(TypeError):  # loss(params, x, y, l2=0.0): l2 is not a key
+                sig.bind(*dummy)
+                return False
         return with_key
     name = getattr(loss_fn, "__qualname__", type(loss_fn).__name__)
     raise TypeError(
@@ -262,14 +288,25 @@ def make_step(
         shard_batch: applied to each (mini)batch inside the step, e.g. a sharding constraint for data
             parallelism (see :mod:`funcgrad.parallel`).
     """
+    _check_optimizer("make_step", optimizer)
     one_step = _step_fn(loss_fn, optimizer, batch_size, schedule, shard_batch)
 
     @functools.partial(jax.jit, donate_argnums=(0,) if donate else ())
-    def step(state, data):
+    def compiled(state, data):
         _check_state(state)  # at trace time only: free on every later call
         _check_data(data, batch_size)
         return one_step(state, data)
 
+    @functools.wraps(compiled)
+    def step(state, data):
+        try:
+            return compiled(state, data)
+        except ValueError as e:  # XLA's "Buffer has been deleted or donated", for a state a step consumed
+            if isinstance(state, TrainState) and _consumed(state):
+                raise ValueError(_CONSUMED) from None
+            raise e from None
+
+    step.lower = compiled.lower  # type: ignore[attr-defined]
     return step
 
 
@@ -292,6 +329,7 @@ def make_steps(
     """
     if not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"make_steps: steps must be an int >= 1; got {steps!r}")
+    _check_optimizer("make_steps", optimizer)
     one_step = _step_fn(loss_fn, optimizer, batch_size, schedule, shard_batch)
 
     @functools.partial(jax.jit, donate_argnums=(0,) if donate else ())
@@ -314,6 +352,8 @@ def make_steps(
 
     def checked(state: TrainState, data: Any, until: int | None = None) -> tuple[TrainState, Metrics]:
         limit = np.iinfo(np.int32).max if until is None else int(until)
+        if isinstance(state, TrainState) and _consumed(state):
+            raise ValueError(_CONSUMED)
         return run(state, data, jnp.asarray(limit, jnp.int32))
 
     return checked
@@ -327,6 +367,15 @@ def make_eval(metrics_fn: Callable[..., dict]) -> Callable[..., dict]:
 def _check_state(state: Any) -> None:
     if not isinstance(state, TrainState):
         raise TypeError(f"expected a funcgrad.train.TrainState (from funcgrad.train.init); got {describe(state)}")
+    _check_params(state.params, "step")
+
+
+_CONSUMED = ("state was consumed by an earlier fit or step: steps donate the state's buffers to the state they "
+             "return; pass that returned state, or train from a copy (jax.tree.map(jnp.copy, state)) to keep this one")
+
+
+def _consumed(state: TrainState) -> bool:
+    return any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree.leaves(state))
 
 
 def chunk_size(fuse: int, steps: int) -> int:
@@ -358,10 +407,8 @@ def chunks(
         raise ValueError(f"steps must be an int >= 0 (the step count to train until); got {steps!r}")
     fuse = chunk_size(fuse, steps)
     _check_state(state)
-    if any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree.leaves(state)):
-        raise ValueError("state was consumed by an earlier fit or step: steps donate the state's buffers to the "
-                         "state they return; pass that returned state, or train from a copy "
-                         "(jax.tree.map(jnp.copy, state)) to keep this one")
+    if _consumed(state):
+        raise ValueError(_CONSUMED)
     run = make_steps(loss_fn, optimizer, fuse, batch_size=batch_size, schedule=schedule, shard_batch=shard_batch)
     current = int(to_host(state.step))
     while current < steps:

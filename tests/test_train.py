@@ -265,3 +265,57 @@ def test_a_state_consumed_by_an_earlier_fit_is_named(setup):
     fg.train.fit(obj.train_loss, tx, state, data, steps=2)
     with pytest.raises(ValueError, match="state was consumed by an earlier fit"):
         fg.train.fit(obj.train_loss, tx, state, data, steps=2)
+    # make_step too (it gave XLA's "Buffer has been deleted or donated"), and make_steps
+    step = fg.train.make_step(obj.train_loss, tx)
+    state = fg.train.init(params, tx, jax.random.key(1))
+    step(state, data)
+    with pytest.raises(ValueError, match="state was consumed by an earlier fit or step"):
+        step(state, data)
+    run = fg.train.make_steps(obj.train_loss, tx, 3)
+    with pytest.raises(ValueError, match="state was consumed by an earlier fit or step"):
+        run(state, data)
+
+
+def test_a_step_checks_the_params_it_is_given_and_the_optimizer(setup):
+    # A state built or _replace'd by hand with an int leaf gave JAX's "grad requires real-valued inputs", no path;
+    # optax.MultiSteps and an uncalled optax.adam reached the step as a bare AttributeError.
+    obj, params, data = setup
+    tx = optax.sgd(0.1)
+    state = fg.train.init(params, tx, jax.random.key(1))
+    bad = state._replace(params={**state.params, "count": jnp.zeros((), jnp.int32)})
+    with pytest.raises(TypeError, match=r"step: params leaf \['count'\] is int32\[\]"):
+        fg.train.make_step(lambda p, X, y: obj.train_loss({k: v for k, v in p.items() if k != "count"}, X, y), tx)(
+            bad, data)
+    multi = optax.MultiSteps(optax.adam(1e-3), 2)
+    for make in (fg.train.make_step, lambda f, o: fg.train.make_steps(f, o, 2)):
+        with pytest.raises(TypeError, match=r"optimizer must be an optax GradientTransformation.*gradient_transformation\(\)"):
+            make(obj.train_loss, multi)
+        with pytest.raises(TypeError, match=r"call it with its hyperparameters first \(optax.adam\(1e-3\)"):
+            make(obj.train_loss, optax.adam)
+    with pytest.raises(TypeError, match=r"init: optimizer must be.*gradient_transformation\(\)"):
+        fg.train.init(params, multi, jax.random.key(1))
+    # the hint's remedy works
+    fg.train.fit(obj.train_loss, multi.gradient_transformation(),
+                 fg.train.init(params, multi.gradient_transformation(), jax.random.key(1)), data, steps=2)
+
+
+def test_a_defaulted_hyperparameter_in_the_keys_place_is_not_given_the_key(setup):
+    # loss(params, X, y, l2=0.0) can be called with a fourth argument, so the step passed its PRNG key as l2 and the
+    # user got JAX's "multiply does not accept dtypes key<fry>".
+    obj, params, data = setup
+    seen = {}
+
+    def loss(p, X, y, l2=0.0):
+        seen["l2"] = l2
+        return obj.value(p, X, y) + l2 * sum(jnp.sum(w**2) for w in jax.tree.leaves(p))
+
+    tx = optax.sgd(0.1)
+    fg.train.fit(loss, tx, fg.train.init(params, tx, jax.random.key(1)), data, steps=2)
+    assert seen["l2"] == 0.0
+
+    def with_key(p, X, y, key=None):  # a defaulted parameter named like a key still gets it
+        seen["key"] = key
+        return obj.value(p, X, y)
+
+    fg.train.fit(with_key, tx, fg.train.init(params, tx, jax.random.key(1)), data, steps=2)
+    assert seen["key"] is not None and jax.dtypes.issubdtype(seen["key"].dtype, jax.dtypes.prng_key)
