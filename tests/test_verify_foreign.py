@@ -1173,3 +1173,17 @@ def test_numpy_data_that_other_code_closed_over_without_x64_is_checked_in_float6
     assert verify.check_grad(loss, {"W": W}, X, hand=hand).ok
     bad = verify.check_grad(loss, {"W": W}, X, hand=lambda p, X: {"W": 1.01 * hand(p, X)["W"]})
     assert bad.verdict == "hand_wrong", bad
+
+
+def test_the_dtype_note_says_a_float64_numpy_parameter_is_float32_to_jax_without_x64():
+    # The note said "(float64, parameter float32)" of a parameter the user passed as float64 NumPy.
+    W = np.random.RandomState(0).randn(3, 2)
+
+    def hand(p):
+        t = np.tanh(np.asarray(p["W"], np.float64))
+        return {"W": 2 * t * (1 - t**2)}
+
+    report = verify.check_grad(lambda p: jnp.sum(jnp.tanh(p["W"]) ** 2), {"W": W}, hand=hand)
+    assert report.ok, report
+    assert any("parameter float32 (a float64 NumPy array: JAX holds it as float32 without x64)" in n
+               for n in report.notes), report.notes

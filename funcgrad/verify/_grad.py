@@ -696,8 +696,13 @@ def _compute(prep: _Prepared, facts: _Facts, base_notes: list[str],
         h_user = [np.ravel(np.asarray(x)) for x in hu]
     if prep.has_hand:
         # strict=False: hand_dtypes is empty for a hand called eagerly on float64 parameters (only in float64).
-        other = [f"{p or '(params)'} ({hd}, parameter {pd})"
-                 for p, hd, pd in zip(prep.layout.paths, hand_dtypes or (), prep.dtypes, strict=False)
+        def held(x: Any, pd: Any) -> str:  # a float64 NumPy array is float32 to JAX without x64
+            raw = getattr(x, "dtype", None)
+            return f" (a {raw} NumPy array: JAX holds it as {pd} without x64)" if (
+                isinstance(x, np.ndarray) and raw is not None and jnp.dtype(raw) != jnp.dtype(pd)) else ""
+
+        other = [f"{p or '(params)'} ({hd}, parameter {pd}{held(x, pd)})"
+                 for p, hd, pd, x in zip(prep.layout.paths, hand_dtypes or (), prep.dtypes, prep.dleaves, strict=False)
                  if jnp.dtype(hd) != jnp.dtype(pd)]
         if other:
             notes.append("hand returns another float dtype than the parameter for " + ", ".join(other[:_LIST])
