@@ -573,3 +573,28 @@ def test_dropout_drawn_inside_fn_still_judges_float32_gradients():
 
     by = {r.path: r.verdict for r in verify.check_grad(loss, params, X, k, hand=off).rows}
     assert by == {"['V']": "ok", "['W']": "hand_wrong"}, by
+
+
+def test_an_all_zero_gradient_through_a_float8_backward_is_pointed_out():
+    # An fp8 matmul rounds its backward's cotangent to fp8, where a small gradient underflows: JAX's gradient of W is
+    # exactly 0, the float64 reference's is not, and finite differences of fp8 arithmetic cannot decide. The row is
+    # undecided (fd_unreliable), and now says why it deserves a look.
+    k = jax.random.split(jax.random.key(4), 4)
+    params = {"W": 0.5 * jax.random.normal(k[0], (6, 4)), "V": 0.5 * jax.random.normal(k[1], (4, 2))}
+    X, T = jax.random.normal(k[2], (10, 6)), jax.random.normal(k[3], (10, 2))
+    f8 = jnp.float8_e4m3fn
+
+    def loss(p, X, T):
+        sx = 448.0 / jnp.max(jnp.abs(X))
+        sw = jax.lax.stop_gradient(448.0 / jnp.max(jnp.abs(p["W"])))
+        z = jnp.dot((X * sx).astype(f8), (p["W"] * sw).astype(f8), preferred_element_type=jnp.float32) / (sx * sw)
+        return jnp.mean((jnp.tanh(z) @ p["V"] - T) ** 2)
+
+    assert not np.any(np.asarray(jax.grad(loss)(params, X, T)["W"]))  # the underflow, as the user's jax.grad has it
+    with jax.enable_x64(True):  # the independent reference: the same function without the fp8 casts
+        p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+        ref = jax.grad(lambda p: jnp.mean((jnp.tanh(np.asarray(X, float) @ p["W"]) @ p["V"] - np.asarray(T, float)) ** 2))(p64)
+    assert np.max(np.abs(ref["W"])) > 0.05
+    by = {r.path: r for r in verify.check_grad(loss, params, X, T).rows}
+    assert by["['W']"].verdict == "fd_unreliable" and "exactly 0 at every element" in by["['W']"].note, by
+    assert "exactly 0" not in by["['V']"].note

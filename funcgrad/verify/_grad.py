@@ -1246,7 +1246,18 @@ def _rows(items: _Items, P: np.ndarray, engine: _Engine, has_hand: bool, user: b
             extra_u, items_u = _user_precision(li, engine, has_hand, eps, skip=_blamed_sides(row_items))
             extra += extra_u
             row_items += items_u
-        rows.append(_row(path, li, s, row_items, extra, plan, hand_reference))
+        row = _row(path, li, s, row_items, extra, plan, hand_reference)
+        if (row.verdict == Verdict.FD_UNRELIABLE and s and engine.leaf_max[li] == 0 and row.numeric is not None
+                and math.isfinite(row.numeric) and row.numeric != 0):
+            # (undecided, as the verdict says; but a gradient that is exactly 0 everywhere while fn moves with the
+            # leaf is what an underflow in a low-precision backward pass gives: worth the user's look)
+            row = dataclasses.replace(row, note=(
+                f"{row.note}; {'autodiff and hand give' if has_hand else 'autodiff gives'} exactly 0 at every "
+                f"element of this leaf, while the finite differences' estimate is {row.numeric:.6g}: a gradient that "
+                "underflows in a "
+                "low-precision backward pass (a float8 or float16 cast of the gradient) reads so; scale the loss, "
+                "or check with a hand"))
+        rows.append(row)
     return rows
 
 
