@@ -150,7 +150,7 @@ def _describe(shape: tuple[int, ...], dtype: Any, impl: str | None) -> str:
 
 def _template(like: Any) -> tuple[list[str], list[_Spec], Any]:
     """The template's leaf paths, their specs (every leaf checked) and its treedef."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(like)
+    flat, treedef = _flatten(like, "template")
     names = [jax.tree_util.keystr(p) for p, _ in flat]
     return names, [_spec(n, leaf) for n, (_, leaf) in zip(names, flat, strict=True)], treedef
 
@@ -197,12 +197,23 @@ def _check_finite(named: list[tuple[str, Any]]) -> None:
 # --- The .npz format -----------------------------------------------------------------------------------------------
 
 
+def _flatten(tree: Any, role: str) -> tuple[list, Any]:
+    """The tree's leaves with their paths; a CheckpointError for a tree JAX cannot flatten (a dict whose keys
+    cannot be sorted, as 1 and "a")."""
+    try:
+        return jax.tree_util.tree_flatten_with_path(tree)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"the {role} cannot be flattened as a pytree ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}); a dict's keys "
+                              "must be sortable together (all str, or all int)") from None
+
+
 def to_bytes(tree: Any, meta: dict[str, Any] | None = None) -> bytes:
     """The tree's leaves and ``meta`` (JSON-able) as the bytes of an ``.npz`` file. A leaf that is not an array,
     a number or a PRNG key raises :class:`CheckpointError` naming its pytree path."""
     if meta is not None and not isinstance(meta, dict):
         raise CheckpointError(f"meta must be a dict (stored as a JSON object); got {_type_name(meta)}")
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    flat, _ = _flatten(tree, "tree")
     arrays: dict[str, np.ndarray] = {}
     leaves = []
     for i, (path, leaf) in enumerate(flat):

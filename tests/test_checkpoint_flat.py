@@ -183,3 +183,12 @@ def test_a_header_naming_a_leaf_twice_is_damaged():
 
     with pytest.raises(CheckpointError, match=r"leaf \['a'\]: its path \"\['a'\]\" appears twice"):
         checkpoint.load_flat(_rewrite(data, twice))
+
+
+def test_a_tree_jax_cannot_flatten_is_a_checkpoint_error():
+    # A dict with keys 1 and "a" failed inside JAX ("Comparator raised exception while sorting pytree dictionary
+    # keys"), not with funcgrad's error.
+    _not_storable({1: jnp.ones(2), "a": jnp.ones(1)}, "the tree cannot be flattened as a pytree",
+                  "must be sortable together")
+    with pytest.raises(CheckpointError, match="the template cannot be flattened"):
+        checkpoint.from_bytes(checkpoint.to_bytes({"a": jnp.ones(1)}), like={1: jnp.ones(1), "a": jnp.ones(1)})
