@@ -598,3 +598,30 @@ def test_an_all_zero_gradient_through_a_float8_backward_is_pointed_out():
     by = {r.path: r for r in verify.check_grad(loss, params, X, T).rows}
     assert by["['W']"].verdict == "fd_unreliable" and "exactly 0 at every element" in by["['W']"].note, by
     assert "exactly 0" not in by["['V']"].note
+
+
+def test_a_float32_hand_of_a_gradient_that_is_exactly_zero_gets_float32_round_off():
+    # A bias before a train-mode batch norm has gradient exactly 0; a hand computing in float32 gives ±5e-9 there
+    # (float32 round-off of a gradient whose other leaves are ~0.1), which float64's round-off floor called
+    # hand_wrong although its notes said the hand's tolerance follows float32.
+    X, y = jax.random.normal(jax.random.key(1), (16, 3)), jax.random.normal(jax.random.key(2), (16, 4))
+    params = {"W": jax.random.normal(jax.random.key(0), (3, 4)), "b": jnp.array([0.3, -0.2, 0.1, 0.5])}
+
+    def loss(p, X, y):
+        h = X @ p["W"] + p["b"][None, :]
+        h = (h - h.mean(0, keepdims=True)) / jnp.sqrt(h.var(0, keepdims=True) + 1e-5)
+        return jnp.mean((jnp.tanh(h) - y) ** 2)
+
+    def hand(p, X, y, db=0.0):  # the same in float32, as the user's program computes it
+        g = jax.grad(loss)(jax.tree.map(lambda a: a.astype(jnp.float32), p), X.astype(jnp.float32),
+                           y.astype(jnp.float32))
+        return {**g, "b": g["b"] + db}
+
+    with jax.enable_x64(True):  # the independent reference: the bias's gradient is 0 to float64 round-off
+        ref = jax.grad(loss)(jax.tree.map(lambda a: np.asarray(a, np.float64), params), np.asarray(X, float),
+                             np.asarray(y, float))
+    assert np.max(np.abs(ref["b"])) < 1e-14 and 0 < np.max(np.abs(hand(params, X, y)["b"])) < 1e-7
+    report = verify.check_grad(loss, params, X, y, hand=hand)
+    assert report.ok, report
+    bad = verify.check_grad(loss, params, X, y, hand=lambda p, X, y: hand(p, X, y, db=1e-4))  # far above round-off
+    assert {r.path: r.verdict for r in bad.rows}["['b']"] == "hand_wrong", bad

@@ -151,8 +151,11 @@ def _sq_norm(seed, j, lo, hi, o, s, support):
 def _tolerance(a, mag, leaf_max, gmax, rtol, atol, eps, xp=jnp, zero=0.0):
     """Per-element analytic tolerances, (independent, rounding of a cast): atol + rtol[0]·max(|a|, |h|) (``mag``),
     atol defaulting to rtol[0]·(the leaf's largest) plus round-off at the whole gradient's scale (``gmax``; a leaf
-    whose true gradient is 0 still gets round-off; eps: float64's, the round-off of a float64 gradient whose true
-    value is 0); and the rounding of the dtype hand casts its result to, if it does (rtol[1:5]: that dtype's eps,
+    whose true gradient is 0 still gets round-off: 64 units in the last place of float64 (``eps``) and, when given
+    (rtol[5]), 4 of the lowest precision the leaf's gradients are computed in, float32 at most: a float32 hand's
+    bias before a batch norm, whose true gradient is 0, gives float32 round-off of the whole gradient's scale); and
+    the rounding of
+    the dtype hand casts its result to, if it does (rtol[1:5]: that dtype's eps,
     smallest normal, smallest subnormal, and 1 where the backend flushes its subnormals to zero; zeros without a
     cast): half a unit in the last place of autodiff's ``a`` there; below the normal range, half the subnormal
     spacing, or |a| itself where it may be flushed to zero (XLA's CPU conversion to bfloat16). ``xp``: jnp or np.
@@ -162,8 +165,9 @@ def _tolerance(a, mag, leaf_max, gmax, rtol, atol, eps, xp=jnp, zero=0.0):
     ``zero`` (see :func:`_zero_roundoff`): elements whose two sides are both within it of 0 are allowed that much
     (equal logits and balanced labels give a bias gradient of ±1e-16 on both sides, the round-off of terms of size
     1/N that cancel, while gmax elsewhere is 1e-4)."""
-    base = (xp.where(atol >= 0, atol, rtol[0] * leaf_max + 64 * eps * gmax + xp.where(mag <= zero, zero, 0.0))
-            + rtol[0] * mag)
+    eps_own = rtol[5] if rtol.shape[0] > 5 else 0.0
+    base = (xp.where(atol >= 0, atol, rtol[0] * leaf_max + (64 * eps + 4 * eps_own) * gmax
+                     + xp.where(mag <= zero, zero, 0.0)) + rtol[0] * mag)
     m = xp.abs(a)
     normal = 0.5 * rtol[1] * xp.exp2(xp.frexp(m)[1] - 1.0)
     return base, xp.where(m >= rtol[2], normal, 0.5 * rtol[3] + rtol[4] * m)

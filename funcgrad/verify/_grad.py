@@ -984,11 +984,14 @@ def _precision_plan(facts: _Facts, layout: _Layout, hand64: tuple, hand_inner: t
         elif inner != jnp.float64 and _default_rtol(eps_of(inner)) > 1e-6:
             notes.append(f"hand computes {paths[i]} in {inner}; its tolerance follows it (rtol "
                          f"{_default_rtol(eps_of(inner)):.2g})")
-    rtols = np.zeros((len(paths), 5), np.float64)
+    rtols = np.zeros((len(paths), 6), np.float64)
     if rtol is not None:  # the user's tolerance overrides everything, a cast's rounding too
         rtols[:, 0] = float(rtol)
         return eps_f, rtols
     rtols[:, 0] = [max(_default_rtol(c), min(0.05, 2 * k)) for c, k in zip(comp, const, strict=True)]
+    # (the round-off at the whole gradient's scale, float32's at most: a float32 hand's gradient whose true value is 0;
+    # a 16-bit one's is already within rtol of the leaf's scale elsewhere, and more would pass 16-bit errors)
+    rtols[:, 5] = np.minimum(comp, eps_of(jnp.float32))
     rounded = [p for p, c, k in zip(paths, comp, const, strict=True) if 2 * k > max(_default_rtol(c), 1e-6)]
     if rounded:
         notes.append(f"values that do not depend on the parameters (data, masks, scales) are rounded to "
@@ -998,7 +1001,7 @@ def _precision_plan(facts: _Facts, layout: _Layout, hand64: tuple, hand_inner: t
     for i, dt in enumerate(cast):
         if dt:  # the cast's rounding (see _tolerance)
             fi = jnp.finfo(dt)
-            rtols[i, 1:] = float(fi.eps), float(fi.smallest_normal), float(fi.smallest_subnormal), float(_flushes(dt))
+            rtols[i, 1:5] = float(fi.eps), float(fi.smallest_normal), float(fi.smallest_subnormal), float(_flushes(dt))
     return eps_f, rtols
 
 
