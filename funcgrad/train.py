@@ -205,11 +205,13 @@ def _normalise(out: Any) -> tuple[jax.Array, dict]:
 
 
 def _default_not_key(sig: inspect.Signature, bound: inspect.BoundArguments) -> bool:
-    """Whether the parameter a key would bind to has a default and a name that is not a key's (``l2=0.0``,
-    ``train=False``): a hyperparameter with a default, which the step must not fill with its PRNG key."""
+    """Whether the parameter a key would bind to has a default other than None and a name that is not a key's
+    (``l2=0.0``, ``train=False``): a hyperparameter with a default, which the step must not fill with its PRNG key
+    (``key=None``, ``k=None`` and ``rng=...`` still get it)."""
     name = list(bound.arguments)[-1]
     param = sig.parameters[name]
-    return (param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD) and param.default is not param.empty
+    return (param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD)
+            and param.default is not param.empty and param.default is not None
             and not any(k in name.lower() for k in ("key", "rng")))
 
 

@@ -319,3 +319,10 @@ def test_a_defaulted_hyperparameter_in_the_keys_place_is_not_given_the_key(setup
 
     fg.train.fit(with_key, tx, fg.train.init(params, tx, jax.random.key(1)), data, steps=2)
     assert seen["key"] is not None and jax.dtypes.issubdtype(seen["key"].dtype, jax.dtypes.prng_key)
+
+    def k_none(p, X, y, k=None):  # an optional key by its None default, whatever its name
+        seen["k"] = k
+        return obj.value(p, X, y)
+
+    fg.train.fit(k_none, tx, fg.train.init(params, tx, jax.random.key(1)), data, steps=2)
+    assert seen["k"] is not None and jax.dtypes.issubdtype(seen["k"].dtype, jax.dtypes.prng_key)
