@@ -134,7 +134,10 @@ def _leaf_data(name: str, leaf: Any) -> tuple[Any, str | None]:
     if data.dtype != arr.dtype and arr.dtype.kind in "fc":
         # Narrowing rounds (JAX holds float64 as float32 without x64); it must not make a value inf, or 0 of one
         # that was not.
-        lost = (np.isfinite(arr) & ~np.isfinite(data)) | ((arr != 0) & (data == 0))
+        parts = [(arr.real, data.real), (arr.imag, data.imag)] if arr.dtype.kind == "c" else [(arr, data)]
+        lost = np.zeros(arr.shape, bool)
+        for a, d in parts:  # (each part of a complex number: 1e-50 + 1j must not become 1j)
+            lost |= (np.isfinite(a) & ~np.isfinite(d)) | ((a != 0) & (d == 0))
         if lost.any():
             at = tuple(int(i) for i in np.unravel_index(int(np.argmax(lost)), arr.shape))
             raise CheckpointError(f"leaf {name} holds {arr.dtype} values that {dtype} cannot: {arr[at].item()!r} at "

@@ -205,14 +205,14 @@ def _normalise(out: Any) -> tuple[jax.Array, dict]:
 
 
 def _default_not_key(sig: inspect.Signature, bound: inspect.BoundArguments) -> bool:
-    """Whether the parameter a key would bind to has a default other than None and a name that is not a key's
-    (``l2=0.0``, ``train=False``): a hyperparameter with a default, which the step must not fill with its PRNG key
-    (``key=None``, ``k=None`` and ``rng=...`` still get it)."""
+    """Whether the parameter a key would bind to has a default and a name that is not a key's (``l2=0.0``,
+    ``train=False``, ``sample_weight=None``): a hyperparameter with a default, which the step must not fill with its
+    PRNG key (``key=None``, ``dropout_rng=None`` and ``k=None`` still get it)."""
     name = list(bound.arguments)[-1]
     param = sig.parameters[name]
+    keyish = any(k in name.lower() for k in ("key", "rng")) or name == "k"
     return (param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD)
-            and param.default is not param.empty and param.default is not None
-            and not any(k in name.lower() for k in ("key", "rng")))
+            and param.default is not param.empty and not keyish)
 
 
 def _takes_key(loss_fn: Callable, n_data: int) -> bool:
@@ -303,10 +303,10 @@ def make_step(
     def step(state, data):
         try:
             return compiled(state, data)
-        except ValueError as e:  # XLA's "Buffer has been deleted or donated", for a state a step consumed
+        except (ValueError, RuntimeError):  # XLA's "Buffer has been deleted or donated" (JAX 0.12: RuntimeError)
             if isinstance(state, TrainState) and _consumed(state):
                 raise ValueError(_CONSUMED) from None
-            raise e from None
+            raise
 
     step.lower = compiled.lower  # type: ignore[attr-defined]
     return step

@@ -67,6 +67,7 @@ def test_a_float_that_narrowing_would_make_inf_or_zero_is_an_error_at_save_time(
                   "1e+300 at [1] would be stored as inf")
     _not_storable({"x": np.array([[0.1, 1e-50]])}, "['x']", "float32 cannot: 1e-50 at [0, 1] would be stored as 0.0")
     _not_storable({"z": np.array([1e300 + 0j])}, "['z']", "complex128 values that complex64 cannot")
+    _not_storable({"z": np.array([1e-50 + 1j])}, "['z']", "complex128 values that complex64 cannot")  # a part lost
     tree = {"x": np.array([0.1, -2.5e38, 1e-40, 0.0, np.inf, np.nan])}  # rounded, subnormal, zero, inf and NaN: kept
     back = checkpoint.from_bytes(checkpoint.to_bytes(tree), like=tree)
     np.testing.assert_array_equal(back["x"], tree["x"].astype(np.float32))

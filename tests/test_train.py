@@ -326,3 +326,10 @@ def test_a_defaulted_hyperparameter_in_the_keys_place_is_not_given_the_key(setup
 
     fg.train.fit(k_none, tx, fg.train.init(params, tx, jax.random.key(1)), data, steps=2)
     assert seen["k"] is not None and jax.dtypes.issubdtype(seen["k"].dtype, jax.dtypes.prng_key)
+
+    def weighted(p, X, y, sample_weight=None):  # a None default is not a key by itself (round 3)
+        seen["w"] = sample_weight
+        return obj.value(p, X, y)
+
+    fg.train.fit(weighted, tx, fg.train.init(params, tx, jax.random.key(1)), data, steps=2)
+    assert seen["w"] is None

@@ -1893,3 +1893,25 @@ def test_a_primal_that_loses_precision_beside_a_correct_forward_passes():
     assert np.max(np.abs(fwd(x)[0] - exact)) < 1e-5 < np.max(np.abs(ln(x) - exact))
     report = verify.audit(lambda p, x: jnp.sum(jnp.tanh(ln(x * p["s"])) ** 2), {"s": jnp.ones(64)}, x)
     assert report.ok, report
+
+
+def test_a_bfloat16_forward_off_by_a_factor_at_small_outputs_fails():
+    # Round 3: the bfloat16 allowance (5%) was taken of the floor of 1 as well, so a bfloat16 fwd returning twice
+    # outputs of about 0.01 passed, and the gradient through the rule was twice the true one.
+    @jax.custom_vjp
+    def f(x):
+        return 0.01 * jnp.tanh(x)
+
+    def fwd(x):
+        return (0.01 * 2 * jnp.tanh(x.astype(jnp.bfloat16))).astype(x.dtype), x
+
+    f.defvjp(fwd, lambda x, g: (g * 0.01 * (1 - jnp.tanh(x) ** 2),))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(16,)), jnp.float32)
+    # the independent reference: the gradient through the rule is twice the float64 one
+    t = np.tanh(np.asarray(x, np.float64))
+    ref = np.sum(2 * 0.01 * t * 0.01 * (1 - t**2) * np.asarray(x, np.float64))
+    got = float(jax.grad(lambda p: jnp.sum(f(p * x) ** 2))(jnp.float32(1.0)))
+    np.testing.assert_allclose(got / ref, 2.0, rtol=0.02)
+    report = verify.audit(lambda p, x: jnp.sum(f(p * x) ** 2), jnp.float32(1.0), x)
+    (row,) = report.rows
+    assert row.verdict == "autodiff_wrong" and "another primal output" in row.note, report
