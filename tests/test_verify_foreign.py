@@ -1187,3 +1187,18 @@ def test_the_dtype_note_says_a_float64_numpy_parameter_is_float32_to_jax_without
     assert report.ok, report
     assert any("parameter float32 (a float64 NumPy array: JAX holds it as float32 without x64)" in n
                for n in report.notes), report.notes
+
+
+def test_a_hand_that_fails_when_traced_raises_its_own_error_with_a_note():
+    # A hand given the whole variables dict where it expects v["params"] (a KeyError) raised with no word of where.
+    params = {"params": {"W": jnp.ones((3, 2))}}
+
+    def loss(v, x):
+        return jnp.sum(jnp.tanh(x @ v["params"]["W"]))
+
+    def hand(v, x):
+        return jax.grad(lambda q: loss({"params": q}, x))(v["par"])
+
+    with pytest.raises(KeyError, match="par") as info:
+        verify.check_grad(loss, params, jnp.ones((4, 3)), hand=hand)
+    assert any("check_grad traced hand(params, *args)" in n for n in getattr(info.value, "__notes__", [])), info.value

@@ -1110,8 +1110,8 @@ def _forward_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...],
             continue
         out_eps = float(jnp.finfo(eqn.outvars[j].aval.dtype).eps)
         rtol = _default_rtol(out_eps)
-        # (a lower precision inside widens it relative to the outputs themselves only, without the floor below: a
-        # bfloat16 fwd returning twice outputs of 0.01 must not pass as 5% of 1)
+        # (a lower precision inside widens it relative to the outputs themselves only, without the floor of 1 below:
+        # a bfloat16 fwd returning twice outputs of 0.01 must not pass as 5% of 1)
         low = 0.0 if inside is None else max(0.0, min(0.05, 1024 * float(jnp.finfo(inside).eps)) - rtol)
         with np.errstate(invalid="ignore"):
             gap = np.where(fin, np.abs(u64 - p64), 0.0)
@@ -1119,13 +1119,16 @@ def _forward_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...],
             # that loses what a stable forward keeps, log(1 + x) at x = 1e-9, or outputs that cancel to rounding,
             # differ from it by far more than their own size; one large output must not hide the others)
             typical = float(np.median(np.abs(p64[fin])))
-            bad = fin & ~(gap <= rtol * (np.abs(p64) + max(typical, 1.0)) + low * (np.abs(p64) + typical))
+            # (the lower precision's rounding of the element plus the outputs' largest: near a ReLU's kink, where
+            # most outputs are 0, a bfloat16 rounding of the pre-activation has no bound relative to the element)
+            largest = float(np.max(np.abs(p64[fin])))
+            bad = fin & ~(gap <= rtol * (np.abs(p64) + max(typical, 1.0)) + low * (np.abs(p64) + largest))
         if bad.any():
             at = np.unravel_index(int(np.argmax(np.where(bad, np.nan_to_num(gap, nan=np.inf), -1.0))), p64.shape)
             return (f"under differentiation the rule's forward returns another primal output than its primal function: "
                     f"output {j} at {[int(i) for i in at]} is {u64[at]:.6g} there, {p64[at]:.6g} from the primal "
                     f"({int(bad.sum())} of {bad.size} element(s) differ, {rtol + low:.1g} of the element plus the outputs' "
-                    "typical size allowed); jax.grad through the rule then computes from the wrong value",
+                    "size allowed); jax.grad through the rule then computes from the wrong value",
                     float(gap[at]), float(gap[at]) / max(abs(float(p64[at])), 1e-300))
     return "", 0.0, 0.0
 

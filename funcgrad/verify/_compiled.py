@@ -607,6 +607,8 @@ def _static_facts(bound: _Bound, layout: _Layout, spec, param_dtypes, dyn_sig, x
             hand_dtypes = tuple(leaf.dtype for leaf in h)
         except Exception as e:
             if not _needs_eager(e):
+                e.add_note("funcgrad: check_grad traced hand(params, *args) (as jax.jit does, at the parameters' shapes "
+                           "and dtypes), and hand failed there")
                 raise
             hand_eager = _first_line(e)
     notes = []
