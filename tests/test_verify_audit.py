@@ -1943,3 +1943,39 @@ def test_a_correct_bfloat16_forward_with_most_outputs_zero_passes():
     # the independent reference: the fwd's largest gap is bfloat16's rounding, small against the largest output
     assert np.max(np.abs(np.asarray(fwd(X, W)[0]) - out)) < 0.02 * np.max(np.abs(out))
     assert verify.audit(lambda w, x: jnp.sum(f(x, w) ** 2), W, X).ok
+
+
+def test_a_correct_softmax_rule_saturated_deep_in_a_scan_passes():
+    # A 100-layer residual scan of h + softmax(hW + b): by the deep layers the logits span 15-22 per row, and the
+    # VJP at each row's largest is s·(g − Σg·s) ≈ 1e-6 from terms of size 1. The tolerance scaled with the call's
+    # derivatives only, so float32's round-off of those terms (1e-8) read mismatch for a correct rule.
+    L, N, D = 100, 3, 5
+    k = jax.random.split(jax.random.key(1), 2)
+    params = {"W": 0.3 * jax.random.normal(k[0], (L, D, D)), "b": jnp.zeros((L, D)).at[30].set(3.0)}
+    x0 = jax.random.normal(k[1], (N, D))
+
+    @jax.custom_vjp
+    def softmax(z):
+        return jax.nn.softmax(z, axis=-1)
+
+    def bwd(s, g):
+        return (s * (g - jnp.sum(g * s, -1, keepdims=True)),)
+
+    softmax.defvjp(lambda z: (softmax(z), softmax(z)), bwd)
+
+    def model(sm):
+        def loss(p, x):
+            def layer(h, wb):
+                return h + sm(h @ wb[0] + wb[1]), None
+
+            return jnp.sum(jnp.sin(jax.lax.scan(layer, x, (p["W"], p["b"]))[0]))
+
+        return loss
+
+    with jax.enable_x64(True):  # the independent reference: through the rule, the plain softmax's gradient
+        p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+        x64 = np.asarray(x0, np.float64)
+        got, ref = jax.grad(model(softmax))(p64, x64), jax.grad(model(lambda z: jax.nn.softmax(z, axis=-1)))(p64, x64)
+        assert max(float(np.max(np.abs(got[n] - ref[n]))) for n in ("W", "b")) < 1e-12
+    report = verify.audit(jax.jit(model(softmax)), params, x0, max_calls=8)
+    assert report.ok, report

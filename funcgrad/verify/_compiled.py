@@ -162,12 +162,11 @@ def _tolerance(a, mag, leaf_max, gmax, rtol, atol, eps, xp=jnp, zero=0.0):
     The cast's rounding is the same for equal elements: it adds up along a direction, where the independent part
     adds in quadrature.
 
-    ``zero`` (see :func:`_zero_roundoff`): elements whose two sides are both within it of 0 are allowed that much
-    (equal logits and balanced labels give a bias gradient of ±1e-16 on both sides, the round-off of terms of size
-    1/N that cancel, while gmax elsewhere is 1e-4)."""
+    ``zero`` (see :func:`_zero_roundoff`): every element is allowed that much, the round-off of fn's value, which
+    terms that cancel leave in a gradient (equal logits and balanced labels give a bias gradient of ±1e-16 on both
+    sides while gmax elsewhere is 1e-4; a saturated softmax's VJP at the row's largest is 3e-10 from terms of 1)."""
     eps_own = rtol[5] if rtol.shape[0] > 5 else 0.0
-    base = (xp.where(atol >= 0, atol, rtol[0] * leaf_max + (64 * eps + 4 * eps_own) * gmax
-                     + xp.where(mag <= zero, zero, 0.0)) + rtol[0] * mag)
+    base = xp.where(atol >= 0, atol, rtol[0] * leaf_max + (64 * eps + 4 * eps_own) * gmax + zero) + rtol[0] * mag
     m = xp.abs(a)
     normal = 0.5 * rtol[1] * xp.exp2(xp.frexp(m)[1] - 1.0)
     return base, xp.where(m >= rtol[2], normal, 0.5 * rtol[3] + rtol[4] * m)
@@ -504,7 +503,8 @@ def _probe(params, dyn, h_given, exact_idx, seed, h0, rtol, atol, eps, *, fn, ha
     lo = jnp.asarray(np.array([layout.offsets[i] for i in d_leaf], np.int32))
     hi = jnp.asarray(np.array([layout.offsets[i] + layout.sizes[i] for i in d_leaf], np.int32))
     rms = jnp.stack([jnp.sqrt(jnp.sum(x**2) / max(s, 1)) for x, s in zip(theta, layout.sizes, strict=True)])
-    zero = _zero_roundoff(f0, h0, rms, eps)
+    # (float64's round-off, or that of the lowest precision each leaf's gradients are computed in: rtol's last column)
+    zero = _zero_roundoff(f0, h0, rms, jnp.maximum(eps, rtol[:, 5]) if rtol.shape[-1] > 5 else eps)
     # (h0: each leaf's first step, relative to its elements' sizes)
     i_leaf = jnp.searchsorted(jnp.asarray(np.array(layout.offsets, np.int32)), idx, side="right") - 1
     i_steps = h0[i_leaf] * jnp.maximum(1.0, jnp.abs(_take(params, idx, layout)))
