@@ -1794,6 +1794,7 @@ def test_a_rule_s_rare_call_site_is_checked_beside_its_many_calls_elsewhere(wron
         assert row.ok and row.calls > 8, report
 
 
+@pytest.mark.slow
 def test_each_signature_of_a_rule_is_checked_beyond_max_calls():
     # A norm rule at nine calls of width 8 and one bottleneck call of width 5, wrong only at width 5: sampling the
     # ten calls evenly down to max_calls skipped the bottleneck, and the audit passed (Equinox review).

@@ -472,6 +472,7 @@ def _dropout_model(p_keep=0.5):
     return loss, hand, params, X, k
 
 
+@pytest.mark.slow
 def test_dropout_drawn_inside_fn_at_the_default_dtype_is_checked_where_fn_draws_alike():
     # Under x64, jax.random.bernoulli(key, 0.5, shape) draws 64-bit words: the float64 check's fn had another mask
     # than the user's float32 program, so a correct hand using that program's mask read hand_wrong (before: mismatch).
@@ -508,6 +509,7 @@ def test_dropout_drawn_at_a_fixed_dtype_keeps_the_float64_check():
     assert all(r.numeric is not None for r in report.rows), report
 
 
+@pytest.mark.slow
 def test_bfloat16_emulated_with_reduce_precision_is_judged_as_bfloat16():
     # lax.reduce_precision(a, 8, 7) rounds float32 values to bfloat16's mantissa: finite differences of such a fn
     # are a staircase. Read as float32 arithmetic, they gave "0 ± 1e-9" with confidence, and a correct autodiff and
