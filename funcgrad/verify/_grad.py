@@ -800,20 +800,27 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
         engine.eps_grad = [float(jnp.finfo(d).eps) for d in facts.grad64 or (facts.inner64,) * len(layout.paths)]
         items = _Items(*(np.asarray(x) for x in res.items))
         engine.analyse(a, h, items.index)
-        if a_user is not None and h is not None and h_user is None:
+
+        def own_hand() -> list:  # hand at the parameters' own dtypes, traced (a NumPy hand's came with h_user)
             with _x64(prep.x64):
-                h_user = [np.asarray(x) for x in _user_hand(*user_in(), hand=prep.bound.grad,
-                                                            layout=layout, args_spec=prep.spec)]
+                return [np.asarray(x) for x in _user_hand(*user_in(), hand=prep.bound.grad, layout=layout,
+                                                          args_spec=prep.spec)]
+
         user_gaps = None
         eps_own = float(jnp.finfo(facts.inner_user).eps)
         if facts.draws64:
             # The float64 check evaluates fn with other random numbers: its gradients are not those of fn at the
             # parameters' own dtypes, which are compared with them only for being finite, then.
+            if a_user is not None and h is not None and h_user is None:
+                h_user = own_hand()
             user_gaps = _user_gaps(a_user, h_user if h is not None else None, a, h, eps_own)
             notes.append(_draws_note(user_gaps, layout, eps_own))
         elif a_user is not None:
             engine.user_side("autodiff", a_user, a)
-            if h is not None and h_user is not None:
+            a = None  # type: ignore[assignment]  # (freed before hand's gradient at the parameters' own dtypes is computed)
+            if h is not None:
+                if h_user is None:
+                    h_user = own_hand()
                 engine.user_side("hand", h_user, h)
             engine.user_values(a_user, h_user if h is not None else None)
         del a, h, a_user, h_user
