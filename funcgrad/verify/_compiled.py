@@ -154,11 +154,10 @@ def _tolerance(a, mag, leaf_max, gmax, rtol, atol, eps, xp=jnp, zero=0.0):
     whose true gradient is 0 still gets round-off: 64 units in the last place of float64 (``eps``) and, when given
     (rtol[5]), 4 of the lowest precision the leaf's gradients are computed in, float32 at most: a float32 hand's
     bias before a batch norm, whose true gradient is 0, gives float32 round-off of the whole gradient's scale); and
-    the rounding of
-    the dtype hand casts its result to, if it does (rtol[1:5]: that dtype's eps,
-    smallest normal, smallest subnormal, and 1 where the backend flushes its subnormals to zero; zeros without a
-    cast): half a unit in the last place of autodiff's ``a`` there; below the normal range, half the subnormal
-    spacing, or |a| itself where it may be flushed to zero (XLA's CPU conversion to bfloat16). ``xp``: jnp or np.
+    the rounding of the dtype hand casts its result to, if it does (rtol[1:5]: that dtype's eps, smallest normal,
+    smallest subnormal, and 1 where the backend flushes its subnormals to zero; zeros without a cast): half a unit
+    in the last place of autodiff's ``a`` there; below the normal range, half the subnormal spacing, or |a| itself
+    where it may be flushed to zero (XLA's CPU conversion to bfloat16). ``xp``: jnp or np.
     The cast's rounding is the same for equal elements: it adds up along a direction, where the independent part
     adds in quadrature.
 
