@@ -1093,11 +1093,11 @@ def _forward_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...],
     except Exception:  # noqa: BLE001 - a rule that fails here fails its derivative's check, which says why
         return "", 0.0, 0.0
     # The forward and the primal compute the same values, each rounding at the lowest precision inside either: the
-    # output dtype's tolerance, or 1024 units in the last place of a lower precision inside (a fwd computing in
-    # bfloat16 for a float32 primal), at most 5%, of the element plus the outputs' typical size. (Not tighter: a
-    # primal that loses precision, a one-pass variance beside a two-pass fwd at a mean of 30 standard deviations,
-    # differs from a correct fwd by 2e-4 in float32; an approximation, tanh GELU for erf GELU at 5e-4, is then
-    # caught in float64 only.)
+    # output dtype's tolerance of the element plus the outputs' typical size (at least 1), and where a lower
+    # precision is computed inside (a fwd computing in bfloat16 for a float32 primal), 1024 units in its last place
+    # (at most 5%) of the element plus the outputs' largest. (Not tighter: a primal that loses precision, a one-pass
+    # variance beside a two-pass fwd at a mean of 30 standard deviations, differs from a correct fwd by 2e-4 in
+    # float32; an approximation, tanh GELU for erf GELU at 5e-4, is then caught in float64 only.)
     try:
         inside = _lowest_float(jax.make_jaxpr(lambda *a: jax.vjp(outs, *a)[0])(*xs).jaxpr, top=False)
         inside = _lower(inside, _lowest_float(_call_jaxpr(eqn).jaxpr, top=False))
