@@ -29,6 +29,20 @@ else:
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _single_scale_everywhere():
+    """FUNCGRAD_TEST_SINGLE_SCALE=1: every check reads its finite differences as a costly function does (a central
+    difference first, the ladder only where it does not settle an item), to run the verifier's tests on that path."""
+    if os.environ.get("FUNCGRAD_TEST_SINGLE_SCALE") != "1":
+        yield
+        return
+    from funcgrad.verify import _compiled
+
+    before, _compiled._SCALES_FLOP_BUDGET = _compiled._SCALES_FLOP_BUDGET, -1.0
+    yield
+    _compiled._SCALES_FLOP_BUDGET = before
+
+
 @pytest.fixture
 def x64():
     """Runs a test with 64-bit JAX, only inside its scope (x64 is process-global)."""

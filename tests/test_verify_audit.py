@@ -443,6 +443,57 @@ def test_masked_attention_with_minus_inf_logits_is_checked(wrong):
     assert report.ok != wrong
 
 
+@pytest.mark.parametrize("fill", [-1e9, float(jnp.finfo(jnp.float32).min)])
+@pytest.mark.parametrize("wrong", [False, True])
+def test_masked_attention_with_huge_negative_logits_is_checked_at_the_real_ones(fill, wrong):
+    """The other causal-mask idiom (Flax's dot_product_attention fills with finfo.min): the masked logits are finite
+    and huge, with a gradient of 0. They must not set the finite differences' step along the rule's input: a step
+    of 1e6 saturated the real logits, and a correct softmax read both_wrong. The wrong rule is off at one element."""
+
+    @jax.custom_vjp
+    def softmax(z):
+        return jax.nn.softmax(z, axis=-1)
+
+    def bwd(s, g):
+        d = s * (g - jnp.sum(g * s, axis=-1, keepdims=True))
+        return (d.at[2, 1].multiply(1.5) if wrong else d,)
+
+    softmax.defvjp(lambda z: (softmax(z), softmax(z)), bwd)
+    mask = jnp.tril(jnp.ones((6, 6), bool))
+
+    def model(W, x):
+        return jnp.sum(softmax(jnp.where(mask, x @ W @ x.T, fill)) @ x)
+
+    rs = np.random.RandomState(0)
+    report = verify.audit(jax.jit(model), jnp.asarray(0.5 * rs.randn(4, 4), jnp.float32),
+                          jnp.asarray(rs.randn(6, 4), jnp.float32))
+    row = report.rows[0]
+    assert report.ok != wrong, report
+    if wrong:
+        assert row.verdict == "autodiff_wrong" and row.worst_index == (0, 2, 1), report
+
+
+def test_a_leaf_whose_large_elements_have_no_gradient_is_checked_at_a_step_its_other_elements_set():
+    """check_grad likewise: a parameter vector whose first half (1e8, masked out of the loss) has a gradient of
+    0. Its random direction's step follows the elements that matter, so the correct hand passes and a wrong one
+    at a small element is blamed."""
+    rs = np.random.RandomState(1)
+    keep = jnp.asarray(np.arange(40) >= 20)
+    w = jnp.asarray(np.where(np.arange(40) < 20, 1e8, rs.randn(40)), jnp.float32)
+    x = jnp.asarray(rs.randn(40), jnp.float32)
+
+    def loss(w, x):
+        return jnp.sum(jnp.tanh(jnp.where(keep, w * x, 0.0)) ** 2)
+
+    def hand(w, x):
+        t = jnp.tanh(w * x)
+        return jnp.where(keep, 2 * t * (1 - t**2) * x, 0.0)
+
+    assert verify.check_grad(loss, w, x, hand=hand, mode="projection").ok
+    bad = verify.check_grad(loss, w, x, hand=lambda w, x: hand(w, x).at[30].multiply(1.2), mode="projection")
+    assert bad.verdict == "hand_wrong" and bad.rows[0].worst_index == (30,), bad
+
+
 def test_a_rule_closing_over_a_traced_parameter_is_reported_unchecked_not_passed():
     """A rule built inside the model around its weights: its derivative holds a tracer of fn's own trace, so it
     cannot be evaluated on its own. The audit says so and does not pass it (it is a 1.5x-wrong rule here)."""

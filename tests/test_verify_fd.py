@@ -213,6 +213,63 @@ def test_classify_at_a_singular_point():
     assert classify(math.inf, 0.0, fd, 1e-7) == ["mismatch"]
 
 
+def outer(f, x0, h, values, tol, also=None):
+    """A costly function's first reading (the outer offsets only) of one item, with these analytic values."""
+    F = np.full((1, len(_fd._OFFSETS)), np.nan)
+    for c in _fd._OUTER:
+        F[0, c] = f(x0 + _fd._OFFSETS[c] * h)
+    settled, fd = _fd._outer_reading(float(f(x0)), F, np.array([h]), EPS, np.array([tol]), 0.0,
+                                     [np.array([v]) for v in values], None if also is None else np.array([also]))
+    return bool(settled[0]), fd
+
+
+def test_the_outer_reading_settles_a_smooth_item_whose_values_agree_with_its_central_difference():
+    # exp at 0.3, step 1e-4: the central difference is off by exp·h²/6 ≈ 2e-9, well inside 1e-7.
+    settled, fd = outer(np.exp, 0.3, 1e-4, [math.exp(0.3), math.exp(0.3)], 1e-7)
+    assert settled and fd.resolved[0] and not fd.nonsmooth[0] and not fd.paired[0]
+    assert fd.value[0] == pytest.approx(math.exp(0.3), rel=1e-8) and fd.lo[0] == fd.hi[0] == fd.value[0]
+    # Forward mode, where asked for (NaN: not along this item), must agree too; an analytic value that is NaN never does.
+    assert outer(np.exp, 0.3, 1e-4, [math.exp(0.3)], 1e-7, also=math.nan)[0]
+    assert outer(np.exp, 0.3, 1e-4, [math.exp(0.3)], 1e-7, also=math.exp(0.3))[0]
+    assert not outer(np.exp, 0.3, 1e-4, [math.exp(0.3)], 1e-7, also=1.01 * math.exp(0.3))[0]
+    assert not outer(np.exp, 0.3, 1e-4, [math.exp(0.3), math.nan], 1e-7)[0]
+
+
+@pytest.mark.parametrize("wrong", [1.0 + 3e-7, 1.0 - 3e-7, 1.01, 0.0, -1.0, math.inf])
+def test_the_outer_reading_leaves_a_value_off_its_central_difference_to_the_ladder(wrong):
+    # One value off by three tolerances (or by its sign, or not finite): never settled from the central
+    # difference alone; the ladder reads it.
+    exact = math.exp(0.3)
+    assert not outer(np.exp, 0.3, 1e-4, [exact, exact * wrong], 1e-7 * exact)[0]
+    assert not outer(np.exp, 0.3, 1e-4, [exact * wrong], 1e-7 * exact)[0]
+
+
+@pytest.mark.parametrize(("f", "value"), [(np.abs, 0.0), (lambda x: np.maximum(x, 0.0), 0.5),
+                                          (lambda x: np.maximum(x, 0.0), 0.0), (lambda x: np.maximum(x, 0.0), 1.0),
+                                          (lambda x: np.where(x < 1e-5, 0.0, x - 1e-5), 0.0)])
+def test_the_outer_reading_leaves_a_kink_within_the_step_to_the_ladder(f, value):
+    # At a kink, the central difference is a weighted mean of the two sides: |x| at 0 gives exactly 0, relu at 0
+    # exactly 1/2, even where the values say so; and a kink a little off the point, within the step, likewise.
+    assert not outer(f, 0.0, 1e-4, [value, value], 1e-7)[0]
+
+
+def test_the_outer_reading_needs_its_rounding_within_the_tolerance():
+    # sin(x)·1e6 + 1e6 at a step of 1e-9: a quotient's rounding is far above a tolerance of 1e-3.
+    f = lambda x: 1e6 * np.sin(x) + 1e6  # noqa: E731
+    settled, _ = outer(f, 0.3, 1e-9, [1e6 * math.cos(0.3)], 1e-3)
+    assert not settled
+    assert outer(f, 0.3, 1e-4, [1e6 * math.cos(0.3)], 1e-2 * 1e6)[0]
+
+
+def test_merge_puts_each_reading_at_its_items():
+    _, a = outer(np.exp, 0.3, 1e-4, [math.exp(0.3)], 1e-7)
+    scales, b = ladder(np.abs, 0.0, 1e-2, 2)
+    fd = _fd._merge(3, [(np.array([1]), a), (np.array([0, 2]), b.take(np.array([0, 0])))])
+    assert fd.value[1] == a.value[0] and fd.nonsmooth.tolist() == [True, False, True]
+    assert fd.lo[0] == fd.lo[2] == pytest.approx(-1.0) and not fd.paired[1] and fd.paired[0]
+    assert np.isnan(fd.near_lo[1])
+
+
 def test_default_rtol():
     assert _fd._default_rtol(EPS) == 1e-7
     assert _fd._default_rtol(float(np.finfo(np.float32).eps)) == pytest.approx(3 * math.sqrt(2.0**-23))

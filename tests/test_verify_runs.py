@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from funcgrad import verify
-from funcgrad.verify import _compiled, _grad
+from funcgrad.verify import _compiled, _fd, _grad
 from funcgrad.verify._inputs import _Layout
 
 N, D, H, C = 5, 4, 6, 3
@@ -284,3 +284,87 @@ def test_runs_sharing_a_program_are_planned_once_the_function_is_checked_again(m
     spy["groups"].clear()
     assert verify.check_grad(loss, p, X, y, hand=lambda p, X, y: jax.tree.map(lambda g: 2 * g / 2, hand(p, X, y))).ok
     assert all(len(g) == 1 for g in spy["groups"]), spy["groups"]
+
+
+@pytest.fixture
+def costly(monkeypatch):
+    """Every check reads its finite differences as a costly function's do: a central difference first, the ladder
+    only where it does not settle an item."""
+    monkeypatch.setattr(_compiled, "_SCALES_FLOP_BUDGET", -1.0)
+
+
+def first_layer_rule(planted):
+    """X W1 + b1 as a custom_vjp rule, its W1 cotangent 1.5 times too large at [2, 3] when ``planted``."""
+
+    @jax.custom_vjp
+    def dense(W1, b1, X):
+        return X @ W1 + b1[None, :]
+
+    def fwd(W1, b1, X):
+        return dense(W1, b1, X), (W1, X)
+
+    def bwd(res, dz):
+        W1, X = res
+        dW1 = X.T @ dz
+        return dW1.at[2, 3].multiply(1.5) if planted else dW1, dz.sum(0), dz @ W1.T
+
+    dense.defvjp(fwd, bwd)
+    return dense
+
+
+def test_a_costly_function_settles_agreeing_items_from_a_central_difference(monkeypatch):
+    p, X, y, loss, hand = three_layer(seed=0)
+    four = verify.check_grad(loss, p, X, y, hand=hand)
+    monkeypatch.setattr(_compiled, "_SCALES_FLOP_BUDGET", -1.0)
+    calls = []
+    items_jit = _grad._items_jit
+
+    def spy(*a, **k):
+        calls.append(k.get("cols"))
+        return items_jit(*a, **k)
+
+    monkeypatch.setattr(_grad, "_items_jit", spy)
+    report = verify.check_grad(loss, p, X, y, hand=hand)
+    assert report.ok and four.ok, (report, four)
+    # One program at the outer offsets, nothing after it: half the evaluations of four offsets.
+    assert calls == [_fd._OUTER], calls
+    # Readings as precise as the four-scale ones: within a millionth of the gradient at each row's worst element.
+    for r, q in zip(report.rows, four.rows, strict=True):
+        assert (r.path, r.method, r.verdict) == (q.path, q.method, q.verdict)
+        assert r.numeric == pytest.approx(r.autodiff, rel=1e-6, abs=1e-9), r
+        assert q.numeric == pytest.approx(q.autodiff, rel=1e-6, abs=1e-9), q
+
+
+@pytest.mark.parametrize("with_hand", [True, False])
+def test_a_costly_function_still_finds_a_planted_rule_element(costly, with_hand):
+    p, X, y, loss, hand = three_layer(seed=1)
+    dense = first_layer_rule(planted=True)
+
+    def ruled(p, X, y):
+        h1 = jnp.tanh(dense(p["W1"], p["b1"], X))
+        h2 = jax.nn.relu(h1 @ p["W2"] + p["b2"][None, :])
+        z = h2 @ p["W3"] + p["b3"][None, :]
+        return -jnp.mean(jax.nn.log_softmax(z)[jnp.arange(X.shape[0]), y])
+
+    report = verify.check_grad(ruled, p, X, y, hand=hand if with_hand else None)
+    rows = {r.path: r for r in report.rows}
+    assert rows["['W1']"].verdict == "autodiff_wrong" and rows["['W1']"].worst_index == (2, 3), report
+    assert all(r.ok for k, r in rows.items() if k != "['W1']"), report
+
+
+def test_a_costly_function_still_blames_a_planted_hand_element_and_reads_a_kink(costly):
+    p, X, y, loss, hand = three_layer(seed=2)
+    bad = lambda p, X, y: {**hand(p, X, y), "W2": hand(p, X, y)["W2"].at[3, 4].add(0.05)}  # noqa: E731
+    report = verify.check_grad(loss, p, X, y, hand=bad)
+    rows = {r.path: r for r in report.rows}
+    assert report.verdict == "hand_wrong" and rows["['W2']"].verdict == "hand_wrong", report
+    assert rows["['W2']"].worst_index == (3, 4)
+    assert all(r.ok for k, r in rows.items() if k != "['W2']"), report
+    # ReLU exactly at 0 for one sample and unit: b2 shifted so that z2[0, 0] == 0. The central difference there is
+    # the mean of the two sides, which neither autodiff nor hand (both 0) matches: the ladder reads the kink.
+    h1 = jnp.tanh(X @ p["W1"] + p["b1"][None, :])
+    z2 = h1 @ p["W2"] + p["b2"][None, :]
+    kinked = {**p, "b2": p["b2"].at[0].add(-z2[0, 0])}
+    assert float((h1 @ kinked["W2"] + kinked["b2"][None, :])[0, 0]) == 0.0
+    report = verify.check_grad(loss, kinked, X, y, hand=hand)
+    assert report.ok, report

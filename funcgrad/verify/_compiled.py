@@ -35,6 +35,7 @@ from funcgrad.verify._inputs import (
 
 # Budget for coordinate-wise finite differences in mode="auto": about this many flops in total.
 _EXACT_FLOP_BUDGET = 4e9
+_SCALES_FLOP_BUDGET = 4e9  # finite differences within this: four scales up front; beyond it, one (see _make_plan)
 _ALWAYS_EXACT = 16  # leaves this small are always checked element by element
 _MAX_EXACT_ELEMENTS = 4096  # mode="auto" never checks more elements than this one by one
 _N_PROJ = 3  # random directions per projection-checked leaf without a hand gradient (1 with one)
@@ -72,6 +73,7 @@ class _ProbeOut(NamedTuple):
     P: Any  # (directions, 3): each random direction dotted with autodiff, hand, and the aggregated tolerance
     f_ad: Any = None  # fn's value as reverse mode computes it (a custom rule's forward can make it differ from f0)
     zero: Any = None  # per leaf: the round-off at zero allowed where both sides are that small (see _tolerance)
+    size: Any = None  # per leaf: its elements' size its random directions' steps follow (see _direction_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,6 +211,24 @@ def _zero_roundoff(f0, h0, rms, eps, xp=jnp):
     return xp.minimum(4 * eps * f, 48 * h0**4 * f / xp.maximum(1.0, rms))
 
 
+def _direction_size(x, a, h):
+    """The size of a leaf's elements (``x``, float64) that its random directions' steps follow: their root mean
+    square weighted by the gradient's square there (autodiff ``a``, and ``hand`` when given, where finite), the
+    elements a directional derivative comes from; the plain root mean square where every gradient is 0. Elements
+    whose gradient is 0 must not set the step: a causal mask's -1e9 logits would make it 1e5 and saturate the
+    others."""
+    x = x.reshape(-1)
+    sq = jnp.where(jnp.isfinite(x), x * x, 0.0)
+    plain = jnp.sqrt(jnp.sum(sq) / max(x.shape[0], 1))
+    w = jnp.where(jnp.isfinite(a), jnp.abs(a), 0.0)
+    if h is not None:
+        w = jnp.maximum(w, jnp.where(jnp.isfinite(h), jnp.abs(h), 0.0))
+    top = jnp.max(w, initial=0.0)
+    w = (w / jnp.where(top > 0, top, 1.0)) ** 2
+    den = jnp.sum(w)
+    return jnp.where(den > 0, jnp.sqrt(jnp.sum(w * sq) / jnp.where(den > 0, den, 1.0)), plain)
+
+
 def _project(seed, j, lo, hi, o, a, h, leaf_max, gmax, rtol, atol, eps, zero=0.0):
     """The unit direction of stream j within [lo, hi) ⊂ one leaf (its gradients ``a`` and ``h``, None without a
     hand, at flat offset o; confined to where both are finite) dotted with autodiff, hand and the tolerances (as
@@ -270,7 +290,7 @@ class _Group(NamedTuple):
     jvp: tuple[int, ...] = ()  # its items (positions within the run) along which forward mode is wanted
 
 
-def _eval_items(f, params, layout, seed, items, batch, support, groups):
+def _eval_items(f, params, layout, seed, items, batch, support, groups, cols=None):
     """f at the four offsets along each item and, at the positions ``groups`` mark, the forward-mode derivative
     along the item's direction: returns F (items, 4: the offsets) and JV (items,) (NaN where not wanted). ``f``
     takes the flat float64 leaves; ``params`` are the leaves at their own dtypes, converted to float64 inside
@@ -286,15 +306,17 @@ def _eval_items(f, params, layout, seed, items, batch, support, groups):
 
     ``batch`` > 1 evaluates that many items at once with vmap (accelerators); ``batch`` == 1 evaluates them
     one at a time with lax.map (CPU, where XLA's batched matrix products are several times slower than a loop
-    of plain ones, for small and large functions alike)."""
+    of plain ones, for small and large functions alike).
+
+    ``cols`` (static): the offsets to evaluate, F's other columns NaN (None: all four)."""
     Fs, JVs, start, token = [], [], 0, None
     for g in groups:
-        cols = _Items(*(x[start : start + g.size] for x in items))
+        run_items = _Items(*(x[start : start + g.size] for x in items))
         start += g.size
         ps = list(params)
         if token is not None:  # after the previous run: its float64 copies are freed before this run's are made
             ps, _ = jax.lax.optimization_barrier((ps, token))
-        F, JV = _eval_run(f, ps, layout, seed, cols, batch, support, g)
+        F, JV = _eval_run(f, ps, layout, seed, run_items, batch, support, g, cols)
         Fs.append(F)
         JVs.append(JV)
         token = (F, JV)
@@ -303,10 +325,11 @@ def _eval_items(f, params, layout, seed, items, batch, support, groups):
     return jnp.concatenate(Fs), jnp.concatenate(JVs)
 
 
-def _eval_run(f, params, layout, seed, items, batch, support, group):
+def _eval_run(f, params, layout, seed, items, batch, support, group, cols=None):
     """One run of :func:`_eval_items`."""
     dtype = jnp.float64
-    offsets = jnp.asarray(_OFFSETS, dtype)
+    cols = tuple(range(len(_OFFSETS))) if cols is None else tuple(cols)
+    offsets = jnp.asarray([_OFFSETS[c] for c in cols], dtype)
     moved = list(group.moved)
     everything = len(moved) == len(layout.sizes)
     fixed = None if everything else [None if i in moved else jnp.asarray(x).astype(dtype)
@@ -356,13 +379,15 @@ def _eval_run(f, params, layout, seed, items, batch, support, group):
         # A select under vmap.
         select = lambda pred, yes, no: jax.tree_util.tree_map(lambda y, n: jnp.where(pred, y, n), yes(), no())  # noqa: E731
         pad = (-n) % batch
-        cols = [jnp.concatenate([x, jnp.repeat(x[:1], pad)]) if pad else x for x in items]
-        chunks = [x.reshape(-1, min(batch, n + pad)) for x in cols]
+        padded = [jnp.concatenate([x, jnp.repeat(x[:1], pad)]) if pad else x for x in items]
+        chunks = [x.reshape(-1, min(batch, n + pad)) for x in padded]
         if chunks[0].shape[0] == 1:
             F = jax.vmap(lambda item: one(item, select))(tuple(c[0] for c in chunks))
         else:
-            F = jax.lax.map(jax.vmap(lambda item: one(item, select)), tuple(chunks)).reshape(-1, 4)
+            F = jax.lax.map(jax.vmap(lambda item: one(item, select)), tuple(chunks)).reshape(-1, len(cols))
         F = F[:n]
+    if len(cols) < len(_OFFSETS):
+        F = jnp.full((n, len(_OFFSETS)), jnp.nan, dtype).at[:, np.asarray(cols)].set(F)
     JV = jnp.full((n,), jnp.nan, dtype)
     if group.jvp:
         # A loop of its own, after the finite differences (a barrier with their result orders them), so that it
@@ -501,14 +526,14 @@ def _probe(params, dyn, h_given, exact_idx, seed, h0, rtol, atol, eps, *, fn, ha
     d_leaf, d_j = _dir_items(plan)
     lo = jnp.asarray(np.array([layout.offsets[i] for i in d_leaf], np.int32))
     hi = jnp.asarray(np.array([layout.offsets[i] + layout.sizes[i] for i in d_leaf], np.int32))
-    rms = jnp.stack([jnp.sqrt(jnp.sum(x**2) / max(s, 1)) for x, s in zip(theta, layout.sizes, strict=True)])
+    size = jnp.stack([_direction_size(x, g, hh) for x, g, hh in zip(theta, a, hs, strict=True)])
     # (float64's round-off, or that of the lowest precision each leaf's gradients are computed in: rtol's last column)
-    zero = _zero_roundoff(f0, h0, rms, jnp.maximum(eps, rtol[:, 5]) if rtol.shape[-1] > 5 else eps)
+    zero = _zero_roundoff(f0, h0, size, jnp.maximum(eps, rtol[:, 5]) if rtol.shape[-1] > 5 else eps)
     # (h0: each leaf's first step, relative to its elements' sizes)
     i_leaf = jnp.searchsorted(jnp.asarray(np.array(layout.offsets, np.int32)), idx, side="right") - 1
     i_steps = h0[i_leaf] * jnp.maximum(1.0, jnp.abs(_take(params, idx, layout)))
     d_index = jnp.asarray(np.array(d_leaf, np.int32))
-    d_steps = h0[d_index] * jnp.maximum(1.0, rms[d_index])
+    d_steps = h0[d_index] * jnp.maximum(1.0, size[d_index])
     n_i, n_d = idx.shape[0], len(d_leaf)
     zeros_i = jnp.zeros((n_i,), jnp.int32)
     items = _Items(jnp.concatenate([idx, jnp.full((n_d,), -1, jnp.int32)]),
@@ -519,7 +544,7 @@ def _probe(params, dyn, h_given, exact_idx, seed, h0, rtol, atol, eps, *, fn, ha
     proj = [_project(seed, j, layout.offsets[i], layout.offsets[i] + layout.sizes[i], layout.offsets[i], a[i], hs[i],
                      leaf_max[i], gmax, rtol[i], atol, eps, zero[i]) for i, j in zip(d_leaf, d_j, strict=True)]
     P = jnp.stack(proj) if proj else jnp.zeros((0, 3), jnp.float64)
-    return _ProbeOut(f0, a, h, leaf_max, items, P, f_ad, zero)
+    return _ProbeOut(f0, a, h, leaf_max, items, P, f_ad, zero, size)
 
 
 def _dir_items(plan: _Plan) -> tuple[list[int], list[int]]:
@@ -531,14 +556,15 @@ def _dir_items(plan: _Plan) -> tuple[list[int], list[int]]:
     return leaves, list(range(len(leaves)))
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "layout", "args_spec", "batch", "groups"))
-def _items_jit(params, dyn, seed, items, support, *, fn, layout, args_spec, batch, groups):
+@functools.partial(jax.jit, static_argnames=("fn", "layout", "args_spec", "batch", "groups", "cols"))
+def _items_jit(params, dyn, seed, items, support, *, fn, layout, args_spec, batch, groups, cols=None):
     """f (float64) along finite-difference items, from the parameters at their own dtypes: F (items, 4) and the
     forward-mode derivative along the items ``groups`` marks (NaN elsewhere); the items come in the runs
-    ``groups`` describes (see :func:`_eval_items`)."""
+    ``groups`` describes (see :func:`_eval_items`). ``cols``: the offsets (F's columns) to evaluate, NaN in the
+    others (None: all)."""
     dyn = _cast64(list(dyn), args_spec)
     f = _leaf_fn(fn, layout, _join_args(dyn, args_spec))
-    return _eval_items(f, list(params), layout, seed, items, batch, support, groups)
+    return _eval_items(f, list(params), layout, seed, items, batch, support, groups, cols)
 
 
 @functools.partial(jax.jit, static_argnames=("offset",))
@@ -918,7 +944,7 @@ def _make_plan(mode, layout, flops, has_hand, reverse=True, jvp=True, dependence
     n_items = len(exact_idx) + sum(_K_MAG + n_proj for e in exact if not e) + sum(1 for e in exact if e)
     # Cheap functions: 4 scales up front (kinks then rarely need a second compilation). Costly ones: 1, and
     # finer scales only where finite differences disagree with the analytic values.
-    scales = 4 if n_items * 16 * flops <= _EXACT_FLOP_BUDGET else 1
+    scales = 4 if n_items * 16 * flops <= _SCALES_FLOP_BUDGET else 1
     # Accelerators: many items at once (vmap). CPU: one at a time (see _eval_items).
     batch = max(1, min(256, _MEM_ELEMENTS // (6 * max(layout.n, 1)))) if _vectorise() else 1
     # Functions of a few leaves: finite differences in runs over some of them (each run skips what does not

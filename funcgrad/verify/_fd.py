@@ -267,6 +267,64 @@ def _single_scale(scales: list[_Scale], out: _FD, todo: np.ndarray) -> None:
             todo &= ~win
 
 
+_OUTER = (_MINUS_STEP, _PLUS_STEP)  # the columns a costly function's first reading evaluates (see _outer_reading)
+_OUTER_STEP = 4.0  # ... at the ladder's first step over this: a sixteenth of its truncation, four times its rounding
+
+
+def _outer_reading(f0: float, F: np.ndarray, h: np.ndarray, eps_f: np.ndarray | float, tol: np.ndarray,
+                   mag: np.ndarray | float, values: list[np.ndarray],
+                   also: np.ndarray | None = None) -> tuple[np.ndarray, _FD]:
+    """A costly function's first reading, from f at ±h alone (F's :data:`_OUTER` columns; the others are not
+    evaluated), h the ladder's first step over :data:`_OUTER_STEP`: the items it settles, and their reading.
+
+    It settles an item where the central difference D = (f(+h) − f(−h))/2h agrees with every analytic value
+    (``values``, and ``also`` where it is not NaN: forward mode, along some items only) within twice the rounding
+    of a difference quotient plus the tolerance, as one scale of all four offsets accepts an item
+    (:meth:`_Engine.ladder`), and only where that rounding is at most the tolerance and the two one-sided quotients
+    differ by at most half their size (or the rounding, or the tolerance): a kink within the step differs so from
+    a smooth slope, and at a kink the central difference is a weighted mean of the two sides, which a correct value
+    (one side) does not match. What the ladder's four offsets would add is an estimate of the truncation error (the
+    third derivative times h²/6 here, a sixteenth of the first step's): a wrong value lands within the tolerance
+    of the central difference only by chance, as with a single scale of four. Everything else is read on the
+    ladder, as for a cheap function."""
+    f_minus, f_plus = F[:, _MINUS_STEP], F[:, _PLUS_STEP]
+    n = len(F)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        central = (f_plus - f_minus) / (2 * h)
+        right, left = (f_plus - f0) / h, (f0 - f_minus) / h
+        size = np.maximum(np.maximum(np.abs(f_minus), np.abs(f_plus)), abs(f0))
+        quotient = np.maximum(np.abs(right), np.abs(left))
+        # (rounding as _scale counts it for its quotients at h/2: twice what a quotient at h has)
+        noise = 3 * 16 * eps_f * size / h + 4 * eps_f * (mag + h) * quotient / h
+        finite = np.isfinite(f_minus) & np.isfinite(f_plus) & np.isfinite(f0) & np.isfinite(central)
+        smooth = np.abs(right - left) <= np.maximum(np.maximum(12 * noise, tol), 0.5 * quotient)
+        settled = finite & smooth & (noise <= tol)
+        for v in values:
+            settled &= np.abs(v - central) <= 2 * noise + tol
+        if also is not None:
+            settled &= np.isnan(also) | (np.abs(also - central) <= 2 * noise + tol)
+    zeros = np.zeros(n, bool)
+    fd = _FD(central, noise, central.copy(), central.copy(), zeros.copy(), settled.copy(), settled.copy(), zeros.copy(),
+             zeros.copy(), zeros.copy(), np.full(n, np.nan), np.full(n, np.nan))
+    return settled, fd
+
+
+def _merge(n: int, parts: list[tuple[np.ndarray, _FD]]) -> _FD:
+    """One reading of ``n`` items from readings of disjoint subsets (each: its items' positions, its reading)."""
+    fields = [f.name for f in dataclasses.fields(_FD)]
+    out: dict[str, Any] = {}
+    for name in fields:
+        first = getattr(parts[0][1], name)
+        dtype = bool if first is not None and first.dtype == bool else np.float64
+        arr = np.zeros(n, bool) if dtype is bool else np.full(n, np.nan)
+        for sel, fd in parts:
+            part = getattr(fd, name)
+            if part is not None:
+                arr[sel] = part
+        out[name] = arr
+    return _FD(**out)
+
+
 def _consistent(v: np.ndarray, fd: _FD, tol: np.ndarray) -> np.ndarray:
     """Whether values agree with finite differences: within the reading's interval (a point when smooth),
     widened by twice its error and the analytic tolerance."""

@@ -45,9 +45,13 @@ from funcgrad.verify._fd import (
     _LADDER,
     _MAX_SCALES,
     _OFFSETS,
+    _OUTER,
+    _OUTER_STEP,
     _classify,
     _consistent,
     _default_rtol,
+    _merge,
+    _outer_reading,
     _resolve,
     _scale,
 )
@@ -177,6 +181,7 @@ class _Engine:
         self.leaf_max = np.asarray(res.leaf_max, np.float64)
         self.gmax = float(np.max(self.leaf_max, initial=0.0))
         self.zero = np.asarray(res.zero, np.float64)  # per leaf (see _zero_roundoff)
+        self.size = np.asarray(res.size, np.float64)  # per leaf (see _direction_size)
         self.support: list[np.ndarray | None] = [None] * len(layout.sizes)
         self.leaves = [_LeafFacts() for _ in layout.sizes]
         self.global_scale = 0.0  # the largest finite |autodiff| over all leaves
@@ -345,16 +350,12 @@ class _Engine:
         size = max(8, 1 << max(0, (len(flat) - 1).bit_length()))
         return np.asarray(_take_jit(self.params, np.resize(flat, size).astype(np.int32), layout=self.layout))[: len(flat)]
 
-    def rms(self, li: int) -> float:
-        """The root mean square of leaf ``li``'s parameters."""
-        x = np.asarray(self.params[li], np.float64).reshape(-1)
-        return math.sqrt(float(np.mean(x**2))) if x.size else 0.0
-
     # -- finite differences ----------------------------------------------------------------------------------
 
     def evaluate(self, items: _Items, want: np.ndarray | None = None, pad: bool = True,
-                 leaves: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """f along the given items, and the forward-mode derivative along those ``want`` marks (NaN elsewhere).
+                 leaves: np.ndarray | None = None, cols: tuple[int, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """f along the given items (at the offsets ``cols`` only, F's other columns NaN, when given), and the
+        forward-mode derivative along those ``want`` marks (NaN elsewhere).
         The items go in the plan's runs (``leaves``: each item's leaf, found from the items when not given), each
         padded to a power of two (so that few shapes are compiled) unless told not to. Padded evaluations of a
         plan whose runs share a program go in one run over all the leaves: a program is compiled per combination of
@@ -387,10 +388,11 @@ class _Engine:
                                                                            zip(runs, picks, sels, strict=True)]
         for b_runs, b_picks, b_sels in batches:
             take = np.concatenate(b_picks) if b_picks else np.zeros(0, np.int64)
-            cols = [np.asarray(x)[take] for x in items]
-            padded = _Items._make([*(c.astype(np.int32) for c in cols[:4]), cols[4].astype(np.float64)])
+            taken = [np.asarray(x)[take] for x in items]
+            padded = _Items._make([*(c.astype(np.int32) for c in taken[:4]), taken[4].astype(np.float64)])
             F, JV = _items_jit(self.params, self.dyn, self.seed, padded, tuple(self.support), fn=self.fn,
-                               layout=self.layout, args_spec=self.spec, batch=self.plan.batch, groups=tuple(b_runs))
+                               layout=self.layout, args_spec=self.spec, batch=self.plan.batch, groups=tuple(b_runs),
+                               cols=cols)
             F, JV = np.asarray(F), np.asarray(JV)
             start = 0
             for sel, run in zip(b_sels, b_runs, strict=True):
@@ -409,23 +411,36 @@ class _Engine:
                                        float(self.zero[li]), offset=self.layout.offsets[li]))
 
     def ladder(self, items: _Items, tol, initial: np.ndarray | None = None,
-               values: Sequence[np.ndarray] = ()) -> _FD:
+               values: Sequence[np.ndarray] = (), also: np.ndarray | None = None,
+               outer: np.ndarray | None = None) -> _FD:
         """Resolves the derivative along each item: the initial scales, then finer ones where unresolved.
 
         With a single initial scale, an item whose analytic ``values`` all agree with a smooth estimate is
         accepted without a second scale: a wrong finite difference does not land on the analytic value by
-        chance. Everything else (disagreement, kinks) goes down the ladder."""
+        chance. Everything else (disagreement, kinks) goes down the ladder.
+
+        ``outer`` (a costly function's first reading): f at the outer offsets of each item's step over _OUTER_STEP (the
+        other columns NaN). It settles the items :func:`_outer_reading` settles, where ``also`` (a further analytic
+        value per item, NaN where none: forward mode) agrees too; the others are read from a single scale of the
+        four offsets at their step, then as above."""
         items = _Items(*(np.asarray(x) for x in items))
+        if outer is not None and len(items.index):
+            eps_f = self.eps_f[self.leaf_of(items.index, items.lo)]
+            settled, reading = _outer_reading(self.f0, outer, items.step / _OUTER_STEP, eps_f, tol, self._mag(items),
+                                              list(values), also)
+            rest = np.nonzero(~settled)[0]
+            if not len(rest):
+                return reading
+            sub = _Items._make([x[rest] for x in items])
+            fd = self.ladder(sub, tol[rest], initial=self.evaluate(sub)[0][:, None], values=[v[rest] for v in values])
+            return _merge(len(items.index), [(np.nonzero(settled)[0], reading.take(settled)), (rest, fd)])
         if initial is None:
             two = _Items._make([*(np.tile(x, 2) for x in items[:4]), np.concatenate([items.step, items.step / _LADDER])])
             F = self.evaluate(two)[0]
             n_items = len(items.index)
             initial = np.stack([F[:n_items], F[n_items:]], axis=1)
         eps_f = self.eps_f[self.leaf_of(items.index, items.lo)]
-        mag = np.zeros(len(items.index))  # each element's size (the rounding of the point itself; see _scale)
-        el = np.nonzero(items.index >= 0)[0]
-        if len(el):
-            mag[el] = np.abs(self.theta(items.index[el]))
+        mag = self._mag(items)
         scales = [_scale(self.f0, initial[:, level], items.step / _LADDER**level, eps_f, tol, mag)
                   for level in range(initial.shape[1])]
         fd, settled = self._settle(scales, tol, values)
@@ -439,6 +454,14 @@ class _Engine:
         if not fd.resolved.all():
             fd = self._settle(scales, tol, values, final=True)[0]
         return fd
+
+    def _mag(self, items: _Items) -> np.ndarray:
+        """Each item's element's size (0 for a direction): the rounding of the point itself (see _scale)."""
+        mag = np.zeros(len(items.index))
+        el = np.nonzero(items.index >= 0)[0]
+        if len(el):
+            mag[el] = np.abs(self.theta(items.index[el]))
+        return mag
 
     def _settle(self, scales, tol, values, final: bool = False) -> tuple[_FD, np.ndarray]:
         """The ladder's reading, and which items it settles: a finer scale could still change the verdict
@@ -1205,7 +1228,13 @@ def _rows(items: _Items, P: np.ndarray, engine: _Engine, has_hand: bool, user: b
     if plan.jvp:  # forward mode along each leaf's first direction (at the first scale)
         want = np.zeros(n_items * plan.scales, bool)
         want[first] = True
-    F, JV = engine.evaluate(scaled, want, pad=False, leaves=np.tile(_item_leaves(plan, layout), plan.scales))
+    # A costly function (a single scale): a central difference at a quarter of the step first, the ladder's four
+    # offsets only where it does not settle the item (see _Engine.ladder): half the evaluations where all agree.
+    outer = plan.scales == 1
+    if outer:
+        scaled = scaled._replace(step=scaled.step / _OUTER_STEP)
+    F, JV = engine.evaluate(scaled, want, pad=False, leaves=np.tile(_item_leaves(plan, layout), plan.scales),
+                            cols=_OUTER if outer else None)
     F = np.stack([F[level * n_items : (level + 1) * n_items] for level in range(plan.scales)], axis=1)
     jvp = JV[first]
 
@@ -1222,7 +1251,8 @@ def _rows(items: _Items, P: np.ndarray, engine: _Engine, has_hand: bool, user: b
     item_tol[is_el] = tv
     item_tol_ah = proj[:, 2].copy()
     item_tol_ah[is_el] = tahv
-    fd = engine.ladder(items, item_tol, initial=F, values=[A] if H is None else [A, H])
+    fd = engine.ladder(items, item_tol, initial=None if outer else F, values=[A] if H is None else [A, H],
+                       also=JV[:n_items], outer=F[:, 0] if outer else None)
     verdicts = _classify(A, H, fd, item_tol, lenient=~is_el, tol_ah=item_tol_ah, reference=engine.hand_reference,
                          scale=engine.global_scale)
     item_leaf = np.where(is_el, np.searchsorted(np.array(layout.offsets), np.maximum(flat, 0), side="right") - 1,
@@ -1487,7 +1517,7 @@ def _bisect(li: int, has_hand: bool, engine: _Engine) -> _Item:
     whose finite-difference check fails worst, until one element is left; then check that element."""
     layout, plan = engine.layout, engine.plan
     o, s = layout.offsets[li], layout.sizes[li]
-    step = engine.h0[li] * max(1.0, engine.rms(li))
+    step = engine.h0[li] * max(1.0, float(engine.size[li]))
     d_leaf, d_j = _dir_items(plan)
     streams = [j for leaf, j in zip(d_leaf, d_j, strict=True) if leaf == li]
 
