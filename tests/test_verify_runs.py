@@ -335,7 +335,7 @@ def test_a_costly_function_settles_agreeing_items_from_a_central_difference(monk
         assert q.numeric == pytest.approx(q.autodiff, rel=1e-6, abs=1e-9), q
 
 
-@pytest.mark.parametrize("with_hand", [True, False])
+@pytest.mark.parametrize("with_hand", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_a_costly_function_still_finds_a_planted_rule_element(costly, with_hand):
     p, X, y, loss, hand = three_layer(seed=1)
     dense = first_layer_rule(planted=True)
@@ -352,6 +352,7 @@ def test_a_costly_function_still_finds_a_planted_rule_element(costly, with_hand)
     assert all(r.ok for k, r in rows.items() if k != "['W1']"), report
 
 
+@pytest.mark.slow  # ~25 s (a bisection and a kink on the costly path)
 def test_a_costly_function_still_blames_a_planted_hand_element_and_reads_a_kink(costly):
     p, X, y, loss, hand = three_layer(seed=2)
     bad = lambda p, X, y: {**hand(p, X, y), "W2": hand(p, X, y)["W2"].at[3, 4].add(0.05)}  # noqa: E731
@@ -368,3 +369,26 @@ def test_a_costly_function_still_blames_a_planted_hand_element_and_reads_a_kink(
     assert float((h1 @ kinked["W2"] + kinked["b2"][None, :])[0, 0]) == 0.0
     report = verify.check_grad(loss, kinked, X, y, hand=hand)
     assert report.ok, report
+
+
+@pytest.mark.parametrize(("w", "rel"), [(3.0, 3e-7), (10.0, -1e-6), (100.0, None)])
+def test_a_costly_function_without_a_hand_fails_a_rule_off_by_a_few_tolerances(costly, x64, w, rel):
+    """No hand: autodiff against finite differences alone. A custom rule for sin(w·x) off by a few times float64's
+    rtol (1e-7), or computed by a central difference of step 3.7e-4 (off by 2e-4 at w = 100), must fail as it does
+    on the cheap path: a reading settles only once its error bars are within the tolerance (the first pair of
+    scales' were as wide as the error, and the rule passed)."""
+
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(w * x)
+
+    def bwd(x, ct):
+        if rel is None:
+            h = 3.7e-4
+            return (ct * (jnp.sin(w * (x + h)) - jnp.sin(w * (x - h))) / (2 * h),)
+        return (ct * w * jnp.cos(w * x) * (1 + rel),)
+
+    f.defvjp(lambda x: (f(x), x), bwd)
+    x = jnp.asarray([0.3, -0.2, 0.1, 0.05])
+    report = verify.check_grad(lambda x: jnp.sum(f(x)), x)
+    assert report.verdict == "autodiff_wrong", report

@@ -212,21 +212,32 @@ def _zero_roundoff(f0, h0, rms, eps, xp=jnp):
 
 
 def _direction_size(x, a, h):
-    """The size of a leaf's elements (``x``, float64) that its random directions' steps follow: their root mean
-    square weighted by the gradient's square there (autodiff ``a``, and ``hand`` when given, where finite), the
-    elements a directional derivative comes from; the plain root mean square where every gradient is 0. Elements
-    whose gradient is 0 must not set the step: a causal mask's -1e9 logits would make it 1e5 and saturate the
-    others."""
+    """The size of a leaf's elements (``x``, at its own dtype) that its random directions' steps follow: their root
+    mean square weighted by the gradient's square there (autodiff ``a``, and ``hand`` when given, where finite;
+    flat float64), the elements a directional derivative comes from; the plain root mean square where every gradient
+    is 0. Elements whose gradient is 0 must not set the step: a causal mask's -1e9 logits would make it 1e5 and
+    saturate the others. In chunks: nothing of the leaf's size is materialised."""
     x = x.reshape(-1)
-    sq = jnp.where(jnp.isfinite(x), x * x, 0.0)
-    plain = jnp.sqrt(jnp.sum(sq) / max(x.shape[0], 1))
-    w = jnp.where(jnp.isfinite(a), jnp.abs(a), 0.0)
-    if h is not None:
-        w = jnp.maximum(w, jnp.where(jnp.isfinite(h), jnp.abs(h), 0.0))
-    top = jnp.max(w, initial=0.0)
-    w = (w / jnp.where(top > 0, top, 1.0)) ** 2
-    den = jnp.sum(w)
-    return jnp.where(den > 0, jnp.sqrt(jnp.sum(w * sq) / jnp.where(den > 0, den, 1.0)), plain)
+    s = x.shape[0]
+
+    def weight(start, c, valid):
+        w = jnp.abs(_chunk(a, start, c))
+        if h is not None:
+            w = jnp.maximum(w, jnp.abs(_chunk(h, start, c)))
+        return jnp.where(valid & jnp.isfinite(w), w, 0.0)
+
+    top = _fold(s, lambda acc, start, r, valid: jnp.maximum(acc, jnp.max(weight(start, r.shape[0], valid))),
+                jnp.zeros((), jnp.float64))
+    top = jnp.where(top > 0, top, 1.0)
+
+    def sums(acc, start, r, valid):
+        xc = _chunk(x, start, r.shape[0]).astype(jnp.float64)
+        sq = jnp.where(valid & jnp.isfinite(xc), xc * xc, 0.0)
+        w = (weight(start, r.shape[0], valid) / top) ** 2
+        return acc + jnp.stack([jnp.sum(sq), jnp.sum(w * sq), jnp.sum(w)])
+
+    plain, num, den = _fold(s, sums, jnp.zeros(3, jnp.float64))
+    return jnp.where(den > 0, jnp.sqrt(num / jnp.where(den > 0, den, 1.0)), jnp.sqrt(plain / max(s, 1)))
 
 
 def _project(seed, j, lo, hi, o, a, h, leaf_max, gmax, rtol, atol, eps, zero=0.0):
@@ -526,7 +537,7 @@ def _probe(params, dyn, h_given, exact_idx, seed, h0, rtol, atol, eps, *, fn, ha
     d_leaf, d_j = _dir_items(plan)
     lo = jnp.asarray(np.array([layout.offsets[i] for i in d_leaf], np.int32))
     hi = jnp.asarray(np.array([layout.offsets[i] + layout.sizes[i] for i in d_leaf], np.int32))
-    size = jnp.stack([_direction_size(x, g, hh) for x, g, hh in zip(theta, a, hs, strict=True)])
+    size = jnp.stack([_direction_size(x, g, hh) for x, g, hh in zip(params, a, hs, strict=True)])
     # (float64's round-off, or that of the lowest precision each leaf's gradients are computed in: rtol's last column)
     zero = _zero_roundoff(f0, h0, size, jnp.maximum(eps, rtol[:, 5]) if rtol.shape[-1] > 5 else eps)
     # (h0: each leaf's first step, relative to its elements' sizes)

@@ -415,9 +415,10 @@ class _Engine:
                outer: np.ndarray | None = None) -> _FD:
         """Resolves the derivative along each item: the initial scales, then finer ones where unresolved.
 
-        With a single initial scale, an item whose analytic ``values`` all agree with a smooth estimate is
-        accepted without a second scale: a wrong finite difference does not land on the analytic value by
-        chance. Everything else (disagreement, kinks) goes down the ladder.
+        With a single initial scale, an item whose analytic ``values`` all lie within the tolerance of a smooth
+        estimate, counting twice its error, is accepted without a second scale: a wrong finite difference does not
+        land on the analytic value by chance. Everything else (disagreement, kinks, error bars too wide to tell)
+        goes down the ladder.
 
         ``outer`` (a costly function's first reading): f at the outer offsets of each item's step over _OUTER_STEP (the
         other columns NaN). It settles the items :func:`_outer_reading` settles, where ``also`` (a further analytic
@@ -443,14 +444,18 @@ class _Engine:
         mag = self._mag(items)
         scales = [_scale(self.f0, initial[:, level], items.step / _LADDER**level, eps_f, tol, mag)
                   for level in range(initial.shape[1])]
-        fd, settled = self._settle(scales, tol, values)
+        # (from a single scale, the ladder stops at the first reading that settles an item, not at the best of
+        # four: a smooth reading settles only once its error bars are within the tolerance, as the best of four
+        # scales' usually is)
+        strict = initial.shape[1] == 1
+        fd, settled = self._settle(scales, tol, values, strict=strict)
         while len(scales) < _MAX_SCALES and not settled.all():
             sel = np.nonzero(~settled)[0]
             level = len(scales)
             F = np.full((len(items.index), len(_OFFSETS)), np.nan)
             F[sel] = self.evaluate(_Items._make([*(x[sel] for x in items[:4]), items.step[sel] / _LADDER**level]))[0]
             scales.append(_scale(self.f0, F, items.step / _LADDER**level, eps_f, tol, mag))
-            fd, settled = self._settle(scales, tol, values)
+            fd, settled = self._settle(scales, tol, values, strict=strict)
         if not fd.resolved.all():
             fd = self._settle(scales, tol, values, final=True)[0]
         return fd
@@ -463,18 +468,22 @@ class _Engine:
             mag[el] = np.abs(self.theta(items.index[el]))
         return mag
 
-    def _settle(self, scales, tol, values, final: bool = False) -> tuple[_FD, np.ndarray]:
+    def _settle(self, scales, tol, values, final: bool = False, strict: bool = False) -> tuple[_FD, np.ndarray]:
         """The ladder's reading, and which items it settles: a finer scale could still change the verdict
         where some analytic value disagrees with the estimate, or where two values that disagree with each
         other both fit inside its error bars. With a single scale, values that all agree with a smooth
-        estimate are accepted (a wrong finite difference does not land on the analytic value by chance)."""
+        estimate are accepted (a wrong finite difference does not land on the analytic value by chance).
+        ``strict``: a smooth reading whose error bars are wider than half the tolerance settles nothing (a value
+        off by 1.5 tolerances fits them)."""
         fd = _resolve(scales, tol, self.f0, final)
         if len(scales) == 1 and values:
             s0 = scales[0]
             with np.errstate(invalid="ignore"):
                 agree = s0.finite & ~s0.nonsmooth
                 for v in values:
-                    agree &= np.abs(v - s0.value) <= 2 * s0.err + tol
+                    # (within the tolerance of the derivative whatever the reading's error: a reading whose error bars
+                    # are as wide as the tolerance cannot tell a value off by 1.5 tolerances, and a finer scale can)
+                    agree &= np.abs(v - s0.value) + 2 * s0.err <= tol
             fd.value[agree], fd.err[agree] = s0.value[agree], s0.err[agree]
             fd.lo[agree] = fd.hi[agree] = s0.value[agree]
             fd.finite[agree] = fd.resolved[agree] = True
@@ -489,6 +498,8 @@ class _Engine:
                 decided &= ~(apart & ~fd.nonsmooth)  # both fit smooth error bars yet disagree: too coarse
                 decided |= fits[0] ^ fits[1]  # exactly one side fits
             settled &= decided
+        if strict:
+            settled &= fd.nonsmooth | (2 * fd.err <= tol)
         return fd, settled
 
     def leaf_of(self, index: np.ndarray, lo: np.ndarray | None = None) -> np.ndarray:
