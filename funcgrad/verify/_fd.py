@@ -278,10 +278,10 @@ def _outer_reading(f0: float, F: np.ndarray, h: np.ndarray, eps_f: np.ndarray | 
     evaluated), h the ladder's first step over :data:`_OUTER_STEP`: the items it settles, and their reading.
 
     It settles an item where every analytic value (``values``, and ``also`` where it is not NaN: forward mode,
-    along some items only) lies within the tolerance of the central difference D = (f(+h) − f(−h))/2h counting
-    twice D's rounding, as one scale of all four offsets settles an item (:meth:`_Engine.ladder`), and where the
-    two one-sided quotients differ by at most half their size (or the rounding, or the tolerance): a kink within
-    the step differs so from a smooth slope, and at a kink the central difference is a weighted mean of the two
+    along some items only) lies within the tolerance of the central difference D = (f(+h) − f(−h))/2h, where D's
+    rounding (as :func:`_scale` bounds it: generously) is within the tolerance too, and where the two one-sided
+    quotients differ by at most half their size (or the rounding, or the tolerance): a kink within the step differs
+    so from a smooth slope, and at a kink the central difference is a weighted mean of the two
     sides, which a correct value (one side) does not match. What the ladder's four offsets would add is an estimate
     of the truncation error (the third derivative times h²/6 here, a sixteenth of the first step's): a wrong value
     lands within the tolerance of the central difference only by chance, as with a single scale of four.
@@ -297,11 +297,11 @@ def _outer_reading(f0: float, F: np.ndarray, h: np.ndarray, eps_f: np.ndarray | 
         noise = 3 * 16 * eps_f * size / h + 4 * eps_f * (mag + h) * quotient / h
         finite = np.isfinite(f_minus) & np.isfinite(f_plus) & np.isfinite(f0) & np.isfinite(central)
         smooth = np.abs(right - left) <= np.maximum(np.maximum(12 * noise, tol), 0.5 * quotient)
-        settled = finite & smooth
+        settled = finite & smooth & (noise <= tol)
         for v in values:
-            settled &= np.abs(v - central) + 2 * noise <= tol
+            settled &= np.abs(v - central) <= tol
         if also is not None:
-            settled &= np.isnan(also) | (np.abs(also - central) + 2 * noise <= tol)
+            settled &= np.isnan(also) | (np.abs(also - central) <= tol)
     zeros = np.zeros(n, bool)
     fd = _FD(central, noise, central.copy(), central.copy(), zeros.copy(), settled.copy(), settled.copy(), zeros.copy(),
              zeros.copy(), zeros.copy(), np.full(n, np.nan), np.full(n, np.nan))

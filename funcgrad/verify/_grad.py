@@ -474,7 +474,8 @@ class _Engine:
         other both fit inside its error bars. With a single scale, values that all agree with a smooth
         estimate are accepted (a wrong finite difference does not land on the analytic value by chance).
         ``strict``: a smooth reading whose error bars are wider than half the tolerance settles nothing (a value
-        off by 1.5 tolerances fits them)."""
+        off by 1.5 tolerances fits them) while a finer scale can still narrow them: until the finest scale's error
+        is no smaller than the one before (rounding grows as the step shrinks), as the best of four scales would."""
         fd = _resolve(scales, tol, self.f0, final)
         if len(scales) == 1 and values:
             s0 = scales[0]
@@ -499,7 +500,8 @@ class _Engine:
                 decided |= fits[0] ^ fits[1]  # exactly one side fits
             settled &= decided
         if strict:
-            settled &= fd.nonsmooth | (2 * fd.err <= tol)
+            limited = len(scales) >= 2 and scales[-1].err >= scales[-2].err  # (elementwise; False with one scale)
+            settled &= fd.nonsmooth | (2 * fd.err <= tol) | limited
         return fd, settled
 
     def leaf_of(self, index: np.ndarray, lo: np.ndarray | None = None) -> np.ndarray:
