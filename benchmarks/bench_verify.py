@@ -204,8 +204,8 @@ def main() -> None:
     print("The floor: what a check cannot do without, each part a plain jitted JAX program timed alone (best of "
           "several), against check_grads (its median). A check computes both float64 gradients, both again at the "
           "parameters' own precision when that is not float64, and finite differences (2 float64 evaluations per "
-          "item where a central difference settles it, as on this costly function, 4 or more elsewhere; at least one "
-          "item per leaf; each run of them computes the loss at least once).")
+          "item where a central difference settles it (a costly function with a hand, as here), 4 or more "
+          "elsewhere; at least one item per leaf; each run of them computes the loss at least once).")
     for dtype in ("float64", "float32"):
         proc = subprocess.run([sys.executable, __file__, "--worker", "floor", dtype, "--repeats", str(args.repeats)],
                               capture_output=True, text=True, env=env, check=False)

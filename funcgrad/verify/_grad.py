@@ -420,10 +420,13 @@ class _Engine:
         land on the analytic value by chance. Everything else (disagreement, kinks, error bars too wide to tell)
         goes down the ladder.
 
-        ``outer`` (a costly function's first reading): f at the outer offsets of each item's step over _OUTER_STEP (the
-        other columns NaN). It settles the items :func:`_outer_reading` settles, where ``also`` (a further analytic
-        value per item, NaN where none: forward mode) agrees too; the others are read from a single scale of the
-        four offsets at their step, then as above."""
+        ``outer`` (a costly function's first reading, with a hand): f at the outer offsets of each item's step over
+        _OUTER_STEP (the other columns NaN). It settles the items :func:`_outer_reading` settles, where ``also`` (a
+        further analytic value per item, NaN where none: forward mode) agrees too; the others are read from a single
+        scale of the four offsets at their step, then as above. (Only with a hand: the central difference's
+        truncation error is not estimated, so a value off by just that much would settle; a hand derived apart from
+        autodiff would have to be off by it too. A hand that calls the same wrong rule is: that residue is in the
+        README.)"""
         items = _Items(*(np.asarray(x) for x in items))
         if outer is not None and len(items.index):
             eps_f = self.eps_f[self.leaf_of(items.index, items.lo)]
@@ -1241,9 +1244,12 @@ def _rows(items: _Items, P: np.ndarray, engine: _Engine, has_hand: bool, user: b
     if plan.jvp:  # forward mode along each leaf's first direction (at the first scale)
         want = np.zeros(n_items * plan.scales, bool)
         want[first] = True
-    # A costly function (a single scale): a central difference at a quarter of the step first, the ladder's four
-    # offsets only where it does not settle the item (see _Engine.ladder): half the evaluations where all agree.
-    outer = plan.scales == 1
+    # A costly function (a single scale) with a hand: a central difference at a quarter of the step first, the
+    # ladder's four offsets only where it does not settle the item (see _Engine.ladder): half the evaluations where
+    # all agree. Not without a hand: the central difference's truncation error is not estimated, and a rule off by
+    # just that much (sin(10x)'s -w²h²/6, 5.7e-7 relative) would settle; with a hand that is independent of
+    # autodiff, both would have to be off by it.
+    outer = plan.scales == 1 and has_hand
     if outer:
         scaled = scaled._replace(step=scaled.step / _OUTER_STEP)
     F, JV = engine.evaluate(scaled, want, pad=False, leaves=np.tile(_item_leaves(plan, layout), plan.scales),
