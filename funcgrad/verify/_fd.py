@@ -281,11 +281,12 @@ def _outer_reading(f0: float, F: np.ndarray, h: np.ndarray, eps_f: np.ndarray | 
     along some items only) lies within the tolerance of the central difference D = (f(+h) − f(−h))/2h, where D's
     rounding (as :func:`_scale` bounds it: generously) is within the tolerance too, and where the two one-sided
     quotients differ by at most half their size (or the rounding, or the tolerance): a kink within the step differs
-    so from a smooth slope, and at a kink the central difference is a weighted mean of the two
-    sides, which a correct value (one side) does not match. What the ladder's four offsets would add is an estimate
-    of the truncation error (the third derivative times h²/6 here, a sixteenth of the first step's): a wrong value
-    lands within the tolerance of the central difference only by chance, as with a single scale of four.
-    Everything else is read on the ladder, as a cheap function's items are."""
+    so from a smooth slope, and at a kink the central difference is a weighted mean of the two sides, which a
+    correct value (one side) does not match. What the ladder's four offsets would add is an estimate of the
+    truncation error (the third derivative times h²/6 here, a sixteenth of the first step's): a value off by just
+    that much, within the tolerance, settles; so the check reads this way only with a hand, which autodiff and hand
+    must then both be off by (see :meth:`_Engine.ladder`). Everything else is read on the ladder, as a cheap
+    function's items are."""
     f_minus, f_plus = F[:, _MINUS_STEP], F[:, _PLUS_STEP]
     n = len(F)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
