@@ -1039,6 +1039,7 @@ def test_a_rule_on_complex_values_is_unchecked_not_ok():
     assert "complex" in report.unchecked[0].note
 
 
+@pytest.mark.slow  # (a long check: make test-slow)
 def test_every_rule_a_factory_makes_is_checked_beyond_max_calls():
     # Five layers, each with its own rule object from one factory (one name, one source): layer 2's backward
     # hard-codes the slope 0.01 where its alpha is 0.2. Sampling 2 of the 5 calls (the first and the last)
@@ -1892,6 +1893,7 @@ def test_each_signature_of_a_rule_is_checked_beyond_max_calls():
     assert row.verdict == "autodiff_wrong" and row.worst_index == (1, 4), report
 
 
+@pytest.mark.slow  # (a long check: make test-slow)
 def test_a_forward_is_held_to_the_rounding_of_what_it_and_the_primal_compute_in():
     # The gap allowed between a rule's fwd output and its primal's followed the output dtype only: a fwd computing
     # in bfloat16 for a float32 primal read autodiff_wrong ("another primal output") for bfloat16's rounding.
@@ -1919,6 +1921,7 @@ def test_a_forward_is_held_to_the_rounding_of_what_it_and_the_primal_compute_in(
     assert verify.audit(lambda p, x: jnp.sum(gelu_dense(x, p["W"]) ** 2), params, x).ok
 
 
+@pytest.mark.slow  # (a long check: make test-slow)
 def test_a_primal_that_loses_precision_beside_a_correct_forward_passes():
     # A layer norm whose primal computes the variance in one pass (E[x²] − E[x]², which cancels at a mean of 30
     # standard deviations: 2e-4 off in float32) and whose fwd computes it in two: the rule is right, its fwd the
@@ -1969,6 +1972,7 @@ def test_a_bfloat16_forward_off_by_a_factor_at_small_outputs_fails():
     assert row.verdict == "autodiff_wrong" and "another primal output" in row.note, report
 
 
+@pytest.mark.slow  # (a long check: make test-slow)
 def test_a_correct_bfloat16_forward_with_most_outputs_zero_passes():
     # Round 4: the bfloat16 allowance was taken of the element plus the outputs' median, which ReLU zeros make 0;
     # near the kink bfloat16's rounding of the pre-activation has no bound relative to the element, and a correct
@@ -1997,6 +2001,7 @@ def test_a_correct_bfloat16_forward_with_most_outputs_zero_passes():
     assert verify.audit(lambda w, x: jnp.sum(f(x, w) ** 2), W, X).ok
 
 
+@pytest.mark.slow  # (a long check: make test-slow)
 def test_a_correct_softmax_rule_saturated_deep_in_a_scan_passes():
     # A 100-layer residual scan of h + softmax(hW + b): by the deep layers the logits span 15-22 per row, and the
     # VJP at each row's largest is s·(g − Σg·s) ≈ 1e-6 from terms of size 1. The tolerance scaled with the call's

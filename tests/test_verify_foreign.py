@@ -315,6 +315,7 @@ def test_every_shipped_config_checks_ok_or_kink(path, tmp_path):
         assert r.max_abs_err == pytest.approx(shown_gap(r), rel=1e-9, abs=1e-300), r
 
 
+@pytest.mark.slow  # (a long check: make test-slow)
 def test_a_failing_row_shows_the_element_that_decided_it():
     model = fg.nn.mlp([16, 3], output="softmax")
     obj = fg.Objective(model, "categorical_crossentropy")
@@ -555,6 +556,7 @@ def test_environment_block_and_markdown():
 # ---- the same through check_vjp, check_jacobian, check_chain ---------------------------------------------------------
 
 
+@pytest.mark.slow  # (a long check: make test-slow)
 def test_check_vjp_with_book_style_numpy_backward_and_new_verdicts():
     def relu_backward(x, dvalues):  # the book's ReLU backward, in place
         dinputs = np.array(dvalues, copy=True)
@@ -693,6 +695,7 @@ def test_a_constant_python_float_loss_is_checked():
     assert report.verdict == "ok"
 
 
+@pytest.mark.slow  # (a long check: make test-slow)
 def test_a_dtype_fixed_inside_fn_is_named_when_the_float64_evaluation_fails():
     def rnn_loss(p, xs):
         def step(h, x):
@@ -1072,6 +1075,7 @@ def test_check_vjp_takes_numpy_primals_as_jax_vjp_does():
     assert wrong.verdict == "hand_wrong", wrong
 
 
+@pytest.mark.slow  # (a long check: make test-slow)
 def test_check_vjp_argnums_as_an_int_and_the_books_list_inputs():
     rs = np.random.RandomState(3)
     X = rs.randn(4, 3).astype(np.float32)
@@ -1102,6 +1106,7 @@ def test_check_chain_takes_the_books_nested_list_input():
     assert verify.check_chain(stages, inputs).ok
 
 
+@pytest.mark.slow  # (a long check: make test-slow)
 def test_the_books_integer_examples_and_list_params_get_errors_that_say_so():
     # ReLU's z = [[1, 2, -3, -4], ...] as the book writes it is an integer array: not differentiated. The error says
     # that, instead of only "no floating primal" or "must return 2 cotangent(s), got 3".
@@ -1137,6 +1142,7 @@ def test_a_backward_that_only_stores_its_result_gets_an_error_that_says_so():
         verify.check_chain([("relu", lambda x: jnp.maximum(x, 0.0), relu_backward)], x)
 
 
+@pytest.mark.slow  # (a long check: make test-slow)
 def test_check_vjp_names_the_primal_an_untraceable_fn_needs_and_the_shapes_a_failing_fn_got():
     # A Python `if` on a primal: the message named the internal tuple's "[0]", not the user's argument x.
     def gated(x, W):

@@ -577,6 +577,7 @@ def test_dropout_drawn_inside_fn_still_judges_float32_gradients():
     assert by == {"['V']": "ok", "['W']": "hand_wrong"}, by
 
 
+@pytest.mark.slow  # (a long check: make test-slow)
 def test_an_all_zero_gradient_through_a_float8_backward_is_pointed_out():
     # An fp8 matmul rounds its backward's cotangent to fp8, where a small gradient underflows: JAX's gradient of W is
     # exactly 0, the float64 reference's is not, and finite differences of fp8 arithmetic cannot decide. The row is
@@ -602,6 +603,7 @@ def test_an_all_zero_gradient_through_a_float8_backward_is_pointed_out():
     assert "exactly 0" not in by["['V']"].note
 
 
+@pytest.mark.slow  # (a long check: make test-slow)
 def test_a_float32_hand_of_a_gradient_that_is_exactly_zero_gets_float32_round_off():
     # A bias before a train-mode batch norm has gradient exactly 0; a hand computing in float32 gives ±5e-9 there
     # (float32 round-off of a gradient whose other leaves are ~0.1), which float64's round-off floor called
