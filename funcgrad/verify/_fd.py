@@ -75,6 +75,12 @@ class _Scale(NamedTuple):
     os_change: np.ndarray  # how much the one-sided quotients change between h and h/2 (the larger side)
 
 
+def _rounding(eps_f, size, h, mag, quotient):
+    """The rounding error of a difference quotient at step h/2 (generously): fn's output, of size ``size``, to
+    ``eps_f``; and the point's own rounding, ``mag`` (|θ| of an element) times the slope ``quotient``."""
+    return 3 * 16 * eps_f * size / h + 4 * eps_f * (mag + h) * quotient / h
+
+
 def _scale(f0: float, F: np.ndarray, h: np.ndarray, eps_f: float, tol: np.ndarray,
            mag: np.ndarray | float = 0.0) -> _Scale:
     """Differences at one step h (central at h and h/2, one-sided at both) and what they say.
@@ -98,8 +104,7 @@ def _scale(f0: float, F: np.ndarray, h: np.ndarray, eps_f: float, tol: np.ndarra
         q = np.stack([np.where(np.isfinite(right_half), np.abs(right_half), np.nan),
                       np.where(np.isfinite(left_half), np.abs(left_half), np.nan)])
         quotient = np.where(np.isnan(q).all(axis=0), np.nan, np.nanmax(np.where(np.isnan(q), -np.inf, q), axis=0))
-        # rounding error of a difference quotient at step h/2: fn's output (generously), the point's own rounding
-        noise = 3 * 16 * eps_f * size / h + 4 * eps_f * (mag + h) * np.nan_to_num(quotient) / h
+        noise = _rounding(eps_f, size, h, mag, np.nan_to_num(quotient))
         asym, asym_half = right - left, right_half - left_half
         defect = asym - 2 * asym_half  # O(h³) for a smooth function, O(jump) with a kink within the step
         finite = np.isfinite(F).all(axis=1) & np.isfinite(f0)
@@ -294,8 +299,7 @@ def _outer_reading(f0: float, F: np.ndarray, h: np.ndarray, eps_f: np.ndarray | 
         right, left = (f_plus - f0) / h, (f0 - f_minus) / h
         size = np.maximum(np.maximum(np.abs(f_minus), np.abs(f_plus)), abs(f0))
         quotient = np.maximum(np.abs(right), np.abs(left))
-        # (rounding as _scale counts it for its quotients at h/2: twice what a quotient at h has)
-        noise = 3 * 16 * eps_f * size / h + 4 * eps_f * (mag + h) * quotient / h
+        noise = _rounding(eps_f, size, h, mag, quotient)  # (as _scale counts it at h/2: twice a quotient at h's)
         finite = np.isfinite(f_minus) & np.isfinite(f_plus) & np.isfinite(f0) & np.isfinite(central)
         smooth = np.abs(right - left) <= np.maximum(np.maximum(12 * noise, tol), 0.5 * quotient)
         settled = finite & smooth & (noise <= tol)
