@@ -32,6 +32,7 @@ from funcgrad.verify._inputs import (
     _UserTypeError,
     _x64,
 )
+from funcgrad.verify._xla import gradient_jit
 
 # Budget for coordinate-wise finite differences in mode="auto": about this many flops in total.
 _EXACT_FLOP_BUDGET = 4e9
@@ -472,7 +473,7 @@ def _value_and_grad(f: Callable, theta: jax.Array, reverse: bool) -> tuple[jax.A
     return f(theta), g
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "layout", "dtypes", "args_spec", "reverse"))
+@functools.partial(gradient_jit, static_argnames=("fn", "layout", "dtypes", "args_spec", "reverse"))
 def _user_grad(params, dyn, *, fn, layout, dtypes, args_spec, reverse):
     """Value and autodiff gradient at the parameters' own dtypes: the gradient as a flat array per leaf, at the
     dtype autodiff gives it (no wider copy)."""
@@ -485,14 +486,14 @@ def _user_grad(params, dyn, *, fn, layout, dtypes, args_spec, reverse):
     return value, _split(layout, grad)
 
 
-@functools.partial(jax.jit, static_argnames=("hand", "layout", "args_spec"))
+@functools.partial(gradient_jit, static_argnames=("hand", "layout", "args_spec"))
 def _user_hand(params, dyn, *, hand, layout, args_spec):
     """The (traced) hand gradient at the parameters' own dtypes: a flat array per leaf, at hand's own dtypes."""
     out = hand(_unflat(layout, list(params)), *_join_args(dyn, args_spec))
     return [jnp.ravel(x) for x in jax.tree_util.tree_leaves(out)]
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "hand", "layout", "args_spec", "plan"))
+@functools.partial(gradient_jit, static_argnames=("fn", "hand", "layout", "args_spec", "plan"))
 def _probe(params, dyn, h_given, exact_idx, seed, h0, rtol, atol, eps, *, fn, hand, layout, args_spec, plan):
     """The float64 gradients in one compiled program: value, autodiff and hand gradients (a flat array per leaf,
     the program's only outputs of the parameters' size), each leaf's gradient scale, the finite-difference items

@@ -1,0 +1,88 @@
+"""How a check's gradient programs are compiled: :func:`gradient_jit` is ``jax.jit`` with, where it helps,
+:func:`compiler_options`.
+
+jaxlib 0.10's CPU backend hands matrix products and reductions to YNNPACK ("ynn fusions"). Its sum over a
+leading axis (a bias gradient's sum over the batch, in autodiff's backward pass and in most hand-derived ones)
+runs 10-25 times as long as XLA's own loop there: 12 ms against 0.8 ms for a 64×32768 float64 array, 5.5 ms
+against 0.2 ms in float32; jaxlib 0.11 sums as fast as XLA does. On jaxlib 0.10 with the CPU backend, a check's
+gradient programs (the float64 probe, the gradients at the parameters' own precision) therefore keep YNNPACK for
+matrix products only (XLA's ``xla_cpu_experimental_ynn_fusion_type`` option), for parameters of fewer than
+:data:`_MAX_ELEMENTS` elements: on benchmarks/bench_verify.py's 393k-parameter model a repeated check then takes
+about a fifth less processor time. Not beyond that size, where matrix products dominate and the 100M-parameter
+check of benchmarks/bench_verify_scale.py took more time and memory so (5.8× the model against 5.3×); not for
+the finite differences' programs, which took longer so (their loops of forward evaluations hold no such sums);
+and nowhere else, where programs are compiled as JAX compiles any program. The user's own programs are never
+touched.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jaxlib
+import numpy as np
+
+_YNN_DOTS_ONLY = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+_MAX_ELEMENTS = 1 << 22  # parameters at least this many: JAX's defaults
+
+
+def _jaxlib_version() -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", jaxlib.__version__)[:3])
+
+
+@functools.cache
+def compiler_options() -> dict[str, str] | None:
+    """The options for a check's gradient programs in this process (None: JAX's defaults). Decided once, at the
+    first such compilation, when JAX's backend is known: on jaxlib 0.10 with the CPU backend, where a tiny program
+    compiles with them, YNNPACK for matrix products only (see the module's docstring)."""
+    if _jaxlib_version()[:2] != (0, 10):
+        return None
+    try:
+        if jax.default_backend() != "cpu":
+            return None
+        jax.jit(lambda x: x.sum(0), compiler_options=_YNN_DOTS_ONLY).lower(np.zeros((2, 2), np.float32)).compile()
+    except Exception:  # noqa: BLE001 - an option this jaxlib does not know: JAX's defaults, as anywhere else
+        return None
+    return dict(_YNN_DOTS_ONLY)
+
+
+class _GradientJit:
+    """``jax.jit(fun, **kwargs)``, and the same with :func:`compiler_options` for parameters (the first argument,
+    a sequence of arrays) of fewer than :data:`_MAX_ELEMENTS` elements. Both are made at the first call that needs
+    them (importing funcgrad starts no JAX backend)."""
+
+    def __init__(self, fun: Callable, kwargs: dict[str, Any]) -> None:
+        functools.update_wrapper(self, fun)
+        self._fun, self._kwargs = fun, kwargs
+        self._plain: Any = None
+        self._tuned: Any = None
+
+    def _pick(self, params: Any) -> Any:
+        options = compiler_options()
+        if options is not None and sum(int(np.size(x)) for x in params) < _MAX_ELEMENTS:
+            if self._tuned is None:
+                self._tuned = jax.jit(self._fun, compiler_options=options, **self._kwargs)
+            return self._tuned
+        if self._plain is None:
+            self._plain = jax.jit(self._fun, **self._kwargs)
+        return self._plain
+
+    def __call__(self, params: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._pick(params)(params, *args, **kwargs)
+
+    def _cache_size(self) -> int:
+        """How many compilations both hold (as ``jax.jit``'s own ``_cache_size``)."""
+        return sum(j._cache_size() for j in (self._plain, self._tuned) if j is not None)
+
+
+def gradient_jit(fun: Callable | None = None, **kwargs: Any) -> Any:
+    """``jax.jit`` for a check's gradient programs, whose first argument is the parameters' leaves: the same
+    arguments (``static_argnames``, ...), compiled with :func:`compiler_options` where the module's docstring says.
+    Usable as ``@functools.partial(gradient_jit, static_argnames=...)``."""
+    if fun is None:
+        return functools.partial(gradient_jit, **kwargs)
+    return _GradientJit(fun, kwargs)
