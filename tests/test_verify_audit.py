@@ -171,6 +171,9 @@ def test_a_rule_wrong_only_in_late_scan_iterations_is_found_at_its_iteration():
     r = rows(report)["cube"]
     assert r.verdict == "autodiff_wrong" and (r.calls, r.seen) == (8, 20), report
     assert "scan iteration 19" in r.where
+    # The text table and the Markdown one show the same calls (checked/seen) and say where the verdict was decided.
+    for table in (str(report), report.to_markdown()):
+        assert " 8/20 " in table and f"decided at the call {r.where}" in table, table
     # Every iteration is checked when asked; without the last one, nothing is wrong.
     assert rows(verify.audit(fn, jnp.ones(3), jnp.ones((20, 3)), max_calls=20))["cube"].calls == 20
     assert verify.audit(fn, jnp.ones(3), jnp.ones((19, 3))).ok

@@ -422,6 +422,22 @@ def _audit_severity(row: AuditRow) -> tuple[int, float]:
     return _SEVERITY[row.verdict], _err_key(row.max_abs_err)
 
 
+def _calls(r: AuditRow) -> str:
+    """The calls column: those checked, out of those the forward pass made when fewer were checked."""
+    return f"{r.calls}/{r.seen}" if r.seen != r.calls else str(r.calls)
+
+
+def _row_note(r: AuditRow) -> str:
+    """A row's note as the tables show it: where a failing verdict was decided, the note, and whether the rule is
+    off the gradient path ("" when there is nothing to say)."""
+    parts = [r.note] if r.note else []
+    if not r.ok and r.where:
+        parts.insert(0, f"decided at the call {r.where}")
+    if not r.on_path:
+        parts.append("not on the gradient path of the selected parameters")
+    return "; ".join(parts)
+
+
 @dataclasses.dataclass(frozen=True)
 class AuditReport:
     """The result of :func:`funcgrad.verify.audit`: a row per custom rule; ``ok`` when every rule passes and
@@ -475,20 +491,14 @@ class AuditReport:
             lines.append(f"  {'rule'.ljust(rw)}  {'kind':10s} {'calls':>9s}  {'verdict':14s} {'worst index':14s}"
                          f" {'rule':>11s} {'primal AD':>11s} {'numeric':>11s} {'rel err':>10s}  source")
             for r in self.rows:
-                calls = f"{r.calls}/{r.seen}" if r.seen != r.calls else str(r.calls)
-                lines.append(f"  {r.rule.ljust(rw)}  {r.kind:10s} {calls:>9s}  {r.verdict:14s} {_index(r):14s}"
+                lines.append(f"  {r.rule.ljust(rw)}  {r.kind:10s} {_calls(r):>9s}  {r.verdict:14s} {_index(r):14s}"
                              f" {_fmt(r.rule_value)} {_fmt(r.primal)} {_fmt(r.numeric)} {_fmt(r.max_rel_err, 10)}"
                              f"  {r.source}")
-        explained = [r for r in self.rows if r.note or not r.ok or not r.on_path]
+        explained = [(r, _row_note(r)) for r in self.rows]
+        explained = [(r, n) for r, n in explained if n]
         if explained or self.notes:
             lines.append("  notes:")
-            for r in explained:
-                parts = [r.note] if r.note else []
-                if not r.ok and r.where:
-                    parts.insert(0, f"decided at the call {r.where}")
-                if not r.on_path:
-                    parts.append("not on the gradient path of the selected parameters")
-                lines.append(f"    {r.rule}: " + "; ".join(parts))
+            lines += [f"    {r.rule}: {n}" for r, n in explained]
             lines += [f"    {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -511,9 +521,9 @@ class AuditReport:
                "|---|---|---|---|---|---|---|---|---|---|"]
         for r in self.rows:
             vals = [_fmt(v).strip() for v in (r.rule_value, r.primal, r.numeric, r.max_rel_err)]
-            out.append(f"| `{cell(r.rule)}` | {r.kind} | {r.calls}/{r.seen} | {r.verdict} | {_index(r)} | "
+            out.append(f"| `{cell(r.rule)}` | {r.kind} | {_calls(r)} | {r.verdict} | {_index(r)} | "
                        + " | ".join(vals) + f" | `{cell(r.source)}` |")
-        notes = [f"`{cell(r.rule)}`: {cell(r.note)}" for r in self.rows if r.note] + [cell(n) for n in self.notes]
+        notes = [f"`{cell(r.rule)}`: {cell(n)}" for r in self.rows if (n := _row_note(r))] + [cell(n) for n in self.notes]
         if notes:
             out += ["", "Notes:", ""] + [f"- {n}" for n in notes]
         if self.environment:

@@ -8,7 +8,7 @@ against 0.2 ms in float32; jaxlib 0.11 sums as fast as XLA does. On jaxlib 0.10 
 gradient programs (the float64 probe, the gradients at the parameters' own precision) therefore keep YNNPACK for
 matrix products only (XLA's ``xla_cpu_experimental_ynn_fusion_type`` option), for parameters of fewer than
 :data:`_MAX_ELEMENTS` elements: on benchmarks/bench_verify.py's 393k-parameter model a repeated check then takes
-about a fifth less processor time. Not beyond that size, where matrix products dominate and the 100M-parameter
+about a tenth less processor time. Not beyond that size, where matrix products dominate and the 100M-parameter
 check of benchmarks/bench_verify_scale.py took more time and memory so (5.8× the model against 5.3×); not for
 the finite differences' programs, which took longer so (their loops of forward evaluations hold no such sums);
 and nowhere else, where programs are compiled as JAX compiles any program. The user's own programs are never
