@@ -4,7 +4,8 @@ The model: 8 → 32768 tanh → 3, 64 samples, softmax cross-entropy, with a han
 For float64 and float32 it measures, in one run:
 
 - wall time of each checker, cold (first call in a fresh interpreter, compilation included: what a user
-  running a check experiences) and warm (median of repeated calls in the same process);
+  running a check experiences) and warm (median of repeated calls in the same process); and the repeated call
+  with check_grad and check_grads taking turns in one process (the ratio: the median of each pair's);
 - whether each raises a false alarm on the correct gradient;
 - the floor under check_grad's time: the computations it cannot do without, each timed alone as a plain jitted
   JAX program on the same model (autodiff and hand gradients in float64, again at the parameters' own precision,
@@ -120,6 +121,35 @@ def floor(dtype_name: str, repeats: int) -> dict:
     return out
 
 
+def interleaved(dtype_name: str, repeats: int) -> dict:
+    """The repeated call, check_grad (with the hand) and check_grads taking turns in one process (after a call of
+    each; two of check_grad), at least 9 times: the median of each, and of the ratios of each pair, less exposed to a shared machine's
+    drift than medians taken in different processes minutes apart."""
+    from jax.test_util import check_grads
+
+    from funcgrad import verify
+
+    params, X, y, loss, hand = setup(dtype_name, False)
+
+    def reference():
+        with contextlib.suppress(AssertionError):  # (its float64 false alarm still took the time)
+            check_grads(lambda p: loss(p, X, y), (params,), order=1, modes=("rev",))
+
+    def ours():
+        verify.check_grad(loss, params, X, y, hand=hand)
+
+    ours(), ours(), reference()  # (a function checked before gets its repeated-call plan, compiled at its second check)
+    ts: dict[str, list[float]] = {"check_grad": [], "check_grads": []}
+    for _ in range(max(repeats, 9)):
+        for name, f in (("check_grad", ours), ("check_grads", reference)):
+            t = time.perf_counter()
+            f()
+            ts[name].append(time.perf_counter() - t)
+    pairs = [a / b for a, b in zip(ts["check_grad"], ts["check_grads"], strict=True)]
+    return {"check_grad": statistics.median(ts["check_grad"]), "check_grads": statistics.median(ts["check_grads"]),
+            "pair_ratio": statistics.median(pairs), "pair_range": [min(pairs), max(pairs)], "n": len(pairs)}
+
+
 def worker(case: str, dtype_name: str, repeats: int) -> dict:
     import jax
 
@@ -127,6 +157,8 @@ def worker(case: str, dtype_name: str, repeats: int) -> dict:
         jax.config.update("jax_enable_x64", True)
     if case == "floor":
         return floor(dtype_name, repeats)
+    if case == "interleaved":
+        return interleaved(dtype_name, repeats)
     from jax.test_util import check_grads
 
     from funcgrad import verify
@@ -200,6 +232,18 @@ def main() -> None:
         print(f"{dtype}: planted wrong autodiff element W1{list(PLANT)}: check_grads alarm {pa['alarm']}, "
               f"check_grad {pf.get('where')}")
         print(f"{dtype}: planted wrong hand element W1{list(PLANT)}: check_grad {ph.get('where')}")
+    print()
+    print("The repeated call, check_grad and check_grads taking turns in one process (medians; the ratio is the median "
+          "of each pair's):")
+    for dtype in ("float64", "float32"):
+        proc = subprocess.run([sys.executable, __file__, "--worker", "interleaved", dtype, "--repeats",
+                               str(args.repeats)], capture_output=True, text=True, env=env, check=False)
+        if proc.returncode != 0:
+            raise SystemExit(f"worker interleaved {dtype} failed:\n{proc.stderr}")
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"  {dtype}: check_grad {1e3 * r['check_grad']:.0f} ms, check_grads {1e3 * r['check_grads']:.0f} ms; "
+              f"check_grad / check_grads {r['pair_ratio']:.2f}x (pairs {r['pair_range'][0]:.2f}-"
+              f"{r['pair_range'][1]:.2f}x over {r['n']}; issue 11's target: at most 2)")
     print()
     print("The floor: what a check cannot do without, each part a plain jitted JAX program timed alone (best of "
           "several), against check_grads (its median). A check computes both float64 gradients, both again at the "
