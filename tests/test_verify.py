@@ -476,6 +476,85 @@ def test_check_vjp_keeps_non_array_primals_static_and_names_primals_in_errors():
         verify.check_vjp(lambda x: x * 2, lambda x, d: (2 * d)[:2], x)
 
 
+def test_check_vjp_names_a_list_gradient_s_leaves_under_the_primals_own_names():
+    # names=["params", "x"] (check_chain's): params' second leaf is params[1], not the primal x.
+    X, P = jnp.ones((5, 4)), {"W": jnp.ones((4, 3)), "b": jnp.zeros((1, 3))}
+    with pytest.raises(ValueError, match=r"unexpected \['params\[0\]', 'params\[1\]'\]\. \(params, x\)'s leaves"):
+        verify.check_vjp(lambda p, x: x @ p["W"] + p["b"],
+                         lambda p, x, d: ([x.T @ d, d.sum(0, keepdims=True)], d @ p["W"].T), P, X, names=["params", "x"])
+
+
+def test_check_chain_s_whole_chain_converts_its_input_with_the_parameters():
+    # A stage whose operation needs matching dtypes (lax.conv): the whole chain's float64 check gets the input in
+    # float64 too (it failed with "requires arguments to have the same dtypes" when the input was closed over).
+    rs = np.random.RandomState(3)
+    p = {"W": jnp.asarray(rs.randn(2, 1, 3), jnp.float32), "b": jnp.zeros(2, jnp.float32)}
+    x = jnp.asarray(rs.randn(2, 1, 7), jnp.float32)
+
+    def conv(p, x):
+        y = jax.lax.conv_general_dilated(x, p["W"], (1,), "VALID", dimension_numbers=("NCH", "OIH", "NCH"))
+        return y + p["b"][None, :, None]
+
+    def conv_bwd(p, x, d):  # by the book's loops, in NumPy
+        x, d, W = np.asarray(x), np.asarray(d), np.asarray(p["W"])
+        dW, dx = np.zeros_like(W), np.zeros_like(x)
+        for t in range(d.shape[2]):
+            dW += np.einsum("nf,nck->fck", d[:, :, t], x[:, :, t : t + 3])
+            dx[:, :, t : t + 3] += np.einsum("nf,fck->nck", d[:, :, t], W)
+        return {"W": dW, "b": d.sum((0, 2))}, dx
+
+    report = verify.check_chain([("conv", conv, conv_bwd, p)], x)
+    assert report.ok, report
+    assert report.end_to_end.ok
+    assert {r.path for r in report.end_to_end.rows} == {"params['conv']['W']", "params['conv']['b']"}
+
+
+def test_a_custom_rule_that_leaks_a_traced_value_is_named_not_a_bare_jax_error():
+    def fn(w, xs):
+        def step(c, x):
+            @jax.custom_vjp
+            def f(z):
+                return jnp.sin(z)
+
+            f.defvjp(lambda z: (jnp.sin(z), z), lambda z, g: (g * jnp.cos(z) * x[0],))  # closes over the scan's x
+            return c + jnp.sum(f(w * x)), None
+        return jax.lax.scan(step, 0.0, xs)[0]
+
+    with pytest.raises(TypeError, match=r"check_grad: fn leaks a value JAX traced inside it .*closes over a value "
+                                        r"traced inside fn .*verify\.audit"):
+        verify.check_grad(fn, jnp.ones(3), jnp.ones((4, 3)))
+
+
+def test_without_a_hand_an_unconfirmed_leaf_of_a_function_with_custom_rules_points_to_audit():
+    # An MLP that computes in float32 whatever its parameters' dtype (as Flax's dtype=float32 does), with a custom
+    # activation rule 10% off: float32's rounding leaves the finite differences' error bars too wide to fail it, and
+    # the report says where to look (a review's case: the rows are fd_unreliable, which passes).
+    @jax.custom_vjp
+    def act(z):
+        return jnp.tanh(z)
+
+    act.defvjp(lambda z: (jnp.tanh(z), jnp.tanh(z)), lambda t, g: (1.1 * g * (1 - t * t),))
+    rs = np.random.RandomState(4)
+    x, y = jnp.asarray(rs.randn(32, 64), jnp.float32), jnp.asarray(rs.randint(0, 10, 32))
+    params = {"W1": jnp.asarray(rs.randn(64, 48) / 8, jnp.float32), "b1": jnp.zeros(48, jnp.float32),
+              "W2": jnp.asarray(rs.randn(48, 10) / 7, jnp.float32), "b2": jnp.zeros(10, jnp.float32)}
+
+    def mlp(activation):
+        def loss(p, x, y):
+            p = jax.tree.map(lambda v: v.astype(jnp.float32), p)
+            z = activation(x @ p["W1"] + p["b1"][None, :]) @ p["W2"] + p["b2"][None, :]
+            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(z), y[:, None], 1))
+        return loss
+
+    report = verify.check_grad(mlp(act), params, x, y)
+    unsure = [r.path for r in report.rows if r.verdict == "fd_unreliable"]
+    assert unsure, report
+    note = next(n for n in report.notes if "could not be confirmed" in n)
+    assert unsure[0] in note and "custom derivative rules" in note and "verify.audit(fn, params, *args)" in note
+    # Without custom rules, no such note.
+    assert not any("could not be confirmed" in n for n in verify.check_grad(mlp(jnp.tanh), params, x, y).notes)
+
+
 def test_check_jacobian_of_a_custom_vjp_function():
     f = jax.custom_vjp(jnp.sin)
     f.defvjp(lambda x: (jnp.sin(x), x), lambda x, d: (jnp.cos(x) * d,))

@@ -648,6 +648,7 @@ def test_call_site_of_a_rule_inside_a_vmapped_cond():
     ({"rtol": "1e-3"}, "rtol must be None"),
     ({"exclude": None}, "exclude must be a sequence of rule names"),
     ({"wrt": "w"}, "audit: wrt must be None, a predicate"),
+    ({"wrt": lambda x: False}, r"audit: wrt selects no leaf of params \(\(params\) float32\[2\]\)"),
 ])
 def test_more_bad_options_are_named(kwargs, match):
     with pytest.raises((TypeError, ValueError), match=match):

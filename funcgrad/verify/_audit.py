@@ -58,7 +58,7 @@ from funcgrad.verify._inputs import (
     _untraceable,
     _wrt_mask,
 )
-from funcgrad.verify._report import _FAILING, AuditReport, AuditRow, GradReport, Row, Verdict, _combine_verdicts
+from funcgrad.verify._report import _FAILING, _LIST, AuditReport, AuditRow, GradReport, Row, Verdict, _combine_verdicts
 
 _CUSTOM = {"custom_vjp_call": "custom_vjp", "custom_vjp_call_jaxpr": "custom_vjp", "custom_jvp_call": "custom_jvp"}
 # Primitives that call one sub-jaxpr with their own inputs and outputs.
@@ -1500,6 +1500,11 @@ def audit(
     leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs))
     n_params = len(jax.tree_util.tree_leaves(params))
     mask = _wrt_mask(params, wrt, n_params, "audit")
+    if mask is not None and not any(mask):
+        listed = ", ".join(f"{jax.tree_util.keystr(p) or '(params)'} {describe(x)}"
+                           for p, x in jax.tree_util.tree_flatten_with_path(params)[0][:_LIST])
+        raise ValueError(f"audit: wrt selects no leaf of params ({listed}{', ...' if n_params > _LIST else ''}); "
+                         "select at least one floating-point array leaf, or leave wrt out (every one)")
     if mask is None:
         mask = _default_mask(leaves[:n_params])
     # (a Python float in params is traced where it is differentiated, as check_grad does; elsewhere it is static)

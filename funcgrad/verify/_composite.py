@@ -33,10 +33,17 @@ from funcgrad.verify._report import ChainReport, GradReport, Row, Verdict, _comb
 def _in_terms_of(message: str, names: Sequence[str]) -> str:
     """A check_grad message about the tuple of differentiated primals, told with the primals' names."""
     message = message.replace("hand must", "hand_vjp must").replace("hand returned", "hand_vjp returned")
-    for i, name in enumerate(names):
-        message = message.replace(f"params[{i}]", name).replace(f"'[{i}]", f"'{name}").replace(f"[{i}]:", f"{name}:")
-        message = re.sub(rf"(?<![\w\]'])\[{i}\](?=\[)", name, message)  # a path within it: [0]['b'] is params['b']
-        message = re.sub(rf"(?<=the value of )\[{i}\](?=\))", name, message)  # the leaf an untraceable fn needs
+    message = message.replace("the same structure as params;", f"the same structure as ({', '.join(names)});")
+    message = message.replace("params leaves:", f"({', '.join(names)})'s leaves:")
+    # Each primal's index becomes a placeholder first, its name only once all are: a name is no index (names
+    # ["params", "x"]: params[1], the second leaf of params, is not x).
+    marks = [f"\x00{i}\x00" for i in range(len(names))]
+    for i, mark in enumerate(marks):
+        message = message.replace(f"params[{i}]", mark).replace(f"'[{i}]", f"'{mark}").replace(f"[{i}]:", f"{mark}:")
+        message = re.sub(rf"(?<![\w\]'\x00])\[{i}\](?=\[)", mark, message)  # a path within it: [0]['b'] is params['b']
+        message = re.sub(rf"(?<=the value of )\[{i}\](?=\))", mark, message)  # the leaf an untraceable fn needs
+    for mark, name in zip(marks, names, strict=True):
+        message = message.replace(mark, name)
     return f"check_vjp (differentiating {', '.join(names)}): {message}"
 
 
@@ -472,8 +479,10 @@ def _whole_chain(parsed, links, x, rtol, atol, mode, seed) -> ChainReport:
 
     if all_params:
         # The parameters' gradient through the whole chain. (Not the input's: an input coordinate can move
-        # several kinks at once in opposite directions, where the one-sided test cannot judge conventions.)
-        end = check_grad(lambda ps: whole(ps, x), all_params, hand=lambda ps: whole_hand(ps, x)[0],
+        # several kinks at once in opposite directions, where the one-sided test cannot judge conventions.) The
+        # input is an argument, not a constant: the float64 check converts it with the parameters, as stages whose
+        # operations need matching dtypes (lax.conv) require.
+        end = check_grad(whole, all_params, x, hand=lambda ps, x_: whole_hand(ps, x_)[0],
                          rtol=rtol, atol=atol, mode=mode, seed=seed)
         root = "params"
     else:

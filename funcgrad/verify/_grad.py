@@ -35,6 +35,7 @@ from funcgrad.verify._compiled import (
     _ProbeOut,
     _project_jit,
     _static_facts,
+    _sub_jaxprs,
     _take_jit,
     _tolerance,
     _user_grad,
@@ -64,11 +65,13 @@ from funcgrad.verify._inputs import (
     _clean,
     _concrete_note,
     _concrete_tiers,
+    _first_line,
     _fresh,
     _host,
     _host_tree,
     _isolating,
     _Layout,
+    _leaked_tracer,
     _select,
     _split_args,
     _untraceable,
@@ -625,6 +628,13 @@ def _check_grad_impl(fn: Callable[..., Any], params: Any, args: tuple, *, hand: 
     except Exception as e:
         if any("funcgrad:" in n for n in getattr(e, "__notes__", ())):
             raise  # the user's NumPy hand failed
+        if _leaked_tracer(e):
+            raise TypeError(
+                f"check_grad: fn leaks a value JAX traced inside it ({_first_line(e).rstrip('.')}): a custom rule's "
+                "forward or backward (a custom_vjp's fwd or bwd, Flax's nn.custom_vjp) closes over a value traced "
+                "inside fn (a scan's input, a parameter) rather than taking it as an argument or returning it among "
+                "its residuals, so its derivative cannot run where JAX runs it; jax.grad(fn) fails on it too. "
+                "verify.audit(fn, params, *args) names the rule") from None
         # Perhaps JAX cannot differentiate fn in one of the modes (lax.while_loop has no reverse mode): find
         # out, and check with the other; if both work, the failure was something else.
         diagnosed = _static_facts(bound, layout, spec, dtypes, tuple((tuple(d.shape), d.dtype) for d in dyn),
@@ -634,11 +644,31 @@ def _check_grad_impl(fn: Callable[..., Any], params: Any, args: tuple, *, hand: 
         facts = diagnosed
         rows, notes, plan, rtol_eff, eager = _compute(prep, facts, base_notes, options)
 
+    unsure = [r.path for r in rows if r.verdict == Verdict.FD_UNRELIABLE and r.size]
+    if hand is None and unsure and _holds_custom_rules(bound.fn):
+        notes.append(
+            f"without a hand, autodiff could not be confirmed on {', '.join(unsure[:_LIST])}"
+            f"{'...' if len(unsure) > _LIST else ''}: the finite differences' error bars there are wider than the "
+            "tolerance (fn computes in float32 or lower inside?), and fn holds custom derivative rules, a wrong one of "
+            "which could hide so; verify.audit(fn, params, *args) checks each rule at its inputs, and a hand decides")
     dtype = "/".join(user_dtypes) + (" (finite differences in float64)" if user_dtypes != ["float64"] else "")
     env = _environment(caller_x64, user_dtypes, facts, mode, plan, seed, rtol_eff, atol, hand, eager, has_aux,
                        layout, sel)
     return GradReport(tuple(rows), _combine_verdicts([r.verdict for r in rows]), "check_grad", dtype, tuple(notes),
                       time.perf_counter() - start, env)
+
+
+_RULE_CALLS = frozenset({"custom_vjp_call", "custom_vjp_call_jaxpr", "custom_jvp_call"})
+
+
+def _holds_custom_rules(fn: Any) -> bool:
+    """Whether fn, as traced for the check, calls a custom derivative rule (custom_vjp, custom_jvp) anywhere; False
+    for a function that was not traced."""
+    def holds(jaxpr: Any) -> bool:
+        return any(e.primitive.name in _RULE_CALLS or any(holds(sub) for sub in _sub_jaxprs(e)) for e in jaxpr.eqns)
+
+    traces = getattr(fn, "traces", ())
+    return any(holds(t.jaxpr) for t in traces[:1])
 
 
 def _traced_functions(bound0: _Bound, dleaves: list, dtypes: tuple, packed: tuple,

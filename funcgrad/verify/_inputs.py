@@ -386,6 +386,13 @@ def _clean(e: Exception) -> Exception:
     return (ValueError if isinstance(e, ValueError) else TypeError)(*e.args)
 
 
+def _leaked_tracer(e: BaseException) -> bool:
+    """Whether JAX failed on a value traced in one function and used outside its trace (a custom rule closing over
+    a scan's input, say): JAX's UnexpectedTracerError, or XLA finding that tracer among a program's constants."""
+    return isinstance(e, jax.errors.UnexpectedTracerError) or (
+        isinstance(e, TypeError) and "constant handler" in str(e) and "Tracer" in str(e))
+
+
 # Errors JAX raises when a function needs concrete values (NumPy code): such a hand is called eagerly.
 _TRACE_ERRORS = (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError,
                  jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError)
