@@ -649,8 +649,9 @@ def _check_grad_impl(fn: Callable[..., Any], params: Any, args: tuple, *, hand: 
         notes.append(
             f"without a hand, autodiff could not be confirmed on {', '.join(unsure[:_LIST])}"
             f"{'...' if len(unsure) > _LIST else ''}: the finite differences' error bars there are wider than the "
-            "tolerance (fn computes in float32 or lower inside?), and fn holds custom derivative rules, a wrong one of "
-            "which could hide so; verify.audit(fn, params, *args) checks each rule at its inputs, and a hand decides")
+            "tolerance (fn computes in float32 or lower inside?), and fn calls custom derivative rules (its own or a "
+            "library's), a wrong one of which could hide so; verify.audit(fn, params, *args) checks each rule at its "
+            "inputs, and a hand decides")
     dtype = "/".join(user_dtypes) + (" (finite differences in float64)" if user_dtypes != ["float64"] else "")
     env = _environment(caller_x64, user_dtypes, facts, mode, plan, seed, rtol_eff, atol, hand, eager, has_aux,
                        layout, sel)
