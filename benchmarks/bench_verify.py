@@ -123,8 +123,8 @@ def floor(dtype_name: str, repeats: int) -> dict:
 
 def interleaved(dtype_name: str, repeats: int) -> dict:
     """The repeated call, check_grad (with the hand) and check_grads taking turns in one process (after a call of
-    each; two of check_grad), at least 9 times: the median of each, and of the ratios of each pair, less exposed to a shared machine's
-    drift than medians taken in different processes minutes apart."""
+    each; two of check_grad), at least 9 times: the median of each, and of the ratios of each pair, less exposed to
+    a shared machine's drift than medians taken in different processes minutes apart."""
     from jax.test_util import check_grads
 
     from funcgrad import verify
