@@ -525,6 +525,7 @@ def test_a_custom_rule_that_leaks_a_traced_value_is_named_not_a_bare_jax_error()
         verify.check_grad(fn, jnp.ones(3), jnp.ones((4, 3)))
 
 
+@pytest.mark.slow  # (8 s: three checks of a 4k-parameter MLP)
 def test_without_a_hand_an_unconfirmed_leaf_of_a_function_with_custom_rules_points_to_audit():
     # An MLP that computes in float32 whatever its parameters' dtype (as Flax's dtype=float32 does), with a custom
     # activation rule 10% off: float32's rounding leaves the finite differences' error bars too wide to fail it, and
