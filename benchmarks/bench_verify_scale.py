@@ -148,6 +148,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="pairs of fresh processes for the constants' ratio")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.worker:
         print(json.dumps(worker(args.worker, args.params)))
         return
