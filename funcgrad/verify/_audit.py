@@ -44,7 +44,7 @@ import numpy as np
 from jax.extend.core import ClosedJaxpr, Literal, jaxpr_as_fun
 
 from funcgrad._checks import describe, in_range
-from funcgrad.verify._compiled import _lower, _lowest_float
+from funcgrad.verify._compiled import _CUSTOM, _lower, _lowest_float
 from funcgrad.verify._compiled import _sub_jaxprs as _sub
 from funcgrad.verify._fd import _default_rtol
 from funcgrad.verify._grad import _check_grad_impl, _environment_versions
@@ -60,7 +60,6 @@ from funcgrad.verify._inputs import (
 )
 from funcgrad.verify._report import _FAILING, _LIST, AuditReport, AuditRow, GradReport, Row, Verdict, _combine_verdicts
 
-_CUSTOM = {"custom_vjp_call": "custom_vjp", "custom_vjp_call_jaxpr": "custom_vjp", "custom_jvp_call": "custom_jvp"}
 # Primitives that call one sub-jaxpr with their own inputs and outputs.
 _CALLS = {"pjit", "jit", "closed_call", "core_call", "checkpoint", "remat", "remat2", "named_call"}
 # Rules defined in these packages are the framework's own, tested there; audit(library=True) includes them.

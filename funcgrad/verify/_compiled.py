@@ -899,6 +899,10 @@ def _precisions(jaxpr: Any, n_params: int | None = None) -> list[tuple[Any, Any,
     return [x[:3] for x in walk(jaxpr, top)]
 
 
+# The primitives that call a user-definable custom derivative rule, and the rule's kind.
+_CUSTOM = {"custom_vjp_call": "custom_vjp", "custom_vjp_call_jaxpr": "custom_vjp", "custom_jvp_call": "custom_jvp"}
+
+
 def _sub_jaxprs(eqn: Any) -> list:
     out = []
     for v in eqn.params.values():

@@ -21,6 +21,7 @@ import numpy as np
 
 from funcgrad._checks import describe, in_range, x64_enabled
 from funcgrad.verify._compiled import (
+    _CUSTOM,
     _dir_items,
     _dtype64,
     _Facts,
@@ -659,14 +660,11 @@ def _check_grad_impl(fn: Callable[..., Any], params: Any, args: tuple, *, hand: 
                       time.perf_counter() - start, env)
 
 
-_RULE_CALLS = frozenset({"custom_vjp_call", "custom_vjp_call_jaxpr", "custom_jvp_call"})
-
-
 def _holds_custom_rules(fn: Any) -> bool:
     """Whether fn, as traced for the check, calls a custom derivative rule (custom_vjp, custom_jvp) anywhere; False
     for a function that was not traced."""
     def holds(jaxpr: Any) -> bool:
-        return any(e.primitive.name in _RULE_CALLS or any(holds(sub) for sub in _sub_jaxprs(e)) for e in jaxpr.eqns)
+        return any(e.primitive.name in _CUSTOM or any(holds(sub) for sub in _sub_jaxprs(e)) for e in jaxpr.eqns)
 
     traces = getattr(fn, "traces", ())
     return any(holds(t.jaxpr) for t in traces[:1])

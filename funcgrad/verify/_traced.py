@@ -112,7 +112,8 @@ def _params_key(jaxpr: Any, out: list, active: frozenset = frozenset()) -> None:
     outputs and parameters (a structural copy of what str(jaxpr) shows, without the cost of printing it), inner
     constants, and what a user's custom rule computes for its derivative (``active``: the rules whose derivatives
     are being traced for the key, keyed here by name only)."""
-    from funcgrad.verify._audit import _CUSTOM, _call_jaxpr, _identify  # noqa: PLC0415 - _audit imports this module
+    from funcgrad.verify._audit import _call_jaxpr, _identify  # noqa: PLC0415 - _audit imports this module
+    from funcgrad.verify._compiled import _CUSTOM  # noqa: PLC0415 - (beside it)
 
     names: dict[Any, int] = {}
 
