@@ -283,3 +283,63 @@ def test_the_numpy_layers_do_not_import_jax(module):
     imported += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
     assert not [m for m in imported if m == "jax" or m.startswith(("jax.", "funcgrad.verify._compiled"))], imported
     assert all(m.startswith("funcgrad.verify._report") for m in imported if m.startswith("funcgrad"))
+
+
+# ---- the rounding of one evaluation, measured (fourth differences) ----
+
+
+def test_the_fourth_difference_vanishes_on_cubics_and_is_exact_on_quartics():
+    h = 0.1
+    cubic = lambda x: 2 * x**3 - x + 1  # noqa: E731
+    assert _fd._fourth(cubic(0.3), evaluations(cubic, 0.3, h))[0] < 1e-14
+    quartic = lambda x: x**4  # noqa: E731
+    # Δ⁴ of x⁴ at spacing h/2 is 4!·(h/2)⁴, whatever the point
+    want = 24 * (h / 2) ** 4 / math.sqrt(70)
+    assert _fd._fourth(quartic(-0.7), evaluations(quartic, -0.7, h))[0] == pytest.approx(want, rel=1e-8)
+
+
+def test_pooled_rounding_is_three_times_the_rms_of_at_least_eight_samples():
+    rng = np.random.default_rng(0)
+    sigma = 1e-9
+    F = np.sin(0.4) + sigma * rng.standard_normal((400, 4))  # five points each, independent rounding of RMS σ
+    f0s = np.sin(0.4) + sigma * rng.standard_normal(400)
+    samples = np.concatenate([_fd._fourth(f0, F[i : i + 1]) for i, f0 in enumerate(f0s)])
+    assert _fd._pooled_rounding(samples) == pytest.approx(3 * sigma, rel=0.15)
+    assert math.isnan(_fd._pooled_rounding(samples[:7]))
+    assert not math.isnan(_fd._pooled_rounding(samples[:8]))
+    assert math.isnan(_fd._pooled_rounding(np.full(20, np.nan)))
+
+
+def test_items_along_which_f_does_not_change_say_nothing_about_the_rounding():
+    F = np.array([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0 + 1e-15, 1.0], [np.nan, 1.0, 1.0, 1.0]])
+    assert _fd._informative(1.0, F).tolist() == [False, True, False]
+
+
+def test_a_measured_rounding_narrows_the_noise_within_the_quantum_and_the_bound():
+    eps, size, h = float(np.finfo(np.float32).eps), 2.0, 1e-2
+    bound = _fd._rounding(eps, size, h, 0.0, 0.0)
+    assert bound == pytest.approx(4 * 12 * eps * size / h)
+    assert _fd._rounding(eps, size, h, 0.0, 0.0, np.array([3 * eps * size]))[0] == pytest.approx(bound / 4)
+    # never below one unit of the output's own rounding, never above the bound, unchanged where unknown (NaN)
+    assert _fd._rounding(eps, size, h, 0.0, 0.0, np.array([1e-3 * eps]))[0] == pytest.approx(4 * eps * size / h)
+    assert _fd._rounding(eps, size, h, 0.0, 0.0, np.array([1e3 * eps * size]))[0] == pytest.approx(bound)
+    assert _fd._rounding(eps, size, h, 0.0, 0.0, np.array([np.nan]))[0] == pytest.approx(bound)
+
+
+@pytest.mark.parametrize("h", [4e-3, 4e-4, 4e-5])
+def test_a_float32_outputs_measured_rounding_still_bounds_the_error_and_is_far_below_the_generous_one(h):
+    # f computed in float64, its output rounded to float32 (fn's loss in float32): sixteen points, the pool
+    # measured from their own evaluations, as the checks measure it along a leaf (at coarser steps the truncation,
+    # (h/2)⁴·f⁗, dominates the samples and the generous bound stays)
+    eps32 = float(np.finfo(np.float32).eps)
+    f = lambda x: float(np.float32(np.exp(np.sin(3 * x)) + 1.5))  # noqa: E731
+    df = lambda x: 3 * math.cos(3 * x) * math.exp(math.sin(3 * x))  # noqa: E731
+    xs = np.linspace(-1.1, 1.3, 16)
+    Fs = [evaluations(f, x, h) for x in xs]
+    pool = _fd._pooled_rounding(np.concatenate([_fd._fourth(f(x), F) for x, F in zip(xs, Fs, strict=True)]))
+    assert eps32 * 0.05 < pool < 12 * eps32 * 3
+    for x, F in zip(xs, Fs, strict=True):
+        s = _fd._scale(f(x), F, np.array([h]), eps32, np.array([0.0]), measured=np.array([pool]))
+        plain = _fd._scale(f(x), F, np.array([h]), eps32, np.array([0.0]))
+        assert abs(s.value[0] - df(x)) <= s.err[0], (x, s.value[0], df(x), s.err[0])
+        assert s.noise[0] < plain.noise[0] / 3

@@ -629,3 +629,57 @@ def test_a_float32_hand_of_a_gradient_that_is_exactly_zero_gets_float32_round_of
     assert report.ok, report
     bad = verify.check_grad(loss, params, X, y, hand=lambda p, X, y: hand(p, X, y, db=1e-4))  # far above round-off
     assert {r.path: r.verdict for r in bad.rows}["['b']"] == "hand_wrong", bad
+
+
+def _f32_mlp(scale):
+    """A classifier computing in float32 whatever its parameters' dtype (Flax's ``dtype=jnp.float32``), with a
+    custom tanh rule whose backward is ``scale`` times the true one."""
+
+    @jax.custom_vjp
+    def act(z):
+        return jnp.tanh(z)
+
+    act.defvjp(lambda z: (jnp.tanh(z), jnp.tanh(z)), lambda t, g: (g * (1 - t * t) * scale,))
+
+    def fn(p, x, y):
+        f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+        h = act(f32(x) @ f32(p["W1"]) + f32(p["b1"])[None, :])
+        logits = h @ f32(p["W2"])
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+
+    return fn
+
+
+def _f32_mlp_grad(p, x, y):
+    """The classifier's gradient, in NumPy float64."""
+    W1, b1, W2 = (np.asarray(p[k], np.float64) for k in ("W1", "b1", "W2"))
+    x = np.asarray(x, np.float64)
+    h = np.tanh(x @ W1 + b1)
+    z = h @ W2
+    s = np.exp(z - z.max(1, keepdims=True))
+    s /= s.sum(1, keepdims=True)
+    d = (s - np.eye(W2.shape[1])[np.asarray(y)]) / len(x)
+    dz1 = (d @ W2.T) * (1 - h**2)
+    return {"W1": x.T @ dz1, "b1": dz1.sum(0), "W2": h.T @ d}
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.05])
+def test_a_rule_a_few_percent_off_inside_float32_compute_fails_without_a_hand(scale):
+    # Finite differences of a float32 loss carry its rounding, which they now measure (fourth differences along each
+    # leaf) instead of assuming 12 units of it: about 0.4 here. With the assumed rounding, a rule 5% (and 10%) off
+    # sat inside error bars of ±8% and read fd_unreliable, an "ok" report.
+    rs = np.random.RandomState(3)
+    x = jnp.asarray(rs.randn(32, 16), jnp.float32)
+    y = jnp.asarray(rs.randint(0, 5, 32))
+    p = {"W1": jnp.asarray(rs.randn(16, 24) / 4, jnp.float32), "b1": jnp.asarray(rs.randn(24) / 4, jnp.float32),
+         "W2": jnp.asarray(rs.randn(24, 5) / 4, jnp.float32)}
+    report = verify.check_grad(_f32_mlp(scale), p, x, y)
+    rows = {r.path: r for r in report.rows}
+    want = _f32_mlp_grad(p, x, y)
+    for path, key in (("['W1']", "W1"), ("['b1']", "b1"), ("['W2']", "W2")):  # finite differences are right
+        r = rows[path]
+        assert r.numeric == pytest.approx(want[key][r.worst_index], rel=0.02, abs=1e-4), (path, r)
+    if scale == 1.0:
+        assert report.ok and all(r.verdict in ("ok", "fd_unreliable") for r in report.rows), report
+    else:  # the two leaves upstream of the rule fail; W2's gradient never meets it
+        assert not report.ok and not rows["['W1']"].ok and not rows["['b1']"].ok and rows["['W2']"].ok, report

@@ -52,8 +52,11 @@ from funcgrad.verify._fd import (
     _classify,
     _consistent,
     _default_rtol,
+    _fourth,
+    _informative,
     _merge,
     _outer_reading,
+    _pooled_rounding,
     _resolve,
     _scale,
 )
@@ -179,6 +182,10 @@ class _Engine:
         # The smallest derivative finite differences resolve at the first step: nothing below it is wrong.
         self.floor = (3 * 16 * self.eps_f * max(abs(self.f0), 1e-300) / self.h0 if math.isfinite(self.f0)
                       else np.zeros_like(self.eps_f))
+        # Per leaf: the fourth differences seen along it so far, and the rounding of one evaluation they measure
+        # (NaN until enough of them; see _fd._pooled_rounding).
+        self.samples: list[np.ndarray] = [np.empty(0) for _ in layout.sizes]
+        self.measured = np.full(len(layout.sizes), np.nan)
         self.hand_reference = False  # hand is only a reference (verify.audit; see _classify)
         self.eps_grad = [0.0] * len(layout.sizes)  # per leaf, the rounding of the lowest precision its gradient meets
         self.tp = tp  # (a row per leaf, atol, eps) of the analytic tolerances (see _tolerance)
@@ -447,9 +454,12 @@ class _Engine:
             F = self.evaluate(two)[0]
             n_items = len(items.index)
             initial = np.stack([F[:n_items], F[n_items:]], axis=1)
-        eps_f = self.eps_f[self.leaf_of(items.index, items.lo)]
+        leaves = self.leaf_of(items.index, items.lo)
+        eps_f = self.eps_f[leaves]
         mag = self._mag(items)
-        scales = [_scale(self.f0, initial[:, level], items.step / _LADDER**level, eps_f, tol, mag)
+        for level in range(initial.shape[1]):
+            self._measure(leaves, initial[:, level])
+        scales = [_scale(self.f0, initial[:, level], items.step / _LADDER**level, eps_f, tol, mag, self.measured[leaves])
                   for level in range(initial.shape[1])]
         # (from a single scale, the ladder stops at the first reading that settles an item, not at the best of
         # four: a smooth reading settles only once its error bars are within the tolerance, as the best of four
@@ -461,11 +471,21 @@ class _Engine:
             level = len(scales)
             F = np.full((len(items.index), len(_OFFSETS)), np.nan)
             F[sel] = self.evaluate(_Items._make([*(x[sel] for x in items[:4]), items.step[sel] / _LADDER**level]))[0]
-            scales.append(_scale(self.f0, F, items.step / _LADDER**level, eps_f, tol, mag))
+            self._measure(leaves[sel], F[sel])
+            scales.append(_scale(self.f0, F, items.step / _LADDER**level, eps_f, tol, mag, self.measured[leaves]))
             fd, settled = self._settle(scales, tol, values, strict=strict)
         if not fd.resolved.all():
             fd = self._settle(scales, tol, values, final=True)[0]
         return fd
+
+    def _measure(self, leaves: np.ndarray, F: np.ndarray) -> None:
+        """Adds the fourth differences of evaluations ``F`` (items along ``leaves``, one scale) to their leaves'
+        samples, and measures the rounding of those leaves that now have enough."""
+        keep = _informative(self.f0, F)
+        d4 = _fourth(self.f0, F)
+        for li in np.unique(leaves[keep]):
+            self.samples[li] = np.concatenate([self.samples[li], d4[keep & (leaves == li)]])
+            self.measured[li] = _pooled_rounding(self.samples[li])
 
     def _mag(self, items: _Items) -> np.ndarray:
         """Each item's element's size (0 for a direction): the rounding of the point itself (see _scale)."""
