@@ -92,7 +92,7 @@ def _fourth(f0: float, F: np.ndarray) -> np.ndarray:
 def _informative(f0: float, F: np.ndarray) -> np.ndarray:
     """The items whose five values are finite and not all equal: their fourth difference samples the rounding
     (where f does not change at all along the item, it says nothing about the rounding elsewhere)."""
-    return np.isfinite(F).all(axis=1) & math.isfinite(f0) & ~(f0 == F).all(axis=1)
+    return np.isfinite(F).all(axis=1) & math.isfinite(f0) & ~np.all(F == f0, axis=1)  # noqa: SIM300
 
 
 def _pooled_rounding(samples: np.ndarray) -> float:
