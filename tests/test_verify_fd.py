@@ -324,6 +324,11 @@ def test_a_measured_rounding_narrows_the_noise_within_the_quantum_and_the_bound(
     assert _fd._rounding(eps, size, h, 0.0, 0.0, np.array([1e-3 * eps]))[0] == pytest.approx(4 * eps * size / h)
     assert _fd._rounding(eps, size, h, 0.0, 0.0, np.array([1e3 * eps * size]))[0] == pytest.approx(bound)
     assert _fd._rounding(eps, size, h, 0.0, 0.0, np.array([np.nan]))[0] == pytest.approx(bound)
+    # the floor is a unit of the grid fn's values lie on, where given: a float32 loss of a bfloat16 model
+    eps64 = float(np.finfo(np.float64).eps)
+    assert _fd._rounding(eps, size, h, 0.0, 0.0, np.array([0.0]), np.array([eps64]))[0] == pytest.approx(
+        4 * eps64 * size / h)
+    assert _fd._rounding(eps, size, h, 0.0, 0.0, np.array([np.nan]), np.array([eps64]))[0] == pytest.approx(bound)
 
 
 @pytest.mark.parametrize("h", [4e-3, 4e-4, 4e-5])

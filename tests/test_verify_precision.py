@@ -683,3 +683,35 @@ def test_a_rule_a_few_percent_off_inside_float32_compute_fails_without_a_hand(sc
         assert report.ok and all(r.verdict in ("ok", "fd_unreliable") for r in report.rows), report
     else:  # the two leaves upstream of the rule fail; W2's gradient never meets it
         assert not report.ok and not rows["['W1']"].ok and not rows["['b1']"].ok and rows["['W2']"].ok, report
+
+
+def test_the_grid_fns_values_lie_on_is_the_coarsest_dtype_that_holds_them():
+    from funcgrad.verify import _grad
+
+    rs = np.random.RandomState(0)
+    v32 = rs.randn(50).astype(np.float32).astype(np.float64)
+    vbf = np.asarray(jnp.asarray(rs.randn(50), jnp.bfloat16), np.float64)
+    grids = {d.name: d for d in _grad._GRIDS}
+    assert _grad._on_grid(v32, grids["float32"]) and not _grad._on_grid(v32, grids["float16"])
+    assert not _grad._on_grid(v32 + 1e-12, grids["float32"])
+    assert _grad._on_grid(vbf, grids["bfloat16"]) and not _grad._on_grid(vbf, grids["float8_e4m3fn"])
+    assert _grad._on_grid(np.array([np.inf, np.nan, 1.0]), grids["float8_e5m2"])  # (non-finite values say nothing)
+    assert [d.name for d in _grad._GRIDS][-3:] == ["float16", "float32", "float64"]
+
+
+def test_an_element_on_a_float16_staircase_beside_float32_elements_is_not_failed():
+    # w[0] alone passes through float16 (C + w0² rounded to 2⁻⁷ near 10); the other fifteen carry float32's
+    # rounding, so the leaf's measured rounding is small. At w0 = 0.599 every step of the ladder lands on one stair:
+    # five equal values, a difference quotient of exactly 0. Measured rounding there read 0 ± 0.31 against autodiff's
+    # correct 1.198 (2·w0; float64 central differences agree) and failed it; such an item keeps the generous bound.
+    C = 10.0
+    w = jnp.asarray(np.random.default_rng(5).normal(size=16) * 0.5 + 1, jnp.float32)
+
+    def f(w):
+        return jnp.sum(jnp.sin(w[1:])) * 0.1 + (C + w[0].astype(jnp.float16) ** 2).astype(jnp.float32) - C
+
+    w64 = np.asarray(w, np.float64)
+    want = np.concatenate([2 * w64[:1], 0.1 * np.cos(w64[1:])])
+    assert np.asarray(jax.grad(f)(w)) == pytest.approx(want, rel=1e-3)  # autodiff is right
+    report = verify.check_grad(f, w)
+    assert report.ok and report.rows[0].verdict in ("ok", "fd_unreliable"), report

@@ -109,25 +109,29 @@ def _pooled_rounding(samples: np.ndarray) -> float:
     return _NOISE_MARGIN * float(np.sqrt(np.mean(samples**2)))
 
 
-def _rounding(eps_f, size, h, mag, quotient, measured=None):
+def _rounding(eps_f, size, h, mag, quotient, measured=None, quantum=None):
     """The rounding error of a difference quotient at step h/2: fn's output, of size ``size``, to ``eps_f``
     (generously: :data:`_ROUNDING` units), or to the rounding ``measured`` along the item where that is known and
-    smaller (at least one unit: the output's own quantum); and the point's own rounding, ``mag`` (|θ| of an element)
+    smaller, but at least one unit of the grid fn's values lie on (``quantum``, an eps: their dtype's, or a coarser
+    one's that holds them all; ``eps_f`` when not given); and the point's own rounding, ``mag`` (|θ| of an element)
     times the slope ``quotient``."""
     delta = _ROUNDING * eps_f * size  # one evaluation's rounding; a quotient at h/2 carries twice it over h/2
     if measured is not None:
+        grid = (eps_f if quantum is None else quantum) * size
         with np.errstate(invalid="ignore"):
-            delta = np.where(np.isfinite(measured), np.minimum(delta, np.maximum(measured, eps_f * size)), delta)
+            delta = np.where(np.isfinite(measured), np.minimum(delta, np.maximum(measured, grid)), delta)
     return 4 * delta / h + 4 * eps_f * (mag + h) * quotient / h
 
 
 def _scale(f0: float, F: np.ndarray, h: np.ndarray, eps_f: float, tol: np.ndarray,
-           mag: np.ndarray | float = 0.0, measured: np.ndarray | None = None) -> _Scale:
+           mag: np.ndarray | float = 0.0, measured: np.ndarray | None = None,
+           quantum: np.ndarray | None = None) -> _Scale:
     """Differences at one step h (central at h and h/2, one-sided at both) and what they say.
 
     Rounding: fn's output to ``eps_f`` of its size (generously), or as measured (``measured``: the pooled rounding
     of one evaluation along the item's leaf, see :func:`_pooled_rounding`, NaN where unknown; this scale's own
-    fourth difference, :data:`_NOISE_MARGIN` times over, counts too), and, where fn rounds the parameter itself
+    fourth difference, :data:`_NOISE_MARGIN` times over, counts too; never below a unit of ``quantum``, the grid
+    fn's values lie on, see :func:`_rounding`), and, where fn rounds the parameter itself
     to that precision (a float32 rule's input, a cast to bfloat16), the point's own rounding: θ + t is off by up to
     eps·|θ + t|/2, which moves f by that much times its slope (``mag``: |θ|, the element's size; sin at
     θ = 3000 in float32 is 3000 times noisier along θ than its value's rounding says)."""
@@ -147,8 +151,11 @@ def _scale(f0: float, F: np.ndarray, h: np.ndarray, eps_f: float, tol: np.ndarra
                       np.where(np.isfinite(left_half), np.abs(left_half), np.nan)])
         quotient = np.where(np.isnan(q).all(axis=0), np.nan, np.nanmax(np.where(np.isnan(q), -np.inf, q), axis=0))
         if measured is not None:  # (this scale's own sample counts too: a rounding above the leaf's typical one)
-            measured = np.maximum(measured, _NOISE_MARGIN * _fourth(f0, F))
-        noise = _rounding(eps_f, size, h, mag, np.nan_to_num(quotient), measured)
+            # An item along which f does not change at all at this step may sit on a step of a staircase (a float16
+            # part of fn that one element alone feeds, beside elements that carry float32's rounding): its
+            # difference quotients read 0, whatever the slope, and it keeps the generous bound.
+            measured = np.where(_informative(f0, F), np.maximum(measured, _NOISE_MARGIN * _fourth(f0, F)), np.nan)
+        noise = _rounding(eps_f, size, h, mag, np.nan_to_num(quotient), measured, quantum)
         asym, asym_half = right - left, right_half - left_half
         defect = asym - 2 * asym_half  # O(h³) for a smooth function, O(jump) with a kink within the step
         finite = np.isfinite(F).all(axis=1) & np.isfinite(f0)

@@ -166,6 +166,19 @@ class _LeafFacts:
     user_at: dict[int, tuple] = dataclasses.field(default_factory=dict)  # index -> (autodiff, hand) there
 
 
+# The grids fn's values may lie on, coarsest first: a value cast from one of them at the end (a loss summed in
+# bfloat16, then cast to float32) is rounded to its grid, whatever dtype fn returns.
+_GRIDS = tuple(jnp.dtype(d) for d in (jnp.float8_e5m2, jnp.float8_e4m3fn, jnp.bfloat16, jnp.float16, jnp.float32,
+                                      jnp.float64))
+
+
+def _on_grid(values: np.ndarray, dtype) -> bool:
+    """Whether every finite value is exactly representable in ``dtype``."""
+    v = values[np.isfinite(values)]
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.all(v.astype(dtype).astype(np.float64) == v))
+
+
 class _Engine:
     """Finite-difference evaluations (the probe's items, finer scales, arbitration, bisection), from the
     parameters at their own dtypes; and the values at the elements the check reads. The full float64 gradients
@@ -186,6 +199,9 @@ class _Engine:
         # (NaN until enough of them; see _fd._pooled_rounding).
         self.samples: list[np.ndarray] = [np.empty(0) for _ in layout.sizes]
         self.measured = np.full(len(layout.sizes), np.nan)
+        # ... and the grid fn's values along it lie on: an index into _GRIDS, the coarsest dtype that holds them all
+        # so far (a float32 output cast from a bfloat16 loss lies on bfloat16's grid, and its rounding is that coarse)
+        self.grid = np.zeros(len(layout.sizes), int)
         self.hand_reference = False  # hand is only a reference (verify.audit; see _classify)
         self.eps_grad = [0.0] * len(layout.sizes)  # per leaf, the rounding of the lowest precision its gradient meets
         self.tp = tp  # (a row per leaf, atol, eps) of the analytic tolerances (see _tolerance)
@@ -459,7 +475,8 @@ class _Engine:
         mag = self._mag(items)
         for level in range(initial.shape[1]):
             self._measure(leaves, initial[:, level])
-        scales = [_scale(self.f0, initial[:, level], items.step / _LADDER**level, eps_f, tol, mag, self.measured[leaves])
+        scales = [_scale(self.f0, initial[:, level], items.step / _LADDER**level, eps_f, tol, mag, self.measured[leaves],
+                         self.quantum(leaves))
                   for level in range(initial.shape[1])]
         # (from a single scale, the ladder stops at the first reading that settles an item, not at the best of
         # four: a smooth reading settles only once its error bars are within the tolerance, as the best of four
@@ -472,7 +489,8 @@ class _Engine:
             F = np.full((len(items.index), len(_OFFSETS)), np.nan)
             F[sel] = self.evaluate(_Items._make([*(x[sel] for x in items[:4]), items.step[sel] / _LADDER**level]))[0]
             self._measure(leaves[sel], F[sel])
-            scales.append(_scale(self.f0, F, items.step / _LADDER**level, eps_f, tol, mag, self.measured[leaves]))
+            scales.append(_scale(self.f0, F, items.step / _LADDER**level, eps_f, tol, mag, self.measured[leaves],
+                                 self.quantum(leaves)))
             fd, settled = self._settle(scales, tol, values, strict=strict)
         if not fd.resolved.all():
             fd = self._settle(scales, tol, values, final=True)[0]
@@ -486,6 +504,13 @@ class _Engine:
         for li in np.unique(leaves[keep]):
             self.samples[li] = np.concatenate([self.samples[li], d4[keep & (leaves == li)]])
             self.measured[li] = _pooled_rounding(self.samples[li])
+            values = np.append(F[keep & (leaves == li)].ravel(), self.f0)
+            while self.grid[li] < len(_GRIDS) - 1 and not _on_grid(values, _GRIDS[self.grid[li]]):
+                self.grid[li] += 1
+
+    def quantum(self, leaves: np.ndarray) -> np.ndarray:
+        """The eps of the grid fn's values lie on along each of ``leaves`` (see _measure)."""
+        return np.array([float(jnp.finfo(d).eps) for d in _GRIDS])[self.grid[leaves]]
 
     def _mag(self, items: _Items) -> np.ndarray:
         """Each item's element's size (0 for a direction): the rounding of the point itself (see _scale)."""
