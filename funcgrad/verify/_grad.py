@@ -170,6 +170,7 @@ class _LeafFacts:
 # bfloat16, then cast to float32) is rounded to its grid, whatever dtype fn returns.
 _GRIDS = tuple(jnp.dtype(d) for d in (jnp.float8_e5m2, jnp.float8_e4m3fn, jnp.bfloat16, jnp.float16, jnp.float32,
                                       jnp.float64))
+_GRID_EPS = np.array([float(jnp.finfo(d).eps) for d in _GRIDS])
 
 
 def _on_grid(values: np.ndarray, dtype) -> bool:
@@ -510,7 +511,7 @@ class _Engine:
 
     def quantum(self, leaves: np.ndarray) -> np.ndarray:
         """The eps of the grid fn's values lie on along each of ``leaves`` (see _measure)."""
-        return np.array([float(jnp.finfo(d).eps) for d in _GRIDS])[self.grid[leaves]]
+        return _GRID_EPS[self.grid[leaves]]
 
     def _mag(self, items: _Items) -> np.ndarray:
         """Each item's element's size (0 for a direction): the rounding of the point itself (see _scale)."""
