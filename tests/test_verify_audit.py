@@ -293,12 +293,14 @@ def test_flax_nnx_module_with_a_custom_rule():
     graphdef, state = nnx.split(Net(nnx.Rngs(0)))
     x = jnp.asarray(RS.randn(4, 3), jnp.float32)
     fn = lambda state, x: nnx.merge(graphdef, state)(x).sum()  # noqa: E731
-    report = verify.audit(fn, state, x)
-    r = rows(report)["cube"]
     out = nnx.merge(graphdef, state).lin(x)
-    assert r.verdict == ("autodiff_wrong" if bool((out > 0.7).any()) else "ok"), report
-    if r.verdict == "autodiff_wrong":
-        assert float(out[r.worst_index[1:]]) > 0.7
+    for wrt in (None, nnx.Param, nnx.PathContains("bias")):  # (NNX filters choose the parameters, as in nnx.state)
+        report = verify.audit(fn, state, x, wrt=wrt)
+        r = rows(report)["cube"]
+        assert r.verdict == ("autodiff_wrong" if bool((out > 0.7).any()) else "ok"), report
+        assert r.on_path, report
+        if r.verdict == "autodiff_wrong":
+            assert float(out[r.worst_index[1:]]) > 0.7
 
 
 # ---- bad input -------------------------------------------------------------------------------------------------

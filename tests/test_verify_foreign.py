@@ -423,6 +423,49 @@ def test_a_flax_nnx_state_with_rng_counters_and_keys():
     assert "count" in held and "key" in held and "uint32" in held
 
 
+class _NormNet(nnx.Module):
+    def __init__(self, rngs, dtype=jnp.float32):
+        self.lin = nnx.Linear(3, 4, rngs=rngs, param_dtype=dtype, dtype=dtype)
+        self.bn = nnx.BatchNorm(4, use_running_average=True, rngs=rngs, param_dtype=dtype, dtype=dtype)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.out = nnx.Linear(4, 1, rngs=rngs, param_dtype=dtype, dtype=dtype)
+
+    def __call__(self, x):
+        return self.out(self.drop(jnp.tanh(self.bn(self.lin(x)))))
+
+
+@pytest.mark.parametrize(("name", "whole"), [("Param", True), ("Param", False), ("BatchStat", False), ("tuple", True),
+                                             ("path", False), ("all", True), ("not", True)])
+def test_flax_nnx_filters_as_wrt_select_what_nnx_state_selects(name, whole):
+    filt = {"Param": nnx.Param, "BatchStat": nnx.BatchStat, "tuple": (nnx.Param, nnx.BatchStat),
+            "path": nnx.PathContains("lin"), "all": nnx.All(nnx.Param, nnx.PathContains("out")),
+            "not": nnx.Not(nnx.BatchStat)}[name]
+    with jax.enable_x64(True):  # (float64, smooth: every selected leaf checks out)
+        model = _NormNet(nnx.Rngs(0), jnp.float64)
+        graphdef, state = nnx.split(model)
+        x = jnp.asarray(RS.randn(5, 3), jnp.float64)
+        if whole:
+            report = verify.check_grad(lambda m, x: jnp.mean(m(x) ** 2), model, x, wrt=filt)
+        else:
+            report = verify.check_grad(lambda s, x: jnp.mean(nnx.merge(graphdef, s)(x) ** 2), state, x, wrt=filt)
+    # NNX's own selection (its float leaves: an nnx.Rngs' counter and key are held fixed, as by default)
+    want = sorted(".".join(map(str, k)) for k, v in nnx.to_flat_state(nnx.state(model, filt))
+                  if jnp.issubdtype(jnp.asarray(v.get_value() if hasattr(v, "get_value") else v.value).dtype,
+                                    jnp.floating))
+    got = sorted(r.path.replace("['", ".").replace("']", "").lstrip(".").removesuffix(".value") for r in report.rows)
+    assert got == want, report
+    assert report.ok, report
+
+
+def test_a_flax_nnx_filter_on_params_without_variables_and_a_filter_selecting_nothing_are_named():
+    with pytest.raises(TypeError, match=r"wrt=.*Param.* is a Flax NNX filter.*params \(dict\) holds none"):
+        verify.check_grad(lambda p: jnp.sum(p["a"] ** 2), {"a": jnp.ones(3)}, wrt=nnx.Param)
+    graphdef, state = nnx.split(_NormNet(nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="wrt selects no leaf"):
+        verify.check_grad(lambda s: jnp.sum(nnx.merge(graphdef, s)(jnp.ones((2, 3))) ** 2), state,
+                          wrt=nnx.PathContains("nope"))
+
+
 def test_wrt_as_a_predicate_or_a_pytree_of_bools():
     params = {"layer1": {"W": jnp.array([[1.0, 2.0]]), "b": jnp.array([0.5, 0.1])}, "layer2": {"W": jnp.array([3.0])}}
     fn = lambda p: jnp.sum(p["layer1"]["W"] ** 2) + jnp.sum(p["layer1"]["b"] ** 3) * p["layer2"]["W"][0]  # noqa: E731

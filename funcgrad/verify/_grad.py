@@ -597,7 +597,10 @@ def check_grad(
             differences only.
         has_aux: ``fn`` returns ``(loss, aux)``, as for ``jax.grad(..., has_aux=True)``; aux is not checked.
         wrt: which leaves to differentiate: a predicate ``leaf -> bool`` or a pytree of bools with the structure
-            of ``params`` (or a prefix of it), as ``equinox.partition`` takes. Default: inexact arrays.
+            of ``params`` (or a prefix of it), as ``equinox.partition`` takes; or, when ``params`` is a Flax NNX
+            module or state, an NNX filter as ``nnx.state(model, filter)`` takes (``nnx.Param``,
+            ``(nnx.Param, nnx.BatchStat)``, ``nnx.PathContains("encoder")``, ``nnx.Not(...)``: the floating-point
+            arrays of the Variables it selects). Default: inexact arrays.
         rtol, atol: override the analytic tolerances (relative and absolute, per element).
         mode: ``"auto"`` (every element by finite differences where cheap, projections elsewhere),
             ``"exact"`` (every element) or ``"projection"``.

@@ -147,11 +147,80 @@ def _default_mask(leaves: Sequence[Any]) -> list[bool]:
     return [floats_are_points if isinstance(x, float) else _is_inexact(x) for x in leaves]
 
 
+def _is_nnx(x: Any, name: str = "Variable") -> bool:
+    """Whether ``x`` is an instance of Flax NNX's class ``name`` (``Variable``: a Param, BatchStat, RngKey... or an
+    older Flax's VariableState), told by its classes' names and modules, so that Flax is never imported for it."""
+    return any(c.__name__ == name and c.__module__.startswith("flax.nnx") for c in type(x).__mro__)
+
+
+def _nnx_filter(wrt: Any) -> bool:
+    """Whether ``wrt`` is a Flax NNX filter, as ``nnx.state(model, filter)`` takes: a Variable type (``nnx.Param``), an
+    object of ``flax.nnx.filterlib`` (``nnx.PathContains("l1")``, ``nnx.Not(nnx.BatchStat)``, ``nnx.Any(...)``), a
+    tag (a string), ``...``, or a tuple or list of them (any of them). A bool, a tuple of bools or a plain function is
+    funcgrad's own (a pytree prefix of bools, a predicate on leaves)."""
+    if isinstance(wrt, type):
+        return any(c.__name__ in ("Variable", "VariableState") and c.__module__.startswith("flax.nnx")
+                   for c in wrt.__mro__)
+    if isinstance(wrt, str) or wrt is Ellipsis:
+        return True
+    if isinstance(wrt, (tuple, list)) and not hasattr(wrt, "_fields"):
+        return bool(wrt) and all(_nnx_filter(w) for w in wrt)
+    return callable(wrt) and type(wrt).__module__.startswith("flax.nnx")
+
+
+def _nnx_key(k: Any) -> Any:
+    """A JAX key path entry as Flax NNX names it in a state's paths: the attribute, dict key or index."""
+    for attr in ("name", "key", "idx"):
+        if hasattr(k, attr):
+            return getattr(k, attr)
+    return str(k)
+
+
+def _nnx_mask(params: Any, wrt: Any, who: str) -> list[bool] | None:
+    """``wrt`` as one bool per leaf when it is a Flax NNX filter (see :func:`_nnx_filter`), else None: each
+    ``nnx.Variable`` in ``params`` (a module or its ``nnx.State``) is selected as ``nnx.state(model, wrt)`` would
+    select it, and with it every floating-point leaf it holds; other leaves are held fixed."""
+    if not _nnx_filter(wrt):
+        return None
+    from flax.nnx import filterlib  # noqa: PLC0415 - only an NNX filter needs it (Flax is imported already then)
+
+    nodes = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_nnx)[0]
+    if not any(_is_nnx(x) for _, x in nodes):
+        if isinstance(wrt, (str, tuple, list)) or wrt is Ellipsis:
+            return None  # (not meant for NNX: said as any other wrong wrt is)
+        raise TypeError(f"{who}: wrt={wrt!r} is a Flax NNX filter, which selects nnx.Variable's (Param, BatchStat, ...), "
+                        f"but params ({describe(params)}) holds none; pass the NNX module itself or its state "
+                        "(nnx.split(model) or nnx.state(model)), or choose leaves with a predicate (leaf -> bool) or "
+                        "a pytree of bools")
+    try:
+        pred = filterlib.to_predicate(wrt)
+    except TypeError as e:
+        raise TypeError(f"{who}: wrt={wrt!r} is not a Flax NNX filter Flax accepts: {e}") from None
+    mask: list[bool] = []
+    for path, node in nodes:
+        keys = tuple(_nnx_key(k) for k in path)
+        try:
+            v = _is_nnx(node) and pred(keys, node)
+        except Exception as e:  # noqa: BLE001 - the user's filter failing: said so, with the Variable's path
+            raise TypeError(f"{who}: the Flax NNX filter wrt={wrt!r} failed on {jax.tree_util.keystr(path)} "
+                            f"({type(node).__name__}): {e}") from None
+        if not isinstance(v, (bool, np.bool_)):
+            raise TypeError(f"{who}: the Flax NNX filter wrt={wrt!r} must return True or False; for "
+                            f"{jax.tree_util.keystr(path)} it returned {describe(v)}")
+        # (a filter selects Variables, not dtypes: the integer counters and keys of an nnx.Rngs that nnx.Not(...) or
+        # ... selects are held fixed, as the default holds them)
+        mask += [bool(v) and _is_inexact(x) for x in jax.tree_util.tree_leaves(node)]
+    return mask
+
+
 def _wrt_mask(params: Any, wrt: Any, n: int, who: str = "check_grad") -> list[bool] | None:
-    """``wrt`` as one bool per leaf: None (default), a predicate, or a pytree (prefix) of bools (``who``: the
-    function whose argument it is, for the messages)."""
+    """``wrt`` as one bool per leaf: None (default), a predicate, a pytree (prefix) of bools, or a Flax NNX filter
+    (``who``: the function whose argument it is, for the messages)."""
     if wrt is None:
         return None
+    nnx_mask = _nnx_mask(params, wrt, who)
+    if nnx_mask is not None:
+        return nnx_mask
     # A predicate is a callable leaf; an equinox filter spec is a Module, callable but a pytree.
     if callable(wrt) and not isinstance(wrt, bool) and jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(wrt)):
         out = []
