@@ -429,32 +429,86 @@ class _NormNet(nnx.Module):
         self.bn = nnx.BatchNorm(4, use_running_average=True, rngs=rngs, param_dtype=dtype, dtype=dtype)
         self.drop = nnx.Dropout(0.5, rngs=rngs)
         self.out = nnx.Linear(4, 1, rngs=rngs, param_dtype=dtype, dtype=dtype)
+        self.temp = jnp.asarray(1.5, dtype)  # (a plain array: state too, outside any Variable)
 
     def __call__(self, x):
-        return self.out(self.drop(jnp.tanh(self.bn(self.lin(x)))))
+        return self.out(self.drop(jnp.tanh(self.bn(self.lin(x)) / self.temp)))
 
 
-@pytest.mark.parametrize(("name", "whole"), [("Param", True), ("Param", False), ("BatchStat", False), ("tuple", True),
-                                             ("path", False), ("all", True), ("not", True)])
-def test_flax_nnx_filters_as_wrt_select_what_nnx_state_selects(name, whole):
+@pytest.mark.parametrize(("name", "how"), [("Param", "module"), ("Param", "state"), ("BatchStat", "state"),
+                                           ("tuple", "module"), ("path", "split"), ("all", "module"), ("not", "module"),
+                                           ("temp", "module"), ("lambda", "split")])
+def test_flax_nnx_filters_as_wrt_select_what_nnx_state_selects(name, how):
     filt = {"Param": nnx.Param, "BatchStat": nnx.BatchStat, "tuple": (nnx.Param, nnx.BatchStat),
             "path": nnx.PathContains("lin"), "all": nnx.All(nnx.Param, nnx.PathContains("out")),
-            "not": nnx.Not(nnx.BatchStat)}[name]
+            "not": nnx.Not(nnx.BatchStat), "temp": nnx.PathContains("temp"),
+            "lambda": lambda path, x: "out" in path or "temp" in path}[name]  # (NNX's (path, value) -> bool)
     with jax.enable_x64(True):  # (float64, smooth: every selected leaf checks out)
         model = _NormNet(nnx.Rngs(0), jnp.float64)
         graphdef, state = nnx.split(model)
         x = jnp.asarray(RS.randn(5, 3), jnp.float64)
-        if whole:
+        if how == "module":
             report = verify.check_grad(lambda m, x: jnp.mean(m(x) ** 2), model, x, wrt=filt)
-        else:
+        elif how == "state":
             report = verify.check_grad(lambda s, x: jnp.mean(nnx.merge(graphdef, s)(x) ** 2), state, x, wrt=filt)
+        else:  # (graphdef, state) as nnx.split gives them: paths are the state's own
+            report = verify.check_grad(lambda gs, x: jnp.mean(nnx.merge(*gs)(x) ** 2), (graphdef, state), x, wrt=filt)
     # NNX's own selection (its float leaves: an nnx.Rngs' counter and key are held fixed, as by default)
     want = sorted(".".join(map(str, k)) for k, v in nnx.to_flat_state(nnx.state(model, filt))
-                  if jnp.issubdtype(jnp.asarray(v.get_value() if hasattr(v, "get_value") else v.value).dtype,
-                                    jnp.floating))
-    got = sorted(r.path.replace("['", ".").replace("']", "").lstrip(".").removesuffix(".value") for r in report.rows)
+                  if jnp.issubdtype(jax.tree.leaves(v)[0].dtype, jnp.floating))
+    got = sorted(r.path.removeprefix("[1]").replace("['", ".").replace("']", "").lstrip(".").removesuffix(".value")
+                 for r in report.rows)
     assert got == want, report
     assert report.ok, report
+
+
+def test_a_hand_from_nnx_grad_checks_a_whole_nnx_module_and_tied_weights_are_noted():
+    class Tied(nnx.Module):
+        def __init__(self, rngs):
+            self.emb = nnx.Embed(6, 3, rngs=rngs, param_dtype=jnp.float64)
+            self.proj = nnx.Linear(3, 3, rngs=rngs, param_dtype=jnp.float64)
+            self.out_w = self.emb.embedding  # the output layer's weight is the embedding's (tied)
+
+        def __call__(self, ids):
+            return jnp.tanh(self.proj(self.emb(ids))) @ self.out_w[...].T
+
+    ids = jnp.array([1, 5, 2, 0])
+
+    def loss(m, ids):
+        return jnp.sum(jax.nn.log_softmax(m(ids))[jnp.arange(4), ids])
+
+    with jax.enable_x64(True):
+        model = Tied(nnx.Rngs(0))
+
+        def hand(m, ids):  # an nnx.State of the module's Params, as nnx.grad returns it
+            return nnx.grad(loss)(nnx.merge(*nnx.split(m)), ids)
+
+        def wrong(m, ids):
+            g = hand(m, ids)
+            g["proj"]["bias"] = nnx.Param(g["proj"]["bias"][...] * 1.1)
+            return g
+
+        good = verify.check_grad(loss, model, ids, hand=hand, wrt=nnx.Param)
+        bad = verify.check_grad(loss, model, ids, hand=wrong, wrt=nnx.Param)
+        graphdef, state = nnx.split(model)
+        whole = verify.check_grad(lambda s, ids: loss(nnx.merge(graphdef, s), ids), state, ids,
+                                  hand=lambda s, ids: nnx.grad(loss)(nnx.merge(graphdef, s), ids))
+    # the module's pytree holds the tied weight at two paths, and the module rebuilt from it holds two copies: the
+    # hand's nnx.State names both, by the module's paths
+    assert [r.path for r in bad.failing] == [".proj.bias.value"] and bad.verdict == "hand_wrong", bad
+    assert any("tied" in n and ".emb.embedding" in n and ".out_w" in n for n in good.notes), good
+    assert good.ok and sorted(r.path for r in good.rows) == [".emb.embedding.value", ".out_w.value", ".proj.bias.value",
+                                                             ".proj.kernel.value"], good
+    assert all(r.hand is not None for r in good.rows), good
+    assert whole.ok and all(r.hand is not None for r in whole.rows), whole  # (the state holds it once: summed)
+    assert not any("tied" in n for n in whole.notes), whole
+
+
+def test_an_nnx_filter_class_instead_of_an_instance_is_named():
+    graphdef, state = nnx.split(_NormNet(nnx.Rngs(0)))
+    with pytest.raises(TypeError, match=r"wrt=Everything is the class of a Flax NNX filter; pass an instance"):
+        verify.check_grad(lambda s: jnp.sum(nnx.merge(graphdef, s)(jnp.ones((2, 3))) ** 2), state,
+                          wrt=nnx.Everything)
 
 
 def test_a_flax_nnx_filter_on_params_without_variables_and_a_filter_selecting_nothing_are_named():

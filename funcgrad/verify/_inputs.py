@@ -9,8 +9,10 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import inspect
 import math
 import re
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -176,40 +178,79 @@ def _nnx_key(k: Any) -> Any:
     return str(k)
 
 
-def _nnx_mask(params: Any, wrt: Any, who: str) -> list[bool] | None:
-    """``wrt`` as one bool per leaf when it is a Flax NNX filter (see :func:`_nnx_filter`), else None: each
-    ``nnx.Variable`` in ``params`` (a module or its ``nnx.State``) is selected as ``nnx.state(model, wrt)`` would
-    select it, and with it every floating-point leaf it holds; other leaves are held fixed."""
-    if not _nnx_filter(wrt):
-        return None
-    from flax.nnx import filterlib  # noqa: PLC0415 - only an NNX filter needs it (Flax is imported already then)
+def _nnx_root(x: Any) -> bool:
+    """Whether ``x`` is a Flax NNX module (any NNX pytree object) or state, whose Variables NNX names by paths from it."""
+    return any(c.__name__ in ("Pytree", "Object", "State") and c.__module__.startswith("flax.nnx")
+               for c in type(x).__mro__)
 
+
+def _two_arguments(f: Any) -> bool:
+    """Whether ``f`` is a plain function of two positional arguments, not one: NNX's ``(path, value) -> bool``."""
+    if isinstance(f, type) or not callable(f):
+        return False
+    try:
+        sig = inspect.signature(f)
+    except (TypeError, ValueError):
+        return False
+    try:
+        sig.bind(None)
+    except TypeError:
+        try:
+            sig.bind(None, None)
+        except TypeError:
+            return False
+        return True
+    return False
+
+
+def _nnx_mask(params: Any, wrt: Any, who: str) -> list[bool] | None:
+    """``wrt`` as one bool per leaf when it is a Flax NNX filter (see :func:`_nnx_filter`; or a function of
+    ``(path, value)``, when ``params`` holds NNX Variables), else None. Within each NNX module or state in
+    ``params`` (the outermost), each Variable, and each array that is not in one, is selected as
+    ``nnx.state(model, wrt)`` selects it, by its path from that module or state; its floating-point leaves are
+    differentiated, the others held fixed (an nnx.Rngs' counters and keys). Leaves outside any module or state are
+    held fixed."""
+    if isinstance(wrt, type) and wrt.__module__.startswith("flax.nnx.filterlib"):
+        raise TypeError(f"{who}: wrt={wrt.__name__} is the class of a Flax NNX filter; pass an instance: "
+                        f"wrt=nnx.{wrt.__name__}(...)")
+    nnx_filter = _nnx_filter(wrt)
+    if not nnx_filter and not _two_arguments(wrt):
+        return None
     nodes = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_nnx)[0]
     if not any(_is_nnx(x) for _, x in nodes):
-        if isinstance(wrt, (str, tuple, list)) or wrt is Ellipsis:
+        if not nnx_filter or isinstance(wrt, (str, tuple, list)) or wrt is Ellipsis:
             return None  # (not meant for NNX: said as any other wrong wrt is)
         raise TypeError(f"{who}: wrt={wrt!r} is a Flax NNX filter, which selects nnx.Variable's (Param, BatchStat, ...), "
                         f"but params ({describe(params)}) holds none; pass the NNX module itself or its state "
                         "(nnx.split(model) or nnx.state(model)), or choose leaves with a predicate (leaf -> bool) or "
                         "a pytree of bools")
+    from flax.nnx import filterlib  # noqa: PLC0415 - only an NNX filter needs it (Flax is imported already then)
+
     try:
         pred = filterlib.to_predicate(wrt)
     except TypeError as e:
         raise TypeError(f"{who}: wrt={wrt!r} is not a Flax NNX filter Flax accepts: {e}") from None
+    roots = jax.tree_util.tree_flatten_with_path(params, is_leaf=_nnx_root)[0]
+    if not any(_nnx_root(r) for _, r in roots):
+        roots = [((), params)]  # (Variables in a plain container: paths from params)
     mask: list[bool] = []
-    for path, node in nodes:
-        keys = tuple(_nnx_key(k) for k in path)
-        try:
-            v = _is_nnx(node) and pred(keys, node)
-        except Exception as e:  # noqa: BLE001 - the user's filter failing: said so, with the Variable's path
-            raise TypeError(f"{who}: the Flax NNX filter wrt={wrt!r} failed on {jax.tree_util.keystr(path)} "
-                            f"({type(node).__name__}): {e}") from None
-        if not isinstance(v, (bool, np.bool_)):
-            raise TypeError(f"{who}: the Flax NNX filter wrt={wrt!r} must return True or False; for "
-                            f"{jax.tree_util.keystr(path)} it returned {describe(v)}")
-        # (a filter selects Variables, not dtypes: the integer counters and keys of an nnx.Rngs that nnx.Not(...) or
-        # ... selects are held fixed, as the default holds them)
-        mask += [bool(v) and _is_inexact(x) for x in jax.tree_util.tree_leaves(node)]
+    for root_path, root in roots:
+        if not (_nnx_root(root) or root_path == ()):
+            mask += [False] * len(jax.tree_util.tree_leaves(root))
+            continue
+        for path, node in jax.tree_util.tree_flatten_with_path(root, is_leaf=_is_nnx)[0]:
+            keys = tuple(_nnx_key(k) for k in path)
+            try:
+                v = pred(keys, node)
+            except Exception as e:  # noqa: BLE001 - the user's filter failing: said so, with the Variable's path
+                raise TypeError(f"{who}: the Flax NNX filter wrt={wrt!r} failed on "
+                                f"{jax.tree_util.keystr((*root_path, *path))} ({type(node).__name__}): {e}") from None
+            if not isinstance(v, (bool, np.bool_)):
+                raise TypeError(f"{who}: the Flax NNX filter wrt={wrt!r} must return True or False; for "
+                                f"{jax.tree_util.keystr((*root_path, *path))} it returned {describe(v)}")
+            # (a filter selects Variables, not dtypes: the integer counters and keys of an nnx.Rngs that
+            # nnx.Not(...) or ... selects are held fixed, as the default holds them)
+            mask += [bool(v) and _is_inexact(x) for x in jax.tree_util.tree_leaves(node)]
     return mask
 
 
@@ -253,6 +294,20 @@ def _wrt_mask(params: Any, wrt: Any, n: int, who: str = "check_grad") -> list[bo
     return [bool(m) for m in mask]
 
 
+def _tied_notes(params: Any) -> list[str]:
+    """A note for each Flax NNX Variable that ``params`` holds at several paths (weights tied in a module)."""
+    if "flax.nnx" not in sys.modules:
+        return []
+    where: dict[int, list[str]] = {}
+    for path, node in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_nnx)[0]:
+        if _is_nnx(node):
+            where.setdefault(id(node), []).append(jax.tree_util.keystr(path))
+    return [f"{' and '.join(ps[:_LIST])} are one nnx.Variable (tied): as a pytree, a module holds it once per path, "
+            "and each path's gradient is its use there alone (as jax.grad of the module gives it); the whole gradient "
+            "of the tied weight is their sum, which nnx.split(model)'s state, holding it once, gives"
+            for ps in where.values() if len(ps) > 1]
+
+
 def _select(params: Any, wrt: Any) -> tuple[_Selection, list[str]]:
     """Decides which leaves are differentiated; returns the selection and notes on the leaves held fixed."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -293,7 +348,7 @@ def _select(params: Any, wrt: Any) -> tuple[_Selection, list[str]]:
     check_finite_tree(jax.tree_util.tree_unflatten(treedef, [x if d else None for x, d in zip(leaves, mask, strict=True)]),
                       "params")
     fixed = [(p, x) for p, x, d in zip(paths, leaves, mask, strict=True) if not d]
-    notes = []
+    notes = _tied_notes(params)
     if fixed:
         def what(x):
             if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
@@ -557,6 +612,13 @@ def _extract_grad(out: Any, b: _Bound, what: str = "hand") -> list:
     diff = [s for s, d in zip(b.specs, b.diff, strict=True) if d]
     missing = [p for p, _, _ in diff if p not in got or got[p] is None]
     extra = [p for p, x in got.items() if p not in known and x is not None]
+    if (missing or extra) and _is_nnx(out, "State"):
+        # An nnx.State (what nnx.grad returns) for a module's parameters: its Variables named by their NNX paths
+        # (['l1']['kernel'].value for the module's .l1.kernel.value)
+        mine = {_path_keys(p): p for p in paths}
+        if len(mine) == len(paths) and all(_path_keys(q) in mine for q in got):
+            got = {mine[_path_keys(q)]: x for q, x in got.items()}
+            missing, extra = [p for p, _, _ in diff if got.get(p) is None], []
     if missing or extra:
         detail = []
         if missing:
@@ -584,6 +646,12 @@ def _extract_grad(out: Any, b: _Bound, what: str = "hand") -> list:
     if bad:
         raise _UserValueError(f"{what} returned leaves that do not match params:\n  " + "\n  ".join(bad))
     return leaves
+
+
+def _path_keys(path: str) -> tuple[str, ...]:
+    """A leaf's path (as jax.tree_util.keystr writes it) as its keys alone, whether attributes, dict keys or indices:
+    ``.l1.kernel.value`` and ``['l1']['kernel'].value`` are both ('l1', 'kernel', 'value')."""
+    return tuple(a or b or c for a, b, c in re.findall(r"\.(\w+)|\['((?:[^'\\]|\\.)*)'\]|\[(-?\d+)\]", path))
 
 
 def _first_line(e: Exception) -> str:
