@@ -85,8 +85,9 @@ def _not_storable(name: str, leaf: Any, role: str) -> CheckpointError:
     elif isinstance(leaf, jax.ShapeDtypeStruct):
         what = f"a jax.ShapeDtypeStruct of dtype {leaf.dtype}"
     else:
-        what = f"a {_type_name(leaf)}"
-    return CheckpointError(f"{role} {name} is {what}; {_EXPECTED}")
+        name_of = _type_name(leaf)
+        what = f"{'an' if name_of[:1].lower() in 'aeiou' else 'a'} {name_of}"
+    return CheckpointError(f"{role} {name or '(the whole tree)'} is {what}; {_EXPECTED}")
 
 
 def _key_impl(leaf: Any) -> str:

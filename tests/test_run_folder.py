@@ -221,7 +221,8 @@ def write_checkpoint(run, state, meta):
 
 
 @pytest.mark.parametrize("forged, message", [
-    (-5, "its step is -5"),
+    (-5, "its step is -5, below 1"),
+    (50.0, "its step is 50.0, not a whole number"),
     (2**31 - 1, "the optimizer has made 50 updates"),
     (20, "the optimizer has made 50 updates"),
 ])

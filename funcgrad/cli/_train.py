@@ -252,7 +252,9 @@ def _validate_state(state: Any, meta: dict, ckpt: Path) -> int:
     """The checkpoint's step, checked against the state it holds; its parameters and optimizer state finite."""
     step = meta.get("step")
     if not isinstance(step, int) or isinstance(step, bool) or step < 1:
-        raise UsageError(f"{ckpt}: its step is {step!r}; a checkpoint is written after step 1 or later")
+        what = "below 1" if isinstance(step, int) and not isinstance(step, bool) else "not a whole number"
+        raise UsageError(f"{ckpt}: its step is {step!r}, {what}; a checkpoint is written after step 1 or later, "
+                         "and its step is a whole number")
     if int(state.step) != step:
         raise UsageError(f"{ckpt}: the header says step {step} but the state's step is {int(state.step)}; "
                          "the checkpoint is inconsistent")
