@@ -146,6 +146,60 @@ def test_the_books_backward_where_dead_units_put_the_next_layer_on_its_kinks():
     assert report.verdict == "hand_wrong" and row.verdict == "hand_wrong" and row.worst_index == (0, 2), report
 
 
+def test_the_books_backward_on_integer_data_with_zero_biases_where_many_kinks_meet():
+    # Integer inputs and weights with zero biases put many pre-activations exactly at 0, several on one coordinate,
+    # moving in opposite directions: the book's relu'(0) = 0 and JAX's jnp.maximum (1/2 at the tie) both add up to
+    # values outside [D₋, D₊], which finite differences cannot judge. Off the kinks (a 1% shift) both check out,
+    # so the book's correct backward is a kink, not a failure; a wrong one still fails.
+    rng = np.random.default_rng(3)
+    X = rng.integers(-2, 3, size=(60, 2)).astype(np.float32)
+    y = rng.integers(0, 3, size=60)
+    params, loss, hand = _book_relu_mlp([2, 8, 8, 3], X, y, rng)
+    params[0]["W"] = rng.integers(-2, 3, size=(2, 8)).astype(np.float32)
+    params[1]["W"] = rng.integers(-1, 2, size=(8, 8)).astype(np.float32)
+    z1 = X @ params[0]["W"]
+    assert (z1 == 0).sum() > 40  # the premise: many first-layer kinks
+    report = verify.check_grad(loss, params, X, y, hand=hand)
+    assert report.ok and report.verdict == "kink", report
+    assert any("off the kinks" in r.note for r in report.rows), report
+
+    def wrong(p, X, y):  # the combined softmax/cross-entropy step without its 1/samples
+        return [{k: v * len(y) for k, v in g.items()} for g in hand(p, X, y)]
+
+    bad = verify.check_grad(loss, params, X, y, hand=wrong)
+    assert bad.verdict == "hand_wrong" and all(r.verdict == "hand_wrong" for r in bad.rows[-2:]), bad
+
+
+def test_a_max_pool_backward_sending_the_gradient_to_every_tied_maximum_fails_though_right_off_the_ties():
+    # A 1-D convolution with zero-initialised weights, max-pooled: every window ties at the given point. The naive
+    # backward (mask = window == its max) counts each tie twice: 3.03 along w[0], where [D₋, D₊] = [1.27, 1.76] and
+    # no side of the ties gives more than 2.92. Off the ties it is right, so the check off the kinks passes; the
+    # value is still no choice at the kinks, and it fails.
+    rng = np.random.default_rng(1)
+    n, length, k = 5, 5, 2
+    X = rng.standard_normal((n, length)).astype(np.float32)
+    Y = rng.standard_normal(n).astype(np.float32)
+    P = np.stack([X[:, i : i + k] for i in range(length - k + 1)], 1)  # (n, 4, k) patches
+    params = {"w": np.zeros(k, np.float32), "v": rng.standard_normal(2).astype(np.float32)}
+
+    def f(p, P, Y):
+        pooled = jnp.max((P @ p["w"]).reshape(n, 2, 2), -1)
+        return jnp.mean((pooled @ p["v"] - Y) ** 2)
+
+    def hand(p, P, Y):
+        w, v, P, Y = (np.asarray(a) for a in (p["w"], p["v"], P, Y))
+        windows = (P @ w).reshape(n, 2, 2)
+        pooled = windows.max(-1)
+        dout = 2 * (pooled @ v - Y) / n
+        dh = ((windows == pooled[..., None]) * np.outer(dout, v)[..., None]).reshape(n, 4)
+        return {"w": np.einsum("np,npk->k", dh, P).astype(np.float32), "v": (pooled.T @ dout).astype(np.float32)}
+
+    report = verify.check_grad(f, params, P, Y, hand=hand)
+    row = report.rows[[r.path for r in report.rows].index("['w']")]
+    assert report.verdict == "hand_wrong" and row.verdict == "hand_wrong", report
+    assert "no side of the kinks gives" in row.note, report
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_value_beyond_every_convention_where_kinks_meet_still_fails_along_a_direction(seed):
     # f(b) = 2·relu(b) − relu(−b) at b = 0: D₋ = 1, D₊ = 2, and every choice of relu'(0) per kink gives 2·s₁ + s₂

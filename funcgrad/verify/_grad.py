@@ -76,6 +76,7 @@ from funcgrad.verify._inputs import (
     _isolating,
     _Layout,
     _leaked_tracer,
+    _main_output,
     _select,
     _split_args,
     _untraceable,
@@ -615,8 +616,135 @@ def check_grad(
             a ``hand`` whose result has another structure or shape or a non-float dtype, a function JAX can
             differentiate in neither mode; each message names the leaf path.
     """
-    return _check_grad_impl(fn, params, args, hand=hand, has_aux=has_aux, wrt=wrt, rtol=rtol, atol=atol, mode=mode,
-                            seed=seed, reuse=False)
+    def check(at: Any) -> GradReport:
+        return _check_grad_impl(fn, at, args, hand=hand, has_aux=has_aux, wrt=wrt, rtol=rtol, atol=atol, mode=mode,
+                                seed=seed, reuse=False)
+
+    def nearby(points: list) -> list[dict[str, np.ndarray]]:  # autodiff's gradient, leaf by leaf, at each point
+        return _autodiff_at(fn, points, args, wrt, has_aux)
+
+    return _off_the_kinks(check(params), check, nearby, params, wrt, seed)
+
+
+_AT_KINKS = "D₋/D₊ = ["  # (in the note of an element read as a kink: its one-sided derivatives)
+_OFF_KINKS = 1e-2  # the shift off the kinks for the second check, relative to each leaf's size
+_NEARBY = 32  # points right beside the given one, where autodiff's gradient is read (each on some side of each kink)
+_NEARBY_SHIFT = {8: 1e-6, 4: 1e-6, 2: 1e-3, 1: 1e-2}  # their distance, relative to each leaf's size, by itemsize
+
+
+def _off_the_kinks(report: GradReport, check: Callable[[Any], GradReport],
+                   nearby: Callable[[list], list[dict[str, np.ndarray]]], params: Any, wrt: Any,
+                   seed: int) -> GradReport:
+    """A report whose failing rows were decided at kinks (an element whose one-sided derivatives differ), checked
+    again off them. Where several kinks meet (ReLUs of several samples at 0, integer data with zero biases),
+    autodiff's and hand's choices at each kink add up to values that need not lie between the one-sided derivatives,
+    and finite differences cannot tell such a choice from a mistake. A row becomes ``kink`` (its note says why) when
+    both: the whole check passes (``ok``, or ``kink``) at a point off the kinks (the differentiated leaves shifted by a
+    random 1% of their size, :func:`_shifted`), so the formulas agree there; and at the element that decided it,
+    autodiff's and hand's values lie within the range of autodiff's gradient at :data:`_NEARBY` points right beside
+    the given one (each on some side of each kink), as a choice at each kink does. A value no side of the kinks gives
+    (a max-pool backward sending the gradient to every tied maximum, a relu'(0) of 5) keeps its verdict, and so does
+    a row failing off the kinks, with what was found in its note."""
+    kinked = [r.path for r in report.rows if not r.ok and _AT_KINKS in r.note and r.worst_index is not None
+              and all(v is None or math.isfinite(v) for v in (r.autodiff, r.hand))]
+    if not kinked:
+        return report
+    try:
+        other = check(_shifted(params, wrt, seed, _OFF_KINKS))
+        beside = nearby([_shifted(params, wrt, seed + 1 + k, None) for k in range(_NEARBY)])
+    except Exception:  # noqa: BLE001 - the function failing off the kinks: the report stands as it is
+        return report
+    there = {r.path: r for r in other.rows}
+    how = f"the parameters shifted by a random {_OFF_KINKS:.0%} of each leaf's size"
+
+    def amended(r: Row) -> Row:
+        o = there.get(r.path)
+        if r.path not in kinked or o is None:
+            return r
+        if o.verdict not in (Verdict.OK, Verdict.KINK):  # (decided there: not fd_unreliable, which decides nothing)
+            found = (f"it fails too: {o.verdict} at {o.where}" if not o.ok else
+                     f"finite differences cannot decide there ({o.verdict})")
+            return dataclasses.replace(r, note=f"{r.note}; at a point off the kinks ({how}) {found}")
+        idx = tuple(r.worst_index or ())
+        values = np.array([b[r.path][idx] for b in beside], np.float64)
+        lo, hi = float(values.min()), float(values.max())
+        # (the points lie a little off the given one, so their gradients drift by about that much, relative; and
+        # they are rounded to the parameters' precision, at the leaf's scale)
+        dtype = np.dtype(beside[0][r.path].dtype)
+        leaf_max = max(float(np.max(np.abs(b[r.path]), initial=0.0)) for b in beside)
+        slack = max(1e-4, 10 * _NEARBY_SHIFT.get(dtype.itemsize, 1e-2)) * max(
+            abs(lo), abs(hi), abs(r.autodiff or 0.0), abs(r.hand or 0.0)) + 64 * float(jnp.finfo(dtype).eps) * leaf_max
+        outside = [f"{name} ({_g(v)})" for name, v in (("autodiff", r.autodiff), ("hand", r.hand))
+                   if v is not None and not lo - slack <= v <= hi + slack]
+        if outside:
+            return dataclasses.replace(r, note=(
+                f"{r.note}; the leaf checks out at a point off the kinks ({how}), but {' and '.join(outside)} at "
+                f"{list(idx)} lies outside [{_g(lo)}, {_g(hi)}], the range of autodiff's gradient there at "
+                f"{_NEARBY} points right beside this one: a value no side of the kinks gives, not a choice at them"))
+        return dataclasses.replace(r, verdict=Verdict.KINK, note=(
+            f"{r.note}; kinks meet here, where autodiff's and hand's choices at each kink add up to values finite "
+            f"differences cannot judge: at a point off the kinks ({how}) the leaf checks out ({o.verdict}), and both "
+            f"values lie within [{_g(lo)}, {_g(hi)}], the range of autodiff's gradient at {list(idx)} at "
+            f"{_NEARBY} points right beside this one, so this disagreement is such a choice, not a mistake"))
+
+    rows = [amended(r) for r in report.rows]
+    return dataclasses.replace(report, rows=tuple(rows), verdict=_combine_verdicts([r.verdict for r in rows]),
+                               seconds=report.seconds + other.seconds)
+
+
+def _autodiff_at(fn: Callable[..., Any], points: list, args: tuple, wrt: Any,
+                 has_aux: bool) -> list[dict[str, np.ndarray]]:
+    """JAX's gradient of fn at each of ``points`` (params with the same structure and fixed leaves), its
+    differentiated leaves by path, as the user's own code gets it: at the parameters' dtypes and the caller's x64
+    setting (jitted once; op by op where fn needs values in Python)."""
+    sel, _ = _select(points[0], wrt)
+    at = [i for i, d in enumerate(sel.diff) if d]
+
+    def f(dl: list) -> Any:
+        leaves = list(sel.leaves)
+        for i, x in zip(at, dl, strict=True):
+            leaves[i] = x
+        return jnp.asarray(_main_output(fn(jax.tree_util.tree_unflatten(sel.treedef, leaves), *args), has_aux))
+
+    grad: Callable[[list], Any] = jax.jit(jax.grad(f))
+    out = []
+    for point in points:
+        dl = [jnp.asarray(x) for x, d in zip(jax.tree_util.tree_leaves(point), sel.diff, strict=True) if d]
+        try:
+            grads = grad(dl)
+        except Exception:  # noqa: BLE001 - Python control flow on a value: op by op, as jax.grad allows
+            grad = jax.grad(f)
+            grads = grad(dl)
+        out.append({sel.paths[i]: np.asarray(g) for i, g in zip(at, grads, strict=True)})
+    return out
+
+
+def _shifted(params: Any, wrt: Any, seed: int, shift: float | None) -> Any:
+    """``params`` with each differentiated leaf x moved by a random shift·s·N(0, 1), s the root mean square of x
+    (or of all differentiated leaves, where x is all zeros; 1 where they all are), in x's dtype, and by one unit in
+    its last place at least (a bfloat16 element would round 1% of itself back to itself). ``shift`` None: by
+    :data:`_NEARBY_SHIFT` for the leaf's precision."""
+    sel, _ = _select(params, wrt)
+    rng = np.random.default_rng([seed % 2**32, 0x6B696E6B])
+    rms = lambda x: float(np.sqrt(np.mean(np.square(np.asarray(x, np.float64))))) if np.size(x) else 0.0  # noqa: E731
+    diff = [x for x, d in zip(sel.leaves, sel.diff, strict=True) if d]
+    overall = float(np.sqrt(np.mean([rms(x) ** 2 for x in diff]))) if diff else 0.0
+
+    def moved(x: Any) -> Any:
+        dtype = jnp.result_type(x)
+        size = shift if shift is not None else _NEARBY_SHIFT.get(jnp.dtype(dtype).itemsize, 1e-2)
+        noise = rng.standard_normal(np.shape(x)) * size * (rms(x) or overall or 1.0)
+        x0 = np.asarray(x).astype(np.float64)
+        y = (x0 + noise).astype(dtype)
+        # (at least one unit in the last place, towards the noise's sign)
+        y = np.where(y.astype(np.float64) == x0, np.nextafter(x0.astype(dtype), np.where(noise < 0, -np.inf, np.inf)
+                                                              .astype(dtype)), y)
+        if isinstance(x, np.ndarray):  # (a NumPy hand gets NumPy arrays, as at the given point)
+            return np.asarray(y, x.dtype)
+        return jnp.asarray(y, dtype)
+
+    leaves = [moved(x) if d else x for x, d in zip(sel.leaves, sel.diff, strict=True)]
+    return jax.tree_util.tree_unflatten(sel.treedef, leaves)
 
 
 def _check_grad_impl(fn: Callable[..., Any], params: Any, args: tuple, *, hand: Callable[..., Any] | None,
@@ -1269,8 +1397,10 @@ def _note_for(verdict: Verdict, item: _Item | None, extra: Sequence[str]) -> str
                 (f"not differentiable {at}: {fd}, and autodiff ({_g(item.A)})"
                  + (f" and hand ({_g(item.H)})" if item.H is not None else "") + " lie between them") if
                 item.kink and not outside else
-                (f"not differentiable {at}: {fd}; autodiff ({_g(item.A)}) and hand ({_g(item.H)}) both lie "
-                 f"outside: {meet}; finite differences cannot judge there (check at a point off the kinks to "
+                (f"not differentiable {at}: {fd}; "
+                 + (f"autodiff ({_g(item.A)}) and hand ({_g(item.H)}) both lie" if len(outside) == 2 else
+                    f"{outside[0]} ({_g(item.A if outside[0] == 'autodiff' else item.H)}) lies")
+                 + f" outside: {meet}; finite differences cannot judge there (check at a point off the kinks to "
                  "be sure)") if item.kink
                 else (f"kinks at or right next to {at.removeprefix('at ')} (within the finite-difference steps): "
                       f"{fd}, which cannot separate autodiff ({_g(item.A)})"
