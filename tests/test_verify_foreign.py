@@ -169,6 +169,15 @@ def test_the_books_backward_on_integer_data_with_zero_biases_where_many_kinks_me
     bad = verify.check_grad(loss, params, X, y, hand=wrong)
     assert bad.verdict == "hand_wrong" and all(r.verdict == "hand_wrong" for r in bad.rows[-2:]), bad
 
+    def one_off(p, X, y):  # one first-layer weight 2% of the leaf's largest off: smaller than the choices' gaps
+        g = hand(p, X, y)
+        g[0]["W"] = g[0]["W"].copy()
+        g[0]["W"][1, 2] += 0.02 * np.abs(g[0]["W"]).max()
+        return g
+
+    bad = verify.check_grad(loss, params, X, y, hand=one_off)
+    assert not bad.ok and not bad.rows[0].ok, bad
+
 
 def test_a_max_pool_backward_sending_the_gradient_to_every_tied_maximum_fails_though_right_off_the_ties():
     # A 1-D convolution with zero-initialised weights, max-pooled: every window ties at the given point. The naive

@@ -69,6 +69,7 @@ from funcgrad.verify._inputs import (
     _clean,
     _concrete_note,
     _concrete_tiers,
+    _extract_grad,
     _first_line,
     _fresh,
     _host,
@@ -623,7 +624,15 @@ def check_grad(
     def nearby(points: list) -> list[dict[str, np.ndarray]]:  # autodiff's gradient, leaf by leaf, at each point
         return _autodiff_at(fn, points, args, wrt, has_aux)
 
-    return _off_the_kinks(check(params), check, nearby, params, wrt, seed)
+    def hand_at(at: Any) -> dict[str, np.ndarray]:  # hand's gradient, leaf by leaf (as the check reads it)
+        sel, _ = _select(at, wrt)
+        specs = tuple((p, tuple(int(d) for d in getattr(x, "shape", ())), describe(x))
+                      for p, x in zip(sel.paths, sel.leaves, strict=True))
+        assert hand is not None  # (only called with a hand)
+        got = _extract_grad(hand(at, *args), _Bound(fn, hand, sel.treedef, sel.diff, specs, has_aux))
+        return {p: np.asarray(g, np.float64) for p, g in zip(sel.diff_paths, got, strict=True)}
+
+    return _off_the_kinks(check(params), check, nearby, hand_at if hand is not None else None, params, wrt, seed)
 
 
 _AT_KINKS = "D₋/D₊ = ["  # (in the note of an element read as a kink: its one-sided derivatives)
@@ -633,7 +642,8 @@ _NEARBY_SHIFT = {8: 1e-6, 4: 1e-6, 2: 1e-3, 1: 1e-2}  # their distance, relative
 
 
 def _off_the_kinks(report: GradReport, check: Callable[[Any], GradReport],
-                   nearby: Callable[[list], list[dict[str, np.ndarray]]], params: Any, wrt: Any,
+                   nearby: Callable[[list], list[dict[str, np.ndarray]]],
+                   hand_at: Callable[[Any], dict[str, np.ndarray]] | None, params: Any, wrt: Any,
                    seed: int) -> GradReport:
     """A report whose failing rows were decided at kinks (an element whose one-sided derivatives differ), checked
     again off them. Where several kinks meet (ReLUs of several samples at 0, integer data with zero biases),
@@ -651,7 +661,8 @@ def _off_the_kinks(report: GradReport, check: Callable[[Any], GradReport],
         return report
     try:
         other = check(_shifted(params, wrt, seed, _OFF_KINKS))
-        beside = nearby([_shifted(params, wrt, seed + 1 + k, None) for k in range(_NEARBY)])
+        here, *beside = nearby([params] + [_shifted(params, wrt, seed + 1 + k, None) for k in range(_NEARBY)])
+        hand_here = hand_at(params) if hand_at is not None else {}
     except Exception:  # noqa: BLE001 - the function failing off the kinks: the report stands as it is
         return report
     there = {r.path: r for r in other.rows}
@@ -665,27 +676,39 @@ def _off_the_kinks(report: GradReport, check: Callable[[Any], GradReport],
             found = (f"it fails too: {o.verdict} at {o.where}" if not o.ok else
                      f"finite differences cannot decide there ({o.verdict})")
             return dataclasses.replace(r, note=f"{r.note}; at a point off the kinks ({how}) {found}")
-        idx = tuple(r.worst_index or ())
-        values = np.array([b[r.path][idx] for b in beside], np.float64)
-        lo, hi = float(values.min()), float(values.max())
+        # Every element of the leaf, autodiff's and hand's values here, within the range of autodiff's gradient
+        # beside (an element off the kinks: its one value, up to the drift and rounding allowed)
+        values = np.stack([np.asarray(b[r.path], np.float64) for b in beside])
+        lo, hi = values.min(axis=0), values.max(axis=0)
+        dtype = np.dtype(beside[0][r.path].dtype)
+        sides = [("autodiff", np.asarray(here[r.path], np.float64))]
+        if r.path in hand_here:
+            sides.append(("hand", hand_here[r.path].reshape(lo.shape)))
+        scale = np.maximum.reduce([np.abs(lo), np.abs(hi), *(np.abs(v) for _, v in sides)])
         # (the points lie a little off the given one, so their gradients drift by about that much, relative; and
         # they are rounded to the parameters' precision, at the leaf's scale)
-        dtype = np.dtype(beside[0][r.path].dtype)
-        leaf_max = max(float(np.max(np.abs(b[r.path]), initial=0.0)) for b in beside)
-        slack = max(1e-4, 10 * _NEARBY_SHIFT.get(dtype.itemsize, 1e-2)) * max(
-            abs(lo), abs(hi), abs(r.autodiff or 0.0), abs(r.hand or 0.0)) + 64 * float(jnp.finfo(dtype).eps) * leaf_max
-        outside = [f"{name} ({_g(v)})" for name, v in (("autodiff", r.autodiff), ("hand", r.hand))
-                   if v is not None and not lo - slack <= v <= hi + slack]
-        if outside:
+        slack = (max(1e-4, 10 * _NEARBY_SHIFT.get(dtype.itemsize, 1e-2)) * scale
+                 + 16 * float(jnp.finfo(dtype).eps) * float(np.max(np.abs(values), initial=0.0)))
+        with np.errstate(invalid="ignore"):  # (a value that is not finite, here or beside, is outside)
+            excess = [(np.where(np.isfinite(v) & np.isfinite(lo) & np.isfinite(hi),
+                                np.maximum(lo - slack - v, v - hi - slack), np.inf), name, v) for name, v in sides]
+        worst = max(excess, key=lambda e: float(np.max(e[0], initial=-np.inf)))
+        if worst[0].size and float(np.max(worst[0])) > 0:
+            at = np.unravel_index(int(np.argmax(worst[0])), lo.shape)
+            idx = tuple(int(i) for i in at)
             return dataclasses.replace(r, note=(
-                f"{r.note}; the leaf checks out at a point off the kinks ({how}), but {' and '.join(outside)} at "
-                f"{list(idx)} lies outside [{_g(lo)}, {_g(hi)}], the range of autodiff's gradient there at "
-                f"{_NEARBY} points right beside this one: a value no side of the kinks gives, not a choice at them"))
+                f"{r.note}; the leaf checks out at a point off the kinks ({how}), but {worst[1]} "
+                f"({_g(float(worst[2][idx]))}) at {list(idx)} lies outside [{_g(float(lo[idx]))}, {_g(float(hi[idx]))}], "
+                f"the range of autodiff's gradient there at {_NEARBY} points right beside this one: a value no side "
+                "of the kinks gives, not a choice at them"))
+        idx = tuple(r.worst_index or ())
+        lo_w, hi_w = float(lo[idx]), float(hi[idx])
         return dataclasses.replace(r, verdict=Verdict.KINK, note=(
             f"{r.note}; kinks meet here, where autodiff's and hand's choices at each kink add up to values finite "
-            f"differences cannot judge: at a point off the kinks ({how}) the leaf checks out ({o.verdict}), and both "
-            f"values lie within [{_g(lo)}, {_g(hi)}], the range of autodiff's gradient at {list(idx)} at "
-            f"{_NEARBY} points right beside this one, so this disagreement is such a choice, not a mistake"))
+            f"differences cannot judge: at a point off the kinks ({how}) the leaf checks out ({o.verdict}), and "
+            f"{' and '.join(n for n, _ in sides)}'s values lie within the range of autodiff's gradient at {_NEARBY} "
+            f"points right beside this one, at every element ([{_g(lo_w)}, {_g(hi_w)}] at {list(idx)}), so this "
+            "disagreement is such a choice, not a mistake"))
 
     rows = [amended(r) for r in report.rows]
     return dataclasses.replace(report, rows=tuple(rows), verdict=_combine_verdicts([r.verdict for r in rows]),
