@@ -650,7 +650,7 @@ def _off_the_kinks(report: GradReport, check: Callable[[Any], GradReport],
     autodiff's and hand's choices at each kink add up to values that need not lie between the one-sided derivatives,
     and finite differences cannot tell such a choice from a mistake. A row becomes ``kink`` (its note says why) when
     both: the whole check passes (``ok``, or ``kink``) at a point off the kinks (the differentiated leaves shifted by a
-    random 1% of their size, :func:`_shifted`), so the formulas agree there; and at the element that decided it,
+    random 1% of their size, :func:`_shifted`), so the formulas agree there; and at every element of the leaf,
     autodiff's and hand's values lie within the range of autodiff's gradient at :data:`_NEARBY` points right beside
     the given one (each on some side of each kink), as a choice at each kink does. A value no side of the kinks gives
     (a max-pool backward sending the gradient to every tied maximum, a relu'(0) of 5) keeps its verdict, and so does
