@@ -2042,3 +2042,22 @@ def test_a_correct_softmax_rule_saturated_deep_in_a_scan_passes():
         assert max(float(np.max(np.abs(got[n] - ref[n]))) for n in ("W", "b")) < 1e-12
     report = verify.audit(jax.jit(model(softmax)), params, x0, max_calls=8)
     assert report.ok, report
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_a_rule_computing_in_16_bits_says_how_closely_it_was_compared(dtype):
+    # A rule 10% off computing in bfloat16 is within bfloat16's tolerance (5% of the element plus the largest one)
+    # and passes; the row says so, rather than passing it in silence. In float32 it fails.
+    @jax.custom_vjp
+    def act(x):
+        return jnp.tanh(x)
+
+    act.defvjp(lambda x: (jnp.tanh(x), x), lambda x, g: (g * (1 - jnp.tanh(x) ** 2) * 1.1,))
+    x = jnp.asarray(RS.randn(4, 8), jnp.float32)
+    w = jnp.asarray(RS.randn(8, 8) / 3, jnp.float32)
+    report = verify.audit(lambda w, x: jnp.sum(act((x @ w).astype(dtype)).astype(jnp.float32) ** 2), w, x)
+    r = rows(report)["act"]
+    if dtype == "float32":
+        assert not r.ok, report
+    else:
+        assert "computes in bfloat16" in r.note and "a rule off by less passes" in r.note, report

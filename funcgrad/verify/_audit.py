@@ -1610,6 +1610,21 @@ def _through_failing_rules(rows: list[AuditRow], calls: dict) -> list[AuditRow]:
     return out
 
 
+_LOW_PRECISION = re.compile(r"fn computes in (bfloat16|float16|float8\w*) even with float64 inputs.*?\(rtol ([0-9.e+-]+)\)")
+
+
+def _with_precision_note(note: str, low: set[tuple[str, str]], verdict: Verdict) -> str:
+    """A passing rule's note, with what its check could tell where the rule computes below float32 (``low``: the
+    (dtype, rtol) its calls' checks read): said, not passed over in silence."""
+    if not low or verdict in _FAILING:
+        return note
+    dtype, rtol = sorted(low)[0]
+    return "; ".join([n for n in (note,) if n] + [
+        f"the rule computes in {dtype}, so its derivative is compared with the primal's to {float(rtol):.0%} of each "
+        "element plus the largest one (a rule off by less passes: a rule 10% off can); check it at float32 inputs "
+        "to compare it more tightly"])
+
+
 def _rule_row(rule: _Rule, calls: list[_Call], seen: int, options: dict) -> AuditRow:
     """The check of one rule over its calls (evenly sampled down to max_calls)."""
     max_calls = options["max_calls"]
@@ -1632,6 +1647,7 @@ def _rule_row(rule: _Rule, calls: list[_Call], seen: int, options: dict) -> Audi
     pick = sorted({int(k) for k in pick} | set(signatures.values()))
     pick = sorted({int(k) for k in pick} | set(first.values()))
     scalars: dict = {}
+    low: set[tuple[str, str]] = set()  # (dtype, rtol) of calls whose rule computes below float32
     results = []  # (verdict, row, input number, call, note)
     skipped = []
     gaps = []  # (call, where the rule's forward differs from its primal)
@@ -1643,6 +1659,7 @@ def _rule_row(rule: _Rule, calls: list[_Call], seen: int, options: dict) -> Audi
         if report is None:
             skipped.append(f"{_call_name(call)}: {note}")
             continue
+        low.update((m.group(1), m.group(2)) for n in report.notes if (m := _LOW_PRECISION.search(n)))
         for r in report.rows:
             verdict, why = _as_rule_verdict(r)
             number = diff_pos[int(r.path.strip("[]").split("]")[0])] if r.path.startswith("[") else 0
@@ -1674,6 +1691,7 @@ def _rule_row(rule: _Rule, calls: list[_Call], seen: int, options: dict) -> Audi
             f"{seen - len(pick)} of its {seen} call(s) not checked (max_calls={max_calls}: at most that many calls "
             "checked per rule, and per loop that many iterations walked, evenly spread; the others' calls are "
             "counted): a rule wrong only at those passes"])
+    note = _with_precision_note(note, low, verdict)
     if gaps:
         forward = f"{gaps[0][1][0]} (at {len(gaps)} of {checked} call(s) checked)"
         if verdict not in _FAILING:  # the derivative itself matches: the row is the forward's
