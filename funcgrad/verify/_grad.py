@@ -621,11 +621,10 @@ def check_grad(
         return _check_grad_impl(fn, at, args, hand=hand, has_aux=has_aux, wrt=wrt, rtol=rtol, atol=atol, mode=mode,
                                 seed=seed, reuse=False)
 
-    def nearby(points: list) -> list[dict[str, np.ndarray]]:  # autodiff's gradient, leaf by leaf, at each point
-        return _autodiff_at(fn, points, args, wrt, has_aux)
+    def nearby(sel: Any, points: list) -> list[dict[str, np.ndarray]]:  # autodiff's gradient, leaf by leaf
+        return _autodiff_at(fn, sel, points, args, has_aux)
 
-    def hand_at(at: Any) -> dict[str, np.ndarray]:  # hand's gradient, leaf by leaf (as the check reads it)
-        sel, _ = _select(at, wrt)
+    def hand_at(sel: Any, at: Any) -> dict[str, np.ndarray]:  # hand's gradient, leaf by leaf (as the check reads it)
         specs = tuple((p, tuple(int(d) for d in getattr(x, "shape", ())), describe(x))
                       for p, x in zip(sel.paths, sel.leaves, strict=True))
         assert hand is not None  # (only called with a hand)
@@ -642,8 +641,8 @@ _NEARBY_SHIFT = {8: 1e-6, 4: 1e-6, 2: 1e-3, 1: 1e-2}  # their distance, relative
 
 
 def _off_the_kinks(report: GradReport, check: Callable[[Any], GradReport],
-                   nearby: Callable[[list], list[dict[str, np.ndarray]]],
-                   hand_at: Callable[[Any], dict[str, np.ndarray]] | None, params: Any, wrt: Any,
+                   nearby: Callable[[Any, list], list[dict[str, np.ndarray]]],
+                   hand_at: Callable[[Any, Any], dict[str, np.ndarray]] | None, params: Any, wrt: Any,
                    seed: int) -> GradReport:
     """A report whose failing rows were decided at kinks (an element whose one-sided derivatives differ), checked
     again off them. Where several kinks meet (ReLUs of several samples at 0, integer data with zero biases),
@@ -660,9 +659,10 @@ def _off_the_kinks(report: GradReport, check: Callable[[Any], GradReport],
     if not kinked:
         return report
     try:
-        other = check(_shifted(params, wrt, seed, _OFF_KINKS))
-        here, *beside = nearby([params] + [_shifted(params, wrt, seed + 1 + k, None) for k in range(_NEARBY)])
-        hand_here = hand_at(params) if hand_at is not None else {}
+        sel, _ = _select(params, wrt)  # (once: the points differ only in the differentiated leaves' values)
+        other = check(_shifted(sel, seed, _OFF_KINKS))
+        here, *beside = nearby(sel, [params] + [_shifted(sel, seed + 1 + k, None) for k in range(_NEARBY)])
+        hand_here = hand_at(sel, params) if hand_at is not None else {}
     except Exception:  # noqa: BLE001 - the function failing off the kinks: the report stands as it is
         return report
     there = {r.path: r for r in other.rows}
@@ -715,12 +715,11 @@ def _off_the_kinks(report: GradReport, check: Callable[[Any], GradReport],
                                seconds=report.seconds + other.seconds)
 
 
-def _autodiff_at(fn: Callable[..., Any], points: list, args: tuple, wrt: Any,
+def _autodiff_at(fn: Callable[..., Any], sel: Any, points: list, args: tuple,
                  has_aux: bool) -> list[dict[str, np.ndarray]]:
     """JAX's gradient of fn at each of ``points`` (params with the same structure and fixed leaves), its
     differentiated leaves by path, as the user's own code gets it: at the parameters' dtypes and the caller's x64
     setting (jitted once; op by op where fn needs values in Python)."""
-    sel, _ = _select(points[0], wrt)
     at = [i for i, d in enumerate(sel.diff) if d]
 
     def f(dl: list) -> Any:
@@ -742,12 +741,11 @@ def _autodiff_at(fn: Callable[..., Any], points: list, args: tuple, wrt: Any,
     return out
 
 
-def _shifted(params: Any, wrt: Any, seed: int, shift: float | None) -> Any:
+def _shifted(sel: Any, seed: int, shift: float | None) -> Any:
     """``params`` with each differentiated leaf x moved by a random shift·s·N(0, 1), s the root mean square of x
     (or of all differentiated leaves, where x is all zeros; 1 where they all are), in x's dtype, and by one unit in
     its last place at least (a bfloat16 element would round 1% of itself back to itself). ``shift`` None: by
-    :data:`_NEARBY_SHIFT` for the leaf's precision."""
-    sel, _ = _select(params, wrt)
+    :data:`_NEARBY_SHIFT` for the leaf's precision. ``sel``: the selection of params' leaves (see ``_select``)."""
     rng = np.random.default_rng([seed % 2**32, 0x6B696E6B])
     rms = lambda x: float(np.sqrt(np.mean(np.square(np.asarray(x, np.float64))))) if np.size(x) else 0.0  # noqa: E731
     diff = [x for x, d in zip(sel.leaves, sel.diff, strict=True) if d]

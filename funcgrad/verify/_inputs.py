@@ -149,10 +149,16 @@ def _default_mask(leaves: Sequence[Any]) -> list[bool]:
     return [floats_are_points if isinstance(x, float) else _is_inexact(x) for x in leaves]
 
 
+def _nnx_class(t: type, names: tuple[str, ...]) -> bool:
+    """Whether the class ``t`` is one of Flax NNX's classes ``names`` or derives from one, told by its classes' names
+    and modules, so that Flax is never imported for it."""
+    return any(c.__name__ in names and c.__module__.startswith("flax.nnx") for c in t.__mro__)
+
+
 def _is_nnx(x: Any, name: str = "Variable") -> bool:
     """Whether ``x`` is an instance of Flax NNX's class ``name`` (``Variable``: a Param, BatchStat, RngKey... or an
-    older Flax's VariableState), told by its classes' names and modules, so that Flax is never imported for it."""
-    return any(c.__name__ == name and c.__module__.startswith("flax.nnx") for c in type(x).__mro__)
+    older Flax's VariableState)."""
+    return _nnx_class(type(x), (name,))
 
 
 def _nnx_filter(wrt: Any) -> bool:
@@ -161,8 +167,7 @@ def _nnx_filter(wrt: Any) -> bool:
     tag (a string), ``...``, or a tuple or list of them (any of them). A bool, a tuple of bools or a plain function is
     funcgrad's own (a pytree prefix of bools, a predicate on leaves)."""
     if isinstance(wrt, type):
-        return any(c.__name__ in ("Variable", "VariableState") and c.__module__.startswith("flax.nnx")
-                   for c in wrt.__mro__)
+        return _nnx_class(wrt, ("Variable", "VariableState"))
     if isinstance(wrt, str) or wrt is Ellipsis:
         return True
     if isinstance(wrt, (tuple, list)) and not hasattr(wrt, "_fields"):
@@ -180,8 +185,7 @@ def _nnx_key(k: Any) -> Any:
 
 def _nnx_root(x: Any) -> bool:
     """Whether ``x`` is a Flax NNX module (any NNX pytree object) or state, whose Variables NNX names by paths from it."""
-    return any(c.__name__ in ("Pytree", "Object", "State") and c.__module__.startswith("flax.nnx")
-               for c in type(x).__mro__)
+    return _nnx_class(type(x), ("Pytree", "Object", "State"))
 
 
 def _two_arguments(f: Any) -> bool:
