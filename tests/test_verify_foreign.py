@@ -179,6 +179,93 @@ def test_the_books_backward_on_integer_data_with_zero_biases_where_many_kinks_me
     assert not bad.ok and not bad.rows[0].ok, bad
 
 
+def test_check_vjp_of_the_books_dense_relu_layer_on_integer_data_where_kinks_meet_on_an_input():
+    # relu(X @ W + b) with integer X and W: 31 of 240 pre-activations exactly 0, several in one row of X, so the
+    # derivative along one input element crosses several kinks moving in opposite directions. The book's backward
+    # (mask z > 0, as JAX's relu'(0) = 0) agrees with jax.vjp there, at 0, outside [D₋, D₊]: a sum of choices at
+    # each kink, not a shared mistake. check_vjp takes the second look off the kinks, as check_grad does.
+    rng = np.random.RandomState(1)
+    X = rng.randint(-2, 3, size=(40, 4)).astype(np.float32)
+    W = rng.randint(-1, 2, size=(4, 6)).astype(np.float32)
+    b = np.zeros((1, 6), np.float32)
+    assert ((X @ W) == 0).sum() > 20  # the premise
+
+    def forward(W, b, X):
+        return jnp.maximum(0, X @ W + b)
+
+    def backward(W, b, X, dvalues):  # the book's, in NumPy, in place on a copy
+        z = np.asarray(X) @ np.asarray(W) + np.asarray(b)
+        dz = np.array(dvalues, copy=True)
+        dz[z <= 0] = 0
+        return np.asarray(X).T @ dz, dz.sum(0, keepdims=True), dz @ np.asarray(W).T
+
+    report = verify.check_vjp(forward, backward, W, b, X)
+    assert report.ok and report.verdict == "kink", report
+    assert "kinks meet here" in row(report, "X").note, report
+
+    def unmasked(W, b, X, dvalues):  # the ReLU's mask forgotten on the way to the inputs
+        dW, db, _ = backward(W, b, X, dvalues)
+        return dW, db, np.asarray(dvalues) @ np.asarray(W).T
+
+    bad = verify.check_vjp(forward, unmasked, W, b, X)
+    assert row(bad, "X").verdict == "hand_wrong" and row(bad, "W").ok and row(bad, "b").ok, bad
+
+
+def _crelu_net(kinked_relu):
+    """A CReLU-style unit: relu(a) and relu(−a) of the same pre-activation a (rows of W1 that are each other's
+    negatives), at integer inputs putting a at exactly 0: no point nearby has both ReLUs off, as JAX's relu'(0) = 0
+    has them at the point itself."""
+    W1 = np.array([[1, 1, 0], [-1, -1, 2], [2, 2, -1], [-2, -2, 1], [1, 0, 1], [0, 1, -1]], np.float32)
+    w2 = np.array([0.7, -1.3, 1.9, -0.4, 0.5, 1.1], np.float32)
+    x = np.array([1.0, -1.0, 0.0], np.float32)
+    assert (W1 @ x == 0).sum() == 4  # the premise: four ReLUs at 0, two of them each other's mirror
+
+    def f(x):
+        return w2 @ kinked_relu(W1 @ x)
+
+    def hand(x):  # the book's backward: relu'(0) = 0
+        z = W1 @ np.asarray(x)
+        return ((z > 0) * w2) @ W1
+
+    return f, hand, x
+
+
+def test_relu_of_a_pre_activation_and_of_its_negative_both_at_zero_is_a_kink_not_a_mistake():
+    # Along x[1] the one-sided derivatives (w2 · the active rows of W1) are both away from 0, and autodiff and the
+    # book's hand both give 0 there: relu(a) and relu(−a) both off, a side no point gives (one of them is on at any
+    # point beside). Sampled with
+    # each kink on a side of its own, 0 is one of the values autodiff takes: kink, with or without a hand, and in
+    # check_jacobian. A hand 3% off still fails, as hand_wrong.
+    f, hand, x = _crelu_net(jax.nn.relu)
+    for report in (verify.check_grad(f, x), verify.check_grad(f, x, hand=hand)):
+        assert report.ok and report.verdict == "kink", report
+        assert "each kink on a side of its own" in report.rows[0].note, report
+    jac = verify.check_jacobian(lambda x: jnp.stack([f(x), 2 * f(x)]), x,
+                                lambda x: np.stack([hand(x), 2 * hand(x)]))
+    assert jac.ok and jac.verdict == "kink", jac
+    off = verify.check_grad(f, x, hand=lambda x: 1.03 * hand(x))
+    assert off.verdict == "hand_wrong", off
+
+
+def test_a_relu_rule_giving_5_at_zero_inside_a_crelu_still_fails():
+    # The second look samples JAX's and the frameworks' choices at kinks; a user's rule is evaluated as it is. Its
+    # relu'(0) = 5 adds up to a value no side of the kinks gives: autodiff_wrong, as before the second look.
+    @jax.custom_jvp
+    def relu5(z):
+        return jnp.maximum(z, 0.0)
+
+    @relu5.defjvp
+    def _(primals, tangents):
+        (z,), (t,) = primals, tangents
+        return relu5(z), jnp.where(z > 0, 1.0, jnp.where(z == 0, 5.0, 0.0)) * t
+
+    f, hand, x = _crelu_net(relu5)
+    report = verify.check_grad(f, x, hand=hand)
+    assert report.verdict == "autodiff_wrong", report
+    alone = verify.check_grad(f, x)
+    assert alone.verdict == "autodiff_wrong", alone
+
+
 def test_a_max_pool_backward_sending_the_gradient_to_every_tied_maximum_fails_though_right_off_the_ties():
     # A 1-D convolution with zero-initialised weights, max-pooled: every window ties at the given point. The naive
     # backward (mask = window == its max) counts each tie twice: 3.03 along w[0], where [D₋, D₊] = [1.27, 1.76] and

@@ -17,7 +17,7 @@ import numpy as np
 
 from funcgrad._checks import describe, is_tracer
 from funcgrad.verify._fd import _default_rtol
-from funcgrad.verify._grad import _check_grad_impl, check_grad
+from funcgrad.verify._grad import _check_grad_impl, _second_look, check_grad
 from funcgrad.verify._inputs import (
     _first_line,
     _host_tree,
@@ -236,12 +236,17 @@ def check_vjp(
         cot = jax.tree_util.tree_unflatten(
             treedef, [np.asarray(rng.standard_normal(leaf.shape), leaf.dtype) for leaf in leaves]
         )
+        def check(at: Any, cot: Any = cot, k: int = k) -> GradReport:
+            return _check_grad_impl(scalar, at, (cot, consts), hand=hand, has_aux=False, wrt=None, rtol=rtol,
+                                    atol=atol, mode=mode, seed=seed + k, reuse=False)
+
         try:
-            rep = _check_grad_impl(scalar, diff, (cot, consts), hand=hand, has_aux=False, wrt=None, rtol=rtol,
-                                   atol=atol, mode=mode, seed=seed + k, reuse=False)
+            rep = check(diff)
         except (TypeError, ValueError) as e:
             raise (ValueError if isinstance(e, ValueError) else TypeError)(_in_terms_of(str(e.args[0]) if e.args else
                                                                                        str(e), row_names)) from None
+        # (several kinks meeting on one coordinate: checked again off them, as check_grad does)
+        rep = _second_look(rep, check, scalar, diff, (cot, consts), hand=hand, has_aux=False, wrt=None, seed=seed + k)
         reports.append(_rename_rows(rep, row_names, "check_vjp"))
     report = _merge(reports, f"check_vjp({getattr(fn, '__name__', 'fn')})")
     return _numpy_semantics(report, hand, diff, cot, consts, row_names)
@@ -341,8 +346,12 @@ def check_jacobian(
 
     reports = []
     for i in range(m):
-        rep = _check_grad_impl(row_fn, x, (jnp.asarray(i, jnp.int32),), hand=row_hand, has_aux=False, wrt=None,
-                               rtol=rtol, atol=atol, mode=mode, seed=seed, reuse=False)
+        def check(at: Any, i: int = i) -> GradReport:
+            return _check_grad_impl(row_fn, at, (jnp.asarray(i, jnp.int32),), hand=row_hand, has_aux=False, wrt=None,
+                                    rtol=rtol, atol=atol, mode=mode, seed=seed, reuse=False)
+
+        rep = _second_look(check(x), check, row_fn, x, (jnp.asarray(i, jnp.int32),), hand=row_hand, has_aux=False,
+                           wrt=None, seed=seed)
         out_idx = [int(k) for k in np.unravel_index(i, y.shape)] if y.shape else []
         reports.append(_rename_rows(dataclasses.replace(rep, rows=tuple(dataclasses.replace(r, path="[0]") for r in rep.rows)),
                                     [f"y{out_idx}"], "check_jacobian"))

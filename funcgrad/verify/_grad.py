@@ -87,6 +87,7 @@ from funcgrad.verify._inputs import (
     _x64,
 )
 from funcgrad.verify._report import _BLAMES, _FAILING, _LIST, GradReport, Row, Verdict, _combine_verdicts, _err_key
+from funcgrad.verify._sides import kink_sides
 from funcgrad.verify._traced import trace_pair
 
 # Disagreeing (or non-finite) elements per leaf arbitrated by finite differences, in rounds until one fails.
@@ -621,17 +622,29 @@ def check_grad(
         return _check_grad_impl(fn, at, args, hand=hand, has_aux=has_aux, wrt=wrt, rtol=rtol, atol=atol, mode=mode,
                                 seed=seed, reuse=False)
 
+    return _second_look(check(params), check, fn, params, args, hand=hand, has_aux=has_aux, wrt=wrt, seed=seed)
+
+
+def _second_look(report: GradReport, check: Callable[[Any], GradReport], fn: Callable[..., Any], params: Any,
+                 args: tuple, *, hand: Callable[..., Any] | None, has_aux: bool, wrt: Any, seed: int) -> GradReport:
+    """:func:`_off_the_kinks` for the check ``check(params)`` of ``fn(params, *args)`` (with ``hand``) that gave
+    ``report``: check_grad's, and each of check_vjp's and check_jacobian's scalar checks."""
+
     def nearby(sel: Any, points: list) -> list[dict[str, np.ndarray]]:  # autodiff's gradient, leaf by leaf
-        return _autodiff_at(fn, sel, points, args, has_aux)
+        return _autodiff_at(fn, sel, points, args, has_aux) + _autodiff_sided(fn, sel, args, has_aux, seed)
 
     def hand_at(sel: Any, at: Any) -> dict[str, np.ndarray]:  # hand's gradient, leaf by leaf (as the check reads it)
         specs = tuple((p, tuple(int(d) for d in getattr(x, "shape", ())), describe(x))
                       for p, x in zip(sel.paths, sel.leaves, strict=True))
         assert hand is not None  # (only called with a hand)
-        got = _extract_grad(hand(at, *args), _Bound(fn, hand, sel.treedef, sel.diff, specs, has_aux))
+        try:  # (on copies of the NumPy arrays among them: a book-style hand may write into what it is given)
+            out = hand(*_copied((at, *args)))
+        except Exception:  # noqa: BLE001 - a NumPy hand (in-place operations): on NumPy arrays, as the check calls it
+            out = hand(_host_tree(at, False), *_host_tree(args, False))
+        got = _extract_grad(out, _Bound(fn, hand, sel.treedef, sel.diff, specs, has_aux))
         return {p: np.asarray(g, np.float64) for p, g in zip(sel.diff_paths, got, strict=True)}
 
-    return _off_the_kinks(check(params), check, nearby, hand_at if hand is not None else None, params, wrt, seed)
+    return _off_the_kinks(report, check, nearby, hand_at if hand is not None else None, params, wrt, seed)
 
 
 _AT_KINKS = "D₋/D₊ = ["  # (in the note of an element read as a kink: its one-sided derivatives)
@@ -651,7 +664,9 @@ def _off_the_kinks(report: GradReport, check: Callable[[Any], GradReport],
     both: the whole check passes (``ok``, or ``kink``) at a point off the kinks (the differentiated leaves shifted by a
     random 1% of their size, :func:`_shifted`), so the formulas agree there; and at every element of the leaf,
     autodiff's and hand's values lie within the range of autodiff's gradient at :data:`_NEARBY` points right beside
-    the given one (each on some side of each kink), as a choice at each kink does. A value no side of the kinks gives
+    the given one (each on some side of each kink) and at the given one with each kink on a random side of its own
+    (:func:`_autodiff_sided`: ``relu(a)`` and ``relu(−a)`` both off, which no point gives), as a choice at each kink
+    does. A value no side of the kinks gives
     (a max-pool backward sending the gradient to every tied maximum, a relu'(0) of 5) keeps its verdict, and so does
     a row failing off the kinks, with what was found in its note."""
     kinked = [r.path for r in report.rows if not r.ok and _AT_KINKS in r.note and r.worst_index is not None
@@ -672,6 +687,13 @@ def _off_the_kinks(report: GradReport, check: Callable[[Any], GradReport],
         o = there.get(r.path)
         if r.path not in kinked or o is None:
             return r
+        if o.verdict in _BLAMES and o.verdict != r.verdict:
+            # Off the kinks finite differences know the derivative: their blame, not the one read at the kinks (a
+            # hand 2% off everywhere, agreeing with autodiff at an element where kinks meet, is not both_wrong).
+            return dataclasses.replace(o, path=r.path, note=(
+                f"at the given point this leaf's deciding elements sit at kinks, which finite differences cannot "
+                f"judge ({r.verdict} at {r.where} there); at a point off the kinks ({how}), with the values shown: "
+                f"{o.note}"))
         if o.verdict not in (Verdict.OK, Verdict.KINK):  # (decided there: not fd_unreliable, which decides nothing)
             found = (f"it fails too: {o.verdict} at {o.where}" if not o.ok else
                      f"finite differences cannot decide there ({o.verdict})")
@@ -699,20 +721,28 @@ def _off_the_kinks(report: GradReport, check: Callable[[Any], GradReport],
             return dataclasses.replace(r, note=(
                 f"{r.note}; the leaf checks out at a point off the kinks ({how}), but {worst[1]} "
                 f"({_g(float(worst[2][idx]))}) at {list(idx)} lies outside [{_g(float(lo[idx]))}, {_g(float(hi[idx]))}], "
-                f"the range of autodiff's gradient there at {_NEARBY} points right beside this one: a value no side "
-                "of the kinks gives, not a choice at them"))
+                f"the range of autodiff's gradient there at {_NEARBY} points right beside this one and at this one with each "
+                "kink on a side of its own: a value no side of the kinks gives, not a choice at them"))
         idx = tuple(r.worst_index or ())
         lo_w, hi_w = float(lo[idx]), float(hi[idx])
         return dataclasses.replace(r, verdict=Verdict.KINK, note=(
             f"{r.note}; kinks meet here, where autodiff's and hand's choices at each kink add up to values finite "
             f"differences cannot judge: at a point off the kinks ({how}) the leaf checks out ({o.verdict}), and "
             f"{' and '.join(n for n, _ in sides)}'s values lie within the range of autodiff's gradient at {_NEARBY} "
-            f"points right beside this one, at every element ([{_g(lo_w)}, {_g(hi_w)}] at {list(idx)}), so this "
-            "disagreement is such a choice, not a mistake"))
+            "points right beside this one and at this one with each kink on a side of its own, at every element "
+            f"([{_g(lo_w)}, {_g(hi_w)}] at {list(idx)}), so this disagreement is such a choice, not a mistake"))
 
     rows = [amended(r) for r in report.rows]
     return dataclasses.replace(report, rows=tuple(rows), verdict=_combine_verdicts([r.verdict for r in rows]),
                                seconds=report.seconds + other.seconds)
+
+
+def _copied(tree: Any) -> Any:
+    """``tree`` with its NumPy arrays copied (the same tree when it holds none)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    if not any(type(x) is np.ndarray for x in leaves):
+        return tree
+    return jax.tree_util.tree_unflatten(treedef, [x.copy() if type(x) is np.ndarray else x for x in leaves])
 
 
 def _autodiff_at(fn: Callable[..., Any], sel: Any, points: list, args: tuple,
@@ -739,6 +769,25 @@ def _autodiff_at(fn: Callable[..., Any], sel: Any, points: list, args: tuple,
             grads = grad(dl)
         out.append({sel.paths[i]: np.asarray(g) for i, g in zip(at, grads, strict=True)})
     return out
+
+
+def _autodiff_sided(fn: Callable[..., Any], sel: Any, args: tuple, has_aux: bool, seed: int) -> list[dict[str, np.ndarray]]:
+    """JAX's gradient of fn at params (``sel``: their selection), :data:`_NEARBY` times with each kink on a random
+    side of its own (:func:`funcgrad.verify._sides.kink_sides`), its differentiated leaves by path; none where fn
+    cannot be traced to a jaxpr (Python control flow on a value)."""
+    at = [i for i, d in enumerate(sel.diff) if d]
+
+    def f(dl: list) -> Any:
+        leaves = list(sel.leaves)
+        for i, x in zip(at, dl, strict=True):
+            leaves[i] = x
+        return jnp.asarray(_main_output(fn(jax.tree_util.tree_unflatten(sel.treedef, leaves), *args), has_aux))
+
+    try:
+        draws = kink_sides(f, [jnp.asarray(sel.leaves[i]) for i in at], _NEARBY, seed)
+    except Exception:  # noqa: BLE001 - no jaxpr to re-evaluate: the points beside are all there is
+        return []
+    return [{sel.paths[i]: g for i, g in zip(at, d, strict=True)} for d in draws]
 
 
 def _shifted(sel: Any, seed: int, shift: float | None) -> Any:
@@ -1397,7 +1446,8 @@ def _note_for(verdict: Verdict, item: _Item | None, extra: Sequence[str]) -> str
     parts = []
     if item is not None and verdict != Verdict.OK:
         at = f"at {list(item.index)}" if item.index is not None else "along a random direction"
-        slack = 2 * item.fd_err if math.isfinite(item.fd_err) else 0.0
+        # (as the verdict reads it: within the reading's error and the comparison's tolerance)
+        slack = (2 * item.fd_err if math.isfinite(item.fd_err) else 0.0) + item.tol_ah
         outside = [name for name, v in (("autodiff", item.A), ("hand", item.H))
                    if v is not None and item.kink and not item.lo - slack <= v <= item.hi + slack]
         meet = ("several kinks may meet at this point along this direction (e.g. ReLUs of several samples at 0 "

@@ -1,0 +1,185 @@
+"""Kink sides: autodiff's gradient at a point with each kink taking a side of its own.
+
+Where several kinks meet on one coordinate (``relu(a)`` and ``relu(−a)`` both at 0, a CReLU; integer data putting
+ReLUs of several samples at 0), JAX's choice at each kink (relu'(0) = 0, ½ at a tie of ``jnp.maximum``) adds up to a
+value that no point nearby gives: moving the parameters moves ``a`` and ``−a`` together, so one of the two ReLUs
+is always on. Such a value is still a sum of valid one-sided choices, one per kink. This module samples those sums:
+fn is re-evaluated from its jaxpr with every kink's choice made by a comparison moved by a tiny random amount δ,
+independently of the others:
+
+- ``max(a, b)`` → ``select(a + δa > b + δb, a, b)`` (``min`` likewise), ``|x|`` → ``select(x + δ > 0, x, −x)``;
+- a max (min) over axes → the element at the argmax (argmin) of ``x + δ``; ``argmax``/``argmin`` of ``x + δ``;
+- ``>``, ``≥``, ``<``, ``≤`` of values depending on the parameters → of those values + δ (``==`` stays exact);
+- JAX's and the frameworks' own custom rules (``jax.nn.relu``) are replaced by their primals, differentiated so;
+- anything else not known to be smooth (the user's own rules, loops, branches, sorts) gets its inputs moved by δ,
+  so that the kinks inside it take a side too: no kink is evaluated exactly at the point, where a rule's own
+  choice (a relu'(0) of 5) would be sampled as if it were a side.
+
+Each draw has its own bias (from −4 to 4 of δ's spread, over the draws), added to δ of a comparison's operands
+depending on the parameters and of a ``max``'s first operand, and falling from +bias to −bias along the elements of
+a max over axes: the draws at either end put nearly every kink on one side (every ReLU off, as JAX's relu'(0) = 0
+does at all of them, or every one on; every tie to its first maximum, or to its last), those between mix them. A value changes by about δ at most (where a tie is broken: both sides of a kink agree there), and its
+derivative follows the side chosen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import Literal
+
+_REL = 1e-6  # δ, relative to the root mean square of the value moved (or absolute, where that is all zeros)
+_CALLS = ("jit", "pjit", "closed_call", "core_call", "checkpoint", "remat")  # followed inside
+_COMPARE = {"gt", "ge", "lt", "le"}
+_BIAS = 4.0  # the draws' means of δ run from −_BIAS to _BIAS of its spread
+# Primitives smooth wherever they are finite (or exact, as ``eq``): evaluated as they are. Everything else that is
+# not a kink handled below gets its inputs moved.
+_SMOOTH = frozenset({
+    "add", "add_any", "sub", "mul", "div", "neg", "exp", "exp2", "log", "log1p", "expm1", "tanh", "logistic", "sin",
+    "cos", "tan", "asin", "acos", "atan", "atan2", "sinh", "cosh", "asinh", "acosh", "atanh", "sqrt", "rsqrt",
+    "cbrt", "pow", "integer_pow", "square", "erf", "erfc", "erf_inv", "lgamma", "digamma", "dot_general",
+    "conv_general_dilated", "reshape", "broadcast_in_dim", "transpose", "squeeze", "expand_dims",
+    "convert_element_type", "reduce_sum", "reduce_prod", "cumsum", "cumprod", "cumlogsumexp", "concatenate", "pad",
+    "slice", "dynamic_slice", "dynamic_update_slice", "gather", "scatter-add", "scatter_add", "select_n", "copy",
+    "copy_p", "rev", "iota", "eq", "ne", "and", "or", "not", "xor", "stop_gradient", "reduce_precision", "real",
+    "imag", "conj", "complex", "split", "mul_add", "nextafter", "is_finite", "shift_left", "shift_right_logical",
+    "shift_right_arithmetic", "population_count", "random_bits", "random_wrap", "random_unwrap", "random_seed",
+    "random_fold_in", "random_split", "threefry2x32", "sharding_constraint", "optimization_barrier", "pvary", "name",
+})
+
+
+def kink_sides(fn: Callable[[list], Any], dl: list, draws: int, seed: int) -> list[list[np.ndarray]]:
+    """The gradient of ``fn`` (a scalar function of the list of arrays ``dl``) at ``dl``, ``draws`` times, each
+    with every kink on a random side of its own (see the module's docstring). Raises what tracing fn raises (a
+    function needing values in Python)."""
+    closed = jax.make_jaxpr(fn)(dl)
+    n = len(jax.tree_util.tree_leaves(dl))
+
+    def sided(flat: list, key: jax.Array, bias: jax.Array) -> jax.Array:
+        out, _ = _eval(closed.jaxpr, closed.consts, flat, [True] * n, (key, bias))
+        return jnp.asarray(out[0]).astype(jnp.result_type(out[0]))
+
+    grad = jax.jit(jax.grad(sided))
+    flat = jax.tree_util.tree_leaves(dl)
+    keys = jax.random.split(jax.random.key(seed % 2**32), draws)
+    biases = np.linspace(-_BIAS, _BIAS, draws) if draws > 1 else np.zeros(1)
+    return [[np.asarray(g) for g in grad(flat, keys[k], np.float32(biases[k]))] for k in range(draws)]
+
+
+def _delta(noise: tuple, x: jax.Array, biased: bool = True, ramp: bool = False) -> jax.Array:
+    """A tiny random displacement of x: δ·(N(0, 1) + the draw's bias) per element (without the bias unless
+    ``biased``), δ = _REL of x's root mean square (1 where x is all zeros), and a few units of x's precision at least.
+    ``ramp``: the bias falls along x's last axis instead, from +bias at its first element to −bias at its last (a
+    max over that axis then picks its first or its last tied element). ``noise``: (key, bias)."""
+    key, bias = noise
+    x = jax.lax.stop_gradient(x)
+    dtype = jnp.result_type(x)
+    rms = jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32)))) if x.size else jnp.float32(0)
+    rel = max(_REL, 4 * float(jnp.finfo(dtype).eps))
+    scale = jnp.where(rms > 0, rms, 1.0) * rel
+    shift = jnp.float32(0.0)
+    if ramp and x.ndim and x.shape[-1] > 1:
+        shift = bias * (1 - 2 * jnp.arange(x.shape[-1], dtype=jnp.float32) / (x.shape[-1] - 1))
+    elif biased:
+        shift = bias
+    return ((jax.random.normal(key, jnp.shape(x), jnp.float32) + shift) * scale).astype(dtype)
+
+
+def _split(noise: tuple, n: int = 2) -> list[tuple]:
+    key, bias = noise
+    return [(k, bias) for k in jax.random.split(key, n)]
+
+
+def _float(x: Any) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.floating)
+
+
+def _eval(jaxpr: Any, consts: Sequence, args: Sequence, dep_args: Sequence[bool], noise: tuple) -> tuple[list, tuple]:
+    """Evaluates ``jaxpr`` with kinks sided: its outputs and the noise left (key, bias). ``dep_args``: which inputs
+    depend on the parameters (only kinks of such values are moved)."""
+    from funcgrad.verify._audit import _bind, _call_jaxpr, _identify  # noqa: PLC0415 - _audit imports _grad, which imports this
+
+    env: dict = {}
+    dep: set = set()
+
+    def read(v: Any) -> Any:
+        return v.val if isinstance(v, Literal) else env[v]
+
+    for v, x in zip(jaxpr.constvars, consts, strict=True):
+        env[v] = x
+    for v, x, d in zip(jaxpr.invars, args, dep_args, strict=True):
+        env[v] = x
+        if d:
+            dep.add(v)
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        dins = [not isinstance(v, Literal) and v in dep for v in eqn.invars]
+        outs = None
+        if any(dins):
+            name = eqn.primitive.name
+            inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr")) if name in _CALLS else None
+            if inner is not None:
+                outs, noise = _eval(getattr(inner, "jaxpr", inner), getattr(inner, "consts", ()), invals, dins, noise)
+            elif name == "custom_jvp_call" and _identify(eqn).library:
+                inner = _call_jaxpr(eqn)
+                outs, noise = _eval(inner.jaxpr, inner.consts, invals, dins, noise)
+            elif name not in _SMOOTH:
+                noise, sub = _split(noise)
+                outs = _sided(eqn, invals, dins, sub)
+                if outs is None:  # (not a kink known here: its inputs moved, so that its own kinks take a side)
+                    subs = _split(sub, len(invals))
+                    outs = _bind(eqn, [x + _delta(k, jnp.asarray(x)) if d and _float(x) else x
+                                       for x, d, k in zip(invals, dins, subs, strict=True)])
+                outs = _typed(eqn, outs)
+        if outs is None:
+            outs = _bind(eqn, invals)
+        for v, o in zip(eqn.outvars, outs, strict=True):
+            env[v] = o
+            if any(dins):
+                dep.add(v)
+    return [read(v) for v in jaxpr.outvars], noise
+
+
+def _sided(eqn: Any, invals: list, dins: list[bool], key: tuple) -> list | None:
+    """One kink equation with its choice made by moved comparisons; None for any other equation."""
+    name = eqn.primitive.name
+    if name in ("max", "min") and all(_float(x) for x in invals):
+        a, b = invals
+        ka, kb = _split(key)
+        a_, b_ = jnp.broadcast_arrays(jnp.asarray(a), jnp.asarray(b))
+        da, db = _delta(ka, a_), _delta(kb, b_, biased=False)  # (the bias favours the first operand, or the second)
+        pick = (a_ + da > b_ + db) if name == "max" else (a_ + da < b_ + db)
+        return [jnp.where(pick, a_, b_)]
+    if name == "abs" and _float(invals[0]):
+        x = jnp.asarray(invals[0])
+        return [jnp.where(x + _delta(key, x) > 0, x, -x)]
+    if name in _COMPARE and all(_float(x) for x in invals):
+        keys = _split(key, len(invals))
+        compared = [x + _delta(k, jnp.asarray(x)) if d else x for x, d, k in zip(invals, dins, keys, strict=True)]
+        return [getattr(jax.lax, name)(*compared)]
+    if name in ("reduce_max", "reduce_min", "argmax", "argmin") and _float(invals[0]):
+        x = jnp.asarray(invals[0])
+        axes = tuple(eqn.params["axes"])
+        rest = [i for i in range(x.ndim) if i not in axes]
+        flat = jnp.transpose(x, rest + list(axes)).reshape([x.shape[i] for i in rest] + [-1])
+        moved = flat + _delta(key, flat, ramp=True)
+        at = jnp.argmax(moved, -1) if name in ("reduce_max", "argmax") else jnp.argmin(moved, -1)
+        if name.startswith("arg"):
+            return [at.astype(eqn.params["index_dtype"])]
+        return [jnp.take_along_axis(flat, at[..., None], -1)[..., 0]]
+    return None
+
+
+def _typed(eqn: Any, outs: list) -> list:
+    """``outs`` in the dtypes the equation gives (a Python number among the inputs may have widened them)."""
+    def typed(v: Any, o: Any) -> Any:
+        dtype = getattr(getattr(v, "aval", None), "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating) or jnp.result_type(o) == dtype:
+            return o
+        return jnp.asarray(o).astype(dtype)
+
+    return [typed(v, o) for v, o in zip(eqn.outvars, outs, strict=True)]
