@@ -311,6 +311,39 @@ def test_a_checkpoint_written_by_another_config_is_refused(capsys, run):
     assert snapshot(run) == before
 
 
+def test_a_sibling_runs_checkpoint_copied_in_is_refused_but_a_whole_copied_folder_continues(capsys, run):
+    # A run of the same config and settings, trained elsewhere (another history: other steps logged, another data
+    # order after a resume), has a checkpoint of the same shapes and the same settings digest. Each run folder's
+    # marker names the run (drawn once, when the folder became a run), and each checkpoint carries that name.
+    data = (run / "checkpoint.npz").read_bytes()
+    state, meta = checkpoint.from_bytes(data, like(run)), checkpoint.metadata(data)
+    own = json.loads((run / rundir.MARKER).read_text())["run"]
+    assert meta["run"] == own and len(own) == 32  # (the fixture's folder is a whole copy of the base run's: its own)
+    sibling = "0123456789abcdef" * 2
+    write_checkpoint(run, state, {**meta, "run": sibling})
+    before = snapshot(run)
+    for args in (["train", "--out", run, "--resume", "--set", "train.epochs=60"], ["evaluate", "--run", run]):
+        code, _, err = cli(capsys, *args)
+        assert_one_line_error(code, err, f"written by another run (run {sibling})", f"(run {own})",
+                              "copy the whole run folder")
+    assert snapshot(run) == before
+    write_checkpoint(run, state, meta)  # its own again: the resume goes ahead
+    code, _, err = cli(capsys, "train", "--out", run, "--resume", "--set", "train.epochs=60")
+    assert code == 0, err
+
+
+def test_a_new_run_folder_draws_its_own_run_name(capsys, tmp_path):
+    names = set()
+    for k in range(2):
+        code, _, err = cli(capsys, "train", "--out", tmp_path / f"r{k}", "--set", "train.epochs=10", "--set",
+                           "train.checkpoint_every=10", "--set", "train.verify=false", "--quiet")
+        assert code == 0, err
+        own = json.loads((tmp_path / f"r{k}" / rundir.MARKER).read_text())["run"]
+        assert checkpoint.metadata((tmp_path / f"r{k}" / "checkpoint.npz").read_bytes())["run"] == own
+        names.add(own)
+    assert len(names) == 2
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Damaged or hostile files
 

@@ -19,6 +19,7 @@ import os
 import re
 import stat
 import time
+import uuid
 from pathlib import Path
 
 import funcgrad
@@ -97,8 +98,20 @@ def inspect(out: Path) -> str:
 
 
 def marker_record() -> dict:
+    """The marker of a new run folder. ``run``: the run's identity, drawn once, when the folder becomes a run; each
+    checkpoint carries it, so that another run's checkpoint copied in is refused rather than continued."""
     return {"format": RUN_FORMAT, "funcgrad": getattr(funcgrad, "__version__", "unknown"),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run": uuid.uuid4().hex}
+
+
+def run_id(out: Path) -> str | None:
+    """The run's identity from its marker; None for a folder marked before runs had one, or unreadable here (a
+    process of a multi-host run that does not share the folder)."""
+    try:
+        value = files.json_load(Path(out) / MARKER).get("run")
+    except (files.FileError, OSError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def _holder(path: Path) -> str:
@@ -242,4 +255,4 @@ def write_marker(out: Path) -> None:
 
 
 __all__ = ["MARKER", "RUN_FORMAT", "LOCK", "RunFolderError", "ReadOnlyFolder", "inspect", "Lock", "writer_pid",
-           "remove_stale_temporaries", "read_only_files", "write_marker"]
+           "remove_stale_temporaries", "read_only_files", "write_marker", "run_id"]

@@ -324,6 +324,12 @@ def _read_checkpoint(out: Path, like: Any, cfg: Any) -> tuple[Any, int, dict]:
         # (another run's checkpoint copied in: same shapes, another learning rate or regularisation)
         raise UsageError(f"{ckpt}: written by a run of config {written_by!r}, but this run's config is {cfg.name!r}; "
                          "a checkpoint continues only the run that wrote it")
+    written_in, here = meta.get("run"), rundir.run_id(out)
+    if isinstance(written_in, str) and here is not None and written_in != here:
+        # (a sibling run's checkpoint copied in: the same config and settings, another history of training)
+        raise UsageError(f"{ckpt}: written by another run (run {written_in}) than the one {out / rundir.MARKER} "
+                         f"names (run {here}); a checkpoint continues only the run that wrote it: copy the whole run "
+                         "folder to continue that run")
     settings = meta.get("settings")
     if isinstance(settings, str) and settings != _settings_digest(cfg):
         # (config.json edited by hand since: another seed draws other data, another penalty trains another loss)
@@ -678,6 +684,7 @@ class _Loop:
         self.orbax = (checkpoint.orbax_manager(out / files.ORBAX, max_to_keep=p.cfg.checkpoint.max_to_keep)
                       if p.cfg.checkpoint.backend == "orbax" else None)
         self.params: Any = None
+        self.run_name = rundir.run_id(out)  # (the marker is written before the loop starts)
 
     def close(self) -> None:
         """Ends the progress line, and waits for checkpoints still being written in the background."""
@@ -741,7 +748,7 @@ class _Loop:
         if unfit:
             return f"training stopped after step {step}: {unfit}, so it is not saved"
         meta = {"step": step, "config": cfg.name, "settings": _settings_digest(cfg), "last_logged": self.last_logged,
-                "window": self.window.state()}
+                "window": self.window.state(), **({"run": self.run_name} if self.run_name is not None else {})}
         try:
             if self.orbax is not None:
                 self.orbax.save(step, state, meta)  # in the background; the arrays are copied first

@@ -18,8 +18,9 @@ independently of the others:
 Each draw has its own bias (from −4 to 4 of δ's spread, over the draws), added to δ of a comparison's operands
 depending on the parameters and of a ``max``'s first operand, and falling from +bias to −bias along the elements of
 a max over axes: the draws at either end put nearly every kink on one side (every ReLU off, as JAX's relu'(0) = 0
-does at all of them, or every one on; every tie to its first maximum, or to its last), those between mix them. A value changes by about δ at most (where a tie is broken: both sides of a kink agree there), and its
-derivative follows the side chosen.
+does at all of them, or every one on; every tie to its first maximum, or to its last), those between mix them.
+A value changes by about δ at most (where a tie is broken: both sides of a kink agree there), and its derivative
+follows the side chosen.
 """
 
 from __future__ import annotations
