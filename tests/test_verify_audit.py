@@ -2061,3 +2061,41 @@ def test_a_rule_computing_in_16_bits_says_how_closely_it_was_compared(dtype):
         assert not r.ok, report
     else:
         assert "computes in bfloat16" in r.note and "a rule off by less passes" in r.note, report
+
+
+def _fused_dense_relu(relu0):
+    """A fused dense + ReLU layer as a custom_vjp, its backward written by hand with relu'(0) = ``relu0``."""
+
+    @jax.custom_vjp
+    def dense_relu(W, b, X):
+        return jnp.maximum(X @ W + b, 0)
+
+    def fwd(W, b, X):
+        z = X @ W + b
+        return jnp.maximum(z, 0), (W, X, z)
+
+    def bwd(res, g):
+        W, X, z = res
+        dz = g * jnp.where(z > 0, 1.0, jnp.where(z == 0, relu0, 0.0))
+        return X.T @ dz, dz.sum(0), dz @ W.T
+
+    dense_relu.defvjp(fwd, bwd)
+    return dense_relu
+
+
+def test_a_fused_dense_relu_rule_on_integer_data_where_kinks_meet_is_a_kink_and_relu0_of_5_fails():
+    # Integer inputs and weights with a zero bias: 13 of 72 pre-activations exactly 0, several in one row, so one
+    # input element moves several ReLUs at their kinks at once. The rule's relu'(0) = 0 adds up to a value outside
+    # [D₋, D₊] there (the primal's plain autodiff, jnp.maximum's ½ at each tie, lies inside): a sum of choices at the
+    # kinks, checked again off them as check_grad does. In float32, whose rounding mostly cancels in the
+    # differences, the kink is read as one (it was read as smooth, with wide error bars, and the rule blamed).
+    rng = np.random.RandomState(1)
+    X = rng.randint(-2, 3, size=(12, 4)).astype(np.float32)
+    W = rng.randint(-1, 2, size=(4, 6)).astype(np.float32)
+    w2 = rng.randn(6).astype(np.float32)
+    params = {"W": W, "b": np.zeros(6, np.float32)}
+    assert ((X @ W) == 0).sum(1).max() >= 2  # the premise
+    for relu0, verdicts in ((0.0, ("kink", "ok")), (5.0, ("autodiff_wrong",))):
+        layer = _fused_dense_relu(relu0)
+        report = verify.audit(lambda p, X, layer=layer: jnp.sum(layer(p["W"], p["b"], X) @ w2), params, X)
+        assert report.rows[0].verdict in verdicts, (relu0, report)

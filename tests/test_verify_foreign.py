@@ -266,6 +266,86 @@ def test_a_relu_rule_giving_5_at_zero_inside_a_crelu_still_fails():
     assert alone.verdict == "autodiff_wrong", alone
 
 
+def test_a_relu_rule_giving_5_at_zero_copied_into_the_hand_fails_where_every_relu_is_at_zero():
+    # Zero-initialised first layer, integer data: every ReLU at 0. The rule's relu'(0) = 5, copied into the hand,
+    # gives W1 values far outside what any choice at the kinks gives (each sample's term times s in [0, 1]), though
+    # autodiff and hand agree: they were passed as kink ("both lie outside, several kinks may meet"). Looked at
+    # again (the rule's inputs moved off its kink, never trusted at it): both_wrong.
+    @jax.custom_jvp
+    def relu5(x):
+        return jnp.maximum(x, 0.0)
+
+    @relu5.defjvp
+    def _(primals, tangents):
+        (x,), (t,) = primals, tangents
+        return relu5(x), t * jnp.where(x > 0, 1.0, jnp.where(x == 0, 5.0, 0.0))
+
+    rng = np.random.default_rng(3)
+    X = jnp.asarray(rng.integers(-2, 3, (6, 3)).astype(np.float32))
+    Y = jnp.asarray(rng.integers(-2, 3, (6,)).astype(np.float32))
+    p0 = {"W1": jnp.zeros((3, 4)), "b1": jnp.zeros((1, 4)), "W2": jnp.array([1.0, -1.0, 2.0, 1.0]),
+          "b2": jnp.float32(0.0)}
+
+    def f(p):
+        return jnp.mean((relu5(X @ p["W1"] + p["b1"]) @ p["W2"] + p["b2"] - Y) ** 2)
+
+    def hand(p, relu0=5.0):
+        z = X @ p["W1"] + p["b1"]
+        a = jnp.maximum(z, 0)
+        d = 2 * (a @ p["W2"] + p["b2"] - Y) / X.shape[0]
+        dz = jnp.outer(d, p["W2"]) * jnp.where(z > 0, 1.0, jnp.where(z == 0, relu0, 0.0))
+        return {"W1": X.T @ dz, "b1": dz.sum(0, keepdims=True), "W2": a.T @ d, "b2": d.sum()}
+
+    # (the premise, in float64: hand's W1 lies outside the range every choice at the kinks gives)
+    Xn, Yn, W2 = (np.asarray(a, np.float64) for a in (X, Y, p0["W2"]))
+    T = Xn[:, :, None] * ((2 * (0 - Yn) / 6)[:, None] * W2[None, :])[:, None, :]
+    g = np.asarray(hand(p0)["W1"], np.float64)
+    assert ((g < np.minimum(T, 0).sum(0) - 1e-6) | (g > np.maximum(T, 0).sum(0) + 1e-6)).any()
+    report = verify.check_grad(f, p0, hand=hand)
+    assert row(report, "['W1']").verdict == "both_wrong" and row(report, "['b1']").verdict == "both_wrong", report
+    # The book's relu'(0) = 0 through jnp.maximum, with the same hand at relu'(0) = 0: a choice at every kink.
+    good = verify.check_grad(lambda p: jnp.mean((jnp.maximum(X @ p["W1"] + p["b1"], 0) @ p["W2"] + p["b2"] - Y) ** 2),
+                             p0, hand=lambda p: hand(p, 0.0))
+    assert good.ok, good
+
+
+def test_a_sign_flipped_hand_at_zero_weights_fails_though_every_element_sits_at_kinks():
+    # Every z = 0: hand −Xᵀ(C·[z ≥ 0]) lay no farther from autodiff than autodiff from D₋ and D₊ together, and passed
+    # as kink. Off the kinks it is plainly wrong: hand_wrong, with the values there.
+    X = jnp.array([[2.0, -1.0], [-2.0, -1.0], [0.0, 2.0], [0.0, -2.0], [-1.0, 1.0]])
+    C = jnp.array([[2.0, 1.0], [2.0, -2.0], [2.0, -2.0], [0.0, -1.0], [-1.0, 1.0]])
+
+    def f(p):
+        return jnp.sum(C * jax.nn.relu(X @ p["W"]))
+
+    report = verify.check_grad(f, {"W": jnp.zeros((2, 2))}, hand=lambda p: {"W": -(X.T @ (C * (X @ p["W"] >= 0)))})
+    assert report.verdict == "hand_wrong", report
+    right = verify.check_grad(f, {"W": jnp.zeros((2, 2))}, hand=lambda p: {"W": X.T @ (C * (X @ p["W"] >= 0))})
+    assert right.ok, right
+
+
+def test_a_reduce_window_max_pool_with_every_window_tied_reads_first_maximum_routing_as_a_choice():
+    # Flax's and Equinox's max-pool layers are lax.reduce_window: every window tied (duplicated weight columns,
+    # integer data). The hand routes each tie to its first maximum, as JAX's own gradient does here; a window's
+    # choice is read as one (each tie to its first element, or to its last, at either end of the draws).
+    N, D, K = 16, 3, 8
+    rng = np.random.default_rng(0)
+    X = jnp.asarray(rng.integers(-2, 3, (N, D)).astype(np.float32))
+    C = jnp.asarray(rng.integers(-2, 3, (N, K // 2)).astype(np.float32))
+    W0 = jnp.asarray(np.repeat(rng.integers(-1, 2, (D, K // 2)), 2, axis=1).astype(np.float32))
+
+    def pool(z):
+        return jax.lax.reduce_window(z, -jnp.inf, jax.lax.max, (1, 2), (1, 2), "VALID")
+
+    def hand(p):
+        z = (X @ p["W"]).reshape(N, -1, 2)
+        first = (jnp.argmax(z, -1)[..., None] == jnp.arange(2)[None, None, :]).astype(z.dtype)
+        return {"W": X.T @ (first * C[..., None]).reshape(N, K)}
+
+    report = verify.check_grad(lambda p: jnp.sum(C * pool(X @ p["W"])), {"W": W0}, hand=hand)
+    assert report.ok and report.verdict == "kink", report
+
+
 def test_a_max_pool_backward_sending_the_gradient_to_every_tied_maximum_fails_though_right_off_the_ties():
     # A 1-D convolution with zero-initialised weights, max-pooled: every window ties at the given point. The naive
     # backward (mask = window == its max) counts each tie twice: 3.03 along w[0], where [D₋, D₊] = [1.27, 1.76] and

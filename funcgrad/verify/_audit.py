@@ -47,7 +47,7 @@ from funcgrad._checks import describe, in_range
 from funcgrad.verify._compiled import _CUSTOM, _lower, _lowest_float
 from funcgrad.verify._compiled import _sub_jaxprs as _sub
 from funcgrad.verify._fd import _default_rtol
-from funcgrad.verify._grad import _check_grad_impl, _environment_versions
+from funcgrad.verify._grad import _check_grad_impl, _environment_versions, _second_look
 from funcgrad.verify._inputs import (
     _TRACE_ERRORS,
     _clean,
@@ -1280,9 +1280,7 @@ def _check_call(call: _Call, k: int, scalars: dict,
     # rule is checked as itself, compiled afresh at each audit.
     reuse = _symbolic_zeros(eqn)
     try:
-        report = _check_grad_impl(s.rule, diff, (fixed, extra), hand=s.plain, has_aux=False, wrt=None,
-                                  rtol=options["rtol"], atol=options["atol"], mode=options["mode"],
-                                  seed=options["seed"] + k, reuse=reuse, hand_reference=True)
+        report = _rule_check(s, diff, (fixed, extra), options, options["seed"] + k, reuse)
         extra_rows = [r for r in (_held_gap(eqn, call, diff_pos, float_outs, extra, s.plain is not None),
                                   _nonlinear_gap(eqn, call, diff_pos, float_outs, extra)) if r is not None]
     except Exception as e:  # noqa: BLE001 - the user's rule failing under check_grad: reported, not raised
@@ -1297,6 +1295,20 @@ def _check_call(call: _Call, k: int, scalars: dict,
         return None, (), f"could not be checked at this call ({_error(e)})", _NO_GAP
     report = _amended(report, extra_rows, left_out=not all(m.all() for m in out_masks))
     return report, diff_pos, s.note, _forward_gap(eqn, call, diff_pos, float_outs)
+
+
+def _rule_check(s: _Scalars, diff: Any, args: tuple, options: dict, seed: int, reuse: bool) -> GradReport:
+    """check_grad of a rule's scalar at one call (against its primal's plain autodiff, the reference), with the
+    second look where kinks meet: inputs where several kinks meet inside the primal (integer data at a fused
+    dense + ReLU rule) are checked again off them, as check_grad does; the rule's inputs are moved off its kinks,
+    never trusted at them."""
+
+    def check(at: Any) -> GradReport:
+        return _check_grad_impl(s.rule, at, args, hand=s.plain, has_aux=False, wrt=None, rtol=options["rtol"],
+                                atol=options["atol"], mode=options["mode"], seed=seed, reuse=reuse,
+                                hand_reference=True)
+
+    return _second_look(check(diff), check, s.rule, diff, args, hand=s.plain, has_aux=False, wrt=None, seed=seed)
 
 
 def _held_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple[int, ...], extra: tuple,

@@ -87,7 +87,7 @@ from funcgrad.verify._inputs import (
     _x64,
 )
 from funcgrad.verify._report import _BLAMES, _FAILING, _LIST, GradReport, Row, Verdict, _combine_verdicts, _err_key
-from funcgrad.verify._sides import kink_sides
+from funcgrad.verify._sides import has_kinks, kink_sides
 from funcgrad.verify._traced import trace_pair
 
 # Disagreeing (or non-finite) elements per leaf arbitrated by finite differences, in rounds until one fails.
@@ -631,7 +631,13 @@ def _second_look(report: GradReport, check: Callable[[Any], GradReport], fn: Cal
     ``report``: check_grad's, and each of check_vjp's and check_jacobian's scalar checks."""
 
     def nearby(sel: Any, points: list) -> list[dict[str, np.ndarray]]:  # autodiff's gradient, leaf by leaf
-        return _autodiff_at(fn, sel, points, args, has_aux) + _autodiff_sided(fn, sel, args, has_aux, seed)
+        return _autodiff_at(fn, sel, points, args, has_aux)
+
+    def sided(sel: Any) -> list[dict[str, np.ndarray]]:
+        return _autodiff_sided(fn, sel, args, has_aux, seed)
+
+    def kinked(sel: Any) -> bool:
+        return _has_kinks(fn, sel, args, has_aux)
 
     def hand_at(sel: Any, at: Any) -> dict[str, np.ndarray]:  # hand's gradient, leaf by leaf (as the check reads it)
         specs = tuple((p, tuple(int(d) for d in getattr(x, "shape", ())), describe(x))
@@ -644,7 +650,8 @@ def _second_look(report: GradReport, check: Callable[[Any], GradReport], fn: Cal
         got = _extract_grad(out, _Bound(fn, hand, sel.treedef, sel.diff, specs, has_aux))
         return {p: np.asarray(g, np.float64) for p, g in zip(sel.diff_paths, got, strict=True)}
 
-    return _off_the_kinks(report, check, nearby, hand_at if hand is not None else None, params, wrt, seed)
+    return _off_the_kinks(report, check, _Beside(nearby, sided, hand_at if hand is not None else None, kinked), params,
+                          wrt, seed)
 
 
 _AT_KINKS = "D₋/D₊ = ["  # (in the note of an element read as a kink: its one-sided derivatives)
@@ -653,88 +660,136 @@ _NEARBY = 32  # points right beside the given one, where autodiff's gradient is 
 _NEARBY_SHIFT = {8: 1e-6, 4: 1e-6, 2: 1e-3, 1: 1e-2}  # their distance, relative to each leaf's size, by itemsize
 
 
-def _off_the_kinks(report: GradReport, check: Callable[[Any], GradReport],
-                   nearby: Callable[[Any, list], list[dict[str, np.ndarray]]],
-                   hand_at: Callable[[Any, Any], dict[str, np.ndarray]] | None, params: Any, wrt: Any,
+_OUTSIDE = "outside: several kinks may meet"  # (in the note of a kink passed with a side outside [D₋, D₊])
+
+
+class _Beside(NamedTuple):
+    """What the second look off the kinks reads beside the given point (see :func:`_off_the_kinks`)."""
+
+    nearby: Callable[[Any, list], list[dict[str, np.ndarray]]]  # autodiff's gradient at points, leaf by leaf
+    sided: Callable[[Any], list[dict[str, np.ndarray]]]  # ... at the given point with each kink on a side of its own
+    hand_at: Callable[[Any, Any], dict[str, np.ndarray]] | None  # hand's gradient at a point, leaf by leaf
+    kinked: Callable[[Any], bool]  # whether fn has kinks at all (max, |x|, comparisons, sorts, custom rules)
+
+
+def _off_the_kinks(report: GradReport, check: Callable[[Any], GradReport], beside: _Beside, params: Any, wrt: Any,
                    seed: int) -> GradReport:
-    """A report whose failing rows were decided at kinks (an element whose one-sided derivatives differ), checked
-    again off them. Where several kinks meet (ReLUs of several samples at 0, integer data with zero biases),
-    autodiff's and hand's choices at each kink add up to values that need not lie between the one-sided derivatives,
-    and finite differences cannot tell such a choice from a mistake. A row becomes ``kink`` (its note says why) when
-    both: the whole check passes (``ok``, or ``kink``) at a point off the kinks (the differentiated leaves shifted by a
-    random 1% of their size, :func:`_shifted`), so the formulas agree there; and at every element of the leaf,
-    autodiff's and hand's values lie within the range of autodiff's gradient at :data:`_NEARBY` points right beside
-    the given one (each on some side of each kink) and at the given one with each kink on a random side of its own
-    (:func:`_autodiff_sided`: ``relu(a)`` and ``relu(−a)`` both off, which no point gives), as a choice at each kink
-    does. A value no side of the kinks gives
-    (a max-pool backward sending the gradient to every tied maximum, a relu'(0) of 5) keeps its verdict, and so does
-    a row failing off the kinks, with what was found in its note."""
-    kinked = [r.path for r in report.rows if not r.ok and _AT_KINKS in r.note and r.worst_index is not None
-              and all(v is None or math.isfinite(v) for v in (r.autodiff, r.hand))]
-    if not kinked:
+    """A report whose rows were decided where kinks meet, checked again off them. Where several kinks meet (ReLUs
+    of several samples at 0, integer data with zero biases), autodiff's and hand's choices at each kink add up to
+    values that need not lie between the one-sided derivatives, nor next to a derivative finite differences read as
+    smooth (two kinks whose slopes add up to the same on both sides), and finite differences cannot tell such a
+    choice from a mistake. Looked at again: failing rows of a function with kinks, and rows passed as ``kink`` with
+    a side outside [D₋, D₊] (which a copied relu'(0) of 5 or a sign-flipped hand can be).
+
+    A row becomes (or stays) ``kink``, its note saying why, when both: the whole check passes (``ok``, or ``kink``)
+    at a point off the kinks (the differentiated leaves shifted by a random 1% of their size, :func:`_shifted`), so
+    the formulas agree there; and at every element of the leaf, autodiff's and hand's values lie within the range
+    of autodiff's gradient at :data:`_NEARBY` points right beside the given one (each on some side of each kink)
+    and at the given one with each kink on a random side of its own (:func:`_autodiff_sided`: ``relu(a)`` and
+    ``relu(−a)`` both off, which no point gives), as a choice at each kink does. A row failing off the kinks takes
+    the verdict found there (its blame, and its element, read where finite differences know the derivative); a
+    value no side of the kinks gives (a max-pool backward sending the gradient to every tied maximum, a relu'(0)
+    of 5) fails, blamed on the side it belongs to; where finite differences cannot decide off the kinks the row
+    stays as it was, with that in its note."""
+    def candidate(r: Row) -> bool:
+        if not all(v is None or math.isfinite(v) for v in (r.autodiff, r.hand)):
+            return False
+        return (r.verdict in _FAILING) or (r.verdict == Verdict.KINK and _OUTSIDE in r.note)
+
+    rows = [r for r in report.rows if candidate(r)]
+    if not rows:
         return report
     try:
         sel, _ = _select(params, wrt)  # (once: the points differ only in the differentiated leaves' values)
+        if not any(_AT_KINKS in r.note or r.verdict == Verdict.KINK for r in rows) and not beside.kinked(sel):
+            return report  # (no kink anywhere in fn: a failure stands as decided, with nothing more to pay)
         other = check(_shifted(sel, seed, _OFF_KINKS))
-        here, *beside = nearby(sel, [params] + [_shifted(sel, seed + 1 + k, None) for k in range(_NEARBY)])
-        hand_here = hand_at(sel, params) if hand_at is not None else {}
     except Exception:  # noqa: BLE001 - the function failing off the kinks: the report stands as it is
         return report
     there = {r.path: r for r in other.rows}
     how = f"the parameters shifted by a random {_OFF_KINKS:.0%} of each leaf's size"
+    read: dict[str, Any] = {}
+
+    def reading() -> dict[str, Any]:  # (autodiff beside, and both sides here: read once, when a row needs them)
+        if not read:
+            here, *near = beside.nearby(sel, [params] + [_shifted(sel, seed + 1 + k, None) for k in range(_NEARBY)])
+            read.update(here=here, beside=near + beside.sided(sel),
+                        hand=beside.hand_at(sel, params) if beside.hand_at is not None else {})
+        return read
 
     def amended(r: Row) -> Row:
         o = there.get(r.path)
-        if r.path not in kinked or o is None:
+        if r not in rows or o is None:
             return r
-        if o.verdict in _BLAMES and o.verdict != r.verdict:
-            # Off the kinks finite differences know the derivative: their blame, not the one read at the kinks (a
-            # hand 2% off everywhere, agreeing with autodiff at an element where kinks meet, is not both_wrong).
+        if o.verdict in _FAILING:
+            # Off the kinks finite differences know the derivative: the verdict and element found there, not those
+            # read at the kinks (a hand 2% off everywhere, agreeing with autodiff at an element where kinks meet, is
+            # not both_wrong; a wrong element is named, not a kink beside it).
             return dataclasses.replace(o, path=r.path, note=(
-                f"at the given point this leaf's deciding elements sit at kinks, which finite differences cannot "
-                f"judge ({r.verdict} at {r.where} there); at a point off the kinks ({how}), with the values shown: "
-                f"{o.note}"))
-        if o.verdict not in (Verdict.OK, Verdict.KINK):  # (decided there: not fd_unreliable, which decides nothing)
-            found = (f"it fails too: {o.verdict} at {o.where}" if not o.ok else
-                     f"finite differences cannot decide there ({o.verdict})")
-            return dataclasses.replace(r, note=f"{r.note}; at a point off the kinks ({how}) {found}")
-        # Every element of the leaf, autodiff's and hand's values here, within the range of autodiff's gradient
-        # beside (an element off the kinks: its one value, up to the drift and rounding allowed)
-        values = np.stack([np.asarray(b[r.path], np.float64) for b in beside])
-        lo, hi = values.min(axis=0), values.max(axis=0)
-        dtype = np.dtype(beside[0][r.path].dtype)
-        sides = [("autodiff", np.asarray(here[r.path], np.float64))]
-        if r.path in hand_here:
-            sides.append(("hand", hand_here[r.path].reshape(lo.shape)))
-        scale = np.maximum.reduce([np.abs(lo), np.abs(hi), *(np.abs(v) for _, v in sides)])
-        # (the points lie a little off the given one, so their gradients drift by about that much, relative; and
-        # they are rounded to the parameters' precision, at the leaf's scale)
-        slack = (max(1e-4, 10 * _NEARBY_SHIFT.get(dtype.itemsize, 1e-2)) * scale
-                 + 16 * float(jnp.finfo(dtype).eps) * float(np.max(np.abs(values), initial=0.0)))
-        with np.errstate(invalid="ignore"):  # (a value that is not finite, here or beside, is outside)
-            excess = [(np.where(np.isfinite(v) & np.isfinite(lo) & np.isfinite(hi),
-                                np.maximum(lo - slack - v, v - hi - slack), np.inf), name, v) for name, v in sides]
-        worst = max(excess, key=lambda e: float(np.max(e[0], initial=-np.inf)))
-        if worst[0].size and float(np.max(worst[0])) > 0:
-            at = np.unravel_index(int(np.argmax(worst[0])), lo.shape)
-            idx = tuple(int(i) for i in at)
-            return dataclasses.replace(r, note=(
-                f"{r.note}; the leaf checks out at a point off the kinks ({how}), but {worst[1]} "
-                f"({_g(float(worst[2][idx]))}) at {list(idx)} lies outside [{_g(float(lo[idx]))}, {_g(float(hi[idx]))}], "
-                f"the range of autodiff's gradient there at {_NEARBY} points right beside this one and at this one with each "
-                "kink on a side of its own: a value no side of the kinks gives, not a choice at them"))
-        idx = tuple(r.worst_index or ())
-        lo_w, hi_w = float(lo[idx]), float(hi[idx])
-        return dataclasses.replace(r, verdict=Verdict.KINK, note=(
-            f"{r.note}; kinks meet here, where autodiff's and hand's choices at each kink add up to values finite "
-            f"differences cannot judge: at a point off the kinks ({how}) the leaf checks out ({o.verdict}), and "
-            f"{' and '.join(n for n, _ in sides)}'s values lie within the range of autodiff's gradient at {_NEARBY} "
-            "points right beside this one and at this one with each kink on a side of its own, at every element "
-            f"([{_g(lo_w)}, {_g(hi_w)}] at {list(idx)}), so this disagreement is such a choice, not a mistake"))
+                f"at the given point this leaf was read where kinks meet, which finite differences cannot judge "
+                f"({r.verdict} at {r.where} there); at a point off the kinks ({how}), with the values shown: {o.note}"))
+        if o.verdict not in (Verdict.OK, Verdict.KINK):  # (fd_unreliable, singular: decided nothing there)
+            return dataclasses.replace(r, note=f"{r.note}; at a point off the kinks ({how}) finite differences cannot "
+                                               f"decide either ({o.verdict})")
+        try:
+            got = reading()
+        except Exception:  # noqa: BLE001 - autodiff failing beside the point: the row stands as it is
+            return r
+        return _within_reach(r, o, got, how)
 
-    rows = [amended(r) for r in report.rows]
-    return dataclasses.replace(report, rows=tuple(rows), verdict=_combine_verdicts([r.verdict for r in rows]),
+    amended_rows = [amended(r) for r in report.rows]
+    return dataclasses.replace(report, rows=tuple(amended_rows),
+                               verdict=_combine_verdicts([r.verdict for r in amended_rows]),
                                seconds=report.seconds + other.seconds)
+
+
+def _within_reach(r: Row, o: Row, got: dict[str, Any], how: str) -> Row:
+    """The second look's range test of row ``r`` (see :func:`_off_the_kinks`), the leaf checking out off the kinks
+    (``o``): every element's autodiff and hand values within the range of autodiff's gradient read beside (``got``)."""
+    values = np.stack([np.asarray(b[r.path], np.float64) for b in got["beside"]])
+    lo, hi = values.min(axis=0), values.max(axis=0)
+    dtype = np.dtype(got["beside"][0][r.path].dtype)
+    sides = [("autodiff", np.asarray(got["here"][r.path], np.float64))]
+    if r.path in got["hand"]:
+        sides.append(("hand", got["hand"][r.path].reshape(lo.shape)))
+    scale = np.maximum.reduce([np.abs(lo), np.abs(hi), *(np.abs(v) for _, v in sides)])
+    # (the points lie a little off the given one, so their gradients drift by about that much, relative; and
+    # they are rounded to the parameters' precision, at the leaf's scale)
+    slack = (max(1e-4, 10 * _NEARBY_SHIFT.get(dtype.itemsize, 1e-2)) * scale
+             + 16 * float(jnp.finfo(dtype).eps) * float(np.max(np.abs(values), initial=0.0)))
+    with np.errstate(invalid="ignore"):  # (a value that is not finite, here or beside, is outside)
+        excess = {name: np.where(np.isfinite(v) & np.isfinite(lo) & np.isfinite(hi),
+                                 np.maximum(lo - slack - v, v - hi - slack), np.inf) for name, v in sides}
+    where = f"the range of autodiff's gradient there at {_NEARBY} points right beside this one and at this one " \
+            "with each kink on a side of its own"
+    worst = max(excess, key=lambda n: float(np.max(excess[n], initial=-np.inf)))
+    if excess[worst].size and float(np.max(excess[worst])) > 0:
+        idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(excess[worst])), lo.shape))
+        out = {n for n, e in excess.items() if float(e[idx]) > 0}
+        note = (f"{r.note}; the leaf checks out at a point off the kinks ({how}), but "
+                + " and ".join(f"{n} ({_g(float(v[idx]))})" for n, v in sides if n in out)
+                + f" at {list(idx)} {'lie' if len(out) > 1 else 'lies'} outside [{_g(float(lo[idx]))}, "
+                f"{_g(float(hi[idx]))}], {where}: a value no side of the kinks gives, not a choice at them")
+        if r.verdict in _FAILING:
+            return dataclasses.replace(r, note=note)
+        verdict = (Verdict.BOTH_WRONG if len(out) > 1 else
+                   Verdict.HAND_WRONG if "hand" in out else Verdict.AUTODIFF_WRONG)
+        vals = {n: float(v[idx]) for n, v in sides}
+        return dataclasses.replace(r, verdict=verdict, worst_index=idx, autodiff=vals["autodiff"],
+                                   hand=vals.get("hand"), numeric=None, note=note)
+    if r.verdict == Verdict.KINK:
+        return dataclasses.replace(r, note=(
+            f"{r.note}; looked at again: at a point off the kinks ({how}) the leaf checks out ({o.verdict}), and "
+            f"{' and '.join(n for n, _ in sides)}'s values lie within {where}, at every element"))
+    gaps = np.abs(sides[0][1] - sides[1][1]) if len(sides) > 1 else np.zeros(lo.shape)
+    idx = tuple(r.worst_index) if r.worst_index is not None else tuple(
+        int(i) for i in np.unravel_index(int(np.argmax(gaps)) if gaps.size else 0, lo.shape))
+    return dataclasses.replace(r, verdict=Verdict.KINK, note=(
+        f"{r.note}; kinks meet here, where autodiff's and hand's choices at each kink add up to values finite "
+        f"differences cannot judge: at a point off the kinks ({how}) the leaf checks out ({o.verdict}), and "
+        f"{' and '.join(n for n, _ in sides)}'s values lie within {where}, at every element "
+        f"([{_g(float(lo[idx]))}, {_g(float(hi[idx]))}] at {list(idx)}), so this disagreement is such a choice, "
+        "not a mistake"))
 
 
 def _copied(tree: Any) -> Any:
@@ -771,10 +826,8 @@ def _autodiff_at(fn: Callable[..., Any], sel: Any, points: list, args: tuple,
     return out
 
 
-def _autodiff_sided(fn: Callable[..., Any], sel: Any, args: tuple, has_aux: bool, seed: int) -> list[dict[str, np.ndarray]]:
-    """JAX's gradient of fn at params (``sel``: their selection), :data:`_NEARBY` times with each kink on a random
-    side of its own (:func:`funcgrad.verify._sides.kink_sides`), its differentiated leaves by path; none where fn
-    cannot be traced to a jaxpr (Python control flow on a value)."""
+def _as_leaf_fn(fn: Callable[..., Any], sel: Any, args: tuple, has_aux: bool) -> tuple[Callable[[list], Any], list]:
+    """fn as a scalar function of the differentiated leaves (a list), and their values at params."""
     at = [i for i, d in enumerate(sel.diff) if d]
 
     def f(dl: list) -> Any:
@@ -783,8 +836,21 @@ def _autodiff_sided(fn: Callable[..., Any], sel: Any, args: tuple, has_aux: bool
             leaves[i] = x
         return jnp.asarray(_main_output(fn(jax.tree_util.tree_unflatten(sel.treedef, leaves), *args), has_aux))
 
+    return f, [jnp.asarray(sel.leaves[i]) for i in at]
+
+
+def _has_kinks(fn: Callable[..., Any], sel: Any, args: tuple, has_aux: bool) -> bool:
+    """Whether fn can have kinks at all (:func:`funcgrad.verify._sides.has_kinks`)."""
+    return has_kinks(*_as_leaf_fn(fn, sel, args, has_aux))
+
+
+def _autodiff_sided(fn: Callable[..., Any], sel: Any, args: tuple, has_aux: bool, seed: int) -> list[dict[str, np.ndarray]]:
+    """JAX's gradient of fn at params (``sel``: their selection), :data:`_NEARBY` times with each kink on a random
+    side of its own (:func:`funcgrad.verify._sides.kink_sides`), its differentiated leaves by path; none where fn
+    cannot be traced to a jaxpr (Python control flow on a value)."""
+    at = [i for i, d in enumerate(sel.diff) if d]
     try:
-        draws = kink_sides(f, [jnp.asarray(sel.leaves[i]) for i in at], _NEARBY, seed)
+        draws = kink_sides(*_as_leaf_fn(fn, sel, args, has_aux), _NEARBY, seed)
     except Exception:  # noqa: BLE001 - no jaxpr to re-evaluate: the points beside are all there is
         return []
     return [{sel.paths[i]: g for i, g in zip(at, d, strict=True)} for d in draws]

@@ -71,6 +71,34 @@ def kink_sides(fn: Callable[[list], Any], dl: list, draws: int, seed: int) -> li
     return [[np.asarray(g) for g in grad(flat, keys[k], np.float32(biases[k]))] for k in range(draws)]
 
 
+_KINKS = frozenset({"max", "min", "abs", "sign", "floor", "ceil", "round", "clamp", "reduce_max", "reduce_min",
+                    "argmax", "argmin", "reduce_window_max", "reduce_window_min", "reduce_window", "cummax", "cummin",
+                    "sort", "top_k", "select_and_scatter_add", "select_and_gather_add", "custom_jvp_call",
+                    "custom_vjp_call", "custom_vjp_call_jaxpr", "while", "cond"} | _COMPARE)
+
+
+def has_kinks(fn: Callable[[list], Any], dl: list) -> bool:
+    """Whether fn's jaxpr has anything that can put a kink in it (a max, |x|, a comparison, a sort, a custom rule,
+    a branch), sub-computations included; True where fn cannot be traced (nothing is known then)."""
+    try:
+        closed = jax.make_jaxpr(fn)(dl)
+    except Exception:  # noqa: BLE001 - Python control flow on a value: assume it may
+        return True
+
+    def walk(jaxpr: Any) -> bool:
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in _KINKS:
+                return True
+            for v in eqn.params.values():
+                for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns") and walk(inner):
+                        return True
+        return False
+
+    return walk(closed.jaxpr)
+
+
 def _delta(noise: tuple, x: jax.Array, biased: bool = True, ramp: bool = False) -> jax.Array:
     """A tiny random displacement of x: δ·(N(0, 1) + the draw's bias) per element (without the bias unless
     ``biased``), δ = _REL of x's root mean square (1 where x is all zeros), and a few units of x's precision at least.
@@ -88,6 +116,26 @@ def _delta(noise: tuple, x: jax.Array, biased: bool = True, ramp: bool = False) 
     elif biased:
         shift = bias
     return ((jax.random.normal(key, jnp.shape(x), jnp.float32) + shift) * scale).astype(dtype)
+
+
+def _ramp(noise: tuple, x: jax.Array, periods: dict[int, int]) -> jax.Array:
+    """δ for a choice among elements (ties of a max over windows, of a sort): random, without the draw's bias,
+    plus the bias falling from +bias to −bias along each axis in ``periods`` over each run of that many elements
+    (a window's): at either end of the draws every tie goes to its first element, or to its last."""
+    key, bias = noise
+    out = _delta((key, 0.0), x, biased=False)
+    dtype = jnp.result_type(x)
+    xs = jax.lax.stop_gradient(x)
+    rms = jnp.sqrt(jnp.mean(jnp.square(xs.astype(jnp.float32)))) if x.size else jnp.float32(0)
+    scale = jnp.where(rms > 0, rms, 1.0) * max(_REL, 4 * float(jnp.finfo(dtype).eps))
+    ramp = jnp.zeros(jnp.shape(x), jnp.float32)
+    used = {a: p for a, p in periods.items() if p > 1}
+    for axis, period in used.items():
+        pos = (jnp.arange(x.shape[axis]) % period).astype(jnp.float32)
+        shape = [1] * x.ndim
+        shape[axis] = x.shape[axis]
+        ramp = ramp + (1 - 2 * pos / (period - 1)).reshape(shape) / len(used)
+    return out + (bias * ramp * scale).astype(dtype)
 
 
 def _split(noise: tuple, n: int = 2) -> list[tuple]:
@@ -147,6 +195,7 @@ def _eval(jaxpr: Any, consts: Sequence, args: Sequence, dep_args: Sequence[bool]
 
 def _sided(eqn: Any, invals: list, dins: list[bool], key: tuple) -> list | None:
     """One kink equation with its choice made by moved comparisons; None for any other equation."""
+    from funcgrad.verify._audit import _bind  # noqa: PLC0415 - _audit imports _grad, which imports this
     name = eqn.primitive.name
     if name in ("max", "min") and all(_float(x) for x in invals):
         a, b = invals
@@ -162,6 +211,21 @@ def _sided(eqn: Any, invals: list, dins: list[bool], key: tuple) -> list | None:
         keys = _split(key, len(invals))
         compared = [x + _delta(k, jnp.asarray(x)) if d else x for x, d, k in zip(invals, dins, keys, strict=True)]
         return [getattr(jax.lax, name)(*compared)]
+    if name in ("reduce_window_max", "reduce_window_min") and _float(invals[0]):
+        x = jnp.asarray(invals[0])
+        windows = dict(enumerate(eqn.params["window_dimensions"]))
+        return _bind(eqn, [x + _ramp(key, x, windows), *invals[1:]])
+    if name in ("cummax", "cummin") and _float(invals[0]):
+        x = jnp.asarray(invals[0])
+        axis = int(eqn.params["axis"])
+        return _bind(eqn, [x + _ramp(key, x, {axis: x.shape[axis]})])
+    if name in ("sort", "top_k") and all(_float(x) or not d for x, d in zip(invals, dins, strict=True)):
+        axis = int(eqn.params.get("dimension", -1)) % max(jnp.ndim(invals[0]), 1)
+        n_keys = int(eqn.params.get("num_keys", 1))
+        keys = _split(key, len(invals))
+        ranked = [jnp.asarray(x) + _ramp(k, jnp.asarray(x), {axis: jnp.shape(x)[axis]}) if i < n_keys and d else x
+                  for i, (x, d, k) in enumerate(zip(invals, dins, keys, strict=True))]
+        return _bind(eqn, ranked)
     if name in ("reduce_max", "reduce_min", "argmax", "argmin") and _float(invals[0]):
         x = jnp.asarray(invals[0])
         axes = tuple(eqn.params["axes"])
