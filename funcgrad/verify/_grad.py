@@ -9,10 +9,11 @@ import contextlib
 import dataclasses
 import functools
 import importlib.metadata as md
+import itertools
 import math
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -630,10 +631,10 @@ def _second_look(report: GradReport, check: Callable[[Any], GradReport], fn: Cal
     """:func:`_off_the_kinks` for the check ``check(params)`` of ``fn(params, *args)`` (with ``hand``) that gave
     ``report``: check_grad's, and each of check_vjp's and check_jacobian's scalar checks."""
 
-    def nearby(sel: Any, points: list) -> list[dict[str, np.ndarray]]:  # autodiff's gradient, leaf by leaf
+    def nearby(sel: Any, points: Iterable) -> Iterator[dict[str, np.ndarray]]:  # autodiff's gradient, leaf by leaf
         return _autodiff_at(fn, sel, points, args, has_aux)
 
-    def sided(sel: Any) -> list[dict[str, np.ndarray]]:
+    def sided(sel: Any) -> Iterator[dict[str, np.ndarray]]:
         return _autodiff_sided(fn, sel, args, has_aux, seed)
 
     def kinked(sel: Any) -> bool:
@@ -660,14 +661,15 @@ _NEARBY = 32  # points right beside the given one, where autodiff's gradient is 
 _NEARBY_SHIFT = {8: 1e-6, 4: 1e-6, 2: 1e-3, 1: 1e-2}  # their distance, relative to each leaf's size, by itemsize
 
 
+_SECOND_LOOK_MAX = 1 << 24  # differentiated elements beyond which the second look is not taken (its cost)
 _OUTSIDE = "outside: several kinks may meet"  # (in the note of a kink passed with a side outside [D₋, D₊])
 
 
 class _Beside(NamedTuple):
     """What the second look off the kinks reads beside the given point (see :func:`_off_the_kinks`)."""
 
-    nearby: Callable[[Any, list], list[dict[str, np.ndarray]]]  # autodiff's gradient at points, leaf by leaf
-    sided: Callable[[Any], list[dict[str, np.ndarray]]]  # ... at the given point with each kink on a side of its own
+    nearby: Callable[[Any, Iterable], Iterator[dict[str, np.ndarray]]]  # autodiff's gradient at points, leaf by leaf
+    sided: Callable[[Any], Iterator[dict[str, np.ndarray]]]  # ... at the given point with each kink on a side of its own
     hand_at: Callable[[Any, Any], dict[str, np.ndarray]] | None  # hand's gradient at a point, leaf by leaf
     kinked: Callable[[Any], bool]  # whether fn has kinks at all (max, |x|, comparisons, sorts, custom rules)
 
@@ -703,6 +705,9 @@ def _off_the_kinks(report: GradReport, check: Callable[[Any], GradReport], besid
         sel, _ = _select(params, wrt)  # (once: the points differ only in the differentiated leaves' values)
         if not any(_AT_KINKS in r.note or r.verdict == Verdict.KINK for r in rows) and not beside.kinked(sel):
             return report  # (no kink anywhere in fn: a failure stands as decided, with nothing more to pay)
+        n = sum(int(np.size(x)) for x, d in zip(sel.leaves, sel.diff, strict=True) if d)
+        if n > _SECOND_LOOK_MAX:
+            return _not_looked_at_again(report, rows, n)
         other = check(_shifted(sel, seed, _OFF_KINKS))
     except Exception:  # noqa: BLE001 - the function failing off the kinks: the report stands as it is
         return report
@@ -712,9 +717,7 @@ def _off_the_kinks(report: GradReport, check: Callable[[Any], GradReport], besid
 
     def reading() -> dict[str, Any]:  # (autodiff beside, and both sides here: read once, when a row needs them)
         if not read:
-            here, *near = beside.nearby(sel, [params] + [_shifted(sel, seed + 1 + k, None) for k in range(_NEARBY)])
-            read.update(here=here, beside=near + beside.sided(sel),
-                        hand=beside.hand_at(sel, params) if beside.hand_at is not None else {})
+            read.update(_read_beside(beside, sel, params, seed))
         return read
 
     def amended(r: Row) -> Row:
@@ -743,12 +746,39 @@ def _off_the_kinks(report: GradReport, check: Callable[[Any], GradReport], besid
                                seconds=report.seconds + other.seconds)
 
 
+def _read_beside(beside: _Beside, sel: Any, params: Any, seed: int) -> dict[str, Any]:
+    """Autodiff's gradient at params (``here``), the range of it beside them (``lo``, ``hi``: at :data:`_NEARBY`
+    points right beside, and with each kink on a side of its own), and hand's gradient at params (``hand``)."""
+    points = itertools.chain([params], (_shifted(sel, seed + 1 + k, None) for k in range(_NEARBY)))
+    grads = beside.nearby(sel, points)
+    here = next(grads)
+    lo: dict[str, np.ndarray] = {}
+    hi: dict[str, np.ndarray] = {}
+    for g in itertools.chain(grads, beside.sided(sel)):  # (one at a time: their range is all that is kept)
+        for path, v in g.items():
+            v64 = np.asarray(v, np.float64)
+            lo[path] = np.fmin(lo[path], v64) if path in lo else v64  # (NaN only where every point gives NaN)
+            hi[path] = np.fmax(hi[path], v64) if path in hi else v64
+    return {"here": here, "lo": lo, "hi": hi,
+            "hand": beside.hand_at(sel, params) if beside.hand_at is not None else {}}
+
+
+def _not_looked_at_again(report: GradReport, rows: list[Row], n: int) -> GradReport:
+    """``report`` with a note on its rows read at kinks: too many parameters for the second look."""
+    why = (f"not looked at again off the kinks: {n} parameters, more than {_SECOND_LOOK_MAX} (a second check and "
+           f"{2 * _NEARBY} more gradients would cost more than the check); where several kinks meet (integer data), "
+           "check a smaller model, or at parameters off them")
+    out = tuple(dataclasses.replace(r, note=f"{r.note}; {why}") if r in rows and (_AT_KINKS in r.note or
+                                                                                  r.verdict == Verdict.KINK) else r
+                for r in report.rows)
+    return dataclasses.replace(report, rows=out)
+
+
 def _within_reach(r: Row, o: Row, got: dict[str, Any], how: str) -> Row:
     """The second look's range test of row ``r`` (see :func:`_off_the_kinks`), the leaf checking out off the kinks
     (``o``): every element's autodiff and hand values within the range of autodiff's gradient read beside (``got``)."""
-    values = np.stack([np.asarray(b[r.path], np.float64) for b in got["beside"]])
-    lo, hi = values.min(axis=0), values.max(axis=0)
-    dtype = np.dtype(got["beside"][0][r.path].dtype)
+    lo, hi = got["lo"][r.path], got["hi"][r.path]
+    dtype = np.dtype(got["here"][r.path].dtype)
     sides = [("autodiff", np.asarray(got["here"][r.path], np.float64))]
     if r.path in got["hand"]:
         sides.append(("hand", got["hand"][r.path].reshape(lo.shape)))
@@ -756,7 +786,8 @@ def _within_reach(r: Row, o: Row, got: dict[str, Any], how: str) -> Row:
     # (the points lie a little off the given one, so their gradients drift by about that much, relative; and
     # they are rounded to the parameters' precision, at the leaf's scale)
     slack = (max(1e-4, 10 * _NEARBY_SHIFT.get(dtype.itemsize, 1e-2)) * scale
-             + 16 * float(jnp.finfo(dtype).eps) * float(np.max(np.abs(values), initial=0.0)))
+             + 16 * float(jnp.finfo(dtype).eps) * float(np.nanmax(np.abs(np.concatenate([np.ravel(lo), np.ravel(hi)])),
+                                                                   initial=0.0)))
     with np.errstate(invalid="ignore"):  # (a value that is not finite, here or beside, is outside)
         excess = {name: np.where(np.isfinite(v) & np.isfinite(lo) & np.isfinite(hi),
                                  np.maximum(lo - slack - v, v - hi - slack), np.inf) for name, v in sides}
@@ -770,8 +801,7 @@ def _within_reach(r: Row, o: Row, got: dict[str, Any], how: str) -> Row:
                 + " and ".join(f"{n} ({_g(float(v[idx]))})" for n, v in sides if n in out)
                 + f" at {list(idx)} {'lie' if len(out) > 1 else 'lies'} outside [{_g(float(lo[idx]))}, "
                 f"{_g(float(hi[idx]))}], {where}: a value no side of the kinks gives, not a choice at them")
-        if r.verdict in _FAILING:
-            return dataclasses.replace(r, note=note)
+        # (blamed on the side, or sides, outside: the other one gives a choice at the kinks)
         verdict = (Verdict.BOTH_WRONG if len(out) > 1 else
                    Verdict.HAND_WRONG if "hand" in out else Verdict.AUTODIFF_WRONG)
         vals = {n: float(v[idx]) for n, v in sides}
@@ -800,11 +830,11 @@ def _copied(tree: Any) -> Any:
     return jax.tree_util.tree_unflatten(treedef, [x.copy() if type(x) is np.ndarray else x for x in leaves])
 
 
-def _autodiff_at(fn: Callable[..., Any], sel: Any, points: list, args: tuple,
-                 has_aux: bool) -> list[dict[str, np.ndarray]]:
+def _autodiff_at(fn: Callable[..., Any], sel: Any, points: Iterable, args: tuple,
+                 has_aux: bool) -> Iterator[dict[str, np.ndarray]]:
     """JAX's gradient of fn at each of ``points`` (params with the same structure and fixed leaves), its
     differentiated leaves by path, as the user's own code gets it: at the parameters' dtypes and the caller's x64
-    setting (jitted once; op by op where fn needs values in Python)."""
+    setting (jitted once; op by op where fn needs values in Python). Lazily: one point's gradient at a time."""
     at = [i for i, d in enumerate(sel.diff) if d]
 
     def f(dl: list) -> Any:
@@ -814,7 +844,6 @@ def _autodiff_at(fn: Callable[..., Any], sel: Any, points: list, args: tuple,
         return jnp.asarray(_main_output(fn(jax.tree_util.tree_unflatten(sel.treedef, leaves), *args), has_aux))
 
     grad: Callable[[list], Any] = jax.jit(jax.grad(f))
-    out = []
     for point in points:
         dl = [jnp.asarray(x) for x, d in zip(jax.tree_util.tree_leaves(point), sel.diff, strict=True) if d]
         try:
@@ -822,8 +851,7 @@ def _autodiff_at(fn: Callable[..., Any], sel: Any, points: list, args: tuple,
         except Exception:  # noqa: BLE001 - Python control flow on a value: op by op, as jax.grad allows
             grad = jax.grad(f)
             grads = grad(dl)
-        out.append({sel.paths[i]: np.asarray(g) for i, g in zip(at, grads, strict=True)})
-    return out
+        yield {sel.paths[i]: np.asarray(g) for i, g in zip(at, grads, strict=True)}
 
 
 def _as_leaf_fn(fn: Callable[..., Any], sel: Any, args: tuple, has_aux: bool) -> tuple[Callable[[list], Any], list]:
@@ -844,16 +872,17 @@ def _has_kinks(fn: Callable[..., Any], sel: Any, args: tuple, has_aux: bool) -> 
     return has_kinks(*_as_leaf_fn(fn, sel, args, has_aux))
 
 
-def _autodiff_sided(fn: Callable[..., Any], sel: Any, args: tuple, has_aux: bool, seed: int) -> list[dict[str, np.ndarray]]:
+def _autodiff_sided(fn: Callable[..., Any], sel: Any, args: tuple, has_aux: bool,
+                    seed: int) -> Iterator[dict[str, np.ndarray]]:
     """JAX's gradient of fn at params (``sel``: their selection), :data:`_NEARBY` times with each kink on a random
-    side of its own (:func:`funcgrad.verify._sides.kink_sides`), its differentiated leaves by path; none where fn
-    cannot be traced to a jaxpr (Python control flow on a value)."""
+    side of its own (:func:`funcgrad.verify._sides.kink_sides`), its differentiated leaves by path, lazily; none
+    where fn cannot be traced to a jaxpr (Python control flow on a value)."""
     at = [i for i, d in enumerate(sel.diff) if d]
     try:
-        draws = kink_sides(*_as_leaf_fn(fn, sel, args, has_aux), _NEARBY, seed)
+        for d in kink_sides(*_as_leaf_fn(fn, sel, args, has_aux), _NEARBY, seed):
+            yield {sel.paths[i]: g for i, g in zip(at, d, strict=True)}
     except Exception:  # noqa: BLE001 - no jaxpr to re-evaluate: the points beside are all there is
-        return []
-    return [{sel.paths[i]: g for i, g in zip(at, d, strict=True)} for d in draws]
+        return
 
 
 def _shifted(sel: Any, seed: int, shift: float | None) -> Any:

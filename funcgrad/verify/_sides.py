@@ -25,7 +25,7 @@ follows the side chosen.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -53,7 +53,7 @@ _SMOOTH = frozenset({
 })
 
 
-def kink_sides(fn: Callable[[list], Any], dl: list, draws: int, seed: int) -> list[list[np.ndarray]]:
+def kink_sides(fn: Callable[[list], Any], dl: list, draws: int, seed: int) -> Iterator[list[np.ndarray]]:
     """The gradient of ``fn`` (a scalar function of the list of arrays ``dl``) at ``dl``, ``draws`` times, each
     with every kink on a random side of its own (see the module's docstring). Raises what tracing fn raises (a
     function needing values in Python)."""
@@ -68,7 +68,8 @@ def kink_sides(fn: Callable[[list], Any], dl: list, draws: int, seed: int) -> li
     flat = jax.tree_util.tree_leaves(dl)
     keys = jax.random.split(jax.random.key(seed % 2**32), draws)
     biases = np.linspace(-_BIAS, _BIAS, draws) if draws > 1 else np.zeros(1)
-    return [[np.asarray(g) for g in grad(flat, keys[k], np.float32(biases[k]))] for k in range(draws)]
+    for k in range(draws):  # (one draw at a time: a gradient of the parameters' size each)
+        yield [np.asarray(g) for g in grad(flat, keys[k], np.float32(biases[k]))]
 
 
 _KINKS = frozenset({"max", "min", "abs", "sign", "floor", "ceil", "round", "clamp", "reduce_max", "reduce_min",
