@@ -658,7 +658,9 @@ def _second_look(report: GradReport, check: Callable[[Any], GradReport], fn: Cal
 _AT_KINKS = "D₋/D₊ = ["  # (in the note of an element read as a kink: its one-sided derivatives)
 _OFF_KINKS = 1e-2  # the shift off the kinks for the second check, relative to each leaf's size
 _NEARBY = 32  # points right beside the given one, where autodiff's gradient is read (each on some side of each kink)
-_NEARBY_SHIFT = {8: 1e-6, 4: 1e-6, 2: 1e-3, 1: 1e-2}  # their distance, relative to each leaf's size, by itemsize
+# their distance, relative to each leaf's size, by itemsize: a unit of the precision (the least that moves an exact
+# kink, integer data's; a tie a few units off the point is no kink and must not be crossed: max at [1, 1 + 2⁻²⁰])
+_NEARBY_SHIFT = {8: float(np.finfo(np.float64).eps), 4: float(np.finfo(np.float32).eps), 2: 1e-3, 1: 1e-2}
 
 
 _SECOND_LOOK_MAX = 1 << 24  # differentiated elements beyond which the second look is not taken (its cost)
@@ -724,6 +726,8 @@ def _off_the_kinks(report: GradReport, check: Callable[[Any], GradReport], besid
         o = there.get(r.path)
         if r not in rows or o is None:
             return r
+        if o.verdict == r.verdict and _AT_KINKS not in r.note:
+            return r  # (decided away from kinks, and the same off them: the given point's own reading stands)
         if o.verdict in _FAILING:
             # Off the kinks finite differences know the derivative: the verdict and element found there, not those
             # read at the kinks (a hand 2% off everywhere, agreeing with autodiff at an element where kinks meet, is

@@ -7,20 +7,23 @@ is always on. Such a value is still a sum of valid one-sided choices, one per ki
 fn is re-evaluated from its jaxpr with every kink's choice made by a comparison moved by a tiny random amount δ,
 independently of the others:
 
-- ``max(a, b)`` → ``select(a + δa > b + δb, a, b)`` (``min`` likewise), ``|x|`` → ``select(x + δ > 0, x, −x)``;
-- a max (min) over axes → the element at the argmax (argmin) of ``x + δ``; ``argmax``/``argmin`` of ``x + δ``;
-- ``>``, ``≥``, ``<``, ``≤`` of values depending on the parameters → of those values + δ (``==`` stays exact);
+- at an exact tie only (a value never moves): ``max(a, b)`` where ``a == b`` picks a random side (``min``
+  likewise), ``|x|`` at ``x == 0`` a random sign, ``>``, ``≥``, ``<``, ``≤`` of values depending on the parameters
+  a random answer where they are equal (``==`` stays as it is), and a max (min) over axes, or ``argmax``, one of
+  the elements tied at the extreme;
+- a max over ``lax.reduce_window`` windows, cumulative maxima and sorts get their inputs moved by δ, a unit of
+  their precision (a near-tie within a few units may take either side there);
 - JAX's and the frameworks' own custom rules (``jax.nn.relu``) are replaced by their primals, differentiated so;
 - anything else not known to be smooth (the user's own rules, loops, branches, sorts) gets its inputs moved by δ,
   so that the kinks inside it take a side too: no kink is evaluated exactly at the point, where a rule's own
   choice (a relu'(0) of 5) would be sampled as if it were a side.
 
-Each draw has its own bias (from −4 to 4 of δ's spread, over the draws), added to δ of a comparison's operands
-depending on the parameters and of a ``max``'s first operand, and falling from +bias to −bias along the elements of
-a max over axes: the draws at either end put nearly every kink on one side (every ReLU off, as JAX's relu'(0) = 0
-does at all of them, or every one on; every tie to its first maximum, or to its last), those between mix them.
-A value changes by about δ at most (where a tie is broken: both sides of a kink agree there), and its derivative
-follows the side chosen.
+Each draw has its own bias (from −4 to 4, over the draws): a tie's random side is the first operand's (a
+comparison's True, ``|x|``'s +) with probability Φ(bias), a tied maximum's the first element's more likely the
+higher the bias, and δ is moved by that many of its spreads: the draws at either end put nearly every kink on one
+side (every ReLU off, as JAX's relu'(0) = 0 does at all of them, or every one on; every tie to its first maximum,
+or to its last), those between mix them. A value changes by at most δ where inputs are moved (both sides of a kink
+agree at it), not at all elsewhere, and its derivative follows the side chosen.
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Literal
 
-_REL = 1e-6  # δ, relative to the root mean square of the value moved (or absolute, where that is all zeros)
 _CALLS = ("jit", "pjit", "closed_call", "core_call", "checkpoint", "remat")  # followed inside
 _COMPARE = {"gt", "ge", "lt", "le"}
 _BIAS = 4.0  # the draws' means of δ run from −_BIAS to _BIAS of its spread
@@ -100,22 +102,16 @@ def has_kinks(fn: Callable[[list], Any], dl: list) -> bool:
     return walk(closed.jaxpr)
 
 
-def _delta(noise: tuple, x: jax.Array, biased: bool = True, ramp: bool = False) -> jax.Array:
+def _delta(noise: tuple, x: jax.Array, biased: bool = True) -> jax.Array:
     """A tiny random displacement of x: δ·(N(0, 1) + the draw's bias) per element (without the bias unless
-    ``biased``), δ = _REL of x's root mean square (1 where x is all zeros), and a few units of x's precision at least.
-    ``ramp``: the bias falls along x's last axis instead, from +bias at its first element to −bias at its last (a
-    max over that axis then picks its first or its last tied element). ``noise``: (key, bias)."""
+    ``biased``), δ a unit of x's precision at x's root mean square (at 1 where x is all zeros). ``noise``: (key,
+    bias)."""
     key, bias = noise
     x = jax.lax.stop_gradient(x)
     dtype = jnp.result_type(x)
     rms = jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32)))) if x.size else jnp.float32(0)
-    rel = max(_REL, 4 * float(jnp.finfo(dtype).eps))
-    scale = jnp.where(rms > 0, rms, 1.0) * rel
-    shift = jnp.float32(0.0)
-    if ramp and x.ndim and x.shape[-1] > 1:
-        shift = bias * (1 - 2 * jnp.arange(x.shape[-1], dtype=jnp.float32) / (x.shape[-1] - 1))
-    elif biased:
-        shift = bias
+    scale = jnp.where(rms > 0, rms, 1.0) * float(jnp.finfo(dtype).eps)
+    shift = bias if biased else 0.0
     return ((jax.random.normal(key, jnp.shape(x), jnp.float32) + shift) * scale).astype(dtype)
 
 
@@ -128,7 +124,7 @@ def _ramp(noise: tuple, x: jax.Array, periods: dict[int, int]) -> jax.Array:
     dtype = jnp.result_type(x)
     xs = jax.lax.stop_gradient(x)
     rms = jnp.sqrt(jnp.mean(jnp.square(xs.astype(jnp.float32)))) if x.size else jnp.float32(0)
-    scale = jnp.where(rms > 0, rms, 1.0) * max(_REL, 4 * float(jnp.finfo(dtype).eps))
+    scale = jnp.where(rms > 0, rms, 1.0) * float(jnp.finfo(dtype).eps)
     ramp = jnp.zeros(jnp.shape(x), jnp.float32)
     used = {a: p for a, p in periods.items() if p > 1}
     for axis, period in used.items():
@@ -137,6 +133,13 @@ def _ramp(noise: tuple, x: jax.Array, periods: dict[int, int]) -> jax.Array:
         shape[axis] = x.shape[axis]
         ramp = ramp + (1 - 2 * pos / (period - 1)).reshape(shape) / len(used)
     return out + (bias * ramp * scale).astype(dtype)
+
+
+def _coin(noise: tuple, like: jax.Array) -> jax.Array:
+    """A random side per element, True with the probability the draw's bias gives (Φ(bias): nearly always at one
+    end of the draws, nearly never at the other)."""
+    key, bias = noise
+    return jax.random.normal(key, jnp.shape(like), jnp.float32) + bias > 0
 
 
 def _split(noise: tuple, n: int = 2) -> list[tuple]:
@@ -199,19 +202,15 @@ def _sided(eqn: Any, invals: list, dins: list[bool], key: tuple) -> list | None:
     from funcgrad.verify._audit import _bind  # noqa: PLC0415 - _audit imports _grad, which imports this
     name = eqn.primitive.name
     if name in ("max", "min") and all(_float(x) for x in invals):
-        a, b = invals
-        ka, kb = _split(key)
-        a_, b_ = jnp.broadcast_arrays(jnp.asarray(a), jnp.asarray(b))
-        da, db = _delta(ka, a_), _delta(kb, b_, biased=False)  # (the bias favours the first operand, or the second)
-        pick = (a_ + da > b_ + db) if name == "max" else (a_ + da < b_ + db)
-        return [jnp.where(pick, a_, b_)]
+        a, b = jnp.broadcast_arrays(jnp.asarray(invals[0]), jnp.asarray(invals[1]))
+        first = (a > b) if name == "max" else (a < b)
+        return [jnp.where(jnp.where(a == b, _coin(key, a), first), a, b)]  # (the bias favours the first operand)
     if name == "abs" and _float(invals[0]):
         x = jnp.asarray(invals[0])
-        return [jnp.where(x + _delta(key, x) > 0, x, -x)]
+        return [jnp.where(jnp.where(x == 0, _coin(key, x), x > 0), x, -x)]
     if name in _COMPARE and all(_float(x) for x in invals):
-        keys = _split(key, len(invals))
-        compared = [x + _delta(k, jnp.asarray(x)) if d else x for x, d, k in zip(invals, dins, keys, strict=True)]
-        return [getattr(jax.lax, name)(*compared)]
+        a, b = jnp.broadcast_arrays(jnp.asarray(invals[0]), jnp.asarray(invals[1]))
+        return [jnp.where(a == b, _coin(key, a), getattr(jax.lax, name)(a, b))]
     if name in ("reduce_window_max", "reduce_window_min") and _float(invals[0]):
         x = jnp.asarray(invals[0])
         windows = dict(enumerate(eqn.params["window_dimensions"]))
@@ -232,8 +231,12 @@ def _sided(eqn: Any, invals: list, dins: list[bool], key: tuple) -> list | None:
         axes = tuple(eqn.params["axes"])
         rest = [i for i in range(x.ndim) if i not in axes]
         flat = jnp.transpose(x, rest + list(axes)).reshape([x.shape[i] for i in rest] + [-1])
-        moved = flat + _delta(key, flat, ramp=True)
-        at = jnp.argmax(moved, -1) if name in ("reduce_max", "argmax") else jnp.argmin(moved, -1)
+        best = (jnp.max if name in ("reduce_max", "argmax") else jnp.min)(flat, -1, keepdims=True)
+        # (among the elements tied at the extreme only: a score falling along the axis with the draw's bias, and
+        # random; an element a little below the maximum is never chosen)
+        score = jnp.where(flat == best, _ramp(key, jnp.zeros(flat.shape, jnp.float32) + 1.0, {flat.ndim - 1: flat.shape[-1]}),
+                          -jnp.inf)
+        at = jnp.argmax(score, -1)
         if name.startswith("arg"):
             return [at.astype(eqn.params["index_dtype"])]
         return [jnp.take_along_axis(flat, at[..., None], -1)[..., 0]]
