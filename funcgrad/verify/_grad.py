@@ -819,7 +819,8 @@ def _within_reach(r: Row, o: Row, got: dict[str, Any], how: str) -> Row:
     idx = tuple(r.worst_index) if r.worst_index is not None else tuple(
         int(i) for i in np.unravel_index(int(np.argmax(gaps)) if gaps.size else 0, lo.shape))
     return dataclasses.replace(r, verdict=Verdict.KINK, note=(
-        f"{r.note}; kinks meet here, where autodiff's and hand's choices at each kink add up to values finite "
+        f"read at the given point alone: {r.note}; but kinks meet here, where autodiff's and hand's choices at each "
+        "kink add up to values finite "
         f"differences cannot judge: at a point off the kinks ({how}) the leaf checks out ({o.verdict}), and "
         f"{' and '.join(n for n, _ in sides)}'s values lie within {where}, at every element "
         f"([{_g(float(lo[idx]))}, {_g(float(hi[idx]))}] at {list(idx)}), so this disagreement is such a choice, "
@@ -890,20 +891,26 @@ def _autodiff_sided(fn: Callable[..., Any], sel: Any, args: tuple, has_aux: bool
 
 
 def _shifted(sel: Any, seed: int, shift: float | None) -> Any:
-    """``params`` with each differentiated leaf x moved by a random shift·s·N(0, 1), s the root mean square of x
-    (or of all differentiated leaves, where x is all zeros; 1 where they all are), in x's dtype, and by one unit in
-    its last place at least (a bfloat16 element would round 1% of itself back to itself). ``shift`` None: by
-    :data:`_NEARBY_SHIFT` for the leaf's precision. ``sel``: the selection of params' leaves (see ``_select``)."""
+    """``params`` with each element x of each differentiated leaf moved by a random shift·max(|x|, s)·N(0, 1), s the
+    median size of the leaf's nonzero elements (of all differentiated leaves', where it has none; 1 where none has
+    any): relative to each element, so that a leaf holding huge masked values (a causal mask's −1e9) moves its real
+    ones by their own size, not by the mask's. In x's dtype, and by one unit in its last place at least (a bfloat16
+    element would round 1% of itself back to itself). ``shift`` None: by :data:`_NEARBY_SHIFT` for the leaf's
+    precision. ``sel``: the selection of params' leaves (see ``_select``)."""
     rng = np.random.default_rng([seed % 2**32, 0x6B696E6B])
-    rms = lambda x: float(np.sqrt(np.mean(np.square(np.asarray(x, np.float64))))) if np.size(x) else 0.0  # noqa: E731
-    diff = [x for x, d in zip(sel.leaves, sel.diff, strict=True) if d]
-    overall = float(np.sqrt(np.mean([rms(x) ** 2 for x in diff]))) if diff else 0.0
+
+    def typical(xs: list) -> float:
+        a = np.concatenate([np.abs(np.ravel(np.asarray(x, np.float64))) for x in xs]) if xs else np.zeros(0)
+        a = a[(a > 0) & np.isfinite(a)]
+        return float(np.median(a)) if a.size else 0.0
+
+    overall = typical([x for x, d in zip(sel.leaves, sel.diff, strict=True) if d])
 
     def moved(x: Any) -> Any:
         dtype = jnp.result_type(x)
         size = shift if shift is not None else _NEARBY_SHIFT.get(jnp.dtype(dtype).itemsize, 1e-2)
-        noise = rng.standard_normal(np.shape(x)) * size * (rms(x) or overall or 1.0)
         x0 = np.asarray(x).astype(np.float64)
+        noise = rng.standard_normal(np.shape(x)) * size * np.maximum(np.abs(x0), typical([x]) or overall or 1.0)
         y = (x0 + noise).astype(dtype)
         # (at least one unit in the last place, towards the noise's sign)
         y = np.where(y.astype(np.float64) == x0, np.nextafter(x0.astype(dtype), np.where(noise < 0, -np.inf, np.inf)

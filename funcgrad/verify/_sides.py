@@ -115,6 +115,14 @@ def _delta(noise: tuple, x: jax.Array, biased: bool = True) -> jax.Array:
     return ((jax.random.normal(key, jnp.shape(x), jnp.float32) + shift) * scale).astype(dtype)
 
 
+def _moved(x: Any, d: jax.Array) -> jax.Array:
+    """x + d, and a unit in the last place at least, towards d's sign (d below half a unit of x rounds away: 1110 in
+    float32 would stay 1110, where a rule wrong at that value is then trusted at its kink)."""
+    x = jnp.asarray(x)
+    y = x + d
+    return jnp.where(y == x, jnp.nextafter(x, jnp.where(d < 0, -jnp.inf, jnp.inf).astype(x.dtype)), y)
+
+
 def _ramp(noise: tuple, x: jax.Array, periods: dict[int, int]) -> jax.Array:
     """δ for a choice among elements (ties of a max over windows, of a sort): random, without the draw's bias,
     plus the bias falling from +bias to −bias along each axis in ``periods`` over each run of that many elements
@@ -185,7 +193,7 @@ def _eval(jaxpr: Any, consts: Sequence, args: Sequence, dep_args: Sequence[bool]
                 outs = _sided(eqn, invals, dins, sub)
                 if outs is None:  # (not a kink known here: its inputs moved, so that its own kinks take a side)
                     subs = _split(sub, len(invals))
-                    outs = _bind(eqn, [x + _delta(k, jnp.asarray(x)) if d and _float(x) else x
+                    outs = _bind(eqn, [_moved(x, _delta(k, jnp.asarray(x))) if d and _float(x) else x
                                        for x, d, k in zip(invals, dins, subs, strict=True)])
                 outs = _typed(eqn, outs)
         if outs is None:
@@ -214,16 +222,16 @@ def _sided(eqn: Any, invals: list, dins: list[bool], key: tuple) -> list | None:
     if name in ("reduce_window_max", "reduce_window_min") and _float(invals[0]):
         x = jnp.asarray(invals[0])
         windows = dict(enumerate(eqn.params["window_dimensions"]))
-        return _bind(eqn, [x + _ramp(key, x, windows), *invals[1:]])
+        return _bind(eqn, [_moved(x, _ramp(key, x, windows)), *invals[1:]])
     if name in ("cummax", "cummin") and _float(invals[0]):
         x = jnp.asarray(invals[0])
         axis = int(eqn.params["axis"])
-        return _bind(eqn, [x + _ramp(key, x, {axis: x.shape[axis]})])
+        return _bind(eqn, [_moved(x, _ramp(key, x, {axis: x.shape[axis]}))])
     if name in ("sort", "top_k") and all(_float(x) or not d for x, d in zip(invals, dins, strict=True)):
         axis = int(eqn.params.get("dimension", -1)) % max(jnp.ndim(invals[0]), 1)
         n_keys = int(eqn.params.get("num_keys", 1))
         keys = _split(key, len(invals))
-        ranked = [jnp.asarray(x) + _ramp(k, jnp.asarray(x), {axis: jnp.shape(x)[axis]}) if i < n_keys and d else x
+        ranked = [_moved(x, _ramp(k, jnp.asarray(x), {axis: jnp.shape(x)[axis]})) if i < n_keys and d else x
                   for i, (x, d, k) in enumerate(zip(invals, dins, keys, strict=True))]
         return _bind(eqn, ranked)
     if name in ("reduce_max", "reduce_min", "argmax", "argmin") and _float(invals[0]):
