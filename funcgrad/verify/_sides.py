@@ -119,8 +119,9 @@ def _moved(x: Any, d: jax.Array) -> jax.Array:
     """x + d, and a unit in the last place at least, towards d's sign (d below half a unit of x rounds away: 1110 in
     float32 would stay 1110, where a rule wrong at that value is then trusted at its kink)."""
     x = jnp.asarray(x)
-    y = x + d
-    return jnp.where(y == x, jnp.nextafter(x, jnp.where(d < 0, -jnp.inf, jnp.inf).astype(x.dtype)), y)
+    xs = jax.lax.stop_gradient(x)
+    up = jnp.nextafter(xs, jnp.where(d < 0, -jnp.inf, jnp.inf).astype(xs.dtype)) - xs
+    return x + jax.lax.stop_gradient(jnp.where(xs + d == xs, up, d))  # (a constant step: x's derivative stays 1)
 
 
 def _ramp(noise: tuple, x: jax.Array, periods: dict[int, int]) -> jax.Array:
