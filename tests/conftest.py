@@ -105,3 +105,19 @@ def book_mlp_numpy(W1, b1, W2, b2, X, y, *, lam=0.0, relu_at_zero=0.0):
     grads = {"dense1": {"W": X.T @ dz1 + 2 * lam * W1, "b": dz1.sum(0) + 2 * lam * b1},
              "dense2": {"W": dW2, "b": db2}}
     return data_loss + reg, data_loss, reg, grads
+
+
+def same_training_state(a, b):
+    """Whether two checkpoint files hold the same training state bit for bit: every array, and every entry of the
+    metadata but the run's name (each run folder draws its own; a resumed run keeps its folder's)."""
+    import io
+
+    from funcgrad import checkpoint
+
+    da, db = Path(a).read_bytes(), Path(b).read_bytes()
+    ma, mb = ({k: v for k, v in checkpoint.metadata(d).items() if k != "run"} for d in (da, db))
+    with np.load(io.BytesIO(da), allow_pickle=False) as za, np.load(io.BytesIO(db), allow_pickle=False) as zb:
+        names = sorted(n for n in za.files if n != "__funcgrad__")
+        same = names == sorted(n for n in zb.files if n != "__funcgrad__") and all(
+            za[n].dtype == zb[n].dtype and za[n].tobytes() == zb[n].tobytes() for n in names)
+    return same and ma == mb
