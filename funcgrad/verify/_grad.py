@@ -656,9 +656,9 @@ def _second_look(report: GradReport, check: Callable[[Any], GradReport], fn: Cal
 
 
 _AT_KINKS = "D₋/D₊ = ["  # (in the note of an element read as a kink: its one-sided derivatives)
-_OFF_KINKS = 1e-2  # the shift off the kinks for the second check, relative to each leaf's size
+_OFF_KINKS = 1e-2  # the shift off the kinks for the second check, relative to each element's size (see _shifted)
 _NEARBY = 32  # points right beside the given one, where autodiff's gradient is read (each on some side of each kink)
-# their distance, relative to each leaf's size, by itemsize: a unit of the precision (the least that moves an exact
+# their distance, relative to each element's size, by itemsize: a unit of the precision (the least that moves an exact
 # kink, integer data's; a tie a few units off the point is no kink and must not be crossed: max at [1, 1 + 2⁻²⁰])
 _NEARBY_SHIFT = {8: float(np.finfo(np.float64).eps), 4: float(np.finfo(np.float32).eps), 2: 1e-3, 1: 1e-2}
 
@@ -686,7 +686,7 @@ def _off_the_kinks(report: GradReport, check: Callable[[Any], GradReport], besid
     a side outside [D₋, D₊] (which a copied relu'(0) of 5 or a sign-flipped hand can be).
 
     A row becomes (or stays) ``kink``, its note saying why, when both: the whole check passes (``ok``, or ``kink``)
-    at a point off the kinks (the differentiated leaves shifted by a random 1% of their size, :func:`_shifted`), so
+    at a point off the kinks (each differentiated element shifted by a random 1% of its size, :func:`_shifted`), so
     the formulas agree there; and at every element of the leaf, autodiff's and hand's values lie within the range
     of autodiff's gradient at :data:`_NEARBY` points right beside the given one (each on some side of each kink)
     and at the given one with each kink on a random side of its own (:func:`_autodiff_sided`: ``relu(a)`` and
@@ -714,7 +714,7 @@ def _off_the_kinks(report: GradReport, check: Callable[[Any], GradReport], besid
     except Exception:  # noqa: BLE001 - the function failing off the kinks: the report stands as it is
         return report
     there = {r.path: r for r in other.rows}
-    how = f"the parameters shifted by a random {_OFF_KINKS:.0%} of each leaf's size"
+    how = f"each parameter shifted by a random {_OFF_KINKS:.0%} of its size"
     read: dict[str, Any] = {}
 
     def reading() -> dict[str, Any]:  # (autodiff beside, and both sides here: read once, when a row needs them)
