@@ -841,13 +841,7 @@ def _autodiff_at(fn: Callable[..., Any], sel: Any, points: Iterable, args: tuple
     differentiated leaves by path, as the user's own code gets it: at the parameters' dtypes and the caller's x64
     setting (jitted once; op by op where fn needs values in Python). Lazily: one point's gradient at a time."""
     at = [i for i, d in enumerate(sel.diff) if d]
-
-    def f(dl: list) -> Any:
-        leaves = list(sel.leaves)
-        for i, x in zip(at, dl, strict=True):
-            leaves[i] = x
-        return jnp.asarray(_main_output(fn(jax.tree_util.tree_unflatten(sel.treedef, leaves), *args), has_aux))
-
+    f, _ = _as_leaf_fn(fn, sel, args, has_aux)
     grad: Callable[[list], Any] = jax.jit(jax.grad(f))
     for point in points:
         dl = [jnp.asarray(x) for x, d in zip(jax.tree_util.tree_leaves(point), sel.diff, strict=True) if d]

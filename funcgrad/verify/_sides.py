@@ -102,17 +102,18 @@ def has_kinks(fn: Callable[[list], Any], dl: list) -> bool:
     return walk(closed.jaxpr)
 
 
-def _delta(noise: tuple, x: jax.Array, biased: bool = True) -> jax.Array:
-    """A tiny random displacement of x: δ·(N(0, 1) + the draw's bias) per element (without the bias unless
-    ``biased``), δ a unit of x's precision at x's root mean square (at 1 where x is all zeros). ``noise``: (key,
-    bias)."""
+def _unit(x: jax.Array) -> jax.Array:
+    """A unit of x's precision at x's root mean square (at 1 where x is all zeros), as a constant."""
+    xs = jax.lax.stop_gradient(x)
+    rms = jnp.sqrt(jnp.mean(jnp.square(xs.astype(jnp.float32)))) if xs.size else jnp.float32(0)
+    return jnp.where(rms > 0, rms, 1.0) * float(jnp.finfo(jnp.result_type(x)).eps)
+
+
+def _delta(noise: tuple, x: jax.Array) -> jax.Array:
+    """A tiny random displacement of x: (N(0, 1) + the draw's bias) units of :func:`_unit` per element. ``noise``:
+    (key, bias)."""
     key, bias = noise
-    x = jax.lax.stop_gradient(x)
-    dtype = jnp.result_type(x)
-    rms = jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32)))) if x.size else jnp.float32(0)
-    scale = jnp.where(rms > 0, rms, 1.0) * float(jnp.finfo(dtype).eps)
-    shift = bias if biased else 0.0
-    return ((jax.random.normal(key, jnp.shape(x), jnp.float32) + shift) * scale).astype(dtype)
+    return ((jax.random.normal(key, jnp.shape(x), jnp.float32) + bias) * _unit(x)).astype(jnp.result_type(x))
 
 
 def _moved(x: Any, d: jax.Array) -> jax.Array:
@@ -129,11 +130,7 @@ def _ramp(noise: tuple, x: jax.Array, periods: dict[int, int]) -> jax.Array:
     plus the bias falling from +bias to −bias along each axis in ``periods`` over each run of that many elements
     (a window's): at either end of the draws every tie goes to its first element, or to its last."""
     key, bias = noise
-    out = _delta((key, 0.0), x, biased=False)
-    dtype = jnp.result_type(x)
-    xs = jax.lax.stop_gradient(x)
-    rms = jnp.sqrt(jnp.mean(jnp.square(xs.astype(jnp.float32)))) if x.size else jnp.float32(0)
-    scale = jnp.where(rms > 0, rms, 1.0) * float(jnp.finfo(dtype).eps)
+    out = _delta((key, 0.0), x)
     ramp = jnp.zeros(jnp.shape(x), jnp.float32)
     used = {a: p for a, p in periods.items() if p > 1}
     for axis, period in used.items():
@@ -141,7 +138,7 @@ def _ramp(noise: tuple, x: jax.Array, periods: dict[int, int]) -> jax.Array:
         shape = [1] * x.ndim
         shape[axis] = x.shape[axis]
         ramp = ramp + (1 - 2 * pos / (period - 1)).reshape(shape) / len(used)
-    return out + (bias * ramp * scale).astype(dtype)
+    return out + (bias * ramp * _unit(x)).astype(jnp.result_type(x))
 
 
 def _coin(noise: tuple, like: jax.Array) -> jax.Array:
