@@ -165,9 +165,10 @@ def _match_paths(names: list[str], stored: list[dict]) -> None:
     if names != got:
         missing = [p for p in names if p not in got]
         extra = [p for p in got if p not in names]
+        parts = ([f"missing {_few(missing)}"] if missing else []) + ([f"unexpected {_few(extra)}"] if extra else [])
         raise CheckpointError(
-            f"checkpoint does not match the template: missing {_few(missing)}, unexpected {_few(extra)}"
-            if missing or extra else "checkpoint leaves are in another order than the template's"
+            f"checkpoint does not match the template: {', '.join(parts)}"
+            if parts else "checkpoint leaves are in another order than the template's"
         )
 
 

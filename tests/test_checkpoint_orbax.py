@@ -79,9 +79,9 @@ def test_a_template_that_does_not_match_is_named_by_path(tmp_path):
             mngr.restore(like=state(width=5))
         tree = {"w": jnp.ones(2), "n": jnp.int32(1)}
         mngr.save(2, tree)
-        with pytest.raises(CheckpointError, match=r"missing \[\"\['b'\]\"\], unexpected \[\]"):
+        with pytest.raises(CheckpointError, match=r"missing \[\"\['b'\]\"\]$"):
             mngr.restore(like={**tree, "b": jnp.ones(1)})
-        with pytest.raises(CheckpointError, match=r"missing \[\], unexpected \[\"\['n'\]\"\]"):
+        with pytest.raises(CheckpointError, match=r"template: unexpected \[\"\['n'\]\"\]"):
             mngr.restore(like={"w": jnp.ones(2)})
         with pytest.raises(CheckpointError, match=r"\['n'\]: stored int32\[\], expected float32\[\]"):
             mngr.restore(like={"w": jnp.ones(2), "n": jnp.float32(1)})

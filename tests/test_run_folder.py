@@ -332,6 +332,53 @@ def test_a_sibling_runs_checkpoint_copied_in_is_refused_but_a_whole_copied_folde
     assert code == 0, err
 
 
+@pytest.mark.parametrize("strip", ["delete", "not a string"])
+def test_a_checkpoint_whose_identity_was_stripped_is_refused_in_a_named_run(capsys, run, strip):
+    # Another run's checkpoint with its run, config and settings names deleted (or replaced by numbers) was
+    # continued and evaluated as this run's: each check ran only where its name was a string.
+    data = (run / "checkpoint.npz").read_bytes()
+    state, meta = checkpoint.from_bytes(data, like(run)), checkpoint.metadata(data)
+    keys = ("run", "config", "settings")
+    stripped = {k: v for k, v in meta.items() if k not in keys} if strip == "delete" else {**meta, **dict.fromkeys(keys, 0)}
+    write_checkpoint(run, state, stripped)
+    before = snapshot(run)
+    for args in (["train", "--out", run, "--resume", "--set", "train.epochs=60"], ["evaluate", "--run", run]):
+        code, _, err = cli(capsys, *args)
+        assert_one_line_error(code, err, "checkpoint.npz: its metadata does not name the run",
+                              "'run' or 'config' or 'settings'", "run.json names this run")
+    assert snapshot(run) == before
+    # One name missing is enough
+    write_checkpoint(run, state, {k: v for k, v in meta.items() if k != "settings"})
+    code, _, err = cli(capsys, "evaluate", "--run", run)
+    assert_one_line_error(code, err, "no 'settings' string there")
+    # A folder from before run names (its marker names none) still continues such a checkpoint
+    marker = json.loads((run / rundir.MARKER).read_text())
+    del marker["run"]
+    (run / rundir.MARKER).write_text(json.dumps(marker))
+    code, _, err = cli(capsys, "evaluate", "--run", run)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("value", [12345, "", None, ["a"]])
+def test_a_run_name_that_is_not_a_string_is_a_damaged_marker(capsys, run, value):
+    # A run.json whose "run" was not a string read as a folder from before run names: the sibling-run check was off.
+    marker = json.loads((run / rundir.MARKER).read_text())
+    (run / rundir.MARKER).write_text(json.dumps({**marker, "run": value}))
+    before = snapshot(run)
+    for args in (["train", "--out", run, "--resume", "--set", "train.epochs=60"], ["evaluate", "--run", run]):
+        code, _, err = cli(capsys, *args)
+        assert_one_line_error(code, err, "run.json: 'run' is the run's name", "the file is damaged")
+    assert snapshot(run) == before
+
+
+def test_a_run_file_that_cannot_be_read_says_why_not_that_it_is_not_json(capsys, run):
+    (run / rundir.MARKER).unlink()
+    (run / rundir.MARKER).mkdir()
+    code, _, err = cli(capsys, "evaluate", "--run", run)
+    assert_one_line_error(code, err, "run.json", "not a regular file")
+    assert "not valid JSON" not in err
+
+
 def test_a_new_run_folder_draws_its_own_run_name(capsys, tmp_path):
     names = set()
     for k in range(2):

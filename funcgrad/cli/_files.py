@@ -226,6 +226,8 @@ def json_load(path: Path, *, what: str = "a JSON object") -> Any:
     error naming the file."""
     try:
         obj = json.loads(read_regular(path, MAX_JSON_BYTES).decode())
+    except FileError:  # (a ValueError too: not a file, cannot be opened, too large; it says so itself)
+        raise
     except UnicodeDecodeError as e:
         raise FileError(f"{path}: not a text file (byte {e.start} is not UTF-8)") from None
     except ValueError as e:  # not JSON, or an integer of more digits than Python converts

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import funcgrad
 from funcgrad import checkpoint
+from funcgrad._checks import describe
 from funcgrad._io import FileError, open_fd, open_regular
 from funcgrad.cli import _files as files
 
@@ -82,13 +83,7 @@ def inspect(out: Path) -> str:
     if not names:
         return "empty"
     if MARKER in names:
-        try:
-            marker = files.json_load(out / MARKER)
-        except files.FileError as e:
-            raise RunFolderError(f"{e}; {out} does not look like a funcgrad run") from None
-        if marker.get("format") != RUN_FORMAT:
-            raise RunFolderError(f"{out / MARKER}: format {marker.get('format')!r}, expected {RUN_FORMAT!r}; "
-                                 "not a run of this funcgrad")
+        read_marker(out)
         return "run"
     if files.CHECKPOINT in names and _legacy_run(out):
         return "run"
@@ -104,14 +99,32 @@ def marker_record() -> dict:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run": uuid.uuid4().hex}
 
 
-def run_id(out: Path) -> str | None:
-    """The run's identity from its marker; None for a folder marked before runs had one, or unreadable here (a
-    process of a multi-host run that does not share the folder)."""
-    try:
-        value = files.json_load(Path(out) / MARKER).get("run")
-    except (files.FileError, OSError):
+def read_marker(out: Path) -> dict | None:
+    """The run folder's marker, checked: None where there is none (a folder marked before markers, or one a process
+    of a multi-host run does not share); RunFolderError where it is there but is not one funcgrad wrote (not a JSON
+    object, another format, a run name that is not a string)."""
+    path = Path(out) / MARKER
+    if not path.exists() and not path.is_symlink():
         return None
-    return value if isinstance(value, str) else None
+    try:
+        marker = files.json_load(path)
+    except files.FileError as e:
+        raise RunFolderError(f"{e}; {Path(out)} does not look like a funcgrad run") from None
+    if marker.get("format") != RUN_FORMAT:
+        raise RunFolderError(f"{path}: format {marker.get('format')!r}, expected {RUN_FORMAT!r}; "
+                             "not a run of this funcgrad")
+    if "run" in marker and not (isinstance(marker["run"], str) and marker["run"]):
+        raise RunFolderError(f"{path}: 'run' is the run's name, a string funcgrad draws when the folder becomes a "
+                             f"run; got {describe(marker['run'])}: the file is damaged (its checkpoints name the run "
+                             "that wrote them)")
+    return marker
+
+
+def run_id(out: Path) -> str | None:
+    """The run's name from its marker (see :func:`read_marker`, whose errors it raises); None for a folder without
+    one, or marked before runs had names."""
+    marker = read_marker(out)
+    return None if marker is None else marker.get("run")
 
 
 def _holder(path: Path) -> str:
@@ -255,4 +268,4 @@ def write_marker(out: Path) -> None:
 
 
 __all__ = ["MARKER", "RUN_FORMAT", "LOCK", "RunFolderError", "ReadOnlyFolder", "inspect", "Lock", "writer_pid",
-           "remove_stale_temporaries", "read_only_files", "write_marker", "run_id"]
+           "remove_stale_temporaries", "read_only_files", "write_marker", "run_id", "read_marker"]

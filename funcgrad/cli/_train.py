@@ -319,12 +319,25 @@ def _read_checkpoint(out: Path, like: Any, cfg: Any) -> tuple[Any, int, dict]:
     except (files.FileError, checkpoint.CheckpointError, ImportError) as e:
         msg = str(e)
         raise UsageError(msg if msg.startswith((str(ckpt), str(ckpt.absolute()))) else f"{ckpt}: {msg}") from None
+    try:
+        here = rundir.run_id(out)
+    except rundir.RunFolderError as e:
+        raise UsageError(str(e)) from None
+    if here is not None:
+        # A run with a name was made by a funcgrad that writes the name, the config's and the settings' into each
+        # checkpoint: one without them (stripped, or written by other code) cannot be told to be this run's.
+        absent = [k for k in ("run", "config", "settings") if not isinstance(meta.get(k), str)]
+        if absent:
+            raise UsageError(f"{ckpt}: its metadata does not name the run, config and settings that wrote it (no "
+                             f"{' or '.join(repr(k) for k in absent)} string there), though {out / rundir.MARKER} "
+                             f"names this run (run {here}), whose checkpoints all do: it was not written by this run, "
+                             "or was altered since; a checkpoint continues only the run that wrote it")
     written_by = meta.get("config")
     if isinstance(written_by, str) and written_by != cfg.name:
         # (another run's checkpoint copied in: same shapes, another learning rate or regularisation)
         raise UsageError(f"{ckpt}: written by a run of config {written_by!r}, but this run's config is {cfg.name!r}; "
                          "a checkpoint continues only the run that wrote it")
-    written_in, here = meta.get("run"), rundir.run_id(out)
+    written_in = meta.get("run")
     if isinstance(written_in, str) and here is not None and written_in != here:
         # (a sibling run's checkpoint copied in: the same config and settings, another history of training)
         raise UsageError(f"{ckpt}: written by another run (run {written_in}) than the one {out / rundir.MARKER} "
