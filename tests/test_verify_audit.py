@@ -240,6 +240,30 @@ def test_excluded_and_library_rules_are_listed_not_checked():
     assert {r.rule for r in with_lib.rows} == {"relu"} and with_lib.ok
 
 
+def test_a_name_shared_by_several_rules_is_excluded_only_with_its_place():
+    # Two straight-through estimators written as jax.custom_jvp(lambda ...), both named "<lambda>", and a wrong
+    # rule written the same way: exclude=["<lambda>"] hid the wrong one too, and the audit said ok.
+    quant = jax.custom_jvp(lambda x: jnp.round(x * 4) / 4)  # deliberate: the identity's derivative
+    quant.defjvps(lambda t, y, x: t)
+    soft = jax.custom_jvp(lambda x: jnp.tanh(x))  # noqa: PLW0108 - a lambda, as people write it; a mistake: 5% too large
+    soft.defjvps(lambda t, y, x: t * (1 - y**2) * 1.05)
+    here = f"test_verify_audit.py:{quant.fun.__code__.co_firstlineno}"
+
+    def model(w, x):
+        return jnp.sum(soft(quant(x @ w)) ** 2)
+
+    w, x = jax.random.normal(jax.random.key(0), (3, 4)), jax.random.normal(jax.random.key(1), (5, 3))
+    with pytest.raises(ValueError, match=r"exclude names '<lambda>', but fn calls rules of that name defined at 2 "
+                                         r"places .*name the one to leave unchecked with its place"):
+        verify.audit(model, w, x, exclude=["<lambda>"])
+    report = verify.audit(model, w, x, exclude=[f"<lambda>@{here}"])
+    assert [r.verdict for r in report.rows] == ["autodiff_wrong"] and report.rows[0].source.endswith(
+        f"test_verify_audit.py:{soft.fun.__code__.co_firstlineno}"), report
+    assert any(n.startswith("excluded: <lambda> (1 call(s))") for n in report.notes), report.notes
+    with pytest.raises(AssertionError):
+        testing.assert_rules_ok(model, w, x, exclude=[f"<lambda>@{here}"])
+
+
 def test_rules_off_the_gradient_path_are_checked_and_marked():
     cube = wrong_above(10.0)
     report = verify.audit(lambda p, x: (p["w"] * cube(x)).sum(), {"w": jnp.ones(2)}, jnp.array([1.0, 2.0]))

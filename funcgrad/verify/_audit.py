@@ -462,6 +462,7 @@ class _Walker:
 
     def __init__(self, max_calls: int, library: bool, exclude: Sequence[str]):
         self.max_calls, self.library, self.exclude = max_calls, library, set(exclude)
+        self.matched: dict[str, set[_Rule]] = collections.defaultdict(set)  # each exclude entry's rules
         self.calls: dict[_Rule, list[_Call]] = collections.defaultdict(list)
         self.seen: collections.Counter = collections.Counter()  # calls made, sampled or not
         self.excluded: collections.Counter = collections.Counter()
@@ -517,7 +518,27 @@ class _Walker:
     def audited(self, rule: _Rule) -> bool:
         # (lax.custom_root's rule is JAX's implicit differentiation around the user's tangent_solve: reported as not
         # checked, see _solver_rules; checked as a library rule, its f's constants moved apart from the solve's)
-        return (self.library or not rule.library) and rule.name not in self.exclude and rule.name != _CUSTOM_ROOT
+        return (self.library or not rule.library) and not self.excludes(rule) and rule.name != _CUSTOM_ROOT
+
+    def excludes(self, rule: _Rule) -> bool:
+        """Whether an entry of exclude names the rule: its name, or ``name@file:line`` (its source as the table
+        shows it, or that source's end)."""
+        hit = False
+        for entry in self.exclude:
+            name, at, where = entry.partition("@")
+            if name == rule.name and (not at or rule.source == where or rule.source.endswith("/" + where)):
+                self.matched[entry].add(rule)
+                hit = True
+        return hit
+
+    def ambiguous(self) -> dict[str, list[str]]:
+        """The bare names in exclude that named rules defined at several places: each with those places."""
+        out = {}
+        for entry, rules in self.matched.items():
+            places = sorted({r.source for r in rules})
+            if "@" not in entry and len(places) > 1:
+                out[entry] = places
+        return out
 
     def holds(self, jaxpr: Any) -> bool:
         """Whether the jaxpr calls, at any depth, a custom rule at all (audited or not)."""
@@ -639,7 +660,7 @@ class _Walker:
             return  # (a row of its own: see _solver_rules)
         if rule.library and not self.library:
             self.library_rules[rule] += times
-        elif rule.name in self.exclude:
+        elif self.excludes(rule):
             self.excluded[rule] += times
         else:
             self.seen[rule] += times
@@ -1494,8 +1515,10 @@ def audit(
         max_calls: calls checked per rule at most; loops longer than this are sampled (evenly, first and last
             included) and the row shows how many calls were checked out of how many were made.
         library: also audit rules defined by JAX and the frameworks (``jax.nn.relu``'s custom JVP, ...).
-        exclude: names of rules not to check (e.g. straight-through estimators, whose rule is deliberately not
-            the derivative of their primal); they are listed in the notes.
+        exclude: rules not to check (e.g. straight-through estimators, whose rule is deliberately not the
+            derivative of their primal), each by its name or, where fn calls several rules of that name, as
+            ``"name@file:line"`` (the source the table shows); they are listed in the notes. A bare name that
+            names rules defined at several places is a ValueError.
         rtol, atol, mode, seed: as for :func:`check_grad`.
 
     Returns:
@@ -1543,6 +1566,16 @@ def audit(
             raise
     walker = _Walker(max_calls, library, exclude)
     walker.run(closed.jaxpr, closed.consts, arrays, taint, "")
+    for rule in _solver_rules(closed.jaxpr) if exclude else ():
+        walker.excludes(rule)  # (their names count for the ambiguity below too)
+    ambiguous = walker.ambiguous()
+    if ambiguous:
+        # (Flax's nn.custom_vjp and jax.custom_jvp(lambda ...) name many rules alike: excluding a deliberate
+        # straight-through estimator by its name hid a wrong rule of the same name elsewhere)
+        name, places = next(iter(sorted(ambiguous.items())))
+        raise ValueError(f"audit: exclude names {name!r}, but fn calls rules of that name defined at "
+                         f"{len(places)} places ({', '.join(places[:6])}{'...' if len(places) > 6 else ''}): name the "
+                         f"one to leave unchecked with its place, as in exclude=[{name + '@' + places[0]!r}]")
     # (a framework's marker rule, equinox's nondifferentiable, may sit at the same line as an inlined user rule)
     visible = {(_call_site(e), _CUSTOM[e.primitive.name]) for e in walker.rule_eqns
                if not walker.rule(e).library and walker.rule(e).name not in _MARKERS}
@@ -1572,7 +1605,7 @@ def audit(
     # The user's solves inside JAX's implicit-differentiation solvers: their derivative, not checked here.
     solvers = _solver_rules(closed.jaxpr)
     for rule, n in solvers.items():
-        if rule.name in walker.exclude:
+        if walker.excludes(rule):
             walker.excluded[rule] += n
             continue
         what = ("its solve / transpose_solve define the derivative (of the solution with respect to b and to "
@@ -1583,6 +1616,12 @@ def audit(
             "isolation; check_grad(fn, params, *args) checks the gradient they give, or exclude this rule by its "
             f"name ({rule.name!r})")))
     notes = _notes(walker, any(walker.audited(r) for _, r in inlined), tuple(solvers))
+    failing = [r for r in rows if r.verdict in _FAILING]
+    if failing:
+        first = failing[0]
+        notes.append("a rule that is deliberately not its primal's derivative (a straight-through estimator, gradient "
+                     f"clipping or reversal) fails so; to leave one unchecked, audit with exclude=[{first.rule!r}] (or "
+                     f"{f'{first.rule}@{first.source}'!r} where several rules share its name)")
     if tier:
         notes.append(_concrete_note((params, args, kwargs), tiers[tier]))
     env = {**_environment_versions(), "max_calls": max_calls, "library": library, "exclude": sorted(exclude),
@@ -1737,7 +1776,7 @@ def _notes(walker: _Walker, inlined: bool = False, solvers: Sequence[_Rule] = ()
                      f"({', '.join(names[:8])}) not audited (library=True audits them)")
     if walker.excluded:
         notes.append("excluded: " + ", ".join(f"{r.name} ({n} call(s))" for r, n in walker.excluded.items()))
-    unused = sorted(walker.exclude - {r.name for r in walker.excluded})
+    unused = sorted(e for e in walker.exclude if not walker.matched.get(e))
     if unused:
         names = sorted({r.name for r in walker.calls} | {r.name for r in walker.excluded} | {r.name for r in solvers})
         notes.append(f"exclude names {', '.join(map(repr, unused))}, but fn calls no rule of that name: nothing "
