@@ -715,3 +715,39 @@ def test_an_element_on_a_float16_staircase_beside_float32_elements_is_not_failed
     assert np.asarray(jax.grad(f)(w)) == pytest.approx(want, rel=1e-3)  # autodiff is right
     report = verify.check_grad(f, w)
     assert report.ok and report.rows[0].verdict in ("ok", "fd_unreliable"), report
+
+
+def test_a_hand_does_not_turn_finite_differences_that_say_nothing_into_ok():
+    # Float32 master parameters, the forward cast to bfloat16 (mixed precision as people write it): finite
+    # differences read the loss on bfloat16's staircase, with error bars wider than the whole gradient. Without a
+    # hand that is fd_unreliable; with one it read "ok", which says finite differences confirmed the values, and
+    # a mistake copied into the hand (a stop_gradient on the last bias, whose true gradient is not 0) read "ok" too.
+    rng = np.random.default_rng(0)
+    X = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
+    Y = jnp.asarray(np.eye(3)[rng.integers(0, 3, 16)], jnp.float32)
+    params = {"W1": jnp.asarray(rng.normal(size=(8, 6)) * 0.5, jnp.float32),
+              "b1": jnp.asarray(rng.normal(size=6) * 0.1, jnp.float32),
+              "W2": jnp.asarray(rng.normal(size=(6, 3)) * 0.5, jnp.float32), "b2": jnp.zeros(3, jnp.float32)}
+
+    def forward(p, X, Y, stop=False):
+        z = jnp.tanh(X @ p["W1"] + p["b1"][None]) @ p["W2"] + (jax.lax.stop_gradient(p["b2"]) if stop else p["b2"])[None]
+        return -jnp.mean(jnp.sum(Y * jax.nn.log_softmax(z), -1))
+
+    def loss(p, X, Y, stop=False):
+        q = jax.tree.map(lambda x: x.astype(jnp.bfloat16), (p, X, Y))
+        return forward(*q, stop=stop).astype(jnp.float32)
+
+    def hand(p, X, Y):  # the true gradient, in float32
+        h = jnp.tanh(X @ p["W1"] + p["b1"][None])
+        dz = (jax.nn.softmax(h @ p["W2"] + p["b2"][None]) - Y) / X.shape[0]
+        da = (dz @ p["W2"].T) * (1 - h**2)
+        return {"W1": X.T @ da, "b1": da.sum(0), "W2": h.T @ dz, "b2": dz.sum(0)}
+
+    for report in (verify.check_grad(loss, params, X, Y), verify.check_grad(loss, params, X, Y, hand=hand),
+                   verify.check_grad(lambda p, X, Y: loss(p, X, Y, stop=True), params, X, Y,
+                                     hand=lambda p, X, Y: {**hand(p, X, Y), "b2": jnp.zeros(3)})):
+        assert {r.path: r for r in report.rows}["['b2']"].verdict == "fd_unreliable", report
+    # In float32 throughout, finite differences know the gradient: the copied mistake fails
+    shared = verify.check_grad(lambda p, X, Y: forward(p, X, Y, stop=True), params, X, Y,
+                               hand=lambda p, X, Y: {**hand(p, X, Y), "b2": jnp.zeros(3)})
+    assert {r.path: r for r in shared.rows}["['b2']"].verdict == "both_wrong", shared
