@@ -622,8 +622,8 @@ def test_a_kink_far_smaller_than_the_curvature_beside_it_is_a_kink():
         def loss(p):
             return 1.0986 + jump * jnp.maximum(p[0], 0.0) + jnp.sum(g * p[1:]) + 5e-4 * jnp.sum(p**2)
 
-        def hand(p, first=0.0):
-            return jnp.concatenate([jnp.array([first]), g]) + 1e-3 * p
+        def hand(p, first=0.0):  # the book's mask: relu'(0) = 0 (D₋), or a value ``first`` at 0
+            return jnp.concatenate([jnp.where(p[:1] > 0, jump, first), g]) + 1e-3 * p
 
         p = jnp.zeros(4)
         report = verify.check_grad(loss, p, hand=hand)

@@ -390,6 +390,55 @@ def test_a_value_beyond_every_convention_where_kinks_meet_still_fails_along_a_di
     assert report.verdict == "hand_wrong", report
 
 
+def _max_over_time(split):
+    """Max-over-time pooling (T, C) -> (C,) as a custom_vjp: the textbook backward g·(h == max), which sends the
+    whole gradient to every tied maximum, or one that splits it among them."""
+
+    @jax.custom_vjp
+    def pool(h):
+        return jnp.max(h, 0)
+
+    def bwd(h, g):
+        tied = (h == jnp.max(h, 0)[None]).astype(h.dtype)
+        return (g[None] * (tied / tied.sum(0, keepdims=True) if split else tied),)
+
+    pool.defvjp(lambda h: (jnp.max(h, 0), h), bwd)
+    return pool
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("split", [False, True])
+def test_a_max_pool_backward_that_gives_every_tied_maximum_the_whole_gradient_fails_where_tokens_repeat(dtype, split):
+    # A sentence with a repeated token has identical rows of embeddings, so max-over-time ties across them, and the
+    # ties persist whatever the parameters: the model is differentiable there, and its true gradient counts the
+    # maximum once. g·(h == max) counts it once per repetition. Each element alone lies between the one-sided
+    # derivatives of the pool at its inputs (0 and g), which is all a range per element could test; along a
+    # direction that moves the tied inputs together, every choice at the tie gives the same derivative, and
+    # 3g is none of them.
+    pool = _max_over_time(split)
+    rs = np.random.RandomState(3)
+    p = {"E": rs.randn(6, 4).astype(dtype), "W": rs.randn(4, 5).astype(dtype), "v": np.linspace(0.5, 1.5, 5, dtype=dtype)}
+    tokens = jnp.array([3, 1, 3, 2, 5, 3])
+
+    def model(p, tokens):
+        return jnp.sum(pool(jnp.tanh(p["E"][tokens] @ p["W"])) * p["v"])
+
+    with jax.enable_x64(dtype == jnp.float64):
+        report = verify.audit(model, p, tokens)
+    assert report.verdict == ("ok" if split else "autodiff_wrong") or (split and report.verdict == "kink"), report
+    if not split:
+        (r,) = report.rows
+        assert r.rule == "pool" and "not jointly" in str(report), report
+    # The truth, from the whole model (where the ties persist): float64 central differences in every element of W
+    with jax.enable_x64(True):
+        p64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), p)
+        g = np.asarray(jax.grad(model)(p64, tokens)["W"])
+        h = 1e-6
+        fd = np.array([(model({**p64, "W": p64["W"].at[i].add(h)}, tokens)
+                        - model({**p64, "W": p64["W"].at[i].add(-h)}, tokens)) / (2 * h) for i in np.ndindex(4, 5)])
+    assert (np.max(np.abs(g.ravel() - fd)) < 1e-6) == split, (g, fd)
+
+
 @pytest.mark.parametrize(("dtype", "gap"), [(jnp.float32, 2**-20), (jnp.float64, 1e-6), (jnp.float64, 3e-6)])
 def test_a_tie_a_little_off_the_point_is_not_read_as_a_kink_there(dtype, gap):
     # max(w) at w = [1, 1 + gap]: smooth there (the gradient is (0, 1)), with a kink within the coarse steps only.

@@ -57,3 +57,34 @@ def test_values_away_from_ties_are_left_alone_and_smooth_functions_have_no_kinks
     assert all(np.array_equal(d[0], exact) for d in draws(f, x))
     assert has_kinks(lambda dl: f(dl[0]), [jnp.asarray(x)])
     assert not has_kinks(lambda dl: jnp.sum(jnp.tanh(dl[0]) ** 2), [jnp.asarray(x)])
+
+
+def test_a_users_rule_wrong_only_at_ties_is_sampled_off_its_ties_every_time():
+    # A max-pool backward sending the gradient to every tied maximum (g·(x == max)) is right wherever no two inputs
+    # tie. Its inputs, moved by random units of their precision alone, stayed tied about as often as their moves
+    # rounded alike: the draws then gave its wrong value. Equal inputs are moved apart.
+    @jax.custom_vjp
+    def pool(h):
+        return jnp.max(h, 0)
+
+    pool.defvjp(lambda h: (jnp.max(h, 0), h), lambda h, g: (g[None] * (h == jnp.max(h, 0)[None]),))
+    h = np.array([[0.5, 1.0], [0.5, 1.0], [0.2, 1.0], [0.5, -1.0]], np.float32)  # three ties, then four
+    for d in draws(lambda h: jnp.sum(pool(h) * jnp.array([2.0, 3.0])), h):
+        g = d[0]
+        assert g[:, 0].sum() == 2 and g[:, 1].sum() == 3 and np.count_nonzero(g) == 2, g
+
+
+def test_points_beside_move_equal_elements_apart_and_every_other_one_by_a_unit_or_so():
+    from funcgrad.verify._grad import _equal_groups, _untied
+
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.float64):
+        x0 = np.array([0.0, 0.0, 0.0, 1.5, 1.5, -2.0, 3.0, 1.5, 0.0], np.float64)
+        eps = float(np.finfo(dtype).eps)
+        for _ in range(20):
+            noise = rng.standard_normal(x0.shape) * eps * np.maximum(np.abs(x0), 1.5)
+            y = _untied(x0, (x0 + noise).astype(dtype), rng, dtype, _equal_groups(x0))
+            assert len(set(y.tolist())) == len(y), y  # every tie broken
+            assert np.all(np.abs(y.astype(np.float64) - x0) <= 16 * eps * np.maximum(np.abs(x0), 1.5)), y - x0
+            assert y[5] == np.asarray(x0[5] + noise[5], dtype) and y[6] == np.asarray(x0[6] + noise[6], dtype)
+    assert _equal_groups(np.array([1.0, 2.0, 3.0])) == ()

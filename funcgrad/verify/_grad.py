@@ -664,7 +664,6 @@ _NEARBY_SHIFT = {8: float(np.finfo(np.float64).eps), 4: float(np.finfo(np.float3
 
 
 _SECOND_LOOK_MAX = 1 << 24  # differentiated elements beyond which the second look is not taken (its cost)
-_OUTSIDE = "outside: several kinks may meet"  # (in the note of a kink passed with a side outside [D₋, D₊])
 
 
 class _Beside(NamedTuple):
@@ -682,23 +681,25 @@ def _off_the_kinks(report: GradReport, check: Callable[[Any], GradReport], besid
     of several samples at 0, integer data with zero biases), autodiff's and hand's choices at each kink add up to
     values that need not lie between the one-sided derivatives, nor next to a derivative finite differences read as
     smooth (two kinks whose slopes add up to the same on both sides), and finite differences cannot tell such a
-    choice from a mistake. Looked at again: failing rows of a function with kinks, and rows passed as ``kink`` with
-    a side outside [D₋, D₊] (which a copied relu'(0) of 5 or a sign-flipped hand can be).
+    choice from a mistake. Looked at again: failing rows of a function with kinks, and rows passed as ``kink`` (which
+    a copied relu'(0) of 5, a sign-flipped hand, or a max-pool backward sending the gradient to every tied maximum
+    can be).
 
     A row becomes (or stays) ``kink``, its note saying why, when both: the whole check passes (``ok``, or ``kink``)
     at a point off the kinks (each differentiated element shifted by a random 1% of its size, :func:`_shifted`), so
     the formulas agree there; and at every element of the leaf, autodiff's and hand's values lie within the range
     of autodiff's gradient at :data:`_NEARBY` points right beside the given one (each on some side of each kink)
     and at the given one with each kink on a random side of its own (:func:`_autodiff_sided`: ``relu(a)`` and
-    ``relu(−a)`` both off, which no point gives), as a choice at each kink does. A row failing off the kinks takes
+    ``relu(−a)`` both off, which no point gives), as a choice at each kink does; and jointly along directions that
+    keep ties (:func:`_off_every_side`). A row failing off the kinks takes
     the verdict found there (its blame, and its element, read where finite differences know the derivative); a
-    value no side of the kinks gives (a max-pool backward sending the gradient to every tied maximum, a relu'(0)
-    of 5) fails, blamed on the side it belongs to; where finite differences cannot decide off the kinks the row
+    value no side of the kinks gives (a relu'(0) of 5; a max-pool backward sending the gradient to every tied
+    maximum, jointly) fails, blamed on the side it belongs to; where finite differences cannot decide off the kinks the row
     stays as it was, with that in its note."""
     def candidate(r: Row) -> bool:
         if not all(v is None or math.isfinite(v) for v in (r.autodiff, r.hand)):
             return False
-        return (r.verdict in _FAILING) or (r.verdict == Verdict.KINK and _OUTSIDE in r.note)
+        return r.verdict in _FAILING or r.verdict == Verdict.KINK
 
     rows = [r for r in report.rows if candidate(r)]
     if not rows:
@@ -735,7 +736,10 @@ def _off_the_kinks(report: GradReport, check: Callable[[Any], GradReport], besid
             return dataclasses.replace(o, path=r.path, note=(
                 f"at the given point this leaf was read where kinks meet, which finite differences cannot judge "
                 f"({r.verdict} at {r.where} there); at a point off the kinks ({how}), with the values shown: {o.note}"))
-        if o.verdict not in (Verdict.OK, Verdict.KINK):  # (fd_unreliable, singular: decided nothing there)
+        # (fd_unreliable with a hand: autodiff and hand agree there, which finite differences, too coarse there,
+        # cannot confirm; that the formulas agree off the kinks is what the range test below needs)
+        agreed = o.verdict == Verdict.FD_UNRELIABLE and o.hand is not None
+        if o.verdict not in (Verdict.OK, Verdict.KINK) and not agreed:  # (fd_unreliable, singular: decided nothing)
             return dataclasses.replace(r, note=f"{r.note}; at a point off the kinks ({how}) finite differences cannot "
                                                f"decide either ({o.verdict})")
         try:
@@ -752,19 +756,53 @@ def _off_the_kinks(report: GradReport, check: Callable[[Any], GradReport], besid
 
 def _read_beside(beside: _Beside, sel: Any, params: Any, seed: int) -> dict[str, Any]:
     """Autodiff's gradient at params (``here``), the range of it beside them (``lo``, ``hi``: at :data:`_NEARBY`
-    points right beside, and with each kink on a side of its own), and hand's gradient at params (``hand``)."""
-    points = itertools.chain([params], (_shifted(sel, seed + 1 + k, None) for k in range(_NEARBY)))
+    points right beside, and with each kink on a side of its own), hand's gradient at params (``hand``), and the
+    :func:`_along_ties` directions of each leaf (``dirs``) with every one of those gradients' projections on them
+    (``proj``: a row per gradient)."""
+    dirs = {p: _along_ties(np.asarray(x), seed) for p, x, d in zip(sel.paths, sel.leaves, sel.diff, strict=True) if d}
+    groups: dict[int, Any] = {}  # (each leaf's groups of equal elements, found once for all the points)
+    points = itertools.chain([params], (_shifted(sel, seed + 1 + k, None, groups) for k in range(_NEARBY)))
     grads = beside.nearby(sel, points)
     here = next(grads)
     lo: dict[str, np.ndarray] = {}
     hi: dict[str, np.ndarray] = {}
+    proj: dict[str, list[np.ndarray]] = {p: [] for p in dirs}
     for g in itertools.chain(grads, beside.sided(sel)):  # (one at a time: their range is all that is kept)
         for path, v in g.items():
             v64 = np.asarray(v, np.float64)
             lo[path] = np.fmin(lo[path], v64) if path in lo else v64  # (NaN only where every point gives NaN)
             hi[path] = np.fmax(hi[path], v64) if path in hi else v64
-    return {"here": here, "lo": lo, "hi": hi,
+            if path in dirs:
+                proj[path].append(dirs[path] @ v64.ravel())
+    return {"here": here, "lo": lo, "hi": hi, "dirs": dirs, "proj": {p: np.array(v) for p, v in proj.items()},
             "hand": beside.hand_at(sel, params) if beside.hand_at is not None else {}}
+
+
+_TIE_DIRECTIONS = 2  # directions per leaf for the second look's joint test (see _along_ties)
+
+
+def _along_ties(x: np.ndarray, seed: int) -> np.ndarray:
+    """Random directions (rows, float32) in the space of a leaf with values ``x`` that move equal elements
+    together: the first moves every element, the second holds the zeros still. Along such a direction ties stay
+    ties (a max-pool window's equal inputs, sort's equal keys), so a function whose kinks are such ties is
+    differentiable along it, and every side of every kink gives the same derivative there: one that a choice at
+    each kink gives must too (see :func:`_within_reach`)."""
+    flat = np.ravel(x)
+    n = flat.size
+    out = np.zeros((_TIE_DIRECTIONS, n), np.float32)
+    if n == 0 or not np.issubdtype(flat.dtype, np.inexact):
+        return out
+    _, group = np.unique(flat, return_inverse=True)
+    group = np.ravel(group)
+    counts = np.bincount(group)
+    rng = np.random.default_rng([seed % 2**32, 0x7175])
+    for k in range(_TIE_DIRECTIONS):
+        d = rng.standard_normal(n)
+        d = (np.bincount(group, weights=d) / counts)[group]  # (each group's elements move by their mean)
+        if k == 1:
+            d[flat == 0] = 0.0
+        out[k] = d / max(float(np.linalg.norm(d)), 1e-300)
+    return out
 
 
 def _not_looked_at_again(report: GradReport, rows: list[Row], n: int) -> GradReport:
@@ -811,9 +849,12 @@ def _within_reach(r: Row, o: Row, got: dict[str, Any], how: str) -> Row:
         vals = {n: float(v[idx]) for n, v in sides}
         return dataclasses.replace(r, verdict=verdict, worst_index=idx, autodiff=vals["autodiff"],
                                    hand=vals.get("hand"), numeric=None, note=note)
+    strayed = _off_every_side(r, got, sides, slack)
+    if strayed is not None:
+        return strayed
     if r.verdict == Verdict.KINK:
         return dataclasses.replace(r, note=(
-            f"{r.note}; looked at again: at a point off the kinks ({how}) the leaf checks out ({o.verdict}), and "
+            f"{r.note}; looked at again: at a point off the kinks ({how}) {_checks_out(o)}, and "
             f"{' and '.join(n for n, _ in sides)}'s values lie within {where}, at every element"))
     gaps = np.abs(sides[0][1] - sides[1][1]) if len(sides) > 1 else np.zeros(lo.shape)
     idx = tuple(r.worst_index) if r.worst_index is not None else tuple(
@@ -821,10 +862,66 @@ def _within_reach(r: Row, o: Row, got: dict[str, Any], how: str) -> Row:
     return dataclasses.replace(r, verdict=Verdict.KINK, note=(
         f"read at the given point alone: {r.note}; but kinks meet here, where autodiff's and hand's choices at each "
         "kink add up to values finite "
-        f"differences cannot judge: at a point off the kinks ({how}) the leaf checks out ({o.verdict}), and "
+        f"differences cannot judge: at a point off the kinks ({how}) {_checks_out(o)}, and "
         f"{' and '.join(n for n, _ in sides)}'s values lie within {where}, at every element "
         f"([{_g(float(lo[idx]))}, {_g(float(hi[idx]))}] at {list(idx)}), so this disagreement is such a choice, "
         "not a mistake"))
+
+
+def _checks_out(o: Row) -> str:
+    """What the second look's check off the kinks found for a leaf it passes on (see :func:`_off_the_kinks`)."""
+    if o.verdict in (Verdict.OK, Verdict.KINK):
+        return f"the leaf checks out ({o.verdict})"
+    return "autodiff and hand agree (finite differences cannot confirm them there)"
+
+
+def _off_every_side(r: Row, got: dict[str, Any], sides: list[tuple[str, np.ndarray]],
+                    slack: np.ndarray) -> Row | None:
+    """The second look's joint test of row ``r``, whose every element lies within the range beside (see
+    :func:`_within_reach`): along each of the leaf's :func:`_along_ties` directions where every gradient read beside
+    gives the same derivative (within their ``slack``, summed along it), so no kink is crossed, autodiff's and
+    hand's projections must give it too. A failing row (which side strays, at the element where it strays most
+    along that direction), or None. This catches what each element's own range cannot: a max-pool backward that
+    sends the whole gradient to every tied maximum has each element between 0 and the gradient, but their sum is
+    more than any choice at the tie gives."""
+    dirs, proj = got["dirs"].get(r.path), got["proj"].get(r.path)
+    if dirs is None or proj is None or not len(proj):
+        return None
+    lo, hi = got["lo"][r.path], got["hi"][r.path]
+    for k, d in enumerate(dirs):
+        d64 = d.astype(np.float64)
+        tol = float(np.abs(d64) @ np.ravel(slack * np.ones(lo.shape)))
+        ps = proj[:, k]
+        if not np.all(np.isfinite(ps)) or not tol > 0:
+            continue
+        top, bottom = float(np.max(ps)), float(np.min(ps))
+        if top - bottom > tol:
+            continue  # (the direction crosses a kink: its sides differ, and a choice may lie anywhere between)
+        mid = 0.5 * (top + bottom)
+        off = {n: float(d64 @ np.ravel(v)) for n, v in sides}
+        out = {n for n, v in off.items() if not abs(v - mid) <= tol + 0.5 * (top - bottom)}
+        if not out:
+            continue
+        worst = max(out, key=lambda n: abs(off[n] - mid))
+        centre = 0.5 * (np.ravel(lo) + np.ravel(hi))
+        v = dict(sides)[worst]
+        flat = int(np.argmax(np.abs(d64) * np.abs(np.ravel(v) - centre)))
+        idx = tuple(int(i) for i in np.unravel_index(flat, lo.shape))
+        vals = {n: float(np.ravel(val)[flat]) for n, val in sides}
+        note = (f"{r.note}; every element lies within the range of autodiff's gradient beside this point, but not "
+                f"jointly: along a random direction that moves equal elements of the leaf together"
+                f"{' and holds its zeros still' if k else ''} (so ties stay ties), autodiff's gradient at "
+                f"{_NEARBY} points right beside this one and at this one with each kink on a side of its own gives "
+                f"{_g(mid)} (± {_g(tol + 0.5 * (top - bottom))}) every time, while "
+                + " and ".join(f"{n} gives {_g(off[n])}" for n, _ in sides if n in out)
+                + f": a value no choice at the kinks gives (a max-pool backward that sends the whole gradient to "
+                f"every tied maximum: each element lies between 0 and the gradient, their sum does not); it strays "
+                f"most at {list(idx)}")
+        verdict = (Verdict.BOTH_WRONG if len(out) > 1 else
+                   Verdict.HAND_WRONG if "hand" in out else Verdict.AUTODIFF_WRONG)
+        return dataclasses.replace(r, verdict=verdict, worst_index=idx, autodiff=vals["autodiff"],
+                                   hand=vals.get("hand"), numeric=None, note=note)
+    return None
 
 
 def _copied(tree: Any) -> Any:
@@ -884,13 +981,14 @@ def _autodiff_sided(fn: Callable[..., Any], sel: Any, args: tuple, has_aux: bool
         return
 
 
-def _shifted(sel: Any, seed: int, shift: float | None) -> Any:
+def _shifted(sel: Any, seed: int, shift: float | None, groups: dict[int, Any] | None = None) -> Any:
     """``params`` with each element x of each differentiated leaf moved by a random shift·max(|x|, s)·N(0, 1), s the
     median size of the leaf's nonzero elements (of all differentiated leaves', where it has none; 1 where none has
     any): relative to each element, so that a leaf holding huge masked values (a causal mask's −1e9) moves its real
     ones by their own size, not by the mask's. In x's dtype, and by one unit in its last place at least (a bfloat16
     element would round 1% of itself back to itself). ``shift`` None: by :data:`_NEARBY_SHIFT` for the leaf's
-    precision. ``sel``: the selection of params' leaves (see ``_select``)."""
+    precision, where elements equal at params are then moved apart too (see :func:`_untied`; ``groups`` keeps each
+    leaf's groups of them from one call to the next). ``sel``: the selection of params' leaves (see ``_select``)."""
     rng = np.random.default_rng([seed % 2**32, 0x6B696E6B])
 
     def typical(xs: list) -> float:
@@ -900,7 +998,7 @@ def _shifted(sel: Any, seed: int, shift: float | None) -> Any:
 
     overall = typical([x for x, d in zip(sel.leaves, sel.diff, strict=True) if d])
 
-    def moved(x: Any) -> Any:
+    def moved(i: int, x: Any) -> Any:
         dtype = jnp.result_type(x)
         size = shift if shift is not None else _NEARBY_SHIFT.get(jnp.dtype(dtype).itemsize, 1e-2)
         x0 = np.asarray(x).astype(np.float64)
@@ -909,12 +1007,62 @@ def _shifted(sel: Any, seed: int, shift: float | None) -> Any:
         # (at least one unit in the last place, towards the noise's sign)
         y = np.where(y.astype(np.float64) == x0, np.nextafter(x0.astype(dtype), np.where(noise < 0, -np.inf, np.inf)
                                                               .astype(dtype)), y)
+        if shift is None:  # (a point right beside: ties broken; a shift off the kinks moves each element its own way)
+            found = groups.get(i) if groups is not None else None
+            if found is None:
+                found = _equal_groups(x0)
+                if groups is not None:
+                    groups[i] = found
+            y = _untied(x0, y, rng, dtype, found)
         if isinstance(x, np.ndarray):  # (a NumPy hand gets NumPy arrays, as at the given point)
             return np.asarray(y, x.dtype)
         return jnp.asarray(y, dtype)
 
-    leaves = [moved(x) if d else x for x, d in zip(sel.leaves, sel.diff, strict=True)]
+    leaves = [moved(i, x) if d else x for i, (x, d) in enumerate(zip(sel.leaves, sel.diff, strict=True))]
     return jax.tree_util.tree_unflatten(sel.treedef, leaves)
+
+
+def _equal_groups(x0: np.ndarray) -> tuple[np.ndarray, np.ndarray] | tuple[()]:
+    """The groups of equal elements of x0: each element's group and each group's size (``()`` where no two are
+    equal)."""
+    if x0.size < 2:
+        return ()
+    _, group, counts = np.unique(np.ravel(x0), return_inverse=True, return_counts=True)
+    return (np.ravel(group), counts) if counts.max(initial=0) > 1 else ()
+
+
+def _untied(x0: np.ndarray, y: np.ndarray, rng: np.random.Generator, dtype: Any,
+            found: tuple[np.ndarray, np.ndarray] | tuple[()]) -> np.ndarray:
+    """``y`` (x0 moved, see :func:`_shifted`), with elements equal in x0 (``found``: :func:`_equal_groups`) that
+    moved to equal values too moved apart: within each group of x0's equal elements, in the order of their moved
+    values (equal ones at random), each at least two units in the last place above the one before, the lowest where
+    it was. Each element keeps the side its own move took wherever that is unambiguous. Moved by random amounts
+    alone, two tied elements stay tied about as often as their moves round alike; a rule wrong only at ties (a
+    max-pool backward sending the gradient to every tied maximum) would then give its wrong gradient at points meant
+    to lie beside the kinks."""
+    if not found:
+        return y
+    group, _ = found
+    flat_y = np.ravel(y).astype(np.float64)
+    n = flat_y.size
+    order = np.lexsort((rng.random(n), flat_y, group))  # (by group, then moved value; equal values at random)
+    g, sy = group[order], flat_y[order]
+    fi = jnp.finfo(dtype)
+    step = 4 * float(fi.eps) * np.maximum(np.abs(sy), float(fi.tiny))  # (two units in the last place at least)
+    new = np.r_[True, g[1:] != g[:-1]]
+    clash = ~new[1:] & ~(sy[1:] - sy[:-1] >= step[1:])
+    if not clash.any():
+        return y
+    starts = np.flatnonzero(new)
+    ends = np.r_[starts[1:], n]
+    for k in np.unique(np.searchsorted(starts, np.flatnonzero(clash) + 1, side="right") - 1):
+        a, b = starts[k], ends[k]
+        s = float(np.max(step[a:b])) * (1 + 2 * (b - a) * float(fi.eps))  # (the group's largest, with room to grow)
+        j = np.arange(b - a)
+        sy[a:b] = np.maximum.accumulate(sy[a:b] - s * j) + s * j
+    out = np.empty(n)
+    out[order] = sy
+    return out.astype(dtype).reshape(np.shape(y))
 
 
 def _check_grad_impl(fn: Callable[..., Any], params: Any, args: tuple, *, hand: Callable[..., Any] | None,

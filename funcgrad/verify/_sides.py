@@ -125,6 +125,52 @@ def _moved(x: Any, d: jax.Array) -> jax.Array:
     return x + jax.lax.stop_gradient(jnp.where(xs + d == xs, up, d))  # (a constant step: x's derivative stays 1)
 
 
+def _apart(noise: tuple, x: jax.Array, d: jax.Array) -> jax.Array:
+    """x moved by ``d`` (see :func:`_moved`), with elements equal in x that moved to equal values too moved apart:
+    within each group of x's equal elements, in the order of their moved values (equal ones at random), each at
+    least two units in the last place above the one before, the lowest where it was; each keeps the side its own
+    move took wherever that is unambiguous. Moved by ``d`` alone, two tied inputs of an opaque rule stay tied about as
+    often as their displacements round alike, and a rule wrong only at ties (a max-pool backward sending the gradient
+    to every tied maximum) would then be read there, in draws meant to sample the rule's sides."""
+    moved = _moved(x, d)
+    n = int(np.prod(jnp.shape(x)))
+    if n < 2:
+        return moved
+    xs = jnp.ravel(jax.lax.stop_gradient(jnp.asarray(x)))
+    wide = jnp.float64 if xs.dtype == jnp.float64 else jnp.float32
+    ys = jnp.ravel(jax.lax.stop_gradient(moved)).astype(wide)
+    key, _ = noise
+    order = jnp.lexsort((jax.random.uniform(jax.random.fold_in(key, 1), (n,)), ys, xs))
+    sx, sy = xs[order], ys[order]
+    fi = jnp.finfo(xs.dtype)
+    step = 4 * float(fi.eps) * jnp.maximum(jnp.abs(sy), float(fi.tiny))  # (two units in the last place at least)
+    new = jnp.concatenate([jnp.ones(1, bool), sx[1:] != sx[:-1]])
+    pos = jnp.arange(n)
+    first = jax.lax.cummax(jnp.where(new, pos, 0))
+    j = (pos - first).astype(wide)
+    s = _group_max(new, step) * (1 + 2 * n * float(fi.eps))  # (the group's largest, with room to grow)
+    sorted_out = _segmented(jnp.maximum, new, sy - s * j) + s * j
+    out = jnp.zeros(n, wide).at[order].set(sorted_out).astype(xs.dtype).reshape(jnp.shape(x))
+    return jnp.asarray(x) + jax.lax.stop_gradient(out - jnp.asarray(xs).reshape(jnp.shape(x)))
+
+
+def _segmented(op: Callable, new: jax.Array, v: jax.Array) -> jax.Array:
+    """The running ``op`` (an associative max or min) of v within each run that ``new`` starts."""
+    def combine(a: tuple, b: tuple) -> tuple:
+        (fa, va), (fb, vb) = a, b
+        return fa | fb, jnp.where(fb, vb, op(va, vb))
+
+    return jax.lax.associative_scan(combine, (new, v))[1]
+
+
+def _group_max(new: jax.Array, v: jax.Array) -> jax.Array:
+    """Each element's run's (see :func:`_segmented`) largest v."""
+    running = _segmented(jnp.maximum, new, v)
+    ends = jnp.concatenate([new[1:], jnp.ones(1, bool)])  # (the last element of each run holds its maximum)
+    back = _segmented(jnp.minimum, ends[::-1], jnp.where(ends, running, jnp.inf)[::-1])[::-1]
+    return back
+
+
 def _ramp(noise: tuple, x: jax.Array, periods: dict[int, int]) -> jax.Array:
     """δ for a choice among elements (ties of a max over windows, of a sort): random, without the draw's bias,
     plus the bias falling from +bias to −bias along each axis in ``periods`` over each run of that many elements
@@ -191,7 +237,7 @@ def _eval(jaxpr: Any, consts: Sequence, args: Sequence, dep_args: Sequence[bool]
                 outs = _sided(eqn, invals, dins, sub)
                 if outs is None:  # (not a kink known here: its inputs moved, so that its own kinks take a side)
                     subs = _split(sub, len(invals))
-                    outs = _bind(eqn, [_moved(x, _delta(k, jnp.asarray(x))) if d and _float(x) else x
+                    outs = _bind(eqn, [_apart(k, x, _delta(k, jnp.asarray(x))) if d and _float(x) else x
                                        for x, d, k in zip(invals, dins, subs, strict=True)])
                 outs = _typed(eqn, outs)
         if outs is None:
