@@ -1,5 +1,6 @@
 """funcgrad.verify: verdicts, attribution, kinks, scale, bad input, and the report's forms."""
 
+import functools
 import json
 from typing import NamedTuple
 
@@ -307,6 +308,26 @@ def test_bad_arguments():
         verify.check_grad(cubic, CUBIC, rtol=-1)
     with pytest.raises(TypeError, match="hand must be callable"):
         verify.check_grad(cubic, CUBIC, hand=cubic_hand(CUBIC))
+
+
+def test_an_fn_or_hand_that_cannot_take_the_arguments_is_named():
+    # Called so, Python's own message names only the function: "<lambda>() takes 1 positional argument but 2 were
+    # given", not whether fn or hand.
+    X = jnp.ones((3, 2))
+    f = lambda w, X: jnp.sum((X @ w) ** 2)  # noqa: E731
+    with pytest.raises(TypeError, match=r"check_grad: hand is called as hand\(params, \*args\), with 2 argument\(s\) "
+                                        r"here .*signature \(w\) cannot take them.*hand takes the same arguments as fn"):
+        verify.check_grad(f, jnp.ones(2), X, hand=lambda w: 2 * X.T @ (X @ w))
+    with pytest.raises(TypeError, match=r"check_grad: fn is called as fn\(params, \*args\), with 1 argument\(s\)"):
+        verify.check_grad(f, jnp.ones(2))
+    # A decorator that supplies an argument (functools.wraps shows the inner signature) is called as it is
+    def supplies(g):
+        @functools.wraps(g)
+        def wrapper(w, X):
+            return g(w, X, 2.0)
+        return wrapper
+
+    assert verify.check_grad(supplies(lambda w, X, c: c * f(w, X)), jnp.ones(2), X).ok
 
 
 # ---- tolerances and modes ----

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib.metadata as md
+import inspect
 import itertools
 import math
 import platform
@@ -619,11 +620,34 @@ def check_grad(
             a ``hand`` whose result has another structure or shape or a non-float dtype, a function JAX can
             differentiate in neither mode; each message names the leaf path.
     """
+    for name, f in (("fn", fn), ("hand", hand)):
+        _callable_as(f, name, "check_grad", 1 + len(args))
+
     def check(at: Any) -> GradReport:
         return _check_grad_impl(fn, at, args, hand=hand, has_aux=has_aux, wrt=wrt, rtol=rtol, atol=atol, mode=mode,
                                 seed=seed, reuse=False)
 
     return _second_look(check(params), check, fn, params, args, hand=hand, has_aux=has_aux, wrt=wrt, seed=seed)
+
+
+def _callable_as(f: Any, name: str, where: str, n: int) -> None:
+    """TypeError naming ``f`` (fn or hand) when its signature cannot take n positional arguments, params and
+    ``*args``: called so, it fails with only its own name in the message (``<lambda>() takes 1 positional argument
+    but 2 were given``). Functions whose signature Python cannot read are let through."""
+    if f is None or not callable(f):
+        return
+    try:
+        signature = inspect.signature(f, follow_wrapped=False)  # (a decorator may call f otherwise)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(*([None] * n))
+    except TypeError as e:
+        hint = "hand takes the same arguments as fn" if name == "hand" else \
+            f"{where} passes fn params, then every argument given after params"
+        raise TypeError(f"{where}: {name} is called as {name}(params, *args), with {n} argument(s) here "
+                        f"(params and the {n - 1} given after it), but its signature {signature} cannot take them "
+                        f"({e}); {hint}") from None
 
 
 def _second_look(report: GradReport, check: Callable[[Any], GradReport], fn: Callable[..., Any], params: Any,
