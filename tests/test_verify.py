@@ -730,3 +730,9 @@ def test_the_round_off_allowance_at_zero_does_not_excuse_what_finite_differences
     with jax.enable_x64(True):
         report = verify.check_grad(lambda w: 1e9 + 3e-7 * jnp.sum(w), jnp.full(1, 1e5), hand=lambda w: -3e-7 * jnp.ones(1))
         assert not report.ok, report
+
+
+def test_a_hand_of_another_structure_names_a_single_arrays_params_as_the_other_messages_do():
+    with pytest.raises(ValueError, match=r"it returned missing \['\(params\)'\]; unexpected \['\[0\]\[0\]'.*"
+                                         r"params leaves: \['\(params\)'\]"):
+        verify.check_grad(lambda w: jnp.sum(w**2), jnp.ones((2, 2)), hand=lambda w: [[2.0, 4.0], [6.0, 8.0]])

@@ -625,15 +625,19 @@ def _extract_grad(out: Any, b: _Bound, what: str = "hand") -> list:
             missing, extra = [p for p, _, _ in diff if got.get(p) is None], []
     if missing or extra:
         detail = []
+
+        def named(ps: Any) -> list[str]:  # (the root leaf, a single array's, by the name the other messages use)
+            return [q or "(params)" for q in ps]
+
         if missing:
-            detail.append(f"missing {missing}" if got and not (len(got) == 1 and "" in got) else
+            detail.append(f"missing {named(missing)}" if got and not (len(got) == 1 and "" in got) else
                           f"{_describe_out(out)}, not a tree of gradients")
         if extra:
             detail.append(f"unexpected {extra}")
         held = [p for p, d in zip(paths, b.diff, strict=True) if not d]
         raise _UserValueError(
             f"{what} must return a gradient with the same structure as params; it returned {'; '.join(detail)}. "
-            f"params leaves: {list(paths)}" + (f" (held fixed, may be None: {held})" if held else "")
+            f"params leaves: {named(paths)}" + (f" (held fixed, may be None: {named(held)})" if held else "")
         )
     bad, leaves = [], []
     for p, shape, desc in diff:
