@@ -351,10 +351,14 @@ def test_a_checkpoint_whose_identity_was_stripped_is_refused_in_a_named_run(caps
     write_checkpoint(run, state, {k: v for k, v in meta.items() if k != "settings"})
     code, _, err = cli(capsys, "evaluate", "--run", run)
     assert_one_line_error(code, err, "no 'settings' string there")
-    # A folder from before run names (its marker names none) still continues such a checkpoint
+    # A folder from before run names (its marker names none) continues a checkpoint that names none, as such
+    # folders' own are, but not one that names a run
     marker = json.loads((run / rundir.MARKER).read_text())
     del marker["run"]
     (run / rundir.MARKER).write_text(json.dumps(marker))
+    code, _, err = cli(capsys, "evaluate", "--run", run)
+    assert_one_line_error(code, err, f"written by a run named {meta['run']!r}", "run.json names no run")
+    write_checkpoint(run, state, {k: v for k, v in meta.items() if k != "run"})
     code, _, err = cli(capsys, "evaluate", "--run", run)
     assert code == 0, err
 
@@ -671,6 +675,9 @@ def test_only_funcgrads_own_temporaries_are_its_own(capsys, tmp_path):
 @pytest.mark.slow
 def test_a_run_from_before_the_marker_is_recognised_by_its_checkpoint_header(capsys, run):
     (run / "run.json").unlink()
+    data = (run / "checkpoint.npz").read_bytes()  # (such a run's checkpoints name no run either)
+    meta = checkpoint.metadata(data)
+    write_checkpoint(run, checkpoint.from_bytes(data, like(run)), {k: v for k, v in meta.items() if k != "run"})
     code, out, _ = cli(capsys, "train", "--out", run, "--resume", "--set", "train.epochs=60")
     assert code == 0 and "resume from step 50" in out and (run / "run.json").exists()
 

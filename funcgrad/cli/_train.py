@@ -338,6 +338,12 @@ def _read_checkpoint(out: Path, like: Any, cfg: Any) -> tuple[Any, int, dict]:
         raise UsageError(f"{ckpt}: written by a run of config {written_by!r}, but this run's config is {cfg.name!r}; "
                          "a checkpoint continues only the run that wrote it")
     written_in = meta.get("run")
+    if "run" in meta and here is None:
+        # (a folder from before run names writes checkpoints without one: this one came from a named run, or the
+        # folder's run.json lost its name)
+        raise UsageError(f"{ckpt}: written by a run named {written_in!r}, but {out / rundir.MARKER} names no run (a "
+                         "folder from before run names, whose checkpoints name none, or a run.json that lost its "
+                         "name); a checkpoint continues only the run that wrote it")
     if isinstance(written_in, str) and here is not None and written_in != here:
         # (a sibling run's checkpoint copied in: the same config and settings, another history of training)
         raise UsageError(f"{ckpt}: written by another run (run {written_in}) than the one {out / rundir.MARKER} "
