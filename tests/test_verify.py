@@ -667,8 +667,8 @@ def test_a_direction_too_coarse_for_a_small_kink_the_elements_resolved_is_not_ju
         def loss(p):
             return 1.0986 + jump * jnp.maximum(p[0], 0.0) + jnp.sum(g * p[1:]) + 5e-4 * jnp.sum(p**2)
 
-        def hand(p, wrong=None):
-            h = jnp.concatenate([jnp.zeros(1), g]) + 1e-3 * p
+        def hand(p, wrong=None):  # (the book's mask: relu'(0) = 0)
+            h = jnp.concatenate([jnp.where(p[:1] > 0, jump, 0.0), g]) + 1e-3 * p
             return h if wrong is None else h.at[wrong].multiply(1.01)
 
         p = jnp.zeros(n)

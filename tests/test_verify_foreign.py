@@ -1584,3 +1584,65 @@ def test_a_hand_that_fails_when_traced_raises_its_own_error_with_a_note():
     with pytest.raises(KeyError, match="par") as info:
         verify.check_grad(loss, params, jnp.ones((4, 3)), hand=hand)
     assert any("check_grad traced hand(params, *args)" in n for n in getattr(info.value, "__notes__", [])), info.value
+
+
+def _overlapping_pool(x):
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (3, 3), (1, 1), "VALID")
+
+
+def _routed_pool(route):
+    """A 3x3, stride-1 max-pool as a custom_vjp whose backward sends each window's cotangent to its first maximum,
+    its last, or to every tied one (wrong)."""
+
+    @jax.custom_vjp
+    def pool(x):
+        return _overlapping_pool(x)
+
+    def bwd(x, g):
+        y = _overlapping_pool(x)
+        n = y.shape[0]
+        dx, taken = jnp.zeros_like(x), jnp.zeros(y.shape, bool)
+        offsets = [(i, j) for i in range(3) for j in range(3)]
+        for i, j in offsets[::-1] if route == "last" else offsets:
+            tied = x[i : i + n, j : j + n] == y
+            pick = tied if route == "every" else tied & ~taken
+            taken = taken | tied
+            dx = dx.at[i : i + n, j : j + n].add(pick.astype(x.dtype) * g)
+        return (dx,)
+
+    pool.defvjp(lambda x: (_overlapping_pool(x), x), bwd)
+    return pool
+
+
+@pytest.mark.parametrize("route", ["first", "last", "every"])
+def test_overlapping_max_pool_windows_on_a_zero_background_take_their_first_or_last_maximum(route):
+    # 3x3 windows with stride 1 over zeros share their tied elements: a window's first (or last) maximum collects
+    # several windows' cotangents, a sum that ties broken at random beside the point rarely give. The draws at either
+    # end of the sided ones break every tie in raster order, as JAX's own reduce_window gradient and the book's
+    # argmax do. Correct routings were failed (JAX's own gradient too, with no rule and no hand).
+    x = np.zeros((6, 6), np.float32)
+    x[1, 1] = 1.0
+    v = jnp.asarray(np.random.default_rng(1).normal(size=(4, 4)), jnp.float32)
+    if route == "first":
+        plain = verify.check_grad(lambda x: jnp.sum(_overlapping_pool(x) * v), jnp.asarray(x))
+        assert plain.ok, plain
+    report = verify.audit(lambda x: jnp.sum(_routed_pool(route)(x) * v), jnp.asarray(x))
+    assert report.ok == (route != "every"), report
+    # The truth: first (last) routing is the exact gradient at a point beside, each element raised (lowered) by a
+    # hair more the earlier it comes in raster order; every-tie routing is no point's gradient
+    with jax.enable_x64(True):
+        beside = x + (-1 if route == "first" else 1) * 1e-9 * np.arange(36).reshape(6, 6)
+        exact = jax.grad(lambda x: jnp.sum(_overlapping_pool(x) * jnp.asarray(v, jnp.float64)))(jnp.asarray(beside))
+        rule = jax.vjp(_routed_pool(route), jnp.asarray(x))[1](v)[0]
+    assert np.allclose(rule, exact, atol=1e-6) == (route != "every")
+
+
+def test_a_bfloat16_leaf_takes_the_joint_test_at_ties_too():
+    # bfloat16 is no NumPy float: the directions that keep ties were all 0 for it, and 2·(x == max) passed
+    x = jnp.asarray([1.0, 3.0, 3.0, 0.0, 3.0], jnp.bfloat16)
+    for dtype in (jnp.bfloat16, jnp.float32):
+        report = verify.check_grad(lambda p: 2 * jnp.max(p), x.astype(dtype),
+                                   hand=lambda p: 2.0 * (np.asarray(p, np.float64) == 3.0))
+        assert report.verdict == "hand_wrong", report
+    # the truth: along (0, 1, 1, 0, 1), where the ties stay ties, f moves by 2 per unit; the hand says 6
+    assert float(2.0 * (np.asarray(x, np.float64) == 3.0) @ np.array([0, 1, 1, 0, 1.0])) == 6.0

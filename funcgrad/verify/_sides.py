@@ -110,10 +110,12 @@ def _unit(x: jax.Array) -> jax.Array:
 
 
 def _delta(noise: tuple, x: jax.Array) -> jax.Array:
-    """A tiny random displacement of x: (N(0, 1) + the draw's bias) units of :func:`_unit` per element. ``noise``:
-    (key, bias)."""
+    """A tiny random displacement of x: (N(0, 1) + the draw's bias) units of :func:`_unit` per element, the random
+    part fading out towards either end of the draws (where every element moves by the bias alone). ``noise``: (key,
+    bias)."""
     key, bias = noise
-    return ((jax.random.normal(key, jnp.shape(x), jnp.float32) + bias) * _unit(x)).astype(jnp.result_type(x))
+    fade = jnp.maximum(0.0, 1.0 - jnp.abs(bias) / _BIAS)  # (none at either end: every element moved alike)
+    return ((jax.random.normal(key, jnp.shape(x), jnp.float32) * fade + bias) * _unit(x)).astype(jnp.result_type(x))
 
 
 def _moved(x: Any, d: jax.Array) -> jax.Array:
@@ -139,8 +141,13 @@ def _apart(noise: tuple, x: jax.Array, d: jax.Array) -> jax.Array:
     xs = jnp.ravel(jax.lax.stop_gradient(jnp.asarray(x)))
     wide = jnp.float64 if xs.dtype == jnp.float64 else jnp.float32
     ys = jnp.ravel(jax.lax.stop_gradient(moved)).astype(wide)
-    key, _ = noise
-    order = jnp.lexsort((jax.random.uniform(jax.random.fold_in(key, 1), (n,)), ys, xs))
+    key, bias = noise
+    # (equal moved values in a random order; at either end of the draws in raster order, the first element highest
+    # or the last: every tie to its first maximum, in every window however they overlap, or to its last)
+    at_end = jnp.abs(bias) >= _BIAS * (1 - 1e-6)
+    raster = jnp.arange(n, dtype=jnp.float32) / n
+    tie_break = jnp.where(at_end, -jnp.sign(bias) * raster, jax.random.uniform(jax.random.fold_in(key, 1), (n,)))
+    order = jnp.lexsort((tie_break, ys, xs))
     sx, sy = xs[order], ys[order]
     fi = jnp.finfo(xs.dtype)
     step = 4 * float(fi.eps) * jnp.maximum(jnp.abs(sy), float(fi.tiny))  # (two units in the last place at least)
@@ -264,9 +271,10 @@ def _sided(eqn: Any, invals: list, dins: list[bool], key: tuple) -> list | None:
         a, b = jnp.broadcast_arrays(jnp.asarray(invals[0]), jnp.asarray(invals[1]))
         return [jnp.where(a == b, _coin(key, a), getattr(jax.lax, name)(a, b))]
     if name in ("reduce_window_max", "reduce_window_min") and _float(invals[0]):
+        # (ties moved apart, at random or, at either end of the draws, in raster order: a window's first maximum, or
+        # its last, for windows that overlap too, where a ramp repeating with the window's period is no order)
         x = jnp.asarray(invals[0])
-        windows = dict(enumerate(eqn.params["window_dimensions"]))
-        return _bind(eqn, [_moved(x, _ramp(key, x, windows)), *invals[1:]])
+        return _bind(eqn, [_apart(key, x, _delta(key, x)), *invals[1:]])
     if name in ("cummax", "cummin") and _float(invals[0]):
         x = jnp.asarray(invals[0])
         axis = int(eqn.params["axis"])
