@@ -811,11 +811,11 @@ def _along_ties(x: np.ndarray, seed: int) -> np.ndarray:
     ties (a max-pool window's equal inputs, sort's equal keys), so a function whose kinks are such ties is
     differentiable along it, and every side of every kink gives the same derivative there: one that a choice at
     each kink gives must too (see :func:`_within_reach`)."""
-    flat = np.ravel(x)
-    n = flat.size
+    n = int(np.size(x))
     out = np.zeros((_TIE_DIRECTIONS, n), np.float32)
-    if n == 0 or not np.issubdtype(flat.dtype, np.inexact):
+    if n == 0 or not jnp.issubdtype(np.asarray(x).dtype, jnp.inexact):  # (NumPy's own test says no to bfloat16)
         return out
+    flat = np.ravel(np.asarray(x, np.float64))  # (exact; np.unique of bfloat16 is not to be relied on)
     _, group = np.unique(flat, return_inverse=True)
     group = np.ravel(group)
     counts = np.bincount(group)
