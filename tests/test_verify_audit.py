@@ -2123,3 +2123,18 @@ def test_a_fused_dense_relu_rule_on_integer_data_where_kinks_meet_is_a_kink_and_
         layer = _fused_dense_relu(relu0)
         report = verify.audit(lambda p, X, layer=layer: jnp.sum(layer(p["W"], p["b"], X) @ w2), params, X)
         assert report.rows[0].verdict in verdicts, (relu0, report)
+
+
+def test_a_primal_autodiff_blamed_where_kinks_meet_leaves_the_rule_a_kink_without_a_finite_difference_claim():
+    # The second look blames a side by ranges of autodiff's gradient beside the point, with no finite-difference
+    # value (numeric None). For a rule's check the blamed hand is the primal's plain autodiff: the rule passes, but
+    # as a kink, and the note claims no finite difference; formatting the absent value crashed audit.
+    from funcgrad.verify._audit import _as_rule_verdict
+    from funcgrad.verify._report import Row
+
+    row = Row("[0]", verify.Verdict.HAND_WRONG, (2, 2), 0.7, 1.0, 0.0,
+              -0.7, None, "exact", 25, 25, 0, note="hand (-0.7) at [2, 2] lies outside [0, 0.5], the range of "
+              "autodiff's gradient there")
+    v, note = _as_rule_verdict(row)
+    assert v == "kink" and "finite differences" not in note and "-0.7 at element [2, 2]" in note, note
+    assert "the primal's plain autodiff (-0.7) at [2, 2] lies outside" in note and "the rule's gradient" in note, note
