@@ -59,6 +59,15 @@ def assert_one_line_error(code, err, *needles):
         assert n in err, err
 
 
+def assert_resume_and_evaluate_refuse(capsys, run, *needles):
+    """Both a resume and an evaluate of ``run`` are one-line errors with ``needles``, and change nothing."""
+    before = snapshot(run)
+    for args in (["train", "--out", run, "--resume", "--set", "train.epochs=60"], ["evaluate", "--run", run]):
+        code, _, err = cli(capsys, *args)
+        assert_one_line_error(code, err, *needles)
+    assert snapshot(run) == before
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A finished 50-step spiral run (checkpoints every 10 steps, a metrics line every 5)."""
@@ -304,11 +313,7 @@ def test_a_checkpoint_written_by_another_config_is_refused(capsys, run):
     state, meta = checkpoint.from_bytes(data, like(run)), checkpoint.metadata(data)
     assert meta["config"] == "spiral"
     write_checkpoint(run, state, {**meta, "config": "spiral_l2"})
-    before = snapshot(run)
-    for args in (["train", "--out", run, "--resume", "--set", "train.epochs=60"], ["evaluate", "--run", run]):
-        code, _, err = cli(capsys, *args)
-        assert_one_line_error(code, err, "written by a run of config 'spiral_l2'", "this run's config is 'spiral'")
-    assert snapshot(run) == before
+    assert_resume_and_evaluate_refuse(capsys, run, "written by a run of config 'spiral_l2'", "this run's config is 'spiral'")
 
 
 def test_a_sibling_runs_checkpoint_copied_in_is_refused_but_a_whole_copied_folder_continues(capsys, run):
@@ -321,12 +326,8 @@ def test_a_sibling_runs_checkpoint_copied_in_is_refused_but_a_whole_copied_folde
     assert meta["run"] == own and len(own) == 32  # (the fixture's folder is a whole copy of the base run's: its own)
     sibling = "0123456789abcdef" * 2
     write_checkpoint(run, state, {**meta, "run": sibling})
-    before = snapshot(run)
-    for args in (["train", "--out", run, "--resume", "--set", "train.epochs=60"], ["evaluate", "--run", run]):
-        code, _, err = cli(capsys, *args)
-        assert_one_line_error(code, err, f"written by another run (run {sibling})", f"(run {own})",
-                              "copy the whole run folder")
-    assert snapshot(run) == before
+    assert_resume_and_evaluate_refuse(capsys, run, f"written by another run (run {sibling})", f"(run {own})",
+                                      "copy the whole run folder")
     write_checkpoint(run, state, meta)  # its own again: the resume goes ahead
     code, _, err = cli(capsys, "train", "--out", run, "--resume", "--set", "train.epochs=60")
     assert code == 0, err
@@ -341,12 +342,8 @@ def test_a_checkpoint_whose_identity_was_stripped_is_refused_in_a_named_run(caps
     keys = ("run", "config", "settings")
     stripped = {k: v for k, v in meta.items() if k not in keys} if strip == "delete" else {**meta, **dict.fromkeys(keys, 0)}
     write_checkpoint(run, state, stripped)
-    before = snapshot(run)
-    for args in (["train", "--out", run, "--resume", "--set", "train.epochs=60"], ["evaluate", "--run", run]):
-        code, _, err = cli(capsys, *args)
-        assert_one_line_error(code, err, "checkpoint.npz: its metadata does not name the run",
-                              "'run' or 'config' or 'settings'", "run.json names this run")
-    assert snapshot(run) == before
+    assert_resume_and_evaluate_refuse(capsys, run, "checkpoint.npz: its metadata does not name the run",
+                                      "'run' or 'config' or 'settings'", "run.json names this run")
     # One name missing is enough
     write_checkpoint(run, state, {k: v for k, v in meta.items() if k != "settings"})
     code, _, err = cli(capsys, "evaluate", "--run", run)
@@ -368,11 +365,7 @@ def test_a_run_name_that_is_not_a_string_is_a_damaged_marker(capsys, run, value)
     # A run.json whose "run" was not a string read as a folder from before run names: the sibling-run check was off.
     marker = json.loads((run / rundir.MARKER).read_text())
     (run / rundir.MARKER).write_text(json.dumps({**marker, "run": value}))
-    before = snapshot(run)
-    for args in (["train", "--out", run, "--resume", "--set", "train.epochs=60"], ["evaluate", "--run", run]):
-        code, _, err = cli(capsys, *args)
-        assert_one_line_error(code, err, "run.json: 'run' is the run's name", "the file is damaged")
-    assert snapshot(run) == before
+    assert_resume_and_evaluate_refuse(capsys, run, "run.json: 'run' is the run's name", "the file is damaged")
 
 
 def test_a_run_file_that_cannot_be_read_says_why_not_that_it_is_not_json(capsys, run):

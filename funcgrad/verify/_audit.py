@@ -47,7 +47,7 @@ from funcgrad._checks import describe, in_range
 from funcgrad.verify._compiled import _CUSTOM, _lower, _lowest_float
 from funcgrad.verify._compiled import _sub_jaxprs as _sub
 from funcgrad.verify._fd import _default_rtol
-from funcgrad.verify._grad import _check_grad_impl, _environment_versions, _second_look
+from funcgrad.verify._grad import _check_grad_impl, _environment_versions, _g, _second_look
 from funcgrad.verify._inputs import (
     _TRACE_ERRORS,
     _clean,
@@ -1441,29 +1441,24 @@ def _symbolic_zeros(eqn: Any) -> bool:
     return bool(eqn.params.get("symbolic_zeros")) or any(_symbolic_zeros(e) for j in _sub(eqn) for e in j.eqns)
 
 
-def _g6(x: float | None) -> str:
-    return "—" if x is None else f"{x:.6g}"
-
-
 def _as_rule_verdict(row: Row) -> tuple[Verdict, str]:
     """A check_grad row read for the rule: hand (the primal's plain autodiff) being wrong is not the rule's fault.
     The row's note is told in the audit's words."""
+    note = re.sub(r"\bhand\b", "the primal's plain autodiff", re.sub(r"\bautodiff\b", "the rule", row.note))
+    if row.verdict == Verdict.HAND_WRONG and row.numeric is None:
+        # (blamed where kinks meet, by the second look's ranges: no finite difference read)
+        return Verdict.KINK, (
+            f"{note}; the rule's values lie within that range: at the kinks it takes a choice, while JAX's plain "
+            f"autodiff of its primal ({_g(row.hand)} at element {list(row.worst_index or ())}) does not, which is "
+            "not the rule's fault")
     if row.verdict == Verdict.HAND_WRONG:
         # (what was left unchecked is still said: elements where the plain autodiff alone is not finite, beyond
         # the ones checked one by one)
         unchecked = [part for part in row.note.split("; ") if part.endswith("those were not checked")]
-        if row.numeric is None:  # (blamed where kinks meet, by the second look's ranges: no finite difference read)
-            note = re.sub(r"\bhand\b", "the primal's plain autodiff", re.sub(r"\bautodiff\b", "the rule", row.note))
-            return Verdict.KINK, (
-                f"{note}; the rule's values lie within that range: at the kinks it takes a choice, while JAX's plain "
-                f"autodiff of its primal ({_g6(row.hand)} at element {list(row.worst_index or ())}) does not, which is "
-                "not the rule's fault")
         return Verdict.OK, "; ".join([
             "the rule agrees with finite differences; JAX's plain autodiff of its primal does not (at element "
             f"{list(row.worst_index or ())}: {row.hand:.6g} against {row.numeric:.6g}), which is presumably why the "
             "rule exists", *unchecked])
-    note = re.sub(r"\bautodiff\b", "the rule", row.note)
-    note = re.sub(r"\bhand\b", "the primal's plain autodiff", note)
     return row.verdict, note.replace("a stop_gradient, or a custom rule copied into the the primal's plain autodiff formula?",
                                      "a stop_gradient in the primal, copied by the rule?")
 

@@ -783,8 +783,10 @@ def _read_beside(beside: _Beside, sel: Any, params: Any, seed: int) -> dict[str,
     points right beside, and with each kink on a side of its own), hand's gradient at params (``hand``), and the
     :func:`_along_ties` directions of each leaf (``dirs``) with every one of those gradients' projections on them
     (``proj``: a row per gradient)."""
-    dirs = {p: _along_ties(np.asarray(x), seed) for p, x, d in zip(sel.paths, sel.leaves, sel.diff, strict=True) if d}
-    groups: dict[int, Any] = {}  # (each leaf's groups of equal elements, found once for all the points)
+    # (each leaf's groups of equal elements, found once: for the directions along ties, and for every point beside)
+    groups = {i: _equal_groups(np.asarray(x, np.float64)) for i, (x, d) in enumerate(zip(sel.leaves, sel.diff,
+                                                                                          strict=True)) if d}
+    dirs = {sel.paths[i]: _along_ties(sel.leaves[i], seed, found) for i, found in groups.items()}
     points = itertools.chain([params], (_shifted(sel, seed + 1 + k, None, groups) for k in range(_NEARBY)))
     grads = beside.nearby(sel, points)
     here = next(grads)
@@ -805,26 +807,24 @@ def _read_beside(beside: _Beside, sel: Any, params: Any, seed: int) -> dict[str,
 _TIE_DIRECTIONS = 2  # directions per leaf for the second look's joint test (see _along_ties)
 
 
-def _along_ties(x: np.ndarray, seed: int) -> np.ndarray:
-    """Random directions (rows, float32) in the space of a leaf with values ``x`` that move equal elements
-    together: the first moves every element, the second holds the zeros still. Along such a direction ties stay
-    ties (a max-pool window's equal inputs, sort's equal keys), so a function whose kinks are such ties is
-    differentiable along it, and every side of every kink gives the same derivative there: one that a choice at
-    each kink gives must too (see :func:`_within_reach`)."""
+def _along_ties(x: Any, seed: int, found: tuple[np.ndarray, np.ndarray] | tuple[()]) -> np.ndarray:
+    """Random directions (rows, float32) in the space of a leaf with values ``x`` (``found``: its groups of equal
+    elements, :func:`_equal_groups`) that move equal elements together: the first moves every element, the second
+    holds the zeros still. Along such a direction ties stay ties (a max-pool window's equal inputs, sort's equal
+    keys), so a function whose kinks are such ties is differentiable along it, and every side of every kink gives the
+    same derivative there: one that a choice at each kink gives must too (see :func:`_within_reach`)."""
     n = int(np.size(x))
     out = np.zeros((_TIE_DIRECTIONS, n), np.float32)
     if n == 0 or not jnp.issubdtype(np.asarray(x).dtype, jnp.inexact):  # (NumPy's own test says no to bfloat16)
         return out
-    flat = np.ravel(np.asarray(x, np.float64))  # (exact; np.unique of bfloat16 is not to be relied on)
-    _, group = np.unique(flat, return_inverse=True)
-    group = np.ravel(group)
-    counts = np.bincount(group)
     rng = np.random.default_rng([seed % 2**32, 0x7175])
     for k in range(_TIE_DIRECTIONS):
         d = rng.standard_normal(n)
-        d = (np.bincount(group, weights=d) / counts)[group]  # (each group's elements move by their mean)
+        if found:
+            group, counts = found
+            d = (np.bincount(group, weights=d) / counts)[group]  # (each group's elements move by their mean)
         if k == 1:
-            d[flat == 0] = 0.0
+            d[np.ravel(np.asarray(x, np.float64)) == 0] = 0.0
         out[k] = d / max(float(np.linalg.norm(d)), 1e-300)
     return out
 
@@ -914,7 +914,7 @@ def _off_every_side(r: Row, got: dict[str, Any], sides: list[tuple[str, np.ndarr
     lo, hi = got["lo"][r.path], got["hi"][r.path]
     for k, d in enumerate(dirs):
         d64 = d.astype(np.float64)
-        tol = float(np.abs(d64) @ np.ravel(slack * np.ones(lo.shape)))
+        tol = float(np.abs(d64) @ np.ravel(np.broadcast_to(slack, lo.shape)))
         ps = proj[:, k]
         if not np.all(np.isfinite(ps)) or not tol > 0:
             continue
