@@ -35,6 +35,8 @@ def open_fd(path: Path) -> int:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
+        if path.is_symlink():  # (the link is there; what it points to is not)
+            raise FileError(f"{path}: a symbolic link to {os.readlink(path)!r}, which does not exist") from None
         raise FileError(f"{path}: no such file") from None
     except OSError as e:
         raise FileError(f"{path}: cannot open it ({e.strerror})") from None

@@ -52,6 +52,33 @@ def test_a_resumed_run_neither_rewrites_nor_counts_steps_already_logged():
     assert window.count == 4  # 16..19 wait for the next row
 
 
+def test_a_window_is_continued_from_a_checkpoint_only_if_such_a_window_could_be():
+    rs = np.random.RandomState(3)
+    m = chunk(range(0, 4), rs)
+    saved = log.Window()
+    saved.add(m, 0, 4)
+    state = json.loads(json.dumps(saved.state()))  # as a checkpoint's metadata keeps it
+    window = log.Window()
+    assert window.restore(state, steps=4)
+    assert window.take() == pytest.approx(saved.take())
+
+    def forged(**edit):
+        out = json.loads(json.dumps(state))
+        for name, value in edit.items():
+            out[name] = value if name == "count" else {**out[name], "loss": value}
+        return out
+
+    # (h71: a well-typed but forged window was continued, and the first row after a resume reported it)
+    for bad, steps in ((state, 3),  # more steps than since the last row
+                       (forged(sums=1e9), 4),  # a mean above the max
+                       (forged(mins=5.0), 4),  # min above max
+                       (forged(maxs=float("nan")), 4), (forged(count=-1), 4), (forged(count=True), 4)):
+        window = log.Window()
+        assert not window.restore(bad, steps=steps), bad
+        assert window.count == 0 and window.sums == {}
+    assert not log.Window().restore({"count": "a"}, steps=4)
+
+
 def test_steps_after_a_non_finite_loss_are_not_logged():
     rs = np.random.RandomState(2)
     m = chunk(range(0, 10), rs)

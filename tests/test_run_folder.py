@@ -455,18 +455,20 @@ DAMAGE = {
                               "stored bfloat16[2, 64], expected float32[2, 64]"),
     "a FIFO": (lambda p: (p.unlink(), os.mkfifo(p)), "is a FIFO (named pipe), not a regular file"),
     "symlink to /dev/zero": (lambda p: (p.unlink(), p.symlink_to("/dev/zero")), "is a character device"),
+    "dangling symlink": (lambda p: (p.unlink(), p.symlink_to(p.parent / "gone.npz")),
+                         "a symbolic link to", "gone.npz', which does not exist"),
     "far too large": (lambda p: p.write_bytes(p.read_bytes() + b"\0" * (4 << 20)), "more than the"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(DAMAGE))
 def test_a_damaged_checkpoint_is_one_line_and_changes_nothing(capsys, run, case):
-    damage, message = DAMAGE[case]
+    damage, *message = DAMAGE[case]
     damage(run / "checkpoint.npz")
     before = snapshot(run)
     for args in (["train", "--out", run, "--resume", "--set", "train.epochs=100"], ["evaluate", "--run", run]):
         code, _, err = cli(capsys, *args)
-        assert_one_line_error(code, err, "checkpoint.npz", message)
+        assert_one_line_error(code, err, "checkpoint.npz", *message)
     assert snapshot(run) == before
 
 
@@ -1098,3 +1100,19 @@ def test_a_damaged_summary_of_a_complete_run_is_a_one_line_error_without_json_to
     code, out, err = cli(capsys, "train", "--resume", "--out", run)
     assert_one_line_error(code, err, "summary.json")
     assert snapshot(run) == before
+
+
+def test_evaluate_before_the_first_checkpoint_names_the_trainer(capsys, tmp_path):
+    # A folder a trainer has just started: its lock held, no checkpoint yet. evaluate said only "no finished or
+    # checkpointed run there".
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = rundir.Lock(out)
+    try:
+        code, _, err = cli(capsys, "evaluate", "--run", out)
+        assert_one_line_error(code, err, f"a training process (PID {os.getpid()}) is writing this run",
+                              "first checkpoint")
+    finally:
+        lock.release()
+    code, _, err = cli(capsys, "evaluate", "--run", out)  # nobody writing: as before
+    assert_one_line_error(code, err, "no finished or checkpointed run there")

@@ -18,6 +18,7 @@ Files written before rows had a ``split`` are read as training rows.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -68,15 +69,27 @@ class Window:
         """The window as JSON (kept in a checkpoint's metadata, so a resumed run writes the same rows)."""
         return {"count": self.count, "sums": dict(self.sums), "mins": dict(self.mins), "maxs": dict(self.maxs)}
 
-    def restore(self, state: Any) -> None:
-        """Continues a window saved by :meth:`state`; anything else (an older checkpoint) leaves it empty."""
+    def restore(self, state: Any, steps: int) -> bool:
+        """Continues a window saved by :meth:`state` over at most ``steps`` steps (those since the last row); anything
+        else (an older checkpoint, or statistics no such window can have: more steps, a mean outside [min, max], a
+        value that is not finite) leaves it empty, and its first row then says how many steps it covers. Whether
+        the window was continued."""
         try:
             count = state["count"]
             parts = [{k: float(v) for k, v in state[name].items() if k in WINDOWED} for name in ("sums", "mins", "maxs")]
         except (TypeError, KeyError, ValueError, AttributeError):
-            return
-        if isinstance(count, int) and not isinstance(count, bool) and count >= 0 and len({*map(frozenset, parts)}) == 1:
-            self.count, (self.sums, self.mins, self.maxs) = count, parts
+            return False
+        if not (isinstance(count, int) and not isinstance(count, bool) and 0 <= count <= steps
+                and len({*map(frozenset, parts)}) == 1):
+            return False
+        sums, mins, maxs = parts
+        for key in sums:
+            lo, hi, mean = mins[key], maxs[key], sums[key] / count if count else math.nan
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi
+                    and (count == 0 and not sums or lo - 1e-9 * abs(lo) <= mean <= hi + 1e-9 * abs(hi))):
+                return False
+        self.count, (self.sums, self.mins, self.maxs) = count, parts
+        return True
 
     def take(self) -> dict[str, Any]:
         """The statistics so far (``window``: the number of steps), and a fresh window."""

@@ -696,7 +696,7 @@ class _Loop:
         # written past the checkpoint (their steps are then run again, and counted afresh).
         self.window = log.Window()
         if p.meta.get("last_logged") == self.last_logged:
-            self.window.restore(p.meta.get("window"))
+            self.window.restore(p.meta.get("window"), steps=p.start - self.last_logged)
         self.progress = Progress(p.setup.steps, start=p.start, enabled=writer and show_progress)
         self.board = log.TensorBoard(out / files.TENSORBOARD) if writer and p.cfg.train.tensorboard else None
         # orbax: every process writes its part of each checkpoint (made on all of them, in the same order)
@@ -924,11 +924,13 @@ def _plots(out: Path, setup: Any, params: Any, records: list[dict], name: str) -
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Metrics of a run's latest checkpoint: on the run's own validation data by default (the numbers of
     ``summary.json`` once the run is complete), or on data drawn with ``--seed``. Reads only; changes nothing."""
-
-
     _refuse_empty(run=args.run)
     run = Path(args.run)
     if not _has_checkpoint(run) or not (run / files.CONFIG).exists():
+        pid = rundir.writer_pid(run) if run.is_dir() else None
+        if pid is not None:
+            raise UsageError(f"--run {run}: a training process{f' (PID {pid})' if pid > 0 else ''} is writing this "
+                             "run and has not written its first checkpoint yet; evaluate it once it has")
         raise UsageError(f"--run {run}: no finished or checkpointed run there (need {files.CONFIG} and a checkpoint: "
                          f"{files.CHECKPOINT} or {files.ORBAX}/)")
     try:
