@@ -442,6 +442,82 @@ def test_non_finite_outputs_are_left_out_not_the_whole_call(wrong):
         assert row.verdict == "autodiff_wrong" and row.worst_index[0] == 0 and row.worst_index[1] in (1, 2)
 
 
+def _plain_primal_lse(wrong):
+    """logsumexp over the last axis as often written: the plain formula as the primal (it overflows beyond 88 in
+    float32), the max-shifted one in fwd; ``wrong``: the backward 1.5 times too large on the rows whose plain primal
+    overflows (h73)."""
+
+    @jax.custom_vjp
+    def lse(x):
+        return jnp.log(jnp.sum(jnp.exp(x), -1))
+
+    def fwd(x):
+        m = x.max(-1, keepdims=True)
+        y = m[..., 0] + jnp.log(jnp.sum(jnp.exp(x - m), -1))
+        return y, (x, y)
+
+    def bwd(res, g):
+        x, y = res
+        p = jnp.exp(x - y[..., None])
+        return (g[..., None] * p * (jnp.where(y[..., None] > 88, 1.5, 1.0) if wrong else 1.0),)
+
+    lse.defvjp(fwd, bwd)
+    return lse
+
+
+@pytest.mark.parametrize("shift", [0.0, 200.0])  # some rows overflow in the plain primal; every row does
+@pytest.mark.parametrize("wrong", [False, True])
+def test_a_rule_is_checked_where_only_its_forward_is_finite(wrong, shift):
+    # Left out as "not finite" before (and with every row overflowing, the call as "nothing to differentiate"): the
+    # rule passed, and assert_rules_ok with it, while jax.grad through it was 50% off with a finite loss.
+    lse = _plain_primal_lse(wrong)
+
+    def fn(W, x):
+        return jnp.sum(lse((x @ W) * 400 + shift))
+
+    W = jax.random.normal(jax.random.key(0), (4, 4))
+    x = jax.random.normal(jax.random.key(1), (6, 4))
+    z = (np.asarray(x, np.float64) @ np.asarray(W, np.float64)) * 400 + shift
+    assert (z.max(-1) > 89).sum() >= 5  # (the plain primal overflows there in float32)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    true = np.asarray(x, np.float64).T @ (400 * p / p.sum(-1, keepdims=True))  # the exact gradient, NumPy
+    off = np.max(np.abs(np.asarray(jax.grad(fn)(W, x), np.float64) - true)) / np.max(np.abs(true))
+    assert (off > 0.3) if wrong else (off < 1e-5)
+    report = verify.audit(fn, W, x)
+    row = report.rows[0]
+    assert row.calls == 1 and "but from its forward under differentiation" in row.note, row.note
+    assert report.ok != wrong, report
+    if wrong:
+        assert row.verdict == "autodiff_wrong"
+        with pytest.raises(AssertionError, match="audit failed"):
+            testing.assert_rules_ok(fn, W, x)
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_a_custom_jvp_is_checked_where_only_its_rule_s_primal_is_finite(wrong):
+    # softplus as log(1 + exp(x)) (inf beyond 88 in float32), its JVP rule returning the stable logaddexp as the
+    # primal output; ``wrong``: the tangent doubled beyond 50.
+    @jax.custom_jvp
+    def softplus(x):
+        return jnp.log(1 + jnp.exp(x))
+
+    @softplus.defjvp
+    def softplus_jvp(primals, tangents):
+        (x,), (t,) = primals, tangents
+        return jnp.logaddexp(x, 0.0), t * jax.nn.sigmoid(x) * (jnp.where(x > 50, 2.0, 1.0) if wrong else 1.0)
+
+    def fn(w, x):
+        return jnp.sum(softplus(x * w))
+
+    x = jnp.asarray([-3.0, 0.5, 2.0, 60.0, 95.0, 120.0])
+    report = verify.audit(fn, jnp.ones(6), x)
+    row = report.rows[0]
+    assert "but from its forward under differentiation" in row.note, row.note
+    assert report.ok != wrong, report
+    if wrong:
+        assert row.verdict == "autodiff_wrong" and row.worst_index[1] in (3, 4, 5)
+
+
 @pytest.mark.parametrize("wrong", [False, True])
 def test_masked_attention_with_minus_inf_logits_is_checked(wrong):
     """A causal mask writes -inf into the logits a custom softmax receives: the finite logits are checked, the

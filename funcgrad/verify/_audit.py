@@ -886,7 +886,10 @@ class _Scalars(NamedTuple):
 
 
 def _scalars(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple[int, ...],
-             plain: bool = True) -> _Scalars:
+             plain: bool = True, forward: bool = False) -> _Scalars:
+    """``forward``: the output elements that only the rule's forward gives finite (``extra``'s third part marks
+    them; see :func:`_extra`) count too, evaluated as differentiation evaluates them (see :func:`_as_differentiated`):
+    finite differences then move along the values the model computes on, and the rule's derivative is taken there."""
     n_c = int(eqn.params.get("num_consts", 0))
     dtypes = tuple(jnp.result_type(x) for x in call.inputs)  # the dtypes the rule was called with
     fixed_pos = tuple(i for i in range(len(call.inputs)) if i - n_c not in diff_pos)
@@ -905,18 +908,33 @@ def _scalars(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple
         # (masked: output elements that are not finite at the call are left out, see _extra)
         return sum(jnp.vdot(jnp.where(m, outs[j], 0), c) for j, (c, m) in zip(float_outs, ct, strict=True))
 
+    differentiated = _as_differentiated(eqn, n_c, diff_pos, float_outs) if forward else None
+
+    def beyond(xs: list, ct: Sequence, masks: Sequence, outs: Sequence | None = None) -> Any:
+        # (the elements only the forward gives finite: its values there, or ``outs``' (the primal's, for its plain
+        # autodiff, which is not finite there))
+        if outs is None:
+            assert differentiated is not None
+            outs = differentiated(xs)
+        else:
+            outs = [outs[j] for j in float_outs]
+        return sum(jnp.vdot(jnp.where(m, y, 0), c) for y, (c, _), m in zip(outs, ct, masks, strict=True))
+
     def rule(diff: Any, fixed: Any, extra: Any) -> Any:
-        ct, keep = extra
-        return contract(_bind(eqn, inputs(diff, fixed, keep)), ct)
+        ct, keep = extra[:2]
+        xs = inputs(diff, fixed, keep)
+        return contract(_bind(eqn, xs), ct) + (beyond(xs, ct, extra[2]) if forward else 0)
 
     def through_primal(diff: Any, fixed: Any, extra: Any) -> Any:
-        ct, keep = extra
-        return contract(primal(*inputs(diff, fixed, keep)), ct)
+        ct, keep = extra[:2]
+        xs = inputs(diff, fixed, keep)
+        outs = primal(*xs)
+        return contract(outs, ct) + (beyond(xs, ct, extra[2], outs) if forward else 0)
 
     if not plain:
         return _Scalars(rule, None, "")
     example = (tuple(call.inputs[n_c + i] for i in diff_pos), tuple(call.inputs[i] for i in fixed_pos),
-               _extra_shapes(eqn, call, diff_pos, float_outs))
+               _extra_shapes(eqn, call, diff_pos, float_outs, forward))
     reasons = []
     makers: tuple[tuple[str, Callable], ...] = (("reverse", jax.grad), ("forward", jax.jacfwd))
     if sum(int(np.size(x)) for x in example[0]) <= _BASIS_MAX:
@@ -957,8 +975,62 @@ def _basis_forward(f: Callable) -> Callable:
     return grad
 
 
-def _extra_shapes(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple[int, ...]) -> tuple:
-    """The shapes of :func:`_extra`'s values."""
+def _as_differentiated(eqn: Any, n_c: int, diff_pos: tuple[int, ...], float_outs: tuple[int, ...]) -> Callable:
+    """The rule's floating outputs as a function of all its inputs (``xs``), evaluated as differentiation evaluates
+    them: the primal outputs its ``fwd`` (custom_vjp) or its JVP rule (custom_jvp) returns, which a stable forward
+    gives finite where the primal function overflows (logsumexp written plainly beside a max-shifted ``fwd``); and
+    differentiated, with respect to the inputs ``diff_pos``, by the rule itself. Evaluated plainly (finite
+    differences), the rule would give its primal function's values instead."""
+    pos = [n_c + i for i in diff_pos]
+
+    def outputs(d: Sequence, rest: Sequence) -> list:
+        xs, it = list(rest), iter(d)
+        for k in pos:
+            xs.insert(k, next(it))
+        out = _bind(eqn, xs)
+        return [out[j] for j in float_outs]
+
+    if _CUSTOM[eqn.primitive.name] == "custom_jvp":
+        @jax.custom_jvp
+        def g(d: tuple, rest: tuple) -> list:
+            return jax.jvp(lambda *v: outputs(v, rest), d, tuple(jnp.zeros_like(x) for x in d))[0]
+
+        @g.defjvp
+        def g_jvp(primals: tuple, tangents: tuple) -> tuple:
+            (d, rest), (t, _) = primals, tangents  # (the other inputs are held: no tangent moves them)
+            t = tuple(jnp.zeros_like(x) if type(ti) is jax.custom_derivatives.SymbolicZero else ti
+                      for x, ti in zip(d, t, strict=True))
+            return jax.jvp(lambda *v: outputs(v, rest), d, t)
+    else:
+        @jax.custom_vjp
+        def g(d: tuple, rest: tuple) -> list:
+            return jax.vjp(lambda *v: outputs(v, rest), *d)[0]
+
+        def g_fwd(d: tuple, rest: tuple) -> tuple:
+            y, back = jax.vjp(lambda *v: outputs(v, rest), *d)
+            return y, (back, rest)
+
+        def g_bwd(res: tuple, ct: list) -> tuple:
+            back, rest = res
+            return tuple(back(ct)), tuple(_no_cotangent(x) for x in rest)
+
+        g.defvjp(g_fwd, g_bwd)
+
+    def differentiated(xs: Sequence) -> list:
+        return g(tuple(xs[k] for k in pos), tuple(x for k, x in enumerate(xs) if k not in pos))
+
+    return differentiated
+
+
+def _no_cotangent(x: Any) -> Any:
+    """A zero cotangent for ``x`` (float0 for an integer or boolean input)."""
+    dt = jnp.result_type(x)
+    return jnp.zeros_like(x) if jnp.issubdtype(dt, jnp.inexact) else np.zeros(np.shape(x), jax.dtypes.float0)
+
+
+def _extra_shapes(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple[int, ...],
+                  forward: bool = False) -> tuple:
+    """The shapes of :func:`_extra`'s values (``forward``: with its third part)."""
     n_c = int(eqn.params.get("num_consts", 0))
 
     def struct(shape: tuple, dtype: Any) -> Any:
@@ -968,6 +1040,8 @@ def _extra_shapes(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: 
                   struct(eqn.outvars[j].aval.shape, jnp.bool_)) for j in float_outs)
     ins = tuple((struct(np.shape(call.inputs[n_c + i]), jnp.bool_),
                  struct(np.shape(call.inputs[n_c + i]), jnp.result_type(call.inputs[n_c + i]))) for i in diff_pos)
+    if forward:
+        return outs, ins, tuple(struct(eqn.outvars[j].aval.shape, jnp.bool_) for j in float_outs)
     return outs, ins
 
 
@@ -977,25 +1051,44 @@ def _extra(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple[i
     mask of the elements that are finite at this call (the others, a log discarded by a ``jnp.where`` guard, say,
     are left out of the scalar); per differentiated input, a mask of its finite elements and the input itself
     (non-finite elements, a causal mask's -inf logits, are held as they are). Returns those, the differentiated
-    inputs with their non-finite elements zeroed, and a note (empty when everything is finite)."""
+    inputs with their non-finite elements zeroed, and a note (empty when everything is finite).
+
+    Output elements the primal function does not give finite but the rule's forward does (what differentiation
+    computes: see :func:`_as_differentiated`) are not left out: a third part then marks them (for
+    ``_scalars(..., forward=True)``)."""
     n_c = int(eqn.params.get("num_consts", 0))
     user_inputs = call.inputs[n_c:]
     outs = _bind(eqn, list(call.inputs))
-    notes, cts = [], []
-    for j in float_outs:
+    # Where the primal function is not finite, the rule's forward may be (a max-shifted logsumexp's fwd beside its
+    # plain primal): those elements are what the model computes on under differentiation, and are checked there.
+    under = None
+    if not all(np.isfinite(np.asarray(outs[j], np.float64)).all() for j in float_outs):
+        try:
+            under = [np.asarray(y, np.float64) for y in
+                     _as_differentiated(eqn, n_c, diff_pos, float_outs)(list(call.inputs))]
+        except Exception:  # noqa: BLE001 - a forward that fails here fails the rule's check, which says why
+            under = None
+    notes, cts, beyond = [], [], []
+    for k, j in enumerate(float_outs):
         v = eqn.outvars[j].aval
         m = np.isfinite(np.asarray(outs[j], np.float64))
-        cts.append((np.where(m, np.asarray(rng.standard_normal(v.shape), v.dtype), 0).astype(v.dtype), m))
-        if not m.all():
-            notes.append(f"output {j}: {int(m.size - m.sum())} of {m.size} element(s) not finite at this call, left "
-                         "out")
+        mf = ~m & np.isfinite(under[k]) if under is not None else np.zeros_like(m)
+        cts.append((np.where(m | mf, np.asarray(rng.standard_normal(v.shape), v.dtype), 0).astype(v.dtype), m))
+        beyond.append(mf)
+        if mf.any():
+            notes.append(f"output {j}: {int(mf.sum())} of {m.size} element(s) not finite from the rule's primal "
+                         "function at this call, but from its forward under differentiation: checked there as the "
+                         "model computes them (finite differences of the forward's values)")
+        if not (m | mf).all():
+            notes.append(f"output {j}: {int(m.size - (m | mf).sum())} of {m.size} element(s) not finite at this call, "
+                         "left out")
     # Where every floating output has an input's shape and none is finite at an element, that input is held there
     # too: an elementwise rule's derivative there is that of a point outside its primal's domain (sqrt of a negative,
     # in the branch a vmapped lax.cond computes for every example and then discards), NaN on both sides while the
     # scalar ignores it. (Where another output is finite, or of another shape, the element may reach it: checked.)
     shapes = {tuple(eqn.outvars[j].aval.shape) for j in float_outs}
-    left_out = (np.logical_and.reduce([~m for _, m in cts]) if len(shapes) == 1 and cts
-                else None)
+    left_out = (np.logical_and.reduce([~m & ~mf for (_, m), mf in zip(cts, beyond, strict=True)])
+                if len(shapes) == 1 and cts else None)
     keep, diff = [], []
     for i in diff_pos:
         x = np.asarray(user_inputs[i])
@@ -1009,7 +1102,8 @@ def _extra(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple[i
         if (finite & ~m).any():
             notes.append(f"input {i}: {int((finite & ~m).sum())} element(s) held as they are where no output is "
                          "finite")
-    return (tuple(cts), tuple(keep)), tuple(diff), tuple(m for _, m in cts), "; ".join(notes)
+    extra = (tuple(cts), tuple(keep)) + ((tuple(beyond),) if any(mf.any() for mf in beyond) else ())
+    return extra, tuple(diff), tuple(m | mf for (_, m), mf in zip(cts, beyond, strict=True)), "; ".join(notes)
 
 
 def _defect(e: BaseException) -> bool:
@@ -1241,6 +1335,16 @@ def _amended(report: GradReport, extra_rows: list[Row], left_out: bool) -> GradR
 _NO_GAP = ("", 0.0, 0.0)  # the rule's forward agrees with its primal (or was not compared)
 
 
+def _scalars_key(scalars: dict, eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple[int, ...],
+                 forward: bool) -> tuple:
+    """The key of a call's scalars in ``scalars``, made there if missing; ``forward``: with the output elements only
+    the rule's forward gives finite (see :func:`_extra`)."""
+    key = (id(eqn), diff_pos, "forward") if forward else (id(eqn), diff_pos)
+    if key not in scalars:
+        scalars[key] = _scalars(eqn, call, diff_pos, float_outs, forward=forward)
+    return key
+
+
 def _check_call(call: _Call, k: int, scalars: dict,
                 options: dict) -> tuple[GradReport | None, tuple[int, ...], str, tuple[str, float, float]]:
     """check_grad of one call: the report, the rule's input number of each report row, a note when the call
@@ -1288,9 +1392,10 @@ def _check_call(call: _Call, k: int, scalars: dict,
     except Exception as e:  # noqa: BLE001 - the rule's primal failing on its own inputs: reported, not raised
         return None, (), f"could not be checked at this call ({_error(e)})", _NO_GAP
     extra, diff, out_masks, partial = made
-    key = (id(eqn), diff_pos)
+    key = _scalars_key(scalars, eqn, call, diff_pos, float_outs, forward=len(extra) > 2)
     if not any(m.any() for m in out_masks):
-        return None, (), _NOTHING + "no output element is finite at this call", _NO_GAP
+        return None, (), (_NOTHING + "no output element is finite at this call, from the primal function or from the "
+                          "rule's forward"), _NO_GAP
     if not any(m.any() for m, _ in extra[1]):
         return None, (), _NOTHING + "no input element is finite at this call", _NO_GAP
     s = scalars[key]._replace(note="; ".join(n for n in (scalars[key].note, refused, held, partial) if n))
@@ -1339,7 +1444,7 @@ def _held_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tupl
     the call's cotangent. A row when they differ: ``autodiff_wrong`` where only the rule's is not finite (a NaN there
     reaches fn's gradient through the mask's addition), ``mismatch`` where both are finite and apart; else None."""
     n_c = int(eqn.params.get("num_consts", 0))
-    cts, keep = extra
+    cts, keep = extra[:2]
     held = [~m & ~np.isfinite(np.asarray(x, np.float64)) for m, x in keep]
     if not plain or not any(h.any() for h in held):
         return None
@@ -1391,7 +1496,7 @@ def _nonlinear_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs:
     row where it is not, else None."""
     n_c = int(eqn.params.get("num_consts", 0))
     ins = list(call.inputs)
-    cts, _ = extra
+    cts = extra[0]
 
     outs = _call_outputs(eqn, call, diff_pos, float_outs)
 
