@@ -990,31 +990,35 @@ def _as_differentiated(eqn: Any, n_c: int, diff_pos: tuple[int, ...], float_outs
         out = _bind(eqn, xs)
         return [out[j] for j in float_outs]
 
+    g: Callable
     if _CUSTOM[eqn.primitive.name] == "custom_jvp":
         @jax.custom_jvp
-        def g(d: tuple, rest: tuple) -> list:
+        def by_jvp(d: tuple, rest: tuple) -> list:
             return jax.jvp(lambda *v: outputs(v, rest), d, tuple(jnp.zeros_like(x) for x in d))[0]
 
-        @g.defjvp
-        def g_jvp(primals: tuple, tangents: tuple) -> tuple:
+        @by_jvp.defjvp
+        def by_jvp_rule(primals: tuple, tangents: tuple) -> tuple:
             (d, rest), (t, _) = primals, tangents  # (the other inputs are held: no tangent moves them)
             t = tuple(jnp.zeros_like(x) if type(ti) is jax.custom_derivatives.SymbolicZero else ti
                       for x, ti in zip(d, t, strict=True))
             return jax.jvp(lambda *v: outputs(v, rest), d, t)
+
+        g = by_jvp
     else:
         @jax.custom_vjp
-        def g(d: tuple, rest: tuple) -> list:
+        def by_vjp(d: tuple, rest: tuple) -> list:
             return jax.vjp(lambda *v: outputs(v, rest), *d)[0]
 
-        def g_fwd(d: tuple, rest: tuple) -> tuple:
+        def by_vjp_fwd(d: tuple, rest: tuple) -> tuple:
             y, back = jax.vjp(lambda *v: outputs(v, rest), *d)
             return y, (back, rest)
 
-        def g_bwd(res: tuple, ct: list) -> tuple:
+        def by_vjp_bwd(res: tuple, ct: list) -> tuple:
             back, rest = res
             return tuple(back(ct)), tuple(_no_cotangent(x) for x in rest)
 
-        g.defvjp(g_fwd, g_bwd)
+        by_vjp.defvjp(by_vjp_fwd, by_vjp_bwd)
+        g = by_vjp
 
     def differentiated(xs: Sequence) -> list:
         return g(tuple(xs[k] for k in pos), tuple(x for k, x in enumerate(xs) if k not in pos))
