@@ -736,3 +736,18 @@ def test_a_hand_of_another_structure_names_a_single_arrays_params_as_the_other_m
     with pytest.raises(ValueError, match=r"it returned missing \['\(params\)'\]; unexpected \['\[0\]\[0\]'.*"
                                          r"params leaves: \['\(params\)'\]"):
         verify.check_grad(lambda w: jnp.sum(w**2), jnp.ones((2, 2)), hand=lambda w: [[2.0, 4.0], [6.0, 8.0]])
+
+
+def test_fn_failing_on_params_that_do_not_match_it_says_so_with_the_params():
+    # (h75: a KeyError 'dense2' or dot_general's shapes, with nothing said about where or with what params)
+    def loss(p, x):
+        return jnp.sum(jnp.tanh(x @ p["dense1"]["W"]) @ p["dense2"]["W"])
+
+    x = jnp.ones((2, 3))
+    for params, error in (({"dense1": {"W": jnp.ones((3, 4))}}, KeyError),
+                          ({"dense1": {"W": jnp.ones((5, 4))}, "dense2": {"W": jnp.ones((4, 2))}}, TypeError)):
+        with pytest.raises(error) as e:
+            verify.check_grad(loss, params, x)
+        notes = [n for n in getattr(e.value, "__notes__", ()) if n.startswith("funcgrad:")]
+        assert len(notes) == 1 and "traced fn(params, *args)" in notes[0], notes
+        assert "['dense1']['W'] float32[" in notes[0], notes

@@ -179,6 +179,50 @@ def test_the_books_backward_on_integer_data_with_zero_biases_where_many_kinks_me
     assert not bad.ok and not bad.rows[0].ok, bad
 
 
+@pytest.mark.usefixtures("implicit_broadcasting")
+@pytest.mark.parametrize("mask", ["<=", "<", "relu'(0) = 2"])
+def test_the_books_l1_penalty_at_zero_weights_beside_relus_at_zero(mask):
+    # The book's L1 term (λ·sign(W)) at a zero-initialised first layer on integer data: every |w| and every ReLU sits
+    # at its kink. The correct backward (``dinputs[inputs <= 0] = 0``, λ·sign(0) = 0) and the ``<`` mask are choices
+    # at each kink; the check failed them (h74: hand_wrong, "outside the range beside"), the range then holding the
+    # all-off/all-on ReLU extremes only with every |w| on one side too. relu'(0) = 2 is no choice, and fails.
+    lam = 1e-3
+    rng = np.random.default_rng(2)
+    X = rng.integers(-2, 3, size=(8, 4)).astype(np.float32)
+    y = rng.integers(0, 3, size=8)
+    p = {"W1": np.zeros((4, 4), np.float32), "b1": np.zeros(4, np.float32),
+         "W2": (0.5 * rng.normal(size=(4, 3))).astype(np.float32), "b2": np.zeros(3, np.float32)}
+
+    def loss(p, X, y):
+        h = jnp.maximum(0, X @ p["W1"] + p["b1"])
+        logp = jax.nn.log_softmax(h @ p["W2"] + p["b2"], axis=1)
+        return -jnp.mean(logp[jnp.arange(len(y)), y]) + lam * jnp.sum(jnp.abs(p["W1"]))
+
+    def hand(p, X, y):
+        z1 = X @ p["W1"] + p["b1"]
+        a1 = np.maximum(0, z1)
+        z2 = a1 @ p["W2"] + p["b2"]
+        e = np.exp(z2 - z2.max(axis=1, keepdims=True))
+        d = e / e.sum(axis=1, keepdims=True)
+        d[range(len(y)), y] -= 1
+        d = d / len(y)
+        dz = d @ p["W2"].T
+        if mask == "<=":
+            dz[z1 <= 0] = 0
+        elif mask == "<":
+            dz[z1 < 0] = 0
+        else:
+            dz[z1 < 0] = 0
+            dz[z1 == 0] *= 2
+        return {"W1": X.T @ dz + lam * np.sign(p["W1"]), "b1": dz.sum(0), "W2": a1.T @ d, "b2": d.sum(0)}
+
+    report = verify.check_grad(loss, p, X, y, hand=hand)
+    if mask == "relu'(0) = 2":
+        assert report.verdict == "hand_wrong" and row(report, "['W1']").verdict == "hand_wrong", report
+    else:
+        assert report.ok and row(report, "['W1']").verdict == "kink", report
+
+
 def test_check_vjp_of_the_books_dense_relu_layer_on_integer_data_where_kinks_meet_on_an_input():
     # relu(X @ W + b) with integer X and W: 31 of 240 pre-activations exactly 0, several in one row of X, so the
     # derivative along one input element crosses several kinks moving in opposite directions. The book's backward
@@ -322,6 +366,44 @@ def test_a_sign_flipped_hand_at_zero_weights_fails_though_every_element_sits_at_
     assert report.verdict == "hand_wrong", report
     right = verify.check_grad(f, {"W": jnp.zeros((2, 2))}, hand=lambda p: {"W": X.T @ (C * (X @ p["W"] >= 0))})
     assert right.ok, right
+
+
+@pytest.mark.usefixtures("implicit_broadcasting")
+@pytest.mark.parametrize("routing", ["every tie", "first", "split"])
+def test_a_max_rule_at_logits_tied_by_equal_weight_columns(routing):
+    # A multiclass hinge loss through a custom max whose backward is g·(z == max): every tied maximum takes the whole
+    # gradient. Weight column 3 a copy of column 0 ties two logits of every sample. Its points beside moved the
+    # weights by a unit in the last place, after which float32's rounding kept the logits tied one time in four:
+    # the wrong rule was read there as a side, and passed as kink (h75). Along the columns moved together the tie
+    # stays, the loss is smooth, and the rule's value is twice the one every side gives.
+    @jax.custom_vjp
+    def rowmax(z):
+        return jnp.max(z, -1)
+
+    def bwd(z, g):
+        eq = (z == jnp.max(z, -1, keepdims=True)).astype(z.dtype)
+        w = {"every tie": eq, "split": eq / eq.sum(-1, keepdims=True),
+             "first": jax.nn.one_hot(jnp.argmax(z, -1), z.shape[-1], dtype=z.dtype)}[routing]
+        return (g[..., None] * w,)
+
+    rowmax.defvjp(lambda z: (rowmax(z), z), bwd)
+    W = jax.random.normal(jax.random.key(0), (4, 3))
+    p = {"W": jnp.concatenate([W, W[:, :1]], 1), "b": jnp.zeros(4)}
+    x = jnp.abs(jax.random.normal(jax.random.key(1), (6, 4)))
+    y = jnp.array([1, 2, 0, 1, 2, 1])
+
+    def loss(p, x, y):
+        s = x @ p["W"] + p["b"]
+        return jnp.mean(rowmax(s + 1.0 - jax.nn.one_hot(y, 4)) - s[jnp.arange(6), y])
+
+    # (the premise: a sample whose maximum is the tied pair)
+    s = np.asarray(x @ p["W"] + p["b"] + 1.0 - jax.nn.one_hot(y, 4))
+    assert ((s[:, 0] == s[:, 3]) & (s[:, 0] == s.max(1))).any()
+    report = verify.check_grad(loss, p, x, y)
+    if routing == "every tie":
+        assert report.verdict == "autodiff_wrong" and row(report, "['W']").verdict == "autodiff_wrong", report
+    else:
+        assert report.ok and report.verdict == "kink", report
 
 
 def test_a_reduce_window_max_pool_with_every_window_tied_reads_first_maximum_routing_as_a_choice():

@@ -8,8 +8,11 @@ import numpy as np
 from funcgrad.verify._sides import has_kinks, kink_sides
 
 
-def draws(f, *leaves, n=32):
-    return [[np.asarray(g) for g in d] for d in kink_sides(lambda dl: f(*dl), [jnp.asarray(x) for x in leaves], n, 0)]
+def draws(f, *leaves, n=32, mixed=False):
+    """The n draws (from one end to the other), or with ``mixed`` the mixed ones after them."""
+    out = [[np.asarray(g) for g in d] for d in kink_sides(lambda dl: f(*dl), [jnp.asarray(x) for x in leaves], n, 0)]
+    assert len(out) == n + n // 4
+    return out[n:] if mixed else out[:n]
 
 
 def test_relu_of_a_and_of_minus_a_at_zero_take_every_pair_of_sides_and_the_extremes():
@@ -88,3 +91,19 @@ def test_points_beside_move_equal_elements_apart_and_every_other_one_by_a_unit_o
             assert np.all(np.abs(y.astype(np.float64) - x0) <= 16 * eps * np.maximum(np.abs(x0), 1.5)), y - x0
             assert y[5] == np.asarray(x0[5] + noise[5], dtype) and y[6] == np.asarray(x0[6] + noise[6], dtype)
     assert _equal_groups(np.array([1.0, 2.0, 3.0])) == ()
+
+
+def test_mixed_draws_put_each_equation_s_kinks_at_either_end_independently():
+    # relu of 4 values at 0 (one equation) and |w| of 3 weights at 0 (another): the sum of one-sided choices runs over
+    # {0..4} + {-3, ..., 3}; the ends of the draws give only 4 + 3 (every kink +) and 0 - 3 (every kink -), while a
+    # mixed draw gives 4 - 3 or 0 + 3 too (h74: an L1 penalty at w = 0 beside ReLUs at 0, whose correct hand lay
+    # outside the range the draws gave).
+    def f(z, w):
+        return jnp.sum(jax.nn.relu(z)) + jnp.sum(jnp.abs(w))
+
+    z, w = np.zeros(4, np.float32), np.zeros(3, np.float32)
+    ends = {(float(d[0].sum()), float(d[1].sum())) for d in draws(f, z, w)}
+    mixed = [(float(d[0].sum()), float(d[1].sum())) for d in draws(f, z, w, mixed=True)]
+    assert (4.0, -3.0) not in ends and (0.0, 3.0) not in ends
+    assert set(mixed) <= {(0.0, -3.0), (0.0, 3.0), (4.0, -3.0), (4.0, 3.0)}, mixed  # (an equation's kinks together)
+    assert {(4.0, -3.0), (0.0, 3.0)} & set(mixed), mixed

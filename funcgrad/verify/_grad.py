@@ -37,6 +37,7 @@ from funcgrad.verify._compiled import (
     _probe,
     _ProbeOut,
     _project_jit,
+    _random_widths,
     _static_facts,
     _sub_jaxprs,
     _take_jit,
@@ -89,7 +90,7 @@ from funcgrad.verify._inputs import (
     _x64,
 )
 from funcgrad.verify._report import _BLAMES, _FAILING, _LIST, GradReport, Row, Verdict, _combine_verdicts, _err_key
-from funcgrad.verify._sides import has_kinks, kink_sides
+from funcgrad.verify._sides import _MIXED_PART, has_kinks, kink_sides
 from funcgrad.verify._traced import trace_pair
 
 # Disagreeing (or non-finite) elements per leaf arbitrated by finite differences, in rounds until one fails.
@@ -655,8 +656,8 @@ def _second_look(report: GradReport, check: Callable[[Any], GradReport], fn: Cal
     """:func:`_off_the_kinks` for the check ``check(params)`` of ``fn(params, *args)`` (with ``hand``) that gave
     ``report``: check_grad's, and each of check_vjp's and check_jacobian's scalar checks."""
 
-    def nearby(sel: Any, points: Iterable) -> Iterator[dict[str, np.ndarray]]:  # autodiff's gradient, leaf by leaf
-        return _autodiff_at(fn, sel, points, args, has_aux)
+    def nearby(sel: Any, points: Iterable, wide: bool = False) -> Iterator[dict[str, np.ndarray]]:  # autodiff's
+        return _autodiff_at(fn, sel, points, args, has_aux, wide)  # gradient, leaf by leaf
 
     def sided(sel: Any) -> Iterator[dict[str, np.ndarray]]:
         return _autodiff_sided(fn, sel, args, has_aux, seed)
@@ -693,7 +694,8 @@ _SECOND_LOOK_MAX = 1 << 24  # differentiated elements beyond which the second lo
 class _Beside(NamedTuple):
     """What the second look off the kinks reads beside the given point (see :func:`_off_the_kinks`)."""
 
-    nearby: Callable[[Any, Iterable], Iterator[dict[str, np.ndarray]]]  # autodiff's gradient at points, leaf by leaf
+    nearby: Callable[..., Iterator[dict[str, np.ndarray]]]  # autodiff's gradient at points, leaf by leaf (``wide``:
+    # in float64 where it can be, see _autodiff_at)
     sided: Callable[[Any], Iterator[dict[str, np.ndarray]]]  # ... at the given point with each kink on a side of its own
     hand_at: Callable[[Any, Any], dict[str, np.ndarray]] | None  # hand's gradient at a point, leaf by leaf
     kinked: Callable[[Any], bool]  # whether fn has kinks at all (max, |x|, comparisons, sorts, custom rules)
@@ -787,9 +789,9 @@ def _read_beside(beside: _Beside, sel: Any, params: Any, seed: int) -> dict[str,
     groups = {i: _equal_groups(np.asarray(x, np.float64)) for i, (x, d) in enumerate(zip(sel.leaves, sel.diff,
                                                                                           strict=True)) if d}
     dirs = {sel.paths[i]: _along_ties(sel.leaves[i], seed, found) for i, found in groups.items()}
-    points = itertools.chain([params], (_shifted(sel, seed + 1 + k, None, groups) for k in range(_NEARBY)))
-    grads = beside.nearby(sel, points)
-    here = next(grads)
+    here = next(beside.nearby(sel, [params]))
+    # (beside: in float64 where it can be, so that ties of values computed from the parameters break too)
+    grads = beside.nearby(sel, (_shifted(sel, seed + 1 + k, None, groups) for k in range(_NEARBY)), wide=True)
     lo: dict[str, np.ndarray] = {}
     hi: dict[str, np.ndarray] = {}
     proj: dict[str, list[np.ndarray]] = {p: [] for p in dirs}
@@ -832,7 +834,8 @@ def _along_ties(x: Any, seed: int, found: tuple[np.ndarray, np.ndarray] | tuple[
 def _not_looked_at_again(report: GradReport, rows: list[Row], n: int) -> GradReport:
     """``report`` with a note on its rows read at kinks: too many parameters for the second look."""
     why = (f"not looked at again off the kinks: {n} parameters, more than {_SECOND_LOOK_MAX} (a second check and "
-           f"{2 * _NEARBY} more gradients would cost more than the check); where several kinks meet (integer data), "
+           f"{2 * _NEARBY + _NEARBY // _MIXED_PART} more gradients would cost more than the check); where several "
+           "kinks meet (integer data), "
            "check a smaller model, or at parameters off them")
     out = tuple(dataclasses.replace(r, note=f"{r.note}; {why}") if r in rows and (_AT_KINKS in r.note or
                                                                                   r.verdict == Verdict.KINK) else r
@@ -957,21 +960,49 @@ def _copied(tree: Any) -> Any:
 
 
 def _autodiff_at(fn: Callable[..., Any], sel: Any, points: Iterable, args: tuple,
-                 has_aux: bool) -> Iterator[dict[str, np.ndarray]]:
+                 has_aux: bool, wide: bool = False) -> Iterator[dict[str, np.ndarray]]:
     """JAX's gradient of fn at each of ``points`` (params with the same structure and fixed leaves), its
     differentiated leaves by path, as the user's own code gets it: at the parameters' dtypes and the caller's x64
-    setting (jitted once; op by op where fn needs values in Python). Lazily: one point's gradient at a time."""
+    setting (jitted once; op by op where fn needs values in Python). Lazily: one point's gradient at a time.
+
+    ``wide``: float32 parameters are evaluated in float64 instead (their values exactly), where fn draws no random
+    numbers (it would draw others) and where that works at all (else as the user's code gets it): points a unit in
+    the last place beside a tie of values computed from the parameters (two logits from equal weight columns) keep
+    the tie after float32's rounding about one time in four, and a rule wrong only at ties is then read there, as if
+    it were a side of the kink."""
     at = [i for i, d in enumerate(sel.diff) if d]
     f, _ = _as_leaf_fn(fn, sel, args, has_aux)
     grad: Callable[[list], Any] = jax.jit(jax.grad(f))
+    wide = wide and _widens(f, sel)
     for point in points:
         dl = [jnp.asarray(x) for x, d in zip(jax.tree_util.tree_leaves(point), sel.diff, strict=True) if d]
-        try:
-            grads = grad(dl)
-        except Exception:  # noqa: BLE001 - Python control flow on a value: op by op, as jax.grad allows
-            grad = jax.grad(f)
-            grads = grad(dl)
+        grads = None
+        if wide:
+            try:
+                with _x64(True):
+                    grads = [np.asarray(g) for g in grad([jnp.asarray(np.asarray(x, np.float64)) for x in dl])]
+            except Exception:  # noqa: BLE001 - fn refusing float64 (lax ops of mixed dtypes): as the user's code runs
+                wide = False
+        if grads is None:
+            try:
+                grads = grad(dl)
+            except Exception:  # noqa: BLE001 - Python control flow on a value: op by op, as jax.grad allows
+                grad = jax.grad(f)
+                grads = grad(dl)
         yield {sel.paths[i]: np.asarray(g) for i, g in zip(at, grads, strict=True)}
+
+
+def _widens(f: Callable[[list], Any], sel: Any) -> bool:
+    """Whether :func:`_autodiff_at` may evaluate the leaf function ``f`` in float64 (``wide``): its differentiated
+    leaves all float32, and no random numbers drawn in it."""
+    dl = [x for x, d in zip(sel.leaves, sel.diff, strict=True) if d]
+    if not dl or any(jnp.result_type(x) != jnp.float32 for x in dl):
+        return False
+    try:
+        closed = jax.make_jaxpr(f)([jnp.asarray(x) for x in dl])
+    except Exception:  # noqa: BLE001 - no jaxpr (Python control flow on a value): as the user's code runs
+        return False
+    return not _random_widths(closed.jaxpr)
 
 
 def _as_leaf_fn(fn: Callable[..., Any], sel: Any, args: tuple, has_aux: bool) -> tuple[Callable[[list], Any], list]:
@@ -1128,6 +1159,9 @@ def _check_grad_impl(fn: Callable[..., Any], params: Any, args: tuple, *, hand: 
         except _TRACE_ERRORS as e:  # fn uses a value in Python: perhaps an argument's (as jax.grad allows)
             if tier + 1 == len(tiers):
                 raise _clean(_untraceable(e, "check_grad", "p", layout.paths)) from None
+        except Exception as e:
+            _noted_fn_failed(e, specs)
+            raise
     if tier:
         notes.append(_concrete_note(packed0, tiers[tier]))
     repeated = _checked_before((bound, layout, spec, dtypes, dyn_sig, caller_x64))
@@ -1187,6 +1221,20 @@ def _holds_custom_rules(fn: Any) -> bool:
 
     traces = getattr(fn, "traces", ())
     return any(holds(t.jaxpr) for t in traces[:1])
+
+
+def _noted_fn_failed(e: Exception, specs: tuple) -> None:
+    """fn's own error while it is traced (a KeyError 'dense2', a dot_general's shapes, for params that do not match
+    fn), noted with where and with what params; funcgrad's own errors, and hand's, say so already."""
+    if not str(e).startswith("check_grad") and not any(str(n).startswith("funcgrad:") for n in getattr(e, "__notes__", ())):
+        e.add_note("funcgrad: check_grad traced fn(params, *args) (as jax.jit does, at the parameters' shapes and "
+                   f"dtypes), and fn failed there; params: {_listed(specs)}")
+
+
+def _listed(specs: tuple, most: int = 8) -> str:
+    """The leaves of ``specs`` ((path, shape, description) each) in a line: the first ``most``, then how many more."""
+    shown = ", ".join(f"{path} {what}" for path, _, what in specs[:most])
+    return shown + (f", and {len(specs) - most} more" if len(specs) > most else "") if specs else "no leaves"
 
 
 def _traced_functions(bound0: _Bound, dleaves: list, dtypes: tuple, packed: tuple,

@@ -39,6 +39,7 @@ from jax.extend.core import Literal
 _CALLS = ("jit", "pjit", "closed_call", "core_call", "checkpoint", "remat")  # followed inside
 _COMPARE = {"gt", "ge", "lt", "le"}
 _BIAS = 4.0  # the draws' means of δ run from −_BIAS to _BIAS of its spread
+_MIXED_PART = 4  # beyond the draws, a quarter as many mixed ones: each equation at either end, at random
 # Primitives smooth wherever they are finite (or exact, as ``eq``): evaluated as they are. Everything else that is
 # not a kink handled below gets its inputs moved.
 _SMOOTH = frozenset({
@@ -57,21 +58,25 @@ _SMOOTH = frozenset({
 
 def kink_sides(fn: Callable[[list], Any], dl: list, draws: int, seed: int) -> Iterator[list[np.ndarray]]:
     """The gradient of ``fn`` (a scalar function of the list of arrays ``dl``) at ``dl``, ``draws`` times, each
-    with every kink on a random side of its own (see the module's docstring). Raises what tracing fn raises (a
-    function needing values in Python)."""
+    with every kink on a random side of its own (see the module's docstring); then ``draws // 4`` mixed draws, in
+    which each equation's kinks all take one side, that equation's own at random: every ReLU of a layer off while
+    every ``|w|`` of an L1 penalty at w = 0 takes −1, a sum of one-sided choices that neither end of the draws gives
+    (there every kink takes the same side). Raises what tracing fn raises (a function needing values in Python)."""
     closed = jax.make_jaxpr(fn)(dl)
     n = len(jax.tree_util.tree_leaves(dl))
 
-    def sided(flat: list, key: jax.Array, bias: jax.Array) -> jax.Array:
-        out, _ = _eval(closed.jaxpr, closed.consts, flat, [True] * n, (key, bias))
+    def sided(flat: list, key: jax.Array, bias: jax.Array, mixed: jax.Array) -> jax.Array:
+        out, _ = _eval(closed.jaxpr, closed.consts, flat, [True] * n, (key, bias, mixed))
         return jnp.asarray(out[0]).astype(jnp.result_type(out[0]))
 
     grad = jax.jit(jax.grad(sided))
     flat = jax.tree_util.tree_leaves(dl)
-    keys = jax.random.split(jax.random.key(seed % 2**32), draws)
+    mixed = draws // _MIXED_PART if draws > 1 else 0
+    keys = jax.random.split(jax.random.key(seed % 2**32), draws + mixed)
     biases = np.linspace(-_BIAS, _BIAS, draws) if draws > 1 else np.zeros(1)
-    for k in range(draws):  # (one draw at a time: a gradient of the parameters' size each)
-        yield [np.asarray(g) for g in grad(flat, keys[k], np.float32(biases[k]))]
+    for k in range(draws + mixed):  # (one draw at a time: a gradient of the parameters' size each)
+        yield [np.asarray(g) for g in grad(flat, keys[k], np.float32(biases[k] if k < draws else 0.0),
+                                           np.bool_(k >= draws))]
 
 
 _KINKS = frozenset({"max", "min", "abs", "sign", "floor", "ceil", "round", "clamp", "reduce_max", "reduce_min",
@@ -113,7 +118,7 @@ def _delta(noise: tuple, x: jax.Array) -> jax.Array:
     """A tiny random displacement of x: (N(0, 1) + the draw's bias) units of :func:`_unit` per element, the random
     part fading out towards either end of the draws (where every element moves by the bias alone). ``noise``: (key,
     bias)."""
-    key, bias = noise
+    key, bias = noise[:2]
     fade = jnp.maximum(0.0, 1.0 - jnp.abs(bias) / _BIAS)  # (none at either end: every element moved alike)
     return ((jax.random.normal(key, jnp.shape(x), jnp.float32) * fade + bias) * _unit(x)).astype(jnp.result_type(x))
 
@@ -141,7 +146,7 @@ def _apart(noise: tuple, x: jax.Array, d: jax.Array) -> jax.Array:
     xs = jnp.ravel(jax.lax.stop_gradient(jnp.asarray(x)))
     wide = jnp.float64 if xs.dtype == jnp.float64 else jnp.float32
     ys = jnp.ravel(jax.lax.stop_gradient(moved)).astype(wide)
-    key, bias = noise
+    key, bias = noise[:2]
     # (equal moved values in a random order; at either end of the draws in raster order, the first element highest
     # or the last: every tie to its first maximum, in every window however they overlap, or to its last)
     at_end = jnp.abs(bias) >= _BIAS * (1 - 1e-6)
@@ -182,7 +187,7 @@ def _ramp(noise: tuple, x: jax.Array, periods: dict[int, int]) -> jax.Array:
     """δ for a choice among elements (ties of a max over windows, of a sort): random, without the draw's bias,
     plus the bias falling from +bias to −bias along each axis in ``periods`` over each run of that many elements
     (a window's): at either end of the draws every tie goes to its first element, or to its last."""
-    key, bias = noise
+    key, bias = noise[:2]
     out = _delta((key, 0.0), x)
     ramp = jnp.zeros(jnp.shape(x), jnp.float32)
     used = {a: p for a, p in periods.items() if p > 1}
@@ -197,13 +202,23 @@ def _ramp(noise: tuple, x: jax.Array, periods: dict[int, int]) -> jax.Array:
 def _coin(noise: tuple, like: jax.Array) -> jax.Array:
     """A random side per element, True with the probability the draw's bias gives (Φ(bias): nearly always at one
     end of the draws, nearly never at the other)."""
-    key, bias = noise
+    key, bias = noise[:2]
     return jax.random.normal(key, jnp.shape(like), jnp.float32) + bias > 0
 
 
 def _split(noise: tuple, n: int = 2) -> list[tuple]:
-    key, bias = noise
-    return [(k, bias) for k in jax.random.split(key, n)]
+    key, *rest = noise
+    return [(k, *rest) for k in jax.random.split(key, n)]
+
+
+def _resolved(noise: tuple) -> tuple:
+    """One equation's noise: in a mixed draw (``noise``'s third part true), its bias ±:data:`_BIAS` at random, for
+    all of that equation's kinks together; else the draw's."""
+    key, bias, *rest = noise
+    if not rest:
+        return noise
+    coin = jax.random.uniform(jax.random.fold_in(key, 0x6D6978)) < 0.5
+    return key, jnp.where(rest[0], jnp.where(coin, -_BIAS, _BIAS), bias)
 
 
 def _float(x: Any) -> bool:
@@ -241,6 +256,7 @@ def _eval(jaxpr: Any, consts: Sequence, args: Sequence, dep_args: Sequence[bool]
                 outs, noise = _eval(inner.jaxpr, inner.consts, invals, dins, noise)
             elif name not in _SMOOTH:
                 noise, sub = _split(noise)
+                sub = _resolved(sub)
                 outs = _sided(eqn, invals, dins, sub)
                 if outs is None:  # (not a kink known here: its inputs moved, so that its own kinks take a side)
                     subs = _split(sub, len(invals))
