@@ -2,6 +2,7 @@
 
 import functools
 import json
+import re
 from typing import NamedTuple
 
 import jax
@@ -751,3 +752,17 @@ def test_fn_failing_on_params_that_do_not_match_it_says_so_with_the_params():
         notes = [n for n in getattr(e.value, "__notes__", ()) if n.startswith("funcgrad:")]
         assert len(notes) == 1 and "traced fn(params, *args)" in notes[0], notes
         assert "['dense1']['W'] float32[" in notes[0], notes
+
+
+def test_a_hand_returning_a_pair_with_the_gradient_in_it_is_told_so():
+    # (h75: only "missing/unexpected" paths such as [0]['W'], [1])
+    def loss(p, x):
+        return jnp.sum(jnp.tanh(x @ p["W"]) ** 2) + jnp.sum(p["b"] ** 2)
+
+    p, x = {"W": jnp.ones((3, 2)), "b": jnp.ones(2)}, jnp.ones((4, 3))
+    for hand, said in ((jax.value_and_grad(loss), "[1] is such a gradient: (value, gradient)"),
+                       (lambda p, x: (jax.grad(loss)(p, x), 1.0), "[0] is such a gradient: (gradient, aux)")):
+        with pytest.raises(ValueError, match=re.escape(said)):
+            verify.check_grad(loss, p, x, hand=hand)
+    with pytest.raises(ValueError, match=r"unexpected \['\[0\]', '\[1\]'\]\. params leaves: [^;]*$"):
+        verify.check_grad(loss, p, x, hand=lambda p, x: (1.0, 2.0))

@@ -638,6 +638,7 @@ def _extract_grad(out: Any, b: _Bound, what: str = "hand") -> list:
         raise _UserValueError(
             f"{what} must return a gradient with the same structure as params; it returned {'; '.join(detail)}. "
             f"params leaves: {named(paths)}" + (f" (held fixed, may be None: {named(held)})" if held else "")
+            + _pair_hint(out, b, what)
         )
     bad, leaves = [], []
     for p, shape, desc in diff:
@@ -654,6 +655,20 @@ def _extract_grad(out: Any, b: _Bound, what: str = "hand") -> list:
     if bad:
         raise _UserValueError(f"{what} returned leaves that do not match params:\n  " + "\n  ".join(bad))
     return leaves
+
+
+def _pair_hint(out: Any, b: _Bound, what: str) -> str:
+    """Where ``what`` returned a pair one of whose parts is a gradient of params' structure ((loss, grads) as
+    jax.value_and_grad gives, (grads, aux)): a sentence saying so, else ""."""
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        return ""
+    for k, name in ((1, "(value, gradient), as jax.value_and_grad gives"), (0, "(gradient, aux)")):
+        try:
+            _extract_grad(out[k], b, what)
+        except Exception:  # noqa: BLE001, S112 - not a gradient of params' structure: not this part
+            continue
+        return f"; it returned a pair whose [{k}] is such a gradient: {name}? return the gradient alone"
+    return ""
 
 
 def _path_keys(path: str) -> tuple[str, ...]:
