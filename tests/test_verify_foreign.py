@@ -893,7 +893,9 @@ def test_wrt_as_a_predicate_or_a_pytree_of_bools():
     assert by_prefix.ok and [r.path for r in by_prefix.rows] == ["['layer1']['W']", "['layer1']['b']"]
     by_pred = verify.check_grad(fn, params, wrt=lambda leaf: leaf.ndim == 1)
     assert by_pred.ok and [r.path for r in by_pred.rows] == ["['layer1']['b']", "['layer2']['W']"]
-    with pytest.raises(ValueError, match=r"wrt must be a predicate .* or a pytree of bools"):
+    # (by path, not JAX's tree_map words about key paths; h75)
+    said = """wrt has ["['layer3']"], which params lacks; no leaf of wrt covers params' ["['layer1']['W']", """
+    with pytest.raises(ValueError, match=r"wrt must be a predicate .* or a pytree of bools.*" + re.escape(said)):
         verify.check_grad(fn, params, wrt={"layer3": True})
     with pytest.raises(ValueError, match=r"hand must return a gradient .*missing \[\"\['layer1'\]\['b'\]\"\]"):
         verify.check_grad(fn, params, hand=lambda p: {"layer1": {"W": p["layer1"]["W"]}}, wrt={"layer1": True,

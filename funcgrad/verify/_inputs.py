@@ -289,7 +289,7 @@ def _wrt_mask(params: Any, wrt: Any, n: int, who: str = "check_grad") -> list[bo
         raise ValueError(
             f"{who}: wrt must be a predicate (leaf -> bool) or a pytree of bools with the structure of params "
             f"(or a prefix of it, as in equinox.partition); it does not match params: "
-            + " ".join(x.strip() for x in str(e).splitlines() if x.strip())[:600]
+            + (_prefix_mismatch(wrt, params) or " ".join(x.strip() for x in str(e).splitlines() if x.strip())[:600])
         ) from None
     bad = [describe(m) for m in mask if not isinstance(m, (bool, np.bool_))]
     if bad or len(mask) != n:
@@ -655,6 +655,27 @@ def _extract_grad(out: Any, b: _Bound, what: str = "hand") -> list:
     if bad:
         raise _UserValueError(f"{what} returned leaves that do not match params:\n  " + "\n  ".join(bad))
     return leaves
+
+
+def _prefix_mismatch(wrt: Any, params: Any, most: int = 8) -> str:
+    """Where the pytree ``wrt`` is no prefix of ``params``: its leaves that name nothing in params, and params'
+    leaves that no leaf of wrt covers, by path ("" when that finds nothing)."""
+    try:
+        mine = [tuple(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+            wrt, is_leaf=lambda x: isinstance(x, (bool, np.bool_)))[0]]
+        theirs = [tuple(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    except Exception:  # noqa: BLE001 - unflattenable: JAX's own words then
+        return ""
+    stray = [m for m in mine if not any(t[: len(m)] == m for t in theirs)]
+    bare = [t for t in theirs if not any(t[: len(m)] == m for m in mine)]
+
+    def listed(ps: list) -> str:
+        names = [jax.tree_util.keystr(p) or "(root)" for p in ps[:most]]
+        return str(names) + (f" and {len(ps) - most} more" if len(ps) > most else "")
+
+    parts = ([f"wrt has {listed(stray)}, which params lacks"] if stray else []) + (
+        [f"no leaf of wrt covers params' {listed(bare)}"] if bare else [])
+    return "; ".join(parts)
 
 
 def _pair_hint(out: Any, b: _Bound, what: str) -> str:
