@@ -518,6 +518,51 @@ def test_a_custom_jvp_is_checked_where_only_its_rule_s_primal_is_finite(wrong):
         assert row.verdict == "autodiff_wrong" and row.worst_index[1] in (3, 4, 5)
 
 
+@pytest.mark.parametrize("kind", ["custom_vjp", "custom_jvp"])
+def test_a_forward_wrong_only_where_the_primal_overflows_fails(kind):
+    # The forward doubles the max-shifted logsumexp on the rows whose plain primal overflows, its derivative
+    # consistent with that: finite differences of the forward agree with the rule there, and the primal (inf) was no
+    # reference, so the rule passed while jax.grad through it was 4x off (h76). The primal in float64 is.
+    def stable(x):
+        m = x.max(-1, keepdims=True)
+        y = m[..., 0] + jnp.log(jnp.sum(jnp.exp(x - m), -1))
+        return jnp.where(y > 88, 2 * y, y)
+
+    if kind == "custom_vjp":
+        @jax.custom_vjp
+        def lse(x):
+            return jnp.log(jnp.sum(jnp.exp(x), -1))
+
+        def fwd(x):
+            return stable(x), x
+
+        def bwd(x, g):
+            return (jax.vjp(stable, x)[1](g)[0],)
+
+        lse.defvjp(fwd, bwd)
+    else:
+        @jax.custom_jvp
+        def lse(x):
+            return jnp.log(jnp.sum(jnp.exp(x), -1))
+
+        @lse.defjvp
+        def lse_jvp(primals, tangents):
+            return jax.jvp(stable, primals, tangents)
+
+    x = jnp.array([[1.0, 2.0, 0.5], [100.0, 99.0, 98.0], [-1.0, 0.0, 3.0]])
+    report = verify.audit(lambda w, x: jnp.sum(lse(x * w)), jnp.ones(3), x)
+    assert not report.ok and report.rows[0].verdict == "autodiff_wrong", report
+    assert "returns another primal output than its primal function: output 0 at [1]" in report.rows[0].note, report
+
+
+def test_a_forward_where_the_primal_overflows_even_in_float64_is_said_to_be_unverified():
+    lse = _plain_primal_lse(False)
+    x = jnp.array([[1.0, 2.0, 0.5], [800.0, 799.0, 798.0]])  # (exp(800) overflows float64 too)
+    report = verify.audit(lambda w, x: jnp.sum(lse(x * w)), jnp.ones(3), x)
+    assert report.ok, report
+    assert "where the primal function is not finite, even in float64" in report.rows[0].note, report
+
+
 @pytest.mark.parametrize("wrong", [False, True])
 def test_masked_attention_with_minus_inf_logits_is_checked(wrong):
     """A causal mask writes -inf into the logits a custom softmax receives: the finite logits are checked, the

@@ -1191,14 +1191,27 @@ def _call_outputs(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: 
     return outs
 
 
+class _Gap(NamedTuple):
+    """Where the rule's forward differs from its primal at a call (see :func:`_forward_gap`)."""
+
+    text: str = ""  # a description ("" where they agree)
+    abs: float = 0.0  # the gap there, absolute and relative
+    rel: float = 0.0
+    unverified: str = ""  # what could not be compared, and why ("" for nothing)
+
+
+_NO_GAP = _Gap()  # the rule's forward agrees with its primal (or was not compared)
+
+
 def _forward_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...],
-                 float_outs: tuple[int, ...]) -> tuple[str, float, float]:
+                 float_outs: tuple[int, ...]) -> _Gap:
     """Where the rule's primal output under differentiation (what its ``fwd``, or its JVP rule, returns) differs
     from its primal function's at this call, beyond the output dtype's tolerance: a description, else "". Under
     ``jax.grad`` the model then computes on from the rule's value, so its value and gradient are another
     function's, even when the rule's derivative matches the primal's. Output elements the primal does not give
-    finite are not compared (a stable forward where the plain formula overflows is the reason for a rule). Also the
-    absolute and relative gap there ("", 0, 0 where they agree)."""
+    finite are compared with it evaluated in float64 (a stable forward where the plain formula overflows is the
+    reason for a rule; one wrong only there is still wrong), and said to be unverified where that is not finite
+    either. Also the absolute and relative gap there ("", 0, 0 where they agree)."""
     n_c = int(eqn.params.get("num_consts", 0))
     ins = list(call.inputs)
 
@@ -1209,7 +1222,7 @@ def _forward_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...],
         under = jax.vjp(outs, *xs)[0]
         plain = outs(*xs)
     except Exception:  # noqa: BLE001 - a rule that fails here fails its derivative's check, which says why
-        return "", 0.0, 0.0
+        return _NO_GAP
     # The forward and the primal compute the same values, each rounding at the lowest precision inside either: the
     # output dtype's tolerance of the element plus the outputs' typical size (at least 1), and where a lower
     # precision is computed inside (a fwd computing in bfloat16 for a float32 primal), 1024 units in its last place
@@ -1221,8 +1234,20 @@ def _forward_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...],
         inside = _lower(inside, _lowest_float(_call_jaxpr(eqn).jaxpr, top=False))
     except Exception:  # noqa: BLE001 - then the outputs' dtypes' tolerance, as for any value
         inside = None
-    for j, u, p in zip(float_outs, under, plain, strict=True):
+    wide: list | None = None  # (the primal in float64, evaluated once, where it overflows at its own precision)
+    unverified = 0
+    for k, (j, u, p) in enumerate(zip(float_outs, under, plain, strict=True)):
         p64, u64 = np.asarray(p, np.float64), np.asarray(u, np.float64)
+        beyond = ~np.isfinite(p64) & np.isfinite(u64)
+        if beyond.any():
+            # The forward's values where the primal overflows are what the model computes on (and what the rule's
+            # derivative is checked along, see _extra): compared with the primal evaluated in float64 there.
+            if wide is None:
+                wide = _wide_primal(eqn, ins, float_outs) or []
+            w = np.asarray(wide[k], np.float64) if wide else np.full_like(p64, np.nan)
+            known = beyond & np.isfinite(w)
+            p64 = np.where(known, w, p64)
+            unverified += int((beyond & ~known).sum())
         fin = np.isfinite(p64)
         if not fin.any():
             continue
@@ -1243,12 +1268,61 @@ def _forward_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...],
             bad = fin & ~(gap <= rtol * (np.abs(p64) + max(typical, 1.0)) + low * (np.abs(p64) + largest))
         if bad.any():
             at = np.unravel_index(int(np.argmax(np.where(bad, np.nan_to_num(gap, nan=np.inf), -1.0))), p64.shape)
-            return (f"under differentiation the rule's forward returns another primal output than its primal function: "
+            return _Gap(f"under differentiation the rule's forward returns another primal output than its primal function: "
                     f"output {j} at {[int(i) for i in at]} is {u64[at]:.6g} there, {p64[at]:.6g} from the primal "
                     f"({int(bad.sum())} of {bad.size} element(s) differ, {rtol + low:.1g} of the element plus the outputs' "
                     "size allowed); jax.grad through the rule then computes from the wrong value",
                     float(gap[at]), float(gap[at]) / max(abs(float(p64[at])), 1e-300))
-    return "", 0.0, 0.0
+    if unverified:
+        return _Gap(unverified=f"the forward's values at {unverified} element(s) where the primal function is not "
+                              "finite, even in float64 (or where it cannot be evaluated in float64), are not compared "
+                              "with it: the rule's derivative is checked along the forward's own values there")
+    return _NO_GAP
+
+
+def _wide_primal(eqn: Any, ins: Sequence[Any], float_outs: tuple[int, ...]) -> list | None:
+    """The rule's primal function at the call's inputs ``ins`` evaluated in float64 (its floating values, literals and
+    dtypes widened), its floating outputs ``float_outs``; None where that cannot be done (a loop or a branch inside,
+    a primitive that refuses float64)."""
+    def widened(x: Any) -> Any:
+        dt = jnp.result_type(x)
+        return jnp.asarray(x, jnp.float64) if jnp.issubdtype(dt, jnp.floating) else x
+
+    def run(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list:
+        env: dict = {}
+
+        def read(v: Any) -> Any:
+            return widened(v.val) if isinstance(v, Literal) else env[v]
+
+        for v, x in zip((*jaxpr.constvars, *jaxpr.invars), (*consts, *args), strict=True):
+            env[v] = widened(x)
+        for e in jaxpr.eqns:
+            invals = [read(v) for v in e.invars]
+            inner = e.params.get("jaxpr", e.params.get("call_jaxpr"))
+            if e.primitive.name in _WIDE_CALLS and inner is not None:
+                outs = run(getattr(inner, "jaxpr", inner), getattr(inner, "consts", ()), invals)
+            elif any(hasattr(getattr(x, "jaxpr", x), "eqns") for x in e.params.values()):
+                raise NotImplementedError(e.primitive.name)  # (a loop or a branch: not widened here)
+            else:
+                params = {k: (jnp.dtype(jnp.float64) if k in _DTYPE_PARAMS and v is not None
+                              and jnp.issubdtype(v, jnp.floating) else v) for k, v in e.params.items()}
+                outs = _bind(type("_Eqn", (), {"primitive": e.primitive, "params": params})(), invals)
+            for v, o in zip(e.outvars, outs, strict=True):
+                env[v] = o
+        return [read(v) for v in jaxpr.outvars]
+
+    closed = _call_jaxpr(eqn)
+    try:
+        with jax.enable_x64(True):
+            out = run(closed.jaxpr, closed.consts, list(ins))
+            return [np.asarray(out[j], np.float64) for j in float_outs]
+    except Exception:  # noqa: BLE001 - not evaluable in float64: those elements stay unverified, and are said to be
+        return None
+
+
+_WIDE_CALLS = frozenset({"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint", "custom_jvp_call",
+                         "custom_vjp_call", "custom_vjp_call_jaxpr"})  # (evaluated through, as their primal)
+_DTYPE_PARAMS = frozenset({"new_dtype", "preferred_element_type", "dtype"})  # (a floating one is widened)
 
 
 def _inputs_to_check(call: _Call, n_c: int) -> tuple[tuple[int, ...], list[int], list[int], list[int]]:
@@ -1336,7 +1410,6 @@ def _amended(report: GradReport, extra_rows: list[Row], left_out: bool) -> GradR
     return dataclasses.replace(report, rows=(*rows, *extra_rows)) if rows is not report.rows or extra_rows else report
 
 
-_NO_GAP = ("", 0.0, 0.0)  # the rule's forward agrees with its primal (or was not compared)
 
 
 def _scalars_key(scalars: dict, eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple[int, ...],
@@ -1350,7 +1423,7 @@ def _scalars_key(scalars: dict, eqn: Any, call: _Call, diff_pos: tuple[int, ...]
 
 
 def _check_call(call: _Call, k: int, scalars: dict,
-                options: dict) -> tuple[GradReport | None, tuple[int, ...], str, tuple[str, float, float]]:
+                options: dict) -> tuple[GradReport | None, tuple[int, ...], str, _Gap]:
     """check_grad of one call: the report, the rule's input number of each report row, a note when the call
     could not be checked, and where the rule's forward differs from its primal (see :func:`_forward_gap`)."""
     eqn = call.eqn
@@ -1816,11 +1889,14 @@ def _rule_row(rule: _Rule, calls: list[_Call], seen: int, options: dict) -> Audi
     results = []  # (verdict, row, input number, call, note)
     skipped = []
     gaps = []  # (call, where the rule's forward differs from its primal)
+    unverified = []  # (call, what of the forward could not be compared with the primal)
     for k in pick:
         call = calls[int(k)]
         report, diff_pos, note, gap = _check_call(call, int(k), scalars, options)
-        if gap[0]:
+        if gap.text:
             gaps.append((call, gap))
+        elif gap.unverified:
+            unverified.append((call, gap.unverified))
         if report is None:
             skipped.append(f"{_call_name(call)}: {note}")
             continue
@@ -1848,14 +1924,7 @@ def _rule_row(rule: _Rule, calls: list[_Call], seen: int, options: dict) -> Audi
     v, r, number, call, why = max(deciding, key=lambda x: (x[1].worst_index is not None,
                                                           x[1].max_abs_err if math.isfinite(x[1].max_abs_err) else 1e308))
     index = (number, *r.worst_index) if r.worst_index is not None else (number,)
-    note = why if v != Verdict.OK or why else ""
-    if skipped:
-        note = "; ".join([n for n in (note,) if n] + [f"{len(skipped)} call(s) not checked ({skipped[0]})"])
-    if len(pick) < seen:
-        note = "; ".join([n for n in (note,) if n] + [
-            f"{seen - len(pick)} of its {seen} call(s) not checked (max_calls={max_calls}: at most that many calls "
-            "checked per rule, and per loop that many iterations walked, evenly spread; the others' calls are "
-            "counted): a rule wrong only at those passes"])
+    note = _row_note(why if v != Verdict.OK or why else "", skipped, len(pick), seen, max_calls, unverified)
     note = _with_precision_note(note, low, verdict)
     if gaps:
         forward = f"{gaps[0][1][0]} (at {len(gaps)} of {checked} call(s) checked)"
@@ -1867,6 +1936,23 @@ def _rule_row(rule: _Rule, calls: list[_Call], seen: int, options: dict) -> Audi
         note = f"{note}; also, at {_call_name(gaps[0][0])}, {forward}"
     return AuditRow(rule.name, rule.source, rule.kind, checked, seen, verdict, index, _call_name(call), r.autodiff,
                     r.hand, r.numeric, r.max_abs_err, r.max_rel_err, on_path, note)
+
+
+def _row_note(note: str, skipped: list[str], picked: int, seen: int, max_calls: int,
+              unverified: list[tuple[_Call, str]]) -> str:
+    """A rule's row note: the deciding call's, then the calls not checked (``skipped``: why, each), those the
+    sampling left out, and what of the forward could not be compared with the primal (``unverified``)."""
+    parts = [note] if note else []
+    if skipped:
+        parts.append(f"{len(skipped)} call(s) not checked ({skipped[0]})")
+    if picked < seen:
+        parts.append(f"{seen - picked} of its {seen} call(s) not checked (max_calls={max_calls}: at most that many "
+                     "calls checked per rule, and per loop that many iterations walked, evenly spread; the others' "
+                     "calls are counted): a rule wrong only at those passes")
+    if unverified:
+        parts.append(f"at {_call_name(unverified[0][0])}, {unverified[0][1]}"
+                     + (f" ({len(unverified)} call(s) so)" if len(unverified) > 1 else ""))
+    return "; ".join(parts)
 
 
 def _valueless_row(rule: _Rule, verdict: Verdict, note: str, *, seen: int, checked: int = 0, where: str = "",
