@@ -418,6 +418,10 @@ def test_check_jacobian_softmax():
     assert verify.check_jacobian(rules.softmax.forward, x, wrong).verdict == "hand_wrong"
     with pytest.raises(ValueError, match=r"must have shape fn\(x\).shape \+ x.shape = \(4, 4\)"):
         verify.check_jacobian(rules.softmax.forward, x, lambda x: jnp.eye(3))
+    # (h77: "fn(params, *args) must return a floating scalar", in check_grad's words)
+    for out in (jnp.int32, jnp.complex64):
+        with pytest.raises(TypeError, match=r"check_jacobian: fn\(x\) must return a floating-point array .*got "):
+            verify.check_jacobian(lambda x, out=out: jnp.round(x).astype(out), x, lambda x: jnp.eye(4))
 
 
 @pytest.mark.slow  # ~25 s; tests/test_verify_foreign.py::test_check_chain_with_book_style_numpy_stages and the README

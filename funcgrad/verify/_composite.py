@@ -322,6 +322,9 @@ def check_jacobian(
     y = jax.eval_shape(fn, x)
     if not hasattr(y, "shape"):
         raise TypeError("check_jacobian: fn must return a single array")
+    if not jnp.issubdtype(y.dtype, jnp.floating):
+        raise TypeError("check_jacobian: fn(x) must return a floating-point array (its Jacobian is checked); got "
+                        f"{describe(y)}")
     m = math.prod(y.shape)
     if m > 4096:
         raise ValueError(f"check_jacobian: fn has {m} outputs; use check_vjp for large outputs")
