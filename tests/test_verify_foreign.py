@@ -1730,3 +1730,25 @@ def test_a_bfloat16_leaf_takes_the_joint_test_at_ties_too():
         assert report.verdict == "hand_wrong", report
     # the truth: along (0, 1, 1, 0, 1), where the ties stay ties, f moves by 2 per unit; the hand says 6
     assert float(2.0 * (np.asarray(x, np.float64) == 3.0) @ np.array([0, 1, 1, 0, 1.0])) == 6.0
+
+
+def test_flax_rnn_whose_carry_is_float32_says_how_to_check_it():
+    # nnx.RNN's cell makes its carry in float32 whatever the inputs (h78): the float64 check cannot run, and the
+    # advice to follow the inputs' dtype is not the user's to take inside Flax; the error names initial_carry, and
+    # with it the model checks out.
+    class M(nnx.Module):
+        def __init__(self, rngs):
+            self.rnn = nnx.RNN(nnx.GRUCell(3, 4, rngs=rngs))
+            self.head = nnx.Linear(4, 1, rngs=rngs)
+
+        def __call__(self, xs, carry):
+            return self.head(self.rnn(xs) if carry is None else self.rnn(xs, initial_carry=carry))[..., 0]
+
+    rng = np.random.default_rng(0)
+    xs = jnp.asarray(rng.normal(size=(2, 5, 3)).astype(np.float32))
+    model = M(nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"fails when evaluated in float64.*initial_carry=jnp\.zeros\(carry_shape, x\.dtype\)"):
+        verify.check_grad(lambda m, xs: jnp.mean(m(xs, None) ** 2), model, xs, wrt=nnx.Param)
+    report = verify.check_grad(lambda m, xs: jnp.mean(m(xs, jnp.zeros((2, 4), xs.dtype)) ** 2), model, xs,
+                               wrt=nnx.Param)
+    assert report.ok, report

@@ -748,7 +748,9 @@ def _trace_leaves64(bound: _Bound, layout: _Layout, spec: tuple, dyn_s: list) ->
             "check_grad does for its reference values (parameters and float arguments converted to float64): "
             f"{type(e).__name__}: {' '.join(lines) or '(no message)'} -- a function that fixes a dtype of its own (a "
             "loop carry made with jnp.zeros((), jnp.float32), say) must follow its inputs' dtype instead "
-            "(jnp.zeros((), x.dtype))") from None
+            "(jnp.zeros((), x.dtype))"
+            + ("; Flax's nn.RNN and nnx.RNN make their carry so (the cell's initialize_carry): pass them "
+               "initial_carry=jnp.zeros(carry_shape, x.dtype)" if "carry" in str(e) else "")) from None
 
 
 def _traceable_raw(bound: _Bound, spec: tuple, p: Any, d: Any) -> Any:
