@@ -164,6 +164,12 @@ def test_audit_of_a_planted_wrong_rule_exits_1_and_names_it(target, capsys):
     assert rows["cube"]["ok"] is True and rows["cube"]["kind"] == "custom_vjp"
     assert doc["environment"]["max_calls"] == 8
 
+    # (h80: the failing audit's note named exclude=, which the CLI did not take)
+    assert "funcgrad verify --audit takes --exclude" in " ".join(doc["notes"])
+    assert cli.main(["verify", "--audit", f"{target}:planted", "--exclude", "swish", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] is True and doc["environment"]["exclude"] == ["swish"]
+
 
 def test_audit_of_a_module_target(target, capsys, monkeypatch):
     monkeypatch.chdir(target.parent)  # package.module:FUNCTION is imported from the working directory
@@ -218,6 +224,8 @@ def test_audit_of_a_target_that_exits_is_not_a_pass(target, capsys, where):
 def test_audit_options_that_do_not_combine(target, capsys):
     assert cli.main(["verify", "--max-calls", "2", "--only", "rule relu"]) == 2
     assert "--max-calls applies to --audit only" in capsys.readouterr().err
+    assert cli.main(["verify", "--exclude", "swish", "--only", "rule relu"]) == 2
+    assert "--exclude applies to --audit only" in capsys.readouterr().err
     assert cli.main(["verify", "--audit", f"{target}:setup", "--only", "relu"]) == 2
     assert "cannot be combined with --audit" in capsys.readouterr().err
     assert cli.main(["verify", "--audit", f"{target}:setup", "--max-calls", "0"]) == 2

@@ -114,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
                         "the file is executed as Python, so audit only code you trust")
     v.add_argument("--max-calls", type=int, metavar="N",
                    help="with --audit: calls checked per rule at most; longer loops are sampled (default: 8)")
+    v.add_argument("--exclude", nargs="+", metavar="RULE",
+                   help="with --audit: rules left unchecked (deliberately not their primal's derivative: a "
+                        "straight-through estimator), by name or name@file:line (verify.audit's exclude)")
     v.set_defaults(handler=cmd_verify)
     return parser
 

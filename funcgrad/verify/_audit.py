@@ -1808,7 +1808,8 @@ def audit(
         first = failing[0]
         notes.append("a rule that is deliberately not its primal's derivative (a straight-through estimator, gradient "
                      f"clipping or reversal) fails so; to leave one unchecked, audit with exclude=[{first.rule!r}] (or "
-                     f"{f'{first.rule}@{first.source}'!r} where several rules share its name)")
+                     f"{f'{first.rule}@{first.source}'!r} where several rules share its name; funcgrad verify --audit "
+                     "takes --exclude)")
     if tier:
         notes.append(_concrete_note((params, args, kwargs), tiers[tier]))
     env = {**_environment_versions(), "max_calls": max_calls, "library": library, "exclude": sorted(exclude),
