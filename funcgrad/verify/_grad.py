@@ -656,7 +656,7 @@ def _second_look(report: GradReport, check: Callable[[Any], GradReport], fn: Cal
     """:func:`_off_the_kinks` for the check ``check(params)`` of ``fn(params, *args)`` (with ``hand``) that gave
     ``report``: check_grad's, and each of check_vjp's and check_jacobian's scalar checks."""
 
-    def nearby(sel: Any, points: Iterable, wide: bool = False) -> Iterator[dict[str, np.ndarray]]:  # autodiff's
+    def nearby(sel: Any, points: Iterable, wide: int | None = None) -> Iterator[dict[str, np.ndarray]]:  # autodiff's
         return _autodiff_at(fn, sel, points, args, has_aux, wide)  # gradient, leaf by leaf
 
     def sided(sel: Any) -> Iterator[dict[str, np.ndarray]]:
@@ -695,7 +695,7 @@ class _Beside(NamedTuple):
     """What the second look off the kinks reads beside the given point (see :func:`_off_the_kinks`)."""
 
     nearby: Callable[..., Iterator[dict[str, np.ndarray]]]  # autodiff's gradient at points, leaf by leaf (``wide``:
-    # in float64 where it can be, see _autodiff_at)
+    # from that point on in float64 where it can be, see _autodiff_at)
     sided: Callable[[Any], Iterator[dict[str, np.ndarray]]]  # ... at the given point with each kink on a side of its own
     hand_at: Callable[[Any, Any], dict[str, np.ndarray]] | None  # hand's gradient at a point, leaf by leaf
     kinked: Callable[[Any], bool]  # whether fn has kinks at all (max, |x|, comparisons, sorts, custom rules)
@@ -789,9 +789,10 @@ def _read_beside(beside: _Beside, sel: Any, params: Any, seed: int) -> dict[str,
     groups = {i: _equal_groups(np.asarray(x, np.float64)) for i, (x, d) in enumerate(zip(sel.leaves, sel.diff,
                                                                                           strict=True)) if d}
     dirs = {sel.paths[i]: _along_ties(sel.leaves[i], seed, found) for i, found in groups.items()}
-    here = next(beside.nearby(sel, [params]))
-    # (beside: in float64 where it can be, so that ties of values computed from the parameters break too)
-    grads = beside.nearby(sel, (_shifted(sel, seed + 1 + k, None, groups) for k in range(_NEARBY)), wide=True)
+    points = itertools.chain([params], (_shifted(sel, seed + 1 + k, None, groups) for k in range(_NEARBY)))
+    # (the points beside in float64 where they can be, so that ties of values computed from the parameters break too)
+    grads = beside.nearby(sel, points, wide=1)
+    here = next(grads)
     lo: dict[str, np.ndarray] = {}
     hi: dict[str, np.ndarray] = {}
     proj: dict[str, list[np.ndarray]] = {p: [] for p in dirs}
@@ -960,12 +961,13 @@ def _copied(tree: Any) -> Any:
 
 
 def _autodiff_at(fn: Callable[..., Any], sel: Any, points: Iterable, args: tuple,
-                 has_aux: bool, wide: bool = False) -> Iterator[dict[str, np.ndarray]]:
+                 has_aux: bool, wide: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """JAX's gradient of fn at each of ``points`` (params with the same structure and fixed leaves), its
     differentiated leaves by path, as the user's own code gets it: at the parameters' dtypes and the caller's x64
     setting (jitted once; op by op where fn needs values in Python). Lazily: one point's gradient at a time.
 
-    ``wide``: float32 parameters are evaluated in float64 instead (their values exactly), where fn draws no random
+    ``wide``: from the point of that number on, float32 parameters are evaluated in float64 instead (their values
+    exactly), where fn draws no random
     numbers (it would draw others) and where that works at all (else as the user's code gets it): points a unit in
     the last place beside a tie of values computed from the parameters (two logits from equal weight columns) keep
     the tie after float32's rounding about one time in four, and a rule wrong only at ties is then read there, as if
@@ -973,16 +975,16 @@ def _autodiff_at(fn: Callable[..., Any], sel: Any, points: Iterable, args: tuple
     at = [i for i, d in enumerate(sel.diff) if d]
     f, _ = _as_leaf_fn(fn, sel, args, has_aux)
     grad: Callable[[list], Any] = jax.jit(jax.grad(f))
-    wide = wide and _widens(f, sel)
-    for point in points:
+    widens = wide is not None and _widens(f, sel)
+    for k, point in enumerate(points):
         dl = [jnp.asarray(x) for x, d in zip(jax.tree_util.tree_leaves(point), sel.diff, strict=True) if d]
         grads = None
-        if wide:
+        if widens and k >= (wide or 0):
             try:
                 with _x64(True):
                     grads = [np.asarray(g) for g in grad([jnp.asarray(np.asarray(x, np.float64)) for x in dl])]
             except Exception:  # noqa: BLE001 - fn refusing float64 (lax ops of mixed dtypes): as the user's code runs
-                wide = False
+                widens = False
         if grads is None:
             try:
                 grads = grad(dl)
