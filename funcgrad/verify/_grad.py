@@ -65,6 +65,7 @@ from funcgrad.verify._fd import (
 )
 from funcgrad.verify._inputs import (
     _DTYPE_CLASH,
+    _ISOLATE,
     _TRACE_ERRORS,
     _Bound,
     _bound,
@@ -967,15 +968,17 @@ def _autodiff_at(fn: Callable[..., Any], sel: Any, points: Iterable, args: tuple
     setting (jitted once; op by op where fn needs values in Python). Lazily: one point's gradient at a time.
 
     ``wide``: from the point of that number on, float32 parameters are evaluated in float64 instead (their values
-    exactly), where fn draws no random
-    numbers (it would draw others) and where that works at all (else as the user's code gets it): points a unit in
-    the last place beside a tie of values computed from the parameters (two logits from equal weight columns) keep
-    the tie after float32's rounding about one time in four, and a rule wrong only at ties is then read there, as if
-    it were a side of the kink."""
+    exactly), where fn draws no random numbers (it would draw others), outside a check isolated for its NumPy
+    closures, and where that works at all (else as the user's code gets it): points a unit in the last place beside
+    a tie of values computed from the parameters (two logits from equal weight columns) keep the tie after float32's
+    rounding about one time in four, and a rule wrong only at ties is then read there, as if it were a side of the
+    kink."""
     at = [i for i, d in enumerate(sel.diff) if d]
     f, _ = _as_leaf_fn(fn, sel, args, has_aux)
     grad: Callable[[list], Any] = jax.jit(jax.grad(f))
-    widens = wide is not None and _widens(f, sel)
+    # (not in a check isolated for a NumPy array fn closes over, see _isolating: each switch of the x64 setting
+    # there clears JAX's caches, and 32 points would compile 32 times)
+    widens = wide is not None and not _ISOLATE.get() and _widens(f, sel)
     for k, point in enumerate(points):
         dl = [jnp.asarray(x) for x, d in zip(jax.tree_util.tree_leaves(point), sel.diff, strict=True) if d]
         grads = None
