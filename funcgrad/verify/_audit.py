@@ -270,14 +270,15 @@ def _call_site(eqn: Any) -> str:
     return "?"
 
 
-def _bind(eqn: Any, invals: Sequence[Any]) -> list:
-    """Evaluates one equation on concrete (or traced) values, as ``jax.core.eval_jaxpr`` does."""
-    params = eqn.primitive.get_bind_params(eqn.params)
-    if isinstance(params, tuple):  # older JAX: (subfuns, params)
-        subfuns, params = params
-        out = eqn.primitive.bind(*subfuns, *invals, **params)
+def _bind(eqn: Any, invals: Sequence[Any], params: dict | None = None) -> list:
+    """Evaluates one equation on concrete (or traced) values, as ``jax.core.eval_jaxpr`` does (with ``params`` in
+    place of the equation's own, where given)."""
+    bind_params = eqn.primitive.get_bind_params(eqn.params if params is None else params)
+    if isinstance(bind_params, tuple):  # older JAX: (subfuns, params)
+        subfuns, bind_params = bind_params
+        out = eqn.primitive.bind(*subfuns, *invals, **bind_params)
     else:
-        out = eqn.primitive.bind(*invals, **params)
+        out = eqn.primitive.bind(*invals, **bind_params)
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
@@ -1302,11 +1303,11 @@ def _wide_primal(eqn: Any, ins: Sequence[Any], float_outs: tuple[int, ...]) -> l
             if e.primitive.name in _WIDE_CALLS and inner is not None:
                 outs = run(getattr(inner, "jaxpr", inner), getattr(inner, "consts", ()), invals)
             elif any(hasattr(getattr(x, "jaxpr", x), "eqns") for x in e.params.values()):
-                raise NotImplementedError(e.primitive.name)  # (a loop or a branch: not widened here)
+                raise _NotWidened(e.primitive.name)  # (a loop or a branch)
             else:
                 params = {k: (jnp.dtype(jnp.float64) if k in _DTYPE_PARAMS and v is not None
                               and jnp.issubdtype(v, jnp.floating) else v) for k, v in e.params.items()}
-                outs = _bind(type("_Eqn", (), {"primitive": e.primitive, "params": params})(), invals)
+                outs = _bind(e, invals, params)
             for v, o in zip(e.outvars, outs, strict=True):
                 env[v] = o
         return [read(v) for v in jaxpr.outvars]
@@ -1318,6 +1319,10 @@ def _wide_primal(eqn: Any, ins: Sequence[Any], float_outs: tuple[int, ...]) -> l
             return [np.asarray(out[j], np.float64) for j in float_outs]
     except Exception:  # noqa: BLE001 - not evaluable in float64: those elements stay unverified, and are said to be
         return None
+
+
+class _NotWidened(Exception):
+    """An equation :func:`_wide_primal` does not evaluate in float64 (one holding a sub-computation of its own)."""
 
 
 _WIDE_CALLS = frozenset({"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint", "custom_jvp_call",
@@ -1928,13 +1933,14 @@ def _rule_row(rule: _Rule, calls: list[_Call], seen: int, options: dict) -> Audi
     note = _row_note(why if v != Verdict.OK or why else "", skipped, len(pick), seen, max_calls, unverified)
     note = _with_precision_note(note, low, verdict)
     if gaps:
-        forward = f"{gaps[0][1][0]} (at {len(gaps)} of {checked} call(s) checked)"
+        call0, gap0 = gaps[0]
+        forward = f"{gap0.text} (at {len(gaps)} of {checked} call(s) checked)"
         if verdict not in _FAILING:  # the derivative itself matches: the row is the forward's
             return dataclasses.replace(
                 _valueless_row(rule, Verdict.AUTODIFF_WRONG, "; ".join(n for n in (forward, note) if n), seen=seen,
-                               checked=checked, where=_call_name(gaps[0][0]), on_path=on_path),
-                max_abs_err=gaps[0][1][1], max_rel_err=gaps[0][1][2])
-        note = f"{note}; also, at {_call_name(gaps[0][0])}, {forward}"
+                               checked=checked, where=_call_name(call0), on_path=on_path),
+                max_abs_err=gap0.abs, max_rel_err=gap0.rel)
+        note = f"{note}; also, at {_call_name(call0)}, {forward}"
     return AuditRow(rule.name, rule.source, rule.kind, checked, seen, verdict, index, _call_name(call), r.autodiff,
                     r.hand, r.numeric, r.max_abs_err, r.max_rel_err, on_path, note)
 
