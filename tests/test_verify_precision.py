@@ -315,6 +315,49 @@ def test_a_bfloat16_dropout_mask_in_a_float32_model_keeps_tight_tolerances(mask_
     assert not any("computes in bfloat16" in n for n in report.notes), report.notes
 
 
+@pytest.mark.parametrize("slip", [1.0, 1.032])
+def test_a_constant_cast_exactly_to_bfloat16_is_no_reason_to_loosen(slip):
+    # jnp.arange(16.).astype(bfloat16) holds 0..15 exactly: a hand using them unrounded computes the same gradient,
+    # yet the cast brought in bfloat16's rounding allowance (rtol 0.016), and a scalar hand 3.2% off passed (h79).
+    W = jnp.asarray(RS.randn(16, 16) * 0.1, jnp.float32)
+    x = jnp.asarray(RS.randn(16), jnp.float32)
+
+    def fn(p, x):
+        w = jnp.arange(16.0).astype(jnp.bfloat16).astype(p["s"].dtype)
+        return jnp.sum((p["s"] * w * x + p["W"] @ x) ** 2) / 16
+
+    def hand(p, x):  # the calculus, with the weights unrounded (they are exact)
+        w = jnp.arange(16.0)
+        z = p["s"] * w * x + p["W"] @ x
+        return {"s": slip * jnp.sum(2 * z * w * x) / 16, "W": jnp.outer(2 * z / 16, x)}
+
+    p = {"s": jnp.float32(0.3), "W": W}
+    with jax.enable_x64(True):  # the truth, independently: finite differences in float64 along s
+        p64 = {"s": 0.3, "W": np.asarray(W, np.float64)}
+        x64 = np.asarray(x, np.float64)
+        f = lambda s: np.sum((s * np.arange(16.0) * x64 + p64["W"] @ x64) ** 2) / 16  # noqa: E731
+        fd = (f(0.3 + 1e-6) - f(0.3 - 1e-6)) / 2e-6
+    np.testing.assert_allclose(float(hand(p, x)["s"]) / slip, fd, rtol=1e-5)
+    report = verify.check_grad(fn, p, x, hand=hand)
+    assert report.verdict == ("ok" if slip == 1.0 else "hand_wrong"), report
+    assert {r.path: r.verdict for r in report.rows}["['s']"] == report.verdict, report
+    assert not any("rounded to" in n for n in report.notes), report.notes
+
+
+def test_data_cast_to_bfloat16_keeps_its_measured_allowance():
+    # Float32 data rounded to bfloat16 inside fn: a hand using it unrounded differs by that rounding, measured at
+    # the data's values (at most half of bfloat16's eps), and still passes; a 5% slip does not.
+    W = jnp.asarray(RS.randn(16, 16) * 0.1, jnp.float32)
+    x = jnp.asarray(RS.randn(64, 16), jnp.float32)
+    fn = lambda W, x: jnp.sum((x.astype(jnp.bfloat16).astype(jnp.float32) @ W) ** 2) / 64  # noqa: E731
+    for slip, verdict in ((1.0, "ok"), (1.05, "hand_wrong")):
+        report = verify.check_grad(fn, W, x, hand=lambda W, x, s=slip: s * 2 * x.T @ (x @ W) / 64)
+        assert report.verdict == verdict, report
+    (note,) = [n for n in report.notes if "rounded to bfloat16, by up to" in n]
+    u = float(np.max(np.abs(np.asarray(x.astype(jnp.bfloat16), np.float64) / np.asarray(x, np.float64) - 1)))
+    assert f"by up to {u:.2g} relatively" in note, (note, u)
+
+
 def test_noise_precisions_follow_what_depends_on_each_leaf():
     def f(a, b, c):
         return jnp.sum(a) + jnp.sum(b.astype(jnp.bfloat16)).astype(jnp.float64) + jnp.sum(c)

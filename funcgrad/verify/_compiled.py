@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import ClosedJaxpr, Literal
 
 from funcgrad.verify._fd import _OFFSETS
 from funcgrad.verify._inputs import (
@@ -732,6 +733,129 @@ def _gradient_precisions(bound: _Bound, layout: _Layout, spec: tuple, dyn_s: lis
     except Exception:  # noqa: BLE001 - then every leaf's tolerance follows the lowest precision in fn
         return ()
     return tuple((_lower(c, r), k) for c, r, k in _precisions(closed.jaxpr, len(layout.shapes)))
+
+
+def _measured_const(bound: _Bound, layout: _Layout, spec: tuple, dyn: list, static: tuple) -> tuple:
+    """Per leaf, the rounding (an eps: twice the largest relative change) that the values without the parameters
+    (data, masks, scales) meet on the way of its float64 gradient, measured at their values; ``static`` (the lowest
+    precision among them, see :func:`_precisions`) where they cannot be evaluated. A cast to bfloat16 of values it
+    holds exactly (``jnp.arange(16.).astype(bfloat16)``, integer data, a 0/1 mask) rounds nothing, and a hand that
+    uses them unrounded computes the same gradient: no allowance is due there. Never more than ``static``'s eps."""
+    with jax.enable_x64(True):
+        try:
+            args = [x.astype(_dtype64(x.dtype)) if i < len(dyn) - _n_consts(spec) and not jnp.issubdtype(
+                x.dtype, jax.dtypes.prng_key) else x for i, x in enumerate(dyn)]
+            closed = jax.make_jaxpr(jax.grad(lambda ls, d: bound.value(
+                jax.tree_util.tree_unflatten(layout.treedef, ls), *_join_args(d, spec))))(
+                [jax.ShapeDtypeStruct(shape, jnp.float64) for shape in layout.shapes], args)
+            measured = _const_rounding(closed, len(layout.shapes), jax.tree_util.tree_leaves(args))
+        except Exception:  # noqa: BLE001 - not evaluable here: the static precisions stand
+            return tuple(float(jnp.finfo(d).eps) for d in static)
+    return tuple(min(float(jnp.finfo(d).eps), m) for d, m in zip(static, measured, strict=True))
+
+
+def _const_rounding(closed: Any, n_params: int, args: Sequence[Any]) -> list[float]:
+    """For each output of ``closed`` (traced with the parameters as its first ``n_params`` inputs and ``args`` the
+    rest): the rounding, as an eps, of the values without the parameters it is computed from. Those values are
+    evaluated (an equation at a time, calls followed inside); each operation on them that rounds to a precision
+    below float64 adds twice its largest relative change, measured against the same operation in float64
+    (at most its dtype's eps; that eps where it cannot be measured: a loop, a primitive refusing float64)."""
+    f64 = jnp.dtype(jnp.float64)
+
+    def own(eqn: Any, ins: list, outs: list) -> list[float]:
+        """Each output's own rounding: twice its largest relative change against float64."""
+        lows = [i for i, v in enumerate(eqn.outvars) if _is_float(v) and v.aval.dtype != f64]
+        if not lows or eqn.primitive.name in _MOVES:
+            return [0.0] * len(outs)
+        if eqn.primitive.name == "convert_element_type":
+            wide = [np.asarray(ins[0], np.float64)]
+        elif _sub_jaxprs(eqn):
+            inner = float(jnp.finfo(_lower(_eqn_inner(eqn, opaque=False), f64)).eps)
+            return [max(inner, float(jnp.finfo(v.aval.dtype).eps)) if i in lows else 0.0
+                    for i, v in enumerate(eqn.outvars)]
+        else:
+            try:
+                params = {k: (f64 if k in ("new_dtype", "preferred_element_type", "dtype") and v is not None
+                              and jnp.issubdtype(v, jnp.floating) else v) for k, v in eqn.params.items()}
+                wide = [np.asarray(x, np.float64) for x in _bind(eqn, [
+                    jnp.asarray(x, f64) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x for x in ins],
+                    params)]
+            except Exception:  # noqa: BLE001 - not measurable: its dtype's eps
+                return [float(jnp.finfo(v.aval.dtype).eps) if i in lows else 0.0 for i, v in enumerate(eqn.outvars)]
+        out = []
+        for i, (v, y) in enumerate(zip(eqn.outvars, outs, strict=True)):
+            eps = float(jnp.finfo(v.aval.dtype).eps) if i in lows else 0.0
+            if i not in lows or np.shape(wide[i]) != np.shape(y):
+                out.append(eps)
+                continue
+            x, got = wide[i], np.asarray(y, np.float64)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                rel = np.abs(got - x) / np.abs(x)
+            rel = rel[np.isfinite(x) & (x != 0)]
+            out.append(min(eps, 2 * float(np.max(rel, initial=0.0)) if np.all(np.isfinite(rel)) else eps))
+        return out
+
+    def walk(jx: Any, consts: Sequence[Any], ins: Sequence[tuple]) -> list[tuple]:
+        env: dict = {}
+
+        def get(v: Any) -> tuple:  # (depends on the parameters, rounding, value or None)
+            return (False, 0.0, v.val) if isinstance(v, Literal) else env.get(id(v), (False, 0.0, None))
+
+        env.update((id(v), (False, 0.0, x)) for v, x in zip(jx.constvars, consts, strict=True))
+        env.update((id(v), x) for v, x in zip(jx.invars, ins, strict=True))
+        for eqn in jx.eqns:
+            xs = [get(v) for v in eqn.invars]
+            r = max((x[1] for x in xs), default=0.0)
+            call = _call_closed(eqn)
+            if call is not None:
+                outs = walk(call.jaxpr, call.consts, xs)
+            elif any(x[0] for x in xs) or any(x[2] is None for x in xs):
+                dep = any(x[0] for x in xs)
+                outs = [(dep, r if _is_float(v) else 0.0, None) for v in eqn.outvars]
+                if not dep:  # (a value that could not be evaluated: its precision, as the static walk reads it)
+                    low = _lower(_eqn_inner(eqn, opaque=False), functools.reduce(
+                        _lower, [v.aval.dtype for v in eqn.outvars if _is_float(v)], f64))
+                    extra = float(jnp.finfo(low).eps) if low != f64 else 0.0
+                    outs = [(False, x[1] + extra if _is_float(v) else 0.0, None)
+                            for v, x in zip(eqn.outvars, outs, strict=True)]
+            else:
+                vals = _bind(eqn, [x[2] for x in xs])
+                mine = own(eqn, [x[2] for x in xs], vals)
+                outs = [(False, r + m if _is_float(v) else 0.0, y)
+                        for v, m, y in zip(eqn.outvars, mine, vals, strict=True)]
+            env.update((id(v), x) for v, x in zip(eqn.outvars, outs, strict=True))
+        return [get(v) for v in jx.outvars]
+
+    top = [(True, 0.0, None)] * n_params + [(False, 0.0, x) for x in args]
+    return [x[1] for x in walk(closed.jaxpr, closed.consts, top)]
+
+
+def _is_float(v: Any) -> bool:
+    dt = getattr(getattr(v, "aval", None), "dtype", None)
+    return dt is not None and jnp.issubdtype(dt, jnp.floating)
+
+
+def _call_closed(eqn: Any) -> Any:
+    """The closed jaxpr an equation calls with its own inputs and outputs (jit, custom rules, remat), or None."""
+    subs = _sub_jaxprs(eqn)
+    if not _is_call(eqn, subs):
+        return None
+    for v in eqn.params.values():
+        if getattr(v, "jaxpr", None) is subs[0]:
+            return v
+    return ClosedJaxpr(subs[0], ())
+
+
+def _bind(eqn: Any, invals: Sequence[Any], params: dict | None = None) -> list:
+    """Evaluates one equation on concrete (or traced) values, as ``jax.core.eval_jaxpr`` does (with ``params`` in
+    place of the equation's own, where given)."""
+    bind_params = eqn.primitive.get_bind_params(eqn.params if params is None else params)
+    if isinstance(bind_params, tuple):  # older JAX: (subfuns, params)
+        subfuns, bind_params = bind_params
+        out = eqn.primitive.bind(*subfuns, *invals, **bind_params)
+    else:
+        out = eqn.primitive.bind(*invals, **bind_params)
+    return list(out) if eqn.primitive.multiple_results else [out]
 
 
 def _trace_leaves64(bound: _Bound, layout: _Layout, spec: tuple, dyn_s: list) -> Any:

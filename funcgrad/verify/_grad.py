@@ -33,6 +33,7 @@ from funcgrad.verify._compiled import (
     _items_jit,
     _lower,
     _make_plan,
+    _measured_const,
     _Plan,
     _probe,
     _ProbeOut,
@@ -1395,7 +1396,9 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
             h_given = [jnp.asarray(np.ravel(np.asarray(x, np.float64)), jnp.float64) for x in h64]
             # (NumPy code: what it computes in is its output's dtype, as far as one can tell)
             hand_inner = tuple((d, jnp.dtype(jnp.float64), jnp.dtype(jnp.float64)) for d in hand64)
-        eps_f, rtols = _precision_plan(facts, layout, hand64, hand_inner, options.rtol, notes)
+        measured = (_measured_const(prep.bound, layout, prep.spec, prep.dyn, facts.grad64_const)
+                    if any(d != jnp.float64 for d in facts.grad64_const) and options.rtol is None else None)
+        eps_f, rtols = _precision_plan(facts, layout, hand64, hand_inner, options.rtol, notes, measured)
         rtol_eff = float(np.max(rtols[:, 0], initial=0.0))  # (reported: the loosest)
         h0 = _first_step(eps_f)
         plan, exact_idx = _make_plan(options.mode, layout, facts.flops, prep.has_hand, facts.reverse, facts.jvp,
@@ -1579,7 +1582,7 @@ def _at_own_dtypes(rows: list[Row], gaps: list, eps: float, layout: _Layout) -> 
 
 
 def _precision_plan(facts: _Facts, layout: _Layout, hand64: tuple, hand_inner: tuple, rtol: float | None,
-                    notes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+                    notes: list[str], measured: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per leaf, the rounding its finite differences carry (eps) and its analytic tolerances' parameters (rows of
     rtol, and the eps, smallest normal, smallest subnormal and flushing (1 or 0) of the dtype hand rounds its result
     to, zeros where it does not; see :func:`_tolerance`). Appends notes on low precisions.
@@ -1599,7 +1602,9 @@ def _precision_plan(facts: _Facts, layout: _Layout, hand64: tuple, hand_inner: t
     grad64 = facts.grad64 or (facts.inner64,) * len(paths)
     comp = [eps_of(d) for d in grad64]
     # (values that do not depend on the parameters, rounded on a gradient's way: a hand may have them unrounded)
-    const = [eps_of(d) for d in facts.grad64_const or (jnp.float64,) * len(paths)]
+    # (measured at their values where given: see _measured_const)
+    const = [max(eps_of(jnp.float64), m) for m in measured] if measured else [
+        eps_of(d) for d in facts.grad64_const or (jnp.float64,) * len(paths)]
     cast: list[Any] = [None] * len(paths)  # the dtype hand rounds each leaf's result to, if it does
     low = [p for p, d in zip(paths, grad64, strict=True) if d != jnp.float64]
     if low:
@@ -1641,10 +1646,12 @@ def _precision_plan(facts: _Facts, layout: _Layout, hand64: tuple, hand_inner: t
     rtols[:, 5] = np.minimum(comp, eps_of(jnp.float32))
     rounded = [p for p, c, k in zip(paths, comp, const, strict=True) if 2 * k > max(_default_rtol(c), 1e-6)]
     if rounded:
+        cast_to = functools.reduce(_lower, facts.grad64_const) if facts.grad64_const else None
+        by = f", by up to {max(const) / 2:.2g} relatively at their values" if measured else ""
         notes.append(f"values that do not depend on the parameters (data, masks, scales) are rounded to "
-                     f"{_dtype_of_eps(max(const))} on the way of the gradients of {', '.join(rounded)}: as a hand may "
-                     "use them unrounded, those gradients may differ by twice that rounding "
-                     f"(rtol {min(0.05, 2 * max(const)):.2g})")
+                     f"{cast_to if measured and cast_to is not None else _dtype_of_eps(max(const))}{by} on the way of the "
+                     f"gradients of {', '.join(rounded)}: as a hand may use them unrounded, those gradients may differ "
+                     f"by twice that rounding (rtol {min(0.05, 2 * max(const)):.2g})")
     for i, dt in enumerate(cast):
         if dt:  # the cast's rounding (see _tolerance)
             fi = jnp.finfo(dt)
