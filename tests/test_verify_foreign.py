@@ -1449,15 +1449,13 @@ def test_a_book_style_backward_that_mutates_its_dvalues_is_checked_as_numpy_runs
     assert verify.check_vjp(f, hand_copied, x).ok
 
 
-@pytest.mark.skipif(tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 11),
-                    reason="JAX 0.11+ keeps its conversion of a closed-over NumPy array for the other x64 setting "
-                           "(a known limitation: pass such arrays as arguments, or jnp.asarray them)")
 @pytest.mark.slow
 def test_a_numpy_float64_array_closed_over_by_fn_and_hand():
     # The book's dropout mask (np.random.binomial(...) / rate: float64) and one-hot labels (np.eye(3)[y]) closed
     # over. JAX caches its conversion of such an array by the array, whatever the x64 setting, while the converted
     # value lives: the float64 check saw float32 copies ("lax.mul requires arguments to have the same dtypes"), and
-    # the user's own 32-bit programs saw float64 ones after a check.
+    # the user's own 32-bit programs saw float64 ones after a check. From JAX 0.12 a jaxpr holds its constants'
+    # values: the check's trace at the parameters' precision kept the float32 copy alive for the float64 trace.
     M = np.random.RandomState(0).binomial(1, 0.8, size=3) / 0.8
     w = jnp.array([0.3, -0.2, 0.1])
     assert verify.check_grad(lambda w: jnp.sum(jnp.maximum(0, w) * M), w, hand=lambda w: (np.asarray(w) > 0) * M).ok
@@ -1467,6 +1465,29 @@ def test_a_numpy_float64_array_closed_over_by_fn_and_hand():
     assert verify.check_grad(lambda p: jnp.mean(-jnp.log(p[jnp.arange(3), y])), P,
                              hand=lambda p: -np.eye(3)[y] / np.asarray(p) / 3).ok
     assert jnp.asarray(M).dtype == jnp.float32 and jax.jit(lambda w: w * M)(w).dtype == jnp.float32
+
+
+def test_check_chain_of_a_loss_link_closing_over_float64_one_hot_labels():
+    # The book's loss link with its labels one-hot in NumPy (np.eye(3)[y], float64) closed over: with JAX 0.12 the
+    # link's check stopped with "fails when evaluated in float64" (its trace at float32 held JAX's float32 copy),
+    # though check_vjp alone passed. A wrong 1/N in the loss's backward is still the link blamed.
+    rs = np.random.RandomState(0)
+    X = rs.randn(6, 2).astype(np.float32)
+    Y = np.eye(3)[rs.randint(0, 3, 6)]
+    W = (rs.randn(2, 3) * 0.5).astype(np.float32)
+
+    def softmax_bwd(x, d):
+        s = jax.nn.softmax(x)
+        return s * (d - jnp.sum(d * s, axis=1, keepdims=True))
+
+    def stages(n):
+        return [("dense", lambda W, x: x @ W, lambda W, x, d: (x.T @ d, d @ W.T), W),
+                ("softmax", jax.nn.softmax, softmax_bwd),
+                ("loss", lambda p: -jnp.mean(jnp.sum(Y * jnp.log(p), axis=1)), lambda p, d: d * (-Y / p) / n)]
+
+    assert verify.check_chain(stages(6), X).ok
+    wrong = verify.check_chain(stages(1), X)
+    assert wrong.first_broken == "loss", wrong
 
 
 def test_without_a_hand_a_pass_needs_finite_differences_precise_enough():

@@ -167,7 +167,8 @@ class _Trace:
     """One trace: the jaxpr, where its constants sit among the check's hoisted constants, the avals it was traced
     at, and the output structure."""
 
-    jaxpr: Any
+    jaxpr: Any  # without its constants' values (see _open)
+    const_avals: tuple  # the avals of its constants, which come first
     const_index: tuple[int, ...]
     in_avals: tuple[tuple[tuple[int, ...], Any], ...]  # (shape, dtype) of each input: the differentiated leaves, then dyn
     out_tree: Any
@@ -201,9 +202,10 @@ class _Traced:
         sig = tuple((tuple(jnp.shape(x)), jnp.result_type(x)) for x in [*dl, *dyn])
         for t in self.traces:
             if sig == t.in_avals:
-                cs = [jnp.asarray(consts[i]).astype(v.aval.dtype) for i, v in zip(t.const_index, t.jaxpr.constvars,
-                                                                                   strict=True)]
-                outs = jax.core.eval_jaxpr(t.jaxpr, cs, *dl, *dyn)
+                cs = [jnp.asarray(consts[i]).astype(a.dtype) for i, a in zip(t.const_index, t.const_avals, strict=True)]
+                # (a jaxpr whose constants were detached takes them as its leading inputs)
+                outs = (jax.core.eval_jaxpr(t.jaxpr, cs, *dl, *dyn) if len(t.jaxpr.constvars) == len(cs) else
+                        jax.core.eval_jaxpr(t.jaxpr, [], *cs, *dl, *dyn))
                 return jax.tree_util.tree_unflatten(t.out_tree, outs)
         return self.fallback(dl, (fixed, args))
 
@@ -220,6 +222,18 @@ def _detached(c: Any) -> Any:
     return c
 
 
+def _open(closed: Any) -> tuple[Any, tuple]:
+    """A closed jaxpr's equations without its constants' values, and the constants' avals. From JAX 0.12 a jaxpr
+    holds its constants' values itself (``closed.jaxpr`` is ``closed``): kept so, JAX's converted copy of a NumPy
+    array fn closes over (float32 without x64) stays alive, and the trace at the other setting is given it (see
+    :func:`_detached`); detached, the constants are its leading inputs."""
+    jaxpr = closed.jaxpr
+    avals = tuple(v.aval for v in jaxpr.constvars)
+    if getattr(jaxpr, "consts", None) and hasattr(jaxpr, "with_consts"):
+        return jaxpr.with_consts([]), avals
+    return jaxpr, avals
+
+
 def trace_pair(fn: Callable, dl_user: Sequence, dl64: Sequence, dyn_user: Sequence, dyn64: Sequence, spec: tuple,
                what: str, consts: list) -> _Traced:
     """``fn(dl, packed)`` traced at the user's precision and in float64. The constants it closes over are added
@@ -234,16 +248,16 @@ def trace_pair(fn: Callable, dl_user: Sequence, dl64: Sequence, dyn_user: Sequen
     closed_u, out_u = jax.make_jaxpr(flat, return_shape=True)(list(dl_user), list(dyn_user))
     key_u = _key(closed_u)
     # (JAX's converted constants are let go of before the other trace: see _detached)
-    traces_closed.append((closed_u.jaxpr, [_detached(c) for c in closed_u.consts], out_u, [*dl_user, *dyn_user]))
+    traces_closed.append((*_open(closed_u), [_detached(c) for c in closed_u.consts], out_u, [*dl_user, *dyn_user]))
     del closed_u
     with _x64(True):  # (a custom rule's derivative is traced for the key as the float64 check will)
         closed_64, out_64 = jax.make_jaxpr(flat, return_shape=True)(list(dl64), list(dyn64))
         key_64 = _key(closed_64)
-        traces_closed.append((closed_64.jaxpr, [_detached(c) for c in closed_64.consts], out_64, [*dl64, *dyn64]))
+        traces_closed.append((*_open(closed_64), [_detached(c) for c in closed_64.consts], out_64, [*dl64, *dyn64]))
         del closed_64
     ids: dict[int, int] = {id(c): i for i, c in enumerate(consts)}
     traces = []
-    for jaxpr, closed_consts, out, inputs in traces_closed:
+    for jaxpr, const_avals, closed_consts, out, inputs in traces_closed:
         index = []
         for c in closed_consts:
             if id(c) not in ids:
@@ -251,7 +265,7 @@ def trace_pair(fn: Callable, dl_user: Sequence, dl64: Sequence, dyn_user: Sequen
                 consts.append(c)
             index.append(ids[id(c)])
         sig = tuple((tuple(np.shape(x)), jnp.dtype(x.dtype)) for x in inputs)
-        traces.append(_Trace(jaxpr, tuple(index), sig, jax.tree_util.tree_structure(out)))
+        traces.append(_Trace(jaxpr, const_avals, tuple(index), sig, jax.tree_util.tree_structure(out)))
     # Everything the traced function reads, except the constants' values (arguments of the compiled programs):
     # where its constants sit among the check's (shared with hand when both close over the same array), too.
     key = (what, key_u, key_64, tuple((t.out_tree, t.const_index, t.in_avals) for t in traces), spec)
