@@ -1467,6 +1467,7 @@ def test_a_numpy_float64_array_closed_over_by_fn_and_hand():
     assert jnp.asarray(M).dtype == jnp.float32 and jax.jit(lambda w: w * M)(w).dtype == jnp.float32
 
 
+@pytest.mark.slow  # (three links and the whole chain: make test-slow)
 def test_check_chain_of_a_loss_link_closing_over_float64_one_hot_labels():
     # The book's loss link with its labels one-hot in NumPy (np.eye(3)[y], float64) closed over: with JAX 0.12 the
     # link's check stopped with "fails when evaluated in float64" (its trace at float32 held JAX's float32 copy),
