@@ -2259,3 +2259,77 @@ def test_a_primal_autodiff_blamed_where_kinks_meet_leaves_the_rule_a_kink_withou
     v, note = _as_rule_verdict(row)
     assert v == "kink" and "finite differences" not in note and "-0.7 at element [2, 2]" in note, note
     assert "the primal's plain autodiff (-0.7) at [2, 2] lies outside" in note and "the rule's gradient" in note, note
+
+
+def _softplus_wrong_below_zero(wrong: bool):
+    """A stable softplus whose rule is sigmoid(x), or (``wrong``) 1 − sigmoid(x) for x < 0."""
+
+    @jax.custom_jvp
+    def softplus(x):
+        return jnp.logaddexp(x, 0.0)
+
+    def d(g, ans, x):
+        s = jax.nn.sigmoid(x)
+        return g * (jnp.where(x < 0, 1.0 - s, s) if wrong else s)
+
+    softplus.defjvps(d)
+    return softplus
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_every_call_site_is_checked_only_loop_iterations_are_sampled(wrong):
+    # A rule wrong only for x < 0, whose only negative inputs are at one call between two 20-step scans (an even
+    # spread of 8, or 20, of the 41 calls skipped it), or at one of twelve unrolled layers: the audit passed it (h82).
+    # Here with max_calls=3: two 8-step scans, and six layers.
+    sp = _softplus_wrong_below_zero(wrong)
+    W = 0.3 * jax.random.normal(jax.random.key(0), (8, 4, 4))
+    x = jax.random.normal(jax.random.key(1), (3, 4))
+
+    def body(h, w):
+        return sp(jnp.abs(h @ w) + 0.05), None
+
+    def sandwich(W, x):
+        h, _ = jax.lax.scan(body, x, W)
+        h, _ = jax.lax.scan(body, sp(-h - 1.0), W)  # (the one call at negative inputs)
+        return jnp.sum(h)
+
+    def unrolled(W, x):
+        h = x
+        for i in range(6):
+            h = sp((h @ W[i]) * (-1.0 if i == 4 else 1.0) - (2.0 if i == 4 else -0.5))
+        return jnp.sum(h)
+
+    assert float(jnp.max(-jnp.abs(x @ W[0]) - 1.0)) < 0  # (the premise: only that call sees x < 0)
+    for fn, seen, checked in ((sandwich, 17, (3, 4, 5)), (unrolled, 6, (6,))):
+        (row,) = verify.audit(fn, W, x, max_calls=3).rows
+        assert row.verdict == ("autodiff_wrong" if wrong else "ok"), (fn.__name__, row)
+        assert row.seen == seen and row.calls in checked, row
+
+
+def test_a_rule_output_fn_does_not_use_is_named_in_the_row():
+    # Only the outputs fn uses carry a cotangent; a rule wrong in another output's part passed without a word (h82).
+    @jax.custom_vjp
+    def two(z):
+        return jnp.sin(z), jnp.cos(z)
+
+    two.defvjp(lambda z: (two(z), z), lambda z, g: (g[0] * jnp.cos(z) - 1.3 * g[1] * jnp.sin(z),))
+    x = jax.random.normal(jax.random.key(1), (3, 4))
+    (row,) = verify.audit(lambda W, x: jnp.sum(two(x @ W)[0]), jnp.eye(4), x).rows
+    assert row.verdict == "ok" and "output(s) [1] not used by fn" in row.note, row
+    (row,) = verify.audit(lambda W, x: jnp.sum(jnp.stack(two(x @ W))), jnp.eye(4), x).rows
+    assert row.verdict == "autodiff_wrong", row
+
+
+def test_an_audit_keyword_that_fn_also_takes_is_named():
+    # fn(W, x, mode="train"): audit(fn, W, x, mode="eval") went to audit's own mode, a ValueError that did not say
+    # so; a valid value (seed=3) went to audit silently (h82).
+    sp = _softplus_wrong_below_zero(False)
+
+    def loss(W, x, mode="train", seed=0):
+        return jnp.sum(sp(x @ W)) * (1.0 if mode == "train" else 2.0)
+
+    x = jnp.ones((3, 4))
+    with pytest.raises(ValueError, match=r"got 'eval'; mode= went to audit.*functools.partial\(fn, mode=\.\.\.\)"):
+        testing.assert_rules_ok(loss, jnp.eye(4), x, mode="eval")
+    report = verify.audit(loss, jnp.eye(4), x, seed=3)
+    assert report.ok and any(n.startswith("seed= went to audit") for n in report.notes), report.notes

@@ -44,7 +44,7 @@ import numpy as np
 from jax.extend.core import ClosedJaxpr, Literal, jaxpr_as_fun
 
 from funcgrad._checks import describe, in_range
-from funcgrad.verify._compiled import _CUSTOM, _lower, _lowest_float
+from funcgrad.verify._compiled import _CUSTOM, _bind, _lower, _lowest_float
 from funcgrad.verify._compiled import _sub_jaxprs as _sub
 from funcgrad.verify._fd import _default_rtol
 from funcgrad.verify._grad import _check_grad_impl, _environment_versions, _g, _second_look
@@ -268,18 +268,6 @@ def _call_site(eqn: Any) -> str:
         if not _is_library(fname) and f"{os.sep}funcgrad{os.sep}verify{os.sep}" not in fname:
             return _short(fname, frame.line_num)
     return "?"
-
-
-def _bind(eqn: Any, invals: Sequence[Any], params: dict | None = None) -> list:
-    """Evaluates one equation on concrete (or traced) values, as ``jax.core.eval_jaxpr`` does (with ``params`` in
-    place of the equation's own, where given)."""
-    bind_params = eqn.primitive.get_bind_params(eqn.params if params is None else params)
-    if isinstance(bind_params, tuple):  # older JAX: (subfuns, params)
-        subfuns, bind_params = bind_params
-        out = eqn.primitive.bind(*subfuns, *invals, **bind_params)
-    else:
-        out = eqn.primitive.bind(*invals, **bind_params)
-    return list(out) if eqn.primitive.multiple_results else [out]
 
 
 # ---- rules a derivative inside fn inlined ----------------------------------------------------------------------
@@ -1444,8 +1432,12 @@ def _check_call(call: _Call, k: int, scalars: dict,
                           "derivatives only"), _NO_GAP
     # Only the outputs fn goes on to use carry a cotangent (Flax NNX's custom_vjp also returns its input state, which
     # fn drops, and whose cotangent its bwd builds itself); all of them when fn uses none.
+    dropped = ""
     if call.live is not None and any(j in call.live for j in float_outs):
+        unused = [j for j in float_outs if j not in call.live]
         float_outs = tuple(j for j in float_outs if j in call.live)
+        dropped = (f"output(s) {unused} not used by fn at this call: the rule's handling of their cotangents is not "
+                   "checked here (nor does it reach fn's gradient)") if unused else ""
     if not diff_pos or not float_outs:
         what = ("its floating-point inputs are all constants of fn's" if not diff_pos and constants else
                 "no floating-point " + ("input" if not diff_pos else "output"))
@@ -1480,7 +1472,7 @@ def _check_call(call: _Call, k: int, scalars: dict,
                           "rule's forward"), _NO_GAP
     if not any(m.any() for m, _ in extra[1]):
         return None, (), _NOTHING + "no input element is finite at this call", _NO_GAP
-    s = scalars[key]._replace(note="; ".join(n for n in (scalars[key].note, refused, held, partial) if n))
+    s = scalars[key]._replace(note="; ".join(n for n in (scalars[key].note, refused, held, partial, dropped) if n))
     fixed = tuple(call.inputs[i] for i in range(len(call.inputs)) if i - n_c not in diff_pos)
     # Traced (reuse=False): a repeated audit of an unchanged model shares the first one's compilations (see
     # _traced). A rule with symbolic zeros (equinox.filter_custom_vjp's too), itself or called inside it, cannot be
@@ -1722,7 +1714,8 @@ def audit(
             where).
     """
     start = time.perf_counter()
-    _check_options(fn, max_calls, library, exclude, mode, seed, rtol, atol)
+    clash = _clashes(fn, wrt=wrt, max_calls=max_calls, library=library, exclude=exclude, rtol=rtol, atol=atol,
+                     mode=mode, seed=seed)
     leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs))
     n_params = len(jax.tree_util.tree_leaves(params))
     mask = _wrt_mask(params, wrt, n_params, "audit")
@@ -1817,6 +1810,8 @@ def audit(
                      "takes --exclude)")
     if tier:
         notes.append(_concrete_note((params, args, kwargs), tiers[tier]))
+    if clash:
+        notes.append(_clash_note(clash))
     env = {**_environment_versions(), "max_calls": max_calls, "library": library, "exclude": sorted(exclude),
            "seed": seed, "mode": mode, "rtol": rtol, "atol": atol}
     return AuditReport(tuple(rows), _combine_verdicts([r.verdict for r in rows]), tuple(notes),
@@ -1869,22 +1864,24 @@ def _with_precision_note(note: str, low: set[tuple[str, str]], verdict: Verdict)
         "to compare it more tightly"])
 
 
+_ITERATION = re.compile(r"iteration \d+")
+
+
 def _rule_row(rule: _Rule, calls: list[_Call], seen: int, options: dict) -> AuditRow:
     """The check of one rule over its calls (evenly sampled down to max_calls)."""
     max_calls = options["max_calls"]
     pick: Any = np.unique(np.round(np.linspace(0, len(calls) - 1, min(len(calls), max_calls))).astype(int)) if calls else []
     # Every instance of the rule is checked at least once, beyond max_calls if need be: one layer's rule of twelve
     # that a factory made can be the wrong one.
-    # So is each call site in a cond's branch: a rare branch's call can be the only one at inputs where the rule is
-    # wrong (x < 0, say), beside the rule's many calls elsewhere.
+    # So is each call site (an equation of fn's, at its place in the nesting, loop iterations aside): a rare
+    # branch's call, a call between two loops, or one of twelve unrolled layers can be the only one at inputs where
+    # the rule is wrong (x < 0, say), beside the rule's many calls elsewhere. Only a loop's iterations are sampled.
     # And each signature (its inputs' shapes and dtypes), up to max_calls of them: a bottleneck's call at another
     # width can be the only one where the rule is wrong, and the only route to a parameter.
     first: dict[Any, int] = {}
     signatures: dict[Any, int] = {}
     for k, c in enumerate(calls):
-        first.setdefault(c.instance, k)
-        if "cond branch" in c.where:
-            first.setdefault((c.instance, id(c.eqn)), k)
+        first.setdefault((c.instance, id(c.eqn), _ITERATION.sub("iteration", c.where), c.site), k)
         sig = (c.instance, tuple((np.shape(x), str(getattr(x, "dtype", type(x).__name__))) for x in c.inputs))
         if len(signatures) < max_calls:
             signatures.setdefault(sig, k)
@@ -1954,7 +1951,8 @@ def _row_note(note: str, skipped: list[str], picked: int, seen: int, max_calls: 
         parts.append(f"{len(skipped)} call(s) not checked ({skipped[0]})")
     if picked < seen:
         parts.append(f"{seen - picked} of its {seen} call(s) not checked (max_calls={max_calls}: at most that many "
-                     "calls checked per rule, and per loop that many iterations walked, evenly spread; the others' "
+                     "calls checked per rule, besides one at each call site, and per loop that many iterations walked, "
+                     "evenly spread; the others' "
                      "calls are counted): a rule wrong only at those passes")
     if unverified:
         parts.append(f"at {_call_name(unverified[0][0])}, {unverified[0][1]}"
@@ -1996,6 +1994,41 @@ def _notes(walker: _Walker, inlined: bool = False, solvers: Sequence[_Rule] = ()
     if not walker.calls and not walker.unentered_rules and not inlined and not solvers:
         notes.append("fn calls no custom derivative rule that is audited: nothing to check")
     return notes
+
+
+_AUDIT_DEFAULTS = {"wrt": None, "max_calls": 8, "library": False, "exclude": (), "rtol": None, "atol": None,
+                   "mode": "auto", "seed": 0}
+
+
+def _clashes(fn: Any, **given: Any) -> list[str]:
+    """Checks audit's options (see :func:`_check_options`); returns those given (not at their defaults) that
+    ``fn`` takes too, which went to audit and not to fn. An error says so where one of them is refused."""
+    clash = [k for k, v in given.items()
+             if v is not _AUDIT_DEFAULTS[k] and v != _AUDIT_DEFAULTS[k] and _takes_keyword(fn, k)]
+    try:
+        _check_options(fn, given["max_calls"], given["library"], given["exclude"], given["mode"], given["seed"],
+                       given["rtol"], given["atol"])
+    except (TypeError, ValueError) as e:
+        if clash:
+            raise type(e)(f"{e}; {_clash_note(clash)}") from None
+        raise
+    return clash
+
+
+def _takes_keyword(fn: Any, name: str) -> bool:
+    """Whether ``fn`` has a parameter ``name`` (one of audit's own keywords, which are never passed to fn)."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # (no signature: a builtin, some C callables)
+        return False
+
+
+def _clash_note(names: list[str]) -> str:
+    listed = ", ".join(f"{k}=" for k in names)
+    return (f"{listed} went to audit, whose own keyword{'s' if len(names) > 1 else ''} "
+            f"{'they are' if len(names) > 1 else 'it is'}, not to fn, which also takes {listed.rstrip('=')}; to "
+            f"pass {'them' if len(names) > 1 else 'it'} to fn, bind {'them' if len(names) > 1 else 'it'} first: "
+            f"audit(functools.partial(fn, {names[0]}=...), params, *args)")
 
 
 def _check_options(fn: Any, max_calls: Any, library: Any, exclude: Any, mode: Any, seed: Any, rtol: Any,
