@@ -351,13 +351,17 @@ def loads(text: str, *, name: str | None = None, overrides: Sequence[str] = (), 
         raise ConfigError(f"{source}: nested too deeply to be a config") from None
     if name is not None:
         raw.setdefault("name", name)
+    raw_keys = set(raw)  # (the file's own sections)
     raw = apply_overrides(raw, overrides)
     try:
         return from_dict(raw)
     except ConfigError as e:
         msg = str(e)
         # (a value a --set gave is that argument's mistake, not the file's)
-        given = [item for item in overrides if msg.startswith(item.split("=", 1)[0].strip() + ":")]
+        # (an unknown section, "nonexistent: unknown key", is that of --set nonexistent.key=1)
+        where = msg.split(":", 1)[0]
+        given = [item for item in overrides if (key := item.split("=", 1)[0].strip()) == where
+                 or key.startswith(where + ".") and where not in raw_keys]
         raise ConfigError(f"--set {given[-1]}: {msg}" if given else f"{source}: {msg}") from None
 
 

@@ -1,6 +1,7 @@
 """The CLI's file handling: atomic writes and metrics lines that survive a killed process."""
 
 import json
+import os
 
 from funcgrad.cli import _files as files
 
@@ -45,3 +46,14 @@ def test_set_aside_never_overwrites(tmp_path):
     path.write_text("second")
     assert files.set_aside(path).name == "metrics.jsonl.2"
     assert (tmp_path / "metrics.jsonl.1").read_text() == "first" and files.set_aside(path) is None
+
+
+def test_appending_to_a_hard_linked_metrics_file_leaves_the_other_name_as_it_was(tmp_path):
+    # A snapshot of a run folder made with hard links (cp -al, rsync --link-dest): appending in place changed the
+    # snapshot's metrics too (h83). The run's file gets a copy of its own first.
+    path, snap = tmp_path / "metrics.jsonl", tmp_path / "snapshot.jsonl"
+    path.write_text('{"step": 0}\n')
+    os.link(path, snap)
+    files.append_lines(path, [{"step": 1}])
+    assert [r["step"] for r in files.read_metrics(path)] == [0, 1]
+    assert snap.read_text() == '{"step": 0}\n' and os.stat(path).st_nlink == 1

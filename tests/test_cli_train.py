@@ -12,6 +12,7 @@ import pytest
 from conftest import ROOT, run_python, same_training_state
 
 from funcgrad import checkpoint
+from funcgrad.cli import _rundir
 
 
 def train(out, *extra, env=None, check=True, cache=None):
@@ -89,6 +90,24 @@ def test_a_run_is_never_overwritten(default_run):
     proc = train(out, "--resume", "--set", "model.sizes=[32, 3]", check=False)
     assert proc.returncode == 2 and "model.sizes: run has [64, 3], now [32, 3]" in proc.stderr
     assert (out / "checkpoint.npz").read_bytes() == before
+
+
+def test_a_finished_run_whose_checkpoint_is_gone_is_not_overwritten(tmp_path):
+    # A finished run's folder without its checkpoint.npz (removed to save space, or left out of a copy): a new
+    # train there, as --resume's error advised, replaced its summary.json, config.json and plots (h83).
+    out = tmp_path / "run"
+    out.mkdir()
+    kept = {"summary.json": '{"train": {"accuracy": 0.9}}\n', "config.json": "{}\n", "curves.png": "png"}
+    for name, text in kept.items():
+        (out / name).write_text(text)
+    _rundir.write_marker(out)  # (funcgrad's run.json)
+    kept["run.json"] = (out / "run.json").read_text()
+    proc = train(out, "--resume", check=False)
+    assert proc.returncode == 2 and "holds a finished run's results" in proc.stderr, proc.stderr
+    assert "train without --resume" not in proc.stderr
+    proc = train(out, check=False)
+    assert proc.returncode == 2 and "a new run there would replace them" in proc.stderr, proc.stderr
+    assert {p.name: p.read_text() for p in out.iterdir()} == kept
 
 
 @pytest.mark.slow

@@ -95,6 +95,11 @@ def test_a_bad_set_value_is_blamed_on_the_set_not_the_file():
         config.loads("[train]\nepochs = 3", overrides=["train.epochs=abc"], source="spiral.toml")
     with pytest.raises(config.ConfigError, match=r"^spiral.toml: train.epochs: expected an integer >= 1, got -3"):
         config.loads("[train]\nepochs = -3", overrides=["optimizer.learning_rate=0.5"], source="spiral.toml")
+    # An unknown section is the --set's that names it, not the file's (h83); one the file has is the file's.
+    with pytest.raises(config.ConfigError, match=r"^--set nonexistent.key=1: nonexistent: unknown key"):
+        config.loads("[train]\nepochs = 3", overrides=["nonexistent.key=1"], source="spiral.toml")
+    with pytest.raises(config.ConfigError, match=r"^spiral.toml: bogus: unknown key"):
+        config.loads("[bogus]\nx = 1", overrides=["bogus.y=1"], source="spiral.toml")
 
 
 def test_overrides_parse_toml_values():

@@ -83,11 +83,29 @@ def write_json(path: Path, obj: Any) -> None:
 
 def append_lines(path: Path, records: Iterable[dict]) -> None:
     """Appends one JSON object per line, in one write, flushed to disk. A file whose last line lacks its
-    newline (a process killed between the two) gets it first, so no two records share a line."""
+    newline (a process killed between the two) gets it first, so no two records share a line. A file with other
+    names too (hard links: a snapshot's, ``cp -al``, ``rsync --link-dest``) is first replaced by a copy of its own,
+    so that the other names keep it as it was."""
     text = "".join(json.dumps(_clean(r)) + "\n" for r in records)
     if not text:
         return
-    try:  # never through a symbolic link, never into anything but a regular file
+    fd = _open_append(path)
+    st = os.fstat(fd)
+    if st.st_nlink > 1:
+        os.close(fd)
+        atomic_write(path, read_regular(path, st.st_size))
+        fd = _open_append(path)
+    with os.fdopen(fd, "ab+") as f:
+        if f.seek(0, os.SEEK_END) and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
+            text = "\n" + text
+        f.write(text.encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _open_append(path: Path) -> int:
+    """``path`` opened to append: never through a symbolic link, never anything but a regular file."""
+    try:
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
     except OSError as e:
         raise FileError(f"{path}: cannot append to it ({'a symbolic link' if path.is_symlink() else e.strerror}); "
@@ -95,12 +113,7 @@ def append_lines(path: Path, records: Iterable[dict]) -> None:
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise FileError(f"{path}: not a regular file; funcgrad appends its metrics only to one")
-    with os.fdopen(fd, "ab+") as f:
-        if f.seek(0, os.SEEK_END) and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
-            text = "\n" + text
-        f.write(text.encode())
-        f.flush()
-        os.fsync(f.fileno())
+    return fd
 
 
 def metrics_bound(steps: int) -> int:

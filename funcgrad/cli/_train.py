@@ -545,19 +545,34 @@ def _refuse_links(out: Path, ckpt: Path, orbax: bool, *, metrics: bool, tensorbo
                          "never through a link (replace the link with the file itself); nothing was changed")
 
 
+def _refuse_to_replace(out: Path, resume: bool, writer: bool) -> None:
+    """--resume needs a checkpoint; a new run is refused where a run's checkpoint, or a finished run's results
+    without it (summary.json), would be replaced."""
+    finished = (out / files.SUMMARY).exists()
+    if resume and not _has_checkpoint(out):
+        if finished:
+            raise UsageError(f"--resume: no checkpoint in {out}, which holds a finished run's results "
+                             f"({files.SUMMARY}): there is nothing to continue from; train a new run into another "
+                             "folder with --out")
+        raise UsageError(f"--resume: no checkpoint in {out}; train without --resume to start the run")
+    if not resume and writer and _has_checkpoint(out):
+        raise UsageError(f"{out} already holds a run (a checkpoint); pass --resume to continue it, or --out "
+                         "to train into another folder")
+    if not resume and writer and finished:  # a finished run's results, its checkpoint gone
+        raise UsageError(f"{out} holds a finished run's results ({files.SUMMARY}) but no checkpoint to continue "
+                         "it from; a new run there would replace them: train into another folder with --out, or "
+                         "move that run away (make clean-runs removes runs/); nothing was changed")
+
+
 def _prepare(args: argparse.Namespace, out: Path, writer: bool) -> _Prepared:
     """Reads and checks everything a run needs; writes nothing (a command that fails here changes nothing)."""
 
+    _refuse_to_replace(out, args.resume, writer)
     if args.resume:
-        if not _has_checkpoint(out):
-            raise UsageError(f"--resume: no checkpoint in {out}; train without --resume to start the run")
         cfg, saved, changes = _resume_config(out, args)
         source = out / files.CONFIG
     else:
         (cfg, source), saved, changes = _load_config(args), None, []
-        if writer and _has_checkpoint(out):
-            raise UsageError(f"{out} already holds a run (a checkpoint); pass --resume to continue it, or --out "
-                             "to train into another folder")
     ckpt = _checkpoint_path(out, cfg)
     if cfg.checkpoint.backend == "orbax" and (missing := _orbax_missing()):
         raise UsageError(missing)
