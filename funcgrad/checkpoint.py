@@ -372,11 +372,13 @@ def _npy_header(f: Any) -> tuple[tuple[int, ...], np.dtype]:
     """The shape and dtype an ``.npy`` stream declares (read before its data, so nothing is allocated for it)."""
     version = np.lib.format.read_magic(f)
     if version == (1, 0):
-        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
     elif version == (2, 0):
-        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
     else:
         raise ValueError(f"an .npy of version {version[0]}.{version[1]}")
+    if fortran and len(shape) > 1:  # (funcgrad writes C order: the same bytes in Fortran order are another array)
+        raise ValueError("an .npy in Fortran order, which funcgrad never writes")
     return tuple(shape), np.dtype(dtype)
 
 

@@ -226,6 +226,20 @@ def test_a_member_named_twice_is_refused():
         checkpoint.load_flat(out.getvalue())
 
 
+def test_a_leaf_declared_in_fortran_order_is_refused():
+    # The same bytes read in Fortran order are another array: a crafted header flag loaded W transposed (h83).
+    tree = {"w": jnp.arange(6.0).reshape(2, 3)}
+    src, out = zipfile.ZipFile(io.BytesIO(checkpoint.to_bytes(tree))), io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        for name in src.namelist():
+            data = src.read(name)
+            if name != "__funcgrad__.npy":
+                data = data.replace(b"'fortran_order': False", b"'fortran_order': True ")
+            z.writestr(name, data)
+    with pytest.raises(checkpoint.CheckpointError, match=r"leaf \['w'\] cannot be read .*Fortran order"):
+        checkpoint.from_bytes(out.getvalue(), tree)
+
+
 def test_data_that_is_not_bytes_or_a_seekable_binary_file_is_a_type_error_naming_the_argument(tmp_path):
     tree = {"w": jnp.ones((2, 3))}
     data = checkpoint.to_bytes(tree, {"step": 1})
