@@ -3,6 +3,8 @@
 import json
 import os
 
+import pytest
+
 from funcgrad.cli import _files as files
 
 
@@ -57,3 +59,13 @@ def test_appending_to_a_hard_linked_metrics_file_leaves_the_other_name_as_it_was
     files.append_lines(path, [{"step": 1}])
     assert [r["step"] for r in files.read_metrics(path)] == [0, 1]
     assert snap.read_text() == '{"step": 0}\n' and os.stat(path).st_nlink == 1
+
+
+def test_rows_out_of_order_or_repeated_are_damage(tmp_path):
+    # A run logs each step once, in order, per split: rows 0, 10, 20 appended again were accepted by --resume (h83).
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0, "split": "train"}\n{"step": 0, "split": "validation"}\n{"step": 10, "split": "train"}\n')
+    assert len(files.read_metrics(path)) == 3
+    path.write_text(path.read_text() + '{"step": 10, "split": "train"}\n')
+    with pytest.raises(files.FileError, match=r"line 4 records step 10 after step 10 of split 'train', out of order"):
+        files.read_metrics(path)

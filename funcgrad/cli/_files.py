@@ -153,8 +153,8 @@ def read_metrics(path: Path, *, repair: bool = False, max_bytes: int = 1 << 30,
                  max_step: int | None = None) -> list[dict]:
     """The records of a metrics file. A last line that is not JSON (cut short by a killed process, so never a
     complete record) is left out, and with ``repair`` removed from the file atomically; any other damaged line
-    (not JSON, not a record: a value that is not a number, a step past ``max_step``) is an error naming the file
-    and the line. Without ``repair`` the file is only read."""
+    (not JSON, not a record: a value that is not a number, a step past ``max_step``, a step not after the last of
+    its split) is an error naming the file and the line. Without ``repair`` the file is only read."""
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         return []
@@ -166,6 +166,7 @@ def read_metrics(path: Path, *, repair: bool = False, max_bytes: int = 1 << 30,
     except UnicodeDecodeError as e:
         raise FileError(f"{path}: not a text file (byte {e.start} is not UTF-8); the file is damaged") from None
     records: list[dict] = []
+    last: dict = {}  # per split, the last step recorded
     for i, line in enumerate(lines):
         if not line.strip():
             continue
@@ -181,8 +182,12 @@ def read_metrics(path: Path, *, repair: bool = False, max_bytes: int = 1 << 30,
                 write_lines(path, records)
             break
         problem = _record_problem(record, max_step) if isinstance(record, dict) else "is not a record of a step"
+        if not problem and record["step"] <= last.get(record.get("split"), -1):  # (a run logs each step once, in order)
+            problem = (f"records step {record['step']} after step {last[record.get('split')]}"
+                       + (f" of split {record['split']!r}" if "split" in record else "") + ", out of order or repeated")
         if problem:
             raise FileError(f"{path}: line {i + 1} {problem} ({line[:60]!r}); the file is damaged")
+        last[record.get("split")] = record["step"]
         records.append(record)
         if max_step is not None and len(records) > _max_records(max_step):
             raise FileError(f"{path}: more than {_max_records(max_step)} records (line {i + 1}) for a run of at most "
