@@ -128,6 +128,14 @@ def fails_to_trace():
     return (lambda w: w @ jnp.ones(3)), jnp.ones(2)
 
 
+def takes_args(n, scale=1.0):
+    return setup()
+
+
+def no_rules():
+    return (lambda w: jnp.sum(jnp.tanh(w))), jnp.ones(2)
+
+
 number = 4
 '''
 
@@ -191,6 +199,13 @@ def test_audit_of_a_module_target(target, capsys, monkeypatch):
     ("{t}:one_element", "one_element() must return a tuple (fn, params, *args); it returned a tuple of 1"),
     ("{t}:not_callable", "its first element is float32[2], not callable"),
     ("no_such_module_here:setup", "no module named 'no_such_module_here'"),
+    # (h80: a traceback, then the line; importlib's traceback; "no such file"; exit 0 for nothing audited)
+    ("{t}:takes_args", "takes_args() takes argument(s) n without defaults; funcgrad calls it with none"),
+    (".:setup", "'.' is a folder; give the Python file in it"),
+    (".my_model:setup", "'.my_model' is a relative module name"),
+    ("{d}:setup", "is a folder; give the Python file in it"),
+    ("{t}:no_rules", "no custom rule to check: the function calls none defined outside JAX and the frameworks; "
+                     "nothing was audited"),
 ])
 def test_audit_of_a_bad_target_exits_2_with_one_line(target, capsys, spec, message):
     assert cli.main(["verify", "--audit", spec.format(t=target, d=target.parent)]) == 2

@@ -103,7 +103,12 @@ def _parser() -> argparse.ArgumentParser:
     e.set_defaults(handler=cmd_evaluate)
 
     v = sub.add_parser("verify", help="check every hand-derived formula of the catalog and the book's model, or "
-                                              "(--audit) every custom_vjp/custom_jvp rule a model of yours calls")
+                                              "(--audit) every custom_vjp/custom_jvp rule a model of yours calls",
+                       description="Check every hand-derived formula of funcgrad's catalog and the book's model "
+                                   "against JAX's autodiff and finite differences (exit 0: all pass, 1: some fail), "
+                                   "or with --audit every custom_vjp/custom_jvp rule a model of yours calls, each at "
+                                   "the inputs it receives (exit 0: all pass, 1: some fail, 2: nothing could be "
+                                   "audited).")
     v.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     v.add_argument("--seed", type=_seed, default=0, help="seed of the example points and random directions (≥ 0)")
     v.add_argument("--only", nargs="+", metavar="NAME", help="run only the checks whose name contains NAME")

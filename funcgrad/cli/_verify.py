@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import importlib
 import importlib.util
+import inspect
 import json
 import sys
 import time
@@ -98,6 +99,12 @@ def _load(target: str) -> tuple[Any, Path | None]:
     where, sep, name = target.rpartition(":")
     if not sep or not where or not name:
         raise UsageError(f"--audit expects {_TARGET_FORM}; got {target!r}")
+    if Path(where).is_dir():
+        raise UsageError(f"--audit {target}: {where!r} is a folder; give the Python file in it "
+                         f"(path/to/file.py:{name}) or a module's dotted name (package.module:{name})")
+    if where.startswith("."):
+        raise UsageError(f"--audit {target}: {where!r} is a relative module name; give a file's path "
+                         f"(path/to/file.py:{name}) or the module's full dotted name (package.module:{name})")
     is_file = where.endswith(".py") or "/" in where or "\\" in where
     if is_file:
         path = Path(where)
@@ -132,6 +139,11 @@ def _setup(target: str) -> tuple[tuple, Path | None]:
         raise UsageError(f"--audit {target}: {target.rpartition(':')[0]!r} defines no {name!r}")
     if not callable(func):
         raise UsageError(f"--audit {target}: {name!r} is not a function ({describe(func)})")
+    needed = _required_parameters(func)
+    if needed:
+        raise UsageError(f"--audit {target}: {name}() takes argument(s) {', '.join(needed)} without defaults; "
+                         f"funcgrad calls it with none: give them defaults, or add a function that calls {name} "
+                         "with them and returns (fn, params, *args)")
     with _on_path(folder):
         got = func()
     if not isinstance(got, tuple) or len(got) < 2:
@@ -141,6 +153,16 @@ def _setup(target: str) -> tuple[tuple, Path | None]:
         raise UsageError(f"--audit {target}: {name}() must return (fn, params, *args) with fn the function to "
                          f"audit; its first element is {describe(got[0])}, not callable")
     return got, folder
+
+
+def _required_parameters(func: Any) -> list[str]:
+    """The parameters ``func`` cannot be called without (none where its signature cannot be read)."""
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD,
+                                                                          p.KEYWORD_ONLY)]
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
@@ -185,14 +207,17 @@ def _cmd_audit(args: argparse.Namespace) -> int:
             return 2
     if args.json:
         print(json.dumps({**report.to_dict(), "ok": report.ok, "target": args.audit}, indent=1))
-        return 0 if report.ok else 1
+        return 2 if not report.rows else 0 if report.ok else 1
+    if not report.rows:  # (nothing audited is not a pass)
+        print(f"funcgrad verify: --audit {args.audit}: no custom rule to check: the function calls none defined "
+              "outside JAX and the frameworks" + (" that --exclude leaves" if args.exclude else "")
+              + "; nothing was audited" + "".join(f" ({n})" for n in report.notes if "not audited" in n),
+              file=sys.stderr)
+        return 2
     print(f"funcgrad verify --audit {args.audit}: every custom_vjp/custom_jvp rule it calls, checked at its calls "
           "against the rule's primal (plain autodiff) and finite differences")
     print(report)
     print()
-    if not report.rows:
-        print("no custom rule to check: the function calls none defined outside JAX and the frameworks")
-        return 0
     if report.ok:
         print(f"all {len(report.rows)} custom rule(s) passed ({report.seconds:.1f}s)")
         return 0
