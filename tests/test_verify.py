@@ -586,6 +586,34 @@ def test_without_a_hand_an_unconfirmed_leaf_of_a_function_with_custom_rules_poin
     assert not any("could not be confirmed" in n for n in verify.check_grad(mlp(jnp.tanh), params, x, y).notes)
 
 
+@pytest.mark.slow  # (check_grad and audit of a router: half a minute)
+def test_a_singular_leaf_behind_a_custom_rule_points_to_audit():
+    # A zero-initialised router: every logit tied, finite differences along it jump (singular, a pass), and autodiff
+    # there is not compared, so a wrong routing rule passed without a word (h78). The note points to audit, which
+    # fails the rule.
+    @jax.custom_vjp
+    def top1(logits):
+        i = jnp.argmax(logits, -1)
+        return jnp.take_along_axis(jax.nn.softmax(logits), i[:, None], -1)[:, 0], i
+
+    def bwd(logits, g):  # wrong: the routed probability's own derivative is the softmax Jacobian's row
+        return (g[0][:, None] * jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1]) * 2.0,)
+
+    top1.defvjp(lambda logits: (top1(logits), logits), bwd)
+
+    def fn(p, x):
+        w, i = top1(x @ p["router"])
+        return jnp.sum(w * jnp.take_along_axis(x @ p["E"].T, i[:, None], -1)[:, 0])
+
+    p = {"router": jnp.zeros((4, 3)), "E": jax.random.normal(jax.random.key(0), (3, 4))}
+    x = jax.random.normal(jax.random.key(1), (8, 4))
+    report = verify.check_grad(fn, p, x)
+    assert {r.path: r.verdict for r in report.rows}["['router']"] == "singular", report
+    note = next(n for n in report.notes if "could not be confirmed" in n)
+    assert "['router']" in note and "grow without bound" in note and "verify.audit(fn, params, *args)" in note
+    assert not verify.audit(fn, p, x).ok
+
+
 def test_check_jacobian_of_a_custom_vjp_function():
     f = jax.custom_vjp(jnp.sin)
     f.defvjp(lambda x: (jnp.sin(x), x), lambda x, d: (jnp.cos(x) * d,))

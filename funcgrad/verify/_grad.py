@@ -1205,11 +1205,15 @@ def _check_grad_impl(fn: Callable[..., Any], params: Any, args: tuple, *, hand: 
         rows, notes, plan, rtol_eff, eager = _compute(prep, facts, base_notes, options)
 
     unsure = [r.path for r in rows if r.verdict == Verdict.FD_UNRELIABLE and r.size]
-    if hand is None and unsure and _holds_custom_rules(bound.fn):
+    singular = [r.path for r in rows if r.verdict == Verdict.SINGULAR and r.size]
+    if hand is None and (unsure or singular) and _holds_custom_rules(bound.fn):
+        listed = unsure or singular
+        why = ("the finite differences' error bars there are wider than the tolerance (fn computes in float32 or "
+               "lower inside?)" if unsure else "finite differences there grow without bound as the step shrinks (no "
+               "finite derivative: a router or gate at a tie, at zero weights?), where autodiff is not compared")
         notes.append(
-            f"without a hand, autodiff could not be confirmed on {', '.join(unsure[:_LIST])}"
-            f"{'...' if len(unsure) > _LIST else ''}: the finite differences' error bars there are wider than the "
-            "tolerance (fn computes in float32 or lower inside?), and fn calls custom derivative rules (its own or a "
+            f"without a hand, autodiff could not be confirmed on {', '.join(listed[:_LIST])}"
+            f"{'...' if len(listed) > _LIST else ''}: {why}, and fn calls custom derivative rules (its own or a "
             "library's), a wrong one of which could hide so; verify.audit(fn, params, *args) checks each rule at its "
             "inputs, and a hand decides")
     dtype = "/".join(user_dtypes) + (" (finite differences in float64)" if user_dtypes != ["float64"] else "")
