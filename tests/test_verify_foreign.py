@@ -1449,6 +1449,27 @@ def test_a_book_style_backward_that_mutates_its_dvalues_is_checked_as_numpy_runs
     assert verify.check_vjp(f, hand_copied, x).ok
 
 
+@pytest.mark.slow  # (20 s: the hand runs in Python at every evaluation)
+def test_a_numpy_hand_breaking_ties_at_random_is_not_blamed_for_in_place_operations():
+    # A max-pool backward that routes each tie to a maximum drawn afresh at each call (no seed): its two runs differ,
+    # which was read as an in-place operation on dvalues (h81). Each draw is a valid choice at the kink.
+    x = jnp.repeat(jnp.arange(4.0)[:, None], 16, axis=1)  # (every pair a tie)
+    f = lambda x: jnp.max(x.reshape(4, 8, 2), axis=-1)  # noqa: E731 - 32 windows, each a tie: 2**-32 to draw alike
+    draws = np.random.default_rng()
+
+    def hand(x, d):
+        x, d = np.asarray(x, np.float64).reshape(4, 8, 2), np.asarray(d, np.float64)
+        out = np.zeros_like(x)
+        for i, j in np.ndindex(4, 8):
+            top = np.flatnonzero(x[i, j] == x[i, j].max())
+            out[i, j, draws.choice(top)] = d[i, j]
+        return out.reshape(4, 16)
+
+    report = verify.check_vjp(f, hand, x)
+    assert report.ok and not any("on NumPy arrays, as the book" in r.note for r in report.rows), report
+    assert any("not a function of its inputs" in n for n in report.notes), report.notes
+
+
 @pytest.mark.slow
 def test_a_numpy_float64_array_closed_over_by_fn_and_hand():
     # The book's dropout mask (np.random.binomial(...) / rate: float64) and one-hot labels (np.eye(3)[y]) closed

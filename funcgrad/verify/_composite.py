@@ -269,12 +269,21 @@ def _numpy_semantics(report: GradReport, hand: Callable, diff: tuple, cot: Any, 
                 lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, (host(diff), host(cot), host(consts))))]
             # (JAX operations in the hand compute in float64 here too: only NumPy's in-place semantics differ)
             eager = [np.asarray(x, np.float64) for x in hand(host(diff), host(cot), host(consts))]
+            again = [np.asarray(x, np.float64) for x in hand(host(diff), host(cot), host(consts))]
     except Exception:  # noqa: BLE001 - a hand for one kind of array only: nothing to compare
         return report
     found: dict[str, tuple[tuple[int, ...], float, float, str]] = {}
-    for name, t, e in zip(names, traced, eager, strict=False):
+    for name, t, e, e2 in zip(names, traced, eager, again, strict=False):
         if t.shape != e.shape:
             continue
+        if e2.shape != e.shape or not np.array_equal(e, e2, equal_nan=True):  # another result for the same arrays
+            at = tuple(int(i) for i in np.argwhere(e2 != e)[0]) if e2.shape == e.shape else ()
+            return dataclasses.replace(report, notes=(*report.notes, (
+                f"hand_vjp gives another {name} each time it is called on the same NumPy arrays"
+                + (f" ({e[at]:.6g}, then {e2[at]:.6g} at {list(at)})" if at else "")
+                + ": it is not a function of its inputs (a tie broken at random without a fixed seed?), so what was "
+                "checked is one of its draws; whether it handles NumPy's in-place operations as JAX arrays do "
+                "was not compared")))
         with np.errstate(invalid="ignore"):
             gap = np.abs(t - e)
             bad = ~(gap <= 1e-9 * (np.abs(t) + np.max(np.abs(t), initial=0.0)) + 1e-300) & np.isfinite(t)
