@@ -794,3 +794,30 @@ def test_a_hand_does_not_turn_finite_differences_that_say_nothing_into_ok():
     shared = verify.check_grad(lambda p, X, Y: forward(p, X, Y, stop=True), params, X, Y,
                                hand=lambda p, X, Y: {**hand(p, X, Y), "b2": jnp.zeros(3)})
     assert {r.path: r for r in shared.rows}["['b2']"].verdict == "both_wrong", shared
+
+
+@pytest.mark.parametrize("slip", [1.0, 1.05])
+def test_an_exact_cast_inside_a_scan_does_not_loosen_the_leaf(slip):
+    # A scan reading integer data cast to bfloat16 (exact): read as a whole, the scan made the leaf "computed in
+    # bfloat16" (rtol 0.05) and a hand 9% off passed (h84). The body is read through now: the cast is of values
+    # without the parameter, and exact.
+    x = jnp.arange(1.0, 17.0)
+
+    def fn(w, x):
+        return jax.lax.scan(lambda c, xi: (c + w * xi.astype(jnp.bfloat16).astype(w.dtype), None), 0.0 * w, x)[0]
+
+    report = verify.check_grad(fn, jnp.float32(0.3), x, hand=lambda w, x: slip * jnp.sum(x))  # (the truth: Σx = 136)
+    assert (report.verdict == "ok") == (slip == 1.0) and not report.ok == (slip != 1.0), report
+    assert not any("computes in bfloat16" in n for n in report.notes), report.notes
+
+
+@pytest.mark.parametrize("slip", [1.0, 1.02])
+def test_a_hand_casting_a_gradient_without_the_parameters_is_allowed_only_that_rounding(slip):
+    # fn = Σ w·x in float32 throughout; its gradient x does not depend on w. A hand returning (1.02·x) in bfloat16
+    # was read as rounding values without the parameters inside (2·eps of the leaf's largest: 1.6%, and the note
+    # blamed fn) and passed (h84); it is a final cast, half an ulp of each element.
+    x = jnp.asarray(RS.uniform(1, 2, 64), jnp.float32)
+    report = verify.check_grad(lambda w, x: jnp.sum(w * x), jnp.ones(64, jnp.float32), x,
+                               hand=lambda w, x: (slip * x).astype(jnp.bfloat16))
+    assert report.verdict == ("ok" if slip == 1.0 else "hand_wrong"), report
+    assert not any("do not depend on the parameters" in n for n in report.notes), report.notes

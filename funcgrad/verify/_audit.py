@@ -44,7 +44,7 @@ import numpy as np
 from jax.extend.core import ClosedJaxpr, Literal, jaxpr_as_fun
 
 from funcgrad._checks import describe, in_range
-from funcgrad.verify._compiled import _CUSTOM, _bind, _lower, _lowest_float
+from funcgrad.verify._compiled import _CUSTOM, _bind, _lower, _lowest_float, _scan_layout
 from funcgrad.verify._compiled import _sub_jaxprs as _sub
 from funcgrad.verify._fd import _default_rtol
 from funcgrad.verify._grad import _check_grad_impl, _environment_versions, _g, _second_look
@@ -837,25 +837,6 @@ def _stack(arrays: list) -> Any:
     if len(arrays) <= _STACK:
         return jnp.stack(arrays)
     return jnp.concatenate([jnp.stack(arrays[i : i + _STACK]) for i in range(0, len(arrays), _STACK)])
-
-
-def _scan_layout(p: Any, n_in: int) -> tuple[int, int] | None:
-    """(number of constants, number of carries) of a scan equation's flat inputs, or None when not understood.
-
-    JAX up to 0.11 states them as ``num_consts``/``num_carry``; JAX 0.12 as ``ft_in``, a flat tree of the three
-    groups (consts, carry, xs) whose ``unpack()`` gives each group and whose ``len`` is its number of leaves.
-    """
-    if "num_consts" in p and "num_carry" in p:
-        return int(p["num_consts"]), int(p["num_carry"])
-    ft = p.get("ft_in")
-    try:
-        groups = ft.unpack() if hasattr(ft, "unpack") else tuple(ft)
-        sizes = [len(g) for g in groups]
-    except (TypeError, AttributeError, AssertionError):
-        return None
-    if len(sizes) != 3 or sum(sizes) != n_in:
-        return None
-    return sizes[0], sizes[1]
 
 
 def _join(where: str, part: str) -> str:

@@ -693,7 +693,7 @@ def _static_facts(bound: _Bound, layout: _Layout, spec, param_dtypes, dyn_sig, x
             closed_h, h = jax.make_jaxpr(lambda th, d: bound.grad(layout.unravel(th), *_join_args(d, spec)),
                                          return_shape=True)(theta_s, dyn_s)
             hand64 = tuple(leaf.dtype for leaf in h)
-            hand_inner = tuple(_precisions(closed_h.jaxpr, 1))
+            hand_inner = tuple(_precisions(closed_h.jaxpr, 1, casts=True))
         # (custom rules' backward passes, and callbacks, are not in fn's own jaxpr)
         opaque = _uses(closed.jaxpr, _opaque)
         if opaque:
@@ -811,6 +811,10 @@ def _const_rounding(closed: Any, n_params: int, args: Sequence[Any]) -> list[flo
                 outs = walk(call.jaxpr, call.consts, xs)
             elif any(x[0] for x in xs) or any(x[2] is None for x in xs):
                 dep = any(x[0] for x in xs)
+                if dep and _sub_jaxprs(eqn):  # (a loop or a branch: what it rounds inside is not evaluated; its
+                    # precision stands, as the static walk may read it)
+                    low = _eqn_inner(eqn, opaque=False)
+                    r += float(jnp.finfo(low).eps) if low != f64 else 0.0
                 outs = [(dep, r if _is_float(v) else 0.0, None) for v in eqn.outvars]
                 if not dep:  # (a value that could not be evaluated: its precision, as the static walk reads it)
                     low = _lower(_eqn_inner(eqn, opaque=False), functools.reduce(
@@ -962,7 +966,72 @@ def _kept_by(mantissa_bits: int) -> Any:
     return jnp.dtype(getattr(jnp, "float8_e4m3fn", jnp.bfloat16))
 
 
-def _precisions(jaxpr: Any, n_params: int | None = None) -> list[tuple[Any, Any, Any]]:
+def _scan_layout(p: Any, n_in: int) -> tuple[int, int] | None:
+    """(number of constants, number of carries) of a scan equation's flat inputs, or None when not understood.
+
+    JAX up to 0.11 states them as ``num_consts``/``num_carry``; JAX 0.12 as ``ft_in``, a flat tree of the three
+    groups (consts, carry, xs) whose ``unpack()`` gives each group and whose ``len`` is its number of leaves.
+    """
+    if "num_consts" in p and "num_carry" in p:
+        return int(p["num_consts"]), int(p["num_carry"])
+    ft = p.get("ft_in")
+    try:
+        groups = ft.unpack() if hasattr(ft, "unpack") else tuple(ft)
+        sizes = [len(g) for g in groups]
+    except (TypeError, AttributeError, AssertionError):
+        return None
+    if len(sizes) != 3 or sum(sizes) != n_in:
+        return None
+    return sizes[0], sizes[1]
+
+
+def _reading(eqn: Any, ins: list, casts: bool) -> list[tuple[Any, Any, Any, bool]]:
+    """The (comp, cast, const, depends) readings of one equation's outputs from its inputs' (see
+    :func:`_precisions`): an equation read as a whole, its sub-computations' lowest precision included."""
+    f64 = jnp.dtype(jnp.float64)
+    name = eqn.primitive.name
+    dep = any(x[3] for x in ins)
+    comp = functools.reduce(_lower, [x[0] for x in ins], f64)
+    cast = functools.reduce(_lower, [x[1] for x in ins if x[3] == dep], f64)
+    # (a cast value without the parameters, ``casts``, meeting one with them: rounded inside, the third
+    # place)
+    const = functools.reduce(_lower, [x[2] for x in ins] + [x[1] for x in ins if x[3] != dep], f64)
+    kept = casts and not dep and (name in _MOVES or name in ("convert_element_type", "reduce_precision"))
+    if kept:  # (a cast of such a value, or a move after one: its rounding stays a cast's)
+        comp = f64
+    elif not dep:  # (all of it the definition's: its rounding is the third place's)
+        comp, cast = f64, f64
+        const = functools.reduce(_lower, [c for x in ins for c in x[:3]], const)
+        const = _lower(const, _eqn_inner(eqn, opaque=False))
+    elif name not in _MOVES and name != "convert_element_type":
+        comp, cast = _lower(comp, cast), f64
+    if dep:
+        comp = _lower(comp, _eqn_inner(eqn, opaque=False))
+    outs = []
+    for v in eqn.outvars:
+        dt = getattr(getattr(v, "aval", None), "dtype", None)
+        if dt is None or not jnp.issubdtype(dt, jnp.floating):
+            outs.append((f64, f64, f64, dep))  # (a mask or an index: exact)
+        elif kept and name == "convert_element_type":
+            outs.append((f64, _lower(cast, dt), const, False))
+        elif kept and name == "reduce_precision":
+            outs.append((f64, _lower(cast, _kept_by(eqn.params["mantissa_bits"])), const, False))
+        elif kept:
+            outs.append((f64, cast, const, False))
+        elif not dep:
+            outs.append((f64, f64, _lower(const, dt), False))
+        elif name == "convert_element_type":
+            outs.append((comp, _lower(cast, dt), const, dep))
+        elif name == "reduce_precision":  # a cast in place: to the widest dtype no finer than it keeps
+            outs.append((comp, _lower(cast, _kept_by(eqn.params["mantissa_bits"])), const, dep))
+        elif name in _MOVES:  # (its values are its inputs')
+            outs.append((comp, cast, const, dep))
+        else:
+            outs.append((_lower(comp, dt), cast, const, dep))
+    return outs
+
+
+def _precisions(jaxpr: Any, n_params: int | None = None, casts: bool = False) -> list[tuple[Any, Any, Any]]:
     """For each output of ``jaxpr``: (the lowest float precision of the values it is computed from, final casts
     aside; the lowest precision those final casts round it to; the lowest precision of the values it is computed
     from that do not depend on the parameters). ``g.astype(bfloat16)`` of a float64 ``g`` is (float64, bfloat16,
@@ -975,7 +1044,12 @@ def _precisions(jaxpr: Any, n_params: int | None = None) -> list[tuple[Any, Any,
     (data cast to bfloat16, a dropout mask drawn in bfloat16, a scale) is part of fn's definition, the same for
     autodiff, hand and finite differences: its precision counts only in the third place (a hand may have computed
     it unrounded). Boolean and integer values (masks, indices) carry no rounding: a comparison of bfloat16 values
-    moves a kink, which the checks judge as such."""
+    moves a kink, which the checks judge as such.
+
+    ``casts`` (a hand's trace): a final cast of such a value counts in the second place, as a dependent one's does.
+    A hand of ``sum(w * x)`` returning ``x.astype(bfloat16)`` rounds its result by half an ulp at each element; as a
+    value rounded inside (the third place) it earned twice bfloat16's eps of the leaf's largest gradient, which
+    passed a hand 2.5% off, or a small element's wrong sign."""
     f64 = jnp.dtype(jnp.float64)
     exact = (f64, f64, f64, False)
 
@@ -986,43 +1060,60 @@ def _precisions(jaxpr: Any, n_params: int | None = None) -> list[tuple[Any, Any,
         for eqn in jx.eqns:
             ins = [get(v) for v in eqn.invars]
             subs = _sub_jaxprs(eqn)
-            if _is_call(eqn, subs):
+            looped = _control_flow(eqn, ins, walk)
+            if looped is not None:
+                outs = looped
+            elif _is_call(eqn, subs):
                 outs = walk(subs[0], {id(v): x for v, x in zip(subs[0].invars, ins, strict=True)})
             else:
-                name = eqn.primitive.name
-                dep = any(x[3] for x in ins)
-                comp = functools.reduce(_lower, [x[0] for x in ins], f64)
-                cast = functools.reduce(_lower, [x[1] for x in ins], f64)
-                const = functools.reduce(_lower, [x[2] for x in ins], f64)
-                if not dep:  # (all of it the definition's: its rounding is the third place's)
-                    comp, cast = f64, f64
-                    const = functools.reduce(_lower, [c for x in ins for c in x[:3]], const)
-                    const = _lower(const, _eqn_inner(eqn, opaque=False))
-                elif name not in _MOVES and name != "convert_element_type":
-                    comp, cast = _lower(comp, cast), f64
-                if dep:
-                    comp = _lower(comp, _eqn_inner(eqn, opaque=False))
-                outs = []
-                for v in eqn.outvars:
-                    dt = getattr(getattr(v, "aval", None), "dtype", None)
-                    if dt is None or not jnp.issubdtype(dt, jnp.floating):
-                        outs.append((f64, f64, f64, dep))  # (a mask or an index: exact)
-                    elif not dep:
-                        outs.append((f64, f64, _lower(const, dt), False))
-                    elif name == "convert_element_type":
-                        outs.append((comp, _lower(cast, dt), const, dep))
-                    elif name == "reduce_precision":  # a cast in place: to the widest dtype no finer than it keeps
-                        outs.append((comp, _lower(cast, _kept_by(eqn.params["mantissa_bits"])), const, dep))
-                    elif name in _MOVES:  # (its values are its inputs')
-                        outs.append((comp, cast, const, dep))
-                    else:
-                        outs.append((_lower(comp, dt), cast, const, dep))
+                outs = _reading(eqn, ins, casts)
             known.update((id(v), x) for v, x in zip(eqn.outvars, outs, strict=True))
         return [get(v) for v in jx.outvars]
 
     n = len(jaxpr.invars) if n_params is None else n_params
     top = {id(v): (f64, f64, f64, i < n) for i, v in enumerate(jaxpr.invars)}
     return [x[:3] for x in walk(jaxpr, top)]
+
+
+def _merged(a: tuple, b: tuple) -> tuple:
+    """Two (comp, cast, const, depends) readings of one value (a loop's carry at two iterations, a branch's
+    output in two branches): the lower precisions, and dependence on the parameters if either has it."""
+    return (_lower(a[0], b[0]), _lower(a[1], b[1]), _lower(a[2], b[2]), a[3] or b[3])
+
+
+def _control_flow(eqn: Any, ins: list, walk: Callable) -> list | None:
+    """A scan's, a while loop's or a cond's outputs read through its body (see :func:`_precisions`): the carry
+    until its reading no longer changes (a few rounds: the readings only go down), each branch's outputs merged.
+    None for any other equation, or one whose layout is not understood (then read as a whole)."""
+    name, p = eqn.primitive.name, eqn.params
+
+    def through(body: Any, consts: list, carry: list, rest: list, n_out_carry: int) -> list:
+        for _ in range(8):
+            outs = walk(body, {id(v): x for v, x in zip(body.invars, [*consts, *carry, *rest], strict=True)})
+            new = [_merged(c, o) for c, o in zip(carry, outs[:n_out_carry], strict=True)]
+            if new == carry:
+                return [*carry, *outs[n_out_carry:]]
+            carry = new
+        return None  # type: ignore[return-value]
+
+    try:
+        if name == "scan":
+            layout = _scan_layout(p, len(ins))
+            if layout is None:
+                return None
+            n_c, n_carry = layout
+            return through(p["jaxpr"].jaxpr, ins[:n_c], list(ins[n_c:n_c + n_carry]), ins[n_c + n_carry:], n_carry)
+        if name == "while":
+            n_cc, n_bc = int(p["cond_nconsts"]), int(p["body_nconsts"])
+            return through(p["body_jaxpr"].jaxpr, ins[n_cc:n_cc + n_bc], list(ins[n_cc + n_bc:]), [],
+                           len(ins) - n_cc - n_bc)
+        if name == "cond":
+            outs = [walk(b.jaxpr, {id(v): x for v, x in zip(b.jaxpr.invars, ins[1:], strict=True)})
+                    for b in p["branches"]]
+            return [functools.reduce(_merged, group) for group in zip(*outs, strict=True)]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return None
 
 
 # The primitives that call a user-definable custom derivative rule, and the rule's kind.
