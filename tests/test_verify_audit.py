@@ -1607,14 +1607,13 @@ def test_a_rule_applied_only_to_constants_of_fn_is_still_checked():
 
 
 def test_calls_left_out_by_max_calls_are_counted_in_a_note():
+    # A loop's iterations are sampled (every call site is checked: test_every_call_site_is_checked_...).
     act = _tanh_rule(1.0)
 
     def fn(p, x):
-        for i in range(20):
-            x = act(x * p[f"w{i}"])
-        return jnp.sum(x)
+        return jnp.sum(jax.lax.scan(lambda x, w: (act(x * w), None), x, p["w"])[0])
 
-    report = verify.audit(fn, {f"w{i}": jnp.float32(0.9) for i in range(20)}, jnp.ones(3), max_calls=8)
+    report = verify.audit(fn, {"w": jnp.full(20, 0.9, jnp.float32)}, jnp.ones(3), max_calls=8)
     assert report.rows[0].calls == 8 and report.rows[0].seen == 20, report
     assert "12 of its 20 call(s) not checked (max_calls=8" in report.rows[0].note, report
 

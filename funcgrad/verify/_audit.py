@@ -1677,8 +1677,9 @@ def audit(
             row says whether the rule is on their gradient path, i.e. whether a wrong rule there corrupts their
             gradient. Every rule is checked either way (an input off their path that the rule gives no cotangent,
             None, is held fixed).
-        max_calls: calls checked per rule at most; loops longer than this are sampled (evenly, first and last
-            included) and the row shows how many calls were checked out of how many were made.
+        max_calls: calls checked per rule at most, besides one at each call site (loop iterations aside); loops
+            longer than this are sampled (evenly, first and last included) and the row shows how many calls were
+            checked out of how many were made.
         library: also audit rules defined by JAX and the frameworks (``jax.nn.relu``'s custom JVP, ...).
         exclude: rules not to check (e.g. straight-through estimators, whose rule is deliberately not the
             derivative of their primal), each by its name or, where fn calls several rules of that name, as
