@@ -2332,3 +2332,23 @@ def test_an_audit_keyword_that_fn_also_takes_is_named():
         testing.assert_rules_ok(loss, jnp.eye(4), x, mode="eval")
     report = verify.audit(loss, jnp.eye(4), x, seed=3)
     assert report.ok and any(n.startswith("seed= went to audit") for n in report.notes), report.notes
+
+
+@pytest.mark.parametrize("term", ["square", "product"])
+def test_a_custom_jvp_not_linear_in_its_tangent_fails_saying_so(term):
+    # 3z²·t + ½t²: JAX cannot transpose it, so jax.grad through the rule fails. audit read "not checked" (undecided)
+    # with JAX's internal assertion as the reason (h82); a gradient through it cannot be computed: a failing rule.
+    @jax.custom_jvp
+    def cube(z):
+        return z**3
+
+    @cube.defjvp
+    def _(primals, tangents):
+        (z,), (t,) = primals, tangents
+        return z**3, 3 * z**2 * t + 0.5 * (t**2 if term == "square" else t * t)
+
+    fn = lambda W, x: jnp.sum(cube(x @ W))  # noqa: E731
+    with pytest.raises(Exception):  # noqa: B017, PT011 - the premise: JAX's own gradient fails (its error varies)
+        jax.grad(fn)(jnp.eye(3), jnp.ones((2, 3)))
+    (row,) = verify.audit(fn, jnp.eye(3), jnp.ones((2, 3))).rows
+    assert row.verdict == "autodiff_wrong" and "cannot transpose the rule's tangent computation" in row.note, row

@@ -1088,6 +1088,8 @@ def _defect(e: BaseException) -> bool:
     the rule."""
     if isinstance(e, jax.errors.UnexpectedTracerError):
         return False
+    if _nonlinear_tangent(e):
+        return True
     tb = e.__traceback__
     while tb is not None:
         fname = tb.tb_frame.f_code.co_filename
@@ -1099,8 +1101,24 @@ def _defect(e: BaseException) -> bool:
         re.search(r"shape|dtype|structure|container|length|number|must (?:produce|return)", text))
 
 
+def _nonlinear_tangent(e: BaseException) -> bool:
+    """Whether JAX failed to transpose a custom_jvp rule's tangent because it is not linear in it (``0.5 * t**2``):
+    an internal assertion on the accumulated cotangents, which reverse mode through the rule always meets."""
+    return (isinstance(e, AssertionError) and "Accum" in str(e)) or (
+        isinstance(e, NotImplementedError) and "Transpose rule (for reverse-mode differentiation)" in str(e))
+
+
+def _first_sentence(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text.split('. ')[0][:200]}" if text else type(e).__name__
+
+
 def _error(e: BaseException) -> str:
     """An error in a line: its first paragraph (JAX's wrap mid-sentence), up to 600 characters."""
+    if _nonlinear_tangent(e):
+        return ("JAX cannot transpose the rule's tangent computation, so reverse mode (jax.grad) through the rule "
+                "fails: is its tangent output not linear in the input tangents (a term like t**2, or t used in a "
+                f"branch)? ({_first_sentence(e)})")
     text = str(e).strip()
     msg = " ".join(text.split("\n\n")[0].split()) if text else ""
     msg = msg if len(msg) <= 600 else msg[:597] + "..."
