@@ -179,12 +179,18 @@ def test_audit_of_a_planted_wrong_rule_exits_1_and_names_it(target, capsys):
     assert doc["ok"] is True and doc["environment"]["exclude"] == ["swish"]
 
 
-def test_audit_of_a_module_target(target, capsys, monkeypatch):
+@pytest.mark.parametrize("package", [False, True])
+def test_audit_of_a_module_target(target, capsys, monkeypatch, package):
     monkeypatch.chdir(target.parent)  # package.module:FUNCTION is imported from the working directory
+    name = "my_model"
+    if package:  # a package is a folder too: imported, not refused as a folder (h86)
+        name = "my_pkg"
+        (target.parent / name).mkdir()
+        (target.parent / name / "__init__.py").write_text(TARGET)
     try:
-        assert cli.main(["verify", "--audit", "my_model:setup", "--json"]) == 0
+        assert cli.main(["verify", "--audit", f"{name}:setup", "--json"]) == 0
     finally:
-        sys.modules.pop("my_model", None)
+        sys.modules.pop(name, None)
     doc = json.loads(capsys.readouterr().out)
     assert doc["ok"] is True and {r["rule"] for r in doc["rows"]} == {"cube", "swish"}
 

@@ -2332,6 +2332,9 @@ def test_an_audit_keyword_that_fn_also_takes_is_named():
         testing.assert_rules_ok(loss, jnp.eye(4), x, mode="eval")
     report = verify.audit(loss, jnp.eye(4), x, seed=3)
     assert report.ok and any(n.startswith("seed= went to audit") for n in report.notes), report.notes
+    # (an option that is an array is compared as given, not elementwise: funcgrad's message for a bad wrt)
+    with pytest.raises(TypeError, match=r"audit: wrt must be None, a predicate"):
+        verify.audit(loss, jnp.eye(4), x, wrt=np.array([True, False]))
 
 
 @pytest.mark.parametrize("term", ["square", "product"])

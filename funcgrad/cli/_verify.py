@@ -99,13 +99,13 @@ def _load(target: str) -> tuple[Any, Path | None]:
     where, sep, name = target.rpartition(":")
     if not sep or not where or not name:
         raise UsageError(f"--audit expects {_TARGET_FORM}; got {target!r}")
-    if Path(where).is_dir():
+    is_file = where.endswith(".py") or "/" in where or "\\" in where or where in (".", "..")
+    if is_file and Path(where).is_dir():  # (a package's dotted name is imported, folder or not)
         raise UsageError(f"--audit {target}: {where!r} is a folder; give the Python file in it "
                          f"(path/to/file.py:{name}) or a module's dotted name (package.module:{name})")
     if where.startswith("."):
         raise UsageError(f"--audit {target}: {where!r} is a relative module name; give a file's path "
                          f"(path/to/file.py:{name}) or the module's full dotted name (package.module:{name})")
-    is_file = where.endswith(".py") or "/" in where or "\\" in where
     if is_file:
         path = Path(where)
         if not path.is_file():

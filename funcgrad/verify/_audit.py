@@ -2003,8 +2003,7 @@ _AUDIT_DEFAULTS = {"wrt": None, "max_calls": 8, "library": False, "exclude": (),
 def _clashes(fn: Any, **given: Any) -> list[str]:
     """Checks audit's options (see :func:`_check_options`); returns those given (not at their defaults) that
     ``fn`` takes too, which went to audit and not to fn. An error says so where one of them is refused."""
-    clash = [k for k, v in given.items()
-             if v is not _AUDIT_DEFAULTS[k] and v != _AUDIT_DEFAULTS[k] and _takes_keyword(fn, k)]
+    clash = [k for k, v in given.items() if _differs(v, _AUDIT_DEFAULTS[k]) and _takes_keyword(fn, k)]
     try:
         _check_options(fn, given["max_calls"], given["library"], given["exclude"], given["mode"], given["seed"],
                        given["rtol"], given["atol"])
@@ -2013,6 +2012,16 @@ def _clashes(fn: Any, **given: Any) -> list[str]:
             raise type(e)(f"{e}; {_clash_note(clash)}") from None
         raise
     return clash
+
+
+def _differs(value: Any, default: Any) -> bool:
+    """Whether an option was given otherwise than its default (an array, a wrt mask, compares as given)."""
+    if value is default:
+        return False
+    try:
+        return bool(value != default)
+    except (TypeError, ValueError):  # (an array's elementwise comparison)
+        return True
 
 
 def _takes_keyword(fn: Any, name: str) -> bool:

@@ -736,11 +736,13 @@ def _gradient_precisions(bound: _Bound, layout: _Layout, spec: tuple, dyn_s: lis
 
 
 def _measured_const(bound: _Bound, layout: _Layout, spec: tuple, dyn: list, static: tuple) -> tuple:
-    """Per leaf, the rounding (an eps: twice the largest relative change) that the values without the parameters
-    (data, masks, scales) meet on the way of its float64 gradient, measured at their values; ``static`` (the lowest
-    precision among them, see :func:`_precisions`) where they cannot be evaluated. A cast to bfloat16 of values it
-    holds exactly (``jnp.arange(16.).astype(bfloat16)``, integer data, a 0/1 mask) rounds nothing, and a hand that
-    uses them unrounded computes the same gradient: no allowance is due there. Never more than ``static``'s eps."""
+    """Per leaf, the rounding (an eps) that the values without the parameters (data, masks, scales) meet on the way
+    of its float64 gradient: 0 where every rounding among them is exact at their values, else ``static``'s eps (the
+    lowest precision among them, see :func:`_precisions`). A cast to bfloat16 of values it holds exactly
+    (``jnp.arange(16.).astype(bfloat16)``, integer data, a 0/1 mask) rounds nothing, and a hand that uses them
+    unrounded computes the same gradient: no allowance is due there. Where something is rounded, what the rounding
+    does to the gradient is not bounded by the rounding of each value (``x.astype(bfloat16) - 256`` cancels: a
+    rounding of 0.2% moves the result by 100%), so the allowance stays the dtype's."""
     with jax.enable_x64(True):
         try:
             args = [x.astype(_dtype64(x.dtype)) if i < len(dyn) - _n_consts(spec) and not jnp.issubdtype(
@@ -751,7 +753,7 @@ def _measured_const(bound: _Bound, layout: _Layout, spec: tuple, dyn: list, stat
             measured = _const_rounding(closed, len(layout.shapes), jax.tree_util.tree_leaves(args))
         except Exception:  # noqa: BLE001 - not evaluable here: the static precisions stand
             return tuple(float(jnp.finfo(d).eps) for d in static)
-    return tuple(min(float(jnp.finfo(d).eps), m) for d, m in zip(static, measured, strict=True))
+    return tuple(float(jnp.finfo(d).eps) if m > 0 else 0.0 for d, m in zip(static, measured, strict=True))
 
 
 def _const_rounding(closed: Any, n_params: int, args: Sequence[Any]) -> list[float]:

@@ -1400,8 +1400,10 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
             h_given = [jnp.asarray(np.ravel(np.asarray(x, np.float64)), jnp.float64) for x in h64]
             # (NumPy code: what it computes in is its output's dtype, as far as one can tell)
             hand_inner = tuple((d, jnp.dtype(jnp.float64), jnp.dtype(jnp.float64)) for d in hand64)
+        # (only a hand may use those values unrounded: without one the allowance is not used)
         measured = (_measured_const(prep.bound, layout, prep.spec, prep.dyn, facts.grad64_const)
-                    if any(d != jnp.float64 for d in facts.grad64_const) and options.rtol is None else None)
+                    if prep.has_hand and any(d != jnp.float64 for d in facts.grad64_const) and options.rtol is None
+                    else None)
         eps_f, rtols = _precision_plan(facts, layout, hand64, hand_inner, options.rtol, notes, measured)
         rtol_eff = float(np.max(rtols[:, 0], initial=0.0))  # (reported: the loosest)
         h0 = _first_step(eps_f)
@@ -1650,12 +1652,10 @@ def _precision_plan(facts: _Facts, layout: _Layout, hand64: tuple, hand_inner: t
     rtols[:, 5] = np.minimum(comp, eps_of(jnp.float32))
     rounded = [p for p, c, k in zip(paths, comp, const, strict=True) if 2 * k > max(_default_rtol(c), 1e-6)]
     if rounded:
-        cast_to = functools.reduce(_lower, facts.grad64_const) if facts.grad64_const else None
-        by = f", by up to {max(const) / 2:.2g} relatively at their values" if measured else ""
         notes.append(f"values that do not depend on the parameters (data, masks, scales) are rounded to "
-                     f"{cast_to if measured and cast_to is not None else _dtype_of_eps(max(const))}{by} on the way of the "
-                     f"gradients of {', '.join(rounded)}: as a hand may use them unrounded, those gradients may differ "
-                     f"by twice that rounding (rtol {min(0.05, 2 * max(const)):.2g})")
+                     f"{_dtype_of_eps(max(const))} on the way of the gradients of {', '.join(rounded)}: as a hand may "
+                     "use them unrounded, those gradients may differ by twice that rounding "
+                     f"(rtol {min(0.05, 2 * max(const)):.2g})")
     for i, dt in enumerate(cast):
         if dt:  # the cast's rounding (see _tolerance)
             fi = jnp.finfo(dt)
