@@ -823,3 +823,13 @@ def test_a_hand_casting_a_gradient_without_the_parameters_is_allowed_only_that_r
                                hand=lambda w, x: (slip * x).astype(jnp.bfloat16))
     assert report.verdict == ("ok" if slip == 1.0 else "hand_wrong"), report
     assert not any("do not depend on the parameters" in n for n in report.notes), report.notes
+
+
+def test_data_rounded_with_reduce_precision_is_allowed_as_data_cast_to_that_precision():
+    # lax.reduce_precision(x, 8, 7) rounds data as x.astype(bfloat16) does, but keeps float64: it earned no allowance,
+    # and a hand using the data unrounded failed (h86), as the same hand of the astype form passed.
+    x = jnp.asarray(RS.randn(64), jnp.float32)
+    w = jnp.asarray(RS.randn(64), jnp.float32)
+    fn = lambda w, x: jnp.sum(w * jax.lax.reduce_precision(x, exponent_bits=8, mantissa_bits=7))  # noqa: E731
+    assert verify.check_grad(fn, w, x, hand=lambda w, x: x).ok
+    assert verify.check_grad(fn, w, x, hand=lambda w, x: 1.05 * x).verdict == "hand_wrong"

@@ -766,10 +766,11 @@ def _const_rounding(closed: Any, n_params: int, args: Sequence[Any]) -> list[flo
 
     def own(eqn: Any, ins: list, outs: list) -> list[float]:
         """Each output's own rounding: twice its largest relative change against float64."""
-        lows = [i for i, v in enumerate(eqn.outvars) if _is_float(v) and v.aval.dtype != f64]
+        rounds = eqn.primitive.name == "reduce_precision"  # (a cast in place: its dtype stays)
+        lows = [i for i, v in enumerate(eqn.outvars) if _is_float(v) and (v.aval.dtype != f64 or rounds)]
         if not lows or eqn.primitive.name in _MOVES:
             return [0.0] * len(outs)
-        if eqn.primitive.name == "convert_element_type":
+        if eqn.primitive.name == "convert_element_type" or rounds:
             wide = [np.asarray(ins[0], np.float64)]
         elif _sub_jaxprs(eqn):
             inner = float(jnp.finfo(_lower(_eqn_inner(eqn, opaque=False), f64)).eps)
@@ -786,7 +787,8 @@ def _const_rounding(closed: Any, n_params: int, args: Sequence[Any]) -> list[flo
                 return [float(jnp.finfo(v.aval.dtype).eps) if i in lows else 0.0 for i, v in enumerate(eqn.outvars)]
         out = []
         for i, (v, y) in enumerate(zip(eqn.outvars, outs, strict=True)):
-            eps = float(jnp.finfo(v.aval.dtype).eps) if i in lows else 0.0
+            eps = float(jnp.finfo(_kept_by(eqn.params["mantissa_bits"]) if rounds else v.aval.dtype).eps) \
+                if i in lows else 0.0
             if i not in lows or np.shape(wide[i]) != np.shape(y):
                 out.append(eps)
                 continue
@@ -1020,8 +1022,9 @@ def _reading(eqn: Any, ins: list, casts: bool) -> list[tuple[Any, Any, Any, bool
             outs.append((f64, _lower(cast, _kept_by(eqn.params["mantissa_bits"])), const, False))
         elif kept:
             outs.append((f64, cast, const, False))
-        elif not dep:
-            outs.append((f64, f64, _lower(const, dt), False))
+        elif not dep:  # (lax.reduce_precision of data rounds it as a cast to that precision would)
+            kept_dt = _kept_by(eqn.params["mantissa_bits"]) if name == "reduce_precision" else dt
+            outs.append((f64, f64, _lower(_lower(const, dt), kept_dt), False))
         elif name == "convert_element_type":
             outs.append((comp, _lower(cast, dt), const, dep))
         elif name == "reduce_precision":  # a cast in place: to the widest dtype no finer than it keeps
