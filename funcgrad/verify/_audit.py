@@ -44,7 +44,7 @@ import numpy as np
 from jax.extend.core import ClosedJaxpr, Literal, jaxpr_as_fun
 
 from funcgrad._checks import describe, in_range
-from funcgrad.verify._compiled import _CUSTOM, _bind, _lower, _lowest_float, _scan_layout
+from funcgrad.verify._compiled import _CUSTOM, _bind, _lower, _lowest_float, _scan_layout, _widened_params
 from funcgrad.verify._compiled import _sub_jaxprs as _sub
 from funcgrad.verify._fd import _default_rtol
 from funcgrad.verify._grad import _check_grad_impl, _environment_versions, _g, _second_look
@@ -1292,9 +1292,7 @@ def _wide_primal(eqn: Any, ins: Sequence[Any], float_outs: tuple[int, ...]) -> l
             elif any(hasattr(getattr(x, "jaxpr", x), "eqns") for x in e.params.values()):
                 raise _NotWidened(e.primitive.name)  # (a loop or a branch)
             else:
-                params = {k: (jnp.dtype(jnp.float64) if k in _DTYPE_PARAMS and v is not None
-                              and jnp.issubdtype(v, jnp.floating) else v) for k, v in e.params.items()}
-                outs = _bind(e, invals, params)
+                outs = _bind(e, invals, _widened_params(e.params))
             for v, o in zip(e.outvars, outs, strict=True):
                 env[v] = o
         return [read(v) for v in jaxpr.outvars]
@@ -1314,7 +1312,6 @@ class _NotWidened(Exception):
 
 _WIDE_CALLS = frozenset({"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint", "custom_jvp_call",
                          "custom_vjp_call", "custom_vjp_call_jaxpr"})  # (evaluated through, as their primal)
-_DTYPE_PARAMS = frozenset({"new_dtype", "preferred_element_type", "dtype"})  # (a floating one is widened)
 
 
 def _inputs_to_check(call: _Call, n_c: int) -> tuple[tuple[int, ...], list[int], list[int], list[int]]:

@@ -778,11 +778,9 @@ def _const_rounding(closed: Any, n_params: int, args: Sequence[Any]) -> list[flo
                     for i, v in enumerate(eqn.outvars)]
         else:
             try:
-                params = {k: (f64 if k in ("new_dtype", "preferred_element_type", "dtype") and v is not None
-                              and jnp.issubdtype(v, jnp.floating) else v) for k, v in eqn.params.items()}
                 wide = [np.asarray(x, np.float64) for x in _bind(eqn, [
                     jnp.asarray(x, f64) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x for x in ins],
-                    params)]
+                    _widened_params(eqn.params))]
             except Exception:  # noqa: BLE001 - not measurable: its dtype's eps
                 return [float(jnp.finfo(v.aval.dtype).eps) if i in lows else 0.0 for i, v in enumerate(eqn.outvars)]
         out = []
@@ -852,6 +850,15 @@ def _call_closed(eqn: Any) -> Any:
         if getattr(v, "jaxpr", None) is subs[0]:
             return v
     return ClosedJaxpr(subs[0], ())
+
+
+_DTYPE_PARAMS = frozenset({"new_dtype", "preferred_element_type", "dtype"})  # (a floating one is widened)
+
+
+def _widened_params(params: dict) -> dict:
+    """An equation's parameters with the floating dtypes it computes or casts to made float64."""
+    return {k: (jnp.dtype(jnp.float64) if k in _DTYPE_PARAMS and v is not None and jnp.issubdtype(v, jnp.floating)
+                else v) for k, v in params.items()}
 
 
 def _bind(eqn: Any, invals: Sequence[Any], params: dict | None = None) -> list:
