@@ -716,6 +716,20 @@ def test_a_rule_on_a_library_function_is_named_after_that_function():
     misnamed = verify.audit(model, p, x, exclude=["tanh_ste"])
     assert any("'tanh_ste'" in n and "'sin', 'tanh'" in n for n in misnamed.notes), misnamed.notes
 
+    # A rule given as an object of the user's class (its __call__ the rule) is the user's too: it was taken for
+    # JAX's own, not audited (library=True audits those), and the report said ok (h87).
+    class ScaledTanhJvp:
+        def __call__(self, primals, tangents):
+            (z,), (t,) = primals, tangents
+            y = jnp.tanh(z)
+            return y, t * (1 - y**2) * 1.1  # 10% off
+
+    tanh_obj = jax.custom_jvp(jnp.tanh)
+    tanh_obj.defjvp(ScaledTanhJvp())
+    obj = verify.audit(lambda p, x: jnp.sum(tanh_obj(x @ p)), p, x)
+    assert [(r.rule, r.verdict) for r in obj.rows] == [("tanh", "autodiff_wrong")], obj
+    assert "test_verify_audit.py:" in obj.rows[0].source, obj
+
     # A framework's wrapper is no library function: an equinox rule on an identity primal keeps its rule's name
     # (review: it became equinox's internal "fn_wrapper").
     @eqx.filter_custom_jvp

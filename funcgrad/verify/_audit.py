@@ -107,17 +107,25 @@ class _Call(NamedTuple):
 
 
 @functools.cache
-def _library_dirs() -> tuple[str, ...]:
+def _library_dirs(names: tuple[str, ...] = _LIBRARIES) -> tuple[str, ...]:
     dirs = []
-    for name in _LIBRARIES:
+    for name in names:
         file = getattr(sys.modules.get(name), "__file__", None)
         if file:
             dirs.append(os.path.dirname(os.path.abspath(file)) + os.sep)
     return tuple(dirs)
 
 
-def _is_library(filename: str) -> bool:
-    return os.path.abspath(filename).startswith(_library_dirs()) if filename and not filename.startswith("<") else False
+def _is_library(filename: str, names: tuple[str, ...] = _LIBRARIES) -> bool:
+    return os.path.abspath(filename).startswith(_library_dirs(names)) if filename and not filename.startswith("<") \
+        else False
+
+
+def _jax_own(eqn: Any) -> bool:
+    """Whether a custom rule is JAX's own (jax.nn.relu's, logaddexp's custom JVP): its function and its rule both
+    defined inside JAX; not a user's rule on a JAX function (``jax.custom_jvp(jnp.tanh)``), nor a framework's."""
+    rule = _identify(eqn)
+    return rule.library and _is_library(rule.source.rsplit(":", 1)[0], ("jax", "jaxlib"))
 
 
 def _short(filename: str, line: int | str) -> str:
@@ -162,6 +170,11 @@ def _user_functions(root: Any) -> Any:
         elif code is None and not isinstance(obj, (dict, jax.Array, np.ndarray)):
             with contextlib.suppress(TypeError):
                 queue.extend(v for v in vars(obj).values() if callable(v) or hasattr(v, "__dict__"))
+            # An object called as a function (a rule given as an instance of the user's class): its __call__.
+            call = next((vars(k)["__call__"] for k in type(obj).__mro__ if "__call__" in vars(k)), None) \
+                if callable(obj) else None
+            if isinstance(getattr(call, "__code__", None), types.CodeType):
+                queue.append(call)
 
 
 def _primal_of(jvp: Any) -> Any:
@@ -290,6 +303,22 @@ def _machinery(frame: Any) -> bool:
     return f"{os.sep}interpreters{os.sep}" in name or (_is_library(name) and name.endswith(_MACHINERY))
 
 
+def _source(closed: Any) -> tuple[str, str, bool] | None:
+    """(name, file:line, whether a framework's) of the function a jaxpr was traced from, as JAX records it."""
+    info = getattr(getattr(closed, "jaxpr", None), "debug_info", None)
+    m = re.match(r"^(.*) at (.*):(\d+)$", getattr(info, "func_src_info", None) or "")
+    return (m.group(1), _short(m.group(2), m.group(3)), _is_library(m.group(2))) if m else None
+
+
+def _users_solves(eqn: Any) -> list[tuple[str, str, bool]]:
+    """A ``lax.custom_linear_solve``'s ``transpose_solve`` and ``solve`` that are the user's (its derivative is made
+    of them; the libraries' own, jnp.linalg.solve's and jax.scipy's cg, are theirs), as :func:`_source` gives them."""
+    fns = eqn.params["jaxprs"]
+    given = [j for which in ("transpose_solve", "solve") if (j := getattr(fns, which, None)) is not None]
+    # (a solve whose source JAX does not tell, a callable object, is taken as the user's)
+    return [src for src in (_source(j) or ("solve", _call_site(eqn), False) for j in given) if not src[2]]
+
+
 def _solver_rules(jaxpr: Any) -> collections.Counter:
     """The derivative rules that JAX's implicit-differentiation solvers take from the user, which audit does not
     check in isolation: a ``lax.custom_linear_solve`` whose ``solve`` or ``transpose_solve`` is the user's (its
@@ -298,27 +327,18 @@ def _solver_rules(jaxpr: Any) -> collections.Counter:
     found: collections.Counter = collections.Counter()
     seen: set[int] = set()
 
-    def source(closed: Any) -> tuple[str, str, bool] | None:
-        info = getattr(getattr(closed, "jaxpr", None), "debug_info", None)
-        m = re.match(r"^(.*) at (.*):(\d+)$", getattr(info, "func_src_info", None) or "")
-        return (m.group(1), _short(m.group(2), m.group(3)), _is_library(m.group(2))) if m else None
-
     def walk(jx: Any) -> None:
         if id(jx) in seen:
             return
         seen.add(id(jx))
         for eqn in jx.eqns:
             if eqn.primitive.name == "custom_linear_solve":
-                fns = eqn.params["jaxprs"]
-                given = [j for which in ("transpose_solve", "solve") if (j := getattr(fns, which, None)) is not None]
-                # (a solve whose source JAX does not tell, a callable object, is taken as the user's)
-                found_here = [source(j) or ("solve", _call_site(eqn), False) for j in given]
-                user = [src for src in found_here if not src[2]]
+                user = _users_solves(eqn)
                 if user:
                     name, where, _ = user[0]
                     found[_Rule("custom_linear_solve", name, where, False)] += 1
             elif eqn.primitive.name == "custom_jvp_call":
-                src = source(eqn.params.get("call_jaxpr"))
+                src = _source(eqn.params.get("call_jaxpr"))
                 if src is not None and src[0] == _CUSTOM_ROOT and src[2]:
                     found[_Rule("custom_root", "custom_root", _call_site(eqn), False)] += 1
                     continue  # (the solves it makes of tangent_solve are that one rule)
