@@ -124,3 +124,122 @@ def test_forward_mode_disagreeing_with_reverse_mode_is_reported(with_hand):
     text = report.rows[0].note + " ".join(report.notes)
     assert "forward mode" in text and "reverse mode" in text and "disagree" in text, text
     assert "forward mode is wrong" in text, text  # finite differences side with reverse mode
+
+
+def _user_tanh():
+    @jax.custom_jvp
+    def act(x):
+        return jnp.tanh(x)
+
+    act.defjvps(lambda t, ans, x: t * (1 - ans**2))
+    return act
+
+
+def _rule_on_jax_function():
+    act = jax.custom_jvp(jnp.tanh)  # JAX's function, the user's rule
+    act.defjvps(lambda t, ans, x: t * (1 - ans**2))
+    return act
+
+
+def _user_solve(w):
+    # lax.custom_linear_solve with the user's solve and transpose_solve: reverse mode uses the latter.
+    a = jnp.diag(jnp.array([2.0, 3.0, 4.0]))
+    solve = lambda matvec, b: b / jnp.diag(a)  # noqa: E731
+    return jnp.sum(jax.lax.custom_linear_solve(lambda x: a @ x, w, solve, transpose_solve=solve) ** 2)
+
+
+class _TanhRule:
+    """A JVP rule given as an object (``shift``: a constant added to the tangent, a mistake)."""
+
+    def __init__(self, shift=0.0):
+        self.shift = shift
+
+    def __call__(self, primals, tangents):
+        (x,), (t,) = primals, tangents
+        y = jnp.tanh(x)
+        return y, t * (1 - y**2) + self.shift
+
+
+def _object_rule_on_jax_function(shift=0.0):
+    act = jax.custom_jvp(jnp.tanh)
+    act.defjvp(_TanhRule(shift))
+    return act
+
+
+def _user_primitive(shift=0.0):
+    """A primitive of the user's (jax.extend.core.Primitive, as JAX's "How primitives work" defines one): y = 2x."""
+    from jax.extend.core import Primitive
+    from jax.interpreters import ad, mlir
+
+    p = Primitive("twice")
+    p.def_impl(lambda x: 2 * x)
+    p.def_abstract_eval(lambda x: x)
+    mlir.register_lowering(p, mlir.lower_fun(lambda x: 2 * x, multiple_results=False))
+    ad.primitive_transposes[p] = lambda ct, x: [p.bind(ct)]
+    ad.primitive_jvps[p] = lambda primals, tangents: (p.bind(primals[0]), p.bind(tangents[0]) + shift)
+    return lambda w: jnp.sum(jnp.sin(p.bind(w)))
+
+
+def _cube_root(shift=0.0):
+    """lax.custom_root of x³ = w, whose derivative is the user's tangent_solve (``shift``: a constant added)."""
+    def fn(w):
+        def solve(g, y):
+            x = jnp.ones_like(y)
+            for _ in range(60):
+                x = x - g(x) / (3 * x**2)
+            return x
+
+        tangent_solve = lambda g, y: y / g(jnp.ones_like(y)) + shift  # noqa: E731
+        return jnp.sum(jax.lax.custom_root(lambda x: x**3 - w, jnp.ones_like(w), solve, tangent_solve) ** 2)
+
+    return fn
+
+
+# (fn, whether forward mode is compared with reverse mode)
+_MODE_CASES = {
+    "plain jnp": (lambda w: jnp.sum(jnp.tanh(w) ** 2), False),
+    "jax.nn.relu (JAX's own rule)": (lambda w: jnp.sum(jax.nn.relu(w) * w), False),
+    "logsumexp (JAX's own rule)": (lambda w: jax.nn.logsumexp(w * 2.0), False),
+    "jnp.linalg.solve (JAX's own linear solve)": (
+        lambda w: jnp.sum(jnp.linalg.solve(jnp.eye(3) * 2 + w[:, None] * 0.1, w)), False),
+    "the user's custom_jvp": (lambda w: jnp.sum(_user_tanh()(w) ** 2), True),
+    "the user's rule on a JAX function": (lambda w: jnp.sum(_rule_on_jax_function()(w) ** 2), True),
+    "the user's rule object on a JAX function": (lambda w: jnp.sum(_object_rule_on_jax_function()(w) ** 2), True),
+    "the user's custom_linear_solve": (_user_solve, True),
+    "the user's primitive": (_user_primitive(), True),
+    "the user's custom_root": (_cube_root(), True),
+}
+
+
+@pytest.mark.parametrize("case", list(_MODE_CASES))
+def test_forward_mode_is_compared_where_a_rule_not_jaxs_own_could_make_it_differ(case):
+    # JAX's reverse mode is the transpose of forward mode's linear map, and JAX's own rules are linear in the
+    # tangents: made of them alone, the two agree by construction, and the comparison is not run (it costs an
+    # evaluation and a half per leaf). A rule of the user's can make them differ.
+    fn, compared = _MODE_CASES[case]
+    w = jnp.array([0.3, 1.2, 0.7])
+    report = verify.check_grad(fn, w)
+    assert report.ok, report
+    assert report.environment["forward_mode_compared"] is compared, report.environment
+
+
+def _affine_rule_on_jax_function():
+    act = jax.custom_jvp(jnp.tanh)  # JAX's function, the user's rule: not trusted as JAX's own
+    act.defjvps(lambda t, ans, x: t * (1 - ans**2) + 0.25)  # affine in the tangent
+    return lambda w: jnp.sum(act(w))
+
+
+@pytest.mark.parametrize("make", [_affine_rule_on_jax_function, lambda: (lambda w: jnp.sum(
+    _object_rule_on_jax_function(0.25)(w))), lambda: _user_primitive(0.25), lambda: _cube_root(0.3)],
+    ids=["rule on a JAX function", "rule object", "primitive", "custom_root's tangent_solve"])
+def test_a_users_affine_rule_is_still_caught(make):
+    fn = make()
+    w = jnp.array([0.3, 1.2, 0.7])
+    with jax.enable_x64(True):  # (the construction: the two modes really disagree; reverse mode is right)
+        w64, u = w.astype(jnp.float64), jnp.ones(3) / math.sqrt(3)
+        forward, reverse = float(jax.jvp(fn, (w64,), (u,))[1]), float(jax.grad(fn)(w64) @ u)
+        central = (float(fn(w64 + 1e-6 * u)) - float(fn(w64 - 1e-6 * u))) / 2e-6
+    assert abs(forward - reverse) > 0.05 and reverse == pytest.approx(central, rel=1e-6, abs=1e-8)
+    report = verify.check_grad(fn, w)
+    assert report.verdict == "autodiff_wrong", report
+    assert "forward mode is wrong" in report.rows[0].note + " ".join(report.notes), report

@@ -102,7 +102,7 @@ def test_costly_leaves_get_runs_of_their_own_and_cheap_ones_share_one():
     assert set(plan.groups) == set(runs) and plan.pad_min == 1
 
 
-def three_layer(seed=0, n=16, d=5, h=12, c=3):
+def three_layer(seed=0, n=16, d=5, h=12, c=3, act=jax.nn.relu):
     rs = np.random.RandomState(seed)
     p = {"W1": jnp.asarray(rs.randn(d, h) / np.sqrt(d), jnp.float32), "b1": jnp.asarray(rs.randn(h) * 0.1, jnp.float32),
          "W2": jnp.asarray(rs.randn(h, h) / np.sqrt(h), jnp.float32), "b2": jnp.asarray(rs.randn(h) * 0.1, jnp.float32),
@@ -112,7 +112,7 @@ def three_layer(seed=0, n=16, d=5, h=12, c=3):
 
     def loss(p, X, y):
         h1 = jnp.tanh(X @ p["W1"] + p["b1"][None, :])
-        h2 = jax.nn.relu(h1 @ p["W2"] + p["b2"][None, :])
+        h2 = act(h1 @ p["W2"] + p["b2"][None, :])
         z = h2 @ p["W3"] + p["b3"][None, :]
         return -jnp.mean(jax.nn.log_softmax(z)[jnp.arange(n), y])
 
@@ -189,10 +189,21 @@ def test_runs_give_the_readings_and_verdicts_of_one_run(monkeypatch, spy, how):
         np.testing.assert_allclose([b.autodiff, b.hand, b.numeric], [a.autodiff, a.hand, a.numeric], rtol=1e-9)
 
 
+def user_relu():
+    """A ReLU with a JVP rule of the user's: forward mode is then compared with reverse mode (see
+    _compiled._modes_may_differ)."""
+    @jax.custom_jvp
+    def relu(z):
+        return jnp.maximum(z, 0.0)
+
+    relu.defjvps(lambda t, ans, z: t * (z > 0))
+    return relu
+
+
 def test_forward_mode_in_runs_is_taken_along_each_leafs_first_direction(monkeypatch, spy):
     # Forward mode along a direction equals the reverse-mode gradient dotted with it (the probe's projection):
     # a jvp taken along another direction, or stored at another item, would not.
-    p, X, y, loss, hand = three_layer(seed=1)
+    p, X, y, loss, hand = three_layer(seed=1, act=user_relu())
     _runs_of(monkeypatch, "runs")
     report = verify.check_grad(loss, p, X, y, hand=hand, mode="projection")
     assert report.ok, report
@@ -399,3 +410,4 @@ def test_a_costly_function_without_a_hand_fails_a_rule_off_by_the_central_differ
     f.defvjp(lambda x: (f(x), x), lambda x, ct: (ct * 10.0 * jnp.cos(10.0 * x) * (1 - 5e-7),))
     report = verify.check_grad(lambda x: jnp.sum(f(x)), jnp.asarray([0.3]))
     assert report.verdict == "autodiff_wrong", report
+

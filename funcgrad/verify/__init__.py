@@ -1,8 +1,11 @@
 """Three-way gradient checks: autodiff, hand-derived formulas and finite differences, compared per element.
 
-:func:`check_grad` computes JAX's gradient (reverse mode, cross-checked with forward mode), the user's
-hand-derived gradient and a finite-difference reference, and says, per parameter leaf, which side disagrees
-with the other two, at which element, and whether the disagreement is only a kink.
+:func:`check_grad` computes JAX's gradient (reverse mode, cross-checked with forward mode where ``fn`` meets a
+derivative rule that is not JAX's own: a ``custom_jvp`` of the user's or a framework's, a custom linear solve's
+transpose), the user's hand-derived gradient and a finite-difference reference, and says, per parameter leaf,
+which side disagrees with the other two, at which element, and whether the disagreement is only a kink. (JAX's
+reverse mode is the transpose of forward mode's linear map and its own rules are linear in the tangents: made of
+them alone, the two agree by construction, and comparing them would cost an evaluation and a half per leaf.)
 
 How it decides (see also :class:`GradReport`):
 

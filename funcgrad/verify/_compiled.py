@@ -9,17 +9,19 @@ t in ±step, ±step/2 (see :mod:`funcgrad.verify._fd`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
 import math
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.core import ClosedJaxpr, Literal
+from jax.extend.core import ClosedJaxpr, Literal, Primitive
 
 from funcgrad.verify._fd import _OFFSETS
 from funcgrad.verify._inputs import (
@@ -621,6 +623,8 @@ class _Facts:
     # bfloat16, a mask's scale) its float64 gradient is computed through (() unknown)
     draws64: bool = False  # fn draws random numbers (jax.random) of other widths in float64 than at the parameters'
     # own dtypes: the float64 check evaluates another function (another dropout mask)
+    modes_differ: bool = True  # fn meets a derivative rule that is not JAX's own: forward mode is compared with
+    # reverse mode (see _modes_may_differ)
 
 
 @functools.lru_cache(maxsize=16)
@@ -706,7 +710,7 @@ def _static_facts(bound: _Bound, layout: _Layout, spec, param_dtypes, dyn_sig, x
                   jvp, tuple(notes), inner,
                   _lowest_float(closed_user.jaxpr), tuple(c for c, _ in gp),
                   _noise_precisions(closed.jaxpr, len(layout.shapes)), hand_inner, tuple(k for _, k in gp),
-                  _random_widths(closed.jaxpr) != _random_widths(closed_user.jaxpr))
+                  _random_widths(closed.jaxpr) != _random_widths(closed_user.jaxpr), _modes_may_differ(closed.jaxpr))
 
 
 def _random_widths(jaxpr: Any) -> list:
@@ -1159,6 +1163,41 @@ def _uses(jaxpr: Any, test: Callable[[Any], bool]) -> bool:
 def _uses_primitive(jaxpr: Any, fragment: str) -> bool:
     """Whether a primitive whose name contains ``fragment`` occurs in the jaxpr, sub-computations included."""
     return _uses(jaxpr, lambda eqn: fragment in eqn.primitive.name)
+
+
+def _modes_may_differ(jaxpr: Any) -> bool:
+    """Whether fn's forward and reverse mode may differ: whether it meets a derivative rule that is not JAX's own
+    (a ``custom_jvp`` of the user's or a framework's, a custom linear solve's ``transpose_solve``, a custom root's
+    ``tangent_solve``, a custom transpose, a primitive defined outside JAX), sub-computations included. JAX's own
+    rules are linear in the tangents, and reverse mode is the transpose of forward mode's linear map: made of them
+    alone, the two agree by construction. A rule affine in its tangent (its constant dropped by the transpose) or a
+    transpose that is not the forward rule's makes them differ."""
+    from funcgrad.verify._audit import _CUSTOM_ROOT, _jax_own, _source, _users_solves  # noqa: PLC0415 - _audit imports this module
+
+    def own(eqn: Any) -> bool:
+        name = eqn.primitive.name
+        if name == "custom_jvp_call":  # (lax.custom_root's rule is JAX's, made of the user's tangent_solve)
+            return not _jax_own(eqn) or (_source(eqn.params.get("call_jaxpr")) or ("",))[0] == _CUSTOM_ROOT
+        if name == "custom_linear_solve":  # (jnp.linalg.solve's is JAX's own)
+            return bool(_users_solves(eqn))
+        return ("custom" in name or name in ("linear_call", "call_hi_primitive")
+                or id(eqn.primitive) not in _jax_primitives(len(sys.modules)))
+
+    return _uses(jaxpr, own)
+
+
+@functools.lru_cache(maxsize=4)
+def _jax_primitives(n_modules: int) -> frozenset[int]:  # noqa: ARG001 - a key only: modules loaded since, looked at
+    """The primitives JAX defines (their ids): those held by its modules, and jax.extend's. A primitive of the user's
+    (``jax.extend.core.Primitive`` with rules of their own) is not among them; nor is one JAX makes where no module
+    holds it, whose forward and reverse mode are then compared (the cost of a comparison, not a wrong verdict)."""
+    found: set[int] = set()
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "jax" or name.startswith(("jax.", "jaxlib."))):
+            continue
+        with contextlib.suppress(Exception):
+            found.update(id(v) for v in vars(module).values() if isinstance(v, Primitive))
+    return frozenset(found)
 
 
 def _vectorise() -> bool:

@@ -1407,7 +1407,9 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
         eps_f, rtols = _precision_plan(facts, layout, hand64, hand_inner, options.rtol, notes, measured)
         rtol_eff = float(np.max(rtols[:, 0], initial=0.0))  # (reported: the loosest)
         h0 = _first_step(eps_f)
-        plan, exact_idx = _make_plan(options.mode, layout, facts.flops, prep.has_hand, facts.reverse, facts.jvp,
+        # (forward mode against reverse mode only where fn's own derivative rules could make them differ)
+        plan, exact_idx = _make_plan(options.mode, layout, facts.flops, prep.has_hand, facts.reverse,
+                                     facts.jvp and facts.modes_differ,
                                      facts.dependence, prep.repeated)
         seed = np.uint32(options.seed % 2**32)
         tp = (rtols, -1.0 if options.atol is None else float(options.atol), float(jnp.finfo(jnp.float64).eps))
@@ -1717,6 +1719,8 @@ def _environment(x64, user_dtypes, facts, mode, plan, seed, rtol, atol, hand, ea
         "rtol": rtol,
         "atol": float(atol) if atol is not None else "rtol × each leaf's largest gradient",
         "autodiff": "reverse mode" if plan.reverse else "forward mode",
+        # (compared only where fn meets a derivative rule that is not JAX's own: see _modes_may_differ)
+        "forward_mode_compared": bool(plan.jvp),
         "hand": None if hand is None else ("NumPy, called eagerly" if eager else "traced"),
         "has_aux": has_aux,
         "leaves": {"differentiated": len(layout.paths), "fixed": sum(1 for d in sel.diff if not d)},

@@ -8,14 +8,15 @@ compilations: a repeated check of an unchanged function compiles nothing. A func
 differently and is compiled afresh. A user's ``custom_vjp``/``custom_jvp`` rule, whose derivative function the
 jaxpr does not show (JAX traces it only when differentiating), is keyed on that function traced at the rule's
 inputs (its VJP or JVP), so a rule whose backward reads a changed global is compiled afresh too. Traces whose
-meaning is still not in the key (a callback, a rule that cannot be traced on its own) get a key of their own and
-are never shared.
+meaning is still not in the key (a callback, a rule that cannot be traced on its own, a primitive JAX does not
+define) get a key of their own and are never shared.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -112,8 +113,8 @@ def _params_key(jaxpr: Any, out: list, active: frozenset = frozenset()) -> None:
     outputs and parameters (a structural copy of what str(jaxpr) shows, without the cost of printing it), inner
     constants, and what a user's custom rule computes for its derivative (``active``: the rules whose derivatives
     are being traced for the key, keyed here by name only)."""
-    from funcgrad.verify._audit import _call_jaxpr, _identify  # noqa: PLC0415 - _audit imports this module
-    from funcgrad.verify._compiled import _CUSTOM  # noqa: PLC0415 - (beside it)
+    from funcgrad.verify._audit import _CUSTOM_ROOT, _call_jaxpr, _identify, _source  # noqa: PLC0415 - _audit imports this module
+    from funcgrad.verify._compiled import _CUSTOM, _jax_primitives  # noqa: PLC0415 - (beside it)
 
     names: dict[Any, int] = {}
 
@@ -128,12 +129,18 @@ def _params_key(jaxpr: Any, out: list, active: frozenset = frozenset()) -> None:
     out.append(("in", define(jaxpr.constvars), define(jaxpr.invars)))
     for eqn in jaxpr.eqns:
         out.append((eqn.primitive.name, use(eqn.invars), define(eqn.outvars)))
+        if id(eqn.primitive) not in _jax_primitives(len(sys.modules)):
+            # A primitive JAX does not define (the user's jax.extend.core.Primitive): its rules, which another of
+            # the same name may not share, are not in the jaxpr.
+            out.append(_Unique())
         if eqn.primitive.name in _CUSTOM:
             rule = _identify(eqn)
             # A framework's rule (jax.nn.relu's custom JVP) is the same code at every trace; a user's rule may read
-            # globals that changed, in a derivative function the jaxpr does not show: keyed on its trace.
-            out.append(("rule", rule.kind, rule.name, rule.source) if rule.library or rule in active else
-                       ("rule", rule.kind, _rule_key(eqn, rule.kind, active | {rule})))
+            # globals that changed, in a derivative function the jaxpr does not show: keyed on its trace. So is
+            # lax.custom_root's, JAX's rule made of the user's tangent_solve.
+            mine = not rule.library or (_source(_call_jaxpr(eqn)) or ("",))[0] == _CUSTOM_ROOT
+            out.append(("rule", rule.kind, _rule_key(eqn, rule.kind, active | {rule})) if mine and rule not in active
+                       else ("rule", rule.kind, rule.name, rule.source))
             call = _call_jaxpr(eqn)
             _params_key(call.jaxpr, out, active)
             out.extend(_const_key(c) for c in call.consts)
