@@ -411,3 +411,79 @@ def test_a_costly_function_without_a_hand_fails_a_rule_off_by_the_central_differ
     report = verify.check_grad(lambda x: jnp.sum(f(x)), jnp.asarray([0.3]))
     assert report.verdict == "autodiff_wrong", report
 
+
+# ---- the pieces of a check dispatched together (small parameters) ----
+
+
+def _sqrt_loss(p, x):
+    """sqrt at a zero weight: its gradient is not finite there, which changes the directions' support."""
+    return jnp.sum(jnp.sqrt(p["w"]) * x) + jnp.sum(jnp.tanh(p["v"]) ** 2)
+
+
+def _sqrt_hand(p, x):
+    return {"w": 0.5 / jnp.sqrt(p["w"]) * x, "v": 2 * jnp.tanh(p["v"]) * (1 - jnp.tanh(p["v"]) ** 2)}
+
+
+_W = {"w": jnp.asarray(np.r_[0.0, np.linspace(0.5, 2.0, 39)], jnp.float32),
+      "v": jnp.asarray(np.linspace(-1, 1, 40), jnp.float32)}
+
+
+@pytest.mark.parametrize("case", ["three_layer", "three_layer planted", "non-finite gradient", "NumPy hand"])
+def test_dispatching_the_pieces_together_gives_the_report_of_one_at_a_time(monkeypatch, case):
+    # Below _OVERLAP_ELEMENTS the gradients at the parameters' own precision and the first finite differences are
+    # dispatched before the float64 gradients are analysed; the analysis may then change the directions' support
+    # (a gradient not finite somewhere), and the reading dispatched early must not be used.
+    if case.startswith("three_layer"):
+        p, X, y, loss, hand = three_layer(seed=2)
+        if case.endswith("planted"):
+            good = hand
+            hand = lambda p, X, y: {**good(p, X, y), "W2": good(p, X, y)["W2"].at[3, 4].multiply(1.02)}  # noqa: E731
+        call = (loss, p, X, y)
+    else:
+        x = jnp.linspace(0.5, 1.5, 40, dtype=jnp.float32)
+        loss, hand, call = _sqrt_loss, _sqrt_hand, (_sqrt_loss, _W, x)
+        if case == "NumPy hand":
+            hand = lambda p, x: {k: np.asarray(v) for k, v in _sqrt_hand(p, x).items()}  # noqa: E731
+    reports, early = [], []
+    real = _grad._first_reading
+
+    def first_reading(*a, later=False, **k):
+        early[-1].append(later)
+        return real(*a, later=later, **k)
+
+    monkeypatch.setattr(_grad, "_first_reading", first_reading)
+    for limit in (0, 1 << 62):
+        monkeypatch.setattr(_grad, "_OVERLAP_ELEMENTS", limit)
+        early.append([])
+        reports.append(verify.check_grad(*call, hand=hand, mode="projection"))
+    one, together = reports
+    # (a float64 pass per check: the second dispatched each first reading early, and read it afresh where the
+    # support changed)
+    assert not any(early[0]) and early[1] and early[1][0], early
+    afresh = [later for later in early[1] if not later]
+    assert len(afresh) == (early[1].count(True) if case in ("non-finite gradient", "NumPy hand") else 0), early
+    assert one.verdict == together.verdict, (one, together)
+    if case.endswith("planted"):
+        row = next(r for r in together.rows if r.path == "['W2']")
+        assert (together.verdict, row.worst_index) == ("hand_wrong", (3, 4)), together
+    else:
+        assert together.ok, together
+    for a, b in zip(one.rows, together.rows, strict=True):
+        assert (a.path, a.verdict, a.worst_index, a.method) == (b.path, b.verdict, b.worst_index, b.method)
+        np.testing.assert_array_equal([a.autodiff, a.hand, a.numeric], [b.autodiff, b.hand, b.numeric])
+
+
+def _float64_only(x):
+    if x.dtype != np.float64:
+        raise RuntimeError("this routine takes float64 only")
+    return np.exp(x)
+
+
+@pytest.mark.parametrize("limit", [0, 1 << 62])
+def test_the_checks_own_diagnosis_comes_before_a_hand_failing_at_the_parameters_precision(monkeypatch, limit):
+    # Dispatched early or not, fn overflowing at float32 is what the check says first, not that the hand (a float64
+    # routine behind a callback) fails at float32, where it is not run at all on its own.
+    monkeypatch.setattr(_grad, "_OVERLAP_ELEMENTS", limit)
+    hand = lambda p: jax.pure_callback(_float64_only, jax.ShapeDtypeStruct(p.shape, p.dtype), p)  # noqa: E731
+    with pytest.raises(ValueError, match=r"= inf at the parameters' own precision \(float32\), though .* in float64"):
+        verify.check_grad(lambda p: jnp.sum(jnp.exp(p)), jnp.asarray([100.0, 1.0, 2.0], jnp.float32), hand=hand)

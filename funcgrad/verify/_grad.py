@@ -188,6 +188,14 @@ def _on_grid(values: np.ndarray, dtype) -> bool:
         return bool(np.all(v.astype(dtype).astype(np.float64) == v))
 
 
+class _Pending(NamedTuple):
+    """Finite differences dispatched to XLA, read by ``result()``; ``support``: the directions' supports they were
+    planned with (a reading dispatched before the gradients were analysed holds where those did not change)."""
+
+    support: tuple
+    result: Callable[[], tuple[np.ndarray, np.ndarray]]
+
+
 class _Engine:
     """Finite-difference evaluations (the probe's items, finer scales, arbitration, bisection), from the
     parameters at their own dtypes; and the values at the elements the check reads. The full float64 gradients
@@ -389,13 +397,18 @@ class _Engine:
     # -- finite differences ----------------------------------------------------------------------------------
 
     def evaluate(self, items: _Items, want: np.ndarray | None = None, pad: bool = True,
-                 leaves: np.ndarray | None = None, cols: tuple[int, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 leaves: np.ndarray | None = None, cols: tuple[int, ...] | None = None,
+                 later: bool = False) -> Any:
         """f along the given items (at the offsets ``cols`` only, F's other columns NaN, when given), and the
         forward-mode derivative along those ``want`` marks (NaN elsewhere).
         The items go in the plan's runs (``leaves``: each item's leaf, found from the items when not given), each
         padded to a power of two (so that few shapes are compiled) unless told not to. Padded evaluations of a
         plan whose runs share a program go in one run over all the leaves: a program is compiled per combination of
-        run sizes, and these evaluations (finer steps, arbitration) come in varying numbers."""
+        run sizes, and these evaluations (finer steps, arbitration) come in varying numbers.
+
+        ``later``: the programs are dispatched and a :class:`_Pending` returned, whose ``result()`` reads them, so
+        that XLA computes them while Python goes on (otherwise each batch is read before the next is dispatched:
+        separate runs are large parameters' programs)."""
         index, lo = np.asarray(items.index), np.asarray(items.lo)
         m = len(index)
         groups = self.plan.groups if self.plan.groups and (self.plan.separate or not pad) else ()
@@ -419,21 +432,36 @@ class _Engine:
             runs.append(_Group(run, size, jv))
             picks.append(np.resize(sel, size))
             sels.append(sel)
-        F_out, JV_out = np.full((m, len(_OFFSETS)), np.nan), np.full(m, np.nan)
         batches = [(runs, picks, sels)] if not self.plan.separate else [([r], [p], [q]) for r, p, q in
                                                                            zip(runs, picks, sels, strict=True)]
-        for b_runs, b_picks, b_sels in batches:
+        support = tuple(self.support)
+        F_out, JV_out = np.full((m, len(_OFFSETS)), np.nan), np.full(m, np.nan)
+
+        def dispatch(b_runs: list, b_picks: list) -> tuple:
             take = np.concatenate(b_picks) if b_picks else np.zeros(0, np.int64)
             taken = [np.asarray(x)[take] for x in items]
             padded = _Items._make([*(c.astype(np.int32) for c in taken[:4]), taken[4].astype(np.float64)])
-            F, JV = _items_jit(self.params, self.dyn, self.seed, padded, tuple(self.support), fn=self.fn,
-                               layout=self.layout, args_spec=self.spec, batch=self.plan.batch, groups=tuple(b_runs),
-                               cols=cols)
+            return _items_jit(self.params, self.dyn, self.seed, padded, support, fn=self.fn, layout=self.layout,
+                              args_spec=self.spec, batch=self.plan.batch, groups=tuple(b_runs), cols=cols)
+
+        def read(b_runs: list, b_sels: list, F: Any, JV: Any) -> None:
             F, JV = np.asarray(F), np.asarray(JV)
             start = 0
-            for sel, run in zip(b_sels, b_runs, strict=True):
+            for sel, r in zip(b_sels, b_runs, strict=True):
                 F_out[sel], JV_out[sel] = F[start : start + len(sel)], JV[start : start + len(sel)]
-                start += run.size
+                start += r.size
+
+        if later:
+            outs = [dispatch(b_runs, b_picks) for b_runs, b_picks, _ in batches]
+
+            def result() -> tuple[np.ndarray, np.ndarray]:
+                for (b_runs, _, b_sels), out in zip(batches, outs, strict=True):
+                    read(b_runs, b_sels, *out)
+                return F_out, JV_out
+
+            return _Pending(support, result)
+        for b_runs, b_picks, b_sels in batches:
+            read(b_runs, b_sels, *dispatch(b_runs, b_picks))
         return F_out, JV_out
 
     def projections(self, li: int, stream: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -1386,7 +1414,9 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
     Memory: the two float64 gradients are the only arrays of the parameters' size the probe returns. They are
     read in one pass (with the gradients at the parameters' own precision, computed one at a time meanwhile)
     and freed before the finite differences run, which convert the parameters to float64 inside each
-    perturbation."""
+    perturbation. Below :data:`_OVERLAP_ELEMENTS` parameters, where that memory does not matter, the gradients at
+    the parameters' own precision and the first finite differences are dispatched before the float64 gradients are
+    read, so that XLA computes them while Python analyses those."""
     layout = prep.layout
     user = prep.user_dtypes != ["float64"]
     user_in = lambda: (_views(prep.dleaves), _views(prep.dyn))  # noqa: E731 - fresh views for each setting (see _views)
@@ -1420,6 +1450,14 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
                           args_spec=prep.spec, plan=plan)
 
         res = probe()
+        # Small parameters: XLA computes the gradients at the parameters' own precision while Python reads the
+        # float64 ones, and the first finite differences while it analyses them. Large ones one at a time.
+        overlap = layout.n <= _OVERLAP_ELEMENTS
+        user_grad = functools.partial(_user_grad, fn=prep.bound.value, layout=layout, dtypes=prep.dtypes,
+                                      args_spec=prep.spec, reverse=facts.reverse)
+        user_hand = functools.partial(_user_hand, hand=prep.bound.grad, layout=layout, args_spec=prep.spec)
+        early_u, early_h = _dispatch_own(user_in, user_grad, user_hand if prep.has_hand and not eager else None,
+                                         prep.x64) if user and overlap else (None, None)
         a = [np.asarray(x) for x in res.a]
         h = None if res.h is None else [np.asarray(x) for x in res.h]
         res = res._replace(a=None, h=None)  # the host's views above are the only references left
@@ -1431,13 +1469,18 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
                          f"its value ({f0:.9g}): a custom rule's forward (a custom_vjp's fwd, a custom_jvp's rule) "
                          "returns another primal output than its function, so the gradient autodiff gives belongs to "
                          "another function; verify.audit(fn, params, *args) names the rule")
+        engine = _Engine(prep, plan, res, seed, eps_f, tp, probe)
+        engine.hand_reference = options.hand_reference
+        engine.eps_grad = [float(jnp.finfo(d).eps) for d in facts.grad64 or (facts.inner64,) * len(layout.paths)]
+        items = _Items(*(np.asarray(x) for x in res.items))
+        pending = _dispatched(lambda: _first_reading(items, engine, prep.has_hand, later=True)) if overlap else None
+        engine.analyse(a, h, items.index)
         a_user = None
         if user:  # at the caller's x64 setting, as the user's code runs
             with _x64(prep.x64):
-                value_u, grad_u = _user_grad(*user_in(), fn=prep.bound.value, layout=layout,
-                                             dtypes=prep.dtypes, args_spec=prep.spec, reverse=facts.reverse)
+                value_u, grad_u = early_u if early_u is not None else user_grad(*user_in())
             a_user = [np.asarray(x) for x in grad_u]
-            del grad_u
+            del grad_u, early_u
         if math.isinf(f0):
             notes.append(f"fn(params, *args) = {f0} at these parameters: the function itself is singular there (a "
                          "log of 0?), so no element has a finite derivative to check; each is reported singular "
@@ -1446,16 +1489,12 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
             raise _UserValueError(f"fn(params, *args) = {float(value_u)} at the parameters' own precision "
                                   f"({'/'.join(prep.user_dtypes)}), though {f0:.6g} in float64: it overflows or loses "
                                   "all precision there")
-        engine = _Engine(prep, plan, res, seed, eps_f, tp, probe)
-        engine.hand_reference = options.hand_reference
-        engine.eps_grad = [float(jnp.finfo(d).eps) for d in facts.grad64 or (facts.inner64,) * len(layout.paths)]
-        items = _Items(*(np.asarray(x) for x in res.items))
-        engine.analyse(a, h, items.index)
 
         def own_hand() -> list:  # hand at the parameters' own dtypes, traced (a NumPy hand's came with h_user)
+            if early_h is not None:
+                return [np.asarray(x) for x in early_h]
             with _x64(prep.x64):
-                return [np.asarray(x) for x in _user_hand(*user_in(), hand=prep.bound.grad, layout=layout,
-                                                          args_spec=prep.spec)]
+                return [np.asarray(x) for x in user_hand(*user_in())]
 
         user_gaps = None
         eps_own = float(jnp.finfo(facts.inner_user).eps)
@@ -1476,10 +1515,34 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
             engine.user_values(a_user, h_user if h is not None else None)
         del a, h, a_user, h_user
         rows = _rows(items, np.asarray(res.P), engine, prep.has_hand, user and not facts.draws64,
-                     float(jnp.finfo(facts.inner_user).eps), options.hand_reference)
+                     float(jnp.finfo(facts.inner_user).eps), options.hand_reference, pending)
         if user_gaps is not None:
             rows = _at_own_dtypes(rows, user_gaps, eps_own, layout)
     return rows, plan, rtol_eff
+
+
+def _dispatched(f: Callable[[], Any]) -> Any:
+    """``f()``, a computation dispatched ahead of where the check reads it (XLA computes it while Python goes on), or
+    None where it fails (a callback refusing float32, jax_debug_nans): computed again where the check reads it, its
+    error comes after the check's own (fn overflowing at the parameters' precision, say), as without dispatching."""
+    try:
+        return f()
+    except Exception:  # noqa: BLE001 - raised again where it is read (see above)
+        return None
+
+
+def _dispatch_own(user_in: Callable, user_grad: Callable, user_hand: Callable | None, x64: bool) -> tuple:
+    """The gradients at the parameters' own precision (autodiff's value and gradient, and hand's), dispatched at the
+    caller's x64 setting, as the user's code runs (see :func:`_dispatched`)."""
+    def dispatch(f: Callable) -> Any:
+        with _x64(x64):
+            return f(*user_in())
+
+    return _dispatched(lambda: dispatch(user_grad)), None if user_hand is None else _dispatched(lambda: dispatch(user_hand))
+
+
+# Parameters up to this many: the pieces of a check are dispatched together (see _in_float64); 32 MB a float64 copy.
+_OVERLAP_ELEMENTS = 1 << 22
 
 
 def _own_limit(eps: float) -> float:
@@ -1846,33 +1909,58 @@ def _note_for(verdict: Verdict, item: _Item | None, extra: Sequence[str]) -> str
     return "; ".join(parts)
 
 
+def _first_reading(items: _Items, engine: _Engine, has_hand: bool, later: bool = False) -> Any:
+    """The finite differences :func:`_rows` reads first, along the probe's items: F and JV (see
+    :meth:`_Engine.evaluate`), or with ``later`` a :class:`_Pending` of them."""
+    plan, n_items = engine.plan, len(items.index)
+    scaled = _Items._make([*(np.tile(x, plan.scales) for x in items[:4]),
+                           np.concatenate([items.step / _LADDER**level for level in range(plan.scales)])])
+    want = None
+    if plan.jvp:  # forward mode along each leaf's first direction (at the first scale)
+        want = np.zeros(n_items * plan.scales, bool)
+        want[_first_directions(plan, n_items)] = True
+    # A costly function (a single scale) with a hand: a central difference at a quarter of the step first, the
+    # ladder's four offsets only where it does not settle the item (see _Engine.ladder): half the evaluations where
+    # all agree. Not without a hand: the central difference's truncation error is not estimated, and a rule off by
+    # just that much (sin(10x)'s -w²h²/6, 5.7e-7 relative) would settle; with a hand that is independent of
+    # autodiff, both would have to be off by it.
+    outer = _outer_first(plan, has_hand)
+    if outer:
+        scaled = scaled._replace(step=scaled.step / _OUTER_STEP)
+    return engine.evaluate(scaled, want, pad=False, leaves=np.tile(_item_leaves(plan, engine.layout), plan.scales),
+                           cols=_OUTER if outer else None, later=later)
+
+
+def _first_directions(plan: _Plan, n_items: int) -> list[int]:
+    """Each leaf's first direction among the probe's ``n_items`` items (its elements first, then its directions)."""
+    d_leaf = _dir_items(plan)[0]
+    n_i = n_items - len(d_leaf)
+    return [n_i + d_leaf.index(i) for i in range(len(plan.exact))]
+
+
+def _outer_first(plan: _Plan, has_hand: bool) -> bool:
+    """Whether the first reading is a costly function's central difference alone (see :func:`_first_reading`)."""
+    return plan.scales == 1 and has_hand
+
+
 def _rows(items: _Items, P: np.ndarray, engine: _Engine, has_hand: bool, user: bool, eps_inner: float,
-          hand_reference: bool = False) -> list[Row]:
+          hand_reference: bool = False, pending: _Pending | None = None) -> list[Row]:
     """The probe's finite differences along its items (``P``: the directions' projections), read out into a row
-    per leaf, with the evaluations beyond them (finer steps, arbitration, bisection)."""
+    per leaf, with the evaluations beyond them (finer steps, arbitration, bisection). ``pending``: the first
+    reading (:func:`_first_reading`), dispatched before the gradients were analysed; used where the directions'
+    supports it was planned with did not change (no gradient was found non-finite)."""
     layout, plan = engine.layout, engine.plan
     flat = items.index  # each item's element (-1: a direction)
     is_el = flat >= 0
     n_items = len(flat)
     d_leaf = np.array(_dir_items(plan)[0])
     n_i = n_items - len(d_leaf)  # elements first, then the directions
-    first = [n_i + list(d_leaf).index(i) for i in range(len(plan.exact))]  # each leaf's first direction
-    scaled = _Items._make([*(np.tile(x, plan.scales) for x in items[:4]),
-                           np.concatenate([items.step / _LADDER**level for level in range(plan.scales)])])
-    want = None
-    if plan.jvp:  # forward mode along each leaf's first direction (at the first scale)
-        want = np.zeros(n_items * plan.scales, bool)
-        want[first] = True
-    # A costly function (a single scale) with a hand: a central difference at a quarter of the step first, the
-    # ladder's four offsets only where it does not settle the item (see _Engine.ladder): half the evaluations where
-    # all agree. Not without a hand: the central difference's truncation error is not estimated, and a rule off by
-    # just that much (sin(10x)'s -w²h²/6, 5.7e-7 relative) would settle; with a hand that is independent of
-    # autodiff, both would have to be off by it.
-    outer = plan.scales == 1 and has_hand
-    if outer:
-        scaled = scaled._replace(step=scaled.step / _OUTER_STEP)
-    F, JV = engine.evaluate(scaled, want, pad=False, leaves=np.tile(_item_leaves(plan, layout), plan.scales),
-                            cols=_OUTER if outer else None)
+    first = _first_directions(plan, n_items)
+    outer = _outer_first(plan, has_hand)
+    if pending is not None and all(x is y for x, y in zip(pending.support, engine.support, strict=True)):
+        F, JV = pending.result()
+    else:
+        F, JV = _first_reading(items, engine, has_hand)
     F = np.stack([F[level * n_items : (level + 1) * n_items] for level in range(plan.scales)], axis=1)
     jvp = JV[first]
 
