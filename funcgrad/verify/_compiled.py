@@ -1097,16 +1097,17 @@ def _merged(a: tuple, b: tuple) -> tuple:
     return (_lower(a[0], b[0]), _lower(a[1], b[1]), _lower(a[2], b[2]), a[3] or b[3])
 
 
-def _control_flow(eqn: Any, ins: list, walk: Callable) -> list | None:
+def _control_flow(eqn: Any, ins: list, walk: Callable, merged: Callable = _merged) -> list | None:
     """A scan's, a while loop's or a cond's outputs read through its body (see :func:`_precisions`): the carry
     until its reading no longer changes (a few rounds: the readings only go down), each branch's outputs merged.
-    None for any other equation, or one whose layout is not understood (then read as a whole)."""
+    None for any other equation, or one whose layout is not understood (then read as a whole). ``merged``: two
+    readings of one value as one (a reading that only goes down, or only grows, as the carry goes round)."""
     name, p = eqn.primitive.name, eqn.params
 
     def through(body: Any, consts: list, carry: list, rest: list, n_out_carry: int) -> list:
         for _ in range(8):
             outs = walk(body, {id(v): x for v, x in zip(body.invars, [*consts, *carry, *rest], strict=True)})
-            new = [_merged(c, o) for c, o in zip(carry, outs[:n_out_carry], strict=True)]
+            new = [merged(c, o) for c, o in zip(carry, outs[:n_out_carry], strict=True)]
             if new == carry:
                 return [*carry, *outs[n_out_carry:]]
             carry = new
@@ -1126,7 +1127,7 @@ def _control_flow(eqn: Any, ins: list, walk: Callable) -> list | None:
         if name == "cond":
             outs = [walk(b.jaxpr, {id(v): x for v, x in zip(b.jaxpr.invars, ins[1:], strict=True)})
                     for b in p["branches"]]
-            return [functools.reduce(_merged, group) for group in zip(*outs, strict=True)]
+            return [functools.reduce(merged, group) for group in zip(*outs, strict=True)]
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
     return None
@@ -1306,7 +1307,8 @@ def _noise_precisions(jaxpr: Any, n_leaves: int) -> tuple:
     """Per leaf (fn's first ``n_leaves`` inputs), the lowest float precision among the values fn computes from it
     (on the way to its output): what rounds fn's value when only that leaf moves. What does not depend on the leaf
     is computed bit for bit alike at every perturbation of it, so its rounding cancels in a difference. Calls are
-    followed inside; any other equation with a sub-computation counts as a whole."""
+    followed inside, and scans, while loops and conds read through (see :func:`_control_flow`: data cast to
+    bfloat16 inside a scan's body is no leaf's); any other equation with a sub-computation counts as a whole."""
     f64 = jnp.dtype(jnp.float64)
     by_mask: dict[int, Any] = {}  # the lowest precision computed from exactly the leaves a mask names
 
@@ -1314,24 +1316,25 @@ def _noise_precisions(jaxpr: Any, n_leaves: int) -> tuple:
         if mask and dt != f64:
             by_mask[mask] = _lower(by_mask.get(mask, f64), dt)
 
+    def body(jx: Any, inner: dict) -> list:
+        walk(jx, inner, lambda _: True)
+        return [inner.get(id(v), 0) for v in jx.outvars]
+
     def walk(jx: Any, masks: dict, live: Callable[[Any], bool]) -> None:
         for eqn in jx.eqns:
             if not live(eqn):
                 continue
             ins = [masks.get(id(v), 0) for v in eqn.invars]
             subs = _sub_jaxprs(eqn)
-            if _is_call(eqn, subs):
-                inner = {id(v): m for v, m in zip(subs[0].invars, ins, strict=True)}
-                walk(subs[0], inner, lambda _: True)
-                outs = [inner.get(id(v), 0) for v in subs[0].outvars]
+            looped = _control_flow(eqn, ins, body, lambda a, b: a | b)
+            if looped is not None:
+                outs = looped
+            elif _is_call(eqn, subs):
+                outs = body(subs[0], {id(v): m for v, m in zip(subs[0].invars, ins, strict=True)})
             else:
                 m = functools.reduce(lambda x, y: x | y, ins, 0)
-                for v in eqn.outvars:
-                    dt = getattr(getattr(v, "aval", None), "dtype", None)
-                    if dt is not None and jnp.issubdtype(dt, jnp.floating):
-                        lower_where(m, dt)
-                lower_where(m, _rounds_to(eqn))
-                lower_where(m, _eqn_inner(eqn))
+                for dt in _eqn_precisions(eqn):
+                    lower_where(m, dt)
                 outs = [m] * len(eqn.outvars)
             masks.update((id(v), m) for v, m in zip(eqn.outvars, outs, strict=True))
 
@@ -1347,6 +1350,13 @@ def _noise_precisions(jaxpr: Any, n_leaves: int) -> tuple:
             if mask >> i & 1:
                 lowest[i] = _lower(lowest[i], dt)
     return tuple(lowest)
+
+
+def _eqn_precisions(eqn: Any) -> list:
+    """The float precisions an equation computes in: its float outputs' dtypes, what it rounds to, its inner one."""
+    out = [dt for v in eqn.outvars if (dt := getattr(getattr(v, "aval", None), "dtype", None)) is not None
+           and jnp.issubdtype(dt, jnp.floating)]
+    return [*out, _rounds_to(eqn), _eqn_inner(eqn)]
 
 
 @functools.lru_cache(maxsize=64)
