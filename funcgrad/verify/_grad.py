@@ -1434,8 +1434,7 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
         measured = (_measured_const(prep.bound, layout, prep.spec, prep.dyn, facts.grad64_const)
                     if prep.has_hand and any(d != jnp.float64 for d in facts.grad64_const) and options.rtol is None
                     else None)
-        eps_f, rtols = _precision_plan(facts, layout, hand64, hand_inner, options.rtol, notes, measured,
-                                       prep.has_hand)
+        eps_f, rtols = _precision_plan(facts, layout, hand64, hand_inner, options.rtol, notes, measured)
         rtol_eff = float(np.max(rtols[:, 0], initial=0.0))  # (reported: the loosest)
         h0 = _first_step(eps_f)
         # (forward mode against reverse mode only where fn's own derivative rules could make them differ)
@@ -1654,8 +1653,7 @@ def _at_own_dtypes(rows: list[Row], gaps: list, eps: float, layout: _Layout) -> 
 
 
 def _precision_plan(facts: _Facts, layout: _Layout, hand64: tuple, hand_inner: tuple, rtol: float | None,
-                    notes: list[str], measured: tuple | None = None,
-                    has_hand: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                    notes: list[str], measured: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per leaf, the rounding its finite differences carry (eps) and its analytic tolerances' parameters (rows of
     rtol, and the eps, smallest normal, smallest subnormal and flushing (1 or 0) of the dtype hand rounds its result
     to, zeros where it does not; see :func:`_tolerance`). Appends notes on low precisions.
@@ -1670,8 +1668,9 @@ def _precision_plan(facts: _Facts, layout: _Layout, hand64: tuple, hand_inner: t
     elements.
 
     Values that do not depend on the parameters, rounded on a gradient's way (data cast to bfloat16), are allowed
-    for (twice their rounding) only with a hand (``has_hand``), which may use them unrounded: autodiff and finite
-    differences both see them as fn rounds them, and without a hand that allowance passed a custom rule 2.5% off."""
+    for (twice their rounding) with a hand or without one: a hand may use them unrounded, and a custom rule may
+    round them where fn's value does not (a residual saved in bfloat16), which finite differences never see (h88:
+    without the allowance such a rule, accurate to that rounding, failed)."""
     eps_of = lambda dt: float(jnp.finfo(dt).eps)  # noqa: E731
     paths = [p or "params" for p in layout.paths]
     eps_f = np.array([max(eps_of(facts.out64), eps_of(d)) for d in facts.noise64 or (facts.inner64,) * len(paths)],
@@ -1680,10 +1679,8 @@ def _precision_plan(facts: _Facts, layout: _Layout, hand64: tuple, hand_inner: t
     comp = [eps_of(d) for d in grad64]
     # (values that do not depend on the parameters, rounded on a gradient's way: a hand may have them unrounded)
     # (measured at their values where given: see _measured_const)
-    const = [eps_of(jnp.float64)] * len(paths)
-    if has_hand:
-        const = [max(const[0], m) for m in measured] if measured else [
-            eps_of(d) for d in facts.grad64_const or (jnp.float64,) * len(paths)]
+    const = [max(eps_of(jnp.float64), m) for m in measured] if measured else [
+        eps_of(d) for d in facts.grad64_const or (jnp.float64,) * len(paths)]
     cast: list[Any] = [None] * len(paths)  # the dtype hand rounds each leaf's result to, if it does
     low = [p for p, d in zip(paths, grad64, strict=True) if d != jnp.float64]
     if low:
