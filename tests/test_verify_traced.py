@@ -4,6 +4,7 @@ an unchanged function compiles nothing, and a function whose globals changed is 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from funcgrad import verify
 from funcgrad.verify import _compiled
@@ -239,3 +240,31 @@ def test_custom_roots_with_other_tangent_solves_are_not_shared():
     # lax.custom_root's rule is JAX's, but its derivative is the user's tangent_solve, which the jaxpr does not show.
     assert verify.check_grad(_cube_root(0.0), W).ok
     assert verify.check_grad(_cube_root(0.1), W).verdict == "autodiff_wrong"
+
+
+def dropout_loss(w, x, key):
+    mask = jax.random.bernoulli(key, 0.8, x.shape)
+    return jnp.sum(jnp.tanh(w * x) * mask) / 0.8
+
+
+def dropout_hand(w, x, key, slip=1.0):
+    mask = jax.random.bernoulli(key, 0.8, x.shape)
+    return slip * (1 - jnp.tanh(w * x) ** 2) * x * mask / 0.8
+
+
+@pytest.mark.parametrize("make_key", [jax.random.PRNGKey, jax.random.key], ids=["raw key", "typed key"])
+def test_a_repeated_check_of_a_function_drawing_random_numbers_compiles_nothing(make_key):
+    # jax.random's PRNG implementation (threefry_split, ...) is a parameter of the trace: JAX's own functions, the
+    # same at every trace, so shared (they made every trace unique: a dropout model compiled at every check). A typed
+    # key's dtype (key<fry>) is no NumPy dtype: such a trace was not kept at all.
+    key = make_key(3)
+    assert verify.check_grad(dropout_loss, W, X, key, hand=dropout_hand).ok
+    before = _compiled._probe._cache_size()
+    assert verify.check_grad(dropout_loss, W, X, key, hand=dropout_hand).ok
+    assert _compiled._probe._cache_size() == before
+    slipped = lambda w, x, key: dropout_hand(w, x, key, 1.02)  # noqa: E731
+    assert verify.check_grad(dropout_loss, W, X, key, hand=slipped).verdict == "hand_wrong"
+    # Another key is another argument's value, not another trace: the same draws as fn's, checked as they are now.
+    other = make_key(4)
+    stale = lambda w, x, key: dropout_hand(w, x, make_key(3))  # noqa: E731
+    assert verify.check_grad(dropout_loss, W, X, other, hand=stale).verdict == "hand_wrong"

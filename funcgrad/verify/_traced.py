@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import sys
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -155,11 +156,22 @@ def _params_key(jaxpr: Any, out: list, active: frozenset = frozenset()) -> None:
                     out.extend(_const_key(c) for c in v.consts)
                 elif hasattr(v, "eqns"):
                     _params_key(v, out, active)
+                elif _jax_function(v):
+                    out.append(("jax function", id(v)))  # (a PRNG implementation's threefry_split: the same code)
                 elif callable(v) and not isinstance(v, _SAFE):
                     out.append(_Unique())  # a callback or rule traced later: its meaning is not in the jaxpr
                 else:
                     out.append(_value_key(v) if _hashable(v) else _Unique())
     out.append(("out", use(jaxpr.outvars)))
+
+
+def _jax_function(v: Any) -> bool:
+    """Whether ``v`` is a function JAX defines at a module's top level (``random_wrap``'s PRNG implementation holds
+    threefry_seed, threefry_split, ...): the same code at every trace, keyed by identity. A closure, a method or a
+    callable object (a checkpoint policy holding names) may hold values the key does not see: never shared."""
+    return (isinstance(v, types.FunctionType) and v.__closure__ is None and "<locals>" not in v.__qualname__
+            and (v.__module__ or "").split(".")[0] in ("jax", "jaxlib")
+            and getattr(sys.modules.get(v.__module__), v.__name__, None) is v)
 
 
 def _key(closed: ClosedJaxpr) -> tuple:
@@ -271,7 +283,9 @@ def trace_pair(fn: Callable, dl_user: Sequence, dl64: Sequence, dyn_user: Sequen
                 ids[id(c)] = len(consts)
                 consts.append(c)
             index.append(ids[id(c)])
-        sig = tuple((tuple(np.shape(x)), jnp.dtype(x.dtype)) for x in inputs)
+        # (a typed PRNG key's dtype, key<fry>, is JAX's extended dtype: no NumPy dtype)
+        sig = tuple((tuple(np.shape(x)), x.dtype if jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended)
+                     else jnp.dtype(x.dtype)) for x in inputs)
         traces.append(_Trace(jaxpr, const_avals, tuple(index), sig, jax.tree_util.tree_structure(out)))
     # Everything the traced function reads, except the constants' values (arguments of the compiled programs):
     # where its constants sit among the check's (shared with hand when both close over the same array), too.
