@@ -121,3 +121,39 @@ def same_training_state(a, b):
         same = names == sorted(n for n in zb.files if n != "__funcgrad__") and all(
             za[n].dtype == zb[n].dtype and za[n].tobytes() == zb[n].tobytes() for n in names)
     return same and ma == mb
+
+
+def twice_primitive(factor=2.0, shift=0.0):
+    """fn(w) = sum(sin(2w)) through a primitive of the user's, y = 2x (jax.extend.core.Primitive, as JAX's "How
+    primitives work" defines one), named "twice" at every call: its JVP is ``factor·t + shift`` and its transpose
+    ``factor·ct`` (right at factor 2, shift 0)."""
+    import jax.numpy as jnp
+    from jax.extend.core import Primitive
+    from jax.interpreters import ad, mlir
+
+    p = Primitive("twice")
+    p.def_impl(lambda x: 2 * x)
+    p.def_abstract_eval(lambda x: x)
+    mlir.register_lowering(p, mlir.lower_fun(lambda x: 2 * x, multiple_results=False))
+    ad.primitive_jvps[p] = lambda primals, tangents: (p.bind(primals[0]), tangents[0] * factor + shift)
+    ad.primitive_transposes[p] = lambda ct, x: [ct * factor]
+    return lambda w: jnp.sum(jnp.sin(p.bind(w)))
+
+
+def cube_root(offset=0.0, slip=1.0, shift=0.0):
+    """fn(w) = sum(x²) for x³ = w + offset solved by lax.custom_root, whose derivative is the user's tangent_solve,
+    ``slip·y/g(1) + shift`` (right at slip 1, shift 0)."""
+    import jax.numpy as jnp
+
+    def fn(w):
+        def solve(g, y):
+            x = jnp.ones_like(y)
+            for _ in range(60):
+                x = x - g(x) / (3 * x**2)
+            return x
+
+        tangent_solve = lambda g, y: slip * y / g(jnp.ones_like(y)) + shift  # noqa: E731
+        root = jax.lax.custom_root(lambda x: x**3 - (w + offset), jnp.ones_like(w), solve, tangent_solve)
+        return jnp.sum(root**2)
+
+    return fn

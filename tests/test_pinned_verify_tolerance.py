@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import cube_root, twice_primitive
 
 from funcgrad import verify
 
@@ -166,35 +167,6 @@ def _object_rule_on_jax_function(shift=0.0):
     return act
 
 
-def _user_primitive(shift=0.0):
-    """A primitive of the user's (jax.extend.core.Primitive, as JAX's "How primitives work" defines one): y = 2x."""
-    from jax.extend.core import Primitive
-    from jax.interpreters import ad, mlir
-
-    p = Primitive("twice")
-    p.def_impl(lambda x: 2 * x)
-    p.def_abstract_eval(lambda x: x)
-    mlir.register_lowering(p, mlir.lower_fun(lambda x: 2 * x, multiple_results=False))
-    ad.primitive_transposes[p] = lambda ct, x: [p.bind(ct)]
-    ad.primitive_jvps[p] = lambda primals, tangents: (p.bind(primals[0]), p.bind(tangents[0]) + shift)
-    return lambda w: jnp.sum(jnp.sin(p.bind(w)))
-
-
-def _cube_root(shift=0.0):
-    """lax.custom_root of x³ = w, whose derivative is the user's tangent_solve (``shift``: a constant added)."""
-    def fn(w):
-        def solve(g, y):
-            x = jnp.ones_like(y)
-            for _ in range(60):
-                x = x - g(x) / (3 * x**2)
-            return x
-
-        tangent_solve = lambda g, y: y / g(jnp.ones_like(y)) + shift  # noqa: E731
-        return jnp.sum(jax.lax.custom_root(lambda x: x**3 - w, jnp.ones_like(w), solve, tangent_solve) ** 2)
-
-    return fn
-
-
 # (fn, whether forward mode is compared with reverse mode)
 _MODE_CASES = {
     "plain jnp": (lambda w: jnp.sum(jnp.tanh(w) ** 2), False),
@@ -206,8 +178,8 @@ _MODE_CASES = {
     "the user's rule on a JAX function": (lambda w: jnp.sum(_rule_on_jax_function()(w) ** 2), True),
     "the user's rule object on a JAX function": (lambda w: jnp.sum(_object_rule_on_jax_function()(w) ** 2), True),
     "the user's custom_linear_solve": (_user_solve, True),
-    "the user's primitive": (_user_primitive(), True),
-    "the user's custom_root": (_cube_root(), True),
+    "the user's primitive": (twice_primitive(), True),
+    "the user's custom_root": (cube_root(), True),
 }
 
 
@@ -230,7 +202,7 @@ def _affine_rule_on_jax_function():
 
 
 @pytest.mark.parametrize("make", [_affine_rule_on_jax_function, lambda: (lambda w: jnp.sum(
-    _object_rule_on_jax_function(0.25)(w))), lambda: _user_primitive(0.25), lambda: _cube_root(0.3)],
+    _object_rule_on_jax_function(0.25)(w))), lambda: twice_primitive(shift=0.25), lambda: cube_root(shift=0.3)],
     ids=["rule on a JAX function", "rule object", "primitive", "custom_root's tangent_solve"])
 def test_a_users_affine_rule_is_still_caught(make):
     fn = make()

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import cube_root, twice_primitive
 
 from funcgrad import verify
 from funcgrad.verify import _compiled
@@ -200,46 +201,16 @@ def test_a_repeated_audit_compiles_nothing_and_sees_a_changed_backward():
         BWD_FACTOR = frozen
 
 
-def _twice_primitive(factor):
-    """A primitive of the user's, y = 2x (jax.extend.core.Primitive, as JAX's "How primitives work" defines one),
-    whose derivative rules scale by ``factor`` (right at 2): every one is named "twice"."""
-    from jax.extend.core import Primitive
-    from jax.interpreters import ad, mlir
-
-    p = Primitive("twice")
-    p.def_impl(lambda x: 2 * x)
-    p.def_abstract_eval(lambda x: x)
-    mlir.register_lowering(p, mlir.lower_fun(lambda x: 2 * x, multiple_results=False))
-    ad.primitive_jvps[p] = lambda primals, tangents: (p.bind(primals[0]), tangents[0] * factor)
-    ad.primitive_transposes[p] = lambda ct, x: [ct * factor]
-    return lambda w: jnp.sum(jnp.sin(p.bind(w)))
-
-
 def test_primitives_of_the_same_name_with_other_rules_are_not_shared():
     # The jaxpr names a primitive, not its rules: two of the user's primitives named alike are not one function.
-    assert verify.check_grad(_twice_primitive(2.0), W).ok
-    assert verify.check_grad(_twice_primitive(2.5), W).verdict == "autodiff_wrong"
-
-
-def _cube_root(shift):
-    """lax.custom_root of x³ = w + 2 (JAX's rule, whose derivative is the user's tangent_solve, off by ``shift``)."""
-    def fn(w):
-        def solve(g, y):
-            x = jnp.ones_like(y)
-            for _ in range(60):
-                x = x - g(x) / (3 * x**2)
-            return x
-
-        tangent_solve = lambda g, y: y / g(jnp.ones_like(y)) * (1 + shift)  # noqa: E731
-        return jnp.sum(jax.lax.custom_root(lambda x: x**3 - (w + 2), jnp.ones_like(w), solve, tangent_solve) ** 2)
-
-    return fn
+    assert verify.check_grad(twice_primitive(2.0), W).ok
+    assert verify.check_grad(twice_primitive(2.5), W).verdict == "autodiff_wrong"
 
 
 def test_custom_roots_with_other_tangent_solves_are_not_shared():
     # lax.custom_root's rule is JAX's, but its derivative is the user's tangent_solve, which the jaxpr does not show.
-    assert verify.check_grad(_cube_root(0.0), W).ok
-    assert verify.check_grad(_cube_root(0.1), W).verdict == "autodiff_wrong"
+    assert verify.check_grad(cube_root(offset=2.0), W).ok
+    assert verify.check_grad(cube_root(offset=2.0, slip=1.1), W).verdict == "autodiff_wrong"
 
 
 def dropout_loss(w, x, key):
