@@ -360,6 +360,34 @@ def test_data_cast_to_bfloat16_keeps_its_allowance():
     assert verify.check_grad(fn, jnp.ones(4), x, hand=lambda w, x: x - 256).ok
 
 
+def test_a_layer_norm_hand_using_its_data_unrounded_passes():
+    # Layer norm over features rounded to bfloat16 (offset by 10: x - mean cancels, and amplifies the rounding): a
+    # hand using the data unrounded is 1.6% of the leaf's largest gradient off autodiff's, within the allowance
+    # counted as atol and again per element. Counted once (1.6% at the leaf's largest), it failed (h90); so did a
+    # scalar scale near its optimum, 1.9% off. A 5% slip still fails.
+    rng = np.random.default_rng(3)
+    t = jnp.asarray(rng.standard_normal((16, 32)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((16, 32)), jnp.float32) + 10.0
+
+    def ln(p, x, r=lambda a: a.astype(jnp.bfloat16).astype(a.dtype)):
+        xr = r(x)
+        m = xr.mean(-1, keepdims=True)
+        v = ((xr - m) ** 2).mean(-1, keepdims=True)
+        return jnp.mean(((xr - m) / jnp.sqrt(v + 1e-5) * p["g"][None] + p["b"][None] - t) ** 2)
+
+    exact_hand = jax.grad(lambda p, x: ln(p, x, lambda a: a))
+    p = {"g": jnp.ones(32, jnp.float32), "b": jnp.zeros(32, jnp.float32)}
+    with jax.enable_x64(True):  # (the construction: the unrounded hand is off by more than 1.56% of b's largest)
+        p64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), p)
+        x64 = jnp.asarray(x, jnp.float64)
+        g, h = jax.grad(ln)(p64, x64), exact_hand(p64, x64)
+        gap = float(jnp.max(jnp.abs(g["b"] - h["b"])) / jnp.max(jnp.abs(g["b"])))
+    assert 0.0157 < gap < 0.03, gap
+    assert verify.check_grad(ln, p, x, hand=exact_hand).ok
+    slipped = lambda p, x: jax.tree_util.tree_map(lambda a: 1.05 * a, exact_hand(p, x))  # noqa: E731
+    assert verify.check_grad(ln, p, x, hand=slipped).verdict == "hand_wrong"
+
+
 def test_noise_precisions_follow_what_depends_on_each_leaf():
     def f(a, b, c):
         return jnp.sum(a) + jnp.sum(b.astype(jnp.bfloat16)).astype(jnp.float64) + jnp.sum(c)
