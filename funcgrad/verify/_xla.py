@@ -1,18 +1,24 @@
 """How a check's gradient programs are compiled: :func:`gradient_jit` is ``jax.jit`` with, where it helps,
 :func:`compiler_options`.
 
-jaxlib 0.10's CPU backend hands matrix products and reductions to YNNPACK ("ynn fusions"). Its sum over a
-leading axis (a bias gradient's sum over the batch, in autodiff's backward pass and in most hand-derived ones)
-runs 10-25 times as long as XLA's own loop there: 12 ms against 0.8 ms for a 64×32768 float64 array, 5.5 ms
-against 0.2 ms in float32; jaxlib 0.11 sums as fast as XLA does. On jaxlib 0.10 with the CPU backend, a check's
-gradient programs (the float64 probe, the gradients at the parameters' own precision) therefore keep YNNPACK for
-matrix products only (XLA's ``xla_cpu_experimental_ynn_fusion_type`` option), for parameters of fewer than
-:data:`_MAX_ELEMENTS` elements: on benchmarks/bench_verify.py's 393k-parameter model a repeated check then takes
-about a tenth less processor time. Not beyond that size, where matrix products dominate and the 100M-parameter
-check of benchmarks/bench_verify_scale.py took more time and memory so (5.8× the model against 5.3×); not for
-the finite differences' programs, which took longer so (their loops of forward evaluations hold no such sums);
-and nowhere else, where programs are compiled as JAX compiles any program. The user's own programs are never
-touched.
+jaxlib 0.10's CPU backend hands matrix products, convolutions and reductions to YNNPACK ("ynn fusions"), with the
+elementwise operations around them. Its sum over a leading axis (a bias gradient's sum over the batch, in autodiff's
+backward pass and in most hand-derived ones) runs 10-25 times as long as XLA's own loop there: 12 ms against 0.8 ms
+for a 64×32768 float64 array, 5.5 ms against 0.2 ms in float32; and a float64 tanh fused into a matrix product's
+YNNPACK program took 14 ms where XLA's loop takes 2 (with a 64×32768 array of ones materialised for ``1 - h²``).
+jaxlib 0.11 and later sum as fast as XLA does. On jaxlib 0.10 with the CPU backend, a check's gradient programs (the
+float64 probe, the gradients at the parameters' own precision) therefore keep YNNPACK for each matrix product and
+each convolution alone, the operations around them left to XLA (XLA's ``xla_cpu_experimental_ynn_fusion_type``
+option), for parameters of fewer than :data:`_MAX_ELEMENTS` elements. Measured on this 2-core machine
+(``jax.value_and_grad``, ms, JAX's defaults / matrix products with their elementwise operations in YNNPACK, the
+previous choice / each product and convolution alone): benchmarks/bench_verify.py's 393k-parameter MLP 35 / 24 / 19
+in float64 and 11 / 6.7 / 5.3 in float32; a small CNN 8.7 / 22 / 8.5 in float64 (products alone also took
+convolutions from YNNPACK) and 2.5 / 2.7 / 2.5 in float32; an attention block alike (3.3, 2-2.5); a small RNN's scan
+2.8 / 2.7 / 3.3 and 1.2 / 1.5 / 1.6, a little slower. Not beyond that size, where matrix products dominate and the
+100M-parameter check of benchmarks/bench_verify_scale.py took more time and memory so (5.8× the model against
+5.3×); not for the finite differences' programs, which took longer so (their loops of forward evaluations hold no
+such sums); and nowhere else, where programs are compiled as JAX compiles any program. The user's own programs are
+never touched.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ import jax
 import jaxlib
 import numpy as np
 
-_YNN_DOTS_ONLY = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+_YNN_ALONE = {"xla_cpu_experimental_ynn_fusion_type":
+              "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
 _MAX_ELEMENTS = 1 << 22  # parameters at least this many: JAX's defaults
 
 
@@ -38,16 +45,16 @@ def _jaxlib_version() -> tuple[int, ...]:
 def compiler_options() -> dict[str, str] | None:
     """The options for a check's gradient programs in this process (None: JAX's defaults). Decided once, at the
     first such compilation, when JAX's backend is known: on jaxlib 0.10 with the CPU backend, where a tiny program
-    compiles with them, YNNPACK for matrix products only (see the module's docstring)."""
+    compiles with them, YNNPACK for each matrix product and convolution alone (see the module's docstring)."""
     if _jaxlib_version()[:2] != (0, 10):
         return None
     try:
         if jax.default_backend() != "cpu":
             return None
-        jax.jit(lambda x: x.sum(0), compiler_options=_YNN_DOTS_ONLY).lower(np.zeros((2, 2), np.float32)).compile()
+        jax.jit(lambda x: x.sum(0), compiler_options=_YNN_ALONE).lower(np.zeros((2, 2), np.float32)).compile()
     except Exception:  # noqa: BLE001 - an option this jaxlib does not know: JAX's defaults, as anywhere else
         return None
-    return dict(_YNN_DOTS_ONLY)
+    return dict(_YNN_ALONE)
 
 
 class _GradientJit:
