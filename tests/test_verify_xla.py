@@ -122,3 +122,20 @@ def test_check_grad_same_verdict_and_values_either_way(monkeypatch):
         assert (r1.path, r1.verdict) == (r2.path, r2.verdict)
         assert r1.autodiff == pytest.approx(r2.autodiff, rel=1e-9, abs=1e-12)
         assert r1.hand == pytest.approx(r2.hand, rel=1e-9, abs=1e-12)
+
+
+def test_options_xla_refuses_fall_back_to_the_defaults(monkeypatch):
+    # Options XLA cannot honour for a program (an unknown fusion type here) must not break a check: its programs are
+    # compiled as JAX compiles any program, and the verdicts are the same.
+    monkeypatch.setattr(_xla, "compiler_options", lambda: {"xla_cpu_experimental_ynn_fusion_type": "NOT_A_FUSION"})
+    fn = _xla.gradient_jit(_bias_grad)
+    rs = np.random.RandomState(2)
+    x = jnp.asarray(rs.randn(8, 16), jnp.float32)
+    p = [jnp.asarray(rs.randn(16), jnp.float32)]
+    with pytest.raises(jax.errors.JaxRuntimeError):
+        fn._pick(p)(p, x)  # (the construction: XLA refuses these options)
+    np.testing.assert_allclose(np.asarray(fn(p, x)), np.asarray(jax.jit(_bias_grad)(p, x)), rtol=1e-6)
+    W = jnp.asarray(rs.randn(4, 3), jnp.float32)
+    report = verify.check_grad(lambda W, x: jnp.sum(jnp.tanh(x[:, :4] @ W)), W, x,
+                               hand=lambda W, x: x[:, :4].T @ (1 - jnp.tanh(x[:, :4] @ W) ** 2))
+    assert report.ok, report

@@ -74,12 +74,23 @@ class _GradientJit:
             if self._tuned is None:
                 self._tuned = jax.jit(self._fun, compiler_options=options, **self._kwargs)
             return self._tuned
+        return self._defaults()
+
+    def _defaults(self) -> Any:
         if self._plain is None:
             self._plain = jax.jit(self._fun, **self._kwargs)
         return self._plain
 
     def __call__(self, params: Any, *args: Any, **kwargs: Any) -> Any:
-        return self._pick(params)(params, *args, **kwargs)
+        jitted = self._pick(params)
+        if jitted is self._plain:
+            return jitted(params, *args, **kwargs)
+        try:
+            return jitted(params, *args, **kwargs)
+        except jax.errors.JaxRuntimeError:
+            # XLA refusing the options for this program (or the program failing as it runs): JAX's defaults, as
+            # anywhere else; an error of the program's own comes again from there, as it would without the options.
+            return self._defaults()(params, *args, **kwargs)
 
     def _cache_size(self) -> int:
         """How many compilations both hold (as ``jax.jit``'s own ``_cache_size``)."""
