@@ -139,3 +139,27 @@ def test_options_xla_refuses_fall_back_to_the_defaults(monkeypatch):
     report = verify.check_grad(lambda W, x: jnp.sum(jnp.tanh(x[:, :4] @ W)), W, x,
                                hand=lambda W, x: x[:, :4].T @ (1 - jnp.tanh(x[:, :4] @ W) ** 2))
     assert report.ok, report
+
+
+def test_an_error_of_the_program_itself_is_raised_once_not_run_again():
+    # A program that fails as it runs (a callback raising on its first call only) under the options: the error is
+    # the user's, raised as without them; running it again at JAX's defaults swallowed it (h91).
+    if not _xla.compiler_options():
+        pytest.skip("JAX's defaults here (not jaxlib 0.10 on CPU)")
+    calls = []
+
+    def once(x):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("the first call fails")
+
+    def f(params, x):
+        jax.debug.callback(once, x)
+        return jnp.sum(params[0] * x)
+
+    fn = _xla.gradient_jit(f)
+    p, x = [jnp.ones(3)], jnp.arange(3.0)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="the first call fails"):
+        fn(p, x)
+    assert len(calls) == 1
+    assert float(fn(p, x)) == 3.0 and not fn._refused  # (the options are kept: XLA compiled the program with them)

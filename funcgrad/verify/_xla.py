@@ -67,10 +67,11 @@ class _GradientJit:
         self._fun, self._kwargs = fun, kwargs
         self._plain: Any = None
         self._tuned: Any = None
+        self._refused = False  # XLA refused the options for one of its programs: JAX's defaults for all
 
     def _pick(self, params: Any) -> Any:
         options = compiler_options()
-        if options is not None and sum(int(np.size(x)) for x in params) < _MAX_ELEMENTS:
+        if options is not None and not self._refused and sum(int(np.size(x)) for x in params) < _MAX_ELEMENTS:
             if self._tuned is None:
                 self._tuned = jax.jit(self._fun, compiler_options=options, **self._kwargs)
             return self._tuned
@@ -88,13 +89,25 @@ class _GradientJit:
         try:
             return jitted(params, *args, **kwargs)
         except jax.errors.JaxRuntimeError:
-            # XLA refusing the options for this program (or the program failing as it runs): JAX's defaults, as
-            # anywhere else; an error of the program's own comes again from there, as it would without the options.
-            return self._defaults()(params, *args, **kwargs)
+            if _compiles(jitted, params, args, kwargs):
+                raise  # the program's own error as it ran (a callback's, say): as without the options, not run again
+        # XLA refusing the options for this program: JAX's defaults, from now on (outside the handler: an error of
+        # the program's own there reads as it would without the options)
+        self._refused = True
+        return self._defaults()(params, *args, **kwargs)
 
     def _cache_size(self) -> int:
         """How many compilations both hold (as ``jax.jit``'s own ``_cache_size``)."""
         return sum(j._cache_size() for j in (self._plain, self._tuned) if j is not None)
+
+
+def _compiles(jitted: Any, params: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether XLA compiles ``jitted`` (with its options) for these arguments."""
+    try:
+        jitted.lower(params, *args, **kwargs).compile()
+    except Exception:  # noqa: BLE001 - any refusal: the caller runs JAX's defaults instead
+        return False
+    return True
 
 
 def gradient_jit(fun: Callable | None = None, **kwargs: Any) -> Any:
