@@ -5,7 +5,9 @@ For float64 and float32 it measures, in one run:
 
 - wall time of each checker, cold (first call in a fresh interpreter, compilation included: what a user
   running a check experiences) and warm (median of repeated calls in the same process); and the repeated call
-  with check_grad and check_grads taking turns in one process (the ratio: the median of each pair's);
+  with check_grad and check_grads taking turns in one process (the ratio: the median of each pair's), with the
+  minor page faults of each call; on glibc, again with malloc tuned to reuse freed memory (GLIBC_TUNABLES), as a
+  user can run any JAX program on the CPU (see README, Performance on Linux);
 - whether each raises a false alarm on the correct gradient;
 - the floor under check_grad's time: the computations it cannot do without, each timed alone as a plain jitted
   JAX program on the same model (autodiff and hand gradients in float64, again at the parameters' own precision,
@@ -23,6 +25,7 @@ import argparse
 import contextlib
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -30,6 +33,9 @@ import time
 
 D, H, C, N = 8, 32768, 3, 64
 PLANT = (3, 12345)  # the wrong element of W1
+# glibc's malloc keeping freed memory for reuse up to these sizes (see README, Performance on Linux)
+GLIBC_REUSE = ("glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=536870912:"
+               "glibc.malloc.arena_max=1")
 CASES = ["checkgrads_correct", "funcgrad_correct", "checkgrads_planted_autodiff", "funcgrad_planted_autodiff",
          "funcgrad_planted_hand"]
 
@@ -140,14 +146,27 @@ def interleaved(dtype_name: str, repeats: int) -> dict:
 
     ours(), ours(), reference()  # (a function checked before gets its repeated-call plan, compiled at its second check)
     ts: dict[str, list[float]] = {"check_grad": [], "check_grads": []}
+    faults: dict[str, list[int]] = {"check_grad": [], "check_grads": []}
     for _ in range(max(repeats, 9)):
         for name, f in (("check_grad", ours), ("check_grads", reference)):
+            f0 = _minor_faults()
             t = time.perf_counter()
             f()
             ts[name].append(time.perf_counter() - t)
+            faults[name].append(_minor_faults() - f0)
     pairs = [a / b for a, b in zip(ts["check_grad"], ts["check_grads"], strict=True)]
     return {"check_grad": statistics.median(ts["check_grad"]), "check_grads": statistics.median(ts["check_grads"]),
-            "pair_ratio": statistics.median(pairs), "pair_range": [min(pairs), max(pairs)], "n": len(pairs)}
+            "pair_ratio": statistics.median(pairs), "pair_range": [min(pairs), max(pairs)], "n": len(pairs),
+            "faults": {k: statistics.median(v) for k, v in faults.items()}}
+
+
+def _minor_faults() -> int:
+    """The process's minor page faults so far (0 where the platform does not count them)."""
+    try:
+        import resource  # noqa: PLC0415 - POSIX only
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def worker(case: str, dtype_name: str, repeats: int) -> dict:
@@ -234,16 +253,22 @@ def main() -> None:
         print(f"{dtype}: planted wrong hand element W1{list(PLANT)}: check_grad {ph.get('where')}")
     print()
     print("The repeated call, check_grad and check_grads taking turns in one process (medians; the ratio is the median "
-          "of each pair's):")
-    for dtype in ("float64", "float32"):
+          "of each pair's; page faults: the median call's minor faults):")
+    settings = [("float64", env, ""), ("float32", env, "")]
+    if platform.libc_ver()[0] == "glibc":
+        # glibc's malloc gives an allocation over 32 MB (a compiled program's temporaries) fresh pages from the
+        # kernel at every call, each faulted in as it is first written; with these tunables it reuses freed memory.
+        settings.append(("float32", {**env, "GLIBC_TUNABLES": GLIBC_REUSE}, f" (GLIBC_TUNABLES={GLIBC_REUSE})"))
+    for dtype, wenv, label in settings:
         proc = subprocess.run([sys.executable, __file__, "--worker", "interleaved", dtype, "--repeats",
-                               str(args.repeats)], capture_output=True, text=True, env=env, check=False)
+                               str(args.repeats)], capture_output=True, text=True, env=wenv, check=False)
         if proc.returncode != 0:
             raise SystemExit(f"worker interleaved {dtype} failed:\n{proc.stderr}")
         r = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"  {dtype}: check_grad {1e3 * r['check_grad']:.0f} ms, check_grads {1e3 * r['check_grads']:.0f} ms; "
-              f"check_grad / check_grads {r['pair_ratio']:.2f}x (pairs {r['pair_range'][0]:.2f}-"
-              f"{r['pair_range'][1]:.2f}x over {r['n']}; issue 11's target: at most 2)")
+        print(f"  {dtype}{label}: check_grad {1e3 * r['check_grad']:.0f} ms, check_grads {1e3 * r['check_grads']:.0f} "
+              f"ms; check_grad / check_grads {r['pair_ratio']:.2f}x (pairs {r['pair_range'][0]:.2f}-"
+              f"{r['pair_range'][1]:.2f}x over {r['n']}; issue 11's target: at most 2); page faults "
+              f"{r['faults']['check_grad']:.0f} and {r['faults']['check_grads']:.0f}")
     print()
     print("The floor: what a check cannot do without, each part a plain jitted JAX program timed alone (best of "
           "several), against check_grads (its median). A check computes both float64 gradients, both again at the "
