@@ -388,6 +388,35 @@ def test_a_layer_norm_hand_using_its_data_unrounded_passes():
     assert verify.check_grad(ln, p, x, hand=slipped).verdict == "hand_wrong"
 
 
+def test_a_rule_rounding_its_residual_near_an_optimum_passes_without_claiming_a_kink():
+    # A custom rule saving x as a bfloat16 residual: d/ds mean((s·x − t)²) = mean(2(s·x − t)·x) with x rounded, a
+    # smooth function whose gradient nearly cancels close to the optimum, where the rounding is 3-4% of it (h90).
+    # A little off the point the leaf checks out, and the check passes it as kink; its note must not claim that
+    # kinks meet here (autodiff's gradient beside the point does not reach finite differences').
+    rng = np.random.default_rng(3)
+    xs = jnp.asarray(rng.standard_normal(256), jnp.float32)
+    ts = 0.8 * xs + jnp.asarray(0.5 * rng.standard_normal(256), jnp.float32)
+
+    @jax.custom_vjp
+    def sx(s, x):
+        return s * x
+
+    sx.defvjp(lambda s, x: (s * x, (s, x.astype(jnp.bfloat16))),
+              lambda r, g: (jnp.sum(g * r[1].astype(g.dtype)), g * r[0]))
+    fn = lambda s, x: jnp.mean((sx(s, x) - ts) ** 2)  # noqa: E731
+    x64, t64 = np.asarray(xs, np.float64), np.asarray(ts, np.float64)
+    s = jnp.float32(np.sum(x64 * t64) / np.sum(x64 * x64) + 1e-3)
+    exact = np.mean(2 * (float(s) * x64 - t64) * x64)  # (the calculus, in NumPy)
+    rule = np.mean(2 * (float(s) * x64 - t64) * np.asarray(xs.astype(jnp.bfloat16), np.float64))
+    assert 0.02 < abs(rule - exact) / abs(exact) < 0.05  # (the construction)
+    r = verify.check_grad(fn, s, xs)
+    assert r.ok, r
+    (row,) = r.rows
+    assert row.verdict == "kink", r
+    assert abs(row.numeric - exact) < 1e-6 * abs(exact), row
+    assert "but kinks meet here" not in row.note and "does not reach finite differences'" in row.note, row.note
+
+
 def test_noise_precisions_follow_what_depends_on_each_leaf():
     def f(a, b, c):
         return jnp.sum(a) + jnp.sum(b.astype(jnp.bfloat16)).astype(jnp.float64) + jnp.sum(c)
