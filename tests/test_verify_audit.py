@@ -2259,6 +2259,27 @@ def test_a_fused_dense_relu_rule_on_integer_data_where_kinks_meet_is_a_kink_and_
         assert report.rows[0].verdict in verdicts, (relu0, report)
 
 
+def test_a_fused_dense_relu_rule_at_zero_weights_on_integer_data_is_a_kink_and_relu0_of_5_fails():
+    # Zero weights and bias on integer data of both signs: every pre-activation of every unit exactly 0. The rule's
+    # relu'(0) = 0 gives 0 for each weight, as JAX's own gradient of the plain layer does; the one-sided derivatives
+    # are both nonzero there. Moving only the rule's inputs never turns a unit's ReLUs all off (X·δW takes both
+    # signs across the samples), so the sides of the rule alone never gave 0 and both were blamed (h92); its
+    # primal's ReLUs all off do.
+    rng = np.random.default_rng(1)
+    X = rng.integers(-3, 4, size=(8, 3)).astype(np.float32)
+    params = {"W": np.zeros((3, 4), np.float32), "b": np.zeros(4, np.float32)}
+    V = jnp.asarray(rng.standard_normal((4, 1)), jnp.float32)
+    for relu0, verdicts in ((0.0, ("kink", "ok")), (5.0, ("autodiff_wrong", "both_wrong"))):
+        layer = _fused_dense_relu(relu0)
+        g = jnp.asarray(rng.standard_normal((8, 4)), jnp.float32)
+        mine = jax.vjp(layer, params["W"], params["b"], X)[1](g)
+        jaxs = jax.vjp(lambda W, b, X: jax.nn.relu(X @ W + b), params["W"], params["b"], X)[1](g)
+        assert all(np.array_equal(a, b) for a, b in zip(mine, jaxs, strict=True)) == (relu0 == 0.0)  # the premise
+        report = verify.audit(lambda p, X, layer=layer: jnp.sum((layer(p["W"], p["b"], X) @ V) ** 2
+                                                                + layer(p["W"], p["b"], X) @ V), params, X)
+        assert report.rows[0].verdict in verdicts, (relu0, report)
+
+
 def test_a_primal_autodiff_blamed_where_kinks_meet_leaves_the_rule_a_kink_without_a_finite_difference_claim():
     # The second look blames a side by ranges of autodiff's gradient beside the point, with no finite-difference
     # value (numeric None). For a rule's check the blamed hand is the primal's plain autodiff: the rule passes, but

@@ -873,6 +873,7 @@ class _Scalars(NamedTuple):
     rule: Callable
     plain: Callable | None
     note: str
+    primal: Callable | None = None  # the same scalar through the primal (for the second look's sides of its kinks)
 
 
 def _scalars(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple[int, ...],
@@ -941,7 +942,7 @@ def _scalars(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple
                 "the primal's plain autodiff is from forward mode (reverse mode failed)" if how == "forward" else
                 "the primal's plain autodiff is from forward mode, one input element at a time (" + "; ".join(reasons)
                 + ")")
-        return _Scalars(rule, plain_fn, note)
+        return _Scalars(rule, plain_fn, note, through_primal if how == "reverse" else None)
     return _Scalars(rule, None, "JAX cannot differentiate the rule's primal without the rule (" + "; ".join(reasons)
                     + "): the rule is checked against finite differences only")
 
@@ -1524,7 +1525,8 @@ def _rule_check(s: _Scalars, diff: Any, args: tuple, options: dict, seed: int, r
                                 atol=options["atol"], mode=options["mode"], seed=seed, reuse=reuse,
                                 hand_reference=True)
 
-    return _second_look(check(diff), check, s.rule, diff, args, hand=s.plain, has_aux=False, wrt=None, seed=seed)
+    return _second_look(check(diff), check, s.rule, diff, args, hand=s.plain, has_aux=False, wrt=None, seed=seed,
+                        primal=s.primal)
 
 
 def _held_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple[int, ...], extra: tuple,

@@ -682,15 +682,22 @@ def _callable_as(f: Any, name: str, where: str, n: int) -> None:
 
 
 def _second_look(report: GradReport, check: Callable[[Any], GradReport], fn: Callable[..., Any], params: Any,
-                 args: tuple, *, hand: Callable[..., Any] | None, has_aux: bool, wrt: Any, seed: int) -> GradReport:
+                 args: tuple, *, hand: Callable[..., Any] | None, has_aux: bool, wrt: Any, seed: int,
+                 primal: Callable[..., Any] | None = None) -> GradReport:
     """:func:`_off_the_kinks` for the check ``check(params)`` of ``fn(params, *args)`` (with ``hand``) that gave
-    ``report``: check_grad's, and each of check_vjp's and check_jacobian's scalar checks."""
+    ``report``: check_grad's, and each of check_vjp's and check_jacobian's scalar checks. ``primal``: the same
+    function without fn's custom rule (verify.audit's rule through its primal), whose gradients with each of its own
+    kinks on a side of its own count among the sides too: a rule's kinks lie inside it, where only its inputs can
+    be moved (a fused dense + ReLU at zero weights on integer data, where no move of its inputs turns every ReLU
+    off, though its primal's ReLUs all off give the rule's and JAX's own gradient there)."""
 
     def nearby(sel: Any, points: Iterable, wide: int | None = None) -> Iterator[dict[str, np.ndarray]]:  # autodiff's
         return _autodiff_at(fn, sel, points, args, has_aux, wide)  # gradient, leaf by leaf
 
     def sided(sel: Any) -> Iterator[dict[str, np.ndarray]]:
-        return _autodiff_sided(fn, sel, args, has_aux, seed)
+        yield from _autodiff_sided(fn, sel, args, has_aux, seed)
+        if primal is not None:
+            yield from _autodiff_sided(primal, sel, args, has_aux, seed)
 
     def kinked(sel: Any) -> bool:
         return _has_kinks(fn, sel, args, has_aux)
@@ -706,8 +713,10 @@ def _second_look(report: GradReport, check: Callable[[Any], GradReport], fn: Cal
         got = _extract_grad(out, _Bound(fn, hand, sel.treedef, sel.diff, specs, has_aux))
         return {p: np.asarray(g, np.float64) for p, g in zip(sel.diff_paths, got, strict=True)}
 
-    return _off_the_kinks(report, check, _Beside(nearby, sided, hand_at if hand is not None else None, kinked), params,
-                          wrt, seed)
+    also = "" if primal is None else (", and of the primal's gradient (without the rule) with each of its own kinks "
+                                      "on a side of its own")
+    return _off_the_kinks(report, check, _Beside(nearby, sided, hand_at if hand is not None else None, kinked, also),
+                          params, wrt, seed)
 
 
 _AT_KINKS = "D₋/D₊ = ["  # (in the note of an element read as a kink: its one-sided derivatives)
@@ -729,6 +738,7 @@ class _Beside(NamedTuple):
     sided: Callable[[Any], Iterator[dict[str, np.ndarray]]]  # ... at the given point with each kink on a side of its own
     hand_at: Callable[[Any, Any], dict[str, np.ndarray]] | None  # hand's gradient at a point, leaf by leaf
     kinked: Callable[[Any], bool]  # whether fn has kinks at all (max, |x|, comparisons, sorts, custom rules)
+    also: str = ""  # what else the sides read, for the notes (audit: a rule's primal's gradients)
 
 
 def _off_the_kinks(report: GradReport, check: Callable[[Any], GradReport], beside: _Beside, params: Any, wrt: Any,
@@ -834,7 +844,7 @@ def _read_beside(beside: _Beside, sel: Any, params: Any, seed: int) -> dict[str,
             if path in dirs:
                 proj[path].append(dirs[path] @ v64.ravel())
     return {"here": here, "lo": lo, "hi": hi, "dirs": dirs, "proj": {p: np.array(v) for p, v in proj.items()},
-            "hand": beside.hand_at(sel, params) if beside.hand_at is not None else {}}
+            "hand": beside.hand_at(sel, params) if beside.hand_at is not None else {}, "also": beside.also}
 
 
 _TIE_DIRECTIONS = 2  # directions per leaf for the second look's joint test (see _along_ties)
@@ -892,7 +902,7 @@ def _within_reach(r: Row, o: Row, got: dict[str, Any], how: str) -> Row:
         excess = {name: np.where(np.isfinite(v) & np.isfinite(lo) & np.isfinite(hi),
                                  np.maximum(lo - slack - v, v - hi - slack), np.inf) for name, v in sides}
     where = f"the range of autodiff's gradient there at {_NEARBY} points right beside this one and at this one " \
-            "with each kink on a side of its own"
+            f"with each kink on a side of its own{got.get('also', '')}"
     worst = max(excess, key=lambda n: float(np.max(excess[n], initial=-np.inf)))
     if excess[worst].size and float(np.max(excess[worst])) > 0:
         idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(excess[worst])), lo.shape))
