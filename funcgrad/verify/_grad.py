@@ -902,7 +902,7 @@ def _within_reach(r: Row, o: Row, got: dict[str, Any], how: str) -> Row:
         excess = {name: np.where(np.isfinite(v) & np.isfinite(lo) & np.isfinite(hi),
                                  np.maximum(lo - slack - v, v - hi - slack), np.inf) for name, v in sides}
     where = f"the range of autodiff's gradient there at {_NEARBY} points right beside this one and at this one " \
-            f"with each kink on a side of its own{got.get('also', '')}"
+            f"with each kink on a side of its own{got['also']}"
     worst = max(excess, key=lambda n: float(np.max(excess[n], initial=-np.inf)))
     if excess[worst].size and float(np.max(excess[worst])) > 0:
         idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(excess[worst])), lo.shape))
