@@ -1182,6 +1182,41 @@ def test_a_fused_cross_entropy_that_gives_its_labels_no_cotangent(labels_ct, pla
     assert row.ok == (labels_ct != "wrong" and not planted), row
 
 
+@pytest.mark.parametrize("planted", [False, True])
+def test_hard_pseudo_labels_made_by_rounding_are_off_the_gradient_path(planted):
+    # A fused sigmoid + binary cross-entropy rule (right for any labels) gives its labels no cotangent. Labels made
+    # from the parameters by steps of zero derivative (jnp.round, itself a jitted helper; floor; sign) are off the
+    # path: JAX's gradient through them is exactly 0 (h93: round's was blamed as autodiff_wrong). Made by a
+    # differentiable step, they are on it, and None is wrong there.
+    @jax.custom_vjp
+    def bce(z, y):
+        return jnp.sum(jnp.logaddexp(0.0, z) - y * z)
+
+    def bwd(res, g):
+        z, y = res
+        dz = g * (jax.nn.sigmoid(z) - y)
+        return (dz.at[2].multiply(1.5) if planted else dz), None
+
+    bce.defvjp(lambda z, y: (bce(z, y), (z, y)), bwd)
+    rs = np.random.RandomState(0)
+    p = {"w": jnp.asarray(rs.randn(4), jnp.float32)}
+    x = jnp.asarray(rs.randn(6, 4), jnp.float32)
+    for make, on_path in [(jnp.round, False), (lambda t: jnp.floor(t + 0.5), False),
+                          (lambda t: (jnp.sign(t - 0.5) + 1) / 2, False), (lambda t: t, True)]:
+        def labels(q, x, make=make):
+            return make(jax.nn.sigmoid(x @ (0.9 * q["w"])))
+
+        through = jax.grad(lambda q: jnp.sum(labels(q, x) * jnp.arange(1.0, 7.0)))(p)["w"]
+        assert bool(jnp.any(through != 0)) == on_path, through
+        (row,) = verify.audit(jax.jit(lambda q, x, labels=labels: bce(x @ q["w"], labels(q, x))), p, x).rows
+        if planted or on_path:
+            assert row.verdict == verify.Verdict.AUTODIFF_WRONG, row
+            if planted != on_path:  # (both wrong: either may be the worst)
+                assert row.worst_index == (0, 2) if planted else row.worst_index[0] == 1, row
+        else:
+            assert row.ok and "input(s) [1] held fixed" in row.note, row
+
+
 def test_a_jax_custom_gradient_rule_is_the_user_s_and_is_checked():
     # custom_gradient's primal is a JAX wrapper (wrapped_fun): the rule was filed as JAX's own and skipped.
     @jax.custom_gradient
@@ -2112,6 +2147,65 @@ def test_a_primal_that_loses_precision_beside_a_correct_forward_passes():
     assert np.max(np.abs(fwd(x)[0] - exact)) < 1e-5 < np.max(np.abs(ln(x) - exact))
     report = verify.audit(lambda p, x: jnp.sum(jnp.tanh(ln(x * p["s"])) ** 2), {"s": jnp.ones(64)}, x)
     assert report.ok, report
+
+
+@pytest.mark.parametrize("offset", [100.0, 1000.0])
+@pytest.mark.parametrize("off_by", [0.0, 0.01])
+def test_a_forward_is_compared_with_the_primal_in_float64_where_the_primal_cancels(offset, off_by):
+    # A variance written in one pass (E[x²] − E[x]²) beside a two-pass fwd, on float32 data at an offset (pixel
+    # values): the primal cancels at float32, the fwd does not; the fwd was blamed for "another primal output"
+    # (h93). Compared with the primal evaluated in float64, a right fwd passes and one 1% off still fails.
+    @jax.custom_vjp
+    def var(x):
+        return jnp.mean(x**2, -1) - jnp.mean(x, -1) ** 2
+
+    def fwd(x):
+        d = x - jnp.mean(x, -1, keepdims=True)
+        return jnp.mean(d**2, -1) * (1 + off_by), d
+
+    var.defvjp(fwd, lambda d, g: (g[..., None] * 2 * d / d.shape[-1],))
+    x = jnp.asarray(offset + np.random.RandomState(0).randn(3, 8), jnp.float32)
+    xd = np.asarray(x, np.float64)
+    exact = xd.var(-1)  # the independent reference (NumPy, float64, two-pass)
+    assert np.max(np.abs(np.asarray(fwd(x)[0]) / (1 + off_by) - exact) / exact) < 1e-5
+    assert np.max(np.abs(np.asarray(var(x)) - exact) / exact) > 5e-3  # the float32 primal is the inaccurate one
+    (row,) = verify.audit(lambda p: jnp.sum(jnp.log(var(p["x"]))), {"x": x}).rows
+    if off_by:
+        assert row.verdict == verify.Verdict.AUTODIFF_WRONG and "another primal output" in row.note, row
+    else:
+        assert row.ok and "another primal output" not in row.note, row
+
+
+@pytest.mark.parametrize("slip", [1.0, 1.02])
+def test_a_stable_rule_beside_a_primal_that_cancels_at_its_precision_is_read_beside_the_primal_in_float64(slip):
+    # (1 − cos x)/x² cancels near 0 at float32: its plain autodiff there is far off, and finite differences of it
+    # cannot judge. A custom_jvp with the series near 0 is right; it read mismatch (h93). Beside the primal's
+    # plain autodiff evaluated in float64 it passes; 2% off in the series' derivative, it still fails.
+    @jax.custom_jvp
+    def versc(x):
+        return (1 - jnp.cos(x)) / x**2
+
+    @versc.defjvp
+    def versc_jvp(primals, tangents):
+        (x,), (t,) = primals, tangents
+        small = jnp.abs(x) < 1e-2
+        xs = jnp.where(small, 1.0, x)
+        y = jnp.where(small, 0.5 - x**2 / 24 + x**4 / 720, (1 - jnp.cos(xs)) / xs**2)
+        dy = jnp.where(small, (-x / 12 + x**3 / 180) * slip, jnp.sin(xs) / xs**2 - 2 * (1 - jnp.cos(xs)) / xs**3)
+        return y, dy * t
+
+    x = jnp.asarray([1e-3, -3e-3, 0.5, 2.0], jnp.float32)
+    xd = np.asarray(x, np.float64)
+    exact = np.sin(xd) / xd**2 - 4 * np.sin(xd / 2) ** 2 / xd**3  # the independent reference, without cancellation
+    got = np.asarray(jax.grad(lambda v: jnp.sum(versc(v)))(x), np.float64)
+    assert np.max(np.abs(got - exact * np.where(np.abs(xd) < 1e-2, slip, 1.0)) / np.abs(exact)) < 1e-4
+    plain = np.asarray(jax.grad(lambda v: jnp.sum((1 - jnp.cos(v)) / v**2))(x), np.float64)
+    assert np.abs(plain[0] - exact[0]) > 10 * abs(exact[0])  # the float32 primal's own autodiff is far off
+    (row,) = verify.audit(lambda p: jnp.sum(versc(p["x"])), {"x": x}).rows
+    if slip == 1.0:
+        assert row.ok and "the primal loses precision at float32" in row.note, row
+    else:
+        assert not row.ok, row
 
 
 def test_a_bfloat16_forward_off_by_a_factor_at_small_outputs_fails():

@@ -68,6 +68,9 @@ _LIBRARIES = ("jax", "jaxlib", "flax", "equinox", "optax", "chex", "haiku")
 # argument but the first through one): a custom rule's input made by one is held fixed. (Probing by trying to
 # differentiate fails inside the framework's rule and leaves its memoized traces unusable.)
 _MARKERS = ("_nondifferentiable", "nondifferentiable")
+# Primitives whose derivative JAX defines as zero: no gradient of the parameters passes them (hard pseudo-labels
+# made by rounding, a sign).
+_ZERO_DERIVATIVE = frozenset({"stop_gradient", "round", "floor", "ceil", "sign"})
 _CUSTOM_ROOT = "_custom_root"  # the primal of lax.custom_root's custom_jvp
 _SEARCH_LIMIT = 400  # objects looked at when searching a wrapper's closures for the user's function
 _BROKEN = "the rule's derivative fails at this call: "  # a call whose rule cannot be differentiated (see _defect)
@@ -448,6 +451,24 @@ def _fixed(jaxpr: Any, fixed_in: Sequence[bool] | None) -> set:
     return fixed
 
 
+def _reached(eqn: Any, ts: Sequence[bool]) -> list[bool]:
+    """Which outputs of ``eqn`` a gradient of the parameters reaches, given which of its inputs it reaches (``ts``):
+    its floating-point outputs when any input is reached, except through a step of zero derivative; a call (a
+    jitted helper such as jnp.round) followed inside."""
+    if not any(ts) or eqn.primitive.name in _ZERO_DERIVATIVE:
+        return [False] * len(eqn.outvars)
+    inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr")) if eqn.primitive.name in _CALLS else None
+    if inner is not None and len(_sub(eqn)) == 1:
+        jaxpr = getattr(inner, "jaxpr", inner)
+        env = {v: t for v, t in zip(jaxpr.invars, ts, strict=False)}
+        for e in jaxpr.eqns:
+            outs = _reached(e, [not isinstance(v, Literal) and env.get(v, False) for v in e.invars])
+            env.update(zip(e.outvars, outs, strict=True))
+        return [not isinstance(v, Literal) and env.get(v, False) and _inexact(o)
+                for v, o in zip(jaxpr.outvars, eqn.outvars, strict=True)]
+    return [_inexact(v) for v in eqn.outvars]
+
+
 def _live(jaxpr: Any, live_out: Sequence[bool] | None) -> set:
     """The values of a jaxpr that a cotangent from its live outputs (``live_out``; all by default) reaches: read
     backwards, an equation passes it on to its inputs only through a floating-point output of its that is live,
@@ -455,7 +476,7 @@ def _live(jaxpr: Any, live_out: Sequence[bool] | None) -> set:
     none). Equations holding jaxprs pass it to all their inputs (an upper bound)."""
     live = {v for k, v in enumerate(jaxpr.outvars) if not isinstance(v, Literal) and (live_out is None or live_out[k])}
     for eqn in reversed(jaxpr.eqns):
-        if eqn.primitive.name == "stop_gradient":
+        if eqn.primitive.name in _ZERO_DERIVATIVE:
             continue
         if any(v in live and jnp.issubdtype(v.aval.dtype, jnp.inexact) for v in eqn.outvars
                if not isinstance(v, Literal) and hasattr(v, "aval")):
@@ -717,10 +738,9 @@ class _Walker:
     def equation(self, eqn: Any, vals: list, ts: list, where: str, live: Sequence[bool] | None = None,
                  fixed: Sequence[bool] | None = None) -> tuple[list, list]:
         if not any(self.holds(s) for s in _sub(eqn)):
-            # (no gradient of the parameters passes a stop_gradient, or reaches an integer or boolean value: an
-            # argmax's pseudo-labels, a mask)
-            t = any(ts) and eqn.primitive.name != "stop_gradient"
-            return _bind(eqn, vals), [t and _inexact(v) for v in eqn.outvars]
+            # (no gradient of the parameters passes a stop_gradient or another step of zero derivative (round,
+            # floor, ceil, sign), or reaches an integer or boolean value: an argmax's pseudo-labels, a mask)
+            return _bind(eqn, vals), _reached(eqn, ts)
         ctx = getattr(getattr(eqn, "ctx", None), "manager", None)
         self._sites.append(self.site(eqn))
         try:
@@ -874,6 +894,8 @@ class _Scalars(NamedTuple):
     plain: Callable | None
     note: str
     primal: Callable | None = None  # the same scalar through the primal (for the second look's sides of its kinks)
+    wide: Callable | None = None  # the primal's plain autodiff (reverse mode) with the primal evaluated in float64
+    # (inputs, constants and literals widened): the reference where the primal loses precision at its own dtypes
 
 
 def _scalars(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple[int, ...],
@@ -922,6 +944,17 @@ def _scalars(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple
         outs = primal(*xs)
         return contract(outs, ct) + (beyond(xs, ct, extra[2], outs) if forward else 0)
 
+    def through_wide(diff: Any, fixed: Any, extra: Any) -> Any:
+        # (the call's inputs in float64 rather than at the call's dtypes; the elements only the forward gives
+        # finite are left out: there the primal is not compared)
+        ct, keep = extra[:2]
+        xs = inputs(diff, fixed, keep)
+        for i, d, (m, x0) in zip(diff_pos, diff, keep, strict=True):
+            xs[n_c + i] = jnp.where(m, _widened(d), _widened(x0))
+        closed = _call_jaxpr(eqn)
+        outs = _run_widened(closed.jaxpr, closed.consts, xs)
+        return sum(jnp.vdot(jnp.where(m, outs[j], 0), _widened(c)) for j, (c, m) in zip(float_outs, ct, strict=True))
+
     if not plain:
         return _Scalars(rule, None, "")
     example = (tuple(call.inputs[n_c + i] for i in diff_pos), tuple(call.inputs[i] for i in fixed_pos),
@@ -942,9 +975,19 @@ def _scalars(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple
                 "the primal's plain autodiff is from forward mode (reverse mode failed)" if how == "forward" else
                 "the primal's plain autodiff is from forward mode, one input element at a time (" + "; ".join(reasons)
                 + ")")
-        return _Scalars(rule, plain_fn, note, through_primal if how == "reverse" else None)
+        # (float64 reference only for a primal calling no other custom rule: evaluated in float64 such a rule runs
+        # as its primal, so the reference would differ from plain autodiff by more than precision)
+        wide = how == "reverse" and not forward and not _calls_rules(_call_jaxpr(eqn).jaxpr)
+        return _Scalars(rule, plain_fn, note, through_primal if how == "reverse" else None,
+                        jax.grad(through_wide) if wide else None)
     return _Scalars(rule, None, "JAX cannot differentiate the rule's primal without the rule (" + "; ".join(reasons)
                     + "): the rule is checked against finite differences only")
+
+
+def _calls_rules(jaxpr: Any) -> bool:
+    """Whether ``jaxpr`` calls a custom derivative rule anywhere (inside calls, loops and branches too)."""
+    return any(e.primitive.name in _CUSTOM or any(_calls_rules(getattr(sub, "jaxpr", sub)) for sub in _sub(e))
+               for e in jaxpr.eqns)
 
 
 def _basis_forward(f: Callable) -> Callable:
@@ -1275,6 +1318,17 @@ def _forward_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...],
             # most outputs are 0, a bfloat16 rounding of the pre-activation has no bound relative to the element)
             largest = float(np.max(np.abs(p64[fin])))
             bad = fin & ~(gap <= rtol * (np.abs(p64) + max(typical, 1.0)) + low * (np.abs(p64) + largest))
+            if bad.any() and jnp.finfo(eqn.outvars[j].aval.dtype).bits < 64:
+                # The primal may be what loses precision at its own dtype (a one-pass variance of data at an offset
+                # beside a two-pass fwd, (1 - cos x)/x² beside its series, h93): where the forward agrees with the
+                # primal evaluated in float64, the forward is right.
+                if wide is None:
+                    wide = _wide_primal(eqn, ins, float_outs) or []
+                if wide:
+                    w = np.asarray(wide[k], np.float64)
+                    near = np.isfinite(w) & (np.abs(u64 - w) <= rtol * (np.abs(w) + max(typical, 1.0))
+                                             + low * (np.abs(w) + largest))
+                    bad &= ~near
         if bad.any():
             at = np.unravel_index(int(np.argmax(np.where(bad, np.nan_to_num(gap, nan=np.inf), -1.0))), p64.shape)
             return _Gap(f"under differentiation the rule's forward returns another primal output than its primal function: "
@@ -1293,38 +1347,44 @@ def _wide_primal(eqn: Any, ins: Sequence[Any], float_outs: tuple[int, ...]) -> l
     """The rule's primal function at the call's inputs ``ins`` evaluated in float64 (its floating values, literals and
     dtypes widened), its floating outputs ``float_outs``; None where that cannot be done (a loop or a branch inside,
     a primitive that refuses float64)."""
-    def widened(x: Any) -> Any:
-        dt = jnp.result_type(x)
-        return jnp.asarray(x, jnp.float64) if jnp.issubdtype(dt, jnp.floating) else x
-
-    def run(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list:
-        env: dict = {}
-
-        def read(v: Any) -> Any:
-            return widened(v.val) if isinstance(v, Literal) else env[v]
-
-        for v, x in zip((*jaxpr.constvars, *jaxpr.invars), (*consts, *args), strict=True):
-            env[v] = widened(x)
-        for e in jaxpr.eqns:
-            invals = [read(v) for v in e.invars]
-            inner = e.params.get("jaxpr", e.params.get("call_jaxpr"))
-            if e.primitive.name in _WIDE_CALLS and inner is not None:
-                outs = run(getattr(inner, "jaxpr", inner), getattr(inner, "consts", ()), invals)
-            elif any(hasattr(getattr(x, "jaxpr", x), "eqns") for x in e.params.values()):
-                raise _NotWidened(e.primitive.name)  # (a loop or a branch)
-            else:
-                outs = _bind(e, invals, _widened_params(e.params))
-            for v, o in zip(e.outvars, outs, strict=True):
-                env[v] = o
-        return [read(v) for v in jaxpr.outvars]
-
     closed = _call_jaxpr(eqn)
     try:
         with jax.enable_x64(True):
-            out = run(closed.jaxpr, closed.consts, list(ins))
+            out = _run_widened(closed.jaxpr, closed.consts, list(ins))
             return [np.asarray(out[j], np.float64) for j in float_outs]
     except Exception:  # noqa: BLE001 - not evaluable in float64: those elements stay unverified, and are said to be
         return None
+
+
+def _widened(x: Any) -> Any:
+    """A floating value in float64; others as they are."""
+    dt = jnp.result_type(x)
+    return jnp.asarray(x, jnp.float64) if jnp.issubdtype(dt, jnp.floating) else x
+
+
+def _run_widened(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list:
+    """``jaxpr`` evaluated in float64 (under x64): its floating inputs, constants, literals and dtype parameters
+    widened, the calls inside followed (a custom rule's as its primal); raises :class:`_NotWidened` at a loop or a
+    branch. Traceable: JAX differentiates through it."""
+    env: dict = {}
+
+    def read(v: Any) -> Any:
+        return _widened(v.val) if isinstance(v, Literal) else env[v]
+
+    for v, x in zip((*jaxpr.constvars, *jaxpr.invars), (*consts, *args), strict=True):
+        env[v] = _widened(x)
+    for e in jaxpr.eqns:
+        invals = [read(v) for v in e.invars]
+        inner = e.params.get("jaxpr", e.params.get("call_jaxpr"))
+        if e.primitive.name in _WIDE_CALLS and inner is not None:
+            outs = _run_widened(getattr(inner, "jaxpr", inner), getattr(inner, "consts", ()), invals)
+        elif any(hasattr(getattr(x, "jaxpr", x), "eqns") for x in e.params.values()):
+            raise _NotWidened(e.primitive.name)  # (a loop or a branch)
+        else:
+            outs = _bind(e, invals, _widened_params(e.params))
+        for v, o in zip(e.outvars, outs, strict=True):
+            env[v] = o
+    return [read(v) for v in jaxpr.outvars]
 
 
 class _NotWidened(Exception):
@@ -1385,9 +1445,9 @@ def _hold_declared_none(eqn: Any, call: _Call, diff_pos: tuple[int, ...], off_pa
         scalars[id(eqn), left] = _scalars(eqn, call, left, float_outs)
     return left, "; ".join([n for n in (held,) if n] + [
         f"input(s) {none} held fixed: the rule gives them no cotangent (None, or zeros), and they are off the "
-        "selected parameters' gradient path (data, labels, values under stop_gradient or reached only by parameters "
-        "wrt= leaves out), so no gradient of those parameters passes through it; pass them in params (selected by "
-        "wrt=) to have it checked"])
+        "selected parameters' gradient path (data, labels, values under stop_gradient, made by round, floor, ceil "
+        "or sign, or reached only by parameters wrt= leaves out), so no gradient of those parameters passes through "
+        "it; pass them in params (selected by wrt=) to have it checked"])
 
 
 def _declared_none(eqn: Any, call: _Call, diff_pos: tuple[int, ...], off_path: list[int], scalars: dict,
@@ -1525,8 +1585,59 @@ def _rule_check(s: _Scalars, diff: Any, args: tuple, options: dict, seed: int, r
                                 atol=options["atol"], mode=options["mode"], seed=seed, reuse=reuse,
                                 hand_reference=True)
 
-    return _second_look(check(diff), check, s.rule, diff, args, hand=s.plain, has_aux=False, wrt=None, seed=seed,
-                        primal=s.primal)
+    report = _second_look(check(diff), check, s.rule, diff, args, hand=s.plain, has_aux=False, wrt=None, seed=seed,
+                          primal=s.primal)
+    return report if report.ok or s.wide is None else _beside_wide_primal(report, s, diff, args)
+
+
+# Verdicts a check at a call's own precision gives where the primal, not the rule, loses precision there.
+# (not both_wrong: the rule agreeing with the primal's plain autodiff against finite differences, a stop_gradient the
+# rule copied, agrees with it in float64 too)
+_PRECISION_BLAMES = frozenset({Verdict.MISMATCH, Verdict.AUTODIFF_WRONG})
+
+
+def _beside_wide_primal(report: GradReport, s: _Scalars, diff: Any, args: tuple) -> GradReport:
+    """A failing check of a call whose differentiated inputs are below float64, read again beside the primal's plain
+    autodiff with the primal evaluated in float64 (``s.wide``). A row that blamed the rule or no side passes where
+    the rule's gradient at the call's own precision agrees with that reference at every element of its input, to
+    within 100 units in the last place of the input's dtype (at least 1e-5, at most 5%) of the element plus the
+    input's largest: the rule is right and accurate at its precision, and the primal is what loses precision there
+    (a stable rule beside a formula that cancels, (1 − cos x)/x² near 0), which the primal's autodiff and finite
+    differences at that precision inherit (h93). Other rows, and any failure outside such rows, stand."""
+    leaves = jax.tree_util.tree_leaves(diff)
+    dtypes = [jnp.result_type(x) for x in leaves]
+    low = [jnp.issubdtype(d, jnp.floating) and jnp.finfo(d).bits < 64 for d in dtypes]
+    if len(report.rows) != len(leaves) or not any(r.verdict in _PRECISION_BLAMES and lw
+                                                   for r, lw in zip(report.rows, low, strict=True)):
+        return report
+    try:
+        with jax.enable_x64(True):
+            rule = jax.tree_util.tree_leaves(jax.grad(s.rule)(diff, *args))
+            assert s.wide is not None
+            wide = jax.tree_util.tree_leaves(s.wide(jax.tree_util.tree_map(_widened, diff), *args))
+    except Exception:  # noqa: BLE001 - no float64 reference (a primitive refusing float64): the check stands
+        return report
+    rows = []
+    for row, d, lw, r, w in zip(report.rows, dtypes, low, rule, wide, strict=True):
+        r64, w64 = np.asarray(r, np.float64), np.asarray(w, np.float64)
+        if row.verdict not in _PRECISION_BLAMES or not lw or r64.shape != w64.shape or not (
+                np.isfinite(r64).all() and np.isfinite(w64).all()):
+            rows.append(row)
+            continue
+        limit = min(0.05, max(100 * float(jnp.finfo(d).eps), 1e-5))
+        largest = float(np.max(np.abs(w64), initial=0.0))
+        gap = np.abs(r64 - w64)
+        if not np.all(gap <= limit * (np.abs(w64) + largest)):
+            rows.append(row)
+            continue
+        k = int(np.argmax(gap)) if gap.size else 0
+        rows.append(dataclasses.replace(row, verdict=Verdict.OK, note=(
+            # (in check_grad's words, which the audit's row reads: autodiff is the rule, hand the plain autodiff)
+            f"at {d}, autodiff, hand and finite differences of the primal read {row.verdict.value} ({row.note}); "
+            f"with the primal evaluated in float64, hand agrees with autodiff's gradient at {d} to within {limit:.1g} "
+            f"of each element plus the input's largest (largest gap {float(gap.flat[k]) if gap.size else 0.0:.3g}): "
+            f"the primal loses precision at {d} (terms that cancel?), autodiff does not")))
+    return dataclasses.replace(report, rows=tuple(rows), verdict=_combine_verdicts([r.verdict for r in rows]))
 
 
 def _held_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple[int, ...], extra: tuple,
