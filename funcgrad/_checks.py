@@ -103,8 +103,9 @@ def require_same_shape(a: Any, b: Any, name_a: str, name_b: str) -> None:
         )
 
 
-def check_finite_tree(tree: Any, root: str) -> None:
-    """Raises a ValueError naming the first non-finite element of each floating leaf (concrete values only)."""
+def nonfinite_entries(tree: Any, root: str) -> list[str]:
+    """The first non-finite element of each floating leaf of ``tree`` (concrete values only), each as
+    ``root[path][index] = value (n non-finite element(s))``."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     bad = []
     for path, leaf in flat:
@@ -116,6 +117,12 @@ def check_finite_tree(tree: Any, root: str) -> None:
             idx = tuple(int(i) for i in np.argwhere(~finite)[0])
             n = int((~finite).sum())
             bad.append(f"{path_name(path, root)}{list(idx) if idx else ''} = {arr[idx]} ({n} non-finite element(s))")
+    return bad
+
+
+def check_finite_tree(tree: Any, root: str) -> None:
+    """Raises a ValueError naming the first non-finite element of each floating leaf (concrete values only)."""
+    bad = nonfinite_entries(tree, root)
     if bad:
         raise ValueError("non-finite values (nan or inf) in " + root + ":\n  " + "\n  ".join(bad))
 

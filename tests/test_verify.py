@@ -292,6 +292,16 @@ def test_non_scalar_and_non_finite_fn():
         verify.check_grad(lambda p: p["w"] ** 2, {"w": jnp.ones(3)})
     with pytest.raises(ValueError, match="= nan at the given params: the function itself is not defined"):
         verify.check_grad(lambda p: jnp.sum(jnp.log(p["w"])), {"w": jnp.array([-1.0])})
+    # A NaN in the data, or an inf in a leaf wrt holds fixed, is named with its path and element (h94); none is
+    # named where fn's inputs are all finite (above).
+    X = jnp.ones((4, 2)).at[3, 1].set(jnp.nan)
+    with pytest.raises(ValueError, match=r"not defined there.*; non-finite values fn reads: args\[0\]\[3, 1\] = nan"):
+        verify.check_grad(lambda p, X: jnp.sum(X @ p["w"]), {"w": jnp.ones(2)}, X)
+    with pytest.raises(ValueError, match=r"non-finite values fn reads: params\['b'\]\[1\] = inf .*held fixed by wrt"):
+        verify.check_grad(lambda p: jnp.sum(p["w"]) * jnp.sum(p["b"] - p["b"]),
+                          {"w": jnp.ones(2), "b": jnp.array([0.0, jnp.inf])}, wrt={"w": True, "b": False})
+    with pytest.raises(ValueError, match=r"inf − inf\?\)$"):
+        verify.check_grad(lambda p: jnp.sum(jnp.log(p["w"])), {"w": jnp.array([-1.0])})
 
 
 def test_non_finite_hand_values_name_the_leaf():

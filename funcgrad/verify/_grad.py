@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from funcgrad._checks import describe, in_range, x64_enabled
+from funcgrad._checks import describe, in_range, nonfinite_entries, x64_enabled
 from funcgrad.verify._compiled import (
     _CUSTOM,
     _dir_items,
@@ -85,6 +85,7 @@ from funcgrad.verify._inputs import (
     _main_output,
     _select,
     _split_args,
+    _UndefinedValue,
     _untraceable,
     _UserTypeError,
     _UserValueError,
@@ -206,6 +207,7 @@ class _Engine:
         self.fn, self.spec, self.layout, self.plan = prep.bound.value, prep.spec, layout, plan
         self.user_dtypes = prep.dtypes  # each leaf's own dtype
         self.params, self.dyn, self.seed = prep.dleaves, prep.dyn, seed
+        self.default_tolerances = True  # neither rtol nor atol given (see _at_their_own_size)
         # Per leaf: the rounding finite differences along it carry, and their first step.
         self.eps_f, self.f0 = np.asarray(eps_f, np.float64), float(res.f0)
         self.h0 = _first_step(self.eps_f)
@@ -1238,7 +1240,8 @@ def _check_grad_impl(fn: Callable[..., Any], params: Any, args: tuple, *, hand: 
     try:
         rows, notes, plan, rtol_eff, eager = _compute(prep, facts, base_notes, options)
     except (_UserValueError, _UserTypeError) as e:
-        raise _clean(e) from None
+        raise _clean(_UndefinedValue(e.args[0] + _nonfinite_inputs(sel, args)) if isinstance(e, _UndefinedValue)
+                     else e) from None
     except Exception as e:
         if any("funcgrad:" in n for n in getattr(e, "__notes__", ())):
             raise  # the user's NumPy hand failed
@@ -1275,6 +1278,18 @@ def _check_grad_impl(fn: Callable[..., Any], params: Any, args: tuple, *, hand: 
                        layout, sel)
     return GradReport(tuple(rows), _combine_verdicts([r.verdict for r in rows]), "check_grad", dtype, tuple(notes),
                       time.perf_counter() - start, env)
+
+
+def _nonfinite_inputs(sel: Any, args: tuple) -> str:
+    """Where fn's inputs other than the differentiated leaves (check_grad refuses non-finite ones) hold NaN or inf:
+    the leaves ``wrt`` holds fixed and the arguments, their first such elements (up to :data:`_LIST`), as a sentence
+    to add to the message of a NaN value; "" where there are none."""
+    fixed = [(p, x) for p, x, d in zip(sel.paths, sel.leaves, sel.diff, strict=True) if not d]
+    bad = [e + " (held fixed by wrt)" for p, x in fixed for e in nonfinite_entries(x, f"params{p}")]
+    bad += nonfinite_entries(tuple(args), "args")
+    if not bad:
+        return ""
+    return ("; non-finite values fn reads: " + "; ".join(bad[:_LIST]) + ("; ..." if len(bad) > _LIST else ""))
 
 
 def _holds_custom_rules(fn: Any) -> bool:
@@ -1497,6 +1512,7 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
                          "another function; verify.audit(fn, params, *args) names the rule")
         engine = _Engine(prep, plan, res, seed, eps_f, tp, probe)
         engine.hand_reference = options.hand_reference
+        engine.default_tolerances = options.rtol is None and options.atol is None
         engine.eps_grad = [float(jnp.finfo(d).eps) for d in facts.grad64 or (facts.inner64,) * len(layout.paths)]
         items = _Items(*(np.asarray(x) for x in res.items))
         pending = _dispatched(lambda: _first_reading(items, engine, prep.has_hand, later=True)) if overlap else None
@@ -1895,8 +1911,8 @@ def _note_for(verdict: Verdict, item: _Item | None, extra: Sequence[str]) -> str
         if not item.fd_finite:
             why_unsure = "the function is not finite on both sides of the point, so finite differences cannot judge"
         hand_part = f", hand {_g(item.H)}" if item.H is not None else ""
-        if item.user_precision:
-            fd = f"in float64 the same side gives {_g(item.N)}"
+        if item.user_precision:  # (N: finite differences, not the side's float64 value, which h94 found stated)
+            fd = f"finite differences (in float64) give {_g(item.N)} ± {_g(item.fd_err)}"
         parts.append({
             Verdict.KINK: (
                 (f"not differentiable {at}: {fd}, and autodiff ({_g(item.A)})"
@@ -2014,6 +2030,7 @@ def _rows(items: _Items, P: np.ndarray, engine: _Engine, has_hand: bool, user: b
                          scale=engine.global_scale)
     item_leaf = np.where(is_el, np.searchsorted(np.array(layout.offsets), np.maximum(flat, 0), side="right") - 1,
                          np.concatenate([np.zeros(int(is_el.sum()), int), d_leaf]))
+    verdicts = _at_their_own_size(verdicts, A, H, fd, is_el, item_leaf, engine)
 
     rows = []
     for li, (path, shape, o, s) in enumerate(zip(layout.paths, layout.shapes, layout.offsets, layout.sizes, strict=True)):
@@ -2056,6 +2073,46 @@ def _rows(items: _Items, P: np.ndarray, engine: _Engine, has_hand: bool, user: b
                 "or check with a hand"))
         rows.append(row)
     return rows
+
+
+# An element's own share of the tolerance where it is read at its own size (see _at_their_own_size), and how much
+# finer than that finite differences must be there.
+_OWN_SIZE_RTOL = 1e-3
+_OWN_SIZE_FD = 0.1
+
+
+def _at_their_own_size(verdicts: np.ndarray, A: np.ndarray, H: np.ndarray | None, fd: Any, is_el: np.ndarray,
+                       item_leaf: np.ndarray, engine: _Engine) -> np.ndarray:
+    """The elements checked one by one that passed, read again against a tolerance of their own size where the
+    leaf's is far wider: 0.1% of the element (plus float64's round-off at the whole gradient's scale), where finite
+    differences there are smooth and ten times finer than that, and fn computes in float64 throughout with the
+    default tolerances and no cast of hand's. The leaf's tolerance is relative to its largest gradient (1e-7 of it
+    in float64), which, across a leaf of wide dynamic range, is more than a small element itself: a rule for rsqrt
+    50% off at a variance of 1 passed beside a variance of 1e-6 (h93). A side confidently off finite differences
+    at its own size is then wrong; a correct float64 gradient is not 0.1% off an element that finite differences
+    resolve."""
+    out = verdicts.copy()
+    if not engine.default_tolerances:
+        return out
+    # (float64 throughout: rtol at its floor; and no cast of hand's, whose rounding each element is allowed)
+    pure = np.array([engine.tp_of(int(li))[0][0] <= 1.01e-7 and not np.any(engine.tp_of(int(li))[0][1:5])
+                     for li in item_leaf], bool)
+    cand = is_el & pure & (verdicts == Verdict.OK) & fd.resolved & fd.finite & ~fd.nonsmooth & ~fd.singular
+    if not cand.any():
+        return out
+    with np.errstate(invalid="ignore"):
+        mag = np.abs(A) if H is None else np.maximum(np.abs(A), np.abs(H))
+        eps = float(engine.tp[2])
+        tight = _OWN_SIZE_RTOL * np.maximum(mag, np.abs(fd.value)) + 64 * eps * engine.gmax + engine.zero[item_leaf]
+        cand &= fd.err <= _OWN_SIZE_FD * tight
+    if not cand.any():
+        return out
+    again = _classify(A, H, fd, tight, lenient=~is_el, tol_ah=tight, reference=engine.hand_reference,
+                      scale=engine.global_scale)
+    wrong = cand & np.isin(again.astype(str), [Verdict.AUTODIFF_WRONG.value, Verdict.HAND_WRONG.value,
+                                               Verdict.BOTH_WRONG.value])
+    out[wrong] = again[wrong]
+    return out
 
 
 def _between_sides(it: _Item, v: float | None) -> bool:

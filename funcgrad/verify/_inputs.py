@@ -505,6 +505,10 @@ class _UserValueError(ValueError):
     """A user error detected while JAX traces the user's function (re-raised clean, without JAX's notes)."""
 
 
+class _UndefinedValue(_UserValueError):
+    """fn's value is NaN at the given params (see :func:`_check_value`)."""
+
+
 class _UserTypeError(TypeError):
     """A user error detected while JAX traces the user's function (re-raised clean, without JAX's notes)."""
 
@@ -707,6 +711,6 @@ def _check_value(value: Any) -> None:
     """fn's value must be a number; ±inf (a log of 0) is a singular point, reported as such."""
     v = float(value)
     if math.isnan(v):
-        raise _UserValueError(f"fn(params, *args) = {v} at the given params: the function itself is not defined "
+        raise _UndefinedValue(f"fn(params, *args) = {v} at the given params: the function itself is not defined "
                               "there, so it has no derivative to check (a sqrt or log of a negative number, 0/0, "
                               "inf − inf?)")
