@@ -2208,6 +2208,25 @@ def test_a_stable_rule_beside_a_primal_that_cancels_at_its_precision_is_read_bes
         assert not row.ok, row
 
 
+def test_a_rule_copying_a_stop_gradient_beside_a_primal_that_cancels_is_not_read_beside_the_float64_primal():
+    # (1 − cos x)/x² + stop_gradient(x)·x at float32, its rule the series' derivative + x (the stop_gradient copied:
+    # the true derivative is series' + 2x). The float32 check cannot resolve it (mismatch); the primal's plain autodiff
+    # in float64 keeps the stop_gradient and agreed with the rule, which then passed (h95). Not read so: it fails.
+    @jax.custom_vjp
+    def f(x):
+        return (1 - jnp.cos(x)) / x**2 + jax.lax.stop_gradient(x) * x
+
+    f.defvjp(lambda x: (0.5 - x**2 / 24 + x**4 / 720 + x * x, x),
+             lambda x, g: (g * (-x / 12 + x**3 / 180 + x),))
+    x = jnp.asarray([0.003, 0.004, 0.006], jnp.float32)
+    xd = np.asarray(x, np.float64)
+    exact = np.sin(xd) / xd**2 - 4 * np.sin(xd / 2) ** 2 / xd**3 + 2 * xd  # the independent reference
+    rule = np.asarray(jax.grad(lambda v: jnp.sum(f(v)))(x), np.float64)
+    assert np.min(np.abs(rule - exact) / np.abs(exact)) > 0.4
+    (row,) = verify.audit(lambda p: jnp.sum(f(p["x"])), {"x": x}).rows
+    assert not row.ok, row
+
+
 def test_a_bfloat16_forward_off_by_a_factor_at_small_outputs_fails():
     # Round 3: the bfloat16 allowance (5%) was taken of the floor of 1 as well, so a bfloat16 fwd returning twice
     # outputs of about 0.01 passed, and the gradient through the rule was twice the true one.

@@ -976,8 +976,11 @@ def _scalars(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple
                 "the primal's plain autodiff is from forward mode, one input element at a time (" + "; ".join(reasons)
                 + ")")
         # (float64 reference only for a primal calling no other custom rule: evaluated in float64 such a rule runs
-        # as its primal, so the reference would differ from plain autodiff by more than precision)
-        wide = how == "reverse" and not forward and not _calls_rules(_call_jaxpr(eqn).jaxpr)
+        # as its primal, so the reference would differ from plain autodiff by more than precision; nor one holding a
+        # step of zero derivative, a stop_gradient whose plain autodiff a rule may copy, which the reference, never
+        # checked against finite differences, would share: h95)
+        closed = _call_jaxpr(eqn).jaxpr
+        wide = how == "reverse" and not forward and not _calls_rules(closed) and not _has_zero_derivative(closed)
         return _Scalars(rule, plain_fn, note, through_primal if how == "reverse" else None,
                         jax.grad(through_wide) if wide else None)
     return _Scalars(rule, None, "JAX cannot differentiate the rule's primal without the rule (" + "; ".join(reasons)
@@ -988,6 +991,12 @@ def _calls_rules(jaxpr: Any) -> bool:
     """Whether ``jaxpr`` calls a custom derivative rule anywhere (inside calls, loops and branches too)."""
     return any(e.primitive.name in _CUSTOM or any(_calls_rules(getattr(sub, "jaxpr", sub)) for sub in _sub(e))
                for e in jaxpr.eqns)
+
+
+def _has_zero_derivative(jaxpr: Any) -> bool:
+    """Whether ``jaxpr`` holds a step of zero derivative (stop_gradient, round, ...) anywhere."""
+    return any(e.primitive.name in _ZERO_DERIVATIVE or any(_has_zero_derivative(getattr(sub, "jaxpr", sub))
+                                                           for sub in _sub(e)) for e in jaxpr.eqns)
 
 
 def _basis_forward(f: Callable) -> Callable:
