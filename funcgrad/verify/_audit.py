@@ -44,7 +44,7 @@ import numpy as np
 from jax.extend.core import ClosedJaxpr, Literal, jaxpr_as_fun
 
 from funcgrad._checks import describe, in_range
-from funcgrad.verify._compiled import _CUSTOM, _bind, _lower, _lowest_float, _scan_layout, _widened_params
+from funcgrad.verify._compiled import _CUSTOM, _bind, _lower, _lowest_float, _scan_layout, _uses, _widened_params
 from funcgrad.verify._compiled import _sub_jaxprs as _sub
 from funcgrad.verify._fd import _default_rtol
 from funcgrad.verify._grad import _check_grad_impl, _environment_versions, _g, _second_look
@@ -979,24 +979,12 @@ def _scalars(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple
         # as its primal, so the reference would differ from plain autodiff by more than precision; nor one holding a
         # step of zero derivative, a stop_gradient whose plain autodiff a rule may copy, which the reference, never
         # checked against finite differences, would share: h95)
-        closed = _call_jaxpr(eqn).jaxpr
-        wide = how == "reverse" and not forward and not _calls_rules(closed) and not _has_zero_derivative(closed)
+        wide = how == "reverse" and not forward and not _uses(
+            _call_jaxpr(eqn).jaxpr, lambda e: e.primitive.name in _CUSTOM or e.primitive.name in _ZERO_DERIVATIVE)
         return _Scalars(rule, plain_fn, note, through_primal if how == "reverse" else None,
                         jax.grad(through_wide) if wide else None)
     return _Scalars(rule, None, "JAX cannot differentiate the rule's primal without the rule (" + "; ".join(reasons)
                     + "): the rule is checked against finite differences only")
-
-
-def _calls_rules(jaxpr: Any) -> bool:
-    """Whether ``jaxpr`` calls a custom derivative rule anywhere (inside calls, loops and branches too)."""
-    return any(e.primitive.name in _CUSTOM or any(_calls_rules(getattr(sub, "jaxpr", sub)) for sub in _sub(e))
-               for e in jaxpr.eqns)
-
-
-def _has_zero_derivative(jaxpr: Any) -> bool:
-    """Whether ``jaxpr`` holds a step of zero derivative (stop_gradient, round, ...) anywhere."""
-    return any(e.primitive.name in _ZERO_DERIVATIVE or any(_has_zero_derivative(getattr(sub, "jaxpr", sub))
-                                                           for sub in _sub(e)) for e in jaxpr.eqns)
 
 
 def _basis_forward(f: Callable) -> Callable:
@@ -1619,10 +1607,10 @@ def _beside_wide_primal(report: GradReport, s: _Scalars, diff: Any, args: tuple)
     if len(report.rows) != len(leaves) or not any(r.verdict in _PRECISION_BLAMES and lw
                                                    for r, lw in zip(report.rows, low, strict=True)):
         return report
+    assert s.wide is not None
     try:
         with jax.enable_x64(True):
             rule = jax.tree_util.tree_leaves(jax.grad(s.rule)(diff, *args))
-            assert s.wide is not None
             wide = jax.tree_util.tree_leaves(s.wide(jax.tree_util.tree_map(_widened, diff), *args))
     except Exception:  # noqa: BLE001 - no float64 reference (a primitive refusing float64): the check stands
         return report

@@ -2095,8 +2095,8 @@ def _at_their_own_size(verdicts: np.ndarray, A: np.ndarray, H: np.ndarray | None
     if not engine.default_tolerances:
         return out
     # (float64 throughout: rtol at its floor; and no cast of hand's, whose rounding each element is allowed)
-    pure = np.array([engine.tp_of(int(li))[0][0] <= 1.01e-7 and not np.any(engine.tp_of(int(li))[0][1:5])
-                     for li in item_leaf], bool)
+    rtols = engine.tp[0]
+    pure = ((rtols[:, 0] <= 1.01e-7) & ~np.any(rtols[:, 1:5] != 0, axis=1))[item_leaf]
     cand = is_el & pure & (verdicts == Verdict.OK) & fd.resolved & fd.finite & ~fd.nonsmooth & ~fd.singular
     if not cand.any():
         return out
