@@ -1,6 +1,8 @@
 """check_grad traces afresh at every call and shares compilations between identical traces: a repeated check of
 an unchanged function compiles nothing, and a function whose globals changed is checked as it is now."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,6 +66,34 @@ def test_changed_globals_are_checked_as_they_are_now():
         assert verify.check_grad(loss, W, X, hand=hand).ok
     finally:
         SCALE, TABLE = frozen_scale, frozen_table
+
+
+def test_checks_with_numpy_float64_data_see_each_hand_as_it_is():
+    # NumPy float64 data, as the book passes it, is float32 in a float32 check. Its trace was recorded as float64, so
+    # the check at the parameters' own precision called the function itself, inside a program shared by traces with
+    # the same key: a second hand (its constants hoisted, the same trace) was checked as the first one (h97). A right
+    # hand after a wrong one read hand_wrong with the first one's values; a hand not finite at float32 after a right
+    # one read ok.
+    p = jnp.asarray([0.3, -0.7, 1.1, 0.5], jnp.float32)
+    data = np.ones(4)  # float64
+
+    def fn(w, x):
+        return jnp.sum(x * w**2)
+
+    def make_hand(scale, over=1.0):
+        k, d = np.full(4, scale * over), np.full(4, over)  # closed over: hoisted, the same trace for every value
+        return lambda w, x: (k * x * w) / d
+
+    truth = 2 * data * np.asarray(p, np.float64)  # the independent reference
+    assert np.allclose(np.asarray(make_hand(2.0)(p, data)), truth)
+    assert verify.check_grad(fn, p, data, hand=make_hand(2.2)).verdict == "hand_wrong"
+    right = verify.check_grad(fn, p, data, hand=make_hand(2.0))
+    assert right.ok and np.isclose(right.rows[0].hand, truth[right.rows[0].worst_index or 0], rtol=1e-5), right
+    # 2e39·x·w / 1e39: right in float64, inf / inf = NaN at float32, as the user's float32 program computes it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (NumPy's overflow casting 2e39 to float32: the point)
+        assert np.all(np.isnan(np.asarray(jax.jit(make_hand(2.0, 1e39))(p, jnp.asarray(data, jnp.float32)))))
+        assert verify.check_grad(fn, p, data, hand=make_hand(2.0, 1e39)).verdict == "hand_wrong"
 
 
 def test_a_custom_rule_whose_backward_reads_a_changed_global_is_checked_again():

@@ -203,13 +203,17 @@ class _Traced:
     spec: tuple  # where the arrays go among the static values of (fixed leaves, args)
     fallback: Callable  # the function itself: for inputs of another precision than either trace
     what: str  # "fn" or "hand"
+    fell_back: list = dataclasses.field(default_factory=list)  # non-empty once the function itself was called
     traced = True  # what _Bound looks for
 
     def __hash__(self) -> int:
         return hash(self.key)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Traced) and other.key == self.key
+        # (once either has called the function itself, what it compiled holds that function's values, which the key
+        # does not see: equal then only to the same function, h97)
+        return isinstance(other, _Traced) and other.key == self.key and (
+            not (self.fell_back or other.fell_back) or self.fallback is other.fallback)
 
     def __call__(self, dl: Sequence, packed: tuple) -> Any:
         """fn(params, *args) (or hand's leaves), from the differentiated leaves and ``packed = (fixed leaves,
@@ -218,7 +222,7 @@ class _Traced:
         _, static = self.spec
         flat = jax.tree_util.tree_leaves((fixed, args))
         dyn = [x for x, s in zip(flat, static, strict=True) if s is _DYN]
-        sig = tuple((tuple(jnp.shape(x)), jnp.result_type(x)) for x in [*dl, *dyn])
+        sig = _signature([*dl, *dyn])
         for t in self.traces:
             if sig == t.in_avals:
                 cs = [jnp.asarray(consts[i]).astype(a.dtype) for i, a in zip(t.const_index, t.const_avals, strict=True)]
@@ -226,7 +230,14 @@ class _Traced:
                 outs = (jax.core.eval_jaxpr(t.jaxpr, cs, *dl, *dyn) if len(t.jaxpr.constvars) == len(cs) else
                         jax.core.eval_jaxpr(t.jaxpr, [], *cs, *dl, *dyn))
                 return jax.tree_util.tree_unflatten(t.out_tree, outs)
+        self.fell_back.append(True)
         return self.fallback(dl, (fixed, args))
+
+
+def _signature(xs: Sequence[Any]) -> tuple:
+    """(shape, dtype) of each input as JAX takes it under the current x64 setting (a NumPy float64 array is float32
+    without x64): how a trace's inputs are recorded and how a call is matched to a trace."""
+    return tuple((tuple(np.shape(x)), jnp.result_type(x)) for x in xs)
 
 
 def _detached(c: Any) -> Any:
@@ -267,25 +278,24 @@ def trace_pair(fn: Callable, dl_user: Sequence, dl64: Sequence, dyn_user: Sequen
     closed_u, out_u = jax.make_jaxpr(flat, return_shape=True)(list(dl_user), list(dyn_user))
     key_u = _key(closed_u)
     # (JAX's converted constants are let go of before the other trace: see _detached)
-    traces_closed.append((*_open(closed_u), [_detached(c) for c in closed_u.consts], out_u, [*dl_user, *dyn_user]))
+    traces_closed.append((*_open(closed_u), [_detached(c) for c in closed_u.consts], out_u,
+                          _signature([*dl_user, *dyn_user])))
     del closed_u
     with _x64(True):  # (a custom rule's derivative is traced for the key as the float64 check will)
         closed_64, out_64 = jax.make_jaxpr(flat, return_shape=True)(list(dl64), list(dyn64))
         key_64 = _key(closed_64)
-        traces_closed.append((*_open(closed_64), [_detached(c) for c in closed_64.consts], out_64, [*dl64, *dyn64]))
+        traces_closed.append((*_open(closed_64), [_detached(c) for c in closed_64.consts], out_64,
+                              _signature([*dl64, *dyn64])))
         del closed_64
     ids: dict[int, int] = {id(c): i for i, c in enumerate(consts)}
     traces = []
-    for jaxpr, const_avals, closed_consts, out, inputs in traces_closed:
+    for jaxpr, const_avals, closed_consts, out, sig in traces_closed:
         index = []
         for c in closed_consts:
             if id(c) not in ids:
                 ids[id(c)] = len(consts)
                 consts.append(c)
             index.append(ids[id(c)])
-        # (a typed PRNG key's dtype, key<fry>, is JAX's extended dtype: no NumPy dtype)
-        sig = tuple((tuple(np.shape(x)), x.dtype if jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended)
-                     else jnp.dtype(x.dtype)) for x in inputs)
         traces.append(_Trace(jaxpr, const_avals, tuple(index), sig, jax.tree_util.tree_structure(out)))
     # Everything the traced function reads, except the constants' values (arguments of the compiled programs):
     # where its constants sit among the check's (shared with hand when both close over the same array), too.
