@@ -333,6 +333,9 @@ def test_flax_nnx_module_with_a_custom_rule():
 def test_no_rules_is_ok_and_says_so():
     report = verify.audit(lambda x: jnp.sum(x**2), jnp.ones(3))
     assert report.ok and report.rows == () and "nothing to check" in " ".join(report.notes)
+    # ... but an assertion that every rule passes, where there is none, is not a pass (h97), as for the CLI
+    with pytest.raises(AssertionError, match="checked no rule: fn calls no jax.custom_vjp/custom_jvp rule"):
+        testing.assert_rules_ok(lambda x: jnp.sum(x**2), jnp.ones(3))
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
@@ -941,6 +944,10 @@ def test_fn_returning_a_non_array_and_a_wrt_of_the_wrong_arity_are_named():
         verify.audit(lambda p: {"y": s(p["w"]), "tag": "x"}, P)
     with pytest.raises(TypeError, match=r"audit: wrt must be a predicate taking one leaf.*\['w'\]"):
         verify.audit(lambda p: jnp.sum(s(p["w"])), P, wrt=lambda path, x: True)
+    # a predicate raising its own error: said where, with that error (it came out bare, h97)
+    with pytest.raises(TypeError, match=r"wrt must be a predicate .* on \['w'\] \(float32\[3\]\) failed: "
+                                        r"AttributeError: .*trainable"):
+        verify.check_grad(lambda p: jnp.sum(s(p["w"])), P, wrt=lambda x: x.trainable)
 
 
 def test_a_rule_wrong_where_the_primals_plain_autodiff_is_nan_is_blamed():
@@ -2206,6 +2213,157 @@ def test_a_stable_rule_beside_a_primal_that_cancels_at_its_precision_is_read_bes
         assert row.ok and "the primal loses precision at float32" in row.note, row
     else:
         assert not row.ok, row
+
+
+def _exprel_rule(series_slope):
+    """(eˣ − 1)/x, whose plain formula cancels near 0, with a custom_jvp that uses the series there; its derivative's
+    constant term is ``series_slope`` (the true one: 1/2)."""
+
+    @jax.custom_jvp
+    def exprel(x):
+        return (jnp.exp(x) - 1) / x
+
+    @exprel.defjvp
+    def exprel_jvp(primals, tangents):
+        (x,), (t,) = primals, tangents
+        small = jnp.abs(x) < 1e-3
+        xs = jnp.where(small, 1.0, x)
+        y = jnp.where(small, 1 + x / 2 + x**2 / 6 + x**3 / 24, jnp.expm1(xs) / xs)
+        dy = jnp.where(small, series_slope + x / 3 + x**2 / 8, (xs * jnp.exp(xs) - jnp.expm1(xs)) / xs**2)
+        return y, dy * t
+
+    return exprel
+
+
+def _exprel_slope(x):
+    """d/dx (eˣ − 1)/x in NumPy float64, by its series (no cancellation for |x| < 1e-3)."""
+    x = np.asarray(x, np.float64)
+    return 0.5 + x / 3 + x**2 / 8 + x**3 / 30
+
+
+@pytest.mark.parametrize(("dtype", "at"), [("float32", 1e-6), ("float32", 1e-9), ("float64", 1e-9)])
+def test_a_rule_off_where_the_primal_cancels_is_not_passed_beside_a_plain_autodiff_far_larger(at, dtype):
+    # The plain autodiff of (eˣ − 1)/x at 1e-6 (float32) or 1e-9 is far from the derivative 1/2 (thousands at
+    # float32): "off on its own", so the rule passed ("ok") beside finite differences, within tolerances grown from
+    # those values, though 20% off (0.6). It now fails where the primal in float64 can tell (1e-6 at float32), and is
+    # fd_unreliable where nothing can (at 1e-9 the primal cancels in float64 too, and its finite differences are
+    # rounding).
+    with jax.enable_x64(dtype == "float64"):
+        x = jnp.asarray([at, -2 * at], dtype)
+        wrong = _exprel_rule(0.6)
+        got = np.asarray(jax.grad(lambda v: jnp.sum(wrong(v)))(x), np.float64)
+        assert np.all(np.abs(got - _exprel_slope(x)) > 0.09)  # the rule is 20% off (independent reference)
+        plain = np.asarray(jax.grad(lambda v: jnp.sum((jnp.exp(v) - 1) / v))(x), np.float64)
+        assert np.max(np.abs(plain)) > 2  # its primal's plain autodiff is far off (0.5 is the truth)
+        (row,) = verify.audit(lambda p: jnp.sum(wrong(p["x"])), {"x": x}).rows
+        if at == 1e-9:
+            assert row.verdict == verify.Verdict.FD_UNRELIABLE and "finite differences alone" in row.note, row
+        else:
+            assert not row.ok, row
+        (right,) = verify.audit(lambda p: jnp.sum(_exprel_rule(0.5)(p["x"])), {"x": x}).rows
+        assert right.ok, right
+
+
+@pytest.mark.parametrize("at", [1e-3, 9e-4])
+def test_a_rule_off_in_a_branch_near_zero_is_not_passed_as_a_choice_at_kinks(at):
+    # The rule's series branch (|x| < 1e-3) 20% off, at 5e-4, beside other elements: the check failed it, then the
+    # second look (the rule has a branch, so kinks might meet) moved the point off the branch and found it right, and
+    # the rule's value lay within the range of the rule's and the primal's gradients beside the point together: kink
+    # (passing). With x = −1e-3 on the branch's edge, and off it. The rule's gradient does not move there: it fails.
+    with jax.enable_x64(True):
+        x = jnp.asarray([5e-4, -at, 0.7, 1.5])
+        wrong = _exprel_rule(0.6)
+        got = np.asarray(jax.grad(lambda v: jnp.sum(wrong(v)))(x), np.float64)
+        assert abs(got[0] - _exprel_slope(5e-4)) > 0.09  # the independent reference (series, float64)
+        (row,) = verify.audit(lambda p: jnp.sum(wrong(p["x"])), {"x": x}).rows
+        # (at 9e-4 the second element is in the branch too)
+        assert row.verdict == verify.Verdict.AUTODIFF_WRONG and row.worst_index[-1] in (0, 1 if at < 1e-3 else 0), row
+        (right,) = verify.audit(lambda p: jnp.sum(_exprel_rule(0.5)(p["x"])), {"x": x}).rows
+        assert right.ok, right
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_right_rule_beside_a_primal_whose_plain_autodiff_is_rounding_noise_is_not_failed(dtype):
+    # At x = 1e-5, (1 − cos x)/x² cancels even in float64: its plain autodiff is rounding (−0.008 for −8e-7, and it
+    # jumps between neighbouring inputs), and finite differences of it cannot judge. A right series rule read mismatch
+    # (failing). Now the reference is seen to be rounding, and the rule, which finite differences cannot confirm
+    # either, is fd_unreliable (passing, with the reason); 20% off where the primal is accurate (x = 0.5), it fails.
+    for slip in (1.0, 1.2):
+        @jax.custom_jvp
+        def versc(x, slip=slip):
+            return (1 - jnp.cos(x)) / x**2
+
+        @versc.defjvp
+        def versc_jvp(primals, tangents, slip=slip):
+            (x, _), (t, _) = primals, tangents
+            small = jnp.abs(x) < 1e-2
+            xs = jnp.where(small, 1.0, x)
+            y = jnp.where(small, 0.5 - x**2 / 24 + x**4 / 720, (1 - jnp.cos(xs)) / xs**2)
+            dy = jnp.where(small, -x / 12 + x**3 / 180, (jnp.sin(xs) / xs**2 - 2 * (1 - jnp.cos(xs)) / xs**3) * slip)
+            return y, dy * t
+
+        with jax.enable_x64(dtype == "float64"):
+            x = jnp.asarray([1e-5, -3e-5, 0.5, 2.0], dtype)
+            xd = np.asarray(x, np.float64)
+            exact = np.sin(xd) / xd**2 - 4 * np.sin(xd / 2) ** 2 / xd**3  # without cancellation
+            plain = np.asarray(jax.grad(lambda v: jnp.sum((1 - jnp.cos(v)) / v**2))(x), np.float64)
+            assert np.abs(plain[0] - exact[0]) > 100 * abs(exact[0])
+            (row,) = verify.audit(lambda p: jnp.sum(versc(p["x"], 0.0)), {"x": x}).rows
+            if slip == 1.0:
+                assert row.verdict == verify.Verdict.FD_UNRELIABLE, row
+                assert "rounding" in row.note, row
+            else:
+                assert not row.ok, row
+
+
+@pytest.mark.parametrize("slip", [1.0, 1.5])
+def test_an_nnx_rule_whose_module_is_then_passed_whole_to_remat_is_judged_by_its_own_outputs(slip):
+    # flax.nnx.custom_vjp also returns the module's state; the Flax docstring's bwd overwrites that state's cotangent.
+    # Passing the whole module on to nnx.remat, which returns it unchanged, made those state outputs live: they got
+    # random cotangents the bwd rightly drops, and a right rule read autodiff_wrong (h96). The remat's body is
+    # followed now; a rule 50% off at one element still fails.
+    class Gate(nnx.Module):
+        def __init__(self, rngs):
+            self.a = nnx.Param(jax.random.normal(rngs.params(), (6,)))
+            self.b = nnx.Param(1.0 + 0.5 * jax.random.normal(rngs.params(), (6,)))
+
+    @nnx.custom_vjp
+    def gate(m, x):
+        return jnp.sin(m.a[...] * x) * m.b[...]
+
+    def gate_fwd(m, x):
+        return gate(m, x), (m, x)
+
+    def gate_bwd(res, g):
+        (m_g, _), out_g = g
+        m, x = res
+        c = jnp.cos(m.a[...] * x)
+        m_g = jax.tree.map(lambda v: v, m_g)
+        m_g.a[...] = out_g * c * x * m.b[...]
+        m_g.b[...] = (out_g * jnp.sin(m.a[...] * x)).at[4].multiply(slip)
+        return m_g, out_g * c * m.a[...] * m.b[...]
+
+    gate.defvjp(gate_fwd, gate_bwd)
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(4, 6, rngs=rngs)
+            self.gate = Gate(rngs)
+
+    def loss(net, x, plain=False):
+        y = (jnp.sin(net.gate.a[...] * net.lin(x)) * net.gate.b[...]) if plain else gate(net.gate, net.lin(x))
+        y = nnx.remat(lambda n, h: jnp.tanh(h))(net, y)  # the whole module in, none of it read
+        return jnp.sum(jnp.tanh(y))
+
+    net, x = Net(nnx.Rngs(0)), jax.random.normal(jax.random.key(1), (4,))
+    via_rule, plain = nnx.grad(loss)(net, x), nnx.grad(lambda n, x: loss(n, x, True))(net, x)
+    b_rule, b_plain = np.asarray(via_rule.gate.b[...]), np.asarray(plain.gate.b[...])  # the independent reference
+    assert np.allclose(b_rule, b_plain * np.where(np.arange(6) == 4, slip, 1.0), rtol=1e-5, atol=1e-7)
+    (row,) = verify.audit(nnx.jit(loss), net, x).rows
+    if slip == 1.0:
+        assert row.ok, row
+    else:
+        assert row.verdict == verify.Verdict.AUTODIFF_WRONG and row.worst_index[-1] == 4, row
 
 
 def test_a_rule_copying_a_stop_gradient_beside_a_primal_that_cancels_is_not_read_beside_the_float64_primal():

@@ -473,14 +473,25 @@ def _live(jaxpr: Any, live_out: Sequence[bool] | None) -> set:
     """The values of a jaxpr that a cotangent from its live outputs (``live_out``; all by default) reaches: read
     backwards, an equation passes it on to its inputs only through a floating-point output of its that is live,
     and stop_gradient never (dead code, a cond's predicate, an argmax or a value only stop_gradient reads carry
-    none). Equations holding jaxprs pass it to all their inputs (an upper bound)."""
+    none). A call of one jaxpr (a jitted helper, remat) is followed inside: it passes the cotangent of its live
+    outputs to the inputs its body reads them from (flax.nnx.remat takes a whole module and returns its state
+    unchanged, h96). Other equations holding jaxprs (loops, conds) pass it to all their inputs (an upper bound)."""
     live = {v for k, v in enumerate(jaxpr.outvars) if not isinstance(v, Literal) and (live_out is None or live_out[k])}
     for eqn in reversed(jaxpr.eqns):
         if eqn.primitive.name in _ZERO_DERIVATIVE:
             continue
-        if any(v in live and jnp.issubdtype(v.aval.dtype, jnp.inexact) for v in eqn.outvars
-               if not isinstance(v, Literal) and hasattr(v, "aval")):
-            live.update(v for v in eqn.invars if not isinstance(v, Literal))
+        if not any(v in live and jnp.issubdtype(v.aval.dtype, jnp.inexact) for v in eqn.outvars
+                   if not isinstance(v, Literal) and hasattr(v, "aval")):
+            continue
+        inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr")) if eqn.primitive.name in _CALLS else None
+        body = getattr(inner, "jaxpr", inner)
+        if body is not None and len(_sub(eqn)) == 1 and len(body.invars) == len(eqn.invars) \
+                and len(body.outvars) == len(eqn.outvars):
+            reached = _live(body, [not isinstance(v, Literal) and v in live for v in eqn.outvars])
+            live.update(v for v, b in zip(eqn.invars, body.invars, strict=True)
+                        if not isinstance(v, Literal) and b in reached)
+            continue
+        live.update(v for v in eqn.invars if not isinstance(v, Literal))
     return live
 
 
@@ -1584,7 +1595,102 @@ def _rule_check(s: _Scalars, diff: Any, args: tuple, options: dict, seed: int, r
 
     report = _second_look(check(diff), check, s.rule, diff, args, hand=s.plain, has_aux=False, wrt=None, seed=seed,
                           primal=s.primal)
-    return report if report.ok or s.wide is None else _beside_wide_primal(report, s, diff, args)
+    if not report.ok and s.wide is not None:
+        report = _beside_wide_primal(report, s, diff, args)
+    if s.plain is None:
+        return report
+
+    def against_fd(at: Any) -> GradReport:
+        return _check_grad_impl(s.rule, at, args, hand=None, has_aux=False, wrt=None, rtol=options["rtol"],
+                                atol=options["atol"], mode=options["mode"], seed=seed, reuse=reuse)
+
+    if any(r.verdict == Verdict.HAND_WRONG and r.numeric is not None for r in report.rows):
+        report = _without_reference(report, s, diff, args, against_fd)
+    if report.ok:
+        return report
+    return _beside_noisy_reference(report, s, diff, args, against_fd)
+
+
+def _without_reference(report: GradReport, s: _Scalars, diff: Any, args: tuple,
+                       against_fd: Callable[[Any], GradReport]) -> GradReport:
+    """A check whose reference (the primal's plain autodiff: ``hand``) is off on its own at some rows
+    (``hand_wrong``: the unstable formula a rule replaces, the rule passing beside finite differences), read again
+    where that cannot be trusted:
+
+    - where the call is below float64, the rule is compared with the primal's plain autodiff with the primal
+      evaluated in float64 (``s.wide``) wherever that is finite: off it by more than the dtype's rtol of the element
+      plus the input's largest, where that reference is smooth (see :func:`_second_differences`), the rule is
+      ``autodiff_wrong``;
+    - where the reference is larger than anything the rule gives, the tolerances, which grow with both sides' values,
+      were the reference's: beside a plain autodiff of 5824 (for a true 0.063), a rule 20% off lay within them. Such a
+      row is judged as the rule is without a reference, by finite differences alone (``against_fd``): ``ok`` only
+      where they confirm the rule, ``fd_unreliable`` where they cannot decide (``kink`` and ``singular`` too: the
+      primal's rounding passes for both), failing where they rule it out.
+
+    Other rows stand."""
+    leaves = jax.tree_util.tree_leaves(diff)
+    if len(report.rows) != len(leaves):
+        return report
+    blamed = [r.verdict == Verdict.HAND_WRONG and r.numeric is not None for r in report.rows]
+    low = [jnp.issubdtype(jnp.result_type(x), jnp.floating) and jnp.finfo(jnp.result_type(x)).bits < 64
+           for x in leaves]
+    try:
+        with jax.enable_x64(True):
+            rule = [np.asarray(g, np.float64) for g in jax.tree_util.tree_leaves(jax.grad(s.rule)(diff, *args))]
+            assert s.plain is not None
+            plain = [np.asarray(g, np.float64) for g in jax.tree_util.tree_leaves(s.plain(diff, *args))]
+            wide: list = [None] * len(leaves)
+            if s.wide is not None and any(b and lw for b, lw in zip(blamed, low, strict=True)):
+                wide = list(zip(*_second_differences(s.wide, jax.tree_util.tree_map(_widened, diff), args, 1),
+                                strict=True))
+    except Exception:  # noqa: BLE001 - the sides cannot be evaluated again: the check stands
+        return report
+    rows: list[Row | None] = []
+    for row, b, lw, x, r, p, w in zip(report.rows, blamed, low, leaves, rule, plain, wide, strict=True):
+        if not b or r.shape != p.shape:
+            rows.append(row)
+            continue
+        if lw and w is not None and w[0].shape == r.shape:
+            w64, wj = w
+            rtol = _default_rtol(float(jnp.finfo(jnp.result_type(x)).eps))
+            fin = np.isfinite(w64) & np.isfinite(r)
+            largest = float(np.max(np.abs(np.where(fin, w64, 0.0)), initial=0.0))
+            with np.errstate(invalid="ignore"):
+                gap = np.where(fin, np.abs(r - w64), 0.0)
+                wrong = fin & (gap > rtol * (np.abs(w64) + largest)) & (wj < 0.25 * gap)
+            if np.any(wrong):
+                k = int(np.argmax(np.where(wrong, gap, -1.0)))
+                at = [int(i) for i in np.unravel_index(k, r.shape)] if r.ndim else []
+                rows.append(dataclasses.replace(row, verdict=Verdict.AUTODIFF_WRONG, worst_index=tuple(at),
+                                                autodiff=float(r.flat[k]), hand=float(w64.flat[k]), note=(
+                    # (check_grad's words, which the audit's row reads: autodiff is the rule, hand the plain autodiff)
+                    f"hand is off on its own at {jnp.result_type(x)} ({row.note}); but with the primal evaluated in "
+                    f"float64, hand gives {_g(float(w64.flat[k]))} at {at} where autodiff gives "
+                    f"{_g(float(r.flat[k]))}: more than {rtol:.2g} of the element plus the input's largest apart, "
+                    f"and this reference is smooth there (it changes by at most {_g(float(wj.flat[k]))} between "
+                    "neighbouring inputs)")))
+                continue
+        fin_p = np.abs(np.where(np.isfinite(p), p, 0.0))
+        top_r = float(np.max(np.abs(np.where(np.isfinite(r), r, 0.0)), initial=0.0))
+        rows.append(None if float(np.max(fin_p, initial=0.0)) > 2 * top_r else row)
+    if any(r is None for r in rows):
+        alone = against_fd(diff)
+        if len(alone.rows) != len(rows):
+            return report
+        for j, (row, a) in enumerate(zip(report.rows, alone.rows, strict=True)):
+            if rows[j] is not None:
+                continue
+            if a.verdict == Verdict.OK:  # (the rule agrees with finite differences, as the row says)
+                rows[j] = row
+                continue
+            verdict = Verdict.FD_UNRELIABLE if a.verdict in (Verdict.KINK, Verdict.SINGULAR) else a.verdict
+            rows[j] = dataclasses.replace(a, verdict=verdict, note=(
+                f"hand ({_g(row.hand)} at {list(row.worst_index or ())}) is off on its own (finite differences give "
+                f"{_g(row.numeric)} there), and larger than anything autodiff gives, so autodiff is judged against "
+                f"finite differences alone: {a.verdict.value}" + (f" ({a.note})" if a.note else "")
+                + ("; finite differences cannot confirm autodiff" if verdict != a.verdict else "")))
+    done = [r for r in rows if r is not None]
+    return dataclasses.replace(report, rows=tuple(done), verdict=_combine_verdicts([r.verdict for r in done]))
 
 
 # Verdicts a check at a call's own precision gives where the primal, not the rule, loses precision there.
@@ -1634,6 +1740,105 @@ def _beside_wide_primal(report: GradReport, s: _Scalars, diff: Any, args: tuple)
             f"with the primal evaluated in float64, hand agrees with autodiff's gradient at {d} to within {limit:.1g} "
             f"of each element plus the input's largest (largest gap {float(gap.flat[k]) if gap.size else 0.0:.3g}): "
             f"the primal loses precision at {d} (terms that cancel?), autodiff does not")))
+    return dataclasses.replace(report, rows=tuple(rows), verdict=_combine_verdicts([r.verdict for r in rows]))
+
+
+# Relative steps (of each element, see _beside_noisy_reference) at which a reference's rounding is probed.
+_JITTER_STEPS = (2.0**-30, 2.0**-20, 2.0**-14, 2.0**-10)
+_JITTER_PASSES = frozenset({Verdict.OK, Verdict.KINK, Verdict.SINGULAR, Verdict.FD_UNRELIABLE})
+
+
+def _second_differences(grad: Callable, diff: Any, args: tuple, seed: int) -> tuple[list[np.ndarray], list]:
+    """``grad``'s gradient leaves at ``diff`` (float64 NumPy) and, per element, the largest second difference
+    |g(x + d) + g(x − d) − 2·g(x)| over the steps d = s·(|x| + 1e-6·max|x|)·u of :data:`_JITTER_STEPS` (u: random
+    signs). A smooth gradient's second difference is g''·d², far below any tolerance at these steps; one that is
+    the rounding of terms that cancel changes at random between neighbouring inputs."""
+    leaves, treedef = jax.tree_util.tree_flatten(diff)
+    rng = np.random.default_rng(seed)
+    signs = [rng.choice((-1.0, 1.0), size=np.shape(x)) for x in leaves]
+    scale = [np.abs(np.asarray(x, np.float64)) + 1e-6 * float(np.max(np.abs(np.asarray(x, np.float64)), initial=0.0))
+             for x in leaves]
+    run = jax.jit(grad)
+
+    def at(step: float) -> list[np.ndarray]:
+        moved = [jnp.asarray(np.asarray(x, np.float64) + step * s * u, jnp.result_type(x))
+                 for x, s, u in zip(leaves, scale, signs, strict=True)]
+        out = run(jax.tree_util.tree_unflatten(treedef, moved), *args)
+        return [np.asarray(g, np.float64) for g in jax.tree_util.tree_leaves(out)]
+
+    centre = at(0.0)
+    jitter = [np.zeros_like(g) for g in centre]
+    for step in _JITTER_STEPS:
+        for j, (p, m, c) in enumerate(zip(at(step), at(-step), centre, strict=True)):
+            with np.errstate(invalid="ignore"):
+                jitter[j] = np.fmax(jitter[j], np.abs(p + m - 2 * c))
+    return centre, jitter
+
+
+def _beside_noisy_reference(report: GradReport, s: _Scalars, diff: Any, args: tuple,
+                            against_fd: Callable[[Any], GradReport]) -> GradReport:
+    """A failing check read again where the reference, the primal's plain autodiff, is the rounding of terms that
+    cancel rather than a derivative ((exp(x) − 1)/x at x = 1e-9, (1 − cos x)/x² at 1e-5, in float64 too: the
+    reason a stable rule is written): at every element where the rule and the reference (evaluated in float64 where
+    the call is below it, ``s.wide``) disagree beyond the tolerance, the reference's second difference at steps of
+    1e-9 to 1e-3 of the element (see :func:`_second_differences`) is at least a quarter of the disagreement, while
+    the rule's is under 1% of it: the rule is smooth there and the reference is not reproducible. Such a row is
+    decided by finite differences of the primal alone (``against_fd``), as where JAX cannot differentiate the
+    primal: it passes if they confirm the rule (``ok``) or cannot decide (``fd_unreliable``, with the note), and
+    the failing verdict stands otherwise. Rows where the reference is smooth stand as they are."""
+    leaves = jax.tree_util.tree_leaves(diff)
+    if len(report.rows) != len(leaves):
+        return report
+    # (mismatch only: a rule confidently off finite differences is wrong, whatever the reference)
+    failing = [r.verdict == Verdict.MISMATCH for r in report.rows]
+    if not any(failing):
+        return report
+    assert s.plain is not None
+    wide = [jnp.issubdtype(jnp.result_type(x), jnp.floating) and jnp.finfo(jnp.result_type(x)).bits < 64
+            for x in leaves]
+    try:
+        with jax.enable_x64(True):
+            rule, rule_j = _second_differences(jax.grad(s.rule), diff, args, 1)
+            if s.wide is not None and any(wide):
+                ref, ref_j = _second_differences(s.wide, jax.tree_util.tree_map(_widened, diff), args, 1)
+            else:
+                ref, ref_j = _second_differences(s.plain, diff, args, 1)
+    except Exception:  # noqa: BLE001 - the reference cannot be probed so: the check stands
+        return report
+    excused = []
+    for x, fail, r, rj, p, pj in zip(leaves, failing, rule, rule_j, ref, ref_j, strict=True):
+        if not fail or r.shape != p.shape or not np.all(np.isfinite(r)):
+            excused.append(False)
+            continue
+        eps = float(jnp.finfo(jnp.result_type(x)).eps) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else 0.0
+        mag = np.fmax(np.abs(r), np.where(np.isfinite(p), np.abs(p), 0.0))
+        tol = _default_rtol(eps) * (mag + float(np.max(mag, initial=0.0)))
+        with np.errstate(invalid="ignore"):
+            gap = np.where(np.isfinite(p), np.abs(r - p), np.inf)
+            beyond = ~(gap <= tol)
+            noisy = (pj >= 0.25 * gap) & (rj <= 0.01 * gap) & np.isfinite(rj)
+        excused.append(bool(np.any(beyond)) and bool(np.all(noisy | ~beyond)))
+    if not any(excused):
+        return report
+    fd_only = against_fd(diff)
+    if len(fd_only.rows) != len(report.rows):
+        return report
+    rows = []
+    for row, ok, alone, pj, p in zip(report.rows, excused, fd_only.rows, ref_j, ref, strict=True):
+        if not ok or alone.verdict not in _JITTER_PASSES:
+            rows.append(row)
+            continue
+        verdict = Verdict.OK if alone.verdict is Verdict.OK else Verdict.FD_UNRELIABLE
+        k = int(np.nanargmax(pj)) if pj.size and np.any(np.isfinite(pj)) else 0
+        rows.append(dataclasses.replace(alone, verdict=verdict, note=(
+            # (in check_grad's words, which the audit's row reads: autodiff is the rule, hand the plain autodiff)
+            f"autodiff, hand and finite differences read {row.verdict.value} ({row.note}); but hand is not a "
+            f"derivative here, it is rounding: it changes by up to {float(pj.flat[k]):.3g} (at {float(p.flat[k]):.3g}"
+            f"{'' if p.size == 1 else ' at [' + ', '.join(map(str, np.unravel_index(k, p.shape))) + ']'}) between "
+            f"inputs 1e-9 to 1e-3 of each element apart, as much as it disagrees with autodiff, where autodiff's "
+            f"gradient stays smooth (the primal loses precision there: terms that cancel?). Against finite "
+            f"differences alone: {alone.verdict.value}" + (f" ({alone.note})" if alone.note else "")
+            + ("" if verdict is Verdict.OK else "; finite differences cannot confirm autodiff there either"))))
     return dataclasses.replace(report, rows=tuple(rows), verdict=_combine_verdicts([r.verdict for r in rows]))
 
 

@@ -698,8 +698,10 @@ def _second_look(report: GradReport, check: Callable[[Any], GradReport], fn: Cal
 
     def sided(sel: Any) -> Iterator[dict[str, np.ndarray]]:
         yield from _autodiff_sided(fn, sel, args, has_aux, seed)
-        if primal is not None:
-            yield from _autodiff_sided(primal, sel, args, has_aux, seed)
+
+    def primal_sided(sel: Any) -> Iterator[dict[str, np.ndarray]]:
+        assert primal is not None
+        yield from _autodiff_sided(primal, sel, args, has_aux, seed)
 
     def kinked(sel: Any) -> bool:
         return _has_kinks(fn, sel, args, has_aux)
@@ -717,8 +719,8 @@ def _second_look(report: GradReport, check: Callable[[Any], GradReport], fn: Cal
 
     also = "" if primal is None else (", and of the primal's gradient (without the rule) with each of its own kinks "
                                       "on a side of its own")
-    return _off_the_kinks(report, check, _Beside(nearby, sided, hand_at if hand is not None else None, kinked, also),
-                          params, wrt, seed)
+    return _off_the_kinks(report, check, _Beside(nearby, sided, hand_at if hand is not None else None, kinked, also,
+                                                 primal_sided if primal is not None else None), params, wrt, seed)
 
 
 _AT_KINKS = "D₋/D₊ = ["  # (in the note of an element read as a kink: its one-sided derivatives)
@@ -741,6 +743,9 @@ class _Beside(NamedTuple):
     hand_at: Callable[[Any, Any], dict[str, np.ndarray]] | None  # hand's gradient at a point, leaf by leaf
     kinked: Callable[[Any], bool]  # whether fn has kinks at all (max, |x|, comparisons, sorts, custom rules)
     also: str = ""  # what else the sides read, for the notes (audit: a rule's primal's gradients)
+    reference: Callable[[Any], Iterator[dict[str, np.ndarray]]] | None = None  # audit: the rule's primal's gradient
+    # with each of its kinks on a side of its own (among the sides too; and the range a rule's value must lie in where
+    # the rule's own gradient does not move beside the point, see _within_reach)
 
 
 def _off_the_kinks(report: GradReport, check: Callable[[Any], GradReport], beside: _Beside, params: Any, wrt: Any,
@@ -835,17 +840,23 @@ def _read_beside(beside: _Beside, sel: Any, params: Any, seed: int) -> dict[str,
     # (the points beside in float64 where they can be, so that ties of values computed from the parameters break too)
     grads = beside.nearby(sel, points, wide=1)
     here = next(grads)
-    lo: dict[str, np.ndarray] = {}
-    hi: dict[str, np.ndarray] = {}
+    ranges: dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = {"own": ({}, {}), "reference": ({}, {})}
     proj: dict[str, list[np.ndarray]] = {p: [] for p in dirs}
-    for g in itertools.chain(grads, beside.sided(sel)):  # (one at a time: their range is all that is kept)
+    sides = itertools.chain(((g, "own") for g in itertools.chain(grads, beside.sided(sel))),
+                            ((g, "reference") for g in (beside.reference(sel) if beside.reference is not None else ())))
+    for g, part in sides:  # (one at a time: their range is all that is kept)
+        lo, hi = ranges[part]
         for path, v in g.items():
             v64 = np.asarray(v, np.float64)
             lo[path] = np.fmin(lo[path], v64) if path in lo else v64  # (NaN only where every point gives NaN)
             hi[path] = np.fmax(hi[path], v64) if path in hi else v64
             if path in dirs:
                 proj[path].append(dirs[path] @ v64.ravel())
-    return {"here": here, "lo": lo, "hi": hi, "dirs": dirs, "proj": {p: np.array(v) for p, v in proj.items()},
+    (lo, hi), (ref_lo, ref_hi) = ranges["own"], ranges["reference"]
+    both = {p: (np.fmin(lo[p], ref_lo[p]), np.fmax(hi[p], ref_hi[p])) if p in ref_lo else (lo[p], hi[p]) for p in lo}
+    return {"here": here, "lo": {p: b[0] for p, b in both.items()}, "hi": {p: b[1] for p, b in both.items()},
+            "own": (lo, hi), "reference": (ref_lo, ref_hi), "dirs": dirs,
+            "proj": {p: np.array(v) for p, v in proj.items()},
             "hand": beside.hand_at(sel, params) if beside.hand_at is not None else {}, "also": beside.also}
 
 
@@ -886,6 +897,36 @@ def _not_looked_at_again(report: GradReport, rows: list[Row], n: int) -> GradRep
     return dataclasses.replace(report, rows=out)
 
 
+def _smooth_and_apart(r: Row, got: dict[str, Any], a: np.ndarray, slack: Any) -> Row | None:
+    """The audit's range test, rule by rule element: where the rule's own gradient does not move beside the point
+    (at the points right beside it and with each of its kinks on a side of its own), no kink of the rule's is there
+    and its value is no choice at one; it must then lie in the range of its primal's gradient with each of the
+    primal's kinks on a side of its own. Without this, a rule wrong only in a branch near 0 (a series for (eˣ − 1)/x,
+    20% off) passed as a choice at kinks: the range of both together holds the rule's own value. The row, failing,
+    at the worst such element; None where every element passes (or there is no primal)."""
+    ref_lo, ref_hi = got["reference"]
+    if r.path not in ref_lo:
+        return None
+    lo, hi = got["own"][0][r.path], got["own"][1][r.path]
+    p_lo, p_hi = ref_lo[r.path], ref_hi[r.path]
+    slack = np.broadcast_to(slack, lo.shape)
+    with np.errstate(invalid="ignore"):
+        still = np.isfinite(lo) & np.isfinite(hi) & (hi - lo <= slack)
+        apart = np.isfinite(a) & np.isfinite(p_lo) & np.isfinite(p_hi) & ((a < p_lo - slack) | (a > p_hi + slack))
+        excess = np.where(still & apart, np.maximum(p_lo - a, a - p_hi) - slack, -np.inf)
+    if not excess.size or float(np.max(excess)) <= 0:
+        return None
+    idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(excess)), lo.shape))
+    same = r.worst_index is not None and tuple(r.worst_index) == idx
+    return dataclasses.replace(r, verdict=Verdict.AUTODIFF_WRONG, worst_index=idx, autodiff=float(a[idx]),
+                               numeric=r.numeric if same else None, note=(
+        f"{r.note}; looked at again where kinks meet: autodiff's gradient at {list(idx)} ({_g(float(a[idx]))}) does "
+        f"not move at the points right beside this one nor with each of its kinks on a side of its own, so it is no "
+        f"choice at a kink there, and it "
+        f"lies outside [{_g(float(p_lo[idx]))}, {_g(float(p_hi[idx]))}], the range of the primal's gradient with each "
+        "of its own kinks on a side of its own: a value no side of the kinks gives"))
+
+
 def _within_reach(r: Row, o: Row, got: dict[str, Any], how: str) -> Row:
     """The second look's range test of row ``r`` (see :func:`_off_the_kinks`), the leaf checking out off the kinks
     (``o``): every element's autodiff and hand values within the range of autodiff's gradient read beside (``got``)."""
@@ -919,7 +960,7 @@ def _within_reach(r: Row, o: Row, got: dict[str, Any], how: str) -> Row:
         vals = {n: float(v[idx]) for n, v in sides}
         return dataclasses.replace(r, verdict=verdict, worst_index=idx, autodiff=vals["autodiff"],
                                    hand=vals.get("hand"), numeric=None, note=note)
-    strayed = _off_every_side(r, got, sides, slack)
+    strayed = _off_every_side(r, got, sides, slack) or _smooth_and_apart(r, got, sides[0][1], slack)
     if strayed is not None:
         return strayed
     if r.verdict == Verdict.KINK:

@@ -272,9 +272,10 @@ def _wrt_mask(params: Any, wrt: Any, n: int, who: str = "check_grad") -> list[bo
         for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
             try:
                 v = wrt(leaf)
-            except TypeError as e:
+            except Exception as e:  # noqa: BLE001 - the user's predicate failing: said where, with its error
                 raise TypeError(f"{who}: wrt must be a predicate taking one leaf (leaf -> bool); calling it on "
-                                f"{jax.tree_util.keystr(path) or 'params'} ({describe(leaf)}) failed: {e}") from None
+                                f"{jax.tree_util.keystr(path) or 'params'} ({describe(leaf)}) failed: "
+                                f"{type(e).__name__}: {e}") from (None if isinstance(e, TypeError) else e)
             if not isinstance(v, (bool, np.bool_)):
                 raise TypeError(f"{who}: wrt(leaf) must return True or False; for {jax.tree_util.keystr(path)} "
                                 f"it returned {describe(v)}")

@@ -538,7 +538,13 @@ class AuditReport:
 
     def assert_ok(self) -> AuditReport:
         """Raises an AssertionError carrying the table unless every rule passes and was checked at some call (a
-        rule that could not be checked at all is not taken as passing); returns the report otherwise."""
+        rule that could not be checked at all is not taken as passing, nor is an audit that found no rule to check);
+        returns the report otherwise."""
+        if not self.rows:
+            raise AssertionError(
+                "custom rule audit checked no rule: fn calls no jax.custom_vjp/custom_jvp rule defined outside JAX and "
+                "the frameworks" + (" that exclude leaves" if any(n.startswith("excluded") for n in self.notes) else "")
+                + "; nothing was audited, which is not a pass\n" + str(self))
         if self.unchecked and self.verdict in PASSING:
             raise AssertionError("custom rule audit could not check " + ", ".join(r.rule for r in self.unchecked)
                                  + " at any call (see the notes)\n" + str(self))
