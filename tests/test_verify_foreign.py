@@ -978,8 +978,22 @@ def test_a_function_neither_mode_can_differentiate_is_a_clear_error():
     def fn(w):
         return jax.pure_callback(lambda x: np.sum(x**2).astype(x.dtype), jax.ShapeDtypeStruct((), w.dtype), w)
 
-    with pytest.raises(ValueError, match=r"neither in reverse mode .* nor in forward mode"):
+    with pytest.raises(ValueError, match=r"neither in reverse mode .* nor in forward mode") as err:
         verify.check_grad(fn, jnp.array([1.0, 2.0]))
+    assert "verify.audit" not in str(err.value)
+
+
+def test_a_custom_rule_whose_backward_raises_is_pointed_to_the_audit():
+    # A bwd that raises made check_grad say "nothing to compare the hand formula with", though no hand was given,
+    # and not where to look (h97): the message now points to verify.audit, which names the rule.
+    @jax.custom_vjp
+    def square(x):
+        return x * x
+
+    square.defvjp(lambda x: (x * x, x), lambda x, g: (g * x[5],) if x.shape[0] > 5 else (1 / 0,))
+    with pytest.raises(ValueError, match=r"no autodiff gradient to check; fn calls jax.custom_vjp") as err:
+        verify.check_grad(lambda w: jnp.sum(square(w)), jnp.array([0.3, -0.7]))
+    assert "hand" not in str(err.value) and "verify.audit(fn, params, *args)" in str(err.value)
 
 
 # ---- 12. zero-size leaves ----------------------------------------------------------------------------------------
@@ -1075,6 +1089,54 @@ def test_check_chain_with_book_style_numpy_stages():
     links = dict(report.links)
     assert links["dense"].ok and links["sum"].ok and links["relu"].verdict == "hand_wrong"
     assert any("NumPy" in n for n in links["dense"].notes)
+
+
+def test_check_chain_gives_each_book_backward_numpy_arrays_whatever_the_next_one_returned():
+    # A dropout backward written with jnp (d * mask) before the book's in-place ReLU backward: each link passed alone,
+    # and the whole chain raised JAX's bare "arrays are immutable" (h98). The composition now hands every backward
+    # writable NumPy arrays, as each link's own check does; a ReLU backward 1.5× off is still blamed.
+    X = jnp.asarray(RS.randn(6, 3), jnp.float32)
+    W = jnp.asarray(RS.randn(3, 4) * 0.5, jnp.float32)
+    mask = jnp.asarray(RS.binomial(1, 0.8, (6, 4)) / 0.8, jnp.float32)
+
+    def dense_bwd(p, x, d):
+        x, d, p = np.asarray(x), np.asarray(d), np.asarray(p)
+        return x.T @ d, d @ p.T
+
+    def relu_bwd(x, d, slip=1.0):
+        d *= slip  # (in place: the book's dvalues are its own NumPy arrays)
+        d[np.asarray(x) <= 0] = 0
+        return d
+
+    def stages(slip):
+        return [("dense", lambda p, x: x @ p, dense_bwd, W), ("relu", jax.nn.relu, lambda x, d: relu_bwd(x, d, slip)),
+                ("dropout", lambda x: x * mask, lambda x, d: d * mask),
+                ("sum", lambda o: jnp.sum(o**2), lambda o, d: 2 * np.asarray(o) * d)]
+
+    assert verify.check_chain(stages(1.0), X, cotangents=1).ok
+    report = verify.check_chain(stages(1.5), X, cotangents=1)
+    assert report.first_broken == "relu" and report.end_to_end.verdict == "hand_wrong", report
+
+
+def test_a_loss_link_whose_backward_ignores_dvalues_says_so():
+    # The book's loss backward takes no dvalues (it assumes 1): as a link of check_chain, checked under a random
+    # dvalues, it reads hand_wrong, and nothing said why (h98). The link's report now says it; times dvalues passes.
+    z = jnp.asarray(RS.randn(5, 3), jnp.float32)
+    y = jnp.asarray([0, 2, 1, 1, 0])  # (int32: NumPy int64 labels as an index, see the README)
+
+    def loss(z):
+        return -jnp.mean(jax.nn.log_softmax(z)[np.arange(5), y])
+
+    def loss_bwd(z, d):  # the book's softmax + cross-entropy backward, without dvalues
+        g = np.array(jax.nn.softmax(np.asarray(z)), np.float64)
+        g[np.arange(5), np.asarray(y)] -= 1
+        return (g / 5).astype(np.float32)
+
+    report = verify.check_chain([("softmax_ce", loss, loss_bwd)], z)
+    link = dict(report.links)["softmax_ce"]
+    assert link.verdict == "hand_wrong" and any("ignores dvalues" in n for n in link.notes), link
+    fixed = verify.check_chain([("softmax_ce", loss, lambda z, d: loss_bwd(z, d) * d)], z)
+    assert fixed.ok and not any("ignores dvalues" in n for n in dict(fixed.links)["softmax_ce"].notes), fixed
 
 
 # ---- found in review: wrong gradients that must not pass, right ones that must not fail ------------------------------

@@ -685,8 +685,13 @@ def _static_facts(bound: _Bound, layout: _Layout, spec, param_dtypes, dyn_sig, x
             except Exception as e:  # noqa: BLE001
                 jvp, why_fwd = False, _first_line(e)
         if not reverse and not jvp:
-            raise ValueError(f"check_grad: JAX can differentiate fn neither in reverse mode ({why_rev}) nor in "
-                             f"forward mode ({why_fwd}); nothing to compare the hand formula with")
+            rules = _uses(closed.jaxpr, lambda e: e.primitive.name in _CUSTOM)
+            audit = ("; fn calls jax.custom_vjp/custom_jvp rules, whose derivative may be what fails: "
+                     "verify.audit(fn, params, *args) checks each rule on its own and names the one that fails")
+            raise ValueError(
+                f"check_grad: JAX can differentiate fn neither in reverse mode ({why_rev}) nor in forward mode "
+                f"({why_fwd}); no autodiff gradient to check"
+                + (" or to compare the hand formula with" if bound.hand is not None else "") + (audit if rules else ""))
         if not reverse:
             notes.append(f"reverse mode is unavailable for fn ({why_rev}); autodiff's gradient comes from forward "
                          f"mode (jvp), one basis vector at a time ({layout.n} evaluations)")
@@ -895,7 +900,11 @@ def _trace_leaves64(bound: _Bound, layout: _Layout, spec: tuple, dyn_s: list) ->
             "loop carry made with jnp.zeros((), jnp.float32), say) must follow its inputs' dtype instead "
             "(jnp.zeros((), x.dtype))"
             + ("; Flax's nn.RNN and nnx.RNN make their carry so (the cell's initialize_carry): pass them "
-               "initial_carry=jnp.zeros(carry_shape, x.dtype)" if "carry" in str(e) else "")) from None
+               "initial_carry=jnp.zeros(carry_shape, x.dtype)" if "carry" in str(e) else "")
+            + ("; or fn closes over a NumPy float64 array (a dropout mask drawn with np.random.binomial) that JAX, "
+               "having converted it to float32 once in this process, may keep converting so: make it a JAX array of "
+               "the dtype fn computes in (jnp.asarray(mask, jnp.float32)) or pass it as an argument"
+               if "same dtypes" in str(e) else "")) from None
 
 
 def _traceable_raw(bound: _Bound, spec: tuple, p: Any, d: Any) -> Any:

@@ -443,7 +443,14 @@ def check_chain(
         except (TypeError, ValueError) as e:
             raise (ValueError if isinstance(e, ValueError) else TypeError)(f"check_chain: link {name!r}: {e}") from None
         links.append((name, rep))
-    return _whole_chain(parsed, links, x, rtol, atol, mode, seed)
+    try:
+        return _whole_chain(parsed, links, x, rtol, atol, mode, seed)
+    except (TypeError, ValueError) as e:  # (each link passed alone: the composition is what fails, h98)
+        raise (ValueError if isinstance(e, ValueError) else TypeError)(
+            "check_chain: the whole chain (every forward in turn, then every hand_backward from the last link to the "
+            f"first, each given the previous one's result as dvalues) fails: {type(e).__name__}: {e} -- a "
+            "hand_backward gets the JAX array the next link's hand_backward returned (NumPy's in-place writes such as "
+            "dinputs[x <= 0] = 0 need np.array(dvalues) first)") from e
 
 
 def _check_link(name, fwd, bwd, p, has_p, cur, k, cotangents, rtol, atol, mode, seed):
@@ -459,7 +466,26 @@ def _check_link(name, fwd, bwd, p, has_p, cur, k, cotangents, rtol, atol, mode, 
     else:
         rep = check_vjp(fwd, bwd, cur, argnums=(0,), names=["x"], **common)
         nxt = fwd(cur)
+    if not rep.ok and np.shape(nxt) == () and _ignores_dvalues(bwd, p, has_p, cur):
+        rep = dataclasses.replace(rep, notes=(*rep.notes, (
+            "this link's output is a scalar, and its hand_backward returns the same for dvalues 1 and 2: it ignores "
+            "dvalues (as the book's loss backward does, which assumes 1). Each link is checked under random dvalues, "
+            "as the next link would give it: multiply the result by dvalues")))
     return dataclasses.replace(rep, title=f"link {name}"), nxt
+
+
+def _ignores_dvalues(bwd: Callable, p: Any, has_p: bool, x: Any) -> bool:
+    """Whether a link's hand backward gives the same input gradient for dvalues 1 and 2 (on copies: it may write in
+    place), and a nonzero one (h98: the book's loss backward, which takes no dvalues)."""
+    try:
+        outs = []
+        for d in (1.0, 2.0):
+            xs, dv = _host_tree(x, False), np.asarray(d, np.asarray(x).dtype)
+            out = bwd(_host_tree(p, False), xs, dv)[1] if has_p else bwd(xs, dv)
+            outs.append(np.asarray(out, np.float64))
+        return bool(np.array_equal(outs[0], outs[1]) and np.any(outs[0] != 0))
+    except Exception:  # noqa: BLE001 - a hand that cannot be called so: nothing to say
+        return False
 
 
 def _whole_chain(parsed, links, x, rtol, atol, mode, seed) -> ChainReport:
@@ -486,7 +512,8 @@ def _whole_chain(parsed, links, x, rtol, atol, mode, seed) -> ChainReport:
     def whole_hand(ps, x_):
         y, inputs = forward(ps, x_)
         d = jnp.ones((), y.dtype) if scalar_out else u
-        if not is_tracer(y):  # called eagerly (a NumPy backward): give it writable NumPy arrays, as the book does
+        eager = not is_tracer(y)
+        if eager:  # called eagerly (a NumPy backward): give it writable NumPy arrays, as the book does
             inputs, d = _host_tree(inputs, False), _host_tree(d, False)
         grads = {}
         for (name, _, bwd, p, has_p), inp in reversed(list(zip(parsed, inputs, strict=True))):
@@ -496,6 +523,8 @@ def _whole_chain(parsed, links, x, rtol, atol, mode, seed) -> ChainReport:
                     grads[name] = dp
             else:
                 d = bwd(inp, d)
+            if eager:  # (the next one too, whatever this one returned: a jnp array is immutable, h98)
+                d = _host_tree(d, False)
         return {name: grads[name] for name in ps}, d
 
     if all_params:
