@@ -2282,6 +2282,67 @@ def test_a_rule_off_in_a_branch_near_zero_is_not_passed_as_a_choice_at_kinks(at)
         assert right.ok, right
 
 
+@pytest.mark.parametrize(("dtype", "at", "naive"), [("float64", 1e-14, False), ("float32", 1e-4, True)])
+def test_a_rule_off_in_its_branch_beside_a_primal_rounding_there_is_not_passed_as_a_kink(dtype, at, naive):
+    # h99: the series branch 20% off, where the primal's plain autodiff is rounding ((eˣ − 1)/x at float32, or
+    # expm1(x)/x at 1e-14 in float64, whose value is accurate). Finite differences ruled the rule out (0.0629 ± 1e-9
+    # against 0.0754), yet it read kink: flipped to the formula's side, the rule's own gradient is rounding, and the
+    # range of the rule's and the primal's sides together held its value. A right rule still passes.
+    def rule(slope):
+        if naive:
+            return _exprel_rule(slope)
+
+        @jax.custom_jvp
+        def f(x):
+            return jnp.expm1(x) / x
+
+        @f.defjvp
+        def f_jvp(primals, tangents):
+            (x,), (t,) = primals, tangents
+            small = jnp.abs(x) < 1e-3
+            xs = jnp.where(small, 1.0, x)
+            dy = jnp.where(small, slope + x / 3 + x**2 / 8, (xs * jnp.exp(xs) - jnp.expm1(xs)) / xs**2)
+            return jnp.expm1(x) / x, dy * t
+
+        return f
+
+    with jax.enable_x64(dtype == "float64"):
+        x = jnp.asarray([at, 0.7, 1.5], dtype)
+        wrong = rule(0.6)
+        got = np.asarray(jax.grad(lambda v: jnp.sum(wrong(v)))(x), np.float64)
+        assert abs(got[0] - _exprel_slope(at)) > 0.09  # the independent reference
+        (row,) = verify.audit(lambda p: jnp.sum(wrong(p["x"])), {"x": x}).rows
+        assert not row.ok, row
+        (right,) = verify.audit(lambda p: jnp.sum(rule(0.5)(p["x"])), {"x": x}).rows
+        assert right.ok, right
+
+
+@pytest.mark.parametrize("at", [1e-7, 3e-7])
+def test_a_right_forward_beside_a_primal_value_that_is_rounding_in_float64_passes(at):
+    # (1 − cos x)/x² at 1e-7 is 0.4996 in float64 (the truth 0.5 − x²/24): the series forward, right, read
+    # autodiff_wrong, "another primal output" (h99). Where the primal's value jumps between neighbouring inputs by as
+    # much as it differs from the forward, which stays smooth, the primal is rounding; a forward 20% off still fails.
+    for off in (1.0, 1.2):
+        @jax.custom_jvp
+        def versc(x, off=off):
+            return (1 - jnp.cos(x)) / x**2
+
+        @versc.defjvp
+        def versc_jvp(primals, tangents, off=off):
+            (x, _), (t, _) = primals, tangents
+            return (0.5 - x**2 / 24) * off, (-x / 12 + x**3 / 180) * t
+
+        with jax.enable_x64(True):
+            x = jnp.asarray([at, -2 * at])
+            primal = np.asarray((1 - jnp.cos(x)) / x**2)
+            assert np.max(np.abs(primal - 0.5)) > 1e-4  # the float64 primal is rounding here (truth: 0.5 − x²/24)
+            (row,) = verify.audit(lambda p: jnp.sum(versc(p["x"], 0.0)), {"x": x}).rows
+            if off == 1.0:
+                assert row.ok and "another primal output" not in row.note, row
+            else:
+                assert not row.ok and "another primal output" in row.note, row
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_a_right_rule_beside_a_primal_whose_plain_autodiff_is_rounding_noise_is_not_failed(dtype):
     # At x = 1e-5, (1 − cos x)/x² cancels even in float64: its plain autodiff is rounding (−0.008 for −8e-7, and it

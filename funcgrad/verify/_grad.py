@@ -898,33 +898,30 @@ def _not_looked_at_again(report: GradReport, rows: list[Row], n: int) -> GradRep
 
 
 def _smooth_and_apart(r: Row, got: dict[str, Any], a: np.ndarray, slack: Any) -> Row | None:
-    """The audit's range test, rule by rule element: where the rule's own gradient does not move beside the point
-    (at the points right beside it and with each of its kinks on a side of its own), no kink of the rule's is there
-    and its value is no choice at one; it must then lie in the range of its primal's gradient with each of the
-    primal's kinks on a side of its own. Without this, a rule wrong only in a branch near 0 (a series for (eˣ − 1)/x,
-    20% off) passed as a choice at kinks: the range of both together holds the rule's own value. The row, failing,
-    at the worst such element; None where every element passes (or there is no primal)."""
+    """The audit's range test of a rule the check failed at the given point (``autodiff_wrong``, ``mismatch``): to be
+    excused as a choice at kinks, its value must lie, at every element, in the range of its primal's gradient with
+    each of the primal's kinks on a side of its own, not merely in the range of both together. The rule's own
+    gradient beside the point is the thing under test: a rule wrong only in a branch near 0 (a series for
+    (eˣ − 1)/x, 20% off) moved only where the branch flipped to the formula's rounding, and its wrong value lay within
+    its own range (``kink``). Where kinks meet, a rule's choice at each is one its primal's sides give (a fused dense +
+    ReLU on integer data: the primal's ReLUs all off give it). Not excused, the row stands as the check read it, with
+    a note (a ``mismatch`` beside a primal whose plain autodiff is rounding is then read again, see
+    verify._audit._beside_noisy_reference). None where every element is within (or there is no primal)."""
     ref_lo, ref_hi = got["reference"]
-    if r.path not in ref_lo:
+    if r.verdict not in (Verdict.AUTODIFF_WRONG, Verdict.MISMATCH) or r.path not in ref_lo:
         return None
-    lo, hi = got["own"][0][r.path], got["own"][1][r.path]
     p_lo, p_hi = ref_lo[r.path], ref_hi[r.path]
-    slack = np.broadcast_to(slack, lo.shape)
+    slack = np.broadcast_to(slack, p_lo.shape)
     with np.errstate(invalid="ignore"):
-        still = np.isfinite(lo) & np.isfinite(hi) & (hi - lo <= slack)
         apart = np.isfinite(a) & np.isfinite(p_lo) & np.isfinite(p_hi) & ((a < p_lo - slack) | (a > p_hi + slack))
-        excess = np.where(still & apart, np.maximum(p_lo - a, a - p_hi) - slack, -np.inf)
+        excess = np.where(apart, np.maximum(p_lo - a, a - p_hi) - slack, -np.inf)
     if not excess.size or float(np.max(excess)) <= 0:
         return None
-    idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(excess)), lo.shape))
-    same = r.worst_index is not None and tuple(r.worst_index) == idx
-    return dataclasses.replace(r, verdict=Verdict.AUTODIFF_WRONG, worst_index=idx, autodiff=float(a[idx]),
-                               numeric=r.numeric if same else None, note=(
-        f"{r.note}; looked at again where kinks meet: autodiff's gradient at {list(idx)} ({_g(float(a[idx]))}) does "
-        f"not move at the points right beside this one nor with each of its kinks on a side of its own, so it is no "
-        f"choice at a kink there, and it "
-        f"lies outside [{_g(float(p_lo[idx]))}, {_g(float(p_hi[idx]))}], the range of the primal's gradient with each "
-        "of its own kinks on a side of its own: a value no side of the kinks gives"))
+    idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(excess)), p_lo.shape))
+    return dataclasses.replace(r, note=(
+        f"{r.note}; not a choice at kinks: autodiff's gradient at {list(idx)} ({_g(float(a[idx]))}) lies outside "
+        f"[{_g(float(p_lo[idx]))}, {_g(float(p_hi[idx]))}], the range of the primal's gradient with each of its own "
+        "kinks on a side of its own"))
 
 
 def _within_reach(r: Row, o: Row, got: dict[str, Any], how: str) -> Row:
@@ -946,6 +943,9 @@ def _within_reach(r: Row, o: Row, got: dict[str, Any], how: str) -> Row:
                                  np.maximum(lo - slack - v, v - hi - slack), np.inf) for name, v in sides}
     where = f"the range of autodiff's gradient there at {_NEARBY} points right beside this one and at this one " \
             f"with each kink on a side of its own{got['also']}"
+    standing = _smooth_and_apart(r, got, sides[0][1], slack)  # (the audit: before either side is blamed here)
+    if standing is not None:
+        return standing
     worst = max(excess, key=lambda n: float(np.max(excess[n], initial=-np.inf)))
     if excess[worst].size and float(np.max(excess[worst])) > 0:
         idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(excess[worst])), lo.shape))
@@ -960,7 +960,7 @@ def _within_reach(r: Row, o: Row, got: dict[str, Any], how: str) -> Row:
         vals = {n: float(v[idx]) for n, v in sides}
         return dataclasses.replace(r, verdict=verdict, worst_index=idx, autodiff=vals["autodiff"],
                                    hand=vals.get("hand"), numeric=None, note=note)
-    strayed = _off_every_side(r, got, sides, slack) or _smooth_and_apart(r, got, sides[0][1], slack)
+    strayed = _off_every_side(r, got, sides, slack)
     if strayed is not None:
         return strayed
     if r.verdict == Verdict.KINK:
