@@ -744,8 +744,8 @@ class _Beside(NamedTuple):
     kinked: Callable[[Any], bool]  # whether fn has kinks at all (max, |x|, comparisons, sorts, custom rules)
     also: str = ""  # what else the sides read, for the notes (audit: a rule's primal's gradients)
     reference: Callable[[Any], Iterator[dict[str, np.ndarray]]] | None = None  # audit: the rule's primal's gradient
-    # with each of its kinks on a side of its own (among the sides too; and the range a rule's value must lie in where
-    # the rule's own gradient does not move beside the point, see _within_reach)
+    # with each of its kinks on a side of its own (among the sides too; and the range a failing rule's value must lie
+    # in to be excused as a choice at kinks, see _beyond_primal_sides)
 
 
 def _off_the_kinks(report: GradReport, check: Callable[[Any], GradReport], beside: _Beside, params: Any, wrt: Any,
@@ -855,7 +855,7 @@ def _read_beside(beside: _Beside, sel: Any, params: Any, seed: int) -> dict[str,
     (lo, hi), (ref_lo, ref_hi) = ranges["own"], ranges["reference"]
     both = {p: (np.fmin(lo[p], ref_lo[p]), np.fmax(hi[p], ref_hi[p])) if p in ref_lo else (lo[p], hi[p]) for p in lo}
     return {"here": here, "lo": {p: b[0] for p, b in both.items()}, "hi": {p: b[1] for p, b in both.items()},
-            "own": (lo, hi), "reference": (ref_lo, ref_hi), "dirs": dirs,
+            "reference": (ref_lo, ref_hi), "dirs": dirs,
             "proj": {p: np.array(v) for p, v in proj.items()},
             "hand": beside.hand_at(sel, params) if beside.hand_at is not None else {}, "also": beside.also}
 
@@ -897,7 +897,7 @@ def _not_looked_at_again(report: GradReport, rows: list[Row], n: int) -> GradRep
     return dataclasses.replace(report, rows=out)
 
 
-def _smooth_and_apart(r: Row, got: dict[str, Any], a: np.ndarray, slack: Any) -> Row | None:
+def _beyond_primal_sides(r: Row, got: dict[str, Any], a: np.ndarray, slack: Any) -> Row | None:
     """The audit's range test of a rule the check failed at the given point (``autodiff_wrong``, ``mismatch``): to be
     excused as a choice at kinks, its value must lie, at every element, in the range of its primal's gradient with
     each of the primal's kinks on a side of its own, not merely in the range of both together. The rule's own
@@ -943,7 +943,7 @@ def _within_reach(r: Row, o: Row, got: dict[str, Any], how: str) -> Row:
                                  np.maximum(lo - slack - v, v - hi - slack), np.inf) for name, v in sides}
     where = f"the range of autodiff's gradient there at {_NEARBY} points right beside this one and at this one " \
             f"with each kink on a side of its own{got['also']}"
-    standing = _smooth_and_apart(r, got, sides[0][1], slack)  # (the audit: before either side is blamed here)
+    standing = _beyond_primal_sides(r, got, sides[0][1], slack)  # (the audit: before either side is blamed here)
     if standing is not None:
         return standing
     worst = max(excess, key=lambda n: float(np.max(excess[n], initial=-np.inf)))
