@@ -1660,8 +1660,7 @@ def _without_reference(report: GradReport, s: _Scalars, diff: Any, args: tuple,
     if len(report.rows) != len(leaves):
         return report
     blamed = [r.verdict == Verdict.HAND_WRONG and r.numeric is not None for r in report.rows]
-    low = [jnp.issubdtype(jnp.result_type(x), jnp.floating) and jnp.finfo(jnp.result_type(x)).bits < 64
-           for x in leaves]
+    low = _below_float64(leaves)
     try:
         with jax.enable_x64(True):
             rule = [np.asarray(g, np.float64) for g in jax.tree_util.tree_leaves(jax.grad(s.rule)(diff, *args))]
@@ -1727,6 +1726,12 @@ def _without_reference(report: GradReport, s: _Scalars, diff: Any, args: tuple,
 _PRECISION_BLAMES = frozenset({Verdict.MISMATCH, Verdict.AUTODIFF_WRONG})
 
 
+def _below_float64(leaves: Sequence[Any]) -> list[bool]:
+    """Which of a call's inputs are of a floating dtype narrower than float64 (where the primal evaluated in float64
+    is a wider reference)."""
+    return [jnp.issubdtype(d, jnp.floating) and jnp.finfo(d).bits < 64 for d in map(jnp.result_type, leaves)]
+
+
 def _beside_wide_primal(report: GradReport, s: _Scalars, diff: Any, args: tuple) -> GradReport:
     """A failing check of a call whose differentiated inputs are below float64, read again beside the primal's plain
     autodiff with the primal evaluated in float64 (``s.wide``). A row that blamed the rule or no side passes where
@@ -1737,7 +1742,7 @@ def _beside_wide_primal(report: GradReport, s: _Scalars, diff: Any, args: tuple)
     differences at that precision inherit (h93). Other rows, and any failure outside such rows, stand."""
     leaves = jax.tree_util.tree_leaves(diff)
     dtypes = [jnp.result_type(x) for x in leaves]
-    low = [jnp.issubdtype(d, jnp.floating) and jnp.finfo(d).bits < 64 for d in dtypes]
+    low = _below_float64(leaves)
     if len(report.rows) != len(leaves) or not any(r.verdict in _PRECISION_BLAMES and lw
                                                    for r, lw in zip(report.rows, low, strict=True)):
         return report
@@ -1821,8 +1826,7 @@ def _beside_noisy_reference(report: GradReport, s: _Scalars, diff: Any, args: tu
     if not any(failing):
         return report
     assert s.plain is not None
-    wide = [jnp.issubdtype(jnp.result_type(x), jnp.floating) and jnp.finfo(jnp.result_type(x)).bits < 64
-            for x in leaves]
+    wide = _below_float64(leaves)
     try:
         with jax.enable_x64(True):
             rule, rule_j = _second_differences(jax.grad(s.rule), diff, args, 1)
