@@ -55,6 +55,10 @@ def _isolating(check: Callable) -> Callable:
 
     @functools.wraps(check)
     def run(*args: Any, **kwargs: Any) -> Any:
+        (args, kwargs), note = _replicated((args, kwargs))
+        return _noted(isolated(*args, **kwargs), note)
+
+    def isolated(*args: Any, **kwargs: Any) -> Any:
         if _ISOLATE.get():
             return check(*args, **kwargs)
         try:
@@ -72,6 +76,52 @@ def _isolating(check: Callable) -> Callable:
             _ISOLATE.reset(token)
 
     return run
+
+
+# ---- arrays sharded with explicit axes ------------------------------------------------------------------------
+# Under JAX's explicit sharding (``jax.make_mesh``'s default axis types), an array's sharding is part of its type:
+# flattening a sharded leaf, taking one element of it or perturbing it along a direction of another type is a type
+# error ("This reshape is not supported ..."), and a custom rule's bwd handed an unsharded cotangent for a sharded
+# input is refused by JAX. A check's arithmetic is the same on any layout: such inputs are checked replicated on
+# their mesh (what fn computes inside, shardings of its own included, is as the user wrote it).
+
+
+def _explicitly_sharded(x: Any) -> bool:
+    """Whether ``x`` is a concrete array sharded along some explicit mesh axis (the sharding in its type)."""
+    if not isinstance(x, jax.Array) or is_tracer(x):
+        return False
+    s = getattr(x, "sharding", None)
+    if not isinstance(s, jax.sharding.NamedSharding):
+        return False
+    explicit = {n for n, t in zip(s.mesh.axis_names, getattr(s.mesh, "axis_types", ()), strict=False)
+                if t == jax.sharding.AxisType.Explicit}
+    used = {n for p in s.spec if p is not None for n in ((p,) if isinstance(p, str) else p)}
+    return bool(explicit & used)
+
+
+def _replicated(tree: Any) -> tuple[Any, str]:
+    """``tree`` with every array sharded along an explicit mesh axis replicated on its mesh (the same values), and a
+    note naming them ("" when there are none: then ``tree`` itself)."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    sharded = [(p, x) for p, x in flat if _explicitly_sharded(x)]
+    if not sharded:
+        return tree, ""
+    ids = {id(x) for _, x in sharded}
+    leaves = [jax.device_put(x, jax.sharding.NamedSharding(x.sharding.mesh, jax.sharding.PartitionSpec()))
+              if id(x) in ids else x for _, x in flat]
+    shown = ", ".join(f"{jax.typeof(x)}" for _, x in sharded[:_LIST]) + ("..." if len(sharded) > _LIST else "")
+    return jax.tree_util.tree_unflatten(treedef, leaves), (
+        f"{len(sharded)} input array(s) sharded along explicit mesh axes ({shown}) checked replicated on their mesh "
+        "(the same values): a check flattens, slices and perturbs its inputs, which explicit sharding types refuse")
+
+
+def _noted(report: Any, note: str) -> Any:
+    """``report`` with ``note`` added to its notes (when it has notes and the note is not empty)."""
+    notes = getattr(report, "notes", None)
+    if not note or not isinstance(notes, tuple) or isinstance(report, type) or not dataclasses.is_dataclass(report):
+        return report
+    given: Any = report
+    return dataclasses.replace(given, notes=(*notes, note))
 
 
 @dataclasses.dataclass(frozen=True)
