@@ -2722,3 +2722,63 @@ def test_a_custom_jvp_not_linear_in_its_tangent_fails_saying_so(term):
         jax.grad(fn)(jnp.eye(3), jnp.ones((2, 3)))
     (row,) = verify.audit(fn, jnp.eye(3), jnp.ones((2, 3))).rows
     assert row.verdict == "autodiff_wrong" and "cannot transpose the rule's tangent computation" in row.note, row
+
+
+def test_a_defjvps_entry_whose_tangent_only_broadcasts_fails_saying_so():
+    # d(2·tanh(x) + y)/dy entered as t of y's shape (4,) for an output of (3, 4): forward mode broadcasts it, but JAX
+    # cannot transpose it, so jax.grad through the rule fails. audit read fd_unreliable, "cannot be differentiated
+    # with respect to any of its inputs", quoting JAX's internal assertion (h101); the model's gradient cannot be
+    # computed: a failing rule.
+    @jax.custom_jvp
+    def scale_add(x, y):
+        return jnp.tanh(x) * 2.0 + y
+
+    scale_add.defjvps(lambda t, ans, x, y: t * 2 * (1 - jnp.tanh(x) ** 2), lambda t, ans, x, y: t)
+    fn = lambda p, x: jnp.sum(scale_add(x, p["v"]))  # noqa: E731
+    p, x = {"v": jnp.linspace(-1.0, 1.0, 4)}, jnp.ones((3, 4))
+    with pytest.raises(AssertionError):  # the premise: JAX's own gradient fails
+        jax.grad(fn)(p, x)
+    report = verify.audit(fn, p, x)
+    (row,) = report.rows
+    assert row.verdict == "autodiff_wrong" and not report.unchecked, report
+    assert "another shape or dtype than its primal value" in row.note and "defjvps" in row.note, row.note
+
+
+def test_a_right_rule_computing_in_float16_inside_a_float32_model_is_not_failed_as_nonlinear():
+    # sigmoid(z)·t in float16: the linearity check's cotangent times 2^-20 is subnormal in float16 inside the rule
+    # (the cotangent itself is float32) and rounds by ~6%: read "not linear in its cotangent", autodiff_wrong (h100).
+    # Scales are now kept within the range of every dtype the derivative computes in.
+    @jax.custom_jvp
+    def softplus16(x):
+        return jax.nn.softplus(x.astype(jnp.float16)).astype(x.dtype)
+
+    @softplus16.defjvp
+    def _(primals, tangents):
+        (x,), (t,) = primals, tangents
+        return softplus16(x), (t.astype(jnp.float16) * jax.nn.sigmoid(x.astype(jnp.float16))).astype(x.dtype)
+
+    k = jax.random.split(jax.random.key(3), 3)
+    p = {"W": jax.random.normal(k[0], (6, 5)), "v": jax.random.normal(k[1], (5,))}
+    x = jax.random.normal(k[2], (8, 6))
+    z = np.asarray(x @ p["W"], np.float64)
+    rule = np.asarray(jax.jvp(softplus16, (x @ p["W"],), (jnp.ones((8, 5)),))[1], np.float64)
+    assert np.max(np.abs(rule - 1 / (1 + np.exp(-z)))) < 1e-3  # the premise: the rule is sigmoid(z) to float16
+    (row,) = verify.audit(lambda p, x: jnp.sum(softplus16(x @ p["W"]) * p["v"]), p, x).rows
+    assert row.ok and "not linear" not in row.note, row
+
+
+def test_a_rule_that_clips_its_cotangent_in_float16_still_fails():
+    @jax.custom_vjp
+    def clip16(x):
+        return x
+
+    def bwd(_, g):
+        g16 = g.astype(jnp.float16)
+        return ((g16 * jnp.minimum(1.0, 10.0 / (jnp.linalg.norm(g16) + 1e-3))).astype(g.dtype),)
+
+    clip16.defvjp(lambda x: (x, None), bwd)
+    k = jax.random.split(jax.random.key(0), 3)
+    p = {"W": jax.random.normal(k[0], (3, 4)), "V": jax.random.normal(k[1], (4, 2))}
+    x = jax.random.normal(k[2], (4, 3))
+    report = verify.audit(lambda p, x: 1024.0 * jnp.sum(clip16(jnp.tanh(x @ p["W"])) @ p["V"]), p, x)
+    assert report.rows[0].verdict == "autodiff_wrong" and "not linear in its cotangent" in report.rows[0].note, report

@@ -55,6 +55,7 @@ from funcgrad.verify._inputs import (
     _concrete_tiers,
     _default_mask,
     _isolating,
+    _replicated,
     _untraceable,
     _wrt_mask,
 )
@@ -803,7 +804,9 @@ class _Walker:
             instance = self.instance(eqn)
             self.recorded.add((rule, instance))
             self.sited.add(id(eqn))
-            self.calls[rule].append(_Call(rule, eqn, tuple(vals), any(ts), held, where, self.site(eqn, before),
+            # (inputs a sharding of fn's own placed along explicit mesh axes are checked replicated: see _replicated)
+            self.calls[rule].append(_Call(rule, eqn, _replicated(tuple(vals))[0], any(ts), held, where,
+                                          self.site(eqn, before),
                                           instance, live, tuple(ts),
                                           fixed or tuple(isinstance(v, Literal) for v in eqn.invars)))
         closed = _call_jaxpr(eqn)
@@ -923,7 +926,8 @@ def _scalars(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple
     n_c = int(eqn.params.get("num_consts", 0))
     dtypes = tuple(jnp.result_type(x) for x in call.inputs)  # the dtypes the rule was called with
     fixed_pos = tuple(i for i in range(len(call.inputs)) if i - n_c not in diff_pos)
-    primal = jaxpr_as_fun(_call_jaxpr(eqn))
+    primal = _as_typed(eqn, jaxpr_as_fun(_call_jaxpr(eqn)))
+    bind = _as_typed(eqn, lambda *xs: _bind(eqn, list(xs)))
 
     def inputs(diff: Sequence, fixed: Sequence, keep: Sequence) -> list:
         xs: list[Any] = [None] * len(dtypes)
@@ -953,7 +957,7 @@ def _scalars(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple
     def rule(diff: Any, fixed: Any, extra: Any) -> Any:
         ct, keep = extra[:2]
         xs = inputs(diff, fixed, keep)
-        return contract(_bind(eqn, xs), ct) + (beyond(xs, ct, extra[2]) if forward else 0)
+        return contract(bind(*xs), ct) + (beyond(xs, ct, extra[2]) if forward else 0)
 
     def through_primal(diff: Any, fixed: Any, extra: Any) -> Any:
         ct, keep = extra[:2]
@@ -969,7 +973,7 @@ def _scalars(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple
         for i, d, (m, x0) in zip(diff_pos, diff, keep, strict=True):
             xs[n_c + i] = jnp.where(m, _widened(d), _widened(x0))
         closed = _call_jaxpr(eqn)
-        outs = _run_widened(closed.jaxpr, closed.consts, xs)
+        outs = _as_typed(eqn, lambda *ys: _run_widened(closed.jaxpr, closed.consts, list(ys)))(*xs)
         return sum(jnp.vdot(jnp.where(m, outs[j], 0), _widened(c)) for j, (c, m) in zip(float_outs, ct, strict=True))
 
     if not plain:
@@ -1030,12 +1034,13 @@ def _as_differentiated(eqn: Any, n_c: int, diff_pos: tuple[int, ...], float_outs
     differentiated, with respect to the inputs ``diff_pos``, by the rule itself. Evaluated plainly (finite
     differences), the rule would give its primal function's values instead."""
     pos = [n_c + i for i in diff_pos]
+    bind = _as_typed(eqn, lambda *xs: _bind(eqn, list(xs)))
 
     def outputs(d: Sequence, rest: Sequence) -> list:
         xs, it = list(rest), iter(d)
         for k in pos:
             xs.insert(k, next(it))
-        out = _bind(eqn, xs)
+        out = bind(*xs)
         return [out[j] for j in float_outs]
 
     g: Callable
@@ -1110,7 +1115,7 @@ def _extra(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple[i
     ``_scalars(..., forward=True)``)."""
     n_c = int(eqn.params.get("num_consts", 0))
     user_inputs = call.inputs[n_c:]
-    outs = _bind(eqn, list(call.inputs))
+    outs = _as_typed(eqn, lambda *xs: _bind(eqn, list(xs)))(*call.inputs)
     # Where the primal function is not finite, the rule's forward may be (a max-shifted logsumexp's fwd beside its
     # plain primal): those elements are what the model computes on under differentiation, and are checked there.
     under = None
@@ -1166,7 +1171,7 @@ def _defect(e: BaseException) -> bool:
     the rule."""
     if isinstance(e, jax.errors.UnexpectedTracerError):
         return False
-    if _nonlinear_tangent(e):
+    if _nonlinear_tangent(e) or _mismatched_tangent(e):
         return True
     tb = e.__traceback__
     while tb is not None:
@@ -1177,6 +1182,14 @@ def _defect(e: BaseException) -> bool:
     text = str(e)
     return bool(re.search(r"custom_vjp|custom_jvp|bwd|jvp rule|cotangent|tangent output", text)) and bool(
         re.search(r"shape|dtype|structure|container|length|number|must (?:produce|return)", text))
+
+
+def _mismatched_tangent(e: BaseException) -> bool:
+    """Whether JAX's transpose of a rule's tangent computation failed on two values of different types (its internal
+    assertion shows both): a tangent of another shape than its primal, which a custom_jvp's rule (or a ``defjvps``
+    entry, whose tangents JAX adds as they come) gave by broadcasting. Forward mode through it may even run; reverse
+    mode (jax.grad) through the rule always fails so."""
+    return isinstance(e, AssertionError) and len(re.findall(r"ShapedArray\(", str(e))) >= 2
 
 
 def _nonlinear_tangent(e: BaseException) -> bool:
@@ -1197,6 +1210,10 @@ def _error(e: BaseException) -> str:
         return ("JAX cannot transpose the rule's tangent computation, so reverse mode (jax.grad) through the rule "
                 "fails: is its tangent output not linear in the input tangents (a term like t**2, or t used in a "
                 f"branch)? ({_first_sentence(e)})")
+    if _mismatched_tangent(e):
+        return ("JAX cannot transpose the rule's tangent computation, so reverse mode (jax.grad) through the rule "
+                "fails: a tangent has another shape or dtype than its primal value (does the rule's JVP, or one of its "
+                f"defjvps entries, return a tangent that only broadcasts to its output's shape?) ({_first_sentence(e)})")
     text = str(e).strip()
     msg = " ".join(text.split("\n\n")[0].split()) if text else ""
     msg = msg if len(msg) <= 600 else msg[:597] + "..."
@@ -1246,12 +1263,47 @@ def _with_inputs(call: _Call, n_c: int, diff_pos: tuple[int, ...], d: Sequence[A
     return xs
 
 
+def _explicit_type(aval: Any) -> bool:
+    """Whether a value of this type is sharded along an explicit mesh axis (the sharding part of its type)."""
+    sharding = getattr(aval, "sharding", None)
+    mesh, spec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
+    if mesh is None or spec is None:
+        return False
+    explicit = {n for n, t in zip(mesh.axis_names, getattr(mesh, "axis_types", ()), strict=False)
+                if t == jax.sharding.AxisType.Explicit}
+    return bool(explicit & {n for p in spec if p is not None for n in ((p,) if isinstance(p, str) else p)})
+
+
+def _as_typed(eqn: Any, f: Callable) -> Callable:
+    """``f(*xs)`` (a rule's call, or its primal, at a call's inputs ``xs``) for a call of ``eqn``; where fn placed the
+    rule's inputs or outputs along explicit mesh axes (shardings are part of JAX's types there, and a bwd handed a
+    cotangent of another type is refused), the inputs, held replicated by the audit (see ``_replicated``), are
+    placed as the call placed them and the outputs replicated, compiled (the placements are the jaxpr's abstract
+    ones). Otherwise ``f`` itself."""
+    ins = [v.aval for v in eqn.invars]
+    if not any(_explicit_type(v.aval) for v in (*eqn.invars, *eqn.outvars)):
+        return f
+
+    @jax.jit
+    def placed(*xs: Any) -> list:
+        xs = tuple(jax.sharding.reshard(x, a.sharding) if _explicit_type(a) else x for x, a in zip(xs, ins, strict=True))
+        outs = []
+        for y in f(*xs):
+            t = jax.typeof(y)
+            outs.append(jax.sharding.reshard(y, jax.sharding.NamedSharding(t.sharding.mesh, jax.sharding.PartitionSpec()))
+                        if _explicit_type(t) else y)
+        return outs
+
+    return placed
+
+
 def _call_outputs(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple[int, ...]) -> Callable:
     """The rule's floating outputs at this call as a function of its differentiated inputs (bound as fn binds it)."""
     n_c = int(eqn.params.get("num_consts", 0))
+    bind = _as_typed(eqn, lambda *xs: _bind(eqn, list(xs)))
 
     def outs(*d: Any) -> list:
-        res = _bind(eqn, _with_inputs(call, n_c, diff_pos, d))
+        res = bind(*_with_inputs(call, n_c, diff_pos, d))
         return [res[j] for j in float_outs]
 
     return outs
@@ -1386,7 +1438,7 @@ def _wide_primal(eqn: Any, ins: Sequence[Any], float_outs: tuple[int, ...]) -> l
     closed = _call_jaxpr(eqn)
     try:
         with jax.enable_x64(True):
-            out = _run_widened(closed.jaxpr, closed.consts, list(ins))
+            out = _as_typed(eqn, lambda *xs: _run_widened(closed.jaxpr, closed.consts, list(xs)))(*ins)
             return [np.asarray(out[j], np.float64) for j in float_outs]
     except Exception:  # noqa: BLE001 - not evaluable in float64: those elements stay unverified, and are said to be
         return None
@@ -1885,7 +1937,8 @@ def _held_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tupl
     if not plain or not any(h.any() for h in held):
         return None
     ins = list(call.inputs)
-    primal = jaxpr_as_fun(_call_jaxpr(eqn))
+    primal = _as_typed(eqn, jaxpr_as_fun(_call_jaxpr(eqn)))
+    bind = _as_typed(eqn, lambda *xs: _bind(eqn, list(xs)))
 
     def scalar(bind: Callable, *d: Any) -> Any:
         outs = bind(_with_inputs(call, n_c, diff_pos, d))
@@ -1894,7 +1947,7 @@ def _held_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tupl
     d0 = [ins[n_c + i] for i in diff_pos]
     argnums = tuple(range(len(d0)))
     try:
-        rule = jax.grad(lambda *d: scalar(lambda xs: _bind(eqn, xs), *d), argnums=argnums)(*d0)
+        rule = jax.grad(lambda *d: scalar(lambda xs: bind(*xs), *d), argnums=argnums)(*d0)
         ref = jax.grad(lambda *d: scalar(lambda xs: primal(*xs), *d), argnums=argnums)(*d0)
     except Exception:  # noqa: BLE001 - either failing here fails the main check, which says why
         return None
@@ -1936,28 +1989,37 @@ def _nonlinear_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs:
 
     outs = _call_outputs(eqn, call, diff_pos, float_outs)
 
-    def exact(c: Any, a: float) -> bool:  # every nonzero cotangent element stays finite and normal scaled by a
-        v = np.abs(np.asarray(c, np.float64)) * a
-        info = jnp.finfo(jnp.result_type(c))
-        return bool(np.all((v == 0) | ((v >= float(info.tiny)) & (v <= float(info.max)))))
-
     try:
         _, vjp = jax.vjp(outs, *(ins[n_c + i] for i in diff_pos))
-        base = [np.asarray(g, np.float64) for g in vjp([jnp.asarray(c) for c, _ in cts])]
+        unit = [jnp.asarray(c) for c, _ in cts]
+        # (the dtypes the derivative computes in: a rule that casts its cotangent to float16 inside a float32 model
+        # rounds it there, in float16's narrower range, h100)
+        inner = _float_dtypes(jax.make_jaxpr(vjp)(unit).jaxpr)
+        base = [np.asarray(g, np.float64) for g in vjp(unit)]
+
+        def limits(dt: Any) -> tuple[float, float, float]:  # (tiny, max, eps) of dt and every dtype inside
+            infos = [jnp.finfo(d) for d in {jnp.dtype(dt), *inner}]
+            return (max(float(i.tiny) for i in infos), min(float(i.max) for i in infos),
+                    max(float(i.eps) for i in infos))
+
+        def exact(c: Any, a: float) -> bool:  # every nonzero cotangent element stays finite and normal scaled by a
+            v = np.abs(np.asarray(c, np.float64)) * a
+            tiny, top, _ = limits(jnp.result_type(c))
+            return bool(np.all((v == 0) | ((v >= tiny) & (v <= top))))
+
         for a in (2.0**10, 2.0**-10, 2.0**20, 2.0**-20):
             if not all(exact(c, a) for c, _ in cts):
                 continue  # (the scaled cotangent itself would round)
             raw = vjp([jnp.asarray(c * a, c.dtype) for c, _ in cts])
             for k, (b, r) in enumerate(zip(base, raw, strict=False)):
-                info = jnp.finfo(jnp.result_type(r))
+                tiny, top, eps = limits(jnp.result_type(r))
                 g = np.asarray(r, np.float64) / a
                 # (compared where both are finite and b and a·b normal: XLA's CPU flushes subnormals to 0)
                 with np.errstate(invalid="ignore", over="ignore"):
                     mag = np.abs(b)
-                    normal = (mag == 0) | ((mag >= float(info.tiny)) & (mag * a >= float(info.tiny))
-                                           & (mag * a <= float(info.max)))
+                    normal = (mag == 0) | ((mag >= tiny) & (mag * a >= tiny) & (mag * a <= top))
                     judged = np.isfinite(b) & np.isfinite(g) & normal
-                rtol = _default_rtol(float(info.eps))
+                rtol = _default_rtol(eps)
                 scale = float(np.max(np.where(judged, mag, 0.0), initial=0.0))
                 with np.errstate(invalid="ignore"):
                     bad = judged & ~(np.abs(g - b) <= rtol * (mag + scale))
@@ -1975,6 +2037,19 @@ def _nonlinear_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs:
     except Exception:  # noqa: BLE001 - a rule that fails here fails its derivative's check, which says why
         return None
     return None
+
+
+def _float_dtypes(jaxpr: Any) -> set:
+    """The float dtypes of the values a jaxpr computes, sub-computations included."""
+    found = set()
+    for eqn in jaxpr.eqns:
+        for v in eqn.outvars:
+            dt = getattr(getattr(v, "aval", None), "dtype", None)
+            if dt is not None and jnp.issubdtype(dt, jnp.floating):
+                found.add(jnp.dtype(dt))
+        for sub in _sub(eqn):
+            found |= _float_dtypes(sub)
+    return found
 
 
 def _symbolic_zeros(eqn: Any) -> bool:
@@ -2079,6 +2154,7 @@ def audit(
     start = time.perf_counter()
     clash = _clashes(fn, wrt=wrt, max_calls=max_calls, library=library, exclude=exclude, rtol=rtol, atol=atol,
                      mode=mode, seed=seed)
+    (params, args, kwargs), sharded = _replicated((params, args, kwargs))
     leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs))
     n_params = len(jax.tree_util.tree_leaves(params))
     mask = _wrt_mask(params, wrt, n_params, "audit")
@@ -2175,6 +2251,8 @@ def audit(
         notes.append(_concrete_note((params, args, kwargs), tiers[tier]))
     if clash:
         notes.append(_clash_note(clash))
+    if sharded:
+        notes.append(sharded)
     env = {**_environment_versions(), "max_calls": max_calls, "library": library, "exclude": sorted(exclude),
            "seed": seed, "mode": mode, "rtol": rtol, "atol": atol}
     return AuditReport(tuple(rows), _combine_verdicts([r.verdict for r in rows]), tuple(notes),
