@@ -269,3 +269,27 @@ def test_a_repeated_check_of_a_function_drawing_random_numbers_compiles_nothing(
     other = make_key(4)
     stale = lambda w, x, key: dropout_hand(w, x, make_key(3))  # noqa: E731
     assert verify.check_grad(dropout_loss, W, X, other, hand=stale).verdict == "hand_wrong"
+
+
+def test_a_sweep_over_closed_over_constants_keeps_a_bounded_number_of_compilations(monkeypatch):
+    # Each constant is a literal in its trace, so each check compiles its own programs; jax.jit keeps up to 8192 of
+    # them per program, and a notebook sweeping a hyperparameter grew by ~9 MiB a check (h102). Past _RETAIN distinct
+    # functions they are let go; verdicts after that are as before.
+    monkeypatch.setattr(_compiled, "_RETAIN", 3)
+    monkeypatch.setattr(_compiled, "_RETAINED", {})
+    verdicts = []
+    for i in range(12):
+        c = 1.0 + 0.125 * i
+
+        def fn(w, x, c=c):
+            return jnp.sum(jnp.tanh(c * w * x))
+
+        def right(w, x, c=c):
+            return c * x * (1 - jnp.tanh(c * w * x) ** 2)
+
+        def wrong(w, x, c=c):
+            return right(w, x, c).at[2].multiply(1.25)
+
+        verdicts.append(verify.check_grad(fn, W, X, hand=wrong if i % 4 == 3 else right).verdict)
+        assert _compiled._probe._cache_size() <= 2 * (3 + 1), (i, _compiled._probe._cache_size())
+    assert verdicts == ["hand_wrong" if i % 4 == 3 else "ok" for i in range(12)]

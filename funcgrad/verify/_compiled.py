@@ -599,6 +599,29 @@ def _take_jit(params, idx, *, layout):
     return _take(list(params), idx, layout)
 
 
+# ---- what a long-lived process keeps ----------------------------------------------------------------------------
+# The programs above are compiled per traced function (a static argument), and jax.jit keeps up to 8192 compilations
+# per program: a notebook sweeping a hyperparameter that fn closes over (a new literal in its trace at every check)
+# grew by about 9 MiB a check (h102). Past _RETAIN distinct functions, every compilation so far is let go.
+_RETAIN = 32
+_RETAINED: dict[Any, None] = {}
+
+
+def _retain(bound: Any) -> None:
+    """Registers the bound functions (see _inputs._Bound) a check is about to compile its programs for; once more
+    than :data:`_RETAIN` distinct ones have been, the programs compiled so far are let go (a function checked again
+    compiles again)."""
+    if bound in _RETAINED:
+        return
+    _RETAINED[bound] = None
+    if len(_RETAINED) > _RETAIN:
+        _RETAINED.clear()
+        _RETAINED[bound] = None
+        programs: tuple[Any, ...] = (_user_grad, _user_hand, _probe, _items_jit, _project_jit, _take_jit)
+        for program in programs:
+            program.clear_cache()
+
+
 @dataclasses.dataclass(frozen=True)
 class _Facts:
     """What tracing fn and hand tells, without running them (cached per function and argument shapes)."""

@@ -39,6 +39,7 @@ from funcgrad.verify._compiled import (
     _ProbeOut,
     _project_jit,
     _random_widths,
+    _retain,
     _static_facts,
     _sub_jaxprs,
     _take_jit,
@@ -1268,6 +1269,7 @@ def _check_grad_impl(fn: Callable[..., Any], params: Any, args: tuple, *, hand: 
     if tier:
         notes.append(_concrete_note(packed0, tiers[tier]))
     repeated = _checked_before((bound, layout, spec, dtypes, dyn_sig, caller_x64))
+    _retain(bound)
     if layout.n == 0:  # every differentiated leaf is empty: nothing to compare
         rows = [Row(p, Verdict.OK, None, 0.0, 0.0, None, None, None, "exact", 0, 0, 0,
                     "no elements (zero-size leaf): nothing to check") for p in layout.paths]

@@ -100,6 +100,12 @@ class _GradientJit:
         """How many compilations both hold (as ``jax.jit``'s own ``_cache_size``)."""
         return sum(j._cache_size() for j in (self._plain, self._tuned) if j is not None)
 
+    def clear_cache(self) -> None:
+        """Lets go of both's compilations (as ``jax.jit``'s own ``clear_cache``)."""
+        for j in (self._plain, self._tuned):
+            if j is not None:
+                j.clear_cache()
+
 
 def _compiles(jitted: Any, params: Any, args: tuple, kwargs: dict) -> bool:
     """Whether XLA compiles ``jitted`` (with its options) for these arguments."""
