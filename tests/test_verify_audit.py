@@ -2782,3 +2782,48 @@ def test_a_rule_that_clips_its_cotangent_in_float16_still_fails():
     x = jax.random.normal(k[2], (4, 3))
     report = verify.audit(lambda p, x: 1024.0 * jnp.sum(clip16(jnp.tanh(x @ p["W"])) @ p["V"]), p, x)
     assert report.rows[0].verdict == "autodiff_wrong" and "not linear in its cotangent" in report.rows[0].note, report
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.02])
+def test_a_right_float32_rule_at_its_branch_edge_is_judged_at_float32s_tolerance(scale):
+    # At |x| = 1e-3 the series branch is not taken: the rule is (x·eˣ − expm1 x)/x², which cancels in float32 to 2.7e-4
+    # of 1/2 on jaxlib 0.10 (4e-5 on 0.12). Beside a primal that cancels too, the reading against the primal in float64
+    # asked 1.2e-5 of each element, and the right rule read mismatch on jaxlib 0.10 only (h104); it now asks the
+    # dtype's own tolerance (1e-3 in float32), as check_grad does. A rule 2% off there still fails.
+    right = _exprel_rule(0.5)
+
+    @jax.custom_jvp
+    def rule(x):
+        return right(x)
+
+    @rule.defjvp
+    def _(primals, tangents):
+        y, dy = jax.jvp(right, primals, tangents)
+        return y, dy * scale
+
+    x = jnp.asarray([1e-3, -1e-3, 0.7], jnp.float32)
+    got = np.asarray(jax.grad(lambda v: jnp.sum(rule(v)))(x), np.float64)
+    xe = np.asarray(x, np.float64)
+    truth = (xe * np.exp(xe) - np.expm1(xe)) / xe**2
+    assert np.max(np.abs(got - truth) / truth) < (1e-3 if scale == 1.0 else 0.03)  # the premise
+    report = verify.audit(lambda p: jnp.sum(rule(p["x"])), {"x": x})
+    assert report.ok == (scale == 1.0), report
+
+
+def test_a_rule_clipping_a_float32_cotangent_beside_a_float16_factor_still_fails():
+    # Only sigmoid(z) is computed in float16; the cotangent stays float32. Taking float16's range from anywhere in
+    # the derivative skipped the 2^20 scale that shows the clipping (h103): only what the cotangent flows through counts.
+    @jax.custom_vjp
+    def softplus(z):
+        return jax.nn.softplus(z)
+
+    def bwd(z, g):
+        d = g * jax.nn.sigmoid(z.astype(jnp.float16)).astype(g.dtype)
+        return (d * jnp.minimum(1.0, 1e5 / jnp.linalg.norm(d)),)
+
+    softplus.defvjp(lambda z: (softplus(z), z), bwd)
+    rs = np.random.RandomState(0)
+    p = {"W": jnp.asarray(rs.randn(3, 4), jnp.float32), "V": jnp.asarray(rs.randn(4, 2), jnp.float32)}
+    x = jnp.asarray(rs.randn(4, 3), jnp.float32)
+    report = verify.audit(lambda p, x: jnp.sum(softplus(x @ p["W"]) @ p["V"]), p, x)
+    assert report.rows[0].verdict == "autodiff_wrong" and "not linear in its cotangent" in report.rows[0].note, report

@@ -70,6 +70,40 @@ with jax.set_mesh(mesh):
         for inside in (False, True):
             out[f"audit_{wrong}_{inside}"] = row(fg.verify.audit(jax.jit(model(rule(wrong), inside)), ps, xs))
 out["grad_True_plain"] = row(fg.verify.check_grad(loss, {"W": W}, X, hand=hand(True)))
+
+BUMP_W = np.ones((8, 12), np.float32); BUMP_W[3, 5] = 1.25
+BUMP_J = np.ones((8, 8), np.float32); BUMP_J[1, 2] = 1.25
+
+# fn places its activation along the model axis, and a hand mirroring fn inherits that placement in its output
+def placed_loss(p, x):
+    return jnp.mean(jnp.tanh(jax.sharding.reshard(x @ p["W"], P(None, "model"))) ** 2)
+
+def placed_hand(wrong):
+    def h(p, x):
+        t = jnp.tanh(jax.sharding.reshard(x @ p["W"], P(None, "model")))
+        g = x.T @ (2 * t * (1 - t ** 2) / t.size)
+        return {"W": g * BUMP_W if wrong else g}  # (.at[] on a placed array needs out_sharding)
+    return h
+
+def softmax_jac(wrong):
+    def j(z):
+        s = jax.nn.softmax(z)
+        J = jax.sharding.reshard(jnp.diag(s) - jnp.outer(s, s), P("data"))
+        return J * BUMP_J if wrong else J
+    return j
+
+def chain(wrong):
+    return [("tanh", lambda x: jax.sharding.reshard(jnp.tanh(x), P("data")),
+             lambda x, d: d * (1 - jnp.tanh(x) ** 2)),
+            ("sq", lambda x: jnp.mean(x ** 2), lambda x, d: d * (2.5 if wrong else 2.0) * x / x.size)]
+
+z = jax.device_put(np.linspace(-1.0, 1.0, 8).astype(np.float32), NamedSharding(mesh, P("data")))
+with jax.set_mesh(mesh):
+    for wrong in (False, True):
+        out[f"placed_{wrong}"] = row(fg.verify.check_grad(placed_loss, ps, xs, hand=placed_hand(wrong)))
+        out[f"jac_{wrong}"] = row(fg.verify.check_jacobian(jax.nn.softmax, z, softmax_jac(wrong)))
+        r = fg.verify.check_chain(chain(wrong), xs)
+        out[f"chain_{wrong}"] = [r.verdict, r.first_broken]
 print(json.dumps(out))
 """
 
@@ -100,3 +134,14 @@ def test_audit_of_a_rule_whose_inputs_are_sharded(sharded, inside):
     the data axis: its bwd must be handed a cotangent of that type)."""
     assert sharded[f"audit_False_{inside}"][0] == "ok", sharded[f"audit_False_{inside}"]
     assert sharded[f"audit_True_{inside}"][0] == "autodiff_wrong", sharded[f"audit_True_{inside}"]
+
+
+def test_a_hand_whose_output_is_placed_as_fn_places_its_activations(sharded):
+    # (its gradient comes out float32[8,12@model]: the check's flattening raised JAX's ShardingTypeError, h103)
+    assert sharded["placed_False"][0] == "ok", sharded["placed_False"]
+    assert sharded["placed_True"][:2] == ["hand_wrong", ["(3, 5)"]], sharded["placed_True"]
+
+
+def test_check_jacobian_and_check_chain_with_placed_values(sharded):
+    assert sharded["jac_False"][0] == "ok" and sharded["jac_True"][0] == "hand_wrong"
+    assert sharded["chain_False"] == ["ok", None] and sharded["chain_True"] == ["hand_wrong", "sq"]

@@ -277,6 +277,7 @@ def test_a_sweep_over_closed_over_constants_keeps_a_bounded_number_of_compilatio
     # functions they are let go; verdicts after that are as before.
     monkeypatch.setattr(_compiled, "_RETAIN", 3)
     monkeypatch.setattr(_compiled, "_RETAINED", {})
+    _compiled._probe.clear_cache()  # (what earlier tests in this process compiled)
     verdicts = []
     for i in range(12):
         c = 1.0 + 0.125 * i

@@ -24,6 +24,7 @@ from funcgrad.verify._inputs import (
     _is_array,
     _isolating,
     _needs_eager,
+    _unplaced,
     _UserValueError,
     _x64,
 )
@@ -354,7 +355,7 @@ def check_jacobian(
         return jnp.ravel(fn(x_))[i]
 
     def row_hand(x_, i):
-        return jnp.reshape(hand_jac(x_), (m,) + x_.shape)[i]
+        return jnp.reshape(_unplaced(hand_jac(x_)), (m,) + x_.shape)[i]
 
     reports = []
     for i in range(m):

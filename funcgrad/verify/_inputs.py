@@ -709,7 +709,27 @@ def _extract_grad(out: Any, b: _Bound, what: str = "hand") -> list:
         leaves.append(h)
     if bad:
         raise _UserValueError(f"{what} returned leaves that do not match params:\n  " + "\n  ".join(bad))
-    return leaves
+    return [_unplaced(h) for h in leaves]
+
+
+def _unplaced(x: Any) -> Any:
+    """``x`` replicated where its type places it along explicit mesh axes (a hand that mirrors fn's own
+    shardings): the checks flatten it (see _replicated); anything else as it is."""
+    if not isinstance(x, jax.Array):
+        return x
+    t = jax.typeof(x)
+    sharding = getattr(t, "sharding", None)
+    mesh, spec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
+    if mesh is None or spec is None:
+        return x
+    explicit = {n for n, a in zip(mesh.axis_names, getattr(mesh, "axis_types", ()), strict=False)
+                if a == jax.sharding.AxisType.Explicit}
+    if not explicit & {n for q in spec if q is not None for n in ((q,) if isinstance(q, str) else q)}:
+        return x
+    if is_tracer(x):
+        return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    placed: Any = x.sharding  # (a NamedSharding on the concrete mesh)
+    return jax.device_put(x, jax.sharding.NamedSharding(placed.mesh, jax.sharding.PartitionSpec()))
 
 
 def _prefix_mismatch(wrt: Any, params: Any, most: int = 8) -> str:
