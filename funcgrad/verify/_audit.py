@@ -50,6 +50,7 @@ from funcgrad.verify._fd import _default_rtol
 from funcgrad.verify._grad import _check_grad_impl, _environment_versions, _g, _second_look
 from funcgrad.verify._inputs import (
     _TRACE_ERRORS,
+    _along_explicit_axes,
     _clean,
     _concrete_note,
     _concrete_tiers,
@@ -1265,13 +1266,7 @@ def _with_inputs(call: _Call, n_c: int, diff_pos: tuple[int, ...], d: Sequence[A
 
 def _explicit_type(aval: Any) -> bool:
     """Whether a value of this type is sharded along an explicit mesh axis (the sharding part of its type)."""
-    sharding = getattr(aval, "sharding", None)
-    mesh, spec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
-    if mesh is None or spec is None:
-        return False
-    explicit = {n for n, t in zip(mesh.axis_names, getattr(mesh, "axis_types", ()), strict=False)
-                if t == jax.sharding.AxisType.Explicit}
-    return bool(explicit & {n for p in spec if p is not None for n in ((p,) if isinstance(p, str) else p)})
+    return _along_explicit_axes(getattr(aval, "sharding", None))
 
 
 def _as_typed(eqn: Any, f: Callable) -> Callable:
@@ -1943,7 +1938,7 @@ def _held_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tupl
         return None
     ins = list(call.inputs)
     primal = _as_typed(eqn, jaxpr_as_fun(_call_jaxpr(eqn)))
-    bind = _as_typed(eqn, lambda *xs: _bind(eqn, list(xs)))
+    through_rule = _as_typed(eqn, lambda *xs: _bind(eqn, list(xs)))
 
     def scalar(bind: Callable, *d: Any) -> Any:
         outs = bind(_with_inputs(call, n_c, diff_pos, d))
@@ -1952,7 +1947,7 @@ def _held_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tupl
     d0 = [ins[n_c + i] for i in diff_pos]
     argnums = tuple(range(len(d0)))
     try:
-        rule = jax.grad(lambda *d: scalar(lambda xs: bind(*xs), *d), argnums=argnums)(*d0)
+        rule = jax.grad(lambda *d: scalar(lambda xs: through_rule(*xs), *d), argnums=argnums)(*d0)
         ref = jax.grad(lambda *d: scalar(lambda xs: primal(*xs), *d), argnums=argnums)(*d0)
     except Exception:  # noqa: BLE001 - either failing here fails the main check, which says why
         return None

@@ -86,17 +86,19 @@ def _isolating(check: Callable) -> Callable:
 # their mesh (what fn computes inside, shardings of its own included, is as the user wrote it).
 
 
+def _along_explicit_axes(sharding: Any) -> bool:
+    """Whether a (named) sharding, a concrete array's or one in a type, places values along an explicit mesh axis."""
+    mesh, spec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
+    if mesh is None or spec is None:
+        return False
+    explicit = {n for n, t in zip(mesh.axis_names, getattr(mesh, "axis_types", ()), strict=False)
+                if t == jax.sharding.AxisType.Explicit}
+    return bool(explicit & {n for p in spec if p is not None for n in ((p,) if isinstance(p, str) else p)})
+
+
 def _explicitly_sharded(x: Any) -> bool:
     """Whether ``x`` is a concrete array sharded along some explicit mesh axis (the sharding in its type)."""
-    if not isinstance(x, jax.Array) or is_tracer(x):
-        return False
-    s = getattr(x, "sharding", None)
-    if not isinstance(s, jax.sharding.NamedSharding):
-        return False
-    explicit = {n for n, t in zip(s.mesh.axis_names, getattr(s.mesh, "axis_types", ()), strict=False)
-                if t == jax.sharding.AxisType.Explicit}
-    used = {n for p in s.spec if p is not None for n in ((p,) if isinstance(p, str) else p)}
-    return bool(explicit & used)
+    return isinstance(x, jax.Array) and not is_tracer(x) and _along_explicit_axes(getattr(x, "sharding", None))
 
 
 def _replicated(tree: Any) -> tuple[Any, str]:
@@ -717,17 +719,11 @@ def _unplaced(x: Any) -> Any:
     shardings): the checks flatten it (see _replicated); anything else as it is."""
     if not isinstance(x, jax.Array):
         return x
-    t = jax.typeof(x)
-    sharding = getattr(t, "sharding", None)
-    mesh, spec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
-    if mesh is None or spec is None:
-        return x
-    explicit = {n for n, a in zip(mesh.axis_names, getattr(mesh, "axis_types", ()), strict=False)
-                if a == jax.sharding.AxisType.Explicit}
-    if not explicit & {n for q in spec if q is not None for n in ((q,) if isinstance(q, str) else q)}:
+    typed: Any = getattr(jax.typeof(x), "sharding", None)
+    if not _along_explicit_axes(typed):
         return x
     if is_tracer(x):
-        return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        return jax.sharding.reshard(x, jax.sharding.NamedSharding(typed.mesh, jax.sharding.PartitionSpec()))
     placed: Any = x.sharding  # (a NamedSharding on the concrete mesh)
     return jax.device_put(x, jax.sharding.NamedSharding(placed.mesh, jax.sharding.PartitionSpec()))
 
