@@ -1104,6 +1104,50 @@ def test_a_rule_called_only_at_an_iteration_the_sampling_skips_is_checked(loop):
     assert got["good"].ok and (got["good"].calls, got["good"].seen) == (8, 19), report
     assert got["warmup"].verdict == verify.Verdict.AUTODIFF_WRONG and got["warmup"].seen == 1, report
     assert "iteration 4" in got["warmup"].where, got["warmup"]
+    # (said, though: it is in fn's program, where this forward pass does not go)
+    assert len(report.not_called) == 1 and report.not_called[0].startswith("never ("), report.not_called
+    assert "not called at these inputs: never" in report.summary(), report.summary()
+
+
+@pytest.mark.parametrize("where", ["cond", "switch", "empty loop", "jit cond"])
+def test_a_rule_this_forward_pass_does_not_call_is_said_not_passed_over(where):
+    """A wrong rule that sits only in a branch not taken (or a loop of no iteration) has no call to check: the report
+    names it as not called at these inputs (not failed: it takes no part in this gradient), and the same function
+    at inputs that do call it fails it."""
+
+    @jax.custom_vjp
+    def good(x):
+        return jnp.sin(x)
+
+    good.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (jnp.cos(x) * g,))
+
+    @jax.custom_vjp
+    def off(x):
+        return jnp.tanh(x)
+
+    off.defvjp(lambda x: (jnp.tanh(x), x), lambda x, g: (2.0 * g,))  # wrong: (1 - tanh²) g
+
+    def fn(w, x, k):
+        y = good(w * x)
+        if where == "cond":
+            z = jax.lax.cond(k > 0, off, lambda v: v * 2.0, y)
+        elif where == "switch":
+            z = jax.lax.switch(k, [lambda v: v, lambda v: v * 3.0, off], y)
+        elif where == "empty loop":
+            z = jax.lax.fori_loop(0, k, lambda i, v: off(v), y)
+        else:
+            z = jax.jit(lambda v, k: jax.lax.cond(k > 0, off, jnp.cos, v))(y, k)
+        return jnp.sum(z)
+
+    w, x = jnp.array([0.3, -0.7, 1.1]), jnp.array([1.0, 2.0, 0.5])
+    report = verify.audit(fn, w, x, jnp.int32(0))
+    assert [r.rule for r in report.rows] == ["good"] and report.ok, report
+    assert len(report.not_called) == 1 and report.not_called[0].startswith("off ("), report.not_called
+    assert report.to_dict()["not_called"] == list(report.not_called)
+    assert any(n.startswith("not called at these inputs, so not checked: off (") for n in report.notes), report
+    called = verify.audit(fn, w, x, jnp.int32(2))
+    assert not called.ok and called.not_called == (), called
+    assert {r.rule: r.verdict for r in called.rows}["off"] == verify.Verdict.AUTODIFF_WRONG, called
 
 
 @pytest.mark.parametrize("wrap", ["none", "jit", "remat"])

@@ -2260,7 +2260,8 @@ def audit(
             f"not checked: lax.{rule.kind} at {rule.source}: {what}, and audit does not check such solvers in "
             "isolation; check_grad(fn, params, *args) checks the gradient they give, or exclude this rule by its "
             f"name ({rule.name!r})")))
-    notes = _notes(walker, any(walker.audited(r) for _, r in inlined), tuple(solvers))
+    not_called = _not_called(closed.jaxpr, walker, {*(r for _, r in inlined), *solvers})
+    notes = _notes(walker, any(walker.audited(r) for _, r in inlined), tuple(solvers), not_called)
     failing = [r for r in rows if r.verdict in _FAILING]
     if failing:
         first = failing[0]
@@ -2277,7 +2278,16 @@ def audit(
     env = {**_environment_versions(), "max_calls": max_calls, "library": library, "exclude": sorted(exclude),
            "seed": seed, "mode": mode, "rtol": rtol, "atol": atol}
     return AuditReport(tuple(rows), _combine_verdicts([r.verdict for r in rows]), tuple(notes),
-                       time.perf_counter() - start, env)
+                       time.perf_counter() - start, env, not_called=not_called)
+
+
+def _not_called(jaxpr: Any, walker: _Walker, found: set[_Rule]) -> tuple[str, ...]:
+    """The audited rules in fn's program that no call reached at these inputs (a lax.cond / switch branch not taken, a
+    loop that ran no iteration), as "name (source)": nothing at these inputs to check them at, so not failed, but
+    said rather than passed over. ``found``: rules reported otherwise (inlined in a derivative fn takes, solvers)."""
+    reached = {*walker.seen, *walker.excluded, *walker.unentered_rules, *found}
+    return tuple(f"{r.name} ({r.source})" for r in sorted(_inner_rules(jaxpr), key=lambda r: (r.name, r.source))
+                 if r not in reached and walker.audited(r))
 
 
 def _inner_rules(jaxpr: Any) -> set[_Rule]:
@@ -2434,7 +2444,8 @@ def _call_name(call: _Call) -> str:
     return f"{call.site}" + (f" ({call.where})" if call.where else "")
 
 
-def _notes(walker: _Walker, inlined: bool = False, solvers: Sequence[_Rule] = ()) -> list[str]:
+def _notes(walker: _Walker, inlined: bool = False, solvers: Sequence[_Rule] = (),
+           not_called: Sequence[str] = ()) -> list[str]:
     notes = ["in each call's check, the rule is JAX's derivative through the call; it is compared with JAX's plain "
              "autodiff of the rule's primal (traced without the rule) and with finite differences of the primal"]
     if walker.library_rules:
@@ -2455,6 +2466,11 @@ def _notes(walker: _Walker, inlined: bool = False, solvers: Sequence[_Rule] = ()
                      "funcgrad does not enter these primitives")
     if not walker.calls and not walker.unentered_rules and not inlined and not solvers:
         notes.append("fn calls no custom derivative rule that is audited: nothing to check")
+    if not_called:
+        notes.append(f"not called at these inputs, so not checked: {', '.join(not_called)}: each sits in fn's program "
+                     "only where this forward pass does not go (a lax.cond or lax.switch branch not taken, a loop that "
+                     "ran no iteration); its derivative takes no part in this gradient. Audit at inputs that call it "
+                     "to check it")
     return notes
 
 

@@ -454,9 +454,13 @@ class AuditReport:
     seconds: float = 0.0
     environment: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
     title: str = "audit"
+    # Rules in fn's program that this forward pass does not call (an untaken branch), as "name (file:line)": not
+    # checked, and not failed (their derivative takes no part in this gradient).
+    not_called: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "verdict", Verdict(self.verdict))
+        object.__setattr__(self, "not_called", tuple(self.not_called))
 
     @property
     def ok(self) -> bool:
@@ -479,6 +483,8 @@ class AuditReport:
                 f"{sum(r.calls for r in self.rows)} call(s) checked, {self.seconds:.2f}s")
         if self.unchecked:
             head += "; not checked at any call: " + ", ".join(r.rule for r in self.unchecked)
+        if self.not_called:
+            head += "; not called at these inputs: " + ", ".join(n.split(" (")[0] for n in self.not_called)
         bad = self.failing
         if not bad:
             return head
@@ -505,7 +511,7 @@ class AuditReport:
     def to_dict(self) -> dict[str, Any]:
         return {"title": self.title, "verdict": str(self.verdict), "ok": self.ok, "seconds": self.seconds,
                 "notes": list(self.notes), "rows": [r.to_dict() for r in self.rows],
-                "environment": dict(self.environment)}
+                "not_called": list(self.not_called), "environment": dict(self.environment)}
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **kwargs)
@@ -544,6 +550,8 @@ class AuditReport:
             raise AssertionError(
                 "custom rule audit checked no rule: fn calls no jax.custom_vjp/custom_jvp rule defined outside JAX and "
                 "the frameworks" + (" that exclude leaves" if any(n.startswith("excluded") for n in self.notes) else "")
+                + (f" at these inputs (it has {', '.join(self.not_called)} where this forward pass does not go)"
+                   if self.not_called else "")
                 + "; nothing was audited, which is not a pass\n" + str(self))
         if self.unchecked and self.verdict in PASSING:
             raise AssertionError("custom rule audit could not check " + ", ".join(r.rule for r in self.unchecked)
