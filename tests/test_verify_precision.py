@@ -972,3 +972,26 @@ def test_small_elements_of_a_leaf_of_wide_dynamic_range_are_read_at_their_own_si
         (row,) = verify.check_grad(lambda p: jnp.sum(rsq(p["v"])), {"v": v}).rows
         # (without a hand, finite differences at the variance of 1e-6 cannot confirm: fd_unreliable, a pass)
         assert row.ok if slip == 1.0 else (row.verdict == "autodiff_wrong" and row.worst_index[0] in (1, 2)), row
+
+
+@pytest.mark.parametrize("hand_at_0", ["right", "-inf", "nan"])
+def test_a_gradient_beyond_float16s_range_is_inf_there_and_not_a_defect(hand_at_0):
+    # 2000·√w at w = 1e-4 in float16: fn is 20, finite, but its derivative 1000/√w = 1e5 is beyond float16's largest
+    # (65504), so both sides rightly give +inf at the parameters' precision. That read mismatch ("both not finite at the
+    # parameters' own precision, though right in float64"); an infinity of the wrong sign, or a NaN, is still wrong.
+    w = jnp.array([1e-4, 0.25, 1.0, 4.0], jnp.float16)
+    fn = lambda w: jnp.sum(2000.0 * jnp.sqrt(w))  # noqa: E731
+
+    def hand(w):
+        g = 1000.0 / jnp.sqrt(w)
+        return g if hand_at_0 == "right" else g.at[0].set(-jnp.inf if hand_at_0 == "-inf" else jnp.nan)
+
+    truth = 1000.0 / np.sqrt(np.asarray(w, np.float64))
+    assert truth[0] > float(jnp.finfo(jnp.float16).max) and np.isposinf(np.asarray(jax.grad(fn)(w))[0])
+    report = verify.check_grad(fn, w, hand=hand)
+    row = report.rows[0]
+    if hand_at_0 == "right":
+        assert report.ok and row.verdict == "ok", report
+        assert "autodiff and hand overflow float16 at [0]" in row.note, row.note
+    else:
+        assert row.verdict == "hand_wrong" and row.worst_index == (0,), report

@@ -174,6 +174,9 @@ class _LeafFacts:
     ref_max: dict[str, float] = dataclasses.field(default_factory=dict)  # per side: the largest finite |value|
     user: dict[str, tuple] = dataclasses.field(default_factory=dict)  # per side: (deviation, non-finite, index)
     user_at: dict[int, tuple] = dataclasses.field(default_factory=dict)  # index -> (autodiff, hand) there
+    # per side: (elements, first flat index, its float64 value, dtype) where the float64 value overflows the side's
+    # own dtype and the side gives an infinity of its sign there
+    overflow: dict[str, tuple] = dataclasses.field(default_factory=dict)
 
 
 # The grids fn's values may lie on, coarsest first: a value cast from one of them at the end (a loss summed in
@@ -345,6 +348,9 @@ class _Engine:
             lf = self.leaves[li]
             scale = max(lf.ref_max[side] if s else 0.0, self.global_scale, 1e-300)
             dev_max, nonfinite, best = 0.0, False, None
+            # (a float64 value beyond the largest of the side's own dtype overflows there whoever computes it: an
+            # infinity of its sign is not a defect of the side; a float16 gradient of 65536 is inf)
+            big = float(jnp.finfo(u[li].dtype).max) if jnp.issubdtype(u[li].dtype, jnp.floating) else np.inf
             for c0 in range(0, s, _CHUNK):
                 uc = np.asarray(u[li][c0 : c0 + _CHUNK]).astype(np.float64)
                 rc = ref[li][c0 : c0 + _CHUNK]
@@ -356,7 +362,13 @@ class _Engine:
                     best = _first_max(best, dev, c0, rc)
                     continue
                 dev_max = max(dev_max, float(np.max(np.where(fd, dev, 0.0))))
-                nf = ~np.isfinite(uc) & np.isfinite(rc)
+                over = np.isfinite(rc) & (np.abs(rc) > big) & (uc == np.copysign(np.inf, rc))
+                nf = ~np.isfinite(uc) & np.isfinite(rc) & ~over
+                if over.any():
+                    n0, first, v0, _ = lf.overflow.get(side, (0, None, None, None))
+                    k = int(np.argmax(over))
+                    lf.overflow[side] = (n0 + int(over.sum()), first if first is not None else c0 + k,
+                                         v0 if v0 is not None else float(rc[k]), str(u[li].dtype))
                 nonfinite |= bool(nf.any())
                 best = _first_max(best, np.where(nf, np.inf, np.where(fd, dev, 0.0)), c0, rc)
             lf.user[side] = (dev_max / scale if s else 0.0, nonfinite, None if best is None else (best[1], float(best[2])))
@@ -2416,6 +2428,14 @@ def _user_precision(li: int, engine: _Engine, has_hand: bool, eps: float, skip=(
     lf, shape = engine.leaves[li], engine.layout.shapes[li]
     sides = ["autodiff", "hand"] if has_hand else ["autodiff"]
     extra, items = [], []
+    over = [name for name in sides if name in lf.overflow and name not in skip]
+    if over:
+        n, i, v, dt = lf.overflow[over[0]]
+        extra.append(f"{' and '.join(over)} overflow{'s' if len(over) == 1 else ''} {dt} at "
+                     f"{[int(k) for k in np.unravel_index(i, shape)]}" + (f" and {n - 1} other element(s)" if n > 1 else "")
+                     + f": the float64 value there, {v:.6g}, is beyond {dt}'s largest ({float(jnp.finfo(dt).max):.6g}), "
+                     "so the right gradient is an infinity at the parameters' precision (a loss scaled down, or this "
+                     "gradient kept in a wider dtype, would hold it)")
     for name in sides:
         if name in skip:
             continue
