@@ -50,6 +50,30 @@ def test_a_repeated_check_compiles_nothing():
     assert _compiled._probe._cache_size() == before
 
 
+def test_the_second_check_compiles_only_its_finite_differences_in_runs():
+    # A function of a few leaves: the second check plans its finite differences in runs that skip the layers before
+    # the leaves they move (a program of their own); the float64 probe, which does not run them, is not compiled
+    # again (it was, for the plan it was handed held the runs), and the third check compiles nothing.
+    rs = np.random.RandomState(0)
+    x, y = jnp.asarray(rs.randn(64, 32), jnp.float32), jnp.asarray(rs.randn(64, 8), jnp.float32)
+    p = {"W1": jnp.asarray(0.2 * rs.randn(32, 64), jnp.float32), "b1": jnp.full(64, 0.1, jnp.float32),
+         "W2": jnp.asarray(0.2 * rs.randn(64, 8), jnp.float32)}
+
+    def mlp_loss(p, x, y):
+        return jnp.mean((jnp.tanh(x @ p["W1"] + p["b1"][None, :]) @ p["W2"] - y) ** 2)
+
+    def sizes():
+        return _compiled._probe._cache_size(), _compiled._items_jit._cache_size()
+
+    assert verify.check_grad(mlp_loss, p, x, y).ok
+    probe0, items0 = sizes()
+    assert verify.check_grad(mlp_loss, p, x, y).ok
+    probe1, items1 = sizes()
+    assert probe1 == probe0 and items1 > items0, (probe0, items0, probe1, items1)  # (runs planned: compiled once)
+    assert verify.check_grad(mlp_loss, p, x, y).ok
+    assert sizes() == (probe1, items1)
+
+
 def test_changed_globals_are_checked_as_they_are_now():
     global SCALE, TABLE  # noqa: PLW0603 - changed globals are what this test is about
     frozen_scale, frozen_table = SCALE, TABLE

@@ -1540,10 +1540,14 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
         seed = np.uint32(options.seed % 2**32)
         tp = (rtols, -1.0 if options.atol is None else float(options.atol), float(jnp.finfo(jnp.float64).eps))
 
+        # (the probe reads the plan's items, not how the finite differences run them: a plan whose runs change from
+        # the first check to the next, see _make_plan, compiles the probe once)
+        probe_plan = dataclasses.replace(plan, groups=(), pad_min=8, separate=False, batch=1)
+
         def probe() -> _ProbeOut:
             return _probe(prep.dleaves, prep.dyn, h_given, exact_idx, seed, h0, *tp, fn=prep.bound.value,
                           hand=prep.bound.grad if prep.has_hand and not eager else None, layout=layout,
-                          args_spec=prep.spec, plan=plan)
+                          args_spec=prep.spec, plan=probe_plan)
 
         res = probe()
         # Small parameters: XLA computes the gradients at the parameters' own precision while Python reads the
