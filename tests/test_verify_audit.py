@@ -2,6 +2,7 @@
 and Flax NNX modules. Each planted bug is one wrong element (or one wrong iteration); the expected rule, input
 and element come from where the bug was planted, never from running the audit."""
 
+import functools
 import json
 
 import equinox as eqx
@@ -355,6 +356,10 @@ def test_fn_not_callable_and_fn_that_fails_to_trace():
     with pytest.raises(TypeError) as e:
         verify.audit(lambda x: x @ jnp.ones(3), jnp.ones(2))
     assert any("verify.audit traces fn" in n for n in e.value.__notes__)
+    # A leaf of params that is not an array (a string where the bias belongs) reaches fn as it is: named (h105).
+    with pytest.raises(TypeError) as e:
+        verify.audit(lambda p, x: jnp.sum(x @ p["W"] + p["b1"]), {"W": jnp.ones((3, 2)), "b1": "abc"}, jnp.ones((4, 3)))
+    assert any("params leaves that are not arrays reach fn as they are: ['b1'] str" in n for n in e.value.__notes__)
 
 
 # ---- rules nobody here wrote, at inputs that are awkward -----------------------------------------------------
@@ -564,6 +569,77 @@ def test_a_forward_where_the_primal_overflows_even_in_float64_is_said_to_be_unve
     report = verify.audit(lambda w, x: jnp.sum(lse(x * w)), jnp.ones(3), x)
     assert report.ok, report
     assert "where the primal function is not finite, even in float64" in report.rows[0].note, report
+
+
+@pytest.mark.parametrize("slip", [1.0, 0.9])
+def test_a_stable_rule_wrong_where_its_plain_primal_overflows_fails(slip):
+    # softplus log1p(exp(x)) with a logaddexp forward, its bwd sigmoid(x)·g off by `slip` at x = 100, where the
+    # primal overflows in float32: its plain autodiff is NaN there, the rule's one reference beside the forward's
+    # float32 finite differences, whose floor (the sum's rounding over the step) was wider than the 10% slip. The
+    # primal in float64 is finite there, and sigmoid(100) = 1 (h105).
+    @jax.custom_vjp
+    def softplus(x):
+        return jnp.log1p(jnp.exp(x))
+
+    softplus.defvjp(lambda x: (jnp.logaddexp(x, 0.0), x),
+                    lambda x, g: ((jax.nn.sigmoid(x) * g).at[3].multiply(slip),))
+    x = jnp.array([-3.0, 0.5, 2.0, 100.0, 1.0, 200.0])
+    assert not np.isfinite(np.asarray(jnp.log1p(jnp.exp(x)))).all()  # (the plain primal overflows in float32)
+    report = verify.audit(lambda p, x: jnp.sum(softplus(p["w"] * x)), {"w": jnp.ones(6)}, x)
+    row = rows(report)["softplus"]
+    if slip == 1.0:
+        assert report.ok and row.verdict == "ok", report
+    else:
+        assert row.verdict == "autodiff_wrong" and row.worst_index == (0, 3), report
+        assert row.max_rel_err == pytest.approx(0.1, rel=1e-3), row
+
+
+def test_an_element_the_random_cotangent_made_small_is_checked_under_a_second_one():
+    # A layer norm's dgamma[3] 5% off, in float32 on nnx.Linear's features: under the audit's first output cotangent
+    # (seed 0) that element is 0.4% of the input's largest derivative, which the tolerance grows with, so the rule
+    # passed (h105); under any other draw it fails. A pass that leaves an element farther apart than its dtype's
+    # tolerance of the element alone is checked again under a second cotangent.
+    @jax.custom_vjp
+    def layernorm(x, gamma):
+        m = jnp.mean(x, -1, keepdims=True)
+        return (x - m) / jnp.sqrt(jnp.mean((x - m) ** 2, -1, keepdims=True) + 1e-5) * gamma
+
+    def fwd(x, gamma):
+        m = jnp.mean(x, -1, keepdims=True)
+        r = 1 / jnp.sqrt(jnp.mean((x - m) ** 2, -1, keepdims=True) + 1e-5)
+        return (x - m) * r * gamma, ((x - m) * r, r, gamma)
+
+    def bwd(res, g):
+        xh, r, gamma = res
+        gy = g * gamma
+        dx = r * (gy - gy.mean(-1, keepdims=True) - xh * (gy * xh).mean(-1, keepdims=True))
+        return dx, jnp.sum(g * xh, axis=0).at[3].multiply(1.05)  # the slip
+
+    layernorm.defvjp(fwd, bwd)
+    x = jax.random.normal(jax.random.key(1), (5, 6))
+    p = {"W": nnx.Linear(6, 8, rngs=nnx.Rngs(0)).kernel[...], "gamma": jnp.full(8, 1.1)}
+    report = verify.audit(lambda p, x: jnp.sum(layernorm(x @ p["W"], p["gamma"])), p, x)
+    row = rows(report)["layernorm"]
+    assert row.verdict == "autodiff_wrong" and row.worst_index == (1, 3), report
+    assert row.max_rel_err == pytest.approx(0.05 / 1.05, rel=1e-2) or row.max_rel_err == pytest.approx(0.05, rel=1e-2)
+
+
+def test_a_numpy_float64_array_in_nondiff_argnums_is_named_when_the_rule_cannot_be_checked():
+    # JAX keeps the float32 it converted the array to at the model's trace, and the float64 check then multiplies
+    # float64 by float32 in the rule's bwd: the rule stays unchecked (not passed), and the note was an MLIR verifier
+    # dump of funcgrad's own frames; it now says what to change (h107).
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+    def scaled_exp(x, s):
+        return jnp.exp(x) * s
+
+    scaled_exp.defvjp(lambda x, s: (scaled_exp(x, s), x), lambda s, x, g: (g * jnp.exp(x) * s,))
+    s = np.linspace(1.0, 2.0, 6)
+    report = verify.audit(lambda p: jnp.sum(jnp.tanh(scaled_exp(p["x"], s))), {"x": jnp.linspace(-1.0, 1.2, 6)})
+    if report.ok:  # (a JAX that converts the array afresh for the float64 check: checked, and right)
+        return
+    row = rows(report)["scaled_exp"]
+    assert row in report.unchecked, report
+    assert "jnp.asarray(a, jnp.float32)" in row.note and " at loc(" not in row.note, row.note
 
 
 @pytest.mark.parametrize("wrong", [False, True])
