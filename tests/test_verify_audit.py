@@ -1226,6 +1226,22 @@ def test_a_rule_this_forward_pass_does_not_call_is_said_not_passed_over(where):
     assert {r.rule: r.verdict for r in called.rows}["off"] == verify.Verdict.AUTODIFF_WRONG, called
 
 
+def test_a_rule_in_a_while_loops_condition_is_not_said_to_be_uncalled():
+    # It runs at every iteration's test, where no derivative flows: "not called at these inputs" was wrong (h108).
+    @jax.custom_vjp
+    def sq(x):
+        return x * x
+
+    sq.defvjp(lambda x: (x * x, x), lambda x, g: (2 * x * g,))
+
+    def fn(p):
+        return jax.lax.while_loop(lambda c: (c[0] < 3) & (jnp.sum(sq(c[1])) < 100.0),
+                                  lambda c: (c[0] + 1, c[1] * 1.1), (0, p))[1].sum()
+
+    report = verify.audit(fn, jnp.array([0.3, 0.7, 1.1]))
+    assert report.not_called == () and not any("not called at these inputs" in n for n in report.notes), report
+
+
 @pytest.mark.parametrize("wrap", ["none", "jit", "remat"])
 @pytest.mark.parametrize("wrong_above", [2.5, 100.0])
 def test_each_call_of_a_rule_a_cond_takes_at_a_few_iterations_is_checked(wrong_above, wrap):

@@ -2329,20 +2329,25 @@ def _not_called(jaxpr: Any, walker: _Walker, found: set[_Rule]) -> tuple[str, ..
     loop that ran no iteration), as "name (source)": nothing at these inputs to check them at, so not failed, but
     said rather than passed over. ``found``: rules reported otherwise (inlined in a derivative fn takes, solvers)."""
     reached = {*walker.seen, *walker.excluded, *walker.unentered_rules, *found}
-    return tuple(f"{r.name} ({r.source})" for r in sorted(_inner_rules(jaxpr), key=lambda r: (r.name, r.source))
+    # (not a while loop's cond function: the walk evaluates it whole, and no derivative flows there)
+    return tuple(f"{r.name} ({r.source})" for r in sorted(_inner_rules(jaxpr, predicates=False),
+                                                         key=lambda r: (r.name, r.source))
                  if r not in reached and walker.audited(r))
 
 
-def _inner_rules(jaxpr: Any) -> set[_Rule]:
-    """The user's custom rules called anywhere inside a jaxpr (sub-computations and rules' own primals too)."""
+def _inner_rules(jaxpr: Any, predicates: bool = True) -> set[_Rule]:
+    """The user's custom rules called anywhere inside a jaxpr (sub-computations and rules' own primals too;
+    ``predicates``: a while loop's cond function too, where no derivative flows)."""
     found: set[_Rule] = set()
     for eqn in jaxpr.eqns:
         if eqn.primitive.name in _CUSTOM:
             rule = _identify(eqn)
             if not rule.library:
                 found.add(rule)
+        skip = eqn.params["cond_jaxpr"].jaxpr if eqn.primitive.name == "while" and not predicates else None
         for sub in _sub(eqn):
-            found |= _inner_rules(sub)
+            if sub is not skip:
+                found |= _inner_rules(sub, predicates)
     return found
 
 
