@@ -1673,13 +1673,18 @@ def _narrow(report: GradReport, diff: Any) -> bool:
     there that a cotangent drawn again would show (a float32 layer norm's dgamma 5% off at one channel, which the
     first draw made 0.4% of the largest, passed so, h105)."""
     dtypes = [jnp.result_type(x) for x in jax.tree_util.tree_leaves(diff)]
-    # (only rows that read ok: a row the check could not decide, beside a primal whose plain autodiff is rounding
-    # noise say, is not made any surer by another draw, and a draw where the noise happens to look confident failed a
-    # right rule so)
+
+    def apart(a: float | None, b: float | None, rtol: float) -> bool:
+        return a is None or b is None or not abs(a - b) <= rtol * abs(b)  # (NaN: apart)
+
+    # Only rows that read ok, and whose rule lies apart from both the primal's plain autodiff and finite differences
+    # at the deciding element: a row the check could not decide, beside a primal whose plain autodiff is rounding
+    # noise say, is not made any surer by another draw (a draw where the noise happened to look confident failed a
+    # right rule so), nor is a rule that agrees with finite differences where only the reference is off.
     return len(dtypes) == len(report.rows) and any(
-        r.verdict == Verdict.OK and r.max_rel_err > _default_rtol(float(jnp.finfo(d).eps))
-        for r, d in zip(report.rows, dtypes, strict=True)
-        if jnp.issubdtype(d, jnp.floating) and not math.isnan(r.max_rel_err))
+        r.verdict == Verdict.OK and apart(r.autodiff, r.hand, rtol) and apart(r.autodiff, r.numeric, rtol)
+        for r, d in zip(report.rows, dtypes, strict=True) if jnp.issubdtype(d, jnp.floating)
+        for rtol in (_default_rtol(float(jnp.finfo(d).eps)),))
 
 
 def _second_cotangent(report: GradReport, s: _Scalars, eqn: Any, call: _Call, diff_pos: tuple[int, ...],
