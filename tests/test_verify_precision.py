@@ -995,3 +995,69 @@ def test_a_gradient_beyond_float16s_range_is_inf_there_and_not_a_defect(hand_at_
         assert "autodiff and hand overflow float16 at [0]" in row.note, row.note
     else:
         assert row.verdict == "hand_wrong" and row.worst_index == (0,), report
+
+# ---- check_grad: finite differences' floor at each item's own step, and as the ladder measured it -------------------
+
+def test_the_floor_follows_each_elements_step_a_hand_10pct_off_at_800_fails():
+    # fn computes in float32 inside (its finite differences carry float32's rounding); the hand's derivative at the
+    # element of size 800 is 10% off. The floor at the relative first step, 48·eps·|f|/h0 = 0.11 there, covered it.
+    def fn(p):
+        return jnp.sum(jnp.logaddexp(p["w"].astype(jnp.float32), 0.0))
+
+    def hand(p, slip=1.1):
+        s = jax.nn.sigmoid(p["w"])
+        return {"w": s * jnp.asarray([1.0, slip], s.dtype)}
+
+    p = {"w": jnp.asarray([0.5, 800.0], jnp.float32)}
+    bad = verify.check_grad(fn, p, hand=hand)
+    assert bad.rows[0].verdict == verify.Verdict.HAND_WRONG and bad.rows[0].worst_index == (1,)
+    assert verify.check_grad(fn, p, hand=lambda q: hand(q, 1.0)).ok
+
+
+def _bf16_logits(stop_bias):
+    rng = np.random.RandomState(0)
+    X = rng.randn(40, 2).astype(np.float32)
+    Y = np.zeros((40, 3), np.float32)
+    Y[:, 0] = 1
+    p = {"W": (0.05 * rng.randn(2, 3)).astype(np.float32), "b": np.zeros((1, 3), np.float32)}
+
+    def fn(p, X, Y):  # the logits in bfloat16
+        b = jax.lax.stop_gradient(p["b"]) if stop_bias else p["b"]
+        z = (X.astype(jnp.bfloat16) @ p["W"].astype(jnp.bfloat16) + b.astype(jnp.bfloat16)).astype(jnp.float32)
+        return -jnp.mean(jnp.sum(Y * jax.nn.log_softmax(z, axis=1), axis=1))
+
+    def softmax_minus_onehot(p, X, Y):  # the book's combined backward, in NumPy float32
+        W, b = np.asarray(p["W"], np.float32), np.asarray(p["b"], np.float32)
+        z = np.asarray(X, np.float32) @ W + b
+        e = np.exp(z - z.max(1, keepdims=True))
+        return X, (e / e.sum(1, keepdims=True) - Y) / len(X)
+
+    return fn, softmax_minus_onehot, p, X, Y
+
+
+def test_bfloat16_inside_a_mistake_copied_into_the_hand_is_both_wrong():
+    # (h110) a stop_gradient on the bias, copied into the hand (db = 0): finite differences read -0.663 ± 0.05 there.
+    # The assumed rounding of bfloat16 made a floor of 1.08 (the whole gradient is at most 0.67), where the ladder
+    # measured 6e-5; and off the kinks (log_softmax's max) their agreement, which finite differences had ruled out,
+    # read as formulas agreeing.
+    fn, dz, p, X, Y = _bf16_logits(stop_bias=True)
+
+    def hand(p, X, Y):
+        X, d = dz(p, X, Y)
+        return {"W": (X.T @ d).astype(np.float32), "b": np.zeros((1, 3), np.float32)}
+
+    r = verify.check_grad(fn, p, X, Y, hand=hand)
+    row = {x.path: x for x in r.rows}["['b']"]
+    assert not r.ok and row.verdict == verify.Verdict.BOTH_WRONG, r
+
+
+def test_bfloat16_inside_a_sign_flipped_bias_blames_the_hand():
+    fn, dz, p, X, Y = _bf16_logits(stop_bias=False)
+
+    def hand(p, X, Y, sign=-1.0):
+        X, d = dz(p, X, Y)
+        return {"W": (X.T @ d).astype(np.float32), "b": (sign * d.sum(0, keepdims=True)).astype(np.float32)}
+
+    r = verify.check_grad(fn, p, X, Y, hand=hand)
+    assert {x.path: x for x in r.rows}["['b']"].verdict == verify.Verdict.HAND_WRONG, r
+    assert verify.check_grad(fn, p, X, Y, hand=lambda *a: hand(*a, sign=1.0)).ok
