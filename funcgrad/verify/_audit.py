@@ -47,7 +47,7 @@ from funcgrad._checks import describe, in_range
 from funcgrad.verify._compiled import _CUSTOM, _bind, _lower, _lowest_float, _scan_layout, _uses, _widened_params
 from funcgrad.verify._compiled import _sub_jaxprs as _sub
 from funcgrad.verify._fd import _default_rtol
-from funcgrad.verify._grad import _check_grad_impl, _environment_versions, _g, _second_look
+from funcgrad.verify._grad import _check_grad_impl, _environment_versions, _g, _own_limit, _second_look
 from funcgrad.verify._inputs import (
     _TRACE_ERRORS,
     _along_explicit_axes,
@@ -1753,6 +1753,15 @@ def _valued_wide(s: _Scalars, diff: Any, args: tuple) -> Callable:
     return valued
 
 
+def _wide_bound(dtype: Any) -> tuple[float, float]:
+    """How far a rule's gradient at ``dtype`` may lie from a float64 reference: (rel, limit), allowed rel of each
+    element plus limit of the input's largest: the dtype's own tolerance (``_default_rtol``, as check_grad's), at
+    least 100 units in its last place (at least 1e-5, at most 5%: ``_own_limit``), and that limit of the largest."""
+    eps = float(jnp.finfo(dtype).eps)
+    limit = _own_limit(eps)
+    return max(limit, _default_rtol(eps)), limit
+
+
 def _draws(jaxpr: Any) -> bool:
     """Whether ``jaxpr`` (or one inside it) draws random numbers."""
     return _uses(jaxpr, lambda e: e.primitive.name.startswith("random_") or e.primitive.name == "threefry2x32")
@@ -1770,30 +1779,32 @@ def _at_model_precision(s: _Scalars, diff: Any, args: tuple) -> GradReport | Non
     call (the check as usual), and where the caller runs in 64-bit floats already."""
     if not s.draws or jax.config.read("jax_enable_x64"):
         return None
+    def leaves64(f: Callable) -> list[np.ndarray]:
+        return [np.asarray(g, np.float64) for g in jax.tree_util.tree_leaves(f(diff, *args))]
+
+    grad = jax.jit(jax.grad(s.rule))  # (compiled: a key array among the fixed inputs is only cast so inside a trace)
     try:
-        # (compiled: a key array among the fixed inputs is only cast so inside a trace)
-        own = [np.asarray(g, np.float64) for g in jax.tree_util.tree_leaves(jax.jit(jax.grad(s.rule))(diff, *args))]
+        own = leaves64(grad)
         with jax.enable_x64(True):
-            wide = [np.asarray(g, np.float64)
-                    for g in jax.tree_util.tree_leaves(jax.jit(jax.grad(s.rule))(diff, *args))]
-        ref = None if s.plain is None else [np.asarray(g, np.float64)
-                                            for g in jax.tree_util.tree_leaves(jax.jit(s.plain)(diff, *args))]
+            wide = leaves64(grad)  # (traced again: the x64 setting is part of the compilation's key)
+        ref = None if s.plain is None else leaves64(jax.jit(s.plain))
     except Exception:  # noqa: BLE001 - the derivative failing so: the check as usual, which reports it
         return None
     leaves = jax.tree_util.tree_leaves(diff)
 
     def gap(a: np.ndarray, b: np.ndarray, dt: Any) -> tuple[np.ndarray, np.ndarray]:  # |a - b|, and what it may be
-        eps = float(jnp.finfo(dt).eps)
+        rel, limit = _wide_bound(dt)
         with np.errstate(invalid="ignore"):
-            allowed = (max(min(0.05, max(100 * eps, 1e-5)), _default_rtol(eps)) * np.abs(b)
-                       + min(0.05, max(100 * eps, 1e-5)) * float(np.max(np.abs(b), initial=0.0)))
+            allowed = rel * np.abs(b) + limit * float(np.max(np.abs(b), initial=0.0))
             return np.where(np.isnan(a) & np.isnan(b), 0.0, np.abs(a - b)), allowed
 
-    drift = [(g, w, x) for g, w, x in zip(own, wide, leaves, strict=True) if g.shape == w.shape]
-    if len(drift) != len(own) or all(np.all(d <= t) for d, t in (gap(g, w, jnp.result_type(x)) for g, w, x in drift)):
+    if any(g.shape != w.shape for g, w in zip(own, wide, strict=True)):
+        return None
+    apart = [(g, w, d) for g, w, x in zip(own, wide, leaves, strict=True)
+             for d, allowed in (gap(g, w, jnp.result_type(x)),) if not np.all(d <= allowed)]
+    if not apart:
         return None  # (the same derivative either way: the check as usual)
-    g0, w0, x0 = next((g, w, x) for g, w, x in drift if not np.all(np.less_equal(*gap(g, w, jnp.result_type(x)))))
-    d0 = gap(g0, w0, jnp.result_type(x0))[0]
+    g0, w0, d0 = apart[0]
     k0 = int(np.nanargmax(d0)) if d0.size else 0
     why = (f"the rule's derivative draws other random numbers with 64-bit floats enabled, as the float64 check runs "
            f"it ({float(g0.flat[k0]):.6g} against {float(w0.flat[k0]):.6g} at one element: a Python float given to "
@@ -1895,12 +1906,10 @@ def _without_reference(report: GradReport, s: _Scalars, diff: Any, args: tuple,
             continue
         if lw and w is not None and w[0].shape == r.shape:
             w64, wj = w
-            eps = float(jnp.finfo(jnp.result_type(x)).eps)
             # (as _beside_wide_primal reads a rule: the dtype's tolerance of the element plus 100 units in the last
             # place of the input's largest; a float32 rule 2% off at an element 2e-3 of the largest fails so, which
             # the dtype's rtol of the largest passed once finite differences in float64 confirmed it within it)
-            limit = min(0.05, max(100 * eps, 1e-5))
-            rtol = max(limit, _default_rtol(eps))
+            rtol, limit = _wide_bound(jnp.result_type(x))
             fin = np.isfinite(w64) & np.isfinite(r)
             largest = float(np.max(np.abs(np.where(fin, w64, 0.0)), initial=0.0))
             with np.errstate(invalid="ignore"):
@@ -1985,10 +1994,9 @@ def _beside_wide_primal(report: GradReport, s: _Scalars, diff: Any, args: tuple)
                 np.isfinite(r64).all() and np.isfinite(w64).all()):
             rows.append(row)
             continue
-        limit = min(0.05, max(100 * float(jnp.finfo(d).eps), 1e-5))
         # (each element to the dtype's own tolerance, as check_grad's: a right float32 rule that cancels itself,
         # (x·eˣ − expm1 x)/x² at 1e-3, is 2.7e-4 off on jaxlib 0.10 and 4e-5 on 0.12, h104)
-        rel = max(limit, _default_rtol(float(jnp.finfo(d).eps)))
+        rel, limit = _wide_bound(d)
         largest = float(np.max(np.abs(w64), initial=0.0))
         gap = np.abs(r64 - w64)
         if not np.all(gap <= rel * np.abs(w64) + limit * largest):

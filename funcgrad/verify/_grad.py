@@ -54,6 +54,7 @@ from funcgrad.verify._fd import (
     _OFFSETS,
     _OUTER,
     _OUTER_STEP,
+    _ROUNDING,
     _classify,
     _consistent,
     _default_rtol,
@@ -215,9 +216,9 @@ class _Engine:
         # Per leaf: the rounding finite differences along it carry, and their first step.
         self.eps_f, self.f0 = np.asarray(eps_f, np.float64), float(res.f0)
         self.h0 = _first_step(self.eps_f)
-        # The smallest derivative finite differences resolve at a first step of h0 (relative; see floor_at).
-        self.floor = (3 * 16 * self.eps_f * max(abs(self.f0), 1e-300) / self.h0 if math.isfinite(self.f0)
-                      else np.zeros_like(self.eps_f))
+        # Per leaf: one evaluation's rounding, as assumed before the ladder measures it (see floor_at).
+        self.rounding = (_ROUNDING * self.eps_f * max(abs(self.f0), 1e-300) if math.isfinite(self.f0)
+                         else np.zeros_like(self.eps_f))
         # Per leaf: the fourth differences seen along it so far, and the rounding of one evaluation they measure
         # (NaN until enough of them; see _fd._pooled_rounding).
         self.samples: list[np.ndarray] = [np.empty(0) for _ in layout.sizes]
@@ -394,7 +395,7 @@ class _Engine:
         at an input of 800 passed; with bfloat16 inside fn the assumed rounding, 1.08 where the ladder measured
         6e-5, let autodiff and hand both 0 pass beside finite differences reading −0.663 ± 0.05.)"""
         li = np.asarray(li)
-        assumed = self.floor[li] * self.h0[li] / 4  # one evaluation's rounding, as assumed
+        assumed = self.rounding[li]
         with np.errstate(invalid="ignore"):
             grid = self.quantum(li) * max(abs(self.f0), 1e-300) if math.isfinite(self.f0) else assumed
             measured = np.where(np.isfinite(self.measured[li]), np.maximum(self.measured[li], grid), np.inf)
@@ -639,7 +640,7 @@ class _Engine:
         steps = self.h0[li] * np.maximum(1.0, np.abs(self.theta(flat)))
         base = self.values(flat)[2]
         fd = self.ladder(_Items(flat, zeros, zeros, zeros, steps), np.maximum(base, self.floor_at(li, steps)))
-        return fd, np.maximum(base, self.floor_at(li, steps))
+        return fd, np.maximum(base, self.floor_at(li, steps))  # (again: the ladder has measured the rounding now)
 
 
 @_isolating
