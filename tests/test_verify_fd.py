@@ -348,3 +348,13 @@ def test_a_float32_outputs_measured_rounding_still_bounds_the_error_and_is_far_b
         plain = _fd._scale(f(x), F, np.array([h]), eps32, np.array([0.0]))
         assert abs(s.value[0] - df(x)) <= s.err[0], (x, s.value[0], df(x), s.err[0])
         assert s.noise[0] < plain.noise[0] / 3
+
+
+def test_an_unconfirmed_zero_gradient_is_not_said_to_disagree():
+    # h110: autodiff and hand both 0, finite differences 0 ± something: the note spoke of "the disagreement", of 0.
+    from funcgrad.verify._grad import _make_item, _note_for
+
+    zero = _note_for(Verdict.FD_UNRELIABLE, _make_item("fd_unreliable", (3,), 0.0, 0.0, N=0.0), [])
+    assert "disagreement" not in zero and "too wide to confirm" in zero and "at [3]" in zero, zero
+    apart = _note_for(Verdict.FD_UNRELIABLE, _make_item("fd_unreliable", (3,), 1.0, 1.0, N=1.5), [])
+    assert "not far enough below the disagreement" in apart, apart

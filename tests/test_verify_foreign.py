@@ -5,6 +5,7 @@ gradients, functions only forward mode can differentiate, zero-size leaves, and 
 Each case is written from its description; the expected values come from the calculus (one-sided derivatives,
 the true gradient of a quadratic), not from running the checker."""
 
+import functools
 import glob
 import json
 import math
@@ -863,6 +864,49 @@ def test_a_hand_from_nnx_grad_checks_a_whole_nnx_module_and_tied_weights_are_not
     assert all(r.hand is not None for r in good.rows), good
     assert whole.ok and all(r.hand is not None for r in whole.rows), whole  # (the state holds it once: summed)
     assert not any("tied" in n for n in whole.notes), whole
+
+
+def test_a_numpy_hand_returning_plain_dicts_of_a_module_s_names_is_read_by_those_names():
+    # h110: a book-style NumPy hand for an NNX module writes {"l2": {"kernel": dW2, "bias": db2}} (what
+    # nnx.State.to_pure_dict gives): it was refused, "missing ['.l2.bias.value', ...]". Read by its names, a wrong
+    # element is found there; a hand returning only some leaves is told of wrt=.
+    class Two(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(3, 4, rngs=rngs)
+            self.l2 = nnx.Linear(4, 2, rngs=rngs)
+
+        def __call__(self, x):
+            return self.l2(jnp.tanh(self.l1(x)))
+
+    model = Two(nnx.Rngs(0))
+    x = np.asarray(RS.randn(5, 3), np.float32)
+    y = np.asarray(RS.randn(5, 2), np.float32)
+
+    def loss(m, x, y):
+        return jnp.mean((m(x) - y) ** 2)
+
+    def np_hand(m, x, y, bug=False):  # the book's backward, transcribed in NumPy (float64)
+        w1, b1 = np.asarray(m.l1.kernel[...], np.float64), np.asarray(m.l1.bias[...], np.float64)
+        w2, b2 = np.asarray(m.l2.kernel[...], np.float64), np.asarray(m.l2.bias[...], np.float64)
+        a = np.tanh(x @ w1 + b1)
+        d = 2 * (a @ w2 + b2 - y) / y.size
+        db2 = d.sum(0)
+        if bug:
+            db2[1] = -db2[1]
+        dz = (d @ w2.T) * (1 - a**2)
+        return {"l1": {"kernel": x.T @ dz, "bias": dz.sum(0)}, "l2": {"kernel": a.T @ d, "bias": db2}}
+
+    good = verify.check_grad(loss, model, x, y, hand=np_hand)
+    bad = verify.check_grad(loss, model, x, y, hand=functools.partial(np_hand, bug=True))
+    assert good.ok and all(r.hand is not None for r in good.rows), good
+    assert bad.verdict == "hand_wrong" and [(r.path, r.worst_index) for r in bad.failing] == [(".l2.bias.value", (1,))]
+
+    def part(m, x, y):
+        return {"l2": np_hand(m, x, y)["l2"]}
+
+    with pytest.raises(ValueError, match=r"missing \['\.l1\.bias\.value', '\.l1\.kernel\.value'\].*wrt="):
+        verify.check_grad(loss, model, x, y, hand=part)
+    assert verify.check_grad(loss, model, x, y, hand=part, wrt=nnx.PathContains("l2")).ok
 
 
 def test_an_nnx_filter_class_instead_of_an_instance_is_named():

@@ -1992,7 +1992,8 @@ def _note_for(verdict: Verdict, item: _Item | None, extra: Sequence[str]) -> str
               else f"the one-sided derivatives are {sides} (± {_g(item.fd_err)})")
         why_unsure = ("finite differences do not settle as the step shrinks (noise, a discontinuity, or kinks all "
                       "around the point)" if not item.resolved else
-                      f"{fd}; their error estimate is not far enough below the disagreement to decide")
+                      f"{fd}; their error estimate is not far enough below the disagreement to decide" if item.abs_err
+                      else f"{fd}; their error estimate is too wide to confirm it")
         if not item.fd_finite:
             why_unsure = "the function is not finite on both sides of the point, so finite differences cannot judge"
         hand_part = f", hand {_g(item.H)}" if item.H is not None else ""

@@ -673,12 +673,15 @@ def _extract_grad(out: Any, b: _Bound, what: str = "hand") -> list:
     diff = [s for s, d in zip(b.specs, b.diff, strict=True) if d]
     missing = [p for p, _, _ in diff if p not in got or got[p] is None]
     extra = [p for p, x in got.items() if p not in known and x is not None]
-    if (missing or extra) and _is_nnx(out, "State"):
-        # An nnx.State (what nnx.grad returns) for a module's parameters: its Variables named by their NNX paths
-        # (['l1']['kernel'].value for the module's .l1.kernel.value)
-        mine = {_path_keys(p): p for p in paths}
-        if len(mine) == len(paths) and all(_path_keys(q) in mine for q in got):
-            got = {mine[_path_keys(q)]: x for q, x in got.items()}
+    if missing or extra:
+        # The same names in another container: an nnx.State (what nnx.grad returns) for a module's parameters, its
+        # Variables named by their NNX paths (['l1']['kernel'].value for the module's .l1.kernel.value), or nested
+        # dicts of those names without the Variables' .value (what nnx.State.to_pure_dict gives, what a NumPy
+        # hand writes): taken where every name matches one leaf of params and no two the same
+        mine = {_path_keys(p.removesuffix(".value")): p for p in paths}
+        ours = [_path_keys(q.removesuffix(".value")) for q in got]
+        if len(mine) == len(paths) and len(set(ours)) == len(ours) and all(k in mine for k in ours):
+            got = {mine[k]: x for k, x in zip(ours, got.values(), strict=True)}
             missing, extra = [p for p, _, _ in diff if got.get(p) is None], []
     if missing or extra:
         detail = []
@@ -695,7 +698,7 @@ def _extract_grad(out: Any, b: _Bound, what: str = "hand") -> list:
         raise _UserValueError(
             f"{what} must return a gradient with the same structure as params; it returned {'; '.join(detail)}. "
             f"params leaves: {named(paths)}" + (f" (held fixed, may be None: {named(held)})" if held else "")
-            + _pair_hint(out, b, what)
+            + _pair_hint(out, b, what) + _wrt_hint(missing, extra, got, diff)
         )
     bad, leaves = [], []
     for p, shape, desc in diff:
@@ -761,6 +764,14 @@ def _pair_hint(out: Any, b: _Bound, what: str) -> str:
             continue
         return f"; it returned a pair whose [{k}] is such a gradient: {name}? return the gradient alone"
     return ""
+
+
+def _wrt_hint(missing: list[str], extra: list[str], got: dict, diff: list) -> str:
+    """Where a gradient holds some of the differentiated leaves and nothing else: how to check those alone."""
+    if extra or not missing or not any(got.get(p) is not None for p, _, _ in diff):
+        return ""
+    return ("; to check only the leaves it returns, hold the others fixed with wrt= (a predicate on leaves, a "
+            "pytree of bools, or an NNX filter)")
 
 
 def _path_keys(path: str) -> tuple[str, ...]:
