@@ -631,16 +631,32 @@ class _Engine:
         where = index if lo is None else np.where(np.asarray(index) >= 0, index, lo)
         return np.searchsorted(np.asarray(self.layout.offsets), where, side="right") - 1
 
+    def resolved_zero(self, li: np.ndarray, fd: _FD, elements: np.ndarray | bool = True) -> np.ndarray:
+        """Per item (of leaves ``li``), how much less than the round-off at zero (see :func:`_zero_roundoff`) its
+        tolerances allow once finite differences have read it: an element finite differences resolve, smooth, to
+        within err is allowed no more than 4·err of that round-off (the rounding of fn's value |f| stands for the
+        terms that cancel in a gradient, which a float32 loss of 1e5 holding a small term makes wider than that
+        term's whole gradient: a hand of the wrong sign passed beside a reading of ±2e-7, h112). Subtracted from
+        the tolerances: nothing where ``atol`` was given (the round-off is not in them), nor for random directions
+        (``elements`` False: their tolerances add their elements' in quadrature)."""
+        if self.tp[1] >= 0:
+            return np.zeros(len(li))
+        z = self.zero[li] * np.asarray(elements, bool)
+        with np.errstate(invalid="ignore"):
+            sure = fd.resolved & fd.finite & ~fd.nonsmooth & ~fd.singular & np.isfinite(fd.err)
+            return np.where(sure, np.maximum(z - 4 * np.where(sure, fd.err, 0.0), 0.0), 0.0)
+
     def at_elements(self, flat: np.ndarray) -> tuple[_FD, np.ndarray]:
         """Finite differences at these elements (flat indices), and the tolerance against them there (with their
-        floor at each element's step, as the ladder measured it)."""
+        floor at each element's step, as the ladder measured it, and the round-off at zero as they resolve it)."""
         flat = np.asarray(flat, np.int64)
         zeros = np.zeros(len(flat), np.int64)
         li = self.leaf_of(flat)
         steps = self.h0[li] * np.maximum(1.0, np.abs(self.theta(flat)))
         base = self.values(flat)[2]
         fd = self.ladder(_Items(flat, zeros, zeros, zeros, steps), np.maximum(base, self.floor_at(li, steps)))
-        return fd, np.maximum(base, self.floor_at(li, steps))  # (again: the ladder has measured the rounding now)
+        # (again: the ladder has measured the rounding now; and the round-off at zero as they resolve it)
+        return fd, np.maximum(base - self.resolved_zero(li, fd), self.floor_at(li, steps))
 
 
 @_isolating
@@ -2114,7 +2130,11 @@ def _rows(items: _Items, P: np.ndarray, engine: _Engine, has_hand: bool, user: b
     fd = engine.ladder(items, np.maximum(base_tol, engine.floor_at(item_leaves, items.step)),
                        initial=None if outer else F, values=[A] if H is None else [A, H], also=JV[:n_items],
                        outer=F[:, 0] if outer else None)
-    # (read with the floor the ladder measured along each leaf: see _Engine.floor_at)
+    # (read with the floor the ladder measured along each leaf: see _Engine.floor_at; and the round-off at zero no
+    # wider than what finite differences resolve: see _Engine.resolved_zero)
+    less = engine.resolved_zero(item_leaves, fd, is_el)
+    base_tol -= less
+    item_tol_ah -= less
     item_tol = np.maximum(base_tol, engine.floor_at(item_leaves, items.step))
     verdicts = _classify(A, H, fd, item_tol, lenient=~is_el, tol_ah=item_tol_ah, reference=engine.hand_reference,
                          scale=engine.global_scale)
@@ -2409,6 +2429,7 @@ def _arbitrate(flat: np.ndarray, li: int, has_hand: bool, engine: _Engine) -> li
     """Finite differences at elements where autodiff and hand disagree (or are not finite): who is wrong."""
     fd, tv = engine.at_elements(flat)
     av, hv, _, tahv = engine.values(flat)
+    tahv = tahv - engine.resolved_zero(engine.leaf_of(flat), fd)
     H = hv if has_hand else None
     verdicts = _classify(av, H, fd, tv, tol_ah=tahv, reference=engine.hand_reference, scale=engine.global_scale)
     o, shape = engine.layout.offsets[li], engine.layout.shapes[li]
