@@ -5,6 +5,7 @@ gradients, functions only forward mode can differentiate, zero-size leaves, and 
 Each case is written from its description; the expected values come from the calculus (one-sided derivatives,
 the true gradient of a quadratic), not from running the checker."""
 
+import dataclasses
 import functools
 import glob
 import json
@@ -1901,3 +1902,29 @@ def test_flax_rnn_whose_carry_is_float32_says_how_to_check_it():
     report = verify.check_grad(lambda m, xs: jnp.mean(m(xs, jnp.zeros((2, 4), xs.dtype)) ** 2), model, xs,
                                wrt=nnx.Param)
     assert report.ok, report
+
+
+def test_an_unregistered_dataclass_holding_weights_is_named_not_silently_held_fixed():
+    # h112: a @dataclass not registered as a pytree is one opaque leaf to JAX: check_grad held it fixed and passed a
+    # hand wrong in its weights (jax.grad refuses such params). Named, with what to do.
+    @dataclasses.dataclass
+    class Dense:
+        W: jax.Array
+        b: jax.Array
+
+    params = {"head": jnp.array([0.3, -0.4, 0.2]), "body": Dense(jnp.full((2, 3), 0.2), jnp.zeros((1, 3)))}
+    x = jnp.array([[1.0, 2.0], [0.5, -1.0]])
+
+    def loss(p, x):
+        return jnp.sum(jnp.tanh(x @ p["body"].W + p["body"].b) * p["head"][None])
+
+    with pytest.raises(TypeError, match=r"params\['body'\].*Dense, a class not registered as a pytree.*\(W, b\)"
+                                        r".*register_dataclass"):
+        verify.check_grad(loss, params, x)
+    with pytest.raises(TypeError, match=r"selected by wrt.*Dense, a class not registered"):
+        verify.check_grad(loss, params, x, wrt={"head": True, "body": True})
+    # held fixed on purpose (wrt), or registered, it is checked as usual
+    assert verify.check_grad(loss, params, x, wrt={"head": True, "body": False}).ok
+    jax.tree_util.register_dataclass(Dense, data_fields=["W", "b"], meta_fields=[])
+    report = verify.check_grad(loss, params, x)
+    assert report.ok and sorted(r.path for r in report.rows) == ["['body'].W", "['body'].b", "['head']"], report

@@ -386,10 +386,13 @@ def _select(params: Any, wrt: Any) -> tuple[_Selection, list[str]]:
         name = "params" + path
         if dt is None or not jnp.issubdtype(dt, jnp.inexact):
             by = "selected by wrt, " if wrt is not None else ""
-            errors.append(f"{name} ({by}{describe(leaf)}) is not a floating-point array")
+            errors.append(f"{name} ({by}{describe(leaf)}) is not a floating-point array" + _opaque_hint(leaf))
         elif jnp.issubdtype(dt, jnp.complexfloating):
             errors.append(f"{name} is complex ({describe(leaf)}); only real floating leaves can be checked: hold it "
                           "fixed with wrt=")
+    if wrt is None:  # (held fixed by default, an object JAX sees as one leaf would hide its arrays from the check)
+        errors += [f"params{p} ({describe(x)}) is not a floating-point array{_opaque_hint(x)}"
+                   for p, x, d in zip(paths, leaves, mask, strict=True) if not d and _opaque_arrays(x)]
     if errors:
         raise TypeError("check_grad: cannot differentiate:\n  " + "\n  ".join(errors))
     if not any(mask):
@@ -417,6 +420,38 @@ def _select(params: Any, wrt: Any) -> tuple[_Selection, list[str]]:
         how = "wrt" if wrt is not None else "not inexact arrays; choose with wrt="
         notes.append(f"held fixed, not differentiated ({how}): {listed}{more}")
     return _Selection(treedef, paths, leaves, tuple(mask)), notes
+
+
+def _opaque_arrays(x: Any) -> list[str]:
+    """The attributes of ``x``, an object JAX sees as one leaf (a class not registered as a pytree: not an array, a
+    number, a string or a function), that hold floating-point arrays (directly, or in a list, tuple or dict)."""
+    if x is None or callable(x) or isinstance(x, (jax.Array, np.ndarray, np.generic, str, bytes, int, float, complex,
+                                                  type)):
+        return []
+    try:
+        fields = vars(x)
+    except TypeError:
+        return []
+
+    def floating(v: Any) -> bool:
+        if isinstance(v, (list, tuple)):
+            return any(floating(u) for u in v)
+        if isinstance(v, dict):
+            return any(floating(u) for u in v.values())
+        return isinstance(v, (jax.Array, np.ndarray)) and jnp.issubdtype(v.dtype, jnp.inexact)
+
+    return [k for k, v in fields.items() if floating(v)]
+
+
+def _opaque_hint(x: Any) -> str:
+    """Where ``x`` is an object holding floating arrays that JAX sees as one leaf: what to do (else "")."""
+    names = _opaque_arrays(x)
+    if not names:
+        return ""
+    return (f": it is a {type(x).__name__}, a class not registered as a pytree, holding floating arrays ("
+            f"{', '.join(names[:_LIST])}{', ...' if len(names) > _LIST else ''}), which JAX sees as one leaf and "
+            "jax.grad refuses; register it (jax.tree_util.register_dataclass, flax.struct.dataclass, an "
+            "equinox.Module), or pass it among args to hold it fixed")
 
 
 # Arguments after params, and fixed leaves of params: arrays are traced; anything else (Python numbers,
