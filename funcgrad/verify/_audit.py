@@ -995,7 +995,7 @@ def _scalars(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple
         try:
             jax.eval_shape(plain_fn, *example)
         except Exception as e:  # noqa: BLE001 - any failure: try the other mode, else no plain autodiff
-            reasons.append(f"{how} mode: {str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__}")
+            reasons.append(f"{how} mode: {_clipped(str(e)) if str(e).strip() else type(e).__name__}")
             continue
         note = ("" if how == "reverse" else
                 "the primal's plain autodiff is from forward mode (reverse mode failed)" if how == "forward" else
@@ -1019,6 +1019,14 @@ def _scalars(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs: tuple
                         jax.grad(through_wide) if wide else None, through_wide if wide_value else None, draws)
     return _Scalars(rule, None, "JAX cannot differentiate the rule's primal without the rule (" + "; ".join(reasons)
                     + "): the rule is checked against finite differences only", draws=_draws(_call_jaxpr(eqn).jaxpr))
+
+
+def _clipped(message: str, width: int = 160) -> str:
+    """An error message's first line, cut at a word within ``width`` characters (with "…" where cut)."""
+    line = message.strip().splitlines()[0]
+    if len(line) <= width:
+        return line
+    return line[:width].rsplit(" ", 1)[0].rstrip(",;:") + "…"
 
 
 def _basis_forward(f: Callable) -> Callable:
@@ -1924,7 +1932,9 @@ def _without_reference(report: GradReport, s: _Scalars, diff: Any, args: tuple,
                 k = int(np.argmax(np.where(wrong, gap, -1.0)))
                 at = [int(i) for i in np.unravel_index(k, r.shape)] if r.ndim else []
                 g_k = float(gap.flat[k])
+                # (finite differences were read at the row's element, not necessarily this one: h111)
                 rows.append(dataclasses.replace(row, verdict=Verdict.AUTODIFF_WRONG, worst_index=tuple(at),
+                                                numeric=row.numeric if tuple(at) == row.worst_index else None,
                                                 autodiff=float(r.flat[k]), hand=float(w64.flat[k]), max_abs_err=g_k,
                                                 max_rel_err=g_k / max(abs(float(w64.flat[k])), 1e-300), note=(
                     # (check_grad's words, which the audit's row reads: autodiff is the rule, hand the plain autodiff)
