@@ -953,9 +953,13 @@ def _off_the_kinks(report: GradReport, check: Callable[[Any], GradReport], besid
             # Off the kinks finite differences know the derivative: the verdict and element found there, not those
             # read at the kinks (a hand 2% off everywhere, agreeing with autodiff at an element where kinks meet, is
             # not both_wrong; a wrong element is named, not a kink beside it).
+            # (said as it was read: a kink's one-sided derivatives, which several kinks meeting can defeat, or a
+            # failure decided beside kinks elsewhere in fn, named again where no kink is near)
+            at = ("at kinks, where finite differences read one-sided derivatives only and several kinks may meet"
+                  if _AT_KINKS in r.note else "beside kinks elsewhere in fn")
             return dataclasses.replace(o, path=r.path, note=(
-                f"at the given point this leaf was read where kinks meet, which finite differences cannot judge "
-                f"({r.verdict} at {r.where} there); at a point off the kinks ({how}), with the values shown: {o.note}"))
+                f"at the given point this leaf read {r.verdict} at {r.where}, {at}; at a point off the kinks ({how}), "
+                f"with the values shown there: {o.note}"))
         # (fd_unreliable with a hand: autodiff and hand agree there, which finite differences, too coarse there,
         # cannot confirm; that the formulas agree off the kinks is what the range test below needs)
         # Not for a row read both_wrong: autodiff and hand agreed there already, and it is their agreement that
