@@ -940,6 +940,60 @@ def test_a_pallas_forward_that_refuses_vmap_is_differentiated_by_forward_mode(wr
         assert row.worst_index == (0, 1, 2)
 
 
+def _pallas_tanh(wrong: bool = False):
+    """tanh as a rule whose forward and backward are Pallas kernels (interpret mode on CPU), its backward 10% off at
+    element [1, 2] when ``wrong``."""
+    from jax.experimental import pallas as pl
+
+    def forward(x_ref, o_ref):
+        o_ref[...] = jnp.tanh(x_ref[...])
+
+    def backward(x_ref, g_ref, o_ref):
+        t = jnp.tanh(x_ref[...])
+        d = g_ref[...] * (1 - t * t)
+        if wrong:
+            r = jax.lax.broadcasted_iota(jnp.int32, d.shape, 0)
+            c = jax.lax.broadcasted_iota(jnp.int32, d.shape, 1)
+            d = jnp.where((r == 1) & (c == 2), 1.1 * d, d)
+        o_ref[...] = d
+
+    def like(x):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+    @jax.custom_vjp
+    def ptanh(x):
+        return pl.pallas_call(forward, out_shape=like(x), interpret=True)(x)
+
+    ptanh.defvjp(lambda x: (ptanh(x), x), lambda x, g: (pl.pallas_call(backward, out_shape=like(x), interpret=True)(x, g),))
+    return ptanh
+
+
+def test_pallas_rules_in_a_scan_share_their_compilations_and_the_wrong_one_is_found():
+    # h111: a Pallas backward traced afresh made a new GridMapping (its index maps' jaxprs, equal only to themselves),
+    # so each call's check compiled everything again (about 20 programs a call), and every Pallas call evaluated op
+    # by op compiled again: a small NNX model's audit took 68 s. Keyed by what they hold, and run compiled.
+    from funcgrad.verify import _traced
+
+    x = jnp.asarray(np.random.RandomState(0).randn(4, 8), jnp.float32)
+    right, wrong = _pallas_tanh(), _pallas_tanh(True)
+    keys = [_traced._key(jax.make_jaxpr(lambda v: right(v).sum())(x)) for _ in range(2)]
+    assert keys[0] == keys[1]
+
+    def model(rule):
+        def loss(p, x):
+            h, _ = jax.lax.scan(lambda h, w: (rule(h @ w), None), x, p["ws"])
+            return jnp.sum(h**2)
+
+        return jax.jit(loss)
+
+    p = {"ws": jnp.asarray(0.4 * np.random.RandomState(1).randn(3, 8, 8), jnp.float32)}
+    good = verify.audit(model(right), p, x)
+    assert good.ok and good.rows[0].calls == 3, good
+    bad = verify.audit(model(wrong), p, x)
+    (row,) = bad.rows
+    assert row.verdict == "autodiff_wrong" and row.worst_index == (0, 1, 2), bad
+
+
 def stable_softplus(derivative):
     """A numerically stable softplus (its plain autodiff is NaN at large x, the reason for the rule) whose custom JVP
     multiplies the tangent by ``derivative(x)``."""
@@ -3161,3 +3215,38 @@ def test_a_row_decided_beside_the_float64_primal_shows_no_finite_difference_of_a
     sm /= sm.sum(1, keepdims=True)  # the reference: d mean(lse)/dz = softmax / 4, times the check's cotangent
     assert row.numeric is None or abs(row.numeric / row.primal - 1) < 0.01, row
     np.testing.assert_allclose(row.rule_value / row.primal, 1.07, rtol=1e-3)
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_a_rule_over_an_inner_rule_around_a_numpy_callback_is_still_checked(wrong):
+    # h114: finite differences of the outer rule's primal value in float64 traced the inner rule's primal, a
+    # pure_callback, under JVP ("Pure callbacks do not support JVP"): the outer rule went unchecked, right or wrong.
+    def np_tanh(x):
+        return np.tanh(np.asarray(x, np.float32)).astype(np.float32)
+
+    @jax.custom_vjp
+    def ext_tanh(x):  # a NumPy "kernel"
+        return jax.pure_callback(np_tanh, jax.ShapeDtypeStruct(x.shape, jnp.float32), x, vmap_method="sequential")
+
+    ext_tanh.defvjp(lambda x: (ext_tanh(x), x), lambda x, g: (g * (1 - jnp.tanh(x) ** 2),))
+
+    @jax.custom_vjp
+    def dense_tanh(x, w):
+        return ext_tanh(x @ w)
+
+    def bwd(res, g):
+        x, w = res
+        dh = g * (1 - jnp.tanh(x @ w) ** 2)
+        dw = x.T @ dh
+        return dh @ w.T, (dw.at[0, 1].multiply(2.0) if wrong else dw)
+
+    dense_tanh.defvjp(lambda x, w: (dense_tanh(x, w), (x, w)), bwd)
+    k = jax.random.split(jax.random.key(0), 2)
+    p, x = {"w": jax.random.normal(k[0], (4, 3))}, jax.random.normal(k[1], (5, 4))
+    report = verify.audit(jax.jit(lambda p, x: jnp.sum(dense_tanh(x, p["w"]) ** 2)), p, x)
+    row = rows(report)["dense_tanh"]
+    assert row.calls == 1 and not report.unchecked, report
+    if wrong:
+        assert row.verdict == "autodiff_wrong" and row.worst_index == (1, 0, 1), report
+    else:
+        assert report.ok, report

@@ -1761,7 +1761,8 @@ def _valued_wide(s: _Scalars, diff: Any, args: tuple) -> Callable:
         if not all(jnp.result_type(x) == jnp.float64 for x in jax.tree_util.tree_leaves(at)
                    if jnp.issubdtype(jnp.result_type(x), jnp.floating)):
             return s.rule(at, *rest)
-        return jax.lax.stop_gradient(wide_value(at, *rest)) + _no_value(s.rule(at, *rest))
+        # (no tangent reaches the primal in float64: another rule inside it, a pure_callback's, may have no JVP)
+        return jax.lax.stop_gradient(wide_value(jax.lax.stop_gradient(at), *rest)) + _no_value(s.rule(at, *rest))
 
     return valued
 
@@ -2206,6 +2207,7 @@ def _nonlinear_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs:
             # return, h109; checked at the unit cotangent only)
             return None
         inner = _float_dtypes(vjp_jaxpr, tainted=True)
+        vjp = jax.jit(vjp)  # (compiled once for the five cotangents: a Pallas backward compiles at every eager call)
         base = [np.asarray(g, np.float64) for g in vjp(unit)]
 
         def limits(dt: Any) -> tuple[float, float, float]:  # (tiny, max) of dt and the dtypes inside; dt's eps

@@ -897,7 +897,14 @@ def _widened_params(params: dict) -> dict:
 
 def _bind(eqn: Any, invals: Sequence[Any], params: dict | None = None) -> list:
     """Evaluates one equation on concrete (or traced) values, as ``jax.core.eval_jaxpr`` does (with ``params`` in
-    place of the equation's own, where given)."""
+    place of the equation's own, where given). On concrete values, an equation holding a Pallas call runs compiled
+    (see :func:`_staged`)."""
+    if params is None and _holds_pallas(eqn) and not any(isinstance(x, jax.core.Tracer) for x in invals):
+        return _staged(eqn)(*invals)
+    return _bind_now(eqn, invals, params)
+
+
+def _bind_now(eqn: Any, invals: Sequence[Any], params: dict | None = None) -> list:
     bind_params = eqn.primitive.get_bind_params(eqn.params if params is None else params)
     if isinstance(bind_params, tuple):  # older JAX: (subfuns, params)
         subfuns, bind_params = bind_params
@@ -905,6 +912,49 @@ def _bind(eqn: Any, invals: Sequence[Any], params: dict | None = None) -> list:
     else:
         out = eqn.primitive.bind(*invals, **bind_params)
     return list(out) if eqn.primitive.multiple_results else [out]
+
+
+# Equations holding a Pallas call, compiled once each (by identity; the equation is kept with its program, up to
+# this many): JAX compiles a Pallas call evaluated op by op afresh at every evaluation (a jit made inside its
+# implementation), about half a second each, which an audit walking a scan of Pallas rules paid per call and check.
+_STAGED_MAX = 256
+_STAGED: dict[int, tuple[Any, Callable]] = {}
+_PALLAS: dict[int, tuple[Any, bool]] = {}
+
+
+def _holds_pallas(eqn: Any) -> bool:
+    """Whether ``eqn`` is, or holds in a sub-computation, a Pallas call."""
+    got = _PALLAS.get(id(eqn))
+    if got is not None and got[0] is eqn:
+        return got[1]
+
+    def inside(e: Any) -> bool:
+        if e.primitive.name == "pallas_call":
+            return True
+        for value in e.params.values():
+            for v in value if isinstance(value, (tuple, list)) else (value,):
+                eqns = getattr(getattr(v, "jaxpr", v), "eqns", None)
+                if eqns is not None and any(inside(x) for x in eqns):
+                    return True
+        return False
+
+    held = inside(eqn)
+    if len(_PALLAS) >= _STAGED_MAX:
+        _PALLAS.clear()
+    _PALLAS[id(eqn)] = (eqn, held)
+    return held
+
+
+def _staged(eqn: Any) -> Callable:
+    """``eqn`` as a jitted function of its inputs (compiled once per equation and input types)."""
+    got = _STAGED.get(id(eqn))
+    if got is not None and got[0] is eqn:
+        return got[1]
+    run = jax.jit(lambda *xs: _bind_now(eqn, xs))
+    if len(_STAGED) >= _STAGED_MAX:
+        _STAGED.clear()
+    _STAGED[id(eqn)] = (eqn, run)
+    return run
 
 
 def _trace_leaves64(bound: _Bound, layout: _Layout, spec: tuple, dyn_s: list) -> Any:

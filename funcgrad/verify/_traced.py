@@ -151,18 +151,41 @@ def _params_key(jaxpr: Any, out: list, active: frozenset = frozenset()) -> None:
             continue
         for value in eqn.params.values():
             for v in value if isinstance(value, (tuple, list)) else (value,):
-                if isinstance(v, ClosedJaxpr):
-                    _params_key(v.jaxpr, out, active)
-                    out.extend(_const_key(c) for c in v.consts)
-                elif hasattr(v, "eqns"):
-                    _params_key(v, out, active)
-                elif _jax_function(v):
-                    out.append(("jax function", id(v)))  # (a PRNG implementation's threefry_split: the same code)
-                elif callable(v) and not isinstance(v, _SAFE):
-                    out.append(_Unique())  # a callback or rule traced later: its meaning is not in the jaxpr
-                else:
-                    out.append(_value_key(v) if _hashable(v) else _Unique())
+                _param_key(v, out, active)
     out.append(("out", use(jaxpr.outvars)))
+
+
+def _param_key(v: Any, out: list, active: frozenset, depth: int = 0) -> None:
+    """Appends to ``out`` one equation parameter: a jaxpr by what it computes, a frozen dataclass (a Pallas call's
+    GridMapping, holding its index maps' jaxprs, made afresh at every trace of a kernel's backward, and equal only
+    to itself then) by its fields, a plain value by value; a callback, or anything else unhashable, by a key equal
+    only to itself."""
+    if isinstance(v, ClosedJaxpr):
+        _params_key(v.jaxpr, out, active)
+        out.extend(_const_key(c) for c in v.consts)
+    elif hasattr(v, "eqns"):
+        _params_key(v, out, active)
+    elif _jax_function(v):
+        out.append(("jax function", id(v)))  # (a PRNG implementation's threefry_split: the same code)
+    elif callable(v) and not isinstance(v, _SAFE):
+        out.append(_Unique())  # a callback or rule traced later: its meaning is not in the jaxpr
+    elif depth < 8 and dataclasses.is_dataclass(v) and not isinstance(v, type) and _frozen(v):
+        out.append(("dataclass", type(v).__module__, type(v).__qualname__))
+        for f in dataclasses.fields(v):
+            out.append(f.name)
+            _param_key(getattr(v, f.name), out, active, depth + 1)
+    elif depth and isinstance(v, (tuple, list)):  # (inside a dataclass: its fields' tuples, item by item)
+        out.append((type(v), len(v)))
+        for u in v:
+            _param_key(u, out, active, depth + 1)
+    else:
+        out.append(_value_key(v) if _hashable(v) else _Unique())
+
+
+def _frozen(v: Any) -> bool:
+    """Whether ``v``, a dataclass instance, is of a frozen dataclass (its fields are all it holds, for good)."""
+    params = getattr(type(v), "__dataclass_params__", None)
+    return bool(getattr(params, "frozen", False))
 
 
 def _jax_function(v: Any) -> bool:
