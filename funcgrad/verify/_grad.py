@@ -171,9 +171,6 @@ class _LeafFacts:
     order: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))  # to arbitrate, worst first
     n_order: int = 0  # elements to arbitrate in all (``order`` holds as many as arbitration can reach)
     n_reference_nonfinite: int = 0  # among them, where hand is only a reference and it alone is not finite
-    # elements where autodiff and hand agree only within the round-off at zero (see _Engine.confirm_systematic):
-    # (flat indices within the leaf, |autodiff − hand|, that in tolerances without the round-off), the worst first
-    reliant: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     extra: list[str] = dataclasses.field(default_factory=list)  # notes on the disagreements
     ref_max: dict[str, float] = dataclasses.field(default_factory=dict)  # per side: the largest finite |value|
     user: dict[str, tuple] = dataclasses.field(default_factory=dict)  # per side: (deviation, non-finite, index)
@@ -243,9 +240,6 @@ class _Engine:
         self.vals: dict[int, tuple[float, float, float, float]] = {}
         self._regrad = regrad  # the probe again: the float64 gradients (a bisection needs them whole)
         self._full: tuple[list, list | None] | None = None
-        # the probe at other parameters (at their own dtypes): see confirm_systematic; None: not available
-        self.moved: Callable[[list], _ProbeOut] | None = None
-        self.no_zero: set[int] = set()  # flat indices allowed no round-off at zero (see confirm_systematic)
 
     def tp_of(self, li: int) -> tuple[np.ndarray, float, float]:
         """(rtol row, atol, eps) of leaf ``li``'s analytic tolerances (see _tolerance)."""
@@ -259,14 +253,10 @@ class _Engine:
         not finite (the worst first, for arbitration), the directions' support, the scales the user-precision
         check measures against, and the values at the planned elements and at those to arbitrate."""
         layout = self.layout
-        done = [np.sort(items_flat[(items_flat >= o) & (items_flat < o + s)] - o)
-                for o, s in zip(layout.offsets, layout.sizes, strict=True)]
-        for li, shape in enumerate(layout.shapes):
-            self._analyse_leaf(li, a[li], None if h is None else h[li], done[li], shape)
-        if h is not None:
-            self.confirm_systematic(a, h, done)
-        for li, o in enumerate(layout.offsets):
-            self._store(o + np.concatenate([done[li], self.leaves[li].order - o]).astype(np.int64), li, a[li],
+        for li, (o, s, shape) in enumerate(zip(layout.offsets, layout.sizes, layout.shapes, strict=True)):
+            done = np.sort(items_flat[(items_flat >= o) & (items_flat < o + s)] - o)
+            self._analyse_leaf(li, a[li], None if h is None else h[li], done, shape)
+            self._store(o + np.concatenate([done, self.leaves[li].order - o]).astype(np.int64), li, a[li],
                         None if h is None else h[li])
         self.global_scale = max((lf.ref_max["autodiff"] for lf in self.leaves), default=0.0)
 
@@ -298,7 +288,6 @@ class _Engine:
                 with np.errstate(invalid="ignore"):
                     diff = np.abs(ac - hc)
                     dis = ~(diff <= tol_ah)
-                self._keep_reliant(li, c0, diff, tol_ah, fin & ~dis)
                 # (both sides the same infinity: not a disagreement)
                 real = dis if everywhere else dis & ~(~fa & (ac == hc))
                 k = int(np.count_nonzero(real))
@@ -339,84 +328,6 @@ class _Engine:
             lf.extra.append(f"{lf.nonfinite} element(s) not finite in " + ("autodiff or hand" if h is not None else "autodiff")
                             + " (checked one by one; random projections skip them)")
 
-    def _keep_reliant(self, li: int, c0: int, diff: np.ndarray, tol_ah: np.ndarray, agree: np.ndarray) -> None:
-        """Among a chunk's elements (from ``c0``) where autodiff and hand agree, those that do only within the
-        round-off at zero, kept with the leaf's worst so far (see :meth:`confirm_systematic`)."""
-        zp = self.zero_part(li)
-        if zp <= 0 or self.moved is None:
-            return
-        with np.errstate(invalid="ignore"):
-            own = tol_ah - zp  # (the tolerance without the round-off at zero)
-            ri = np.nonzero(agree & (diff > own))[0]
-        if not len(ri):
-            return
-        lf = self.leaves[li]
-        got = [ri + c0, diff[ri], diff[ri] / np.maximum(own[ri], 1e-300)]
-        if lf.reliant is not None:
-            got = [np.concatenate([x, y]) for x, y in zip(lf.reliant, got, strict=True)]
-        keep = np.argsort(-got[2], kind="stable")[:_TOP]
-        lf.reliant = (got[0][keep], got[1][keep], got[2][keep])
-
-    def zero_part(self, li: int) -> float:
-        """The round-off at zero in leaf ``li``'s tolerances (none where ``atol`` was given)."""
-        return float(self.zero[li]) if self.tp[1] < 0 else 0.0
-
-    def confirm_systematic(self, a: Sequence[np.ndarray], h: Sequence[np.ndarray], done: Sequence[np.ndarray]) -> None:
-        """Elements where autodiff and hand agree only within the round-off at zero (see :func:`_zero_roundoff`:
-        4·eps·|f|, which stands for the rounding of terms that cancel in a gradient) are read again at parameters
-        moved by 30 and 3000 units in the last place of their precision (±, random signs): where neither side's
-        second difference there reaches an eighth of their gap, the gap is no rounding (rounding changes at random
-        between such neighbours, where a difference of formulas stays put), and the element is allowed no round-off
-        at zero: a disagreement to arbitrate. A float32 loss of 1e6 + 1e-3·Σw² gave a round-off of 0.48, and a hand
-        of the wrong sign read ``fd_unreliable`` (h112). Up to :data:`_OVERLAP_ELEMENTS` parameters (four
-        evaluations of the gradients)."""
-        want = [(li, lf.reliant) for li, lf in enumerate(self.leaves) if lf.reliant is not None]
-        if not want or self.moved is None or self.layout.n > _OVERLAP_ELEMENTS:
-            return
-        rtols = self.tp[0]
-        rng = np.random.default_rng(int(self.seed) + 1)
-        base = [np.asarray(x, np.float64) for x in self.params]
-        dirs = [rng.choice((-1.0, 1.0), size=np.shape(x)) * (np.abs(x) + 1e-6 * float(np.max(np.abs(x), initial=0.0)))
-                for x in base]
-        units = [max(float(jnp.finfo(d).eps), float(rtols[li, 5]) if rtols.shape[1] > 5 else 0.0)
-                 for li, d in enumerate(self.user_dtypes)]
-        noise = {li: np.zeros(len(r[0])) for li, r in want}
-        try:
-            for k in (30.0, 3000.0):
-                at = []
-                for sign in (1.0, -1.0):
-                    moved = [np.asarray(x + sign * min(k * u, 0.05) * d).astype(p.dtype)
-                             for x, d, u, p in zip(base, dirs, units, self.params, strict=True)]
-                    res = self.moved(moved)
-                    at.append(({li: np.asarray(res.a[li])[r[0]] for li, r in want},
-                               {li: np.asarray(res.h[li])[r[0]] for li, r in want}))
-                    del res
-                for li, r in want:
-                    with np.errstate(invalid="ignore"):
-                        da = np.abs(at[0][0][li] + at[1][0][li] - 2 * a[li][r[0]])
-                        dh = np.abs(at[0][1][li] + at[1][1][li] - 2 * h[li][r[0]])
-                        noise[li] = np.fmax(noise[li], np.where(np.isfinite(da) & np.isfinite(dh),
-                                                                np.maximum(da, dh), np.inf))
-        except Exception:  # noqa: BLE001 - fn or hand fails at the moved parameters: the round-off stays allowed
-            return
-        for li, (fi, gap, bad) in want:
-            sure = 8 * noise[li] < gap
-            if not sure.any():
-                continue
-            lf, o = self.leaves[li], self.layout.offsets[li]
-            self.no_zero.update(int(i) for i in o + fi[sure])
-            new = fi[sure & ~np.isin(fi, done[li])]  # (checked one by one by the probe already: read there)
-            if len(new):
-                lf.order = np.concatenate([lf.order, (o + new[np.argsort(-bad[sure & ~np.isin(fi, done[li])],
-                                                                        kind="stable")]).astype(np.int64)])[:_TOP]
-                lf.n_order += len(new)
-                k = int(new[0])
-                where = [int(j) for j in np.unravel_index(k, self.layout.shapes[li])]
-                lf.extra.append(f"autodiff and hand disagree at {len(new)} more element(s) by less than fn's "
-                                f"rounding could explain (the largest gap {float(np.max(gap[sure])):.6g}), but each "
-                                f"gap stays put as the parameters move, unlike rounding (at {where}: autodiff "
-                                f"{float(a[li][k]):.6g}, hand {float(h[li][k]):.6g})")
-
     def _store(self, flat: np.ndarray, li: int, a: np.ndarray, h: np.ndarray | None) -> None:
         """Keeps autodiff, hand and the tolerances at these elements of leaf ``li`` (flat indices)."""
         if not len(flat):
@@ -424,10 +335,7 @@ class _Engine:
         loc = flat - self.layout.offsets[li]
         av = a[loc].astype(np.float64)
         hv = None if h is None else h[loc].astype(np.float64)
-        zero: Any = float(self.zero[li])
-        if self.no_zero:
-            zero = np.where(np.isin(flat, np.fromiter(self.no_zero, np.int64)), 0.0, zero)
-        tol_ah = _tolerances(av, hv, self.leaf_max[li], self.gmax, self.tp_of(li), zero=zero)
+        tol_ah = _tolerances(av, hv, self.leaf_max[li], self.gmax, self.tp_of(li), zero=float(self.zero[li]))
         tol = tol_ah  # (finite differences' floor comes with each element's step: see floor_at)
         for k, i in enumerate(flat):
             self.vals[int(i)] = (float(av[k]), float("nan") if hv is None else float(hv[k]), float(tol[k]),
@@ -723,8 +631,7 @@ class _Engine:
         where = index if lo is None else np.where(np.asarray(index) >= 0, index, lo)
         return np.searchsorted(np.asarray(self.layout.offsets), where, side="right") - 1
 
-    def resolved_zero(self, li: np.ndarray, fd: _FD, elements: np.ndarray | bool = True,
-                      flat: np.ndarray | None = None) -> np.ndarray:
+    def resolved_zero(self, li: np.ndarray, fd: _FD, elements: np.ndarray | bool = True) -> np.ndarray:
         """Per item (of leaves ``li``), how much less than the round-off at zero (see :func:`_zero_roundoff`) its
         tolerances allow once finite differences have read it: an element finite differences resolve, smooth, to
         within err is allowed no more than 4·err of that round-off (the rounding of fn's value |f| stands for the
@@ -735,8 +642,6 @@ class _Engine:
         if self.tp[1] >= 0:
             return np.zeros(len(li))
         z = self.zero[li] * np.asarray(elements, bool)
-        if self.no_zero and flat is not None:  # (none in their tolerances: see confirm_systematic)
-            z = np.where(np.isin(flat, np.fromiter(self.no_zero, np.int64)), 0.0, z)
         with np.errstate(invalid="ignore"):
             sure = fd.resolved & fd.finite & ~fd.nonsmooth & ~fd.singular & np.isfinite(fd.err)
             return np.where(sure, np.maximum(z - 4 * np.where(sure, fd.err, 0.0), 0.0), 0.0)
@@ -751,7 +656,7 @@ class _Engine:
         base = self.values(flat)[2]
         fd = self.ladder(_Items(flat, zeros, zeros, zeros, steps), np.maximum(base, self.floor_at(li, steps)))
         # (again: the ladder has measured the rounding now; and the round-off at zero as they resolve it)
-        return fd, np.maximum(base - self.resolved_zero(li, fd, flat=flat), self.floor_at(li, steps))
+        return fd, np.maximum(base - self.resolved_zero(li, fd), self.floor_at(li, steps))
 
 
 @_isolating
@@ -1711,9 +1616,6 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
                          "returns another primal output than its function, so the gradient autodiff gives belongs to "
                          "another function; verify.audit(fn, params, *args) names the rule")
         engine = _Engine(prep, plan, res, seed, eps_f, tp, probe)
-        # (the probe at other parameters: see _Engine.confirm_systematic)
-        engine.moved = functools.partial(_moved_probe, prep=prep, facts=facts, eager=eager, h_given=h_given,
-                                         rest=(exact_idx, seed, h0, *tp), plan=probe_plan) if prep.has_hand else None
         engine.hand_reference = options.hand_reference
         engine.default_tolerances = options.rtol is None and options.atol is None
         engine.eps_grad = [float(jnp.finfo(d).eps) for d in facts.grad64 or (facts.inner64,) * len(layout.paths)]
@@ -1764,18 +1666,6 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
         if user_gaps is not None:
             rows = _at_own_dtypes(rows, user_gaps, eps_own, layout)
     return rows, plan, rtol_eff
-
-
-def _moved_probe(params: list, *, prep: _Prepared, facts: _Facts, eager: bool, h_given: list | None, rest: tuple,
-                 plan: _Plan) -> _ProbeOut:
-    """The probe (float64 gradients) at other parameters ``params`` (at their own dtypes), a NumPy hand called there
-    again (``eager``). ``rest``: the probe's other arguments."""
-    if eager:
-        hm = _eager_hand(dataclasses.replace(prep, dleaves=params), facts.hand_eager, True)
-        h_given = [jnp.asarray(np.ravel(np.asarray(x, np.float64)), jnp.float64) for x in hm]
-    return _probe(params, prep.dyn, h_given, *rest, fn=prep.bound.value,
-                  hand=prep.bound.grad if prep.has_hand and not eager else None, layout=prep.layout,
-                  args_spec=prep.spec, plan=plan)
 
 
 def _dispatched(f: Callable[[], Any]) -> Any:
@@ -2246,7 +2136,7 @@ def _rows(items: _Items, P: np.ndarray, engine: _Engine, has_hand: bool, user: b
                        outer=F[:, 0] if outer else None)
     # (read with the floor the ladder measured along each leaf: see _Engine.floor_at; and the round-off at zero no
     # wider than what finite differences resolve: see _Engine.resolved_zero)
-    less = engine.resolved_zero(item_leaves, fd, is_el, flat=items.index)
+    less = engine.resolved_zero(item_leaves, fd, is_el)
     base_tol -= less
     item_tol_ah -= less
     item_tol = np.maximum(base_tol, engine.floor_at(item_leaves, items.step))
@@ -2543,7 +2433,7 @@ def _arbitrate(flat: np.ndarray, li: int, has_hand: bool, engine: _Engine) -> li
     """Finite differences at elements where autodiff and hand disagree (or are not finite): who is wrong."""
     fd, tv = engine.at_elements(flat)
     av, hv, _, tahv = engine.values(flat)
-    tahv = tahv - engine.resolved_zero(engine.leaf_of(flat), fd, flat=flat)
+    tahv = tahv - engine.resolved_zero(engine.leaf_of(flat), fd)
     H = hv if has_hand else None
     verdicts = _classify(av, H, fd, tv, tol_ah=tahv, reference=engine.hand_reference, scale=engine.global_scale)
     o, shape = engine.layout.offsets[li], engine.layout.shapes[li]
