@@ -1061,3 +1061,73 @@ def test_bfloat16_inside_a_sign_flipped_bias_blames_the_hand():
     r = verify.check_grad(fn, p, X, Y, hand=hand)
     assert {x.path: x for x in r.rows}["['b']"].verdict == verify.Verdict.HAND_WRONG, r
     assert verify.check_grad(fn, p, X, Y, hand=lambda *a: hand(*a, sign=1.0)).ok
+
+
+def test_a_zero_initialised_head_s_bias_rounding_in_float32_is_not_read_as_a_disagreement():
+    # h113: a float32 MLP whose head starts at zero, cross-entropy summed over 30000 balanced samples: the bias
+    # gradient is 0 (float64), autodiff's float32 one 6e-4 of rounding. Moving the parameters to tell rounding from a
+    # mistake moved nothing in a leaf of zeros, and the exact hand failed as a mismatch.
+    n, c = 30000, 3
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(n, 4)), jnp.float32)
+    y = jnp.asarray(np.tile(np.arange(c), n // c), jnp.int32)
+    params = {"W1": jnp.asarray(rng.normal(size=(4, 16)) / 2, jnp.float32),
+              "b1": jnp.asarray(rng.normal(size=(1, 16)) / 10, jnp.float32),
+              "W2": jnp.zeros((16, c), jnp.float32), "b2": jnp.zeros((1, c), jnp.float32)}
+
+    def forward(p, x):
+        h = jnp.tanh(x @ p["W1"] + p["b1"])
+        return h, h @ p["W2"] + p["b2"]
+
+    def loss(p, x, y):
+        _, z = forward(jax.tree.map(lambda a: a.astype(jnp.float32), p), x)
+        return jnp.sum(jnp.log(jnp.sum(jnp.exp(z), axis=1)) - jnp.sum(z * jax.nn.one_hot(y, c), axis=1))
+
+    def hand(p, x, y):  # the textbook gradient
+        h, z = forward(p, x)
+        d = jax.nn.softmax(z, axis=1) - jax.nn.one_hot(y, c, dtype=z.dtype)
+        dh = (d @ p["W2"].T) * (1 - h**2)
+        return {"W1": x.T @ dh, "b1": dh.sum(0, keepdims=True), "W2": h.T @ d, "b2": d.sum(0, keepdims=True)}
+
+    with jax.enable_x64(True):  # the reference: the hand is float64's gradient, b2's 0
+        p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+        want = jax.grad(loss)(p64, np.asarray(x, np.float64), y)
+        assert float(np.max(np.abs(want["b2"]))) < 1e-9
+    report = verify.check_grad(loss, params, x, y, hand=hand)
+    assert report.ok, report
+    bad = verify.check_grad(loss, params, x, y,
+                            hand=lambda p, x, y: {**hand(p, x, y), "W2": hand(p, x, y)["W2"].at[3, 1].multiply(1.07)})
+    assert not bad.ok and [r.path for r in bad.failing] == ["['W2']"], bad
+
+
+def test_a_small_term_of_a_large_float32_loss_is_not_excused_by_the_loss_s_rounding():
+    # h112: sum(Y²) (1.4e5) + 0.05·Σs², s cast to float32 inside fn (as a Flax dtype=float32 model does). The
+    # round-off at zero (4·eps32·|f| = 0.07) was wider than s's whole gradient (0.03), and hands of the wrong sign or
+    # 3x passed as ok, beside finite differences resolving it to ±2e-7. The reference: 2·0.05·s.
+    y = jnp.asarray(3 * np.random.default_rng(0).normal(size=(4096, 4)), jnp.float32)
+    s = jnp.array([0.3, -0.2], jnp.float32)
+
+    def loss(s, y):
+        return jnp.sum(y**2) + 0.05 * jnp.sum(s.astype(jnp.float32) ** 2)
+
+    assert float(loss(s, y)) > 1e5
+    np.testing.assert_allclose(jax.grad(loss)(s, y), 0.1 * np.asarray(s), rtol=1e-6)
+    assert verify.check_grad(loss, s, y, hand=lambda s, y: 0.1 * s).ok
+    for factor in (-1.0, 3.0):
+        report = verify.check_grad(loss, s, y, hand=lambda s, y, k=factor: k * 0.1 * s)
+        assert report.verdict == "hand_wrong", (factor, report)
+
+
+def test_a_hand_off_a_term_below_a_float32_loss_s_rounding_is_reported_undecided_with_the_gap():
+    # h112: (1e6 + 1e-3·Σw²) computed in float32: finite differences cannot resolve the gradient (2e-4 beside the
+    # value's rounding of 0.06), and autodiff and hand 10% apart agree within the round-off at zero (0.48). Nothing
+    # here tells that gap from rounding (moving the parameters cannot: a saturated softmax's rounding stays put too),
+    # so the check says it cannot decide, and the note shows the two values apart (a documented limit).
+    w = jnp.asarray(np.random.default_rng(1).normal(size=5) * 0.1, jnp.float32)
+
+    def fn(w):
+        return (1e6 + 1e-3 * jnp.sum(w.astype(jnp.float32) ** 2)).astype(jnp.float32)
+
+    report = verify.check_grad(fn, w, hand=lambda w: 2.2e-3 * w)
+    assert report.verdict == "fd_unreliable", report
+    assert "differ" in report.rows[0].note and "cannot tell which is right" in report.rows[0].note, report
