@@ -2207,8 +2207,10 @@ def _nonlinear_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs:
             # return, h109; checked at the unit cotangent only)
             return None
         inner = _float_dtypes(vjp_jaxpr, tainted=True)
-        vjp = jax.jit(vjp)  # (compiled once for the five cotangents: a Pallas backward compiles at every eager call)
-        base = [np.asarray(g, np.float64) for g in vjp(unit)]
+        # (compiled once for the five cotangents, the residuals passed as arguments, not embedded: a Pallas backward
+        # compiles at every eager call)
+        pull = functools.partial(jax.jit(lambda p, u: p(u)), vjp)
+        base = [np.asarray(g, np.float64) for g in pull(unit)]
 
         def limits(dt: Any) -> tuple[float, float, float]:  # (tiny, max) of dt and the dtypes inside; dt's eps
             infos = [jnp.finfo(d) for d in {jnp.dtype(dt), *inner}]
@@ -2223,7 +2225,7 @@ def _nonlinear_gap(eqn: Any, call: _Call, diff_pos: tuple[int, ...], float_outs:
         for a in (2.0**10, 2.0**-10, 2.0**20, 2.0**-20):
             if not all(exact(c, a) for c, _ in cts):
                 continue  # (the scaled cotangent itself would round)
-            raw = vjp([jnp.asarray(c * a, c.dtype) for c, _ in cts])
+            raw = pull([jnp.asarray(c * a, c.dtype) for c, _ in cts])
             for k, (b, r) in enumerate(zip(base, raw, strict=False)):
                 tiny, top, eps = limits(jnp.result_type(r))
                 g = np.asarray(r, np.float64) / a
