@@ -899,8 +899,9 @@ def _bind(eqn: Any, invals: Sequence[Any], params: dict | None = None) -> list:
     """Evaluates one equation on concrete (or traced) values, as ``jax.core.eval_jaxpr`` does (with ``params`` in
     place of the equation's own, where given). On concrete values, an equation holding a Pallas call runs compiled
     (see :func:`_staged`)."""
-    if params is None and _holds_pallas(eqn) and not any(isinstance(x, jax.core.Tracer) for x in invals):
-        return _staged(eqn)(*invals)
+    run = _staged(eqn) if params is None else None
+    if run is not None and not any(isinstance(x, jax.core.Tracer) for x in invals):
+        return run(*invals)
     return _bind_now(eqn, invals, params)
 
 
@@ -918,13 +919,13 @@ def _bind_now(eqn: Any, invals: Sequence[Any], params: dict | None = None) -> li
 # this many): JAX compiles a Pallas call evaluated op by op afresh at every evaluation (a jit made inside its
 # implementation), about half a second each, which an audit walking a scan of Pallas rules paid per call and check.
 _STAGED_MAX = 256
-_STAGED: dict[int, tuple[Any, Callable]] = {}
-_PALLAS: dict[int, tuple[Any, bool]] = {}
+_STAGED: dict[int, tuple[Any, Callable | None]] = {}
 
 
-def _holds_pallas(eqn: Any) -> bool:
-    """Whether ``eqn`` is, or holds in a sub-computation, a Pallas call."""
-    got = _PALLAS.get(id(eqn))
+def _staged(eqn: Any) -> Callable | None:
+    """``eqn`` as a jitted function of its inputs (compiled once per equation and input types) where it is, or holds
+    in a sub-computation, a Pallas call; else None (evaluated op by op)."""
+    got = _STAGED.get(id(eqn))
     if got is not None and got[0] is eqn:
         return got[1]
 
@@ -938,19 +939,7 @@ def _holds_pallas(eqn: Any) -> bool:
                     return True
         return False
 
-    held = inside(eqn)
-    if len(_PALLAS) >= _STAGED_MAX:
-        _PALLAS.clear()
-    _PALLAS[id(eqn)] = (eqn, held)
-    return held
-
-
-def _staged(eqn: Any) -> Callable:
-    """``eqn`` as a jitted function of its inputs (compiled once per equation and input types)."""
-    got = _STAGED.get(id(eqn))
-    if got is not None and got[0] is eqn:
-        return got[1]
-    run = jax.jit(lambda *xs: _bind_now(eqn, xs))
+    run = jax.jit(lambda *xs: _bind_now(eqn, xs)) if inside(eqn) else None
     if len(_STAGED) >= _STAGED_MAX:
         _STAGED.clear()
     _STAGED[id(eqn)] = (eqn, run)
