@@ -1131,3 +1131,41 @@ def test_a_hand_off_a_term_below_a_float32_loss_s_rounding_is_reported_undecided
     report = verify.check_grad(fn, w, hand=lambda w: 2.2e-3 * w)
     assert report.verdict == "fd_unreliable", report
     assert "differ" in report.rows[0].note and "cannot tell which is right" in report.rows[0].note, report
+
+
+def test_a_float32_numpy_hand_s_sum_over_many_samples_is_allowed_float32_s_rounding_of_that_sum():
+    # h113: softmax regression, cross-entropy summed over 30000 balanced samples, a book-style NumPy hand in float32.
+    # The bias gradient is 0 (float64); a float32 sum of 30000 terms of 0.3-0.7 gives 6e-4, in the hand and in
+    # float32 autodiff alike, far beyond float32's round-off at the whole gradient's scale: the exact hand read
+    # hand_wrong. Each element of a hand computing in float32 is now allowed 4 times the rounding float32 autodiff
+    # shows on that leaf; a bias gradient off by 0.003 (5 times that rounding) or of the wrong sign still fails.
+    n, c, d = 30000, 3, 4
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    y = np.tile(np.arange(c), n // c).astype(np.int32)
+    params = {"W": jnp.zeros((d, c), jnp.float32), "b": jnp.zeros((1, c), jnp.float32)}
+
+    def loss(p, x, y):
+        z = x @ p["W"] + p["b"]
+        return jnp.sum(jnp.log(jnp.sum(jnp.exp(z), axis=1)) - jnp.take_along_axis(z, y[:, None], 1)[:, 0])
+
+    def hand(p, x, y, db=0.0, sign=1.0):  # the book's backward pass, float32 throughout
+        w, b, x = (np.asarray(a, np.float32) for a in (p["W"], p["b"], x))
+        z = x @ w + b
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        s = e / e.sum(axis=1, keepdims=True)
+        s[np.arange(len(s)), y] -= 1
+        gb = s.sum(axis=0, keepdims=True)
+        gb[0, 1] += db
+        gw = x.T @ s
+        gw[2, 0] *= sign
+        return {"W": gw, "b": gb}
+
+    exact = np.zeros(c)  # balanced labels at zero weights: softmax 1/3 everywhere, Σ (1/3 − onehot) = 0
+    assert np.max(np.abs(hand(params, x, y)["b"] - exact)) > 1e-4  # float32's rounding of the sum
+    report = verify.check_grad(loss, params, jnp.asarray(x), jnp.asarray(y), hand=hand)
+    assert report.ok, report
+    assert any("4 times the largest rounding" in n for n in report.notes), report
+    for kw in ({"db": 0.003}, {"sign": -1.0}):
+        bad = verify.check_grad(loss, params, jnp.asarray(x), jnp.asarray(y), hand=lambda *a, kw=kw: hand(*a, **kw))
+        assert bad.verdict == "hand_wrong", (kw, bad)

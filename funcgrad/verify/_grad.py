@@ -232,6 +232,8 @@ class _Engine:
         self.leaf_max = np.asarray(res.leaf_max, np.float64)
         self.gmax = float(np.max(self.leaf_max, initial=0.0))
         self.zero = np.asarray(res.zero, np.float64)  # per leaf (see _zero_roundoff)
+        # per leaf, what a hand computing in a lower precision is allowed at every element (see _hand_allowance)
+        self.allow = np.zeros(len(layout.sizes), np.float64)
         self.size = np.asarray(res.size, np.float64)  # per leaf (see _direction_size)
         self.support: list[np.ndarray | None] = [None] * len(layout.sizes)
         self.leaves = [_LeafFacts() for _ in layout.sizes]
@@ -284,7 +286,8 @@ class _Engine:
             lf.nonfinite += 0 if everywhere else int(np.count_nonzero(nonfinite))
             some = not everywhere  # elements to arbitrate in this chunk (non-finite ones, at least)
             if hc is not None:
-                tol_ah = _tolerances(ac, hc, self.leaf_max[li], self.gmax, self.tp_of(li), fin, float(self.zero[li]))
+                tol_ah = _tolerances(ac, hc, self.leaf_max[li], self.gmax, self.tp_of(li), fin,
+                                     float(self.zero[li] + self.allow[li]))
                 with np.errstate(invalid="ignore"):
                     diff = np.abs(ac - hc)
                     dis = ~(diff <= tol_ah)
@@ -335,7 +338,8 @@ class _Engine:
         loc = flat - self.layout.offsets[li]
         av = a[loc].astype(np.float64)
         hv = None if h is None else h[loc].astype(np.float64)
-        tol_ah = _tolerances(av, hv, self.leaf_max[li], self.gmax, self.tp_of(li), zero=float(self.zero[li]))
+        tol_ah = _tolerances(av, hv, self.leaf_max[li], self.gmax, self.tp_of(li),
+                             zero=float(self.zero[li] + self.allow[li]))
         tol = tol_ah  # (finite differences' floor comes with each element's step: see floor_at)
         for k, i in enumerate(flat):
             self.vals[int(i)] = (float(av[k]), float("nan") if hv is None else float(hv[k]), float(tol[k]),
@@ -505,7 +509,7 @@ class _Engine:
         return np.asarray(_project_jit(a[li], None if h is None else h[li], self.seed,
                                        np.full(len(lo), stream, np.int32), np.asarray(lo, np.int32),
                                        np.asarray(hi, np.int32), self.leaf_max[li], self.gmax, rtol, atol, eps,
-                                       float(self.zero[li]), offset=self.layout.offsets[li]))
+                                       float(self.zero[li] + self.allow[li]), offset=self.layout.offsets[li]))
 
     def ladder(self, items: _Items, tol, initial: np.ndarray | None = None,
                values: Sequence[np.ndarray] = (), also: np.ndarray | None = None,
@@ -1620,10 +1624,22 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
         engine.default_tolerances = options.rtol is None and options.atol is None
         engine.eps_grad = [float(jnp.finfo(d).eps) for d in facts.grad64 or (facts.inner64,) * len(layout.paths)]
         items = _Items(*(np.asarray(x) for x in res.items))
+        low_hand = [float(jnp.finfo(inner).eps) for inner, _, _ in hand_inner] if h is not None else []
+        a_user = None
+        if (user and any(e > float(jnp.finfo(jnp.float64).eps) for e in low_hand) and not facts.draws64
+                and options.rtol is None and options.atol is None):  # (tolerances given: they are the user's)
+            # (read before the analysis, whose tolerances it sets: see _hand_allowance)
+            with _x64(prep.x64):
+                value_u, grad_u = early_u if early_u is not None else user_grad(*user_in())
+            a_user = [np.asarray(x) for x in grad_u]
+            del grad_u, early_u
+            eps_u = float(jnp.finfo(facts.inner_user).eps)
+            engine.allow = _hand_allowance(a_user, a, low_hand, [max(float(jnp.finfo(d).eps), eps_u)
+                                                                for d in prep.dtypes])
+            notes += _allowance_notes(engine, layout, hand_inner)
         pending = _dispatched(lambda: _first_reading(items, engine, prep.has_hand, later=True)) if overlap else None
         engine.analyse(a, h, items.index)
-        a_user = None
-        if user:  # at the caller's x64 setting, as the user's code runs
+        if user and a_user is None:  # at the caller's x64 setting, as the user's code runs
             with _x64(prep.x64):
                 value_u, grad_u = early_u if early_u is not None else user_grad(*user_in())
             a_user = [np.asarray(x) for x in grad_u]
@@ -1686,6 +1702,43 @@ def _dispatch_own(user_in: Callable, user_grad: Callable, user_hand: Callable | 
             return f(*user_in())
 
     return _dispatched(lambda: dispatch(user_grad)), None if user_hand is None else _dispatched(lambda: dispatch(user_hand))
+
+
+def _hand_allowance(a_user: list, a64: list, eps_hand: list[float], eps_user: list[float]) -> np.ndarray:
+    """Per leaf, what every element of a hand that computes in a lower precision than float64 (``eps_hand``, per
+    leaf) is allowed beside the float64 gradients: 4 times the largest gap between autodiff at the parameters' own
+    precision (``a_user``, computed with rounding ``eps_user``) and in float64 (``a64``), the rounding a computation of
+    this very gradient shows at that precision, scaled to the hand's (``eps_hand / eps_user``, at most 1); at most
+    max(1e-3, 30·eps) of the whole gradient's scale, the precision loss the check accepts from either side at the
+    parameters' precision (see :func:`_user_precision`). 0 for leaves whose hand computes in float64.
+
+    A float32 hand's bias gradient, a sum over 30,000 samples whose true value is 0, is 6e-4 (float32 autodiff gives
+    the same): far beyond float32's round-off at the whole gradient's scale (4·eps·115 = 5e-5), which sees only the
+    sums' results, not their 30,000 terms of 0.3-0.7 (h113: the exact hand read hand_wrong)."""
+    eps64 = float(jnp.finfo(jnp.float64).eps)
+    scale = max((_abs_max(x, np.isfinite(x)) for x in a64), default=0.0)
+    out = np.zeros(len(a64), np.float64)
+    for li, (u, r, e_h, e_u) in enumerate(zip(a_user, a64, eps_hand, eps_user, strict=True)):
+        if e_h <= eps64 or not np.size(r):
+            continue
+        with np.errstate(invalid="ignore"):
+            dev = np.abs(np.asarray(u, np.float64).reshape(-1) - r)
+        gap = float(np.max(np.where(np.isfinite(dev), dev, 0.0), initial=0.0))
+        out[li] = min(4 * gap * min(1.0, e_h / e_u), max(1e-3, 30 * e_u) * scale)
+    return out
+
+
+def _allowance_notes(engine: _Engine, layout: _Layout, hand_inner: tuple) -> list[str]:
+    """Notes on the leaves where :func:`_hand_allowance` allows more than the tolerances' own floor did."""
+    notes = []
+    for li, allow in enumerate(engine.allow):
+        rtol, _, eps = engine.tp_of(li)
+        floor = rtol[0] * engine.leaf_max[li] + (64 * eps + 4 * rtol[5]) * engine.gmax + engine.zero[li]
+        if allow > floor:
+            notes.append(f"hand computes {layout.paths[li] or 'params'} in {hand_inner[li][0]}: each element may be "
+                         f"off by {allow:.3g}, 4 times the largest rounding autodiff shows there at the parameters' "
+                         "own precision (against float64)")
+    return notes
 
 
 # Parameters up to this many: the pieces of a check are dispatched together (see _in_float64); 32 MB a float64 copy.
@@ -2119,6 +2172,7 @@ def _rows(items: _Items, P: np.ndarray, engine: _Engine, has_hand: bool, user: b
 
     proj = np.zeros((n_items, 3))  # each item's projections: autodiff, hand, the aggregated tolerance
     proj[n_i:] = P
+    proj[n_i:, 2] += engine.allow[d_leaf]  # (a unit direction: each element's allowance adds up to it at most)
     av, hv, tv, tahv = engine.values(flat[is_el])
     A = proj[:, 0].copy()
     A[is_el] = av
@@ -2217,7 +2271,7 @@ def _at_their_own_size(verdicts: np.ndarray, A: np.ndarray, H: np.ndarray | None
     with np.errstate(invalid="ignore"):
         mag = np.abs(A) if H is None else np.maximum(np.abs(A), np.abs(H))
         eps = float(engine.tp[2])
-        tight = _OWN_SIZE_RTOL * np.maximum(mag, np.abs(fd.value)) + 64 * eps * engine.gmax + engine.zero[item_leaf]
+        tight = _OWN_SIZE_RTOL * np.maximum(mag, np.abs(fd.value)) + 64 * eps * engine.gmax + engine.zero[item_leaf] + engine.allow[item_leaf]
         cand &= fd.err <= _OWN_SIZE_FD * tight
     if not cand.any():
         return out
