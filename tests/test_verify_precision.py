@@ -1165,7 +1165,56 @@ def test_a_float32_numpy_hand_s_sum_over_many_samples_is_allowed_float32_s_round
     assert np.max(np.abs(hand(params, x, y)["b"] - exact)) > 1e-4  # float32's rounding of the sum
     report = verify.check_grad(loss, params, jnp.asarray(x), jnp.asarray(y), hand=hand)
     assert report.ok, report
-    assert any("4 times the largest rounding" in n for n in report.notes), report
+    assert any("4 times the largest rounding" in n and "['b']" in n for n in report.notes), report
     for kw in ({"db": 0.003}, {"sign": -1.0}):
         bad = verify.check_grad(loss, params, jnp.asarray(x), jnp.asarray(y), hand=lambda *a, kw=kw: hand(*a, **kw))
         assert bad.verdict == "hand_wrong", (kw, bad)
+
+
+def test_the_book_s_numpy_hand_under_nnfs_init_float32_dot_returning_float64_passes():
+    # nnfs.init() makes np.dot return float32: the book's backward pass then returns float64 arrays with float32
+    # rounding inside, which cannot be seen from outside. With float32 parameters such a NumPy hand is allowed 4 times
+    # the rounding float32 autodiff shows on each leaf; the exact hand read hand_wrong at 1e-9 gaps (300 spiral
+    # samples, the book's own size). A wrong sign in b2 still fails.
+    rng = np.random.default_rng(0)
+    n, k = 100, 3
+    x = np.zeros((n * k, 2), np.float32)
+    y = np.repeat(np.arange(k), n).astype(np.int32)
+    for c in range(k):  # the book's spiral data
+        r, t = np.linspace(0.0, 1, n), np.linspace(c * 4, (c + 1) * 4, n) + rng.normal(size=n) * 0.2
+        x[c * n : (c + 1) * n] = np.c_[r * np.sin(t * 2.5), r * np.cos(t * 2.5)]
+    params = {"W1": jnp.asarray(0.01 * rng.normal(size=(2, 64)), jnp.float32), "b1": jnp.zeros((1, 64), jnp.float32),
+              "W2": jnp.asarray(0.01 * rng.normal(size=(64, k)), jnp.float32), "b2": jnp.zeros((1, k), jnp.float32)}
+
+    def loss(p, x, y):
+        z = jax.nn.relu(x @ p["W1"] + p["b1"]) @ p["W2"] + p["b2"]
+        return -jnp.mean(jax.nn.log_softmax(z)[jnp.arange(z.shape[0]), y])
+
+    def dot(a, b):  # as nnfs.init() patches it
+        return np.dot(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+    def hand(p, x, y, sign=1.0):  # the book's backward pass (dense, ReLU, softmax with cross-entropy)
+        w1, b1, w2, b2 = (np.asarray(p[name]) for name in ("W1", "b1", "W2", "b2"))
+        z1 = dot(x, w1) + b1
+        h = np.maximum(0, z1)
+        z = dot(h, w2) + b2
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        d = e / e.sum(axis=1, keepdims=True)
+        d[range(len(d)), y] -= 1
+        d /= len(d)
+        dz1 = dot(d, w2.T)
+        dz1[z1 <= 0] = 0
+        g = {"W1": dot(np.asarray(x).T, dz1), "b1": dz1.sum(axis=0, keepdims=True), "W2": dot(h.T, d),
+             "b2": sign * d.sum(axis=0, keepdims=True)}
+        return {name: np.asarray(v, np.float64) for name, v in g.items()}
+
+    with jax.enable_x64(True):  # the hand is the float64 gradient to float32's rounding
+        want = jax.grad(loss)(jax.tree.map(lambda a: np.asarray(a, np.float64), params), np.asarray(x, np.float64), y)
+        got = hand(params, np.asarray(x, np.float64), y)
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-6)
+    report = verify.check_grad(loss, params, jnp.asarray(x), jnp.asarray(y), hand=hand)
+    assert report.ok, report
+    assert any("a NumPy hand may compute in float32 inside" in note for note in report.notes), report
+    bad = verify.check_grad(loss, params, jnp.asarray(x), jnp.asarray(y), hand=lambda *a: hand(*a, sign=-1.0))
+    assert bad.verdict == "hand_wrong" and [r.path for r in bad.failing] == ["['b2']"], bad

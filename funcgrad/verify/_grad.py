@@ -1625,9 +1625,13 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
         engine.eps_grad = [float(jnp.finfo(d).eps) for d in facts.grad64 or (facts.inner64,) * len(layout.paths)]
         items = _Items(*(np.asarray(x) for x in res.items))
         low_hand = [float(jnp.finfo(inner).eps) for inner, _, _ in hand_inner] if h is not None else []
+        if eager and user:  # (what a NumPy hand computes in cannot be seen: as low as the parameters, say)
+            low_hand = [max(e, float(jnp.finfo(d).eps)) for e, d in zip(low_hand, prep.dtypes, strict=True)]
         a_user = None
         if (user and any(e > float(jnp.finfo(jnp.float64).eps) for e in low_hand) and not facts.draws64
-                and options.rtol is None and options.atol is None):  # (tolerances given: they are the user's)
+                and options.rtol is None and options.atol is None and not options.hand_reference):
+            # (not where tolerances are given, they are the user's; nor in verify.audit, whose "hand" is a primal's
+            # plain autodiff and whose "autodiff" is the rule under test: its rounding would excuse itself)
             # (read before the analysis, whose tolerances it sets: see _hand_allowance)
             with _x64(prep.x64):
                 value_u, grad_u = early_u if early_u is not None else user_grad(*user_in())
@@ -1636,7 +1640,7 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
             eps_u = float(jnp.finfo(facts.inner_user).eps)
             engine.allow = _hand_allowance(a_user, a, low_hand, [max(float(jnp.finfo(d).eps), eps_u)
                                                                 for d in prep.dtypes])
-            notes += _allowance_notes(engine, layout, hand_inner)
+            notes += _allowance_notes(engine, layout, low_hand, eager)
         pending = _dispatched(lambda: _first_reading(items, engine, prep.has_hand, later=True)) if overlap else None
         engine.analyse(a, h, items.index)
         if user and a_user is None:  # at the caller's x64 setting, as the user's code runs
@@ -1728,17 +1732,22 @@ def _hand_allowance(a_user: list, a64: list, eps_hand: list[float], eps_user: li
     return out
 
 
-def _allowance_notes(engine: _Engine, layout: _Layout, hand_inner: tuple) -> list[str]:
-    """Notes on the leaves where :func:`_hand_allowance` allows more than the tolerances' own floor did."""
-    notes = []
+def _allowance_notes(engine: _Engine, layout: _Layout, eps_hand: list[float], numpy: bool) -> list[str]:
+    """A note on the leaves where :func:`_hand_allowance` allows more than the tolerances' own floor did."""
+    wider = []
     for li, allow in enumerate(engine.allow):
         rtol, _, eps = engine.tp_of(li)
         floor = rtol[0] * engine.leaf_max[li] + (64 * eps + 4 * rtol[5]) * engine.gmax + engine.zero[li]
         if allow > floor:
-            notes.append(f"hand computes {layout.paths[li] or 'params'} in {hand_inner[li][0]}: each element may be "
-                         f"off by {allow:.3g}, 4 times the largest rounding autodiff shows there at the parameters' "
-                         "own precision (against float64)")
-    return notes
+            wider.append(li)
+    if not wider:
+        return []
+    low = _dtype_of_eps(max(eps_hand[li] for li in wider))
+    paths = _listed(tuple((layout.paths[li] or "params", None, f"{engine.allow[li]:.3g}") for li in wider))
+    how = (f"a NumPy hand may compute in {low} inside (what it computes in cannot be seen: nnfs.init() makes np.dot "
+           "return float32)" if numpy else f"hand computes in {low}")
+    return [f"{how}: each element may be off by 4 times the largest rounding autodiff shows on its leaf at the "
+            f"parameters' own precision (against float64), at most: {paths}"]
 
 
 # Parameters up to this many: the pieces of a check are dispatched together (see _in_float64); 32 MB a float64 copy.
