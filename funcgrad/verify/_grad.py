@@ -1624,30 +1624,15 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
         engine.default_tolerances = options.rtol is None and options.atol is None
         engine.eps_grad = [float(jnp.finfo(d).eps) for d in facts.grad64 or (facts.inner64,) * len(layout.paths)]
         items = _Items(*(np.asarray(x) for x in res.items))
-        low_hand = [float(jnp.finfo(inner).eps) for inner, _, _ in hand_inner] if h is not None else []
-        if eager and user:  # (what a NumPy hand computes in cannot be seen: as low as the parameters, say)
-            low_hand = [max(e, float(jnp.finfo(d).eps)) for e, d in zip(low_hand, prep.dtypes, strict=True)]
-        a_user = None
-        if (user and any(e > float(jnp.finfo(jnp.float64).eps) for e in low_hand) and not facts.draws64
-                and options.rtol is None and options.atol is None and not options.hand_reference):
-            # (not where tolerances are given, they are the user's; nor in verify.audit, whose "hand" is a primal's
-            # plain autodiff and whose "autodiff" is the rule under test: its rounding would excuse itself)
-            # (read before the analysis, whose tolerances it sets: see _hand_allowance)
-            with _x64(prep.x64):
-                value_u, grad_u = early_u if early_u is not None else user_grad(*user_in())
-            a_user = [np.asarray(x) for x in grad_u]
-            del grad_u, early_u
-            eps_u = float(jnp.finfo(facts.inner_user).eps)
-            engine.allow = _hand_allowance(a_user, a, low_hand, [max(float(jnp.finfo(d).eps), eps_u)
-                                                                for d in prep.dtypes])
-            notes += _allowance_notes(engine, layout, low_hand, eager)
+        low_hand = _low_hand(hand_inner if h is not None else None, eager, user, prep.dtypes, facts, options)
+        # (autodiff at the parameters' own precision read before the analysis where it sets its tolerances)
+        value_u, a_user = _allowed(engine, low_hand, a, lambda: _own_grad(early_u, user_grad, user_in, prep.x64),
+                                   prep.dtypes, facts.inner_user, eager, notes)
         pending = _dispatched(lambda: _first_reading(items, engine, prep.has_hand, later=True)) if overlap else None
         engine.analyse(a, h, items.index)
-        if user and a_user is None:  # at the caller's x64 setting, as the user's code runs
-            with _x64(prep.x64):
-                value_u, grad_u = early_u if early_u is not None else user_grad(*user_in())
-            a_user = [np.asarray(x) for x in grad_u]
-            del grad_u, early_u
+        if user and a_user is None:
+            value_u, a_user = _own_grad(early_u, user_grad, user_in, prep.x64)
+        early_u = None
         if math.isinf(f0):
             notes.append(f"fn(params, *args) = {f0} at these parameters: the function itself is singular there (a "
                          "log of 0?), so no element has a finite derivative to check; each is reported singular "
@@ -1706,6 +1691,45 @@ def _dispatch_own(user_in: Callable, user_grad: Callable, user_hand: Callable | 
             return f(*user_in())
 
     return _dispatched(lambda: dispatch(user_grad)), None if user_hand is None else _dispatched(lambda: dispatch(user_hand))
+
+
+def _own_grad(early: Any, user_grad: Callable, user_in: Callable, x64: bool) -> tuple[Any, list]:
+    """Autodiff's value and gradient at the parameters' own precision, as NumPy arrays per leaf: the ones dispatched
+    early (``early``), or computed now at the caller's x64 setting, as the user's code runs."""
+    with _x64(x64):
+        value, grad = early if early is not None else user_grad(*user_in())
+    return value, [np.asarray(x) for x in grad]
+
+
+def _allowed(engine: _Engine, low_hand: list[float] | None, a64: list, own: Callable[[], tuple[Any, list]],
+             dtypes: Sequence[Any], inner_user: Any, numpy: bool, notes: list[str]) -> tuple[Any, list | None]:
+    """Sets ``engine.allow`` (see :func:`_hand_allowance`) where ``low_hand`` (see :func:`_low_hand`) says it applies,
+    from autodiff at the parameters' own precision (``own()``: its value and gradient, returned), and appends the
+    note; (None, None) elsewhere."""
+    if low_hand is None:
+        return None, None
+    value, a_user = own()
+    eps_u = float(jnp.finfo(inner_user).eps)
+    engine.allow = _hand_allowance(a_user, a64, low_hand, [max(float(jnp.finfo(d).eps), eps_u) for d in dtypes])
+    notes += _allowance_notes(engine, engine.layout, low_hand, numpy)
+    return value, a_user
+
+
+def _low_hand(hand_inner: tuple | None, eager: bool, user: bool, dtypes: Sequence[Any], facts: _Facts,
+              options: _Options) -> list[float] | None:
+    """Per leaf, the rounding of the precision hand computes in (``hand_inner``; None without a hand), where some is
+    lower than float64 and :func:`_hand_allowance` applies: with parameters below float64 (their autodiff measures
+    the rounding), default tolerances (given ones are the user's), and outside verify.audit (``hand_reference``: its
+    "hand" is a primal's plain autodiff and its "autodiff" the rule under test, whose rounding would excuse itself).
+    What a NumPy hand (``eager``) computes in cannot be seen: as low as the parameters' precision, say. None where
+    the allowance does not apply."""
+    if (hand_inner is None or not user or facts.draws64 or options.rtol is not None or options.atol is not None
+            or options.hand_reference):
+        return None
+    low = [float(jnp.finfo(inner).eps) for inner, _, _ in hand_inner]
+    if eager:
+        low = [max(e, float(jnp.finfo(d).eps)) for e, d in zip(low, dtypes, strict=True)]
+    return low if any(e > float(jnp.finfo(jnp.float64).eps) for e in low) else None
 
 
 def _hand_allowance(a_user: list, a64: list, eps_hand: list[float], eps_user: list[float]) -> np.ndarray:
@@ -2280,7 +2304,8 @@ def _at_their_own_size(verdicts: np.ndarray, A: np.ndarray, H: np.ndarray | None
     with np.errstate(invalid="ignore"):
         mag = np.abs(A) if H is None else np.maximum(np.abs(A), np.abs(H))
         eps = float(engine.tp[2])
-        tight = _OWN_SIZE_RTOL * np.maximum(mag, np.abs(fd.value)) + 64 * eps * engine.gmax + engine.zero[item_leaf] + engine.allow[item_leaf]
+        tight = (_OWN_SIZE_RTOL * np.maximum(mag, np.abs(fd.value)) + 64 * eps * engine.gmax + engine.zero[item_leaf]
+                 + engine.allow[item_leaf])
         cand &= fd.err <= _OWN_SIZE_FD * tight
     if not cand.any():
         return out
