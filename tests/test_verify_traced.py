@@ -319,3 +319,25 @@ def test_a_sweep_over_closed_over_constants_keeps_a_bounded_number_of_compilatio
         verdicts.append(verify.check_grad(fn, W, X, hand=wrong if i % 4 == 3 else right).verdict)
         assert _compiled._probe._cache_size() <= 2 * (3 + 1), (i, _compiled._probe._cache_size())
     assert verdicts == ["hand_wrong" if i % 4 == 3 else "ok" for i in range(12)]
+
+
+def test_autodiff_and_a_traced_hand_at_the_parameters_precision_run_in_one_program_and_a_failing_hand_still_reads_so():
+    # Small parameters: the float32 gradients of autodiff and of the hand are one compiled program (XLA computes their
+    # shared forward pass once), compiled at the first check and reused after; a hand that fails only at float32 still
+    # fails with its own error, where it is read.
+    w32, x32 = W.astype(jnp.float32), X.astype(jnp.float32)
+    _compiled._RETAINED.clear()
+    assert verify.check_grad(loss, w32, x32, hand=hand).ok
+    before = (_compiled._user_both._cache_size(), _compiled._user_grad._cache_size(), _compiled._user_hand._cache_size())
+    assert before[0] >= 1
+    assert verify.check_grad(loss, w32, x32, hand=hand).ok
+    assert (_compiled._user_both._cache_size(), _compiled._user_grad._cache_size(),
+            _compiled._user_hand._cache_size()) == before
+
+    def hand_refusing_float32(w, x):
+        if w.dtype == jnp.float32:
+            raise ValueError("this hand refuses float32")
+        return hand(w, x)
+
+    with pytest.raises(ValueError, match="refuses float32"):
+        verify.check_grad(loss, w32, x32, hand=hand_refusing_float32)

@@ -44,6 +44,7 @@ from funcgrad.verify._compiled import (
     _sub_jaxprs,
     _take_jit,
     _tolerance,
+    _user_both,
     _user_grad,
     _user_hand,
 )
@@ -1606,8 +1607,10 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
         user_grad = functools.partial(_user_grad, fn=prep.bound.value, layout=layout, dtypes=prep.dtypes,
                                       args_spec=prep.spec, reverse=facts.reverse)
         user_hand = functools.partial(_user_hand, hand=prep.bound.grad, layout=layout, args_spec=prep.spec)
+        user_both = functools.partial(_user_both, fn=prep.bound.value, hand=prep.bound.grad, layout=layout,
+                                      dtypes=prep.dtypes, args_spec=prep.spec, reverse=facts.reverse)
         early_u, early_h = _dispatch_own(user_in, user_grad, user_hand if prep.has_hand and not eager else None,
-                                         prep.x64) if user and overlap else (None, None)
+                                         prep.x64, user_both) if user and overlap else (None, None)
         a = [np.asarray(x) for x in res.a]
         h = None if res.h is None else [np.asarray(x) for x in res.h]
         res = res._replace(a=None, h=None)  # the host's views above are the only references left
@@ -1683,13 +1686,20 @@ def _dispatched(f: Callable[[], Any]) -> Any:
         return None
 
 
-def _dispatch_own(user_in: Callable, user_grad: Callable, user_hand: Callable | None, x64: bool) -> tuple:
+def _dispatch_own(user_in: Callable, user_grad: Callable, user_hand: Callable | None, x64: bool,
+                  user_both: Callable | None = None) -> tuple:
     """The gradients at the parameters' own precision (autodiff's value and gradient, and hand's), dispatched at the
-    caller's x64 setting, as the user's code runs (see :func:`_dispatched`)."""
+    caller's x64 setting, as the user's code runs (see :func:`_dispatched`): with a hand, in one program
+    (``user_both``) where it compiles and runs, else one program each (a hand failing at these dtypes fails then
+    where its gradient is read, after fn's own errors, as without the shared program)."""
     def dispatch(f: Callable) -> Any:
         with _x64(x64):
             return f(*user_in())
 
+    if user_hand is not None and user_both is not None:
+        both = _dispatched(lambda: dispatch(user_both))
+        if both is not None:
+            return both
     return _dispatched(lambda: dispatch(user_grad)), None if user_hand is None else _dispatched(lambda: dispatch(user_hand))
 
 
