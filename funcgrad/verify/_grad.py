@@ -2202,7 +2202,7 @@ def _rows(items: _Items, P: np.ndarray, engine: _Engine, has_hand: bool, user: b
     flat = items.index  # each item's element (-1: a direction)
     is_el = flat >= 0
     n_items = len(flat)
-    d_leaf = np.array(_dir_items(plan)[0])
+    d_leaf = np.array(_dir_items(plan)[0], np.int64)
     n_i = n_items - len(d_leaf)  # elements first, then the directions
     first = _first_directions(plan, n_items)
     outer = _outer_first(plan, has_hand)
