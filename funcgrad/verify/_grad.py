@@ -233,7 +233,9 @@ class _Engine:
         self.leaf_max = np.asarray(res.leaf_max, np.float64)
         self.gmax = float(np.max(self.leaf_max, initial=0.0))
         self.zero = np.asarray(res.zero, np.float64)  # per leaf (see _zero_roundoff)
-        # per leaf, what a hand computing in a lower precision is allowed at every element (see _hand_allowance)
+        # what a hand computing in a lower precision is allowed (see _hand_allowance): per leaf, at each element
+        # (None: nothing), and along a random direction (their root mean square)
+        self.allow_el: list[np.ndarray | None] = [None] * len(layout.sizes)
         self.allow = np.zeros(len(layout.sizes), np.float64)
         self.size = np.asarray(res.size, np.float64)  # per leaf (see _direction_size)
         self.support: list[np.ndarray | None] = [None] * len(layout.sizes)
@@ -288,7 +290,7 @@ class _Engine:
             some = not everywhere  # elements to arbitrate in this chunk (non-finite ones, at least)
             if hc is not None:
                 tol_ah = _tolerances(ac, hc, self.leaf_max[li], self.gmax, self.tp_of(li), fin,
-                                     float(self.zero[li] + self.allow[li]))
+                                     self.zero[li] + self.allowed(li, slice(c0, c0 + _CHUNK)))
                 with np.errstate(invalid="ignore"):
                     diff = np.abs(ac - hc)
                     dis = ~(diff <= tol_ah)
@@ -340,11 +342,17 @@ class _Engine:
         av = a[loc].astype(np.float64)
         hv = None if h is None else h[loc].astype(np.float64)
         tol_ah = _tolerances(av, hv, self.leaf_max[li], self.gmax, self.tp_of(li),
-                             zero=float(self.zero[li] + self.allow[li]))
+                             zero=self.zero[li] + self.allowed(li, loc))
         tol = tol_ah  # (finite differences' floor comes with each element's step: see floor_at)
         for k, i in enumerate(flat):
             self.vals[int(i)] = (float(av[k]), float("nan") if hv is None else float(hv[k]), float(tol[k]),
                                  float(tol_ah[k]))
+
+    def allowed(self, li: int, where: Any) -> Any:
+        """The allowance of a hand computing in a lower precision (see _hand_allowance) at these elements of leaf
+        ``li`` (a slice or flat indices within it): 0.0 where there is none."""
+        el = self.allow_el[li]
+        return 0.0 if el is None else el[where]
 
     def user_side(self, side: str, u: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> None:
         """The parameters' own precision against float64 for one side (``u``: its gradient at the parameters'
@@ -1720,7 +1728,8 @@ def _allowed(engine: _Engine, low_hand: list[float] | None, a64: list, own: Call
         return None, None
     value, a_user = own()
     eps_u = float(jnp.finfo(inner_user).eps)
-    engine.allow = _hand_allowance(a_user, a64, low_hand, [max(float(jnp.finfo(d).eps), eps_u) for d in dtypes])
+    engine.allow_el = _hand_allowance(a_user, a64, low_hand, [max(float(jnp.finfo(d).eps), eps_u) for d in dtypes])
+    engine.allow = np.array([0.0 if x is None else float(np.sqrt(np.mean(np.square(x)))) for x in engine.allow_el])
     notes += _allowance_notes(engine, engine.layout, low_hand, numpy)
     return value, a_user
 
@@ -1742,45 +1751,47 @@ def _low_hand(hand_inner: tuple | None, eager: bool, user: bool, dtypes: Sequenc
     return low if any(e > float(jnp.finfo(jnp.float64).eps) for e in low) else None
 
 
-def _hand_allowance(a_user: list, a64: list, eps_hand: list[float], eps_user: list[float]) -> np.ndarray:
-    """Per leaf, what every element of a hand that computes in a lower precision than float64 (``eps_hand``, per
-    leaf) is allowed beside the float64 gradients: 4 times the largest gap between autodiff at the parameters' own
-    precision (``a_user``, computed with rounding ``eps_user``) and in float64 (``a64``), the rounding a computation of
-    this very gradient shows at that precision, scaled to the hand's (``eps_hand / eps_user``, at most 1); at most
-    max(1e-3, 30·eps) of the whole gradient's scale, the precision loss the check accepts from either side at the
-    parameters' precision (see :func:`_user_precision`). 0 for leaves whose hand computes in float64.
+def _hand_allowance(a_user: list, a64: list, eps_hand: list[float], eps_user: list[float]) -> list:
+    """Per leaf, what each element of a hand that computes in a lower precision than float64 (``eps_hand``, per
+    leaf) is allowed beside the float64 gradients (flat; None for leaves whose hand computes in float64): 4 times the
+    gap between autodiff at the parameters' own precision (``a_user``, computed with rounding ``eps_user``) and in
+    float64 (``a64``) at that element, the rounding a computation of that very element shows at that precision (the
+    terms it sums), scaled to the hand's (``eps_hand / eps_user``, at most 1); at most max(1e-3, 30·eps) of the whole
+    gradient's scale, the precision loss the check accepts from either side at the parameters' precision (see
+    :func:`_user_precision`). Element by element: the leaf's largest gap (an element summing terms that cancel)
+    allowed at every element let a constant element of the wrong sign pass beside it (h115).
 
     A float32 hand's bias gradient, a sum over 30,000 samples whose true value is 0, is 6e-4 (float32 autodiff gives
     the same): far beyond float32's round-off at the whole gradient's scale (4·eps·115 = 5e-5), which sees only the
     sums' results, not their 30,000 terms of 0.3-0.7 (h113: the exact hand read hand_wrong)."""
     eps64 = float(jnp.finfo(jnp.float64).eps)
     scale = max((_abs_max(x, np.isfinite(x)) for x in a64), default=0.0)
-    out = np.zeros(len(a64), np.float64)
+    out: list[np.ndarray | None] = [None] * len(a64)
     for li, (u, r, e_h, e_u) in enumerate(zip(a_user, a64, eps_hand, eps_user, strict=True)):
         if e_h <= eps64 or not np.size(r):
             continue
         with np.errstate(invalid="ignore"):
             dev = np.abs(np.asarray(u, np.float64).reshape(-1) - r)
-        gap = float(np.max(np.where(np.isfinite(dev), dev, 0.0), initial=0.0))
-        out[li] = min(4 * gap * min(1.0, e_h / e_u), max(1e-3, 30 * e_u) * scale)
+        out[li] = np.minimum(4 * min(1.0, e_h / e_u) * np.where(np.isfinite(dev), dev, 0.0), max(1e-3, 30 * e_u) * scale)
     return out
 
 
 def _allowance_notes(engine: _Engine, layout: _Layout, eps_hand: list[float], numpy: bool) -> list[str]:
-    """A note on the leaves where :func:`_hand_allowance` allows more than the tolerances' own floor did."""
-    wider = []
-    for li, allow in enumerate(engine.allow):
+    """A note on the leaves where :func:`_hand_allowance` allows more than the tolerances' own floor did somewhere."""
+    wider, most = [], {}
+    for li, el in enumerate(engine.allow_el):
         rtol, _, eps = engine.tp_of(li)
         floor = rtol[0] * engine.leaf_max[li] + (64 * eps + 4 * rtol[5]) * engine.gmax + engine.zero[li]
-        if allow > floor:
+        most[li] = float(np.max(el, initial=0.0)) if el is not None else 0.0
+        if most[li] > floor:
             wider.append(li)
     if not wider:
         return []
     low = _dtype_of_eps(max(eps_hand[li] for li in wider))
-    paths = _listed(tuple((layout.paths[li] or "params", None, f"{engine.allow[li]:.3g}") for li in wider))
+    paths = _listed(tuple((layout.paths[li] or "params", None, f"{most[li]:.3g}") for li in wider))
     how = (f"a NumPy hand may compute in {low} inside (what it computes in cannot be seen: nnfs.init() makes np.dot "
            "return float32)" if numpy else f"hand computes in {low}")
-    return [f"{how}: each element may be off by 4 times the largest rounding autodiff shows on its leaf at the "
+    return [f"{how}: each element may be off by 4 times the rounding autodiff shows at that element at the "
             f"parameters' own precision (against float64), at most: {paths}"]
 
 
@@ -2307,15 +2318,15 @@ def _at_their_own_size(verdicts: np.ndarray, A: np.ndarray, H: np.ndarray | None
         return out
     # (float64 throughout: rtol at its floor; and no cast of hand's, whose rounding each element is allowed)
     rtols = engine.tp[0]
-    pure = ((rtols[:, 0] <= 1.01e-7) & ~np.any(rtols[:, 1:5] != 0, axis=1))[item_leaf]
+    # (nor a hand computing in a lower precision: see _hand_allowance)
+    pure = ((rtols[:, 0] <= 1.01e-7) & ~np.any(rtols[:, 1:5] != 0, axis=1) & (engine.allow == 0))[item_leaf]
     cand = is_el & pure & (verdicts == Verdict.OK) & fd.resolved & fd.finite & ~fd.nonsmooth & ~fd.singular
     if not cand.any():
         return out
     with np.errstate(invalid="ignore"):
         mag = np.abs(A) if H is None else np.maximum(np.abs(A), np.abs(H))
         eps = float(engine.tp[2])
-        tight = (_OWN_SIZE_RTOL * np.maximum(mag, np.abs(fd.value)) + 64 * eps * engine.gmax + engine.zero[item_leaf]
-                 + engine.allow[item_leaf])
+        tight = _OWN_SIZE_RTOL * np.maximum(mag, np.abs(fd.value)) + 64 * eps * engine.gmax + engine.zero[item_leaf]
         cand &= fd.err <= _OWN_SIZE_FD * tight
     if not cand.any():
         return out
