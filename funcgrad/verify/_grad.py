@@ -1637,8 +1637,8 @@ def _in_float64(prep: _Prepared, facts: _Facts, eager: bool, options: _Options, 
         items = _Items(*(np.asarray(x) for x in res.items))
         low_hand = _low_hand(hand_inner if h is not None else None, eager, user, prep.dtypes, facts, options)
         # (autodiff at the parameters' own precision read before the analysis where it sets its tolerances)
-        value_u, a_user = _allowed(engine, low_hand, a, lambda: _own_grad(early_u, user_grad, user_in, prep.x64),
-                                   prep.dtypes, facts.inner_user, eager, notes)
+        value_u, a_user = _set_allowance(engine, low_hand, a, lambda: _own_grad(early_u, user_grad, user_in, prep.x64),
+                                          prep.dtypes, facts.inner_user, eager, notes)
         pending = _dispatched(lambda: _first_reading(items, engine, prep.has_hand, later=True)) if overlap else None
         engine.analyse(a, h, items.index)
         if user and a_user is None:
@@ -1719,18 +1719,18 @@ def _own_grad(early: Any, user_grad: Callable, user_in: Callable, x64: bool) -> 
     return value, [np.asarray(x) for x in grad]
 
 
-def _allowed(engine: _Engine, low_hand: list[float] | None, a64: list, own: Callable[[], tuple[Any, list]],
-             dtypes: Sequence[Any], inner_user: Any, numpy: bool, notes: list[str]) -> tuple[Any, list | None]:
-    """Sets ``engine.allow`` (see :func:`_hand_allowance`) where ``low_hand`` (see :func:`_low_hand`) says it applies,
-    from autodiff at the parameters' own precision (``own()``: its value and gradient, returned), and appends the
-    note; (None, None) elsewhere."""
+def _set_allowance(engine: _Engine, low_hand: list[float] | None, a64: list, own: Callable[[], tuple[Any, list]],
+                   dtypes: Sequence[Any], inner_user: Any, numpy: bool, notes: list[str]) -> tuple[Any, list | None]:
+    """Sets ``engine.allow_el`` and ``engine.allow`` (see :func:`_hand_allowance`) where ``low_hand`` (see
+    :func:`_low_hand`) says it applies, from autodiff at the parameters' own precision (``own()``: its value and
+    gradient, returned), and appends the note; (None, None) elsewhere."""
     if low_hand is None:
         return None, None
     value, a_user = own()
     eps_u = float(jnp.finfo(inner_user).eps)
     engine.allow_el = _hand_allowance(a_user, a64, low_hand, [max(float(jnp.finfo(d).eps), eps_u) for d in dtypes])
     engine.allow = np.array([0.0 if x is None else float(np.sqrt(np.mean(np.square(x)))) for x in engine.allow_el])
-    notes += _allowance_notes(engine, engine.layout, low_hand, numpy)
+    notes += _allowance_notes(engine, low_hand, numpy)
     return value, a_user
 
 
@@ -1776,7 +1776,7 @@ def _hand_allowance(a_user: list, a64: list, eps_hand: list[float], eps_user: li
     return out
 
 
-def _allowance_notes(engine: _Engine, layout: _Layout, eps_hand: list[float], numpy: bool) -> list[str]:
+def _allowance_notes(engine: _Engine, eps_hand: list[float], numpy: bool) -> list[str]:
     """A note on the leaves where :func:`_hand_allowance` allows more than the tolerances' own floor did somewhere."""
     wider, most = [], {}
     for li, el in enumerate(engine.allow_el):
@@ -1788,7 +1788,7 @@ def _allowance_notes(engine: _Engine, layout: _Layout, eps_hand: list[float], nu
     if not wider:
         return []
     low = _dtype_of_eps(max(eps_hand[li] for li in wider))
-    paths = _listed(tuple((layout.paths[li] or "params", None, f"{most[li]:.3g}") for li in wider))
+    paths = _listed(tuple((engine.layout.paths[li] or "params", None, f"{most[li]:.3g}") for li in wider))
     how = (f"a NumPy hand may compute in {low} inside (what it computes in cannot be seen: nnfs.init() makes np.dot "
            "return float32)" if numpy else f"hand computes in {low}")
     return [f"{how}: each element may be off by 4 times the rounding autodiff shows at that element at the "
